@@ -1,0 +1,62 @@
+"""The exceptions migbed raises. Each says what was wrong and, where it can, how to mend it.
+
+The CLI turns any `MigbedError` into one line on stderr and exit code 2; the API lets them
+propagate so callers can catch the specific class.
+"""
+
+
+class MigbedError(Exception):
+    """Base class of every error migbed raises on purpose."""
+
+
+class ConfigError(MigbedError, ValueError):
+    """A size, rate, name, mode or other setting is malformed or out of range."""
+
+
+class OutOfFramesError(MigbedError):
+    """A host has too few free machine frames for the request."""
+
+    def __init__(self, message: str, needed_frames: int = 0, free_frames: int = 0):
+        super().__init__(message)
+        self.needed_frames = needed_frames
+        self.free_frames = free_frames
+
+
+class NoSuchDomainError(MigbedError, LookupError):
+    """No domain (guest) of that name exists."""
+
+
+class DomainExistsError(MigbedError):
+    """A domain of that name already exists."""
+
+
+class ModeError(MigbedError):
+    """The memory mode is unknown, not allowed on this host, or impossible for this guest."""
+
+
+class AccessViolation(MigbedError):
+    """A guest touched a physical frame outside its memory; the hypervisor refused it."""
+
+
+class DomainStateError(MigbedError):
+    """The operation does not fit the domain's state (paused, dom0, migrating...)."""
+
+
+class StreamError(MigbedError):
+    """A migration stream is corrupt, truncated, of an unknown version or otherwise invalid."""
+
+
+class MigrationError(MigbedError):
+    """A migration could not start or did not complete."""
+
+
+class MigrationCancelled(MigrationError):
+    """A migration was cancelled by its operator before the hand-over."""
+
+
+class NoSuchHostError(MigbedError, LookupError):
+    """No host of that name is in the cluster."""
+
+
+class ClusterError(MigbedError):
+    """The cluster is not running, cannot be reached, or cannot be started."""
