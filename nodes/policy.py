@@ -1,0 +1,166 @@
+"""Pre-copy policies: statistics in, a decision out, as libxenguest's pluggable precopy policy.
+
+A policy is consulted before every live round, round 0 included, with what the sender knows
+at that moment (`PrecopyStats`), and answers CONTINUE (send the dirty pages live),
+STOP_AND_COPY (pause the guest and send the rest) or ABORT. Three are built in:
+
+- `xen`: today's libxenguest (`simple_precopy_policy`): at most 5 live rounds, stop and copy
+  once fewer than 50 pages are dirty.
+- `xen-legacy`: `xc_domain_save` of Xen 2.0 to 4.4: at most 29 live rounds, stop when the
+  last round sent (and skipped) fewer than 50 pages or more than 3x the guest's memory has
+  gone; pages dirtied again during a round are skipped until the next one.
+- `qemu`: switch over when the pending bytes fit the measured bandwidth x the downtime limit
+  (default 300 ms), also before round 0; at most 30 rounds, as guestperf's default.
+
+Register your own with `register_policy`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from nodes.errors import ConfigError
+
+
+class Decision(str, Enum):
+    CONTINUE = "continue"
+    STOP_AND_COPY = "stop-and-copy"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class PrecopyStats:
+    """What the sender knows before a round. `iteration` counts the live rounds already done."""
+
+    iteration: int
+    dirty_count: int                 # pages the next round would send
+    total_written: int               # pages sent so far, all rounds
+    guest_pages: int
+    page_size: int
+    last_round_pages_sent: int = 0
+    last_round_pages_skipped: int = 0
+    last_round_seconds: float = 0.0
+    measured_bytes_per_second: float | None = None   # throughput of the last round
+    nominal_bytes_per_second: float | None = None    # min(link speed, rate limit); None: no limit
+    elapsed_seconds: float = 0.0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.dirty_count * self.page_size
+
+    @property
+    def bandwidth_bytes_per_second(self) -> float | None:
+        """Measured throughput once a round has run, else the nominal one (None: unlimited)."""
+        if self.measured_bytes_per_second:
+            return self.measured_bytes_per_second
+        return self.nominal_bytes_per_second
+
+
+class PrecopyPolicy:
+    """Base class. `skip_redirtied`: skip pages dirtied again during the current round."""
+
+    name = "base"
+    skip_redirtied = False
+    max_iterations = 30
+
+    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "max_iterations": self.max_iterations,
+                "skip_redirtied": self.skip_redirtied}
+
+
+class XenPolicy(PrecopyPolicy):
+    name = "xen"
+
+    def __init__(self, max_iterations: int = 5, target_dirty_pages: int = 50, **_: object):
+        self.max_iterations = max_iterations
+        self.target_dirty_pages = target_dirty_pages
+
+    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+        if stats.dirty_count < self.target_dirty_pages:
+            return Decision.STOP_AND_COPY, f"fewer than {self.target_dirty_pages} dirty pages"
+        if stats.iteration >= self.max_iterations:
+            return Decision.STOP_AND_COPY, f"live round cap ({self.max_iterations}) reached"
+        return Decision.CONTINUE, ""
+
+    def describe(self) -> dict:
+        return {**super().describe(), "target_dirty_pages": self.target_dirty_pages}
+
+
+class XenLegacyPolicy(PrecopyPolicy):
+    name = "xen-legacy"
+    skip_redirtied = True
+
+    def __init__(self, max_iterations: int = 29, target_dirty_pages: int = 50,
+                 max_factor: float = 3.0, **_: object):
+        self.max_iterations = max_iterations
+        self.target_dirty_pages = target_dirty_pages
+        self.max_factor = max_factor
+
+    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+        if stats.iteration == 0:
+            if stats.dirty_count < self.target_dirty_pages:
+                return Decision.STOP_AND_COPY, f"fewer than {self.target_dirty_pages} pages"
+            return Decision.CONTINUE, ""
+        last = stats.last_round_pages_sent + stats.last_round_pages_skipped
+        if last < self.target_dirty_pages:
+            return (Decision.STOP_AND_COPY,
+                    f"last round sent fewer than {self.target_dirty_pages} pages")
+        if stats.total_written > self.max_factor * stats.guest_pages:
+            return (Decision.STOP_AND_COPY,
+                    f"sent more than {self.max_factor:g}x the guest's memory")
+        if stats.iteration >= self.max_iterations:
+            return Decision.STOP_AND_COPY, f"live round cap ({self.max_iterations}) reached"
+        return Decision.CONTINUE, ""
+
+    def describe(self) -> dict:
+        return {**super().describe(), "target_dirty_pages": self.target_dirty_pages,
+                "max_factor": self.max_factor}
+
+
+class QemuPolicy(PrecopyPolicy):
+    name = "qemu"
+
+    def __init__(self, downtime_limit_seconds: float = 0.3, max_iterations: int = 30,
+                 **_: object):
+        if downtime_limit_seconds <= 0:
+            raise ConfigError("downtime limit must be positive")
+        self.downtime_limit_seconds = downtime_limit_seconds
+        self.max_iterations = max_iterations
+
+    def threshold_bytes(self, stats: PrecopyStats) -> float:
+        bw = stats.bandwidth_bytes_per_second
+        return float("inf") if bw is None else bw * self.downtime_limit_seconds
+
+    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+        if stats.pending_bytes <= self.threshold_bytes(stats):
+            return (Decision.STOP_AND_COPY,
+                    f"pending bytes fit bandwidth x downtime limit "
+                    f"({self.downtime_limit_seconds * 1000:g} ms)")
+        if stats.iteration >= self.max_iterations:
+            return Decision.STOP_AND_COPY, f"live round cap ({self.max_iterations}) reached"
+        return Decision.CONTINUE, ""
+
+    def describe(self) -> dict:
+        return {**super().describe(), "downtime_limit_seconds": self.downtime_limit_seconds}
+
+
+POLICIES: dict[str, Callable[..., PrecopyPolicy]] = {
+    "xen": XenPolicy,
+    "xen-legacy": XenLegacyPolicy,
+    "qemu": QemuPolicy,
+}
+
+
+def register_policy(name: str, factory: Callable[..., PrecopyPolicy]) -> None:
+    """Make a policy selectable by name. `factory(**settings)` must return a PrecopyPolicy."""
+    POLICIES[name] = factory
+
+
+def make_policy(name: str, **settings: object) -> PrecopyPolicy:
+    """A policy by name; `settings` are passed on (e.g. downtime_limit_seconds)."""
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}; use one of {', '.join(POLICIES)}")
+    return POLICIES[name](**settings)

@@ -1,0 +1,1 @@
+"""Memory-dirtying workloads that guests run on a vCPU thread inside their host actor."""

@@ -1,0 +1,81 @@
+"""WorkloadSpec: what a guest's vCPU does to its memory, as a frozen, JSON-round-trippable spec.
+
+Rates are page writes per second; `rate_pages_per_second == 0` means as fast as the vCPU can.
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from nodes.errors import ConfigError
+
+PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    pattern: str = "idle"
+    rate_pages_per_second: float = 0.0   # 0: as fast as it can ("max")
+    seed: int = 0
+    # hotset: a writable working set of `hot_fraction` of the pages gets `hot_share` of writes
+    hot_fraction: float = 0.1
+    hot_share: float = 0.9
+    # phased: `busy_seconds` at the rate, then `quiet_seconds` at rate x `quiet_rate_fraction`
+    busy_seconds: float = 1.0
+    quiet_seconds: float = 1.0
+    quiet_rate_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ConfigError(
+                f"unknown workload {self.pattern!r}; use one of {', '.join(PATTERNS)}")
+        if not self.rate_pages_per_second >= 0:
+            raise ConfigError(
+                f"dirty rate must be >= 0 page writes per second (0 or 'max': as fast as it "
+                f"can), got {self.rate_pages_per_second}")
+        if not 0 < self.hot_fraction <= 1:
+            raise ConfigError(f"hot_fraction must be in (0, 1], got {self.hot_fraction}")
+        if not 0 <= self.hot_share <= 1:
+            raise ConfigError(f"hot_share must be in [0, 1], got {self.hot_share}")
+        if not (self.busy_seconds > 0 and self.quiet_seconds >= 0):
+            raise ConfigError("phased workload needs busy_seconds > 0 and quiet_seconds >= 0")
+        if not 0 <= self.quiet_rate_fraction <= 1:
+            raise ConfigError("quiet_rate_fraction must be in [0, 1]")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate_pages_per_second == 0 and self.pattern != "idle"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "WorkloadSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown workload settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkloadSpec":
+        return cls.from_dict(json.loads(text))
+
+
+def parse_rate(text: "str | float | int") -> float:
+    """`20000`, `2.5e4` or `max` (= 0, as fast as it can) page writes per second."""
+    if isinstance(text, str) and text.strip().lower() in ("max", "unlimited"):
+        return 0.0
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"cannot read dirty rate {text!r}: give page writes per second, e.g. 20000, "
+            "or 'max'") from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"dirty rate must be a finite number >= 0, got {text!r}")
+    return value
