@@ -1,0 +1,94 @@
+"""The data channel of a migration: one TCP connection from the source host to the
+destination host, opened only for a migration the destination was told to expect.
+
+The destination listens on its own address (127.0.0.1 unless the cluster says otherwise) on
+an ephemeral port and hands the source a ticket: address, port and a random per-migration
+token. The first bytes the source sends are the token; a connection that does not present it
+is closed before a single byte reaches guest memory.
+"""
+
+import hmac
+import secrets
+import socket
+from dataclasses import asdict, dataclass
+
+from nodes.errors import MigrationError
+
+TOKEN_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Ticket:
+    migration_id: str
+    address: str
+    port: int
+    token: str   # hex
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ticket":
+        return cls(**d)
+
+
+class Listener:
+    """A listening socket for one incoming migration."""
+
+    def __init__(self, address: str, migration_id: str):
+        self.sock = socket.create_server((address, 0))
+        self.token = secrets.token_bytes(TOKEN_BYTES)
+        host, port = self.sock.getsockname()[:2]
+        self.ticket = Ticket(migration_id, host, port, self.token.hex())
+
+    def accept(self, timeout: float, attempts: int = 4) -> socket.socket:
+        """The first connection that presents the token; strays are closed and ignored."""
+        self.sock.settimeout(timeout)
+        for _ in range(attempts):
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                raise MigrationError(f"no source connected within {timeout:g} s") from None
+            conn.settimeout(timeout)
+            try:
+                got = _recv_exact(conn, TOKEN_BYTES)
+            except OSError:
+                got = b""
+            if got and hmac.compare_digest(got, self.token):
+                _tune(conn)
+                return conn
+            conn.close()
+        raise MigrationError("too many connections without the migration's token")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(ticket: Ticket, timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection((ticket.address, ticket.port), timeout=timeout)
+    except OSError as exc:
+        raise MigrationError(f"cannot reach the destination at {ticket.address}:{ticket.port}: "
+                             f"{exc}") from None
+    _tune(sock)
+    sock.sendall(bytes.fromhex(ticket.token))
+    return sock
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)

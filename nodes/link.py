@@ -1,0 +1,143 @@
+"""The emulated link between two hosts, and the migration's own rate limit.
+
+Two different limits, as in real systems:
+
+- the **link** (speed in bytes/s, one-way latency) is the wire: nothing crosses it faster,
+  stop-and-copy included;
+- the **rate limit** is a software throttle of the sender (QEMU's max-bandwidth), which
+  stop-and-copy lifts.
+
+Both are pacers on a virtual clock: after `n` bytes go out, the next may go no earlier than
+`n / rate` later. Latency is a delay line: bytes reach the socket `latency` after they were
+paced, so a stream keeps its throughput but each message (and the hand-over handshake) pays
+the delay, as on a long fat pipe.
+"""
+
+import collections
+import socket
+import threading
+import time
+
+from nodes.errors import ConfigError
+
+
+class Pacer:
+    """A virtual-clock throttle at `rate` bytes per second (None: unlimited)."""
+
+    def __init__(self, rate_bytes_per_second: float | None):
+        if rate_bytes_per_second is not None and not rate_bytes_per_second > 0:
+            raise ConfigError(f"a rate must be positive, got {rate_bytes_per_second}")
+        self.rate = rate_bytes_per_second
+        self._free_at = 0.0
+
+    def charge(self, nbytes: int, now: float) -> float:
+        """Account `nbytes` sent at `now`; returns the time the link is free again."""
+        if self.rate is None:
+            return now
+        self._free_at = max(self._free_at, now) + nbytes / self.rate
+        return self._free_at
+
+
+class LinkSender:
+    """The sending end of a link over a connected socket: pacing, rate limit and latency."""
+
+    def __init__(self, sock: socket.socket, link_bytes_per_second: float | None = None,
+                 latency_seconds: float = 0.0, rate_limit_bytes_per_second: float | None = None):
+        if latency_seconds < 0:
+            raise ConfigError(f"latency must be >= 0, got {latency_seconds}")
+        self.sock = sock
+        self.link = Pacer(link_bytes_per_second)
+        self.rate_limit = Pacer(rate_limit_bytes_per_second)
+        self.rate_limited = rate_limit_bytes_per_second is not None
+        self.latency = latency_seconds
+        self.bytes_sent = 0
+        self._queue: collections.deque = collections.deque()
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._writer: threading.Thread | None = None
+        if latency_seconds > 0:
+            self._writer = threading.Thread(target=self._drain, name="link-delay", daemon=True)
+            self._writer.start()
+
+    def lift_rate_limit(self) -> None:
+        """Stop-and-copy: the throttle goes, the link's own speed stays."""
+        self.rate_limited = False
+
+    def send(self, buffers: list) -> int:
+        """Send `buffers` (bytes-like) as one message; blocks for pacing. Returns bytes."""
+        n = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
+        start = time.monotonic()
+        if self._writer is None:
+            self._sendall(buffers)
+        else:
+            self._enqueue(buffers, n, start + self.latency)
+        self.bytes_sent += n
+        free_at = self.link.charge(n, start)
+        if self.rate_limited:
+            free_at = max(free_at, self.rate_limit.charge(n, start))
+        delay = free_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        return n
+
+    def _sendall(self, buffers: list) -> None:
+        for b in buffers:
+            self.sock.sendall(b)
+
+    # -- the delay line -----------------------------------------------------------------
+    def _enqueue(self, buffers: list, n: int, due: float) -> None:
+        limit = 64 << 20   # like a socket buffer: back-pressure instead of unbounded memory
+        with self._cond:
+            while self._queued_bytes > limit and self._error is None:
+                self._cond.wait(0.1)
+            if self._error is not None:
+                raise self._error
+            self._queue.append((due, [bytes(b) for b in buffers], n))
+            self._queued_bytes += n
+            self._cond.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                due, buffers, n = self._queue[0]
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                self._sendall(buffers)
+            except OSError as exc:
+                with self._cond:
+                    self._error = exc
+                    self._queue.clear()
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._queue.popleft()
+                self._queued_bytes -= n
+                self._cond.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait until everything queued has reached the socket."""
+        if self._writer is None:
+            return
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("link did not drain in time")
+                self._cond.wait(left)
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()

@@ -1,0 +1,348 @@
+"""The migration stream: typed records encoded with msgpack, modelled on Xen's stream v2.
+
+Layout on the wire (all produced and checked here, nothing else parses the stream):
+
+    image header   24 B  marker u64 all-ones, id "MIGB", version u32, options u16, 6 B zero
+    domain header  16 B  guest mode u32, page_shift u16, reserved u16, migbed version 2 x u32
+    records        {u32 type, u32 body_length} + msgpack body, zero-padded to 8 bytes
+    ... END
+
+Record types keep Xen's numbers where they exist (END 0, PAGE_DATA 1, VERIFY 0x0D,
+STATIC_DATA_END 0x10). Bit 31 marks a record optional: a receiver that does not know it skips
+it; an unknown mandatory record fails the restore. The same framing carries the hand-over
+handshake back from the receiver (READY, PERMISSION_TO_GO, RESULT, ABORT), as libxl's
+migration protocol does beside the stream.
+
+Decoding is defensive: every length is bounded before anything is allocated, msgpack is
+unpacked with limits derived from the body length, ext types are refused, every field is
+type-checked, and nothing is ever unpickled or evaluated.
+"""
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+
+import msgpack
+import numpy as np
+
+from nodes.errors import StreamError
+
+IMAGE_MARKER = 0xFFFF_FFFF_FFFF_FFFF
+IMAGE_ID = b"MIGB"
+STREAM_VERSION = 1
+MIGBED_VERSION = (0, 1)
+IMAGE_HEADER = struct.Struct(">Q4sIH6x")
+DOMAIN_HEADER = struct.Struct("<IHHII")
+RECORD_HEADER = struct.Struct("<II")
+OPTION_LITTLE_ENDIAN = 0x0
+OPTIONAL = 0x8000_0000
+MAX_BATCH_PAGES = 1024               # Xen: at most 1024 pages (4 MiB) per PAGE_DATA record
+MAX_CONTROL_RECORD_BYTES = 1 << 20   # every record but PAGE_DATA and P2M_FRAMES
+MAX_PAGE_SHIFT = 16
+PFN_TYPE_SHIFT = 60
+PFN_MASK = (1 << PFN_TYPE_SHIFT) - 1
+MAX_GUEST_PAGES = 1 << 28            # 1 TiB of 4 KiB pages: a bound, not a promise
+
+
+class RecordType(IntEnum):
+    END = 0x00
+    PAGE_DATA = 0x01
+    GUEST_INFO = 0x02
+    P2M_FRAMES = 0x03
+    VCPU_CONTEXT = 0x04
+    VERIFY = 0x0D
+    STATIC_DATA_END = 0x10
+    RECEIVER_READY = 0x20
+    PERMISSION_TO_GO = 0x21
+    RECEIVER_RESULT = 0x22
+    ABORT = 0x23
+    ROUND_STATS = OPTIONAL | 0x01
+    SOURCE_TIMING = OPTIONAL | 0x02
+
+
+class PageType(IntEnum):
+    """Top four bits of a PAGE_DATA pfn word, as Xen's."""
+
+    NOTAB = 0x0
+    L1TAB = 0x1
+    L2TAB = 0x2
+    L3TAB = 0x3
+    L4TAB = 0x4
+    BROKEN = 0xD
+    XALLOC = 0xE
+    XTAB = 0xF
+
+    @property
+    def has_data(self) -> bool:
+        return self not in (PageType.BROKEN, PageType.XALLOC, PageType.XTAB)
+
+
+GUEST_MODE_CODES = {"p==m": 0, "p2m": 1, "vp": 2}
+_KNOWN_PAGE_TYPES = np.zeros(16, dtype=bool)
+_KNOWN_PAGE_TYPES[[int(t) for t in PageType]] = True
+_HAS_DATA = np.zeros(16, dtype=bool)
+_HAS_DATA[[int(t) for t in PageType if t.has_data]] = True
+
+# Field schemas of the map records: name -> allowed Python types after msgpack decoding.
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
+    RecordType.END: {},
+    RecordType.STATIC_DATA_END: {},
+    RecordType.PERMISSION_TO_GO: {},
+    RecordType.GUEST_INFO: {
+        "migration_id": (str,), "name": (str,), "pages": (int,), "data_pages": (int,),
+        "page_table_pages": (int,), "mode_before": (str,), "mode_during": (str,),
+        "arch": (str,), "profile": (str,), "workload": (dict, type(None))},
+    RecordType.P2M_FRAMES: {"mfns": (bytes,)},
+    RecordType.VCPU_CONTEXT: {
+        "vcpu_id": (int,), "workload_state": (dict, type(None)),
+        "last_progress_wall": (float, type(None)), "pages_written_total": (int,)},
+    RecordType.VERIFY: {"digest": (str,)},
+    RecordType.RECEIVER_READY: {"pages_received": (int,), "digest": _OPT_STR},
+    RecordType.RECEIVER_RESULT: {"ok": (bool,), "error": _OPT_STR,
+                                 "resume_wall": (float, type(None))},
+    RecordType.ABORT: {"error": (str,)},
+    RecordType.ROUND_STATS: {"rounds": (list,)},
+    RecordType.SOURCE_TIMING: {"pause_wall": _NUM, "final_round_pages": (int,)},
+}
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    version: int
+    options: int
+
+
+@dataclass(frozen=True)
+class DomainHeader:
+    guest_mode: str
+    page_shift: int
+
+
+@dataclass
+class PageData:
+    """One decoded PAGE_DATA record: pfns, their types, and the pages that carry data."""
+
+    pfns: np.ndarray        # int64
+    types: np.ndarray       # uint8, PageType values
+    pages: np.ndarray       # (n_with_data, page_size) uint8, in the order of pfns with data
+
+    @property
+    def data_mask(self) -> np.ndarray:
+        return _HAS_DATA[self.types]
+
+
+@dataclass
+class Record:
+    type: int
+    fields: dict
+
+
+# -- encoding ---------------------------------------------------------------------------------
+def encode_image_header() -> bytes:
+    return IMAGE_HEADER.pack(IMAGE_MARKER, IMAGE_ID, STREAM_VERSION, OPTION_LITTLE_ENDIAN)
+
+
+def encode_domain_header(guest_mode: str, page_shift: int) -> bytes:
+    return DOMAIN_HEADER.pack(GUEST_MODE_CODES[guest_mode], page_shift, 0, *MIGBED_VERSION)
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % 8)
+
+
+def encode_record(rtype: RecordType, fields: dict | None = None) -> bytes:
+    """A map record: header, msgpack body, padding."""
+    body = msgpack.packb(fields or {}, use_bin_type=True)
+    return RECORD_HEADER.pack(int(rtype), len(body)) + body + _pad(len(body))
+
+
+def _bin_header(n: int) -> bytes:
+    return b"\xc6" + struct.pack(">I", n)   # msgpack bin 32
+
+
+def encode_page_data(pfns: np.ndarray, types: np.ndarray, pages: np.ndarray) -> list:
+    """PAGE_DATA as buffers to send without joining: msgpack [count, bin pfn words, bin pages].
+
+    `pages` holds only the pages whose type carries data, in pfn order, contiguous.
+    """
+    count = len(pfns)
+    if not 0 < count <= MAX_BATCH_PAGES:
+        raise ValueError(f"a PAGE_DATA record carries 1..{MAX_BATCH_PAGES} pages, not {count}")
+    words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(PFN_TYPE_SHIFT)))
+    words = words.astype("<u8", copy=False)
+    data = np.ascontiguousarray(pages)
+    head = b"\x93" + msgpack.packb(count) + _bin_header(words.nbytes)
+    mid = _bin_header(data.nbytes)
+    length = len(head) + words.nbytes + len(mid) + data.nbytes
+    return [RECORD_HEADER.pack(RecordType.PAGE_DATA, length), head, words.tobytes(), mid,
+            memoryview(data).cast("B"), _pad(length)]
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def decode_image_header(buf: bytes) -> ImageHeader:
+    if len(buf) != IMAGE_HEADER.size:
+        raise StreamError("truncated image header")
+    marker, ident, version, options = IMAGE_HEADER.unpack(buf)
+    if marker != IMAGE_MARKER or ident != IMAGE_ID:
+        raise StreamError("not a migbed migration stream (bad image marker or id)")
+    if version != STREAM_VERSION:
+        raise StreamError(f"unsupported stream version {version} (this host speaks "
+                          f"{STREAM_VERSION})")
+    if options != OPTION_LITTLE_ENDIAN:
+        raise StreamError(f"unsupported stream options {options:#x}")
+    return ImageHeader(version, options)
+
+
+def decode_domain_header(buf: bytes) -> DomainHeader:
+    if len(buf) != DOMAIN_HEADER.size:
+        raise StreamError("truncated domain header")
+    code, page_shift, _res, _major, _minor = DOMAIN_HEADER.unpack(buf)
+    modes = {v: k for k, v in GUEST_MODE_CODES.items()}
+    if code not in modes:
+        raise StreamError(f"unknown guest type {code} in domain header")
+    if not 9 <= page_shift <= MAX_PAGE_SHIFT:
+        raise StreamError(f"page shift {page_shift} out of range")
+    return DomainHeader(modes[code], page_shift)
+
+
+def _unpack(body: bytes) -> object:
+    def no_ext(code: int, data: bytes) -> object:
+        raise StreamError(f"msgpack ext type {code} is not allowed in a migration stream")
+
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+                               ext_hook=no_ext, timestamp=0, max_bin_len=len(body),
+                               max_str_len=len(body), max_array_len=len(body),
+                               max_map_len=len(body) // 2, max_ext_len=0)
+    except StreamError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated classes on bad input
+        raise StreamError(f"record body is not valid msgpack: {type(exc).__name__}") from None
+
+
+def decode_fields(rtype: RecordType, body: bytes) -> dict:
+    obj = _unpack(body)
+    if not isinstance(obj, dict):
+        raise StreamError(f"{rtype.name} body must be a map")
+    schema = SCHEMAS[rtype]
+    missing = [k for k in schema if k not in obj]
+    if missing:
+        raise StreamError(f"{rtype.name} record lacks {', '.join(missing)}")
+    for key, allowed in schema.items():
+        value = obj[key]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise StreamError(f"{rtype.name}.{key} has the wrong type")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise StreamError(f"{rtype.name}.{key} is negative")
+    return obj
+
+
+def decode_page_data(body: bytes, page_size: int, guest_pages: int) -> PageData:
+    obj = _unpack(body)
+    if not (isinstance(obj, list) and len(obj) == 3 and isinstance(obj[0], int)
+            and isinstance(obj[1], bytes) and isinstance(obj[2], bytes)):
+        raise StreamError("PAGE_DATA body must be [count, pfn words, page data]")
+    count, words, data = obj
+    if not 0 < count <= MAX_BATCH_PAGES:
+        raise StreamError(f"PAGE_DATA count {count} outside 1..{MAX_BATCH_PAGES}")
+    if len(words) != 8 * count:
+        raise StreamError(f"PAGE_DATA has {len(words)} bytes of pfns for {count} pages")
+    w = np.frombuffer(words, dtype="<u8")
+    types = (w >> np.uint64(PFN_TYPE_SHIFT)).astype(np.uint8)
+    pfns = (w & np.uint64(PFN_MASK)).astype(np.int64)
+    if not _KNOWN_PAGE_TYPES[types].all():
+        raise StreamError(f"PAGE_DATA has an unknown page type {int(types[~_KNOWN_PAGE_TYPES[types]][0]):#x}")
+    if int(pfns.max()) >= guest_pages:
+        raise StreamError(f"PAGE_DATA pfn {int(pfns.max())} beyond the guest's {guest_pages} pages")
+    with_data = int(np.count_nonzero(_HAS_DATA[types]))
+    if len(data) != with_data * page_size:
+        raise StreamError(f"PAGE_DATA carries {len(data)} bytes for {with_data} pages of "
+                          f"{page_size} bytes")
+    pages = np.frombuffer(data, dtype=np.uint8).reshape(with_data, page_size)
+    return PageData(pfns, types, pages)
+
+
+def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
+    """The largest body a record of this type may have in this stream."""
+    if rtype == RecordType.PAGE_DATA:
+        return MAX_BATCH_PAGES * (page_size + 8) + 64
+    if rtype == RecordType.P2M_FRAMES:
+        return 8 * guest_pages + 64
+    return MAX_CONTROL_RECORD_BYTES
+
+
+class RecordReader:
+    """Reads framed records from `read_into(memoryview) -> int` (a socket's recv_into).
+
+    Returns 0 from read_into at end of stream; a stream that ends inside a header or record
+    is reported as truncated.
+    """
+
+    def __init__(self, read_into: Callable[[memoryview], int]):
+        self._read_into = read_into
+        self.bytes_read = 0
+        self.page_size = 4096
+        self.guest_pages = MAX_GUEST_PAGES
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._read_into(view[got:])
+            if not k:
+                raise StreamError(f"stream truncated in {what} ({got} of {n} bytes)")
+            got += k
+        self.bytes_read += n
+        return bytes(buf)
+
+    def read_image_header(self) -> ImageHeader:
+        return decode_image_header(self.read_exact(IMAGE_HEADER.size, "image header"))
+
+    def read_domain_header(self) -> DomainHeader:
+        hdr = decode_domain_header(self.read_exact(DOMAIN_HEADER.size, "domain header"))
+        self.page_size = 1 << hdr.page_shift
+        return hdr
+
+    def read_raw(self) -> tuple[int, bytes]:
+        rtype, length = RECORD_HEADER.unpack(self.read_exact(RECORD_HEADER.size,
+                                                             "record header"))
+        limit = max_record_bytes(rtype, self.page_size, self.guest_pages)
+        if length > limit:
+            raise StreamError(f"record type {rtype:#x} of {length} bytes exceeds its limit "
+                              f"of {limit} bytes")
+        padded = length + (-length % 8)
+        raw = self.read_exact(padded, f"record {rtype:#x}") if padded else b""
+        if any(raw[length:]):
+            raise StreamError("non-zero record padding")
+        return rtype, raw[:length]
+
+    def read_record(self) -> Record | None:
+        """The next record, decoded and checked; None for an optional record we skip."""
+        rtype, body = self.read_raw()
+        try:
+            known = RecordType(rtype)
+        except ValueError:
+            if rtype & OPTIONAL:
+                return None
+            raise StreamError(f"unknown mandatory record type {rtype:#x}") from None
+        if known is RecordType.PAGE_DATA:
+            return Record(known, {"page_data": decode_page_data(body, self.page_size,
+                                                                self.guest_pages)})
+        return Record(known, decode_fields(known, body))
+
+    def expect(self, *types: RecordType) -> Record:
+        """The next non-skipped record, which must be one of `types` (or ABORT -> error)."""
+        while True:
+            rec = self.read_record()
+            if rec is None:
+                continue
+            if rec.type == RecordType.ABORT and RecordType.ABORT not in types:
+                raise StreamError(f"peer aborted: {rec.fields['error']}")
+            if rec.type not in types:
+                names = "/".join(t.name for t in types)
+                raise StreamError(f"expected {names}, got {RecordType(rec.type).name}")
+            return rec
