@@ -15,7 +15,7 @@ lands wholly before or wholly after it.
 """
 
 import threading
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from nodes.memory import MachineMemory
 from nodes.profiles import Mode
 
 
-class DomainState(str, Enum):
+class DomainState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     INCOMING = "incoming"    # frames reserved on a migration's destination, not yet resumed

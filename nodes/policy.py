@@ -17,12 +17,12 @@ Register your own with `register_policy`.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from nodes.errors import ConfigError
 
 
-class Decision(str, Enum):
+class Decision(StrEnum):
     CONTINUE = "continue"
     STOP_AND_COPY = "stop-and-copy"
     ABORT = "abort"

@@ -7,12 +7,12 @@ guest's mode is allowed on both.
 """
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from nodes.errors import ConfigError, ModeError
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """How a guest sees memory (the seed essay's three choices)."""
 
     PEQM = "p==m"  # physical address is the machine address, over one contiguous run
@@ -34,7 +34,7 @@ class Mode(str, Enum):
         return self.value
 
 
-class Placement(str, Enum):
+class Placement(StrEnum):
     """Where a profile puts dom0's frames."""
 
     SCATTERED = "scattered"      # any free frames, out of order (P2M)

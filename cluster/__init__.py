@@ -1,0 +1,1 @@
+"""The cluster side of migbed: launching hosts, driving migrations, reports, the CLI."""

@@ -1,0 +1,79 @@
+"""Handles on hosts: the same calls whether a host is a Ray actor or an object in this process.
+
+The migration driver and the testbed speak to hosts only through these, so the whole
+control plane runs in one process in fast tests (`LocalHost`) and across Ray nodes in the
+cluster (`RayHost`).
+"""
+
+import concurrent.futures
+from typing import Any
+
+
+class Pending:
+    """A call in flight: `done()` and `result(timeout)`."""
+
+    def __init__(self, future: Any, getter):
+        self._future = future
+        self._get = getter
+
+    def done(self) -> bool:
+        return self._get(self._future, 0.0, probe=True)
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._get(self._future, timeout, probe=False)
+
+
+class LocalHost:
+    """A HostService in this process; async calls run on a thread."""
+
+    _pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="host")
+
+    def __init__(self, service: Any):
+        self.service = service
+        self.name = service.name
+
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        return getattr(self.service, method)(*args)
+
+    def call_async(self, method: str, *args: Any) -> Pending:
+        fut = self._pool.submit(getattr(self.service, method), *args)
+
+        def get(f, timeout, probe):
+            return f.done() if probe else f.result(timeout)
+        return Pending(fut, get)
+
+
+class RayHost:
+    """A Host actor. Errors raised inside the actor come back as their own class."""
+
+    def __init__(self, name: str, actor: Any):
+        self.name = name
+        self.actor = actor
+
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        import ray
+        return _unwrap(lambda: ray.get(getattr(self.actor, method).remote(*args),
+                                       timeout=timeout))
+
+    def call_async(self, method: str, *args: Any) -> Pending:
+        import ray
+        ref = getattr(self.actor, method).remote(*args)
+
+        def get(r, timeout, probe):
+            if probe:
+                ready, _ = ray.wait([r], timeout=0)
+                return bool(ready)
+            return _unwrap(lambda: ray.get(r, timeout=timeout))
+        return Pending(ref, get)
+
+
+def _unwrap(fn):
+    """Re-raise a migbed error from inside an actor as itself, not as a RayTaskError."""
+    import ray.exceptions
+    try:
+        return fn()
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if hasattr(exc, "cause") else None
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise

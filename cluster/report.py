@@ -1,0 +1,107 @@
+"""The migration report: what one migration measured, as a dict, JSON and a human table.
+
+Field names carry their units (`_seconds`, `_bytes`, `_pages`); milliseconds appear only in
+the human table. Every report describes itself: guest, hosts, profile, policy and settings.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from nodes.sizes import format_bytes
+
+
+@dataclass
+class Integrity:
+    verified: bool | None = None          # None: not checked (--no-verify, or failed run)
+    source_digest: str | None = None
+    destination_digest: str | None = None
+
+
+@dataclass
+class MigrationReport:
+    migration_id: str
+    guest: str
+    source: str
+    destination: str
+    policy: str
+    status: str                            # completed | failed | cancelled
+    error: str | None = None
+    profile: str | None = None
+    page_size: int = 4096
+    guest_memory_bytes: int = 0
+    link_bytes_per_second: float | None = None
+    rate_limit_bytes_per_second: float | None = None
+    latency_seconds: float = 0.0
+    downtime_limit_seconds: float | None = None
+    modes: dict = field(default_factory=dict)      # before, during, after
+    rounds: list = field(default_factory=list)
+    stop_reason: str | None = None
+    total_time_seconds: float = 0.0
+    downtime_seconds: float | None = None          # source pause -> destination resume
+    downtime_source_seconds: float | None = None   # pause -> RESULT seen at the source
+    guest_observed_downtime_seconds: float | None = None
+    pages_sent_total: int = 0
+    bytes_sent_total: int = 0
+    throughput_bytes_per_second: float = 0.0
+    integrity: Integrity = field(default_factory=Integrity)
+    model: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MigrationReport":
+        data = dict(data)
+        data["integrity"] = Integrity(**data.get("integrity", {}))
+        return cls(**data)
+
+    @property
+    def live_rounds(self) -> int:
+        return sum(1 for r in self.rounds if not r.get("final"))
+
+    def table(self) -> str:
+        """The report as a person reads it."""
+        ms = _ms
+        lines = [
+            f"migration {self.migration_id}: {self.guest} {self.source} -> {self.destination}"
+            f"  [{self.status}]" + (f"  error: {self.error}" if self.error else ""),
+            f"  policy {self.policy}, profile {self.profile}, guest "
+            f"{format_bytes(self.guest_memory_bytes)}, link "
+            f"{_rate(self.link_bytes_per_second)}, rate limit "
+            f"{_rate(self.rate_limit_bytes_per_second)}, latency {ms(self.latency_seconds)}",
+            f"  modes: {self.modes.get('before')} -> {self.modes.get('during')} -> "
+            f"{self.modes.get('after')}",
+            "  round     sent  skipped  dirtied   time       rate      dirty/s",
+        ]
+        for r in self.rounds:
+            tag = "final" if r.get("final") else str(r["index"])
+            lines.append(
+                f"  {tag:>5} {r['pages_sent']:>8} {r['pages_skipped']:>8} "
+                f"{r['pages_dirtied']:>8} {ms(r['duration_seconds']):>9} "
+                f"{_rate(r['throughput_bytes_per_second']):>12} "
+                f"{r['dirty_rate_pages_per_second']:>10.0f}")
+        lines += [
+            f"  stop reason: {self.stop_reason}",
+            f"  total time {ms(self.total_time_seconds)}, downtime {ms(self.downtime_seconds)}"
+            f" (source view {ms(self.downtime_source_seconds)}, guest saw "
+            f"{ms(self.guest_observed_downtime_seconds)})",
+            f"  sent {self.pages_sent_total} pages, {format_bytes(self.bytes_sent_total)} on "
+            f"the wire, {_rate(self.throughput_bytes_per_second)}",
+            f"  integrity: {_verdict(self.integrity.verified)}",
+        ]
+        return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _rate(bps: float | None) -> str:
+    return "unlimited" if not bps else f"{format_bytes(bps)}/s"
+
+
+def _verdict(v: bool | None) -> str:
+    return {True: "verified (digests equal)", False: "MISMATCH", None: "not checked"}[v]

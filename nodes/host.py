@@ -1,0 +1,297 @@
+"""One emulated host: a hypervisor, its guests' vCPUs, and both ends of its migrations.
+
+`HostService` is plain Python so the whole host, migrations included, can be tested in one
+process without Ray; `nodes.actor` makes it a Ray actor (one per Ray node) for the cluster.
+Its public methods are the host's control plane: each takes and returns plain values (dicts,
+strings, numpy arrays) because it is called across processes.
+"""
+
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from nodes.channel import Ticket
+from nodes.domain import Domain, DomainState
+from nodes.errors import ConfigError, MigrationError, NoSuchDomainError
+from nodes.hypervisor import DEFAULT_RESERVED_BYTES, Hypervisor
+from nodes.migration import Progress, Receiver, Sender, check_migratable, validate_info
+from nodes.profiles import DEFAULT_PROFILE
+from nodes.settings import GuestSpec, MigrationSettings
+from workloads.patterns import make_workload
+from workloads.spec import WorkloadSpec
+from workloads.vcpu import VCPU
+
+# How long the destination waits for a resumed guest's first sign of life when measuring the
+# downtime the guest saw; a guest that shows none in that time reports None.
+GUEST_PROGRESS_WAIT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str = "host-0"
+    memory_bytes: int = 512 * 1024 * 1024
+    page_size: int = 4096
+    reserved_bytes: int = DEFAULT_RESERVED_BYTES
+    profile: str = DEFAULT_PROFILE
+    dom0_memory_bytes: int | None = None
+    address: str = "127.0.0.1"       # where this host's data channels listen
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HostConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown host settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+class HostService:
+    def __init__(self, config: HostConfig | dict):
+        if isinstance(config, dict):
+            config = HostConfig.from_dict(config)
+        self.config = config
+        self.name = config.name
+        self.hv = Hypervisor(config.name, config.memory_bytes, config.page_size,
+                             config.reserved_bytes, config.profile, config.dom0_memory_bytes,
+                             config.seed)
+        self.vcpus: dict[str, VCPU] = {}
+        self.workloads: dict[str, WorkloadSpec] = {}
+        self._retired: dict[str, VCPU] = {}
+        self.incoming: dict[str, Receiver] = {}
+        self.outgoing: dict[str, Progress] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self.migration_counts = {"started": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        self.lock = threading.RLock()
+
+    # -- the host ---------------------------------------------------------------------------
+    def ping(self) -> str:
+        return self.name
+
+    def describe(self) -> dict:
+        d = self.hv.describe()
+        d["address"] = self.config.address
+        d["profile_summary"] = self.hv.profile.summary
+        d["guest_modes"] = [m.value for m in self.hv.profile.guest_modes]
+        return d
+
+    def list_guests(self) -> list[dict]:
+        out = []
+        for d in self.hv.list_domains():
+            d["host"] = self.name
+            spec = self.workloads.get(d["name"])
+            if spec is not None:
+                d["workload"] = spec.pattern
+                d["dirty_rate_pages_per_second"] = spec.rate_pages_per_second
+            vcpu = self.vcpus.get(d["name"])
+            d["pages_written_total"] = vcpu.pages_written_total if vcpu else 0
+            out.append(d)
+        return out
+
+    # -- guests -------------------------------------------------------------------------------
+    def create_guest(self, spec: GuestSpec | dict) -> dict:
+        if isinstance(spec, dict):
+            spec = GuestSpec.from_dict(spec)
+        with self.lock:
+            dom = self.hv.create_domain(spec.name, spec.memory_bytes, spec.mode, spec.dma)
+            try:
+                self._start_vcpu(dom, spec.workload, None)
+            except Exception:
+                self.hv.destroy_domain(spec.name, force=True)
+                raise
+            return dom.describe()
+
+    def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None) -> None:
+        workload = make_workload(spec, dom.data_pages, state)
+        vcpu = VCPU(dom, workload)
+        self.vcpus[dom.name] = vcpu
+        self.workloads[dom.name] = spec
+        vcpu.start()
+
+    def destroy_guest(self, name: str) -> None:
+        with self.lock:
+            self.hv.guest(name)
+            self.hv.destroy_domain(name)
+            self._drop_vcpu(name)
+
+    def _drop_vcpu(self, name: str) -> VCPU | None:
+        vcpu = self.vcpus.pop(name, None)
+        self.workloads.pop(name, None)
+        if vcpu is not None:
+            vcpu.stop()
+        return vcpu
+
+    def pause_guest(self, name: str) -> None:
+        self.hv.pause(name)
+
+    def unpause_guest(self, name: str) -> None:
+        self.hv.unpause(name)
+
+    def guest_status(self, name: str) -> dict:
+        dom = self.hv.domain(name)
+        d = dom.describe()
+        d["host"] = self.name
+        vcpu = self.vcpus.get(name)
+        if vcpu is not None:
+            d["pages_written_total"] = vcpu.pages_written_total
+            d["last_progress_wall"] = vcpu.last_progress_wall
+            d["vcpu_alive"] = vcpu.alive
+            d["workload"] = self.workloads[name].to_dict()
+        d["migrating"] = dom.migrating
+        d["logdirty"] = dom.logdirty.enabled
+        return d
+
+    def guest_digest(self, name: str) -> str:
+        return self.hv.canonical_digest(name)
+
+    def page_table_problem(self, name: str) -> str | None:
+        return self.hv.check_page_tables(name)
+
+    def guest_counters(self, name: str) -> np.ndarray:
+        """Word 0 of every data page: the workloads' per-page write counters (for checks)."""
+        dom = self.hv.domain(name)
+        pfns = np.arange(dom.data_pages, dtype=np.int64) + dom.pfn_base
+        with dom.lock:
+            return dom.memory.words[dom.p2m[pfns - dom.pfn_base], 0].copy()
+
+    def frame_counts(self) -> dict:
+        return self.hv.frame_counts()
+
+    def guest_frames(self) -> dict[str, int]:
+        """Frames owned per domain, read from the M2P table (for leak checks)."""
+        owners = self.hv.allocator.owner
+        out = {}
+        for d in self.hv.domains.values():
+            out[d.name] = int(np.count_nonzero(owners == d.domid))
+        return out
+
+    # -- GuestRuntime: what migrations need of the vCPUs ---------------------------------------
+    def workload_spec(self, name: str) -> dict | None:
+        spec = self.workloads.get(name)
+        return spec.to_dict() if spec else None
+
+    def vcpu_context(self, name: str) -> dict:
+        vcpu = self.vcpus.get(name)
+        if vcpu is None:
+            return {"vcpu_id": 0, "workload_state": None, "last_progress_wall": None,
+                    "pages_written_total": 0}
+        return {"vcpu_id": 0, "workload_state": vcpu.workload.get_state(),
+                "last_progress_wall": vcpu.last_progress_wall,
+                "pages_written_total": int(vcpu.pages_written_total)}
+
+    def stop_guest(self, name: str) -> None:
+        base = name.split("--")[0]
+        vcpu = self._drop_vcpu(base)
+        if vcpu is not None:
+            self._retired[base] = vcpu
+
+    def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
+        spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
+        self._start_vcpu(dom, spec, context.get("workload_state"))
+
+    # -- migration: destination side ---------------------------------------------------------
+    def prepare_incoming(self, info: dict, settings: MigrationSettings | dict) -> dict:
+        """Reserve frames for an arriving guest and listen for its stream; returns the ticket."""
+        if isinstance(settings, dict):
+            settings = MigrationSettings.from_dict(settings)
+        info = validate_info(info)
+        with self.lock:
+            mid = info["migration_id"]
+            if mid in self.incoming:
+                raise MigrationError(f"migration {mid} is already expected here")
+            recv = Receiver(self.hv, info, settings, self.config.address, self)
+            self.incoming[mid] = recv
+            return recv.ticket.to_dict()
+
+    def incoming_report(self, migration_id: str, timeout: float = 60.0) -> dict:
+        """Wait for an incoming migration to end; the destination's side of the report."""
+        recv = self.incoming.get(migration_id)
+        if recv is None:
+            raise MigrationError(f"no incoming migration {migration_id} on {self.name}")
+        if not recv.wait(timeout):
+            raise MigrationError(f"incoming migration {migration_id} still running after "
+                                 f"{timeout:g} s")
+        report = recv.report()
+        report["guest_observed_downtime_seconds"] = None
+        vcpu = self.vcpus.get(recv.name)
+        last = report["last_progress_wall"]
+        if recv.resume_wall and vcpu is not None and last is not None:
+            deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
+            first = vcpu.first_progress_after(recv.resume_wall)
+            while first is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+                first = vcpu.first_progress_after(recv.resume_wall)
+            if first is not None:
+                report["guest_observed_downtime_seconds"] = first - last
+        del self.incoming[migration_id]
+        return report
+
+    # -- migration: source side ------------------------------------------------------------------
+    def check_migratable(self, name: str) -> dict:
+        dom = check_migratable(self.hv, name)
+        return {"name": dom.name, "pages": dom.npages, "mode": dom.mode.value,
+                "arch": self.hv.profile.arch, "profile": self.hv.profile.name}
+
+    def guest_info(self, name: str, migration_id: str) -> dict:
+        from nodes.migration import guest_info
+        dom = check_migratable(self.hv, name)
+        return guest_info(self.hv, dom, migration_id, self.workload_spec(name))
+
+    def migrate_out(self, name: str, ticket: dict, settings: MigrationSettings | dict) -> dict:
+        """Run a migration to the destination that issued `ticket`; blocks until it ends."""
+        if isinstance(settings, dict):
+            settings = MigrationSettings.from_dict(settings)
+        t = Ticket.from_dict(ticket)
+        progress = Progress(t.migration_id, name)
+        cancel = threading.Event()
+        with self.lock:
+            sender = Sender(self.hv, name, t, settings, self, progress, cancel)
+            self.outgoing[t.migration_id] = progress
+            self._cancel[t.migration_id] = cancel
+            self.migration_counts["started"] += 1
+        start_wall = time.time()
+        try:
+            result = sender.run()
+        finally:
+            self._cancel.pop(t.migration_id, None)
+        self.migration_counts[result["status"]] += 1
+        vcpu = self._retired.pop(name, None) or self.vcpus.get(name)
+        pause = result.get("pause_wall")
+        if vcpu is not None:
+            result["source_longest_gap_seconds"] = vcpu.longest_gap(
+                start_wall, pause if pause else time.time())
+        result["profile"] = self.hv.profile.name
+        return result
+
+    def migration_progress(self, migration_id: str) -> dict | None:
+        p = self.outgoing.get(migration_id)
+        return p.to_dict() if p else None
+
+    def cancel_migration(self, migration_id: str) -> bool:
+        ev = self._cancel.get(migration_id)
+        if ev is None:
+            return False
+        ev.set()
+        return True
+
+    def abandon_incoming(self, migration_id: str) -> None:
+        """The source never connected (it failed its own checks): free the reserved frames."""
+        recv = self.incoming.pop(migration_id, None)
+        if recv is not None:
+            recv.cancel()
+            recv.wait(10)
+
+    def shutdown(self) -> None:
+        for name in list(self.vcpus):
+            self._drop_vcpu(name)
+
+
+def guest_names(host: HostService) -> list[str]:
+    return [n for n, d in host.hv.domains.items() if not d.is_dom0]
+
+
+__all__ = ["HostConfig", "HostService", "NoSuchDomainError", "DomainState"]

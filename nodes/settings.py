@@ -1,0 +1,93 @@
+"""Specs: what a guest is (`GuestSpec`) and how a migration runs (`MigrationSettings`).
+
+Both are frozen dataclasses that round-trip through plain dicts (and so JSON and TOML); the
+live objects (domains, policies, links) are built from them.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+
+from nodes.errors import ConfigError
+from nodes.policy import POLICIES, PrecopyPolicy, make_policy
+from nodes.profiles import Mode
+from workloads.spec import WorkloadSpec
+
+
+def _from_dict(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    memory_bytes: int
+    mode: str = "p2m"
+    dma: bool = False
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.parse(self.mode).value)
+        if isinstance(self.workload, dict):
+            object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GuestSpec":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    """How one migration runs. Rates in bytes per second (None: unlimited), times in seconds."""
+
+    policy: str = "xen"
+    link_bytes_per_second: float | None = None
+    latency_seconds: float = 0.0
+    rate_limit_bytes_per_second: float | None = None
+    downtime_limit_seconds: float = 0.3
+    max_iterations: int | None = None
+    verify: bool = True
+    cancel_after_round: int | None = None
+    timeout_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; use one of {', '.join(POLICIES)}")
+        for name in ("link_bytes_per_second", "rate_limit_bytes_per_second"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                what = "bandwidth" if name.startswith("link") else "rate limit"
+                raise ConfigError(f"{what} must be positive, got {value}")
+        if not self.downtime_limit_seconds > 0:
+            raise ConfigError(f"downtime limit must be positive, got {self.downtime_limit_seconds}")
+        if not self.latency_seconds >= 0:
+            raise ConfigError(f"latency must be >= 0, got {self.latency_seconds}")
+        if not self.timeout_seconds > 0:
+            raise ConfigError(f"timeout must be positive, got {self.timeout_seconds}")
+        if self.max_iterations is not None and self.max_iterations < 0:
+            raise ConfigError(f"max iterations must be >= 0, got {self.max_iterations}")
+        if self.cancel_after_round is not None and self.cancel_after_round < 0:
+            raise ConfigError(f"cancel-after-round must be >= 0, got {self.cancel_after_round}")
+
+    @property
+    def nominal_bytes_per_second(self) -> float | None:
+        rates = [r for r in (self.link_bytes_per_second, self.rate_limit_bytes_per_second) if r]
+        return min(rates) if rates else None
+
+    def make_policy(self) -> PrecopyPolicy:
+        extra: dict = {"downtime_limit_seconds": self.downtime_limit_seconds}
+        if self.max_iterations is not None:
+            extra["max_iterations"] = self.max_iterations
+        return make_policy(self.policy, **extra)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MigrationSettings":
+        return _from_dict(cls, data)

@@ -1,0 +1,361 @@
+"""Memory-dirtying patterns: what a guest's vCPU writes, and when.
+
+Why this exists: a live migration is only as interesting as the memory the guest dirties while
+it runs. The patterns here mirror the classic test loads: qtest's migration-test guest (bump a
+counter in every page, in order: `sequential`), guestperf's stress program and mig_mon's random
+mode (`uniform`), Clark et al.'s writable working set (`hotset`), and bursty loads that test a
+policy's convergence (`phased`). `idle` writes nothing, but its vCPU still ticks.
+
+Every page write is a real store through the guest's access path (`Domain.read_words` /
+`Domain.write_words`), so it goes through the guest's mode: invisible to the hypervisor in P2M
+mode, logged as dirty in VP mode with log-dirty on. Each write increments the 64-bit counter in
+word 0 of its page, so after a migration the sum of the counters must equal the number of page
+writes the workload made: no write lost, none duplicated.
+
+A workload is deterministic: its page choice comes from a PCG64 generator seeded from the spec,
+and its whole state (position, generator, budget carry, phase clock, totals) travels in a
+migration record as plain msgpack-able values (`get_state`), so the copy resumed on the
+destination writes exactly the pages the original would have written next.
+
+Time is whatever the caller passes as `now` (monotonic seconds), so tests drive a synthetic
+clock. The rate budget accrues only between calls while the guest runs: after a pause (or a
+migration's downtime) `resume(now)` restarts the clock, so a paused guest never bursts to catch
+up on time it did not run.
+"""
+
+import json
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from nodes.domain import DomainState, GuestPaused
+from nodes.errors import ConfigError
+from workloads.spec import PATTERNS, WorkloadSpec
+
+STATE_FORMAT = 1
+DEFAULT_MAX_BATCH_PAGES = 4096
+_INT64_MAX = 2**63 - 1
+
+
+class Workload:
+    """Base class: the rate budget, the phase clock, the state and the write path.
+
+    Subclasses choose pages (`_select`); the base decides how many are due (`_due_pages`) and
+    stores them (`write`). One batch is a set of distinct page indices with per-page
+    increments, so a page drawn twice in one batch is stored once with +2, never twice.
+    """
+
+    pattern: ClassVar[str] = ""
+
+    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None):
+        if spec.pattern != self.pattern:
+            raise ConfigError(f"{type(self).__name__} runs {self.pattern!r}, spec asks for "
+                              f"{spec.pattern!r}; use make_workload")
+        if not isinstance(data_pages, int | np.integer) or data_pages < 0:
+            raise ConfigError(f"data_pages must be a non-negative integer, got {data_pages!r}")
+        data_pages = int(data_pages)
+        if data_pages == 0 and spec.pattern != "idle":
+            raise ConfigError(f"a {spec.pattern} workload needs at least one data page")
+        self.spec = spec
+        self.data_pages = data_pages
+        self.rng = np.random.Generator(np.random.PCG64(spec.seed))
+        self.pages_written_total = 0
+        self.budget_pages = 0.0        # fractional (and bounded backlog) carry of the rate budget
+        self.running_seconds = 0.0     # phase clock: running time seen by write() since start
+        self.position = 0              # next page of a sequential sweep
+        self._clock_seconds: float | None = None  # `now` of the last call; None: not started
+        if state is not None:
+            self._load_state(state)
+
+    # -- rate ----------------------------------------------------------------------------
+    @property
+    def rate_pages_per_second(self) -> float:
+        return self.spec.rate_pages_per_second
+
+    @property
+    def unlimited(self) -> bool:
+        return self.spec.unlimited
+
+    def _accrued_pages(self, t0_seconds: float, t1_seconds: float) -> float:
+        """Page budget accrued over running time [t0, t1] (phased overrides)."""
+        return self.rate_pages_per_second * (t1_seconds - t0_seconds)
+
+    def _unlimited_share(self) -> float:
+        """Fraction of a full batch an unlimited workload writes now (phased overrides)."""
+        return 1.0
+
+    def resume(self, now: float) -> None:
+        """Restart the clock at `now`: time since the last call (a pause) earns no budget.
+
+        Only the fractional part of the budget survives, so no backlog is written in a burst.
+        """
+        self._clock_seconds = float(now)
+        self.budget_pages = math.fmod(self.budget_pages, 1.0)
+
+    def _due_pages(self, now: float, max_batch: int) -> int:
+        """Advance the clock to `now` and return how many page writes are due (<= max_batch)."""
+        now = float(now)
+        if self._clock_seconds is None:
+            self.resume(now)
+        elapsed_seconds = max(0.0, now - self._clock_seconds)
+        self._clock_seconds = max(now, self._clock_seconds)
+        t0 = self.running_seconds
+        self.running_seconds = t0 + elapsed_seconds
+        if self.spec.pattern == "idle" or max_batch <= 0:
+            return 0
+        if self.unlimited:
+            share = self._unlimited_share()
+            if share >= 1.0:
+                return max_batch
+            self.budget_pages += max_batch * share
+        else:
+            self.budget_pages += self._accrued_pages(t0, self.running_seconds)
+        n = min(int(self.budget_pages), max_batch)
+        self.budget_pages -= n
+        # A vCPU that falls behind (a slow batch, a busy GIL) may catch up by at most one batch.
+        self.budget_pages = min(self.budget_pages, float(max_batch))
+        return n
+
+    # -- page choice ---------------------------------------------------------------------
+    def _select(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`n` page writes as (distinct page indices int64, increments uint64 summing to n)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _tally(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pages, counts = np.unique(draws, return_counts=True)
+        return pages.astype(np.int64, copy=False), counts.astype(np.uint64)
+
+    def take_batch(self, now: float,
+                   max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> tuple[np.ndarray, np.ndarray]:
+        """The batch due at `now`, advancing the workload as if it had been written.
+
+        Returns (distinct data-page indices, per-page increments). `write` uses this; tests
+        use it to compare two workloads without a guest.
+        """
+        n = self._due_pages(now, max_batch)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+        pages, increments = self._select(n)
+        self.pages_written_total += n
+        return pages, increments
+
+    # -- the write path ------------------------------------------------------------------
+    def write(self, domain, now: float, max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> int:
+        """Write the pages due at `now` into `domain`; return the number of page writes.
+
+        The caller holds `domain.lock`, so choosing pages and storing them is atomic against a
+        pause or a mode switch. A paused guest raises GuestPaused before anything advances, and
+        the clock restarts on the next call (no catch-up burst even without `resume`).
+        """
+        with domain.lock:
+            if domain.state is not DomainState.RUNNING:
+                self._clock_seconds = None
+                raise GuestPaused(f"{domain.name} is {domain.state.value}")
+            if domain.data_pages < self.data_pages:
+                raise ConfigError(f"{domain.name} has {domain.data_pages} data pages, the "
+                                  f"workload writes {self.data_pages}")
+            pages, increments = self.take_batch(now, max_batch)
+            if len(pages) == 0:
+                return 0
+            pfns = pages + domain.pfn_base if domain.pfn_base else pages
+            old = domain.read_words(pfns, 0)
+            domain.write_words(pfns, 0, old + increments)
+            return int(increments.sum())
+
+    # -- state ---------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """Everything needed to continue elsewhere, as msgpack-able str/int/float values.
+
+        The monotonic clock is not included (it means nothing on another host): the restored
+        workload starts its clock on its first `resume`/`write`.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "pattern": self.pattern,
+            "data_pages": self.data_pages,
+            "seed": self.spec.seed,
+            # PCG64's state and increment are 128-bit ints: JSON keeps them exact as text.
+            "rng": json.dumps(self.rng.bit_generator.state, sort_keys=True),
+            "pages_written_total": int(self.pages_written_total),
+            "budget_pages": float(self.budget_pages),
+            "running_seconds": float(self.running_seconds),
+            "position": int(self.position),
+        }
+
+    def _load_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ConfigError(f"workload state must be a dict, got {type(state).__name__}")
+        need = ("format", "pattern", "data_pages", "rng", "pages_written_total",
+                "budget_pages", "running_seconds", "position")
+        missing = [k for k in need if k not in state]
+        if missing:
+            raise ConfigError(f"workload state lacks {', '.join(missing)}")
+        if state["format"] != STATE_FORMAT:
+            raise ConfigError(f"workload state format {state['format']!r} is not supported "
+                              f"(this build reads {STATE_FORMAT})")
+        if state["pattern"] != self.pattern:
+            raise ConfigError(f"workload state is for {state['pattern']!r}, not {self.pattern!r}")
+        if state["data_pages"] != self.data_pages:
+            raise ConfigError(f"workload state is for {state['data_pages']} data pages, the "
+                              f"guest has {self.data_pages}")
+        try:
+            bit_state = json.loads(state["rng"])
+            bitgen = np.random.PCG64()
+            bitgen.state = bit_state
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"workload state has an unreadable generator state: {exc}") from None
+        self.rng = np.random.Generator(bitgen)
+        self.pages_written_total = int(state["pages_written_total"])
+        self.budget_pages = float(state["budget_pages"])
+        self.running_seconds = float(state["running_seconds"])
+        position = int(state["position"])
+        if not 0 <= position < max(self.data_pages, 1):
+            raise ConfigError(f"workload state position {position} is outside 0.."
+                              f"{self.data_pages - 1}")
+        self.position = position
+
+    def describe(self) -> dict:
+        return {"pattern": self.pattern, "data_pages": self.data_pages,
+                "rate_pages_per_second": self.rate_pages_per_second,
+                "pages_written_total": self.pages_written_total,
+                "running_seconds": self.running_seconds}
+
+
+class IdleWorkload(Workload):
+    """Writes nothing; its vCPU still ticks, so an idle guest shows progress."""
+
+    pattern = "idle"
+
+    def _select(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+
+
+class UniformWorkload(Workload):
+    """Random pages over all data pages (guestperf's stress / mig_mon's random mode)."""
+
+    pattern = "uniform"
+
+    def _select(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._tally(self.rng.integers(0, self.data_pages, n, dtype=np.int64))
+
+
+class HotsetWorkload(Workload):
+    """A writable working set: the first ceil(hot_fraction x pages) pages get hot_share of
+    the writes, the rest go uniformly over the cold pages (Clark et al.'s WWS)."""
+
+    pattern = "hotset"
+
+    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None):
+        super().__init__(spec, data_pages, state)
+        self.hot_pages = hot_pages(spec, self.data_pages)
+        self.cold_pages = self.data_pages - self.hot_pages
+
+    def _select(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.cold_pages == 0:
+            return self._tally(self.rng.integers(0, self.hot_pages, n, dtype=np.int64))
+        n_hot = int(self.rng.binomial(n, self.spec.hot_share))
+        draws = np.empty(n, dtype=np.int64)
+        draws[:n_hot] = self.rng.integers(0, self.hot_pages, n_hot, dtype=np.int64)
+        draws[n_hot:] = self.rng.integers(self.hot_pages, self.data_pages, n - n_hot,
+                                          dtype=np.int64)
+        return self._tally(draws)
+
+
+class SequentialWorkload(Workload):
+    """qtest's migration-test guest: sweep pages 0..N-1 in order, wrapping, bumping each
+    page's counter. At any moment the counters are all equal except one edge: the pages
+    before the position are one higher."""
+
+    pattern = "sequential"
+
+    def _select(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        d, p = self.data_pages, self.position
+        self.position = (p + n) % d
+        if n <= d - p:                          # no wrap
+            return np.arange(p, p + n, dtype=np.int64), np.ones(n, dtype=np.uint64)
+        if n <= d:                              # one wrap: two runs, still distinct pages
+            pages = np.concatenate((np.arange(p, d, dtype=np.int64),
+                                    np.arange(0, n - (d - p), dtype=np.int64)))
+            return pages, np.ones(n, dtype=np.uint64)
+        # More than one sweep in a batch: every page once per full sweep, plus the remainder
+        # from the position on; still one store per page.
+        sweeps, rest = divmod(n, d)
+        increments = np.full(d, sweeps, dtype=np.uint64)
+        extra = (p + np.arange(rest, dtype=np.int64)) % d
+        increments[extra] += np.uint64(1)
+        return np.arange(d, dtype=np.int64), increments
+
+
+class PhasedWorkload(UniformWorkload):
+    """Bursty: busy_seconds at the rate, then quiet_seconds at rate x quiet_rate_fraction,
+    repeating; uniform pages. The phase clock counts running time only (not pauses)."""
+
+    pattern = "phased"
+
+    @property
+    def period_seconds(self) -> float:
+        return self.spec.busy_seconds + self.spec.quiet_seconds
+
+    def _busy_time_until(self, t_seconds: float) -> float:
+        """Busy running time in [0, t]."""
+        if self.spec.quiet_seconds == 0:
+            return t_seconds
+        cycles, into = divmod(t_seconds, self.period_seconds)
+        return cycles * self.spec.busy_seconds + min(into, self.spec.busy_seconds)
+
+    def in_busy_phase(self) -> bool:
+        if self.spec.quiet_seconds == 0:
+            return True
+        return math.fmod(self.running_seconds, self.period_seconds) < self.spec.busy_seconds
+
+    def _accrued_pages(self, t0_seconds: float, t1_seconds: float) -> float:
+        busy = self._busy_time_until(t1_seconds) - self._busy_time_until(t0_seconds)
+        busy = min(max(busy, 0.0), t1_seconds - t0_seconds)
+        quiet = (t1_seconds - t0_seconds) - busy
+        rate = self.rate_pages_per_second
+        return rate * busy + rate * self.spec.quiet_rate_fraction * quiet
+
+    def _unlimited_share(self) -> float:
+        # Unlimited: a full batch per call while busy, that fraction of one while quiet.
+        return 1.0 if self.in_busy_phase() else self.spec.quiet_rate_fraction
+
+
+WORKLOAD_CLASSES: dict[str, type[Workload]] = {
+    cls.pattern: cls for cls in (IdleWorkload, UniformWorkload, HotsetWorkload,
+                                 SequentialWorkload, PhasedWorkload)
+}
+assert set(WORKLOAD_CLASSES) == set(PATTERNS)
+
+
+def hot_pages(spec: WorkloadSpec, data_pages: int) -> int:
+    """Size of a hotset's hot set: ceil(hot_fraction x data_pages), at least 1 page."""
+    # The small epsilon keeps 0.07 x 100 = 7.000000000000001 from becoming 8 pages.
+    return min(data_pages, max(1, math.ceil(spec.hot_fraction * data_pages - 1e-9)))
+
+
+def make_workload(spec: WorkloadSpec, data_pages: int, state: dict | None = None) -> Workload:
+    """The workload `spec` describes over `data_pages` pages, fresh or restored from `state`."""
+    return WORKLOAD_CLASSES[spec.pattern](spec, data_pages, state)
+
+
+def check_state_values(value: object, path: str = "state") -> None:
+    """Raise ConfigError unless `value` is plain msgpack data with ints in signed 64 bits."""
+    if value is None or isinstance(value, bool | float | str):
+        return
+    if isinstance(value, int):
+        if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+            raise ConfigError(f"{path} = {value} does not fit in a signed 64-bit integer")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_state_values(item, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{path} has a non-string key {key!r}")
+            check_state_values(item, f"{path}.{key}")
+        return
+    raise ConfigError(f"{path} holds a {type(value).__name__}, not plain msgpack data")
