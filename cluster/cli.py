@@ -1,0 +1,452 @@
+"""The `migbed` command line, modelled on Xen's `xl`: parse, call the API, print.
+
+Bad input of any kind is one line on stderr and exit code 2 (`--debug` shows the traceback);
+a migration that ran but did not complete exits 1.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from nodes.errors import ConfigError, MigbedError
+from nodes.profiles import PROFILES
+from nodes.sizes import format_bytes, parse_duration, parse_size
+
+EXIT_BAD_INPUT = 2
+EXIT_MIGRATION_FAILED = 1
+
+
+class UsageError(MigbedError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# -- argument types: each rejects bad input with a one-line message ---------------------------
+def _typed(fn):
+    """Let argparse show our message (it hides a ValueError's text behind the type's name)."""
+    def parse(text: str):
+        try:
+            return fn(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = getattr(fn, "__name__", "value")
+    return parse
+
+
+def _size(what: str):
+    def parse(text: str) -> int:
+        value = parse_size(text, what)
+        if value <= 0:
+            raise ConfigError(f"{what} must be positive, got {text!r}")
+        return value
+    return _typed(parse)
+
+
+def _rate(what: str):
+    def parse(text: str) -> float:
+        value = parse_size(text, what)
+        if value <= 0:
+            raise ConfigError(f"{what} must be positive, got {text!r}; write e.g. 128MiB "
+                              "(per second)")
+        return float(value)
+    return _typed(parse)
+
+
+def _duration(what: str, allow_zero: bool = False):
+    def parse(text: str) -> float:
+        value = parse_duration(text, what)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{what} must be {'>= 0' if allow_zero else 'positive'}, got "
+                              f"{text!r}")
+        return value
+    return _typed(parse)
+
+
+def _count(what: str, minimum: int = 0):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{what} must be >= {minimum}, got {value}")
+        return value
+    return _typed(parse)
+
+
+def _fraction(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got {text!r}") from None
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{what} must be between 0 and 1, got {text!r}")
+        return value
+    return _typed(parse)
+
+
+@_typed
+def _port(text: str) -> int:
+    value = _count("port")(text)
+    if value > 65535:
+        raise ConfigError(f"port must be 0..65535, got {value}")
+    return value
+
+
+# -- option groups shared by several commands ----------------------------------------------
+def add_cluster_options(p: argparse.ArgumentParser, hosts: int = 3,
+                        memory: str = "512MiB") -> None:
+    p.add_argument("--hosts", type=_count("--hosts", 1), default=hosts,
+                   help=f"number of emulated hosts (default {hosts})")
+    p.add_argument("--host-memory", type=_size("--host-memory"), default=parse_size(memory),
+                   help=f"machine memory per host, e.g. 1GiB (default {memory})")
+    p.add_argument("--profile", default=None,
+                   help=f"architecture profile for all hosts ({', '.join(PROFILES)}) or per "
+                        "host, e.g. host-0=ia64,host-1=ia64 (default x86)")
+    p.add_argument("--page-size", type=_size("--page-size"), default=4096,
+                   help="page size in bytes (default 4096)")
+    p.add_argument("--hypervisor-reserve", type=_size("--hypervisor-reserve"),
+                   default=4 * 1024 * 1024, help="frames the hypervisor keeps (default 4MiB)")
+    p.add_argument("--dom0-memory", type=_size("--dom0-memory"), default=None,
+                   help="dom0 memory per host (default 1/32 of the host, at least 1MiB)")
+
+
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    from workloads.spec import PATTERNS
+    p.add_argument("--workload", default="idle", choices=PATTERNS, metavar="PATTERN",
+                   help=f"memory workload: {', '.join(PATTERNS)} (default idle)")
+    p.add_argument("--dirty-rate", default="0", metavar="PAGES_PER_S",
+                   help="page writes per second, or max (default: max; idle writes nothing)")
+    p.add_argument("--seed", type=_count("--seed"), default=0, help="workload seed")
+    p.add_argument("--hot-fraction", type=_fraction("--hot-fraction"), default=0.1,
+                   help="hotset: share of pages in the writable working set (default 0.1)")
+    p.add_argument("--hot-share", type=_fraction("--hot-share"), default=0.9,
+                   help="hotset: share of writes that hit it (default 0.9)")
+
+
+def add_migration_options(p: argparse.ArgumentParser) -> None:
+    from nodes.policy import POLICIES
+    p.add_argument("--policy", default="xen", choices=list(POLICIES), metavar="NAME",
+                   help=f"pre-copy policy: {', '.join(POLICIES)} (default xen)")
+    p.add_argument("--bandwidth", type=_rate("--bandwidth"), default=None,
+                   help="the link's speed per second, e.g. 128MiB (default unlimited)")
+    p.add_argument("--rate-limit", type=_rate("--rate-limit"), default=None,
+                   help="the migration's own throttle per second, lifted for stop-and-copy "
+                        "(default none)")
+    p.add_argument("--latency", type=_duration("--latency", allow_zero=True), default=0.0,
+                   help="one-way link latency, e.g. 5ms (default 0)")
+    p.add_argument("--downtime-limit", type=_duration("--downtime-limit"), default=0.3,
+                   help="qemu policy: downtime limit, e.g. 300ms (default 300ms)")
+    p.add_argument("--max-iterations", type=_count("--max-iterations"), default=None,
+                   help="override the policy's live round cap")
+    p.add_argument("--cancel-after-round", type=_count("--cancel-after-round"), default=None,
+                   help="cancel the migration after live round N (tests the abort path)")
+    p.add_argument("--timeout", type=_duration("--timeout"), default=30.0,
+                   help="timeout of every wait across hosts (default 30s)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the destination-equals-source memory check")
+    p.add_argument("--json", action="store_true", help="print the report alone, as JSON")
+
+
+def workload_from(args: argparse.Namespace):
+    from workloads.spec import WorkloadSpec, parse_rate
+    return WorkloadSpec(pattern=args.workload, rate_pages_per_second=parse_rate(args.dirty_rate),
+                        seed=args.seed, hot_fraction=args.hot_fraction,
+                        hot_share=args.hot_share)
+
+
+def settings_from(args: argparse.Namespace):
+    from nodes.settings import MigrationSettings
+    return MigrationSettings(
+        policy=args.policy, link_bytes_per_second=args.bandwidth,
+        latency_seconds=args.latency, rate_limit_bytes_per_second=args.rate_limit,
+        downtime_limit_seconds=args.downtime_limit, max_iterations=args.max_iterations,
+        verify=not args.no_verify, cancel_after_round=args.cancel_after_round,
+        timeout_seconds=args.timeout)
+
+
+def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
+    from cluster.launcher import ClusterSpec, host_names, parse_profiles
+    default, per = parse_profiles(args.profile, host_names(args.hosts))
+    return ClusterSpec(hosts=args.hosts, host_memory_bytes=args.host_memory,
+                       page_size=args.page_size, reserved_bytes=args.hypervisor_reserve,
+                       dom0_memory_bytes=args.dom0_memory, profiles=per,
+                       default_profile=default, address=address,
+                       bind_address="node" if address else "127.0.0.1")
+
+
+# -- printing ------------------------------------------------------------------------------
+def print_listing(listing: dict, out=sys.stdout) -> None:
+    print("HOST       PROFILE   FRAMES  TOTAL     FREE  RESERVED     USED   DOM0   HYPERVISOR AT",
+          file=out)
+    for h in listing["hosts"]:
+        f = h["frames"]
+        lo, hi = h["hypervisor_frames"]
+        print(f"{h['name']:<10} {h['profile']:<8} {'':>6} {f['total']:>6} {f['free']:>8} "
+              f"{f['reserved']:>9} {f['used']:>8} {f['dom0']:>6}   mfn {lo}..{hi}", file=out)
+    print(file=out)
+    print("GUEST            HOST       MODE   MEMORY      STATE     WORKLOAD     WRITES  "
+          "MACHINE RANGE", file=out)
+    for g in listing["guests"]:
+        rng = g.get("machine_range")
+        where = f"mfn {rng[0]}..{rng[1]}" if rng else "scattered"
+        wl = g.get("workload", "-") if not g["dom0"] else "(toolstack)"
+        print(f"{g['name']:<16} {g['host']:<10} {g['mode']:<6} "
+              f"{format_bytes(g['memory_bytes']):>9}   {g['state']:<9} {wl:<10} "
+              f"{g.get('pages_written_total', 0):>8}  {where}", file=out)
+
+
+class ProgressPrinter:
+    """One line per finished round on stderr, as `xl migrate` prints them."""
+
+    def __init__(self, out=sys.stderr):
+        self.out = out
+        self.shown = 0
+
+    def __call__(self, p: dict) -> None:
+        for r in p["rounds"][self.shown:]:
+            tag = "final" if r["final"] else f"round {r['index']}"
+            print(f"  {tag:>8}: sent {r['pages_sent']:>7} pages, skipped "
+                  f"{r['pages_skipped']:>6}, dirtied {r['pages_dirtied']:>7} in "
+                  f"{r['duration_seconds'] * 1000:7.1f} ms "
+                  f"({format_bytes(r['throughput_bytes_per_second'])}/s)", file=self.out,
+                  flush=True)
+        self.shown = len(p["rounds"])
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster import launcher
+    spec = cluster_spec_from(args, args.address or os.environ.get("RAY_ADDRESS") or None)
+    t0 = time.monotonic()
+    state = launcher.up(spec)
+    print(f"migbed cluster up: {len(state['hosts'])} hosts ({', '.join(state['hosts'])}) on Ray "
+          f"at {state['address']} in {time.monotonic() - t0:.1f} s")
+    print("next: `migbed create host-0 vm1 --memory 64MiB --workload uniform --dirty-rate "
+          "20000`, `migbed list`, `migbed migrate vm1 host-1`, `migbed down`")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster import launcher
+    print("migbed cluster stopped" if launcher.down() else "no migbed cluster was running")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    listing = Testbed.attach().list()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+    else:
+        print_listing(listing)
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    from nodes.settings import GuestSpec
+    spec = GuestSpec(name=args.name, memory_bytes=args.memory, mode=args.mode, dma=args.dma,
+                     workload=workload_from(args))
+    d = Testbed.attach().create(args.host, spec)
+    print(f"created {d['name']} on {args.host}: {format_bytes(d['memory_bytes'])}, mode "
+          f"{d['mode']}, workload {spec.workload.pattern}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    Testbed.attach().destroy(args.name)
+    print(f"destroyed {args.name}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    tb = Testbed.attach()
+    tb.host(tb.where(args.name)).call("pause_guest" if args.verb == "pause" else "unpause_guest",
+                                      args.name)
+    print(f"{args.verb}d {args.name}")
+    return 0
+
+
+def _report_out(report, args: argparse.Namespace) -> int:
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.table())
+    return 0 if report.status == "completed" else EXIT_MIGRATION_FAILED
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    settings = settings_from(args)
+    if (args.guest is None) != (args.destination is None):
+        raise UsageError("give both GUEST and DEST_HOST (against a running cluster), or "
+                         "neither (a one-shot migration on an embedded cluster)")
+    progress = ProgressPrinter()
+    if args.guest is not None:
+        tb = Testbed.attach()
+        print(f"migrating {args.guest} to {args.destination} (policy {settings.policy})",
+              file=sys.stderr)
+        return _report_out(tb.migrate(args.guest, args.destination, settings, progress), args)
+    from nodes.settings import GuestSpec
+    spec = GuestSpec(name="vm1", memory_bytes=args.guest_memory, mode=args.mode,
+                     workload=workload_from(args))
+    cluster = cluster_spec_from(args)
+    if cluster.hosts < 2:
+        raise ConfigError("a migration needs at least 2 hosts (--hosts)")
+    print(f"starting an embedded cluster of {cluster.hosts} hosts...", file=sys.stderr)
+    with Testbed.local(cluster) as tb:
+        tb.create("host-0", spec)
+        time.sleep(args.warmup)
+        print(f"migrating vm1 ({format_bytes(spec.memory_bytes)}, {spec.workload.pattern}) "
+              f"host-0 -> host-1 (policy {settings.policy})", file=sys.stderr)
+        report = tb.migrate("vm1", "host-1", settings, progress)
+    return _report_out(report, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+    return run_demo(quick=args.quick)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from cluster.model import predict
+    rate = None
+    wl = workload_from(args)
+    if wl.unlimited:
+        raise ConfigError("the model needs a dirty rate in page writes per second "
+                          "(--dirty-rate N), not max")
+    if args.bandwidth is None and args.rate_limit is None:
+        raise ConfigError("the model needs a bandwidth (--bandwidth, e.g. 128MiB): give the "
+                          "link's speed or the throughput you measured")
+    pred = predict(guest_memory_bytes=args.guest_memory, page_size=args.page_size,
+                   workload=wl, link_bytes_per_second=args.bandwidth,
+                   rate_limit_bytes_per_second=args.rate_limit, policy=args.policy,
+                   downtime_limit_seconds=args.downtime_limit, latency_seconds=args.latency,
+                   dirty_rate_pages_per_second=rate)
+    d = pred.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"model: policy {args.policy}, guest {format_bytes(args.guest_memory)}, workload "
+          f"{wl.pattern} at {wl.rate_pages_per_second:g} pages/s, lambda "
+          f"{d.get('lambda_ratio', float('nan')):.3f}")
+    print("  round      sent   skipped   dirtied      time")
+    for r in d["rounds"]:
+        tag = "final" if r.get("final") else str(r["index"])
+        print(f"  {tag:>5} {r['pages_sent']:>9.0f} {r['pages_skipped']:>9.0f} "
+              f"{r['pages_dirtied']:>9.0f} {r['duration_seconds'] * 1000:>8.1f} ms")
+    print(f"  stop reason: {d['stop_reason']} (converged: {d['converged']})")
+    print(f"  total time {d['total_time_seconds'] * 1000:.1f} ms, downtime "
+          f"{d['downtime_seconds'] * 1000:.1f} ms, {d['pages_sent_total']:.0f} pages sent")
+    return 0
+
+
+@_typed
+def _mode(text: str) -> str:
+    from nodes.errors import ModeError
+    from nodes.profiles import Mode
+    try:
+        return Mode.parse(text).value
+    except ModeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="migbed", description="A distributed live-migration testbed: emulated "
+               "Xen-style hosts on Ray, pre-copy migration of real guest memory.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    s = sub.add_parser("up", help="start a persistent local cluster (or hosts on a Ray cluster)")
+    add_cluster_options(s, memory="1GiB")
+    s.add_argument("--address", default=None,
+                   help="an existing Ray cluster to place hosts on (default: $RAY_ADDRESS, "
+                        "else a new local cluster)")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="stop the cluster; leaves no Ray process behind")
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("list", help="hosts with their frames, and every guest")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("create", help="boot a guest on a host")
+    s.add_argument("host")
+    s.add_argument("name")
+    s.add_argument("--memory", type=_size("--memory"), required=True, help="e.g. 64MiB")
+    s.add_argument("--mode", default="p2m", type=_mode,
+                   help="p2m, vp or p==m (default p2m)")
+    s.add_argument("--dma", action="store_true", help="give the guest a DMA device")
+    add_workload_options(s)
+    s.set_defaults(func=cmd_create)
+
+    s = sub.add_parser("destroy", help="destroy a guest; its frames go back to its host")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_destroy)
+
+    for verb in ("pause", "unpause"):
+        s = sub.add_parser(verb, help=f"{verb} a guest")
+        s.add_argument("name")
+        s.set_defaults(func=cmd_pause, verb=verb)
+
+    s = sub.add_parser("migrate", help="live-migrate a guest (one-shot on an embedded cluster "
+                       "when GUEST and DEST_HOST are not given)")
+    s.add_argument("guest", nargs="?")
+    s.add_argument("destination", nargs="?", metavar="DEST_HOST")
+    add_migration_options(s)
+    add_workload_options(s)
+    s.add_argument("--guest-memory", type=_size("--guest-memory"), default=64 * 1024 * 1024,
+                   help="one-shot: guest memory (default 64MiB)")
+    s.add_argument("--mode", default="p2m", type=_mode,
+                   help="one-shot: guest mode (default p2m)")
+    s.add_argument("--warmup", type=_duration("--warmup", allow_zero=True), default=0.5,
+                   help="one-shot: run the workload this long before migrating (default 0.5s)")
+    add_cluster_options(s, hosts=2, memory="512MiB")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("demo", help="the main job: a 3-host cluster, guests, migrations, "
+                       "and the seed's three architectures side by side")
+    s.add_argument("--quick", action="store_true", help="smaller guests, fewer migrations")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("model", help="predict a migration with the analytic pre-copy model")
+    add_migration_options(s)
+    add_workload_options(s)
+    s.add_argument("--guest-memory", type=_size("--guest-memory"), default=64 * 1024 * 1024)
+    s.add_argument("--page-size", type=_size("--page-size"), default=4096)
+    s.set_defaults(func=cmd_model)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except MigbedError as exc:
+        if debug:
+            raise
+        print(f"migbed: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("migbed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The testbed: a running set of hosts, and everything a user does with them.
+
+`Testbed.local(...)` starts a private local cluster (a context manager that tears it down);
+`Testbed.attach()` joins the persistent cluster of `migbed up`; `Testbed.in_process(...)` runs
+the same hosts as plain objects in this process, without Ray, for fast tests. The calls are
+the same for all three: `create`, `destroy`, `list`, `migrate`, `host(name)`.
+"""
+
+from collections.abc import Callable
+
+from cluster import launcher
+from cluster.handles import LocalHost, RayHost
+from cluster.launcher import NAMESPACE, ClusterSpec, LocalRay
+from cluster.migration import run_migration
+from cluster.report import MigrationReport
+from nodes.errors import (
+    ClusterError,
+    DomainExistsError,
+    MigrationError,
+    NoSuchDomainError,
+    NoSuchHostError,
+)
+from nodes.hypervisor import check_guest_name
+from nodes.settings import GuestSpec, MigrationSettings
+
+
+class Testbed:
+    def __init__(self, hosts: dict, owner: LocalRay | None = None):
+        self.hosts = hosts
+        self._owner = owner
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def local(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
+        """A private local Ray cluster with one node per host; `close()` removes it all."""
+        import ray
+
+        from nodes.actor import start_host_actor
+        spec = spec or ClusterSpec(**kwargs)
+        owner = LocalRay(spec.host_names, spec.object_store_bytes)
+        try:
+            launcher.ray_init(owner.address)
+            actors = {c.name: start_host_actor(c, detached=False, namespace=NAMESPACE)
+                      for c in spec.host_configs()}
+            ray.get([a.ping.remote() for a in actors.values()], timeout=120)
+        except Exception:
+            ray.shutdown()
+            owner.shutdown()
+            raise
+        return cls({n: RayHost(n, a) for n, a in actors.items()}, owner)
+
+    @classmethod
+    def attach(cls) -> "Testbed":
+        """The persistent cluster started by `migbed up`."""
+        import ray
+        state = launcher.read_state()
+        if state is None:
+            raise ClusterError("no migbed cluster is running; start one with `migbed up` "
+                               "(e.g. `migbed up --hosts 3 --host-memory 1GiB`)")
+        try:
+            launcher.ray_init(state["address"])
+            hosts = {n: RayHost(n, ray.get_actor(n, namespace=NAMESPACE))
+                     for n in state["hosts"]}
+        except (ValueError, ConnectionError, RuntimeError) as exc:
+            raise ClusterError(f"the migbed cluster at {state['address']} does not answer "
+                               f"({exc}); `migbed down` cleans up, then `migbed up`") from None
+        return cls(hosts)
+
+    @classmethod
+    def in_process(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
+        """The same hosts as objects in this process (no Ray): for fast tests and benches."""
+        from nodes.host import HostService
+        spec = spec or ClusterSpec(**kwargs)
+        return cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()})
+
+    def close(self) -> None:
+        for h in self.hosts.values():
+            if isinstance(h, LocalHost):
+                h.service.shutdown()
+        if self._owner is not None:
+            import ray
+            ray.shutdown()
+            self._owner.shutdown()
+            self._owner = None
+
+    def __enter__(self) -> "Testbed":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- lookup -------------------------------------------------------------------------------
+    def host(self, name: str):
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise NoSuchHostError(f"no host named {name!r}; hosts: "
+                                  f"{', '.join(self.hosts)}") from None
+
+    def __getitem__(self, name: str):
+        return self.host(name)
+
+    def guests(self) -> list[dict]:
+        out = []
+        for h in self.hosts.values():
+            out += [g for g in h.call("list_guests") if not g["dom0"]]
+        return out
+
+    def where(self, guest: str) -> str:
+        """The host a guest runs on."""
+        for g in self.guests():
+            if g["name"] == guest:
+                return g["host"]
+        raise NoSuchDomainError(f"no guest named {guest!r} in the cluster")
+
+    # -- what users do ---------------------------------------------------------------------
+    def list(self) -> dict:
+        hosts, guests = [], []
+        for h in self.hosts.values():
+            hosts.append(h.call("describe"))
+            guests += h.call("list_guests")
+        return {"hosts": hosts, "guests": guests}
+
+    def create(self, host: str, spec: GuestSpec | dict) -> dict:
+        if isinstance(spec, dict):
+            spec = GuestSpec.from_dict(spec)
+        check_guest_name(spec.name)
+        h = self.host(host)
+        if any(g["name"] == spec.name for g in self.guests()):
+            raise DomainExistsError(f"a guest named {spec.name!r} already exists in the "
+                                    "cluster")
+        return h.call("create_guest", spec.to_dict())
+
+    def destroy(self, guest: str) -> None:
+        self.host(self.where(guest)).call("destroy_guest", guest)
+
+    def migrate(self, guest: str, destination: str,
+                settings: MigrationSettings | None = None,
+                on_progress: Callable[[dict], None] | None = None,
+                should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
+        settings = settings or MigrationSettings()
+        dst = self.host(destination)
+        src = self.host(self.where(guest))
+        if src.name == dst.name:
+            raise MigrationError(f"{guest} already runs on {destination}; pick another host")
+        return run_migration(src, dst, guest, settings, on_progress=on_progress,
+                             should_cancel=should_cancel)

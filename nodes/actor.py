@@ -1,0 +1,45 @@
+"""The Host as a Ray actor: one per Ray node, pinned there by a custom resource.
+
+This is the only place in `nodes` that imports Ray. The actor is threaded, so control calls
+(list, progress, cancel, metrics) are served while a migration runs on another thread of the
+same host, as a real toolstack does.
+"""
+
+import ray
+
+from nodes.host import HostConfig, HostService
+
+MAX_CONCURRENT_CALLS = 64
+
+
+def host_resource(name: str) -> str:
+    """The custom resource that only the Ray node of host `name` offers."""
+    return f"migbed:{name}"
+
+
+class Host(HostService):
+    """HostService whose data channels listen on this node's IP when asked to ("node")."""
+
+    def __init__(self, config: dict):
+        config = dict(config)
+        if config.get("address") == "node":
+            config["address"] = ray.util.get_node_ip_address()
+        super().__init__(HostConfig.from_dict(config))
+
+
+HostActor = ray.remote(Host)
+
+
+def start_host_actor(config: HostConfig, *, detached: bool, namespace: str,
+                     node_id: str | None = None):
+    """Start the Host actor for `config` on its own node (by resource, or by node id)."""
+    opts: dict = {"name": config.name, "namespace": namespace, "num_cpus": 0,
+                  "max_concurrency": MAX_CONCURRENT_CALLS, "max_restarts": 0}
+    if detached:
+        opts["lifetime"] = "detached"
+    if node_id is None:
+        opts["resources"] = {host_resource(config.name): 1}
+    else:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return HostActor.options(**opts).remote(config.to_dict())
