@@ -1,0 +1,117 @@
+"""Machine memory, the frame allocator and the M2P table (pure, no Ray)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nodes.allocator import OWNER_FREE, OWNER_HYPERVISOR, FrameAllocator
+from nodes.errors import ConfigError, OutOfFramesError
+from nodes.memory import MachineMemory
+from nodes.sizes import parse_duration, parse_size
+
+MiB = 1024 * 1024
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_memory_is_real_bytes_and_lazy():
+    before = rss_bytes()
+    mem = MachineMemory(1024 * MiB)
+    after = rss_bytes()
+    assert mem.nframes == 262144
+    assert after - before < 64 * MiB, "an idle 1 GiB host must not be resident"
+    mem.write(np.array([5, 7]), np.full((2, 4096), 0xAB, dtype=np.uint8))
+    assert (mem.read(np.array([7]))[0] == 0xAB).all()
+    assert mem.words[5, 0] == 0xABABABABABABABAB
+    mem.scrub(np.array([5]))
+    assert not mem.read(np.array([5])).any()
+
+
+@pytest.mark.parametrize("total,page", [(0, 4096), (-4096, 4096), (5000, 4096), (8192, 1000)])
+def test_memory_rejects_bad_sizes(total, page):
+    with pytest.raises(ConfigError):
+        MachineMemory(total, page)
+
+
+def test_reserved_frames_at_bottom_or_top():
+    low = FrameAllocator(100, 10, "bottom")
+    assert (low.owner[:10] == OWNER_HYPERVISOR).all() and (low.owner[10:] == OWNER_FREE).all()
+    high = FrameAllocator(100, 10, "top")
+    assert (high.owner[90:] == OWNER_HYPERVISOR).all()
+    with pytest.raises(ConfigError, match="larger than the hypervisor"):
+        FrameAllocator(10, 10)
+
+
+def test_scattered_frames_are_not_contiguous_nor_in_order():
+    a = FrameAllocator(4096, 64, seed=3)
+    mfns = a.alloc_scattered(512, domid=1)
+    assert len(set(mfns.tolist())) == 512
+    assert not np.all(np.diff(mfns) == 1)
+    assert not np.all(np.diff(mfns) > 0)
+
+
+def test_contiguous_run_and_out_of_frames():
+    a = FrameAllocator(1000, 100)
+    start = a.alloc_contiguous(200, domid=2)
+    assert start == 100 and (a.owner[100:300] == 2).all()
+    with pytest.raises(OutOfFramesError) as exc:
+        a.alloc_scattered(10_000, domid=3)
+    assert exc.value.needed_frames == 10_000 and exc.value.free_frames == 700
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "run", "free"]), st.integers(1, 300)),
+                max_size=30))
+def test_allocator_property_no_frame_owned_twice(ops):
+    """Any sequence of allocations and frees: accounting exact, reserved never handed out."""
+    a = FrameAllocator(2048, 32, seed=1)
+    held: dict[int, np.ndarray] = {}
+    domid = 1
+    for op, n in ops:
+        try:
+            if op == "alloc":
+                mfns = a.alloc_scattered(n, domid)
+            elif op == "run":
+                s = a.alloc_contiguous(n, domid)
+                mfns = np.arange(s, s + n)
+            else:
+                if not held:
+                    continue
+                victim = sorted(held)[n % len(held)]
+                a.free(held.pop(victim))
+                continue
+        except OutOfFramesError:
+            continue
+        a.set_m2p(mfns, domid, np.arange(len(mfns)))
+        held[domid] = mfns
+        domid += 1
+    owned = np.concatenate(list(held.values())) if held else np.zeros(0, dtype=np.int64)
+    assert len(owned) == len(np.unique(owned)), "a frame is owned twice"
+    assert not np.isin(owned, np.arange(32)).any(), "a reserved frame was handed out"
+    c = a.counts()
+    assert c["used"] == len(owned) and c["free"] + c["used"] + c["reserved"] == c["total"]
+    for d, mfns in held.items():   # M2P agrees with what each domain holds
+        assert (a.owner[mfns] == d).all() and (a.pfn[mfns] == np.arange(len(mfns))).all()
+
+
+@pytest.mark.parametrize("text,value", [("64MiB", 64 * MiB), ("1GiB", 1024 * MiB),
+                                        ("4096", 4096), ("1.5KiB", 1536), ("2k", 2000)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12XB", "-5MiB", "0.3"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def test_parse_duration():
+    assert parse_duration("300ms") == pytest.approx(0.3)
+    assert parse_duration("2s") == 2.0 and parse_duration("1.5") == 1.5
+    with pytest.raises(ConfigError):
+        parse_duration("soon")
