@@ -1,0 +1,188 @@
+"""The migration stream: encoding, decoding, and a decoder that survives any bytes."""
+
+import io
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nodes import stream as s
+from nodes.errors import StreamError
+from nodes.stream import RecordType as RT
+
+PAGE = 4096
+
+
+def reader_of(data: bytes, guest_pages: int = 64) -> s.RecordReader:
+    r = s.RecordReader(io.BytesIO(data).readinto)
+    r.guest_pages = guest_pages
+    return r
+
+
+def good_stream(npages: int = 4) -> bytes:
+    pfns = np.arange(npages)
+    types = np.zeros(npages, dtype=np.uint8)
+    types[-1] = s.PageType.L1TAB
+    pages = np.arange(npages * PAGE, dtype=np.uint32).astype(np.uint8).reshape(npages, PAGE)
+    parts = [s.encode_image_header(), s.encode_domain_header("vp", 12),
+             s.encode_record(RT.VERIFY, {"digest": "x"})]
+    parts += [bytes(b) for b in s.encode_page_data(pfns, types, pages)]
+    parts.append(s.encode_record(RT.END))
+    return b"".join(parts)
+
+
+def read_all(r: s.RecordReader) -> list:
+    r.read_image_header()
+    r.read_domain_header()
+    out = []
+    while True:
+        rec = r.read_record()
+        if rec is None:
+            continue
+        out.append(rec)
+        if rec.type == RT.END:
+            return out
+
+
+def test_round_trip():
+    recs = read_all(reader_of(good_stream()))
+    assert [r.type for r in recs] == [RT.VERIFY, RT.PAGE_DATA, RT.END]
+    pd = recs[1].fields["page_data"]
+    assert list(pd.pfns) == [0, 1, 2, 3] and pd.types[-1] == s.PageType.L1TAB
+    assert pd.pages.shape == (4, PAGE) and pd.pages[1, 1] == (PAGE + 1) % 256
+
+
+def test_records_are_padded_to_eight_bytes():
+    rec = s.encode_record(RT.ABORT, {"error": "abc"})
+    assert len(rec) % 8 == 0
+    assert sum(len(b) if isinstance(b, bytes) else b.nbytes
+               for b in s.encode_page_data(np.arange(3), np.zeros(3, np.uint8),
+                                           np.zeros((3, PAGE), np.uint8))) % 8 == 0
+
+
+def test_bad_headers_and_versions():
+    data = bytearray(good_stream())
+    bad = bytes(data[:8]) + b"XENF" + bytes(data[12:])
+    with pytest.raises(StreamError, match="not a migbed"):
+        reader_of(bad).read_image_header()
+    bad = bytes(data[:12]) + (99).to_bytes(4, "big") + bytes(data[16:])
+    with pytest.raises(StreamError, match="version 99"):
+        reader_of(bad).read_image_header()
+    r = reader_of(bytes(data[:24]) + b"\x07" + bytes(data[25:]))
+    r.read_image_header()
+    with pytest.raises(StreamError, match="guest type"):
+        r.read_domain_header()
+
+
+def _body_stream(rtype: int, body: bytes) -> bytes:
+    head = s.encode_image_header() + s.encode_domain_header("vp", 12)
+    return head + s.RECORD_HEADER.pack(rtype, len(body)) + body + b"\0" * (-len(body) % 8)
+
+
+def test_unknown_mandatory_record_fails_optional_is_skipped():
+    with pytest.raises(StreamError, match="unknown mandatory record type 0x77"):
+        read_all(reader_of(_body_stream(0x77, b"\x80")))
+    skipped = _body_stream(s.OPTIONAL | 0x77, b"junk") + s.encode_record(RT.END)
+    assert [r.type for r in read_all(reader_of(skipped))] == [RT.END]
+
+
+@pytest.mark.parametrize("body,match", [
+    (msgpack.packb([2, b"\0" * 8, b""]), "bytes of pfns"),
+    (msgpack.packb([1, (5).to_bytes(8, "little"), b"\0" * 10]), "carries 10 bytes"),
+    (msgpack.packb([1, (0x7 << 60).to_bytes(8, "little"), b""]), "unknown page type"),
+    (msgpack.packb([1, (999).to_bytes(8, "little"), b"\0" * PAGE]), "beyond the guest"),
+    (msgpack.packb([0, b"", b""]), "count 0"),
+    (msgpack.packb([5000, b"", b""]), "count 5000"),
+    (msgpack.packb({"a": 1}), "must be"),
+    (b"\xc1", "not valid msgpack"),
+])
+def test_page_data_is_checked(body, match):
+    with pytest.raises(StreamError, match=match):
+        read_all(reader_of(_body_stream(RT.PAGE_DATA, body)))
+
+
+def test_lengths_are_bounded_before_allocation():
+    head = s.encode_image_header() + s.encode_domain_header("vp", 12)
+    huge = head + s.RECORD_HEADER.pack(RT.VERIFY, 0xFFFF_FFF0)
+    with pytest.raises(StreamError, match="exceeds its limit"):
+        read_all(reader_of(huge))
+
+
+def test_truncation_and_padding():
+    data = good_stream()
+    for cut in (3, 30, 60, len(data) - 1):
+        with pytest.raises(StreamError, match="truncated"):
+            read_all(reader_of(data[:cut]))
+    body = msgpack.packb({"digest": "x"})
+    bad_pad = (s.encode_image_header() + s.encode_domain_header("vp", 12)
+               + s.RECORD_HEADER.pack(RT.VERIFY, len(body)) + body + b"\1" * (-len(body) % 8))
+    with pytest.raises(StreamError, match="padding"):
+        read_all(reader_of(bad_pad))
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({}, "lacks digest"), ({"digest": 5}, "wrong type"),
+])
+def test_field_schemas(fields, match):
+    with pytest.raises(StreamError, match=match):
+        s.decode_fields(RT.VERIFY, msgpack.packb(fields))
+
+
+def test_ext_types_and_negative_numbers_are_refused():
+    with pytest.raises(StreamError):  # ext types are refused by length or by hook
+        s.decode_fields(RT.VERIFY, msgpack.packb({"digest": msgpack.ExtType(3, b"x")}))
+    body = msgpack.packb({"pages_received": -1, "digest": None})
+    with pytest.raises(StreamError, match="negative"):
+        s.decode_fields(RT.RECEIVER_READY, body)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_fuzz_any_bytes_give_a_clean_error(data):
+    """Random bytes after a valid header: a StreamError or a valid record, nothing else."""
+    head = s.encode_image_header() + s.encode_domain_header("vp", 12)
+    try:
+        read_all(reader_of(head + data))
+    except StreamError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_stream(data):
+    """Flip, cut and insert bytes in a valid stream: never a crash, never a hang."""
+    raw = bytearray(good_stream(3))
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if op == "flip":
+            raw[i] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del raw[i:i + data.draw(st.integers(1, 64))]
+        else:
+            raw[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+        if not raw:
+            break
+    try:
+        read_all(reader_of(bytes(raw)))
+    except StreamError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
+                    | st.text(max_size=20) | st.binary(max_size=20),
+                    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=5), c,
+                                                                        max_size=5),
+                    max_leaves=20),
+       st.sampled_from(list(s.SCHEMAS)))
+def test_fuzz_schema_decoding(obj, rtype):
+    """Any msgpack value as any record body: checked against the schema or refused."""
+    try:
+        fields = s.decode_fields(rtype, msgpack.packb(obj))
+    except StreamError:
+        return
+    for key, allowed in s.SCHEMAS[rtype].items():
+        assert isinstance(fields[key], allowed)
