@@ -5,6 +5,7 @@ a migration that ran but did not complete exits 1.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -121,6 +122,18 @@ def add_cluster_options(p: argparse.ArgumentParser, hosts: int = 3,
                    help="dom0 memory per host (default 1/32 of the host, at least 1MiB)")
 
 
+def add_prometheus_options(p: argparse.ArgumentParser, metrics_host: bool = True) -> None:
+    p.add_argument("--prometheus", action="store_true",
+                   help="also run a Prometheus server (Debian's `prometheus` binary) that "
+                        "scrapes every host each second")
+    p.add_argument("--prometheus-port", type=_port, default=9090,
+                   help="port of that Prometheus on 127.0.0.1 (default 9090; 0: a free one)")
+    if metrics_host:
+        p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                       help="where each host's /metrics listens (default 127.0.0.1; "
+                            "0.0.0.0 for a Prometheus on another machine)")
+
+
 def add_workload_options(p: argparse.ArgumentParser) -> None:
     from workloads.spec import PATTERNS
     p.add_argument("--workload", default="idle", choices=PATTERNS, metavar="PATTERN",
@@ -182,7 +195,8 @@ def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
                        page_size=args.page_size, reserved_bytes=args.hypervisor_reserve,
                        dom0_memory_bytes=args.dom0_memory, profiles=per,
                        default_profile=default, address=address,
-                       bind_address="node" if address else "127.0.0.1")
+                       bind_address="node" if address else "127.0.0.1",
+                       metrics_address=getattr(args, "metrics_host", "127.0.0.1"))
 
 
 # -- printing ------------------------------------------------------------------------------
@@ -209,11 +223,15 @@ def print_listing(listing: dict, out=sys.stdout) -> None:
 class ProgressPrinter:
     """One line per finished round on stderr, as `xl migrate` prints them."""
 
-    def __init__(self, out=sys.stderr):
+    def __init__(self, out=sys.stderr, header: str | None = None):
         self.out = out
         self.shown = 0
+        self.header = header   # printed once the migration is under way, not before checks
 
     def __call__(self, p: dict) -> None:
+        if self.header:
+            print(self.header, file=self.out, flush=True)
+            self.header = None
         for r in p["rounds"][self.shown:]:
             tag = "final" if r["final"] else f"round {r['index']}"
             print(f"  {tag:>8}: sent {r['pages_sent']:>7} pages, skipped "
@@ -228,10 +246,17 @@ class ProgressPrinter:
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster import launcher
     spec = cluster_spec_from(args, args.address or os.environ.get("RAY_ADDRESS") or None)
+    if args.prometheus:
+        spec = dataclasses.replace(spec, prometheus_port=args.prometheus_port)
     t0 = time.monotonic()
     state = launcher.up(spec)
     print(f"migbed cluster up: {len(state['hosts'])} hosts ({', '.join(state['hosts'])}) on Ray "
           f"at {state['address']} in {time.monotonic() - t0:.1f} s")
+    if state.get("prometheus"):
+        print(f"Prometheus: {state['prometheus']['url']} (every host scraped each second; "
+              f"targets in {state['sd_file']}); Grafana: import dashboards/migbed.json")
+    elif state.get("sd_file"):
+        print(f"metrics: every host serves /metrics; Prometheus targets in {state['sd_file']}")
     print("next: `migbed create host-0 vm1 --memory 64MiB --workload uniform --dirty-rate "
           "20000`, `migbed list`, `migbed migrate vm1 host-1`, `migbed down`")
     return 0
@@ -294,11 +319,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if (args.guest is None) != (args.destination is None):
         raise UsageError("give both GUEST and DEST_HOST (against a running cluster), or "
                          "neither (a one-shot migration on an embedded cluster)")
-    progress = ProgressPrinter()
     if args.guest is not None:
         tb = Testbed.attach()
-        print(f"migrating {args.guest} to {args.destination} (policy {settings.policy})",
-              file=sys.stderr)
+        progress = ProgressPrinter(header=f"migrating {args.guest} to {args.destination} "
+                                          f"(policy {settings.policy})")
         return _report_out(tb.migrate(args.guest, args.destination, settings, progress), args)
     from nodes.settings import GuestSpec
     spec = GuestSpec(name="vm1", memory_bytes=args.guest_memory, mode=args.mode,
@@ -306,19 +330,38 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     cluster = cluster_spec_from(args)
     if cluster.hosts < 2:
         raise ConfigError("a migration needs at least 2 hosts (--hosts)")
+    if spec.memory_bytes % cluster.page_size:
+        raise ConfigError(f"guest memory ({spec.memory_bytes} B) is not a multiple of the "
+                          f"page size ({cluster.page_size} B)")
+    if spec.memory_bytes >= cluster.host_memory_bytes - cluster.reserved_bytes:
+        raise ConfigError(f"--guest-memory {format_bytes(spec.memory_bytes)} does not fit a "
+                          f"host of {format_bytes(cluster.host_memory_bytes)}; raise "
+                          "--host-memory")
     print(f"starting an embedded cluster of {cluster.hosts} hosts...", file=sys.stderr)
     with Testbed.local(cluster) as tb:
         tb.create("host-0", spec)
         time.sleep(args.warmup)
-        print(f"migrating vm1 ({format_bytes(spec.memory_bytes)}, {spec.workload.pattern}) "
-              f"host-0 -> host-1 (policy {settings.policy})", file=sys.stderr)
+        progress = ProgressPrinter(header=f"migrating vm1 ({format_bytes(spec.memory_bytes)}, "
+                                          f"{spec.workload.pattern}) host-0 -> host-1 (policy "
+                                          f"{settings.policy})")
         report = tb.migrate("vm1", "host-1", settings, progress)
     return _report_out(report, args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
-    return run_demo(quick=args.quick)
+    if not args.prometheus:
+        return run_demo(quick=args.quick)
+    import tempfile
+
+    from cluster.prometheus import LocalTargets, Prometheus
+    from cluster.testbed import observing
+    with tempfile.TemporaryDirectory(prefix="migbed-prometheus-") as workdir, \
+            Prometheus(workdir, args.prometheus_port) as prom, \
+            observing(LocalTargets(prom.sd_file)):
+        print(f"Prometheus: {prom.url} scrapes the demo's hosts each second while it runs",
+              flush=True)
+        return run_demo(quick=args.quick)
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -354,6 +397,44 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cluster.bench import SECTIONS, BenchOptions, run_bench
+    sections = tuple(x.strip() for x in args.only.split(",")) if args.only else SECTIONS
+    overrides: dict = {"sections": sections, "in_process": args.in_process}
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
+    if args.guest_memory is not None:
+        overrides["guest_memory_bytes"] = args.guest_memory
+    opts = (BenchOptions.quick_options(**overrides) if args.quick
+            else BenchOptions(**overrides))
+    res = run_bench(opts)
+    text = json.dumps(res.to_dict(), indent=2)
+    if args.output:
+        _write(args.output, text + "\n")
+    print(text if args.json else res.table())
+    return EXIT_MIGRATION_FAILED if res.errors else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cluster.sweep import load_scenario, run_sweep
+    scenario = load_scenario(args.scenario)
+    if args.repeats is not None:
+        scenario = scenario.with_repeats(args.repeats)
+    result = run_sweep(scenario, args.output, in_process=args.in_process,
+                       plots=not args.no_plots)
+    print(result.summary_text())
+    print(f"\nresults in {result.folder}", file=sys.stderr)
+    return EXIT_MIGRATION_FAILED if result.failed_runs else 0
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 @_typed
 def _mode(text: str) -> str:
     from nodes.errors import ModeError
@@ -375,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None,
                    help="an existing Ray cluster to place hosts on (default: $RAY_ADDRESS, "
                         "else a new local cluster)")
+    add_prometheus_options(s)
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("down", help="stop the cluster; leaves no Ray process behind")
@@ -421,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the main job: a 3-host cluster, guests, migrations, "
                        "and the seed's three architectures side by side")
     s.add_argument("--quick", action="store_true", help="smaller guests, fewer migrations")
+    add_prometheus_options(s, metrics_host=False)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("model", help="predict a migration with the analytic pre-copy model")
@@ -429,6 +512,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guest-memory", type=_size("--guest-memory"), default=64 * 1024 * 1024)
     s.add_argument("--page-size", type=_size("--page-size"), default=4096)
     s.set_defaults(func=cmd_model)
+
+    s = sub.add_parser("bench", help="how close migbed runs to this machine's limits: "
+                       "throughput, downtime floor, dirtying, start-up, scale")
+    s.add_argument("--quick", action="store_true",
+                   help="tiny sizes, one repeat: proves it runs, measures nothing")
+    s.add_argument("--only", default=None, metavar="SECTIONS",
+                   help="comma-separated sections: throughput, downtime, dirtying, stages, "
+                        "startup, scale (default all)")
+    s.add_argument("--repeats", type=_count("--repeats", 1), default=None,
+                   help="repeats of every figure (default 5)")
+    s.add_argument("--guest-memory", type=_size("--guest-memory"), default=None,
+                   help="idle guest of the throughput section (default 256MiB)")
+    s.add_argument("--in-process", action="store_true",
+                   help="hosts in this process instead of a local Ray cluster")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("sweep", help="run a scenario's grid of migrations beside the model: "
+                       "one JSON per run, a CSV, PNG plots and an agreement table")
+    s.add_argument("scenario", help="scenario TOML file (ready ones in scenarios/)")
+    s.add_argument("--output", default=None, metavar="DIR",
+                   help="results folder (default results/<scenario>-<time>)")
+    s.add_argument("--repeats", type=_count("--repeats", 1), default=None,
+                   help="override the scenario's repeats")
+    s.add_argument("--in-process", action="store_true",
+                   help="hosts in this process instead of a local Ray cluster (faster)")
+    s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -43,8 +43,12 @@ class LocalHost:
         return Pending(fut, get)
 
 
+DEFAULT_CALL_TIMEOUT_SECONDS = 120.0
+
+
 class RayHost:
-    """A Host actor. Errors raised inside the actor come back as their own class."""
+    """A Host actor. Errors raised inside the actor come back as their own class; a call
+    never blocks forever (a dead or hung host is a ClusterError after the timeout)."""
 
     def __init__(self, name: str, actor: Any):
         self.name = name
@@ -53,7 +57,8 @@ class RayHost:
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         import ray
         return _unwrap(lambda: ray.get(getattr(self.actor, method).remote(*args),
-                                       timeout=timeout))
+                                       timeout=timeout or DEFAULT_CALL_TIMEOUT_SECONDS),
+                       self.name)
 
     def call_async(self, method: str, *args: Any) -> Pending:
         import ray
@@ -63,17 +68,24 @@ class RayHost:
             if probe:
                 ready, _ = ray.wait([r], timeout=0)
                 return bool(ready)
-            return _unwrap(lambda: ray.get(r, timeout=timeout))
+            return _unwrap(lambda: ray.get(r, timeout=timeout), self.name)
         return Pending(ref, get)
 
 
-def _unwrap(fn):
-    """Re-raise a migbed error from inside an actor as itself, not as a RayTaskError."""
+def _unwrap(fn, host: str):
+    """Re-raise a migbed error from inside an actor as itself, not as a RayTaskError; a dead
+    or unresponsive host as a ClusterError that names it."""
     import ray.exceptions
+
+    from nodes.errors import ClusterError
     try:
         return fn()
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if hasattr(exc, "cause") else None
+        cause = getattr(exc, "cause", None)
         if isinstance(cause, Exception):
             raise cause from None
         raise
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(f"host {host} did not answer in time") from None
+    except ray.exceptions.RayActorError as exc:
+        raise ClusterError(f"host {host} is gone: {type(exc).__name__}") from None

@@ -55,10 +55,18 @@ class ClusterSpec:
     object_store_bytes: int = OBJECT_STORE_BYTES
     address: str | None = None          # an existing Ray cluster; None: start a local one
     bind_address: str = "127.0.0.1"     # where host data channels listen ("node": node IP)
+    metrics_port: int | None = 0        # host i serves /metrics on this + i; 0: free ports; None: none
+    metrics_address: str = "127.0.0.1"  # where /metrics listens (--metrics-host)
+    prometheus_port: int | None = None  # `migbed up`: run Prometheus there (0: a free port)
 
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= MAX_HOSTS:
             raise ConfigError(f"--hosts must be 1..{MAX_HOSTS}, got {self.hosts}")
+        for what, port in (("metrics port", self.metrics_port),
+                           ("Prometheus port", self.prometheus_port)):
+            if port is not None and not 0 <= port <= 65535 - (
+                    self.hosts - 1 if what == "metrics port" else 0):
+                raise ConfigError(f"{what} {port} is out of range for {self.hosts} hosts")
         if self.names:
             if len(self.names) != self.hosts:
                 raise ConfigError(f"{len(self.names)} host names given for {self.hosts} hosts")
@@ -82,7 +90,10 @@ class ClusterSpec:
                            page_size=self.page_size, reserved_bytes=self.reserved_bytes,
                            profile=self.profiles.get(n, self.default_profile),
                            dom0_memory_bytes=self.dom0_memory_bytes,
-                           address=self.bind_address, seed=i)
+                           address=self.bind_address, seed=i,
+                           metrics_port=(self.metrics_port + i if self.metrics_port
+                                         else self.metrics_port),
+                           metrics_address=self.metrics_address)
                 for i, n in enumerate(self.host_names)]
 
     def to_dict(self) -> dict:
@@ -141,9 +152,18 @@ class LocalRay:
 
 
 def ray_init(address: str) -> None:
+    """Connect this process to the Ray cluster at `address` (fails fast if nothing answers)."""
+    import socket
+
     import ray
     if ray.is_initialized():
         return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except (OSError, ValueError):
+        raise ClusterError(f"the Ray cluster at {address} does not answer; `migbed down` "
+                           "cleans up, then `migbed up` starts a new one") from None
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR",
              log_to_driver=False, configure_logging=False)
@@ -180,6 +200,9 @@ def up(spec: ClusterSpec, timeout_seconds: float = 120.0) -> dict:
     """Start a persistent cluster in a launcher process of its own session; returns state."""
     if read_state() is not None:
         raise ClusterError("a migbed cluster is already running; `migbed down` stops it")
+    if spec.prometheus_port is not None:
+        from cluster import prometheus
+        prometheus.preflight(spec.prometheus_port)
     d = state_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -222,7 +245,30 @@ def _launch(spec_json: str) -> None:
     actors = [start_host_actor(c, detached=True, namespace=NAMESPACE, node_id=nid)
               for c, nid in zip(spec.host_configs(), node_ids, strict=True)]
     ray.get([a.ping.remote() for a in actors], timeout=120)
-    write_state(state)
+    _start_metrics(spec, actors, state)
+    try:
+        write_state(state)
+    except ClusterError:
+        if state.get("prometheus"):
+            _kill_group(state["prometheus"]["pid"])
+        raise
+
+
+def _start_metrics(spec: ClusterSpec, actors: list, state: dict) -> None:
+    """Write Prometheus's discovery file of the hosts' /metrics; start Prometheus if asked."""
+    if spec.metrics_port is None:
+        return
+    import ray
+
+    from cluster import prometheus
+    found = ray.get([a.metrics_endpoint.remote() for a in actors], timeout=60)
+    endpoints = {n: e for n, e in zip(spec.host_names, found, strict=True) if e}
+    workdir = state_dir() / "prometheus"
+    state["sd_file"] = str(prometheus.write_sd_file(workdir / prometheus.SD_FILE_NAME,
+                                                    endpoints))
+    if spec.prometheus_port is not None:
+        state["prometheus"] = prometheus.start_supervised(workdir, endpoints,
+                                                          spec.prometheus_port)
 
 
 def _placement(spec: ClusterSpec) -> list[str]:
@@ -252,6 +298,14 @@ def down() -> bool:
         pass
     if state.get("pgid"):
         _kill_group(state["pgid"])
+    if state.get("prometheus"):
+        _kill_group(state["prometheus"]["pid"])
+    if state.get("sd_file"):
+        from cluster.prometheus import PrometheusError, write_sd_file
+        try:
+            write_sd_file(state["sd_file"], {})     # an outside Prometheus scrapes nothing now
+        except PrometheusError:
+            pass
     clear_state()
     return True
 

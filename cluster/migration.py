@@ -15,6 +15,8 @@ from nodes.errors import MigbedError, MigrationError
 from nodes.settings import MigrationSettings
 
 POLL_SECONDS = 0.1
+FIRST_POLL_SECONDS = 0.005   # polls start fast and back off to POLL_SECONDS: a short
+                             # migration's call returns when it ends, not on the next 0.1 s
 
 
 def new_migration_id() -> str:
@@ -35,6 +37,7 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
     ticket = dst.call("prepare_incoming", info, settings.to_dict(), timeout=timeout)
     pending = src.call_async("migrate_out", guest, ticket, settings.to_dict())
     cancelled = False
+    poll = FIRST_POLL_SECONDS
     while not pending.done():
         if on_progress is not None:
             try:
@@ -46,7 +49,8 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
         if should_cancel is not None and not cancelled and should_cancel():
             src.call("cancel_migration", mid, timeout=timeout)
             cancelled = True
-        time.sleep(POLL_SECONDS)
+        time.sleep(poll)
+        poll = min(2 * poll, POLL_SECONDS)
     source = pending.result(timeout)
     try:
         if source["status"] == "completed":
@@ -91,7 +95,69 @@ def build_report(mid: str, guest: str, source_host: str, dest_host: str, info: d
         throughput_bytes_per_second=(source.get("bytes_sent_total", 0) / total if total else 0.0),
         integrity=Integrity(verified, source.get("source_digest"),
                             source.get("destination_digest")))
+    report.model = model_block(report, info.get("workload"), settings)
     return report
+
+
+def live_throughput(rounds: list[dict]) -> float | None:
+    """Bytes per second of the live rounds together, the rate pre-copy actually ran at;
+    None when no live round sent anything."""
+    live = [r for r in rounds if not r.get("final")]
+    seconds = sum(r["duration_seconds"] for r in live)
+    sent = sum(r["bytes_sent"] for r in live)
+    return sent / seconds if seconds > 0 and sent > 0 else None
+
+
+def model_block(report: MigrationReport, workload: dict | None, settings: MigrationSettings,
+                resume_seconds: float = 0.0,
+                dirty_rate_pages_per_second: float | None = None) -> dict:
+    """The analytic model beside the measurement (`cluster.model`): predicted with the
+    throughput this run measured as the bandwidth, and with the nominal link when the link or
+    the rate limit is set. A model error never breaks a migration: it is stored instead.
+
+    With a rate limit the measured throughput stands for the limit (live rounds) and the
+    stop-and-copy goes at the nominal link speed (instantaneous if unlimited), as migbed
+    lifts the limit for it. `resume_seconds` is the model's fixed T_resume (0: the plain
+    model; sweeps pass the downtime floor they measured).
+    """
+    from cluster.model import compare, predict
+    from workloads.spec import WorkloadSpec
+    block: dict = {"bandwidth_bytes_per_second": None, "resume_seconds": resume_seconds,
+                   "prediction": None, "comparison": None, "nominal": None, "error": None}
+    try:
+        spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
+        common = dict(
+            guest_memory_bytes=report.guest_memory_bytes, page_size=report.page_size,
+            workload=spec, policy=settings.policy,
+            downtime_limit_seconds=settings.downtime_limit_seconds,
+            latency_seconds=settings.latency_seconds, resume_seconds=resume_seconds,
+            dirty_rate_pages_per_second=dirty_rate_pages_per_second,
+            policy_settings=({"max_iterations": settings.max_iterations}
+                             if settings.max_iterations is not None else None))
+        measured = (live_throughput(report.rounds) or report.throughput_bytes_per_second
+                    or None)
+        block["bandwidth_bytes_per_second"] = measured
+        measured_dict = report.to_dict()
+        if measured is not None:
+            if settings.rate_limit_bytes_per_second is not None:
+                pred = predict(link_bytes_per_second=settings.link_bytes_per_second,
+                               rate_limit_bytes_per_second=measured, **common)
+            else:
+                pred = predict(link_bytes_per_second=measured, **common)
+            block["prediction"] = pred.to_dict()
+            if report.status == "completed":
+                block["comparison"] = compare(measured_dict, pred)
+        if settings.nominal_bytes_per_second is not None:
+            nominal = predict(link_bytes_per_second=settings.link_bytes_per_second,
+                              rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second,
+                              **common)
+            block["nominal"] = {
+                "prediction": nominal.to_dict(),
+                "comparison": (compare(measured_dict, nominal)
+                               if report.status == "completed" else None)}
+    except Exception as exc:  # noqa: BLE001 - the model must never break a migration
+        block["error"] = f"{type(exc).__name__}: {exc}"
+    return block
 
 
 def _guest_downtime(source: dict, dest: dict) -> float | None:

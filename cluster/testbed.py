@@ -6,7 +6,9 @@ the same hosts as plain objects in this process, without Ray, for fast tests. Th
 the same for all three: `create`, `destroy`, `list`, `migrate`, `host(name)`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from cluster import launcher
 from cluster.handles import LocalHost, RayHost
@@ -22,6 +24,20 @@ from nodes.errors import (
 )
 from nodes.hypervisor import check_guest_name
 from nodes.settings import GuestSpec, MigrationSettings
+
+# Told of every `Testbed.local` as it starts (`started(tb)`) and closes (`closing(tb)`); see
+# `observing`. `migbed demo --prometheus` points its Prometheus at the demo's hosts this way.
+_local_observers: list = []
+
+
+@contextmanager
+def observing(observer) -> Iterator[None]:
+    """Within the block, tell `observer` of every local testbed that starts or closes."""
+    _local_observers.append(observer)
+    try:
+        yield
+    finally:
+        _local_observers.remove(observer)
 
 
 class Testbed:
@@ -47,7 +63,10 @@ class Testbed:
             ray.shutdown()
             owner.shutdown()
             raise
-        return cls({n: RayHost(n, a) for n, a in actors.items()}, owner)
+        tb = cls({n: RayHost(n, a) for n, a in actors.items()}, owner)
+        for observer in list(_local_observers):
+            observer.started(tb)
+        return tb
 
     @classmethod
     def attach(cls) -> "Testbed":
@@ -79,6 +98,8 @@ class Testbed:
                 h.service.shutdown()
         if self._owner is not None:
             import ray
+            for observer in list(_local_observers):
+                observer.closing(self)
             ray.shutdown()
             self._owner.shutdown()
             self._owner = None
@@ -88,6 +109,25 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- metrics ------------------------------------------------------------------------------
+    def metrics_endpoints(self, timeout: float = 5.0) -> dict[str, str]:
+        """host -> "address:port" of its Prometheus /metrics, for every host that answers
+        and serves metrics (a dead host is left out)."""
+        out = {}
+        for name, h in self.hosts.items():
+            try:
+                endpoint = h.call("metrics_endpoint", timeout=timeout)
+            except Exception:  # noqa: BLE001 - a dead host (any Ray error) has no endpoint
+                continue
+            if endpoint:
+                out[name] = endpoint
+        return out
+
+    def write_sd_file(self, path: str | Path) -> Path:
+        """Write (or rewrite, as hosts come and go) Prometheus's discovery file for the hosts."""
+        from cluster.prometheus import write_sd_file
+        return write_sd_file(path, self.metrics_endpoints())
 
     # -- lookup -------------------------------------------------------------------------------
     def host(self, name: str):

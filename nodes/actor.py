@@ -26,6 +26,10 @@ class Host(HostService):
             config["address"] = ray.util.get_node_ip_address()
         super().__init__(HostConfig.from_dict(config))
 
+    def node_id(self) -> str:
+        """The Ray node this host runs on (one host per node in a local cluster)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 HostActor = ray.remote(Host)
 

@@ -25,8 +25,9 @@ def page_hashes(pages: np.ndarray) -> np.ndarray:
     """One uint64 hash per page; `pages` is (k, page_size) uint8 or (k, words) uint64."""
     words = pages.view(np.uint64) if pages.dtype == np.uint8 else pages
     k = _multipliers(words.shape[1])
-    with np.errstate(over="ignore"):
-        return (words * k).sum(axis=1, dtype=np.uint64)
+    # A matrix-vector product wraps modulo 2**64 like the sum of products, without the
+    # (k, words) temporary: twice as fast on the migration receiver's hot path.
+    return words.dot(k)
 
 
 def digest(hashes: np.ndarray) -> str:

@@ -16,6 +16,7 @@ from nodes.channel import Ticket
 from nodes.domain import Domain, DomainState
 from nodes.errors import ConfigError, MigrationError, NoSuchDomainError
 from nodes.hypervisor import DEFAULT_RESERVED_BYTES, Hypervisor
+from nodes.metrics import HostMetrics
 from nodes.migration import Progress, Receiver, Sender, check_migratable, validate_info
 from nodes.profiles import DEFAULT_PROFILE
 from nodes.settings import GuestSpec, MigrationSettings
@@ -38,6 +39,8 @@ class HostConfig:
     dom0_memory_bytes: int | None = None
     address: str = "127.0.0.1"       # where this host's data channels listen
     seed: int = 0
+    metrics_port: int | None = None  # where /metrics is served (0: a free port; None: not)
+    metrics_address: str = "127.0.0.1"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,10 +70,18 @@ class HostService:
         self._cancel: dict[str, threading.Event] = {}
         self.migration_counts = {"started": 0, "completed": 0, "failed": 0, "cancelled": 0}
         self.lock = threading.RLock()
+        self.metrics = HostMetrics(self)
+        if config.metrics_port is not None:
+            self.metrics.serve(config.metrics_address, config.metrics_port,
+                               advertised_address=config.address)
 
     # -- the host ---------------------------------------------------------------------------
     def ping(self) -> str:
         return self.name
+
+    def metrics_endpoint(self) -> str | None:
+        """"address:port" of this host's Prometheus /metrics, or None if it serves none."""
+        return self.metrics.endpoint
 
     def describe(self) -> dict:
         d = self.hv.describe()
@@ -205,6 +216,7 @@ class HostService:
                 raise MigrationError(f"migration {mid} is already expected here")
             recv = Receiver(self.hv, info, settings, self.config.address, self)
             self.incoming[mid] = recv
+            self.metrics.incoming_started(mid, recv)
             return recv.ticket.to_dict()
 
     def incoming_report(self, migration_id: str, timeout: float = 60.0) -> dict:
@@ -228,6 +240,7 @@ class HostService:
             if first is not None:
                 report["guest_observed_downtime_seconds"] = first - last
         del self.incoming[migration_id]
+        self.metrics.incoming_finished(migration_id, report["guest_observed_downtime_seconds"])
         return report
 
     # -- migration: source side ------------------------------------------------------------------
@@ -253,12 +266,14 @@ class HostService:
             self.outgoing[t.migration_id] = progress
             self._cancel[t.migration_id] = cancel
             self.migration_counts["started"] += 1
+            self.metrics.outgoing_started(t.migration_id, name, progress, settings)
         start_wall = time.time()
         try:
             result = sender.run()
         finally:
             self._cancel.pop(t.migration_id, None)
         self.migration_counts[result["status"]] += 1
+        self.metrics.outgoing_finished(t.migration_id, result)
         vcpu = self._retired.pop(name, None) or self.vcpus.get(name)
         pause = result.get("pause_wall")
         if vcpu is not None:
@@ -284,10 +299,12 @@ class HostService:
         if recv is not None:
             recv.cancel()
             recv.wait(10)
+            self.metrics.incoming_finished(migration_id, None)
 
     def shutdown(self) -> None:
         for name in list(self.vcpus):
             self._drop_vcpu(name)
+        self.metrics.close()
 
 
 def guest_names(host: HostService) -> list[str]:

@@ -37,6 +37,7 @@ from nodes.errors import (
 from nodes.hypervisor import Hypervisor
 from nodes.link import LinkSender
 from nodes.logdirty import ShadowOp
+from nodes.memory import MachineMemory
 from nodes.policy import Decision, PrecopyStats
 from nodes.profiles import Mode
 from nodes.settings import MigrationSettings
@@ -378,6 +379,7 @@ class Receiver:
                             f"{', '.join(m.value for m in hv.profile.guest_modes)}")
         self.dom = hv.create_incoming(self.name, info["pages"], self.mode_during)
         self.dom.migrating = True
+        populate_frames(hv.memory, self.dom.p2m)
         try:
             self.listener = Listener(address, info["migration_id"])
         except OSError as exc:
@@ -524,6 +526,17 @@ class Receiver:
                 "bytes_received": self.bytes_received, "source_timing": self.timing,
                 "last_progress_wall": self.vcpu.get("last_progress_wall") if self.vcpu else None,
                 "destination_digest": digest(self.hashes) if self.resume_wall else None}
+
+
+def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:
+    """Back reserved frames with RAM now, before the stream starts, as a real destination's
+    memory already is. Host memory is lazily allocated (see `nodes.memory`), so otherwise
+    the first write to each frame takes a page fault inside the data path: measured at
+    ~10 us per 4 KiB page here, which made round 0 of a migration into never-used frames
+    three times slower than the same round into frames used before. The frames are free,
+    hence already zero: writing zeros changes nothing but residency."""
+    for i in range(0, len(mfns), st.MAX_BATCH_PAGES):
+        memory.frames[mfns[i:i + st.MAX_BATCH_PAGES]] = 0
 
 
 def validate_info(info: dict) -> dict:

@@ -29,6 +29,11 @@ class GuestSpec:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
 
     def __post_init__(self) -> None:
+        from nodes.hypervisor import check_guest_name
+        check_guest_name(self.name)
+        if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
+            raise ConfigError(f"guest memory must be a positive number of bytes, got "
+                              f"{self.memory_bytes!r}")
         object.__setattr__(self, "mode", Mode.parse(self.mode).value)
         if isinstance(self.workload, dict):
             object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))

@@ -1,0 +1,126 @@
+"""The sweep's plots (PNG, matplotlib's Agg backend: no display needed).
+
+- downtime.png, total_time.png, pages_sent.png: the metric against the swept x axis, one
+  colour per series (each combination of the other axes): measured medians with min-max
+  error bars, and the model's curve (dashed) in the same colour.
+- rounds.png: pages sent per round of one chosen point, measured bars beside the model's.
+
+Only drawing happens here; the numbers come from `cluster.sweep`.
+"""
+
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+METRICS = (("downtime_seconds", "downtime (ms)", 1000.0, "downtime.png"),
+           ("total_time_seconds", "total migration time (s)", 1.0, "total_time.png"),
+           ("pages_sent_total", "pages sent", 1.0, "pages_sent.png"))
+
+
+def draw_all(scenario, rows: list[dict], curves: list[dict], rounds: dict | None,
+             folder: Path) -> list[Path]:
+    """Every plot of a sweep into `folder`; returns the files written."""
+    from cluster.sweep import KNOBS, series_of
+    written = []
+    x = scenario.x
+    if x is not None:
+        knob = KNOBS[x]
+        x_values = list(dict(scenario.axes)[x])
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in x_values)
+        for key, label, scale, name in METRICS:
+            path = folder / name
+            _metric_plot(scenario, rows, curves, series_of(scenario), key, label, scale,
+                         x, knob, x_values, numeric, path)
+            written.append(path)
+    if rounds is not None:
+        path = folder / "rounds.png"
+        _rounds_plot(rounds, scenario.name, path)
+        written.append(path)
+    return written
+
+
+def _xpos(value, x_values: list, numeric: bool, scale: float) -> float:
+    if numeric:
+        return value / scale
+    return float(x_values.index(value))
+
+
+def _metric_plot(scenario, rows, curves, series_list, key, label, scale, x, knob, x_values,
+                 numeric, path: Path) -> None:
+    from cluster.sweep import _human, _show
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, series in enumerate(series_list):
+        colour = colours[n % len(colours)]
+        tag = ", ".join(f"{k}={_human(k, v)}" for k, v in series.items()) or "all runs"
+        xs, med, lo, hi = [], [], [], []
+        failed_x = []
+        for xv in x_values:
+            match = [r for r in rows if r.get(f"axis_{x}") == _show(xv)
+                     and all(r.get(f"axis_{k}") == _show(v) for k, v in series.items())]
+            vals = [r[key] for r in match if r["status"] == "completed" and r[key] is not None]
+            if any(r["status"] != "completed" for r in match):
+                failed_x.append(_xpos(xv, x_values, numeric, knob.scale))
+            if not vals:
+                continue
+            m = statistics.median(vals)
+            xs.append(_xpos(xv, x_values, numeric, knob.scale))
+            med.append(m * scale)
+            lo.append((m - min(vals)) * scale)
+            hi.append((max(vals) - m) * scale)
+        if xs:
+            ax.errorbar(xs, med, yerr=[lo, hi], fmt="o", color=colour, capsize=3,
+                        label=f"measured: {tag}")
+        if failed_x:
+            ax.plot(failed_x, [0] * len(failed_x), "x", color=colour, markersize=9,
+                    label=f"failed runs: {tag}")
+        curve = next((c for c in curves if c["series"] == series), None)
+        if curve is not None:
+            cx = [_xpos(v, x_values, numeric, knob.scale) for v in curve["x"]]
+            cy = [None if y is None else y * scale for y in curve[key]]
+            pts = [(a, b) for a, b in zip(cx, cy, strict=True) if b is not None]
+            if pts:
+                style = "--" if numeric else "_"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour,
+                        markersize=16, alpha=0.8, label=f"model: {tag}")
+    if not numeric:
+        ax.set_xticks(range(len(x_values)), [_human(x, v) for v in x_values])
+    elif len(x_values) > 1 and min(x_values) > 0 and max(x_values) / min(x_values) > 8:
+        ax.set_xscale("log")
+    ax.set_xlabel(knob.label)
+    ax.set_ylabel(label)
+    ax.set_title(f"{scenario.name}: {label} (median, min-max; dashed: model)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rounds_plot(rounds: dict, name: str, path: Path) -> None:
+    """Live rounds by index, then both final rounds side by side in one last slot."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    m, p = rounds["measured"], rounds["predicted"]
+    live_m, live_p = m[:-1], p[:-1]
+    n = max(len(live_m), len(live_p))
+    w = 0.4
+    for values, live, shift, label, alpha in ((m, live_m, -w / 2, "measured", 1.0),
+                                              (p, live_p, w / 2, "model", 0.7)):
+        if values:
+            xs = [i + shift for i in range(len(live))] + [n + shift]
+            ax.bar(xs, [*live, values[-1]], width=w, label=label, alpha=alpha)
+    ax.set_xticks(range(n + 1), [*(str(i) for i in range(n)), "final"])
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("live round, then the stop-and-copy")
+    ax.set_ylabel("pages sent")
+    ax.set_title(f"{name}: pages per round, point {rounds['point']} ({rounds['axes']})",
+                 fontsize=9)
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
