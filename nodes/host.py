@@ -13,11 +13,18 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from nodes.channel import Ticket
-from nodes.domain import Domain, DomainState
-from nodes.errors import ConfigError, MigrationError, NoSuchDomainError
+from nodes.domain import Domain
+from nodes.errors import ConfigError, MigrationError
 from nodes.hypervisor import DEFAULT_RESERVED_BYTES, Hypervisor
 from nodes.metrics import HostMetrics
-from nodes.migration import Progress, Receiver, Sender, check_migratable, validate_info
+from nodes.migration import (
+    Progress,
+    Receiver,
+    Sender,
+    check_migratable,
+    guest_info,
+    validate_info,
+)
 from nodes.profiles import DEFAULT_PROFILE
 from nodes.settings import GuestSpec, MigrationSettings
 from workloads.patterns import make_workload
@@ -195,10 +202,10 @@ class HostService:
                 "pages_written_total": int(vcpu.pages_written_total)}
 
     def stop_guest(self, name: str) -> None:
-        base = name.split("--")[0]
-        vcpu = self._drop_vcpu(base)
+        """The guest has left this host: stop its vCPU, keep its progress for the report."""
+        vcpu = self._drop_vcpu(name)
         if vcpu is not None:
-            self._retired[base] = vcpu
+            self._retired[name] = vcpu
 
     def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
         spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
@@ -250,7 +257,6 @@ class HostService:
                 "arch": self.hv.profile.arch, "profile": self.hv.profile.name}
 
     def guest_info(self, name: str, migration_id: str) -> dict:
-        from nodes.migration import guest_info
         dom = check_migratable(self.hv, name)
         return guest_info(self.hv, dom, migration_id, self.workload_spec(name))
 
@@ -306,9 +312,3 @@ class HostService:
             self._drop_vcpu(name)
         self.metrics.close()
 
-
-def guest_names(host: HostService) -> list[str]:
-    return [n for n, d in host.hv.domains.items() if not d.is_dom0]
-
-
-__all__ = ["HostConfig", "HostService", "NoSuchDomainError", "DomainState"]

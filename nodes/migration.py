@@ -67,9 +67,9 @@ class RoundStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        dur = self.duration_seconds or float("nan")
-        d["dirty_rate_pages_per_second"] = self.pages_dirtied / dur if self.duration_seconds else 0.0
-        d["throughput_bytes_per_second"] = self.bytes_sent / dur if self.duration_seconds else 0.0
+        dur = self.duration_seconds
+        d["dirty_rate_pages_per_second"] = self.pages_dirtied / dur if dur > 0 else 0.0
+        d["throughput_bytes_per_second"] = self.bytes_sent / dur if dur > 0 else 0.0
         return d
 
 
@@ -196,10 +196,8 @@ class Sender:
         p = self.progress
         p.dirty_pages = stats.dirty_count
         p.remaining_bytes = stats.pending_bytes
-        link_bw = self.settings.link_bytes_per_second
-        bw = stats.measured_bytes_per_second or link_bw
-        if link_bw and bw:
-            bw = min(bw, link_bw) if stats.measured_bytes_per_second is None else bw
+        # QEMU's expected-downtime: what is pending, at the throughput measured so far.
+        bw = stats.measured_bytes_per_second or self.settings.link_bytes_per_second
         p.expected_downtime_seconds = stats.pending_bytes / bw if bw else None
         if stats.measured_bytes_per_second:
             p.throughput_bytes_per_second = stats.measured_bytes_per_second
@@ -306,7 +304,7 @@ class Sender:
                 resume_wall=result.fields["resume_wall"],
                 downtime_source_seconds=source_gone_mono - pause_mono,
                 destination_digest=ready.fields["digest"])
-            self.runtime.stop_guest(self.name + MIGRATED_AWAY)
+            self.runtime.stop_guest(self.name)
             hv.destroy_domain(self.name + MIGRATED_AWAY, force=True)
         except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest safe
             self.result["status"] = ("cancelled" if isinstance(exc, MigrationCancelled)
