@@ -62,6 +62,11 @@ class MigrationReport:
     def live_rounds(self) -> int:
         return sum(1 for r in self.rounds if not r.get("final"))
 
+    def _factor(self) -> float:
+        """Pages sent over the guest's pages: Xen's 'Total pages sent= N (F x)'."""
+        pages = self.guest_memory_bytes // self.page_size if self.page_size else 0
+        return self.pages_sent_total / pages if pages else 0.0
+
     def table(self) -> str:
         """The report as a person reads it."""
         ms = _ms
@@ -88,8 +93,9 @@ class MigrationReport:
             f"  total time {ms(self.total_time_seconds)}, downtime {ms(self.downtime_seconds)}"
             f" (source view {ms(self.downtime_source_seconds)}, guest saw "
             f"{ms(self.guest_observed_downtime_seconds)})",
-            f"  sent {self.pages_sent_total} pages, {format_bytes(self.bytes_sent_total)} on "
-            f"the wire, {_rate(self.throughput_bytes_per_second)}",
+            f"  total pages sent = {self.pages_sent_total} ({self._factor():.2f}x), "
+            f"{format_bytes(self.bytes_sent_total)} on the wire, "
+            f"{_rate(self.throughput_bytes_per_second)}",
             f"  integrity: {_verdict(self.integrity.verified)}",
         ]
         return "\n".join(lines)

@@ -262,6 +262,7 @@ class Sender:
             with dom.lock:
                 hv.pause(self.name)
                 pause_wall = time.time()
+                self.result["pause_wall"] = pause_wall
             pause_mono = time.monotonic()
             bitmap, _ = hv.shadow_op(self.name, ShadowOp.CLEAN)
             final = np.union1d(pending, np.flatnonzero(bitmap)).astype(np.int64)
@@ -343,6 +344,9 @@ class Sender:
             hv.shadow_op(name, ShadowOp.OFF)
         hv.set_mode(name, self.mode_before)
         hv.unpause(name)
+        if self.result.get("pause_wall"):
+            # Paused for stop-and-copy, then resumed here: that pause was downtime too.
+            self.result["resume_wall"] = time.time()
 
 
 def _describe(exc: BaseException) -> str:

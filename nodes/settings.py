@@ -85,7 +85,9 @@ class MigrationSettings:
         return min(rates) if rates else None
 
     def make_policy(self) -> PrecopyPolicy:
-        extra: dict = {"downtime_limit_seconds": self.downtime_limit_seconds}
+        # The hand-over crosses the link three times (END, READY, PERMISSION_TO_GO).
+        extra: dict = {"downtime_limit_seconds": self.downtime_limit_seconds,
+                       "fixed_downtime_seconds": 3 * self.latency_seconds}
         if self.max_iterations is not None:
             extra["max_iterations"] = self.max_iterations
         return make_policy(self.policy, **extra)

@@ -253,3 +253,35 @@ def test_page_counts_in_report_match_bytes(pair):
     overhead = r.bytes_sent_total - r.pages_sent_total * 4096
     assert overhead < r.pages_sent_total * 64, "per-page framing stays small"
     assert np.isclose(r.guest_memory_bytes, 4 * MiB)
+
+
+def test_failure_in_stop_and_copy_still_reports_the_pause(pair, monkeypatch):
+    """A destination that rejects the vCPU context: the guest was paused, then resumed on
+    its source; that pause is reported as downtime (propolis #349 asks for this)."""
+    tb = pair
+    tb.create("host-0", GuestSpec("s", 4 * MiB, workload=WorkloadSpec("uniform", 2000)))
+    real = stream.encode_record
+
+    def broken(rtype, fields=None):
+        if rtype == stream.RecordType.VCPU_CONTEXT:
+            return real(rtype, {"vcpu_id": "not an int"})
+        return real(rtype, fields)
+    monkeypatch.setattr(stream, "encode_record", broken)
+    r = tb.migrate("s", "host-1", MigrationSettings(link_bytes_per_second=FAST))
+    assert r.status == "failed" and "VCPU_CONTEXT" in r.error
+    assert r.rounds and r.downtime_seconds is not None and r.downtime_seconds > 0
+    assert tb.where("s") == "host-0"
+    wait_progress(tb.host("host-0"), "s")
+    frames_exact(tb)
+
+
+def test_qemu_budget_subtracts_the_fixed_hand_over_cost():
+    from nodes.policy import Decision, PrecopyStats
+    s = MigrationSettings(policy="qemu", downtime_limit_seconds=0.1, latency_seconds=0.03)
+    policy = s.make_policy()
+    stats = PrecopyStats(iteration=1, dirty_count=100, total_written=0, guest_pages=1000,
+                         page_size=4096, measured_bytes_per_second=100 * 4096 / 0.05)
+    # 100 pages take 50 ms: inside 100 ms, but not inside 100 - 3 x 30 = 10 ms.
+    assert policy.decide(stats)[0] is Decision.CONTINUE
+    no_latency = MigrationSettings(policy="qemu", downtime_limit_seconds=0.1).make_policy()
+    assert no_latency.decide(stats)[0] is Decision.STOP_AND_COPY
