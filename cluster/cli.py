@@ -201,12 +201,12 @@ def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
 
 # -- printing ------------------------------------------------------------------------------
 def print_listing(listing: dict, out=sys.stdout) -> None:
-    print("HOST       PROFILE   FRAMES  TOTAL     FREE  RESERVED     USED   DOM0   HYPERVISOR AT",
+    print("HOST       PROFILE    FRAMES:  TOTAL     FREE  RESERVED     USED   DOM0   HYPERVISOR AT",
           file=out)
     for h in listing["hosts"]:
         f = h["frames"]
         lo, hi = h["hypervisor_frames"]
-        print(f"{h['name']:<10} {h['profile']:<8} {'':>6} {f['total']:>6} {f['free']:>8} "
+        print(f"{h['name']:<10} {h['profile']:<8} {'':>8} {f['total']:>6} {f['free']:>8} "
               f"{f['reserved']:>9} {f['used']:>8} {f['dom0']:>6}   mfn {lo}..{hi}", file=out)
     print(file=out)
     print("GUEST            HOST       MODE   MEMORY      STATE     WORKLOAD     WRITES  "
