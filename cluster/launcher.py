@@ -200,15 +200,17 @@ def up(spec: ClusterSpec, timeout_seconds: float = 120.0) -> dict:
     """Start a persistent cluster in a launcher process of its own session; returns state."""
     if read_state() is not None:
         raise ClusterError("a migbed cluster is already running; `migbed down` stops it")
-    if spec.prometheus_port is not None:
-        from cluster import prometheus
-        prometheus.preflight(spec.prometheus_port)
     d = state_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ClusterError(f"cannot create {d}: {exc}; set MIGBED_HOME to a writable "
                            "folder") from None
+    if spec.metrics_port is not None:       # fail here, before anything starts
+        from cluster import prometheus
+        prometheus.write_sd_file(d / "prometheus" / prometheus.SD_FILE_NAME, {})
+        if spec.prometheus_port is not None:
+            prometheus.preflight(spec.prometheus_port)
     log = open(d / "launcher.log", "w")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen([sys.executable, "-m", "cluster.launcher", json.dumps(spec.to_dict())],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -286,11 +286,11 @@ class HostCollector:
     def _migrations(host: str, m: HostMetrics) -> Iterator[Metric]:
         counts = dict(m.host.migration_counts)
         yield _one("migbed_migrations_started", "Migrations this host started as the source.",
-                   host, counts["started"], counter=True)
+                   host, counts.get("started", 0), counter=True)
         ended = CounterMetricFamily("migbed_migrations_finished", "Migrations this host ran as "
                                     "the source, by how they ended.", labels=["host", "status"])
         for status in ENDED:
-            ended.add_metric([host, status], counts[status])
+            ended.add_metric([host, status], counts.get(status, 0))
         yield ended
 
         gauges = {

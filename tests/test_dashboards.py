@@ -6,8 +6,11 @@ variables filled in with the values Prometheus has, returns samples."""
 import importlib.util
 import json
 import math
+import os
 import re
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -172,7 +175,6 @@ def test_missing_binary_says_how_to_install(tmp_path):
 
 def test_port_in_use_is_named(tmp_path):
     require_binary("prometheus")
-    import socket
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -358,3 +360,36 @@ def dead_host_leaves_prometheus(prom: Prometheus, sd: Path, doomed: HostService,
 
 def test_default_rules_file_is_the_one_checked():
     assert prom_mod.RULES_FILE == RULES_FILE
+
+
+def test_up_with_prometheus_and_down(tmp_path):
+    """`migbed up --prometheus` scrapes every host; `migbed down` stops Prometheus too."""
+    require_binary("prometheus")
+    env = dict(os.environ, MIGBED_HOME=str(tmp_path))
+    env.pop("RAY_ADDRESS", None)
+
+    def migbed(*args):
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=180)
+    p = migbed("up", "--hosts", "2", "--host-memory", "64MiB", "--prometheus",
+               "--prometheus-port", "0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    try:
+        state = json.loads((tmp_path / "cluster.json").read_text())
+        prom = state["prometheus"]
+        assert f"Prometheus: {prom['url']}" in p.stdout
+        assert set(read_sd_file(state["sd_file"])) == {"host-0", "host-1"}
+        os.kill(prom["pid"], 0)           # the supervisor runs
+
+        def hosts_up():
+            data = prom_mod.api_get(prom["url"], "query", query="up == 1")["result"]
+            return {r["metric"]["host"] for r in data} == {"host-0", "host-1"}
+        wait_for(hosts_up, 20, "Prometheus does not scrape both hosts")
+    finally:
+        d = migbed("down")
+    assert d.returncode == 0, d.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(prom["pid"], 0)
+    with pytest.raises(PrometheusError):
+        prom_mod.api_get(prom["url"], "query", timeout_seconds=2, query="up")
+    assert read_sd_file(state["sd_file"]) == {}
