@@ -23,6 +23,7 @@ nothing. The functions run inside host actors (`_raw_sink`, `_raw_push`, `_ray_p
 """
 
 import concurrent.futures
+import io
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from nodes import stream as st
 from nodes.errors import ConfigError
 from nodes.sizes import format_bytes
 
@@ -462,9 +464,6 @@ def bench_dirtying(opts: BenchOptions, res: Results, say: Callable[[str], None])
 
 def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Each stage of the page pipeline alone, on 4 MiB records of a scattered guest."""
-    import io
-
-    from nodes import stream as st
     from nodes.digest import page_hashes
     from nodes.hypervisor import Hypervisor
     size = opts.downtime_guest_memory_bytes
@@ -481,7 +480,7 @@ def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -
     stages = {
         "read (gather from frames)": lambda: dom.foreign_read(pfns),
         "encode PAGE_DATA": lambda: st.encode_page_data(pfns, types, pages),
-        "decode PAGE_DATA": lambda: _decode(io, st, record),
+        "decode PAGE_DATA": lambda: _decode(record),
         "hash pages": lambda: page_hashes(pages),
         "write (scatter to frames)": lambda: hv.memory.write(target, pages),
     }
@@ -506,9 +505,9 @@ def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -
     say(f"  stages: slowest is {slow[6:]}")
 
 
-def _decode(io, st, record: bytes):
-    r = st.RecordReader(io.BytesIO(record).readinto)
-    return r.read_record()
+def _decode(record: bytes) -> st.Record | None:
+    """Read one framed record back, as a receiver does (from memory, not a socket)."""
+    return st.RecordReader(io.BytesIO(record).readinto).read_record()
 
 
 def bench_startup(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:

@@ -52,7 +52,8 @@ def _xpos(value, x_values: list, numeric: bool, scale: float) -> float:
 def _metric_plot(scenario, rows, curves, series_list, key, label, scale, x, knob, x_values,
                  numeric, path: Path) -> None:
     from cluster.sweep import _human, _show
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    many = len(series_list) > 2
+    fig, ax = plt.subplots(figsize=(11.0 if many else 7.5, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, series in enumerate(series_list):
         colour = colours[n % len(colours)]
@@ -95,8 +96,14 @@ def _metric_plot(scenario, rows, curves, series_list, key, label, scale, x, knob
     ax.set_ylabel(label)
     ax.set_title(f"{scenario.name}: {label} (median, min-max; dashed: model)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    if many:      # outside, on the right: six series would cover the points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, loc="best")
+    fig.text(0.01, 0.005, "model: at the nominal link speed; at the measured throughput where "
+             "the link is unlimited; T_resume = the idle downtime floor measured", fontsize=6,
+             alpha=0.7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -114,7 +121,9 @@ def _rounds_plot(rounds: dict, name: str, path: Path) -> None:
             xs = [i + shift for i in range(len(live))] + [n + shift]
             ax.bar(xs, [*live, values[-1]], width=w, label=label, alpha=alpha)
     ax.set_xticks(range(n + 1), [*(str(i) for i in range(n)), "final"])
-    ax.set_yscale("symlog", linthresh=10)
+    values = [v for v in m + p if v > 0]
+    if values and max(values) > 20 * min(values):      # rounds shrinking by decades
+        ax.set_yscale("symlog", linthresh=10)
     ax.set_xlabel("live round, then the stop-and-copy")
     ax.set_ylabel("pages sent")
     ax.set_title(f"{name}: pages per round, point {rounds['point']} ({rounds['axes']})",
