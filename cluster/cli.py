@@ -310,12 +310,13 @@ def _report_out(report, args: argparse.Namespace) -> int:
         print(report.to_json())
     else:
         print(report.table())
-    return 0 if report.status == "completed" else EXIT_MIGRATION_FAILED
+    ok = report.status == "completed" and not report.guest_lost
+    return 0 if ok else EXIT_MIGRATION_FAILED
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
-    settings = settings_from(args)
+    settings = dataclasses.replace(settings_from(args), faults=tuple(args.fault or ()))
     if (args.guest is None) != (args.destination is None):
         raise UsageError("give both GUEST and DEST_HOST (against a running cluster), or "
                          "neither (a one-shot migration on an embedded cluster)")
@@ -427,6 +428,141 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_MIGRATION_FAILED if result.failed_runs else 0
 
 
+# -- faults, evacuation, soak (issue 7) --------------------------------------------------------
+MAX_SOAK_MIGRATIONS = 1_000_000
+MAX_SOAK_GUESTS = 64
+
+
+@_typed
+def _fault(text: str):
+    from nodes.faults import parse_fault
+    return parse_fault(text)
+
+
+def add_fault_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fault", action="append", type=_fault, default=None,
+                   metavar="KIND@STAGE[:ARG]",
+                   help="inject a fault, e.g. stall-link@round1:2s, kill-destination@"
+                        "stop-and-copy, slow-link@round0:1MiB (repeatable; `migbed fault "
+                        "list` shows them all)")
+
+
+def cmd_fault(args: argparse.Namespace) -> int:
+    from nodes.faults import fault_list_text
+    if args.action == "list":
+        print(fault_list_text())
+        return 0
+    from cluster.testbed import Testbed
+    tb = Testbed.attach()
+    lost = [g["name"] for g in tb.host(args.host).call("list_guests") if not g["dom0"]]
+    tb.kill(args.host)
+    print(f"killed {args.host}" + (f"; its guests died with it: {', '.join(lost)}" if lost
+                                   else "; it ran no guests"))
+    return 0
+
+
+def cmd_evacuate(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    if args.concurrency > 64:
+        raise ConfigError(f"--concurrency must be 1..64, got {args.concurrency}")
+    tb = Testbed.attach()
+    report = tb.evacuate(args.host, args.concurrency, settings_from(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.ok else EXIT_MIGRATION_FAILED
+
+
+def _check_output(path: str | None) -> None:
+    """Refuse an output file that cannot be written before a long run, not after it."""
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--output {path} is a directory; give a file name")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write --output {path}: {parent} is not a writable folder")
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from cluster.soak import SoakOptions, run_soak
+    from cluster.testbed import Testbed
+    _check_output(args.output)
+    if args.migrations > MAX_SOAK_MIGRATIONS:
+        raise ConfigError(f"--migrations must be 1..{MAX_SOAK_MIGRATIONS}, got "
+                          f"{args.migrations}")
+    if args.guests > MAX_SOAK_GUESTS:
+        raise ConfigError(f"--guests must be 1..{MAX_SOAK_GUESTS}, got {args.guests}")
+    cluster = cluster_spec_from(args)
+    if cluster.hosts < 2:
+        raise ConfigError("a soak needs at least 2 hosts around its ring (--hosts)")
+    if args.guest_memory % cluster.page_size:
+        raise ConfigError(f"--guest-memory ({args.guest_memory} B) is not a multiple of the "
+                          f"page size ({cluster.page_size} B)")
+    room = cluster.host_memory_bytes - cluster.reserved_bytes - (
+        cluster.dom0_memory_bytes or cluster.host_memory_bytes // 32)
+    if args.guests * args.guest_memory > room:
+        raise ConfigError(f"{args.guests} guests of {format_bytes(args.guest_memory)} may all "
+                          f"meet on one host of {format_bytes(cluster.host_memory_bytes)}; "
+                          "raise --host-memory or lower --guests")
+    opts = SoakOptions(migrations=args.migrations, guests=args.guests,
+                       guest_memory_bytes=args.guest_memory, workload=workload_from(args),
+                       settings=settings_from(args),
+                       warmup_migrations=args.warmup_migrations)
+    factory = Testbed.in_process if args.in_process else Testbed.local
+    print(f"soak: {opts.migrations} migrations of {opts.guests} guests around "
+          f"{cluster.hosts} {'in-process ' if args.in_process else ''}hosts...",
+          file=sys.stderr)
+    step = max(1, opts.migrations // 10)
+
+    def on_step(k: int, r) -> None:
+        if (k + 1) % step == 0:
+            print(f"  {k + 1}/{opts.migrations}", file=sys.stderr, flush=True)
+    with factory(cluster) as tb:
+        result = run_soak(tb, opts, on_step)
+    text = json.dumps(result.to_dict(), indent=2)
+    if args.output:
+        _write(args.output, text + "\n")
+    print(text if args.json else result.table())
+    return 0 if result.ok else EXIT_MIGRATION_FAILED
+
+
+def add_fault_commands(sub) -> None:
+    s = sub.add_parser("fault", help="faults: list the kinds, or kill a host of the running "
+                       "cluster (inject faults into a migration with `migrate --fault`)")
+    fs = s.add_subparsers(dest="action", required=True, parser_class=Parser)
+    fs.add_parser("list", help="every fault kind, the stages it acts at, its argument")
+    k = fs.add_parser("kill", help="kill a host now: its guests die with it")
+    k.add_argument("host")
+    s.set_defaults(func=cmd_fault)
+
+    s = sub.add_parser("evacuate", help="move every guest off a host to the others, by free "
+                       "memory, several at a time, each verified")
+    s.add_argument("host")
+    s.add_argument("--concurrency", type=_count("--concurrency", 1), default=2,
+                   help="migrations at a time (default 2); they share the host's link")
+    add_migration_options(s)
+    s.set_defaults(func=cmd_evacuate)
+
+    s = sub.add_parser("soak", help="many small migrations around a ring of hosts with busy "
+                       "guests; checks every one, frame accounting and host memory growth")
+    s.add_argument("--migrations", type=_count("--migrations", 1), default=1000,
+                   help="migrations in all (default 1000)")
+    s.add_argument("--guests", type=_count("--guests", 1), default=3,
+                   help="guests going round the ring (default 3)")
+    s.add_argument("--guest-memory", type=_size("--guest-memory"), default=4 * 1024 * 1024,
+                   help="memory of each guest (default 4MiB)")
+    s.add_argument("--warmup-migrations", type=_count("--warmup-migrations"), default=None,
+                   help="migrations before the memory baseline is taken (default a quarter "
+                        "of them: host processes' allocators settle in the first hundreds)")
+    s.add_argument("--in-process", action="store_true",
+                   help="hosts in this process instead of a local Ray cluster")
+    s.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    add_migration_options(s)
+    add_workload_options(s)
+    s.set_defaults(workload="hotset", dirty_rate="5000")
+    add_cluster_options(s, hosts=3, memory="256MiB")
+    s.set_defaults(func=cmd_soak)
+
+
 def _write(path: str, text: str) -> None:
     try:
         with open(path, "w") as f:
@@ -498,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=_duration("--warmup", allow_zero=True), default=0.5,
                    help="one-shot: run the workload this long before migrating (default 0.5s)")
     add_cluster_options(s, hosts=2, memory="512MiB")
+    add_fault_option(s)
     s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("demo", help="the main job: a 3-host cluster, guests, migrations, "
@@ -541,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hosts in this process instead of a local Ray cluster (faster)")
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     s.set_defaults(func=cmd_sweep)
+    add_fault_commands(sub)
     return p
 
 

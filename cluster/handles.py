@@ -33,14 +33,24 @@ class LocalHost:
         self.name = service.name
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        self.service.check_alive()
         return getattr(self.service, method)(*args)
 
     def call_async(self, method: str, *args: Any) -> Pending:
+        self.service.check_alive()
         fut = self._pool.submit(getattr(self.service, method), *args)
 
         def get(f, timeout, probe):
-            return f.done() if probe else f.result(timeout)
+            if probe:
+                return f.done()
+            result = f.result(timeout)
+            self.service.check_alive()      # a host killed meanwhile answers nothing
+            return result
         return Pending(fut, get)
+
+    def kill(self) -> None:
+        """The host dies (fault injection): sockets shut, guests stop, calls fail."""
+        self.service.kill()
 
 
 DEFAULT_CALL_TIMEOUT_SECONDS = 120.0
@@ -59,6 +69,27 @@ class RayHost:
         return _unwrap(lambda: ray.get(getattr(self.actor, method).remote(*args),
                                        timeout=timeout or DEFAULT_CALL_TIMEOUT_SECONDS),
                        self.name)
+
+    def kill(self, timeout: float = 30.0) -> None:
+        """The host dies (fault injection): its actor process exits at once, as a node lost,
+        and this returns once Ray reports it dead (or `timeout` passed). (`ray.kill` alone
+        only asks: a migration thread of the dying process could still finish a hand-over.)"""
+        import time
+
+        import ray
+        self.actor.die.remote()          # the process exits at once: nothing of it runs on
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(self.actor.ping.remote(), timeout=1.0)
+                except ray.exceptions.RayActorError:
+                    return
+                except ray.exceptions.GetTimeoutError:
+                    continue
+                time.sleep(0.005)
+        finally:
+            ray.kill(self.actor, no_restart=True)
 
     def call_async(self, method: str, *args: Any) -> Pending:
         import ray

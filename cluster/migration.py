@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from cluster.faults import FaultControl
 from cluster.report import Integrity, MigrationReport
 from nodes.errors import MigbedError, MigrationError
 from nodes.settings import MigrationSettings
@@ -36,30 +37,31 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
     info = src.call("guest_info", guest, mid, timeout=timeout)
     ticket = dst.call("prepare_incoming", info, settings.to_dict(), timeout=timeout)
     pending = src.call_async("migrate_out", guest, ticket, settings.to_dict())
+    control = FaultControl(src, dst, mid, guest, settings)
     cancelled = False
     poll = FIRST_POLL_SECONDS
     while not pending.done():
-        if on_progress is not None:
+        if on_progress is not None or control.armed:
             try:
                 p = src.call("migration_progress", mid, timeout=timeout)
             except MigbedError:
                 p = None
-            if p:
+            if p and on_progress is not None:
                 on_progress(p)
+            control.poll(p)      # carries out a host kill the sender waits for
         if should_cancel is not None and not cancelled and should_cancel():
-            src.call("cancel_migration", mid, timeout=timeout)
+            try:
+                src.call("cancel_migration", mid, timeout=timeout)
+            except MigbedError:
+                pass
             cancelled = True
         time.sleep(poll)
-        poll = min(2 * poll, POLL_SECONDS)
-    source = pending.result(timeout)
-    try:
-        if source["status"] == "completed":
-            dest = dst.call("incoming_report", mid, timeout, timeout=timeout * 2)
-        else:
-            dest = dst.call("abandon_incoming", mid, timeout=timeout * 2) or {}
-    except Exception as exc:  # noqa: BLE001 - a dead destination must not hide the report
-        dest = {"status": "failed", "error": f"destination unreachable: {exc}"}
-    return build_report(mid, guest, src.name, dst.name, info, settings, source, dest)
+        poll = FIRST_POLL_SECONDS if control.armed else min(2 * poll, POLL_SECONDS)
+    # Both sides, whatever became of them (a dead host, an unanswered hand-over).
+    source, dest = control.settle(pending, info)
+    report = build_report(mid, guest, src.name, dst.name, info, settings, source, dest)
+    control.annotate(report, source, dest)
+    return report
 
 
 def build_report(mid: str, guest: str, source_host: str, dest_host: str, info: dict,
@@ -117,12 +119,15 @@ def model_block(report: MigrationReport, workload: dict | None, settings: Migrat
 
     With a rate limit the measured throughput stands for the limit (live rounds) and the
     stop-and-copy goes at the nominal link speed (instantaneous if unlimited), as migbed
-    lifts the limit for it. `resume_seconds` is the model's fixed T_resume (0: the plain
-    model; sweeps pass the downtime floor they measured).
+    lifts the limit for it. When no live round ran (a policy that stops before round 0) there
+    is no live throughput: the prediction is the nominal one, on which the policy decided.
+    `resume_seconds` is the model's fixed T_resume (0: the plain model; sweeps pass the
+    downtime floor they measured).
     """
     from cluster.model import compare, predict
     from workloads.spec import WorkloadSpec
-    block: dict = {"bandwidth_bytes_per_second": None, "resume_seconds": resume_seconds,
+    block: dict = {"bandwidth_bytes_per_second": None, "bandwidth_basis": None,
+                   "resume_seconds": resume_seconds,
                    "prediction": None, "comparison": None, "nominal": None, "error": None}
     try:
         spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
@@ -134,19 +139,8 @@ def model_block(report: MigrationReport, workload: dict | None, settings: Migrat
             dirty_rate_pages_per_second=dirty_rate_pages_per_second,
             policy_settings=({"max_iterations": settings.max_iterations}
                              if settings.max_iterations is not None else None))
-        measured = (live_throughput(report.rounds) or report.throughput_bytes_per_second
-                    or None)
-        block["bandwidth_bytes_per_second"] = measured
         measured_dict = report.to_dict()
-        if measured is not None:
-            if settings.rate_limit_bytes_per_second is not None:
-                pred = predict(link_bytes_per_second=settings.link_bytes_per_second,
-                               rate_limit_bytes_per_second=measured, **common)
-            else:
-                pred = predict(link_bytes_per_second=measured, **common)
-            block["prediction"] = pred.to_dict()
-            if report.status == "completed":
-                block["comparison"] = compare(measured_dict, pred)
+        nominal = None
         if settings.nominal_bytes_per_second is not None:
             nominal = predict(link_bytes_per_second=settings.link_bytes_per_second,
                               rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second,
@@ -155,6 +149,28 @@ def model_block(report: MigrationReport, workload: dict | None, settings: Migrat
                 "prediction": nominal.to_dict(),
                 "comparison": (compare(measured_dict, nominal)
                                if report.status == "completed" else None)}
+        measured = live_throughput(report.rounds)
+        if measured is not None:
+            block["bandwidth_basis"] = "measured: the live rounds' throughput"
+            if settings.rate_limit_bytes_per_second is not None:
+                pred = predict(link_bytes_per_second=settings.link_bytes_per_second,
+                               rate_limit_bytes_per_second=measured, **common)
+            else:
+                pred = predict(link_bytes_per_second=measured, **common)
+        elif nominal is not None:
+            # No live round ran, so nothing was measured before the policy's first decision,
+            # which it took on the nominal bandwidth: so must the model.
+            block["bandwidth_basis"] = "nominal: no live round ran"
+            measured, pred = nominal.bandwidth_bytes_per_second, nominal
+        else:
+            block["bandwidth_basis"] = "measured: the whole migration (no live round ran)"
+            measured = report.throughput_bytes_per_second or None
+            pred = predict(link_bytes_per_second=measured, **common) if measured else None
+        block["bandwidth_bytes_per_second"] = measured
+        if pred is not None:
+            block["prediction"] = pred.to_dict()
+            if report.status == "completed":
+                block["comparison"] = compare(measured_dict, pred)
     except Exception as exc:  # noqa: BLE001 - the model must never break a migration
         block["error"] = f"{type(exc).__name__}: {exc}"
     return block

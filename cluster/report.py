@@ -45,6 +45,12 @@ class MigrationReport:
     throughput_bytes_per_second: float = 0.0
     integrity: Integrity = field(default_factory=Integrity)
     model: dict | None = None
+    # Where the guest runs afterwards (None: nowhere, see guest_lost), and the faults injected
+    # (`nodes.faults`) with what became of them (`cluster.faults`).
+    guest_host: str | None = None
+    guest_lost: bool = False
+    faults: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +104,12 @@ class MigrationReport:
             f"{_rate(self.throughput_bytes_per_second)}",
             f"  integrity: {_verdict(self.integrity.verified)}",
         ]
+        for f in self.faults:
+            lines.append(f"  fault {f['fault']}: {'fired' if f['fired'] else 'never reached'}"
+                         + (f", killed {f['killed_host']}" if f.get("killed_host") else ""))
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.faults or self.guest_lost:
+            lines.append(f"  guest: {'LOST' if self.guest_lost else 'on ' + str(self.guest_host)}")
         return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ class Testbed:
     def __init__(self, hosts: dict, owner: LocalRay | None = None):
         self.hosts = hosts
         self._owner = owner
+        self.lost_hosts: dict = {}     # hosts killed by a fault: name -> handle
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -78,8 +79,14 @@ class Testbed:
                                "(e.g. `migbed up --hosts 3 --host-memory 1GiB`)")
         try:
             launcher.ray_init(state["address"])
-            hosts = {n: RayHost(n, ray.get_actor(n, namespace=NAMESPACE))
-                     for n in state["hosts"]}
+            hosts = {}
+            for n in state["hosts"]:
+                try:
+                    hosts[n] = RayHost(n, ray.get_actor(n, namespace=NAMESPACE))
+                except ValueError:
+                    continue      # a host killed by a fault (`migbed fault kill`) is gone
+            if not hosts:
+                raise ValueError("no host answers")
         except (ValueError, ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"the migbed cluster at {state['address']} does not answer "
                                f"({exc}); `migbed down` cleans up, then `migbed up`") from None
@@ -93,7 +100,7 @@ class Testbed:
         return cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()})
 
     def close(self) -> None:
-        for h in self.hosts.values():
+        for h in list(self.hosts.values()) + list(self.lost_hosts.values()):
             if isinstance(h, LocalHost):
                 h.service.shutdown()
         if self._owner is not None:
@@ -183,5 +190,23 @@ class Testbed:
         src = self.host(self.where(guest))
         if src.name == dst.name:
             raise MigrationError(f"{guest} already runs on {destination}; pick another host")
-        return run_migration(src, dst, guest, settings, on_progress=on_progress,
-                             should_cancel=should_cancel)
+        report = run_migration(src, dst, guest, settings, on_progress=on_progress,
+                               should_cancel=should_cancel)
+        for f in report.faults:
+            if f.get("killed_host") in self.hosts:
+                self.lost_hosts[f["killed_host"]] = self.hosts.pop(f["killed_host"])
+        return report
+
+    def kill(self, host: str) -> None:
+        """Fault injection: `host` dies now (its Ray actor is killed; an in-process host
+        stops with its sockets shut). Its guests die with it; it leaves `hosts`."""
+        h = self.host(host)
+        h.kill()
+        self.lost_hosts[host] = self.hosts.pop(host)
+
+    def evacuate(self, host: str, concurrency: int = 2,
+                 settings: MigrationSettings | None = None):
+        """Move every guest off `host` to the others, by free memory, `concurrency` at a time
+        (see `cluster.evacuate`); returns an EvacuationReport."""
+        from cluster.evacuate import evacuate
+        return evacuate(self, host, concurrency, settings or MigrationSettings())

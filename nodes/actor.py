@@ -5,6 +5,8 @@ This is the only place in `nodes` that imports Ray. The actor is threaded, so co
 same host, as a real toolstack does.
 """
 
+import os
+
 import ray
 
 from nodes.host import HostConfig, HostService
@@ -25,6 +27,11 @@ class Host(HostService):
         if config.get("address") == "node":
             config["address"] = ray.util.get_node_ip_address()
         super().__init__(HostConfig.from_dict(config))
+
+    def die(self) -> None:
+        """Fault injection: the host's process exits at once, as a machine losing power:
+        no thread of it (a receiver mid hand-over included) runs another instruction."""
+        os._exit(1)
 
     def node_id(self) -> str:
         """The Ray node this host runs on (one host per node in a local cluster)."""

@@ -61,6 +61,10 @@ class Listener:
         raise MigrationError("too many connections without the migration's token")
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes a thread blocked in accept()
+        except OSError:
+            pass
         self.sock.close()
 
 

@@ -6,6 +6,8 @@ Its public methods are the host's control plane: each takes and returns plain va
 strings, numpy arrays) because it is called across processes.
 """
 
+import collections
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -14,8 +16,10 @@ import numpy as np
 
 from nodes.channel import Ticket
 from nodes.domain import Domain
-from nodes.errors import ConfigError, MigrationError
+from nodes.errors import ClusterError, ConfigError, MigrationError
+from nodes.faults import FaultCollector, FaultStats, SourceFaults
 from nodes.hypervisor import DEFAULT_RESERVED_BYTES, Hypervisor
+from nodes.link import Pacer
 from nodes.metrics import HostMetrics
 from nodes.migration import (
     Progress,
@@ -23,6 +27,7 @@ from nodes.migration import (
     Sender,
     check_migratable,
     guest_info,
+    resolve_handover,
     validate_info,
 )
 from nodes.profiles import DEFAULT_PROFILE
@@ -34,6 +39,7 @@ from workloads.vcpu import VCPU
 # How long the destination waits for a resumed guest's first sign of life when measuring the
 # downtime the guest saw; a guest that shows none in that time reports None.
 GUEST_PROGRESS_WAIT_SECONDS = 2.0
+KEEP_ENDED_PROGRESS = 64
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,12 @@ class HostService:
         self.migration_counts = {"started": 0, "completed": 0, "failed": 0, "cancelled": 0}
         self.lock = threading.RLock()
         self.metrics = HostMetrics(self)
+        self.fault_stats = FaultStats()
+        self.metrics.registry.register(FaultCollector(config.name, self.fault_stats))
+        self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
+        self._uplinks: dict[float, Pacer] = {}        # link speed -> this host's shared uplink
+        self._ended: collections.deque = collections.deque()   # ended outgoing, oldest first
+        self.dead = False
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_address, config.metrics_port,
                                advertised_address=config.address)
@@ -221,7 +233,8 @@ class HostService:
             mid = info["migration_id"]
             if mid in self.incoming:
                 raise MigrationError(f"migration {mid} is already expected here")
-            recv = Receiver(self.hv, info, settings, self.config.address, self)
+            recv = Receiver(self.hv, info, settings, self.config.address, self,
+                            self.fault_stats)
             self.incoming[mid] = recv
             self.metrics.incoming_started(mid, recv)
             return recv.ticket.to_dict()
@@ -247,6 +260,8 @@ class HostService:
             if first is not None:
                 report["guest_observed_downtime_seconds"] = first - last
         del self.incoming[migration_id]
+        if recv.connection_lost:
+            self.fault_stats.count_connection_lost("destination")
         self.metrics.incoming_finished(migration_id, report["guest_observed_downtime_seconds"])
         return report
 
@@ -268,9 +283,11 @@ class HostService:
         progress = Progress(t.migration_id, name)
         cancel = threading.Event()
         with self.lock:
-            sender = Sender(self.hv, name, t, settings, self, progress, cancel)
+            sender = Sender(self.hv, name, t, settings, self, progress, cancel,
+                            self._uplink(settings), self.fault_stats)
             self.outgoing[t.migration_id] = progress
             self._cancel[t.migration_id] = cancel
+            self._faults[t.migration_id] = sender.faults
             self.migration_counts["started"] += 1
             self.metrics.outgoing_started(t.migration_id, name, progress, settings)
         start_wall = time.time()
@@ -278,6 +295,10 @@ class HostService:
             result = sender.run()
         finally:
             self._cancel.pop(t.migration_id, None)
+            self._faults.pop(t.migration_id, None)
+            self._forget_ended(t.migration_id)
+        if result.get("connection_lost"):
+            self.fault_stats.count_connection_lost("source")
         self.migration_counts[result["status"]] += 1
         self.metrics.outgoing_finished(t.migration_id, result)
         vcpu = self._retired.pop(name, None) or self.vcpus.get(name)
@@ -287,6 +308,14 @@ class HostService:
                 start_wall, pause if pause else time.time())
         result["profile"] = self.hv.profile.name
         return result
+
+    def _forget_ended(self, migration_id: str) -> None:
+        """Keep the progress of the last KEEP_ENDED_PROGRESS ended migrations (for a late
+        poll), not of every one: a soak of thousands must not grow the host."""
+        with self.lock:
+            self._ended.append(migration_id)
+            while len(self._ended) > KEEP_ENDED_PROGRESS:
+                self.outgoing.pop(self._ended.popleft(), None)
 
     def migration_progress(self, migration_id: str) -> dict | None:
         p = self.outgoing.get(migration_id)
@@ -299,13 +328,87 @@ class HostService:
         ev.set()
         return True
 
-    def abandon_incoming(self, migration_id: str) -> None:
-        """The source never connected (it failed its own checks): free the reserved frames."""
+    def abandon_incoming(self, migration_id: str) -> dict | None:
+        """The source gave up (or never connected): free the reserved frames. Returns the
+        destination's side of the report, None if the migration was not expected here."""
         recv = self.incoming.pop(migration_id, None)
-        if recv is not None:
-            recv.cancel()
-            recv.wait(10)
-            self.metrics.incoming_finished(migration_id, None)
+        if recv is None:
+            return None
+        recv.cancel()
+        recv.wait(recv.settings.timeout_seconds)
+        if recv.connection_lost:
+            self.fault_stats.count_connection_lost("destination")
+        self.metrics.incoming_finished(migration_id, None)
+        return recv.report()
+
+    # -- faults, hand-over recovery and health (`nodes.faults`, `cluster.faults`) -------------
+    def _uplink(self, settings: MigrationSettings) -> Pacer | None:
+        """This host's outgoing link, shared by its concurrent `link_shared` migrations."""
+        rate = settings.link_bytes_per_second
+        if not settings.link_shared or rate is None:
+            return None
+        with self.lock:
+            return self._uplinks.setdefault(rate, Pacer(rate))
+
+    def incoming_status(self, migration_id: str) -> str | None:
+        """waiting, receiving, ready, completed or failed; None if not expected here."""
+        recv = self.incoming.get(migration_id)
+        return recv.status if recv else None
+
+    def fault_done(self, migration_id: str, index: int) -> bool:
+        """The control plane has carried out fault `index`: the sender goes on."""
+        seam = self._faults.get(migration_id)
+        if seam is None:
+            return False
+        seam.release(index)
+        return True
+
+    def resolve_handover(self, name: str, mode_before: str, destination_resumed: bool) -> dict:
+        """Settle a hand-over whose RESULT never came (see `nodes.migration.resolve_handover`)."""
+        with self.lock:
+            out = resolve_handover(self.hv, self, name, mode_before, destination_resumed)
+            self._retired.pop(name, None)
+            return out
+
+    def process_stats(self) -> dict:
+        """This host's process: pid, resident memory, and how much of it is this host's
+        machine-memory arena (frames stay resident once touched: that is not a leak), in
+        bytes, from /proc (0 where /proc is missing). For the soak's growth check."""
+        rss = arena = 0
+        start = self.hv.memory.frames.ctypes.data
+        end = start + self.hv.memory.frames.nbytes
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024
+            with open("/proc/self/smaps") as f:     # the arena may span several mappings
+                inside = False
+                for line in f:
+                    head = line.split(maxsplit=1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        lo, _, hi = head.partition("-")
+                        inside = int(lo, 16) < end and start < int(hi, 16)
+                    elif inside and head == "Rss:":
+                        arena += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return {"pid": os.getpid(), "rss_bytes": rss, "arena_rss_bytes": arena}
+
+    def kill(self) -> None:
+        """Fault injection in one process: this host dies now, as a Ray node going away does.
+        Its connections drop, its guests stop, its /metrics goes; every later call through
+        a handle fails with ClusterError. (On Ray the actor is killed instead.)"""
+        self.dead = True
+        for seam in list(self._faults.values()):
+            seam.kill()
+        for recv in list(self.incoming.values()):
+            recv.kill()
+        self.shutdown()
+
+    def check_alive(self) -> None:
+        if self.dead:
+            raise ClusterError(f"host {self.name} is gone (killed)")
 
     def shutdown(self) -> None:
         for name in list(self.vcpus):

@@ -17,8 +17,11 @@ import collections
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from nodes.errors import ConfigError
+
+SHARED_SLICE_BYTES = 256 * 1024   # the turn each sender takes on a shared link
 
 
 class Pacer:
@@ -29,24 +32,34 @@ class Pacer:
             raise ConfigError(f"a rate must be positive, got {rate_bytes_per_second}")
         self.rate = rate_bytes_per_second
         self._free_at = 0.0
+        self._lock = threading.Lock()   # a host's uplink is charged by several senders
 
     def charge(self, nbytes: int, now: float) -> float:
-        """Account `nbytes` sent at `now`; returns the time the link is free again."""
+        """Account `nbytes` sent at `now`; returns the time the link is free again.
+
+        Shared by several senders, each waits for the slot after the bytes charged before
+        its own: they take turns message by message, so each gets an equal share."""
         if self.rate is None:
             return now
-        self._free_at = max(self._free_at, now) + nbytes / self.rate
-        return self._free_at
+        with self._lock:
+            self._free_at = max(self._free_at, now) + nbytes / self.rate
+            return self._free_at
 
 
 class LinkSender:
     """The sending end of a link over a connected socket: pacing, rate limit and latency."""
 
     def __init__(self, sock: socket.socket, link_bytes_per_second: float | None = None,
-                 latency_seconds: float = 0.0, rate_limit_bytes_per_second: float | None = None):
+                 latency_seconds: float = 0.0, rate_limit_bytes_per_second: float | None = None,
+                 shared_link: Pacer | None = None):
         if latency_seconds < 0:
             raise ConfigError(f"latency must be >= 0, got {latency_seconds}")
         self.sock = sock
-        self.link = Pacer(link_bytes_per_second)
+        # The wire: this migration's own, or the source host's uplink shared with others.
+        self.link = shared_link if shared_link is not None else Pacer(link_bytes_per_second)
+        self.shared = shared_link is not None
+        # Fault seam (`nodes.faults`): rewrites the next message's buffers, or raises.
+        self.tamper: Callable[[list], list] | None = None
         self.rate_limit = Pacer(rate_limit_bytes_per_second)
         self.rate_limited = rate_limit_bytes_per_second is not None
         self.latency = latency_seconds
@@ -65,8 +78,15 @@ class LinkSender:
         """Stop-and-copy: the throttle goes, the link's own speed stays."""
         self.rate_limited = False
 
+    def set_link_rate(self, bytes_per_second: float | None) -> None:
+        """The wire's speed changes from now on (a slow-link fault): a link of its own."""
+        self.link = Pacer(bytes_per_second)
+        self.shared = False
+
     def send(self, buffers: list) -> int:
         """Send `buffers` (bytes-like) as one message; blocks for pacing. Returns bytes."""
+        if self.tamper is not None:
+            buffers = self.tamper(buffers)
         n = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
         start = time.monotonic()
         if self._writer is None:
@@ -74,13 +94,27 @@ class LinkSender:
         else:
             self._enqueue(buffers, n, start + self.latency)
         self.bytes_sent += n
-        free_at = self.link.charge(n, start)
+        if self.shared:
+            self._take_turns(n)
+            free_at = time.monotonic()
+        else:
+            free_at = self.link.charge(n, start)
         if self.rate_limited:
             free_at = max(free_at, self.rate_limit.charge(n, start))
         delay = free_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         return n
+
+    def _take_turns(self, n: int) -> None:
+        """On a shared link, wait for `n` bytes slice by slice: a 4 MiB batch does not hold
+        the link while another sender's waits, each gets its share as it goes."""
+        while n > 0:
+            k = min(n, SHARED_SLICE_BYTES)
+            n -= k
+            delay = self.link.charge(k, time.monotonic()) - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
 
     def _sendall(self, buffers: list) -> None:
         for b in buffers:

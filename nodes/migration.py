@@ -11,9 +11,14 @@ The hand-over follows libxl: the source sends END, the destination answers READY
 renames its paused copy `<name>--migratedaway` and sends PERMISSION_TO_GO, the destination
 switches the guest back to P2M, resumes it and answers RESULT, and only then does the source
 destroy its copy. Any failure before PERMISSION_TO_GO leaves the guest running on the source
-in its original mode and frees every frame the destination reserved.
+in its original mode and frees every frame the destination reserved; a RESULT that never
+comes leaves the paused copy for the control plane to settle (`resolve_handover`).
+
+Injected faults (`nodes.faults`) act at the stages marked `self.faults.at(...)` on the sender
+and `self.faults.delay(...)` on the receiver.
 """
 
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,8 +39,9 @@ from nodes.errors import (
     ModeError,
     StreamError,
 )
+from nodes.faults import DestinationFaults, FaultStats, SourceFaults, Stage, is_connection_loss
 from nodes.hypervisor import Hypervisor
-from nodes.link import LinkSender
+from nodes.link import LinkSender, Pacer
 from nodes.logdirty import ShadowOp
 from nodes.memory import MachineMemory
 from nodes.policy import Decision, PrecopyStats
@@ -88,6 +94,7 @@ class Progress:
     expected_downtime_seconds: float | None = None
     throughput_bytes_per_second: float = 0.0
     rounds: list = field(default_factory=list)
+    fault: dict | None = None      # a host-kill fault the sender waits at (`nodes.faults`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +129,8 @@ class Sender:
     """The save side of one migration, run on a thread of the source host."""
 
     def __init__(self, hv: Hypervisor, name: str, ticket: Ticket, settings: MigrationSettings,
-                 runtime: GuestRuntime, progress: Progress, cancel: threading.Event):
+                 runtime: GuestRuntime, progress: Progress, cancel: threading.Event,
+                 shared_link: Pacer | None = None, fault_stats: FaultStats | None = None):
         self.hv = hv
         self.dom = check_migratable(hv, name)
         self.name = name
@@ -134,6 +142,9 @@ class Sender:
         self.cancel = cancel
         self.rounds: list[RoundStats] = []
         self.result: dict = {}
+        self.shared_link = shared_link
+        self.faults = SourceFaults(settings.faults, progress, cancel, settings.timeout_seconds,
+                                   fault_stats)
 
     # -- helpers ----------------------------------------------------------------------------
     def _check_cancel(self) -> None:
@@ -170,6 +181,8 @@ class Sender:
                     words[pt_rows], dom.domid, self.hv.allocator.owner, self.hv.allocator.pfn,
                     shift)
             n = self.link.send(st.encode_page_data(batch, types, pages))
+            if live:
+                self.faults.at(Stage.ROUND, rnd.index)
             rnd.pages_sent += len(batch)
             rnd.bytes_sent += n
             p = self.progress
@@ -218,8 +231,10 @@ class Sender:
         try:
             sock = connect(self.ticket, s.timeout_seconds)
             self.link = LinkSender(sock, s.link_bytes_per_second, s.latency_seconds,
-                                   s.rate_limit_bytes_per_second)
+                                   s.rate_limit_bytes_per_second, self.shared_link)
             reader = st.RecordReader(sock.recv_into)
+            self.faults.attach(sock, self.link)
+            self.faults.at(Stage.SETUP)
             # Step 2: shadow mode with log-dirty, before round 0 reads a single page.
             hv.set_mode(self.name, Mode.VP)
             hv.shadow_op(self.name, ShadowOp.ENABLE_LOGDIRTY)
@@ -246,6 +261,7 @@ class Sender:
                 self.progress.round = iteration
                 start = time.monotonic()
                 self._send_pages(pending, rnd, self.policy.skip_redirtied, live=True)
+                self.faults.at(Stage.ROUND, iteration)     # a round that sent nothing
                 rnd.duration_seconds = time.monotonic() - start
                 bitmap, _ = hv.shadow_op(self.name, ShadowOp.CLEAN)
                 pending = np.flatnonzero(bitmap)
@@ -272,6 +288,7 @@ class Sender:
             if not np.array_equal(dom.p2m, p2m_sent):
                 raise MigrationError("the guest's P2M changed during the live loop; the stream "
                                      "would be corrupt")
+            self.faults.at(Stage.STOP_AND_COPY)
             self._send_record(RT.VCPU_CONTEXT, self.runtime.vcpu_context(self.name))
             self._send_record(RT.SOURCE_TIMING, {"pause_wall": pause_wall,
                                                  "final_round_pages": len(final)})
@@ -283,11 +300,13 @@ class Sender:
             self.progress.rounds.append(rnd.to_dict())
             self.progress.status = "handover"
             ready = reader.expect(RT.RECEIVER_READY)
+            self.result["destination_digest"] = ready.fields["digest"]
             hv.rename_domain(self.name, self.name + MIGRATED_AWAY)
             self.renamed = True
             self._send_record(RT.PERMISSION_TO_GO)
             self.link.flush(s.timeout_seconds)
             handed_over = True
+            self.faults.at(Stage.AFTER_HANDOVER)
             try:
                 result = reader.expect(RT.RECEIVER_RESULT)
             except (MigbedError, OSError) as exc:
@@ -311,7 +330,12 @@ class Sender:
             self.result["status"] = ("cancelled" if isinstance(exc, MigrationCancelled)
                                      else "failed")
             self.result["error"] = _describe(exc)
-            if not handed_over:
+            self.result["connection_lost"] = is_connection_loss(exc)
+            if handed_over:
+                # PERMISSION_TO_GO went out: whether the destination resumed is for the
+                # control plane to find out (`resolve_handover`); the copy stays paused here.
+                self.result["handover_unknown"] = True
+            else:
                 self._abort(str(self.result["error"]))
             if not isinstance(exc, Exception):
                 raise
@@ -326,7 +350,7 @@ class Sender:
             rounds=[r.to_dict() for r in self.rounds],
             pages_sent_total=sum(r.pages_sent for r in self.rounds),
             bytes_sent_total=self.link.bytes_sent if self.link else 0,
-            total_time_seconds=time.monotonic() - t0)
+            total_time_seconds=time.monotonic() - t0, faults=list(self.faults.fired))
         return self.result
 
     def _abort(self, error: str) -> None:
@@ -349,6 +373,29 @@ class Sender:
             self.result["resume_wall"] = time.time()
 
 
+def resolve_handover(hv: Hypervisor, runtime: GuestRuntime, name: str, mode_before: str,
+                     destination_resumed: bool) -> dict:
+    """Settle a hand-over whose RESULT never reached the source (libxl leaves this to the
+    admin; migbed's control plane asks the destination and tells the source here).
+
+    Resumed there: the paused copy here is stale and goes, its digest taken first so the
+    migration can still be verified. Not resumed (failed, or its host is dead): the paused
+    copy here is the guest, and it resumes in its own mode."""
+    away = name + MIGRATED_AWAY
+    dom = hv.domain(away)
+    if destination_resumed:
+        digest = hv.canonical_digest(away)
+        runtime.stop_guest(name)
+        hv.destroy_domain(away, force=True)
+        return {"source_digest": digest}
+    hv.rename_domain(away, name)
+    if dom.logdirty.enabled:
+        hv.shadow_op(name, ShadowOp.OFF)
+    hv.set_mode(name, Mode.parse(mode_before))
+    hv.unpause(name)
+    return {"resume_wall": time.time()}
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, MigbedError):
         return str(exc)
@@ -361,12 +408,18 @@ class Receiver:
     """The restore side of one migration: reserves frames up front, then receives on a thread."""
 
     def __init__(self, hv: Hypervisor, info: dict, settings: MigrationSettings, address: str,
-                 runtime: GuestRuntime):
+                 runtime: GuestRuntime, fault_stats: FaultStats | None = None):
         self.hv = hv
         self.settings = settings
         self.info = info
         self.runtime = runtime
         self.name = info["name"]
+        self.faults = DestinationFaults(settings.faults, fault_stats)
+        self.faults.check_memory(hv.name, self.name, info["pages"])
+        self.conn = None                     # the data connection, once accepted
+        self._conn_lock = threading.Lock()
+        self._killed = False
+        self.connection_lost = False
         if info["arch"] != hv.profile.arch:
             raise ModeError(
                 f"cannot migrate a {info['arch']} guest to {hv.name}, a {hv.profile.arch} host "
@@ -438,6 +491,10 @@ class Receiver:
         try:
             conn = self.listener.accept(s.timeout_seconds)
             self.listener.close()
+            with self._conn_lock:
+                self.conn = conn
+                if self._killed:
+                    raise MigrationError(f"{hv.name} died")
             self.status = "receiving"
             reader = st.RecordReader(conn.recv_into)
             reader.guest_pages = self.dom.npages
@@ -474,10 +531,12 @@ class Receiver:
             problem = hv.check_page_tables(self.name)
             if problem:
                 raise StreamError(f"page tables invalid after restore: {problem}")
+            self.faults.delay(Stage.STOP_AND_COPY)
             self.status = "ready"
             self._reply(conn, RT.RECEIVER_READY, {"pages_received": self.pages_received,
                                                   "digest": digest(self.hashes)})
             reader.expect(RT.PERMISSION_TO_GO)
+            self.faults.delay(Stage.AFTER_HANDOVER)
             # Resume: back to the guest's own mode (P2M learns this host's frames), vCPU on.
             hv.set_mode(self.name, self.mode_after)
             with self.dom.lock:
@@ -493,6 +552,7 @@ class Receiver:
         except BaseException as exc:  # noqa: BLE001 - a failed restore must free its frames
             self.error = _describe(exc)
             self.status = "completed" if resumed else "failed"
+            self.connection_lost = not resumed and is_connection_loss(exc)
             if conn is not None and not resumed:
                 try:
                     conn.sendall(st.encode_record(RT.ABORT, {"error": self.error[:1000]}))
@@ -516,7 +576,20 @@ class Receiver:
 
     def cancel(self) -> None:
         """Abandon an incoming migration that never connected (frees the reserved frames)."""
+        self.faults.interrupt()
         self.listener.close()
+
+    def kill(self) -> None:
+        """This (in-process) host died: the connection drops, the restore stops."""
+        with self._conn_lock:
+            self._killed = True
+            conn = self.conn
+        self.cancel()
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def wait(self, timeout: float) -> bool:
         return self.done.wait(timeout)
@@ -527,7 +600,8 @@ class Receiver:
                 "resume_wall": self.resume_wall, "pages_received": self.pages_received,
                 "bytes_received": self.bytes_received, "source_timing": self.timing,
                 "last_progress_wall": self.vcpu.get("last_progress_wall") if self.vcpu else None,
-                "destination_digest": digest(self.hashes) if self.resume_wall else None}
+                "destination_digest": digest(self.hashes) if self.resume_wall else None,
+                "faults": list(self.faults.fired), "connection_lost": self.connection_lost}
 
 
 def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:

@@ -59,8 +59,15 @@ class MigrationSettings:
     verify: bool = True
     cancel_after_round: int | None = None
     timeout_seconds: float = 30.0
+    # Faults to inject (`nodes.faults`): FaultSpecs, or their dicts / text forms.
+    faults: tuple = ()
+    # The link is the source host's uplink, shared fairly by all its concurrent outgoing
+    # migrations that set this (host evacuation); otherwise each migration has its own link.
+    link_shared: bool = False
 
     def __post_init__(self) -> None:
+        from nodes.faults import as_faults
+        object.__setattr__(self, "faults", as_faults(self.faults))
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; use one of {', '.join(POLICIES)}")
         for name in ("link_bytes_per_second", "rate_limit_bytes_per_second"):

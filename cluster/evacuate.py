@@ -1,0 +1,140 @@
+"""Host evacuation: every guest off one host, onto the others, several at a time.
+
+The plan: the guests that can move (running, not P==M, no DMA device, not already migrating),
+largest first, each to the other host with the most free memory once the plan's earlier
+choices are taken off (first-fit decreasing on free frames, so concurrent migrations never
+ask one destination for more than it has). A guest that cannot move, or fits nowhere, stays
+and the report says why.
+
+The run: `concurrency` migrations at a time, each an ordinary verified `run_migration`. They
+all leave through the evacuated host's one outgoing link: with `link_shared` set (always,
+here) its concurrent senders share it, taking turns batch by batch, so each gets an equal
+share of the link's speed (`nodes.link.Pacer`).
+"""
+
+import concurrent.futures
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+from cluster.migration import run_migration
+from nodes.errors import ConfigError, MigbedError
+from nodes.settings import MigrationSettings
+from nodes.sizes import format_bytes
+
+MAX_CONCURRENCY = 64
+
+
+@dataclass
+class Move:
+    guest: str
+    destination: str
+    memory_bytes: int
+    status: str = "planned"            # planned, completed, failed, cancelled, refused
+    verified: bool | None = None
+    guest_host: str | None = None
+    error: str | None = None
+    downtime_seconds: float | None = None
+    total_time_seconds: float | None = None
+    throughput_bytes_per_second: float | None = None
+
+
+@dataclass
+class EvacuationReport:
+    host: str
+    concurrency: int
+    moves: list[Move] = field(default_factory=list)
+    stayed: list[dict] = field(default_factory=list)     # {"guest", "reason"}
+    total_time_seconds: float = 0.0
+    reports: list[dict] = field(default_factory=list)    # every migration's full report
+
+    @property
+    def ok(self) -> bool:
+        """Every guest moved, and every move completed and verified (unless not checked)."""
+        return not self.stayed and all(
+            m.status == "completed" and m.verified is not False for m in self.moves)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def table(self) -> str:
+        lines = [f"evacuation of {self.host}: {len(self.moves)} guests, {self.concurrency} at "
+                 f"a time, {self.total_time_seconds:.2f} s  [{'ok' if self.ok else 'INCOMPLETE'}]",
+                 "  GUEST            MEMORY      TO         STATUS     VERIFIED  DOWNTIME   "
+                 "THROUGHPUT"]
+        for m in self.moves:
+            down = "-" if m.downtime_seconds is None else f"{m.downtime_seconds * 1000:.1f} ms"
+            rate = ("-" if not m.throughput_bytes_per_second
+                    else f"{format_bytes(m.throughput_bytes_per_second)}/s")
+            lines.append(f"  {m.guest:<16} {format_bytes(m.memory_bytes):>9}   "
+                         f"{m.destination:<10} {m.status:<10} {str(m.verified):<9} "
+                         f"{down:>9}  {rate}" + (f"  {m.error}" if m.error else ""))
+        for s in self.stayed:
+            lines.append(f"  {s['guest']:<16} stays: {s['reason']}")
+        return "\n".join(lines)
+
+
+def plan_evacuation(tb, host: str) -> tuple[list[Move], list[dict]]:
+    """Which guest goes where (by free memory), and which stay and why. Moves nothing."""
+    src = tb.host(host)
+    others = [n for n in tb.hosts if n != host]
+    if not others:
+        raise ConfigError(f"{host} is the only host: there is nowhere to evacuate to")
+    free: dict[str, int] = {}
+    page_size: dict[str, int] = {}
+    for n in others:
+        d = tb.host(n).call("describe")
+        free[n] = d["frames"]["free"]
+        page_size[n] = d["page_size"]
+    moves, stayed = [], []
+    guests = [g for g in src.call("list_guests") if not g["dom0"]]
+    for g in sorted(guests, key=lambda g: (-g["memory_bytes"], g["name"])):
+        try:
+            src.call("check_migratable", g["name"])
+        except MigbedError as exc:
+            stayed.append({"guest": g["name"], "reason": str(exc)})
+            continue
+        best = max(others, key=lambda n: (free[n] * page_size[n], n))
+        pages = g["memory_bytes"] // page_size[best]
+        if pages > free[best]:
+            stayed.append({"guest": g["name"], "reason": (
+                f"no host has room: it needs {format_bytes(g['memory_bytes'])}, the most "
+                f"free is {format_bytes(free[best] * page_size[best])} on {best}")})
+            continue
+        free[best] -= pages
+        moves.append(Move(g["name"], best, g["memory_bytes"]))
+    return moves, stayed
+
+
+def evacuate(tb, host: str, concurrency: int = 2,
+             settings: MigrationSettings | None = None) -> EvacuationReport:
+    """Move every guest off `host`, `concurrency` at a time; see the module docstring."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not (
+            1 <= concurrency <= MAX_CONCURRENCY):
+        raise ConfigError(f"concurrency must be 1..{MAX_CONCURRENCY}, got {concurrency!r}")
+    settings = replace(settings or MigrationSettings(), link_shared=True)
+    moves, stayed = plan_evacuation(tb, host)
+    report = EvacuationReport(host, concurrency, moves, stayed)
+    src = tb.host(host)
+    t0 = time.monotonic()
+
+    def one(move: Move) -> None:
+        try:
+            r = run_migration(src, tb.host(move.destination), move.guest, settings)
+        except MigbedError as exc:     # refused before anything moved: the guest stays
+            move.status, move.error, move.guest_host = "refused", str(exc), host
+            return
+        move.status, move.error = r.status, r.error
+        move.verified = r.integrity.verified
+        move.guest_host = r.guest_host
+        move.downtime_seconds = r.downtime_seconds
+        move.total_time_seconds = r.total_time_seconds
+        move.throughput_bytes_per_second = r.throughput_bytes_per_second
+        report.reports.append(r.to_dict())
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency,
+                                               thread_name_prefix="evacuate") as pool:
+        list(pool.map(one, moves))
+    report.total_time_seconds = time.monotonic() - t0
+    return report

@@ -1,0 +1,153 @@
+"""A long fuzz run of the migration stream decoder, started by hand.
+
+The test suite fuzzes the decoder briefly with hypothesis (tests/test_stream.py); this runs
+it for millions of inputs with atheris (libFuzzer, coverage-guided):
+
+    .venv/bin/pip install atheris
+    .venv/bin/python fuzz/fuzz_stream.py -runs=2000000 -rss_limit_mb=2048 -max_len=70000
+
+libFuzzer's last line says how many inputs it ran ("Done N runs in S second(s)"); a crash
+leaves the input in crash-<sha1>. Without atheris, a hypothesis profile does the same job,
+slower and without coverage guidance:
+
+    .venv/bin/python fuzz/fuzz_stream.py --hypothesis 200000
+
+The promise checked: any bytes give records or a StreamError, never another exception, a
+hang or an unbounded allocation (libFuzzer's -rss_limit_mb and -timeout catch those; the
+hypothesis profile caps the address space at 2 GiB). The first byte of an input picks the
+target: a whole stream after valid headers, raw headers, one record body of each schema, or
+one PAGE_DATA body.
+"""
+
+import io
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import msgpack  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nodes import stream as st  # noqa: E402
+from nodes.errors import StreamError  # noqa: E402
+from nodes.stream import RecordType as RT  # noqa: E402
+
+GUEST_PAGES = 64
+HEAD = st.encode_image_header() + st.encode_domain_header("vp", 12)
+SCHEMAS = list(st.SCHEMAS)
+ADDRESS_SPACE_BYTES = 2 << 30
+CORPUS = Path(tempfile.gettempdir()) / "migbed-fuzz-corpus"   # libFuzzer adds to it
+count = 0
+
+
+def _read_all(data: bytes, with_head: bool) -> None:
+    r = st.RecordReader(io.BytesIO((HEAD if with_head else b"") + data).readinto)
+    r.guest_pages = GUEST_PAGES
+    r.read_image_header()
+    r.read_domain_header()
+    for _ in range(10_000):          # every record consumes >= 8 bytes: a bound, not a limit
+        rec = r.read_record()
+        if rec is not None and rec.type == RT.END:
+            return
+
+
+def one_input(data: bytes) -> None:
+    """The fuzz target: StreamError is the only exception allowed out."""
+    global count
+    count += 1
+    if not data:
+        return
+    mode, body = data[0] % 4, data[1:]
+    try:
+        if mode == 0:
+            _read_all(body, with_head=True)
+        elif mode == 1:
+            _read_all(body, with_head=False)
+        elif mode == 2 and body:
+            fields = st.decode_fields(SCHEMAS[body[0] % len(SCHEMAS)], body[1:])
+            assert isinstance(fields, dict)
+        else:
+            pd = st.decode_page_data(body, 4096, GUEST_PAGES)
+            assert len(pd.pfns) == len(pd.types) and pd.pages.shape[1] == 4096
+    except StreamError:
+        pass
+
+
+def seed_corpus(folder: Path) -> None:
+    """Valid inputs to start from, one per target."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pfns = np.arange(3)
+    types = np.array([0, 0, 1], np.uint8)
+    pages = np.arange(3 * 4096, dtype=np.uint32).astype(np.uint8).reshape(3, 4096)
+    page_data = b"".join(bytes(b) for b in st.encode_page_data(pfns, types, pages))
+    stream = (st.encode_record(RT.VERIFY, {"digest": "x"}) + page_data
+              + st.encode_record(RT.END))
+    (folder / "stream").write_bytes(b"\0" + stream)
+    (folder / "headers").write_bytes(b"\1" + HEAD + stream)
+    (folder / "ready").write_bytes(b"\2" + bytes([SCHEMAS.index(RT.RECEIVER_READY)])
+                                   + msgpack.packb({"pages_received": 3, "digest": None}))
+    (folder / "page_data").write_bytes(b"\3" + page_data[8:])
+
+
+def run_hypothesis(examples: int) -> int:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as hst
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_BYTES, ADDRESS_SPACE_BYTES))
+    corpus = CORPUS
+    seed_corpus(corpus)
+    seeds = [p.read_bytes() for p in sorted(corpus.iterdir())]
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(hst.one_of(hst.binary(max_size=8192),
+                      hst.tuples(hst.sampled_from(seeds), hst.data()).map(_mutate)))
+    def fuzz(data: bytes) -> None:
+        one_input(data)
+
+    fuzz()
+    return count
+
+
+def _mutate(args) -> bytes:
+    from hypothesis import strategies as hst
+    seed, data = args
+    raw = bytearray(seed)
+    for _ in range(data.draw(hst.integers(1, 8))):
+        if not raw:
+            break
+        i = data.draw(hst.integers(0, len(raw) - 1))
+        op = data.draw(hst.sampled_from(["flip", "cut", "insert", "word"]))
+        if op == "flip":
+            raw[i] ^= data.draw(hst.integers(1, 255))
+        elif op == "cut":
+            del raw[i:i + data.draw(hst.integers(1, 64))]
+        elif op == "insert":
+            raw[i:i] = data.draw(hst.binary(min_size=1, max_size=16))
+        else:
+            raw[i:i + 4] = data.draw(hst.sampled_from(
+                [b"\xff\xff\xff\xff", b"\0\0\0\0", b"\x00\x00\x00\x80", b"\xc6\xff\xff\xff"]))
+    return bytes(raw)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--hypothesis"]:
+        n = int(argv[1]) if len(argv) > 1 else 100_000
+        tried = run_hypothesis(n)
+        print(f"hypothesis: {tried} inputs tried, no exception but StreamError")
+        return 0
+    import atheris
+    corpus = CORPUS
+    seed_corpus(corpus)
+    args = [sys.argv[0], *argv]
+    if not any(not a.startswith("-") for a in argv):
+        args.append(str(corpus))
+    atheris.instrument_all()
+    atheris.Setup(args, one_input)
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
