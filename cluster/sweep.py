@@ -253,6 +253,8 @@ class Scenario:
             d["migration"][k] = "unlimited" if value is None else value
         d["migration"]["timeout"] = mig.timeout_seconds
         d["migration"]["verify"] = mig.verify
+        if mig.faults:
+            d["faults"] = [f.to_text() for f in mig.faults]
         d["axes"] = {name: ["unlimited" if v is None else v for v in values]
                      for name, values in self.axes}
         d["plot"] = {"rounds_point": self.rounds_point}
@@ -309,7 +311,7 @@ def _build(d: dict) -> Scenario:
     if not isinstance(d, dict):
         raise ConfigError("a scenario is a table of settings")
     top = {"name", "description", "repeats", "seed", "cluster", "guest", "workload",
-           "migration", "axes", "plot"}
+           "migration", "axes", "plot", "faults"}
     _no_unknown(d, top, "the scenario")
     if "name" not in d:
         raise ConfigError("the scenario needs a name (name = \"...\")")
@@ -344,6 +346,9 @@ def _build(d: dict) -> Scenario:
     if "seed" in values["workload"]:
         raise ConfigError("[workload] seed: set the scenario's seed at the top instead")
     kw["workload"] = WorkloadSpec(**values["workload"])
+    if "faults" in d:   # injected into every run, e.g. faults = ["stall-link@round1:2s"]
+        from nodes.faults import faults_from_toml
+        values["migration"]["faults"] = faults_from_toml(d["faults"])
     kw["migration"] = MigrationSettings(**values["migration"])
 
     axes = []

@@ -226,3 +226,16 @@ def test_a_model_error_never_breaks_a_migration(in_process, monkeypatch):
     r = tb.migrate("m3", "host-1", MigrationSettings(link_bytes_per_second=128 * MiB))
     assert r.status == "completed" and r.integrity.verified
     assert r.model["error"] == "RuntimeError: model exploded"
+
+
+def test_scenario_faults_are_injected_and_round_trip(tmp_path):
+    """A `faults` list in a scenario file reaches every run's MigrationSettings."""
+    path = tmp_path / "faulty.toml"
+    path.write_text('name = "faulty"\nfaults = ["stall-link@round1:50ms"]\n'
+                    '[guest]\nmemory = "4MiB"\n[axes]\ndirty_rate = [1000]\n')
+    sc = load_scenario(path)
+    assert [f.kind for f in sc.migration.faults] == ["stall-link"]
+    assert Scenario.from_dict(json.loads(json.dumps(sc.to_dict()))) == sc
+    path.write_text('name = "bad"\nfaults = ["melt-cpu@round0"]\n')
+    with pytest.raises(ConfigError, match="faulty.toml: faults\[0\]: unknown fault"):
+        load_scenario(path)
