@@ -237,5 +237,5 @@ def test_scenario_faults_are_injected_and_round_trip(tmp_path):
     assert [f.kind for f in sc.migration.faults] == ["stall-link"]
     assert Scenario.from_dict(json.loads(json.dumps(sc.to_dict()))) == sc
     path.write_text('name = "bad"\nfaults = ["melt-cpu@round0"]\n')
-    with pytest.raises(ConfigError, match="faulty.toml: faults\[0\]: unknown fault"):
+    with pytest.raises(ConfigError, match=r"faulty.toml: faults\[0\]: unknown fault"):
         load_scenario(path)
