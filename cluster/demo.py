@@ -54,17 +54,24 @@ def sequential_edge_ok(counters: np.ndarray) -> bool:
     return len(steps) == 1 and int(counters[steps[0]]) - int(counters[steps[0] + 1]) == 1
 
 
+def _predicted(r: MigrationReport) -> float | None:
+    """The analytic model's downtime for this run, at the throughput it measured."""
+    pred = (r.model or {}).get("prediction") or {}
+    return pred.get("downtime_seconds")
+
+
 def summary(reports: list[MigrationReport]) -> str:
     lines = ["", "SUMMARY", f"{'guest':<8} {'route':<16} {'profile':<8} {'policy':<10} "
              f"{'modes':<14} {'rounds':>6} {'pages':>7} {'total':>9} {'downtime':>9} "
-             f"{'guest saw':>9}  verified"]
+             f"{'guest saw':>9} {'model':>9}  verified"]
     for r in reports:
         modes = f"{r.modes['before']}/{r.modes['during']}/{r.modes['after']}"
         lines.append(
             f"{r.guest:<8} {r.source + '>' + r.destination:<16} {r.profile or '-':<8} "
             f"{r.policy:<10} {modes:<14} {r.live_rounds:>6} {r.pages_sent_total:>7} "
             f"{_ms(r.total_time_seconds):>9} {_ms(r.downtime_seconds):>9} "
-            f"{_ms(r.guest_observed_downtime_seconds):>9}  {r.integrity.verified}")
+            f"{_ms(r.guest_observed_downtime_seconds):>9} {_ms(_predicted(r)):>9}  "
+            f"{r.integrity.verified}")
     return "\n".join(lines)
 
 
