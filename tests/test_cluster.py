@@ -6,6 +6,7 @@ import time
 
 import pytest
 import ray
+from checks import frames_exact
 
 from cluster.handles import RayHost
 from cluster.launcher import NAMESPACE
@@ -18,10 +19,6 @@ from workloads.spec import WorkloadSpec
 MiB = 1024 * 1024
 
 
-def frames_exact(tb) -> None:
-    for name, h in tb.hosts.items():
-        c = h.call("frame_counts")
-        assert c["used"] == sum(h.call("guest_frames").values()), f"{name}: frames leaked"
 
 
 def test_hosts_are_on_their_own_nodes(ray_testbed):

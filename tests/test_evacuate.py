@@ -4,6 +4,7 @@
 import time
 
 import pytest
+from checks import frames_exact
 
 from cluster.evacuate import plan_evacuation
 from cluster.soak import ScrapeProbe, SoakOptions, run_soak
@@ -14,10 +15,6 @@ from workloads.spec import WorkloadSpec
 MiB = 1024 * 1024
 
 
-def frames_exact(tb) -> None:
-    for name, h in tb.hosts.items():
-        c = h.call("frame_counts")
-        assert c["used"] == sum(h.call("guest_frames").values()), f"{name}: frames leaked"
 
 
 def test_evacuate_by_free_memory_concurrently(in_process):

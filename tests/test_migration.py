@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from checks import frames_exact, wait_progress
 
 from cluster.demo import sequential_edge_ok
 from nodes import stream
@@ -19,23 +20,8 @@ MiB = 1024 * 1024
 FAST = 256 * MiB
 
 
-def frames_exact(tb) -> None:
-    for name, h in tb.hosts.items():
-        c = h.call("frame_counts")
-        owned = h.call("guest_frames")
-        assert c["used"] == sum(owned.values()), f"{name}: frames leaked"
-        assert c["free"] + c["used"] + c["reserved"] == c["total"]
 
 
-def wait_progress(host, guest: str, timeout: float = 10.0) -> None:
-    """The guest's vCPU keeps writing: its write count rises (bounded wait, no timing claim)."""
-    start = host.call("guest_status", guest)["pages_written_total"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if host.call("guest_status", guest)["pages_written_total"] > start:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{guest} made no progress on {host.name}")
 
 
 def workload(pattern: str) -> WorkloadSpec:

@@ -1,0 +1,20 @@
+"""The promises every migration test checks, written once."""
+
+import time
+
+
+def frames_exact(tb) -> None:
+    """On every host, the used frames are exactly those its domains own: nothing leaked."""
+    for name, h in tb.hosts.items():
+        c = h.call("frame_counts")
+        assert c["used"] == sum(h.call("guest_frames").values()), f"{name}: frames leaked"
+        assert c["free"] + c["used"] + c["reserved"] == c["total"]
+
+
+def wait_progress(host, guest: str, timeout: float = 10.0) -> None:
+    """The guest's vCPU keeps writing: its write count rises (bounded wait, no timing claim)."""
+    start = host.call("guest_status", guest)["pages_written_total"]
+    deadline = time.monotonic() + timeout
+    while host.call("guest_status", guest)["pages_written_total"] <= start:
+        assert time.monotonic() < deadline, f"{guest} made no progress on {host.name}"
+        time.sleep(0.01)
