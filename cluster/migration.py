@@ -59,6 +59,10 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
         poll = FIRST_POLL_SECONDS if control.armed else min(2 * poll, POLL_SECONDS)
     # Both sides, whatever became of them (a dead host, an unanswered hand-over).
     source, dest = control.settle(pending, info)
+    if on_progress is not None and source.get("rounds"):
+        # The rounds that ended after the last poll (a short migration can end between two).
+        on_progress({"migration_id": mid, "guest": guest, "status": source.get("status"),
+                     "rounds": source["rounds"]})
     report = build_report(mid, guest, src.name, dst.name, info, settings, source, dest)
     control.annotate(report, source, dest)
     return report
