@@ -199,6 +199,23 @@ def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
                        metrics_address=getattr(args, "metrics_host", "127.0.0.1"))
 
 
+def check_guests_fit(cluster, guest_bytes: int, count: int = 1) -> None:
+    """Commands that build their own cluster check its guests before starting anything:
+    whole pages, and `count` of them fitting one host beside the hypervisor and dom0."""
+    from nodes.hypervisor import default_dom0_bytes
+    if guest_bytes % cluster.page_size:
+        raise ConfigError(f"--guest-memory ({guest_bytes} B) is not a multiple of the "
+                          f"page size ({cluster.page_size} B)")
+    room = cluster.host_memory_bytes - cluster.reserved_bytes - (
+        cluster.dom0_memory_bytes
+        or default_dom0_bytes(cluster.host_memory_bytes, cluster.page_size))
+    if count * guest_bytes > room:
+        many = f"{count} guests of" if count > 1 else "a guest of"
+        raise ConfigError(f"{many} {format_bytes(guest_bytes)} may not fit one host of "
+                          f"{format_bytes(cluster.host_memory_bytes)}; raise --host-memory"
+                          + (" or lower --guests" if count > 1 else ""))
+
+
 # -- printing ------------------------------------------------------------------------------
 def print_listing(listing: dict, out=sys.stdout) -> None:
     print("HOST       PROFILE    FRAMES:  TOTAL     FREE  RESERVED     USED   DOM0   HYPERVISOR AT",
@@ -331,13 +348,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     cluster = cluster_spec_from(args)
     if cluster.hosts < 2:
         raise ConfigError("a migration needs at least 2 hosts (--hosts)")
-    if spec.memory_bytes % cluster.page_size:
-        raise ConfigError(f"guest memory ({spec.memory_bytes} B) is not a multiple of the "
-                          f"page size ({cluster.page_size} B)")
-    if spec.memory_bytes >= cluster.host_memory_bytes - cluster.reserved_bytes:
-        raise ConfigError(f"--guest-memory {format_bytes(spec.memory_bytes)} does not fit a "
-                          f"host of {format_bytes(cluster.host_memory_bytes)}; raise "
-                          "--host-memory")
+    check_guests_fit(cluster, spec.memory_bytes)
     print(f"starting an embedded cluster of {cluster.hosts} hosts...", file=sys.stderr)
     with Testbed.local(cluster) as tb:
         tb.create("host-0", spec)
@@ -494,15 +505,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     cluster = cluster_spec_from(args)
     if cluster.hosts < 2:
         raise ConfigError("a soak needs at least 2 hosts around its ring (--hosts)")
-    if args.guest_memory % cluster.page_size:
-        raise ConfigError(f"--guest-memory ({args.guest_memory} B) is not a multiple of the "
-                          f"page size ({cluster.page_size} B)")
-    room = cluster.host_memory_bytes - cluster.reserved_bytes - (
-        cluster.dom0_memory_bytes or cluster.host_memory_bytes // 32)
-    if args.guests * args.guest_memory > room:
-        raise ConfigError(f"{args.guests} guests of {format_bytes(args.guest_memory)} may all "
-                          f"meet on one host of {format_bytes(cluster.host_memory_bytes)}; "
-                          "raise --host-memory or lower --guests")
+    check_guests_fit(cluster, args.guest_memory, args.guests)
     opts = SoakOptions(migrations=args.migrations, guests=args.guests,
                        guest_memory_bytes=args.guest_memory, workload=workload_from(args),
                        settings=settings_from(args),

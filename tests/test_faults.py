@@ -13,6 +13,7 @@ import time
 
 import pytest
 import ray
+from checks import wait_progress
 
 from cluster.demo import sequential_edge_ok
 from cluster.handles import RayHost
@@ -66,12 +67,6 @@ def frames_exact(tb) -> None:
         assert c["free"] + c["used"] + c["reserved"] == c["total"]
 
 
-def wait_progress(host, guest: str, timeout: float = 10.0) -> None:
-    start = host.call("guest_status", guest)["pages_written_total"]
-    deadline = time.monotonic() + timeout
-    while host.call("guest_status", guest)["pages_written_total"] <= start:
-        assert time.monotonic() < deadline, f"{guest} made no progress on {host.name}"
-        time.sleep(0.01)
 
 
 def memory_intact(host, guest: str) -> None:
