@@ -99,6 +99,7 @@ def build_report(mid: str, guest: str, source_host: str, dest_host: str, info: d
         pages_sent_total=source.get("pages_sent_total", 0),
         bytes_sent_total=source.get("bytes_sent_total", 0),
         throughput_bytes_per_second=(source.get("bytes_sent_total", 0) / total if total else 0.0),
+        phase_seconds=source.get("phase_seconds", {}),
         integrity=Integrity(verified, source.get("source_digest"),
                             source.get("destination_digest")))
     report.model = model_block(report, info.get("workload"), settings)

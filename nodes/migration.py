@@ -100,6 +100,20 @@ class Progress:
         return asdict(self)
 
 
+class Phases:
+    """Where a migration's time went, phase by phase, as QEMU reports setup-time beside
+    total-time: each `end(name)` closes the phase that began where the last one ended."""
+
+    def __init__(self, t0: float):
+        self._last = t0
+        self.seconds: dict[str, float] = {}
+
+    def end(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+
 def guest_info(hv: Hypervisor, dom: Domain, migration_id: str, workload: dict | None) -> dict:
     """GUEST_INFO: what the destination needs to reserve frames and check compatibility."""
     return {"migration_id": migration_id, "name": dom.name, "pages": dom.npages,
@@ -156,10 +170,14 @@ class Sender:
 
     def _send_pages(self, pfns: np.ndarray, rnd: RoundStats, skip_redirtied: bool,
                     live: bool) -> None:
+        """Send `pfns` in PAGE_DATA records of up to 1024 pages, straight from their frames.
+
+        A live round reads pages while the guest writes them, as Xen's does: a page written
+        while it is being sent has its dirty bit set and goes again in the next round."""
         dom = self.dom
         is_pt = np.zeros(dom.npages, dtype=bool)
         is_pt[dom.pt_pfns] = True
-        shift = self.hv.memory.page_shift
+        frames = self.hv.memory.frames
         for i in range(0, len(pfns), st.MAX_BATCH_PAGES):
             if live:
                 self._check_cancel()
@@ -172,14 +190,19 @@ class Sender:
                         batch = batch[~redirtied]
                         if not len(batch):
                             continue
-                pages = dom.foreign_read(batch)
-            types = np.where(is_pt[batch], st.PageType.L1TAB, st.PageType.NOTAB).astype(np.uint8)
+                mfns = dom.p2m[batch]
+            pages = [frames[m] for m in mfns.tolist()]       # views, not copies
             pt_rows = np.flatnonzero(is_pt[batch])
+            types = np.full(len(batch), st.PageType.NOTAB, dtype=np.uint8)
             if len(pt_rows):
-                words = pages.view(np.uint64)
-                words[pt_rows] = pagetable.canonicalise(
-                    words[pt_rows], dom.domid, self.hv.allocator.owner, self.hv.allocator.pfn,
-                    shift)
+                # Page tables go canonical (pfns, not this host's mfns): those few are copied.
+                types[pt_rows] = st.PageType.L1TAB
+                shift = self.hv.memory.page_shift
+                tables = pagetable.canonicalise(
+                    self.hv.memory.words[mfns[pt_rows]], dom.domid, self.hv.allocator.owner,
+                    self.hv.allocator.pfn, shift).view(np.uint8)
+                for row, table in zip(pt_rows.tolist(), tables, strict=True):
+                    pages[row] = table
             n = self.link.send(st.encode_page_data(batch, types, pages))
             if live:
                 self.faults.at(Stage.ROUND, rnd.index)
@@ -228,6 +251,7 @@ class Sender:
         self.link = None
         self.result = {"status": "failed", "error": None, "stop_reason": None,
                        "mode_before": dom.mode.value, "mode_during": Mode.VP.value}
+        phases = Phases(t0)
         try:
             sock = connect(self.ticket, s.timeout_seconds)
             self.link = LinkSender(sock, s.link_bytes_per_second, s.latency_seconds,
@@ -246,6 +270,7 @@ class Sender:
             self._send_record(RT.P2M_FRAMES, {"mfns": p2m_sent.astype("<u8").tobytes()})
             self._send_record(RT.STATIC_DATA_END)
             self.progress.status = "precopy"
+            phases.end("setup")
             pending = np.arange(dom.npages, dtype=np.int64)
             iteration = 0
             while True:
@@ -274,6 +299,7 @@ class Sender:
                     raise MigrationCancelled(
                         f"cancelled after round {rnd.index} as asked (--cancel-after-round)")
             # Stop-and-copy: pause, final CLEAN, the rest at link speed, vCPU context, END.
+            phases.end("precopy")
             self.progress.status = "stop-and-copy"
             with dom.lock:
                 hv.pause(self.name)
@@ -299,6 +325,7 @@ class Sender:
             self.rounds.append(rnd)
             self.progress.rounds.append(rnd.to_dict())
             self.progress.status = "handover"
+            phases.end("stop_and_copy")
             ready = reader.expect(RT.RECEIVER_READY)
             self.result["destination_digest"] = ready.fields["digest"]
             hv.rename_domain(self.name, self.name + MIGRATED_AWAY)
@@ -317,8 +344,10 @@ class Sender:
                 handed_over = False
                 raise MigrationError(f"destination failed to resume: {result.fields['error']}")
             source_gone_mono = time.monotonic()
+            phases.end("handover")
             if s.verify:
                 self.result["source_digest"] = hv.canonical_digest(self.name + MIGRATED_AWAY)
+                phases.end("verify")
             self.result.update(
                 status="completed", pause_wall=pause_wall,
                 resume_wall=result.fields["resume_wall"],
@@ -326,6 +355,7 @@ class Sender:
                 destination_digest=ready.fields["digest"])
             self.runtime.stop_guest(self.name)
             hv.destroy_domain(self.name + MIGRATED_AWAY, force=True)
+            phases.end("cleanup")
         except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest safe
             self.result["status"] = ("cancelled" if isinstance(exc, MigrationCancelled)
                                      else "failed")
@@ -350,7 +380,8 @@ class Sender:
             rounds=[r.to_dict() for r in self.rounds],
             pages_sent_total=sum(r.pages_sent for r in self.rounds),
             bytes_sent_total=self.link.bytes_sent if self.link else 0,
-            total_time_seconds=time.monotonic() - t0, faults=list(self.faults.fired))
+            total_time_seconds=time.monotonic() - t0, faults=list(self.faults.fired),
+            phase_seconds=phases.seconds)
         return self.result
 
     def _abort(self, error: str) -> None:
@@ -463,23 +494,32 @@ class Receiver:
             time.sleep(self.settings.latency_seconds)   # the back channel crosses the link too
         sock.sendall(st.encode_record(rtype, fields))
 
-    def _apply(self, pd: st.PageData) -> None:
-        mask = pd.data_mask
-        pfns = pd.pfns[mask]
-        types = pd.types[mask]
+    def check_types(self, pfns: np.ndarray, types: np.ndarray) -> np.ndarray:
+        """Which of these pages with data are page tables; they must be the guest's own."""
         is_table = types == st.PageType.L1TAB
         if not np.array_equal(is_table, self.is_pt[pfns]):
             raise StreamError("page types do not match the guest's page-table layout")
+        return is_table
+
+    def tables_in(self, pages: np.ndarray) -> np.ndarray:
+        """Canonical page tables (as received) made this host's: pfns become its mfns."""
+        try:
+            return pagetable.uncanonicalise(pages.view(np.uint64), self.dom.p2m,
+                                            self.hv.memory.page_shift)
+        except ValueError as exc:
+            raise StreamError(str(exc)) from None
+
+    def _apply(self, pd: st.PageData) -> None:
+        """A PAGE_DATA record decoded into a buffer of its own: hashed, then written."""
+        mask = pd.data_mask
+        pfns = pd.pfns[mask]
+        types = pd.types[mask]
+        is_table = self.check_types(pfns, types)
         pages = pd.pages
         self.hashes[pfns] = page_hashes(pages)
         if is_table.any():
             pages = pages.copy()
-            words = pages.view(np.uint64)
-            try:
-                words[is_table] = pagetable.uncanonicalise(words[is_table], self.dom.p2m,
-                                                           self.hv.memory.page_shift)
-            except ValueError as exc:
-                raise StreamError(str(exc)) from None
+            pages.view(np.uint64)[is_table] = self.tables_in(pages[is_table])
         self.hv.memory.write(self.dom.p2m[pfns], pages)
         self.received[pfns] = True
         self.pages_received += len(pfns)
@@ -496,7 +536,9 @@ class Receiver:
                 if self._killed:
                     raise MigrationError(f"{hv.name} died")
             self.status = "receiving"
-            reader = st.RecordReader(conn.recv_into)
+            reader = st.RecordReader(conn.recv_into, reuse_page_buffer=True,
+                                     page_sink=FrameSink(self),
+                                     readv_into=lambda bufs: conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
             reader.read_image_header()
             dh = reader.read_domain_header()
@@ -514,7 +556,8 @@ class Receiver:
                 rec = reader.expect(RT.PAGE_DATA, RT.VCPU_CONTEXT, RT.SOURCE_TIMING,
                                     RT.ROUND_STATS, RT.END)
                 if rec.type == RT.PAGE_DATA:
-                    self._apply(rec.fields["page_data"])
+                    if rec.fields["page_data"].pages is not None:   # not laid out for the sink
+                        self._apply(rec.fields["page_data"])
                 elif rec.type == RT.VCPU_CONTEXT:
                     self.vcpu = rec.fields
                 elif rec.type == RT.SOURCE_TIMING:
@@ -602,6 +645,43 @@ class Receiver:
                 "last_progress_wall": self.vcpu.get("last_progress_wall") if self.vcpu else None,
                 "destination_digest": digest(self.hashes) if self.resume_wall else None,
                 "faults": list(self.faults.fired), "connection_lost": self.connection_lost}
+
+
+class FrameSink:
+    """The receiver's PAGE_DATA pages land straight in the frames it reserved for them (the
+    kernel copies them there from the socket), and are hashed chunk by chunk as they land,
+    while still in cache. Page tables arrive canonical: they land in a scratch buffer and
+    are written to their frames, made this host's, once the record is complete."""
+
+    def __init__(self, receiver: "Receiver"):
+        self.rx = receiver
+        self.frames = receiver.hv.memory.frames
+
+    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list:
+        mask = st.data_mask(types)
+        self.pfns = pfns[mask]
+        is_table = self.rx.check_types(self.pfns, types[mask])
+        self.mfns = self.rx.dom.p2m[self.pfns]
+        rows = [self.frames[m] for m in self.mfns.tolist()]
+        self.tables = np.flatnonzero(is_table)
+        self.scratch = np.empty((len(self.tables), self.frames.shape[1]), dtype=np.uint8)
+        for row, table in zip(self.tables.tolist(), self.scratch, strict=True):
+            rows[row] = table
+        return rows
+
+    def landed(self, start: int, stop: int) -> None:
+        pages = self.frames[self.mfns[start:stop]]
+        if len(self.tables):
+            at = np.flatnonzero((self.tables >= start) & (self.tables < stop))
+            pages[self.tables[at] - start] = self.scratch[at]
+        self.rx.hashes[self.pfns[start:stop]] = page_hashes(pages)
+
+    def done(self) -> None:
+        rx = self.rx
+        if len(self.tables):
+            rx.hv.memory.write(self.mfns[self.tables], rx.tables_in(self.scratch).view(np.uint8))
+        rx.received[self.pfns] = True
+        rx.pages_received += len(self.pfns)
 
 
 def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:

@@ -22,6 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import msgpack
 import numpy as np
@@ -122,17 +123,24 @@ class DomainHeader:
     page_shift: int
 
 
+def data_mask(types: np.ndarray) -> np.ndarray:
+    """Which pages of a record carry data (Xen's BROKEN, XALLOC and XTAB do not)."""
+    return _HAS_DATA[types]
+
+
 @dataclass
 class PageData:
     """One decoded PAGE_DATA record: pfns, their types, and the pages that carry data."""
 
     pfns: np.ndarray        # int64
     types: np.ndarray       # uint8, PageType values
-    pages: np.ndarray       # (n_with_data, page_size) uint8, in the order of pfns with data
+    # (n_with_data, page_size) uint8, in the order of pfns with data; None when the reader
+    # delivered them to its page sink instead
+    pages: np.ndarray | None
 
     @property
     def data_mask(self) -> np.ndarray:
-        return _HAS_DATA[self.types]
+        return data_mask(self.types)
 
 
 @dataclass
@@ -164,22 +172,30 @@ def _bin_header(n: int) -> bytes:
     return b"\xc6" + struct.pack(">I", n)   # msgpack bin 32
 
 
-def encode_page_data(pfns: np.ndarray, types: np.ndarray, pages: np.ndarray) -> list:
+def encode_page_data(pfns: np.ndarray, types: np.ndarray, pages) -> list:
     """PAGE_DATA as buffers to send without joining: msgpack [count, bin pfn words, bin pages].
 
-    `pages` holds only the pages whose type carries data, in pfn order, contiguous.
+    `pages` holds only the pages whose type carries data, in pfn order: one (k, page_size)
+    array, or a list of k one-dimensional page buffers (rows of machine memory, sent from
+    where they sit: the socket gathers them, nothing copies them into a record first).
     """
     count = len(pfns)
     if not 0 < count <= MAX_BATCH_PAGES:
         raise ValueError(f"a PAGE_DATA record carries 1..{MAX_BATCH_PAGES} pages, not {count}")
     words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(PFN_TYPE_SHIFT)))
     words = words.astype("<u8", copy=False)
-    data = np.ascontiguousarray(pages)
+    if isinstance(pages, list):
+        parts = pages
+        nbytes = sum(map(len, pages))
+    else:
+        data = np.ascontiguousarray(pages)
+        parts = [memoryview(data).cast("B")]
+        nbytes = data.nbytes
     head = b"\x93" + msgpack.packb(count) + _bin_header(words.nbytes)
-    mid = _bin_header(data.nbytes)
-    length = len(head) + words.nbytes + len(mid) + data.nbytes
+    mid = _bin_header(nbytes)
+    length = len(head) + words.nbytes + len(mid) + nbytes
     return [RECORD_HEADER.pack(RecordType.PAGE_DATA, length), head, words.tobytes(), mid,
-            memoryview(data).cast("B"), _pad(length)]
+            *parts, _pad(length)]
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -293,17 +309,9 @@ def _page_data_offset(first: bytes) -> int:
     return 1 + count_bytes + 5 + 8 * count + 5
 
 
-def decode_page_data(body: bytes | memoryview, page_size: int, guest_pages: int) -> PageData:
-    """PAGE_DATA checked and decoded; `pages` is a view into `body` when its layout allows."""
-    parts = _page_data_parts(body)
-    if parts is not None:
-        count, words, data = parts
-    else:
-        obj = _unpack(body)
-        if not (isinstance(obj, list) and len(obj) == 3 and isinstance(obj[0], int)
-                and isinstance(obj[1], bytes) and isinstance(obj[2], bytes)):
-            raise StreamError("PAGE_DATA body must be [count, pfn words, page data]")
-        count, words, data = obj
+def _check_page_words(count: int, words: bytes | memoryview, data_bytes: int, page_size: int,
+                      guest_pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """pfns and types of a PAGE_DATA record, checked against its count and its data."""
     if not 0 < count <= MAX_BATCH_PAGES:
         raise StreamError(f"PAGE_DATA count {count} outside 1..{MAX_BATCH_PAGES}")
     if len(words) != 8 * count:
@@ -316,10 +324,25 @@ def decode_page_data(body: bytes | memoryview, page_size: int, guest_pages: int)
     if int(pfns.max()) >= guest_pages:
         raise StreamError(f"PAGE_DATA pfn {int(pfns.max())} beyond the guest's {guest_pages} pages")
     with_data = int(np.count_nonzero(_HAS_DATA[types]))
-    if len(data) != with_data * page_size:
-        raise StreamError(f"PAGE_DATA carries {len(data)} bytes for {with_data} pages of "
+    if data_bytes != with_data * page_size:
+        raise StreamError(f"PAGE_DATA carries {data_bytes} bytes for {with_data} pages of "
                           f"{page_size} bytes")
-    pages = np.frombuffer(data, dtype=np.uint8).reshape(with_data, page_size)
+    return pfns, types
+
+
+def decode_page_data(body: bytes | memoryview, page_size: int, guest_pages: int) -> PageData:
+    """PAGE_DATA checked and decoded; `pages` is a view into `body` when its layout allows."""
+    parts = _page_data_parts(body)
+    if parts is not None:
+        count, words, data = parts
+    else:
+        obj = _unpack(body)
+        if not (isinstance(obj, list) and len(obj) == 3 and isinstance(obj[0], int)
+                and isinstance(obj[1], bytes) and isinstance(obj[2], bytes)):
+            raise StreamError("PAGE_DATA body must be [count, pfn words, page data]")
+        count, words, data = obj
+    pfns, types = _check_page_words(count, words, len(data), page_size, guest_pages)
+    pages = np.frombuffer(data, dtype=np.uint8).reshape(len(data) // page_size, page_size)
     return PageData(pfns, types, pages)
 
 
@@ -332,18 +355,52 @@ def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
     return MAX_CONTROL_RECORD_BYTES
 
 
+class PageSink(Protocol):
+    """Where a receiver wants the pages of each PAGE_DATA record to land: straight in the
+    frames reserved for them, so no copy from a record buffer into guest memory is needed."""
+
+    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list:
+        """One writable page-sized buffer for every page of the record that carries data,
+        in record order (the pfns and types are checked already)."""
+        ...
+
+    def landed(self, start: int, stop: int) -> None:
+        """Data pages `start:stop` of the record are in their buffers (hash them now, while
+        they are in cache)."""
+        ...
+
+    def done(self) -> None:
+        """The whole record has arrived."""
+        ...
+
+
+RECV_CHUNK_PAGES = 32   # pages per receive call into a sink: 128 KiB, still in cache when landed
+
+
 class RecordReader:
     """Reads framed records from `read_into(memoryview) -> int` (a socket's recv_into).
 
     Returns 0 from read_into at end of stream; a stream that ends inside a header or record
-    is reported as truncated.
+    is reported as truncated. With a `page_sink`, the pages of every PAGE_DATA record laid
+    out as `encode_page_data` writes it are received straight into the sink's buffers with
+    `readv_into(buffers) -> int` (a socket's recvmsg_into), after the record's pfns and types
+    have been checked; such a record is returned with `pages` None.
     """
 
-    def __init__(self, read_into: Callable[[memoryview], int]):
+    def __init__(self, read_into: Callable[[memoryview], int], reuse_page_buffer: bool = False,
+                 page_sink: PageSink | None = None,
+                 readv_into: Callable[[list], int] | None = None):
         self._read_into = read_into
+        self._readv_into = readv_into or (lambda bufs: read_into(memoryview(bufs[0]).cast("B")))
+        self.page_sink = page_sink
         self.bytes_read = 0
         self.page_size = 4096
         self.guest_pages = MAX_GUEST_PAGES
+        # A migration receiver applies each PAGE_DATA record before it reads the next: it
+        # may have every record read into one buffer, kept warm in cache, instead of a fresh
+        # 4 MiB each time. The record's pages are then valid only until the next read.
+        self._page_buffer: np.ndarray | None = np.empty(0, np.uint8) if reuse_page_buffer \
+            else None
 
     def _read_view(self, n: int, what: str, prefix: bytes = b"",
                    align_offset: int | None = None) -> memoryview:
@@ -353,7 +410,11 @@ class RecordReader:
         if align_offset is None:
             view = memoryview(np.empty(n, dtype=np.uint8))
         else:
-            buf = np.empty(n + _ALIGN, dtype=np.uint8)
+            buf = self._page_buffer
+            if buf is None or len(buf) < n + _ALIGN:
+                buf = np.empty(n + _ALIGN, dtype=np.uint8)
+                if self._page_buffer is not None:
+                    self._page_buffer = buf
             shift = -(buf.ctypes.data + align_offset) % _ALIGN
             view = memoryview(buf)[shift:shift + n]
         view[:len(prefix)] = prefix
@@ -377,8 +438,9 @@ class RecordReader:
         self.page_size = 1 << hdr.page_shift
         return hdr
 
-    def _read_body(self) -> tuple[int, memoryview]:
-        """The next record's type and body, as a view into a buffer of its own."""
+    def _read_body(self) -> tuple[int, memoryview | PageData]:
+        """The next record's type and body, as a view into a buffer of its own (or, for
+        PAGE_DATA received into the page sink, the record decoded)."""
         rtype, length = RECORD_HEADER.unpack(self.read_exact(RECORD_HEADER.size,
                                                              "record header"))
         limit = max_record_bytes(rtype, self.page_size, self.guest_pages)
@@ -391,14 +453,64 @@ class RecordReader:
             # Read the pages into an aligned buffer: hashing them as 64-bit words is twice
             # as fast aligned. Where they start follows from the body's first four bytes.
             first = self.read_exact(min(4, padded), what)
-            raw = self._read_view(padded, what, first, _page_data_offset(first))
+            offset = _page_data_offset(first)
+            if self.page_sink is not None and 4 <= offset <= length:
+                return rtype, self._read_pages_to_sink(first, offset, length, padded, what)
+            raw = self._read_view(padded, what, first, offset)
         else:
             raw = self._read_view(padded, what) if padded else memoryview(b"")
         if any(raw[length:]):
             raise StreamError("non-zero record padding")
         return rtype, raw[:length]
 
+    def _read_pages_to_sink(self, first: bytes, offset: int, length: int, padded: int,
+                            what: str) -> PageData:
+        """The rest of a PAGE_DATA record whose body begins `first` and whose pages start at
+        `offset`: pfns and types read and checked, then the pages received into the sink."""
+        prefix = first + self.read_exact(offset - len(first), what)
+        tag = prefix[1]
+        count, pos = ((tag, 2) if tag <= 0x7F else (prefix[2], 3) if tag == 0xCC
+                      else (int.from_bytes(prefix[2:4], "big"), 4))
+        words_len = int.from_bytes(prefix[pos + 1:pos + 5], "big")
+        data_len = int.from_bytes(prefix[offset - 4:offset], "big")
+        if (prefix[pos] != 0xC6 or prefix[offset - 5] != 0xC6 or words_len != 8 * count
+                or data_len != length - offset):
+            raise StreamError("PAGE_DATA body must be [count, pfn words, page data]")
+        words = memoryview(prefix)[pos + 5:pos + 5 + words_len]
+        pfns, types = _check_page_words(count, words, data_len, self.page_size,
+                                        self.guest_pages)
+        buffers = self.page_sink.buffers(pfns, types)
+        self._read_into_buffers(buffers, what)
+        pad = self.read_exact(padded - length, what) if padded > length else b""
+        if any(pad):
+            raise StreamError("non-zero record padding")
+        self.page_sink.done()
+        return PageData(pfns, types, None)
+
+    def _read_into_buffers(self, buffers: list, what: str) -> None:
+        """Fill `buffers` in order, RECV_CHUNK_PAGES at a time, telling the sink of each."""
+        sink = self.page_sink
+        for start in range(0, len(buffers), RECV_CHUNK_PAGES):
+            chunk = buffers[start:start + RECV_CHUNK_PAGES]
+            want = sum(map(len, chunk))
+            got = 0
+            while got < want:
+                k = self._readv_into(chunk)
+                if not k:
+                    raise StreamError(f"stream truncated in {what} (pages)")
+                got += k
+                if got < want:     # resume where the kernel stopped, mid-page perhaps
+                    while k >= len(chunk[0]):
+                        k -= len(chunk[0])
+                        chunk = chunk[1:]
+                    if k:
+                        chunk = [memoryview(chunk[0]).cast("B")[k:], *chunk[1:]]
+            self.bytes_read += want
+            sink.landed(start, min(start + RECV_CHUNK_PAGES, len(buffers)))
+
     def read_raw(self) -> tuple[int, bytes]:
+        if self.page_sink is not None:
+            raise ValueError("read_raw of a reader that delivers pages to a sink")
         rtype, body = self._read_body()
         return rtype, body.tobytes()
 
@@ -411,6 +523,8 @@ class RecordReader:
             if rtype & OPTIONAL:
                 return None
             raise StreamError(f"unknown mandatory record type {rtype:#x}") from None
+        if isinstance(body, PageData):
+            return Record(known, {"page_data": body})
         if known is RecordType.PAGE_DATA:
             return Record(known, {"page_data": decode_page_data(body, self.page_size,
                                                                 self.guest_pages)})
