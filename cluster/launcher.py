@@ -58,6 +58,7 @@ class ClusterSpec:
     metrics_port: int | None = 0        # host i serves /metrics on this + i; 0: free ports; None: none
     metrics_address: str = "127.0.0.1"  # where /metrics listens (--metrics-host)
     prometheus_port: int | None = None  # `migbed up`: run Prometheus there (0: a free port)
+    superpages: bool = True             # guest frames in 2 MiB extents (False: a fragmented host)
 
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= MAX_HOSTS:
@@ -90,7 +91,7 @@ class ClusterSpec:
                            page_size=self.page_size, reserved_bytes=self.reserved_bytes,
                            profile=self.profiles.get(n, self.default_profile),
                            dom0_memory_bytes=self.dom0_memory_bytes,
-                           address=self.bind_address, seed=i,
+                           address=self.bind_address, seed=i, superpages=self.superpages,
                            metrics_port=(self.metrics_port + i if self.metrics_port
                                          else self.metrics_port),
                            metrics_address=self.metrics_address)

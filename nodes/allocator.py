@@ -5,8 +5,12 @@ domain at one pseudo-physical frame number. The allocator keeps that in two arra
 are also Xen's M2P table, so frame accounting is exact by construction: `counts()` adds up to
 `nframes` always, and a property test checks no frame is ever owned twice.
 
-Scattered allocations are deliberately shuffled (a fragmented host), so physical != machine
-is visible in every P2M and VP guest.
+Scattered allocations are deliberately shuffled, so physical != machine is visible in every
+P2M and VP guest. By default they come in superpage extents, as Xen populates a guest's memory
+(populate_physmap in 2 MiB extents where it can): aligned runs of SUPERPAGE_FRAMES frames,
+the runs in random machine order, the frames in order within a run; what does not fill an
+extent, or finds no free one, comes as single frames. With `superpages=False` every frame is
+drawn on its own: a host so fragmented that no two neighbouring pfns share a run.
 """
 
 import numpy as np
@@ -16,11 +20,12 @@ from nodes.errors import ConfigError, OutOfFramesError
 OWNER_FREE = -1
 OWNER_HYPERVISOR = -2
 PFN_NONE = -1
+SUPERPAGE_FRAMES = 512   # a 2 MiB superpage of 4 KiB frames
 
 
 class FrameAllocator:
     def __init__(self, nframes: int, reserved_frames: int, hypervisor_at: str = "bottom",
-                 seed: int = 0):
+                 seed: int = 0, superpages: bool = True):
         if reserved_frames < 1:
             raise ConfigError("the hypervisor needs at least one reserved frame")
         if reserved_frames >= nframes:
@@ -38,6 +43,7 @@ class FrameAllocator:
             raise ConfigError(f"hypervisor_at must be 'bottom' or 'top', not {hypervisor_at!r}")
         self.owner[self.reserved.start:self.reserved.stop] = OWNER_HYPERVISOR
         self._rng = np.random.default_rng(seed)
+        self.extent = SUPERPAGE_FRAMES if superpages else 1
 
     # -- accounting -------------------------------------------------------------------
     @property
@@ -67,13 +73,25 @@ class FrameAllocator:
 
         Frames are drawn at random from the 2n highest free frames: out of order and with
         holes, like a fragmented host, while long runs stay free low in memory for P==M
-        guests (which need one contiguous run).
+        guests (which need one contiguous run). Whole free superpages among them are taken
+        as extents first (see the module docstring), the rest frame by frame.
         """
         self._need(n)
         free = np.flatnonzero(self.owner == OWNER_FREE)[::-1][:2 * n]
-        mfns = self._rng.choice(free, size=n, replace=False)
+        extents = np.empty(0, dtype=np.int64)
+        e = self.extent
+        if e > 1 and n >= e:
+            isfree = np.zeros(self.nframes // e * e, dtype=bool)
+            isfree[free[free < len(isfree)]] = True
+            whole = np.flatnonzero(isfree.reshape(-1, e).all(axis=1))
+            take = self._rng.choice(whole, size=min(n // e, len(whole)), replace=False)
+            extents = (take[:, None] * e + np.arange(e)).ravel()
+            if len(extents):
+                free = free[~np.isin(free, extents)]
+        singles = self._rng.choice(free, size=n - len(extents), replace=False)
+        mfns = np.concatenate([extents, singles]).astype(np.int64)
         self.owner[mfns] = domid
-        return mfns.astype(np.int64)
+        return mfns
 
     def alloc_contiguous(self, n: int, domid: int, start: int | None = None) -> int:
         """One run of `n` free frames for `domid`, at `start` or the lowest run that fits."""

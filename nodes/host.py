@@ -52,6 +52,7 @@ class HostConfig:
     dom0_memory_bytes: int | None = None
     address: str = "127.0.0.1"       # where this host's data channels listen
     seed: int = 0
+    superpages: bool = True          # guests' frames in 2 MiB extents (False: 4 KiB scatter)
     metrics_port: int | None = None  # where /metrics is served (0: a free port; None: not)
     metrics_address: str = "127.0.0.1"
 
@@ -74,7 +75,7 @@ class HostService:
         self.name = config.name
         self.hv = Hypervisor(config.name, config.memory_bytes, config.page_size,
                              config.reserved_bytes, config.profile, config.dom0_memory_bytes,
-                             config.seed)
+                             config.seed, config.superpages)
         self.vcpus: dict[str, VCPU] = {}
         self.workloads: dict[str, WorkloadSpec] = {}
         self._retired: dict[str, VCPU] = {}

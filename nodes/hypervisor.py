@@ -50,7 +50,7 @@ class Hypervisor:
     def __init__(self, name: str = "host-0", memory_bytes: int = 256 * 1024 * 1024,
                  page_size: int = 4096, reserved_bytes: int = DEFAULT_RESERVED_BYTES,
                  profile: str = DEFAULT_PROFILE, dom0_memory_bytes: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, superpages: bool = True):
         self.name = name
         self.profile = get_profile(profile)
         if reserved_bytes <= 0 or reserved_bytes % page_size:
@@ -64,7 +64,7 @@ class Hypervisor:
         self.memory = MachineMemory(memory_bytes, page_size)
         self.page_size = page_size
         self.allocator = FrameAllocator(self.memory.nframes, reserved_bytes // page_size,
-                                        self.profile.hypervisor_at, seed)
+                                        self.profile.hypervisor_at, seed, superpages)
         self.lock = threading.RLock()
         self.domains: dict[str, Domain] = {}
         self._next_domid = 1
@@ -288,10 +288,8 @@ class Hypervisor:
         dom = self.domain(name)
         with dom.lock:
             hashes = np.empty(dom.npages, dtype=np.uint64)
-            step = 1024
-            for i in range(0, dom.npages, step):
-                hashes[i:i + step] = page_hashes(dom.foreign_read(np.arange(
-                    i, min(i + step, dom.npages))))
+            for i, pages, _ in self.memory.pieces(dom.p2m):
+                hashes[i:i + len(pages)] = page_hashes(pages)
             if len(dom.pt_pfns):
                 hashes[dom.pt_pfns] = page_hashes(self.canonical_tables(dom))
             return hashes

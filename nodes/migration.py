@@ -177,7 +177,7 @@ class Sender:
         dom = self.dom
         is_pt = np.zeros(dom.npages, dtype=bool)
         is_pt[dom.pt_pfns] = True
-        frames = self.hv.memory.frames
+        memory = self.hv.memory
         for i in range(0, len(pfns), st.MAX_BATCH_PAGES):
             if live:
                 self._check_cancel()
@@ -191,18 +191,22 @@ class Sender:
                         if not len(batch):
                             continue
                 mfns = dom.p2m[batch]
-            pages = [frames[m] for m in mfns.tolist()]       # views, not copies
             pt_rows = np.flatnonzero(is_pt[batch])
             types = np.full(len(batch), st.PageType.NOTAB, dtype=np.uint8)
-            if len(pt_rows):
-                # Page tables go canonical (pfns, not this host's mfns): those few are copied.
+            if not len(pt_rows):
+                pages = memory.buffers(mfns)                 # views of the frames, no copy
+            else:
+                # Page tables go canonical (pfns, not this host's mfns): those are copied.
                 types[pt_rows] = st.PageType.L1TAB
-                shift = self.hv.memory.page_shift
                 tables = pagetable.canonicalise(
-                    self.hv.memory.words[mfns[pt_rows]], dom.domid, self.hv.allocator.owner,
-                    self.hv.allocator.pfn, shift).view(np.uint8)
+                    memory.words[mfns[pt_rows]], dom.domid, self.hv.allocator.owner,
+                    self.hv.allocator.pfn, memory.page_shift).view(np.uint8)
+                pages, at = [], 0
                 for row, table in zip(pt_rows.tolist(), tables, strict=True):
-                    pages[row] = table
+                    pages += memory.buffers(mfns[at:row])
+                    pages.append(table)
+                    at = row + 1
+                pages += memory.buffers(mfns[at:])
             n = self.link.send(st.encode_page_data(batch, types, pages))
             if live:
                 self.faults.at(Stage.ROUND, rnd.index)
@@ -252,6 +256,7 @@ class Sender:
         self.result = {"status": "failed", "error": None, "stop_reason": None,
                        "mode_before": dom.mode.value, "mode_during": Mode.VP.value}
         phases = Phases(t0)
+        end_mono = None    # the migration ends when the destination confirms the resume
         try:
             sock = connect(self.ticket, s.timeout_seconds)
             self.link = LinkSender(sock, s.link_bytes_per_second, s.latency_seconds,
@@ -343,7 +348,7 @@ class Sender:
             if not result.fields["ok"]:
                 handed_over = False
                 raise MigrationError(f"destination failed to resume: {result.fields['error']}")
-            source_gone_mono = time.monotonic()
+            source_gone_mono = end_mono = time.monotonic()
             phases.end("handover")
             if s.verify:
                 self.result["source_digest"] = hv.canonical_digest(self.name + MIGRATED_AWAY)
@@ -380,7 +385,10 @@ class Sender:
             rounds=[r.to_dict() for r in self.rounds],
             pages_sent_total=sum(r.pages_sent for r in self.rounds),
             bytes_sent_total=self.link.bytes_sent if self.link else 0,
-            total_time_seconds=time.monotonic() - t0, faults=list(self.faults.fired),
+            # As QEMU's total-time: start to the guest running on the destination. What the
+            # source does afterwards (migbed's verify, destroying its copy) is in the phases.
+            total_time_seconds=(end_mono or time.monotonic()) - t0,
+            faults=list(self.faults.fired),
             phase_seconds=phases.seconds)
         return self.result
 
@@ -649,37 +657,62 @@ class Receiver:
 
 class FrameSink:
     """The receiver's PAGE_DATA pages land straight in the frames it reserved for them (the
-    kernel copies them there from the socket), and are hashed chunk by chunk as they land,
-    while still in cache. Page tables arrive canonical: they land in a scratch buffer and
-    are written to their frames, made this host's, once the record is complete."""
+    kernel copies them there from the socket), in chunks of up to RECV_CHUNK_PAGES, and each
+    chunk is hashed as it lands, while still in cache: a chunk inside one superpage extent
+    is hashed where it lies, a scattered one is gathered first. Page tables arrive canonical:
+    they land in a scratch buffer and are written to their frames, made this host's, once
+    the record is complete."""
 
     def __init__(self, receiver: "Receiver"):
         self.rx = receiver
-        self.frames = receiver.hv.memory.frames
+        self.memory = receiver.hv.memory
 
-    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list:
+    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
         mask = st.data_mask(types)
         self.pfns = pfns[mask]
         is_table = self.rx.check_types(self.pfns, types[mask])
-        self.mfns = self.rx.dom.p2m[self.pfns]
-        rows = [self.frames[m] for m in self.mfns.tolist()]
+        mfns = self.mfns = self.rx.dom.p2m[self.pfns]
         self.tables = np.flatnonzero(is_table)
-        self.scratch = np.empty((len(self.tables), self.frames.shape[1]), dtype=np.uint8)
+        self.scratch = np.empty((len(self.tables), self.memory.page_size), dtype=np.uint8)
+        n = len(mfns)
+        # A chunk lies in one run of frames if no break (a jump, or a page table) is in it.
+        jump = np.ones(n, dtype=bool)
+        jump[1:] = np.diff(mfns) != 1
+        jump[self.tables] = True
+        jump[self.tables[self.tables + 1 < n] + 1] = True
+        breaks = np.cumsum(jump)
+        self.chunks: list[tuple[int, int, bool]] = []
+        chunks = []
+        frames = self.memory.frames
+        step = st.RECV_CHUNK_PAGES
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            whole = breaks[stop - 1] == breaks[start] and not is_table[start]
+            self.chunks.append((start, stop, whole))
+            if whole:
+                chunks.append([frames[mfns[start]:mfns[start] + stop - start].reshape(-1)])
+            else:
+                chunks.append([frames[m] for m in mfns[start:stop].tolist()])
         for row, table in zip(self.tables.tolist(), self.scratch, strict=True):
-            rows[row] = table
-        return rows
+            chunks[row // step][row % step] = table
+        return chunks
 
-    def landed(self, start: int, stop: int) -> None:
-        pages = self.frames[self.mfns[start:stop]]
-        if len(self.tables):
-            at = np.flatnonzero((self.tables >= start) & (self.tables < stop))
-            pages[self.tables[at] - start] = self.scratch[at]
+    def landed(self, index: int) -> None:
+        start, stop, whole = self.chunks[index]
+        frames = self.memory.frames
+        if whole:
+            pages = frames[self.mfns[start]:self.mfns[start] + stop - start]
+        else:
+            pages = frames[self.mfns[start:stop]]
+            if len(self.tables):
+                at = np.flatnonzero((self.tables >= start) & (self.tables < stop))
+                pages[self.tables[at] - start] = self.scratch[at]
         self.rx.hashes[self.pfns[start:stop]] = page_hashes(pages)
 
     def done(self) -> None:
         rx = self.rx
         if len(self.tables):
-            rx.hv.memory.write(self.mfns[self.tables], rx.tables_in(self.scratch).view(np.uint8))
+            self.memory.write(self.mfns[self.tables], rx.tables_in(self.scratch).view(np.uint8))
         rx.received[self.pfns] = True
         rx.pages_received += len(self.pfns)
 

@@ -359,14 +359,14 @@ class PageSink(Protocol):
     """Where a receiver wants the pages of each PAGE_DATA record to land: straight in the
     frames reserved for them, so no copy from a record buffer into guest memory is needed."""
 
-    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list:
-        """One writable page-sized buffer for every page of the record that carries data,
-        in record order (the pfns and types are checked already)."""
+    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
+        """Writable buffers for the record's pages that carry data, in record order, in
+        chunks (lists of buffers) to be filled one after another (the pfns and types are
+        checked already)."""
         ...
 
-    def landed(self, start: int, stop: int) -> None:
-        """Data pages `start:stop` of the record are in their buffers (hash them now, while
-        they are in cache)."""
+    def landed(self, index: int) -> None:
+        """Chunk `index` is filled (hash it now, while it is in cache)."""
         ...
 
     def done(self) -> None:
@@ -374,7 +374,7 @@ class PageSink(Protocol):
         ...
 
 
-RECV_CHUNK_PAGES = 32   # pages per receive call into a sink: 128 KiB, still in cache when landed
+RECV_CHUNK_PAGES = 32   # pages a sink's chunk should hold: 128 KiB, still in cache when landed
 
 
 class RecordReader:
@@ -487,11 +487,9 @@ class RecordReader:
         self.page_sink.done()
         return PageData(pfns, types, None)
 
-    def _read_into_buffers(self, buffers: list, what: str) -> None:
-        """Fill `buffers` in order, RECV_CHUNK_PAGES at a time, telling the sink of each."""
-        sink = self.page_sink
-        for start in range(0, len(buffers), RECV_CHUNK_PAGES):
-            chunk = buffers[start:start + RECV_CHUNK_PAGES]
+    def _read_into_buffers(self, chunks: list[list], what: str) -> None:
+        """Fill the sink's chunks in order, telling it as each is filled."""
+        for index, chunk in enumerate(chunks):
             want = sum(map(len, chunk))
             got = 0
             while got < want:
@@ -499,14 +497,14 @@ class RecordReader:
                 if not k:
                     raise StreamError(f"stream truncated in {what} (pages)")
                 got += k
-                if got < want:     # resume where the kernel stopped, mid-page perhaps
+                if got < want:     # resume where the kernel stopped, mid-buffer perhaps
                     while k >= len(chunk[0]):
                         k -= len(chunk[0])
                         chunk = chunk[1:]
                     if k:
                         chunk = [memoryview(chunk[0]).cast("B")[k:], *chunk[1:]]
             self.bytes_read += want
-            sink.landed(start, min(start + RECV_CHUNK_PAGES, len(buffers)))
+            self.page_sink.landed(index)
 
     def read_raw(self) -> tuple[int, bytes]:
         if self.page_sink is not None:

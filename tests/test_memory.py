@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodes.allocator import OWNER_FREE, OWNER_HYPERVISOR, FrameAllocator
+from nodes.allocator import OWNER_FREE, OWNER_HYPERVISOR, SUPERPAGE_FRAMES, FrameAllocator
 from nodes.errors import ConfigError, OutOfFramesError
 from nodes.memory import MachineMemory
 from nodes.sizes import parse_duration, parse_size
@@ -47,11 +47,28 @@ def test_reserved_frames_at_bottom_or_top():
 
 
 def test_scattered_frames_are_not_contiguous_nor_in_order():
-    a = FrameAllocator(4096, 64, seed=3)
+    a = FrameAllocator(4096, 64, seed=3, superpages=False)
     mfns = a.alloc_scattered(512, domid=1)
     assert len(set(mfns.tolist())) == 512
     assert not np.all(np.diff(mfns) == 1)
     assert not np.all(np.diff(mfns) > 0)
+    assert np.count_nonzero(np.diff(mfns) == 1) < 64, "frame by frame: hardly any neighbours"
+
+
+def test_superpage_extents_are_aligned_runs_in_shuffled_order():
+    a = FrameAllocator(1 << 15, 64, seed=3)
+    n = 8 * SUPERPAGE_FRAMES + 100                 # eight extents and a remainder
+    mfns = a.alloc_scattered(n, domid=1)
+    assert len(set(mfns.tolist())) == n and (a.owner[mfns] == 1).all()
+    extents = mfns[:8 * SUPERPAGE_FRAMES].reshape(8, SUPERPAGE_FRAMES)
+    assert (extents[:, 0] % SUPERPAGE_FRAMES == 0).all(), "extents are superpage-aligned"
+    assert (np.diff(extents, axis=1) == 1).all(), "in order within an extent"
+    assert not (np.diff(extents[:, 0]) > 0).all(), "extents in shuffled machine order"
+    # A host with no free superpage left gives single frames, and still every frame asked.
+    frag = FrameAllocator(4096, 64, seed=1)
+    frag.owner[::SUPERPAGE_FRAMES // 2] = 99         # a used frame in every half superpage
+    got = frag.alloc_scattered(600, domid=2)
+    assert len(set(got.tolist())) == 600 and not np.all(np.diff(got[:512]) == 1)
 
 
 def test_contiguous_run_and_out_of_frames():
