@@ -66,9 +66,9 @@ class MachineMemory:
 
     def pieces(self, mfns: np.ndarray, max_pages: int = 1024
                ) -> Iterator[tuple[int, np.ndarray, bool]]:
-        """Frames `mfns` in order as (index into mfns, pages, is_view) pieces of at most
-        `max_pages`: runs of adjacent frames as views of machine memory (no copy), the rest
-        gathered into copies. Reading through views is what makes hashing and scrubbing a
+        """Frames `mfns` as (index into mfns, pages, is_view) pieces of at most `max_pages`,
+        covering each once (not necessarily in order): runs of adjacent frames as views of
+        machine memory (no copy), the rest gathered into copies. Reading through views is what makes hashing and scrubbing a
         guest held in superpage extents cheap."""
         n = len(mfns)
         breaks = np.flatnonzero(np.diff(mfns) != 1) + 1

@@ -464,9 +464,11 @@ class RecordReader:
         return rtype, raw[:length]
 
     def _read_pages_to_sink(self, first: bytes, offset: int, length: int, padded: int,
-                            what: str) -> PageData:
+                            what: str) -> "PageData | memoryview":
         """The rest of a PAGE_DATA record whose body begins `first` and whose pages start at
-        `offset`: pfns and types read and checked, then the pages received into the sink."""
+        `offset` if laid out as `encode_page_data` writes it: pfns and types read and
+        checked, then the pages received into the sink. A body laid out otherwise (msgpack
+        allows several) is read whole and returned for `decode_page_data`."""
         prefix = first + self.read_exact(offset - len(first), what)
         tag = prefix[1]
         count, pos = ((tag, 2) if tag <= 0x7F else (prefix[2], 3) if tag == 0xCC
@@ -475,7 +477,10 @@ class RecordReader:
         data_len = int.from_bytes(prefix[offset - 4:offset], "big")
         if (prefix[pos] != 0xC6 or prefix[offset - 5] != 0xC6 or words_len != 8 * count
                 or data_len != length - offset):
-            raise StreamError("PAGE_DATA body must be [count, pfn words, page data]")
+            raw = self._read_view(padded, what, prefix)
+            if any(raw[length:]):
+                raise StreamError("non-zero record padding")
+            return raw[:length]
         words = memoryview(prefix)[pos + 5:pos + 5 + words_len]
         pfns, types = _check_page_words(count, words, data_len, self.page_size,
                                         self.guest_pages)

@@ -132,3 +132,27 @@ def test_parse_duration():
     assert parse_duration("2s") == 2.0 and parse_duration("1.5") == 1.5
     with pytest.raises(ConfigError):
         parse_duration("soon")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 40)), min_size=1, max_size=30))
+def test_frames_as_buffers_and_pieces(runs):
+    """Any mix of runs and single frames: the buffers carry exactly the frames' bytes in
+    order, the pieces cover every frame once (views where frames are adjacent), and a
+    scrub through them zeroes exactly those frames."""
+    mem = MachineMemory(256 * 4096 + 64 * 4096)
+    mem.words[:] = np.arange(mem.words.size, dtype=np.uint64).reshape(mem.words.shape)
+    mfns = np.concatenate([np.arange(a, a + k) for a, k in runs]).astype(np.int64)
+    mfns = mfns[np.unique(mfns, return_index=True)[1]]       # distinct, first-seen order
+    sent = b"".join(bytes(b) for b in mem.buffers(mfns))
+    assert sent == mem.frames[mfns].tobytes()
+    seen = np.zeros(len(mfns), dtype=int)
+    for i, pages, is_view in mem.pieces(mfns, max_pages=32):
+        assert (pages == mem.frames[mfns[i:i + len(pages)]]).all() and len(pages) <= 32
+        assert is_view == np.shares_memory(pages, mem.frames)
+        seen[i:i + len(pages)] += 1
+    assert (seen == 1).all()
+    keep = np.setdiff1d(np.arange(mem.nframes), mfns)
+    before = mem.frames[keep].copy()
+    mem.scrub(mfns, batch_frames=32)
+    assert not mem.frames[mfns].any() and (mem.frames[keep] == before).all()

@@ -15,8 +15,36 @@ from nodes.stream import RecordType as RT
 PAGE = 4096
 
 
-def reader_of(data: bytes, guest_pages: int = 64) -> s.RecordReader:
-    r = s.RecordReader(io.BytesIO(data).readinto)
+class Sink:
+    """A page sink as a receiver's: pages land in rows of its own memory, chunk by chunk."""
+
+    def __init__(self, guest_pages: int = 64):
+        self.memory = np.zeros((guest_pages, PAGE), np.uint8)
+        self.landed_chunks: list[int] = []
+        self.done_records = 0
+
+    def buffers(self, pfns, types):
+        self.rows = pfns[s.data_mask(types)]
+        rows = [self.memory[p] for p in self.rows.tolist()]
+        return [rows[i:i + 2] for i in range(0, len(rows), 2)]   # chunks of two pages
+
+    def landed(self, index):
+        self.landed_chunks.append(index)
+
+    def done(self):
+        self.done_records += 1
+
+
+@pytest.fixture(params=["buffer", "sink"])
+def via(request) -> str:
+    """Every reader test twice: records read into a buffer, and pages received into a sink."""
+    return request.param
+
+
+def reader_of(data: bytes, guest_pages: int = 64, via: str = "buffer") -> s.RecordReader:
+    f = io.BytesIO(data)
+    sink = Sink(guest_pages) if via == "sink" else None
+    r = s.RecordReader(f.readinto, page_sink=sink)
     r.guest_pages = guest_pages
     return r
 
@@ -46,12 +74,31 @@ def read_all(r: s.RecordReader) -> list:
             return out
 
 
-def test_round_trip():
-    recs = read_all(reader_of(good_stream()))
+def test_round_trip(via):
+    r = reader_of(good_stream(5), via=via)
+    recs = read_all(r)
     assert [r.type for r in recs] == [RT.VERIFY, RT.PAGE_DATA, RT.END]
     pd = recs[1].fields["page_data"]
-    assert list(pd.pfns) == [0, 1, 2, 3] and pd.types[-1] == s.PageType.L1TAB
-    assert pd.pages.shape == (4, PAGE) and pd.pages[1, 1] == (PAGE + 1) % 256
+    assert list(pd.pfns) == [0, 1, 2, 3, 4] and pd.types[-1] == s.PageType.L1TAB
+    pages = pd.pages if via == "buffer" else r.page_sink.memory[:5]
+    assert pages.shape == (5, PAGE) and pages[1, 1] == (PAGE + 1) % 256
+    expected = np.arange(5 * PAGE, dtype=np.uint32).astype(np.uint8).reshape(5, PAGE)
+    assert (pages == expected).all()
+    if via == "sink":
+        assert pd.pages is None and r.page_sink.done_records == 1
+        assert r.page_sink.landed_chunks == [0, 1, 2], "five pages land in chunks of two"
+
+
+def test_a_sink_takes_only_the_layout_it_knows(via):
+    """PAGE_DATA as plain msgpack (bin 8/16 headers): read into a buffer and decoded, even
+    by a reader with a sink."""
+    pfns = np.array([3, 1])
+    words = pfns.astype("<u8").tobytes()
+    data = np.full((2, PAGE), 9, np.uint8).tobytes()
+    r = reader_of(_body_stream(RT.PAGE_DATA, msgpack.packb([2, words, data])) +
+                  s.encode_record(RT.END), via=via)
+    pd = read_all(r)[0].fields["page_data"]
+    assert list(pd.pfns) == [3, 1] and (pd.pages == 9).all()
 
 
 def test_records_are_padded_to_eight_bytes():
@@ -98,9 +145,30 @@ def test_unknown_mandatory_record_fails_optional_is_skipped():
     (msgpack.packb({"a": 1}), "must be"),
     (b"\xc1", "not valid msgpack"),
 ])
-def test_page_data_is_checked(body, match):
+def test_page_data_is_checked(body, match, via):
     with pytest.raises(StreamError, match=match):
-        read_all(reader_of(_body_stream(RT.PAGE_DATA, body)))
+        read_all(reader_of(_body_stream(RT.PAGE_DATA, body), via=via))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda w, d: (w[:-8], d), "8 bytes of pfns for 2"),         # pfn words short of count
+    (lambda w, d: (w, d[:-PAGE]), "carries 4096 bytes for 2"),   # page data short of count
+    (lambda w, d: ((999).to_bytes(8, "little") + w[8:], d), "beyond the guest"),
+    (lambda w, d: (((0x7 << 60) | 1).to_bytes(8, "little") + w[8:], d), "unknown page type"),
+])
+def test_page_data_in_encoder_layout_is_checked_before_a_page_lands(change, match, via):
+    """The layout the sink takes: its pfns and types are checked before any page is
+    received, so a bad record writes nothing to the sink's memory."""
+    words = np.arange(2, dtype="<u8").tobytes()
+    data = np.full((2, PAGE), 5, np.uint8).tobytes()
+    words, data = change(words, data)
+    head = b"\x93\x02" + b"\xc6" + len(words).to_bytes(4, "big") + words
+    body = head + b"\xc6" + len(data).to_bytes(4, "big") + data
+    r = reader_of(_body_stream(RT.PAGE_DATA, body), via=via)
+    with pytest.raises(StreamError, match=match):
+        read_all(r)
+    if via == "sink":
+        assert not r.page_sink.memory.any()
 
 
 def test_lengths_are_bounded_before_allocation():
@@ -110,16 +178,16 @@ def test_lengths_are_bounded_before_allocation():
         read_all(reader_of(huge))
 
 
-def test_truncation_and_padding():
+def test_truncation_and_padding(via):
     data = good_stream()
-    for cut in (3, 30, 60, len(data) - 1):
+    for cut in (3, 30, 60, 200, 5000, len(data) - 1):
         with pytest.raises(StreamError, match="truncated"):
-            read_all(reader_of(data[:cut]))
+            read_all(reader_of(data[:cut], via=via))
     body = msgpack.packb({"digest": "x"})
     bad_pad = (s.encode_image_header() + s.encode_domain_header("vp", 12)
                + s.RECORD_HEADER.pack(RT.VERIFY, len(body)) + body + b"\1" * (-len(body) % 8))
     with pytest.raises(StreamError, match="padding"):
-        read_all(reader_of(bad_pad))
+        read_all(reader_of(bad_pad, via=via))
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -138,20 +206,22 @@ def test_ext_types_and_negative_numbers_are_refused():
         s.decode_fields(RT.RECEIVER_READY, body)
 
 
+@pytest.mark.parametrize("way", ["buffer", "sink"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=4096))
-def test_fuzz_any_bytes_give_a_clean_error(data):
+@given(data=st.binary(max_size=4096))
+def test_fuzz_any_bytes_give_a_clean_error(data, way):
     """Random bytes after a valid header: a StreamError or a valid record, nothing else."""
     head = s.encode_image_header() + s.encode_domain_header("vp", 12)
     try:
-        read_all(reader_of(head + data))
+        read_all(reader_of(head + data, via=way))
     except StreamError:
         pass
 
 
+@pytest.mark.parametrize("way", ["buffer", "sink"])
 @settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_fuzz_mutated_valid_stream(data):
+@given(data=st.data())
+def test_fuzz_mutated_valid_stream(data, way):
     """Flip, cut and insert bytes in a valid stream: never a crash, never a hang."""
     raw = bytearray(good_stream(3))
     for _ in range(data.draw(st.integers(1, 6))):
@@ -166,7 +236,7 @@ def test_fuzz_mutated_valid_stream(data):
         if not raw:
             break
     try:
-        read_all(reader_of(bytes(raw)))
+        read_all(reader_of(bytes(raw), via=way))
     except StreamError:
         pass
 
