@@ -70,6 +70,7 @@ class BenchOptions:
     sections: tuple[str, ...] = SECTIONS
     in_process: bool = False
     quick: bool = False
+    superpages: bool = True         # hosts give guests 2 MiB extents (False: frame by frame)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sections if s not in SECTIONS]
@@ -374,8 +375,8 @@ def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], 
         res.conclusions.append(
             f"page pipeline (round 0) at {target:.0%} of the raw data path "
             f"({'meets' if target >= 0.8 else 'misses'} the 80 % target); the whole migration "
-            f"at {res.ratios['migration / raw data path']:.0%} (setup, hand-over, verify and "
-            "scrub included)")
+            f"at {res.ratios['migration / raw data path']:.0%} (setup to the destination's "
+            "RESULT; the source's verify and cleanup come after, see phase_seconds)")
 
 
 def bench_downtime(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
@@ -483,25 +484,36 @@ def bench_dirtying(opts: BenchOptions, res: Results, say: Callable[[str], None])
 
 
 def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
-    """Each stage of the page pipeline alone, on 4 MiB records of a scattered guest."""
+    """Each stage of the page pipeline alone, on one 4 MiB record of a guest, to show which
+    is slowest. The socket copies themselves are the throughput section's raw data path."""
     from nodes.digest import page_hashes
     from nodes.hypervisor import Hypervisor
     size = opts.downtime_guest_memory_bytes
-    hv = Hypervisor("stages", 2 * size + 16 * MiB)
+    hv = Hypervisor("stages", 2 * size + 16 * MiB, superpages=opts.superpages)
     dom = hv.create_domain("g", size, "p2m")
     dom.memory.frames[dom.p2m] = 7                     # touched: warm frames
     batch = min(st.MAX_BATCH_PAGES, dom.data_pages)
     pfns = np.arange(batch, dtype=np.int64)
     types = np.zeros(batch, dtype=np.uint8)
+    mfns = dom.p2m[pfns]
     pages = dom.foreign_read(pfns)
     record = b"".join(bytes(b) for b in st.encode_page_data(pfns, types, pages))
     target = hv.allocator.alloc_scattered(batch, 99)
     hv.memory.frames[target] = 1
+    scattered = np.random.default_rng(0).permutation(target)   # frame by frame, any host
+
+    def hash_in_place() -> None:
+        for _, view, _ in hv.memory.pieces(mfns, st.RECV_CHUNK_PAGES):
+            page_hashes(view)
+
     stages = {
-        "read (gather from frames)": lambda: dom.foreign_read(pfns),
-        "encode PAGE_DATA": lambda: st.encode_page_data(pfns, types, pages),
+        "send buffers from frames + encode": lambda: st.encode_page_data(
+            pfns, types, hv.memory.buffers(mfns)),
         "decode PAGE_DATA": lambda: _decode(record),
-        "hash pages": lambda: page_hashes(pages),
+        "hash as landed (extents)": hash_in_place,
+        "hash gathered (scattered)": lambda: page_hashes(
+            hv.memory.frames[scattered]),
+        "read (gather from frames)": lambda: dom.foreign_read(pfns),
         "write (scatter to frames)": lambda: hv.memory.write(target, pages),
     }
     for label, fn in stages.items():
@@ -521,7 +533,9 @@ def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -
     res.conclusions.append(
         f"slowest pipeline stage: {slow[6:]} at {_mib(res.median(slow))}; writing into "
         f"never-touched frames runs at {_mib(res.median('first_touch_write_bytes_per_second'))}"
-        ", which is why a destination populates the frames it reserves before the stream")
+        ", which is why a destination populates the frames it reserves before the stream; "
+        "pages are sent from and received into the frames themselves (sendmsg, "
+        "recvmsg_into), so gather and scatter run only for another record layout")
     say(f"  stages: slowest is {slow[6:]}")
 
 
@@ -693,7 +707,8 @@ def run_bench(opts: BenchOptions, testbed=None,
     needs_cluster = any(s in opts.sections for s in ("throughput", "downtime", "scale"))
     own = None
     if testbed is None and needs_cluster:
-        spec = ClusterSpec(hosts=opts.hosts, host_memory_bytes=opts.host_memory_bytes)
+        spec = ClusterSpec(hosts=opts.hosts, host_memory_bytes=opts.host_memory_bytes,
+                           superpages=opts.superpages)
         say(f"bench: starting {'an in-process' if opts.in_process else 'a local Ray'} "
             f"cluster of {opts.hosts} hosts")
         own = testbed = Testbed.in_process(spec) if opts.in_process else Testbed.local(spec)

@@ -120,6 +120,13 @@ def add_cluster_options(p: argparse.ArgumentParser, hosts: int = 3,
                    default=4 * 1024 * 1024, help="frames the hypervisor keeps (default 4MiB)")
     p.add_argument("--dom0-memory", type=_size("--dom0-memory"), default=None,
                    help="dom0 memory per host (default 1/32 of the host, at least 1MiB)")
+    add_superpages_option(p)
+
+
+def add_superpages_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-superpages", action="store_true",
+                   help="give guests frame by frame (a fragmented host) instead of in 2 MiB "
+                        "superpage extents as Xen does; migrations then move scattered pages")
 
 
 def add_prometheus_options(p: argparse.ArgumentParser, metrics_host: bool = True) -> None:
@@ -196,7 +203,8 @@ def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
                        dom0_memory_bytes=args.dom0_memory, profiles=per,
                        default_profile=default, address=address,
                        bind_address="node" if address else "127.0.0.1",
-                       metrics_address=getattr(args, "metrics_host", "127.0.0.1"))
+                       metrics_address=getattr(args, "metrics_host", "127.0.0.1"),
+                       superpages=not args.no_superpages)
 
 
 def check_guests_fit(cluster, guest_bytes: int, count: int = 1) -> None:
@@ -412,7 +420,8 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cluster.bench import SECTIONS, BenchOptions, run_bench
     sections = tuple(x.strip() for x in args.only.split(",")) if args.only else SECTIONS
-    overrides: dict = {"sections": sections, "in_process": args.in_process}
+    overrides: dict = {"sections": sections, "in_process": args.in_process,
+                       "superpages": not args.no_superpages}
     if args.repeats is not None:
         overrides["repeats"] = args.repeats
     if args.guest_memory is not None:
@@ -666,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="idle guest of the throughput section (default 256MiB)")
     s.add_argument("--in-process", action="store_true",
                    help="hosts in this process instead of a local Ray cluster")
+    add_superpages_option(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
     s.set_defaults(func=cmd_bench)

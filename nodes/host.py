@@ -108,6 +108,7 @@ class HostService:
         d["address"] = self.config.address
         d["profile_summary"] = self.hv.profile.summary
         d["guest_modes"] = [m.value for m in self.hv.profile.guest_modes]
+        d["superpages"] = self.config.superpages
         return d
 
     def list_guests(self) -> list[dict]:
