@@ -292,8 +292,12 @@ def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], 
             where = dest
             if r.status != "completed":
                 raise RuntimeError(f"idle migration {r.status}: {r.error}")
+            cpu = r.cpu_seconds
             say(f"  idle migration {i + 1}/{opts.repeats + 1}: "
-                f"{_mib(r.throughput_bytes_per_second)}")
+                f"{_mib(r.throughput_bytes_per_second)} (round 0 "
+                f"{_mib(r.rounds[0]['throughput_bytes_per_second'])}; CPU s source "
+                f"{cpu.get('source') or 0:.3f}, destination {cpu.get('destination') or 0:.3f} "
+                f"of {r.total_time_seconds:.3f} s)")
             r0 = r.rounds[0]
             if i == 0:
                 # The first run may write into frames this host never used: kept apart.

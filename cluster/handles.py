@@ -19,6 +19,10 @@ class Pending:
     def done(self) -> bool:
         return self._get(self._future, 0.0, probe=True)
 
+    def wait(self, timeout: float) -> bool:
+        """Up to `timeout` seconds for the call to end, returning as soon as it does."""
+        return self._get(self._future, timeout, probe=True)
+
     def result(self, timeout: float | None = None) -> Any:
         return self._get(self._future, timeout, probe=False)
 
@@ -42,6 +46,7 @@ class LocalHost:
 
         def get(f, timeout, probe):
             if probe:
+                concurrent.futures.wait([f], timeout=timeout)
                 return f.done()
             result = f.result(timeout)
             self.service.check_alive()      # a host killed meanwhile answers nothing
@@ -97,7 +102,7 @@ class RayHost:
 
         def get(r, timeout, probe):
             if probe:
-                ready, _ = ray.wait([r], timeout=0)
+                ready, _ = ray.wait([r], timeout=timeout)
                 return bool(ready)
             return _unwrap(lambda: ray.get(r, timeout=timeout), self.name)
         return Pending(ref, get)

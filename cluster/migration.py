@@ -6,7 +6,6 @@ fails); start the source's sender, which streams straight to the destination ove
 poll progress; collect both sides; build the report. The data never passes through here.
 """
 
-import time
 import uuid
 from collections.abc import Callable
 
@@ -16,8 +15,7 @@ from nodes.errors import MigbedError, MigrationError
 from nodes.settings import MigrationSettings
 
 POLL_SECONDS = 0.1
-FIRST_POLL_SECONDS = 0.005   # polls start fast and back off to POLL_SECONDS: a short
-                             # migration's call returns when it ends, not on the next 0.1 s
+FIRST_POLL_SECONDS = 0.005   # progress polls start fast and back off to POLL_SECONDS
 
 
 def new_migration_id() -> str:
@@ -55,7 +53,7 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
             except MigbedError:
                 pass
             cancelled = True
-        time.sleep(poll)
+        pending.wait(poll)        # returns the moment the migration ends
         poll = FIRST_POLL_SECONDS if control.armed else min(2 * poll, POLL_SECONDS)
     # Both sides, whatever became of them (a dead host, an unanswered hand-over).
     source, dest = control.settle(pending, info)
@@ -100,6 +98,7 @@ def build_report(mid: str, guest: str, source_host: str, dest_host: str, info: d
         bytes_sent_total=source.get("bytes_sent_total", 0),
         throughput_bytes_per_second=(source.get("bytes_sent_total", 0) / total if total else 0.0),
         phase_seconds=source.get("phase_seconds", {}),
+        cpu_seconds={"source": source.get("cpu_seconds"), "destination": dest.get("cpu_seconds")},
         integrity=Integrity(verified, source.get("source_digest"),
                             source.get("destination_digest")))
     report.model = model_block(report, info.get("workload"), settings)

@@ -45,6 +45,8 @@ class MigrationReport:
     throughput_bytes_per_second: float = 0.0
     # Source-side seconds of setup, precopy, stop_and_copy, handover, verify and cleanup.
     phase_seconds: dict = field(default_factory=dict)
+    # CPU seconds of the sender's and the receiver's threads: which side was the bottleneck.
+    cpu_seconds: dict = field(default_factory=dict)
     integrity: Integrity = field(default_factory=Integrity)
     model: dict | None = None
     # Where the guest runs afterwards (None: nowhere, see guest_lost), and the faults injected

@@ -247,6 +247,7 @@ class Sender:
         """Migrate; returns the source side of the report. Never raises for migration errors."""
         hv, dom, s = self.hv, self.dom, self.settings
         t0 = time.monotonic()
+        cpu0 = time.thread_time()
         self.mode_before = dom.mode
         dom.migrating = True
         handed_over = False
@@ -388,7 +389,7 @@ class Sender:
             # As QEMU's total-time: start to the guest running on the destination. What the
             # source does afterwards (migbed's verify, destroying its copy) is in the phases.
             total_time_seconds=(end_mono or time.monotonic()) - t0,
-            faults=list(self.faults.fired),
+            cpu_seconds=time.thread_time() - cpu0, faults=list(self.faults.fired),
             phase_seconds=phases.seconds)
         return self.result
 
@@ -491,6 +492,7 @@ class Receiver:
         self.error: str | None = None
         self.resume_wall: float | None = None
         self.timing: dict = {}
+        self.cpu_seconds = 0.0
         self.source_rounds: list = []
         self.vcpu: dict = {}
         self.done = threading.Event()
@@ -536,6 +538,7 @@ class Receiver:
         hv, s = self.hv, self.settings
         conn = None
         resumed = False
+        cpu0 = time.thread_time()
         try:
             conn = self.listener.accept(s.timeout_seconds)
             self.listener.close()
@@ -617,6 +620,7 @@ class Receiver:
             self.listener.close()
             if conn is not None:
                 conn.close()
+            self.cpu_seconds = time.thread_time() - cpu0
             self.done.set()
 
     def _discard(self) -> None:
@@ -652,7 +656,8 @@ class Receiver:
                 "bytes_received": self.bytes_received, "source_timing": self.timing,
                 "last_progress_wall": self.vcpu.get("last_progress_wall") if self.vcpu else None,
                 "destination_digest": digest(self.hashes) if self.resume_wall else None,
-                "faults": list(self.faults.fired), "connection_lost": self.connection_lost}
+                "faults": list(self.faults.fired), "connection_lost": self.connection_lost,
+                "cpu_seconds": self.cpu_seconds}
 
 
 class FrameSink:
