@@ -108,6 +108,12 @@ class MigrationReport:
             f"{_rate(self.throughput_bytes_per_second)}",
             f"  integrity: {_verdict(self.integrity.verified)}",
         ]
+        if self.phase_seconds:
+            lines.append("  phases: " + ", ".join(f"{k.replace('_', '-')} {ms(v)}"
+                                                  for k, v in self.phase_seconds.items()))
+        cpu = {k: v for k, v in self.cpu_seconds.items() if v is not None}
+        if cpu:
+            lines.append("  CPU: " + ", ".join(f"{k} {ms(v)}" for k, v in cpu.items()))
         for f in self.faults:
             lines.append(f"  fault {f['fault']}: {'fired' if f['fired'] else 'never reached'}"
                          + (f", killed {f['killed_host']}" if f.get("killed_host") else ""))
