@@ -108,8 +108,8 @@ class Phases:
         self._last = t0
         self.seconds: dict[str, float] = {}
 
-    def end(self, name: str) -> None:
-        now = time.monotonic()
+    def end(self, name: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         self.seconds[name] = now - self._last
         self._last = now
 
@@ -354,7 +354,7 @@ class Sender:
                 handed_over = False
                 raise MigrationError(f"destination failed to resume: {result.fields['error']}")
             source_gone_mono = end_mono = time.monotonic()
-            phases.end("handover")
+            phases.end("handover", end_mono)
             if s.verify:
                 self.result["source_digest"] = hv.canonical_digest(self.name + MIGRATED_AWAY)
                 phases.end("verify")

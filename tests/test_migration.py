@@ -313,3 +313,29 @@ def test_page_data_in_another_msgpack_layout_is_received_too(pair, monkeypatch):
     assert r.status == "completed" and r.integrity.verified is True, r.error
     assert tb.host("host-1").call("page_table_problem", "m") is None
     frames_exact(tb)
+
+
+def test_phases_add_up_to_total_time_and_cpu_is_reported(pair):
+    tb = pair
+    tb.create("host-0", GuestSpec("p", 8 * MiB, workload=WorkloadSpec("uniform", 20000)))
+    r = tb.migrate("p", "host-1", MigrationSettings(link_bytes_per_second=FAST))
+    assert r.status == "completed" and r.integrity.verified
+    ph = r.phase_seconds
+    assert list(ph) == ["setup", "precopy", "stop_and_copy", "handover", "verify", "cleanup"]
+    migration = ph["setup"] + ph["precopy"] + ph["stop_and_copy"] + ph["handover"]
+    assert migration == pytest.approx(r.total_time_seconds, abs=1e-6), \
+        "total time runs from the start to the destination's RESULT, phase by phase"
+    assert all(v >= 0 for v in ph.values())
+    assert r.cpu_seconds["source"] > 0 and r.cpu_seconds["destination"] > 0
+    assert "phases: setup" in r.table() and "CPU: source" in r.table()
+
+
+def test_no_verify_hashes_nothing_and_moves_the_same_memory(pair):
+    tb = pair
+    tb.create("host-0", GuestSpec("nv", 8 * MiB))                  # idle: memory stays put
+    before = tb.host("host-0").call("guest_digest", "nv")
+    r = tb.migrate("nv", "host-1", MigrationSettings(link_bytes_per_second=FAST, verify=False))
+    assert r.status == "completed"
+    assert r.integrity.verified is None and r.integrity.destination_digest is None
+    assert tb.host("host-1").call("guest_digest", "nv") == before
+    frames_exact(tb)
