@@ -789,9 +789,14 @@ def _skips(policy: str) -> bool:
         return False
 
 
+def _on_cap(stops: list) -> bool:
+    """Whether pre-copy ended on a policy's cap (rounds or volume), not on its threshold."""
+    return any("cap" in s or "x the guest's memory" in s for s in stops)
+
+
 def _stop_reason(stops_m: list, stops_p: list, policy: str, rounds_m, rounds_p,
                  lam: float | None, near: str = "") -> str:
-    if lam is not None and lam >= 1:
+    if lam is not None and lam >= 1 and (_on_cap(stops_m) or _on_cap(stops_p)):
         return (f"; lambda = {lam:.2f} >= 1: no convergence, both stop on {policy}'s cap, "
                 "and how much is left then depends on how fast the dirty set saturates")
     if stops_m != stops_p:

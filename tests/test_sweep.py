@@ -239,3 +239,17 @@ def test_scenario_faults_are_injected_and_round_trip(tmp_path):
     path.write_text('name = "bad"\nfaults = ["melt-cpu@round0"]\n')
     with pytest.raises(ConfigError, match=r"faulty.toml: faults\[0\]: unknown fault"):
         load_scenario(path)
+
+
+def test_a_rounds_disagreement_is_explained_by_how_pre_copy_stopped():
+    """lambda >= 1 explains a disagreement only when pre-copy ended on the policy's cap; a
+    hot set smaller than the threshold converges whatever lambda says (the hot-set
+    scenario's first point, measured: 2 live rounds against 3 predicted, both on 'fewer
+    than 50 dirty pages')."""
+    from cluster.sweep import _stop_reason
+    threshold = ["fewer than 50 dirty pages"]
+    why = _stop_reason(threshold, threshold, "xen", 2, 3, lam=1.55)
+    assert "one round apart" in why and "no convergence" not in why
+    capped = ["live round cap (5) reached"]
+    assert "no convergence" in _stop_reason(capped, capped, "xen", 5, 5, lam=1.55)
+    assert "stopped on" in _stop_reason(threshold, capped, "xen", 3, 5, lam=0.5)
