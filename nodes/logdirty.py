@@ -45,7 +45,10 @@ class LogDirty:
         """Record writes to `pfns` (indices into the guest's pfn space)."""
         fresh = pfns[~self.bitmap[pfns]]
         if len(fresh):
-            self.fault_count += len(np.unique(fresh))
+            # Distinct pfns by sorting, not np.unique: its first call imports numpy.ma,
+            # which stalled the guest's first write in VP mode for 12-17 ms.
+            fresh = np.sort(fresh)
+            self.fault_count += 1 + int(np.count_nonzero(fresh[1:] != fresh[:-1]))
             self.bitmap[fresh] = True
 
     def peek(self) -> tuple[np.ndarray, LogDirtyStats]:
