@@ -199,6 +199,12 @@ def on_host(handle, fn: Callable, *args):
     return lambda timeout=120.0: ray.get(ref, timeout=timeout)
 
 
+def _machine_bytes(nbytes: int) -> np.ndarray:
+    """A buffer allocated as a host's machine memory is (`nodes.memory`), as bytes."""
+    from nodes.memory import MachineMemory
+    return MachineMemory(max(nbytes, RECORD_BYTES)).frames.reshape(-1)
+
+
 def _raw_sink(host, nbytes: int, timeout: float, memory_bytes: int) -> dict:
     """Destination side of the raw data path: listen like a migration does and receive
     `nbytes` into a `memory_bytes` buffer, resident before the first byte as a destination's
@@ -206,7 +212,7 @@ def _raw_sink(host, nbytes: int, timeout: float, memory_bytes: int) -> dict:
     when the stream is longer); answer one byte. Returns the ticket at once."""
     from nodes.channel import Listener
     listener = Listener(host.config.address, "bench-raw")
-    memory = np.zeros(max(memory_bytes, RECORD_BYTES), dtype=np.uint8)
+    memory = _machine_bytes(memory_bytes)
     memory[:] = 0                                     # resident, like populated frames
 
     def receive() -> None:
@@ -240,7 +246,7 @@ def _raw_push(host, ticket: dict, nbytes: int, timeout: float, memory_bytes: int
     sock = connect(Ticket.from_dict(ticket), timeout)
     try:
         link = LinkSender(sock)
-        memory = np.zeros(max(memory_bytes, RECORD_BYTES), dtype=np.uint8)
+        memory = _machine_bytes(memory_bytes)
         memory[:] = 0                                 # resident
         view = memoryview(memory)
         start = time.perf_counter()
