@@ -85,7 +85,7 @@ class MachineMemory:
             if b - a < 16:
                 loose.extend(range(a, b))
                 if len(loose) >= max_pages:
-                    yield from self._gathered(mfns, loose)
+                    yield from self._gathered(mfns, loose, max_pages)
                     loose = []
                 continue
             m = int(mfns[a])
@@ -93,15 +93,17 @@ class MachineMemory:
                 k = min(max_pages, b - i)
                 yield i, self.frames[m + i - a:m + i - a + k], True
         if loose:
-            yield from self._gathered(mfns, loose)
+            yield from self._gathered(mfns, loose, max_pages)
 
-    def _gathered(self, mfns: np.ndarray, loose: list[int]
+    def _gathered(self, mfns: np.ndarray, loose: list[int], max_pages: int
                   ) -> Iterator[tuple[int, np.ndarray, bool]]:
-        """Consecutive indices of `loose` as gathered pieces."""
+        """Runs of consecutive indices in `loose` as gathered pieces of at most max_pages."""
         idx = np.asarray(loose)
         cuts = np.flatnonzero(np.diff(idx) != 1) + 1
         for part in np.split(idx, cuts):
-            yield int(part[0]), self.frames[mfns[part]], False
+            for i in range(0, len(part), max_pages):
+                piece = part[i:i + max_pages]
+                yield int(piece[0]), self.frames[mfns[piece]], False
 
     def scrub(self, mfns: np.ndarray, batch_frames: int = 1024) -> None:
         """Zero frames before they go back to the free pool, as Xen scrubs freed pages.

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nodes.allocator import OWNER_FREE, OWNER_HYPERVISOR, SUPERPAGE_FRAMES, FrameAllocator
@@ -134,8 +134,9 @@ def test_parse_duration():
         parse_duration("soon")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 40)), min_size=1, max_size=30))
+@example(runs=[(0, 3), (4, 15), (20, 15)])       # short runs adding up past one piece
 def test_frames_as_buffers_and_pieces(runs):
     """Any mix of runs and single frames: the buffers carry exactly the frames' bytes in
     order, the pieces cover every frame once (views where frames are adjacent), and a
