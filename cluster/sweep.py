@@ -731,7 +731,8 @@ def _ratio_text(r: float | None) -> str:
 def _why(metric: str, entry: dict, runs: list[dict], scenario: Scenario,
          calibration: dict) -> str:
     """The first explanation the runs support. Each rule comes from an investigation of a
-    disagreement seen in the ready scenarios (see the sweep's report in the repository)."""
+    disagreement seen in the ready scenarios (README, "Benchmarks, sweeps and the analytic
+    model")."""
     def med(key: str) -> float | None:
         return _median([r[key] for r in runs])
     policy = runs[0]["policy"] if runs else scenario.migration.policy
