@@ -670,23 +670,24 @@ class Receiver:
 
 
 class FrameSink:
-    """The receiver's PAGE_DATA pages land straight in the frames it reserved for them (the
-    kernel copies them there from the socket), in chunks of up to RECV_CHUNK_PAGES, and each
-    chunk is hashed as it lands, while still in cache: a chunk inside one superpage extent
-    is hashed where it lies, a scattered one is gathered first. Page tables arrive canonical:
-    they land in a scratch buffer and are written to their frames, made this host's, once
-    the record is complete."""
+    """Where the receiver's PAGE_DATA pages land, in chunks of up to RECV_CHUNK_PAGES, each
+    hashed as it lands, while still in cache. A chunk inside one superpage extent lands
+    straight in its frames (the kernel copies it there from the socket) and is hashed where
+    it lies. A chunk of scattered frames lands in one staging buffer, is hashed there, and
+    is then written to its frames. Page tables arrive canonical: they are kept aside and
+    written to their frames, made this host's, once the record is complete."""
 
     def __init__(self, receiver: "Receiver"):
         self.rx = receiver
         self.memory = receiver.hv.memory
+        self.staging = np.empty((st.RECV_CHUNK_PAGES, self.memory.page_size), dtype=np.uint8)
 
     def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
         mask = st.data_mask(types)
         self.pfns = pfns[mask]
-        is_table = self.rx.check_types(self.pfns, types[mask])
+        self.is_table = self.rx.check_types(self.pfns, types[mask])
         mfns = self.mfns = self.rx.dom.p2m[self.pfns]
-        self.tables = np.flatnonzero(is_table)
+        self.tables = np.flatnonzero(self.is_table)
         self.scratch = np.empty((len(self.tables), self.memory.page_size), dtype=np.uint8)
         n = len(mfns)
         # A chunk lies in one run of frames if no break (a jump, or a page table) is in it.
@@ -701,29 +702,31 @@ class FrameSink:
         step = st.RECV_CHUNK_PAGES
         for start in range(0, n, step):
             stop = min(start + step, n)
-            whole = breaks[stop - 1] == breaks[start] and not is_table[start]
+            whole = breaks[stop - 1] == breaks[start] and not self.is_table[start]
             self.chunks.append((start, stop, whole))
             if whole:
                 chunks.append([frames[mfns[start]:mfns[start] + stop - start].reshape(-1)])
             else:
-                chunks.append([frames[m] for m in mfns[start:stop].tolist()])
-        for row, table in zip(self.tables.tolist(), self.scratch, strict=True):
-            chunks[row // step][row % step] = table
+                chunks.append([self.staging[:stop - start].reshape(-1)])
         return chunks
 
     def landed(self, index: int) -> None:
-        if not self.rx.settings.verify:
-            return                         # no digest asked for: nothing to hash
         start, stop, whole = self.chunks[index]
-        frames = self.memory.frames
         if whole:
-            pages = frames[self.mfns[start]:self.mfns[start] + stop - start]
+            if self.rx.settings.verify:
+                pages = self.memory.frames[self.mfns[start]:self.mfns[start] + stop - start]
+                self.rx.hashes[self.pfns[start:stop]] = page_hashes(pages)
+            return
+        pages = self.staging[:stop - start]
+        if self.rx.settings.verify:
+            self.rx.hashes[self.pfns[start:stop]] = page_hashes(pages)
+        tables = self.is_table[start:stop]
+        if tables.any():
+            at = np.flatnonzero((self.tables >= start) & (self.tables < stop))
+            self.scratch[at] = pages[tables]
+            self.memory.write(self.mfns[start:stop][~tables], pages[~tables])
         else:
-            pages = frames[self.mfns[start:stop]]
-            if len(self.tables):
-                at = np.flatnonzero((self.tables >= start) & (self.tables < stop))
-                pages[self.tables[at] - start] = self.scratch[at]
-        self.rx.hashes[self.pfns[start:stop]] = page_hashes(pages)
+            self.memory.write(self.mfns[start:stop], pages)
 
     def done(self) -> None:
         rx = self.rx
