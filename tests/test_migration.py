@@ -231,6 +231,38 @@ def test_pacer_is_a_virtual_clock():
     assert Pacer(None).charge(10**9, now=3.0) == 3.0
 
 
+def test_send_buffers_survives_partial_sends():
+    """Thousands of buffers of odd sizes into a small, slowly drained socket: sendmsg takes
+    IOV_MAX at a time and often stops mid-buffer; every byte still arrives once, in order."""
+    import socket
+    import threading
+
+    from nodes.link import IOV_MAX, send_buffers
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    a.settimeout(10)                       # as migration sockets: sends may stop short
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(0, 5000, 3 * IOV_MAX)
+    data = rng.integers(0, 256, int(sizes.sum()), dtype=np.uint8)
+    cuts = np.cumsum(sizes)[:-1]
+    buffers = [part for part in np.split(data, cuts)]
+    got = bytearray()
+
+    def drain():
+        while len(got) < len(data):
+            chunk = b.recv(7000)
+            if not chunk:
+                return
+            got.extend(chunk)
+    t = threading.Thread(target=drain)
+    t.start()
+    send_buffers(a, buffers)
+    t.join(30)
+    a.close()
+    b.close()
+    assert bytes(got) == data.tobytes()
+
+
 def test_page_counts_in_report_match_bytes(pair):
     tb = pair
     tb.create("host-0", GuestSpec("b", 4 * MiB))
