@@ -236,6 +236,14 @@ def build_dashboard() -> Dashboard:
         .with_panel(distribution(
             "Total time distribution", "Completed migrations over the time range, by total "
             "time bucket.", "migbed_migration_total_time_seconds"))
+        .with_panel(ts(
+            "Where the time goes (5m)", "Mean seconds per phase of the migrations completed "
+            "in the last five minutes: setup, precopy, stop_and_copy and handover make up "
+            "the total time; verify and cleanup are the source's work after it.", "s",
+            [query("sum by (phase) (rate(migbed_migration_phase_duration_seconds_sum"
+                   f"{{{HG}}}[5m])) / sum by (phase) (rate("
+                   f"migbed_migration_phase_duration_seconds_count{{{HG}}}[5m]))",
+                   "{{phase}}")], bars=True))
         .with_panel(quantiles(
             "Downtime quantiles (5m)", "Quantiles of the downtime of migrations completed in "
             "the last five minutes.", "migbed_migration_downtime_seconds"))

@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from nodes.domain import DomainState
 from nodes.errors import ConfigError
+from nodes.migration import PHASES as TIMED_PHASES
 from nodes.profiles import Mode
 
 if TYPE_CHECKING:
@@ -78,6 +79,13 @@ class HostMetrics:
             "Total time of completed migrations, measured on the source host (the report's "
             "total_time_seconds).",
             HISTOGRAM_LABELS, buckets=TOTAL_TIME_BUCKETS_SECONDS, registry=self.registry)
+        self.phase_time = Histogram(
+            "migbed_migration_phase_duration_seconds",
+            "Seconds each phase of completed migrations took, measured on the source host "
+            "(the report's phase_seconds): setup, precopy, stop_and_copy and handover make "
+            "up total_time_seconds; verify and cleanup come after.",
+            (*HISTOGRAM_LABELS, "phase"), buckets=TOTAL_TIME_BUCKETS_SECONDS,
+            registry=self.registry)
         self.guest_downtime = Histogram(
             "migbed_migration_guest_observed_downtime_seconds",
             "Downtime the guest itself saw across the hand-over, measured on the destination "
@@ -102,6 +110,8 @@ class HostMetrics:
         # observation and rate()/increase() count it.
         self.downtime.labels(**labels)
         self.total_time.labels(**labels)
+        for phase in TIMED_PHASES:
+            self.phase_time.labels(**labels, phase=phase)
         with self.lock:
             self.outgoing[migration_id] = _Outgoing(guest, progress, settings)
 
@@ -124,6 +134,8 @@ class HostMetrics:
             labels = self._labels(out.guest, out.settings.policy)
             self.downtime.labels(**labels).observe(result["resume_wall"] - result["pause_wall"])
             self.total_time.labels(**labels).observe(result["total_time_seconds"])
+            for phase, seconds in result.get("phase_seconds", {}).items():
+                self.phase_time.labels(**labels, phase=phase).observe(seconds)
 
     def incoming_started(self, migration_id: str, receiver: "Receiver") -> None:
         self.guest_downtime.labels(**self._labels(receiver.name, receiver.settings.policy))

@@ -100,9 +100,13 @@ class Progress:
         return asdict(self)
 
 
+PHASES = ("setup", "precopy", "stop_and_copy", "handover", "verify", "cleanup")
+
+
 class Phases:
-    """Where a migration's time went, phase by phase, as QEMU reports setup-time beside
-    total-time: each `end(name)` closes the phase that began where the last one ended."""
+    """Where a migration's time went, phase by phase (PHASES; a failed migration ends early),
+    as QEMU reports setup-time beside total-time: each `end(name)` closes the phase that
+    began where the last one ended."""
 
     def __init__(self, t0: float):
         self._last = t0
