@@ -264,17 +264,10 @@ def _page_data_parts(body: bytes | memoryview) -> tuple[int, memoryview, memoryv
     """
     view = memoryview(body).cast("B")
     n = len(view)
-    if n < 2 or view[0] != 0x93:
+    head = _array_count(view)
+    if head is None:
         return None
-    tag = view[1]
-    if tag <= 0x7F:
-        count, pos = tag, 2
-    elif tag == 0xCC and n >= 3:
-        count, pos = view[2], 3
-    elif tag == 0xCD and n >= 4:
-        count, pos = int.from_bytes(view[2:4], "big"), 4
-    else:
-        return None
+    count, pos = head
     parts = []
     for _ in range(2):
         if n - pos < 5 or view[pos] != 0xC6:
@@ -290,23 +283,32 @@ def _page_data_parts(body: bytes | memoryview) -> tuple[int, memoryview, memoryv
     return count, parts[0], parts[1]
 
 
+def _array_count(view: bytes | memoryview) -> tuple[int, int] | None:
+    """(count, where the next item starts) of a body that opens as `encode_page_data`
+    writes it: a fixarray of 3, then the count as a positive fixint, uint 8 or uint 16."""
+    n = len(view)
+    if n < 2 or view[0] != 0x93:
+        return None
+    tag = view[1]
+    if tag <= 0x7F:
+        return tag, 2
+    if tag == 0xCC and n >= 3:
+        return view[2], 3
+    if tag == 0xCD and n >= 4:
+        return int.from_bytes(view[2:4], "big"), 4
+    return None
+
+
 def _page_data_offset(first: bytes) -> int:
     """Where the page bytes start in a PAGE_DATA body that begins with `first` (its first
     four bytes) and is laid out as `encode_page_data` writes it: fixarray, count, bin 32
-    header, 8 x count bytes of pfn words, bin 32 header. Only used to align a buffer, so
-    any answer is safe; 0 for another layout."""
-    if len(first) < 4 or first[0] != 0x93:
+    header, 8 x count bytes of pfn words, bin 32 header. Used to align a buffer and to
+    find the pages a sink takes, each checked again after; 0 for another layout."""
+    head = _array_count(first) if len(first) >= 4 else None
+    if head is None:
         return 0
-    tag = first[1]
-    if tag <= 0x7F:
-        count, count_bytes = tag, 1
-    elif tag == 0xCC:
-        count, count_bytes = first[2], 2
-    elif tag == 0xCD:
-        count, count_bytes = int.from_bytes(first[2:4], "big"), 3
-    else:
-        return 0
-    return 1 + count_bytes + 5 + 8 * count + 5
+    count, pos = head
+    return pos + 5 + 8 * count + 5
 
 
 def _check_page_words(count: int, words: bytes | memoryview, data_bytes: int, page_size: int,
@@ -470,9 +472,9 @@ class RecordReader:
         checked, then the pages received into the sink. A body laid out otherwise (msgpack
         allows several) is read whole and returned for `decode_page_data`."""
         prefix = first + self.read_exact(offset - len(first), what)
-        tag = prefix[1]
-        count, pos = ((tag, 2) if tag <= 0x7F else (prefix[2], 3) if tag == 0xCC
-                      else (int.from_bytes(prefix[2:4], "big"), 4))
+        head = _array_count(prefix)
+        assert head is not None                    # `first` parsed, or offset would be 0
+        count, pos = head
         words_len = int.from_bytes(prefix[pos + 1:pos + 5], "big")
         data_len = int.from_bytes(prefix[offset - 4:offset], "big")
         if (prefix[pos] != 0xC6 or prefix[offset - 5] != 0xC6 or words_len != 8 * count
