@@ -161,6 +161,10 @@ class Sender:
         self.rounds: list[RoundStats] = []
         self.result: dict = {}
         self.shared_link = shared_link
+        # Which pfns are page tables, once per migration, not in every round's path (the
+        # final round's is inside the downtime).
+        self.is_pt = np.zeros(self.dom.npages, dtype=bool)
+        self.is_pt[self.dom.pt_pfns] = True
         self.faults = SourceFaults(settings.faults, progress, cancel, settings.timeout_seconds,
                                    fault_stats)
 
@@ -179,8 +183,7 @@ class Sender:
         A live round reads pages while the guest writes them, as Xen's does: a page written
         while it is being sent has its dirty bit set and goes again in the next round."""
         dom = self.dom
-        is_pt = np.zeros(dom.npages, dtype=bool)
-        is_pt[dom.pt_pfns] = True
+        is_pt = self.is_pt
         memory = self.hv.memory
         for i in range(0, len(pfns), st.MAX_BATCH_PAGES):
             if live:
@@ -357,7 +360,7 @@ class Sender:
             if not result.fields["ok"]:
                 handed_over = False
                 raise MigrationError(f"destination failed to resume: {result.fields['error']}")
-            source_gone_mono = end_mono = time.monotonic()
+            end_mono = time.monotonic()
             phases.end("handover", end_mono)
             if s.verify:
                 self.result["source_digest"] = hv.canonical_digest(self.name + MIGRATED_AWAY)
@@ -365,7 +368,7 @@ class Sender:
             self.result.update(
                 status="completed", pause_wall=pause_wall,
                 resume_wall=result.fields["resume_wall"],
-                downtime_source_seconds=source_gone_mono - pause_mono,
+                downtime_source_seconds=end_mono - pause_mono,
                 destination_digest=ready.fields["digest"])
             self.runtime.stop_guest(self.name)
             hv.destroy_domain(self.name + MIGRATED_AWAY, force=True)
