@@ -5,7 +5,7 @@ Sections (each figure is the median of repeats, with min and max):
 
 - throughput: an idle guest migrated over an unlimited link, against the raw data path (the
   same bytes pushed between the same two host actors over migbed's own transport: a
-  `nodes.channel` TCP connection and a `LinkSender`, without encoding or page lookups), an
+  `nodes.migration.channel` TCP connection and a `LinkSender`, without encoding or page lookups), an
   in-process memory copy, and Ray's object store as the alternative data plane.
 - downtime: the floor migbed adds to every downtime (idle guest) and with a ~50-page final
   round.
@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from nodes import stream as st
 from nodes.errors import ConfigError
-from nodes.sizes import format_bytes
+from nodes.migration import stream as st
+from nodes.units import format_bytes
 
 MiB = 1024 * 1024
 SECTIONS = ("throughput", "downtime", "dirtying", "stages", "startup", "scale")
@@ -200,8 +200,8 @@ def on_host(handle, fn: Callable, *args):
 
 
 def _machine_bytes(nbytes: int) -> np.ndarray:
-    """A buffer allocated as a host's machine memory is (`nodes.memory`), as bytes."""
-    from nodes.memory import MachineMemory
+    """A buffer allocated as a host's machine memory is (`nodes.xen.memory`), as bytes."""
+    from nodes.xen.memory import MachineMemory
     return MachineMemory(max(nbytes, RECORD_BYTES)).frames.reshape(-1)
 
 
@@ -210,7 +210,7 @@ def _raw_sink(host, nbytes: int, timeout: float, memory_bytes: int) -> dict:
     `nbytes` into a `memory_bytes` buffer, resident before the first byte as a destination's
     reserved frames are (`populate_frames`), record-sized receives in order (wrapping round
     when the stream is longer); answer one byte. Returns the ticket at once."""
-    from nodes.channel import Listener
+    from nodes.migration.channel import Listener
     listener = Listener(host.config.address, "bench-raw")
     memory = _machine_bytes(memory_bytes)
     memory[:] = 0                                     # resident, like populated frames
@@ -241,8 +241,8 @@ def _raw_push(host, ticket: dict, nbytes: int, timeout: float, memory_bytes: int
     """Source side: push `nbytes` from a resident `memory_bytes` buffer (as the guest's frames
     are once a migration has populated them) in record-sized sends through a LinkSender, as
     migrations do; seconds from the first byte until the destination confirmed the last."""
-    from nodes.channel import Ticket, connect
-    from nodes.link import LinkSender
+    from nodes.migration.channel import Ticket, connect
+    from nodes.migration.link import LinkSender
     sock = connect(Ticket.from_dict(ticket), timeout)
     try:
         link = LinkSender(sock)
@@ -283,7 +283,7 @@ def _unique(prefix: str) -> str:
 
 
 def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
-    from nodes.settings import GuestSpec, MigrationSettings
+    from nodes.migration.settings import GuestSpec, MigrationSettings
     a, b = list(tb.hosts)[:2]
     size = opts.guest_memory_bytes
     name = _unique("idle")
@@ -338,7 +338,7 @@ def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], 
                 seconds = on_host(ha, _raw_push, ticket, wire_bytes, 30.0, memory)()
                 res.add(f"{label}_throughput_bytes_per_second", "bytes_per_second",
                         wire_bytes / seconds,
-                        "nodes.channel TCP + LinkSender between the same two hosts, 4 MiB "
+                        "nodes.migration.channel TCP + LinkSender between the same two hosts, 4 MiB "
                         "sends, " + (f"from and into {format_bytes(memory)} buffers (the "
                                      "guest's bytes, memory to memory)" if memory == size else
                                      "one cache-warm 4 MiB buffer each side"))
@@ -415,7 +415,7 @@ def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], 
 def bench_downtime(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Downtime with a final round of ~50 pages: a hot set of exactly 50 pages written all
     the time, one live round (max_iterations=1), so the final round is the hot set."""
-    from nodes.settings import GuestSpec, MigrationSettings
+    from nodes.migration.settings import GuestSpec, MigrationSettings
     from workloads.spec import WorkloadSpec
     a, b = list(tb.hosts)[:2]
     size = opts.downtime_guest_memory_bytes
@@ -456,7 +456,7 @@ def bench_downtime(tb, opts: BenchOptions, res: Results, say: Callable[[str], No
 
 
 def _idle_downtimes(tb, a: str, b: str, size: int, repeats: int, res: Results) -> None:
-    from nodes.settings import GuestSpec, MigrationSettings
+    from nodes.migration.settings import GuestSpec, MigrationSettings
     name = _unique("idle")
     tb.create(a, GuestSpec(name, size))
     try:
@@ -478,8 +478,8 @@ def _idle_downtimes(tb, a: str, b: str, size: int, repeats: int, res: Results) -
 
 def bench_dirtying(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """One vCPU at full speed per pattern: P2M (plain stores) vs VP with log-dirty on."""
-    from nodes.hypervisor import Hypervisor
-    from nodes.logdirty import ShadowOp
+    from nodes.xen.hypervisor import Hypervisor
+    from nodes.xen.logdirty import ShadowOp
     from workloads.measure import measure_rate
     from workloads.spec import WorkloadSpec
     hv = Hypervisor("bench", opts.dirty_guest_memory_bytes + 16 * MiB)
@@ -519,8 +519,8 @@ def bench_dirtying(opts: BenchOptions, res: Results, say: Callable[[str], None])
 def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Each stage of the page pipeline alone, on one 4 MiB record of a guest, to show which
     is slowest. The socket copies themselves are the throughput section's raw data path."""
-    from nodes.digest import page_hashes
-    from nodes.hypervisor import Hypervisor
+    from nodes.xen.digest import page_hashes
+    from nodes.xen.hypervisor import Hypervisor
     size = opts.downtime_guest_memory_bytes
     hv = Hypervisor("stages", 2 * size + 16 * MiB, superpages=opts.superpages)
     dom = hv.create_domain("g", size, "p2m")
@@ -669,7 +669,7 @@ def process_name(pid: int) -> str:
 
 def bench_scale(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Evacuate one host's guests to the others: one at a time, then all at once."""
-    from nodes.settings import GuestSpec, MigrationSettings
+    from nodes.migration.settings import GuestSpec, MigrationSettings
     from workloads.spec import WorkloadSpec
     names = list(tb.hosts)
     src, others = names[0], names[1:]

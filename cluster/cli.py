@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 
 from nodes.errors import ConfigError, MigbedError
-from nodes.profiles import PROFILES
-from nodes.sizes import format_bytes, parse_duration, parse_size
+from nodes.units import format_bytes, parse_duration, parse_size
+from nodes.xen.profiles import PROFILES
 
 EXIT_BAD_INPUT = 2
 EXIT_MIGRATION_FAILED = 1
@@ -155,7 +155,7 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
-    from nodes.policy import POLICIES
+    from nodes.migration.policy import POLICIES
     p.add_argument("--policy", default="xen", choices=list(POLICIES), metavar="NAME",
                    help=f"pre-copy policy: {', '.join(POLICIES)} (default xen)")
     p.add_argument("--bandwidth", type=_rate("--bandwidth"), default=None,
@@ -186,7 +186,7 @@ def workload_from(args: argparse.Namespace):
 
 
 def settings_from(args: argparse.Namespace):
-    from nodes.settings import MigrationSettings
+    from nodes.migration.settings import MigrationSettings
     return MigrationSettings(
         policy=args.policy, link_bytes_per_second=args.bandwidth,
         latency_seconds=args.latency, rate_limit_bytes_per_second=args.rate_limit,
@@ -210,7 +210,7 @@ def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
 def check_guests_fit(cluster, guest_bytes: int, count: int = 1) -> None:
     """Commands that build their own cluster check its guests before starting anything:
     whole pages, and `count` of them fitting one host beside the hypervisor and dom0."""
-    from nodes.hypervisor import default_dom0_bytes
+    from nodes.xen.hypervisor import default_dom0_bytes
     if guest_bytes % cluster.page_size:
         raise ConfigError(f"--guest-memory ({guest_bytes} B) is not a multiple of the "
                           f"page size ({cluster.page_size} B)")
@@ -305,7 +305,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
-    from nodes.settings import GuestSpec
+    from nodes.migration.settings import GuestSpec
     spec = GuestSpec(name=args.name, memory_bytes=args.memory, mode=args.mode, dma=args.dma,
                      workload=workload_from(args))
     d = Testbed.attach().create(args.host, spec)
@@ -350,7 +350,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         progress = ProgressPrinter(header=f"migrating {args.guest} to {args.destination} "
                                           f"(policy {settings.policy})")
         return _report_out(tb.migrate(args.guest, args.destination, settings, progress), args)
-    from nodes.settings import GuestSpec
+    from nodes.migration.settings import GuestSpec
     spec = GuestSpec(name="vm1", memory_bytes=args.guest_memory, mode=args.mode,
                      workload=workload_from(args))
     cluster = cluster_spec_from(args)
@@ -455,7 +455,7 @@ MAX_SOAK_GUESTS = 64
 
 @_typed
 def _fault(text: str):
-    from nodes.faults import parse_fault
+    from nodes.faults.spec import parse_fault
     return parse_fault(text)
 
 
@@ -468,7 +468,7 @@ def add_fault_option(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
-    from nodes.faults import fault_list_text
+    from nodes.faults.spec import fault_list_text
     if args.action == "list":
         print(fault_list_text())
         return 0
@@ -586,7 +586,7 @@ def _write(path: str, text: str) -> None:
 @_typed
 def _mode(text: str) -> str:
     from nodes.errors import ModeError
-    from nodes.profiles import Mode
+    from nodes.xen.profiles import Mode
     try:
         return Mode.parse(text).value
     except ModeError as exc:

@@ -16,8 +16,8 @@ from cluster.cli import ProgressPrinter, print_listing
 from cluster.launcher import ClusterSpec
 from cluster.report import MigrationReport
 from cluster.testbed import Testbed
-from nodes.settings import GuestSpec, MigrationSettings
-from nodes.sizes import format_bytes
+from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.units import format_bytes
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

@@ -16,10 +16,10 @@ import concurrent.futures
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from cluster.migration import run_migration
+from cluster.driver import run_migration
 from nodes.errors import ConfigError, MigbedError
-from nodes.settings import MigrationSettings
-from nodes.sizes import format_bytes
+from nodes.migration.settings import MigrationSettings
+from nodes.units import format_bytes
 
 MAX_CONCURRENCY = 64
 

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nodes.errors import ClusterError, ConfigError
-from nodes.host import HostConfig
-from nodes.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
-from nodes.profiles import DEFAULT_PROFILE, get_profile
+from nodes.host.service import HostConfig
+from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
+from nodes.xen.profiles import DEFAULT_PROFILE, get_profile
 
 NAMESPACE = "migbed"
 OBJECT_STORE_BYTES = 128 * 1024 * 1024
@@ -133,7 +133,7 @@ class LocalRay:
                  persistent: bool = False):
         from ray.cluster_utils import Cluster
 
-        from nodes.actor import host_resource
+        from nodes.host.actor import host_resource
         common = {"num_cpus": 1, "object_store_memory": object_store_bytes}
         self.cluster = Cluster(
             initialize_head=True, shutdown_at_exit=not persistent,
@@ -232,7 +232,7 @@ def up(spec: ClusterSpec, timeout_seconds: float = 120.0) -> dict:
 
 def _launch(spec_json: str) -> None:
     """The launcher process: start Ray and the detached hosts, write the state, exit."""
-    from nodes.actor import start_host_actor
+    from nodes.host.actor import start_host_actor
     spec = ClusterSpec.from_dict(json.loads(spec_json))
     state = {"spec": spec.to_dict(), "hosts": spec.host_names, "pgid": None,
              "started_wall": time.time()}

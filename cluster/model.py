@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodes.errors import ConfigError
-from nodes.policy import Decision, PrecopyPolicy, PrecopyStats, make_policy
+from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats, make_policy
 from workloads.spec import WorkloadSpec
 
 PAGES_PER_RECORD = 1024      # PAGE_DATA records carry up to 1024 pages (4 MiB)

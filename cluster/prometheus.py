@@ -1,6 +1,6 @@
 """A real Prometheus for a migbed cluster: the discovery file, its config, the server.
 
-Every host serves its own /metrics (`nodes.metrics`). The cluster lists them in a Prometheus
+Every host serves its own /metrics (`nodes.host.metrics`). The cluster lists them in a Prometheus
 file-based service discovery file (`targets.json`: one target per host, labelled `host`); the
 generated `prometheus.yml` scrapes that file's targets every second and loads migbed's
 recording and alert rules (`dashboards/rules.yml`). `Prometheus` runs the `prometheus` binary

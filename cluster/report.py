@@ -7,7 +7,7 @@ the human table. Every report describes itself: guest, hosts, profile, policy an
 import json
 from dataclasses import asdict, dataclass, field
 
-from nodes.sizes import format_bytes
+from nodes.units import format_bytes
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MigrationReport:
     integrity: Integrity = field(default_factory=Integrity)
     model: dict | None = None
     # Where the guest runs afterwards (None: nowhere, see guest_lost), and the faults injected
-    # (`nodes.faults`) with what became of them (`cluster.faults`).
+    # (`nodes.faults.spec`) with what became of them (`cluster.settle`).
     guest_host: str | None = None
     guest_lost: bool = False
     faults: list = field(default_factory=list)

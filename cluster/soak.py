@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from cluster.migration import run_migration
+from cluster.driver import run_migration
 from nodes.errors import ConfigError, MigbedError
-from nodes.settings import GuestSpec, MigrationSettings
-from nodes.sizes import format_bytes
+from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.units import format_bytes
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

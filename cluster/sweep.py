@@ -42,8 +42,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nodes.errors import ConfigError, MigbedError
-from nodes.settings import GuestSpec, MigrationSettings
-from nodes.sizes import format_bytes, parse_duration, parse_size
+from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.units import format_bytes, parse_duration, parse_size
 from workloads.spec import WorkloadSpec, parse_rate
 
 MiB = 1024 * 1024
@@ -347,7 +347,7 @@ def _build(d: dict) -> Scenario:
         raise ConfigError("[workload] seed: set the scenario's seed at the top instead")
     kw["workload"] = WorkloadSpec(**values["workload"])
     if "faults" in d:   # injected into every run, e.g. faults = ["stall-link@round1:2s"]
-        from nodes.faults import faults_from_toml
+        from nodes.faults.spec import faults_from_toml
         values["migration"]["faults"] = faults_from_toml(d["faults"])
     kw["migration"] = MigrationSettings(**values["migration"])
 
@@ -546,7 +546,7 @@ def _destroy(tb, name: str) -> None:
 
 def _run_one(tb, src: str, dst: str, scenario: Scenario, index: int, point: dict, repeat: int,
              calib: dict, folder: Path) -> dict:
-    from cluster.migration import model_block
+    from cluster.driver import model_block
     spec, settings = scenario.specs(point, repeat)
     name = f"sweep-{index}-{repeat}"
     spec = replace(spec, name=name)
@@ -783,7 +783,7 @@ def _why(metric: str, entry: dict, runs: list[dict], scenario: Scenario,
 
 def _skips(policy: str) -> bool:
     """Whether a policy skips pages re-dirtied during a round (xen-legacy does)."""
-    from nodes.policy import make_policy
+    from nodes.migration.policy import make_policy
     try:
         return make_policy(policy).skip_redirtied
     except (ConfigError, TypeError):

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cluster import launcher
+from cluster.driver import run_migration
 from cluster.handles import LocalHost, RayHost
 from cluster.launcher import NAMESPACE, ClusterSpec, LocalRay
-from cluster.migration import run_migration
 from cluster.report import MigrationReport
 from nodes.errors import (
     ClusterError,
@@ -22,8 +22,8 @@ from nodes.errors import (
     NoSuchDomainError,
     NoSuchHostError,
 )
-from nodes.hypervisor import check_guest_name
-from nodes.settings import GuestSpec, MigrationSettings
+from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.xen.hypervisor import check_guest_name
 
 # Told of every `Testbed.local` as it starts (`started(tb)`) and closes (`closing(tb)`); see
 # `observing`. `migbed demo --prometheus` points its Prometheus at the demo's hosts this way.
@@ -52,7 +52,7 @@ class Testbed:
         """A private local Ray cluster with one node per host; `close()` removes it all."""
         import ray
 
-        from nodes.actor import start_host_actor
+        from nodes.host.actor import start_host_actor
         spec = spec or ClusterSpec(**kwargs)
         owner = LocalRay(spec.host_names, spec.object_store_bytes)
         try:
@@ -95,7 +95,7 @@ class Testbed:
     @classmethod
     def in_process(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
         """The same hosts as objects in this process (no Ray): for fast tests and benches."""
-        from nodes.host import HostService
+        from nodes.host.service import HostService
         spec = spec or ClusterSpec(**kwargs)
         return cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()})
 

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nodes import stream as st  # noqa: E402
 from nodes.errors import StreamError  # noqa: E402
-from nodes.stream import RecordType as RT  # noqa: E402
+from nodes.migration import stream as st  # noqa: E402
+from nodes.migration.stream import RecordType as RT  # noqa: E402
 
 GUEST_PAGES = 64
 HEAD = st.encode_image_header() + st.encode_domain_header("vp", 12)

@@ -11,10 +11,10 @@ import pytest
 
 from cluster.bench import SECTIONS, BenchOptions, run_bench
 from cluster.cli import main
-from nodes import stream as st
 from nodes.errors import ConfigError, StreamError
-from nodes.memory import MachineMemory
-from nodes.stream import RecordType as RT
+from nodes.migration import stream as st
+from nodes.migration.stream import RecordType as RT
+from nodes.xen.memory import MachineMemory
 
 PAGE = 4096
 

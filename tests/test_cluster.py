@@ -10,10 +10,10 @@ from checks import frames_exact
 
 from cluster.handles import RayHost
 from cluster.launcher import NAMESPACE
-from nodes.actor import start_host_actor
 from nodes.errors import DomainExistsError, NoSuchDomainError, NoSuchHostError
-from nodes.host import HostConfig
-from nodes.settings import GuestSpec, MigrationSettings
+from nodes.host.actor import start_host_actor
+from nodes.host.service import HostConfig
+from nodes.migration.settings import GuestSpec, MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

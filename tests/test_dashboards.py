@@ -28,8 +28,8 @@ from cluster.prometheus import (
     render_config,
     write_sd_file,
 )
-from nodes.host import HostConfig, HostService
-from nodes.settings import GuestSpec, MigrationSettings
+from nodes.host.service import HostConfig, HostService
+from nodes.migration.settings import GuestSpec, MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

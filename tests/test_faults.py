@@ -18,11 +18,11 @@ from checks import wait_progress
 from cluster.demo import sequential_edge_ok
 from cluster.handles import RayHost
 from cluster.launcher import NAMESPACE
-from nodes.actor import start_host_actor
 from nodes.errors import ConfigError, OutOfFramesError
-from nodes.faults import FaultKind, FaultSpec, Stage, faults_from_toml, parse_fault
-from nodes.host import HostConfig
-from nodes.settings import GuestSpec, MigrationSettings
+from nodes.faults.spec import FaultKind, FaultSpec, Stage, faults_from_toml, parse_fault
+from nodes.host.actor import start_host_actor
+from nodes.host.service import HostConfig
+from nodes.migration.settings import GuestSpec, MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024
@@ -259,7 +259,7 @@ def test_faults_from_toml_for_scenarios():
 
 
 def test_every_kind_and_stage_is_in_the_matrix():
-    from nodes.faults import KINDS
+    from nodes.faults.spec import KINDS
     tried = {(parse_fault(f).kind, parse_fault(f).stage) for f, _ in MATRIX}
     for kind, (stages, _, _) in KINDS.items():
         for stage in stages:

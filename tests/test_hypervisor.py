@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodes import pagetable
 from nodes.errors import (
     AccessViolation,
     ConfigError,
@@ -17,9 +16,10 @@ from nodes.errors import (
     NoSuchDomainError,
     OutOfFramesError,
 )
-from nodes.hypervisor import DOM0_NAME, Hypervisor
-from nodes.logdirty import ShadowOp
-from nodes.profiles import Mode
+from nodes.xen import pagetable
+from nodes.xen.hypervisor import DOM0_NAME, Hypervisor
+from nodes.xen.logdirty import ShadowOp
+from nodes.xen.profiles import Mode
 
 MiB = 1024 * 1024
 

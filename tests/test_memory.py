@@ -5,10 +5,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nodes.allocator import OWNER_FREE, OWNER_HYPERVISOR, SUPERPAGE_FRAMES, FrameAllocator
 from nodes.errors import ConfigError, OutOfFramesError
-from nodes.memory import MachineMemory
-from nodes.sizes import parse_duration, parse_size
+from nodes.units import parse_duration, parse_size
+from nodes.xen.allocator import OWNER_FREE, OWNER_HYPERVISOR, SUPERPAGE_FRAMES, FrameAllocator
+from nodes.xen.memory import MachineMemory
 
 MiB = 1024 * 1024
 

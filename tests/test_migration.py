@@ -11,9 +11,9 @@ import pytest
 from checks import frames_exact, wait_progress
 
 from cluster.demo import sequential_edge_ok
-from nodes import stream
 from nodes.errors import ConfigError, MigrationError, ModeError, OutOfFramesError
-from nodes.settings import GuestSpec, MigrationSettings
+from nodes.migration import stream
+from nodes.migration.settings import GuestSpec, MigrationSettings
 from workloads.spec import PATTERNS, WorkloadSpec
 
 MiB = 1024 * 1024
@@ -223,7 +223,7 @@ def test_latency_and_rate_limit(pair):
 
 
 def test_pacer_is_a_virtual_clock():
-    from nodes.link import Pacer
+    from nodes.migration.link import Pacer
     p = Pacer(1000.0)
     assert p.charge(500, now=0.0) == pytest.approx(0.5)
     assert p.charge(500, now=0.1) == pytest.approx(1.0)
@@ -237,7 +237,7 @@ def test_send_buffers_survives_partial_sends():
     import socket
     import threading
 
-    from nodes.link import IOV_MAX, send_buffers
+    from nodes.migration.link import IOV_MAX, send_buffers
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
     a.settimeout(10)                       # as migration sockets: sends may stop short
@@ -297,7 +297,7 @@ def test_failure_in_stop_and_copy_still_reports_the_pause(pair, monkeypatch):
 
 
 def test_qemu_budget_subtracts_the_fixed_hand_over_cost():
-    from nodes.policy import Decision, PrecopyStats
+    from nodes.migration.policy import Decision, PrecopyStats
     s = MigrationSettings(policy="qemu", downtime_limit_seconds=0.1, latency_seconds=0.03)
     policy = s.make_policy()
     stats = PrecopyStats(iteration=1, dirty_count=100, total_written=0, guest_pages=1000,
@@ -383,7 +383,7 @@ def test_a_migration_imports_nothing_on_the_way():
         "import sys, time\n"
         "from cluster.testbed import Testbed\n"
         "from cluster.launcher import ClusterSpec\n"
-        "from nodes.settings import GuestSpec, MigrationSettings\n"
+        "from nodes.migration.settings import GuestSpec, MigrationSettings\n"
         "from workloads.spec import WorkloadSpec\n"
         "with Testbed.in_process(ClusterSpec(hosts=2, host_memory_bytes=64 << 20)) as tb:\n"
         "    tb.create('host-0', GuestSpec('g', 8 << 20, workload=WorkloadSpec('uniform', "

@@ -17,8 +17,8 @@ from cluster.model import (  # noqa: E402
     expected_distinct_pages,
     predict,
 )
-from nodes import policy as policy_mod  # noqa: E402
-from nodes.policy import Decision, PrecopyPolicy  # noqa: E402
+from nodes.migration import policy as policy_mod  # noqa: E402
+from nodes.migration.policy import Decision, PrecopyPolicy  # noqa: E402
 from workloads.spec import WorkloadSpec  # noqa: E402
 
 MiB = 1 << 20

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from nodes.errors import ConfigError, DomainStateError, MigrationError, ModeError
-from nodes.hypervisor import DOM0_NAME, Hypervisor
-from nodes.profiles import PROFILES, Mode
-from nodes.settings import GuestSpec, MigrationSettings
+from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.xen.hypervisor import DOM0_NAME, Hypervisor
+from nodes.xen.profiles import PROFILES, Mode
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodes import stream as s
 from nodes.errors import StreamError
-from nodes.stream import RecordType as RT
+from nodes.migration import stream as s
+from nodes.migration.stream import RecordType as RT
 
 PAGE = 4096
 

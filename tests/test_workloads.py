@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodes.domain import GuestPaused
 from nodes.errors import ConfigError
-from nodes.hypervisor import Hypervisor
-from nodes.logdirty import ShadowOp
+from nodes.xen.domain import GuestPaused
+from nodes.xen.hypervisor import Hypervisor
+from nodes.xen.logdirty import ShadowOp
 from workloads.measure import measure_rate
 from workloads.patterns import (
     PhasedWorkload,

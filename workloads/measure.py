@@ -7,7 +7,7 @@ log-dirty pays for marking the bitmap) to pick rates that are meaningful on this
 
 import time
 
-from nodes.domain import Domain
+from nodes.xen.domain import Domain
 from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU

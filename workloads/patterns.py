@@ -29,8 +29,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from nodes.domain import DomainState, GuestPaused
 from nodes.errors import ConfigError
+from nodes.xen.domain import DomainState, GuestPaused
 from workloads.spec import PATTERNS, WorkloadSpec
 
 STATE_FORMAT = 1

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from nodes.domain import Domain, DomainState, GuestPaused
+from nodes.xen.domain import Domain, DomainState, GuestPaused
 from workloads.patterns import DEFAULT_MAX_BATCH_PAGES, Workload
 
 DEFAULT_HISTORY_ENTRIES = 8192

@@ -22,15 +22,15 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from nodes.domain import DomainState
 from nodes.errors import ConfigError
-from nodes.migration import PHASES as TIMED_PHASES
-from nodes.profiles import Mode
+from nodes.migration.engine import PHASES as TIMED_PHASES
+from nodes.xen.domain import DomainState
+from nodes.xen.profiles import Mode
 
 if TYPE_CHECKING:
-    from nodes.host import HostService
-    from nodes.migration import Progress, Receiver
-    from nodes.settings import MigrationSettings
+    from nodes.host.service import HostService
+    from nodes.migration.engine import Progress, Receiver
+    from nodes.migration.settings import MigrationSettings
 
 # Resolve 1 ms to 10 s (a 1-2-5 series); total time goes on to a minute.
 DOWNTIME_BUCKETS_SECONDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,

@@ -1,8 +1,8 @@
 """The hypervisor of one host: machine memory, the frame allocator, dom0 and the guests.
 
-Pure Python + numpy, no Ray: the Ray actor in `nodes.host` wraps one of these. Every
+Pure Python + numpy, no Ray: the Ray actor in `nodes.host.service` wraps one of these. Every
 operation that changes frames holds `self.lock`; per-guest memory access holds the guest's
-own lock (see `nodes.domain`).
+own lock (see `nodes.xen.domain`).
 """
 
 import re
@@ -10,10 +10,6 @@ import threading
 
 import numpy as np
 
-from nodes import pagetable
-from nodes.allocator import FrameAllocator
-from nodes.digest import digest, page_hashes
-from nodes.domain import Domain, DomainState
 from nodes.errors import (
     ConfigError,
     DomainExistsError,
@@ -22,10 +18,14 @@ from nodes.errors import (
     NoSuchDomainError,
     OutOfFramesError,
 )
-from nodes.logdirty import LogDirtyStats, ShadowOp
-from nodes.memory import MachineMemory
-from nodes.profiles import DEFAULT_PROFILE, Mode, Placement, get_profile
-from nodes.sizes import format_bytes
+from nodes.units import format_bytes
+from nodes.xen import pagetable
+from nodes.xen.allocator import FrameAllocator
+from nodes.xen.digest import digest, page_hashes
+from nodes.xen.domain import Domain, DomainState
+from nodes.xen.logdirty import LogDirtyStats, ShadowOp
+from nodes.xen.memory import MachineMemory
+from nodes.xen.profiles import DEFAULT_PROFILE, Mode, Placement, get_profile
 
 DOM0_NAME = "Domain-0"
 DEFAULT_RESERVED_BYTES = 4 * 1024 * 1024

@@ -7,8 +7,8 @@ live objects (domains, policies, links) are built from them.
 from dataclasses import asdict, dataclass, field, fields
 
 from nodes.errors import ConfigError
-from nodes.policy import POLICIES, PrecopyPolicy, make_policy
-from nodes.profiles import Mode
+from nodes.migration.policy import POLICIES, PrecopyPolicy, make_policy
+from nodes.xen.profiles import Mode
 from workloads.spec import WorkloadSpec
 
 
@@ -29,7 +29,7 @@ class GuestSpec:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
 
     def __post_init__(self) -> None:
-        from nodes.hypervisor import check_guest_name
+        from nodes.xen.hypervisor import check_guest_name
         check_guest_name(self.name)
         if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
             raise ConfigError(f"guest memory must be a positive number of bytes, got "
@@ -59,14 +59,14 @@ class MigrationSettings:
     verify: bool = True
     cancel_after_round: int | None = None
     timeout_seconds: float = 30.0
-    # Faults to inject (`nodes.faults`): FaultSpecs, or their dicts / text forms.
+    # Faults to inject (`nodes.faults.spec`): FaultSpecs, or their dicts / text forms.
     faults: tuple = ()
     # The link is the source host's uplink, shared fairly by all its concurrent outgoing
     # migrations that set this (host evacuation); otherwise each migration has its own link.
     link_shared: bool = False
 
     def __post_init__(self) -> None:
-        from nodes.faults import as_faults
+        from nodes.faults.spec import as_faults
         object.__setattr__(self, "faults", as_faults(self.faults))
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; use one of {', '.join(POLICIES)}")

@@ -14,7 +14,7 @@ destroy its copy. Any failure before PERMISSION_TO_GO leaves the guest running o
 in its original mode and frees every frame the destination reserved; a RESULT that never
 comes leaves the paused copy for the control plane to settle (`resolve_handover`).
 
-Injected faults (`nodes.faults`) act at the stages marked `self.faults.at(...)` on the sender
+Injected faults (`nodes.faults.spec`) act at the stages marked `self.faults.at(...)` on the sender
 and `self.faults.delay(...)` on the receiver.
 """
 
@@ -26,11 +26,6 @@ from typing import Protocol
 
 import numpy as np
 
-from nodes import pagetable
-from nodes import stream as st
-from nodes.channel import Listener, Ticket, connect
-from nodes.digest import digest, page_hashes
-from nodes.domain import Domain, DomainState
 from nodes.errors import (
     ConfigError,
     MigbedError,
@@ -39,15 +34,20 @@ from nodes.errors import (
     ModeError,
     StreamError,
 )
-from nodes.faults import DestinationFaults, FaultStats, SourceFaults, Stage, is_connection_loss
-from nodes.hypervisor import Hypervisor
-from nodes.link import LinkSender, Pacer
-from nodes.logdirty import ShadowOp
-from nodes.memory import MachineMemory
-from nodes.policy import Decision, PrecopyStats
-from nodes.profiles import Mode
-from nodes.settings import MigrationSettings
-from nodes.stream import RecordType as RT
+from nodes.faults.spec import DestinationFaults, FaultStats, SourceFaults, Stage, is_connection_loss
+from nodes.migration import stream as st
+from nodes.migration.channel import Listener, Ticket, connect
+from nodes.migration.link import LinkSender, Pacer
+from nodes.migration.policy import Decision, PrecopyStats
+from nodes.migration.settings import MigrationSettings
+from nodes.migration.stream import RecordType as RT
+from nodes.xen import pagetable
+from nodes.xen.digest import digest, page_hashes
+from nodes.xen.domain import Domain, DomainState
+from nodes.xen.hypervisor import Hypervisor
+from nodes.xen.logdirty import ShadowOp
+from nodes.xen.memory import MachineMemory
+from nodes.xen.profiles import Mode
 
 MIGRATED_AWAY = "--migratedaway"
 
@@ -94,7 +94,7 @@ class Progress:
     expected_downtime_seconds: float | None = None
     throughput_bytes_per_second: float = 0.0
     rounds: list = field(default_factory=list)
-    fault: dict | None = None      # a host-kill fault the sender waits at (`nodes.faults`)
+    fault: dict | None = None      # a host-kill fault the sender waits at (`nodes.faults.spec`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -745,7 +745,7 @@ class FrameSink:
 
 def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:
     """Back reserved frames with RAM now, before the stream starts, as a real destination's
-    memory already is. Host memory is lazily allocated (see `nodes.memory`), so otherwise
+    memory already is. Host memory is lazily allocated (see `nodes.xen.memory`), so otherwise
     the first write to each frame takes a page fault inside the data path: measured at
     ~10 us per 4 KiB page here, which made round 0 of a migration into never-used frames
     three times slower than the same round into frames used before. The frames are free,

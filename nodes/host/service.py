@@ -1,7 +1,7 @@
 """One emulated host: a hypervisor, its guests' vCPUs, and both ends of its migrations.
 
 `HostService` is plain Python so the whole host, migrations included, can be tested in one
-process without Ray; `nodes.actor` makes it a Ray actor (one per Ray node) for the cluster.
+process without Ray; `nodes.host.actor` makes it a Ray actor (one per Ray node) for the cluster.
 Its public methods are the host's control plane: each takes and returns plain values (dicts,
 strings, numpy arrays) because it is called across processes.
 """
@@ -14,14 +14,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from nodes.channel import Ticket
-from nodes.domain import Domain
 from nodes.errors import ClusterError, ConfigError, MigrationError
-from nodes.faults import FaultCollector, FaultStats, SourceFaults
-from nodes.hypervisor import DEFAULT_RESERVED_BYTES, Hypervisor
-from nodes.link import Pacer
-from nodes.metrics import HostMetrics
-from nodes.migration import (
+from nodes.faults.spec import FaultCollector, FaultStats, SourceFaults
+from nodes.host.metrics import HostMetrics
+from nodes.migration.channel import Ticket
+from nodes.migration.engine import (
     Progress,
     Receiver,
     Sender,
@@ -30,8 +27,11 @@ from nodes.migration import (
     resolve_handover,
     validate_info,
 )
-from nodes.profiles import DEFAULT_PROFILE
-from nodes.settings import GuestSpec, MigrationSettings
+from nodes.migration.link import Pacer
+from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.xen.domain import Domain
+from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, Hypervisor
+from nodes.xen.profiles import DEFAULT_PROFILE
 from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU
@@ -343,7 +343,7 @@ class HostService:
         self.metrics.incoming_finished(migration_id, None)
         return recv.report()
 
-    # -- faults, hand-over recovery and health (`nodes.faults`, `cluster.faults`) -------------
+    # -- faults, hand-over recovery and health (`nodes.faults.spec`, `cluster.settle`) -------------
     def _uplink(self, settings: MigrationSettings) -> Pacer | None:
         """This host's outgoing link, shared by its concurrent `link_shared` migrations."""
         rate = settings.link_bytes_per_second

@@ -51,7 +51,7 @@ from nodes.errors import (
     OutOfFramesError,
     StreamError,
 )
-from nodes.sizes import format_bytes, parse_duration, parse_size
+from nodes.units import format_bytes, parse_duration, parse_size
 
 MAX_FAULT_SECONDS = 3600.0     # a stall or delay longer than an hour is a typo, not a test
 PEER_CHECK_SECONDS = 0.02      # how often a stalled sender looks whether its peer gave up

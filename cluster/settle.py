@@ -4,7 +4,7 @@ settling what a dead host or an unanswered hand-over leaves behind.
 `FaultControl` is made by `cluster.migration.run_migration` for every migration:
 
 - while the migration runs, `poll(progress)` carries out the host kills its faults ask for
-  (the sender waits at the fault's stage and shows it in its progress; see `nodes.faults`);
+  (the sender waits at the fault's stage and shows it in its progress; see `nodes.faults.spec`);
 - when the sender has ended, `settle(pending)` collects both sides, whatever happened: a
   source that died (its guest died with it, unless the hand-over was done and the
   destination resumed it), or a hand-over whose RESULT never reached the source (the
@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from nodes.errors import ClusterError, MigbedError
-from nodes.faults import HOST_KILLS, FaultKind
-from nodes.settings import MigrationSettings
+from nodes.faults.spec import HOST_KILLS, FaultKind
+from nodes.migration.settings import MigrationSettings
 
 VERDICT_ATTEMPTS = 3      # waits of timeout_seconds each for a destination still restoring
 STATUS_POLL_SECONDS = 0.005

@@ -19,11 +19,11 @@ from enum import StrEnum
 
 import numpy as np
 
-from nodes import pagetable
 from nodes.errors import AccessViolation, DomainStateError
-from nodes.logdirty import LogDirty
-from nodes.memory import MachineMemory
-from nodes.profiles import Mode
+from nodes.xen import pagetable
+from nodes.xen.logdirty import LogDirty
+from nodes.xen.memory import MachineMemory
+from nodes.xen.profiles import Mode
 
 
 class DomainState(StrEnum):

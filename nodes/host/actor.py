@@ -9,7 +9,7 @@ import os
 
 import ray
 
-from nodes.host import HostConfig, HostService
+from nodes.host.service import HostConfig, HostService
 
 MAX_CONCURRENT_CALLS = 64
 

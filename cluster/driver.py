@@ -9,10 +9,10 @@ poll progress; collect both sides; build the report. The data never passes throu
 import uuid
 from collections.abc import Callable
 
-from cluster.faults import FaultControl
 from cluster.report import Integrity, MigrationReport
+from cluster.settle import FaultControl
 from nodes.errors import MigbedError, MigrationError
-from nodes.settings import MigrationSettings
+from nodes.migration.settings import MigrationSettings
 
 POLL_SECONDS = 0.1
 FIRST_POLL_SECONDS = 0.005   # progress polls start fast and back off to POLL_SECONDS

@@ -83,7 +83,7 @@ class LinkSender:
         # The wire: this migration's own, or the source host's uplink shared with others.
         self.link = shared_link if shared_link is not None else Pacer(link_bytes_per_second)
         self.shared = shared_link is not None
-        # Fault seam (`nodes.faults`): rewrites the next message's buffers, or raises.
+        # Fault seam (`nodes.faults.spec`): rewrites the next message's buffers, or raises.
         self.tamper: Callable[[list], list] | None = None
         self.rate_limit = Pacer(rate_limit_bytes_per_second)
         self.rate_limited = rate_limit_bytes_per_second is not None
