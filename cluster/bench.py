@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from nodes.errors import ConfigError
-from nodes.migration import stream as st
+from nodes.migration import records
+from nodes.migration.reader import RECV_CHUNK_PAGES, RecordReader
 from nodes.units import format_bytes
 
 MiB = 1024 * 1024
@@ -283,7 +284,8 @@ def _unique(prefix: str) -> str:
 
 
 def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
-    from nodes.migration.settings import GuestSpec, MigrationSettings
+    from nodes.host.specs import GuestSpec
+    from nodes.migration.settings import MigrationSettings
     a, b = list(tb.hosts)[:2]
     size = opts.guest_memory_bytes
     name = _unique("idle")
@@ -415,7 +417,8 @@ def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], 
 def bench_downtime(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Downtime with a final round of ~50 pages: a hot set of exactly 50 pages written all
     the time, one live round (max_iterations=1), so the final round is the hot set."""
-    from nodes.migration.settings import GuestSpec, MigrationSettings
+    from nodes.host.specs import GuestSpec
+    from nodes.migration.settings import MigrationSettings
     from workloads.spec import WorkloadSpec
     a, b = list(tb.hosts)[:2]
     size = opts.downtime_guest_memory_bytes
@@ -456,7 +459,8 @@ def bench_downtime(tb, opts: BenchOptions, res: Results, say: Callable[[str], No
 
 
 def _idle_downtimes(tb, a: str, b: str, size: int, repeats: int, res: Results) -> None:
-    from nodes.migration.settings import GuestSpec, MigrationSettings
+    from nodes.host.specs import GuestSpec
+    from nodes.migration.settings import MigrationSettings
     name = _unique("idle")
     tb.create(a, GuestSpec(name, size))
     try:
@@ -525,22 +529,22 @@ def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -
     hv = Hypervisor("stages", 2 * size + 16 * MiB, superpages=opts.superpages)
     dom = hv.create_domain("g", size, "p2m")
     dom.memory.frames[dom.p2m] = 7                     # touched: warm frames
-    batch = min(st.MAX_BATCH_PAGES, dom.data_pages)
+    batch = min(records.MAX_BATCH_PAGES, dom.data_pages)
     pfns = np.arange(batch, dtype=np.int64)
     types = np.zeros(batch, dtype=np.uint8)
     mfns = dom.p2m[pfns]
     pages = dom.foreign_read(pfns)
-    record = b"".join(bytes(b) for b in st.encode_page_data(pfns, types, pages))
+    record = b"".join(bytes(b) for b in records.encode_page_data(pfns, types, pages))
     target = hv.allocator.alloc_scattered(batch, 99)
     hv.memory.frames[target] = 1
     scattered = np.random.default_rng(0).permutation(target)   # frame by frame, any host
 
     def hash_in_place() -> None:
-        for _, view, _ in hv.memory.pieces(mfns, st.RECV_CHUNK_PAGES):
+        for _, view, _ in hv.memory.pieces(mfns, RECV_CHUNK_PAGES):
             page_hashes(view)
 
     stages = {
-        "send buffers from frames + encode": lambda: st.encode_page_data(
+        "send buffers from frames + encode": lambda: records.encode_page_data(
             pfns, types, hv.memory.buffers(mfns)),
         "decode PAGE_DATA": lambda: _decode(record),
         "hash as landed (extents)": hash_in_place,
@@ -572,9 +576,9 @@ def bench_stages(opts: BenchOptions, res: Results, say: Callable[[str], None]) -
     say(f"  stages: slowest is {slow[6:]}")
 
 
-def _decode(record: bytes) -> st.Record | None:
+def _decode(record: bytes) -> records.Record | None:
     """Read one framed record back, as a receiver does (from memory, not a socket)."""
-    return st.RecordReader(io.BytesIO(record).readinto).read_record()
+    return RecordReader(io.BytesIO(record).readinto).read_record()
 
 
 def bench_startup(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
@@ -669,7 +673,8 @@ def process_name(pid: int) -> str:
 
 def bench_scale(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Evacuate one host's guests to the others: one at a time, then all at once."""
-    from nodes.migration.settings import GuestSpec, MigrationSettings
+    from nodes.host.specs import GuestSpec
+    from nodes.migration.settings import MigrationSettings
     from workloads.spec import WorkloadSpec
     names = list(tb.hosts)
     src, others = names[0], names[1:]

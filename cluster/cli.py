@@ -305,7 +305,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
-    from nodes.migration.settings import GuestSpec
+    from nodes.host.specs import GuestSpec
     spec = GuestSpec(name=args.name, memory_bytes=args.memory, mode=args.mode, dma=args.dma,
                      workload=workload_from(args))
     d = Testbed.attach().create(args.host, spec)
@@ -350,7 +350,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         progress = ProgressPrinter(header=f"migrating {args.guest} to {args.destination} "
                                           f"(policy {settings.policy})")
         return _report_out(tb.migrate(args.guest, args.destination, settings, progress), args)
-    from nodes.migration.settings import GuestSpec
+    from nodes.host.specs import GuestSpec
     spec = GuestSpec(name="vm1", memory_bytes=args.guest_memory, mode=args.mode,
                      workload=workload_from(args))
     cluster = cluster_spec_from(args)

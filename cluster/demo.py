@@ -16,7 +16,8 @@ from cluster.cli import ProgressPrinter, print_listing
 from cluster.launcher import ClusterSpec
 from cluster.report import MigrationReport
 from cluster.testbed import Testbed
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
 from nodes.units import format_bytes
 from workloads.spec import WorkloadSpec
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nodes.errors import ClusterError, ConfigError
-from nodes.host.service import HostConfig
+from nodes.host.specs import HostConfig
 from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
 from nodes.xen.profiles import DEFAULT_PROFILE, get_profile
 

@@ -6,7 +6,8 @@ The model follows migbed's sender step by step, in expected values:
   (page_size / 8))` are page-table pages the workload never writes, the rest (`data_pages`)
   are what the workload dirties.
 - Before every live round the sender builds `PrecopyStats` and asks the *real* policy object
-  (`nodes.policy.make_policy`), so the stop rules are exactly migbed's. Before round 0 every
+  (`nodes.migration.policy.policy_for`, as the sender builds it), so the stop rules are exactly
+  migbed's. Before round 0 every
   guest page is dirty.
 - CONTINUE: the dirty pages go at the effective rate `min(link, rate limit)`; the round lasts
   `wire bytes / rate + latency`; the pages the workload dirties meanwhile
@@ -27,11 +28,17 @@ measured migbed report against a prediction.
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodes.errors import ConfigError
-from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats, make_policy
+from nodes.migration.policy import (
+    Action,
+    Decision,
+    PrecopyPolicy,
+    PrecopyStats,
+    StopCode,
+    policy_for,
+)
 from workloads.spec import WorkloadSpec
 
 PAGES_PER_RECORD = 1024      # PAGE_DATA records carry up to 1024 pages (4 MiB)
@@ -178,6 +185,7 @@ class ModelPrediction:
     rounds: tuple[ModelRound, ...]
     final_pages: float            # pages sent while paused
     stop_reason: str
+    stop_code: str | None         # the policy's StopCode value (None: aborted)
     total_time_seconds: float     # first round to guest resumed, T_resume included
     downtime_seconds: float       # stop-and-copy at link speed + latency + T_resume
     pages_sent_total: float
@@ -197,6 +205,7 @@ class ModelPrediction:
             "live_rounds": self.live_rounds,
             "final_pages": self.final_pages,
             "stop_reason": self.stop_reason,
+            "stop_code": self.stop_code,
             "total_time_seconds": self.total_time_seconds,
             "downtime_seconds": self.downtime_seconds,
             "pages_sent_total": self.pages_sent_total,
@@ -216,16 +225,6 @@ def _positive_or_none(value: float | None, what: str) -> float | None:
     if not value > 0:
         raise ConfigError(f"{what} must be > 0 bytes per second (None: unlimited), got {value!r}")
     return value
-
-
-def _uncapped(name: str, settings: dict) -> Callable[[PrecopyStats], bool] | None:
-    """Whether the policy, with its round cap and volume cap lifted, would also stop here."""
-    try:
-        policy = make_policy(name, **{**settings, "max_iterations": 10**12,
-                                      "max_factor": math.inf})
-    except (TypeError, ValueError):
-        return None
-    return lambda stats: policy.decide(stats)[0] is not Decision.CONTINUE
 
 
 def _skip_solve(to_send: list[tuple[_Region, float]], pages: float, seconds_per_page: float,
@@ -273,7 +272,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     None with a rate limit makes the stop-and-copy transfer instantaneous.
     `dirty_rate_pages_per_second` overrides the workload's rate (needed for 'max').
     `latency_seconds` is added to every round, the stop-and-copy included.
-    `policy_settings` go to `make_policy` after `downtime_limit_seconds`.
+    `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
     """
     if page_size < 64 or page_size & (page_size - 1):
         raise ConfigError(f"page size must be a power of two >= 64, got {page_size!r}")
@@ -302,9 +301,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     wire_per_page = page_size + bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
     seconds_per_page = wire_per_page / rate
 
-    settings = {"downtime_limit_seconds": downtime_limit_seconds, **(policy_settings or {})}
-    pol: PrecopyPolicy = make_policy(policy, **settings)
-    would_stop_uncapped = _uncapped(policy, settings)
+    pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
+                                    latency_seconds=latency_seconds, **(policy_settings or {}))
 
     rounds: list[ModelRound] = []
     dirty = float(guest_pages)
@@ -314,6 +312,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     elapsed = 0.0
     last: ModelRound | None = None
     stop_reason = ""
+    stop_code: StopCode | None = None
     converged = False
     aborted = False
     while True:
@@ -329,16 +328,18 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             measured_bytes_per_second=measured, nominal_bytes_per_second=rate,
             elapsed_seconds=elapsed)
         if len(rounds) >= _ROUND_GUARD:
-            decision, reason = Decision.STOP_AND_COPY, f"model guard ({_ROUND_GUARD} rounds)"
+            decision = Decision.stop(StopCode.MAX_ITERATIONS,
+                                     f"model guard ({_ROUND_GUARD} rounds)")
         else:
-            decision, reason = pol.decide(stats)
-        if decision is not Decision.CONTINUE:
-            stop_reason = reason
-            if decision is Decision.ABORT:
+            decision = pol.decide(stats)
+        if decision.action is not Action.CONTINUE:
+            stop_reason = decision.reason
+            stop_code = decision.stop_code
+            if decision.action is Action.ABORT:
                 aborted = True
-                stop_reason = f"aborted: {reason}" if reason else "aborted"
-            elif would_stop_uncapped is not None:
-                converged = would_stop_uncapped(stats)
+                stop_reason = f"aborted: {decision.reason}" if decision.reason else "aborted"
+            elif stop_code is not None:
+                converged = stop_code.converged
             else:
                 converged = stats.iteration < pol.max_iterations
             break
@@ -375,6 +376,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     dirty_bytes_per_second = sum(r.rate for r in regions) * page_size
     return ModelPrediction(
         policy=policy, rounds=tuple(rounds), final_pages=final_pages, stop_reason=stop_reason,
+        stop_code=None if aborted or stop_code is None else stop_code.value,
         total_time_seconds=elapsed + downtime, downtime_seconds=downtime,
         pages_sent_total=pages_total, bytes_sent_total=pages_total * wire_per_page,
         converged=converged, lambda_ratio=dirty_bytes_per_second / rate,

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from cluster.driver import run_migration
 from nodes.errors import ConfigError, MigbedError
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
 from nodes.units import format_bytes
 from workloads.spec import WorkloadSpec
 

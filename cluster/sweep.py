@@ -42,7 +42,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nodes.errors import ConfigError, MigbedError
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
 from nodes.units import format_bytes, parse_duration, parse_size
 from workloads.spec import WorkloadSpec, parse_rate
 

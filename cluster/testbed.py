@@ -22,7 +22,8 @@ from nodes.errors import (
     NoSuchDomainError,
     NoSuchHostError,
 )
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
 from nodes.xen.hypervisor import check_guest_name
 
 # Told of every `Testbed.local` as it starts (`started(tb)`) and closes (`closing(tb)`); see

@@ -31,19 +31,20 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nodes.errors import StreamError  # noqa: E402
-from nodes.migration import stream as st  # noqa: E402
-from nodes.migration.stream import RecordType as RT  # noqa: E402
+from nodes.migration import records
+from nodes.migration.reader import RecordReader  # noqa: E402
+from nodes.migration.records import RecordType as RT  # noqa: E402
 
 GUEST_PAGES = 64
-HEAD = st.encode_image_header() + st.encode_domain_header("vp", 12)
-SCHEMAS = list(st.SCHEMAS)
+HEAD = records.encode_image_header() + records.encode_domain_header("vp", 12)
+SCHEMAS = list(records.SCHEMAS)
 ADDRESS_SPACE_BYTES = 2 << 30
 CORPUS = Path(tempfile.gettempdir()) / "migbed-fuzz-corpus"   # libFuzzer adds to it
 count = 0
 
 
 def _read_all(data: bytes, with_head: bool) -> None:
-    r = st.RecordReader(io.BytesIO((HEAD if with_head else b"") + data).readinto)
+    r = RecordReader(io.BytesIO((HEAD if with_head else b"") + data).readinto)
     r.guest_pages = GUEST_PAGES
     r.read_image_header()
     r.read_domain_header()
@@ -66,10 +67,10 @@ def one_input(data: bytes) -> None:
         elif mode == 1:
             _read_all(body, with_head=False)
         elif mode == 2 and body:
-            fields = st.decode_fields(SCHEMAS[body[0] % len(SCHEMAS)], body[1:])
+            fields = records.decode_fields(SCHEMAS[body[0] % len(SCHEMAS)], body[1:])
             assert isinstance(fields, dict)
         else:
-            pd = st.decode_page_data(body, 4096, GUEST_PAGES)
+            pd = records.decode_page_data(body, 4096, GUEST_PAGES)
             assert len(pd.pfns) == len(pd.types) and pd.pages.shape[1] == 4096
     except StreamError:
         pass
@@ -81,9 +82,9 @@ def seed_corpus(folder: Path) -> None:
     pfns = np.arange(3)
     types = np.array([0, 0, 1], np.uint8)
     pages = np.arange(3 * 4096, dtype=np.uint32).astype(np.uint8).reshape(3, 4096)
-    page_data = b"".join(bytes(b) for b in st.encode_page_data(pfns, types, pages))
-    stream = (st.encode_record(RT.VERIFY, {"digest": "x"}) + page_data
-              + st.encode_record(RT.END))
+    page_data = b"".join(bytes(b) for b in records.encode_page_data(pfns, types, pages))
+    stream = (records.encode_record(RT.STATIC_DATA_END) + page_data
+              + records.encode_record(RT.END))
     (folder / "stream").write_bytes(b"\0" + stream)
     (folder / "headers").write_bytes(b"\1" + HEAD + stream)
     (folder / "ready").write_bytes(b"\2" + bytes([SCHEMAS.index(RT.RECEIVER_READY)])

@@ -12,8 +12,9 @@ import pytest
 from cluster.bench import SECTIONS, BenchOptions, run_bench
 from cluster.cli import main
 from nodes.errors import ConfigError, StreamError
-from nodes.migration import stream as st
-from nodes.migration.stream import RecordType as RT
+from nodes.migration import records
+from nodes.migration.reader import RecordReader
+from nodes.migration.records import RecordType as RT
 from nodes.xen.memory import MachineMemory
 
 PAGE = 4096
@@ -66,21 +67,21 @@ def test_bench_options_refuse_nonsense():
 def _page_data(n: int = 3):
     pfns = np.arange(n, dtype=np.int64) * 7
     types = np.zeros(n, dtype=np.uint8)
-    types[-1] = st.PageType.L1TAB
+    types[-1] = records.PageType.L1TAB
     pages = np.random.default_rng(n).integers(0, 256, (n, PAGE), dtype=np.uint8)
-    words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(st.PFN_TYPE_SHIFT)))
+    words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(records.PFN_TYPE_SHIFT)))
     return pfns, types, pages, words.astype("<u8").tobytes()
 
 
 def test_page_data_fast_path_and_msgpack_path_decode_alike():
     pfns, types, pages, words = _page_data()
-    fast = b"".join(bytes(b) for b in st.encode_page_data(pfns, types, pages))[8:]
+    fast = b"".join(bytes(b) for b in records.encode_page_data(pfns, types, pages))[8:]
     # The same list in msgpack's own compact encoding (bin 8 / bin 16): the fallback path.
     slow = msgpack.packb([len(pfns), words, pages.tobytes()], use_bin_type=True)
     fast = fast[:_body_len(fast)]
-    assert st._page_data_parts(fast) is not None and st._page_data_parts(slow) is None
+    assert records._page_data_parts(fast) is not None and records._page_data_parts(slow) is None
     for body in (fast, slow):
-        pd = st.decode_page_data(memoryview(body), PAGE, 100)
+        pd = records.decode_page_data(memoryview(body), PAGE, 100)
         assert list(pd.pfns) == list(pfns) and list(pd.types) == list(types)
         assert np.array_equal(pd.pages, pages)
 
@@ -95,25 +96,25 @@ def _body_len(body: bytes) -> int:
 
 def test_page_data_fast_path_refuses_what_msgpack_refuses():
     pfns, types, pages, words = _page_data()
-    body = b"".join(bytes(b) for b in st.encode_page_data(pfns, types, pages))[8:]
+    body = b"".join(bytes(b) for b in records.encode_page_data(pfns, types, pages))[8:]
     body = body[:_body_len(body)]
     with pytest.raises(StreamError):            # trailing byte: not one msgpack object
-        st.decode_page_data(body + b"\0", PAGE, 100)
+        records.decode_page_data(body + b"\0", PAGE, 100)
     with pytest.raises(StreamError):            # truncated page data
-        st.decode_page_data(body[:-1], PAGE, 100)
+        records.decode_page_data(body[:-1], PAGE, 100)
     with pytest.raises(StreamError, match="beyond the guest"):
-        st.decode_page_data(body, PAGE, 10)
+        records.decode_page_data(body, PAGE, 10)
     bad_count = body[:1] + bytes([4]) + body[2:]          # count 4 for 3 pfn words
     with pytest.raises(StreamError, match="bytes of pfns"):
-        st.decode_page_data(bad_count, PAGE, 100)
+        records.decode_page_data(bad_count, PAGE, 100)
 
 
 @pytest.mark.parametrize("n", [1, 127, 128, 300, 1024])
 def test_received_pages_are_aligned_and_counted(n):
     pfns, types, pages, _ = _page_data(n)
-    data = (b"".join(bytes(b) for b in st.encode_page_data(pfns, types, pages))
-            + st.encode_record(RT.END))
-    reader = st.RecordReader(io.BytesIO(data).readinto)
+    data = (b"".join(bytes(b) for b in records.encode_page_data(pfns, types, pages))
+            + records.encode_record(RT.END))
+    reader = RecordReader(io.BytesIO(data).readinto)
     reader.guest_pages = 8 * n
     pd = reader.read_record().fields["page_data"]
     assert pd.pages.ctypes.data % 64 == 0

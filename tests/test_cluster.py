@@ -12,8 +12,8 @@ from cluster.handles import RayHost
 from cluster.launcher import NAMESPACE
 from nodes.errors import DomainExistsError, NoSuchDomainError, NoSuchHostError
 from nodes.host.actor import start_host_actor
-from nodes.host.service import HostConfig
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec, HostConfig
+from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

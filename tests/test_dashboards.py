@@ -28,8 +28,9 @@ from cluster.prometheus import (
     render_config,
     write_sd_file,
 )
-from nodes.host.service import HostConfig, HostService
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.service import HostService
+from nodes.host.specs import GuestSpec, HostConfig
+from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

@@ -9,7 +9,8 @@ from checks import frames_exact
 from cluster.evacuate import plan_evacuation
 from cluster.soak import ScrapeProbe, SoakOptions, run_soak
 from nodes.errors import ConfigError
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

@@ -19,10 +19,10 @@ from cluster.demo import sequential_edge_ok
 from cluster.handles import RayHost
 from cluster.launcher import NAMESPACE
 from nodes.errors import ConfigError, OutOfFramesError
-from nodes.faults.spec import FaultKind, FaultSpec, Stage, faults_from_toml, parse_fault
+from nodes.faults.spec import FaultKind, FaultSpec, faults_from_toml, parse_fault
 from nodes.host.actor import start_host_actor
-from nodes.host.service import HostConfig
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec, HostConfig
+from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024
@@ -41,14 +41,14 @@ def _matrix() -> list[tuple[str, str]]:
                  (f"stall-link@{st}:{SHORT}", DST), (f"stall-link@{st}:{LONG}", SRC),
                  (f"cut-link@{st}", SRC), (f"slow-link@{st}:32MiB", DST),
                  (f"corrupt-record@{st}", SRC), (f"truncate-stream@{st}", SRC)]
-    rows += [("kill-destination@after-handover", LOST), ("kill-source@after-handover", DST),
-             (f"stall-link@after-handover:{SHORT}", DST),
-             (f"stall-link@after-handover:{LONG}", DST), ("cut-link@after-handover", DST),
+    rows += [("kill-destination@handover", LOST), ("kill-source@handover", DST),
+             (f"stall-link@handover:{SHORT}", DST),
+             (f"stall-link@handover:{LONG}", DST), ("cut-link@handover", DST),
              ("refuse-memory@setup", REFUSED),
              (f"delay-restore@stop-and-copy:{SHORT}", DST),
              (f"delay-restore@stop-and-copy:{LONG}", SRC),
-             (f"delay-restore@after-handover:{SHORT}", DST),
-             (f"delay-restore@after-handover:{LONG}", DST)]
+             (f"delay-restore@handover:{SHORT}", DST),
+             (f"delay-restore@handover:{LONG}", DST)]
     return rows
 
 
@@ -208,7 +208,7 @@ def test_faults_show_in_metrics(in_process):
     assert r.status == "failed"
     src_text = tb.host("host-0").service.metrics.render().decode()
     dst_text = tb.host("host-1").service.metrics.render().decode()
-    assert 'migbed_faults_injected_total{host="host-0",kind="cut-link",stage="round"} 1.0' \
+    assert 'migbed_faults_injected_total{host="host-0",kind="cut-link",stage="precopy"} 1.0' \
         in src_text
     assert 'migbed_migration_connection_lost_total{host="host-1",role="destination"} 1.0' \
         in dst_text
@@ -228,18 +228,18 @@ def test_kill_in_process_host_by_api(in_process):
 # -- the fault model as data -------------------------------------------------------------------
 def test_fault_text_dict_and_settings_round_trip():
     for text in ("kill-destination@stop-and-copy", "stall-link@round3:2s",
-                 "slow-link@round0:1MiB", "delay-restore@after-handover:500ms",
-                 "refuse-memory@setup", "cut-link@after-handover"):
+                 "slow-link@round0:1MiB", "delay-restore@handover:500ms",
+                 "refuse-memory@setup", "cut-link@handover"):
         f = parse_fault(text)
         assert parse_fault(f.to_text()) == f
         assert FaultSpec.from_dict(f.to_dict()) == f
     s = MigrationSettings(faults=("stall-link@round1:2s", {"kind": "kill-source",
-                                                           "stage": "after-handover"}))
+                                                           "stage": "handover"}))
     assert all(isinstance(f, FaultSpec) for f in s.faults)
     import json
     assert MigrationSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert parse_fault("slow-link@round0:1MiB").bandwidth_bytes_per_second == MiB
-    assert parse_fault("stall-link@round3:2s") == FaultSpec("stall-link", "round", 3, 2.0)
+    assert parse_fault("stall-link@round3:2s") == FaultSpec("stall-link", "precopy", 3, 2.0)
 
 
 def test_faults_from_toml_for_scenarios():
@@ -247,32 +247,32 @@ def test_faults_from_toml_for_scenarios():
     doc = tomllib.loads('''
         faults = [
             "cut-link@round1",
-            {kind = "slow-link", stage = "round", round = 2, bandwidth = "1MiB"},
+            {kind = "slow-link", stage = "precopy", round = 2, bandwidth = "1MiB"},
             {kind = "stall-link", stage = "stop-and-copy", duration = "300ms"},
         ]
     ''')
     got = faults_from_toml(doc["faults"])
-    assert got == (FaultSpec("cut-link", "round", 1),
-                   FaultSpec("slow-link", "round", 2, bandwidth_bytes_per_second=MiB),
+    assert got == (FaultSpec("cut-link", "precopy", 1),
+                   FaultSpec("slow-link", "precopy", 2, bandwidth_bytes_per_second=MiB),
                    FaultSpec("stall-link", "stop-and-copy", duration_seconds=0.3))
     assert faults_from_toml(None) == ()
 
 
 def test_every_kind_and_stage_is_in_the_matrix():
-    from nodes.faults.spec import KINDS
+    from nodes.faults.spec import ALL_STAGES, KINDS
     tried = {(parse_fault(f).kind, parse_fault(f).stage) for f, _ in MATRIX}
     for kind, (stages, _, _) in KINDS.items():
         for stage in stages:
             assert (kind.value, stage.value) in tried, (kind, stage)
-    assert len(FaultKind) == 9 and len(Stage) == 4
+    assert len(FaultKind) == 9 and len(ALL_STAGES) == 4
 
 
 BAD_FAULTS = [
     "explode@setup", "stall-link", "stall-link@", "@setup", "stall-link@round0",
     "stall-link@round0:0s", "stall-link@round0:-1s", "stall-link@round0:soon",
     "stall-link@round0:2h", "slow-link@round0", "slow-link@round0:0", "slow-link@round0:fast",
-    "slow-link@after-handover:1MiB", "corrupt-record@after-handover",
-    "truncate-stream@after-handover", "refuse-memory@round0", "delay-restore@setup:1s",
+    "slow-link@handover:1MiB", "corrupt-record@handover",
+    "truncate-stream@handover", "refuse-memory@round0", "delay-restore@setup:1s",
     "delay-restore@round1:1s", "cut-link@roundx", "cut-link@round-1", "cut-link@later",
     "cut-link@setup:2s", "kill-source@setup:", "x" * 300,
 ]
@@ -292,7 +292,7 @@ BAD_TOML_FAULTS = [
     [{"kind": "cut-link", "when": "now"}],
     [{"kind": "stall-link", "stage": "setup", "duration": "forever"}],
     [{"kind": "slow-link", "stage": "setup", "bandwidth": "-1MiB"}],
-    [{"kind": "cut-link", "stage": "round", "round": -2}],
+    [{"kind": "cut-link", "stage": "precopy", "round": -2}],
 ]
 
 
@@ -329,7 +329,7 @@ def ray_frames_exact(tb) -> None:
 @pytest.mark.parametrize("fault,outcome", [
     ("kill-destination@round1", SRC), ("kill-destination@stop-and-copy", SRC),
     ("kill-source@round0", LOST),
-    ("kill-source@after-handover", DST), ("kill-destination@after-handover", LOST)])
+    ("kill-source@handover", DST), ("kill-destination@handover", LOST)])
 def test_host_kills_on_ray(ray_testbed, doomed, unique_name, fault, outcome):
     tb = ray_testbed
     name = unique_name("k")
@@ -379,9 +379,9 @@ def test_cli_migrate_with_a_fault(attached, capsys):
     report = json.loads(capsys.readouterr().out)
     assert rc == 1 and report["status"] == "failed" and report["guest_host"] == "host-0"
     assert report["faults"] == [{"fault": "cut-link@round0", "fired": True}]
-    rc = cli.main(["migrate", "vm1", "host-2", "--fault", "kill-source@after-handover"])
+    rc = cli.main(["migrate", "vm1", "host-2", "--fault", "kill-source@handover"])
     out = capsys.readouterr().out
-    assert rc == 0 and "fault kill-source@after-handover: fired, killed host-0" in out
+    assert rc == 0 and "fault kill-source@handover: fired, killed host-0" in out
     assert "guest: on host-2" in out and attached.where("vm1") == "host-2"
 
 

@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.prometheus import read_sd_file
 from nodes.errors import ConfigError
-from nodes.host.service import HostConfig, HostService
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.service import HostService
+from nodes.host.specs import GuestSpec, HostConfig
+from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

@@ -12,8 +12,9 @@ from checks import frames_exact, wait_progress
 
 from cluster.demo import sequential_edge_ok
 from nodes.errors import ConfigError, MigrationError, ModeError, OutOfFramesError
-from nodes.migration import stream
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration import records
+from nodes.migration.settings import MigrationSettings
 from workloads.spec import PATTERNS, WorkloadSpec
 
 MiB = 1024 * 1024
@@ -139,7 +140,7 @@ def test_corrupt_record_aborts_and_guest_stays(pair, monkeypatch):
     tb = pair
     tb.create("host-0", GuestSpec("c", 4 * MiB, workload=WorkloadSpec("uniform", 5000)))
     digest_pages = tb.host("host-0").call("guest_status", "c")["pages"]
-    real = stream.encode_page_data
+    real = records.encode_page_data
     sent = [0]
 
     def corrupt(pfns, types, pages):
@@ -148,7 +149,7 @@ def test_corrupt_record_aborts_and_guest_stays(pair, monkeypatch):
         if sent[0] == 2:
             parts[2] = b"\xff" * len(parts[2])   # pfn words: unknown type, pfn out of range
         return parts
-    monkeypatch.setattr(stream, "encode_page_data", corrupt)
+    monkeypatch.setattr(records, "encode_page_data", corrupt)
     free_dst = tb.host("host-1").call("frame_counts")["free"]
     r = tb.migrate("c", "host-1", MigrationSettings(link_bytes_per_second=FAST))
     assert r.status == "failed" and r.error
@@ -278,13 +279,13 @@ def test_failure_in_stop_and_copy_still_reports_the_pause(pair, monkeypatch):
     its source; that pause is reported as downtime (propolis #349 asks for this)."""
     tb = pair
     tb.create("host-0", GuestSpec("s", 4 * MiB, workload=WorkloadSpec("uniform", 2000)))
-    real = stream.encode_record
+    real = records.encode_record
 
     def broken(rtype, fields=None):
-        if rtype == stream.RecordType.VCPU_CONTEXT:
+        if rtype == records.RecordType.VCPU_CONTEXT:
             return real(rtype, {"vcpu_id": "not an int"})
         return real(rtype, fields)
-    monkeypatch.setattr(stream, "encode_record", broken)
+    monkeypatch.setattr(records, "encode_record", broken)
     r = tb.migrate("s", "host-1", MigrationSettings(link_bytes_per_second=FAST))
     # The destination's reason reaches the report, as the error or (when the source saw the
     # connection drop before the ABORT record) as a note from the destination.
@@ -297,15 +298,15 @@ def test_failure_in_stop_and_copy_still_reports_the_pause(pair, monkeypatch):
 
 
 def test_qemu_budget_subtracts_the_fixed_hand_over_cost():
-    from nodes.migration.policy import Decision, PrecopyStats
+    from nodes.migration.policy import Action, PrecopyStats
     s = MigrationSettings(policy="qemu", downtime_limit_seconds=0.1, latency_seconds=0.03)
     policy = s.make_policy()
     stats = PrecopyStats(iteration=1, dirty_count=100, total_written=0, guest_pages=1000,
                          page_size=4096, measured_bytes_per_second=100 * 4096 / 0.05)
     # 100 pages take 50 ms: inside 100 ms, but not inside 100 - 3 x 30 = 10 ms.
-    assert policy.decide(stats)[0] is Decision.CONTINUE
+    assert policy.decide(stats).action is Action.CONTINUE
     no_latency = MigrationSettings(policy="qemu", downtime_limit_seconds=0.1).make_policy()
-    assert no_latency.decide(stats)[0] is Decision.STOP_AND_COPY
+    assert no_latency.decide(stats).action is Action.STOP_AND_COPY
 
 
 @pytest.mark.parametrize("superpages", [(False, False), (False, True), (True, False)],
@@ -337,10 +338,10 @@ def test_page_data_in_another_msgpack_layout_is_received_too(pair, monkeypatch):
     def generic(pfns, types, pages):
         words = (pfns.astype("<u8") | (types.astype("<u8") << np.uint64(60))).tobytes()
         data = b"".join(pages) if isinstance(pages, list) else np.ascontiguousarray(pages)
-        body = stream.msgpack.packb([len(pfns), words, bytes(data)], use_bin_type=True)
-        return [stream.RECORD_HEADER.pack(stream.RecordType.PAGE_DATA, len(body)), body,
+        body = records.msgpack.packb([len(pfns), words, bytes(data)], use_bin_type=True)
+        return [records.RECORD_HEADER.pack(records.RecordType.PAGE_DATA, len(body)), body,
                 b"\0" * (-len(body) % 8)]
-    monkeypatch.setattr(stream, "encode_page_data", generic)
+    monkeypatch.setattr(records, "encode_page_data", generic)
     r = tb.migrate("m", "host-1", MigrationSettings(link_bytes_per_second=FAST))
     assert r.status == "completed" and r.integrity.verified is True, r.error
     assert tb.host("host-1").call("page_table_problem", "m") is None
@@ -383,7 +384,8 @@ def test_a_migration_imports_nothing_on_the_way():
         "import sys, time\n"
         "from cluster.testbed import Testbed\n"
         "from cluster.launcher import ClusterSpec\n"
-        "from nodes.migration.settings import GuestSpec, MigrationSettings\n"
+        "from nodes.host.specs import GuestSpec\n"
+        "from nodes.migration.settings import MigrationSettings\n"
         "from workloads.spec import WorkloadSpec\n"
         "with Testbed.in_process(ClusterSpec(hosts=2, host_memory_bytes=64 << 20)) as tb:\n"
         "    tb.create('host-0', GuestSpec('g', 8 << 20, workload=WorkloadSpec('uniform', "

@@ -18,7 +18,7 @@ from cluster.model import (  # noqa: E402
     predict,
 )
 from nodes.migration import policy as policy_mod  # noqa: E402
-from nodes.migration.policy import Decision, PrecopyPolicy  # noqa: E402
+from nodes.migration.policy import Action, Decision, PrecopyPolicy  # noqa: E402
 from workloads.spec import WorkloadSpec  # noqa: E402
 
 MiB = 1 << 20
@@ -281,8 +281,8 @@ def test_model_drives_the_registered_policy_object(monkeypatch):
         def decide(self, stats):
             self.seen.append(stats)
             if stats.iteration >= 2:
-                return Decision.STOP_AND_COPY, "two rounds done"
-            return Decision.CONTINUE, ""
+                return Decision(Action.STOP_AND_COPY, "two rounds done")
+            return Decision.go_on()
 
     made = []
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nodes.errors import ConfigError, DomainStateError, MigrationError, ModeError
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
 from nodes.xen.hypervisor import DOM0_NAME, Hypervisor
 from nodes.xen.profiles import PROFILES, Mode
 from workloads.spec import WorkloadSpec

@@ -13,11 +13,12 @@ from hypothesis import strategies as hst
 
 from cluster import cli
 from cluster.launcher import ClusterSpec
-from nodes.host.service import HostConfig, HostService
-from nodes.migration import stream as st
+from nodes.host.service import HostService
+from nodes.host.specs import GuestSpec, HostConfig
+from nodes.migration import records
 from nodes.migration.channel import TOKEN_BYTES
-from nodes.migration.settings import GuestSpec, MigrationSettings
-from nodes.migration.stream import RecordType as RT
+from nodes.migration.records import RecordType as RT
+from nodes.migration.settings import MigrationSettings
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,15 +38,15 @@ def hostile_stream(info: dict, fill: int = 0xAB) -> bytes:
     """A well-formed stream that writes `fill` into every data page of the guest (no END;
     the page tables follow the data pages)."""
     pages = info["data_pages"]
-    parts = [st.encode_image_header(), st.encode_domain_header("vp", 12),
-             st.encode_record(RT.GUEST_INFO, info),
-             st.encode_record(RT.P2M_FRAMES,
+    parts = [records.encode_image_header(), records.encode_domain_header("vp", 12),
+             records.encode_record(RT.GUEST_INFO, info),
+             records.encode_record(RT.P2M_FRAMES,
                               {"mfns": np.zeros(info["pages"], "<u8").tobytes()}),
-             st.encode_record(RT.STATIC_DATA_END)]
-    for i in range(0, pages, st.MAX_BATCH_PAGES):
-        pfns = np.arange(i, min(pages, i + st.MAX_BATCH_PAGES))
+             records.encode_record(RT.STATIC_DATA_END)]
+    for i in range(0, pages, records.MAX_BATCH_PAGES):
+        pfns = np.arange(i, min(pages, i + records.MAX_BATCH_PAGES))
         data = np.full((len(pfns), 4096), fill, dtype=np.uint8)
-        parts += [bytes(b) for b in st.encode_page_data(
+        parts += [bytes(b) for b in records.encode_page_data(
             pfns, np.zeros(len(pfns), np.uint8), data)]
     return b"".join(parts)
 
@@ -122,7 +123,7 @@ def test_hostile_peer_with_the_token_gets_a_clean_refusal(hosts, data):
     info = src.guest_info("g", mid)
     ticket = dst.prepare_incoming(info, MigrationSettings(timeout_seconds=2).to_dict())
     recv = dst.incoming[mid]
-    head = st.encode_image_header() + st.encode_domain_header("vp", 12)
+    head = records.encode_image_header() + records.encode_domain_header("vp", 12)
     send(ticket, bytes.fromhex(ticket["token"]) + head + data)
     assert recv.wait(5) and recv.status == "failed" and recv.error
     dst.abandon_incoming(mid)
@@ -174,7 +175,7 @@ BAD_CLI = [
     (["migrate", "--fault", "explode@setup"], "unknown fault"),
     (["migrate", "--fault", "stall-link@round0"], "needs a duration"),
     (["migrate", "--fault", "slow-link@round0"], "needs a bandwidth"),
-    (["migrate", "--fault", "slow-link@after-handover:1MiB"], "cannot happen at"),
+    (["migrate", "--fault", "slow-link@handover:1MiB"], "cannot happen at"),
     (["migrate", "--fault", "refuse-memory@round1"], "cannot happen at"),
     (["migrate", "--fault", "stall-link@round1:90min"], "longer than"),
     (["migrate", "--fault", "stall-link@round1:-2s"], "cannot read"),

@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodes.errors import StreamError
-from nodes.migration import stream as s
-from nodes.migration.stream import RecordType as RT
+from nodes.migration import records
+from nodes.migration.reader import RecordReader
+from nodes.migration.records import RecordType as RT
 
 PAGE = 4096
 
@@ -24,7 +25,7 @@ class Sink:
         self.done_records = 0
 
     def buffers(self, pfns, types):
-        self.rows = pfns[s.data_mask(types)]
+        self.rows = pfns[records.data_mask(types)]
         rows = [self.memory[p] for p in self.rows.tolist()]
         return [rows[i:i + 2] for i in range(0, len(rows), 2)]   # chunks of two pages
 
@@ -41,10 +42,10 @@ def via(request) -> str:
     return request.param
 
 
-def reader_of(data: bytes, guest_pages: int = 64, via: str = "buffer") -> s.RecordReader:
+def reader_of(data: bytes, guest_pages: int = 64, via: str = "buffer") -> RecordReader:
     f = io.BytesIO(data)
     sink = Sink(guest_pages) if via == "sink" else None
-    r = s.RecordReader(f.readinto, page_sink=sink)
+    r = RecordReader(f.readinto, page_sink=sink)
     r.guest_pages = guest_pages
     return r
 
@@ -52,16 +53,16 @@ def reader_of(data: bytes, guest_pages: int = 64, via: str = "buffer") -> s.Reco
 def good_stream(npages: int = 4) -> bytes:
     pfns = np.arange(npages)
     types = np.zeros(npages, dtype=np.uint8)
-    types[-1] = s.PageType.L1TAB
+    types[-1] = records.PageType.L1TAB
     pages = np.arange(npages * PAGE, dtype=np.uint32).astype(np.uint8).reshape(npages, PAGE)
-    parts = [s.encode_image_header(), s.encode_domain_header("vp", 12),
-             s.encode_record(RT.VERIFY, {"digest": "x"})]
-    parts += [bytes(b) for b in s.encode_page_data(pfns, types, pages)]
-    parts.append(s.encode_record(RT.END))
+    parts = [records.encode_image_header(), records.encode_domain_header("vp", 12),
+             records.encode_record(RT.STATIC_DATA_END)]
+    parts += [bytes(b) for b in records.encode_page_data(pfns, types, pages)]
+    parts.append(records.encode_record(RT.END))
     return b"".join(parts)
 
 
-def read_all(r: s.RecordReader) -> list:
+def read_all(r: RecordReader) -> list:
     r.read_image_header()
     r.read_domain_header()
     out = []
@@ -77,9 +78,9 @@ def read_all(r: s.RecordReader) -> list:
 def test_round_trip(via):
     r = reader_of(good_stream(5), via=via)
     recs = read_all(r)
-    assert [r.type for r in recs] == [RT.VERIFY, RT.PAGE_DATA, RT.END]
+    assert [r.type for r in recs] == [RT.STATIC_DATA_END, RT.PAGE_DATA, RT.END]
     pd = recs[1].fields["page_data"]
-    assert list(pd.pfns) == [0, 1, 2, 3, 4] and pd.types[-1] == s.PageType.L1TAB
+    assert list(pd.pfns) == [0, 1, 2, 3, 4] and pd.types[-1] == records.PageType.L1TAB
     pages = pd.pages if via == "buffer" else r.page_sink.memory[:5]
     assert pages.shape == (5, PAGE) and pages[1, 1] == (PAGE + 1) % 256
     expected = np.arange(5 * PAGE, dtype=np.uint32).astype(np.uint8).reshape(5, PAGE)
@@ -96,16 +97,16 @@ def test_a_sink_takes_only_the_layout_it_knows(via):
     words = pfns.astype("<u8").tobytes()
     data = np.full((2, PAGE), 9, np.uint8).tobytes()
     r = reader_of(_body_stream(RT.PAGE_DATA, msgpack.packb([2, words, data])) +
-                  s.encode_record(RT.END), via=via)
+                  records.encode_record(RT.END), via=via)
     pd = read_all(r)[0].fields["page_data"]
     assert list(pd.pfns) == [3, 1] and (pd.pages == 9).all()
 
 
 def test_records_are_padded_to_eight_bytes():
-    rec = s.encode_record(RT.ABORT, {"error": "abc"})
+    rec = records.encode_record(RT.ABORT, {"error": "abc"})
     assert len(rec) % 8 == 0
     assert sum(len(b) if isinstance(b, bytes) else b.nbytes
-               for b in s.encode_page_data(np.arange(3), np.zeros(3, np.uint8),
+               for b in records.encode_page_data(np.arange(3), np.zeros(3, np.uint8),
                                            np.zeros((3, PAGE), np.uint8))) % 8 == 0
 
 
@@ -124,14 +125,14 @@ def test_bad_headers_and_versions():
 
 
 def _body_stream(rtype: int, body: bytes) -> bytes:
-    head = s.encode_image_header() + s.encode_domain_header("vp", 12)
-    return head + s.RECORD_HEADER.pack(rtype, len(body)) + body + b"\0" * (-len(body) % 8)
+    head = records.encode_image_header() + records.encode_domain_header("vp", 12)
+    return head + records.RECORD_HEADER.pack(rtype, len(body)) + body + b"\0" * (-len(body) % 8)
 
 
 def test_unknown_mandatory_record_fails_optional_is_skipped():
     with pytest.raises(StreamError, match="unknown mandatory record type 0x77"):
         read_all(reader_of(_body_stream(0x77, b"\x80")))
-    skipped = _body_stream(s.OPTIONAL | 0x77, b"junk") + s.encode_record(RT.END)
+    skipped = _body_stream(records.OPTIONAL | 0x77, b"junk") + records.encode_record(RT.END)
     assert [r.type for r in read_all(reader_of(skipped))] == [RT.END]
 
 
@@ -172,8 +173,8 @@ def test_page_data_in_encoder_layout_is_checked_before_a_page_lands(change, matc
 
 
 def test_lengths_are_bounded_before_allocation():
-    head = s.encode_image_header() + s.encode_domain_header("vp", 12)
-    huge = head + s.RECORD_HEADER.pack(RT.VERIFY, 0xFFFF_FFF0)
+    head = records.encode_image_header() + records.encode_domain_header("vp", 12)
+    huge = head + records.RECORD_HEADER.pack(RT.ABORT, 0xFFFF_FFF0)
     with pytest.raises(StreamError, match="exceeds its limit"):
         read_all(reader_of(huge))
 
@@ -183,27 +184,27 @@ def test_truncation_and_padding(via):
     for cut in (3, 30, 60, 200, 5000, len(data) - 1):
         with pytest.raises(StreamError, match="truncated"):
             read_all(reader_of(data[:cut], via=via))
-    body = msgpack.packb({"digest": "x"})
-    bad_pad = (s.encode_image_header() + s.encode_domain_header("vp", 12)
-               + s.RECORD_HEADER.pack(RT.VERIFY, len(body)) + body + b"\1" * (-len(body) % 8))
+    body = msgpack.packb({"error": "x"})
+    bad_pad = (records.encode_image_header() + records.encode_domain_header("vp", 12)
+               + records.RECORD_HEADER.pack(RT.ABORT, len(body)) + body + b"\1" * (-len(body) % 8))
     with pytest.raises(StreamError, match="padding"):
         read_all(reader_of(bad_pad, via=via))
 
 
 @pytest.mark.parametrize("fields,match", [
-    ({}, "lacks digest"), ({"digest": 5}, "wrong type"),
+    ({}, "lacks error"), ({"error": 5}, "wrong type"),
 ])
 def test_field_schemas(fields, match):
     with pytest.raises(StreamError, match=match):
-        s.decode_fields(RT.VERIFY, msgpack.packb(fields))
+        records.decode_fields(RT.ABORT, msgpack.packb(fields))
 
 
 def test_ext_types_and_negative_numbers_are_refused():
     with pytest.raises(StreamError):  # ext types are refused by length or by hook
-        s.decode_fields(RT.VERIFY, msgpack.packb({"digest": msgpack.ExtType(3, b"x")}))
+        records.decode_fields(RT.ABORT, msgpack.packb({"error": msgpack.ExtType(3, b"x")}))
     body = msgpack.packb({"pages_received": -1, "digest": None})
     with pytest.raises(StreamError, match="negative"):
-        s.decode_fields(RT.RECEIVER_READY, body)
+        records.decode_fields(RT.RECEIVER_READY, body)
 
 
 @pytest.mark.parametrize("way", ["buffer", "sink"])
@@ -211,7 +212,7 @@ def test_ext_types_and_negative_numbers_are_refused():
 @given(data=st.binary(max_size=4096))
 def test_fuzz_any_bytes_give_a_clean_error(data, way):
     """Random bytes after a valid header: a StreamError or a valid record, nothing else."""
-    head = s.encode_image_header() + s.encode_domain_header("vp", 12)
+    head = records.encode_image_header() + records.encode_domain_header("vp", 12)
     try:
         read_all(reader_of(head + data, via=way))
     except StreamError:
@@ -247,12 +248,12 @@ def test_fuzz_mutated_valid_stream(data, way):
                     lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=5), c,
                                                                         max_size=5),
                     max_leaves=20),
-       st.sampled_from(list(s.SCHEMAS)))
+       st.sampled_from(list(records.SCHEMAS)))
 def test_fuzz_schema_decoding(obj, rtype):
     """Any msgpack value as any record body: checked against the schema or refused."""
     try:
-        fields = s.decode_fields(rtype, msgpack.packb(obj))
+        fields = records.decode_fields(rtype, msgpack.packb(obj))
     except StreamError:
         return
-    for key, allowed in s.SCHEMAS[rtype].items():
+    for key, allowed in records.SCHEMAS[rtype].items():
         assert isinstance(fields[key], allowed)

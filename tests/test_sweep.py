@@ -11,7 +11,8 @@ from cluster import model
 from cluster.cli import main
 from cluster.sweep import Scenario, load_scenario
 from nodes.errors import ConfigError
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024

@@ -9,7 +9,8 @@ import os
 
 import ray
 
-from nodes.host.service import HostConfig, HostService
+from nodes.host.service import HostService
+from nodes.host.specs import HostConfig
 
 MAX_CONCURRENT_CALLS = 64
 

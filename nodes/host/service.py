@@ -10,13 +10,14 @@ import collections
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from nodes.errors import ClusterError, ConfigError, MigrationError
-from nodes.faults.spec import FaultCollector, FaultStats, SourceFaults
+from nodes.errors import ClusterError, MigrationError
+from nodes.faults.source import SourceFaults
+from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.metrics import HostMetrics
+from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
 from nodes.migration.engine import (
     Progress,
@@ -28,10 +29,9 @@ from nodes.migration.engine import (
     validate_info,
 )
 from nodes.migration.link import Pacer
-from nodes.migration.settings import GuestSpec, MigrationSettings
+from nodes.migration.settings import MigrationSettings
 from nodes.xen.domain import Domain
-from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, Hypervisor
-from nodes.xen.profiles import DEFAULT_PROFILE
+from nodes.xen.hypervisor import Hypervisor
 from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU
@@ -40,31 +40,6 @@ from workloads.vcpu import VCPU
 # downtime the guest saw; a guest that shows none in that time reports None.
 GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    name: str = "host-0"
-    memory_bytes: int = 512 * 1024 * 1024
-    page_size: int = 4096
-    reserved_bytes: int = DEFAULT_RESERVED_BYTES
-    profile: str = DEFAULT_PROFILE
-    dom0_memory_bytes: int | None = None
-    address: str = "127.0.0.1"       # where this host's data channels listen
-    seed: int = 0
-    superpages: bool = True          # guests' frames in 2 MiB extents (False: 4 KiB scatter)
-    metrics_port: int | None = None  # where /metrics is served (0: a free port; None: not)
-    metrics_address: str = "127.0.0.1"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "HostConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown host settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 class HostService:

@@ -34,13 +34,17 @@ from nodes.errors import (
     ModeError,
     StreamError,
 )
-from nodes.faults.spec import DestinationFaults, FaultStats, SourceFaults, Stage, is_connection_loss
-from nodes.migration import stream as st
+from nodes.faults.destination import DestinationFaults
+from nodes.faults.source import SourceFaults
+from nodes.faults.stats import FaultStats
+from nodes.migration import records
 from nodes.migration.channel import Listener, Ticket, connect
 from nodes.migration.link import LinkSender, Pacer
-from nodes.migration.policy import Decision, PrecopyStats
+from nodes.migration.policy import Action, PrecopyStats
+from nodes.migration.reader import RECV_CHUNK_PAGES, RecordReader
+from nodes.migration.records import RecordType as RT
 from nodes.migration.settings import MigrationSettings
-from nodes.migration.stream import RecordType as RT
+from nodes.phase import Phase
 from nodes.xen import pagetable
 from nodes.xen.digest import digest, page_hashes
 from nodes.xen.domain import Domain, DomainState
@@ -174,7 +178,7 @@ class Sender:
             raise MigrationCancelled(f"migration of {self.name} cancelled by the operator")
 
     def _send_record(self, rtype: RT, fields: dict | None = None) -> int:
-        return self.link.send([st.encode_record(rtype, fields)])
+        return self.link.send([records.encode_record(rtype, fields)])
 
     def _send_pages(self, pfns: np.ndarray, rnd: RoundStats, skip_redirtied: bool,
                     live: bool) -> None:
@@ -185,10 +189,10 @@ class Sender:
         dom = self.dom
         is_pt = self.is_pt
         memory = self.hv.memory
-        for i in range(0, len(pfns), st.MAX_BATCH_PAGES):
+        for i in range(0, len(pfns), records.MAX_BATCH_PAGES):
             if live:
                 self._check_cancel()
-            batch = pfns[i:i + st.MAX_BATCH_PAGES]
+            batch = pfns[i:i + records.MAX_BATCH_PAGES]
             with dom.lock:
                 if skip_redirtied:
                     redirtied = dom.logdirty.bitmap[batch]
@@ -199,12 +203,12 @@ class Sender:
                             continue
                 mfns = dom.p2m[batch]
             pt_rows = np.flatnonzero(is_pt[batch])
-            types = np.full(len(batch), st.PageType.NOTAB, dtype=np.uint8)
+            types = np.full(len(batch), records.PageType.NOTAB, dtype=np.uint8)
             if not len(pt_rows):
                 pages = memory.buffers(mfns)                 # views of the frames, no copy
             else:
                 # Page tables go canonical (pfns, not this host's mfns): those are copied.
-                types[pt_rows] = st.PageType.L1TAB
+                types[pt_rows] = records.PageType.L1TAB
                 tables = pagetable.canonicalise(
                     memory.words[mfns[pt_rows]], dom.domid, self.hv.allocator.owner,
                     self.hv.allocator.pfn, memory.page_shift).view(np.uint8)
@@ -214,9 +218,9 @@ class Sender:
                     pages.append(table)
                     at = row + 1
                 pages += memory.buffers(mfns[at:])
-            n = self.link.send(st.encode_page_data(batch, types, pages))
+            n = self.link.send(records.encode_page_data(batch, types, pages))
             if live:
-                self.faults.at(Stage.ROUND, rnd.index)
+                self.faults.at(Phase.PRECOPY, rnd.index)
             rnd.pages_sent += len(batch)
             rnd.bytes_sent += n
             p = self.progress
@@ -269,15 +273,15 @@ class Sender:
             sock = connect(self.ticket, s.timeout_seconds)
             self.link = LinkSender(sock, s.link_bytes_per_second, s.latency_seconds,
                                    s.rate_limit_bytes_per_second, self.shared_link)
-            reader = st.RecordReader(sock.recv_into)
+            reader = RecordReader(sock.recv_into)
             self.faults.attach(sock, self.link)
-            self.faults.at(Stage.SETUP)
+            self.faults.at(Phase.SETUP)
             # Step 2: shadow mode with log-dirty, before round 0 reads a single page.
             hv.set_mode(self.name, Mode.VP)
             hv.shadow_op(self.name, ShadowOp.ENABLE_LOGDIRTY)
             p2m_sent = dom.p2m.copy()
-            self.link.send([st.encode_image_header(),
-                            st.encode_domain_header(Mode.VP.value, hv.memory.page_shift)])
+            self.link.send([records.encode_image_header(),
+                            records.encode_domain_header(Mode.VP.value, hv.memory.page_shift)])
             self._send_record(RT.GUEST_INFO, guest_info(hv, dom, self.ticket.migration_id,
                                                          self.runtime.workload_spec(self.name)))
             self._send_record(RT.P2M_FRAMES, {"mfns": p2m_sent.astype("<u8").tobytes()})
@@ -289,17 +293,18 @@ class Sender:
             while True:
                 stats = self._stats(iteration, len(pending), t0)
                 self._update_expected(stats)
-                decision, reason = self.policy.decide(stats)
-                if decision is Decision.ABORT:
+                decision = self.policy.decide(stats)
+                reason = decision.reason
+                if decision.action is Action.ABORT:
                     raise MigrationError(f"policy {self.policy.name} aborted: {reason}")
-                if decision is Decision.STOP_AND_COPY:
+                if decision.action is Action.STOP_AND_COPY:
                     self.result["stop_reason"] = reason
                     break
                 rnd = RoundStats(index=iteration)
                 self.progress.round = iteration
                 start = time.monotonic()
                 self._send_pages(pending, rnd, self.policy.skip_redirtied, live=True)
-                self.faults.at(Stage.ROUND, iteration)     # a round that sent nothing
+                self.faults.at(Phase.PRECOPY, iteration)     # a round that sent nothing
                 rnd.duration_seconds = time.monotonic() - start
                 bitmap, _ = hv.shadow_op(self.name, ShadowOp.CLEAN)
                 pending = np.flatnonzero(bitmap)
@@ -331,7 +336,7 @@ class Sender:
             if not np.array_equal(dom.p2m, p2m_sent):
                 raise MigrationError("the guest's P2M changed during the live loop; the stream "
                                      "would be corrupt")
-            self.faults.at(Stage.STOP_AND_COPY)
+            self.faults.at(Phase.STOP_AND_COPY)
             self._send_record(RT.VCPU_CONTEXT, self.runtime.vcpu_context(self.name))
             self._send_record(RT.SOURCE_TIMING, {"pause_wall": pause_wall,
                                                  "final_round_pages": len(final)})
@@ -350,7 +355,7 @@ class Sender:
             self._send_record(RT.PERMISSION_TO_GO)
             self.link.flush(s.timeout_seconds)
             handed_over = True
-            self.faults.at(Stage.AFTER_HANDOVER)
+            self.faults.at(Phase.HANDOVER)
             try:
                 result = reader.expect(RT.RECEIVER_RESULT)
             except (MigbedError, OSError) as exc:
@@ -409,7 +414,7 @@ class Sender:
         hv, name = self.hv, self.name
         if self.link is not None:
             try:
-                self.link.send([st.encode_record(RT.ABORT, {"error": error[:1000]})])
+                self.link.send([records.encode_record(RT.ABORT, {"error": error[:1000]})])
             except Exception:  # noqa: BLE001 - the peer may be gone; the abort is best effort
                 pass
         if self.renamed:
@@ -513,11 +518,11 @@ class Receiver:
     def _reply(self, sock, rtype: RT, fields: dict | None = None) -> None:
         if self.settings.latency_seconds:
             time.sleep(self.settings.latency_seconds)   # the back channel crosses the link too
-        sock.sendall(st.encode_record(rtype, fields))
+        sock.sendall(records.encode_record(rtype, fields))
 
     def check_types(self, pfns: np.ndarray, types: np.ndarray) -> np.ndarray:
         """Which of these pages with data are page tables; they must be the guest's own."""
-        is_table = types == st.PageType.L1TAB
+        is_table = types == records.PageType.L1TAB
         if not np.array_equal(is_table, self.is_pt[pfns]):
             raise StreamError("page types do not match the guest's page-table layout")
         return is_table
@@ -530,7 +535,7 @@ class Receiver:
         except ValueError as exc:
             raise StreamError(str(exc)) from None
 
-    def _apply(self, pd: st.PageData) -> None:
+    def _apply(self, pd: records.PageData) -> None:
         """A PAGE_DATA record decoded into a buffer of its own: hashed, then written."""
         mask = pd.data_mask
         pfns = pd.pfns[mask]
@@ -559,7 +564,7 @@ class Receiver:
                 if self._killed:
                     raise MigrationError(f"{hv.name} died")
             self.status = "receiving"
-            reader = st.RecordReader(conn.recv_into, reuse_page_buffer=True,
+            reader = RecordReader(conn.recv_into, reuse_page_buffer=True,
                                      page_sink=FrameSink(self),
                                      readv_into=lambda bufs: conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
@@ -597,12 +602,12 @@ class Receiver:
             problem = hv.check_page_tables(self.name)
             if problem:
                 raise StreamError(f"page tables invalid after restore: {problem}")
-            self.faults.delay(Stage.STOP_AND_COPY)
+            self.faults.delay(Phase.STOP_AND_COPY)
             self.status = "ready"
             self._reply(conn, RT.RECEIVER_READY, {"pages_received": self.pages_received,
                                                   "digest": self.digest()})
             reader.expect(RT.PERMISSION_TO_GO)
-            self.faults.delay(Stage.AFTER_HANDOVER)
+            self.faults.delay(Phase.HANDOVER)
             # Resume: back to the guest's own mode (P2M learns this host's frames), vCPU on.
             hv.set_mode(self.name, self.mode_after)
             with self.dom.lock:
@@ -621,7 +626,7 @@ class Receiver:
             self.connection_lost = not resumed and is_connection_loss(exc)
             if conn is not None and not resumed:
                 try:
-                    conn.sendall(st.encode_record(RT.ABORT, {"error": self.error[:1000]}))
+                    conn.sendall(records.encode_record(RT.ABORT, {"error": self.error[:1000]}))
                 except OSError:
                     pass
             if not resumed:
@@ -687,10 +692,10 @@ class FrameSink:
     def __init__(self, receiver: "Receiver"):
         self.rx = receiver
         self.memory = receiver.hv.memory
-        self.staging = np.empty((st.RECV_CHUNK_PAGES, self.memory.page_size), dtype=np.uint8)
+        self.staging = np.empty((RECV_CHUNK_PAGES, self.memory.page_size), dtype=np.uint8)
 
     def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
-        mask = st.data_mask(types)
+        mask = records.data_mask(types)
         self.pfns = pfns[mask]
         self.is_table = self.rx.check_types(self.pfns, types[mask])
         mfns = self.mfns = self.rx.dom.p2m[self.pfns]
@@ -706,7 +711,7 @@ class FrameSink:
         self.chunks: list[tuple[int, int, bool]] = []
         chunks = []
         frames = self.memory.frames
-        step = st.RECV_CHUNK_PAGES
+        step = RECV_CHUNK_PAGES
         for start in range(0, n, step):
             stop = min(start + step, n)
             whole = breaks[stop - 1] == breaks[start] and not self.is_table[start]
@@ -750,17 +755,24 @@ def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:
     ~10 us per 4 KiB page here, which made round 0 of a migration into never-used frames
     three times slower than the same round into frames used before. The frames are free,
     hence already zero: writing zeros changes nothing but residency."""
-    for i in range(0, len(mfns), st.MAX_BATCH_PAGES):
-        memory.frames[mfns[i:i + st.MAX_BATCH_PAGES]] = 0
+    for i in range(0, len(mfns), records.MAX_BATCH_PAGES):
+        memory.frames[mfns[i:i + records.MAX_BATCH_PAGES]] = 0
 
 
 def validate_info(info: dict) -> dict:
     """GUEST_INFO as a control-plane argument: checked like a record from the wire."""
     try:
-        body = st.msgpack.packb(info, use_bin_type=True)
+        body = records.msgpack.packb(info, use_bin_type=True)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad guest info: {exc}") from None
-    fields = st.decode_fields(RT.GUEST_INFO, body)
-    if not 0 < fields["pages"] <= st.MAX_GUEST_PAGES:
+    fields = records.decode_fields(RT.GUEST_INFO, body)
+    if not 0 < fields["pages"] <= records.MAX_GUEST_PAGES:
         raise ConfigError(f"bad guest size {fields['pages']} pages")
     return fields
+
+
+def is_connection_loss(exc: BaseException) -> bool:
+    """The peer or the link went away mid-migration (as opposed to a refused stream)."""
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, StreamError) and "truncated" in str(exc)

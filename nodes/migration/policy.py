@@ -1,8 +1,12 @@
-"""Pre-copy policies: statistics in, a decision out, as libxenguest's pluggable precopy policy.
+"""Where the switch-over is decided: pre-copy policies, statistics in, a typed decision out, as
+libxenguest's pluggable precopy policy.
 
 A policy is consulted before every live round, round 0 included, with what the sender knows
-at that moment (`PrecopyStats`), and answers CONTINUE (send the dirty pages live),
-STOP_AND_COPY (pause the guest and send the rest) or ABORT. Three are built in:
+at that moment (`PrecopyStats`), and answers a `Decision`: CONTINUE (send the dirty pages
+live), STOP_AND_COPY (pause the guest and send the rest) or ABORT, with a human reason and,
+when it stops, a machine-readable `StopCode` that the report carries. POSTCOPY (switch to
+post-copy) and THROTTLE (continue with the guest's vCPU slowed) have their place in the
+vocabulary for the algorithms that use them. Three policies are built in:
 
 - `xen`: today's libxenguest (`simple_precopy_policy`): at most 5 live rounds, stop and copy
   once fewer than 50 pages are dirty.
@@ -12,7 +16,8 @@ STOP_AND_COPY (pause the guest and send the rest) or ABORT. Three are built in:
 - `qemu`: switch over when the pending bytes fit the measured bandwidth x the downtime limit
   (default 300 ms), also before round 0; at most 30 rounds, as guestperf's default.
 
-Register your own with `register_policy`.
+Register your own with `register_policy`: a factory taking keyword settings and returning a
+`PrecopyPolicy` whose `decide(stats)` returns a `Decision`.
 """
 
 from collections.abc import Callable
@@ -22,10 +27,50 @@ from enum import StrEnum
 from nodes.errors import ConfigError
 
 
-class Decision(StrEnum):
+class Action(StrEnum):
     CONTINUE = "continue"
     STOP_AND_COPY = "stop-and-copy"
     ABORT = "abort"
+    POSTCOPY = "postcopy"          # switch to post-copy: the guest runs on the destination
+    THROTTLE = "throttle"          # go on with the guest's vCPU slowed to `Decision.throttle`
+
+
+class StopCode(StrEnum):
+    """Why pre-copy stopped, machine-readably (the report's `stop_code`)."""
+
+    DIRTY_THRESHOLD = "dirty-threshold"            # xen: fewer than 50 pages dirty
+    LAST_ROUND_THRESHOLD = "last-round-threshold"  # xen-legacy: the last round sent < 50
+    FITS_DOWNTIME = "fits-downtime"                # qemu: pending fits bandwidth x limit
+    MAX_ITERATIONS = "max-iterations"              # the live round cap
+    MAX_FACTOR = "max-factor"                      # xen-legacy: 3x the guest's memory sent
+
+    @property
+    def converged(self) -> bool:
+        """Stopped on the policy's own target, not on one of its caps."""
+        return self not in (StopCode.MAX_ITERATIONS, StopCode.MAX_FACTOR)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str = ""
+    stop_code: StopCode | None = None
+    throttle: float | None = None      # THROTTLE: the share of the vCPU's time taken, 0..0.99
+
+    @classmethod
+    def go_on(cls) -> "Decision":
+        return _CONTINUE
+
+    @classmethod
+    def stop(cls, code: StopCode, reason: str) -> "Decision":
+        return cls(Action.STOP_AND_COPY, reason, code)
+
+    @classmethod
+    def abort(cls, reason: str) -> "Decision":
+        return cls(Action.ABORT, reason)
+
+
+_CONTINUE = Decision(Action.CONTINUE)
 
 
 @dataclass(frozen=True)
@@ -63,12 +108,14 @@ class PrecopyPolicy:
     skip_redirtied = False
     max_iterations = 30
 
-    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+    def decide(self, stats: PrecopyStats) -> Decision:
         raise NotImplementedError
 
-    def describe(self) -> dict:
-        return {"name": self.name, "max_iterations": self.max_iterations,
-                "skip_redirtied": self.skip_redirtied}
+    def _capped(self, stats: PrecopyStats) -> Decision:
+        if stats.iteration >= self.max_iterations:
+            return Decision.stop(StopCode.MAX_ITERATIONS,
+                                 f"live round cap ({self.max_iterations}) reached")
+        return Decision.go_on()
 
 
 class XenPolicy(PrecopyPolicy):
@@ -78,15 +125,11 @@ class XenPolicy(PrecopyPolicy):
         self.max_iterations = max_iterations
         self.target_dirty_pages = target_dirty_pages
 
-    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+    def decide(self, stats: PrecopyStats) -> Decision:
         if stats.dirty_count < self.target_dirty_pages:
-            return Decision.STOP_AND_COPY, f"fewer than {self.target_dirty_pages} dirty pages"
-        if stats.iteration >= self.max_iterations:
-            return Decision.STOP_AND_COPY, f"live round cap ({self.max_iterations}) reached"
-        return Decision.CONTINUE, ""
-
-    def describe(self) -> dict:
-        return {**super().describe(), "target_dirty_pages": self.target_dirty_pages}
+            return Decision.stop(StopCode.DIRTY_THRESHOLD,
+                                 f"fewer than {self.target_dirty_pages} dirty pages")
+        return self._capped(stats)
 
 
 class XenLegacyPolicy(PrecopyPolicy):
@@ -99,25 +142,20 @@ class XenLegacyPolicy(PrecopyPolicy):
         self.target_dirty_pages = target_dirty_pages
         self.max_factor = max_factor
 
-    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+    def decide(self, stats: PrecopyStats) -> Decision:
         if stats.iteration == 0:
             if stats.dirty_count < self.target_dirty_pages:
-                return Decision.STOP_AND_COPY, f"fewer than {self.target_dirty_pages} pages"
-            return Decision.CONTINUE, ""
+                return Decision.stop(StopCode.DIRTY_THRESHOLD,
+                                     f"fewer than {self.target_dirty_pages} pages")
+            return Decision.go_on()
         last = stats.last_round_pages_sent + stats.last_round_pages_skipped
         if last < self.target_dirty_pages:
-            return (Decision.STOP_AND_COPY,
-                    f"last round sent fewer than {self.target_dirty_pages} pages")
+            return Decision.stop(StopCode.LAST_ROUND_THRESHOLD,
+                                 f"last round sent fewer than {self.target_dirty_pages} pages")
         if stats.total_written > self.max_factor * stats.guest_pages:
-            return (Decision.STOP_AND_COPY,
-                    f"sent more than {self.max_factor:g}x the guest's memory")
-        if stats.iteration >= self.max_iterations:
-            return Decision.STOP_AND_COPY, f"live round cap ({self.max_iterations}) reached"
-        return Decision.CONTINUE, ""
-
-    def describe(self) -> dict:
-        return {**super().describe(), "target_dirty_pages": self.target_dirty_pages,
-                "max_factor": self.max_factor}
+            return Decision.stop(StopCode.MAX_FACTOR,
+                                 f"sent more than {self.max_factor:g}x the guest's memory")
+        return self._capped(stats)
 
 
 class QemuPolicy(PrecopyPolicy):
@@ -138,18 +176,12 @@ class QemuPolicy(PrecopyPolicy):
         budget = max(0.0, self.downtime_limit_seconds - self.fixed_downtime_seconds)
         return float("inf") if bw is None else bw * budget
 
-    def decide(self, stats: PrecopyStats) -> tuple[Decision, str]:
+    def decide(self, stats: PrecopyStats) -> Decision:
         if stats.pending_bytes <= self.threshold_bytes(stats):
-            return (Decision.STOP_AND_COPY,
-                    f"pending bytes fit bandwidth x downtime limit "
-                    f"({self.downtime_limit_seconds * 1000:g} ms)")
-        if stats.iteration >= self.max_iterations:
-            return Decision.STOP_AND_COPY, f"live round cap ({self.max_iterations}) reached"
-        return Decision.CONTINUE, ""
-
-    def describe(self) -> dict:
-        return {**super().describe(), "downtime_limit_seconds": self.downtime_limit_seconds,
-                "fixed_downtime_seconds": self.fixed_downtime_seconds}
+            return Decision.stop(StopCode.FITS_DOWNTIME,
+                                 f"pending bytes fit bandwidth x downtime limit "
+                                 f"({self.downtime_limit_seconds * 1000:g} ms)")
+        return self._capped(stats)
 
 
 POLICIES: dict[str, Callable[..., PrecopyPolicy]] = {
@@ -169,3 +201,16 @@ def make_policy(name: str, **settings: object) -> PrecopyPolicy:
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; use one of {', '.join(POLICIES)}")
     return POLICIES[name](**settings)
+
+
+def policy_for(name: str, *, downtime_limit_seconds: float, latency_seconds: float = 0.0,
+               max_iterations: int | None = None, **settings: object) -> PrecopyPolicy:
+    """The policy a migration runs with these settings: the one way the sender and the
+    analytic model both build it. The hand-over crosses the link three times (END, READY,
+    PERMISSION_TO_GO): that is the fixed part of the downtime the qemu policy allows for.
+    Further `settings` go to the policy's factory as they are."""
+    extra: dict = {"downtime_limit_seconds": downtime_limit_seconds,
+                   "fixed_downtime_seconds": 3 * latency_seconds, **settings}
+    if max_iterations is not None:
+        extra["max_iterations"] = max_iterations
+    return make_policy(name, **extra)

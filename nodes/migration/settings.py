@@ -1,15 +1,12 @@
-"""Specs: what a guest is (`GuestSpec`) and how a migration runs (`MigrationSettings`).
-
-Both are frozen dataclasses that round-trip through plain dicts (and so JSON and TOML); the
-live objects (domains, policies, links) are built from them.
+"""How one migration runs (`MigrationSettings`): a frozen dataclass that round-trips through
+plain dicts (and so JSON and TOML) and travels to both hosts; the live objects (policy, link,
+fault seams) are built from it.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from nodes.errors import ConfigError
-from nodes.migration.policy import POLICIES, PrecopyPolicy, make_policy
-from nodes.xen.profiles import Mode
-from workloads.spec import WorkloadSpec
+from nodes.migration.policy import POLICIES, PrecopyPolicy, policy_for
 
 
 def _from_dict(cls, data: dict):
@@ -18,32 +15,6 @@ def _from_dict(cls, data: dict):
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
     return cls(**data)
-
-
-@dataclass(frozen=True)
-class GuestSpec:
-    name: str
-    memory_bytes: int
-    mode: str = "p2m"
-    dma: bool = False
-    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-
-    def __post_init__(self) -> None:
-        from nodes.xen.hypervisor import check_guest_name
-        check_guest_name(self.name)
-        if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
-            raise ConfigError(f"guest memory must be a positive number of bytes, got "
-                              f"{self.memory_bytes!r}")
-        object.__setattr__(self, "mode", Mode.parse(self.mode).value)
-        if isinstance(self.workload, dict):
-            object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GuestSpec":
-        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -92,12 +63,9 @@ class MigrationSettings:
         return min(rates) if rates else None
 
     def make_policy(self) -> PrecopyPolicy:
-        # The hand-over crosses the link three times (END, READY, PERMISSION_TO_GO).
-        extra: dict = {"downtime_limit_seconds": self.downtime_limit_seconds,
-                       "fixed_downtime_seconds": 3 * self.latency_seconds}
-        if self.max_iterations is not None:
-            extra["max_iterations"] = self.max_iterations
-        return make_policy(self.policy, **extra)
+        return policy_for(self.policy, downtime_limit_seconds=self.downtime_limit_seconds,
+                          latency_seconds=self.latency_seconds,
+                          max_iterations=self.max_iterations)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,14 +1,14 @@
-"""The migration stream: typed records encoded with msgpack, modelled on Xen's stream v2.
+"""The migration stream's records: typed records encoded with msgpack, modelled on Xen's stream v2.
 
-Layout on the wire (all produced and checked here, nothing else parses the stream):
+Layout on the wire (encoded and decoded here; `nodes.migration.reader` frames them off a socket):
 
     image header   24 B  marker u64 all-ones, id "MIGB", version u32, options u16, 6 B zero
     domain header  16 B  guest mode u32, page_shift u16, reserved u16, migbed version 2 x u32
     records        {u32 type, u32 body_length} + msgpack body, zero-padded to 8 bytes
     ... END
 
-Record types keep Xen's numbers where they exist (END 0, PAGE_DATA 1, VERIFY 0x0D,
-STATIC_DATA_END 0x10). Bit 31 marks a record optional: a receiver that does not know it skips
+Record types keep Xen's numbers where they exist (END 0, PAGE_DATA 1, STATIC_DATA_END
+0x10). Bit 31 marks a record optional: a receiver that does not know it skips
 it; an unknown mandatory record fails the restore. The same framing carries the hand-over
 handshake back from the receiver (READY, PERMISSION_TO_GO, RESULT, ABORT), as libxl's
 migration protocol does beside the stream.
@@ -19,10 +19,8 @@ type-checked, and nothing is ever unpickled or evaluated.
 """
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
 
 import msgpack
 import numpy as np
@@ -44,7 +42,6 @@ MAX_PAGE_SHIFT = 16
 PFN_TYPE_SHIFT = 60
 PFN_MASK = (1 << PFN_TYPE_SHIFT) - 1
 MAX_GUEST_PAGES = 1 << 28            # 1 TiB of 4 KiB pages: a bound, not a promise
-_ALIGN = 64                          # alignment of received page data, in bytes
 
 
 class RecordType(IntEnum):
@@ -53,7 +50,6 @@ class RecordType(IntEnum):
     GUEST_INFO = 0x02
     P2M_FRAMES = 0x03
     VCPU_CONTEXT = 0x04
-    VERIFY = 0x0D
     STATIC_DATA_END = 0x10
     RECEIVER_READY = 0x20
     PERMISSION_TO_GO = 0x21
@@ -101,7 +97,6 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
     RecordType.VCPU_CONTEXT: {
         "vcpu_id": (int,), "workload_state": (dict, type(None)),
         "last_progress_wall": (float, type(None)), "pages_written_total": (int,)},
-    RecordType.VERIFY: {"digest": (str,)},
     RecordType.RECEIVER_READY: {"pages_received": (int,), "digest": _OPT_STR},
     RecordType.RECEIVER_RESULT: {"ok": (bool,), "error": _OPT_STR,
                                  "resume_wall": (float, type(None))},
@@ -264,7 +259,7 @@ def _page_data_parts(body: bytes | memoryview) -> tuple[int, memoryview, memoryv
     """
     view = memoryview(body).cast("B")
     n = len(view)
-    head = _array_count(view)
+    head = array_count(view)
     if head is None:
         return None
     count, pos = head
@@ -283,7 +278,7 @@ def _page_data_parts(body: bytes | memoryview) -> tuple[int, memoryview, memoryv
     return count, parts[0], parts[1]
 
 
-def _array_count(view: bytes | memoryview) -> tuple[int, int] | None:
+def array_count(view: bytes | memoryview) -> tuple[int, int] | None:
     """(count, where the next item starts) of a body that opens as `encode_page_data`
     writes it: a fixarray of 3, then the count as a positive fixint, uint 8 or uint 16."""
     n = len(view)
@@ -299,19 +294,19 @@ def _array_count(view: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
-def _page_data_offset(first: bytes) -> int:
+def page_data_offset(first: bytes) -> int:
     """Where the page bytes start in a PAGE_DATA body that begins with `first` (its first
     four bytes) and is laid out as `encode_page_data` writes it: fixarray, count, bin 32
     header, 8 x count bytes of pfn words, bin 32 header. Used to align a buffer and to
     find the pages a sink takes, each checked again after; 0 for another layout."""
-    head = _array_count(first) if len(first) >= 4 else None
+    head = array_count(first) if len(first) >= 4 else None
     if head is None:
         return 0
     count, pos = head
     return pos + 5 + 8 * count + 5
 
 
-def _check_page_words(count: int, words: bytes | memoryview, data_bytes: int, page_size: int,
+def check_page_words(count: int, words: bytes | memoryview, data_bytes: int, page_size: int,
                       guest_pages: int) -> tuple[np.ndarray, np.ndarray]:
     """pfns and types of a PAGE_DATA record, checked against its count and its data."""
     if not 0 < count <= MAX_BATCH_PAGES:
@@ -343,7 +338,7 @@ def decode_page_data(body: bytes | memoryview, page_size: int, guest_pages: int)
                 and isinstance(obj[1], bytes) and isinstance(obj[2], bytes)):
             raise StreamError("PAGE_DATA body must be [count, pfn words, page data]")
         count, words, data = obj
-    pfns, types = _check_page_words(count, words, len(data), page_size, guest_pages)
+    pfns, types = check_page_words(count, words, len(data), page_size, guest_pages)
     pages = np.frombuffer(data, dtype=np.uint8).reshape(len(data) // page_size, page_size)
     return PageData(pfns, types, pages)
 
@@ -355,195 +350,3 @@ def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
     if rtype == RecordType.P2M_FRAMES:
         return 8 * guest_pages + 64
     return MAX_CONTROL_RECORD_BYTES
-
-
-class PageSink(Protocol):
-    """Where a receiver wants the pages of each PAGE_DATA record to land: straight in the
-    frames reserved for them, so no copy from a record buffer into guest memory is needed."""
-
-    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
-        """Writable buffers for the record's pages that carry data, in record order, in
-        chunks (lists of buffers) to be filled one after another (the pfns and types are
-        checked already)."""
-        ...
-
-    def landed(self, index: int) -> None:
-        """Chunk `index` is filled (hash it now, while it is in cache)."""
-        ...
-
-    def done(self) -> None:
-        """The whole record has arrived."""
-        ...
-
-
-RECV_CHUNK_PAGES = 32   # pages a sink's chunk should hold: 128 KiB, still in cache when landed
-
-
-class RecordReader:
-    """Reads framed records from `read_into(memoryview) -> int` (a socket's recv_into).
-
-    Returns 0 from read_into at end of stream; a stream that ends inside a header or record
-    is reported as truncated. With a `page_sink`, the pages of every PAGE_DATA record laid
-    out as `encode_page_data` writes it are received straight into the sink's buffers with
-    `readv_into(buffers) -> int` (a socket's recvmsg_into), after the record's pfns and types
-    have been checked; such a record is returned with `pages` None.
-    """
-
-    def __init__(self, read_into: Callable[[memoryview], int], reuse_page_buffer: bool = False,
-                 page_sink: PageSink | None = None,
-                 readv_into: Callable[[list], int] | None = None):
-        self._read_into = read_into
-        self._readv_into = readv_into or (lambda bufs: read_into(memoryview(bufs[0]).cast("B")))
-        self.page_sink = page_sink
-        self.bytes_read = 0
-        self.page_size = 4096
-        self.guest_pages = MAX_GUEST_PAGES
-        # A migration receiver applies each PAGE_DATA record before it reads the next: it
-        # may have every record read into one buffer, kept warm in cache, instead of a fresh
-        # 4 MiB each time. The record's pages are then valid only until the next read.
-        self._page_buffer: np.ndarray | None = np.empty(0, np.uint8) if reuse_page_buffer \
-            else None
-
-    def _read_view(self, n: int, what: str, prefix: bytes = b"",
-                   align_offset: int | None = None) -> memoryview:
-        """`n` bytes (the first of them `prefix`, already read) in a fresh buffer of their own,
-        not zeroed first since every byte is overwritten, returned without a copy. With
-        `align_offset`, byte `align_offset` of the result sits on a 64-byte boundary."""
-        if align_offset is None:
-            view = memoryview(np.empty(n, dtype=np.uint8))
-        else:
-            buf = self._page_buffer
-            if buf is None or len(buf) < n + _ALIGN:
-                buf = np.empty(n + _ALIGN, dtype=np.uint8)
-                if self._page_buffer is not None:
-                    self._page_buffer = buf
-            shift = -(buf.ctypes.data + align_offset) % _ALIGN
-            view = memoryview(buf)[shift:shift + n]
-        view[:len(prefix)] = prefix
-        got = len(prefix)
-        while got < n:
-            k = self._read_into(view[got:])
-            if not k:
-                raise StreamError(f"stream truncated in {what} ({got} of {n} bytes)")
-            got += k
-        self.bytes_read += n - len(prefix)
-        return view
-
-    def read_exact(self, n: int, what: str) -> bytes:
-        return self._read_view(n, what).tobytes()
-
-    def read_image_header(self) -> ImageHeader:
-        return decode_image_header(self.read_exact(IMAGE_HEADER.size, "image header"))
-
-    def read_domain_header(self) -> DomainHeader:
-        hdr = decode_domain_header(self.read_exact(DOMAIN_HEADER.size, "domain header"))
-        self.page_size = 1 << hdr.page_shift
-        return hdr
-
-    def _read_body(self) -> tuple[int, memoryview | PageData]:
-        """The next record's type and body, as a view into a buffer of its own (or, for
-        PAGE_DATA received into the page sink, the record decoded)."""
-        rtype, length = RECORD_HEADER.unpack(self.read_exact(RECORD_HEADER.size,
-                                                             "record header"))
-        limit = max_record_bytes(rtype, self.page_size, self.guest_pages)
-        if length > limit:
-            raise StreamError(f"record type {rtype:#x} of {length} bytes exceeds its limit "
-                              f"of {limit} bytes")
-        padded = length + (-length % 8)
-        what = f"record {rtype:#x}"
-        if rtype == RecordType.PAGE_DATA and padded:
-            # Read the pages into an aligned buffer: hashing them as 64-bit words is twice
-            # as fast aligned. Where they start follows from the body's first four bytes.
-            first = self.read_exact(min(4, padded), what)
-            offset = _page_data_offset(first)
-            if self.page_sink is not None and 4 <= offset <= length:
-                return rtype, self._read_pages_to_sink(first, offset, length, padded, what)
-            raw = self._read_view(padded, what, first, offset)
-        else:
-            raw = self._read_view(padded, what) if padded else memoryview(b"")
-        if any(raw[length:]):
-            raise StreamError("non-zero record padding")
-        return rtype, raw[:length]
-
-    def _read_pages_to_sink(self, first: bytes, offset: int, length: int, padded: int,
-                            what: str) -> "PageData | memoryview":
-        """The rest of a PAGE_DATA record whose body begins `first` and whose pages start at
-        `offset` if laid out as `encode_page_data` writes it: pfns and types read and
-        checked, then the pages received into the sink. A body laid out otherwise (msgpack
-        allows several) is read whole and returned for `decode_page_data`."""
-        prefix = first + self.read_exact(offset - len(first), what)
-        head = _array_count(prefix)
-        assert head is not None                    # `first` parsed, or offset would be 0
-        count, pos = head
-        words_len = int.from_bytes(prefix[pos + 1:pos + 5], "big")
-        data_len = int.from_bytes(prefix[offset - 4:offset], "big")
-        if (prefix[pos] != 0xC6 or prefix[offset - 5] != 0xC6 or words_len != 8 * count
-                or data_len != length - offset):
-            raw = self._read_view(padded, what, prefix)
-            if any(raw[length:]):
-                raise StreamError("non-zero record padding")
-            return raw[:length]
-        words = memoryview(prefix)[pos + 5:pos + 5 + words_len]
-        pfns, types = _check_page_words(count, words, data_len, self.page_size,
-                                        self.guest_pages)
-        buffers = self.page_sink.buffers(pfns, types)
-        self._read_into_buffers(buffers, what)
-        pad = self.read_exact(padded - length, what) if padded > length else b""
-        if any(pad):
-            raise StreamError("non-zero record padding")
-        self.page_sink.done()
-        return PageData(pfns, types, None)
-
-    def _read_into_buffers(self, chunks: list[list], what: str) -> None:
-        """Fill the sink's chunks in order, telling it as each is filled."""
-        for index, chunk in enumerate(chunks):
-            want = sum(map(len, chunk))
-            got = 0
-            while got < want:
-                k = self._readv_into(chunk)
-                if not k:
-                    raise StreamError(f"stream truncated in {what} (pages)")
-                got += k
-                if got < want:     # resume where the kernel stopped, mid-buffer perhaps
-                    while k >= len(chunk[0]):
-                        k -= len(chunk[0])
-                        chunk = chunk[1:]
-                    if k:
-                        chunk = [memoryview(chunk[0]).cast("B")[k:], *chunk[1:]]
-            self.bytes_read += want
-            self.page_sink.landed(index)
-
-    def read_raw(self) -> tuple[int, bytes]:
-        if self.page_sink is not None:
-            raise ValueError("read_raw of a reader that delivers pages to a sink")
-        rtype, body = self._read_body()
-        return rtype, body.tobytes()
-
-    def read_record(self) -> Record | None:
-        """The next record, decoded and checked; None for an optional record we skip."""
-        rtype, body = self._read_body()
-        try:
-            known = RecordType(rtype)
-        except ValueError:
-            if rtype & OPTIONAL:
-                return None
-            raise StreamError(f"unknown mandatory record type {rtype:#x}") from None
-        if isinstance(body, PageData):
-            return Record(known, {"page_data": body})
-        if known is RecordType.PAGE_DATA:
-            return Record(known, {"page_data": decode_page_data(body, self.page_size,
-                                                                self.guest_pages)})
-        return Record(known, decode_fields(known, body))
-
-    def expect(self, *types: RecordType) -> Record:
-        """The next non-skipped record, which must be one of `types` (or ABORT -> error)."""
-        while True:
-            rec = self.read_record()
-            if rec is None:
-                continue
-            if rec.type == RecordType.ABORT and RecordType.ABORT not in types:
-                raise StreamError(f"peer aborted: {rec.fields['error']}")
-            if rec.type not in types:
-                names = "/".join(t.name for t in types)
-                raise StreamError(f"expected {names}, got {RecordType(rec.type).name}")
-            return rec

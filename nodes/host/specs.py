@@ -1,0 +1,67 @@
+"""Specs of the host runtime: what a host is (`HostConfig`) and what a guest is (`GuestSpec`).
+
+Frozen dataclasses that round-trip through plain dicts (JSON, TOML, actor calls); the live
+objects (the hypervisor, its domains, their vCPUs) are built from them by `nodes.host.service`.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+
+from nodes.errors import ConfigError
+from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
+from nodes.xen.profiles import DEFAULT_PROFILE, Mode
+from workloads.spec import WorkloadSpec
+
+
+def _from_dict(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str = "host-0"
+    memory_bytes: int = 512 * 1024 * 1024
+    page_size: int = 4096
+    reserved_bytes: int = DEFAULT_RESERVED_BYTES
+    profile: str = DEFAULT_PROFILE
+    dom0_memory_bytes: int | None = None
+    address: str = "127.0.0.1"       # where this host's data channels listen
+    seed: int = 0
+    superpages: bool = True          # guests' frames in 2 MiB extents (False: 4 KiB scatter)
+    metrics_port: int | None = None  # where /metrics is served (0: a free port; None: not)
+    metrics_address: str = "127.0.0.1"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HostConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    memory_bytes: int
+    mode: str = "p2m"
+    dma: bool = False
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+
+    def __post_init__(self) -> None:
+        check_guest_name(self.name)
+        if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
+            raise ConfigError(f"guest memory must be a positive number of bytes, got "
+                              f"{self.memory_bytes!r}")
+        object.__setattr__(self, "mode", Mode.parse(self.mode).value)
+        if isinstance(self.workload, dict):
+            object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GuestSpec":
+        return _from_dict(cls, data)

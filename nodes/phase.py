@@ -1,0 +1,38 @@
+"""The phases of a migration: the one vocabulary of progress, metric labels, fault stages and
+the report.
+
+Users see the kebab-case values (`stop-and-copy` in `--fault kill-source@stop-and-copy`, in
+the `phase` label of /metrics and in a migration's progress); JSON keys are derived from the
+same members mechanically (`Phase.STOP_AND_COPY.key == "stop_and_copy"`).
+
+A pre-copy migration passes setup, precopy, stop-and-copy and handover; the source then
+verifies and cleans up (after the total time has ended, as QEMU's total-time ends at the
+resume on the destination).
+"""
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    SETUP = "setup"                    # data channel open, shadow mode and log-dirty on
+    PRECOPY = "precopy"                # live rounds: the guest runs while its pages go
+    STOP_AND_COPY = "stop-and-copy"    # the guest paused, its last pages and vCPU sent
+    HANDOVER = "handover"              # READY, PERMISSION_TO_GO, the resume, RESULT
+    VERIFY = "verify"                  # the source hashes its frozen copy
+    CLEANUP = "cleanup"                # the source destroys its copy
+
+    @property
+    def key(self) -> str:
+        """The JSON key of the phase: `stop_and_copy`."""
+        return self.value.replace("-", "_")
+
+    @classmethod
+    def parse(cls, text: str) -> "Phase":
+        """A phase by its value or its JSON key."""
+        return cls(text.replace("_", "-"))
+
+
+# The phases that make up the total time (setup to the destination's RESULT), in order.
+TIMED = (Phase.SETUP, Phase.PRECOPY, Phase.STOP_AND_COPY, Phase.HANDOVER)
+# What a migration's status is once it has ended.
+ENDED = ("completed", "failed", "cancelled")
