@@ -6,8 +6,13 @@ the human table. Every report describes itself: guest, hosts, profile, policy an
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from nodes.units import format_bytes
+
+if TYPE_CHECKING:
+    from cluster.settle import Settlement
+    from nodes.migration.settings import MigrationSettings
 
 
 @dataclass
@@ -36,6 +41,10 @@ class MigrationReport:
     modes: dict = field(default_factory=dict)      # before, during, after
     rounds: list = field(default_factory=list)
     stop_reason: str | None = None
+    # Why pre-copy stopped, machine-readably: a `nodes.migration.policy.StopCode` value
+    # (dirty-threshold, last-round-threshold, fits-downtime, max-iterations, max-factor);
+    # None when the migration did not complete (its status and error say why).
+    stop_code: str | None = None
     total_time_seconds: float = 0.0
     downtime_seconds: float | None = None          # source pause -> destination resume
     downtime_source_seconds: float | None = None   # pause -> RESULT seen at the source
@@ -55,6 +64,56 @@ class MigrationReport:
     guest_lost: bool = False
     faults: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
+              info: dict, settings: "MigrationSettings",
+              settled: "Settlement") -> "MigrationReport":
+        """The report, built once from both sides' results as the control plane settled
+        them (`cluster.settle`); `info` is the guest's GUEST_INFO."""
+        source, dest = settled.source, settled.destination
+        status, error = source.status, source.error
+        if status == "completed" and dest is not None and not dest.completed:
+            status, error = "failed", dest.error
+        completed = status == "completed"
+        downtime = None
+        if source.pause_wall and source.resume_wall:
+            downtime = source.resume_wall - source.pause_wall
+        verified = None
+        if settings.verify and completed and not source.source_lost:
+            verified = (source.source_digest is not None
+                        and source.source_digest == source.destination_digest)
+        rounds = [r.to_dict() for r in source.rounds]
+        total = source.total_time_seconds
+        report = cls(
+            migration_id=migration_id, guest=guest, source=source_host,
+            destination=destination_host, policy=settings.policy, status=status, error=error,
+            profile=source.profile, page_size=info["page_size"],
+            guest_memory_bytes=info["pages"] * info["page_size"],
+            link_bytes_per_second=settings.link_bytes_per_second,
+            rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second,
+            latency_seconds=settings.latency_seconds,
+            downtime_limit_seconds=settings.downtime_limit_seconds,
+            modes={"before": info["mode_before"], "during": info["mode_during"],
+                   "after": (dest.mode_after if dest is not None else None) if completed
+                   else info["mode_before"]},
+            rounds=rounds, stop_reason=source.stop_reason,
+            stop_code=source.stop_code if completed else None,
+            total_time_seconds=total, downtime_seconds=downtime,
+            downtime_source_seconds=source.downtime_source_seconds,
+            guest_observed_downtime_seconds=_guest_downtime(source, dest),
+            pages_sent_total=source.pages_sent_total, bytes_sent_total=source.bytes_sent_total,
+            throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
+            phase_seconds=dict(source.phase_seconds),
+            cpu_seconds={"source": source.cpu_seconds if not source.source_lost else None,
+                         "destination": dest.cpu_seconds if dest is not None else None},
+            integrity=Integrity(verified, source.source_digest, source.destination_digest),
+            guest_host=settled.guest_host, guest_lost=settled.guest_lost,
+            faults=list(settled.faults), notes=list(settled.notes))
+        why = dest.error if dest is not None else None
+        if not completed and why and why != report.error:
+            report.notes.append(f"{destination_host} says: {why}")
+        return report
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,3 +192,11 @@ def _rate(bps: float | None) -> str:
 
 def _verdict(v: bool | None) -> str:
     return {True: "verified (digests equal)", False: "MISMATCH", None: "not checked"}[v]
+
+
+def _guest_downtime(source, dest) -> float | None:
+    """The longest stretch without guest progress: across the hand-over, or on the source."""
+    across = dest.guest_observed_downtime_seconds if dest is not None else None
+    if across is None:
+        return None
+    return max(across, source.source_longest_gap_seconds or 0.0)

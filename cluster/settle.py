@@ -1,18 +1,17 @@
-"""The control plane's side of a migration that meets a fault: carrying out host kills, and
-settling what a dead host or an unanswered hand-over leaves behind.
+"""Settling a migration when its sender has ended: both sides' results, whatever became of
+the hosts, and where the guest is now. And, while it runs, the host kills its faults ask for.
 
-`FaultControl` is made by `cluster.migration.run_migration` for every migration:
+`FaultControl` is made by `cluster.driver.run_migration` for every migration:
 
 - while the migration runs, `poll(progress)` carries out the host kills its faults ask for
-  (the sender waits at the fault's stage and shows it in its progress; see `nodes.faults.spec`);
-- when the sender has ended, `settle(pending)` collects both sides, whatever happened: a
+  (the sender waits at the fault's stage and shows it in its progress; see `nodes.faults`);
+- when the sender has ended, `settle(pending)` collects both sides into a `Settlement`: a
   source that died (its guest died with it, unless the hand-over was done and the
   destination resumed it), or a hand-over whose RESULT never reached the source (the
   destination is asked whether it resumed the guest: if so the source drops its paused copy,
   if it failed or died the paused copy resumes on the source, and if it cannot tell in time
-  the copy stays paused, as libxl leaves it);
-- `annotate(report)` writes where the guest ended up, whether it was lost, and what each
-  fault did.
+  the copy stays paused, as libxl leaves it). The settlement says where the guest ended up,
+  whether it was lost, and what each fault did.
 
 Every call here is bounded by the migration's `timeout_seconds`.
 """
@@ -20,21 +19,27 @@ Every call here is bounded by the migration's `timeout_seconds`.
 import time
 from dataclasses import dataclass, field
 
-from nodes.errors import ClusterError, MigbedError
+from nodes.errors import ClusterError, MigbedError, MigrationStillRunning
 from nodes.faults.spec import HOST_KILLS, FaultKind
+from nodes.migration.results import COMPLETED, DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Phase
 
 VERDICT_ATTEMPTS = 3      # waits of timeout_seconds each for a destination still restoring
 STATUS_POLL_SECONDS = 0.005
 
 
 @dataclass
-class Outcome:
-    """Where a migration left its guest, as the control plane established it."""
+class Settlement:
+    """Both sides of a migration as the control plane settled them, and where its guest is.
+    `destination` is None when the destination died after it had resumed the guest."""
 
+    source: SourceResult
+    destination: DestinationResult | None
     guest_host: str | None = None
     guest_lost: bool = False
     notes: list[str] = field(default_factory=list)
+    faults: list[dict] = field(default_factory=list)   # each fault and what became of it
 
 
 class FaultControl:
@@ -48,7 +53,6 @@ class FaultControl:
         self._kills_left = sum(1 for f in settings.faults if FaultKind(f.kind) in HOST_KILLS)
         self._done: set[int] = set()
         self.killed: dict[str, dict] = {}      # host name -> {"role", "fault", "stage"}
-        self.outcome = Outcome()
 
     @property
     def armed(self) -> bool:
@@ -63,7 +67,7 @@ class FaultControl:
         self._done.add(f["index"])
         self._kills_left -= 1
         if f["kind"] == FaultKind.KILL_DESTINATION.value:
-            if f["stage"] == "after-handover":
+            if f["stage"] == Phase.HANDOVER.value:
                 # The guest belongs to the destination once it has resumed it: kill it then,
                 # so the fault means the same thing every time (the guest dies with it).
                 self._wait_destination_done()
@@ -94,81 +98,84 @@ class FaultControl:
         self.killed[handle.name] = {"role": role, "fault": f["text"], "stage": f["stage"]}
 
     # -- when the sender has ended -------------------------------------------------------
-    def settle(self, pending, info: dict) -> tuple[dict, dict]:
-        """Both sides of the migration, and `self.outcome`, whatever became of the hosts."""
-        src, dst, out = self.src, self.dst, self.outcome
+    def settle(self, pending, info: dict) -> Settlement:
+        """Both sides of the migration, whatever became of the hosts."""
         try:
-            source = pending.result(self.timeout)
+            source: SourceResult = pending.result(self.timeout)
         except ClusterError as exc:
-            source = {"status": "failed", "source_lost": True,
-                      "error": f"source host {src.name} died during the migration ({exc})",
-                      "mode_before": info["mode_before"]}
-        verdict_needed = (source["status"] == "completed" or source.get("source_lost")
-                          or source.get("handover_unknown"))
-        dest = (self._verdict() if verdict_needed else self._abandon())
-        resumed_there = dest.get("status") == "completed"
-        if source.get("source_lost"):
-            if resumed_there:
-                timing = dest.get("source_timing") or {}
-                source = {"status": "completed", "error": None, "source_lost": True,
-                          "pause_wall": timing.get("pause_wall"),
-                          "resume_wall": dest.get("resume_wall"),
-                          "destination_digest": dest.get("destination_digest")}
-                out.guest_host = dst.name
-                out.notes.append(f"source host {src.name} died after the hand-over; the guest "
-                                 f"runs on {dst.name} (not verified: the source's copy died "
-                                 "with its host)")
-            else:
-                out.guest_lost = True
-                out.notes.append(f"source host {src.name} died before the hand-over: the guest "
-                                 "died with it (no other copy ran)")
-        elif source.get("handover_unknown"):
-            self._settle_handover(source, dest, resumed_there)
-        elif source["status"] == "completed":
-            out.guest_host = dst.name
+            source = SourceResult(source_lost=True, mode_before=info["mode_before"],
+                                  error=f"source host {self.src.name} died during the "
+                                        f"migration ({exc})")
+        verdict_needed = source.completed or source.source_lost or source.handover_unknown
+        dest = self._verdict() if verdict_needed else self._abandon()
+        out = Settlement(source, dest)
+        if source.source_lost:
+            self._settle_lost_source(out)
+        elif source.handover_unknown:
+            self._settle_handover(out)
         else:
-            out.guest_host = src.name
-        if source["status"] == "completed" and dst.name in self.killed:
+            out.guest_host = self.dst.name if source.completed else self.src.name
+        if out.source.completed and self.dst.name in self.killed:
             out.guest_host, out.guest_lost = None, True
-            out.notes.append(f"destination host {dst.name} was killed after it had resumed "
-                             "the guest: the guest died with it (the source had rightly "
-                             "dropped its stale copy)")
-            dest = {}
-        return source, dest
+            out.notes.append(f"destination host {self.dst.name} was killed after it had "
+                             "resumed the guest: the guest died with it (the source had "
+                             "rightly dropped its stale copy)")
+            out.destination = None
+        out.faults = self._faults(out)
+        return out
 
-    def _verdict(self) -> dict:
-        """The destination's report, waiting (bounded) while it is still restoring."""
+    def _verdict(self) -> DestinationResult:
+        """The destination's result, waiting (bounded) while it is still restoring."""
         last: Exception | None = None
         for _ in range(VERDICT_ATTEMPTS):
             try:
                 return self.dst.call("incoming_report", self.mid, self.timeout,
                                      timeout=self.timeout * 2)
             except ClusterError as exc:
-                return {"status": "failed", "host_dead": True,
-                        "error": f"destination unreachable: {exc}"}
+                return DestinationResult(host_dead=True,
+                                         error=f"destination unreachable: {exc}")
+            except MigrationStillRunning as exc:
+                last = exc
             except MigbedError as exc:
                 last = exc
-                if "still running" not in str(exc):
-                    break
-        return {"status": "unknown", "error": f"destination gave no verdict: {last}"}
+                break
+        return DestinationResult(status="unknown", error=f"destination gave no verdict: {last}")
 
-    def _abandon(self) -> dict:
+    def _abandon(self) -> DestinationResult:
         try:
-            return self.dst.call("abandon_incoming", self.mid, timeout=self.timeout * 2) or {}
+            return (self.dst.call("abandon_incoming", self.mid, timeout=self.timeout * 2)
+                    or DestinationResult())
         except Exception as exc:  # noqa: BLE001 - a dead destination must not hide the report
-            return {"status": "failed", "host_dead": True,
-                    "error": f"destination unreachable: {exc}"}
+            return DestinationResult(host_dead=True, error=f"destination unreachable: {exc}")
 
-    def _settle_handover(self, source: dict, dest: dict, resumed_there: bool) -> None:
-        src, dst, out = self.src, self.dst, self.outcome
-        why = source.get("error")
-        if dest.get("status") == "unknown":
+    def _settle_lost_source(self, out: Settlement) -> None:
+        dest, src, dst = out.destination, self.src, self.dst
+        if dest.completed:
+            timing = dest.source_timing or {}
+            out.source = SourceResult(
+                status=COMPLETED, source_lost=True, mode_before=out.source.mode_before,
+                pause_wall=timing.get("pause_wall"), resume_wall=dest.resume_wall,
+                destination_digest=dest.destination_digest)
+            out.guest_host = dst.name
+            out.notes.append(f"source host {src.name} died after the hand-over; the guest "
+                             f"runs on {dst.name} (not verified: the source's copy died "
+                             "with its host)")
+        else:
+            out.guest_lost = True
+            out.notes.append(f"source host {src.name} died before the hand-over: the guest "
+                             "died with it (no other copy ran)")
+
+    def _settle_handover(self, out: Settlement) -> None:
+        src, dst, source, dest = self.src, self.dst, out.source, out.destination
+        why = source.error
+        if dest.status == "unknown":
             out.notes.append(f"hand-over unresolved ({why}); {dst.name} gave no verdict in "
                              f"{VERDICT_ATTEMPTS} x {self.timeout:g} s, so {src.name} keeps "
                              f"the guest paused as {self.guest}--migratedaway")
             return
+        resumed_there = dest.completed
         try:
-            extra = src.call("resolve_handover", self.guest, source["mode_before"],
+            extra = src.call("resolve_handover", self.guest, source.mode_before,
                              resumed_there, timeout=self.timeout)
         except MigbedError as exc:
             out.notes.append(f"hand-over unresolved: {src.name} did not answer ({exc})")
@@ -176,24 +183,25 @@ class FaultControl:
             out.guest_lost = not resumed_there
             return
         if resumed_there:
-            source.update(status="completed", error=None, source_digest=extra["source_digest"],
-                          resume_wall=dest.get("resume_wall"),
-                          destination_digest=dest.get("destination_digest"))
+            source.status, source.error = COMPLETED, None
+            source.source_digest = extra["source_digest"]
+            source.resume_wall = dest.resume_wall
+            source.destination_digest = dest.destination_digest
             out.guest_host = dst.name
             out.notes.append(f"hand-over unanswered ({why}); {dst.name} had resumed the guest, "
                              f"so {src.name} dropped its paused copy")
         else:
-            source["resume_wall"] = extra["resume_wall"]
+            source.resume_wall = extra["resume_wall"]
             out.guest_host = src.name
             out.notes.append(f"hand-over unanswered ({why}); {dst.name} did not resume the "
-                             f"guest ({dest.get('error')}), so it resumed on {src.name} from "
+                             f"guest ({dest.error}), so it resumed on {src.name} from "
                              "its paused copy")
 
-    # -- the report ---------------------------------------------------------------------------
-    def annotate(self, report, source: dict, dest: dict) -> None:
-        fired: dict[str, dict] = {}
-        for f in (source.get("faults") or []) + (dest.get("faults") or []):
-            fired[f["text"]] = f
+    def _faults(self, out: Settlement) -> list[dict]:
+        """Each fault asked for, whether it fired, and the host it killed."""
+        fired = {f["text"] for f in out.source.faults}
+        if out.destination is not None:
+            fired |= {f["text"] for f in out.destination.faults}
         faults = []
         for spec in self.settings.faults:
             text = spec.to_text()
@@ -203,12 +211,4 @@ class FaultControl:
                 if k["fault"] == text:
                     entry["killed_host"] = host
             faults.append(entry)
-        report.faults = faults
-        report.guest_host = self.outcome.guest_host
-        report.guest_lost = self.outcome.guest_lost
-        report.notes = list(self.outcome.notes)
-        if source.get("source_lost"):
-            report.integrity.verified = None     # the source's copy died: nothing to compare
-        why = dest.get("error")
-        if report.status != "completed" and why and why != report.error:
-            report.notes.append(f"{self.dst.name} says: {why}")
+        return faults

@@ -42,6 +42,10 @@ class DomainStateError(MigbedError):
     """The operation does not fit the domain's state (paused, dom0, migrating...)."""
 
 
+class GuestPaused(DomainStateError):
+    """The guest is paused; its vCPU must wait (raised to the vCPU, not to users)."""
+
+
 class StreamError(MigbedError):
     """A migration stream is corrupt, truncated, of an unknown version or otherwise invalid."""
 
@@ -52,6 +56,27 @@ class MigrationError(MigbedError):
 
 class MigrationCancelled(MigrationError):
     """A migration was cancelled by its operator before the hand-over."""
+
+
+class MigrationStillRunning(MigrationError):
+    """A host was asked for the result of a migration that has not ended yet."""
+
+
+class ConnectionLost(MigrationError):
+    """The peer host or the link went away mid-migration, without an ABORT: the connection
+    was reset or closed, or nothing crossed it within the timeout."""
+
+
+class StreamTruncated(StreamError, ConnectionLost):
+    """The stream ended inside a header or a record: the peer closed it mid-way."""
+
+
+class PeerAborted(StreamError):
+    """The peer gave up and said why (an ABORT record)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"peer aborted: {reason}")
+        self.reason = reason
 
 
 class NoSuchHostError(MigbedError, LookupError):

@@ -73,13 +73,13 @@ def test_stray_connection_without_the_token_writes_nothing(hosts):
     good = bytes.fromhex(ticket["token"])
     for token in (bytes(TOKEN_BYTES), good[::-1], good[:8]):    # wrong, reversed, short
         send(ticket, token + payload)
-    assert recv.pages_received == 0 and recv.status == "waiting"
+    assert recv.landing.pages_received == 0 and recv.status == "waiting"
     assert not dst.hv.memory.frames[frames].any(), "a stray wrote into reserved frames"
     # The real source still gets through, and the guest arrives intact.
     r = src.migrate_out("g", ticket, s.to_dict())
-    assert r["status"] == "completed"
-    assert dst.incoming_report("mig-1", 5)["status"] == "completed"
-    assert dst.guest_digest("g") == r["source_digest"]
+    assert r.status == "completed"
+    assert dst.incoming_report("mig-1", 5).status == "completed"
+    assert dst.guest_digest("g") == r.source_digest
     dst.destroy_guest("g")
     assert dst.frame_counts() == before
 
@@ -93,7 +93,7 @@ def test_the_payload_would_write_with_the_token(hosts):
     recv = dst.incoming["mig-2"]
     send(ticket, bytes.fromhex(ticket["token"]) + hostile_stream(info))
     assert recv.wait(5) and recv.status == "failed"           # no END: refused in the end
-    assert recv.pages_received == info["data_pages"]
+    assert recv.landing.pages_received == info["data_pages"]
     dst.abandon_incoming("mig-2")
     assert dst.frame_counts() == before, "frames freed after the failed restore"
 

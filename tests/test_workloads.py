@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nodes.errors import ConfigError
-from nodes.xen.domain import GuestPaused
+from nodes.errors import ConfigError, GuestPaused
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.logdirty import ShadowOp
 from workloads.measure import measure_rate

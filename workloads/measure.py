@@ -7,13 +7,13 @@ log-dirty pays for marking the bitmap) to pick rates that are meaningful on this
 
 import time
 
-from nodes.xen.domain import Domain
+from workloads.guest import Guest
 from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU
 
 
-def measure_rate(domain: Domain, spec: WorkloadSpec, seconds: float,
+def measure_rate(domain: Guest, spec: WorkloadSpec, seconds: float,
                  tick_seconds: float = 0.001) -> float:
     """Page writes per second one vCPU running `spec` sustains on `domain` over `seconds`.
 

@@ -6,8 +6,8 @@ counter in every page, in order: `sequential`), guestperf's stress program and m
 mode (`uniform`), Clark et al.'s writable working set (`hotset`), and bursty loads that test a
 policy's convergence (`phased`). `idle` writes nothing, but its vCPU still ticks.
 
-Every page write is a real store through the guest's access path (`Domain.read_words` /
-`Domain.write_words`), so it goes through the guest's mode: invisible to the hypervisor in P2M
+Every page write is a real store through the guest's access path (`Guest.read_words` /
+`Guest.write_words`, see `workloads.guest`), so it goes through the guest's mode: invisible to the hypervisor in P2M
 mode, logged as dirty in VP mode with log-dirty on. Each write increments the 64-bit counter in
 word 0 of its page, so after a migration the sum of the counters must equal the number of page
 writes the workload made: no write lost, none duplicated.
@@ -29,8 +29,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from nodes.errors import ConfigError
-from nodes.xen.domain import DomainState, GuestPaused
+from nodes.errors import ConfigError, GuestPaused
+from workloads.guest import Guest
 from workloads.spec import PATTERNS, WorkloadSpec
 
 STATE_FORMAT = 1
@@ -142,7 +142,7 @@ class Workload:
         return pages, increments
 
     # -- the write path ------------------------------------------------------------------
-    def write(self, domain, now: float, max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> int:
+    def write(self, domain: Guest, now: float, max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> int:
         """Write the pages due at `now` into `domain`; return the number of page writes.
 
         The caller holds `domain.lock`, so choosing pages and storing them is atomic against a
@@ -150,9 +150,9 @@ class Workload:
         the clock restarts on the next call (no catch-up burst even without `resume`).
         """
         with domain.lock:
-            if domain.state is not DomainState.RUNNING:
+            if not domain.is_running:
                 self._clock_seconds = None
-                raise GuestPaused(f"{domain.name} is {domain.state.value}")
+                raise GuestPaused(f"{domain.name} is not running")
             if domain.data_pages < self.data_pages:
                 raise ConfigError(f"{domain.name} has {domain.data_pages} data pages, the "
                                   f"workload writes {self.data_pages}")

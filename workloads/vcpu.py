@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from nodes.xen.domain import Domain, DomainState, GuestPaused
+from nodes.errors import GuestPaused
+from workloads.guest import Guest
 from workloads.patterns import DEFAULT_MAX_BATCH_PAGES, Workload
 
 DEFAULT_HISTORY_ENTRIES = 8192
@@ -90,7 +91,7 @@ class ProgressLog:
 class VCPU:
     """Runs `workload` on `domain` until `stop`; see the module docstring."""
 
-    def __init__(self, domain: Domain, workload: Workload, tick_seconds: float = 0.001, *,
+    def __init__(self, domain: Guest, workload: Workload, tick_seconds: float = 0.001, *,
                  max_batch_pages: int = DEFAULT_MAX_BATCH_PAGES,
                  history_entries: int = DEFAULT_HISTORY_ENTRIES,
                  record_interval_seconds: float = 0.002):
@@ -143,7 +144,7 @@ class VCPU:
                 dom.running.wait(_PAUSE_POLL_SECONDS)
                 continue
             with dom.lock:
-                if dom.state is not DomainState.RUNNING:
+                if not dom.is_running:
                     need_resume = True
                     written = None
                 else:

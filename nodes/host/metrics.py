@@ -23,13 +23,15 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from nodes.errors import ConfigError
-from nodes.migration.engine import PHASES as TIMED_PHASES
+from nodes.phase import ENDED, TIMED, Phase
 from nodes.xen.domain import DomainState
 from nodes.xen.profiles import Mode
 
 if TYPE_CHECKING:
     from nodes.host.service import HostService
-    from nodes.migration.engine import Progress, Receiver
+    from nodes.migration.destination import Receiver
+    from nodes.migration.progress import Progress
+    from nodes.migration.results import SourceResult
     from nodes.migration.settings import MigrationSettings
 
 # Resolve 1 ms to 10 s (a 1-2-5 series); total time goes on to a minute.
@@ -37,8 +39,8 @@ DOWNTIME_BUCKETS_SECONDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5
                             1.0, 2.0, 5.0, 10.0)
 TOTAL_TIME_BUCKETS_SECONDS = DOWNTIME_BUCKETS_SECONDS + (20.0, 30.0, 60.0)
 HISTOGRAM_LABELS = ("host", "guest", "profile", "policy")
-ENDED = ("completed", "failed", "cancelled")
-PHASES = ("setup", "precopy", "stop-and-copy", "handover")
+# The phases a source's time is timed in: the total time's, then verify and cleanup.
+TIMED_PHASES = (*TIMED, Phase.VERIFY, Phase.CLEANUP)
 WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 # How often the server thread checks for shutdown; bounds how long `close()` takes.
 SERVER_POLL_SECONDS = 0.05
@@ -82,7 +84,7 @@ class HostMetrics:
         self.phase_time = Histogram(
             "migbed_migration_phase_duration_seconds",
             "Seconds each phase of completed migrations took, measured on the source host "
-            "(the report's phase_seconds): setup, precopy, stop_and_copy and handover make "
+            "(the report's phase_seconds): setup, precopy, stop-and-copy and handover make "
             "up total_time_seconds; verify and cleanup come after.",
             (*HISTOGRAM_LABELS, "phase"), buckets=TOTAL_TIME_BUCKETS_SECONDS,
             registry=self.registry)
@@ -111,31 +113,30 @@ class HostMetrics:
         self.downtime.labels(**labels)
         self.total_time.labels(**labels)
         for phase in TIMED_PHASES:
-            self.phase_time.labels(**labels, phase=phase)
+            self.phase_time.labels(**labels, phase=phase.value)
         with self.lock:
             self.outgoing[migration_id] = _Outgoing(guest, progress, settings)
 
-    def outgoing_finished(self, migration_id: str, result: dict) -> None:
+    def outgoing_finished(self, migration_id: str, result: "SourceResult") -> None:
         """The source's sender has ended: fold its traffic into the totals, observe times."""
         with self.lock:
             out = self.outgoing.pop(migration_id, None)
             if out is None:
                 return
             p = out.progress
-            rounds = result.get("rounds", [])
             # The progress counts pages of a round cut short; the result counts the records
             # sent after the last page: take the larger of each, as the wire carried them.
-            self.sent_pages_total += max(p.pages_sent_total, result.get("pages_sent_total", 0))
-            self.sent_bytes_total += max(p.bytes_sent_total, result.get("bytes_sent_total", 0))
-            self.dirtied_pages_total += max(_dirtied(p.rounds), _dirtied(rounds))
-            self.rounds_total += max(len(p.rounds), len(rounds))
-        if result.get("status") == "completed" and result.get("pause_wall") and result.get(
-                "resume_wall"):
+            self.sent_pages_total += max(p.pages_sent_total, result.pages_sent_total)
+            self.sent_bytes_total += max(p.bytes_sent_total, result.bytes_sent_total)
+            self.dirtied_pages_total += max(_dirtied(p.rounds),
+                                            sum(r.pages_dirtied for r in result.rounds))
+            self.rounds_total += max(len(p.rounds), len(result.rounds))
+        if result.completed and result.pause_wall and result.resume_wall:
             labels = self._labels(out.guest, out.settings.policy)
-            self.downtime.labels(**labels).observe(result["resume_wall"] - result["pause_wall"])
-            self.total_time.labels(**labels).observe(result["total_time_seconds"])
-            for phase, seconds in result.get("phase_seconds", {}).items():
-                self.phase_time.labels(**labels, phase=phase).observe(seconds)
+            self.downtime.labels(**labels).observe(result.resume_wall - result.pause_wall)
+            self.total_time.labels(**labels).observe(result.total_time_seconds)
+            for key, seconds in result.phase_seconds.items():
+                self.phase_time.labels(**labels, phase=Phase.parse(key).value).observe(seconds)
 
     def incoming_started(self, migration_id: str, receiver: "Receiver") -> None:
         self.guest_downtime.labels(**self._labels(receiver.name, receiver.settings.policy))
@@ -149,7 +150,7 @@ class HostMetrics:
             recv = self.incoming.pop(migration_id, None)
             if recv is None:
                 return
-            self.received_pages_total += recv.pages_received
+            self.received_pages_total += recv.landing.pages_received
             self.received_bytes_total += recv.bytes_received
         if guest_observed_downtime_seconds is not None:
             self.guest_downtime.labels(**self._labels(recv.name, recv.settings.policy)).observe(
@@ -342,13 +343,13 @@ class HostCollector:
                 totals["dirtied"] += _dirtied(rounds)
                 totals["rounds"] += len(rounds)
             for recv in incoming:
-                totals["received_pages"] += recv.pages_received
+                totals["received_pages"] += recv.landing.pages_received
                 totals["received_bytes"] += recv.bytes_received
         for out in outgoing:
             p, g = out.progress, out.guest
             fams["round"].add_metric([host, g], p.round)
-            for phase in PHASES:
-                fams["phase"].add_metric([host, g, phase], 1 if p.status == phase else 0)
+            for phase in TIMED:
+                fams["phase"].add_metric([host, g, phase.value], 1 if p.status == phase else 0)
             fams["dirty"].add_metric([host, g], p.dirty_pages)
             last = p.rounds[-1] if p.rounds else None
             fams["sent"].add_metric([host, g], last["pages_sent"] if last else 0)
@@ -380,7 +381,7 @@ class HostCollector:
         yield _one("migbed_migration_received_pages", "Guest pages this host has received as a "
                    "migration destination.", host, totals["received_pages"], counter=True)
         yield _one("migbed_migration_received_bytes", "Bytes of migration streams this host has "
-                   "received, counted when each stream's END record arrives.", host,
+                   "received, counted as they arrive.", host,
                    totals["received_bytes"], counter=True)
 
 

@@ -13,23 +13,19 @@ import time
 
 import numpy as np
 
-from nodes.errors import ClusterError, MigrationError
+from nodes.errors import ClusterError, MigrationError, MigrationStillRunning
 from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.metrics import HostMetrics
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
-from nodes.migration.engine import (
-    Progress,
-    Receiver,
-    Sender,
-    check_migratable,
-    guest_info,
-    resolve_handover,
-    validate_info,
-)
+from nodes.migration.destination import Receiver, validate_info
+from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
+from nodes.migration.progress import Progress
+from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.source import Sender, check_migratable, guest_info
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor
 from workloads.patterns import make_workload
@@ -216,31 +212,35 @@ class HostService:
             self.metrics.incoming_started(mid, recv)
             return recv.ticket.to_dict()
 
-    def incoming_report(self, migration_id: str, timeout: float = 60.0) -> dict:
-        """Wait for an incoming migration to end; the destination's side of the report."""
+    def incoming_report(self, migration_id: str, timeout: float = 60.0) -> DestinationResult:
+        """Wait for an incoming migration to end; the destination's result."""
         recv = self.incoming.get(migration_id)
         if recv is None:
             raise MigrationError(f"no incoming migration {migration_id} on {self.name}")
         if not recv.wait(timeout):
-            raise MigrationError(f"incoming migration {migration_id} still running after "
-                                 f"{timeout:g} s")
-        report = recv.report()
-        report["guest_observed_downtime_seconds"] = None
-        vcpu = self.vcpus.get(recv.name)
-        last = report["last_progress_wall"]
-        if recv.resume_wall and vcpu is not None and last is not None:
-            deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
-            first = vcpu.first_progress_after(recv.resume_wall)
-            while first is None and time.monotonic() < deadline:
-                time.sleep(0.002)
-                first = vcpu.first_progress_after(recv.resume_wall)
-            if first is not None:
-                report["guest_observed_downtime_seconds"] = first - last
+            raise MigrationStillRunning(f"incoming migration {migration_id} still running "
+                                        f"after {timeout:g} s")
+        result = recv.result()
+        result.guest_observed_downtime_seconds = self._guest_gap(recv, result)
         del self.incoming[migration_id]
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
-        self.metrics.incoming_finished(migration_id, report["guest_observed_downtime_seconds"])
-        return report
+        self.metrics.incoming_finished(migration_id, result.guest_observed_downtime_seconds)
+        return result
+
+    def _guest_gap(self, recv: Receiver, result: DestinationResult) -> float | None:
+        """The guest's own gap across the hand-over: its last progress on the source to its
+        first here (waiting, bounded, for a resumed guest's first sign of life)."""
+        vcpu = self.vcpus.get(recv.name)
+        last = result.last_progress_wall
+        if not recv.resume_wall or vcpu is None or last is None:
+            return None
+        deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
+        first = vcpu.first_progress_after(recv.resume_wall)
+        while first is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+            first = vcpu.first_progress_after(recv.resume_wall)
+        return None if first is None else first - last
 
     # -- migration: source side ------------------------------------------------------------------
     def check_migratable(self, name: str) -> dict:
@@ -252,7 +252,8 @@ class HostService:
         dom = check_migratable(self.hv, name)
         return guest_info(self.hv, dom, migration_id, self.workload_spec(name))
 
-    def migrate_out(self, name: str, ticket: dict, settings: MigrationSettings | dict) -> dict:
+    def migrate_out(self, name: str, ticket: dict,
+                    settings: MigrationSettings | dict) -> SourceResult:
         """Run a migration to the destination that issued `ticket`; blocks until it ends."""
         if isinstance(settings, dict):
             settings = MigrationSettings.from_dict(settings)
@@ -274,16 +275,15 @@ class HostService:
             self._cancel.pop(t.migration_id, None)
             self._faults.pop(t.migration_id, None)
             self._forget_ended(t.migration_id)
-        if result.get("connection_lost"):
+        if result.connection_lost:
             self.fault_stats.count_connection_lost("source")
-        self.migration_counts[result["status"]] += 1
+        self.migration_counts[result.status] += 1
         self.metrics.outgoing_finished(t.migration_id, result)
         vcpu = self._retired.pop(name, None) or self.vcpus.get(name)
-        pause = result.get("pause_wall")
         if vcpu is not None:
-            result["source_longest_gap_seconds"] = vcpu.longest_gap(
-                start_wall, pause if pause else time.time())
-        result["profile"] = self.hv.profile.name
+            result.source_longest_gap_seconds = vcpu.longest_gap(
+                start_wall, result.pause_wall or time.time())
+        result.profile = self.hv.profile.name
         return result
 
     def _forget_ended(self, migration_id: str) -> None:
@@ -305,9 +305,9 @@ class HostService:
         ev.set()
         return True
 
-    def abandon_incoming(self, migration_id: str) -> dict | None:
+    def abandon_incoming(self, migration_id: str) -> DestinationResult | None:
         """The source gave up (or never connected): free the reserved frames. Returns the
-        destination's side of the report, None if the migration was not expected here."""
+        destination's result, None if the migration was not expected here."""
         recv = self.incoming.pop(migration_id, None)
         if recv is None:
             return None
@@ -316,7 +316,7 @@ class HostService:
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
         self.metrics.incoming_finished(migration_id, None)
-        return recv.report()
+        return recv.result()
 
     # -- faults, hand-over recovery and health (`nodes.faults.spec`, `cluster.settle`) -------------
     def _uplink(self, settings: MigrationSettings) -> Pacer | None:
@@ -341,7 +341,7 @@ class HostService:
         return True
 
     def resolve_handover(self, name: str, mode_before: str, destination_resumed: bool) -> dict:
-        """Settle a hand-over whose RESULT never came (see `nodes.migration.resolve_handover`)."""
+        """Settle a hand-over whose RESULT never came (see `nodes.migration.handover`)."""
         with self.lock:
             out = resolve_handover(self.hv, self, name, mode_before, destination_resumed)
             self._retired.pop(name, None)

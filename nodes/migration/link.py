@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from nodes.errors import ConfigError
+from nodes.errors import ConfigError, ConnectionLost
 
 SHARED_SLICE_BYTES = 256 * 1024   # the turn each sender takes on a shared link
 # Buffers per sendmsg: Linux's UIO_MAXIOV is 1024; POSIX promises at least 16.
@@ -143,7 +143,11 @@ class LinkSender:
                 time.sleep(delay)
 
     def _sendall(self, buffers: list) -> None:
-        send_buffers(self.sock, buffers)
+        try:
+            send_buffers(self.sock, buffers)
+        except OSError as exc:
+            raise ConnectionLost(f"connection lost while sending: {exc.strerror or exc}") \
+                from None
 
     # -- the delay line -----------------------------------------------------------------
     def _enqueue(self, buffers: list, n: int, due: float) -> None:
@@ -171,7 +175,7 @@ class LinkSender:
                 time.sleep(wait)
             try:
                 self._sendall(buffers)
-            except OSError as exc:
+            except ConnectionLost as exc:
                 with self._cond:
                     self._error = exc
                     self._queue.clear()
@@ -191,7 +195,7 @@ class LinkSender:
             while self._queue and self._error is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError("link did not drain in time")
+                    raise ConnectionLost(f"the link did not drain within {timeout:g} s")
                 self._cond.wait(left)
             if self._error is not None:
                 raise self._error

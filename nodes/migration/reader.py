@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from nodes.errors import StreamError
+from nodes.errors import ConnectionLost, PeerAborted, StreamError, StreamTruncated
 from nodes.migration.records import (
     DOMAIN_HEADER,
     IMAGE_HEADER,
@@ -101,9 +101,9 @@ class RecordReader:
         view[:len(prefix)] = prefix
         got = len(prefix)
         while got < n:
-            k = self._read_into(view[got:])
+            k = _io(self._read_into, view[got:], what)
             if not k:
-                raise StreamError(f"stream truncated in {what} ({got} of {n} bytes)")
+                raise StreamTruncated(f"stream truncated in {what} ({got} of {n} bytes)")
             got += k
         self.bytes_read += n - len(prefix)
         return view
@@ -179,9 +179,9 @@ class RecordReader:
             want = sum(map(len, chunk))
             got = 0
             while got < want:
-                k = self._readv_into(chunk)
+                k = _io(self._readv_into, chunk, what)
                 if not k:
-                    raise StreamError(f"stream truncated in {what} (pages)")
+                    raise StreamTruncated(f"stream truncated in {what} (pages)")
                 got += k
                 if got < want:     # resume where the kernel stopped, mid-buffer perhaps
                     while k >= len(chunk[0]):
@@ -215,8 +215,17 @@ class RecordReader:
             if rec is None:
                 continue
             if rec.type == RecordType.ABORT and RecordType.ABORT not in types:
-                raise StreamError(f"peer aborted: {rec.fields['error']}")
+                raise PeerAborted(rec.fields["error"])
             if rec.type not in types:
                 names = "/".join(t.name for t in types)
                 raise StreamError(f"expected {names}, got {RecordType(rec.type).name}")
             return rec
+
+
+def _io(read: Callable, into, what: str) -> int:
+    """One read from the socket; a socket error (reset, timeout) is the connection lost."""
+    try:
+        return read(into)
+    except OSError as exc:
+        raise ConnectionLost(f"connection lost while reading {what}: "
+                             f"{exc.strerror or exc}") from None

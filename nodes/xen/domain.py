@@ -19,7 +19,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from nodes.errors import AccessViolation, DomainStateError
+from nodes.errors import AccessViolation, GuestPaused
 from nodes.xen import pagetable
 from nodes.xen.logdirty import LogDirty
 from nodes.xen.memory import MachineMemory
@@ -33,10 +33,6 @@ class DomainState(StrEnum):
 
     def __str__(self) -> str:
         return self.value
-
-
-class GuestPaused(DomainStateError):
-    """The guest is paused; its vCPU must wait (raised to the vCPU, not to users)."""
 
 
 class Domain:
@@ -70,6 +66,10 @@ class Domain:
         self.migrating = False
 
     # -- description -------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self.state is DomainState.RUNNING
+
     @property
     def memory_bytes(self) -> int:
         return self.npages * self.memory.page_size

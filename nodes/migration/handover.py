@@ -1,0 +1,98 @@
+"""The hand-over, both sides of it, as libxl does it beside the stream.
+
+    source                                   destination
+    END  ------------------------------->    every page arrived? page tables valid?
+         <-------------------------------    READY (its digest of the pages as they landed)
+    rename its copy `<name>--migratedaway`
+    PERMISSION_TO_GO  ------------------>    P2M again, vCPU started, guest resumed
+         <-------------------------------    RESULT (ok, resume time)
+    destroy its copy (after verify)
+
+Before PERMISSION_TO_GO the guest is the source's: any failure resumes it there. After it,
+the guest is the destination's; a RESULT that never comes leaves the paused copy for the
+control plane to settle (`resolve_handover`).
+"""
+
+import time
+from typing import TYPE_CHECKING
+
+from nodes.errors import MigbedError, MigrationError
+from nodes.migration.records import RecordType as RT
+from nodes.migration.runtime import GuestRuntime
+from nodes.phase import Phase
+from nodes.xen.hypervisor import Hypervisor
+from nodes.xen.logdirty import ShadowOp
+from nodes.xen.profiles import Mode
+
+if TYPE_CHECKING:
+    from nodes.migration.destination import Receiver
+    from nodes.migration.reader import RecordReader
+    from nodes.migration.source import SourceContext
+
+MIGRATED_AWAY = "--migratedaway"
+
+
+class SourceHandover:
+    """The source's side: READY in, PERMISSION_TO_GO out, RESULT in."""
+
+    phase = Phase.HANDOVER
+
+    def wanted(self, ctx: "SourceContext") -> bool:
+        return True
+
+    def run(self, ctx: "SourceContext") -> None:
+        ready = ctx.reader.expect(RT.RECEIVER_READY)
+        ctx.result.destination_digest = ready.fields["digest"]
+        ctx.hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
+        ctx.renamed = True
+        ctx.send_record(RT.PERMISSION_TO_GO)
+        ctx.link.flush(ctx.settings.timeout_seconds)
+        ctx.handed_over = True
+        ctx.faults.at(Phase.HANDOVER)
+        try:
+            result = ctx.reader.expect(RT.RECEIVER_RESULT)
+        except MigbedError as exc:
+            raise MigrationError(
+                f"hand-over status unknown ({exc}); the source copy is kept paused as "
+                f"{ctx.guest}{MIGRATED_AWAY}") from None
+        if not result.fields["ok"]:
+            ctx.handed_over = False
+            raise MigrationError(f"destination failed to resume: {result.fields['error']}")
+        ctx.result.resume_wall = result.fields["resume_wall"]
+        ctx.result.downtime_source_seconds = time.monotonic() - ctx.pause_mono
+
+
+def destination_handover(rx: "Receiver", reader: "RecordReader") -> None:
+    """The destination's side, once every page has arrived and the page tables are valid:
+    READY out, PERMISSION_TO_GO in, the guest resumed, RESULT out."""
+    rx.faults.delay(Phase.STOP_AND_COPY)
+    rx.status = "ready"
+    rx.reply(RT.RECEIVER_READY, {"pages_received": rx.landing.pages_received,
+                                 "digest": rx.landing.digest()})
+    reader.expect(RT.PERMISSION_TO_GO)
+    rx.faults.delay(Phase.HANDOVER)
+    rx.resume()
+    rx.reply(RT.RECEIVER_RESULT, {"ok": True, "error": None, "resume_wall": rx.resume_wall})
+
+
+def resolve_handover(hv: Hypervisor, runtime: GuestRuntime, name: str, mode_before: str,
+                     destination_resumed: bool) -> dict:
+    """Settle a hand-over whose RESULT never reached the source (libxl leaves this to the
+    admin; migbed's control plane asks the destination and tells the source here).
+
+    Resumed there: the paused copy here is stale and goes, its digest taken first so the
+    migration can still be verified. Not resumed (failed, or its host is dead): the paused
+    copy here is the guest, and it resumes in its own mode."""
+    away = name + MIGRATED_AWAY
+    dom = hv.domain(away)
+    if destination_resumed:
+        digest = hv.canonical_digest(away)
+        runtime.stop_guest(name)
+        hv.destroy_domain(away, force=True)
+        return {"source_digest": digest}
+    hv.rename_domain(away, name)
+    if dom.logdirty.enabled:
+        hv.shadow_op(name, ShadowOp.OFF)
+    hv.set_mode(name, Mode.parse(mode_before))
+    hv.unpause(name)
+    return {"resume_wall": time.time()}

@@ -1,0 +1,102 @@
+"""Where pages leave: the one pipeline every page a source sends goes through.
+
+Four stages per batch of up to 1024 pages (one PAGE_DATA record, as Xen's):
+
+1. **select**: which of the pfns go now. Under the guest's lock: pages dirtied again since
+   the round began are skipped when the policy says so (xen-legacy), and the pfns are
+   looked up in the hypervisor's P2M.
+2. **encode**: the record's buffers. Data pages are views of their machine frames (no copy:
+   the socket reads them where they sit); page tables go canonical (mfn -> pfn), copied.
+3. **send**: onto the link, which paces them (`nodes.migration.link`).
+4. **account**: the round's and the progress's counters.
+
+A live round reads pages while the guest writes them, as Xen's does: a page written while it
+is being sent has its dirty bit set and goes again in the next round. Between batches the
+caller's `between` hook runs (cancellation, fault injection, and later the checks that cut a
+pass short).
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from nodes.migration import records
+from nodes.migration.link import LinkSender
+from nodes.migration.progress import Progress, RoundStats
+from nodes.xen import pagetable
+from nodes.xen.domain import Domain
+from nodes.xen.hypervisor import Hypervisor
+
+
+class PageDataEncoder:
+    """PAGE_DATA records straight from the frames; page tables canonicalised."""
+
+    def __init__(self, hv: Hypervisor, dom: Domain):
+        self.hv = hv
+        self.dom = dom
+        self.memory = hv.memory
+        # Which pfns are page tables, once per migration: not in every round's path (the
+        # final round's is inside the downtime).
+        self.is_pt = np.zeros(dom.npages, dtype=bool)
+        self.is_pt[dom.pt_pfns] = True
+
+    def encode(self, pfns: np.ndarray, mfns: np.ndarray) -> list:
+        memory = self.memory
+        pt_rows = np.flatnonzero(self.is_pt[pfns])
+        types = np.full(len(pfns), records.PageType.NOTAB, dtype=np.uint8)
+        if not len(pt_rows):
+            return records.encode_page_data(pfns, types, memory.buffers(mfns))
+        types[pt_rows] = records.PageType.L1TAB
+        alloc = self.hv.allocator
+        tables = pagetable.canonicalise(memory.words[mfns[pt_rows]], self.dom.domid,
+                                        alloc.owner, alloc.pfn, memory.page_shift)
+        pages, at = [], 0
+        for row, table in zip(pt_rows.tolist(), tables.view(np.uint8), strict=True):
+            pages += memory.buffers(mfns[at:row])
+            pages.append(table)
+            at = row + 1
+        pages += memory.buffers(mfns[at:])
+        return records.encode_page_data(pfns, types, pages)
+
+
+class PagePipeline:
+    """Select, encode, send, account: see the module docstring."""
+
+    def __init__(self, hv: Hypervisor, dom: Domain, link: LinkSender, progress: Progress):
+        self.dom = dom
+        self.link = link
+        self.progress = progress
+        self.page_size = hv.page_size
+        self.encoder = PageDataEncoder(hv, dom)
+
+    def send(self, pfns: np.ndarray, rnd: RoundStats, *, skip_redirtied: bool = False,
+             between: Callable[[], None] | None = None) -> None:
+        """Send `pfns` in records of up to 1024 pages; `between()` runs after each one."""
+        for i in range(0, len(pfns), records.MAX_BATCH_PAGES):
+            batch, mfns = self.select(pfns[i:i + records.MAX_BATCH_PAGES], rnd,
+                                      skip_redirtied)
+            if len(batch):
+                n = self.link.send(self.encoder.encode(batch, mfns))
+                self.account(rnd, len(batch), n, len(pfns) - i - len(batch))
+            if between is not None:
+                between()
+
+    def select(self, batch: np.ndarray, rnd: RoundStats,
+               skip_redirtied: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's pfns that go now, and their machine frames."""
+        dom = self.dom
+        with dom.lock:
+            if skip_redirtied:
+                redirtied = dom.logdirty.bitmap[batch]
+                if redirtied.any():
+                    rnd.pages_skipped += int(np.count_nonzero(redirtied))
+                    batch = batch[~redirtied]
+            return batch, dom.p2m[batch]
+
+    def account(self, rnd: RoundStats, pages: int, nbytes: int, left_pages: int) -> None:
+        rnd.pages_sent += pages
+        rnd.bytes_sent += nbytes
+        p = self.progress
+        p.pages_sent_total += pages
+        p.bytes_sent_total = self.link.bytes_sent
+        p.remaining_bytes = max(0, left_pages) * self.page_size

@@ -1,0 +1,86 @@
+"""What each side of a migration says of it when it ends: `SourceResult` and
+`DestinationResult`, typed, handed to the control plane as they are (Ray pickles them across
+processes: they are control-plane values, never read from the data stream). The report
+(`cluster.report.MigrationReport`) is built once from the two.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+from nodes.migration.progress import RoundStats
+
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+
+@dataclass
+class SourceResult:
+    """The save side. Times in seconds; walls are `time.time()`, the rest monotonic spans."""
+
+    status: str = FAILED
+    error: str | None = None
+    stop_reason: str | None = None
+    stop_code: str | None = None           # a policy StopCode value; None if not completed
+    mode_before: str = ""
+    mode_during: str = "vp"
+    profile: str | None = None
+    rounds: list[RoundStats] = field(default_factory=list)
+    pages_sent_total: int = 0
+    bytes_sent_total: int = 0
+    # As QEMU's total-time: start to the destination's RESULT (the guest runs there).
+    total_time_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+    pause_wall: float | None = None        # the guest paused here for stop-and-copy
+    resume_wall: float | None = None       # it resumed: on the destination, or back here
+    downtime_source_seconds: float | None = None   # pause to RESULT, as the source saw it
+    source_digest: str | None = None
+    destination_digest: str | None = None
+    faults: list[dict] = field(default_factory=list)
+    # The peer host or the link went away (no ABORT), as this side saw it.
+    connection_lost: bool = False
+    # PERMISSION_TO_GO went out but no RESULT came: the control plane must settle it.
+    handover_unknown: bool = False
+    # The guest's longest stall while it still ran here (start to pause).
+    source_longest_gap_seconds: float | None = None
+    # Set by the control plane: the source host died during the migration.
+    source_lost: bool = False
+
+    @property
+    def completed(self) -> bool:
+        return self.status == COMPLETED
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rounds"] = [r.to_dict() for r in self.rounds]
+        return d
+
+
+@dataclass
+class DestinationResult:
+    """The restore side. `status` is waiting, receiving, ready, completed or failed (or
+    unknown when the control plane got no verdict)."""
+
+    status: str = FAILED
+    error: str | None = None
+    mode_after: str | None = None
+    resume_wall: float | None = None
+    pages_received: int = 0
+    bytes_received: int = 0
+    source_timing: dict = field(default_factory=dict)   # the SOURCE_TIMING record
+    last_progress_wall: float | None = None              # the guest's last sign of life there
+    destination_digest: str | None = None
+    faults: list[dict] = field(default_factory=list)
+    connection_lost: bool = False
+    cpu_seconds: float | None = None
+    # The guest's own gap across the hand-over: its last progress there, first here.
+    guest_observed_downtime_seconds: float | None = None
+    # Set by the control plane: the destination host could not be reached.
+    host_dead: bool = False
+
+    @property
+    def completed(self) -> bool:
+        return self.status == COMPLETED
+
+    def to_dict(self) -> dict:
+        return asdict(self)

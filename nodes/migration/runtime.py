@@ -1,0 +1,26 @@
+"""What a migration needs of its host beside the hypervisor: the guests' vCPUs.
+
+The host runtime (`nodes.host.service.HostService`) is one; the engine knows only this.
+"""
+
+from typing import Protocol
+
+from nodes.xen.domain import Domain
+
+
+class GuestRuntime(Protocol):
+    def workload_spec(self, name: str) -> dict | None:
+        """The guest's workload spec as a dict (None: it runs none)."""
+        ...
+
+    def vcpu_context(self, name: str) -> dict:
+        """The VCPU_CONTEXT record's fields: where the workload stands, its last progress."""
+        ...
+
+    def stop_guest(self, name: str) -> None:
+        """The guest has left this host: stop its vCPU."""
+        ...
+
+    def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
+        """Run an arrived guest's vCPU from the context its source sent."""
+        ...
