@@ -1,5 +1,3 @@
-"""Emulated hosts: machine memory, a frame allocator, a Xen-style hypervisor and its domains.
-
-Everything here except `nodes.host.service` (the Ray actor wrapper) is pure Python + numpy, so the
-model is fast to test without Ray.
-"""
+"""One emulated host: the Xen model (`nodes.xen`), the migration engine (`nodes.migration`),
+the faults a user injects (`nodes.faults`) and the host runtime (`nodes.host`, whose `actor`
+is the only Ray module here). ARCHITECTURE.md says what each may import."""

@@ -7,7 +7,6 @@ strings, numpy arrays) because it is called across processes.
 """
 
 import collections
-import os
 import threading
 import time
 
@@ -17,6 +16,7 @@ from nodes.errors import ClusterError, MigrationError, MigrationStillRunning
 from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.metrics import HostMetrics
+from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
 from nodes.migration.destination import Receiver, validate_info
@@ -348,29 +348,9 @@ class HostService:
             return out
 
     def process_stats(self) -> dict:
-        """This host's process: pid, resident memory, and how much of it is this host's
-        machine-memory arena (frames stay resident once touched: that is not a leak), in
-        bytes, from /proc (0 where /proc is missing). For the soak's growth check."""
-        rss = arena = 0
-        start = self.hv.memory.frames.ctypes.data
-        end = start + self.hv.memory.frames.nbytes
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        rss = int(line.split()[1]) * 1024
-            with open("/proc/self/smaps") as f:     # the arena may span several mappings
-                inside = False
-                for line in f:
-                    head = line.split(maxsplit=1)[0]
-                    if "-" in head and not head.endswith(":"):
-                        lo, _, hi = head.partition("-")
-                        inside = int(lo, 16) < end and start < int(hi, 16)
-                    elif inside and head == "Rss:":
-                        arena += int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-        return {"pid": os.getpid(), "rss_bytes": rss, "arena_rss_bytes": arena}
+        """This host's process: pid, resident memory and how much of it is this host's
+        machine-memory arena (see `nodes.host.process`)."""
+        return process_stats(self.hv.memory.frames)
 
     def kill(self) -> None:
         """Fault injection in one process: this host dies now, as a Ray node going away does.

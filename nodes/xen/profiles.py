@@ -58,10 +58,6 @@ class ArchProfile:
             raise ModeError(
                 f"profile {self.name} does not allow {mode.value} guests; allowed: {allowed}")
 
-    def migration_mode(self, mode: Mode) -> Mode:
-        """The mode a guest runs in while migrating: shadow (VP) with log-dirty."""
-        return Mode.VP
-
 
 PROFILES: dict[str, ArchProfile] = {
     p.name: p

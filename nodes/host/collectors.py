@@ -1,0 +1,223 @@
+"""The live half of a host's /metrics: a prometheus_client custom collector that reads the
+host's state at scrape time (frames, guests, modes, migration counters, the progress of
+running migrations), from counters the host keeps anyway, so a scrape never walks guest
+memory and never takes a guest's lock. `nodes.host.metrics` registers it.
+"""
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from nodes.phase import ENDED, TIMED
+from nodes.xen.domain import DomainState
+from nodes.xen.profiles import Mode
+
+if TYPE_CHECKING:
+    from nodes.host.metrics import HostMetrics
+    from nodes.host.service import HostService
+
+
+def dirtied(rounds: list) -> int:
+    """Pages dirtied over these rounds (progress dicts)."""
+    return sum(int(r.get("pages_dirtied", 0)) for r in rounds)
+
+
+class HostCollector:
+    """Reads a host's live state at scrape time (a prometheus_client custom collector)."""
+
+    def __init__(self, metrics: "HostMetrics"):
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []    # names vary with guests; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        h = m.host
+        host = h.name
+        hv = h.hv
+        yield from self._host(host, hv)
+        yield from self._guests(host, h)
+        yield from self._migrations(host, m)
+
+    # -- the host -------------------------------------------------------------------------
+    @staticmethod
+    def _host(host: str, hv) -> Iterator[Metric]:
+        info = GaugeMetricFamily("migbed_host_info", "The host's architecture profile (always 1).",
+                                 labels=["host", "profile", "arch"])
+        info.add_metric([host, hv.profile.name, hv.profile.arch], 1)
+        yield info
+        yield _one("migbed_host_memory_bytes", "Machine memory of the host.", host,
+                   hv.memory.total_bytes)
+        yield _one("migbed_host_page_size_bytes", "Page (and frame) size of the host.",
+                   host, hv.page_size)
+        counts = hv.allocator.counts()      # counted on the frame-owner table, no guest memory
+        frames = GaugeMetricFamily(
+            "migbed_host_frames", "Machine frames by state: free, used (dom0, guests, "
+            "arriving guests) and reserved (the hypervisor's own).", labels=["host", "state"])
+        for state in ("free", "used", "reserved"):
+            frames.add_metric([host, state], counts[state])
+        yield frames
+
+    # -- guests -----------------------------------------------------------------------------
+    @staticmethod
+    def _guests(host: str, h: "HostService") -> Iterator[Metric]:
+        by_mode = dict.fromkeys((m.value for m in Mode), 0)
+        info = GaugeMetricFamily("migbed_guest_info", "A guest on this host and its workload "
+                                 "(always 1).", labels=["host", "guest", "workload"])
+        mode = GaugeMetricFamily("migbed_guest_mode", "The guest's memory mode: 1 for the mode "
+                                 "it is in, 0 for the others.", labels=["host", "guest", "mode"])
+        state = GaugeMetricFamily("migbed_guest_state", "The guest's state: 1 for the state it "
+                                  "is in, 0 for the others.", labels=["host", "guest", "state"])
+        memory = GaugeMetricFamily("migbed_guest_memory_bytes", "Memory of the guest.",
+                                   labels=["host", "guest"])
+        migrating = GaugeMetricFamily("migbed_guest_migrating", "1 while the guest is migrating.",
+                                      labels=["host", "guest"])
+        dirty = GaugeMetricFamily(
+            "migbed_guest_dirty_pages", "Pages the log-dirty bitmap has marked since its last "
+            "CLEAN (0 when log-dirty mode is off).", labels=["host", "guest"])
+        writes = CounterMetricFamily(
+            "migbed_guest_page_writes", "Page writes made by the guest's vCPU, carried over "
+            "migrations (its rate is the guest's dirty rate).", labels=["host", "guest"])
+        for dom in list(h.hv.domains.values()):
+            # dom0 is the toolstack; a `<name>--migratedaway` copy is the hand-over's remains.
+            if dom.is_dom0 or "--" in dom.name:
+                continue
+            g = dom.name
+            by_mode[dom.mode.value] += 1
+            spec = h.workloads.get(g)
+            info.add_metric([host, g, spec.pattern if spec else "none"], 1)
+            for m in Mode:
+                mode.add_metric([host, g, m.value], 1 if dom.mode is m else 0)
+            for s in DomainState:
+                state.add_metric([host, g, s.value], 1 if dom.state is s else 0)
+            memory.add_metric([host, g], dom.memory_bytes)
+            migrating.add_metric([host, g], 1 if dom.migrating else 0)
+            dirty.add_metric([host, g], dom.logdirty.fault_count if dom.logdirty.enabled else 0)
+            vcpu = h.vcpus.get(g)
+            if vcpu is not None:    # an arriving guest has no vCPU (and no writes) yet
+                writes.add_metric([host, g], vcpu.pages_written_total)
+        guests = GaugeMetricFamily("migbed_host_guests", "Guests on the host by memory mode "
+                                   "(arriving guests included, dom0 not).",
+                                   labels=["host", "mode"])
+        for mode_name, n in by_mode.items():
+            guests.add_metric([host, mode_name], n)
+        yield guests
+        yield from (info, mode, state, memory, migrating, dirty, writes)
+
+    # -- migrations ---------------------------------------------------------------------------
+    @staticmethod
+    def _migrations(host: str, m: "HostMetrics") -> Iterator[Metric]:
+        yield from _migration_counts(host, m.host.migration_counts)
+        with m.lock:
+            outgoing = list(m.outgoing.values())
+            incoming = list(m.incoming.values())
+            totals = _traffic(m, outgoing, incoming)
+        progress = GaugeMetricFamily("migbed_migrations_in_progress", "Migrations running on "
+                                     "this host, as source (outgoing) or destination "
+                                     "(incoming).", labels=["host", "direction"])
+        progress.add_metric([host, "outgoing"], len(outgoing))
+        progress.add_metric([host, "incoming"], sum(1 for r in incoming if not r.done.is_set()))
+        yield progress
+        yield from _running(host, outgoing)
+        yield from _traffic_counters(host, totals)
+
+
+def _migration_counts(host: str, counts: dict) -> Iterator[Metric]:
+    yield _one("migbed_migrations_started", "Migrations this host started as the source.",
+               host, counts.get("started", 0), counter=True)
+    ended = CounterMetricFamily("migbed_migrations_finished", "Migrations this host ran as "
+                                "the source, by how they ended.", labels=["host", "status"])
+    for status in ENDED:
+        ended.add_metric([host, status], counts.get(status, 0))
+    yield ended
+
+
+_RUNNING_GAUGES = {
+    "round": ("migbed_migration_round", "Round the running migration is in (0: the "
+              "first full copy)."),
+    "phase": ("migbed_migration_phase", "Phase of the running migration: 1 for the "
+              "phase it is in, 0 for the others."),
+    "dirty": ("migbed_migration_dirty_pages", "Pages dirtied during the last round of "
+              "the running migration, to be sent next."),
+    "sent": ("migbed_migration_last_round_pages_sent", "Pages sent in the last finished "
+             "round of the running migration."),
+    "dirtied": ("migbed_migration_last_round_pages_dirtied", "Pages dirtied during the "
+                "last finished round of the running migration."),
+    "remaining": ("migbed_migration_remaining_bytes", "Bytes the running migration "
+                  "still has to send, as far as it knows."),
+    "expected": ("migbed_migration_expected_downtime_seconds", "Downtime the running "
+                 "migration would have if it stopped now (QEMU's expected-downtime)."),
+    "throughput": ("migbed_migration_throughput_bytes_per_second", "Throughput of the "
+                   "running migration's last round on the link."),
+    "limit": ("migbed_migration_link_limit_bytes_per_second", "Speed of the link the "
+              "running migration uses (only when the link is limited)."),
+}
+
+
+def _running(host: str, outgoing: list) -> Iterator[Metric]:
+    """Per running migration (label `guest`), on its source: where it stands."""
+    fams = {k: GaugeMetricFamily(name, doc, labels=["host", "guest"] + (
+        ["phase"] if k == "phase" else [])) for k, (name, doc) in _RUNNING_GAUGES.items()}
+    for out in outgoing:
+        p, g = out.progress, out.guest
+        fams["round"].add_metric([host, g], p.round)
+        for phase in TIMED:
+            fams["phase"].add_metric([host, g, phase.value], 1 if p.status == phase else 0)
+        fams["dirty"].add_metric([host, g], p.dirty_pages)
+        last = p.rounds[-1] if p.rounds else None
+        fams["sent"].add_metric([host, g], last["pages_sent"] if last else 0)
+        fams["dirtied"].add_metric([host, g], last["pages_dirtied"] if last else 0)
+        fams["remaining"].add_metric([host, g], p.remaining_bytes)
+        if p.expected_downtime_seconds is not None:
+            fams["expected"].add_metric([host, g], p.expected_downtime_seconds)
+        fams["throughput"].add_metric([host, g], p.throughput_bytes_per_second)
+        if out.settings.link_bytes_per_second:
+            fams["limit"].add_metric([host, g], out.settings.link_bytes_per_second)
+    yield from fams.values()
+
+
+def _traffic(m: "HostMetrics", outgoing: list, incoming: list) -> dict:
+    """What ended migrations moved, plus what running ones have moved so far."""
+    totals = {"sent_pages": m.sent_pages_total, "sent_bytes": m.sent_bytes_total,
+              "dirtied": m.dirtied_pages_total, "rounds": m.rounds_total,
+              "received_pages": m.received_pages_total,
+              "received_bytes": m.received_bytes_total}
+    for out in outgoing:
+        p = out.progress
+        rounds = list(p.rounds)
+        totals["sent_pages"] += p.pages_sent_total
+        totals["sent_bytes"] += p.bytes_sent_total
+        totals["dirtied"] += dirtied(rounds)
+        totals["rounds"] += len(rounds)
+    for recv in incoming:
+        totals["received_pages"] += recv.landing.pages_received
+        totals["received_bytes"] += recv.bytes_received
+    return totals
+
+
+def _traffic_counters(host: str, totals: dict) -> Iterator[Metric]:
+    yield _one("migbed_migration_rounds", "Pre-copy rounds (the final stop-and-copy one "
+               "included) this host has finished as a source.", host, totals["rounds"],
+               counter=True)
+    yield _one("migbed_migration_sent_pages", "Guest pages this host has sent as a "
+               "migration source.", host, totals["sent_pages"], counter=True)
+    yield _one("migbed_migration_sent_bytes", "Bytes of migration streams this host has "
+               "sent (pages and every other record).", host, totals["sent_bytes"],
+               counter=True)
+    yield _one("migbed_migration_dirtied_pages", "Pages the guests dirtied during rounds "
+               "of migrations from this host (each round's log-dirty count).", host,
+               totals["dirtied"], counter=True)
+    yield _one("migbed_migration_received_pages", "Guest pages this host has received as a "
+               "migration destination.", host, totals["received_pages"], counter=True)
+    yield _one("migbed_migration_received_bytes", "Bytes of migration streams this host has "
+               "received, counted as they arrive.", host, totals["received_bytes"],
+               counter=True)
+
+
+def _one(name: str, doc: str, host: str, value: float, counter: bool = False) -> Metric:
+    cls = CounterMetricFamily if counter else GaugeMetricFamily
+    fam = cls(name, doc, labels=["host"])
+    fam.add_metric([host], value)
+    return fam
