@@ -196,6 +196,9 @@ class HostService:
         spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
         self._start_vcpu(dom, spec, context.get("workload_state"))
 
+    def discard_guest(self, name: str) -> None:
+        self._drop_vcpu(name)
+
     # -- migration: destination side ---------------------------------------------------------
     def prepare_incoming(self, info: dict, settings: MigrationSettings | dict) -> dict:
         """Reserve frames for an arriving guest and listen for its stream; returns the ticket."""

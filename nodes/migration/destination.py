@@ -105,6 +105,7 @@ class Receiver:
         self._killed = False
         self.connection_lost = False
         self.reader: RecordReader | None = None
+        self.vcpu_made = False
         self.status = "waiting"
         self.error: str | None = None
         self.resume_wall: float | None = None
@@ -169,7 +170,7 @@ class Receiver:
         """Every record up to END; pages land as they come."""
         while True:
             rec = reader.expect(RT.PAGE_DATA, RT.VCPU_CONTEXT, RT.SOURCE_TIMING,
-                                RT.ROUND_STATS, RT.END)
+                                RT.ROUND_STATS, RT.SYNC, RT.END)
             if rec.type == RT.PAGE_DATA:
                 pd = rec.fields["page_data"]
                 if pd.pages is not None:          # decoded whole: not laid out for the sink
@@ -180,6 +181,8 @@ class Receiver:
                 self.timing = rec.fields
             elif rec.type == RT.ROUND_STATS:
                 self.source_rounds = rec.fields["rounds"]
+            elif rec.type == RT.SYNC:           # everything before it has landed
+                self.reply(RT.SYNC_ACK, {"pages_received": self.landing.pages_received})
             else:
                 return
 
@@ -202,13 +205,17 @@ class Receiver:
             raise ConnectionLost(f"connection to the source lost: {exc.strerror or exc}") \
                 from None
 
+    def make_vcpu(self) -> None:
+        """The guest's vCPU, from the context its source sent: it waits until the resume."""
+        self.runtime.start_guest(self.dom, self.info.get("workload"), self.vcpu)
+        self.vcpu_made = True
+
     def resume(self) -> None:
-        """Back to the guest's own mode (P2M learns this host's frames), vCPU on."""
+        """Back to the guest's own mode (P2M learns this host's frames), and it runs."""
         hv = self.hv
         hv.set_mode(self.name, self.mode_after)
         with self.dom.lock:
             self.dom.state = DomainState.PAUSED
-        self.runtime.start_guest(self.dom, self.info.get("workload"), self.vcpu)
         hv.unpause(self.name)
         self.resume_wall = time.time()
         self.dom.migrating = False
@@ -225,6 +232,8 @@ class Receiver:
                 self.conn.sendall(records.encode_record(RT.ABORT, {"error": self.error[:1000]}))
             except OSError:
                 pass
+        if self.vcpu_made:
+            self.runtime.discard_guest(self.name)
         try:
             self.hv.destroy_domain(self.name, force=True)
         except MigbedError:

@@ -2,11 +2,15 @@
 
     source                                   destination
     END  ------------------------------->    every page arrived? page tables valid?
-         <-------------------------------    READY (its digest of the pages as they landed)
-    rename its copy `<name>--migratedaway`
-    PERMISSION_TO_GO  ------------------>    P2M again, vCPU started, guest resumed
-         <-------------------------------    RESULT (ok, resume time)
+         <-------------------------------    READY
+    rename its copy `<name>--migratedaway`   (its vCPU made ready meanwhile, waiting)
+    PERMISSION_TO_GO  ------------------>    P2M again, guest resumed
+         <-------------------------------    RESULT (ok, resume time, its digest of the
+                                             pages as they landed, taken after the resume)
     destroy its copy (after verify)
+
+The downtime (pause to resume) holds only what must happen with the guest stopped: the vCPU
+is made while PERMISSION_TO_GO is on its way, the digest is taken once the guest runs.
 
 Before PERMISSION_TO_GO the guest is the source's: any failure resumes it there. After it,
 the guest is the destination's; a RESULT that never comes leaves the paused copy for the
@@ -41,8 +45,7 @@ class SourceHandover:
         return True
 
     def run(self, ctx: "SourceContext") -> None:
-        ready = ctx.reader.expect(RT.RECEIVER_READY)
-        ctx.result.destination_digest = ready.fields["digest"]
+        ctx.reader.expect(RT.RECEIVER_READY)
         ctx.hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
         ctx.renamed = True
         ctx.send_record(RT.PERMISSION_TO_GO)
@@ -59,6 +62,7 @@ class SourceHandover:
             ctx.handed_over = False
             raise MigrationError(f"destination failed to resume: {result.fields['error']}")
         ctx.result.resume_wall = result.fields["resume_wall"]
+        ctx.result.destination_digest = result.fields["digest"]
         ctx.result.downtime_source_seconds = time.monotonic() - ctx.pause_mono
 
 
@@ -67,12 +71,13 @@ def destination_handover(rx: "Receiver", reader: "RecordReader") -> None:
     READY out, PERMISSION_TO_GO in, the guest resumed, RESULT out."""
     rx.faults.delay(Phase.STOP_AND_COPY)
     rx.status = "ready"
-    rx.reply(RT.RECEIVER_READY, {"pages_received": rx.landing.pages_received,
-                                 "digest": rx.landing.digest()})
+    rx.reply(RT.RECEIVER_READY, {"pages_received": rx.landing.pages_received})
+    rx.make_vcpu()                      # while PERMISSION_TO_GO is on its way
     reader.expect(RT.PERMISSION_TO_GO)
     rx.faults.delay(Phase.HANDOVER)
     rx.resume()
-    rx.reply(RT.RECEIVER_RESULT, {"ok": True, "error": None, "resume_wall": rx.resume_wall})
+    rx.reply(RT.RECEIVER_RESULT, {"ok": True, "error": None, "resume_wall": rx.resume_wall,
+                                  "digest": rx.landing.digest()})
 
 
 def resolve_handover(hv: Hypervisor, runtime: GuestRuntime, name: str, mode_before: str,

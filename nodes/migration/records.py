@@ -11,7 +11,8 @@ Record types keep Xen's numbers where they exist (END 0, PAGE_DATA 1, STATIC_DAT
 0x10). Bit 31 marks a record optional: a receiver that does not know it skips
 it; an unknown mandatory record fails the restore. The same framing carries the hand-over
 handshake back from the receiver (READY, PERMISSION_TO_GO, RESULT, ABORT), as libxl's
-migration protocol does beside the stream.
+migration protocol does beside the stream, and the SYNC the source sends before it pauses the
+guest, which the destination acknowledges (SYNC_ACK) once it has landed every page before it.
 
 Decoding is defensive: every length is bounded before anything is allocated, msgpack is
 unpacked with limits derived from the body length, ext types are refused, every field is
@@ -29,7 +30,7 @@ from nodes.errors import StreamError
 
 IMAGE_MARKER = 0xFFFF_FFFF_FFFF_FFFF
 IMAGE_ID = b"MIGB"
-STREAM_VERSION = 1
+STREAM_VERSION = 2
 MIGBED_VERSION = (0, 1)
 IMAGE_HEADER = struct.Struct(">Q4sIH6x")
 DOMAIN_HEADER = struct.Struct("<IHHII")
@@ -55,6 +56,8 @@ class RecordType(IntEnum):
     PERMISSION_TO_GO = 0x21
     RECEIVER_RESULT = 0x22
     ABORT = 0x23
+    SYNC = 0x24                # the source asks: have you landed everything before this?
+    SYNC_ACK = 0x25            # the destination answers once it has
     ROUND_STATS = OPTIONAL | 0x01
     SOURCE_TIMING = OPTIONAL | 0x02
 
@@ -97,8 +100,10 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
     RecordType.VCPU_CONTEXT: {
         "vcpu_id": (int,), "workload_state": (dict, type(None)),
         "last_progress_wall": (float, type(None)), "pages_written_total": (int,)},
-    RecordType.RECEIVER_READY: {"pages_received": (int,), "digest": _OPT_STR},
-    RecordType.RECEIVER_RESULT: {"ok": (bool,), "error": _OPT_STR,
+    RecordType.RECEIVER_READY: {"pages_received": (int,)},
+    RecordType.SYNC: {},
+    RecordType.SYNC_ACK: {"pages_received": (int,)},
+    RecordType.RECEIVER_RESULT: {"ok": (bool,), "error": _OPT_STR, "digest": _OPT_STR,
                                  "resume_wall": (float, type(None))},
     RecordType.ABORT: {"error": (str,)},
     RecordType.ROUND_STATS: {"rounds": (list,)},

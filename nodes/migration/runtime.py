@@ -22,5 +22,10 @@ class GuestRuntime(Protocol):
         ...
 
     def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
-        """Run an arrived guest's vCPU from the context its source sent."""
+        """Make an arriving guest's vCPU from the context its source sent; it runs once the
+        guest does (it waits while the guest is paused or still arriving)."""
+        ...
+
+    def discard_guest(self, name: str) -> None:
+        """A guest that never ran here (its restore failed): its vCPU goes."""
         ...

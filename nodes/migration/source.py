@@ -172,6 +172,7 @@ class LiveRounds(_Always):
             if decision.action is Action.STOP_AND_COPY:
                 ctx.result.stop_reason = decision.reason
                 ctx.result.stop_code = decision.stop_code.value if decision.stop_code else None
+                drain(ctx)
                 return
             rnd = self.live_round(ctx, len(ctx.rounds))
             ctx.check_cancel()
@@ -262,6 +263,15 @@ class StopAndCopy(_Always):
         ctx.link.flush(ctx.settings.timeout_seconds)
         rnd.duration_seconds = time.monotonic() - ctx.pause_mono
         ctx.round_done(rnd)
+
+
+def drain(ctx: SourceContext) -> None:
+    """Wait, the guest still running, until the destination has landed every page sent so
+    far (SYNC, answered by SYNC_ACK): the sockets' buffers hold megabytes, and whatever is
+    still in them when the guest pauses would be inside the downtime."""
+    ctx.send_record(RT.SYNC)
+    ctx.link.flush(ctx.settings.timeout_seconds)
+    ctx.reader.expect(RT.SYNC_ACK)
 
 
 class Verify:
