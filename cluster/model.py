@@ -302,7 +302,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     seconds_per_page = wire_per_page / rate
 
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
-                                    latency_seconds=latency_seconds, **(policy_settings or {}))
+                                    **(policy_settings or {}))
 
     rounds: list[ModelRound] = []
     dirty = float(guest_pages)

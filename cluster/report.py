@@ -51,6 +51,9 @@ class MigrationReport:
     guest_observed_downtime_seconds: float | None = None
     pages_sent_total: int = 0
     bytes_sent_total: int = 0
+    # QEMU's dirty-sync-count: 1 after setup, one more at every bitmap sync (a CLEAN here),
+    # the stop-and-copy's included, so it lines up with query-migrate's.
+    dirty_sync_count: int = 0
     throughput_bytes_per_second: float = 0.0
     # Source-side seconds of setup, precopy, stop_and_copy, handover, verify and cleanup.
     phase_seconds: dict = field(default_factory=dict)
@@ -103,6 +106,7 @@ class MigrationReport:
             downtime_source_seconds=source.downtime_source_seconds,
             guest_observed_downtime_seconds=_guest_downtime(source, dest),
             pages_sent_total=source.pages_sent_total, bytes_sent_total=source.bytes_sent_total,
+            dirty_sync_count=source.dirty_sync_count,
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
             phase_seconds=dict(source.phase_seconds),
             cpu_seconds={"source": source.cpu_seconds if not source.source_lost else None,

@@ -11,9 +11,9 @@ Four stages per batch of up to 1024 pages (one PAGE_DATA record, as Xen's):
 4. **account**: the round's and the progress's counters.
 
 A live round reads pages while the guest writes them, as Xen's does: a page written while it
-is being sent has its dirty bit set and goes again in the next round. Between batches the
-caller's `between` hook runs (cancellation, fault injection, and later the checks that cut a
-pass short).
+is being sent has its dirty bit set and goes again in the next round. Which pages a pass has
+still to send is its `PassCursor`. Between batches the caller's hook runs (cancellation, fault
+injection, the checks that cut a pass short).
 """
 
 from collections.abc import Callable
@@ -59,6 +59,49 @@ class PageDataEncoder:
         return records.encode_page_data(pfns, types, pages)
 
 
+class PassCursor:
+    """Which pages still go, and where the scan stands: QEMU's migration bitmap and its
+    cursor. A pass scans the bitmap from pfn 0 to the end, sending what is marked; a bitmap
+    sync (a CLEAN) marks more, ahead of the cursor (sent in this pass) or behind it (in the
+    next). Xen's to-send list is the same thing with marks added only between passes."""
+
+    def __init__(self, npages: int):
+        self.unsent = np.ones(npages, dtype=bool)
+        self.pending_pages = npages        # marks set, kept as a count: checked often
+        self.cursor = 0
+
+    @property
+    def at_end(self) -> bool:
+        return self.cursor >= len(self.unsent)
+
+    def wrap(self) -> None:
+        self.cursor = 0
+
+    def mark(self, dirty: np.ndarray) -> int:
+        """Mark the pages of a CLEANed bitmap; returns how many were not marked already."""
+        fresh = int(np.count_nonzero(dirty & ~self.unsent))
+        self.unsent |= dirty
+        self.pending_pages += fresh
+        return fresh
+
+    def take(self, n: int) -> np.ndarray:
+        """Up to `n` marked pfns from the cursor on, unmarked; the cursor moves past them."""
+        unsent, total = self.unsent, len(self.unsent)
+        got: list[np.ndarray] = []
+        have = 0
+        while have < n and self.cursor < total:
+            stop = min(total, self.cursor + max(64 * n, 1 << 16))
+            found = np.flatnonzero(unsent[self.cursor:stop])[:n - have] + self.cursor
+            got.append(found)
+            have += len(found)
+            self.cursor = int(found[-1]) + 1 if have >= n else stop
+        pfns = np.concatenate(got) if len(got) > 1 else (got[0] if got else
+                                                          np.zeros(0, dtype=np.int64))
+        unsent[pfns] = False
+        self.pending_pages -= len(pfns)
+        return pfns.astype(np.int64, copy=False)
+
+
 class PagePipeline:
     """Select, encode, send, account: see the module docstring."""
 
@@ -73,13 +116,20 @@ class PagePipeline:
              between: Callable[[], None] | None = None) -> None:
         """Send `pfns` in records of up to 1024 pages; `between()` runs after each one."""
         for i in range(0, len(pfns), records.MAX_BATCH_PAGES):
-            batch, mfns = self.select(pfns[i:i + records.MAX_BATCH_PAGES], rnd,
-                                      skip_redirtied)
-            if len(batch):
-                n = self.link.send(self.encoder.encode(batch, mfns))
-                self.account(rnd, len(batch), n, len(pfns) - i - len(batch))
+            self.send_batch(pfns[i:i + records.MAX_BATCH_PAGES], rnd, skip_redirtied,
+                            left_pages=len(pfns) - i - records.MAX_BATCH_PAGES)
             if between is not None:
                 between()
+
+    def send_batch(self, pfns: np.ndarray, rnd: RoundStats, skip_redirtied: bool = False,
+                   left_pages: int = 0) -> int:
+        """One record of up to 1024 pages through all four stages; returns bytes sent."""
+        batch, mfns = self.select(pfns, rnd, skip_redirtied)
+        if not len(batch):
+            return 0
+        n = self.link.send(self.encoder.encode(batch, mfns))
+        self.account(rnd, len(batch), n, left_pages)
+        return n
 
     def select(self, batch: np.ndarray, rnd: RoundStats,
                skip_redirtied: bool) -> tuple[np.ndarray, np.ndarray]:

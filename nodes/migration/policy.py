@@ -1,8 +1,9 @@
 """Where the switch-over is decided: pre-copy policies, statistics in, a typed decision out, as
 libxenguest's pluggable precopy policy.
 
-A policy is consulted before every live round, round 0 included, with what the sender knows
-at that moment (`PrecopyStats`), and answers a `Decision`: CONTINUE (send the dirty pages
+A policy is consulted before every live round, round 0 included (the qemu policy also after
+every chunk of sending), with what the sender knows at that moment (`PrecopyStats`), and
+answers a `Decision`: CONTINUE (send the dirty pages
 live), STOP_AND_COPY (pause the guest and send the rest) or ABORT, with a human reason and,
 when it stops, a machine-readable `StopCode` that the report carries. POSTCOPY (switch to
 post-copy) and THROTTLE (continue with the guest's vCPU slowed) have their place in the
@@ -13,8 +14,10 @@ vocabulary for the algorithms that use them. Three policies are built in:
 - `xen-legacy`: `xc_domain_save` of Xen 2.0 to 4.4: at most 29 live rounds, stop when the
   last round sent (and skipped) fewer than 50 pages or more than 3x the guest's memory has
   gone; pages dirtied again during a round are skipped until the next one.
-- `qemu`: switch over when the pending bytes fit the measured bandwidth x the downtime limit
-  (default 300 ms), also before round 0; at most 30 rounds, as guestperf's default.
+- `qemu`: QEMU's migration thread: decided after every chunk of sending, mid-pass too;
+  switch over when the pending bytes fit the bandwidth measured over 100 ms windows x the
+  downtime limit (default 300 ms; the threshold is 0 until the first window closes); at
+  most 30 passes, as guestperf's default.
 
 Register your own with `register_policy`: a factory taking keyword settings and returning a
 `PrecopyPolicy` whose `decide(stats)` returns a `Decision`.
@@ -102,10 +105,13 @@ class PrecopyStats:
 
 
 class PrecopyPolicy:
-    """Base class. `skip_redirtied`: skip pages dirtied again during the current round."""
+    """Base class. `skip_redirtied`: skip pages dirtied again during the current round.
+    `mid_pass`: decided after every chunk of sending (QemuPolicy's protocol), not only
+    before each pass."""
 
     name = "base"
     skip_redirtied = False
+    mid_pass = False
     max_iterations = 30
 
     def decide(self, stats: PrecopyStats) -> Decision:
@@ -159,7 +165,24 @@ class XenLegacyPolicy(PrecopyPolicy):
 
 
 class QemuPolicy(PrecopyPolicy):
+    """QEMU's migration thread (migration.c), decision by decision.
+
+    The sender sends in chunks (at most `CHUNK_SECONDS`, or until the rate limit's budget
+    for the current window is spent) and asks after every chunk, in the middle of a pass as
+    much as between passes. Bandwidth is measured over windows of at least `WINDOW_SECONDS`
+    (`window_closed`, QEMU's migration_update_counters): the threshold is that bandwidth x
+    the downtime limit, and 0 until the first window closes, so nothing stops before data
+    has flowed. After a chunk: when the pending estimate (pages marked, not yet sent) drops
+    below the threshold the sender syncs the bitmap (`wants_exact`), and `decide` completes
+    when what is pending (exact if synced) is below it, or nothing is pending at all.
+    expected-downtime starts at the limit and becomes dirty bytes at the last sync /
+    bandwidth once a sync period has given a dirty rate and a window moved over 10000 bytes.
+    """
+
     name = "qemu"
+    mid_pass = True
+    WINDOW_SECONDS = 0.1          # BUFFER_DELAY
+    CHUNK_SECONDS = 0.05          # MAX_WAIT of ram_save_iterate
 
     def __init__(self, downtime_limit_seconds: float = 0.3, max_iterations: int = 30,
                  fixed_downtime_seconds: float = 0.0, **_: object):
@@ -167,17 +190,49 @@ class QemuPolicy(PrecopyPolicy):
             raise ConfigError("downtime limit must be positive")
         self.downtime_limit_seconds = downtime_limit_seconds
         self.max_iterations = max_iterations
-        # The part of downtime no page transfer can shrink (hand-over round trips, resume):
-        # subtracted from the budget, as Cloud Hypervisor #8899 asks.
+        # The part of downtime no page transfer can shrink (hand-over, resume): subtracted
+        # from the budget only when asked (Cloud Hypervisor #8899); QEMU subtracts nothing.
         self.fixed_downtime_seconds = fixed_downtime_seconds
+        self.threshold_bytes = 0.0
+        self.bandwidth_bytes_per_second: float | None = None
+        self.expected_downtime_seconds = downtime_limit_seconds
+        self.window_start: float | None = None
+        self.window_bytes = 0
 
-    def threshold_bytes(self, stats: PrecopyStats) -> float:
-        bw = stats.bandwidth_bytes_per_second
-        budget = max(0.0, self.downtime_limit_seconds - self.fixed_downtime_seconds)
-        return float("inf") if bw is None else bw * budget
+    @property
+    def budget_seconds(self) -> float:
+        return max(0.0, self.downtime_limit_seconds - self.fixed_downtime_seconds)
+
+    def start(self, now: float, bytes_sent: int) -> None:
+        """Setup is done: the first window opens."""
+        self.window_start, self.window_bytes = now, bytes_sent
+
+    def window_closed(self, now: float, bytes_sent: int, dirty_bytes_last_sync: int,
+                      dirty_rate_known: bool) -> bool:
+        """After a chunk: if the window is at least WINDOW_SECONDS old, measure it, set the
+        threshold (and the expected downtime) and open the next one."""
+        if self.window_start is None:
+            self.start(now, bytes_sent)
+            return False
+        spent = now - self.window_start
+        if spent < self.WINDOW_SECONDS:
+            return False
+        transferred = bytes_sent - self.window_bytes
+        bandwidth = transferred / spent
+        self.bandwidth_bytes_per_second = bandwidth
+        self.threshold_bytes = bandwidth * self.budget_seconds
+        if dirty_rate_known and transferred > 10000 and bandwidth > 0:
+            self.expected_downtime_seconds = dirty_bytes_last_sync / bandwidth
+        self.window_start, self.window_bytes = now, bytes_sent
+        return True
+
+    def wants_exact(self, estimate_bytes: int) -> bool:
+        """Sync the bitmap now? Only when the estimate is already below the threshold."""
+        return estimate_bytes < self.threshold_bytes
 
     def decide(self, stats: PrecopyStats) -> Decision:
-        if stats.pending_bytes <= self.threshold_bytes(stats):
+        pending = stats.pending_bytes
+        if pending == 0 or pending < self.threshold_bytes:
             return Decision.stop(StopCode.FITS_DOWNTIME,
                                  f"pending bytes fit bandwidth x downtime limit "
                                  f"({self.downtime_limit_seconds * 1000:g} ms)")
@@ -203,14 +258,15 @@ def make_policy(name: str, **settings: object) -> PrecopyPolicy:
     return POLICIES[name](**settings)
 
 
-def policy_for(name: str, *, downtime_limit_seconds: float, latency_seconds: float = 0.0,
-               max_iterations: int | None = None, **settings: object) -> PrecopyPolicy:
+def policy_for(name: str, *, downtime_limit_seconds: float,
+               fixed_downtime_seconds: float = 0.0, max_iterations: int | None = None,
+               **settings: object) -> PrecopyPolicy:
     """The policy a migration runs with these settings: the one way the sender and the
-    analytic model both build it. The hand-over crosses the link three times (END, READY,
-    PERMISSION_TO_GO): that is the fixed part of the downtime the qemu policy allows for.
-    Further `settings` go to the policy's factory as they are."""
+    analytic model both build it. `fixed_downtime_seconds` is subtracted from the qemu
+    policy's budget (0 unless the migration asks for it, as QEMU subtracts nothing); further
+    `settings` go to the policy's factory as they are."""
     extra: dict = {"downtime_limit_seconds": downtime_limit_seconds,
-                   "fixed_downtime_seconds": 3 * latency_seconds, **settings}
+                   "fixed_downtime_seconds": fixed_downtime_seconds, **settings}
     if max_iterations is not None:
         extra["max_iterations"] = max_iterations
     return make_policy(name, **extra)

@@ -27,6 +27,8 @@ class SourceResult:
     rounds: list[RoundStats] = field(default_factory=list)
     pages_sent_total: int = 0
     bytes_sent_total: int = 0
+    # QEMU's dirty-sync-count: 1 after setup, one more at every bitmap sync (CLEAN).
+    dirty_sync_count: int = 0
     # As QEMU's total-time: start to the destination's RESULT (the guest runs there).
     total_time_seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)

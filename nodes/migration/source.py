@@ -19,11 +19,8 @@ Any failure before PERMISSION_TO_GO leaves the guest running here in its origina
 Faults (`nodes.faults.source`) fire where the phases call `ctx.faults.at(...)`.
 """
 
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -38,10 +35,12 @@ from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultStats
 from nodes.migration import records
 from nodes.migration.channel import Ticket, connect
+from nodes.migration.context import SourceContext, SourcePhase
+from nodes.migration.dirtysync import SyncLog
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
 from nodes.migration.link import LinkSender, Pacer
-from nodes.migration.pipeline import PagePipeline
-from nodes.migration.policy import Action, Decision, PrecopyPolicy, PrecopyStats
+from nodes.migration.pipeline import PagePipeline, PassCursor
+from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import PhaseClock, Progress, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
@@ -80,55 +79,6 @@ def check_migratable(hv: Hypervisor, name: str) -> Domain:
     return dom
 
 
-@dataclass
-class SourceContext:
-    """What the source's phases share: the guest, its settings, the channel, the result."""
-
-    hv: Hypervisor
-    dom: Domain
-    guest: str                     # the guest's name (the domain's until the hand-over)
-    settings: MigrationSettings
-    policy: PrecopyPolicy
-    runtime: GuestRuntime
-    progress: Progress
-    cancel: threading.Event
-    faults: SourceFaults
-    ticket: Ticket
-    shared_link: Pacer | None
-    result: SourceResult
-    clock: PhaseClock
-    mode_before: Mode
-    sock: socket.socket | None = None
-    link: LinkSender | None = None
-    reader: RecordReader | None = None
-    pipeline: PagePipeline | None = None
-    p2m_sent: np.ndarray | None = None
-    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    rounds: list[RoundStats] = field(default_factory=list)
-    pause_mono: float | None = None
-    renamed: bool = False          # the copy here is `<name>--migratedaway`
-    handed_over: bool = False      # PERMISSION_TO_GO went out: the guest is the destination's
-
-    def send_record(self, rtype: RT, fields: dict | None = None) -> int:
-        return self.link.send([records.encode_record(rtype, fields)])
-
-    def check_cancel(self) -> None:
-        if self.cancel.is_set():
-            raise MigrationCancelled(f"migration of {self.guest} cancelled by the operator")
-
-    def round_done(self, rnd: RoundStats) -> None:
-        self.rounds.append(rnd)
-        self.progress.round_done(rnd)
-
-
-class SourcePhase(Protocol):
-    phase: Phase
-
-    def wanted(self, ctx: SourceContext) -> bool: ...
-
-    def run(self, ctx: SourceContext) -> None: ...
-
-
 class _Always:
     def wanted(self, ctx: SourceContext) -> bool:
         return True
@@ -140,10 +90,13 @@ class Setup(_Always):
     def run(self, ctx: SourceContext) -> None:
         hv, dom, s = ctx.hv, ctx.dom, ctx.settings
         ctx.sock = connect(ctx.ticket, s.timeout_seconds)
+        # A mid-pass policy keeps QEMU's rate limit itself, as a budget per 100 ms window.
+        rate_limit = None if ctx.policy.mid_pass else s.rate_limit_bytes_per_second
         ctx.link = LinkSender(ctx.sock, s.link_bytes_per_second, s.latency_seconds,
-                              s.rate_limit_bytes_per_second, ctx.shared_link)
+                              rate_limit, ctx.shared_link)
         ctx.reader = RecordReader(ctx.sock.recv_into)
         ctx.pipeline = PagePipeline(hv, dom, ctx.link, ctx.progress)
+        ctx.cursor = PassCursor(dom.npages)
         ctx.faults.attach(ctx.sock, ctx.link)
         ctx.faults.at(Phase.SETUP)
         # Shadow mode with log-dirty, before round 0 reads a single page.
@@ -156,79 +109,7 @@ class Setup(_Always):
                                                   ctx.runtime.workload_spec(dom.name)))
         ctx.send_record(RT.P2M_FRAMES, {"mfns": ctx.p2m_sent.astype("<u8").tobytes()})
         ctx.send_record(RT.STATIC_DATA_END)
-        ctx.pending = np.arange(dom.npages, dtype=np.int64)
-
-
-class LiveRounds(_Always):
-    """Pre-copy's live rounds, each decided by the policy before it starts."""
-
-    phase = Phase.PRECOPY
-
-    def run(self, ctx: SourceContext) -> None:
-        while True:
-            decision = self.decide(ctx)
-            if decision.action is Action.ABORT:
-                raise MigrationError(f"policy {ctx.policy.name} aborted: {decision.reason}")
-            if decision.action is Action.STOP_AND_COPY:
-                ctx.result.stop_reason = decision.reason
-                ctx.result.stop_code = decision.stop_code.value if decision.stop_code else None
-                drain(ctx)
-                return
-            rnd = self.live_round(ctx, len(ctx.rounds))
-            ctx.check_cancel()
-            after = ctx.settings.cancel_after_round
-            if after is not None and rnd.index >= after:
-                raise MigrationCancelled(
-                    f"cancelled after round {rnd.index} as asked (--cancel-after-round)")
-
-    def live_round(self, ctx: SourceContext, index: int) -> RoundStats:
-        """Send what is pending while the guest runs; CLEAN the bitmap for the next round."""
-        rnd = RoundStats(index=index)
-        ctx.progress.round = index
-
-        def between() -> None:
-            ctx.check_cancel()
-            ctx.faults.at(Phase.PRECOPY, index)
-
-        start = time.monotonic()
-        ctx.pipeline.send(ctx.pending, rnd, skip_redirtied=ctx.policy.skip_redirtied,
-                          between=between)
-        ctx.faults.at(Phase.PRECOPY, index)     # a round that sent nothing
-        rnd.duration_seconds = time.monotonic() - start
-        bitmap, _ = ctx.hv.shadow_op(ctx.dom.name, ShadowOp.CLEAN)
-        ctx.pending = np.flatnonzero(bitmap)
-        rnd.pages_dirtied = len(ctx.pending)
-        ctx.round_done(rnd)
-        return rnd
-
-    def decide(self, ctx: SourceContext) -> Decision:
-        stats = precopy_stats(ctx)
-        p = ctx.progress
-        p.dirty_pages = stats.dirty_count
-        p.remaining_bytes = stats.pending_bytes
-        # QEMU's expected-downtime: what is pending, at the throughput measured so far.
-        bw = stats.measured_bytes_per_second or ctx.settings.link_bytes_per_second
-        p.expected_downtime_seconds = stats.pending_bytes / bw if bw else None
-        if stats.measured_bytes_per_second:
-            p.throughput_bytes_per_second = stats.measured_bytes_per_second
-        return ctx.policy.decide(stats)
-
-
-def precopy_stats(ctx: SourceContext) -> PrecopyStats:
-    """What the policy is told before a round (libxenguest's precopy_stats, and more)."""
-    last = ctx.rounds[-1] if ctx.rounds else None
-    measured = (last.bytes_sent / last.duration_seconds
-                if last and last.duration_seconds > 0 else None)
-    return PrecopyStats(
-        iteration=len(ctx.rounds), dirty_count=len(ctx.pending),
-        total_written=sum(r.pages_sent for r in ctx.rounds),
-        guest_pages=ctx.dom.npages, page_size=ctx.hv.page_size,
-        last_round_pages_sent=last.pages_sent if last else 0,
-        last_round_pages_skipped=last.pages_skipped if last else 0,
-        last_round_seconds=last.duration_seconds if last else 0.0,
-        measured_bytes_per_second=measured,
-        nominal_bytes_per_second=ctx.settings.nominal_bytes_per_second,
-        elapsed_seconds=time.monotonic() - ctx.clock.t0)
+        ctx.sync = SyncLog(hv.page_size, dom.npages, time.monotonic(), ctx.link.bytes_sent)
 
 
 class StopAndCopy(_Always):
@@ -242,12 +123,11 @@ class StopAndCopy(_Always):
             hv.pause(dom.name)
             ctx.result.pause_wall = time.time()
         ctx.pause_mono = time.monotonic()
-        bitmap, _ = hv.shadow_op(dom.name, ShadowOp.CLEAN)
-        # Pending from the last live round, or dirtied since: a mask, not np.union1d,
-        # whose first call imports numpy.ma (17 ms measured, inside the downtime).
-        final_mask = bitmap.astype(bool, copy=True)
-        final_mask[ctx.pending] = True
-        final = np.flatnonzero(final_mask).astype(np.int64)
+        # Still marked from the live rounds, or dirtied since: the cursor's mask, not
+        # np.union1d, whose first call imports numpy.ma (17 ms measured, in the downtime).
+        ctx.clean(ctx.pause_mono)
+        final = np.flatnonzero(ctx.cursor.unsent).astype(np.int64)
+        ctx.cursor.unsent[:] = False
         ctx.link.lift_rate_limit()
         rnd = RoundStats(index=len(ctx.rounds), final=True)
         ctx.pipeline.send(final, rnd)
@@ -263,15 +143,6 @@ class StopAndCopy(_Always):
         ctx.link.flush(ctx.settings.timeout_seconds)
         rnd.duration_seconds = time.monotonic() - ctx.pause_mono
         ctx.round_done(rnd)
-
-
-def drain(ctx: SourceContext) -> None:
-    """Wait, the guest still running, until the destination has landed every page sent so
-    far (SYNC, answered by SYNC_ACK): the sockets' buffers hold megabytes, and whatever is
-    still in them when the guest pauses would be inside the downtime."""
-    ctx.send_record(RT.SYNC)
-    ctx.link.flush(ctx.settings.timeout_seconds)
-    ctx.reader.expect(RT.SYNC_ACK)
 
 
 class Verify:
@@ -394,6 +265,7 @@ def finish(ctx: SourceContext, cpu0: float) -> SourceResult:
     r.cpu_seconds = time.thread_time() - cpu0
     r.faults = list(ctx.faults.fired)
     r.phase_seconds = dict(ctx.clock.seconds)
+    r.dirty_sync_count = ctx.sync.count if ctx.sync is not None else 0
     return r
 
 

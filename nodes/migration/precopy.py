@@ -1,0 +1,239 @@
+"""Pre-copy's live rounds: the guest runs while its pages go, until the policy stops it.
+
+Two ways of deciding, as the two systems they model decide:
+
+- **between passes** (`xen`, `xen-legacy`, and any policy without `mid_pass`), as
+  libxenguest does: before each pass the policy sees `PrecopyStats`; a pass sends every page
+  the cursor has marked (round 0: all of them), then CLEANs the bitmap to mark the next.
+- **after every chunk of sending** (`qemu`), as QEMU's migration thread does: a chunk is at
+  most 50 ms of sending, or less when the rate limit's budget for the current 100 ms window
+  is spent (the sender then sleeps to the window's end). After each chunk the bandwidth
+  window may close (threshold = bandwidth x downtime limit, 0 until the first one closes);
+  when the pending estimate is below the threshold the bitmap is synced, and the migration
+  completes when the pending pages (exact after a sync) are below it, or none are left. The
+  switch can so come in the middle of a pass; that pass is a round like any other, with the
+  pages it sent before the switch.
+
+Either way the live rounds end with the stream drained (SYNC, SYNC_ACK): the guest pauses
+only once the destination has landed every page sent live.
+"""
+
+import time
+
+from nodes.errors import MigrationCancelled, MigrationError
+from nodes.migration.context import SourceContext
+from nodes.migration.policy import Action, Decision, PrecopyStats, QemuPolicy
+from nodes.migration.progress import RoundStats
+from nodes.migration.records import MAX_BATCH_PAGES
+from nodes.migration.records import RecordType as RT
+from nodes.phase import Phase
+
+MIN_BATCH_PAGES = 64     # QEMU looks at the clock every 64 pages
+BATCH_SECONDS = 0.01     # a mid-pass policy's batches take about this long at the nominal rate
+
+
+class LiveRounds:
+    phase = Phase.PRECOPY
+
+    def wanted(self, ctx: SourceContext) -> bool:
+        return True
+
+    def run(self, ctx: SourceContext) -> None:
+        run = continuous if ctx.policy.mid_pass else per_pass
+        decision = run(ctx)
+        ctx.result.stop_reason = decision.reason
+        ctx.result.stop_code = decision.stop_code.value if decision.stop_code else None
+        drain(ctx)
+
+
+# -- deciding between passes -------------------------------------------------------------------
+def per_pass(ctx: SourceContext) -> Decision:
+    while True:
+        decision = decide(ctx, ctx.cursor.pending_pages)
+        if decision.action is not Action.CONTINUE:
+            return decision
+        rnd = live_pass(ctx, len(ctx.rounds))
+        ctx.check_cancel()
+        after = ctx.settings.cancel_after_round
+        if after is not None and rnd.index >= after:
+            raise MigrationCancelled(
+                f"cancelled after round {rnd.index} as asked (--cancel-after-round)")
+
+
+def live_pass(ctx: SourceContext, index: int) -> RoundStats:
+    """Send every marked page while the guest runs; CLEAN the bitmap for the next pass."""
+    rnd = RoundStats(index=index)
+    ctx.progress.round = index
+    cursor = ctx.cursor
+    cursor.wrap()
+    start = time.monotonic()
+    while not cursor.at_end:
+        batch = cursor.take(MAX_BATCH_PAGES)
+        if len(batch):
+            ctx.pipeline.send_batch(batch, rnd, ctx.policy.skip_redirtied,
+                                    left_pages=cursor.pending_pages)
+        between_batches(ctx, index)
+    ctx.faults.at(Phase.PRECOPY, index)     # a round that sent nothing
+    rnd.duration_seconds = time.monotonic() - start
+    rnd.pages_dirtied = ctx.clean(time.monotonic())
+    ctx.round_done(rnd)
+    return rnd
+
+
+# -- deciding after every chunk (QEMU's migration thread) -------------------------------------
+class _Pass:
+    """The pass under way in continuous mode (None between passes)."""
+
+    def __init__(self, index: int):
+        self.stats = RoundStats(index=index)
+        self.start = time.monotonic()
+
+
+def continuous(ctx: SourceContext) -> Decision:
+    policy: QemuPolicy = ctx.policy
+    cursor, link = ctx.cursor, ctx.link
+    policy.start(time.monotonic(), link.bytes_sent)
+    ctx.current = _Pass(0)
+    batch = batch_pages(ctx)
+    while True:
+        estimate = cursor.pending_pages
+        if policy.wants_exact(estimate * ctx.hv.page_size):
+            fresh = ctx.clean(time.monotonic())
+            if ctx.current is not None:
+                ctx.current.stats.pages_dirtied += fresh
+        decision = decide(ctx, cursor.pending_pages)
+        if decision.action is not Action.CONTINUE:
+            if ctx.current is not None:           # a pass cut short is a round too
+                end_pass(ctx)
+            return decision
+        chunk(ctx, batch)
+        rate_limit(ctx)
+
+
+def chunk(ctx: SourceContext, batch: int) -> None:
+    """ram_save_iterate: send until 50 ms have passed, the window's budget is spent, or no
+    page is marked; a pass that reaches the end of memory wraps to the next."""
+    policy: QemuPolicy = ctx.policy
+    cursor = ctx.cursor
+    t0 = time.monotonic()
+    while True:
+        if ctx.current is None:
+            if not cursor.pending_pages:
+                return                           # all clean: nothing to send until a sync
+            ctx.current = _Pass(len(ctx.rounds))
+        index = ctx.current.stats.index
+        ctx.progress.round = index
+        pfns = cursor.take(batch)
+        if len(pfns):
+            ctx.pipeline.send_batch(pfns, ctx.current.stats, left_pages=cursor.pending_pages)
+        between_batches(ctx, index)
+        if cursor.at_end:
+            ctx.faults.at(Phase.PRECOPY, index)
+            end_pass(ctx)
+            cursor.wrap()
+        if time.monotonic() - t0 >= policy.CHUNK_SECONDS or rate_spent(ctx):
+            return
+
+
+def end_pass(ctx: SourceContext) -> None:
+    p = ctx.current
+    p.stats.duration_seconds = time.monotonic() - p.start
+    ctx.round_done(p.stats)
+    ctx.current = None
+    after = ctx.settings.cancel_after_round
+    if after is not None and p.stats.index >= after:
+        raise MigrationCancelled(
+            f"cancelled after round {p.stats.index} as asked (--cancel-after-round)")
+
+
+def rate_spent(ctx: SourceContext) -> bool:
+    """The rate limit's budget for the current window (limit x 100 ms) is used up."""
+    limit = ctx.settings.rate_limit_bytes_per_second
+    if limit is None:
+        return False
+    return ctx.link.bytes_sent - ctx.policy.window_bytes >= limit * ctx.policy.WINDOW_SECONDS
+
+
+def rate_limit(ctx: SourceContext) -> None:
+    """migration_rate_limit: close the window if it is old enough; if the budget is spent,
+    sleep to the window's end, and close it then."""
+    policy: QemuPolicy = ctx.policy
+    close_window(ctx)
+    if rate_spent(ctx):
+        wait = policy.window_start + policy.WINDOW_SECONDS - time.monotonic()
+        if wait > 0:
+            ctx.cancel.wait(wait)
+        ctx.check_cancel()
+        close_window(ctx)
+
+
+def close_window(ctx: SourceContext) -> None:
+    policy: QemuPolicy = ctx.policy
+    sync = ctx.sync
+    if policy.window_closed(time.monotonic(), ctx.link.bytes_sent, sync.dirty_bytes_last_sync,
+                            sync.dirty_pages_per_second is not None):
+        ctx.progress.throughput_bytes_per_second = policy.bandwidth_bytes_per_second or 0.0
+
+
+def batch_pages(ctx: SourceContext) -> int:
+    """Pages per record: as many as take about 10 ms at the nominal rate (64 to 1024), so a
+    slow link is looked at about as often as QEMU looks (every 64 pages)."""
+    rate = ctx.settings.nominal_bytes_per_second
+    if rate is None:
+        return MAX_BATCH_PAGES
+    pages = int(rate * BATCH_SECONDS // ctx.hv.page_size)
+    return max(MIN_BATCH_PAGES, min(MAX_BATCH_PAGES, pages))
+
+
+# -- both ---------------------------------------------------------------------------------------
+def between_batches(ctx: SourceContext, index: int) -> None:
+    ctx.check_cancel()
+    ctx.faults.at(Phase.PRECOPY, index)
+
+
+def decide(ctx: SourceContext, pending_pages: int) -> Decision:
+    stats = precopy_stats(ctx, pending_pages)
+    p = ctx.progress
+    p.remaining_bytes = stats.pending_bytes
+    p.expected_downtime_seconds = expected_downtime(ctx, stats)
+    if not ctx.policy.mid_pass and stats.measured_bytes_per_second:
+        p.throughput_bytes_per_second = stats.measured_bytes_per_second
+    decision = ctx.policy.decide(stats)
+    if decision.action is Action.ABORT:
+        raise MigrationError(f"policy {ctx.policy.name} aborted: {decision.reason}")
+    return decision
+
+
+def expected_downtime(ctx: SourceContext, stats: PrecopyStats) -> float | None:
+    """QEMU's expected-downtime for the qemu policy (its own rule); for the others, what is
+    pending at the throughput measured so far."""
+    if ctx.policy.mid_pass:
+        return ctx.policy.expected_downtime_seconds
+    bw = stats.measured_bytes_per_second or ctx.settings.link_bytes_per_second
+    return stats.pending_bytes / bw if bw else None
+
+
+def precopy_stats(ctx: SourceContext, pending_pages: int) -> PrecopyStats:
+    """What the policy is told (libxenguest's precopy_stats, and more)."""
+    last = ctx.rounds[-1] if ctx.rounds else None
+    measured = (last.bytes_sent / last.duration_seconds
+                if last and last.duration_seconds > 0 else None)
+    return PrecopyStats(
+        iteration=len(ctx.rounds), dirty_count=pending_pages,
+        total_written=sum(r.pages_sent for r in ctx.rounds),
+        guest_pages=ctx.dom.npages, page_size=ctx.hv.page_size,
+        last_round_pages_sent=last.pages_sent if last else 0,
+        last_round_pages_skipped=last.pages_skipped if last else 0,
+        last_round_seconds=last.duration_seconds if last else 0.0,
+        measured_bytes_per_second=measured,
+        nominal_bytes_per_second=ctx.settings.nominal_bytes_per_second,
+        elapsed_seconds=time.monotonic() - ctx.clock.t0)
+
+
+def drain(ctx: SourceContext) -> None:
+    """Wait, the guest still running, until the destination has landed every page sent so
+    far (SYNC, answered by SYNC_ACK): the sockets' buffers hold megabytes, and whatever is
+    still in them when the guest pauses would be inside the downtime."""
+    ctx.send_record(RT.SYNC)
+    ctx.link.flush(ctx.settings.timeout_seconds)
+    ctx.reader.expect(RT.SYNC_ACK)
