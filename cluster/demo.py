@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from cluster.cli import ProgressPrinter, print_listing
+from cluster.console import RoundPrinter, migrations_table, print_listing, show
 from cluster.launcher import ClusterSpec
 from cluster.report import MigrationReport
 from cluster.testbed import Testbed
@@ -34,7 +34,7 @@ def _migrate(tb: Testbed, guest: str, dest: str, settings: MigrationSettings,
     src = tb.where(guest)
     _say(f"\n== {guest}: {src} -> {dest}, policy {settings.policy}, link "
          f"{format_bytes(settings.link_bytes_per_second or 0)}/s")
-    report = tb.migrate(guest, dest, settings, ProgressPrinter(sys.stdout))
+    report = tb.migrate(guest, dest, settings, RoundPrinter(sys.stdout))
     _say(f"   {report.status}: downtime {_ms(report.downtime_seconds)}, guest saw "
          f"{_ms(report.guest_observed_downtime_seconds)}, {report.live_rounds} live rounds, "
          f"{report.pages_sent_total} pages, stop: {report.stop_reason}, integrity "
@@ -53,27 +53,6 @@ def sequential_edge_ok(counters: np.ndarray) -> bool:
     if len(steps) == 0:
         return True
     return len(steps) == 1 and int(counters[steps[0]]) - int(counters[steps[0] + 1]) == 1
-
-
-def _predicted(r: MigrationReport) -> float | None:
-    """The analytic model's downtime for this run, at the throughput it measured."""
-    pred = (r.model or {}).get("prediction") or {}
-    return pred.get("downtime_seconds")
-
-
-def summary(reports: list[MigrationReport]) -> str:
-    lines = ["", "SUMMARY", f"{'guest':<8} {'route':<16} {'profile':<8} {'policy':<10} "
-             f"{'modes':<14} {'rounds':>6} {'pages':>7} {'total':>9} {'downtime':>9} "
-             f"{'guest saw':>9} {'model':>9}  verified"]
-    for r in reports:
-        modes = f"{r.modes['before']}/{r.modes['during']}/{r.modes['after']}"
-        lines.append(
-            f"{r.guest:<8} {r.source + '>' + r.destination:<16} {r.profile or '-':<8} "
-            f"{r.policy:<10} {modes:<14} {r.live_rounds:>6} {r.pages_sent_total:>7} "
-            f"{_ms(r.total_time_seconds):>9} {_ms(r.downtime_seconds):>9} "
-            f"{_ms(r.guest_observed_downtime_seconds):>9} {_ms(_predicted(r)):>9}  "
-            f"{r.integrity.verified}")
-    return "\n".join(lines)
 
 
 def run_demo(quick: bool = False) -> int:
@@ -131,7 +110,8 @@ def run_demo(quick: bool = False) -> int:
             _say(f"\n-- nic (P==M, DMA) refused as expected: {exc}")
         _say("")
         print_listing(tb.list())
-    _say(summary(reports))
+    _say("")
+    show(migrations_table(reports))
     bad = [r for r in reports if r.status != "completed" or r.integrity.verified is not True]
     _say(f"\n{len(reports)} migrations, {len(bad)} failed or unverified; demo took "
          f"{time.monotonic() - t0:.1f} s")
