@@ -21,14 +21,16 @@ from rich.text import Text
 
 from nodes.units import format_bytes
 
-MIN_WIDTH = 120
+MIN_WIDTH = 120          # a terminal's console is at least this wide, a wider one its width
+FILE_WIDTH = 200         # to a pipe or a file: room for every table, which is never cut
 
 
 def make_console(out: IO[str] | None = None) -> Console:
     """A console on `out` (default: stdout as it is now, so captured output is caught)."""
     out = out if out is not None else sys.stdout
     tty = hasattr(out, "isatty") and out.isatty()
-    width = max(MIN_WIDTH, shutil.get_terminal_size((MIN_WIDTH, 24)).columns)
+    width = (max(MIN_WIDTH, shutil.get_terminal_size((MIN_WIDTH, 24)).columns) if tty
+             else FILE_WIDTH)
     return Console(file=out, width=width, soft_wrap=True, no_color=not tty, highlight=False,
                    emoji=False, markup=False)
 
@@ -40,16 +42,15 @@ def show(*renderables: RenderableType, out: IO[str] | None = None) -> None:
 def render_text(*renderables: RenderableType) -> str:
     """The renderables as plain text, for a `table()` method or a file."""
     buffer = io.StringIO()
-    Console(file=buffer, width=MIN_WIDTH, soft_wrap=True, no_color=True, highlight=False,
-            emoji=False, markup=False).print(*renderables)
-    return buffer.getvalue().rstrip("\n")
+    make_console(buffer).print(*renderables)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
 def _table(*columns: str, title: str | None = None) -> Table:
     """A borderless table with a ruled header; columns named with a leading '>' are numbers,
     aligned right."""
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title,
-              title_justify="left", title_style="bold")
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+              title=title, title_justify="left", title_style="bold")
     for c in columns:
         right = c.startswith(">")
         t.add_column(c.lstrip(">"), justify="right" if right else "left", no_wrap=True)

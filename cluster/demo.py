@@ -63,51 +63,12 @@ def run_demo(quick: bool = False) -> int:
                                  "ppc-a": "ppc", "ppc-b": "ppc-p2m"})
     _say(f"starting an embedded cluster of {len(names)} hosts on Ray...")
     reports: list[MigrationReport] = []
-    size = 32 * MiB if quick else 64 * MiB
     with Testbed.local(spec) as tb:
         _say(f"cluster up in {time.monotonic() - t0:.1f} s")
-        tb.create("host-0", GuestSpec("web", size, "p2m", workload=WorkloadSpec(
-            "hotset", 20000, seed=1, hot_fraction=0.05, hot_share=0.95)))
-        tb.create("host-0", GuestSpec("db", size, "p2m",
-                                      workload=WorkloadSpec("uniform", 10000, seed=2)))
-        tb.create("host-1", GuestSpec("batch", size // 2, "p2m",
-                                      workload=WorkloadSpec("sequential", 30000, seed=3)))
-        tb.create("host-2", GuestSpec("nic", 8 * MiB, "p==m", dma=True))
-        tb.create("ia64-a", GuestSpec("itanic", size // 2, "vp",
-                                      workload=WorkloadSpec("uniform", 5000, seed=4)))
-        tb.create("ppc-a", GuestSpec("power", size // 2, "vp",
-                                     workload=WorkloadSpec("uniform", 5000, seed=5)))
-        time.sleep(0.5)
+        _boot_guests(tb, 32 * MiB if quick else 64 * MiB)
         _say("")
         print_listing(tb.list())
-
-        link = MigrationSettings(link_bytes_per_second=LINK)
-        _say("\n-- a chain: web host-0 -> host-1 -> host-2")
-        _migrate(tb, "web", "host-1", link, reports)
-        _migrate(tb, "web", "host-2", link, reports)
-
-        _say("\n-- one workload (db, uniform 10000 pages/s), each policy, same link")
-        policies = ("xen", "qemu") if quick else ("xen", "xen-legacy", "qemu")
-        dest = "host-1"
-        for policy in policies:
-            _migrate(tb, "db", dest, MigrationSettings(policy=policy,
-                                                       link_bytes_per_second=LINK), reports)
-            dest = "host-0" if dest == "host-1" else "host-1"
-
-        _say("\n-- batch (sequential counters) host-1 -> host-0, then qtest's edge check")
-        _migrate(tb, "batch", "host-0", link, reports)
-        tb.host("host-0").call("pause_guest", "batch")
-        ok = sequential_edge_ok(tb.host("host-0").call("guest_counters", "batch"))
-        tb.host("host-0").call("unpause_guest", "batch")
-        _say(f"   counters all equal but one edge: {ok}")
-
-        _say("\n-- the seed's three ports side by side (x86 above, then ia64 and ppc)")
-        _migrate(tb, "itanic", "ia64-b", link, reports)
-        _migrate(tb, "power", "ppc-b", link, reports)
-        try:
-            tb.migrate("nic", "host-0")
-        except Exception as exc:  # noqa: BLE001 - shown to the user as the expected refusal
-            _say(f"\n-- nic (P==M, DMA) refused as expected: {exc}")
+        ok = _migrations(tb, quick, reports)
         _say("")
         print_listing(tb.list())
     _say("")
@@ -116,3 +77,51 @@ def run_demo(quick: bool = False) -> int:
     _say(f"\n{len(reports)} migrations, {len(bad)} failed or unverified; demo took "
          f"{time.monotonic() - t0:.1f} s")
     return 0 if not bad and ok else 1
+
+
+def _boot_guests(tb: Testbed, size: int) -> None:
+    """Busy guests on the x86 hosts, a P==M guest with a DMA device, one on ia64 and ppc."""
+    tb.create("host-0", GuestSpec("web", size, "p2m", workload=WorkloadSpec(
+        "hotset", 20000, seed=1, hot_fraction=0.05, hot_share=0.95)))
+    tb.create("host-0", GuestSpec("db", size, "p2m",
+                                  workload=WorkloadSpec("uniform", 10000, seed=2)))
+    tb.create("host-1", GuestSpec("batch", size // 2, "p2m",
+                                  workload=WorkloadSpec("sequential", 30000, seed=3)))
+    tb.create("host-2", GuestSpec("nic", 8 * MiB, "p==m", dma=True))
+    tb.create("ia64-a", GuestSpec("itanic", size // 2, "vp",
+                                  workload=WorkloadSpec("uniform", 5000, seed=4)))
+    tb.create("ppc-a", GuestSpec("power", size // 2, "vp",
+                                 workload=WorkloadSpec("uniform", 5000, seed=5)))
+    time.sleep(0.5)
+
+
+def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> bool:
+    """The demo's migrations, each report appended; whether qtest's edge check held."""
+    link = MigrationSettings(link_bytes_per_second=LINK)
+    _say("\n-- a chain: web host-0 -> host-1 -> host-2")
+    _migrate(tb, "web", "host-1", link, reports)
+    _migrate(tb, "web", "host-2", link, reports)
+
+    _say("\n-- one workload (db, uniform 10000 pages/s), each policy, same link")
+    policies = ("xen", "qemu") if quick else ("xen", "xen-legacy", "qemu")
+    dest = "host-1"
+    for policy in policies:
+        _migrate(tb, "db", dest, MigrationSettings(policy=policy,
+                                                   link_bytes_per_second=LINK), reports)
+        dest = "host-0" if dest == "host-1" else "host-1"
+
+    _say("\n-- batch (sequential counters) host-1 -> host-0, then qtest's edge check")
+    _migrate(tb, "batch", "host-0", link, reports)
+    tb.host("host-0").call("pause_guest", "batch")
+    ok = sequential_edge_ok(tb.host("host-0").call("guest_counters", "batch"))
+    tb.host("host-0").call("unpause_guest", "batch")
+    _say(f"   counters all equal but one edge: {ok}")
+
+    _say("\n-- the seed's three ports side by side (x86 above, then ia64 and ppc)")
+    _migrate(tb, "itanic", "ia64-b", link, reports)
+    _migrate(tb, "power", "ppc-b", link, reports)
+    try:
+        tb.migrate("nic", "host-0")
+    except Exception as exc:  # noqa: BLE001 - shown to the user as the expected refusal
+        _say(f"\n-- nic (P==M, DMA) refused as expected: {exc}")
+    return ok
