@@ -36,13 +36,25 @@ def make_console(out: IO[str] | None = None) -> Console:
 
 
 def show(*renderables: RenderableType, out: IO[str] | None = None) -> None:
-    make_console(out).print(*renderables)
+    """Each renderable on lines of its own; to a pipe or file without the spaces rich pads
+    a table's last column with."""
+    console = make_console(out)
+    if console.is_terminal:
+        _print(console, renderables)
+    else:
+        console.file.write(render_text(*renderables) + "\n")
+        console.file.flush()
+
+
+def _print(console: Console, renderables: Iterable[RenderableType]) -> None:
+    for r in renderables:      # one print each: rich would join texts on one line
+        console.print(r)
 
 
 def render_text(*renderables: RenderableType) -> str:
     """The renderables as plain text, for a `table()` method or a file."""
     buffer = io.StringIO()
-    make_console(buffer).print(*renderables)
+    _print(make_console(buffer), renderables)
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
 
 
