@@ -10,6 +10,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ RECORD_BYTES = 4 * MiB          # one PAGE_DATA record: the unit both data plane
 RAY_WINDOW_BYTES = 64 * MiB     # objects in flight at once: half the default object store
 
 
-def on_host(handle, fn: Callable, *args):
+def on_host(handle: Any, fn: Callable, *args: Any) -> Callable[..., Any]:
     """Start fn(host_service, *args) in the host's own process (the Ray actor's, or this one
     for an in-process host); returns a zero-argument function that waits for the result."""
     actor = getattr(handle, "actor", None)
@@ -112,7 +113,7 @@ def _ray_get(host, refs: list) -> int:
     return sum(ray.get(ref).nbytes for ref in refs)
 
 
-def raw_path_seconds(source, destination, nbytes: int, memory_bytes: int,
+def raw_path_seconds(source: Any, destination: Any, nbytes: int, memory_bytes: int,
                      timeout: float = 30.0) -> float:
     """Seconds to push `nbytes` from host handle `source` to `destination` over the raw
     data path, from and into resident buffers of `memory_bytes`."""
@@ -120,7 +121,7 @@ def raw_path_seconds(source, destination, nbytes: int, memory_bytes: int,
     return on_host(source, _raw_push, ticket, nbytes, timeout, memory_bytes)()
 
 
-def ray_objects_seconds(source, destination, nbytes: int) -> tuple[int, float]:
+def ray_objects_seconds(source: Any, destination: Any, nbytes: int) -> tuple[int, float]:
     """(bytes moved, seconds) for `nbytes` of 4 MiB objects put on one node and fetched by
     the other, a window of them at a time."""
     count = max(1, min(RAY_WINDOW_BYTES, nbytes) // RECORD_BYTES)

@@ -3,15 +3,19 @@ vCPU context, resume), and the downtime with a final round of about 50 pages."""
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluster.bench.options import BenchOptions
 from cluster.bench.results import Results, unique_name
 from nodes.units import format_bytes
 
+if TYPE_CHECKING:
+    from cluster.testbed import Testbed
+
 FINAL_ROUND_PAGES = 50          # Xen's stop threshold: the downtime section's final round
 
 
-def bench_downtime(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
+def bench_downtime(tb: "Testbed", opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Downtime with a final round of ~50 pages: a hot set of exactly 50 pages written all
     the time, one live round (max_iterations=1), so the final round is the hot set."""
     from nodes.host.specs import GuestSpec
@@ -55,7 +59,7 @@ def bench_downtime(tb, opts: BenchOptions, res: Results, say: Callable[[str], No
             f"with a ~50-page final round {fifty * 1000:.1f} ms")
 
 
-def _idle_downtimes(tb, a: str, b: str, size: int, repeats: int, res: Results) -> None:
+def _idle_downtimes(tb: "Testbed", a: str, b: str, size: int, repeats: int, res: Results) -> None:
     from nodes.host.specs import GuestSpec
     from nodes.migration.settings import MigrationSettings
     name = unique_name("idle")

@@ -3,6 +3,7 @@ while the other sections still run."""
 
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluster.bench.dirtying import bench_dirtying, bench_stages
 from cluster.bench.downtime import bench_downtime
@@ -11,6 +12,9 @@ from cluster.bench.results import Results
 from cluster.bench.scale import bench_scale, bench_startup
 from cluster.bench.throughput import bench_throughput
 
+if TYPE_CHECKING:
+    from cluster.testbed import Testbed
+
 # section -> what measures it; those in _ON_TESTBED take the testbed first
 _SECTIONS: dict[str, Callable] = {
     "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
@@ -18,7 +22,7 @@ _SECTIONS: dict[str, Callable] = {
 _ON_TESTBED = ("throughput", "downtime", "scale")
 
 
-def run_bench(opts: BenchOptions, testbed=None,
+def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,
               say: Callable[[str], None] | None = None) -> Results:
     """Measure the sections of `opts`. `testbed`: an existing testbed to use (it needs room
     for the guests); None starts one (`opts.hosts` hosts, local Ray unless in_process) and

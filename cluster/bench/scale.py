@@ -11,10 +11,14 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.bench.options import BenchOptions
 from cluster.bench.results import Results, unique_name
 from nodes.units import format_bytes
+
+if TYPE_CHECKING:
+    from cluster.testbed import Testbed
 
 
 def bench_startup(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
@@ -107,7 +111,7 @@ def process_name(pid: int) -> str:
         return ""
 
 
-def bench_scale(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
+def bench_scale(tb: "Testbed", opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     """Evacuate one host's guests to the others: one at a time, then all at once."""
     from nodes.host.specs import GuestSpec
     from nodes.migration.settings import MigrationSettings

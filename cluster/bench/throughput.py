@@ -3,6 +3,7 @@ each repeat beside the baselines (`baselines`) measured right after it."""
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluster.bench import baselines
 from cluster.bench.baselines import RECORD_BYTES
@@ -10,17 +11,22 @@ from cluster.bench.options import BenchOptions
 from cluster.bench.results import Results, mib_per_second, unique_name
 from nodes.units import format_bytes
 
+if TYPE_CHECKING:
+    from cluster.report import MigrationReport
+    from cluster.testbed import Testbed
+
 _RAW_NOTE = "nodes.migration.channel TCP + LinkSender between the same two hosts, 4 MiB sends, "
 
 
 class _PingPong:
     """One idle guest migrated between two hosts, each time to the one it is not on."""
 
-    def __init__(self, tb, name: str, a: str, b: str, say: Callable[[str], None]):
+    def __init__(self, tb: "Testbed", name: str, a: str, b: str, say: Callable[[str], None]):
         self.tb, self.name, self.a, self.b, self.say = tb, name, a, b, say
         self.where = a
 
-    def migrate(self, verify: bool, label: str):
+    def migrate(self, verify: bool, label: str) -> tuple["MigrationReport", float]:
+        """Migrate to the other host; (the report, seconds of the whole call)."""
         from nodes.migration.settings import MigrationSettings
         dest = self.b if self.where == self.a else self.a
         t0 = time.perf_counter()
@@ -37,7 +43,7 @@ class _PingPong:
         return r, wall
 
 
-def bench_throughput(tb, opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
+def bench_throughput(tb: "Testbed", opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
     from nodes.host.specs import GuestSpec
     a, b = list(tb.hosts)[:2]
     size = opts.guest_memory_bytes

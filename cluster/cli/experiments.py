@@ -6,6 +6,7 @@ import sys
 
 from cluster.cli.options import (
     EXIT_MIGRATION_FAILED,
+    Commands,
     add_cluster_options,
     add_migration_options,
     add_output_option,
@@ -106,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_demo(quick=args.quick)
 
 
-def register(sub) -> None:
+def register(sub: Commands) -> None:
     s = sub.add_parser("demo", help="the main job: a 3-host cluster, guests, migrations, "
                        "and the seed's three architectures side by side")
     s.add_argument("--quick", action="store_true", help="smaller guests, fewer migrations")
@@ -117,7 +118,7 @@ def register(sub) -> None:
     _register_soak(sub)
 
 
-def _register_bench(sub) -> None:
+def _register_bench(sub: Commands) -> None:
     s = sub.add_parser("bench", help="how close migbed runs to this machine's limits: "
                        "throughput, downtime floor, dirtying, start-up, scale")
     s.add_argument("--quick", action="store_true",
@@ -137,7 +138,7 @@ def _register_bench(sub) -> None:
     s.set_defaults(func=cmd_bench)
 
 
-def _register_sweep(sub) -> None:
+def _register_sweep(sub: Commands) -> None:
     s = sub.add_parser("sweep", help="run a scenario's grid of migrations beside the model: "
                        "one JSON per run, a CSV, PNG plots and an agreement table")
     s.add_argument("scenario", help="scenario TOML file (ready ones in scenarios/)")
@@ -151,7 +152,7 @@ def _register_sweep(sub) -> None:
     s.set_defaults(func=cmd_sweep)
 
 
-def _register_soak(sub) -> None:
+def _register_soak(sub: Commands) -> None:
     s = sub.add_parser("soak", help="many small migrations around a ring of hosts with busy "
                        "guests; checks every one, frame accounting and host memory growth")
     s.add_argument("--migrations", default=1000,

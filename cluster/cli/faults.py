@@ -6,6 +6,7 @@ import json
 
 from cluster.cli.options import (
     EXIT_MIGRATION_FAILED,
+    Commands,
     Parser,
     add_migration_options,
     arg,
@@ -38,7 +39,7 @@ def cmd_evacuate(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_MIGRATION_FAILED
 
 
-def register(sub) -> None:
+def register(sub: Commands) -> None:
     s = sub.add_parser("fault", help="faults: list the kinds, or kill a host of the running "
                        "cluster (inject faults into a migration with `migrate --fault`)")
     fs = s.add_subparsers(dest="action", required=True, parser_class=Parser)

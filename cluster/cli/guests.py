@@ -2,7 +2,7 @@
 
 import argparse
 
-from cluster.cli.options import add_workload_options, arg, mode_arg, workload_from
+from cluster.cli.options import Commands, add_workload_options, arg, mode_arg, workload_from
 from nodes.units import format_bytes, parse_positive_size
 
 
@@ -33,7 +33,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: Commands) -> None:
     s = sub.add_parser("create", help="boot a guest on a host")
     s.add_argument("host")
     s.add_argument("name")

@@ -6,7 +6,12 @@ import json
 import os
 import time
 
-from cluster.cli.options import add_cluster_options, add_prometheus_options, cluster_spec_from
+from cluster.cli.options import (
+    Commands,
+    add_cluster_options,
+    add_prometheus_options,
+    cluster_spec_from,
+)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -45,7 +50,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: Commands) -> None:
     s = sub.add_parser("up", help="start a persistent local cluster (or hosts on a Ray cluster)")
     add_cluster_options(s, memory="1GiB")
     s.add_argument("--address", default=None,

@@ -8,6 +8,7 @@ import time
 
 from cluster.cli.options import (
     EXIT_MIGRATION_FAILED,
+    Commands,
     UsageError,
     add_cluster_options,
     add_fault_option,
@@ -99,7 +100,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: Commands) -> None:
     s = sub.add_parser("migrate", help="live-migrate a guest (one-shot on an embedded cluster "
                        "when GUEST and DEST_HOST are not given)")
     s.add_argument("guest", nargs="?")

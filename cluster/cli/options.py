@@ -7,7 +7,7 @@ a cluster spec).
 import argparse
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodes.errors import ConfigError, MigbedError
 from nodes.phase import Phase
@@ -21,6 +21,13 @@ from nodes.units import (
     parse_size,
 )
 from nodes.xen.profiles import PROFILES
+
+if TYPE_CHECKING:
+    from cluster.launcher import ClusterSpec
+    from nodes.migration.settings import MigrationSettings
+    from workloads.spec import WorkloadSpec
+
+Commands = argparse._SubParsersAction   # what `add_subparsers` returns: each module adds its own
 
 EXIT_BAD_INPUT = 2          # any bad input: one line on stderr
 EXIT_MIGRATION_FAILED = 1   # a migration (or bench section, soak) ran but did not complete
@@ -162,14 +169,14 @@ def add_output_option(p: argparse.ArgumentParser) -> None:
 
 
 # -- what the option groups build ---------------------------------------------------------------
-def workload_from(args: argparse.Namespace):
+def workload_from(args: argparse.Namespace) -> "WorkloadSpec":
     from workloads.spec import WorkloadSpec
     return WorkloadSpec(pattern=args.workload, rate_pages_per_second=args.dirty_rate,
                         seed=args.seed, hot_fraction=args.hot_fraction,
                         hot_share=args.hot_share)
 
 
-def settings_from(args: argparse.Namespace):
+def settings_from(args: argparse.Namespace) -> "MigrationSettings":
     from nodes.migration.settings import MigrationSettings
     return MigrationSettings(
         policy=args.policy, link_bytes_per_second=args.bandwidth,
@@ -179,7 +186,8 @@ def settings_from(args: argparse.Namespace):
         timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()))
 
 
-def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
+def cluster_spec_from(args: argparse.Namespace,
+                      address: str | None = None) -> "ClusterSpec":
     from cluster.launcher import ClusterSpec, host_names, parse_profiles
     default, per = parse_profiles(args.profile, host_names(args.hosts))
     return ClusterSpec(hosts=args.hosts, host_memory_bytes=args.host_memory,
@@ -191,7 +199,7 @@ def cluster_spec_from(args: argparse.Namespace, address: str | None = None):
                        superpages=not args.no_superpages)
 
 
-def check_guests_fit(cluster, guest_bytes: int, count: int = 1) -> None:
+def check_guests_fit(cluster: "ClusterSpec", guest_bytes: int, count: int = 1) -> None:
     """Commands that build their own cluster check its guests before starting anything:
     whole pages, and `count` of them fitting one host beside the hypervisor and dom0."""
     from nodes.xen.hypervisor import default_dom0_bytes

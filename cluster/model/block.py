@@ -1,8 +1,13 @@
 """The model's prediction beside a measurement: the `model` block every migration report
 (and every sweep run) carries, predicted at the throughput the run itself measured."""
 
+from typing import TYPE_CHECKING
+
 from cluster import model  # the public functions, looked up when called
 from nodes.migration.settings import MigrationSettings
+
+if TYPE_CHECKING:
+    from cluster.report import MigrationReport
 
 
 def live_throughput(rounds: list[dict]) -> float | None:
@@ -14,7 +19,7 @@ def live_throughput(rounds: list[dict]) -> float | None:
     return sent / seconds if seconds > 0 and sent > 0 else None
 
 
-def model_block(report, workload: dict | None, settings: MigrationSettings,
+def model_block(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
                 resume_seconds: float = 0.0,
                 dirty_rate_pages_per_second: float | None = None) -> dict:
     """The analytic model beside the measurement of `report` (a `MigrationReport`):
@@ -56,7 +61,7 @@ def model_block(report, workload: dict | None, settings: MigrationSettings,
     return block
 
 
-def _model_inputs(report, workload: dict | None, settings: MigrationSettings,
+def _model_inputs(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
                   resume_seconds: float, dirty_rate: float | None) -> dict:
     """The model's arguments that do not depend on the bandwidth it is given."""
     from workloads.spec import WorkloadSpec
@@ -70,7 +75,7 @@ def _model_inputs(report, workload: dict | None, settings: MigrationSettings,
                          if settings.max_iterations is not None else None))
 
 
-def _at_measured_throughput(report, settings: MigrationSettings, nominal, common: dict):
+def _at_measured_throughput(report: "MigrationReport", settings: MigrationSettings, nominal, common: dict):
     """(basis, bandwidth, prediction) at the throughput the run measured."""
     measured = live_throughput(report.rounds)
     if measured is not None:

@@ -70,7 +70,8 @@ def _ratio(v) -> str:
     return "  -" if v is None else f" {v:.2f}"
 
 
-def json_default(o):
+def json_default(o: object) -> None:
+    """Non-finite floats as null; anything else JSON cannot hold is an error."""
     if isinstance(o, float) and not math.isfinite(o):
         return None
     raise TypeError(f"cannot serialise {type(o).__name__}")

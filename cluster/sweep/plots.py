@@ -11,6 +11,7 @@ Only drawing happens here; the numbers come from the runner and `curves`.
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -19,6 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 from cluster.sweep.text import human, show  # noqa: E402
 from nodes.phase import Phase  # noqa: E402
+
+if TYPE_CHECKING:
+    from cluster.sweep.scenario import Scenario
 
 METRICS = (("downtime_seconds", "downtime (ms)", 1000.0, "downtime.png"),
            ("total_time_seconds", "total migration time (s)", 1.0, "total_time.png"),
@@ -35,11 +39,11 @@ class _XAxis:
     scale: float
     label: str
 
-    def pos(self, value) -> float:
+    def pos(self, value: float | str) -> float:
         return value / self.scale if self.numeric else float(self.values.index(value))
 
 
-def draw_all(scenario, rows: list[dict], curves: list[dict], rounds: dict | None,
+def draw_all(scenario: "Scenario", rows: list[dict], curves: list[dict], rounds: dict | None,
              folder: Path) -> list[Path]:
     """Every plot of a sweep into `folder`; returns the files written."""
     from cluster.sweep.scenario import KNOBS

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from cluster.console import Steps, make_console
 from cluster.sweep.agreement import agreement_table, explain
@@ -23,6 +23,9 @@ from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
 from nodes.units import format_bytes
 
+if TYPE_CHECKING:
+    from cluster.testbed import Testbed
+
 CALIBRATION_WARMUPS = 2          # the first migrations of a fresh testbed pay one-time costs
 CALIBRATION_RUNS = 3             # (imports, first calls) of ~10 ms: not part of the floor
 
@@ -30,7 +33,7 @@ CalibrationKey = tuple[int, float, float | None, float | None]   # memory, laten
 
 
 def run_sweep(scenario: Scenario, output: str | Path | None = None, *, in_process: bool = False,
-              plots: bool = True, testbed=None, progress_out: IO[str] | None = None
+              plots: bool = True, testbed: "Testbed | None" = None, progress_out: IO[str] | None = None
               ) -> SweepResult:
     """Run every point of `scenario` `repeats` times on one cluster and write the results.
     `testbed`: use this one (needs the scenario's hosts); None starts one and closes it."""
@@ -56,7 +59,8 @@ def run_sweep(scenario: Scenario, output: str | Path | None = None, *, in_proces
     return result
 
 
-def _start_testbed(scenario: Scenario, in_process: bool, progress_out: IO[str] | None):
+def _start_testbed(scenario: Scenario, in_process: bool,
+                   progress_out: IO[str] | None) -> "Testbed":
     from cluster.launcher import ClusterSpec
     from cluster.testbed import Testbed
     spec = ClusterSpec(hosts=scenario.hosts, host_memory_bytes=scenario.host_memory_bytes)
@@ -67,7 +71,7 @@ def _start_testbed(scenario: Scenario, in_process: bool, progress_out: IO[str] |
     return Testbed.in_process(spec) if in_process else Testbed.local(spec)
 
 
-def _run_grid(tb, scenario: Scenario, folder: Path, progress_out: IO[str] | None
+def _run_grid(tb: "Testbed", scenario: Scenario, folder: Path, progress_out: IO[str] | None
               ) -> tuple[dict, list[dict]]:
     """The downtime floors, then every run of every point, a progress step each."""
     if len(tb.hosts) < 2:
@@ -110,7 +114,7 @@ def calibration_key(scenario: Scenario, point: dict) -> CalibrationKey:
             settings.rate_limit_bytes_per_second)
 
 
-def calibrate(tb, src: str, dst: str, scenario: Scenario, key: CalibrationKey) -> dict:
+def calibrate(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: CalibrationKey) -> dict:
     """The downtime floor of an idle guest of this size over this link: the model's
     T_resume is the floor less the one latency the model already counts. The link matters:
     over an unlimited link the sender runs up to the socket buffers (8 MiB) ahead of the
@@ -143,7 +147,7 @@ def calibrate(tb, src: str, dst: str, scenario: Scenario, key: CalibrationKey) -
             "samples": floors, "spread_seconds": max(floors) - min(floors), "error": error}
 
 
-def _destroy(tb, name: str) -> None:
+def _destroy(tb: "Testbed", name: str) -> None:
     try:
         tb.destroy(name)
     except MigbedError:
@@ -151,7 +155,7 @@ def _destroy(tb, name: str) -> None:
 
 
 # -- one run -----------------------------------------------------------------------------------
-def _run_one(tb, src: str, dst: str, scenario: Scenario, index: int, point: dict, repeat: int,
+def _run_one(tb: "Testbed", src: str, dst: str, scenario: Scenario, index: int, point: dict, repeat: int,
              calib: dict, folder: Path) -> dict:
     """Boot the point's guest, let it warm up, migrate it, destroy it: one CSV row and one
     run file, whatever became of the migration."""

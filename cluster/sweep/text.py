@@ -6,7 +6,7 @@ from nodes.units import format_bytes
 _TIME_AXES = ("latency", "downtime_limit", "busy_seconds", "quiet_seconds")
 
 
-def show(v) -> str:
+def show(v: object) -> str:
     """An axis value as the CSV and the run files hold it: None is `unlimited`."""
     if v is None:
         return "unlimited"
@@ -18,7 +18,8 @@ def point_text(point: dict) -> str:
     return ", ".join(f"{k}={human(k, v)}" for k, v in point.items()) or "(single point)"
 
 
-def human(axis: str, value) -> str:
+def human(axis: str, value: object) -> str:
+    """One axis value for people: `64.0MiB`, `128.0MiB/s`, `300ms`, `0.05`."""
     if isinstance(value, str) and value != "unlimited":
         try:                                  # already shown canonically (an `axes` dict)
             value = float(value)
