@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from cluster.cli import ProgressPrinter, print_listing
+from cluster.console import RoundPrinter, migrations_table, print_listing, show
 from cluster.launcher import ClusterSpec
 from cluster.report import MigrationReport
 from cluster.testbed import Testbed
@@ -34,7 +34,7 @@ def _migrate(tb: Testbed, guest: str, dest: str, settings: MigrationSettings,
     src = tb.where(guest)
     _say(f"\n== {guest}: {src} -> {dest}, policy {settings.policy}, link "
          f"{format_bytes(settings.link_bytes_per_second or 0)}/s")
-    report = tb.migrate(guest, dest, settings, ProgressPrinter(sys.stdout))
+    report = tb.migrate(guest, dest, settings, RoundPrinter(sys.stdout))
     _say(f"   {report.status}: downtime {_ms(report.downtime_seconds)}, guest saw "
          f"{_ms(report.guest_observed_downtime_seconds)}, {report.live_rounds} live rounds, "
          f"{report.pages_sent_total} pages, stop: {report.stop_reason}, integrity "
@@ -55,27 +55,6 @@ def sequential_edge_ok(counters: np.ndarray) -> bool:
     return len(steps) == 1 and int(counters[steps[0]]) - int(counters[steps[0] + 1]) == 1
 
 
-def _predicted(r: MigrationReport) -> float | None:
-    """The analytic model's downtime for this run, at the throughput it measured."""
-    pred = (r.model or {}).get("prediction") or {}
-    return pred.get("downtime_seconds")
-
-
-def summary(reports: list[MigrationReport]) -> str:
-    lines = ["", "SUMMARY", f"{'guest':<8} {'route':<16} {'profile':<8} {'policy':<10} "
-             f"{'modes':<14} {'rounds':>6} {'pages':>7} {'total':>9} {'downtime':>9} "
-             f"{'guest saw':>9} {'model':>9}  verified"]
-    for r in reports:
-        modes = f"{r.modes['before']}/{r.modes['during']}/{r.modes['after']}"
-        lines.append(
-            f"{r.guest:<8} {r.source + '>' + r.destination:<16} {r.profile or '-':<8} "
-            f"{r.policy:<10} {modes:<14} {r.live_rounds:>6} {r.pages_sent_total:>7} "
-            f"{_ms(r.total_time_seconds):>9} {_ms(r.downtime_seconds):>9} "
-            f"{_ms(r.guest_observed_downtime_seconds):>9} {_ms(_predicted(r)):>9}  "
-            f"{r.integrity.verified}")
-    return "\n".join(lines)
-
-
 def run_demo(quick: bool = False) -> int:
     t0 = time.monotonic()
     names = ("host-0", "host-1", "host-2", "ia64-a", "ia64-b", "ppc-a", "ppc-b")
@@ -84,55 +63,65 @@ def run_demo(quick: bool = False) -> int:
                                  "ppc-a": "ppc", "ppc-b": "ppc-p2m"})
     _say(f"starting an embedded cluster of {len(names)} hosts on Ray...")
     reports: list[MigrationReport] = []
-    size = 32 * MiB if quick else 64 * MiB
     with Testbed.local(spec) as tb:
         _say(f"cluster up in {time.monotonic() - t0:.1f} s")
-        tb.create("host-0", GuestSpec("web", size, "p2m", workload=WorkloadSpec(
-            "hotset", 20000, seed=1, hot_fraction=0.05, hot_share=0.95)))
-        tb.create("host-0", GuestSpec("db", size, "p2m",
-                                      workload=WorkloadSpec("uniform", 10000, seed=2)))
-        tb.create("host-1", GuestSpec("batch", size // 2, "p2m",
-                                      workload=WorkloadSpec("sequential", 30000, seed=3)))
-        tb.create("host-2", GuestSpec("nic", 8 * MiB, "p==m", dma=True))
-        tb.create("ia64-a", GuestSpec("itanic", size // 2, "vp",
-                                      workload=WorkloadSpec("uniform", 5000, seed=4)))
-        tb.create("ppc-a", GuestSpec("power", size // 2, "vp",
-                                     workload=WorkloadSpec("uniform", 5000, seed=5)))
-        time.sleep(0.5)
+        _boot_guests(tb, 32 * MiB if quick else 64 * MiB)
         _say("")
         print_listing(tb.list())
-
-        link = MigrationSettings(link_bytes_per_second=LINK)
-        _say("\n-- a chain: web host-0 -> host-1 -> host-2")
-        _migrate(tb, "web", "host-1", link, reports)
-        _migrate(tb, "web", "host-2", link, reports)
-
-        _say("\n-- one workload (db, uniform 10000 pages/s), each policy, same link")
-        policies = ("xen", "qemu") if quick else ("xen", "xen-legacy", "qemu")
-        dest = "host-1"
-        for policy in policies:
-            _migrate(tb, "db", dest, MigrationSettings(policy=policy,
-                                                       link_bytes_per_second=LINK), reports)
-            dest = "host-0" if dest == "host-1" else "host-1"
-
-        _say("\n-- batch (sequential counters) host-1 -> host-0, then qtest's edge check")
-        _migrate(tb, "batch", "host-0", link, reports)
-        tb.host("host-0").call("pause_guest", "batch")
-        ok = sequential_edge_ok(tb.host("host-0").call("guest_counters", "batch"))
-        tb.host("host-0").call("unpause_guest", "batch")
-        _say(f"   counters all equal but one edge: {ok}")
-
-        _say("\n-- the seed's three ports side by side (x86 above, then ia64 and ppc)")
-        _migrate(tb, "itanic", "ia64-b", link, reports)
-        _migrate(tb, "power", "ppc-b", link, reports)
-        try:
-            tb.migrate("nic", "host-0")
-        except Exception as exc:  # noqa: BLE001 - shown to the user as the expected refusal
-            _say(f"\n-- nic (P==M, DMA) refused as expected: {exc}")
+        ok = _migrations(tb, quick, reports)
         _say("")
         print_listing(tb.list())
-    _say(summary(reports))
+    _say("")
+    show(migrations_table(reports))
     bad = [r for r in reports if r.status != "completed" or r.integrity.verified is not True]
     _say(f"\n{len(reports)} migrations, {len(bad)} failed or unverified; demo took "
          f"{time.monotonic() - t0:.1f} s")
     return 0 if not bad and ok else 1
+
+
+def _boot_guests(tb: Testbed, size: int) -> None:
+    """Busy guests on the x86 hosts, a P==M guest with a DMA device, one on ia64 and ppc."""
+    tb.create("host-0", GuestSpec("web", size, "p2m", workload=WorkloadSpec(
+        "hotset", 20000, seed=1, hot_fraction=0.05, hot_share=0.95)))
+    tb.create("host-0", GuestSpec("db", size, "p2m",
+                                  workload=WorkloadSpec("uniform", 10000, seed=2)))
+    tb.create("host-1", GuestSpec("batch", size // 2, "p2m",
+                                  workload=WorkloadSpec("sequential", 30000, seed=3)))
+    tb.create("host-2", GuestSpec("nic", 8 * MiB, "p==m", dma=True))
+    tb.create("ia64-a", GuestSpec("itanic", size // 2, "vp",
+                                  workload=WorkloadSpec("uniform", 5000, seed=4)))
+    tb.create("ppc-a", GuestSpec("power", size // 2, "vp",
+                                 workload=WorkloadSpec("uniform", 5000, seed=5)))
+    time.sleep(0.5)
+
+
+def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> bool:
+    """The demo's migrations, each report appended; whether qtest's edge check held."""
+    link = MigrationSettings(link_bytes_per_second=LINK)
+    _say("\n-- a chain: web host-0 -> host-1 -> host-2")
+    _migrate(tb, "web", "host-1", link, reports)
+    _migrate(tb, "web", "host-2", link, reports)
+
+    _say("\n-- one workload (db, uniform 10000 pages/s), each policy, same link")
+    policies = ("xen", "qemu") if quick else ("xen", "xen-legacy", "qemu")
+    dest = "host-1"
+    for policy in policies:
+        _migrate(tb, "db", dest, MigrationSettings(policy=policy,
+                                                   link_bytes_per_second=LINK), reports)
+        dest = "host-0" if dest == "host-1" else "host-1"
+
+    _say("\n-- batch (sequential counters) host-1 -> host-0, then qtest's edge check")
+    _migrate(tb, "batch", "host-0", link, reports)
+    tb.host("host-0").call("pause_guest", "batch")
+    ok = sequential_edge_ok(tb.host("host-0").call("guest_counters", "batch"))
+    tb.host("host-0").call("unpause_guest", "batch")
+    _say(f"   counters all equal but one edge: {ok}")
+
+    _say("\n-- the seed's three ports side by side (x86 above, then ia64 and ppc)")
+    _migrate(tb, "itanic", "ia64-b", link, reports)
+    _migrate(tb, "power", "ppc-b", link, reports)
+    try:
+        tb.migrate("nic", "host-0")
+    except Exception as exc:  # noqa: BLE001 - shown to the user as the expected refusal
+        _say(f"\n-- nic (P==M, DMA) refused as expected: {exc}")
+    return ok

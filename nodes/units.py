@@ -1,5 +1,14 @@
-"""Parsing and printing sizes (`64MiB`), rates (`128MiB` per second) and durations (`300ms`)."""
+"""Reading and printing the values people write: sizes (`64MiB`), bandwidths (`128MiB` per
+second), durations (`300ms`), counts and fractions.
 
+One family of parsers for the CLI, scenario files and fault specs alike, so a value means the
+same and is refused with the same one-line message wherever it is written. Each takes the
+value (text, or a number from a TOML file) and a `what` label naming where it came from
+(`--bandwidth`, `[migration] latency`), and raises `ConfigError` saying how to mend it.
+A leaf module: it imports nothing of migbed but `nodes.errors`.
+"""
+
+import math
 import re
 
 from nodes.errors import ConfigError
@@ -12,10 +21,12 @@ _SIZE_UNITS = {
 }
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0}
 _NUMBER = r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*"
+_UNLIMITED = ("unlimited", "none", "off")
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
-    """Bytes from `64MiB`, `1GiB`, `4096` or an int. Raises ConfigError on anything else."""
+    """Bytes from `64MiB`, `1GiB`, `4096` or an int, unchecked in range. Raises ConfigError
+    on anything else."""
     if isinstance(text, bool):
         raise ConfigError(f"{what}: expected a size such as 64MiB, got {text!r}")
     if isinstance(text, int):
@@ -32,7 +43,7 @@ def parse_size(text: str | int, what: str = "size") -> int:
 
 
 def parse_duration(text: str | float | int, what: str = "duration") -> float:
-    """Seconds from `300ms`, `1.5s`, `2` (seconds) or a number."""
+    """Seconds from `300ms`, `1.5s`, `2` (seconds) or a number, unchecked in range."""
     if isinstance(text, bool):
         raise ConfigError(f"{what}: expected a duration such as 300ms, got {text!r}")
     if isinstance(text, int | float):
@@ -42,6 +53,76 @@ def parse_duration(text: str | float | int, what: str = "duration") -> float:
     if not m or unit not in _DURATION_UNITS:
         raise ConfigError(f"{what}: cannot read {text!r} as a duration; write e.g. 300ms or 2s")
     return float(m.group(1)) * _DURATION_UNITS[unit]
+
+
+def parse_positive_size(value: str | int, what: str) -> int:
+    """A size in bytes that must be more than nothing (guest memory, page size)."""
+    n = parse_size(value, what)
+    if n <= 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def parse_bandwidth(value: str | int | float, what: str) -> float:
+    """Bytes per second from a size (`128MiB` means 128 MiB per second) or a number; a
+    bandwidth need not be whole bytes, so floats pass as they are."""
+    return _bandwidth(value, what, "write e.g. 128MiB (per second)")
+
+
+def parse_bandwidth_or_unlimited(value: str | int | float, what: str) -> float | None:
+    """`parse_bandwidth`, or None for `unlimited` (also `none`, `off`)."""
+    if isinstance(value, str) and value.strip().lower() in _UNLIMITED:
+        return None
+    return _bandwidth(value, what, 'write e.g. 128MiB (per second) or "unlimited"')
+
+
+def _bandwidth(value: str | int | float, what: str, hint: str) -> float:
+    if isinstance(value, float):
+        n = value if math.isfinite(value) else -1.0
+    else:
+        n = parse_size(value, what)
+    if not n > 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}; {hint}")
+    return float(n)
+
+
+def parse_seconds(value: str | int | float, what: str, *, allow_zero: bool = False) -> float:
+    """A duration in seconds that must be positive, or with `allow_zero` at least 0 (a
+    latency, a warm-up)."""
+    s = parse_duration(value, what)
+    if not (s > 0 or (allow_zero and s == 0)) or math.isinf(s):
+        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else 'positive'} (e.g. "
+                          f"300ms or 2s), got {value!r}")
+    return s
+
+
+def parse_count(value: str | int, what: str, minimum: int = 0,
+                maximum: int | None = None) -> int:
+    """A whole number of things (hosts, repeats, rounds) from `minimum` to `maximum`."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{what} must be a whole number, got {value!r}")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
+    if n < minimum:
+        raise ConfigError(f"{what} must be >= {minimum}, got {n}")
+    if maximum is not None and n > maximum:
+        raise ConfigError(f"{what} must be {minimum}..{maximum}, got {n}")
+    return n
+
+
+def parse_fraction(value: str | int | float, what: str) -> float:
+    """A share from 0 to 1 (a hot set's size, the writes that hit it)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a number between 0 and 1, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number between 0 and 1, got {value!r}") from None
+    if not 0 <= x <= 1:
+        raise ConfigError(f"{what} must be between 0 and 1, got {value!r}")
+    return x
 
 
 def format_bytes(n: float) -> str:

@@ -143,3 +143,32 @@ def test_down_cleans_a_dead_cluster(tmp_path):
         {"address": "127.0.0.1:1", "hosts": ["host-0"], "pgid": None}))
     p = run("down", home=tmp_path, check_rc=0, timeout=120)
     assert "stopped" in p.stdout and not (tmp_path / "cluster.json").exists()
+
+
+def test_model_command_honours_max_iterations(capsys):
+    """`migbed model --max-iterations N` caps the predicted live rounds as it caps a real
+    migration's (it used to be ignored)."""
+    from cluster.cli import main
+    args = ["model", "--guest-memory", "16MiB", "--workload", "uniform", "--dirty-rate",
+            "100000", "--bandwidth", "64MiB", "--json"]
+    assert main(args) == 0
+    uncapped = json.loads(capsys.readouterr().out)
+    assert uncapped["live_rounds"] == 5 and uncapped["stop_code"] == "max-iterations"
+    assert main([*args, "--max-iterations", "2"]) == 0
+    capped = json.loads(capsys.readouterr().out)
+    assert capped["live_rounds"] == 2 and capped["stop_code"] == "max-iterations"
+    assert "cap (2)" in capped["stop_reason"]
+
+
+def test_model_command_prints_its_rounds_as_a_table(capsys):
+    from cluster.cli import main
+    assert main(["model", "--guest-memory", "16MiB", "--workload", "uniform", "--dirty-rate",
+                 "2000", "--bandwidth", "64MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out, "no ANSI codes when not printing to a terminal"
+    lines = out.splitlines()
+    assert lines[0].startswith("model: policy xen, guest 16.0 MiB, workload uniform")
+    final = next(ln for ln in lines if ln.split()[:1] == ["final"])
+    assert final.split()[-1] == "ms"
+    assert "stop reason: fewer than 50 dirty pages (converged: True)" in lines
+    assert any(ln.startswith("total time ") for ln in lines)

@@ -247,10 +247,43 @@ def test_a_rounds_disagreement_is_explained_by_how_pre_copy_stopped():
     hot set smaller than the threshold converges whatever lambda says (the hot-set
     scenario's first point, measured: 2 live rounds against 3 predicted, both on 'fewer
     than 50 dirty pages')."""
-    from cluster.sweep import _stop_reason
-    threshold = ["fewer than 50 dirty pages"]
+    from cluster.sweep.agreement import Stops, _stop_reason
+    threshold = Stops(("fewer than 50 dirty pages",), ("dirty-threshold",))
     why = _stop_reason(threshold, threshold, "xen", 2, 3, lam=1.55)
     assert "one round apart" in why and "no convergence" not in why
-    capped = ["live round cap (5) reached"]
+    capped = Stops(("live round cap (5) reached",), ("max-iterations",))
     assert "no convergence" in _stop_reason(capped, capped, "xen", 5, 5, lam=1.55)
     assert "stopped on" in _stop_reason(threshold, capped, "xen", 3, 5, lam=0.5)
+
+
+def test_stopping_on_a_cap_is_read_from_the_stop_code_not_the_reason_text():
+    """The cap test looks at the machine-readable stop code: a reason that happens to say
+    'cap' is no cap, a cap is one whatever its text says, and runs whose reports carry no
+    stop code yet count on the model's."""
+    from cluster.sweep.agreement import Stops, _stop_reason
+    worded_like_a_cap = Stops(("under the cap of 50 dirty pages",), ("dirty-threshold",))
+    assert not worded_like_a_cap.on_cap
+    assert "no convergence" not in _stop_reason(worded_like_a_cap, worded_like_a_cap, "xen",
+                                                2, 3, lam=1.55)
+    factor = Stops(("sent more than 3x the guest's memory",), ("max-factor",))
+    assert factor.on_cap and Stops(("whatever",), ("max-iterations",)).on_cap
+    no_code = Stops(("live round cap (5) reached",))
+    assert not no_code.on_cap
+    assert "no convergence" in _stop_reason(no_code, factor, "xen-legacy", 5, 5, lam=2.0)
+
+
+def test_sweep_rows_carry_the_stop_codes(in_process, tmp_path):
+    """Every completed run's row holds the model's stop code beside its stop reason (and the
+    report's, once reports carry one), the values of nodes.migration.policy.StopCode."""
+    from cluster.sweep import run_sweep
+    from nodes.migration.policy import StopCode
+    sc = Scenario.from_toml('name = "codes"\n[guest]\nmemory = "4MiB"\nwarmup = "50ms"\n'
+                            '[workload]\npattern = "uniform"\n[migration]\n'
+                            'bandwidth = "64MiB"\n[axes]\ndirty_rate = [500]\n')
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    result = run_sweep(sc, tmp_path / "out", testbed=tb, plots=False)
+    (row,) = result.rows
+    assert row["status"] == "completed"
+    assert row["predicted_stop_code"] in {c.value for c in StopCode}
+    assert row["stop_code"] in {None, *(c.value for c in StopCode)}
+    assert "predicted_stop_code" in (tmp_path / "out" / "sweep.csv").read_text().splitlines()[0]

@@ -1,0 +1,54 @@
+"""What a bench run measures and how big: its sections and sizes."""
+
+from dataclasses import asdict, dataclass
+
+from nodes.errors import ConfigError
+
+MiB = 1024 * 1024
+SECTIONS = ("throughput", "downtime", "dirtying", "stages", "startup", "scale")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure and how big. Sizes in bytes, times in seconds."""
+
+    repeats: int = 5
+    guest_memory_bytes: int = 256 * MiB
+    downtime_guest_memory_bytes: int = 64 * MiB
+    dirty_guest_memory_bytes: int = 64 * MiB
+    dirty_seconds: float = 1.0
+    startup_hosts: tuple[int, ...] = (2, 4, 8)
+    startup_repeats: int = 3
+    scale_guests: int = 8
+    scale_guest_memory_bytes: int = 32 * MiB
+    scale_dirty_rate_pages_per_second: float = 2000.0
+    hosts: int = 3
+    host_memory_bytes: int = 640 * MiB
+    sections: tuple[str, ...] = SECTIONS
+    in_process: bool = False
+    quick: bool = False
+    superpages: bool = True         # hosts give guests 2 MiB extents (False: frame by frame)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown:
+            raise ConfigError(f"unknown bench section {unknown[0]!r}; use some of "
+                              f"{', '.join(SECTIONS)}")
+        if self.repeats < 1 or self.startup_repeats < 1:
+            raise ConfigError("repeats must be >= 1")
+        if self.hosts < 2:
+            raise ConfigError("the bench needs at least 2 hosts")
+        if any(n < 1 for n in self.startup_hosts):
+            raise ConfigError("start-up host counts must be >= 1")
+
+    @classmethod
+    def quick_options(cls, **overrides) -> "BenchOptions":
+        """Tiny sizes: proves every section runs, measures nothing worth reading."""
+        tiny = dict(repeats=1, guest_memory_bytes=8 * MiB, downtime_guest_memory_bytes=4 * MiB,
+                    dirty_guest_memory_bytes=4 * MiB, dirty_seconds=0.05, startup_hosts=(2,),
+                    startup_repeats=1, scale_guests=2, scale_guest_memory_bytes=4 * MiB,
+                    host_memory_bytes=128 * MiB, quick=True)
+        return cls(**{**tiny, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,57 @@
+"""Running the bench: the sections of the options, on one testbed, each failure recorded
+while the other sections still run."""
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cluster.bench.dirtying import bench_dirtying, bench_stages
+from cluster.bench.downtime import bench_downtime
+from cluster.bench.options import BenchOptions
+from cluster.bench.results import Results
+from cluster.bench.scale import bench_scale, bench_startup
+from cluster.bench.throughput import bench_throughput
+
+if TYPE_CHECKING:
+    from cluster.testbed import Testbed
+
+# section -> what measures it; those in _ON_TESTBED take the testbed first
+_SECTIONS: dict[str, Callable] = {
+    "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
+    "stages": bench_stages, "startup": bench_startup, "scale": bench_scale}
+_ON_TESTBED = ("throughput", "downtime", "scale")
+
+
+def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,
+              say: Callable[[str], None] | None = None) -> Results:
+    """Measure the sections of `opts`. `testbed`: an existing testbed to use (it needs room
+    for the guests); None starts one (`opts.hosts` hosts, local Ray unless in_process) and
+    closes it afterwards. A section that fails is recorded in `errors`, the others run."""
+    from cluster.launcher import ClusterSpec
+    from cluster.testbed import Testbed
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    res = Results(opts)
+    needs_cluster = any(s in opts.sections for s in _ON_TESTBED)
+    own = None
+    if testbed is None and needs_cluster:
+        spec = ClusterSpec(hosts=opts.hosts, host_memory_bytes=opts.host_memory_bytes,
+                           superpages=opts.superpages)
+        say(f"bench: starting {'an in-process' if opts.in_process else 'a local Ray'} "
+            f"cluster of {opts.hosts} hosts")
+        own = testbed = Testbed.in_process(spec) if opts.in_process else Testbed.local(spec)
+    try:
+        for section in opts.sections:
+            say(f"bench: {section}")
+            try:
+                run = _SECTIONS[section]
+                if section in _ON_TESTBED:
+                    run(testbed, opts, res, say)
+                else:
+                    run(opts, res, say)
+            except Exception as exc:  # noqa: BLE001 - recorded; the other sections still run
+                res.errors[section] = f"{type(exc).__name__}: {exc}"
+                say(f"bench: {section} failed: {exc}")
+    finally:
+        if own is not None:
+            own.close()
+    return res

@@ -1,0 +1,176 @@
+"""Runs that measure: `migbed bench`, `migbed sweep`, `migbed soak` and the `migbed demo`."""
+
+import argparse
+import json
+import sys
+
+from cluster.cli.options import (
+    EXIT_MIGRATION_FAILED,
+    Commands,
+    add_cluster_options,
+    add_migration_options,
+    add_output_option,
+    add_prometheus_options,
+    add_superpages_option,
+    add_workload_options,
+    arg,
+    check_guests_fit,
+    check_output,
+    cluster_spec_from,
+    settings_from,
+    workload_from,
+    write_output,
+)
+from nodes.errors import ConfigError
+from nodes.units import parse_count, parse_positive_size
+
+MAX_SOAK_MIGRATIONS = 1_000_000
+MAX_SOAK_GUESTS = 64
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cluster.bench import SECTIONS, BenchOptions, run_bench
+    sections = tuple(x.strip() for x in args.only.split(",")) if args.only else SECTIONS
+    overrides: dict = {"sections": sections, "in_process": args.in_process,
+                       "superpages": not args.no_superpages}
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
+    if args.guest_memory is not None:
+        overrides["guest_memory_bytes"] = args.guest_memory
+    opts = (BenchOptions.quick_options(**overrides) if args.quick
+            else BenchOptions(**overrides))
+    res = run_bench(opts)
+    text = json.dumps(res.to_dict(), indent=2)
+    if args.output:
+        write_output(args.output, text + "\n")
+    if args.json:
+        print(text)
+    else:
+        res.show()
+    return EXIT_MIGRATION_FAILED if res.errors else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cluster.sweep import load_scenario, run_sweep
+    scenario = load_scenario(args.scenario)
+    if args.repeats is not None:
+        scenario = scenario.with_repeats(args.repeats)
+    result = run_sweep(scenario, args.output, in_process=args.in_process,
+                       plots=not args.no_plots)
+    print(result.summary_text())
+    print(f"\nresults in {result.folder}", file=sys.stderr)
+    return EXIT_MIGRATION_FAILED if result.failed_runs else 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from cluster.console import Steps
+    from cluster.soak import SoakOptions, run_soak
+    from cluster.testbed import Testbed
+    check_output(args.output)
+    cluster = cluster_spec_from(args)
+    if cluster.hosts < 2:
+        raise ConfigError("a soak needs at least 2 hosts around its ring (--hosts)")
+    check_guests_fit(cluster, args.guest_memory, args.guests)
+    opts = SoakOptions(migrations=args.migrations, guests=args.guests,
+                       guest_memory_bytes=args.guest_memory, workload=workload_from(args),
+                       settings=settings_from(args),
+                       warmup_migrations=args.warmup_migrations)
+    factory = Testbed.in_process if args.in_process else Testbed.local
+    print(f"soak: {opts.migrations} migrations of {opts.guests} guests around "
+          f"{cluster.hosts} {'in-process ' if args.in_process else ''}hosts...",
+          file=sys.stderr)
+    with factory(cluster) as tb, Steps(opts.migrations,
+                                      log_every=max(1, opts.migrations // 10)) as steps:
+        result = run_soak(tb, opts, lambda k, r: steps.step(
+            f"{r.guest} {r.source} -> {r.destination}: {r.status}",
+            failed=r.status != "completed", at=k + 1))
+    text = json.dumps(result.to_dict(), indent=2)
+    if args.output:
+        write_output(args.output, text + "\n")
+    print(text if args.json else result.table())
+    return 0 if result.ok else EXIT_MIGRATION_FAILED
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import run_demo
+    if not args.prometheus:
+        return run_demo(quick=args.quick)
+    import tempfile
+
+    from cluster.prometheus import LocalTargets, Prometheus
+    from cluster.testbed import observing
+    with tempfile.TemporaryDirectory(prefix="migbed-prometheus-") as workdir, \
+            Prometheus(workdir, args.prometheus_port) as prom, \
+            observing(LocalTargets(prom.sd_file)):
+        print(f"Prometheus: {prom.url} scrapes the demo's hosts each second while it runs",
+              flush=True)
+        return run_demo(quick=args.quick)
+
+
+def register(sub: Commands) -> None:
+    s = sub.add_parser("demo", help="the main job: a 3-host cluster, guests, migrations, "
+                       "and the seed's three architectures side by side")
+    s.add_argument("--quick", action="store_true", help="smaller guests, fewer migrations")
+    add_prometheus_options(s, metrics_host=False)
+    s.set_defaults(func=cmd_demo)
+    _register_bench(sub)
+    _register_sweep(sub)
+    _register_soak(sub)
+
+
+def _register_bench(sub: Commands) -> None:
+    s = sub.add_parser("bench", help="how close migbed runs to this machine's limits: "
+                       "throughput, downtime floor, dirtying, start-up, scale")
+    s.add_argument("--quick", action="store_true",
+                   help="tiny sizes, one repeat: proves it runs, measures nothing")
+    s.add_argument("--only", default=None, metavar="SECTIONS",
+                   help="comma-separated sections: throughput, downtime, dirtying, stages, "
+                        "startup, scale (default all)")
+    s.add_argument("--repeats", type=arg(parse_count, "--repeats", 1), default=None,
+                   help="repeats of every figure (default 5)")
+    s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),
+                   default=None, help="idle guest of the throughput section (default 256MiB)")
+    s.add_argument("--in-process", action="store_true",
+                   help="hosts in this process instead of a local Ray cluster")
+    add_superpages_option(s)
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_output_option(s)
+    s.set_defaults(func=cmd_bench)
+
+
+def _register_sweep(sub: Commands) -> None:
+    s = sub.add_parser("sweep", help="run a scenario's grid of migrations beside the model: "
+                       "one JSON per run, a CSV, PNG plots and an agreement table")
+    s.add_argument("scenario", help="scenario TOML file (ready ones in scenarios/)")
+    s.add_argument("--output", default=None, metavar="DIR",
+                   help="results folder (default results/<scenario>-<time>)")
+    s.add_argument("--repeats", type=arg(parse_count, "--repeats", 1), default=None,
+                   help="override the scenario's repeats")
+    s.add_argument("--in-process", action="store_true",
+                   help="hosts in this process instead of a local Ray cluster (faster)")
+    s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s.set_defaults(func=cmd_sweep)
+
+
+def _register_soak(sub: Commands) -> None:
+    s = sub.add_parser("soak", help="many small migrations around a ring of hosts with busy "
+                       "guests; checks every one, frame accounting and host memory growth")
+    s.add_argument("--migrations", default=1000,
+                   type=arg(parse_count, "--migrations", 1, MAX_SOAK_MIGRATIONS),
+                   help="migrations in all (default 1000)")
+    s.add_argument("--guests", type=arg(parse_count, "--guests", 1, MAX_SOAK_GUESTS), default=3,
+                   help="guests going round the ring (default 3)")
+    s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),
+                   default=4 * 1024 * 1024, help="memory of each guest (default 4MiB)")
+    s.add_argument("--warmup-migrations", type=arg(parse_count, "--warmup-migrations"),
+                   default=None,
+                   help="migrations before the memory baseline is taken (default a quarter "
+                        "of them: host processes' allocators settle in the first hundreds)")
+    s.add_argument("--in-process", action="store_true",
+                   help="hosts in this process instead of a local Ray cluster")
+    add_output_option(s)
+    add_migration_options(s)
+    add_workload_options(s)
+    s.set_defaults(workload="hotset", dirty_rate=5000.0)
+    add_cluster_options(s, hosts=3, memory="256MiB")
+    s.set_defaults(func=cmd_soak)

@@ -1,0 +1,67 @@
+"""The cluster's life: `migbed up`, `migbed down`, and `migbed list` of what runs on it."""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+from cluster.cli.options import (
+    Commands,
+    add_cluster_options,
+    add_prometheus_options,
+    cluster_spec_from,
+)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster import launcher
+    spec = cluster_spec_from(args, args.address or os.environ.get("RAY_ADDRESS") or None)
+    if args.prometheus:
+        spec = dataclasses.replace(spec, prometheus_port=args.prometheus_port)
+    t0 = time.monotonic()
+    state = launcher.up(spec)
+    print(f"migbed cluster up: {len(state['hosts'])} hosts ({', '.join(state['hosts'])}) on Ray "
+          f"at {state['address']} in {time.monotonic() - t0:.1f} s")
+    if state.get("prometheus"):
+        print(f"Prometheus: {state['prometheus']['url']} (every host scraped each second; "
+              f"targets in {state['sd_file']}); Grafana: import dashboards/migbed.json")
+    elif state.get("sd_file"):
+        print(f"metrics: every host serves /metrics; Prometheus targets in {state['sd_file']}")
+    print("next: `migbed create host-0 vm1 --memory 64MiB --workload uniform --dirty-rate "
+          "20000`, `migbed list`, `migbed migrate vm1 host-1`, `migbed down`")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster import launcher
+    print("migbed cluster stopped" if launcher.down() else "no migbed cluster was running")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cluster.console import print_listing
+    from cluster.testbed import Testbed
+    listing = Testbed.attach().list()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+    else:
+        print_listing(listing)
+    return 0
+
+
+def register(sub: Commands) -> None:
+    s = sub.add_parser("up", help="start a persistent local cluster (or hosts on a Ray cluster)")
+    add_cluster_options(s, memory="1GiB")
+    s.add_argument("--address", default=None,
+                   help="an existing Ray cluster to place hosts on (default: $RAY_ADDRESS, "
+                        "else a new local cluster)")
+    add_prometheus_options(s)
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="stop the cluster; leaves no Ray process behind")
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("list", help="hosts with their frames, and every guest")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list)

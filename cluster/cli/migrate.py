@@ -1,0 +1,128 @@
+"""Moving a guest, and predicting the move: `migbed migrate` (on a running cluster, or
+one-shot on an embedded one) and `migbed model` (the analytic pre-copy model)."""
+
+import argparse
+import json
+import sys
+import time
+
+from cluster.cli.options import (
+    EXIT_MIGRATION_FAILED,
+    Commands,
+    UsageError,
+    add_cluster_options,
+    add_fault_option,
+    add_migration_options,
+    add_workload_options,
+    arg,
+    check_guests_fit,
+    cluster_spec_from,
+    mode_arg,
+    settings_from,
+    workload_from,
+)
+from nodes.errors import ConfigError
+from nodes.units import format_bytes, parse_positive_size, parse_seconds
+
+ONE_SHOT_GUEST = "vm1"
+ONE_SHOT_ROUTE = ("host-0", "host-1")
+
+
+def _report_out(report, args: argparse.Namespace) -> int:
+    print(report.to_json() if args.json else report.table())
+    ok = report.status == "completed" and not report.guest_lost
+    return 0 if ok else EXIT_MIGRATION_FAILED
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    if (args.guest is None) != (args.destination is None):
+        raise UsageError("give both GUEST and DEST_HOST (against a running cluster), or "
+                         "neither (a one-shot migration on an embedded cluster)")
+    settings = settings_from(args)
+    if args.guest is None:
+        return _migrate_one_shot(args, settings)
+    from cluster.console import RoundPrinter
+    from cluster.testbed import Testbed
+    tb = Testbed.attach()
+    progress = RoundPrinter(header=f"migrating {args.guest} to {args.destination} "
+                                   f"(policy {settings.policy})")
+    return _report_out(tb.migrate(args.guest, args.destination, settings, progress), args)
+
+
+def _migrate_one_shot(args: argparse.Namespace, settings) -> int:
+    """Start an embedded cluster, boot the guest, let its workload run, migrate it, stop."""
+    from cluster.console import RoundPrinter
+    from cluster.testbed import Testbed
+    from nodes.host.specs import GuestSpec
+    spec = GuestSpec(name=ONE_SHOT_GUEST, memory_bytes=args.guest_memory, mode=args.mode,
+                     workload=workload_from(args))
+    cluster = cluster_spec_from(args)
+    if cluster.hosts < 2:
+        raise ConfigError("a migration needs at least 2 hosts (--hosts)")
+    check_guests_fit(cluster, spec.memory_bytes)
+    src, dst = ONE_SHOT_ROUTE
+    print(f"starting an embedded cluster of {cluster.hosts} hosts...", file=sys.stderr)
+    with Testbed.local(cluster) as tb:
+        tb.create(src, spec)
+        time.sleep(args.warmup)
+        progress = RoundPrinter(header=f"migrating {spec.name} "
+                                       f"({format_bytes(spec.memory_bytes)}, "
+                                       f"{spec.workload.pattern}) {src} -> {dst} "
+                                       f"(policy {settings.policy})")
+        report = tb.migrate(spec.name, dst, settings, progress)
+    return _report_out(report, args)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from cluster.model import predict
+    wl = workload_from(args)
+    if wl.unlimited:
+        raise ConfigError("the model needs a dirty rate in page writes per second "
+                          "(--dirty-rate N), not max")
+    if args.bandwidth is None and args.rate_limit is None:
+        raise ConfigError("the model needs a bandwidth (--bandwidth, e.g. 128MiB): give the "
+                          "link's speed or the throughput you measured")
+    pred = predict(guest_memory_bytes=args.guest_memory, page_size=args.page_size,
+                   workload=wl, link_bytes_per_second=args.bandwidth,
+                   rate_limit_bytes_per_second=args.rate_limit, policy=args.policy,
+                   downtime_limit_seconds=args.downtime_limit, latency_seconds=args.latency,
+                   policy_settings=({"max_iterations": args.max_iterations}
+                                    if args.max_iterations is not None else None))
+    d = pred.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    from cluster.console import prediction_renderables, show
+    show(*prediction_renderables(
+        d, f"model: policy {args.policy}, guest {format_bytes(args.guest_memory)}, workload "
+           f"{wl.pattern} at {wl.rate_pages_per_second:g} pages/s, lambda "
+           f"{d.get('lambda_ratio', float('nan')):.3f}"))
+    return 0
+
+
+def register(sub: Commands) -> None:
+    s = sub.add_parser("migrate", help="live-migrate a guest (one-shot on an embedded cluster "
+                       "when GUEST and DEST_HOST are not given)")
+    s.add_argument("guest", nargs="?")
+    s.add_argument("destination", nargs="?", metavar="DEST_HOST")
+    add_migration_options(s)
+    add_workload_options(s)
+    s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),
+                   default=64 * 1024 * 1024, help="one-shot: guest memory (default 64MiB)")
+    s.add_argument("--mode", default="p2m", type=mode_arg,
+                   help="one-shot: guest mode (default p2m)")
+    s.add_argument("--warmup", type=arg(parse_seconds, "--warmup", allow_zero=True),
+                   default=0.5,
+                   help="one-shot: run the workload this long before migrating (default 0.5s)")
+    add_cluster_options(s, hosts=2, memory="512MiB")
+    add_fault_option(s)
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("model", help="predict a migration with the analytic pre-copy model")
+    add_migration_options(s)
+    add_workload_options(s)
+    s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),
+                   default=64 * 1024 * 1024, help="guest memory (default 64MiB)")
+    s.add_argument("--page-size", type=arg(parse_positive_size, "--page-size"), default=4096,
+                   help="page size in bytes (default 4096)")
+    s.set_defaults(func=cmd_model)

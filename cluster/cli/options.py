@@ -1,0 +1,235 @@
+"""How a `migbed` command line is read: the parser and its one-line error, the exit codes,
+the argument types (the value parsers of `nodes.units` wrapped for argparse) and the option
+groups several commands share, with what each group builds (a workload, migration settings,
+a cluster spec).
+"""
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from nodes.errors import ConfigError, MigbedError
+from nodes.phase import Phase
+from nodes.units import (
+    format_bytes,
+    parse_bandwidth,
+    parse_count,
+    parse_fraction,
+    parse_positive_size,
+    parse_seconds,
+    parse_size,
+)
+from nodes.xen.profiles import PROFILES
+
+if TYPE_CHECKING:
+    from cluster.launcher import ClusterSpec
+    from nodes.migration.settings import MigrationSettings
+    from workloads.spec import WorkloadSpec
+
+Commands = argparse._SubParsersAction   # what `add_subparsers` returns: each module adds its own
+
+EXIT_BAD_INPUT = 2          # any bad input: one line on stderr
+EXIT_MIGRATION_FAILED = 1   # a migration (or bench section, soak) ran but did not complete
+
+
+class UsageError(MigbedError):
+    """A command line argparse or a command refused as written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# -- argument types: each rejects bad input with a one-line message ---------------------------
+def arg(parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[str], Any]:
+    """An argparse type from a value parser: `arg(parse_count, "--hosts", 1)`. argparse would
+    hide a ValueError's text behind the type's name; this shows our message."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, *args, **kwargs)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _mode(text: str) -> str:
+    from nodes.errors import ModeError
+    from nodes.xen.profiles import Mode
+    try:
+        return Mode.parse(text).value
+    except ModeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _fault(text: str):
+    from nodes.faults.spec import parse_fault
+    return parse_fault(text)
+
+
+def _dirty_rate(text: str) -> float:
+    from workloads.spec import parse_rate
+    return parse_rate(text)
+
+
+mode_arg = arg(_mode)
+port_arg = arg(parse_count, "port", 0, 65535)
+
+
+# -- option groups shared by several commands ----------------------------------------------
+def add_cluster_options(p: argparse.ArgumentParser, hosts: int = 3,
+                        memory: str = "512MiB") -> None:
+    p.add_argument("--hosts", type=arg(parse_count, "--hosts", 1), default=hosts,
+                   help=f"number of emulated hosts (default {hosts})")
+    p.add_argument("--host-memory", type=arg(parse_positive_size, "--host-memory"),
+                   default=parse_size(memory),
+                   help=f"machine memory per host, e.g. 1GiB (default {memory})")
+    p.add_argument("--profile", default=None,
+                   help=f"architecture profile for all hosts ({', '.join(PROFILES)}) or per "
+                        "host, e.g. host-0=ia64,host-1=ia64 (default x86)")
+    p.add_argument("--page-size", type=arg(parse_positive_size, "--page-size"), default=4096,
+                   help="page size in bytes (default 4096)")
+    p.add_argument("--hypervisor-reserve", type=arg(parse_positive_size, "--hypervisor-reserve"),
+                   default=4 * 1024 * 1024, help="frames the hypervisor keeps (default 4MiB)")
+    p.add_argument("--dom0-memory", type=arg(parse_positive_size, "--dom0-memory"), default=None,
+                   help="dom0 memory per host (default 1/32 of the host, at least 1MiB)")
+    add_superpages_option(p)
+
+
+def add_superpages_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-superpages", action="store_true",
+                   help="give guests frame by frame (a fragmented host) instead of in 2 MiB "
+                        "superpage extents as Xen does; migrations then move scattered pages")
+
+
+def add_prometheus_options(p: argparse.ArgumentParser, metrics_host: bool = True) -> None:
+    p.add_argument("--prometheus", action="store_true",
+                   help="also run a Prometheus server (Debian's `prometheus` binary) that "
+                        "scrapes every host each second")
+    p.add_argument("--prometheus-port", type=port_arg, default=9090,
+                   help="port of that Prometheus on 127.0.0.1 (default 9090; 0: a free one)")
+    if metrics_host:
+        p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                       help="where each host's /metrics listens (default 127.0.0.1; "
+                            "0.0.0.0 for a Prometheus on another machine)")
+
+
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    from workloads.spec import PATTERNS
+    p.add_argument("--workload", default="idle", choices=PATTERNS, metavar="PATTERN",
+                   help=f"memory workload: {', '.join(PATTERNS)} (default idle)")
+    p.add_argument("--dirty-rate", type=arg(_dirty_rate), default=0.0, metavar="PAGES_PER_S",
+                   help="page writes per second, or max (default: max; idle writes nothing)")
+    p.add_argument("--seed", type=arg(parse_count, "--seed"), default=0, help="workload seed")
+    p.add_argument("--hot-fraction", type=arg(parse_fraction, "--hot-fraction"), default=0.1,
+                   help="hotset: share of pages in the writable working set (default 0.1)")
+    p.add_argument("--hot-share", type=arg(parse_fraction, "--hot-share"), default=0.9,
+                   help="hotset: share of writes that hit it (default 0.9)")
+
+
+def add_migration_options(p: argparse.ArgumentParser) -> None:
+    from nodes.migration.policy import POLICIES
+    p.add_argument("--policy", default="xen", choices=list(POLICIES), metavar="NAME",
+                   help=f"pre-copy policy: {', '.join(POLICIES)} (default xen)")
+    p.add_argument("--bandwidth", type=arg(parse_bandwidth, "--bandwidth"), default=None,
+                   help="the link's speed per second, e.g. 128MiB (default unlimited)")
+    p.add_argument("--rate-limit", type=arg(parse_bandwidth, "--rate-limit"), default=None,
+                   help=f"the migration's own throttle per second, lifted for "
+                        f"{Phase.STOP_AND_COPY} (default none)")
+    p.add_argument("--latency", type=arg(parse_seconds, "--latency", allow_zero=True),
+                   default=0.0, help="one-way link latency, e.g. 5ms (default 0)")
+    p.add_argument("--downtime-limit", type=arg(parse_seconds, "--downtime-limit"), default=0.3,
+                   help="qemu policy: downtime limit, e.g. 300ms (default 300ms)")
+    p.add_argument("--max-iterations", type=arg(parse_count, "--max-iterations"), default=None,
+                   help="override the policy's live round cap")
+    p.add_argument("--cancel-after-round", type=arg(parse_count, "--cancel-after-round"),
+                   default=None,
+                   help="cancel the migration after live round N (tests the abort path)")
+    p.add_argument("--timeout", type=arg(parse_seconds, "--timeout"), default=30.0,
+                   help="timeout of every wait across hosts (default 30s)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the destination-equals-source memory check")
+    p.add_argument("--json", action="store_true", help="print the report alone, as JSON")
+
+
+def add_fault_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fault", action="append", type=arg(_fault), default=None,
+                   metavar="KIND@STAGE[:ARG]",
+                   help=f"inject a fault, e.g. stall-link@round1:2s, kill-destination@"
+                        f"{Phase.STOP_AND_COPY}, slow-link@round0:1MiB (repeatable; `migbed "
+                        "fault list` shows them all)")
+
+
+def add_output_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+
+
+# -- what the option groups build ---------------------------------------------------------------
+def workload_from(args: argparse.Namespace) -> "WorkloadSpec":
+    from workloads.spec import WorkloadSpec
+    return WorkloadSpec(pattern=args.workload, rate_pages_per_second=args.dirty_rate,
+                        seed=args.seed, hot_fraction=args.hot_fraction,
+                        hot_share=args.hot_share)
+
+
+def settings_from(args: argparse.Namespace) -> "MigrationSettings":
+    from nodes.migration.settings import MigrationSettings
+    return MigrationSettings(
+        policy=args.policy, link_bytes_per_second=args.bandwidth,
+        latency_seconds=args.latency, rate_limit_bytes_per_second=args.rate_limit,
+        downtime_limit_seconds=args.downtime_limit, max_iterations=args.max_iterations,
+        verify=not args.no_verify, cancel_after_round=args.cancel_after_round,
+        timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()))
+
+
+def cluster_spec_from(args: argparse.Namespace,
+                      address: str | None = None) -> "ClusterSpec":
+    from cluster.launcher import ClusterSpec, host_names, parse_profiles
+    default, per = parse_profiles(args.profile, host_names(args.hosts))
+    return ClusterSpec(hosts=args.hosts, host_memory_bytes=args.host_memory,
+                       page_size=args.page_size, reserved_bytes=args.hypervisor_reserve,
+                       dom0_memory_bytes=args.dom0_memory, profiles=per,
+                       default_profile=default, address=address,
+                       bind_address="node" if address else "127.0.0.1",
+                       metrics_address=getattr(args, "metrics_host", "127.0.0.1"),
+                       superpages=not args.no_superpages)
+
+
+def check_guests_fit(cluster: "ClusterSpec", guest_bytes: int, count: int = 1) -> None:
+    """Commands that build their own cluster check its guests before starting anything:
+    whole pages, and `count` of them fitting one host beside the hypervisor and dom0."""
+    from nodes.xen.hypervisor import default_dom0_bytes
+    if guest_bytes % cluster.page_size:
+        raise ConfigError(f"--guest-memory ({guest_bytes} B) is not a multiple of the "
+                          f"page size ({cluster.page_size} B)")
+    room = cluster.host_memory_bytes - cluster.reserved_bytes - (
+        cluster.dom0_memory_bytes
+        or default_dom0_bytes(cluster.host_memory_bytes, cluster.page_size))
+    if count * guest_bytes > room:
+        many = f"{count} guests of" if count > 1 else "a guest of"
+        raise ConfigError(f"{many} {format_bytes(guest_bytes)} may not fit one host of "
+                          f"{format_bytes(cluster.host_memory_bytes)}; raise --host-memory"
+                          + (" or lower --guests" if count > 1 else ""))
+
+
+def check_output(path: str | None) -> None:
+    """Refuse an output file that cannot be written before a long run, not after it."""
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--output {path} is a directory; give a file name")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write --output {path}: {parent} is not a writable folder")
+
+
+def write_output(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None

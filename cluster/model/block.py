@@ -1,0 +1,94 @@
+"""The model's prediction beside a measurement: the `model` block every migration report
+(and every sweep run) carries, predicted at the throughput the run itself measured."""
+
+from typing import TYPE_CHECKING
+
+from cluster import model  # the public functions, looked up when called
+from nodes.migration.settings import MigrationSettings
+
+if TYPE_CHECKING:
+    from cluster.report import MigrationReport
+
+
+def live_throughput(rounds: list[dict]) -> float | None:
+    """Bytes per second of the live rounds together, the rate pre-copy actually ran at;
+    None when no live round sent anything."""
+    live = [r for r in rounds if not r.get("final")]
+    seconds = sum(r["duration_seconds"] for r in live)
+    sent = sum(r["bytes_sent"] for r in live)
+    return sent / seconds if seconds > 0 and sent > 0 else None
+
+
+def model_block(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
+                resume_seconds: float = 0.0,
+                dirty_rate_pages_per_second: float | None = None) -> dict:
+    """The analytic model beside the measurement of `report` (a `MigrationReport`):
+    predicted with the throughput this run measured as the bandwidth, and with the nominal
+    link when the link or the rate limit is set. A model error never breaks a migration: it
+    is stored instead.
+
+    With a rate limit the measured throughput stands for the limit (live rounds) and the
+    stop-and-copy goes at the nominal link speed (instantaneous if unlimited), as migbed
+    lifts the limit for it. When no live round ran (a policy that stops before round 0) there
+    is no live throughput: the prediction is the nominal one, on which the policy decided.
+    `resume_seconds` is the model's fixed T_resume (0: the plain model; sweeps pass the
+    downtime floor they measured).
+    """
+    block: dict = {"bandwidth_bytes_per_second": None, "bandwidth_basis": None,
+                   "resume_seconds": resume_seconds,
+                   "prediction": None, "comparison": None, "nominal": None, "error": None}
+    try:
+        common = _model_inputs(report, workload, settings, resume_seconds,
+                               dirty_rate_pages_per_second)
+        measured_dict = report.to_dict()
+        completed = report.status == "completed"
+        nominal = None
+        if settings.nominal_bytes_per_second is not None:
+            nominal = model.predict(
+                link_bytes_per_second=settings.link_bytes_per_second,
+                rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second, **common)
+            block["nominal"] = {
+                "prediction": nominal.to_dict(),
+                "comparison": model.compare(measured_dict, nominal) if completed else None}
+        basis, bandwidth, pred = _at_measured_throughput(report, settings, nominal, common)
+        block["bandwidth_basis"], block["bandwidth_bytes_per_second"] = basis, bandwidth
+        if pred is not None:
+            block["prediction"] = pred.to_dict()
+            if completed:
+                block["comparison"] = model.compare(measured_dict, pred)
+    except Exception as exc:  # noqa: BLE001 - the model must never break a migration
+        block["error"] = f"{type(exc).__name__}: {exc}"
+    return block
+
+
+def _model_inputs(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
+                  resume_seconds: float, dirty_rate: float | None) -> dict:
+    """The model's arguments that do not depend on the bandwidth it is given."""
+    from workloads.spec import WorkloadSpec
+    return dict(
+        guest_memory_bytes=report.guest_memory_bytes, page_size=report.page_size,
+        workload=WorkloadSpec.from_dict(workload) if workload else WorkloadSpec(),
+        policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
+        latency_seconds=settings.latency_seconds, resume_seconds=resume_seconds,
+        dirty_rate_pages_per_second=dirty_rate,
+        policy_settings=({"max_iterations": settings.max_iterations}
+                         if settings.max_iterations is not None else None))
+
+
+def _at_measured_throughput(report: "MigrationReport", settings: MigrationSettings, nominal, common: dict):
+    """(basis, bandwidth, prediction) at the throughput the run measured."""
+    measured = live_throughput(report.rounds)
+    if measured is not None:
+        if settings.rate_limit_bytes_per_second is not None:
+            pred = model.predict(link_bytes_per_second=settings.link_bytes_per_second,
+                                 rate_limit_bytes_per_second=measured, **common)
+        else:
+            pred = model.predict(link_bytes_per_second=measured, **common)
+        return "measured: the live rounds' throughput", measured, pred
+    if nominal is not None:
+        # No live round ran, so nothing was measured before the policy's first decision,
+        # which it took on the nominal bandwidth: so must the model.
+        return "nominal: no live round ran", nominal.bandwidth_bytes_per_second, nominal
+    measured = report.throughput_bytes_per_second or None
+    pred = model.predict(link_bytes_per_second=measured, **common) if measured else None
+    return "measured: the whole migration (no live round ran)", measured, pred

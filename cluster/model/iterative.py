@@ -1,0 +1,279 @@
+"""The iterative model: a pre-copy migration round by round in expected pages, decided by
+migbed's own policy object (see the package docstring for the steps)."""
+
+import math
+from dataclasses import dataclass, field
+
+from cluster.model.workload import Region, rate_of, regions
+from nodes.errors import ConfigError
+from nodes.migration.policy import (
+    Action,
+    Decision,
+    PrecopyPolicy,
+    PrecopyStats,
+    StopCode,
+    policy_for,
+)
+from workloads.spec import WorkloadSpec
+
+PAGES_PER_RECORD = 1024      # PAGE_DATA records carry up to 1024 pages (4 MiB)
+_ROUND_GUARD = 100_000       # a policy that never stops would loop forever
+
+
+@dataclass(frozen=True)
+class ModelRound:
+    """One round, in expected pages. The stop-and-copy round is last, with `final` True."""
+
+    index: int
+    pages_sent: float
+    pages_skipped: float
+    pages_dirtied: float          # distinct pages written during the round: the next one's dirty
+    duration_seconds: float
+    final: bool = False
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "pages_sent": self.pages_sent,
+                "pages_skipped": self.pages_skipped, "pages_dirtied": self.pages_dirtied,
+                "duration_seconds": self.duration_seconds, "final": self.final}
+
+
+@dataclass(frozen=True)
+class ModelPrediction:
+    policy: str
+    rounds: tuple[ModelRound, ...]
+    final_pages: float            # pages sent while paused
+    stop_reason: str
+    stop_code: str | None         # the policy's StopCode value (None: aborted)
+    total_time_seconds: float     # first round to guest resumed, T_resume included
+    downtime_seconds: float       # stop-and-copy at link speed + latency + T_resume
+    pages_sent_total: float
+    bytes_sent_total: float
+    converged: bool               # stopped on the policy's own target, not a cap
+    lambda_ratio: float           # D / R: dirty bytes per second over the effective bandwidth
+    bandwidth_bytes_per_second: float   # effective live bandwidth, min(link, rate limit)
+
+    @property
+    def live_rounds(self) -> int:
+        return sum(1 for r in self.rounds if not r.final)
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "rounds": [r.to_dict() for r in self.rounds],
+            "live_rounds": self.live_rounds,
+            "final_pages": self.final_pages,
+            "stop_reason": self.stop_reason,
+            "stop_code": self.stop_code,
+            "total_time_seconds": self.total_time_seconds,
+            "downtime_seconds": self.downtime_seconds,
+            "pages_sent_total": self.pages_sent_total,
+            "bytes_sent_total": self.bytes_sent_total,
+            "converged": self.converged,
+            "lambda_ratio": self.lambda_ratio,
+            "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
+        }
+
+
+@dataclass(frozen=True)
+class _Guest:
+    """What the model knows of the guest and the wire before the first round."""
+
+    guest_pages: int
+    page_size: int
+    regions: list[Region]
+    wire_per_page: float          # bytes on the wire per page, record headers shared out
+    seconds_per_page: float       # at the live rounds' rate
+
+
+@dataclass
+class _PreCopy:
+    """The live rounds so far, and how they ended."""
+
+    dirty: float
+    rounds: list[ModelRound] = field(default_factory=list)
+    dirty_by_region: list[float] | None = None   # the next to-send set; None: every page
+    total_written: float = 0.0
+    elapsed: float = 0.0
+    stop_reason: str = ""
+    stop_code: StopCode | None = None
+    converged: bool = False
+    aborted: bool = False
+
+    @property
+    def last(self) -> ModelRound | None:
+        return self.rounds[-1] if self.rounds else None
+
+
+def _positive_or_none(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not value > 0:
+        raise ConfigError(f"{what} must be > 0 bytes per second (None: unlimited), got {value!r}")
+    return value
+
+
+def _check(guest_memory_bytes: int, page_size: int, **finite: float) -> None:
+    if page_size < 64 or page_size & (page_size - 1):
+        raise ConfigError(f"page size must be a power of two >= 64, got {page_size!r}")
+    if guest_memory_bytes < page_size or guest_memory_bytes % page_size:
+        raise ConfigError(
+            f"guest memory must be a positive multiple of the page size ({page_size}), "
+            f"got {guest_memory_bytes!r}")
+    for what, value in finite.items():
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
+def _skip_solve(to_send: list[tuple[Region, float]], pages: float, seconds_per_page: float,
+                batch_pages: int = 1024) -> tuple[float, float]:
+    """(pages skipped, send seconds) for a skipping round, solved together by bisection.
+
+    Like Xen's `xc_domain_save` (and migbed's sender), the sender looks at the dirty bitmap
+    once per batch of `batch_pages`, at the batch's start: a page is skipped when it was
+    written between the round's start and its batch's start. So a round of one batch skips
+    nothing. Skipping shortens the round, which lowers the skips.
+    """
+    nb = max(1, math.ceil(pages / batch_pages))
+
+    def skipped(send_seconds: float) -> float:
+        starts = [b * send_seconds / nb for b in range(nb)]
+        return sum(n * sum(region.distinct(t) for t in starts) / (nb * region.pages)
+                   for region, n in to_send if region.pages > 0)
+
+    lo, hi = 0.0, pages * seconds_per_page
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if mid - (pages - skipped(mid)) * seconds_per_page < 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(hi, 1e-30):
+            break
+    send = (lo + hi) / 2
+    return min(pages, skipped(send)), send
+
+
+def _stats(run: _PreCopy, guest: _Guest, rate: float) -> PrecopyStats:
+    """What the sender tells the policy before the next round."""
+    last = run.last
+    measured = None
+    if last is not None and last.duration_seconds > 0:
+        measured = last.pages_sent * guest.wire_per_page / last.duration_seconds
+    return PrecopyStats(
+        iteration=len(run.rounds), dirty_count=round(run.dirty),
+        total_written=round(run.total_written), guest_pages=guest.guest_pages,
+        page_size=guest.page_size,
+        last_round_pages_sent=round(last.pages_sent) if last else 0,
+        last_round_pages_skipped=round(last.pages_skipped) if last else 0,
+        last_round_seconds=last.duration_seconds if last else 0.0,
+        measured_bytes_per_second=measured, nominal_bytes_per_second=rate,
+        elapsed_seconds=run.elapsed)
+
+
+def _stop(run: _PreCopy, decision: Decision, pol: PrecopyPolicy, iteration: int) -> None:
+    """Record how pre-copy ended."""
+    run.stop_reason, run.stop_code = decision.reason, decision.stop_code
+    if decision.action is Action.ABORT:
+        run.aborted = True
+        run.stop_reason = f"aborted: {decision.reason}" if decision.reason else "aborted"
+    elif decision.stop_code is not None:
+        run.converged = decision.stop_code.converged
+    else:
+        run.converged = iteration < pol.max_iterations
+
+
+def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float) -> None:
+    """Send the dirty pages live (less those skipped) and count what the workload dirtied."""
+    skipped = 0.0
+    send_seconds = run.dirty * guest.seconds_per_page
+    if pol.skip_redirtied and guest.regions:
+        if run.dirty_by_region is None:
+            to_send = [(r, r.pages) for r in guest.regions]
+        else:
+            to_send = list(zip(guest.regions, run.dirty_by_region, strict=True))
+        skipped, send_seconds = _skip_solve(to_send, run.dirty, guest.seconds_per_page)
+    sent = run.dirty - skipped
+    duration = send_seconds + latency
+    run.dirty_by_region = [r.distinct(duration) for r in guest.regions]
+    dirtied = sum(run.dirty_by_region)
+    run.rounds.append(ModelRound(index=len(run.rounds), pages_sent=sent, pages_skipped=skipped,
+                                 pages_dirtied=dirtied, duration_seconds=duration))
+    run.total_written += sent
+    run.elapsed += duration
+    run.dirty = dirtied
+
+
+def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float) -> _PreCopy:
+    """The live rounds, each after the policy said CONTINUE, until it says otherwise."""
+    run = _PreCopy(dirty=float(guest.guest_pages))
+    while True:
+        stats = _stats(run, guest, rate)
+        if len(run.rounds) >= _ROUND_GUARD:
+            decision = Decision.stop(StopCode.MAX_ITERATIONS,
+                                     f"model guard ({_ROUND_GUARD} rounds)")
+        else:
+            decision = pol.decide(stats)
+        if decision.action is not Action.CONTINUE:
+            _stop(run, decision, pol, stats.iteration)
+            return run
+        _live_round(run, guest, pol, latency)
+
+
+def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: WorkloadSpec,
+            link_bytes_per_second: float | None,
+            rate_limit_bytes_per_second: float | None = None,
+            policy: str = "xen", downtime_limit_seconds: float = 0.3,
+            latency_seconds: float = 0.0, resume_seconds: float = 0.0,
+            dirty_rate_pages_per_second: float | None = None,
+            bytes_per_page_overhead: float = 8.0, record_overhead_bytes: float = 32.0,
+            policy_settings: dict | None = None) -> ModelPrediction:
+    """Predict a pre-copy migration round by round, driving migbed's own policy object.
+
+    `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
+    is not shaped); `rate_limit_bytes_per_second` the policy's throttle, which applies to the
+    live rounds only. Both None raises ConfigError: the model needs a bandwidth. A link of
+    None with a rate limit makes the stop-and-copy transfer instantaneous.
+    `dirty_rate_pages_per_second` overrides the workload's rate (needed for 'max').
+    `latency_seconds` is added to every round, the stop-and-copy included.
+    `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
+    """
+    _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
+           resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
+           record_overhead_bytes=record_overhead_bytes)
+    link = _positive_or_none(link_bytes_per_second, "link speed")
+    limit = _positive_or_none(rate_limit_bytes_per_second, "rate limit")
+    if link is None and limit is None:
+        raise ConfigError(
+            "link speed and rate limit are both unlimited: the model needs a bandwidth; pass "
+            "the measured throughput as link_bytes_per_second")
+    rate = min(x for x in (link, limit) if x is not None)    # live rounds
+    guest_pages = guest_memory_bytes // page_size
+    data_pages = guest_pages - -(-guest_pages // (page_size // 8))
+    wire_per_page = page_size + bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
+    guest = _Guest(guest_pages, page_size,
+                   regions(workload, data_pages, rate_of(workload, dirty_rate_pages_per_second)),
+                   wire_per_page, wire_per_page / rate)
+    pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
+                                    **(policy_settings or {}))
+    run = _precopy(guest, pol, rate, latency_seconds)
+
+    rounds = list(run.rounds)
+    final_pages, downtime = 0.0, 0.0
+    if not run.aborted:     # stop-and-copy: the rest at the link's speed, the limit lifted
+        final_pages = run.dirty
+        transfer = 0.0 if link is None else final_pages * wire_per_page / link
+        downtime = transfer + latency_seconds + resume_seconds
+        rounds.append(ModelRound(index=len(rounds), pages_sent=final_pages, pages_skipped=0.0,
+                                 pages_dirtied=0.0, duration_seconds=transfer + latency_seconds,
+                                 final=True))
+    pages_total = run.total_written + final_pages
+    return ModelPrediction(
+        policy=policy, rounds=tuple(rounds), final_pages=final_pages,
+        stop_reason=run.stop_reason,
+        stop_code=None if run.aborted or run.stop_code is None else run.stop_code.value,
+        total_time_seconds=run.elapsed + downtime, downtime_seconds=downtime,
+        pages_sent_total=pages_total, bytes_sent_total=pages_total * wire_per_page,
+        converged=run.converged,
+        lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
+        bandwidth_bytes_per_second=rate)

@@ -1,0 +1,123 @@
+"""What a sweep leaves in its folder: one JSON per run, `sweep.csv` of every run (failed
+ones included, never dropped), `summary.json` and `summary.txt` (the agreement table and its
+explanations), the scenario as TOML, and the plots."""
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.sweep.agreement import AGREEMENT_TOLERANCE
+from cluster.sweep.scenario import Scenario
+from cluster.sweep.text import count, ms, point_text
+
+CSV_NAME = "sweep.csv"
+
+
+@dataclass
+class SweepResult:
+    scenario: Scenario
+    folder: Path
+    rows: list[dict]
+    agreement: list[dict]
+    calibration: dict
+    explanations: list[str]
+
+    @property
+    def failed_runs(self) -> int:
+        return sum(1 for r in self.rows if r["status"] != "completed")
+
+    def summary_text(self) -> str:
+        return summary_text(self)
+
+
+def summary_text(result: SweepResult) -> str:
+    sc = result.scenario
+    lines = [f"sweep {sc.name}: {len(result.rows)} runs over {sc.point_count} points, "
+             f"{result.failed_runs} failed" + (f" ({sc.description})" if sc.description else ""),
+             ""]
+    for key, c in result.calibration.items():
+        spread = c.get("spread_seconds")
+        lines.append(f"downtime floor ({key}): {ms(c.get('floor_seconds'))}"
+                     + (f", spread {ms(spread)}" if spread is not None else "")
+                     + f" -> model T_resume {ms(c.get('resume_seconds'))}"
+                     + (f" ({c['error']})" if c.get("error") else ""))
+    lines += ["", "agreement: measured / predicted (model at the measured throughput)",
+              f"{'point':>5}  {'axes':<44} {'pages sent':>16} {'live rounds':>16} "
+              f"{'downtime':>22}"]
+    for e in result.agreement:
+        ps, rn, dt = e["pages_sent"], e["rounds"], e["downtime"]
+        flag = "  <-- " + ",".join(e["flags"]) if e["flags"] else ""
+        lines.append(
+            f"{e['point']:>5}  {point_text(e['axes'])[:44]:<44} "
+            f"{count(ps['measured']):>6}/{count(ps['predicted']):<6}{_ratio(ps['ratio']):>4} "
+            f"{count(rn['measured']):>6}/{count(rn['predicted']):<6}{_ratio(rn['ratio']):>4} "
+            f"{_msn(dt['measured']):>8}/{_msn(dt['predicted']):<8}{_ratio(dt['ratio']):>5}"
+            f"{flag}")
+    flagged = sum(1 for e in result.agreement if e["flags"])
+    lines += ["", f"{flagged} of {len(result.agreement)} points differ by more than "
+              f"{AGREEMENT_TOLERANCE:.0%} somewhere" + (":" if result.explanations else "")]
+    lines += [f"- {n}" for n in result.explanations]
+    return "\n".join(lines)
+
+
+def _msn(v) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}ms"
+
+
+def _ratio(v) -> str:
+    return "  -" if v is None else f" {v:.2f}"
+
+
+def json_default(o: object) -> None:
+    """Non-finite floats as null; anything else JSON cannot hold is an error."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def write_run(folder: Path, index: int, repeat: int, doc: dict) -> str:
+    """One run's JSON (its scenario, point, report and model block); returns its path
+    within the folder, for the CSV's `json` column."""
+    run_file = folder / "runs" / f"point{index:03d}-repeat{repeat}.json"
+    run_file.write_text(json.dumps(doc, indent=2, default=json_default))
+    return str(run_file.relative_to(folder))
+
+
+def write_outputs(result: SweepResult, calibration: dict, plots: bool) -> None:
+    """Everything but the run files, once every run is done."""
+    folder = result.folder
+    columns: list[str] = []
+    for row in result.rows:
+        columns += [k for k in row if k not in columns]
+    with open(folder / CSV_NAME, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in result.rows:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    summary = {"scenario": result.scenario.to_dict(), "calibration": result.calibration,
+               "agreement": result.agreement, "explanations": result.explanations,
+               "runs": len(result.rows), "failed_runs": result.failed_runs}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
+    (folder / "summary.txt").write_text(summary_text(result) + "\n")
+    (folder / "scenario.toml").write_text(result.scenario.to_toml())
+    if plots:
+        from cluster.sweep.curves import model_curves
+        from cluster.sweep.plots import draw_all
+        draw_all(result.scenario, result.rows, model_curves(result, calibration),
+                 _rounds_for_plot(result), folder)
+
+
+def _rounds_for_plot(result: SweepResult) -> dict | None:
+    """Measured and predicted pages per round of the scenario's chosen point (first run
+    that completed)."""
+    i = result.scenario.rounds_point
+    for row in result.rows:
+        if row["point"] == i and row["status"] == "completed":
+            doc = json.loads((result.folder / row["json"]).read_text())
+            pred = ((doc.get("model") or {}).get("prediction") or {}).get("rounds", [])
+            return {"point": i, "axes": point_text(result.scenario.points()[i]),
+                    "measured": [r["pages_sent"] for r in doc["report"]["rounds"]],
+                    "predicted": [r["pages_sent"] for r in pred]}
+    return None

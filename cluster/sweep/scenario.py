@@ -1,0 +1,354 @@
+"""A sweep scenario: the fixed settings, the axes to sweep and how to plot them, read from
+and written back to TOML.
+
+Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
+
+    name = "dirty-rate-vs-bandwidth"
+    description = "..."
+    repeats = 2
+    seed = 1                      # workload seed of repeat r is seed + r
+    faults = ["stall-link@round1:2s"]   # optional, injected into every run
+    [cluster]   hosts = 2, host_memory = "512MiB"
+    [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms"
+    [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share, ...
+    [migration] policy, bandwidth ("128MiB" per second or "unlimited"), rate_limit, latency,
+                downtime_limit, max_iterations, timeout, verify
+    [axes]      any of guest_memory, mode, pattern, dirty_rate, hot_fraction, hot_share,
+                policy, bandwidth, rate_limit, latency, downtime_limit, max_iterations = [...]
+    [plot]      x = "dirty_rate" (the axis on the x axis), rounds_point = 0
+
+Values are read by the parsers of `nodes.units` (the CLI's own), so a value means the same in
+a scenario as on the command line.
+"""
+
+import itertools
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import tomli_w
+
+from cluster.sweep.text import show
+from nodes.errors import ConfigError
+from nodes.host.specs import GuestSpec
+from nodes.migration.settings import MigrationSettings
+from nodes.units import (
+    parse_bandwidth_or_unlimited,
+    parse_count,
+    parse_fraction,
+    parse_positive_size,
+    parse_seconds,
+)
+from workloads.spec import WorkloadSpec, parse_rate
+
+MiB = 1024 * 1024
+
+
+# -- how each setting is read: TOML types the units parsers do not cover ------------------------
+def _string(v, what: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{what} must be a string, got {v!r}")
+    return v
+
+
+def _flag(v, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{what} must be true or false, got {v!r}")
+    return v
+
+
+def _dirty_rate(v, what: str) -> float:
+    try:
+        return parse_rate(v)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+_seconds_or_zero = partial(parse_seconds, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A setting a scenario fixes or sweeps: where it lives and how it is read."""
+
+    section: str                  # guest | workload | migration
+    field: str                    # field of Scenario / WorkloadSpec / MigrationSettings
+    parse: Callable
+    label: str                    # axis label, with the unit the plot shows
+    scale: float = 1.0            # plotted value = value / scale
+
+
+# TOML key -> knob. In [axes] the guest's memory is called guest_memory.
+KNOBS: dict[str, Knob] = {
+    "guest_memory": Knob("guest", "guest_memory_bytes", parse_positive_size,
+                         "guest memory (MiB)", MiB),
+    "mode": Knob("guest", "mode", _string, "guest mode"),
+    "pattern": Knob("workload", "pattern", _string, "workload"),
+    "dirty_rate": Knob("workload", "rate_pages_per_second", _dirty_rate,
+                       "dirty rate (page writes/s)"),
+    "hot_fraction": Knob("workload", "hot_fraction", parse_fraction,
+                         "hot set (fraction of memory)"),
+    "hot_share": Knob("workload", "hot_share", parse_fraction,
+                      "writes to the hot set (fraction)"),
+    "busy_seconds": Knob("workload", "busy_seconds", parse_seconds, "busy phase (s)"),
+    "quiet_seconds": Knob("workload", "quiet_seconds", _seconds_or_zero, "quiet phase (s)"),
+    "quiet_rate_fraction": Knob("workload", "quiet_rate_fraction", parse_fraction,
+                                "quiet rate (fraction)"),
+    "policy": Knob("migration", "policy", _string, "policy"),
+    "bandwidth": Knob("migration", "link_bytes_per_second", parse_bandwidth_or_unlimited,
+                      "link bandwidth (MiB/s)", MiB),
+    "rate_limit": Knob("migration", "rate_limit_bytes_per_second",
+                       parse_bandwidth_or_unlimited, "rate limit (MiB/s)", MiB),
+    "latency": Knob("migration", "latency_seconds", _seconds_or_zero, "latency (s)"),
+    "downtime_limit": Knob("migration", "downtime_limit_seconds", parse_seconds,
+                           "downtime limit (s)"),
+    "max_iterations": Knob("migration", "max_iterations", parse_count, "live round cap"),
+}
+_FIXED_ONLY = {"migration": {"timeout": ("timeout_seconds", parse_seconds),
+                             "verify": ("verify", _flag)},
+               "guest": {"warmup": ("warmup_seconds", _seconds_or_zero)}}
+_SECTION_KEYS = {  # TOML key in its section -> knob name
+    "guest": {"memory": "guest_memory", "mode": "mode"},
+    "workload": {k: k for k, kn in KNOBS.items() if kn.section == "workload"},
+    "migration": {k: k for k, kn in KNOBS.items() if kn.section == "migration"},
+}
+_TOP_KEYS = {"name", "description", "repeats", "seed", "cluster", "guest", "workload",
+             "migration", "axes", "plot", "faults"}
+
+
+# -- the scenario ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    """A sweep: fixed settings, axes (knob name, values) and how to plot. All values in base
+    units (bytes, seconds, page writes per second); None rates mean unlimited."""
+
+    name: str
+    description: str = ""
+    repeats: int = 1
+    seed: int = 0
+    hosts: int = 2
+    host_memory_bytes: int = 512 * MiB
+    guest_memory_bytes: int = 64 * MiB
+    mode: str = "p2m"
+    warmup_seconds: float = 0.3
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    migration: MigrationSettings = field(default_factory=MigrationSettings)
+    axes: tuple[tuple[str, tuple], ...] = ()
+    x_axis: str | None = None
+    rounds_point: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"scenario name {self.name!r} must be letters, digits, '-', "
+                              "'_' or '.' (it names the results folder)")
+        if self.repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.hosts < 2:
+            raise ConfigError(f"a sweep needs at least 2 hosts, got {self.hosts}")
+        if self.warmup_seconds < 0:
+            raise ConfigError("warmup must be >= 0")
+        self._check_axes()
+        for i, point in enumerate(self.points()):   # every point must make valid specs
+            try:
+                self.specs(point)
+            except ConfigError as exc:
+                where = ", ".join(f"{k} = {show(v)}" for k, v in point.items())
+                raise ConfigError(f"point {i} ({where}): {exc}") from None
+
+    def _check_axes(self) -> None:
+        names = [a for a, _ in self.axes]
+        if len(set(names)) != len(names):
+            raise ConfigError("an axis is named twice")
+        for name, values in self.axes:
+            if name not in KNOBS:
+                raise ConfigError(f"unknown axis {name!r}; sweepable: {', '.join(KNOBS)}")
+            if not values:
+                raise ConfigError(f"axis {name} has no values")
+        if self.x_axis is not None and self.x_axis not in names:
+            raise ConfigError(f"[plot] x = {self.x_axis!r} is not one of the axes "
+                              f"({', '.join(names) or 'none'})")
+        if not 0 <= self.rounds_point < max(1, self.point_count):
+            raise ConfigError(f"[plot] rounds_point must be 0..{self.point_count - 1}")
+
+    # -- the grid --------------------------------------------------------------------------
+    @property
+    def point_count(self) -> int:
+        return math.prod(len(v) for _, v in self.axes) if self.axes else 1
+
+    @property
+    def x(self) -> str | None:
+        """The axis on the plots' x axis: [plot] x, else the first axis."""
+        return self.x_axis or (self.axes[0][0] if self.axes else None)
+
+    def points(self) -> list[dict]:
+        names = [a for a, _ in self.axes]
+        return [dict(zip(names, combo, strict=True))
+                for combo in itertools.product(*(v for _, v in self.axes))]
+
+    def series(self) -> list[dict]:
+        """Every combination of the axes other than x: one curve each on the plots."""
+        others = [(k, v) for k, v in self.axes if k != self.x]
+        return [dict(zip([k for k, _ in others], combo, strict=True))
+                for combo in itertools.product(*(v for _, v in others))]
+
+    def specs(self, point: dict, repeat: int = 0
+              ) -> tuple[GuestSpec, MigrationSettings]:
+        """The guest and migration settings of one run."""
+        guest = {"guest_memory_bytes": self.guest_memory_bytes, "mode": self.mode}
+        wl: dict = {"seed": self.seed + repeat}
+        mig: dict = {}
+        for name, value in point.items():
+            knob = KNOBS[name]
+            {"guest": guest, "workload": wl, "migration": mig}[knob.section][knob.field] = value
+        workload = replace(self.workload, **wl)
+        settings = replace(self.migration, **mig)
+        spec = GuestSpec(name="sweep", memory_bytes=guest["guest_memory_bytes"],
+                         mode=guest["mode"], workload=workload)
+        return spec, settings
+
+    def with_repeats(self, repeats: int) -> "Scenario":
+        return replace(self, repeats=repeats)
+
+    # -- (de)serialisation: one dict layout, the TOML file's ---------------------------------
+    def to_dict(self) -> dict:
+        wl, mig = self.workload, self.migration
+        d: dict = {"name": self.name, "description": self.description,
+                   "repeats": self.repeats, "seed": self.seed,
+                   "cluster": {"hosts": self.hosts, "host_memory": self.host_memory_bytes},
+                   "guest": {"memory": self.guest_memory_bytes, "mode": self.mode,
+                             "warmup": self.warmup_seconds}}
+        d["workload"] = {k: getattr(wl, KNOBS[k].field) for k in _SECTION_KEYS["workload"]}
+        d["migration"] = {}
+        for k in _SECTION_KEYS["migration"]:
+            value = getattr(mig, KNOBS[k].field)
+            if value is None and k == "max_iterations":
+                continue
+            d["migration"][k] = "unlimited" if value is None else value
+        d["migration"]["timeout"] = mig.timeout_seconds
+        d["migration"]["verify"] = mig.verify
+        if mig.faults:
+            d["faults"] = [f.to_text() for f in mig.faults]
+        d["axes"] = {name: ["unlimited" if v is None else v for v in values]
+                     for name, values in self.axes}
+        d["plot"] = {"rounds_point": self.rounds_point}
+        if self.x_axis is not None:
+            d["plot"]["x"] = self.x_axis
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scenario":
+        return _build(d)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> "Scenario":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}") from None
+        return _build(data)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """A scenario file; any problem is a ConfigError of one line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read scenario {path}: {exc.strerror or exc}") from None
+    try:
+        return Scenario.from_toml(text)
+    except (TypeError, ValueError) as exc:     # ConfigError is a ValueError
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# -- reading the TOML layout -----------------------------------------------------------------
+def _table(d: dict, key: str) -> dict:
+    value = d.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _no_unknown(table: dict, allowed, where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known: "
+                          f"{', '.join(sorted(allowed))}")
+
+
+def _build(d: dict) -> Scenario:
+    if not isinstance(d, dict):
+        raise ConfigError("a scenario is a table of settings")
+    _no_unknown(d, _TOP_KEYS, "the scenario")
+    if "name" not in d:
+        raise ConfigError("the scenario needs a name (name = \"...\")")
+    kw: dict = {"name": _string(d["name"], "name"),
+                "description": _string(d.get("description", ""), "description"),
+                "repeats": parse_count(d.get("repeats", 1), "repeats", 1),
+                "seed": parse_count(d.get("seed", 0), "seed")}
+    kw.update(_cluster(_table(d, "cluster")))
+    kw.update(_fixed(d))
+    kw["axes"] = _axes(_table(d, "axes"))
+    kw.update(_plot(_table(d, "plot")))
+    return Scenario(**kw)
+
+
+def _cluster(cl: dict) -> dict:
+    _no_unknown(cl, {"hosts", "host_memory"}, "[cluster]")
+    kw: dict = {}
+    if "hosts" in cl:
+        kw["hosts"] = parse_count(cl["hosts"], "[cluster] hosts")
+    if "host_memory" in cl:
+        kw["host_memory_bytes"] = parse_positive_size(cl["host_memory"], "[cluster] host_memory")
+    return kw
+
+
+def _fixed(d: dict) -> dict:
+    """The [guest], [workload] and [migration] settings (and `faults`) every run shares."""
+    values: dict[str, dict] = {"guest": {}, "workload": {}, "migration": {}}
+    for sec in values:
+        table = _table(d, sec)
+        _no_unknown(table, set(_SECTION_KEYS[sec]) | set(_FIXED_ONLY.get(sec, {})), f"[{sec}]")
+        for key, raw in table.items():
+            if key in _FIXED_ONLY.get(sec, {}):
+                fname, parse = _FIXED_ONLY[sec][key]
+            else:
+                knob = KNOBS[_SECTION_KEYS[sec][key]]
+                fname, parse = knob.field, knob.parse
+            values[sec][fname] = parse(raw, f"[{sec}] {key}")
+    kw = dict(values["guest"])   # guest_memory_bytes, mode, warmup_seconds
+    kw["workload"] = WorkloadSpec(**values["workload"])
+    if "faults" in d:   # injected into every run, e.g. faults = ["stall-link@round1:2s"]
+        from nodes.faults.spec import faults_from_toml
+        values["migration"]["faults"] = faults_from_toml(d["faults"])
+    kw["migration"] = MigrationSettings(**values["migration"])
+    return kw
+
+
+def _axes(table: dict) -> tuple[tuple[str, tuple], ...]:
+    axes = []
+    for name, raw in table.items():
+        if name not in KNOBS:
+            raise ConfigError(f"unknown axis {name!r} in [axes]; sweepable: {', '.join(KNOBS)}")
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"[axes] {name} must be a non-empty list of values")
+        axes.append((name, tuple(KNOBS[name].parse(v, f"[axes] {name}") for v in raw)))
+    return tuple(axes)
+
+
+def _plot(plot: dict) -> dict:
+    _no_unknown(plot, {"x", "rounds_point"}, "[plot]")
+    kw: dict = {}
+    if "x" in plot:
+        kw["x_axis"] = _string(plot["x"], "[plot] x")
+    if "rounds_point" in plot:
+        kw["rounds_point"] = parse_count(plot["rounds_point"], "[plot] rounds_point")
+    return kw
