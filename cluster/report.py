@@ -162,7 +162,8 @@ class MigrationReport:
                 f"{_rate(r['throughput_bytes_per_second']):>12} "
                 f"{r['dirty_rate_pages_per_second']:>10.0f}")
         lines += [
-            f"  stop reason: {self.stop_reason}",
+            f"  stop reason: {self.stop_reason} ({self.stop_code}); dirty-sync-count "
+            f"{self.dirty_sync_count}",
             f"  total time {ms(self.total_time_seconds)}, downtime {ms(self.downtime_seconds)}"
             f" (source view {ms(self.downtime_source_seconds)}, guest saw "
             f"{ms(self.guest_observed_downtime_seconds)})",

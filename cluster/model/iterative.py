@@ -4,6 +4,7 @@ migbed's own policy object (see the package docstring for the steps)."""
 import math
 from dataclasses import dataclass, field
 
+from cluster.model.continuous import ContinuousRun, layout
 from cluster.model.workload import Region, rate_of, regions
 from nodes.errors import ConfigError
 from nodes.migration.policy import (
@@ -49,6 +50,7 @@ class ModelPrediction:
     pages_sent_total: float
     bytes_sent_total: float
     converged: bool               # stopped on the policy's own target, not a cap
+    dirty_sync_count: int         # bitmap syncs, setup's and stop-and-copy's included
     lambda_ratio: float           # D / R: dirty bytes per second over the effective bandwidth
     bandwidth_bytes_per_second: float   # effective live bandwidth, min(link, rate limit)
 
@@ -69,6 +71,7 @@ class ModelPrediction:
             "pages_sent_total": self.pages_sent_total,
             "bytes_sent_total": self.bytes_sent_total,
             "converged": self.converged,
+            "dirty_sync_count": self.dirty_sync_count,
             "lambda_ratio": self.lambda_ratio,
             "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
         }
@@ -98,6 +101,7 @@ class _PreCopy:
     stop_code: StopCode | None = None
     converged: bool = False
     aborted: bool = False
+    syncs: int = 1                # bitmap syncs so far, setup's included (dirty-sync-count)
 
     @property
     def last(self) -> ModelRound | None:
@@ -202,6 +206,7 @@ def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float
     run.total_written += sent
     run.elapsed += duration
     run.dirty = dirtied
+    run.syncs += 1                # the CLEAN that ends the round
 
 
 def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float) -> _PreCopy:
@@ -218,6 +223,21 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float) -> 
             _stop(run, decision, pol, stats.iteration)
             return run
         _live_round(run, guest, pol, latency)
+
+
+def _continuous(guest: _Guest, pol: PrecopyPolicy, data_pages: int) -> _PreCopy:
+    """Pre-copy under a policy that decides after every chunk (`continuous`)."""
+    model = ContinuousRun(layout(guest.regions, data_pages, guest.guest_pages), pol,
+                          guest.seconds_per_page, guest.wire_per_page, guest.page_size,
+                          guest.guest_pages)
+    decision = model.run()
+    run = _PreCopy(dirty=model.final_pages(), elapsed=model.now,
+                   total_written=model.sent_pages, syncs=model.sync.count)
+    run.rounds = [ModelRound(index=r["index"], pages_sent=r["pages_sent"], pages_skipped=0.0,
+                             pages_dirtied=r["pages_dirtied"],
+                             duration_seconds=r["end"] - r["start"]) for r in model.rounds]
+    _stop(run, decision, pol, len(run.rounds))
+    return run
 
 
 def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: WorkloadSpec,
@@ -256,7 +276,10 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                    wire_per_page, wire_per_page / rate)
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
                                     **(policy_settings or {}))
-    run = _precopy(guest, pol, rate, latency_seconds)
+    if pol.mid_pass:
+        run = _continuous(guest, pol, data_pages)
+    else:
+        run = _precopy(guest, pol, rate, latency_seconds)
 
     rounds = list(run.rounds)
     final_pages, downtime = 0.0, 0.0
@@ -274,6 +297,6 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
         stop_code=None if run.aborted or run.stop_code is None else run.stop_code.value,
         total_time_seconds=run.elapsed + downtime, downtime_seconds=downtime,
         pages_sent_total=pages_total, bytes_sent_total=pages_total * wire_per_page,
-        converged=run.converged,
+        converged=run.converged, dirty_sync_count=run.syncs + (0 if run.aborted else 1),
         lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
         bandwidth_bytes_per_second=rate)

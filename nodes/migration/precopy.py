@@ -120,6 +120,8 @@ def chunk(ctx: SourceContext, batch: int) -> None:
         if ctx.current is None:
             if not cursor.pending_pages:
                 return                           # all clean: nothing to send until a sync
+            if len(ctx.rounds) >= policy.max_iterations:
+                return                           # no pass past the cap starts
             ctx.current = _Pass(len(ctx.rounds))
         index = ctx.current.stats.index
         ctx.progress.round = index
