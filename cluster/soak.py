@@ -185,19 +185,11 @@ def run_soak(tb, opts: SoakOptions,
               else min(opts.warmup_migrations, opts.migrations))
     res.warmup_migrations = warmup
     before = {n: h.call("frame_counts") for n, h in tb.hosts.items()}
-    tag = uuid.uuid4().hex[:6]
-    names = [f"soak-{tag}-{i}" for i in range(opts.guests)]
-    where: dict[str, int] = {}
-    start_rss = _rss(tb)
-    warm_rss = start_rss
+    start_rss = warm_rss = end_rss = _rss(tb)
     downtimes: list[float] = []
-    end_rss: dict[int, dict] = {}
+    where = _boot_guests(tb, hosts, opts)
+    names = list(where)
     try:
-        for i, g in enumerate(names):
-            wl = replace(opts.workload, seed=opts.workload.seed + i)
-            tb.host(hosts[i % len(hosts)]).call(
-                "create_guest", GuestSpec(g, opts.guest_memory_bytes, workload=wl).to_dict())
-            where[g] = i % len(hosts)
         with ScrapeProbe(tb.metrics_endpoints()) as probe:
             t0 = time.monotonic()
             for k in range(opts.migrations):
@@ -206,46 +198,77 @@ def run_soak(tb, opts: SoakOptions,
                 alive = [g for g in names if g in where]
                 if not alive:
                     break
-                g = alive[k % len(alive)]
-                src, dst = hosts[where[g]], hosts[(where[g] + 1) % len(hosts)]
-                try:
-                    r = run_migration(tb.host(src), tb.host(dst), g, opts.settings)
-                except MigbedError as exc:
-                    res.migrations += 1
-                    _keep(res, f"#{k} {g} {src}->{dst}: refused: {exc}")
-                    continue
-                res.migrations += 1
-                if r.status == "completed":
-                    res.completed += 1
-                    if r.integrity.verified:
-                        res.verified += 1
-                    if r.downtime_seconds is not None:
+                r = _ring_step(tb, hosts, where, alive[k % len(alive)], k, opts, res)
+                if r is not None:
+                    if r.downtime_seconds is not None and r.status == "completed":
                         downtimes.append(r.downtime_seconds)
-                if r.status != "completed" or not r.integrity.verified:
-                    _keep(res, f"#{k} {g} {src}->{dst}: {r.status} ({r.error}), verified "
-                               f"{r.integrity.verified}")
-                if r.guest_lost or r.guest_host is None:
-                    res.guests_lost += 1
-                    del where[g]
-                else:
-                    where[g] = hosts.index(r.guest_host)
-                if on_step is not None:
-                    on_step(k, r)
+                    if on_step is not None:
+                        on_step(k, r)
             res.total_time_seconds = time.monotonic() - t0
         res.metrics_scrapes_ok, res.metrics_scrape_failures = probe.ok, probe.failures
         end_rss = _rss(tb)
         res.frames_exact = _frames_exact(tb)
     finally:
-        for g in names:
-            if g in where:
-                try:
-                    tb.host(hosts[where[g]]).call("destroy_guest", g)
-                except MigbedError:
-                    pass
+        for g, i in where.items():
+            try:
+                tb.host(hosts[i]).call("destroy_guest", g)
+            except MigbedError:
+                pass
     res.frames_restored = {n: h.call("frame_counts") == before[n] for n, h in tb.hosts.items()}
-    for pid, s in start_rss.items():
-        w = warm_rss.get(pid, s)
-        e = end_rss.get(pid, w)
+    _memory_growth(res, start_rss, warm_rss, end_rss)
+    if downtimes:
+        ds = sorted(downtimes)
+        res.downtime_seconds = {"median": statistics.median(ds),
+                                "p99": ds[min(len(ds) - 1, int(0.99 * len(ds)))],
+                                "max": ds[-1]}
+    return res
+
+
+def _boot_guests(tb, hosts: list[str], opts: SoakOptions) -> dict[str, int]:
+    """The soak's guests, spread around the ring: guest -> index of its host."""
+    tag = uuid.uuid4().hex[:6]
+    where: dict[str, int] = {}
+    for i in range(opts.guests):
+        g = f"soak-{tag}-{i}"
+        wl = replace(opts.workload, seed=opts.workload.seed + i)
+        tb.host(hosts[i % len(hosts)]).call(
+            "create_guest", GuestSpec(g, opts.guest_memory_bytes, workload=wl).to_dict())
+        where[g] = i % len(hosts)
+    return where
+
+
+def _ring_step(tb, hosts: list[str], where: dict[str, int], g: str, k: int,
+               opts: SoakOptions, res: SoakResult):
+    """Migration `k`: guest `g` one host on around the ring, checked and counted; the
+    report, or None if the migration was refused before anything moved."""
+    src, dst = hosts[where[g]], hosts[(where[g] + 1) % len(hosts)]
+    res.migrations += 1
+    try:
+        r = run_migration(tb.host(src), tb.host(dst), g, opts.settings)
+    except MigbedError as exc:
+        _keep(res, f"#{k} {g} {src}->{dst}: refused: {exc}")
+        return None
+    if r.status == "completed":
+        res.completed += 1
+        if r.integrity.verified:
+            res.verified += 1
+    if r.status != "completed" or not r.integrity.verified:
+        _keep(res, f"#{k} {g} {src}->{dst}: {r.status} ({r.error}), verified "
+                   f"{r.integrity.verified}")
+    if r.guest_lost or r.guest_host is None:
+        res.guests_lost += 1
+        del where[g]
+    else:
+        where[g] = hosts.index(r.guest_host)
+    return r
+
+
+def _memory_growth(res: SoakResult, start: dict, warm: dict, end: dict) -> None:
+    """Each host process's resident memory at the start, after the warm-up and at the end;
+    the growth after the warm-up is the figure the soak checks."""
+    for pid, s in start.items():
+        w = warm.get(pid, s)
+        e = end.get(pid, w)
         res.rss_bytes[pid] = {"hosts": s["hosts"], "start": s["rss"],
                               "after_warmup": w["rss"], "end": e["rss"],
                               "other_start": s["other"], "other_after_warmup": w["other"],
@@ -255,12 +278,6 @@ def run_soak(tb, opts: SoakOptions,
         res.rss_growth_bytes = max(r["end"] - r["after_warmup"] for r in rs)
         res.rss_growth_from_start_bytes = max(r["end"] - r["start"] for r in rs)
         res.other_rss_growth_bytes = max(r["other_end"] - r["other_after_warmup"] for r in rs)
-    if downtimes:
-        ds = sorted(downtimes)
-        res.downtime_seconds = {"median": statistics.median(ds),
-                                "p99": ds[min(len(ds) - 1, int(0.99 * len(ds)))],
-                                "max": ds[-1]}
-    return res
 
 
 def _keep(res: SoakResult, error: str) -> None:
