@@ -122,6 +122,11 @@ class ProgressLog:
             return walls, pages, slept
 
     @property
+    def wrapped(self) -> bool:
+        """The ring has dropped its oldest records."""
+        return self._stored > self.capacity_entries
+
+    @property
     def latest(self) -> tuple[float, int] | None:
         with self._lock:
             return self._latest
@@ -153,6 +158,7 @@ class VCPU:
         self._slice_start = 0.0
         self._ring_written = 0
         self._sleeping = threading.Event()
+        self._sleep_started: tuple[float, bool] | None = None   # (monotonic, dirty-limit?)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -254,14 +260,22 @@ class VCPU:
                 self._ring_written %= ring
                 if self.ring_full_sleep_seconds:
                     self.dirty_limit_sleep_seconds_total += self._sleep(
-                        self.ring_full_sleep_seconds)
+                        self.ring_full_sleep_seconds, dirty_limit=True)
 
-    def _sleep(self, seconds: float) -> float:
+    def sleeping_seconds(self, dirty_limit: bool) -> float:
+        """How long the throttle sleep under way (of that kind) has lasted so far."""
+        started = self._sleep_started
+        if started is None or started[1] != dirty_limit:
+            return 0.0
+        return max(0.0, time.monotonic() - started[0])
+
+    def _sleep(self, seconds: float, dirty_limit: bool = False) -> float:
         """Sleep `seconds` throttled, ended early by a pause or a stop; logged and marked,
         and the workload's clock restarted so the sleep earns it no budget."""
         dom = self.domain
         self._sleeping.set()
         start_wall, t0 = time.time(), time.monotonic()
+        self._sleep_started = (t0, dirty_limit)
         end = t0 + seconds
         try:
             while not self._stop.is_set() and dom.running.is_set():
@@ -273,6 +287,7 @@ class VCPU:
             self.log.record_sleep(start_wall, start_wall + slept,
                                   self.workload.pages_written_total)
         finally:
+            self._sleep_started = None
             self._sleeping.clear()
         with dom.lock:
             self.workload.resume(time.monotonic())
@@ -320,6 +335,8 @@ class VCPU:
         if end_wall <= start_wall:
             return 0.0
         walls, _, slept = self.log.marked_arrays()
+        if self.log.wrapped and len(walls):
+            start_wall = max(start_wall, float(walls[0]))   # older records are gone
         keep = (walls > start_wall) & (walls < end_wall)
         after = np.flatnonzero(walls >= end_wall)
         sleeping_at_end = bool(len(after) and slept[after[0]])

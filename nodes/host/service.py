@@ -215,8 +215,10 @@ class HostService:
             return {"pages_written_total": 0, "throttle_sleep_seconds": 0.0,
                     "dirty_limit_sleep_seconds": 0.0}
         return {"pages_written_total": int(vcpu.pages_written_total),
-                "throttle_sleep_seconds": vcpu.throttle_sleep_seconds_total,
-                "dirty_limit_sleep_seconds": vcpu.dirty_limit_sleep_seconds_total}
+                "throttle_sleep_seconds": (vcpu.throttle_sleep_seconds_total
+                                           + vcpu.sleeping_seconds(dirty_limit=False)),
+                "dirty_limit_sleep_seconds": (vcpu.dirty_limit_sleep_seconds_total
+                                              + vcpu.sleeping_seconds(dirty_limit=True))}
 
     def measured_fixed_downtime(self, destination: str) -> float | None:
         return self._fixed_downtime.get(destination)
