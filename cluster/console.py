@@ -133,10 +133,14 @@ def prediction_renderables(prediction: dict, heading: str) -> list[RenderableTyp
                        f"{r['pages_sent']:.0f}", f"{r['pages_skipped']:.0f}",
                        f"{r['pages_dirtied']:.0f}", f"{r['duration_seconds'] * 1000:.1f} ms")
     p = prediction
-    return [Text(heading, style="bold"), rounds,
-            Text(f"stop reason: {p['stop_reason']} (converged: {p['converged']})"),
-            Text(f"total time {_ms(p['total_time_seconds'])}, downtime "
-                 f"{_ms(p['downtime_seconds'])}, {p['pages_sent_total']:.0f} pages sent")]
+    out = [Text(heading, style="bold"), rounds,
+           Text(f"stop reason: {p['stop_reason']} (converged: {p['converged']})"),
+           Text(f"total time {_ms(p['total_time_seconds'])}, downtime "
+                f"{_ms(p['downtime_seconds'])}, {p['pages_sent_total']:.0f} pages sent")]
+    if p.get("throttle_schedule"):
+        steps = ", ".join(f"{pct} % at {t:.1f} s" for t, pct in p["throttle_schedule"])
+        out.append(Text(f"auto-converge: {steps}; {p['cpu_throttle_percentage']} % at the end"))
+    return out
 
 
 # -- migbed bench ------------------------------------------------------------------------------

@@ -65,5 +65,6 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
         on_progress({"migration_id": mid, "guest": guest, "status": source.status,
                      "rounds": [r.to_dict() for r in source.rounds]})
     report = MigrationReport.build(mid, guest, src.name, dst.name, info, settings, settled)
-    report.model = model_block(report, info.get("workload"), settings)
+    report.model = model_block(report, info.get("workload"), settings,
+                               fixed_downtime=source.fixed_downtime)
     return report
