@@ -120,6 +120,11 @@ class RoundPrinter:
                         f"dirtied {r['pages_dirtied']:>7} in "
                         f"{r['duration_seconds'] * 1000:7.1f} ms "
                         f"({format_bytes(r['throughput_bytes_per_second'])}/s)")
+            if r.get("cpu_throttle_percentage"):
+                line.append(f", throttle {r['cpu_throttle_percentage']} %", style="yellow")
+            if r.get("dirty_limit_throttle_seconds"):
+                line.append(f", dirty-limit slept {r['dirty_limit_throttle_seconds'] * 1000:.0f}"
+                            " ms", style="yellow")
             self.console.print(line)
         self.shown = len(progress["rounds"])
 

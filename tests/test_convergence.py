@@ -369,6 +369,41 @@ def test_guest_observed_downtime_counts_the_pause_not_the_throttle(in_process):
     assert r.guest_cost["throttled_seconds"] > 0
 
 
+def test_the_throttle_shows_in_progress_and_on_a_real_metrics_scrape(in_process):
+    """While auto-converge throttles, progress says cpu_throttle_percentage and the host's
+    /metrics says migbed_migration_cpu_throttle_ratio, scraped over HTTP."""
+    import threading
+
+    from test_metrics import Samples, scrape
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("vm", 4 * MiB, "p2m",
+                                  workload=WorkloadSpec("uniform", 8000, seed=1)))
+    time.sleep(0.3)
+    endpoint = tb.hosts["host-0"].service.metrics_endpoint()
+    seen, ratios, done = [], [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            s = Samples(scrape(endpoint))
+            if s.has("migbed_migration_cpu_throttle_ratio", guest="vm"):
+                ratios.append(s.get("migbed_migration_cpu_throttle_ratio", guest="vm"))
+            time.sleep(0.05)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        r = tb.migrate("vm", "host-1", MigrationSettings(
+            policy="qemu", link_bytes_per_second=8 * MiB, max_iterations=12,
+            auto_converge=True, throttle_initial=60, throttle_increment=20),
+            on_progress=lambda p: seen.append(p.get("cpu_throttle_percentage", 0)))
+    finally:
+        done.set()
+        watcher.join()
+    assert r.status == "completed"
+    assert 60 in seen
+    assert any(x == pytest.approx(0.6) for x in ratios)       # the first step, as a ratio
+    assert not Samples(scrape(endpoint)).has("migbed_migration_cpu_throttle_ratio", guest="vm")
+
+
 # -- each timeout path leaves the guest where it should be, nothing lost ----------------------
 def test_completion_timeout_abort_leaves_the_guest_on_its_source(in_process):
     tb, r = non_converging(in_process, completion_timeout_seconds=1.0)
