@@ -339,6 +339,16 @@ def test_with_auto_converge_it_converges(in_process):
     frames_exact(tb)
 
 
+def test_auto_converge_applies_under_the_xen_policies_too(in_process):
+    """The trigger runs at the CLEAN that ends each round: rounds of half a second close a
+    rate period every other round, and the throttle follows."""
+    tb, r = non_converging(in_process, policy="xen", max_iterations=10, auto_converge=True,
+                           throttle_initial=50)
+    assert r.status == "completed"
+    assert max(x["cpu_throttle_percentage"] for x in r.rounds) >= 50, r.table()
+    assert r.guest_cost["throttled_seconds"] > 0
+
+
 def test_dirty_limit_slows_a_writing_guest(in_process):
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
     tb.create("host-0", GuestSpec("vm", 8 * MiB, "p2m",

@@ -15,7 +15,7 @@ marked plus what was dirtied since the last sync.
 
 from dataclasses import dataclass
 
-from cluster.model.throttle import ModelThrottle, running_share
+from cluster.model.throttle import ModelThrottle, running_share, timeout_decision
 from cluster.model.workload import Region
 from nodes.migration.dirtysync import SyncLog
 from nodes.migration.policy import Action, PrecopyStats, QemuPolicy
@@ -56,7 +56,7 @@ class ContinuousRun:
 
     def __init__(self, spans: list[_Span], policy: QemuPolicy, seconds_per_page: float,
                  wire_per_page: float, page_size: int, guest_pages: int,
-                 throttle: ModelThrottle | None = None):
+                 throttle: ModelThrottle | None = None, timeouts=None):
         self.spans = spans
         self.policy = policy
         self.spp = seconds_per_page
@@ -69,6 +69,7 @@ class ContinuousRun:
         self.last_sync = 0.0
         self.sync = SyncLog(page_size, guest_pages, 0.0)
         self.throttle = throttle
+        self.timeouts = timeouts            # the engine's Timeouts (completion only)
         self.guest_now = 0.0                # the vCPU's running time (throttled time is not)
         self.guest_last_sync = 0.0
         self.rounds: list[dict] = []        # index, pages_sent, pages_dirtied, start, end
@@ -90,6 +91,8 @@ class ContinuousRun:
             if self.policy.wants_exact(self.marked * self.page_size):
                 self._sync()
             decision = self.policy.decide(self._stats())
+            if decision.action is Action.CONTINUE:
+                decision = timeout_decision(self.timeouts, self.now) or decision
             if decision.action is not Action.CONTINUE:
                 if self.current is not None:
                     self._close_pass()

@@ -5,7 +5,12 @@ import math
 from dataclasses import dataclass, field
 
 from cluster.model.continuous import ContinuousRun, layout
-from cluster.model.throttle import ModelThrottle, ThrottleSpec, running_share
+from cluster.model.throttle import (
+    ModelThrottle,
+    ThrottleSpec,
+    running_share,
+    timeout_decision,
+)
 from cluster.model.workload import Region, rate_of, regions
 from nodes.errors import ConfigError
 from nodes.migration.dirtysync import SyncLog
@@ -229,7 +234,7 @@ def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float
 
 
 def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
-             throttle: ModelThrottle | None) -> _PreCopy:
+             throttle: ModelThrottle | None, timeouts=None) -> _PreCopy:
     """The live rounds, each after the policy said CONTINUE, until it says otherwise."""
     run = _PreCopy(dirty=float(guest.guest_pages), throttle=throttle,
                    sync=SyncLog(guest.page_size, guest.guest_pages, 0.0))
@@ -240,6 +245,8 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
                                      f"model guard ({_ROUND_GUARD} rounds)")
         else:
             decision = pol.decide(stats)
+        if decision.action is Action.CONTINUE:      # checked between rounds here
+            decision = timeout_decision(timeouts, run.elapsed) or decision
         if decision.action is not Action.CONTINUE:
             _stop(run, decision, pol, stats.iteration)
             return run
@@ -247,11 +254,11 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
 
 
 def _continuous(guest: _Guest, pol: PrecopyPolicy, data_pages: int,
-                throttle: ModelThrottle | None) -> _PreCopy:
+                throttle: ModelThrottle | None, timeouts=None) -> _PreCopy:
     """Pre-copy under a policy that decides after every chunk (`continuous`)."""
     model = ContinuousRun(layout(guest.regions, data_pages, guest.guest_pages), pol,
                           guest.seconds_per_page, guest.wire_per_page, guest.page_size,
-                          guest.guest_pages, throttle)
+                          guest.guest_pages, throttle, timeouts)
     decision = model.run()
     run = _PreCopy(dirty=model.final_pages(), elapsed=model.now,
                    total_written=model.sent_pages, syncs=model.sync.count, throttle=throttle)
@@ -272,7 +279,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             dirty_rate_pages_per_second: float | None = None,
             bytes_per_page_overhead: float = 8.0, record_overhead_bytes: float = 32.0,
             policy_settings: dict | None = None,
-            auto_converge: ThrottleSpec | None = None) -> ModelPrediction:
+            auto_converge: ThrottleSpec | None = None,
+            completion_timeout=None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
@@ -283,7 +291,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `latency_seconds` is added to every round, the stop-and-copy included.
     `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
     `auto_converge` throttles the modelled guest on the engine's own schedule
-    (`cluster.model.throttle`).
+    (`cluster.model.throttle`); `completion_timeout` (the engine's `Timeouts`) ends the
+    live rounds as the engine's does (between rounds under the xen policies).
     """
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
@@ -306,9 +315,9 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     throttle = (ModelThrottle(auto_converge, page_size) if auto_converge is not None
                 else None)
     if pol.mid_pass:
-        run = _continuous(guest, pol, data_pages, throttle)
+        run = _continuous(guest, pol, data_pages, throttle, completion_timeout)
     else:
-        run = _precopy(guest, pol, rate, latency_seconds, throttle)
+        run = _precopy(guest, pol, rate, latency_seconds, throttle, completion_timeout)
 
     rounds = list(run.rounds)
     final_pages, downtime = 0.0, 0.0

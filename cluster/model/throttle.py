@@ -1,4 +1,5 @@
-"""Auto-converge in the model: the throttle schedule the engine's own rules produce.
+"""Auto-converge in the model: the throttle schedule the engine's own rules produce (and the
+completion timeout, read by the engine's own `Timeouts`).
 
 The model's bitmap syncs are counted by the engine's `SyncLog`; each one that closes a 1 s
 rate period goes to the engine's `ThrottleTrigger`, and every second hot period steps the
@@ -10,8 +11,11 @@ guest clock at that pace and asks the workload for the pages it dirties on that 
 
 from dataclasses import dataclass, field
 
+from nodes.errors import MigrationTimedOut
 from nodes.migration.dirtysync import SyncPeriod
+from nodes.migration.policy import Decision
 from nodes.migration.throttle import AutoConverge, ThrottleTrigger
+from nodes.migration.timeouts import Timeouts, completion_seconds
 
 
 @dataclass(frozen=True)
@@ -64,3 +68,21 @@ class ModelThrottle:
 
 def running_share(throttle: "ModelThrottle | None") -> float:
     return 1.0 if throttle is None else throttle.running_share
+
+
+def timeout_decision(timeouts: "Timeouts | None", now: float) -> Decision | None:
+    """The engine's completion timeout at the model's `now`: pause or post-copy stop the
+    live rounds; abort is the model's ABORT (the engine cancels)."""
+    if timeouts is None:
+        return None
+    try:
+        return timeouts.check(now, None)
+    except MigrationTimedOut as exc:
+        return Decision.abort(str(exc))
+
+
+def timeouts_from(settings, guest_bytes: int) -> "Timeouts | None":
+    """The completion timeout a MigrationSettings asks for, as the engine reads it."""
+    seconds = completion_seconds(settings.completion_timeout_seconds,
+                                 settings.completion_timeout_per_gib_seconds, guest_bytes)
+    return None if seconds is None else Timeouts(seconds, settings.on_timeout, None, 0.0)
