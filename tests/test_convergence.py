@@ -506,3 +506,30 @@ def test_the_model_says_when_auto_converge_converges_and_at_what_throttle():
     assert all(b - a == 20 or b == 99 for a, b in zip(steps, steps[1:], strict=False))
     assert with_aid.cpu_throttle_percentage == steps[-1]
     assert with_aid.total_time_seconds < plain.total_time_seconds
+
+
+# -- the ready sweeps ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["auto-converge-step", "dirty-limit-quota", "convergence-aids"])
+def test_ready_convergence_scenarios_load_and_round_trip(name):
+    from pathlib import Path
+
+    from cluster.sweep.scenario import Scenario, load_scenario
+    sc = load_scenario(Path(__file__).parent.parent / "scenarios" / f"{name}.toml")
+    assert Scenario.from_toml(sc.to_toml()) == sc
+    settings = [sc.specs(p)[1] for p in sc.points()]
+    if name == "auto-converge-step":
+        assert {s.throttle_increment for s in settings} == {5, 10, 20}
+        assert all(s.auto_converge for s in settings)
+    elif name == "dirty-limit-quota":
+        assert {s.dirty_limit_bytes_per_second for s in settings} == {10e6, 20e6, 50e6}
+    else:
+        aids = {(s.auto_converge, s.dirty_limit_bytes_per_second, s.on_timeout)
+                for s in settings}
+        assert aids == {(False, None, "abort"), (True, None, "abort"),
+                        (False, 20e6, "abort"), (False, None, "pause")}
+
+
+def test_an_unknown_aid_is_refused_in_one_line():
+    from cluster.sweep.scenario import Scenario
+    with pytest.raises(ConfigError, match="is not an aid"):
+        Scenario.from_toml('name = "x"\n[axes]\naid = ["none", "magic"]\n')

@@ -33,6 +33,7 @@ from nodes.migration.policy import Action, Decision, PrecopyStats, QemuPolicy
 from nodes.migration.progress import RoundStats
 from nodes.migration.records import MAX_BATCH_PAGES
 from nodes.migration.records import RecordType as RT
+from nodes.migration.throttle import FORCED_SYNC_SECONDS
 from nodes.phase import Phase
 
 MIN_BATCH_PAGES = 64     # QEMU looks at the clock every 64 pages
@@ -147,7 +148,7 @@ def continuous(ctx: SourceContext) -> Decision:
     batch = batch_pages(ctx)
     while True:
         estimate = cursor.pending_pages
-        if policy.wants_exact(estimate * ctx.hv.page_size):
+        if policy.wants_exact(estimate * ctx.hv.page_size) or forced_sync_due(ctx):
             fresh = ctx.clean(time.monotonic())
             if ctx.current is not None:
                 ctx.current.stats.pages_dirtied += fresh
@@ -160,6 +161,12 @@ def continuous(ctx: SourceContext) -> Decision:
             return decision
         chunk(ctx, batch)
         rate_limit(ctx)
+
+
+def forced_sync_due(ctx: SourceContext) -> bool:
+    """QEMU 9.2+: with auto-converge, a sync when none came for 5 s."""
+    return (ctx.settings.auto_converge
+            and time.monotonic() - ctx.sync.last_sync_at >= FORCED_SYNC_SECONDS)
 
 
 def chunk(ctx: SourceContext, batch: int) -> None:

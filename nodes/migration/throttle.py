@@ -18,6 +18,9 @@ DIRTYLIMIT_TOLERANCE_RANGE_MB = 25
 DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT = 50
 DIRTYLIMIT_THROTTLE_PCT_MAX = 99
 DIRTY_RING_PAGES = 4096           # KVM's dirty-ring-size, in entries (pages), as usually set
+# QEMU 9.2+: with auto-converge, a bitmap sync is forced when none came for 5 s, so a long
+# pass still closes rate periods (CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS).
+FORCED_SYNC_SECONDS = 5.0
 MB = 10**6
 
 
