@@ -228,6 +228,10 @@ def _aid_lines(r: "MigrationReport") -> list[str]:
                      + " ".join(str(x.get("cpu_throttle_percentage", 0)) for x in r.rounds
                                 if not x.get("final"))
                      + f" %; dirty-limit slept {_ms(c['dirty_limit_throttle_seconds'])}")
+    fixed = (r.model or {}).get("fixed_downtime")
+    if fixed:
+        lines.append(f"  fixed downtime subtracted from the budget: {_ms(fixed['seconds'])} "
+                     f"({fixed['basis']})")
     g = r.guest_cost
     if g and g.get("write_rate_before_pages_per_second"):
         slow = g.get("slowdown")
