@@ -262,6 +262,17 @@ class VCPU:
                     self.dirty_limit_sleep_seconds_total += self._sleep(
                         self.ring_full_sleep_seconds, dirty_limit=True)
 
+    NO_THROTTLE_STATS = {"pages_written_total": 0, "throttle_sleep_seconds": 0.0,
+                         "dirty_limit_sleep_seconds": 0.0}
+
+    def throttle_stats(self) -> dict:
+        """Page writes so far and the seconds slept throttled, a sleep under way included."""
+        return {"pages_written_total": int(self.pages_written_total),
+                "throttle_sleep_seconds": (self.throttle_sleep_seconds_total
+                                           + self.sleeping_seconds(dirty_limit=False)),
+                "dirty_limit_sleep_seconds": (self.dirty_limit_sleep_seconds_total
+                                              + self.sleeping_seconds(dirty_limit=True))}
+
     def sleeping_seconds(self, dirty_limit: bool) -> float:
         """How long the throttle sleep under way (of that kind) has lasted so far."""
         started = self._sleep_started

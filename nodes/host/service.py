@@ -211,14 +211,7 @@ class HostService:
 
     def vcpu_throttle_stats(self, name: str) -> dict:
         vcpu = self.vcpus.get(name) or self._retired.get(name)
-        if vcpu is None:
-            return {"pages_written_total": 0, "throttle_sleep_seconds": 0.0,
-                    "dirty_limit_sleep_seconds": 0.0}
-        return {"pages_written_total": int(vcpu.pages_written_total),
-                "throttle_sleep_seconds": (vcpu.throttle_sleep_seconds_total
-                                           + vcpu.sleeping_seconds(dirty_limit=False)),
-                "dirty_limit_sleep_seconds": (vcpu.dirty_limit_sleep_seconds_total
-                                              + vcpu.sleeping_seconds(dirty_limit=True))}
+        return vcpu.throttle_stats() if vcpu is not None else dict(VCPU.NO_THROTTLE_STATS)
 
     def measured_fixed_downtime(self, destination: str) -> float | None:
         return self._fixed_downtime.get(destination)
