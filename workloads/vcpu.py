@@ -368,16 +368,17 @@ class VCPU:
         written = np.interp([start_wall, end_wall], walls, pages)
         return float(written[1] - written[0]) / (end_wall - start_wall)
 
-    def cost(self, start_wall: float, end_wall: float, slept_seconds: float,
-             before_seconds: float = 1.0) -> dict:
+    def cost(self, start_wall: float, end_wall: float, pages_at_start: int,
+             rate_before: float | None, slept_seconds: float) -> dict:
         """What a migration from `start_wall` to `end_wall` cost this guest: its page-write
-        rate in the `before_seconds` before it and during it, the slowdown (1 - during /
-        before; None for a guest that wrote nothing before), and the seconds it slept
-        throttled."""
-        before = self.write_rate(start_wall - before_seconds, start_wall)
-        during = self.write_rate(start_wall, end_wall)
-        slowdown = (1 - during / before) if before and during is not None else None
-        return {"write_rate_before_pages_per_second": before,
+        rate before it (`rate_before`, read when it started) and during it (its writes
+        since `pages_at_start`, the vCPU stopped or paused at `end_wall`), the slowdown
+        (1 - during / before; None for a guest that wrote nothing before), and the seconds
+        it slept throttled."""
+        span = end_wall - start_wall
+        during = (self.pages_written_total - pages_at_start) / span if span > 0 else None
+        slowdown = (1 - during / rate_before) if rate_before and during is not None else None
+        return {"write_rate_before_pages_per_second": rate_before,
                 "write_rate_during_pages_per_second": during,
                 "slowdown": slowdown, "throttled_seconds": slept_seconds}
 

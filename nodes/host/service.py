@@ -289,8 +289,10 @@ class HostService:
             self.migration_counts["started"] += 1
             self.metrics.outgoing_started(t.migration_id, name, progress, settings)
         start_wall = time.time()
-        before = self.vcpus.get(name)
+        before = self.vcpus.get(name)    # the guest's cost: its write rate, read now
         slept0 = before.slept_seconds_total if before is not None else 0.0
+        pages0 = before.pages_written_total if before is not None else 0
+        rate0 = before.write_rate(start_wall - 1.0, start_wall) if before is not None else None
         try:
             result = sender.run()
         finally:
@@ -305,7 +307,7 @@ class HostService:
         if vcpu is not None:
             end_wall = result.pause_wall or time.time()
             result.source_longest_gap_seconds = vcpu.longest_gap(start_wall, end_wall)
-            result.guest_cost = vcpu.cost(start_wall, end_wall,
+            result.guest_cost = vcpu.cost(start_wall, end_wall, pages0, rate0,
                                           vcpu.slept_seconds_total - slept0)
         fixed = result.fixed_downtime
         if result.completed and fixed and "handover" in result.phase_seconds:
