@@ -223,11 +223,15 @@ def _convergence(rounds: list[dict], settings: "MigrationSettings") -> dict | No
 def _aid_lines(r: "MigrationReport") -> list[str]:
     lines = []
     c = r.convergence
-    if c:
-        lines.append(f"  {c['aid']}: cpu throttle per round "
+    if c and c["aid"] == "auto-converge":
+        lines.append("  auto-converge: cpu throttle per round "
                      + " ".join(str(x.get("cpu_throttle_percentage", 0)) for x in r.rounds
-                                if not x.get("final"))
-                     + f" %; dirty-limit slept {_ms(c['dirty_limit_throttle_seconds'])}")
+                                if not x.get("final")) + " %")
+    elif c:
+        lines.append("  dirty-limit: the vCPU slept "
+                     + " ".join(f"{x.get('dirty_limit_throttle_seconds', 0.0) * 1000:.0f}"
+                                for x in r.rounds) + " ms per round"
+                     + f" ({_ms(c['dirty_limit_throttle_seconds'])} in all)")
     fixed = (r.model or {}).get("fixed_downtime")
     if fixed:
         lines.append(f"  fixed downtime subtracted from the budget: {_ms(fixed['seconds'])} "
