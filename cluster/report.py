@@ -241,7 +241,7 @@ def _aid_lines(r: "MigrationReport") -> list[str]:
         slow = g.get("slowdown")
         lines.append(f"  guest cost: {g['write_rate_before_pages_per_second']:.0f} -> "
                      f"{g['write_rate_during_pages_per_second'] or 0:.0f} page writes/s"
-                     + (f" ({slow * 100:.0f} % slower)" if slow is not None else "")
+                     + (f" (slowdown {slow * 100:.0f} %)" if slow is not None else "")
                      + f", throttled {_ms(g.get('throttled_seconds'))}")
     return lines
 

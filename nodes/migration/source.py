@@ -216,6 +216,8 @@ def fail(ctx: SourceContext, exc: BaseException) -> None:
     r.error = describe(exc)
     r.connection_lost = isinstance(exc, ConnectionLost)
     r.stop_code = getattr(exc, "stop_code", None)    # an operator's timeout says which
+    if r.stop_code:
+        r.stop_reason = r.error
     if ctx.handed_over:
         # PERMISSION_TO_GO went out: whether the destination resumed is for the control
         # plane to find out (`resolve_handover`); the copy stays paused here.
