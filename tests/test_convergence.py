@@ -307,6 +307,20 @@ def non_converging(in_process, **settings):
     return tb, tb.migrate("vm", "host-1", s)
 
 
+def hopeless(in_process, **settings):
+    """A 1 MiB guest writing 8000 pages/s over a 1 MiB/s link: it re-dirties its pages many
+    times faster than they go, even slowed several-fold by a loaded machine, so qemu's
+    pre-copy cannot converge; throttled to 99 % (80 writes/s) it does."""
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("vm", 1 * MiB, "p2m",
+                                  workload=WorkloadSpec("uniform", 8000, seed=1)))
+    wait_progress(tb.host("host-0"), "vm")
+    time.sleep(0.3)
+    s = MigrationSettings(**{"policy": "qemu", "link_bytes_per_second": 1 * MiB,
+                             "max_iterations": 10, **settings})
+    return tb, tb.migrate("vm", "host-1", s)
+
+
 def counters_add_up(tb, host: str, guest: str = "vm") -> None:
     """Nothing lost: the guest's per-page counters add up to the writes its workload made."""
     h = tb.host(host)
@@ -319,64 +333,91 @@ def counters_add_up(tb, host: str, guest: str = "vm") -> None:
 
 
 def test_without_auto_converge_it_stops_on_the_cap(in_process):
-    tb, r = non_converging(in_process)
-    assert r.status == "completed" and r.stop_code == "max-iterations"
+    tb, r = hopeless(in_process)
+    assert r.status == "completed" and r.stop_code == "max-iterations", r.table()
     assert all(x["cpu_throttle_percentage"] == 0 for x in r.rounds)
     assert r.convergence is None and r.guest_cost["throttled_seconds"] == 0
 
 
 def test_with_auto_converge_it_converges(in_process):
-    tb, r = non_converging(in_process, auto_converge=True, throttle_initial=60,
-                           throttle_increment=20)
+    tb, r = hopeless(in_process, auto_converge=True, throttle_initial=50,
+                     throttle_increment=49)
     assert r.status == "completed" and r.stop_code == "fits-downtime", r.table()
     live = [x["cpu_throttle_percentage"] for x in r.rounds if not x["final"]]
-    assert live[0] == 0 and live[-1] >= 60
+    assert live[0] == 0 and live[-1] in (50, 99)
     assert all(b >= a for a, b in zip(live, live[1:], strict=False))
-    assert r.convergence["cpu_throttle_percentage_max"] >= 60
-    assert r.guest_cost["throttled_seconds"] > 0 and r.guest_cost["slowdown"] > 0
+    assert r.convergence["cpu_throttle_percentage_max"] >= 50
+    assert r.guest_cost["throttled_seconds"] > 0
     assert r.integrity.verified
     counters_add_up(tb, "host-1")
     frames_exact(tb)
 
 
 def test_auto_converge_applies_under_the_xen_policies_too(in_process):
-    """The trigger runs at the CLEAN that ends each round: rounds of half a second close a
-    rate period every other round, and the throttle follows."""
-    tb, r = non_converging(in_process, policy="xen", max_iterations=10, auto_converge=True,
-                           throttle_initial=50)
+    """The trigger runs at the CLEAN that ends each round: rounds of a second close a rate
+    period each, and the throttle follows."""
+    tb, r = hopeless(in_process, policy="xen", max_iterations=8, auto_converge=True,
+                     throttle_initial=50)
     assert r.status == "completed"
     assert max(x["cpu_throttle_percentage"] for x in r.rounds) >= 50, r.table()
     assert r.guest_cost["throttled_seconds"] > 0
 
 
 def test_dirty_limit_slows_a_writing_guest(in_process):
+    """A guest writing as fast as its vCPU can (hundreds of MB/s, far above the quota and
+    its 25 MB/s tolerance, however loaded the machine) is slept by the dirty ring."""
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
     tb.create("host-0", GuestSpec("vm", 8 * MiB, "p2m",
-                                  workload=WorkloadSpec("uniform", 20000, seed=1)))
+                                  workload=WorkloadSpec("uniform", 0, seed=1)))
     time.sleep(0.3)
     r = tb.migrate("vm", "host-1", MigrationSettings(
         policy="qemu", link_bytes_per_second=8 * MiB, max_iterations=6,
-        dirty_limit_bytes_per_second=10e6, dirty_limit_period_seconds=0.5))
+        dirty_limit_bytes_per_second=1e6, dirty_limit_period_seconds=0.5))
     assert r.status == "completed" and r.integrity.verified, r.table()
     assert r.convergence["dirty_limit_throttle_seconds"] > 0
     assert sum(x["dirty_limit_throttle_seconds"] for x in r.rounds) > 0
-    assert r.guest_cost["slowdown"] > 0
+    assert r.guest_cost["throttled_seconds"] > 0
     frames_exact(tb)
 
 
-def test_guest_observed_downtime_counts_the_pause_not_the_throttle(in_process):
-    """A guest throttled at 95 % (190 ms asleep after every 10 ms slice) migrates over a fast
-    link: the gap the guest saw is the pause, not the sleep the pause cut short."""
+def test_a_throttle_sleep_cut_by_the_pause_is_no_gap(hv):
+    """The guest's last sign of life on the source is where its sleep ended, at the pause or
+    after it, and the sleep itself is no gap: the guest-observed downtime counts the pause."""
+    dom = hv.create_domain("q", 4 * MiB, "p2m")
+    vcpu = VCPU(dom, make_workload(WorkloadSpec("uniform", 2000, seed=5), dom.data_pages))
+    vcpu.set_throttle(cpu_percentage=99)
+    vcpu.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not vcpu._sleeping.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        slept_from = time.time()
+        hv.pause("q")
+        paused_at = time.time()
+        assert vcpu.wait_awake(timeout=2.0)
+        assert vcpu.last_progress_wall >= slept_from
+        (start, end), = vcpu.throttle_sleeps()
+        assert end >= min(paused_at, start + throttle_sleep_seconds(99)) - 0.002
+        assert vcpu.longest_gap(start, paused_at) == 0.0
+    finally:
+        vcpu.stop()
+
+
+def test_a_throttled_guest_migrates_whole(in_process):
+    """A guest throttled at 95 % (190 ms asleep after every 10 ms slice) when it migrates:
+    the pause cuts a sleep short, the copy is whole, and the guest runs on."""
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
     tb.create("host-0", GuestSpec("vm", 4 * MiB, "p2m",
                                   workload=WorkloadSpec("uniform", 2000, seed=1)))
     tb.host("host-0").service.throttle_guest("vm", cpu_percentage=95)
     time.sleep(0.5)
     r = tb.migrate("vm", "host-1", MigrationSettings())
-    assert r.status == "completed"
+    assert r.status == "completed" and r.integrity.verified
     assert r.guest_observed_downtime_seconds is not None
-    assert r.guest_observed_downtime_seconds < throttle_sleep_seconds(95)
     assert r.guest_cost["throttled_seconds"] > 0
+    wait_progress(tb.host("host-1"), "vm")
+    counters_add_up(tb, "host-1")
 
 
 def test_the_throttle_shows_in_progress_and_on_a_real_metrics_scrape(in_process):
@@ -386,7 +427,7 @@ def test_the_throttle_shows_in_progress_and_on_a_real_metrics_scrape(in_process)
 
     from test_metrics import Samples, scrape
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
-    tb.create("host-0", GuestSpec("vm", 4 * MiB, "p2m",
+    tb.create("host-0", GuestSpec("vm", 1 * MiB, "p2m",
                                   workload=WorkloadSpec("uniform", 8000, seed=1)))
     time.sleep(0.3)
     endpoint = tb.hosts["host-0"].service.metrics_endpoint()
@@ -402,7 +443,7 @@ def test_the_throttle_shows_in_progress_and_on_a_real_metrics_scrape(in_process)
     watcher.start()
     try:
         r = tb.migrate("vm", "host-1", MigrationSettings(
-            policy="qemu", link_bytes_per_second=8 * MiB, max_iterations=12,
+            policy="qemu", link_bytes_per_second=1 * MiB, max_iterations=8,
             auto_converge=True, throttle_initial=60, throttle_increment=20),
             on_progress=lambda p: seen.append(p.get("cpu_throttle_percentage", 0)))
     finally:
@@ -416,7 +457,7 @@ def test_the_throttle_shows_in_progress_and_on_a_real_metrics_scrape(in_process)
 
 # -- each timeout path leaves the guest where it should be, nothing lost ----------------------
 def test_completion_timeout_abort_leaves_the_guest_on_its_source(in_process):
-    tb, r = non_converging(in_process, completion_timeout_seconds=1.0)
+    tb, r = hopeless(in_process, completion_timeout_seconds=1.0)
     assert (r.status, r.stop_code) == ("cancelled", "completion-timeout"), r.table()
     assert tb.where("vm") == "host-0"
     wait_progress(tb.host("host-0"), "vm")
@@ -425,7 +466,7 @@ def test_completion_timeout_abort_leaves_the_guest_on_its_source(in_process):
 
 
 def test_completion_timeout_per_gib(in_process):
-    tb, r = non_converging(in_process, completion_timeout_per_gib_seconds=256.0)  # 1 s
+    tb, r = hopeless(in_process, completion_timeout_per_gib_seconds=1024.0)   # 1 s a MiB
     assert (r.status, r.stop_code) == ("cancelled", "completion-timeout")
     assert tb.where("vm") == "host-0"
 
@@ -439,7 +480,7 @@ def test_progress_timeout_aborts_a_migration_that_makes_none(in_process):
 
 
 def test_completion_timeout_pause_finishes_as_stop_and_copy(in_process):
-    tb, r = non_converging(in_process, completion_timeout_seconds=1.0, on_timeout="pause")
+    tb, r = hopeless(in_process, completion_timeout_seconds=1.0, on_timeout="pause")
     assert (r.status, r.stop_code) == ("completed", "paused"), r.table()
     assert r.integrity.verified and tb.where("vm") == "host-1"
     counters_add_up(tb, "host-1")
@@ -447,7 +488,7 @@ def test_completion_timeout_pause_finishes_as_stop_and_copy(in_process):
 
 
 def test_completion_timeout_postcopy_fails_cleanly_without_post_copy(in_process):
-    tb, r = non_converging(in_process, completion_timeout_seconds=1.0, on_timeout="postcopy")
+    tb, r = hopeless(in_process, completion_timeout_seconds=1.0, on_timeout="postcopy")
     assert r.status == "failed" and "post-copy is not available" in r.error
     assert tb.where("vm") == "host-0"
     wait_progress(tb.host("host-0"), "vm")
@@ -456,8 +497,9 @@ def test_completion_timeout_postcopy_fails_cleanly_without_post_copy(in_process)
 
 
 def test_the_throttle_goes_when_the_migration_ends(in_process):
-    tb, r = non_converging(in_process, auto_converge=True, completion_timeout_seconds=3.0)
-    assert r.status == "cancelled" and r.convergence["cpu_throttle_percentage_max"] >= 20, \
+    tb, r = hopeless(in_process, auto_converge=True, throttle_initial=60,
+                     throttle_increment=10, completion_timeout_seconds=6.0)
+    assert r.status == "cancelled" and r.convergence["cpu_throttle_percentage_max"] >= 60, \
         r.table()
     vcpu = tb.host("host-0").service.vcpus["vm"]
     assert vcpu.cpu_percentage == 0
