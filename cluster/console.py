@@ -145,6 +145,10 @@ def prediction_renderables(prediction: dict, heading: str) -> list[RenderableTyp
     if p.get("throttle_schedule"):
         steps = ", ".join(f"{pct} % at {t:.1f} s" for t, pct in p["throttle_schedule"])
         out.append(Text(f"auto-converge: {steps}; {p['cpu_throttle_percentage']} % at the end"))
+    if p.get("dirty_limit_schedule"):
+        t, us = p["dirty_limit_schedule"][-1]
+        out.append(Text(f"dirty-limit: from {p['dirty_limit_schedule'][0][0]:.1f} s, the vCPU "
+                        f"sleeps {us / 1000:.0f} ms per full dirty ring at the end"))
     return out
 
 

@@ -550,6 +550,22 @@ def test_the_model_says_when_auto_converge_converges_and_at_what_throttle():
     assert with_aid.total_time_seconds < plain.total_time_seconds
 
 
+def test_the_model_follows_dirty_limit():
+    """Quota 10 MB/s on a guest writing 82 MB/s over 12 MiB/s: the rule's sleep brings it
+    under what the link drains; 50 MB/s stops adjusting within the tolerance, and does not."""
+    from cluster.model.throttle import DirtyLimitSpec
+    kw = dict(guest_memory_bytes=16 * MiB, workload=WorkloadSpec("uniform", 20000),
+              link_bytes_per_second=12 * MiB, policy="qemu",
+              policy_settings={"max_iterations": 15})
+    tight = predict(**kw, dirty_limit=DirtyLimitSpec(10e6))
+    loose = predict(**kw, dirty_limit=DirtyLimitSpec(50e6))
+    assert tight.converged and not loose.converged
+    assert tight.dirty_limit_schedule and loose.dirty_limit_schedule
+    assert tight.dirty_limit_schedule[-1][1] > loose.dirty_limit_schedule[-1][1]
+    with pytest.raises(ConfigError):
+        predict(**kw, dirty_limit=DirtyLimitSpec(10e6), auto_converge=ThrottleSpec())
+
+
 # -- the ready sweeps ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["auto-converge-step", "dirty-limit-quota", "convergence-aids"])
 def test_ready_convergence_scenarios_load_and_round_trip(name):

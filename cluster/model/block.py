@@ -68,7 +68,7 @@ def _model_inputs(report: "MigrationReport", workload: dict | None, settings: Mi
                   resume_seconds: float, dirty_rate: float | None,
                   fixed_downtime: dict | None = None) -> dict:
     """The model's arguments that do not depend on the bandwidth it is given."""
-    from cluster.model.throttle import ThrottleSpec, timeouts_from
+    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
     from workloads.spec import WorkloadSpec
     policy_settings = policy_settings_of(settings, fixed_downtime)
     return dict(
@@ -78,6 +78,7 @@ def _model_inputs(report: "MigrationReport", workload: dict | None, settings: Mi
         latency_seconds=settings.latency_seconds, resume_seconds=resume_seconds,
         dirty_rate_pages_per_second=dirty_rate, policy_settings=policy_settings,
         auto_converge=ThrottleSpec.from_settings(settings),
+        dirty_limit=DirtyLimitSpec.from_settings(settings),
         completion_timeout=timeouts_from(settings, report.guest_memory_bytes))
 
 

@@ -101,6 +101,8 @@ class ContinuousRun:
                     self._close_pass()
                 return decision
             self._chunk()
+            if self.throttle is not None:
+                self.throttle.tick(self.now)
             self.policy.window_closed(self.now, self.sent_pages * self.wire,
                                       self.sync.dirty_bytes_last_sync,
                                       self.sync.dirty_pages_per_second is not None)

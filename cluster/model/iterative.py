@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from cluster.model.continuous import ContinuousRun, layout
 from cluster.model.throttle import (
+    DirtyLimitSpec,
+    ModelDirtyLimit,
     ModelThrottle,
     ThrottleSpec,
     running_share,
@@ -65,6 +67,8 @@ class ModelPrediction:
     # Auto-converge: (seconds, percentage) at each throttle step, and the throttle at the end.
     throttle_schedule: tuple = ()
     cpu_throttle_percentage: int = 0
+    # Dirty-limit: (seconds, sleep per full ring in us) at each adjustment.
+    dirty_limit_schedule: tuple = ()
 
     @property
     def live_rounds(self) -> int:
@@ -88,6 +92,7 @@ class ModelPrediction:
             "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
             "throttle_schedule": [list(x) for x in self.throttle_schedule],
             "cpu_throttle_percentage": self.cpu_throttle_percentage,
+            "dirty_limit_schedule": [list(x) for x in self.dirty_limit_schedule],
         }
 
 
@@ -227,6 +232,7 @@ def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float
     if run.throttle is not None:
         run.throttle.period_closed(run.sync.synced(run.elapsed, round(dirtied), round(dirtied),
                                                    round(run.sent_bytes)), run.elapsed)
+        run.throttle.tick(run.elapsed)
     run.rounds.append(ModelRound(index=len(run.rounds), pages_sent=sent, pages_skipped=skipped,
                                  pages_dirtied=dirtied, duration_seconds=duration,
                                  cpu_throttle_percentage=run.throttle.percentage
@@ -280,6 +286,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             bytes_per_page_overhead: float = 8.0, record_overhead_bytes: float = 32.0,
             policy_settings: dict | None = None,
             auto_converge: ThrottleSpec | None = None,
+            dirty_limit: DirtyLimitSpec | None = None,
             completion_timeout=None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object.
 
@@ -290,7 +297,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `dirty_rate_pages_per_second` overrides the workload's rate (needed for 'max').
     `latency_seconds` is added to every round, the stop-and-copy included.
     `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
-    `auto_converge` throttles the modelled guest on the engine's own schedule
+    `auto_converge` or `dirty_limit` throttle the modelled guest on the engine's own rules
     (`cluster.model.throttle`); `completion_timeout` (the engine's `Timeouts`) ends the
     live rounds as the engine's does (between rounds under the xen policies).
     """
@@ -312,8 +319,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                    wire_per_page, wire_per_page / rate)
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
                                     **(policy_settings or {}))
-    throttle = (ModelThrottle(auto_converge, page_size) if auto_converge is not None
-                else None)
+    throttle = _throttle(auto_converge, dirty_limit, page_size,
+                         sum(r.rate for r in guest.regions))
     if pol.mid_pass:
         run = _continuous(guest, pol, data_pages, throttle, completion_timeout)
     else:
@@ -338,5 +345,19 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
         converged=run.converged, dirty_sync_count=run.syncs + (0 if run.aborted else 1),
         lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
         bandwidth_bytes_per_second=rate,
-        throttle_schedule=tuple(throttle.schedule) if throttle is not None else (),
-        cpu_throttle_percentage=throttle.percentage if throttle is not None else 0)
+        throttle_schedule=(tuple(throttle.schedule) if isinstance(throttle, ModelThrottle)
+                           else ()),
+        cpu_throttle_percentage=throttle.percentage if throttle is not None else 0,
+        dirty_limit_schedule=(tuple(throttle.schedule)
+                              if isinstance(throttle, ModelDirtyLimit) else ()))
+
+
+def _throttle(auto_converge: ThrottleSpec | None, dirty_limit: DirtyLimitSpec | None,
+              page_size: int, raw_rate: float):
+    if auto_converge is not None and dirty_limit is not None:
+        raise ConfigError("auto-converge and dirty-limit cannot be used together")
+    if auto_converge is not None:
+        return ModelThrottle(auto_converge, page_size)
+    if dirty_limit is not None:
+        return ModelDirtyLimit(dirty_limit, page_size, raw_rate)
+    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from nodes.errors import MigrationTimedOut
 from nodes.migration.dirtysync import SyncPeriod
 from nodes.migration.policy import Decision
-from nodes.migration.throttle import AutoConverge, ThrottleTrigger
+from nodes.migration.throttle import MB, AutoConverge, DirtyLimit, ThrottleTrigger, dirty_rate_mb
 from nodes.migration.timeouts import Timeouts, completion_seconds
 
 
@@ -65,6 +65,9 @@ class ModelThrottle:
         if hot is not None:
             self.schedule.append((now, self.auto.throttle_down(hot)))
 
+    def tick(self, now: float) -> None:
+        """Auto-converge acts only at the syncs."""
+
 
 def running_share(throttle: "ModelThrottle | None") -> float:
     return 1.0 if throttle is None else throttle.running_share
@@ -86,3 +89,63 @@ def timeouts_from(settings, guest_bytes: int) -> "Timeouts | None":
     seconds = completion_seconds(settings.completion_timeout_seconds,
                                  settings.completion_timeout_per_gib_seconds, guest_bytes)
     return None if seconds is None else Timeouts(seconds, settings.on_timeout, None, 0.0)
+
+
+@dataclass(frozen=True)
+class DirtyLimitSpec:
+    """Dirty-limit's parameters: the quota (bytes/s of dirtied memory) and its period."""
+
+    bytes_per_second: float
+    period_seconds: float = 1.0
+    trigger_threshold: int = 50
+
+    @classmethod
+    def from_settings(cls, settings) -> "DirtyLimitSpec | None":
+        if settings.dirty_limit_bytes_per_second is None:
+            return None
+        return cls(settings.dirty_limit_bytes_per_second, settings.dirty_limit_period_seconds,
+                   settings.throttle_trigger_threshold)
+
+
+@dataclass
+class ModelDirtyLimit:
+    """Dirty-limit in the model, on the engine's own trigger and `DirtyLimit` rule: once the
+    trigger fires, every period the vCPU's rate (its raw page-write rate times the share of
+    time it is not asleep) goes to the rule, whose sleep per full ring sets the next share.
+    The ring fills after `ring_pages` writes, at the raw rate."""
+
+    spec: DirtyLimitSpec
+    page_size: int
+    raw_pages_per_second: float
+    schedule: list = field(default_factory=list)     # (seconds, sleep per ring in us)
+
+    def __post_init__(self) -> None:
+        self.trigger = ThrottleTrigger(self.spec.trigger_threshold)
+        self.limit = DirtyLimit(int(self.spec.bytes_per_second // MB), self.page_size)
+        self.active_since: float | None = None
+        self.last_adjust = 0.0
+        self.percentage = 0                             # no cpu throttle: only ring sleeps
+
+    @property
+    def running_share(self) -> float:
+        us = self.limit.throttle_us_per_full
+        if not us or self.raw_pages_per_second <= 0:
+            return 1.0
+        fill = self.limit.ring_pages / self.raw_pages_per_second
+        return fill / (fill + us / 1e6)
+
+    def period_closed(self, period: SyncPeriod | None, now: float) -> None:
+        if period is None or self.active_since is not None:
+            return
+        if self.trigger.observe(period, self.page_size) is not None:
+            self.active_since = self.last_adjust = now
+
+    def tick(self, now: float) -> None:
+        """The dirty-rate thread's periods, caught up to `now`."""
+        if self.active_since is None:
+            return
+        while now - self.last_adjust >= self.spec.period_seconds:
+            self.last_adjust += self.spec.period_seconds
+            current = dirty_rate_mb(int(self.raw_pages_per_second * self.running_share),
+                                    self.page_size, 1.0)
+            self.schedule.append((self.last_adjust, self.limit.adjust(current)))

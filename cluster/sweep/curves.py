@@ -58,7 +58,7 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
              achieved: float | None):
     """The model at one point of a curve; None where it cannot predict."""
     from cluster.model import predict
-    from cluster.model.throttle import ThrottleSpec, timeouts_from
+    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
     spec, settings = sc.specs(point)
     calib = calibration.get((spec.memory_bytes, settings.latency_seconds,
                              settings.link_bytes_per_second,
@@ -79,6 +79,7 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
             policy_settings=({"max_iterations": settings.max_iterations}
                              if settings.max_iterations is not None else None),
             auto_converge=ThrottleSpec.from_settings(settings),
+            dirty_limit=DirtyLimitSpec.from_settings(settings),
             completion_timeout=timeouts_from(settings, spec.memory_bytes))
     except (ConfigError, ValueError):
         return None
