@@ -42,8 +42,10 @@ class MigrationReport:
     rounds: list = field(default_factory=list)
     stop_reason: str | None = None
     # Why pre-copy stopped, machine-readably: a `nodes.migration.policy.StopCode` value
-    # (dirty-threshold, last-round-threshold, fits-downtime, max-iterations, max-factor);
-    # None when the migration did not complete (its status and error say why).
+    # (dirty-threshold, last-round-threshold, fits-downtime, max-iterations, max-factor, and
+    # the convergence aids' paused, postcopy, rate-cap); completion-timeout or no-progress
+    # for a migration an operator's timeout cancelled; None when the migration did not
+    # complete otherwise (its status and error say why).
     stop_code: str | None = None
     total_time_seconds: float = 0.0
     downtime_seconds: float | None = None          # source pause -> destination resume
