@@ -120,6 +120,11 @@ class RoundPrinter:
                         f"dirtied {r['pages_dirtied']:>7} in "
                         f"{r['duration_seconds'] * 1000:7.1f} ms "
                         f"({format_bytes(r['throughput_bytes_per_second'])}/s)")
+            if r.get("cpu_throttle_percentage"):
+                line.append(f", throttle {r['cpu_throttle_percentage']} %", style="yellow")
+            if r.get("dirty_limit_throttle_seconds"):
+                line.append(f", dirty-limit slept {r['dirty_limit_throttle_seconds'] * 1000:.0f}"
+                            " ms", style="yellow")
             self.console.print(line)
         self.shown = len(progress["rounds"])
 
@@ -133,10 +138,18 @@ def prediction_renderables(prediction: dict, heading: str) -> list[RenderableTyp
                        f"{r['pages_sent']:.0f}", f"{r['pages_skipped']:.0f}",
                        f"{r['pages_dirtied']:.0f}", f"{r['duration_seconds'] * 1000:.1f} ms")
     p = prediction
-    return [Text(heading, style="bold"), rounds,
-            Text(f"stop reason: {p['stop_reason']} (converged: {p['converged']})"),
-            Text(f"total time {_ms(p['total_time_seconds'])}, downtime "
-                 f"{_ms(p['downtime_seconds'])}, {p['pages_sent_total']:.0f} pages sent")]
+    out = [Text(heading, style="bold"), rounds,
+           Text(f"stop reason: {p['stop_reason']} (converged: {p['converged']})"),
+           Text(f"total time {_ms(p['total_time_seconds'])}, downtime "
+                f"{_ms(p['downtime_seconds'])}, {p['pages_sent_total']:.0f} pages sent")]
+    if p.get("throttle_schedule"):
+        steps = ", ".join(f"{pct} % at {t:.1f} s" for t, pct in p["throttle_schedule"])
+        out.append(Text(f"auto-converge: {steps}; {p['cpu_throttle_percentage']} % at the end"))
+    if p.get("dirty_limit_schedule"):
+        t, us = p["dirty_limit_schedule"][-1]
+        out.append(Text(f"dirty-limit: from {p['dirty_limit_schedule'][0][0]:.1f} s, the vCPU "
+                        f"sleeps {us / 1000:.0f} ms per full dirty ring at the end"))
+    return out
 
 
 # -- migbed bench ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
     timeout = settings.timeout_seconds
     info = src.call("guest_info", guest, mid, timeout=timeout)
     ticket = dst.call("prepare_incoming", info, settings.to_dict(), timeout=timeout)
+    ticket = {**ticket, "host": dst.name}      # the pair's measured hand-over is per host
     pending = src.call_async("migrate_out", guest, ticket, settings.to_dict())
     control = FaultControl(src, dst, mid, guest, settings)
     cancelled = False
@@ -64,5 +65,6 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
         on_progress({"migration_id": mid, "guest": guest, "status": source.status,
                      "rounds": [r.to_dict() for r in source.rounds]})
     report = MigrationReport.build(mid, guest, src.name, dst.name, info, settings, settled)
-    report.model = model_block(report, info.get("workload"), settings)
+    report.model = model_block(report, info.get("workload"), settings,
+                               fixed_downtime=source.fixed_downtime)
     return report

@@ -42,8 +42,10 @@ class MigrationReport:
     rounds: list = field(default_factory=list)
     stop_reason: str | None = None
     # Why pre-copy stopped, machine-readably: a `nodes.migration.policy.StopCode` value
-    # (dirty-threshold, last-round-threshold, fits-downtime, max-iterations, max-factor);
-    # None when the migration did not complete (its status and error say why).
+    # (dirty-threshold, last-round-threshold, fits-downtime, max-iterations, max-factor, and
+    # the convergence aids' paused, postcopy, rate-cap); completion-timeout or no-progress
+    # for a migration an operator's timeout cancelled; None when the migration did not
+    # complete otherwise (its status and error say why).
     stop_code: str | None = None
     total_time_seconds: float = 0.0
     downtime_seconds: float | None = None          # source pause -> destination resume
@@ -67,6 +69,12 @@ class MigrationReport:
     guest_lost: bool = False
     faults: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    # The guest's cost: its page-write rate before and during the migration, the slowdown
+    # (1 - during / before) and the seconds its vCPU slept throttled.
+    guest_cost: dict | None = None
+    # The convergence aids' outcome: the last cpu-throttle-percentage, the highest, and the
+    # seconds dirty-limit slept the vCPU (per round in `rounds`).
+    convergence: dict | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -101,7 +109,7 @@ class MigrationReport:
                    "after": (dest.mode_after if dest is not None else None) if completed
                    else info["mode_before"]},
             rounds=rounds, stop_reason=source.stop_reason,
-            stop_code=source.stop_code if completed else None,
+            stop_code=source.stop_code if completed or status == "cancelled" else None,
             total_time_seconds=total, downtime_seconds=downtime,
             downtime_source_seconds=source.downtime_source_seconds,
             guest_observed_downtime_seconds=_guest_downtime(source, dest),
@@ -113,7 +121,8 @@ class MigrationReport:
                          "destination": dest.cpu_seconds if dest is not None else None},
             integrity=Integrity(verified, source.source_digest, source.destination_digest),
             guest_host=settled.guest_host, guest_lost=settled.guest_lost,
-            faults=list(settled.faults), notes=list(settled.notes))
+            faults=list(settled.faults), notes=list(settled.notes),
+            guest_cost=source.guest_cost, convergence=_convergence(rounds, settings))
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
             report.notes.append(f"{destination_host} says: {why}")
@@ -161,6 +170,7 @@ class MigrationReport:
                 f"{r['pages_dirtied']:>8} {ms(r['duration_seconds']):>9} "
                 f"{_rate(r['throughput_bytes_per_second']):>12} "
                 f"{r['dirty_rate_pages_per_second']:>10.0f}")
+        lines += _aid_lines(self)
         lines += [
             f"  stop reason: {self.stop_reason} ({self.stop_code}); dirty-sync-count "
             f"{self.dirty_sync_count}",
@@ -197,6 +207,45 @@ def _rate(bps: float | None) -> str:
 
 def _verdict(v: bool | None) -> str:
     return {True: "verified (digests equal)", False: "MISMATCH", None: "not checked"}[v]
+
+
+def _convergence(rounds: list[dict], settings: "MigrationSettings") -> dict | None:
+    """What the throttle did, when an aid was asked for."""
+    if not (settings.auto_converge or settings.dirty_limit_bytes_per_second is not None):
+        return None
+    pcts = [r.get("cpu_throttle_percentage", 0) for r in rounds]
+    live = [r for r in rounds if not r.get("final")]
+    return {"aid": "auto-converge" if settings.auto_converge else "dirty-limit",
+            "cpu_throttle_percentage": live[-1].get("cpu_throttle_percentage", 0) if live else 0,
+            "cpu_throttle_percentage_max": max(pcts, default=0),
+            "dirty_limit_throttle_seconds": sum(r.get("dirty_limit_throttle_seconds", 0.0)
+                                                for r in rounds)}
+
+
+def _aid_lines(r: "MigrationReport") -> list[str]:
+    lines = []
+    c = r.convergence
+    if c and c["aid"] == "auto-converge":
+        lines.append("  auto-converge: cpu throttle per round "
+                     + " ".join(str(x.get("cpu_throttle_percentage", 0)) for x in r.rounds
+                                if not x.get("final")) + " %")
+    elif c:
+        lines.append("  dirty-limit: the vCPU slept "
+                     + " ".join(f"{x.get('dirty_limit_throttle_seconds', 0.0) * 1000:.0f}"
+                                for x in r.rounds) + " ms per round"
+                     + f" ({_ms(c['dirty_limit_throttle_seconds'])} in all)")
+    fixed = (r.model or {}).get("fixed_downtime")
+    if fixed:
+        lines.append(f"  fixed downtime subtracted from the budget: {_ms(fixed['seconds'])} "
+                     f"({fixed['basis']})")
+    g = r.guest_cost
+    if g and g.get("write_rate_before_pages_per_second"):
+        slow = g.get("slowdown")
+        lines.append(f"  guest cost: {g['write_rate_before_pages_per_second']:.0f} -> "
+                     f"{g['write_rate_during_pages_per_second'] or 0:.0f} page writes/s"
+                     + (f" (slowdown {slow * 100:.0f} %)" if slow is not None else "")
+                     + f", throttled {_ms(g.get('throttled_seconds'))}")
+    return lines
 
 
 def _guest_downtime(source, dest) -> float | None:

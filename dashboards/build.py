@@ -273,6 +273,15 @@ def build_dashboard() -> Dashboard:
             "wherever it runs.", "short",
             [query(f"sum by (guest) (rate(migbed_guest_page_writes_total{{{HG}}}"
                    "[$__rate_interval]))", "{{guest}}")]))
+        .with_panel(ts(
+            "Throttle beside the dirty rate", "What the convergence aids take of each "
+            "migrating guest's vCPU: auto-converge's throttle (QEMU's cpu-throttle-percentage "
+            "as a ratio) and dirty-limit's sleep per full dirty ring. The dirty rate on the "
+            "left falls as they rise.", "percentunit",
+            [query(f"max by (guest) (migbed_migration_cpu_throttle_ratio{{{HG}}})",
+                   "{{guest}} cpu throttle", "A"),
+             query(f"max by (guest) (migbed_migration_dirty_limit_throttle_time_per_round_"
+                   f"seconds{{{HG}}})", "{{guest}} dirty-limit sleep per ring (s)", "B")]))
         .with_panel(with_queries(
             p._common(statetimeline.Panel(), "Memory mode over time", "P2M guests switch to "
                       "VP (shadow) with log-dirty while they migrate, and back after.", 12, 8)

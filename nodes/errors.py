@@ -58,6 +58,19 @@ class MigrationCancelled(MigrationError):
     """A migration was cancelled by its operator before the hand-over."""
 
 
+class MigrationTimedOut(MigrationCancelled):
+    """An operator's timeout gave up on a migration that would not finish
+    (`--completion-timeout`, `--progress-timeout`); `stop_code` says which."""
+
+    def __init__(self, message: str, stop_code: str):
+        super().__init__(message)
+        self.stop_code = stop_code
+
+
+class PostcopyUnavailable(MigrationError):
+    """A migration asked to switch to post-copy, which this build cannot do."""
+
+
 class MigrationStillRunning(MigrationError):
     """A host was asked for the result of a migration that has not ended yet."""
 

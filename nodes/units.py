@@ -96,6 +96,19 @@ def parse_seconds(value: str | int | float, what: str, *, allow_zero: bool = Fal
     return s
 
 
+def parse_completion_timeout(value: str | int | float,
+                             what: str) -> tuple[float | None, float | None]:
+    """A completion timeout: absolute (`30s`) -> (30.0, None), or per GiB of guest memory
+    as KubeVirt's completionTimeoutPerGiB (`10s/GiB`) -> (None, 10.0)."""
+    if isinstance(value, str) and "/" in value:
+        amount, _, per = value.partition("/")
+        if per.strip().lower() != "gib":
+            raise ConfigError(f"{what}: cannot read {value!r}; write e.g. 30s, or 10s/GiB per "
+                              "GiB of guest memory")
+        return None, parse_seconds(amount, what)
+    return parse_seconds(value, what), None
+
+
 def parse_count(value: str | int, what: str, minimum: int = 0,
                 maximum: int | None = None) -> int:
     """A whole number of things (hosts, repeats, rounds) from `minimum` to `maximum`."""

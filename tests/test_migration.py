@@ -309,13 +309,14 @@ def test_qemu_budget_subtracts_the_fixed_hand_over_cost_only_when_asked():
                          page_size=4096)
 
     def policy(**extra):
+        # 90 ms of fixed downtime, as measured for a host pair (`nodes.migration.fixeddowntime`)
         p = MigrationSettings(policy="qemu", downtime_limit_seconds=0.1, latency_seconds=0.03,
-                              **extra).make_policy()
+                              **extra).make_policy(0.09)
         p.start(0.0, 0)
         assert p.window_closed(0.1, int(0.1 * 100 * 4096 / 0.05), 0, False)
         return p
     # 100 pages take 50 ms at the measured bandwidth: inside 100 ms, but not inside
-    # 100 - 3 x 30 = 10 ms. QEMU subtracts nothing; migbed does when asked.
+    # 100 - 90 = 10 ms. QEMU subtracts nothing; migbed does when asked.
     assert policy().decide(stats).action is Action.STOP_AND_COPY
     assert policy(subtract_fixed_downtime=True).decide(stats).action is Action.CONTINUE
 

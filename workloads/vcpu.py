@@ -9,6 +9,14 @@ The vCPU also records guest-side progress (wall-clock time, cumulative page writ
 batch, including the heartbeats of an idle guest, as guestperf's stress program logs its
 progress and mig_mon pings its guest: downtime as the *guest* sees it is the longest stretch
 without progress (`longest_gap`), and `first_progress_after` says when it ran again.
+
+A migration may throttle the vCPU (`set_throttle`), as QEMU's cpu-throttle does: after every
+10 ms slice of running the vCPU sleeps p/(1-p) x 10 ms (`cpu_percentage` p), whatever it was
+doing; with a dirty limit it also sleeps a set time each time it has written a dirty ring's
+worth of pages (QEMU's dirty-limit sleeps a vCPU whose KVM dirty ring filled). Throttled
+time earns the workload no rate budget: its clock restarts after every sleep. A pause ends a
+sleep (QEMU's sleep loop stops when the vCPU is stopped). The progress log marks every
+sleep, so the gaps the guest saw (`longest_gap`, the hand-over's) count the pause only.
 """
 
 import threading
@@ -22,6 +30,17 @@ from workloads.patterns import DEFAULT_MAX_BATCH_PAGES, Workload
 
 DEFAULT_HISTORY_ENTRIES = 8192
 _PAUSE_POLL_SECONDS = 0.02
+THROTTLE_SLICE_SECONDS = 0.010      # CPU_THROTTLE_TIMESLICE_NS: 10 ms of running per slice
+_SLEEP_POLL_SECONDS = 0.001         # how often a throttle sleep looks for a pause or a stop
+
+
+def throttle_sleep_seconds(cpu_percentage: int) -> float:
+    """The sleep after each 10 ms slice at `cpu_percentage` (cpu_throttle_thread):
+    p/(1-p) x 10 ms, plus QEMU's 1 ns against rounding; 0 when not throttled."""
+    if cpu_percentage <= 0:
+        return 0.0
+    pct = min(cpu_percentage, 99) / 100
+    return (int(pct / (1 - pct) * THROTTLE_SLICE_SECONDS * 1e9) + 1) / 1e9
 
 
 class ProgressLog:
@@ -41,16 +60,29 @@ class ProgressLog:
         self.record_interval_seconds = record_interval_seconds
         self._walls = np.zeros(capacity_entries, dtype=np.float64)
         self._pages = np.zeros(capacity_entries, dtype=np.int64)
+        self._slept = np.zeros(capacity_entries, dtype=bool)   # a throttle sleep ends here
         self._stored = 0                       # records ever stored (ring index = stored % cap)
         self._latest: tuple[float, int] | None = None
         self._latest_stored = False
         self._lock = threading.Lock()
 
-    def _store(self, wall: float, pages: int) -> None:
+    def _store(self, wall: float, pages: int, slept: bool = False) -> None:
         i = self._stored % self.capacity_entries
         self._walls[i] = wall
         self._pages[i] = pages
+        self._slept[i] = slept
         self._stored += 1
+
+    def record_sleep(self, start_wall: float, end_wall: float, pages: int) -> None:
+        """A throttle sleep from `start_wall` to `end_wall`: both ends are stored, the end
+        marked, so no gap is read into the time the vCPU was throttled."""
+        with self._lock:
+            if self._latest is not None and not self._latest_stored:
+                self._store(*self._latest)
+            self._store(start_wall, pages)
+            self._store(end_wall, pages, slept=True)
+            self._latest = (end_wall, pages)
+            self._latest_stored = True
 
     def record(self, wall: float, pages: int) -> None:
         with self._lock:
@@ -72,15 +104,27 @@ class ProgressLog:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(walls, pages) in time order, the held-back latest record included."""
+        walls, pages, _ = self.marked_arrays()
+        return walls, pages
+
+    def marked_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(walls, pages, slept): `slept[i]` says the stretch before record i was a
+        throttle sleep."""
         with self._lock:
             n = min(self._stored, self.capacity_entries)
             start = self._stored - n
             idx = (start + np.arange(n)) % self.capacity_entries
-            walls, pages = self._walls[idx], self._pages[idx]
+            walls, pages, slept = self._walls[idx], self._pages[idx], self._slept[idx]
             if self._latest is not None and not self._latest_stored:
                 walls = np.append(walls, self._latest[0])
                 pages = np.append(pages, self._latest[1])
-            return walls, pages
+                slept = np.append(slept, False)
+            return walls, pages, slept
+
+    @property
+    def wrapped(self) -> bool:
+        """The ring has dropped its oldest records."""
+        return self._stored > self.capacity_entries
 
     @property
     def latest(self) -> tuple[float, int] | None:
@@ -105,6 +149,16 @@ class VCPU:
         self.batches_total = 0
         self.resumes_total = 0
         self.error: BaseException | None = None   # what killed the thread, if anything did
+        # The throttle a migration set (`set_throttle`), and the sleeps it cost so far.
+        self.cpu_percentage = 0
+        self.ring_pages = 0
+        self.ring_full_sleep_seconds = 0.0
+        self.throttle_sleep_seconds_total = 0.0
+        self.dirty_limit_sleep_seconds_total = 0.0
+        self._slice_start = 0.0
+        self._ring_written = 0
+        self._sleeping = threading.Event()
+        self._sleep_started: tuple[float, bool] | None = None   # (monotonic, dirty-limit?)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -123,6 +177,29 @@ class VCPU:
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def set_throttle(self, cpu_percentage: int = 0, ring_pages: int = 0,
+                     ring_full_sleep_seconds: float = 0.0) -> None:
+        """Throttle the vCPU: `cpu_percentage` (0-99) of every slice asleep (auto-converge);
+        a sleep of `ring_full_sleep_seconds` every `ring_pages` page writes (dirty-limit).
+        All zero: unthrottled."""
+        if not 0 <= cpu_percentage <= 99:
+            raise ValueError(f"cpu_percentage must be 0-99, got {cpu_percentage}")
+        if ring_pages < 0 or ring_full_sleep_seconds < 0:
+            raise ValueError("ring_pages and ring_full_sleep_seconds must be >= 0")
+        if cpu_percentage and not self.cpu_percentage:
+            self._slice_start = time.monotonic()
+        self.cpu_percentage = int(cpu_percentage)
+        self.ring_pages = int(ring_pages)
+        self.ring_full_sleep_seconds = float(ring_full_sleep_seconds)
+
+    def wait_awake(self, timeout: float = 0.05) -> bool:
+        """Wait (bounded) until no throttle sleep is under way; a paused guest's sleep ends
+        within a poll, so its log shows where the sleep ended before anyone reads it."""
+        deadline = time.monotonic() + timeout
+        while self._sleeping.is_set() and time.monotonic() < deadline:
+            time.sleep(_SLEEP_POLL_SECONDS)
+        return not self._sleeping.is_set()
 
     @property
     def alive(self) -> bool:
@@ -163,10 +240,77 @@ class VCPU:
                 continue
             self.batches_total += 1
             self.log.record(time.time(), wl.pages_written_total)
+            self._throttle(written)
             if rate_limited or written == 0:
                 time.sleep(self.tick_seconds)
             else:
                 time.sleep(0)                   # let the migration sender have the GIL
+
+    # -- the throttle ----------------------------------------------------------------------
+    def _throttle(self, written: int) -> None:
+        """After a batch: the slice's sleep once 10 ms have run; the dirty ring's sleep once
+        a ring's worth of pages has been written."""
+        pct = self.cpu_percentage
+        if pct and time.monotonic() - self._slice_start >= THROTTLE_SLICE_SECONDS:
+            self.throttle_sleep_seconds_total += self._sleep(throttle_sleep_seconds(pct))
+        ring = self.ring_pages
+        if ring and written:
+            self._ring_written += written
+            if self._ring_written >= ring:
+                self._ring_written %= ring
+                if self.ring_full_sleep_seconds:
+                    self.dirty_limit_sleep_seconds_total += self._sleep(
+                        self.ring_full_sleep_seconds, dirty_limit=True)
+
+    NO_THROTTLE_STATS = {"pages_written_total": 0, "throttle_sleep_seconds": 0.0,
+                         "dirty_limit_sleep_seconds": 0.0}
+
+    def throttle_stats(self) -> dict:
+        """Page writes so far and the seconds slept throttled, a sleep under way included."""
+        return {"pages_written_total": int(self.pages_written_total),
+                "throttle_sleep_seconds": (self.throttle_sleep_seconds_total
+                                           + self.sleeping_seconds(dirty_limit=False)),
+                "dirty_limit_sleep_seconds": (self.dirty_limit_sleep_seconds_total
+                                              + self.sleeping_seconds(dirty_limit=True))}
+
+    def sleeping_seconds(self, dirty_limit: bool) -> float:
+        """How long the throttle sleep under way (of that kind) has lasted so far."""
+        started = self._sleep_started
+        if started is None or started[1] != dirty_limit:
+            return 0.0
+        return max(0.0, time.monotonic() - started[0])
+
+    def _sleep(self, seconds: float, dirty_limit: bool = False) -> float:
+        """Sleep `seconds` throttled, ended early by a pause or a stop; logged and marked,
+        and the workload's clock restarted so the sleep earns it no budget."""
+        dom = self.domain
+        self._sleeping.set()
+        start_wall, t0 = time.time(), time.monotonic()
+        self._sleep_started = (t0, dirty_limit)
+        end = t0 + seconds
+        try:
+            while not self._stop.is_set() and dom.running.is_set():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, _SLEEP_POLL_SECONDS))
+            slept = time.monotonic() - t0
+            self.log.record_sleep(start_wall, start_wall + slept,
+                                  self.workload.pages_written_total)
+        finally:
+            self._sleep_started = None
+            self._sleeping.clear()
+        with dom.lock:
+            self.workload.resume(time.monotonic())
+        self._slice_start = time.monotonic()
+        return slept
+
+    def throttle_sleeps(self, since_wall: float | None = None) -> list[tuple[float, float]]:
+        """The throttle sleeps in the progress log, (start wall, end wall), oldest first."""
+        walls, _, slept = self.log.marked_arrays()
+        ends = np.flatnonzero(slept[1:]) + 1
+        out = [(float(walls[i - 1]), float(walls[i])) for i in ends]
+        return [s for s in out if since_wall is None or s[1] >= since_wall]
 
     # -- progress ------------------------------------------------------------------------
     @property
@@ -197,13 +341,51 @@ class VCPU:
 
         Consecutive records inside the window bound the gaps; the window's edges count as
         bounds too, so a vCPU that made no progress at all in the window gives its length.
+        A throttle sleep is no gap: the guest was slowed, not stopped.
         """
         if end_wall <= start_wall:
             return 0.0
-        walls, _ = self.log.arrays()
-        inside = walls[(walls > start_wall) & (walls < end_wall)]
-        bounds = np.concatenate(([start_wall], inside, [end_wall]))
-        return float(np.diff(bounds).max())
+        walls, _, slept = self.log.marked_arrays()
+        if self.log.wrapped and len(walls):
+            start_wall = max(start_wall, float(walls[0]))   # older records are gone
+        keep = (walls > start_wall) & (walls < end_wall)
+        after = np.flatnonzero(walls >= end_wall)
+        sleeping_at_end = bool(len(after) and slept[after[0]])
+        bounds = np.concatenate(([start_wall], walls[keep], [end_wall]))
+        gaps = np.diff(bounds)
+        gaps[np.append(slept[keep], sleeping_at_end)] = 0.0
+        return float(gaps.max())
+
+    def write_rate(self, start_wall: float, end_wall: float) -> float | None:
+        """Page writes per second between two wall times, read off the progress log (None:
+        the log does not cover the window)."""
+        walls, pages = self.log.arrays()
+        if len(walls) < 2 or end_wall <= start_wall:
+            return None
+        start_wall = max(start_wall, float(walls[0]))
+        if end_wall - start_wall <= 0:
+            return None
+        written = np.interp([start_wall, end_wall], walls, pages)
+        return float(written[1] - written[0]) / (end_wall - start_wall)
+
+    def cost(self, start_wall: float, end_wall: float, pages_at_start: int,
+             rate_before: float | None, slept_seconds: float) -> dict:
+        """What a migration from `start_wall` to `end_wall` cost this guest: its page-write
+        rate before it (`rate_before`, read when it started) and during it (its writes
+        since `pages_at_start`, the vCPU stopped or paused at `end_wall`), the slowdown
+        (1 - during / before; None for a guest that wrote nothing before), and the seconds
+        it slept throttled."""
+        span = end_wall - start_wall
+        during = (self.pages_written_total - pages_at_start) / span if span > 0 else None
+        slowdown = (1 - during / rate_before) if rate_before and during is not None else None
+        return {"write_rate_before_pages_per_second": rate_before,
+                "write_rate_during_pages_per_second": during,
+                "slowdown": slowdown, "throttled_seconds": slept_seconds}
+
+    @property
+    def slept_seconds_total(self) -> float:
+        """Seconds this vCPU has slept throttled, auto-converge's and dirty-limit's."""
+        return self.throttle_sleep_seconds_total + self.dirty_limit_sleep_seconds_total
 
     def achieved_rate(self, window_seconds: float = 1.0) -> float:
         """Page writes per second over the last `window_seconds` of progress records."""

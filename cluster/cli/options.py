@@ -14,6 +14,7 @@ from nodes.phase import Phase
 from nodes.units import (
     format_bytes,
     parse_bandwidth,
+    parse_completion_timeout,
     parse_count,
     parse_fraction,
     parse_positive_size,
@@ -154,6 +155,63 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the destination-equals-source memory check")
     p.add_argument("--json", action="store_true", help="print the report alone, as JSON")
+    add_convergence_options(p)
+
+
+def add_convergence_options(p: argparse.ArgumentParser) -> None:
+    """QEMU's auto-converge and dirty-limit, the operators' timeouts, Xen's adaptive rate
+    (`nodes.migration.convergence`); defaults and ranges are QEMU's."""
+    g = p.add_argument_group("convergence aids")
+    g.add_argument("--auto-converge", action="store_true",
+                   help="throttle the guest's vCPU when it dirties faster than pages go")
+    for flag, default, hi, what in (
+            ("--throttle-initial", 20, 99, "first throttle, %"),
+            ("--throttle-increment", 10, 99, "throttle step, %"),
+            ("--max-throttle", 99, 99, "highest throttle, %"),
+            ("--throttle-trigger-threshold", 50, 100,
+             "a period is hot when it dirtied more than this % of what it sent")):
+        g.add_argument(flag, type=arg(parse_count, flag, 1, hi), default=default,
+                       metavar="PCT", help=f"auto-converge: {what} (1-{hi}, default {default})")
+    g.add_argument("--throttle-tailslow", action="store_true",
+                   help="auto-converge: smaller last steps (QEMU's cpu-throttle-tailslow)")
+    g.add_argument("--dirty-limit", type=arg(parse_bandwidth, "--dirty-limit"), default=None,
+                   metavar="RATE", help="slow a writing vCPU towards RATE of dirtied memory "
+                                        "per second, e.g. 10MB (1MB = 10^6 bytes)")
+    g.add_argument("--dirty-limit-period", type=arg(parse_seconds, "--dirty-limit-period"),
+                   default=1.0, help="dirty-limit: how often the rate is measured (1ms-1s, "
+                                     "default 1s)")
+    g.add_argument("--completion-timeout",
+                   type=arg(parse_completion_timeout, "--completion-timeout"), default=None,
+                   metavar="DURATION", help="give up after DURATION, e.g. 30s, or per GiB of "
+                                            "guest memory, e.g. 10s/GiB (see --on-timeout)")
+    g.add_argument("--on-timeout", choices=("abort", "postcopy", "pause"), default="abort",
+                   help="after --completion-timeout: abort (the guest stays), postcopy, or "
+                        "pause the guest and finish (default abort)")
+    g.add_argument("--progress-timeout", type=arg(parse_seconds, "--progress-timeout"),
+                   default=None, metavar="DURATION",
+                   help="abort when the remaining bytes have not dropped for DURATION")
+    g.add_argument("--subtract-fixed-downtime", action="store_true",
+                   help="qemu policy: budget = downtime limit - the hand-over measured for "
+                        "this host pair (QEMU subtracts nothing)")
+    g.add_argument("--adaptive-rate", action="store_true",
+                   help="xen-legacy: Xen's ADAPTIVE_SAVE rate (100 Mbit/s, raised to the "
+                        "dirty rate + 50, at most 500)")
+
+
+def convergence_from(args: argparse.Namespace) -> dict:
+    """The MigrationSettings fields of the convergence options."""
+    absolute, per_gib = args.completion_timeout or (None, None)
+    return dict(auto_converge=args.auto_converge, throttle_initial=args.throttle_initial,
+                throttle_increment=args.throttle_increment, max_throttle=args.max_throttle,
+                throttle_trigger_threshold=args.throttle_trigger_threshold,
+                throttle_tailslow=args.throttle_tailslow,
+                dirty_limit_bytes_per_second=args.dirty_limit,
+                dirty_limit_period_seconds=args.dirty_limit_period,
+                completion_timeout_seconds=absolute,
+                completion_timeout_per_gib_seconds=per_gib, on_timeout=args.on_timeout,
+                progress_timeout_seconds=args.progress_timeout,
+                subtract_fixed_downtime=args.subtract_fixed_downtime,
+                adaptive_rate=args.adaptive_rate)
 
 
 def add_fault_option(p: argparse.ArgumentParser) -> None:
@@ -183,7 +241,8 @@ def settings_from(args: argparse.Namespace) -> "MigrationSettings":
         latency_seconds=args.latency, rate_limit_bytes_per_second=args.rate_limit,
         downtime_limit_seconds=args.downtime_limit, max_iterations=args.max_iterations,
         verify=not args.no_verify, cancel_after_round=args.cancel_after_round,
-        timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()))
+        timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()),
+        **convergence_from(args))
 
 
 def cluster_spec_from(args: argparse.Namespace,

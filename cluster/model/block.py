@@ -21,7 +21,8 @@ def live_throughput(rounds: list[dict]) -> float | None:
 
 def model_block(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
                 resume_seconds: float = 0.0,
-                dirty_rate_pages_per_second: float | None = None) -> dict:
+                dirty_rate_pages_per_second: float | None = None,
+                fixed_downtime: dict | None = None) -> dict:
     """The analytic model beside the measurement of `report` (a `MigrationReport`):
     predicted with the throughput this run measured as the bandwidth, and with the nominal
     link when the link or the rate limit is set. A model error never breaks a migration: it
@@ -32,14 +33,16 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
     lifts the limit for it. When no live round ran (a policy that stops before round 0) there
     is no live throughput: the prediction is the nominal one, on which the policy decided.
     `resume_seconds` is the model's fixed T_resume (0: the plain model; sweeps pass the
-    downtime floor they measured).
+    downtime floor they measured). `fixed_downtime` is what the source measured for this
+    host pair and its qemu budget subtracted (`subtract_fixed_downtime`); the model's policy
+    subtracts the same.
     """
     block: dict = {"bandwidth_bytes_per_second": None, "bandwidth_basis": None,
-                   "resume_seconds": resume_seconds,
+                   "resume_seconds": resume_seconds, "fixed_downtime": fixed_downtime,
                    "prediction": None, "comparison": None, "nominal": None, "error": None}
     try:
         common = _model_inputs(report, workload, settings, resume_seconds,
-                               dirty_rate_pages_per_second)
+                               dirty_rate_pages_per_second, fixed_downtime)
         measured_dict = report.to_dict()
         completed = report.status == "completed"
         nominal = None
@@ -62,17 +65,32 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
 
 
 def _model_inputs(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
-                  resume_seconds: float, dirty_rate: float | None) -> dict:
+                  resume_seconds: float, dirty_rate: float | None,
+                  fixed_downtime: dict | None = None) -> dict:
     """The model's arguments that do not depend on the bandwidth it is given."""
+    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
     from workloads.spec import WorkloadSpec
+    policy_settings = policy_settings_of(settings, fixed_downtime)
     return dict(
         guest_memory_bytes=report.guest_memory_bytes, page_size=report.page_size,
         workload=WorkloadSpec.from_dict(workload) if workload else WorkloadSpec(),
         policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
         latency_seconds=settings.latency_seconds, resume_seconds=resume_seconds,
-        dirty_rate_pages_per_second=dirty_rate,
-        policy_settings=({"max_iterations": settings.max_iterations}
-                         if settings.max_iterations is not None else None))
+        dirty_rate_pages_per_second=dirty_rate, policy_settings=policy_settings,
+        auto_converge=ThrottleSpec.from_settings(settings),
+        dirty_limit=DirtyLimitSpec.from_settings(settings),
+        completion_timeout=timeouts_from(settings, report.guest_memory_bytes))
+
+
+def policy_settings_of(settings: MigrationSettings, fixed_downtime: dict | None) -> dict:
+    """What the model's policy is built with beside the downtime limit: the round cap, and
+    the fixed downtime the engine's budget subtracted."""
+    out: dict = {}
+    if settings.max_iterations is not None:
+        out["max_iterations"] = settings.max_iterations
+    if settings.subtract_fixed_downtime and fixed_downtime:
+        out["fixed_downtime_seconds"] = fixed_downtime["seconds"]
+    return out
 
 
 def _at_measured_throughput(report: "MigrationReport", settings: MigrationSettings, nominal, common: dict):

@@ -15,9 +15,11 @@ marked plus what was dirtied since the last sync.
 
 from dataclasses import dataclass
 
+from cluster.model.throttle import ModelThrottle, running_share, timeout_decision
 from cluster.model.workload import Region
 from nodes.migration.dirtysync import SyncLog
 from nodes.migration.policy import Action, PrecopyStats, QemuPolicy
+from nodes.migration.throttle import FORCED_SYNC_SECONDS
 
 _CHUNK_GUARD = 10_000_000       # a policy that never stops would loop forever
 
@@ -54,7 +56,8 @@ class ContinuousRun:
     """Pre-copy under a mid-pass policy; `run()` fills `rounds` and the outcome fields."""
 
     def __init__(self, spans: list[_Span], policy: QemuPolicy, seconds_per_page: float,
-                 wire_per_page: float, page_size: int, guest_pages: int):
+                 wire_per_page: float, page_size: int, guest_pages: int,
+                 throttle: ModelThrottle | None = None, timeouts=None):
         self.spans = spans
         self.policy = policy
         self.spp = seconds_per_page
@@ -66,6 +69,10 @@ class ContinuousRun:
         self.cursor = 0.0
         self.last_sync = 0.0
         self.sync = SyncLog(page_size, guest_pages, 0.0)
+        self.throttle = throttle
+        self.timeouts = timeouts            # the engine's Timeouts (completion only)
+        self.guest_now = 0.0                # the vCPU's running time (throttled time is not)
+        self.guest_last_sync = 0.0
         self.rounds: list[dict] = []        # index, pages_sent, pages_dirtied, start, end
         self.current: dict | None = self._open_pass()
 
@@ -75,21 +82,27 @@ class ContinuousRun:
 
     def _open_pass(self) -> dict:
         return {"index": len(self.rounds), "pages_sent": 0.0, "pages_dirtied": 0.0,
-                "start": self.now, "end": self.now}
+                "start": self.now, "end": self.now, "cpu_throttle_percentage": 0}
 
     def run(self):
         """Until the policy stops: check, then a chunk, then the window. Returns the
         Decision."""
         self.policy.start(0.0, 0)
         for _ in range(_CHUNK_GUARD):
-            if self.policy.wants_exact(self.marked * self.page_size):
+            forced = (self.throttle is not None
+                      and self.now - self.last_sync >= FORCED_SYNC_SECONDS)
+            if self.policy.wants_exact(self.marked * self.page_size) or forced:
                 self._sync()
             decision = self.policy.decide(self._stats())
+            if decision.action is Action.CONTINUE:
+                decision = timeout_decision(self.timeouts, self.now) or decision
             if decision.action is not Action.CONTINUE:
                 if self.current is not None:
                     self._close_pass()
                 return decision
             self._chunk()
+            if self.throttle is not None:
+                self.throttle.tick(self.now)
             self.policy.window_closed(self.now, self.sent_pages * self.wire,
                                       self.sync.dirty_bytes_last_sync,
                                       self.sync.dirty_pages_per_second is not None)
@@ -104,7 +117,7 @@ class ContinuousRun:
         """Pages of `s` dirtied since the last sync and not marked already, ahead of the
         cursor and behind it: writes fall uniformly over the stretch, and each part's marks
         hide the writes that hit them."""
-        written = s.dirtied(self.now - self.last_sync)
+        written = s.dirtied(self.guest_now - self.guest_last_sync)
         if not written:
             return 0.0, 0.0
         width_ahead = min(s.pages, max(0.0, s.hi - max(self.cursor, s.lo)))
@@ -123,9 +136,11 @@ class ContinuousRun:
             s.ahead += ahead
             s.behind += behind
             fresh_total += ahead + behind
-        self.last_sync = self.now
-        self.sync.synced(self.now, round(fresh_total), round(self.marked),
-                         round(self.sent_pages * self.wire))
+        self.last_sync, self.guest_last_sync = self.now, self.guest_now
+        period = self.sync.synced(self.now, round(fresh_total), round(self.marked),
+                                  round(self.sent_pages * self.wire))
+        if self.throttle is not None:
+            self.throttle.period_closed(period, self.now)
         if self.current is not None:
             self.current["pages_dirtied"] += fresh_total
 
@@ -163,12 +178,15 @@ class ContinuousRun:
         if sent < budget:
             self.cursor = float(self.guest_pages)
         self.now += sent * self.spp
+        self.guest_now += sent * self.spp * running_share(self.throttle)
         self.sent_pages += sent
         self.current["pages_sent"] += sent
         self.current["end"] = self.now
         return sent if sent > 0 else budget
 
     def _close_pass(self) -> None:
+        if self.throttle is not None:
+            self.current["cpu_throttle_percentage"] = self.throttle.percentage
         self.rounds.append(self.current)
         self.current = None
 

@@ -5,8 +5,17 @@ import math
 from dataclasses import dataclass, field
 
 from cluster.model.continuous import ContinuousRun, layout
+from cluster.model.throttle import (
+    DirtyLimitSpec,
+    ModelDirtyLimit,
+    ModelThrottle,
+    ThrottleSpec,
+    running_share,
+    timeout_decision,
+)
 from cluster.model.workload import Region, rate_of, regions
 from nodes.errors import ConfigError
+from nodes.migration.dirtysync import SyncLog
 from nodes.migration.policy import (
     Action,
     Decision,
@@ -31,11 +40,13 @@ class ModelRound:
     pages_dirtied: float          # distinct pages written during the round: the next one's dirty
     duration_seconds: float
     final: bool = False
+    cpu_throttle_percentage: int = 0      # auto-converge's throttle as the round ended
 
     def to_dict(self) -> dict:
         return {"index": self.index, "pages_sent": self.pages_sent,
                 "pages_skipped": self.pages_skipped, "pages_dirtied": self.pages_dirtied,
-                "duration_seconds": self.duration_seconds, "final": self.final}
+                "duration_seconds": self.duration_seconds, "final": self.final,
+                "cpu_throttle_percentage": self.cpu_throttle_percentage}
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,11 @@ class ModelPrediction:
     dirty_sync_count: int         # bitmap syncs, setup's and stop-and-copy's included
     lambda_ratio: float           # D / R: dirty bytes per second over the effective bandwidth
     bandwidth_bytes_per_second: float   # effective live bandwidth, min(link, rate limit)
+    # Auto-converge: (seconds, percentage) at each throttle step, and the throttle at the end.
+    throttle_schedule: tuple = ()
+    cpu_throttle_percentage: int = 0
+    # Dirty-limit: (seconds, sleep per full ring in us) at each adjustment.
+    dirty_limit_schedule: tuple = ()
 
     @property
     def live_rounds(self) -> int:
@@ -74,6 +90,9 @@ class ModelPrediction:
             "dirty_sync_count": self.dirty_sync_count,
             "lambda_ratio": self.lambda_ratio,
             "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
+            "throttle_schedule": [list(x) for x in self.throttle_schedule],
+            "cpu_throttle_percentage": self.cpu_throttle_percentage,
+            "dirty_limit_schedule": [list(x) for x in self.dirty_limit_schedule],
         }
 
 
@@ -102,6 +121,9 @@ class _PreCopy:
     converged: bool = False
     aborted: bool = False
     syncs: int = 1                # bitmap syncs so far, setup's included (dirty-sync-count)
+    throttle: ModelThrottle | None = None
+    sync: object | None = None    # the engine's SyncLog, for the throttle's periods
+    sent_bytes: float = 0.0
 
     @property
     def last(self) -> ModelRound | None:
@@ -199,19 +221,29 @@ def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float
         skipped, send_seconds = _skip_solve(to_send, run.dirty, guest.seconds_per_page)
     sent = run.dirty - skipped
     duration = send_seconds + latency
-    run.dirty_by_region = [r.distinct(duration) for r in guest.regions]
+    running = duration * running_share(run.throttle)     # throttled time writes nothing
+    run.dirty_by_region = [r.distinct(running) for r in guest.regions]
     dirtied = sum(run.dirty_by_region)
-    run.rounds.append(ModelRound(index=len(run.rounds), pages_sent=sent, pages_skipped=skipped,
-                                 pages_dirtied=dirtied, duration_seconds=duration))
     run.total_written += sent
     run.elapsed += duration
     run.dirty = dirtied
     run.syncs += 1                # the CLEAN that ends the round
+    run.sent_bytes += sent * guest.wire_per_page
+    if run.throttle is not None:
+        run.throttle.period_closed(run.sync.synced(run.elapsed, round(dirtied), round(dirtied),
+                                                   round(run.sent_bytes)), run.elapsed)
+        run.throttle.tick(run.elapsed)
+    run.rounds.append(ModelRound(index=len(run.rounds), pages_sent=sent, pages_skipped=skipped,
+                                 pages_dirtied=dirtied, duration_seconds=duration,
+                                 cpu_throttle_percentage=run.throttle.percentage
+                                 if run.throttle is not None else 0))
 
 
-def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float) -> _PreCopy:
+def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
+             throttle: ModelThrottle | None, timeouts=None) -> _PreCopy:
     """The live rounds, each after the policy said CONTINUE, until it says otherwise."""
-    run = _PreCopy(dirty=float(guest.guest_pages))
+    run = _PreCopy(dirty=float(guest.guest_pages), throttle=throttle,
+                   sync=SyncLog(guest.page_size, guest.guest_pages, 0.0))
     while True:
         stats = _stats(run, guest, rate)
         if len(run.rounds) >= _ROUND_GUARD:
@@ -219,23 +251,28 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float) -> 
                                      f"model guard ({_ROUND_GUARD} rounds)")
         else:
             decision = pol.decide(stats)
+        if decision.action is Action.CONTINUE:      # checked between rounds here
+            decision = timeout_decision(timeouts, run.elapsed) or decision
         if decision.action is not Action.CONTINUE:
             _stop(run, decision, pol, stats.iteration)
             return run
         _live_round(run, guest, pol, latency)
 
 
-def _continuous(guest: _Guest, pol: PrecopyPolicy, data_pages: int) -> _PreCopy:
+def _continuous(guest: _Guest, pol: PrecopyPolicy, data_pages: int,
+                throttle: ModelThrottle | None, timeouts=None) -> _PreCopy:
     """Pre-copy under a policy that decides after every chunk (`continuous`)."""
     model = ContinuousRun(layout(guest.regions, data_pages, guest.guest_pages), pol,
                           guest.seconds_per_page, guest.wire_per_page, guest.page_size,
-                          guest.guest_pages)
+                          guest.guest_pages, throttle, timeouts)
     decision = model.run()
     run = _PreCopy(dirty=model.final_pages(), elapsed=model.now,
-                   total_written=model.sent_pages, syncs=model.sync.count)
+                   total_written=model.sent_pages, syncs=model.sync.count, throttle=throttle)
     run.rounds = [ModelRound(index=r["index"], pages_sent=r["pages_sent"], pages_skipped=0.0,
                              pages_dirtied=r["pages_dirtied"],
-                             duration_seconds=r["end"] - r["start"]) for r in model.rounds]
+                             duration_seconds=r["end"] - r["start"],
+                             cpu_throttle_percentage=r["cpu_throttle_percentage"])
+                  for r in model.rounds]
     _stop(run, decision, pol, len(run.rounds))
     return run
 
@@ -247,7 +284,10 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             latency_seconds: float = 0.0, resume_seconds: float = 0.0,
             dirty_rate_pages_per_second: float | None = None,
             bytes_per_page_overhead: float = 8.0, record_overhead_bytes: float = 32.0,
-            policy_settings: dict | None = None) -> ModelPrediction:
+            policy_settings: dict | None = None,
+            auto_converge: ThrottleSpec | None = None,
+            dirty_limit: DirtyLimitSpec | None = None,
+            completion_timeout=None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
@@ -257,6 +297,9 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `dirty_rate_pages_per_second` overrides the workload's rate (needed for 'max').
     `latency_seconds` is added to every round, the stop-and-copy included.
     `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
+    `auto_converge` or `dirty_limit` throttle the modelled guest on the engine's own rules
+    (`cluster.model.throttle`); `completion_timeout` (the engine's `Timeouts`) ends the
+    live rounds as the engine's does (between rounds under the xen policies).
     """
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
@@ -276,10 +319,12 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                    wire_per_page, wire_per_page / rate)
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
                                     **(policy_settings or {}))
+    throttle = _throttle(auto_converge, dirty_limit, page_size,
+                         sum(r.rate for r in guest.regions))
     if pol.mid_pass:
-        run = _continuous(guest, pol, data_pages)
+        run = _continuous(guest, pol, data_pages, throttle, completion_timeout)
     else:
-        run = _precopy(guest, pol, rate, latency_seconds)
+        run = _precopy(guest, pol, rate, latency_seconds, throttle, completion_timeout)
 
     rounds = list(run.rounds)
     final_pages, downtime = 0.0, 0.0
@@ -299,4 +344,20 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
         pages_sent_total=pages_total, bytes_sent_total=pages_total * wire_per_page,
         converged=run.converged, dirty_sync_count=run.syncs + (0 if run.aborted else 1),
         lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
-        bandwidth_bytes_per_second=rate)
+        bandwidth_bytes_per_second=rate,
+        throttle_schedule=(tuple(throttle.schedule) if isinstance(throttle, ModelThrottle)
+                           else ()),
+        cpu_throttle_percentage=throttle.percentage if throttle is not None else 0,
+        dirty_limit_schedule=(tuple(throttle.schedule)
+                              if isinstance(throttle, ModelDirtyLimit) else ()))
+
+
+def _throttle(auto_converge: ThrottleSpec | None, dirty_limit: DirtyLimitSpec | None,
+              page_size: int, raw_rate: float):
+    if auto_converge is not None and dirty_limit is not None:
+        raise ConfigError("auto-converge and dirty-limit cannot be used together")
+    if auto_converge is not None:
+        return ModelThrottle(auto_converge, page_size)
+    if dirty_limit is not None:
+        return ModelDirtyLimit(dirty_limit, page_size, raw_rate)
+    return None

@@ -110,6 +110,7 @@ class _Evidence:
     lam: float | None
     near: str                 # the model's last live round and final round, as text
     spread: float | None      # of the idle downtime floor
+    dirty_limit_slept: float | None = None   # seconds dirty-limit slept the vCPU (median)
 
     @classmethod
     def of(cls, entry: dict, runs: list[dict], scenario: Scenario,
@@ -123,7 +124,8 @@ class _Evidence:
                    med("final_round_pages"), final_p, med("pages_skipped_total"),
                    med("predicted_pages_skipped_total"), Stops.of(runs),
                    Stops.of(runs, "predicted_"), med("predicted_lambda_ratio"), near,
-                   median([c.get("spread_seconds") for c in calibration.values()]))
+                   median([c.get("spread_seconds") for c in calibration.values()]),
+                   med("dirty_limit_throttle_seconds"))
 
     @property
     def rounds(self) -> tuple[float | None, float | None]:
@@ -133,6 +135,10 @@ class _Evidence:
 def _why(metric: str, ev: _Evidence) -> str:
     """The first explanation the runs support."""
     rounds_m, rounds_p = ev.rounds
+    if ev.dirty_limit_slept:
+        return (f"dirty-limit slept the guest's vCPU {ev.dirty_limit_slept:.1f} s, and the "
+                f"model does not follow dirty-limit: it predicts the unthrottled guest "
+                f"({count(rounds_m)} live rounds measured vs {count(rounds_p)} predicted)")
     if (_skips(ev.policy) and ev.skipped_p is not None and ev.skipped_m is not None
             and ev.skipped_p > 1.1 * ev.skipped_m + 20):
         return _model_skips_too_much(ev)
@@ -192,6 +198,10 @@ def _skips(policy: str) -> bool:
 def _stop_reason(stops_m: Stops, stops_p: Stops, policy: str, rounds_m, rounds_p,
                  lam: float | None, near: str = "") -> str:
     """What the way pre-copy stopped, in the runs and in the model, says of a difference."""
+    if stops_m.codes and stops_p.codes and stops_m.codes != stops_p.codes \
+            and not (stops_m.on_cap and stops_p.on_cap):
+        return (f"; the runs stopped on '{stops_m.text()}', the model on "
+                f"'{stops_p.text()}'")
     if lam is not None and lam >= 1 and (stops_m.on_cap or stops_p.on_cap):
         return (f"; lambda = {lam:.2f} >= 1: no convergence, both stop on {policy}'s cap, "
                 "and how much is left then depends on how fast the dirty set saturates")

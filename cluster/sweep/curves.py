@@ -58,6 +58,7 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
              achieved: float | None):
     """The model at one point of a curve; None where it cannot predict."""
     from cluster.model import predict
+    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
     spec, settings = sc.specs(point)
     calib = calibration.get((spec.memory_bytes, settings.latency_seconds,
                              settings.link_bytes_per_second,
@@ -76,7 +77,10 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
             resume_seconds=calib.get("resume_seconds", 0.0),
             dirty_rate_pages_per_second=achieved if spec.workload.unlimited else None,
             policy_settings=({"max_iterations": settings.max_iterations}
-                             if settings.max_iterations is not None else None))
+                             if settings.max_iterations is not None else None),
+            auto_converge=ThrottleSpec.from_settings(settings),
+            dirty_limit=DirtyLimitSpec.from_settings(settings),
+            completion_timeout=timeouts_from(settings, spec.memory_bytes))
     except (ConfigError, ValueError):
         return None
 

@@ -59,7 +59,27 @@ def summary_text(result: SweepResult) -> str:
     lines += ["", f"{flagged} of {len(result.agreement)} points differ by more than "
               f"{AGREEMENT_TOLERANCE:.0%} somewhere" + (":" if result.explanations else "")]
     lines += [f"- {n}" for n in result.explanations]
+    lines += cost_lines(result.rows)
     return "\n".join(lines)
+
+
+def cost_lines(rows: list[dict]) -> list[str]:
+    """Total time, downtime and the guest's slowdown side by side, run by run: what an
+    operator trades against each other when choosing an aid."""
+    lines = ["", "the guest's cost: total time, downtime, slowdown (1 - write rate during / "
+             "before), highest throttle",
+             f"{'point':>5}  {'axes':<44} {'status':<10} {'stop':<18} {'total':>9} "
+             f"{'downtime':>9} {'slowdown':>8} {'throttle':>8}"]
+    for r in rows:
+        axes = {k[5:]: v for k, v in r.items() if k.startswith("axis_")}
+        slow = r.get("guest_slowdown")
+        lines.append(
+            f"{r['point']:>5}  {point_text(axes)[:44]:<44} {r['status']:<10} "
+            f"{str(r.get('stop_code') or '-'):<18} {_msn(r.get('total_time_seconds')):>9} "
+            f"{_msn(r.get('downtime_seconds')):>9} "
+            f"{'-' if slow is None else f'{slow * 100:.0f} %':>8} "
+            f"{r.get('cpu_throttle_percentage_max') or 0:>6} %")
+    return lines
 
 
 def _msn(v) -> str:

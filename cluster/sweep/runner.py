@@ -220,7 +220,8 @@ def _row_fields(spec: GuestSpec, settings: MigrationSettings, report, model: dic
 _MEASURED = ("measured_throughput_bytes_per_second", "pages_sent_total", "live_rounds",
              "final_round_pages", "downtime_seconds", "guest_observed_downtime_seconds",
              "total_time_seconds", "stop_reason", "stop_code", "verified",
-             "pages_skipped_total")
+             "pages_skipped_total", "guest_slowdown", "guest_throttled_seconds",
+             "cpu_throttle_percentage_max", "dirty_limit_throttle_seconds")
 
 
 def _measured(report, model: dict | None) -> dict:
@@ -238,7 +239,14 @@ def _measured(report, model: dict | None) -> dict:
         # the report's StopCode value, once reports carry one
         "stop_code": report.to_dict().get("stop_code"),
         "verified": report.integrity.verified,
-        "pages_skipped_total": sum(r["pages_skipped"] for r in report.rounds)}
+        "pages_skipped_total": sum(r["pages_skipped"] for r in report.rounds),
+        # the guest's cost, and what the convergence aids took of its vCPU
+        "guest_slowdown": (report.guest_cost or {}).get("slowdown"),
+        "guest_throttled_seconds": (report.guest_cost or {}).get("throttled_seconds"),
+        "cpu_throttle_percentage_max": max((r.get("cpu_throttle_percentage", 0)
+                                            for r in report.rounds), default=0),
+        "dirty_limit_throttle_seconds": sum(r.get("dirty_limit_throttle_seconds", 0.0)
+                                            for r in report.rounds)}
 
 
 def _predicted(prefix: str, pred: dict) -> dict:

@@ -70,6 +70,26 @@ def _dirty_rate(v, what: str) -> float:
 _seconds_or_zero = partial(parse_seconds, allow_zero=True)
 
 
+def _optional(parse: Callable) -> Callable:
+    """A value or "off" (also "none", "unlimited"): None, the setting left off."""
+    def read(v, what: str):
+        if isinstance(v, str) and v.strip().lower() in ("off", "none", "unlimited"):
+            return None
+        return parse(v, what)
+    return read
+
+
+def _percent(hi: int) -> Callable:
+    return lambda v, what: parse_count(v, what, 1, hi)
+
+
+def _aid(v, what: str) -> str:
+    from cluster.sweep.aids import AIDS
+    if v not in AIDS:
+        raise ConfigError(f"{what}: {v!r} is not an aid; use one of {', '.join(AIDS)}")
+    return v
+
+
 @dataclass(frozen=True)
 class Knob:
     """A setting a scenario fixes or sweeps: where it lives and how it is read."""
@@ -80,6 +100,30 @@ class Knob:
     label: str                    # axis label, with the unit the plot shows
     scale: float = 1.0            # plotted value = value / scale
 
+
+# The convergence aids (`nodes.migration.convergence`): fixed in [migration] or swept; `aid`
+# (axes only) sets a whole aid at once, from `cluster.sweep.aids`.
+CONVERGENCE_KNOBS: dict[str, Knob] = {
+    "auto_converge": Knob("migration", "auto_converge", _flag, "auto-converge"),
+    "throttle_initial": Knob("migration", "throttle_initial", _percent(99),
+                             "initial throttle (%)"),
+    "throttle_increment": Knob("migration", "throttle_increment", _percent(99),
+                               "throttle step (%)"),
+    "max_throttle": Knob("migration", "max_throttle", _percent(99), "max throttle (%)"),
+    "throttle_trigger_threshold": Knob("migration", "throttle_trigger_threshold",
+                                       _percent(100), "trigger threshold (%)"),
+    "throttle_tailslow": Knob("migration", "throttle_tailslow", _flag, "tailslow"),
+    "dirty_limit": Knob("migration", "dirty_limit_bytes_per_second",
+                        parse_bandwidth_or_unlimited, "dirty limit (MB/s)", 1e6),
+    "dirty_limit_period": Knob("migration", "dirty_limit_period_seconds", parse_seconds,
+                               "dirty-limit period (s)"),
+    "completion_timeout": Knob("migration", "completion_timeout_seconds",
+                               _optional(parse_seconds), "completion timeout (s)"),
+    "on_timeout": Knob("migration", "on_timeout", _string, "on timeout"),
+    "progress_timeout": Knob("migration", "progress_timeout_seconds",
+                             _optional(parse_seconds), "progress timeout (s)"),
+    "aid": Knob("aid", "aid", _aid, "convergence aid"),
+}
 
 # TOML key -> knob. In [axes] the guest's memory is called guest_memory.
 KNOBS: dict[str, Knob] = {
@@ -106,6 +150,7 @@ KNOBS: dict[str, Knob] = {
     "downtime_limit": Knob("migration", "downtime_limit_seconds", parse_seconds,
                            "downtime limit (s)"),
     "max_iterations": Knob("migration", "max_iterations", parse_count, "live round cap"),
+    **CONVERGENCE_KNOBS,
 }
 _FIXED_ONLY = {"migration": {"timeout": ("timeout_seconds", parse_seconds),
                              "verify": ("verify", _flag)},
@@ -204,6 +249,10 @@ class Scenario:
         mig: dict = {}
         for name, value in point.items():
             knob = KNOBS[name]
+            if knob.section == "aid":
+                from cluster.sweep.aids import AIDS
+                mig.update(AIDS[value])
+                continue
             {"guest": guest, "workload": wl, "migration": mig}[knob.section][knob.field] = value
         workload = replace(self.workload, **wl)
         settings = replace(self.migration, **mig)

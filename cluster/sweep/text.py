@@ -3,7 +3,8 @@
 
 from nodes.units import format_bytes
 
-_TIME_AXES = ("latency", "downtime_limit", "busy_seconds", "quiet_seconds")
+_TIME_AXES = ("latency", "downtime_limit", "busy_seconds", "quiet_seconds", "dirty_limit_period",
+              "completion_timeout", "progress_timeout")
 
 
 def show(v: object) -> str:
@@ -33,6 +34,8 @@ def human(axis: str, value: object) -> str:
         return format_bytes(value).replace(" ", "") + "/s"
     if axis in _TIME_AXES:
         return f"{value * 1000:g}ms"
+    if axis == "dirty_limit":                       # MB of 10^6 bytes, as QEMU's MB/s
+        return f"{value / 1e6:g}MB/s"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

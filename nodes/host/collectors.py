@@ -153,6 +153,12 @@ _RUNNING_GAUGES = {
                    "running migration's last round on the link."),
     "limit": ("migbed_migration_link_limit_bytes_per_second", "Speed of the link the "
               "running migration uses (only when the link is limited)."),
+    "throttle": ("migbed_migration_cpu_throttle_ratio", "Auto-converge's throttle of the "
+                 "running migration's guest: the share of its vCPU's time taken (QEMU's "
+                 "cpu-throttle-percentage / 100)."),
+    "dirty_limit": ("migbed_migration_dirty_limit_throttle_time_per_round_seconds",
+                    "Dirty-limit: the sleep the guest's vCPU takes each time its dirty ring "
+                    "fills (QEMU's dirty-limit-throttle-time-per-round)."),
 }
 
 
@@ -175,6 +181,8 @@ def _running(host: str, outgoing: list) -> Iterator[Metric]:
         fams["throughput"].add_metric([host, g], p.throughput_bytes_per_second)
         if out.settings.link_bytes_per_second:
             fams["limit"].add_metric([host, g], out.settings.link_bytes_per_second)
+        fams["throttle"].add_metric([host, g], p.cpu_throttle_percentage / 100)
+        fams["dirty_limit"].add_metric([host, g], p.dirty_limit_throttle_time_per_round_us / 1e6)
     yield from fams.values()
 
 

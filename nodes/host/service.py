@@ -20,6 +20,7 @@ from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
 from nodes.migration.destination import Receiver, validate_info
+from nodes.migration.fixeddowntime import handover_fixed_seconds
 from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
 from nodes.migration.progress import Progress
@@ -61,6 +62,7 @@ class HostService:
         self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
         self._uplinks: dict[float, Pacer] = {}        # link speed -> this host's shared uplink
         self._ended: collections.deque = collections.deque()   # ended outgoing, oldest first
+        self._fixed_downtime: dict[str, float] = {}   # destination host -> its measured part
         self.dead = False
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_address, config.metrics_port,
@@ -179,6 +181,8 @@ class HostService:
 
     def vcpu_context(self, name: str) -> dict:
         vcpu = self.vcpus.get(name)
+        if vcpu is not None:
+            vcpu.wait_awake()            # a throttle sleep the pause ended is in the log
         if vcpu is None:
             return {"vcpu_id": 0, "workload_state": None, "last_progress_wall": None,
                     "pages_written_total": 0}
@@ -198,6 +202,19 @@ class HostService:
 
     def discard_guest(self, name: str) -> None:
         self._drop_vcpu(name)
+
+    def throttle_guest(self, name: str, cpu_percentage: int = 0, ring_pages: int = 0,
+                       ring_full_sleep_seconds: float = 0.0) -> None:
+        vcpu = self.vcpus.get(name)
+        if vcpu is not None:
+            vcpu.set_throttle(cpu_percentage, ring_pages, ring_full_sleep_seconds)
+
+    def vcpu_throttle_stats(self, name: str) -> dict:
+        vcpu = self.vcpus.get(name) or self._retired.get(name)
+        return vcpu.throttle_stats() if vcpu is not None else dict(VCPU.NO_THROTTLE_STATS)
+
+    def measured_fixed_downtime(self, destination: str) -> float | None:
+        return self._fixed_downtime.get(destination)
 
     # -- migration: destination side ---------------------------------------------------------
     def prepare_incoming(self, info: dict, settings: MigrationSettings | dict) -> dict:
@@ -272,6 +289,10 @@ class HostService:
             self.migration_counts["started"] += 1
             self.metrics.outgoing_started(t.migration_id, name, progress, settings)
         start_wall = time.time()
+        before = self.vcpus.get(name)    # the guest's cost: its write rate, read now
+        slept0 = before.slept_seconds_total if before is not None else 0.0
+        pages0 = before.pages_written_total if before is not None else 0
+        rate0 = before.write_rate(start_wall - 1.0, start_wall) if before is not None else None
         try:
             result = sender.run()
         finally:
@@ -284,8 +305,14 @@ class HostService:
         self.metrics.outgoing_finished(t.migration_id, result)
         vcpu = self._retired.pop(name, None) or self.vcpus.get(name)
         if vcpu is not None:
-            result.source_longest_gap_seconds = vcpu.longest_gap(
-                start_wall, result.pause_wall or time.time())
+            end_wall = result.pause_wall or time.time()
+            result.source_longest_gap_seconds = vcpu.longest_gap(start_wall, end_wall)
+            result.guest_cost = vcpu.cost(start_wall, end_wall, pages0, rate0,
+                                          vcpu.slept_seconds_total - slept0)
+        fixed = result.fixed_downtime
+        if result.completed and fixed and "handover" in result.phase_seconds:
+            self._fixed_downtime[t.host] = handover_fixed_seconds(
+                result.phase_seconds["handover"], fixed["round_trip_seconds"])
         result.profile = self.hv.profile.name
         return result
 

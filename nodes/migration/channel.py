@@ -23,6 +23,7 @@ class Ticket:
     address: str
     port: int
     token: str   # hex
+    host: str = ""   # the destination host's name, as the control plane knows it
 
     def to_dict(self) -> dict:
         return asdict(self)

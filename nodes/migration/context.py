@@ -60,6 +60,7 @@ class SourceContext:
     p2m_sent: np.ndarray | None = None
     rounds: list[RoundStats] = field(default_factory=list)
     current: object | None = None  # the pass under way, for a policy deciding mid-pass
+    convergence: object | None = None  # the aids (`nodes.migration.convergence.Convergence`)
     pause_mono: float | None = None
     renamed: bool = False          # the copy here is `<name>--migratedaway`
     handed_over: bool = False      # PERMISSION_TO_GO went out: the guest is the destination's
@@ -72,6 +73,8 @@ class SourceContext:
             raise MigrationCancelled(f"migration of {self.guest} cancelled by the operator")
 
     def round_done(self, rnd: RoundStats) -> None:
+        if self.convergence is not None:
+            self.convergence.round_done(rnd)
         self.rounds.append(rnd)
         self.progress.round_done(rnd)
 
@@ -80,7 +83,9 @@ class SourceContext:
         marked. Counted in `sync` (QEMU's dirty-sync-count and its rate periods)."""
         bitmap, _ = self.hv.shadow_op(self.dom.name, ShadowOp.CLEAN)
         fresh = self.cursor.mark(bitmap)
-        self.sync.synced(now, fresh, self.cursor.pending_pages, self.link.bytes_sent)
+        period = self.sync.synced(now, fresh, self.cursor.pending_pages, self.link.bytes_sent)
+        if period is not None and self.convergence is not None:
+            self.convergence.period_closed(period, now)   # QEMU's migration_trigger_throttle
         self.progress.dirty_pages = int(fresh)
         return fresh
 

@@ -38,11 +38,13 @@ class SyncLog:
         self._period_start = now
         self._period_dirtied = 0
         self._period_bytes0 = bytes_sent
+        self.last_sync_at = now
 
     def synced(self, now: float, dirtied_pages: int, pending_pages: int,
                bytes_sent: int) -> SyncPeriod | None:
         """A sync found `dirtied_pages` newly dirty, leaving `pending_pages` to send."""
         self.count += 1
+        self.last_sync_at = now
         self.dirty_bytes_last_sync = pending_pages * self.page_size
         self._period_dirtied += dirtied_pages
         if now <= self._period_start + PERIOD_SECONDS:

@@ -103,6 +103,11 @@ class LinkSender:
         """Stop-and-copy: the throttle goes, the link's own speed stays."""
         self.rate_limited = False
 
+    def set_rate_limit(self, bytes_per_second: float) -> None:
+        """The migration's own throttle changes from now on (xen-legacy's adaptive rate)."""
+        self.rate_limit = Pacer(bytes_per_second)
+        self.rate_limited = True
+
     def set_link_rate(self, bytes_per_second: float | None) -> None:
         """The wire's speed changes from now on (a slow-link fault): a link of its own."""
         self.link = Pacer(bytes_per_second)

@@ -46,11 +46,21 @@ class StopCode(StrEnum):
     FITS_DOWNTIME = "fits-downtime"                # qemu: pending fits bandwidth x limit
     MAX_ITERATIONS = "max-iterations"              # the live round cap
     MAX_FACTOR = "max-factor"                      # xen-legacy: 3x the guest's memory sent
+    # The operators' aids (`nodes.migration.convergence`): a timeout that gave up (the
+    # migration is cancelled), paused the guest to finish, or switched to post-copy; and
+    # xen-legacy's adaptive rate reaching its cap without gain.
+    COMPLETION_TIMEOUT = "completion-timeout"
+    NO_PROGRESS = "no-progress"
+    PAUSED = "paused"
+    POSTCOPY = "postcopy"
+    RATE_CAP = "rate-cap"
 
     @property
     def converged(self) -> bool:
-        """Stopped on the policy's own target, not on one of its caps."""
-        return self not in (StopCode.MAX_ITERATIONS, StopCode.MAX_FACTOR)
+        """Stopped on the policy's own target, not on one of its caps or an operator's."""
+        return self not in (StopCode.MAX_ITERATIONS, StopCode.MAX_FACTOR,
+                            StopCode.COMPLETION_TIMEOUT, StopCode.NO_PROGRESS,
+                            StopCode.PAUSED, StopCode.POSTCOPY, StopCode.RATE_CAP)
 
 
 @dataclass(frozen=True)

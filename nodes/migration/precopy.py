@@ -16,16 +16,24 @@ Two ways of deciding, as the two systems they model decide:
 
 Either way the live rounds end with the stream drained (SYNC, SYNC_ACK): the guest pauses
 only once the destination has landed every page sent live.
+
+The convergence aids (`nodes.migration.convergence`) ride along: the throttle trigger at the
+syncs that close a rate period (`SourceContext.clean`), dirty-limit's period and the timeouts
+between batches (`between_batches`), Xen's adaptive rate between passes. A timeout may end the
+live rounds mid-pass: pausing the guest (stop-and-copy), switching to post-copy, or cancelling.
 """
 
 import time
 
-from nodes.errors import MigrationCancelled, MigrationError
+from nodes.errors import MigrationCancelled, MigrationError, PostcopyUnavailable
+from nodes.migration import fixeddowntime
 from nodes.migration.context import SourceContext
+from nodes.migration.convergence import Convergence
 from nodes.migration.policy import Action, Decision, PrecopyStats, QemuPolicy
 from nodes.migration.progress import RoundStats
 from nodes.migration.records import MAX_BATCH_PAGES
 from nodes.migration.records import RecordType as RT
+from nodes.migration.throttle import FORCED_SYNC_SECONDS
 from nodes.phase import Phase
 
 MIN_BATCH_PAGES = 64     # QEMU looks at the clock every 64 pages
@@ -39,20 +47,44 @@ class LiveRounds:
         return True
 
     def run(self, ctx: SourceContext) -> None:
+        start_aids(ctx)
         run = continuous if ctx.policy.mid_pass else per_pass
         decision = run(ctx)
         ctx.result.stop_reason = decision.reason
         ctx.result.stop_code = decision.stop_code.value if decision.stop_code else None
+        if decision.action is Action.POSTCOPY:
+            raise PostcopyUnavailable(
+                f"{decision.reason}, but post-copy is not available in this build; the guest "
+                "stays on its source (use --on-timeout abort or pause)")
         drain(ctx)
+
+
+def start_aids(ctx: SourceContext) -> None:
+    """The convergence aids this migration asked for, and the fixed downtime measured on
+    this host pair when the qemu budget is to subtract it."""
+    s, page_size = ctx.settings, ctx.hv.page_size
+    ctx.convergence = aids = Convergence(s, ctx.runtime, ctx.guest, page_size,
+                                         ctx.dom.npages * page_size, ctx.progress, ctx.clock.t0)
+    if s.subtract_fixed_downtime:
+        fixed = fixeddowntime.measure(ctx, ctx.runtime.measured_fixed_downtime(ctx.ticket.host))
+        if hasattr(ctx.policy, "fixed_downtime_seconds"):
+            ctx.policy.fixed_downtime_seconds = fixed.seconds
+        ctx.result.fixed_downtime = fixed.to_dict()
+    if aids.adaptive is not None:
+        ctx.link.set_rate_limit(aids.adaptive.bytes_per_second)
 
 
 # -- deciding between passes -------------------------------------------------------------------
 def per_pass(ctx: SourceContext) -> Decision:
     while True:
         decision = decide(ctx, ctx.cursor.pending_pages)
+        if decision.action is Action.CONTINUE:
+            decision = aids(ctx) or adaptive_rate(ctx) or decision
         if decision.action is not Action.CONTINUE:
             return decision
-        rnd = live_pass(ctx, len(ctx.rounds))
+        rnd, aid = live_pass(ctx, len(ctx.rounds))
+        if aid is not None:
+            return aid
         ctx.check_cancel()
         after = ctx.settings.cancel_after_round
         if after is not None and rnd.index >= after:
@@ -60,24 +92,43 @@ def per_pass(ctx: SourceContext) -> Decision:
                 f"cancelled after round {rnd.index} as asked (--cancel-after-round)")
 
 
-def live_pass(ctx: SourceContext, index: int) -> RoundStats:
-    """Send every marked page while the guest runs; CLEAN the bitmap for the next pass."""
+def live_pass(ctx: SourceContext, index: int) -> tuple[RoundStats, Decision | None]:
+    """Send every marked page while the guest runs; CLEAN the bitmap for the next pass.
+    An aid's decision (a timeout) ends the pass where it stands; it is returned beside."""
     rnd = RoundStats(index=index)
     ctx.progress.round = index
     cursor = ctx.cursor
     cursor.wrap()
     start = time.monotonic()
-    while not cursor.at_end:
+    aid = None
+    while not cursor.at_end and aid is None:
         batch = cursor.take(MAX_BATCH_PAGES)
         if len(batch):
             ctx.pipeline.send_batch(batch, rnd, ctx.policy.skip_redirtied,
                                     left_pages=cursor.pending_pages)
-        between_batches(ctx, index)
-    ctx.faults.at(Phase.PRECOPY, index)     # a round that sent nothing
+        aid = between_batches(ctx, index)
+    if aid is None:
+        ctx.faults.at(Phase.PRECOPY, index)     # a round that sent nothing
     rnd.duration_seconds = time.monotonic() - start
-    rnd.pages_dirtied = ctx.clean(time.monotonic())
+    if aid is None:
+        rnd.pages_dirtied = ctx.clean(time.monotonic())
     ctx.round_done(rnd)
-    return rnd
+    return rnd, aid
+
+
+def adaptive_rate(ctx: SourceContext) -> Decision | None:
+    """Xen's ADAPTIVE_SAVE between passes: stop at the cap when a round sent more than the
+    one before; else set the rate the last round's dirtying asks for."""
+    rate = ctx.convergence.adaptive
+    if rate is None or not ctx.rounds:
+        return None
+    last = ctx.rounds[-1]
+    before = ctx.rounds[-2].pages_sent if len(ctx.rounds) > 1 else 0
+    stop = rate.decide(last.pages_sent, before) if len(ctx.rounds) > 1 else None
+    if stop is None:
+        ctx.link.set_rate_limit(rate.round_done(last.pages_dirtied, ctx.hv.page_size,
+                                                last.duration_seconds))
+    return stop
 
 
 # -- deciding after every chunk (QEMU's migration thread) -------------------------------------
@@ -97,17 +148,25 @@ def continuous(ctx: SourceContext) -> Decision:
     batch = batch_pages(ctx)
     while True:
         estimate = cursor.pending_pages
-        if policy.wants_exact(estimate * ctx.hv.page_size):
+        if policy.wants_exact(estimate * ctx.hv.page_size) or forced_sync_due(ctx):
             fresh = ctx.clean(time.monotonic())
             if ctx.current is not None:
                 ctx.current.stats.pages_dirtied += fresh
         decision = decide(ctx, cursor.pending_pages)
+        if decision.action is Action.CONTINUE:
+            decision = aids(ctx) or decision
         if decision.action is not Action.CONTINUE:
             if ctx.current is not None:           # a pass cut short is a round too
                 end_pass(ctx)
             return decision
         chunk(ctx, batch)
         rate_limit(ctx)
+
+
+def forced_sync_due(ctx: SourceContext) -> bool:
+    """QEMU 9.2+: with auto-converge, a sync when none came for 5 s."""
+    return (ctx.settings.auto_converge
+            and time.monotonic() - ctx.sync.last_sync_at >= FORCED_SYNC_SECONDS)
 
 
 def chunk(ctx: SourceContext, batch: int) -> None:
@@ -188,9 +247,22 @@ def batch_pages(ctx: SourceContext) -> int:
 
 
 # -- both ---------------------------------------------------------------------------------------
-def between_batches(ctx: SourceContext, index: int) -> None:
+def between_batches(ctx: SourceContext, index: int) -> Decision | None:
+    """Cancel, faults, and (deciding between passes) the aids, which may end the pass."""
     ctx.check_cancel()
     ctx.faults.at(Phase.PRECOPY, index)
+    return None if ctx.policy.mid_pass else aids(ctx, exact=False)
+
+
+def aids(ctx: SourceContext, exact: bool = True) -> Decision | None:
+    """Dirty-limit's period and the timeouts: a Decision that ends pre-copy, or None.
+    `exact`: the pending pages are the remaining bytes QEMU (and KubeVirt's progress
+    watermark) would read: always under a mid-pass policy; between passes otherwise (mid-pass
+    they only fall, to nothing at the pass's end, until the next CLEAN)."""
+    if ctx.convergence is None:
+        return None
+    pending = ctx.cursor.pending_pages * ctx.hv.page_size if exact else None
+    return ctx.convergence.tick(time.monotonic(), pending)
 
 
 def decide(ctx: SourceContext, pending_pages: int) -> Decision:

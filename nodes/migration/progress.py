@@ -19,6 +19,10 @@ class RoundStats:
     bytes_sent: int = 0
     duration_seconds: float = 0.0
     final: bool = False
+    # The throttle (`nodes.migration.convergence`): auto-converge's percentage as the round
+    # ended (QEMU's cpu-throttle-percentage), and the seconds dirty-limit slept the vCPU in it.
+    cpu_throttle_percentage: int = 0
+    dirty_limit_throttle_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,6 +51,11 @@ class Progress:
     throughput_bytes_per_second: float = 0.0
     rounds: list = field(default_factory=list)
     fault: dict | None = None      # a host-kill fault the sender waits at (`nodes.faults`)
+    # The throttle as QEMU's query-migrate shows it: cpu-throttle-percentage (0-99), and
+    # dirty-limit's sleep per full dirty ring (us) with the vCPU's last measured MB/s.
+    cpu_throttle_percentage: int = 0
+    dirty_limit_throttle_time_per_round_us: int = 0
+    dirty_limit_rate_mb_per_second: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,3 +29,20 @@ class GuestRuntime(Protocol):
     def discard_guest(self, name: str) -> None:
         """A guest that never ran here (its restore failed): its vCPU goes."""
         ...
+
+    def throttle_guest(self, name: str, cpu_percentage: int = 0, ring_pages: int = 0,
+                       ring_full_sleep_seconds: float = 0.0) -> None:
+        """Slow the guest's vCPU (`nodes.migration.convergence`): `cpu_percentage` of every
+        10 ms slice asleep (auto-converge), and a sleep of `ring_full_sleep_seconds` each
+        `ring_pages` page writes (dirty-limit). All zero: unthrottled."""
+        ...
+
+    def vcpu_throttle_stats(self, name: str) -> dict:
+        """The guest's vCPU so far: `pages_written_total`, and the seconds it slept throttled
+        (`throttle_sleep_seconds`, `dirty_limit_sleep_seconds`)."""
+        ...
+
+    def measured_fixed_downtime(self, destination: str) -> float | None:
+        """The fixed downtime the last completed migration from here to `destination`
+        measured (`nodes.migration.fixeddowntime`); None before the first."""
+        ...

@@ -6,6 +6,7 @@ fault seams) are built from it.
 from dataclasses import asdict, dataclass, fields
 
 from nodes.errors import ConfigError
+from nodes.migration.convergence import check_settings as check_convergence
 from nodes.migration.policy import POLICIES, PrecopyPolicy, policy_for
 
 
@@ -35,9 +36,23 @@ class MigrationSettings:
     # The link is the source host's uplink, shared fairly by all its concurrent outgoing
     # migrations that set this (host evacuation); otherwise each migration has its own link.
     link_shared: bool = False
-    # The qemu policy's budget minus the fixed part of the downtime (Cloud Hypervisor #8899);
-    # off by default, because QEMU subtracts nothing.
+    # The qemu policy's budget minus the fixed part of the downtime (Cloud Hypervisor #8899),
+    # as measured for this host pair at setup; off by default, because QEMU subtracts nothing.
     subtract_fixed_downtime: bool = False
+    # Convergence aids (`nodes.migration.convergence`), with QEMU's names and defaults.
+    auto_converge: bool = False
+    throttle_initial: int = 20                 # cpu-throttle-initial, %
+    throttle_increment: int = 10               # cpu-throttle-increment, %
+    max_throttle: int = 99                     # max-cpu-throttle, %
+    throttle_trigger_threshold: int = 50       # throttle-trigger-threshold, %
+    throttle_tailslow: bool = False            # cpu-throttle-tailslow
+    dirty_limit_bytes_per_second: float | None = None   # vcpu-dirty-limit (None: off)
+    dirty_limit_period_seconds: float = 1.0    # x-vcpu-dirty-limit-period
+    completion_timeout_seconds: float | None = None
+    completion_timeout_per_gib_seconds: float | None = None   # KubeVirt's, per GiB of guest
+    on_timeout: str = "abort"                  # abort | postcopy | pause
+    progress_timeout_seconds: float | None = None
+    adaptive_rate: bool = False                # xen-legacy's ADAPTIVE_SAVE
 
     def __post_init__(self) -> None:
         from nodes.faults.spec import as_faults
@@ -59,23 +74,20 @@ class MigrationSettings:
             raise ConfigError(f"max iterations must be >= 0, got {self.max_iterations}")
         if self.cancel_after_round is not None and self.cancel_after_round < 0:
             raise ConfigError(f"cancel-after-round must be >= 0, got {self.cancel_after_round}")
+        check_convergence(self)
 
     @property
     def nominal_bytes_per_second(self) -> float | None:
         rates = [r for r in (self.link_bytes_per_second, self.rate_limit_bytes_per_second) if r]
         return min(rates) if rates else None
 
-    def make_policy(self) -> PrecopyPolicy:
+    def make_policy(self, fixed_downtime_seconds: float = 0.0) -> PrecopyPolicy:
+        """The policy; `fixed_downtime_seconds` is what the qemu policy subtracts from its
+        budget when `subtract_fixed_downtime` asks (measured at setup, `fixeddowntime`)."""
         return policy_for(self.policy, downtime_limit_seconds=self.downtime_limit_seconds,
-                          fixed_downtime_seconds=self.fixed_downtime_seconds,
+                          fixed_downtime_seconds=(fixed_downtime_seconds
+                                                  if self.subtract_fixed_downtime else 0.0),
                           max_iterations=self.max_iterations)
-
-    @property
-    def fixed_downtime_seconds(self) -> float:
-        """What the qemu policy subtracts from its budget: nothing, as QEMU, unless asked
-        (`subtract_fixed_downtime`); then the hand-over's three crossings of the link (END,
-        READY, PERMISSION_TO_GO)."""
-        return 3 * self.latency_seconds if self.subtract_fixed_downtime else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -215,7 +215,9 @@ def fail(ctx: SourceContext, exc: BaseException) -> None:
     r.status = CANCELLED if isinstance(exc, MigrationCancelled) else FAILED
     r.error = describe(exc)
     r.connection_lost = isinstance(exc, ConnectionLost)
-    r.stop_code = None
+    r.stop_code = getattr(exc, "stop_code", None)    # an operator's timeout says which
+    if r.stop_code:
+        r.stop_reason = r.error
     if ctx.handed_over:
         # PERMISSION_TO_GO went out: whether the destination resumed is for the control
         # plane to find out (`resolve_handover`); the copy stays paused here.
@@ -245,6 +247,8 @@ def abort(ctx: SourceContext, error: str) -> None:
 
 
 def close(ctx: SourceContext) -> None:
+    if ctx.convergence is not None:
+        ctx.convergence.release()                    # the throttle goes, however it ended
     ctx.dom.migrating = False
     if ctx.link is not None:
         ctx.link.close()
