@@ -389,8 +389,11 @@ class HostService:
         self.dead = True
         for seam in list(self._faults.values()):
             seam.kill()
-        for recv in list(self.incoming.values()):
+        receivers = list(self.incoming.values())
+        for recv in receivers:
             recv.kill()
+        for recv in receivers:       # their restores end, their frames go (bounded wait)
+            recv.wait(recv.settings.timeout_seconds)
         self.shutdown()
 
     def check_alive(self) -> None:
