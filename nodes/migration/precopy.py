@@ -191,6 +191,7 @@ def batch_pages(ctx: SourceContext) -> int:
 def between_batches(ctx: SourceContext, index: int) -> None:
     ctx.check_cancel()
     ctx.faults.at(Phase.PRECOPY, index)
+    ctx.tick()
 
 
 def decide(ctx: SourceContext, pending_pages: int) -> Decision:

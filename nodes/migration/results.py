@@ -47,6 +47,8 @@ class SourceResult:
     source_longest_gap_seconds: float | None = None
     # Set by the control plane: the source host died during the migration.
     source_lost: bool = False
+    # The progress over time (`nodes.migration.progress.ProgressHistory.to_list`).
+    progress_history: list[dict] = field(default_factory=list)
 
     @property
     def completed(self) -> bool:
