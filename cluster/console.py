@@ -165,6 +165,22 @@ def bench_renderables(heading: str, figures: Iterable[tuple[str, str, str, str, 
     return out
 
 
+def bench_comparison_renderables(heading: str, rows: Iterable[tuple[str, ...]],
+                                 differences: list[str], changed: int) -> list[RenderableType]:
+    """This bench run beside a saved one (`cluster.bench.compare.Comparison.rows`): each
+    figure's median (min-max) then and now, their ratio, and the figures that changed."""
+    table = _table("figure", "unit", ">old median (min-max)", ">new median (min-max)",
+                   ">new/old", "change", title="against the saved run")
+    for name, unit, old, new, ratio, flag in rows:
+        table.add_row(name, unit, old, new, ratio,
+                      Text(flag, style="bold yellow") if flag == "CHANGED" else flag)
+    out: list[RenderableType] = [Text(heading, style="bold")]
+    out += [Text(f"  differs: {d}") for d in differences]
+    out += [table, Text(f"{changed} figure{'' if changed == 1 else 's'} changed (new median "
+                        "outside the old run's min-max and old median outside the new's)")]
+    return out
+
+
 # -- migbed demo ------------------------------------------------------------------------------
 def migrations_table(reports: Iterable[Any]) -> Table:
     """Every migration of a run side by side (`MigrationReport`s), with the model's downtime."""

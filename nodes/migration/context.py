@@ -133,6 +133,7 @@ class SourceContext:
         fresh = self.cursor.mark(bitmap)
         self.sync.synced(now, fresh, self.cursor.pending_pages, self.link.bytes_sent)
         self.progress.dirty_pages = int(fresh)
+        self.progress.remaining_bytes = self.cursor.pending_pages * self.hv.page_size
         return fresh
 
 
