@@ -91,6 +91,7 @@ class PhaseClock:
 SAMPLE_SECONDS = 0.05        # a sample this long after the last: so never 100 ms without one
 RATE_WINDOW_SECONDS = 0.1    # a sample's rates are over the samples of the last 100 ms or more
 MIN_RATE_SECONDS = 0.02      # (or since the start, once that is this long)
+MIN_SLEEP_SECONDS = 1e-4     # a wait never spins on a sample due a rounding error from now
 MAX_SAMPLES = 4000           # then every other plain sample goes, and the period doubles
 
 # What a sample holds, in this order: counters are cumulative, the rest as they were then.
@@ -158,7 +159,7 @@ class ProgressHistory:
                 sample(max(0.0, left))
             if left <= 0:
                 return
-            sleep(min(left, max(0.0, self._last + self.period - now) or self.period))
+            sleep(min(left, max(self._last + self.period - now, MIN_SLEEP_SECONDS)))
 
     def to_list(self) -> list[dict]:
         """The samples as dicts, oldest first, with their trailing-window rates."""
