@@ -263,7 +263,8 @@ def top_renderables(frame: Any, footer: str = "") -> list[RenderableType]:
     rates = (f"rates over the last {frame.interval_seconds:.1f} s" if frame.interval_seconds
              else "rates from the next refresh on")
     heading = Text(f"migbed top  {time.strftime('%H:%M:%S', time.localtime(frame.wall))}  "
-                   f"{hosts_up}/{len(frame.hosts)} hosts up, {len(frame.guests)} guests, "
+                   f"{hosts_up}/{len(frame.hosts)} hosts up, "
+                   f"{len({g['name'] for g in frame.guests})} guests, "
                    f"{len(frame.running)} migration{'' if len(frame.running) == 1 else 's'} "
                    f"running ({rates})", style="bold")
     out: list[RenderableType] = [heading, _top_hosts(frame), _top_guests(frame),

@@ -303,3 +303,21 @@ latency = ["0ms", "1ms"]
     png = tmp_path / "out" / "compare-policy.png"
     assert png.read_bytes()[:8] == PNG
     assert not (tmp_path / "out" / "compare-latency.png").exists(), "a quantity: no comparison"
+
+
+def test_a_fault_is_an_event_and_a_stall_is_sampled_while_it_lasts(in_process):
+    """A stalled link sends nothing: the samples go on, with a throughput of nothing."""
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("st", 4 * MiB, workload=WorkloadSpec("uniform", 3000)))
+    r = _migrate(tb, "st", "host-1", link_bytes_per_second=32 * MiB,
+                 faults=("stall-link@round1:400ms",))
+    assert r.status == "completed"
+    h = r.progress_history
+    (fired,) = [s for s in h if (s["event"] or "").startswith("fault ")]
+    assert fired["event"] == "fault stall-link@round1:0.4s" and fired["round"] == 1
+    during = [s for s in h if fired["t_seconds"] < s["t_seconds"] <= fired["t_seconds"] + 0.4]
+    assert len(during) >= 3 and np.diff([s["t_seconds"] for s in during]).max() < 0.35
+    assert min(s["throughput_bytes_per_second"] for s in during) == 0
+    line = [ln for ln in timeline_figure([r]).axes[0].get_lines()
+            if ln.get_gid() == "event:fault stall-link@round1:0.4s"]
+    assert len(line) == 1

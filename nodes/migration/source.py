@@ -190,6 +190,7 @@ class Sender:
             shared_link=shared_link, result=SourceResult(mode_before=dom.mode.value),
             clock=PhaseClock(time.monotonic()), mode_before=dom.mode)
         self.ctx.history = ProgressHistory(self.ctx.clock.t0)
+        self.faults.sample = lambda event: self.ctx.sample(event) if event else self.ctx.tick()
         progress.remaining_bytes = dom.npages * hv.page_size     # all of it, so far
 
     def run(self) -> SourceResult:
