@@ -113,8 +113,19 @@ class SourceContext:
     def link_wait(self, seconds: float, nbytes: int) -> None:
         """The link's pacing wait for the `nbytes` just sent, sampled while it lasts
         (`LinkSender.wait`): those bytes cross the (emulated) wire as the wait goes by."""
+        if self.history is None:
+            time.sleep(seconds)
+            return
         self.history.wait(seconds, lambda left: self.sample(
             in_flight_bytes=int(nbytes * left / seconds)))
+
+    def idle(self, seconds: float) -> None:
+        """Wait `seconds` with nothing to send (a rate limit's window), sampled while it
+        lasts; a cancel ends the wait at once."""
+        if self.history is None:
+            self.cancel.wait(seconds)
+        else:
+            self.history.wait(seconds, lambda left: self.sample(), sleep=self.cancel.wait)
 
     def dirty_rate(self) -> float | None:
         """QEMU's dirty-pages-rate: over the last sync period of a second or more; before

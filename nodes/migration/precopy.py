@@ -164,7 +164,7 @@ def rate_limit(ctx: SourceContext) -> None:
     if rate_spent(ctx):
         wait = policy.window_start + policy.WINDOW_SECONDS - time.monotonic()
         if wait > 0:
-            ctx.cancel.wait(wait)
+            ctx.idle(wait)
         ctx.check_cancel()
         close_window(ctx)
 

@@ -148,9 +148,9 @@ class ProgressHistory:
         self.period *= 2
 
     def wait(self, seconds: float, sample: Callable[[float], None],
-             sleep: Callable[[float], None] = time.sleep) -> None:
+             sleep: Callable[[float], object] = time.sleep) -> None:
         """Sleep `seconds` (a link's pacing wait), calling `sample(seconds_left)` whenever
-        one is due."""
+        one is due; a `sleep` that returns true (an Event's `wait`) ends it early."""
         end = time.monotonic() + seconds
         while True:
             now = time.monotonic()
@@ -159,7 +159,8 @@ class ProgressHistory:
                 sample(max(0.0, left))
             if left <= 0:
                 return
-            sleep(min(left, max(self._last + self.period - now, MIN_SLEEP_SECONDS)))
+            if sleep(min(left, max(self._last + self.period - now, MIN_SLEEP_SECONDS))):
+                return
 
     def to_list(self) -> list[dict]:
         """The samples as dicts, oldest first, with their trailing-window rates."""
