@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Each sets everything up first
-# (a virtualenv with migbed and its test tools; Debian's prometheus package when it can).
+# (a virtualenv with migbed and its test tools; Debian's prometheus and tmux packages when it
+# can).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -14,13 +15,19 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed system-deps
 
-# Prometheus (and promtool) for the metrics and dashboard tests: Debian's package.
+# Prometheus (and promtool) for the metrics and dashboard tests, tmux for the test that drives
+# `migbed top` in a real terminal: Debian's packages.
+SYSTEM_PACKAGES := prometheus tmux
+
 system-deps:
-	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	@missing=""; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="prometheus"; \
+	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	  else \
-	    echo "prometheus is missing: install it with 'sudo apt-get install prometheus'"; \
+	    echo "missing:$$missing; install with 'sudo apt-get install $(SYSTEM_PACKAGES)'"; \
 	  fi; \
 	fi
 

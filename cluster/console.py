@@ -1,6 +1,7 @@
 """What migbed shows people on a terminal, drawn with rich: the `migbed list` tables, the
-line per pre-copy round of `migrate` and `demo`, the model's rounds, the bench's figures,
-the demo's summary, and the progress bar of sweeps and soaks.
+line per pre-copy round of `migrate` and `demo`, the model's rounds, the bench's figures and
+their comparison with a saved run, the demo's summary, the progress bar of sweeps and soaks,
+and the frames of `migbed top`.
 
 Everything here is laid out for people but stays readable for scripts and tests: on a
 terminal rich adds colour and a live bar; to a pipe or a file it writes plain text (no ANSI
@@ -10,12 +11,14 @@ codes), at least 120 columns wide, and never wraps a line (`soft_wrap`).
 import io
 import shutil
 import sys
+import time
 from collections.abc import Iterable
 from typing import IO, Any
 
 from rich import box
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -175,6 +178,22 @@ def bench_renderables(heading: str, figures: Iterable[tuple[str, str, str, str, 
     return out
 
 
+def bench_comparison_renderables(heading: str, rows: Iterable[tuple[str, ...]],
+                                 differences: list[str], changed: int) -> list[RenderableType]:
+    """This bench run beside a saved one (`cluster.bench.compare.Comparison.rows`): each
+    figure's median (min-max) then and now, their ratio, and the figures that changed."""
+    table = _table("figure", "unit", ">old median (min-max)", ">new median (min-max)",
+                   ">new/old", "change", title="against the saved run")
+    for name, unit, old, new, ratio, flag in rows:
+        table.add_row(name, unit, old, new, ratio,
+                      Text(flag, style="bold yellow") if flag == "CHANGED" else flag)
+    out: list[RenderableType] = [Text(heading, style="bold")]
+    out += [Text(f"  differs: {d}") for d in differences]
+    out += [table, Text(f"{changed} figure{'' if changed == 1 else 's'} changed (new median "
+                        "outside the old run's min-max and old median outside the new's)")]
+    return out
+
+
 # -- migbed demo ------------------------------------------------------------------------------
 def migrations_table(reports: Iterable[Any]) -> Table:
     """Every migration of a run side by side (`MigrationReport`s), with the model's downtime."""
@@ -187,6 +206,20 @@ def migrations_table(reports: Iterable[Any]) -> Table:
                   str(r.live_rounds), str(r.pages_sent_total), _ms(r.total_time_seconds),
                   _ms(r.downtime_seconds), _ms(r.guest_observed_downtime_seconds),
                   _ms(predicted), str(r.integrity.verified))
+    return t
+
+
+def reports_table(reports: Iterable[Any], names: Iterable[str]) -> Table:
+    """Saved migration reports (`MigrationReport`s) side by side, each named by its file."""
+    t = _table("report", "guest", "route", "policy", "status", ">rounds", ">pages",
+               ">on the wire", ">total", ">downtime", ">guest saw", "stop code", "verified",
+               title="MIGRATIONS")
+    for name, r in zip(names, reports, strict=True):
+        t.add_row(name, r.guest, f"{r.source}>{r.destination}", r.policy, r.status,
+                  str(r.live_rounds), str(r.pages_sent_total), format_bytes(r.bytes_sent_total),
+                  _ms(r.total_time_seconds), _ms(r.downtime_seconds),
+                  _ms(r.guest_observed_downtime_seconds), r.stop_code or "-",
+                  {True: "yes", False: "MISMATCH", None: "-"}[r.integrity.verified])
     return t
 
 
@@ -222,3 +255,98 @@ class Steps:
             self.progress.update(self.task, completed=self.done, description=text[:60])
         elif self.done % self.log_every == 0 or self.done == self.total or failed:
             self.console.print(Text(line))
+
+
+# -- migbed top -----------------------------------------------------------------------------------
+TOP_BAR_WIDTH = 20
+
+
+def _rate(bps: float | None) -> str:
+    return "-" if bps is None else f"{format_bytes(bps)}/s"
+
+
+def _per_second(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def top_renderables(frame: Any, footer: str = "") -> list[RenderableType]:
+    """One frame of `migbed top` (`cluster.top.TopFrame`): hosts, guests, the running
+    migrations and the last ones that ended."""
+    hosts_up = sum(1 for h in frame.hosts if h["up"])
+    rates = (f"rates over the last {frame.interval_seconds:.1f} s" if frame.interval_seconds
+             else "rates from the next refresh on")
+    heading = Text(f"migbed top  {time.strftime('%H:%M:%S', time.localtime(frame.wall))}  "
+                   f"{hosts_up}/{len(frame.hosts)} hosts up, "
+                   f"{len({g['name'] for g in frame.guests})} guests, "
+                   f"{len(frame.running)} migration{'' if len(frame.running) == 1 else 's'} "
+                   f"running ({rates})", style="bold")
+    out: list[RenderableType] = [heading, _top_hosts(frame), _top_guests(frame),
+                                 _top_running(frame), _top_recent(frame)]
+    if footer:
+        out.append(Text(footer, style="dim"))
+    return out
+
+
+def _top_hosts(frame: Any) -> Table:
+    t = _table("HOST", "PROFILE", ">USED", ">FREE", ">FRAMES", ">GUESTS", ">OUT", ">IN",
+               title="HOSTS")
+    for h in frame.hosts:
+        if not h["up"]:
+            t.add_row(h["name"], Text("unreachable", style="bold red"), *["-"] * 6)
+            continue
+        t.add_row(h["name"], h["profile"], str(h["frames_used"]), str(h["frames_free"]),
+                  str(h["frames_total"]), str(h["guests"]), str(h["migrations_out"]),
+                  str(h["migrations_in"]))
+    return t
+
+
+def _top_guests(frame: Any) -> Table:
+    t = _table("GUEST", "HOST", "MODE", "STATE", ">MEMORY", "WORKLOAD", ">WRITES/S",
+               title="GUESTS")
+    for g in frame.guests:
+        state = g["state"] + (" (migrating)" if g["migrating"] else "")
+        t.add_row(g["name"], g["host"], g["mode"], state, format_bytes(g["memory_bytes"]),
+                  g["workload"] or "-", _per_second(g["writes_per_second"]))
+    return t
+
+
+def _top_running(frame: Any) -> Table:
+    extra = frame.optional_columns
+    t = _table("GUEST", "ROUTE", "POLICY", "PHASE", ">ROUND", "TO SEND", ">LEFT",
+               ">THROUGHPUT", ">OF LINK", ">DIRTY/S", ">EXP. DOWNTIME", ">ELAPSED",
+               *(f">{head}" for _, head in extra), title="MIGRATIONS RUNNING")
+    for m in frame.running:
+        total, left = m.get("guest_memory_bytes"), m["remaining_bytes"]
+        bar: RenderableType = "-"
+        if total:
+            bar = ProgressBar(total=total, completed=max(0, total - left),
+                              width=TOP_BAR_WIDTH)
+        link = m.get("link_bytes_per_second")
+        t.add_row(m["guest"], f"{m['source']} > {m['destination'] or '?'}", m["policy"],
+                  m["status"], str(m["round"]), bar,
+                  format_bytes(left) + (f" ({left / total:.0%})" if total else ""),
+                  _rate(m["throughput_bytes_per_second"]),
+                  "unlimited" if not link else _rate(link),
+                  _per_second(m.get("dirty_rate_pages_per_second")),
+                  _ms(m.get("expected_downtime_seconds")), f"{m['elapsed_seconds']:.1f} s",
+                  *(str(m.get(k, "-")) for k, _ in extra))
+    if not frame.running:
+        t.add_row("(none)", *[""] * (11 + len(extra)))
+    return t
+
+
+def _top_recent(frame: Any) -> Table:
+    t = _table("GUEST", "ROUTE", "POLICY", "STATUS", ">ROUNDS", ">TOTAL", ">DOWNTIME",
+               ">GUEST SAW", "VERIFIED", "ENDED", title="LAST MIGRATIONS")
+    for r in frame.recent:
+        status = Text(r["status"], style="green" if r["status"] == "completed" else "bold red")
+        verdict = {True: "verified", False: "MISMATCH", None: "-"}[r["verified"]]
+        t.add_row(r["guest"], f"{r['source'] or '?'} > {r['destination'] or '?'}",
+                  r["policy"] or "-", status,
+                  "-" if r["live_rounds"] is None else str(r["live_rounds"]),
+                  _ms(r["total_time_seconds"]), _ms(r["downtime_seconds"]),
+                  _ms(r["guest_observed_downtime_seconds"]), verdict,
+                  time.strftime("%H:%M:%S", time.localtime(r["ended_wall"])))
+    if not frame.recent:
+        t.add_row("(none yet)", *[""] * 9)
+    return t

@@ -5,9 +5,11 @@ the human table. Every report describes itself: guest, hosts, profile, policy an
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nodes.errors import ConfigError
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -75,6 +77,12 @@ class MigrationReport:
     # The convergence aids' outcome: the last cpu-throttle-percentage, the highest, and the
     # seconds dirty-limit slept the vCPU (per round in `rounds`).
     convergence: dict | None = None
+    # The progress over time, a sample at every phase change and round end and at least
+    # every 100 ms (`nodes.migration.progress.ProgressHistory`): what `migbed plot` draws.
+    progress_history: list = field(default_factory=list)
+    # Keys of a saved report this version does not know (a newer one's), kept as they were
+    # and written back by `to_dict`.
+    extra: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -122,23 +130,79 @@ class MigrationReport:
             integrity=Integrity(verified, source.source_digest, source.destination_digest),
             guest_host=settled.guest_host, guest_lost=settled.guest_lost,
             faults=list(settled.faults), notes=list(settled.notes),
-            guest_cost=source.guest_cost, convergence=_convergence(rounds, settings))
+            guest_cost=source.guest_cost, convergence=_convergence(rounds, settings),
+            progress_history=list(source.progress_history))
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
             report.notes.append(f"{destination_host} says: {why}")
         return report
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        extra = d.pop("extra")
+        for key, value in extra.items():
+            if key == "integrity" and isinstance(value, dict):
+                d["integrity"] = {**value, **d["integrity"]}
+            else:
+                d.setdefault(key, value)
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> "MigrationReport":
-        data = dict(data)
-        data["integrity"] = Integrity(**data.get("integrity", {}))
-        return cls(**data)
+        """A report as `to_dict` wrote it, by this version or another: keys this version
+        does not know go to `extra` (kept, not refused), keys an older one lacked take their
+        defaults. A dict that is no report at all is a ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError("not a migration report (a JSON object is expected)")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ConfigError(f"not a migration report: it has no {missing[0]!r}")
+        known = {f.name for f in fields(cls)}
+        extra = dict(data.get("extra") or {})
+        kwargs = {}
+        for key, value in data.items():
+            if key in known and key != "extra":
+                kwargs[key] = value
+            elif key != "extra":
+                extra[key] = value
+        integrity = dict(kwargs.get("integrity") or {})
+        known_integrity = {f.name for f in fields(Integrity)}
+        unknown = {k: integrity.pop(k) for k in list(integrity) if k not in known_integrity}
+        if unknown:
+            extra["integrity"] = unknown
+        kwargs["integrity"] = Integrity(**integrity)
+        for key in ("rounds", "progress_history"):
+            value = kwargs.get(key) or []
+            if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+                raise ConfigError(f"not a migration report: {key} is not a list of objects")
+            kwargs[key] = value
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MigrationReport":
+        """A saved report: what `migbed migrate --json` (or `--output`) wrote, or one run
+        of a sweep (`runs/*.json`, the report inside it). One-line ConfigError otherwise."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("report"), dict):
+            data = data["report"]                   # a sweep's run file
+        elif isinstance(data, dict) and "report" in data and data["report"] is None:
+            raise ConfigError(f"{path} is a sweep run that never got a report "
+                              f"({data.get('error')})")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{path}: not a migration report ({exc})") from None
 
     @property
     def live_rounds(self) -> int:
@@ -195,6 +259,10 @@ class MigrationReport:
         if self.faults or self.guest_lost:
             lines.append(f"  guest: {'LOST' if self.guest_lost else 'on ' + str(self.guest_host)}")
         return "\n".join(lines)
+
+
+# What every report of every version has; anything else may be missing from an old one.
+REQUIRED_KEYS = ("migration_id", "guest", "source", "destination", "policy", "status")
 
 
 def _ms(seconds: float | None) -> str:

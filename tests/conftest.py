@@ -6,6 +6,7 @@ found them. Tests of the pure model use `in_process` testbeds (real hosts, real 
 streams between them, no Ray) because they start in milliseconds.
 """
 
+import json
 import os
 import shutil
 import uuid
@@ -25,6 +26,20 @@ def ray_testbed():
         yield tb
     finally:
         tb.close()
+
+
+@pytest.fixture
+def ray_home(ray_testbed, tmp_path, monkeypatch):
+    """`ray_testbed` as the cluster of `migbed up`: a MIGBED_HOME whose state file points at
+    it, so commands (`main([...])` here, or `migbed` processes given this MIGBED_HOME)
+    attach to it. Never `migbed down` it: the session owns it."""
+    home = tmp_path / "migbed-home"
+    home.mkdir()
+    (home / "cluster.json").write_text(json.dumps(
+        {"address": ray_testbed._owner.address, "hosts": list(ray_testbed.hosts), "pgid": None}))
+    monkeypatch.setenv("MIGBED_HOME", str(home))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ray_testbed
 
 
 @pytest.fixture

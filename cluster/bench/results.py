@@ -1,14 +1,12 @@
 """A bench run's figures (samples of one quantity, summarised as median, min and max), the
 ratios of their medians and its conclusions, and how they are shown."""
 
-import os
-import platform
 import statistics
+import time
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from cluster.bench.machine import commit, machine
 from cluster.bench.options import BenchOptions, MiB
 
 
@@ -32,6 +30,7 @@ class Results:
 
     def __init__(self, options: BenchOptions):
         self.options = options
+        self.started_wall = time.time()
         self.figures: dict[str, Figure] = {}
         self.ratios: dict[str, float | None] = {}
         self.conclusions: list[str] = []
@@ -53,7 +52,11 @@ class Results:
         return self.ratios[name]
 
     def to_dict(self) -> dict:
-        return {"bench": {"options": self.options.to_dict(), "machine": machine()},
+        """What `--output`/`--save` writes: the figures with the machine, the commit and the
+        options they were measured with (what `--compare` holds a later run against)."""
+        return {"bench": {"options": self.options.to_dict(), "machine": machine(),
+                          **commit(), "started": time.strftime(
+                              "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started_wall))},
                 "figures": {k: f.to_dict() for k, f in self.figures.items()},
                 "ratios": self.ratios, "conclusions": self.conclusions,
                 "errors": self.errors}
@@ -65,8 +68,9 @@ class Results:
         rows = []
         for name, fig in self.figures.items():
             d = fig.to_dict()
-            rows.append((name, _fmt(d["median"], fig.unit), _fmt(d["min"], fig.unit),
-                         _fmt(d["max"], fig.unit), _unit(fig.unit)))
+            rows.append((name, format_value(d["median"], fig.unit),
+                         format_value(d["min"], fig.unit), format_value(d["max"], fig.unit),
+                         unit_label(fig.unit)))
         return bench_renderables(heading, rows, self.ratios, self.conclusions, self.errors)
 
     def table(self) -> str:
@@ -80,11 +84,13 @@ class Results:
         show(*self._renderables())
 
 
-def _unit(unit: str) -> str:
+def unit_label(unit: str) -> str:
+    """The unit a figure is shown in."""
     return {"bytes_per_second": "MiB/s", "seconds": "ms", "bytes": "MiB"}.get(unit, unit)
 
 
-def _fmt(value: float | None, unit: str) -> str:
+def format_value(value: float | None, unit: str) -> str:
+    """A figure's value in the unit it is shown in (`unit_label`)."""
     if value is None:
         return "-"
     if unit == "bytes_per_second" or unit == "bytes":
@@ -92,12 +98,6 @@ def _fmt(value: float | None, unit: str) -> str:
     if unit == "seconds":
         return f"{value * 1000:.2f}"
     return f"{value:.4g}"
-
-
-def machine() -> dict:
-    import ray
-    return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "ray": ray.__version__, "numpy": np.__version__, "platform": platform.platform()}
 
 
 def mib_per_second(bps: float | None) -> str:

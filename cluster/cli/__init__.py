@@ -2,18 +2,18 @@
 
 Bad input of any kind is one line on stderr and exit code 2 (`--debug` shows the traceback);
 a migration that ran but did not complete exits 1. Each command lives in the module of its
-concern (`lifecycle`, `guests`, `migrate`, `experiments`, `faults`) and registers itself on
-the parser here; `options` holds what they share.
+concern (`lifecycle`, `guests`, `top`, `migrate`, `reports`, `experiments`, `faults`) and
+registers itself on the parser here; `options` holds what they share.
 """
 
 import sys
 from collections.abc import Sequence
 
-from cluster.cli import experiments, faults, guests, lifecycle, migrate
+from cluster.cli import experiments, faults, guests, lifecycle, migrate, reports, top
 from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, UsageError
 from nodes.errors import MigbedError
 
-COMMAND_MODULES = (lifecycle, guests, migrate, experiments, faults)   # in `--help`'s order
+COMMAND_MODULES = (lifecycle, guests, top, migrate, reports, experiments, faults)  # --help order
 
 
 def build_parser() -> Parser:

@@ -30,6 +30,12 @@ MAX_SOAK_GUESTS = 64
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from cluster.bench import SECTIONS, BenchOptions, run_bench
+    from cluster.bench.compare import load_saved
+    check_output(args.output)                 # refused now, not after a long run
+    old = load_saved(args.compare) if args.compare else None
+    if args.fail_on_change and old is None:
+        raise ConfigError("--fail-on-change needs a saved run to compare with "
+                          "(--compare OLD.json)")
     sections = tuple(x.strip() for x in args.only.split(",")) if args.only else SECTIONS
     overrides: dict = {"sections": sections, "in_process": args.in_process,
                        "superpages": not args.no_superpages}
@@ -40,14 +46,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = (BenchOptions.quick_options(**overrides) if args.quick
             else BenchOptions(**overrides))
     res = run_bench(opts)
-    text = json.dumps(res.to_dict(), indent=2)
+    data = res.to_dict()
+    comparison = None
+    if old is not None:
+        from cluster.bench.compare import compare
+        comparison = compare(old, data, args.compare)
+        data["comparison"] = comparison.to_dict()
+    text = json.dumps(data, indent=2)
     if args.output:
         write_output(args.output, text + "\n")
     if args.json:
         print(text)
     else:
         res.show()
-    return EXIT_MIGRATION_FAILED if res.errors else 0
+        if comparison is not None:
+            _show_comparison(comparison)
+    if res.errors or (args.fail_on_change and comparison is not None and comparison.changed):
+        return EXIT_MIGRATION_FAILED
+    return 0
+
+
+def _show_comparison(comparison) -> None:
+    from cluster.console import bench_comparison_renderables, show
+    show(*bench_comparison_renderables(
+        f"against {comparison.old_path}", comparison.rows(), comparison.differences,
+        len(comparison.changed)))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -134,7 +157,14 @@ def _register_bench(sub: Commands) -> None:
                    help="hosts in this process instead of a local Ray cluster")
     add_superpages_option(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    add_output_option(s)
+    s.add_argument("--output", "--save", dest="output", default=None, metavar="FILE",
+                   help="also write the figures as JSON, with the machine's description and "
+                        "the commit (what --compare reads)")
+    s.add_argument("--compare", default=None, metavar="OLD.json",
+                   help="print each figure beside the one of a run saved with --save, their "
+                        "ratio, and which changed")
+    s.add_argument("--fail-on-change", action="store_true",
+                   help="with --compare: exit 1 when a figure changed")
     s.set_defaults(func=cmd_bench)
 
 

@@ -13,13 +13,16 @@ from cluster.cli.options import (
     add_cluster_options,
     add_fault_option,
     add_migration_options,
+    add_output_option,
     add_workload_options,
     arg,
     check_guests_fit,
+    check_output,
     cluster_spec_from,
     mode_arg,
     settings_from,
     workload_from,
+    write_output,
 )
 from nodes.errors import ConfigError
 from nodes.units import format_bytes, parse_positive_size, parse_seconds
@@ -29,6 +32,13 @@ ONE_SHOT_ROUTE = ("host-0", "host-1")
 
 
 def _report_out(report, args: argparse.Namespace) -> int:
+    if args.output:
+        write_output(args.output, report.to_json() + "\n")
+    if args.timeline:
+        from cluster.timeline import draw_timeline, report_label
+        draw_timeline([report], args.timeline, title=f"{report_label(report)}: "
+                      f"{report.source} -> {report.destination}")
+        print(f"timeline in {args.timeline}", file=sys.stderr)
     print(report.to_json() if args.json else report.table())
     ok = report.status == "completed" and not report.guest_lost
     return 0 if ok else EXIT_MIGRATION_FAILED
@@ -39,6 +49,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError("give both GUEST and DEST_HOST (against a running cluster), or "
                          "neither (a one-shot migration on an embedded cluster)")
     settings = settings_from(args)
+    check_output(args.output)
+    if args.timeline:
+        from cluster.timeline import check_image_path
+        check_image_path(args.timeline, "--timeline")
     if args.guest is None:
         return _migrate_one_shot(args, settings)
     from cluster.console import RoundPrinter
@@ -123,6 +137,10 @@ def register(sub: Commands) -> None:
                    help="one-shot: run the workload this long before migrating (default 0.5s)")
     add_cluster_options(s, hosts=2, memory="512MiB")
     add_fault_option(s)
+    add_output_option(s)
+    s.add_argument("--timeline", default=None, metavar="FILE.png",
+                   help="also draw the migration over time: the guest's write rate, "
+                        "throughput, bytes left, rounds, pause, resume and downtime")
     s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("model", help="predict a migration with the analytic pre-copy model")

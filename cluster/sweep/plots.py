@@ -4,10 +4,15 @@
   colour per series (each combination of the other axes): measured medians with min-max
   error bars, and the model's curve (dashed) in the same colour.
 - rounds.png: pages sent per round of one chosen point, measured bars beside the model's.
+- compare-<axis>.png, for each axis that is an algorithm or an option of the migration (its
+  values names or switches, not quantities: policy today; post-copy, auto-converge,
+  compression as they come): the timelines of one run per value, at the chosen point's
+  other values, on one figure (`cluster.timeline`).
 
 Only drawing happens here; the numbers come from the runner and `curves`.
 """
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from cluster.sweep.text import human, show  # noqa: E402
+from cluster.sweep.text import human, point_text, show  # noqa: E402
 from nodes.phase import Phase  # noqa: E402
 
 if TYPE_CHECKING:
@@ -62,7 +67,47 @@ def draw_all(scenario: "Scenario", rows: list[dict], curves: list[dict], rounds:
         path = folder / "rounds.png"
         _rounds_plot(rounds, scenario.name, path)
         written.append(path)
+    for axis in comparison_axes(scenario):
+        path = _comparison_plot(scenario, rows, axis, folder)
+        if path is not None:
+            written.append(path)
     return written
+
+
+def comparison_axes(scenario: "Scenario") -> list[str]:
+    """The axes that choose an algorithm or option of the migration: a migration knob whose
+    values are names or switches (a policy, post-copy on or off), not quantities."""
+    from cluster.sweep.scenario import KNOBS
+    return [name for name, values in scenario.axes
+            if KNOBS[name].section == "migration" and len(values) > 1
+            and any(isinstance(v, str | bool) for v in values)]
+
+
+def _comparison_plot(scenario: "Scenario", rows: list[dict], axis: str,
+                     folder: Path) -> Path | None:
+    """One run per value of `axis` (its first completed repeat), the other axes at the
+    scenario's chosen point, as timelines on one figure; None if no such run completed."""
+    from cluster.report import MigrationReport
+    from cluster.timeline import draw_timeline
+    points = scenario.points()
+    reference = points[scenario.rounds_point]
+    reports, labels = [], []
+    for value in dict(scenario.axes)[axis]:
+        index = points.index({**reference, axis: value})
+        row = next((r for r in rows if r["point"] == index and r["status"] == "completed"),
+                   None)
+        if row is None:
+            continue
+        doc = json.loads((folder / row["json"]).read_text())
+        reports.append(MigrationReport.from_dict(doc["report"]))
+        labels.append(f"{axis} = {human(axis, value)}")
+    if not reports:
+        return None
+    others = {k: v for k, v in reference.items() if k != axis}
+    path = folder / f"compare-{axis}.png"
+    draw_timeline(reports, path, labels, f"{scenario.name}: {axis} compared at "
+                  f"{point_text(others)}")
+    return path
 
 
 def _metric_plot(name: str, rows: list[dict], curves: list[dict], series_list: list[dict],

@@ -5,7 +5,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from nodes.errors import MigrationCancelled, MigrationError
 from nodes.faults.spec import HOST_KILLS, SOURCE_KINDS, FaultKind, FaultSpec
@@ -34,6 +34,9 @@ class SourceFaults:
         self._released: set[int] = set()
         self._wake = threading.Condition()
         self._killed = False
+        # The sender's progress history: told of each fault that fires (its text), and
+        # looked at (None) while a stall lasts, so the timeline shows both.
+        self.sample: Callable[[str | None], None] | None = None
 
     @property
     def armed(self) -> bool:
@@ -53,6 +56,8 @@ class SourceFaults:
                                "side": "source"})
             if self.stats is not None:
                 self.stats.count_injected(f)
+            if self.sample is not None:
+                self.sample(f"fault {f.to_text()}")
             self._fire(f, index, stage)
 
     def _fire(self, f: FaultSpec, index: int, stage: Phase) -> None:
@@ -114,6 +119,8 @@ class SourceFaults:
                                          "link stall (its timeout is shorter than the stall)")
             else:
                 self.cancel.wait(step)
+            if self.sample is not None:
+                self.sample(None)
 
     def _peer_spoke(self, wait: float) -> bool:
         try:

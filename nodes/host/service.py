@@ -16,6 +16,7 @@ from nodes.errors import ClusterError, MigrationError, MigrationStillRunning
 from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.metrics import HostMetrics
+from nodes.host.overview import RecentMigrations, snapshot
 from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
@@ -63,6 +64,7 @@ class HostService:
         self._uplinks: dict[float, Pacer] = {}        # link speed -> this host's shared uplink
         self._ended: collections.deque = collections.deque()   # ended outgoing, oldest first
         self._fixed_downtime: dict[str, float] = {}   # destination host -> its measured part
+        self.recent = RecentMigrations()              # summaries for `migbed top`, both sides
         self.dead = False
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_address, config.metrics_port,
@@ -174,10 +176,18 @@ class HostService:
             out[d.name] = int(np.count_nonzero(owners == d.domid))
         return out
 
+    def snapshot(self) -> dict:
+        """What `migbed top` shows of this host, in one call (`nodes.host.overview`)."""
+        return snapshot(self)
+
     # -- GuestRuntime: what migrations need of the vCPUs ---------------------------------------
     def workload_spec(self, name: str) -> dict | None:
         spec = self.workloads.get(name)
         return spec.to_dict() if spec else None
+
+    def pages_written(self, name: str) -> int | None:
+        vcpu = self.vcpus.get(name)
+        return vcpu.pages_written_total if vcpu is not None else None
 
     def vcpu_context(self, name: str) -> dict:
         vcpu = self.vcpus.get(name)
@@ -246,6 +256,7 @@ class HostService:
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
         self.metrics.incoming_finished(migration_id, result.guest_observed_downtime_seconds)
+        self.recent.destination_ended(self.name, migration_id, recv, result)
         return result
 
     def _guest_gap(self, recv: Receiver, result: DestinationResult) -> float | None:
@@ -314,6 +325,7 @@ class HostService:
             self._fixed_downtime[t.host] = handover_fixed_seconds(
                 result.phase_seconds["handover"], fixed["round_trip_seconds"])
         result.profile = self.hv.profile.name
+        self.recent.source_ended(self.name, t.migration_id, name, settings, result)
         return result
 
     def _forget_ended(self, migration_id: str) -> None:
@@ -346,7 +358,9 @@ class HostService:
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
         self.metrics.incoming_finished(migration_id, None)
-        return recv.result()
+        result = recv.result()
+        self.recent.destination_ended(self.name, migration_id, recv, result)
+        return result
 
     # -- faults, hand-over recovery and health (`nodes.faults.spec`, `cluster.settle`) -------------
     def _uplink(self, settings: MigrationSettings) -> Pacer | None:
@@ -375,6 +389,7 @@ class HostService:
         with self.lock:
             out = resolve_handover(self.hv, self, name, mode_before, destination_resumed)
             self._retired.pop(name, None)
+            self.recent.handover_resolved(name, destination_resumed)
             return out
 
     def process_stats(self) -> dict:

@@ -7,6 +7,7 @@ bitmap syncs so far (`sync`), the rounds done, and the result being built.
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,7 +21,7 @@ from nodes.migration.dirtysync import SyncLog
 from nodes.migration.link import LinkSender, Pacer
 from nodes.migration.pipeline import PagePipeline, PassCursor
 from nodes.migration.policy import PrecopyPolicy
-from nodes.migration.progress import PhaseClock, Progress, RoundStats
+from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
 from nodes.migration.results import SourceResult
@@ -64,6 +65,8 @@ class SourceContext:
     pause_mono: float | None = None
     renamed: bool = False          # the copy here is `<name>--migratedaway`
     handed_over: bool = False      # PERMISSION_TO_GO went out: the guest is the destination's
+    history: ProgressHistory | None = None   # the report's progress_history
+    guest_left: bool = False       # it resumed on the destination: its writes are not seen here
 
     def send_record(self, rtype: RT, fields: dict | None = None) -> int:
         return self.link.send([records.encode_record(rtype, fields)])
@@ -77,6 +80,65 @@ class SourceContext:
             self.convergence.round_done(rnd)
         self.rounds.append(rnd)
         self.progress.round_done(rnd)
+        self.sample("round-end")
+
+    # -- the progress history (`nodes.migration.progress.ProgressHistory`) ----------------------
+    def sample(self, event: str | None = None, now: float | None = None,
+               in_flight_bytes: int = 0) -> None:
+        """A sample of the progress now (or at `now`, for an event seen late); bytes the
+        link has yet to carry are not counted as sent."""
+        if self.history is None:
+            return
+        p = self.progress
+        p.dirty_rate_pages_per_second = self.dirty_rate()
+        guest = None if self.guest_left else self.runtime.pages_written(self.guest)
+        self.history.add(time.monotonic() if now is None else now, event, {
+            "phase": p.status, "round": p.round,
+            "bytes_sent_total": self.link.bytes_sent - in_flight_bytes if self.link else 0,
+            "pages_sent_total": p.pages_sent_total, "remaining_bytes": p.remaining_bytes,
+            "dirty_rate_pages_per_second": p.dirty_rate_pages_per_second,
+            "expected_downtime_seconds": p.expected_downtime_seconds,
+            "guest_pages_written_total": guest})
+
+    def resumed(self) -> None:
+        """The guest resumed on the destination (RESULT said when): the resume goes into the
+        history at its time, and the guest's writes are no longer seen from here."""
+        self.guest_left = True
+        r = self.result
+        if r.resume_wall and r.pause_wall and self.pause_mono is not None:
+            self.sample("resume", now=self.pause_mono + max(0.0, r.resume_wall - r.pause_wall))
+
+    def tick(self) -> None:
+        """At a batch boundary: a sample if one is due."""
+        if self.history is not None and self.history.due(time.monotonic()):
+            self.sample()
+
+    def link_wait(self, seconds: float, nbytes: int) -> None:
+        """The link's pacing wait for the `nbytes` just sent, sampled while it lasts
+        (`LinkSender.wait`): those bytes cross the (emulated) wire as the wait goes by."""
+        if self.history is None:
+            time.sleep(seconds)
+            return
+        self.history.wait(seconds, lambda left: self.sample(
+            in_flight_bytes=int(nbytes * left / seconds)))
+
+    def idle(self, seconds: float) -> None:
+        """Wait `seconds` with nothing to send (a rate limit's window), sampled while it
+        lasts; a cancel ends the wait at once."""
+        if self.history is None:
+            self.cancel.wait(seconds)
+        else:
+            self.history.wait(seconds, lambda left: self.sample(), sleep=self.cancel.wait)
+
+    def dirty_rate(self) -> float | None:
+        """QEMU's dirty-pages-rate: over the last sync period of a second or more; before
+        one has closed, the last round's pages dirtied over its duration."""
+        if self.sync is not None and self.sync.dirty_pages_per_second is not None:
+            return self.sync.dirty_pages_per_second
+        last = self.rounds[-1] if self.rounds else None
+        if last is None or last.duration_seconds <= 0:
+            return None
+        return last.pages_dirtied / last.duration_seconds
 
     def clean(self, now: float) -> int:
         """A bitmap sync: CLEAN log-dirty, mark what it shows; returns the pages newly
@@ -87,6 +149,7 @@ class SourceContext:
         if period is not None and self.convergence is not None:
             self.convergence.period_closed(period, now)   # QEMU's migration_trigger_throttle
         self.progress.dirty_pages = int(fresh)
+        self.progress.remaining_bytes = self.cursor.pending_pages * self.hv.page_size
         return fresh
 
 

@@ -64,6 +64,7 @@ class SourceHandover:
         ctx.result.resume_wall = result.fields["resume_wall"]
         ctx.result.destination_digest = result.fields["digest"]
         ctx.result.downtime_source_seconds = time.monotonic() - ctx.pause_mono
+        ctx.resumed()
 
 
 def destination_handover(rx: "Receiver", reader: "RecordReader") -> None:

@@ -49,6 +49,10 @@ def send_buffers(sock: socket.socket, buffers: list) -> None:
         i = 0
 
 
+def _sleep(seconds: float, nbytes: int) -> None:
+    time.sleep(seconds)
+
+
 class Pacer:
     """A virtual-clock throttle at `rate` bytes per second (None: unlimited)."""
 
@@ -89,6 +93,9 @@ class LinkSender:
         self.rate_limited = rate_limit_bytes_per_second is not None
         self.latency = latency_seconds
         self.bytes_sent = 0
+        # How the sender waits for the link to carry the bytes just sent (seconds, bytes):
+        # the progress history samples in it.
+        self.wait: Callable[[float, int], None] = _sleep
         self._queue: collections.deque = collections.deque()
         self._queued_bytes = 0
         self._cond = threading.Condition()
@@ -134,7 +141,7 @@ class LinkSender:
             free_at = max(free_at, self.rate_limit.charge(n, start))
         delay = free_at - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            self.wait(delay, n)
         return n
 
     def _take_turns(self, n: int) -> None:
@@ -145,7 +152,7 @@ class LinkSender:
             n -= k
             delay = self.link.charge(k, time.monotonic()) - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                self.wait(delay, k)
 
     def _sendall(self, buffers: list) -> None:
         try:

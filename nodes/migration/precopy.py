@@ -223,7 +223,7 @@ def rate_limit(ctx: SourceContext) -> None:
     if rate_spent(ctx):
         wait = policy.window_start + policy.WINDOW_SECONDS - time.monotonic()
         if wait > 0:
-            ctx.cancel.wait(wait)
+            ctx.idle(wait)
         ctx.check_cancel()
         close_window(ctx)
 
@@ -251,6 +251,7 @@ def between_batches(ctx: SourceContext, index: int) -> Decision | None:
     """Cancel, faults, and (deciding between passes) the aids, which may end the pass."""
     ctx.check_cancel()
     ctx.faults.at(Phase.PRECOPY, index)
+    ctx.tick()
     return None if ctx.policy.mid_pass else aids(ctx, exact=False)
 
 

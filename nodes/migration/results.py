@@ -53,6 +53,8 @@ class SourceResult:
     # The guest's cost: its own page-write rate before the migration and while it ran here
     # during it, and the seconds its vCPU slept throttled (`nodes.host.service`).
     guest_cost: dict | None = None
+    # The progress over time (`nodes.migration.progress.ProgressHistory.to_list`).
+    progress_history: list[dict] = field(default_factory=list)
 
     @property
     def completed(self) -> bool:

@@ -13,6 +13,11 @@ class GuestRuntime(Protocol):
         """The guest's workload spec as a dict (None: it runs none)."""
         ...
 
+    def pages_written(self, name: str) -> int | None:
+        """The guest's own page writes so far (its vCPU's counter); None: it has no vCPU
+        here. Read while it runs, for the progress history's guest write rate."""
+        ...
+
     def vcpu_context(self, name: str) -> dict:
         """The VCPU_CONTEXT record's fields: where the workload stands, its last progress."""
         ...

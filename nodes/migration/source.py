@@ -41,7 +41,7 @@ from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
 from nodes.migration.link import LinkSender, Pacer
 from nodes.migration.pipeline import PagePipeline, PassCursor
 from nodes.migration.precopy import LiveRounds
-from nodes.migration.progress import PhaseClock, Progress, RoundStats
+from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
 from nodes.migration.results import CANCELLED, COMPLETED, FAILED, SourceResult
@@ -94,6 +94,7 @@ class Setup(_Always):
         rate_limit = None if ctx.policy.mid_pass else s.rate_limit_bytes_per_second
         ctx.link = LinkSender(ctx.sock, s.link_bytes_per_second, s.latency_seconds,
                               rate_limit, ctx.shared_link)
+        ctx.link.wait = ctx.link_wait          # the progress history samples slow sends
         ctx.reader = RecordReader(ctx.sock.recv_into)
         ctx.pipeline = PagePipeline(hv, dom, ctx.link, ctx.progress)
         ctx.cursor = PassCursor(dom.npages)
@@ -123,6 +124,7 @@ class StopAndCopy(_Always):
             hv.pause(dom.name)
             ctx.result.pause_wall = time.time()
         ctx.pause_mono = time.monotonic()
+        ctx.sample("pause", now=ctx.pause_mono)
         # Still marked from the live rounds, or dirtied since: the cursor's mask, not
         # np.union1d, whose first call imports numpy.ma (17 ms measured, in the downtime).
         ctx.clean(ctx.pause_mono)
@@ -130,7 +132,7 @@ class StopAndCopy(_Always):
         ctx.cursor.unsent[:] = False
         ctx.link.lift_rate_limit()
         rnd = RoundStats(index=len(ctx.rounds), final=True)
-        ctx.pipeline.send(final, rnd)
+        ctx.pipeline.send(final, rnd, between=ctx.tick)
         if not np.array_equal(dom.p2m, ctx.p2m_sent):
             raise MigrationError("the guest's P2M changed during the live loop; the stream "
                                  "would be corrupt")
@@ -187,6 +189,9 @@ class Sender:
             progress=progress, cancel=cancel, faults=self.faults, ticket=ticket,
             shared_link=shared_link, result=SourceResult(mode_before=dom.mode.value),
             clock=PhaseClock(time.monotonic()), mode_before=dom.mode)
+        self.ctx.history = ProgressHistory(self.ctx.clock.t0)
+        self.faults.sample = lambda event: self.ctx.sample(event) if event else self.ctx.tick()
+        progress.remaining_bytes = dom.npages * hv.page_size     # all of it, so far
 
     def run(self) -> SourceResult:
         """Migrate; returns the source's result. Never raises for migration errors."""
@@ -197,6 +202,7 @@ class Sender:
             for step in self.algorithm:
                 if step.wanted(ctx):
                     ctx.progress.status = step.phase.value
+                    ctx.sample("phase")
                     step.run(ctx)
                     ctx.clock.end(step.phase)
             ctx.result.status = COMPLETED
@@ -206,6 +212,7 @@ class Sender:
                 raise
         finally:
             close(ctx)
+            ctx.sample("end")
         return finish(ctx, cpu0)
 
 
@@ -270,6 +277,7 @@ def finish(ctx: SourceContext, cpu0: float) -> SourceResult:
     r.faults = list(ctx.faults.fired)
     r.phase_seconds = dict(ctx.clock.seconds)
     r.dirty_sync_count = ctx.sync.count if ctx.sync is not None else 0
+    r.progress_history = ctx.history.to_list() if ctx.history is not None else []
     return r
 
 
