@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster import launcher
+from cluster import launcher, persistent
 from cluster.driver import run_migration
 from cluster.handles import LocalHost, RayHost
 from cluster.launcher import NAMESPACE, ClusterSpec, LocalRay
@@ -49,19 +49,22 @@ class Testbed:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def local(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
-        """A private local Ray cluster with one node per host; `close()` removes it all."""
-        import ray
+    def local(cls, spec: ClusterSpec | None = None,
+              on_progress: Callable[[int, int], None] | None = None, **kwargs) -> "Testbed":
+        """A private local Ray cluster, its hosts packed `spec.hosts_per_node` to a node (all
+        on one by default); `close()` removes it all. `on_progress(k, n)`: k of n hosts up."""
+        import time
 
-        from nodes.host.actor import start_host_actor
+        import ray
         spec = spec or ClusterSpec(**kwargs)
-        owner = LocalRay(spec.host_names, spec.object_store_bytes)
+        deadline = time.monotonic() + launcher.startup_timeout_seconds(spec.hosts)
+        owner = LocalRay(spec.host_names, spec.object_store_bytes,
+                         hosts_per_node=spec.hosts_per_node)
         try:
             launcher.ray_init(owner.address)
-            actors = {c.name: start_host_actor(c, detached=False, namespace=NAMESPACE)
-                      for c in spec.host_configs()}
-            ray.get([a.ping.remote() for a in actors.values()], timeout=120)
-        except Exception:
+            actors = launcher.start_hosts(spec, detached=False, deadline=deadline,
+                                          on_up=on_progress)
+        except BaseException:
             ray.shutdown()
             owner.shutdown()
             raise
@@ -74,7 +77,7 @@ class Testbed:
     def attach(cls) -> "Testbed":
         """The persistent cluster started by `migbed up`."""
         import ray
-        state = launcher.read_state()
+        state = persistent.read_state()
         if state is None:
             raise ClusterError("no migbed cluster is running; start one with `migbed up` "
                                "(e.g. `migbed up --hosts 3 --host-memory 1GiB`)")
