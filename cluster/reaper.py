@@ -12,8 +12,9 @@ import signal
 import time
 
 
-def session_processes(sid: int) -> list[int]:
-    """Every live process of session `sid` (read from /proc/<pid>/stat), this one excluded."""
+def session_processes(sid: int, zombies: bool = False) -> list[int]:
+    """Every process of session `sid` (read from /proc/<pid>/stat), this one excluded;
+    with `zombies`, also those dead but not yet reaped."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -24,16 +25,18 @@ def session_processes(sid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
+        if (zombies or fields[0] != "Z") and int(fields[3]) == sid:
             out.append(int(entry))
     return out
 
 
-def kill_session(sid: int, grace_seconds: float = 5.0) -> int:
-    """SIGTERM every process of session `sid`, SIGKILL what is left after `grace_seconds`;
-    returns how many there were. A session of no process (already gone) is fine."""
+def kill_session(sid: int, grace_seconds: float = 2.0, reap_seconds: float = 5.0) -> int:
+    """SIGTERM every process of session `sid`, SIGKILL what is left after `grace_seconds`
+    (Ray's GCS and raylet take longer than that to stop on SIGTERM), then wait up to
+    `reap_seconds` until even their zombies are gone; returns how many there were. A
+    session of no process (already gone) is fine."""
     pids = session_processes(sid)
-    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 2.0)):
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, reap_seconds)):
         left = session_processes(sid)
         if not left:
             break
@@ -44,5 +47,8 @@ def kill_session(sid: int, grace_seconds: float = 5.0) -> int:
                 pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and session_processes(sid):
-            time.sleep(0.1)
+            time.sleep(0.05)
+    deadline = time.monotonic() + reap_seconds
+    while time.monotonic() < deadline and session_processes(sid, zombies=True):
+        time.sleep(0.05)
     return len(pids)

@@ -6,7 +6,7 @@ the same hosts as plain objects in this process, without Ray, for fast tests. Th
 the same for all three: `create`, `destroy`, `list`, `migrate`, `host(name)`.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -208,9 +208,10 @@ class Testbed:
         h.kill()
         self.lost_hosts[host] = self.hosts.pop(host)
 
-    def evacuate(self, host: str, concurrency: int = 2,
+    def evacuate(self, host: "str | Sequence[str]", concurrency: int = 2,
                  settings: MigrationSettings | None = None):
-        """Move every guest off `host` to the others, by free memory, `concurrency` at a time
-        (see `cluster.evacuate`); returns an EvacuationReport."""
+        """Move every guest off `host` (or off each of a list of hosts, together) to the
+        others, by free memory, `concurrency` migrations at a time in all (see
+        `cluster.evacuate`); returns an EvacuationReport."""
         from cluster.evacuate import evacuate
         return evacuate(self, host, concurrency, settings or MigrationSettings())
