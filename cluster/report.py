@@ -67,6 +67,11 @@ class MigrationReport:
     guest_lost: bool = False
     faults: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    # The destination's clock minus the source's, measured over the data channel as NTP
+    # does (`nodes.migration.clock`), good to +- clock_rtt_seconds / 2; the downtimes above
+    # are taken with the destination's times brought onto the source's clock by it.
+    clock_offset_seconds: float | None = None
+    clock_rtt_seconds: float | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -113,7 +118,9 @@ class MigrationReport:
                          "destination": dest.cpu_seconds if dest is not None else None},
             integrity=Integrity(verified, source.source_digest, source.destination_digest),
             guest_host=settled.guest_host, guest_lost=settled.guest_lost,
-            faults=list(settled.faults), notes=list(settled.notes))
+            faults=list(settled.faults), notes=list(settled.notes),
+            clock_offset_seconds=source.clock_offset_seconds,
+            clock_rtt_seconds=source.clock_rtt_seconds)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
             report.notes.append(f"{destination_host} says: {why}")

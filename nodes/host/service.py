@@ -19,6 +19,7 @@ from nodes.host.metrics import HostMetrics
 from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
+from nodes.migration.clock import to_source_clock
 from nodes.migration.destination import Receiver, validate_info
 from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
@@ -233,7 +234,8 @@ class HostService:
 
     def _guest_gap(self, recv: Receiver, result: DestinationResult) -> float | None:
         """The guest's own gap across the hand-over: its last progress on the source to its
-        first here (waiting, bounded, for a resumed guest's first sign of life)."""
+        first here (waiting, bounded, for a resumed guest's first sign of life), on the
+        source's clock."""
         vcpu = self.vcpus.get(recv.name)
         last = result.last_progress_wall
         if not recv.resume_wall or vcpu is None or last is None:
@@ -243,7 +245,10 @@ class HostService:
         while first is None and time.monotonic() < deadline:
             time.sleep(0.002)
             first = vcpu.first_progress_after(recv.resume_wall)
-        return None if first is None else first - last
+        if first is None:
+            return None
+        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
+        return to_source_clock(first, offset) - last
 
     # -- migration: source side ------------------------------------------------------------------
     def check_migratable(self, name: str) -> dict:
