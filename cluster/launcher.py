@@ -200,7 +200,19 @@ def start_hosts(spec: ClusterSpec, *, detached: bool, deadline: float,
     actors = {c.name: start_host_actor(c, detached=detached, namespace=NAMESPACE,
                                        node_id=nodes[c.name].node_id if nodes else None)
               for c in spec.host_configs()}
-    pending = [a.ping.remote() for a in actors.values()]
+    try:
+        _wait_answering(list(actors.values()), deadline, on_up)
+    except BaseException:
+        for a in actors.values():       # detached ones would outlive this process
+            ray.kill(a, no_restart=True)
+        raise
+    return actors
+
+
+def _wait_answering(actors: list, deadline: float,
+                    on_up: Callable[[int, int], None] | None) -> None:
+    import ray
+    pending = [a.ping.remote() for a in actors]
     up_count = 0
     while pending:
         left = deadline - time.monotonic()
@@ -212,7 +224,6 @@ def start_hosts(spec: ClusterSpec, *, detached: bool, deadline: float,
             up_count += len(ready)
             if on_up:
                 on_up(up_count, len(actors))
-    return actors
 
 
 def remote_placement(spec: ClusterSpec) -> dict[str, place.RayNode]:

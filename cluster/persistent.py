@@ -241,4 +241,9 @@ def _kill_group(pgid: int) -> None:
 
 
 if __name__ == "__main__":
-    _launch(sys.argv[1], sys.argv[2])
+    from nodes.errors import MigbedError
+    try:
+        _launch(sys.argv[1], sys.argv[2])
+    except MigbedError as exc:          # its last line is what `up` reports
+        print(f"{exc}", flush=True)
+        sys.exit(2)
