@@ -33,15 +33,24 @@ def migbed(home, *args: str, rc: int = 0, timeout: float = 300) -> subprocess.Co
     return p
 
 
-def frames_exact_on(home) -> None:
-    """`checks.frames_exact` on every host of the cluster of `home`, from a driver of it."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
-            "from checks import frames_exact; from cluster.testbed import Testbed; "
-            "frames_exact(Testbed.attach())")
+def drive(home, code: str) -> None:
+    """Run `code` in a driver of the cluster of `home`, with `tb` attached to it and the
+    tests' `checks` importable (one process for many calls: each CLI call is a new driver)."""
+    prelude = (f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+               "from checks import frames_exact\n"
+               "from cluster.testbed import Testbed\n"
+               "from nodes.host.specs import GuestSpec\n"
+               "from workloads.spec import WorkloadSpec\n"
+               "tb = Testbed.attach()\n")
     env = dict(os.environ, MIGBED_HOME=str(home))
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def frames_exact_on(home) -> None:
+    """`checks.frames_exact` on every host of the cluster of `home`."""
+    drive(home, "frames_exact(tb)")
 
 
 # -- placement, as plans ------------------------------------------------------------------
@@ -187,12 +196,10 @@ def test_sixteen_hosts_and_four_evacuated_at_once(tmp_path):
         assert len({h["ray_node"]["node_id"] for h in listing["hosts"]}) == 1
         assert len({h["ray_node"]["pid"] for h in listing["hosts"]}) == 16
         rack = [f"host-{i}" for i in range(4)]
-        guests = []
-        for h in rack:
-            for j in range(4):
-                guests.append(f"{h}-g{j}")
-                migbed(tmp_path, "create", h, guests[-1], "--memory", "4MiB", "--workload",
-                       "uniform", "--dirty-rate", "1000", "--seed", str(len(guests)))
+        guests = [f"{h}-g{j}" for h in rack for j in range(4)]
+        drive(tmp_path, f"for k, g in enumerate({guests!r}):\n"
+                        "    tb.create(g.rsplit('-', 1)[0], GuestSpec(g, 4 * 2**20, "
+                        "workload=WorkloadSpec('uniform', 1000, seed=k)))\n")
         rep = json.loads(migbed(tmp_path, "evacuate", *rack, "--concurrency", "16",
                                 "--json").stdout)
         assert rep["ok"] and rep["hosts"] == rack and not rep["stayed"]
