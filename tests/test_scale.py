@@ -9,14 +9,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from checks import processes_with_env
+from conftest import require_binary
 
 from cluster import persistent
 from cluster.launcher import ClusterSpec, startup_timeout_seconds
 from cluster.placement import RayNode, local_groups, parse_placement, spread
+from cluster.prometheus import api_get
 from nodes.errors import ClusterError, ConfigError
 
 MIGBED = [sys.executable, "-m", "cluster.cli"]
@@ -125,6 +128,23 @@ def test_bad_scale_options_are_one_line(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], p.stderr
 
 
+def test_dashboard_panels_of_a_line_per_host_or_guest_draw_the_top_k():
+    """At 32 hosts and 128 guests a line per host or guest is unreadable: such panels
+    draw the TOP_K largest series."""
+    from dashboards.build import DASHBOARD_FILE, TOP_K
+    d = json.loads(DASHBOARD_FILE.read_text())
+    drawn = 0
+    for p in d["panels"] + [q for r in d["panels"] for q in r.get("panels", [])]:
+        if p.get("type") not in ("timeseries", "statetimeline"):
+            continue
+        for t in p.get("targets") or []:
+            legend = t.get("legendFormat") or ""
+            if "{{host}}" in legend or "{{guest}}" in legend:
+                assert t["expr"].startswith(f"topk({TOP_K}, "), (p["title"], t["expr"])
+                drawn += 1
+    assert drawn >= 10
+
+
 # -- start-ups that fail leave nothing behind ---------------------------------------------
 class Stop(Exception):
     pass
@@ -184,13 +204,28 @@ def test_hosts_packed_two_per_node_each_its_own_process(tmp_path):
     assert not processes_with_env("MIGBED_HOME", str(tmp_path))
 
 
+def all_targets_up(url: str, count: int, timeout: float = 60.0) -> list[dict]:
+    """Prometheus's active targets once `count` of them are up (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        targets = api_get(url, "targets", state="active")["activeTargets"]
+        if sum(t["health"] == "up" for t in targets) >= count or time.monotonic() > deadline:
+            return targets
+        time.sleep(0.5)
+
+
 def test_sixteen_hosts_and_four_evacuated_at_once(tmp_path):
-    """16 hosts on one node; 4 of them, 4 busy guests each, evacuated in one command with 16
-    migrations at a time: every guest verified and on a host not evacuated, frames exact on
-    every host."""
-    up = migbed(tmp_path, "up", "--hosts", "16", "--host-memory", "48MiB")
+    """16 hosts on one node, each a Prometheus target; 4 of them, 4 busy guests each,
+    evacuated in one command with 16 migrations at a time: every guest verified and on a
+    host not evacuated, frames exact on every host."""
+    require_binary("prometheus")
+    up = migbed(tmp_path, "up", "--hosts", "16", "--host-memory", "48MiB", "--prometheus",
+                "--prometheus-port", "0", "--json")
     assert "hosts up: 16/16" in up.stderr
     try:
+        targets = all_targets_up(json.loads(up.stdout)["prometheus"]["url"], 16)
+        assert len(targets) == 16 and all(t["health"] == "up" for t in targets)
+        assert {t["labels"]["host"] for t in targets} == {f"host-{i}" for i in range(16)}
         listing = json.loads(migbed(tmp_path, "list", "--json").stdout)
         assert len(listing["hosts"]) == 16
         assert len({h["ray_node"]["node_id"] for h in listing["hosts"]}) == 1
