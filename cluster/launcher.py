@@ -57,6 +57,7 @@ class ClusterSpec:
     superpages: bool = True             # guest frames in 2 MiB extents (False: a fragmented host)
     hosts_per_node: int | None = None   # None: local, all on one node; remote, round robin
     placement: dict[str, str] = field(default_factory=dict)  # host -> node (with address)
+    data_ports: tuple[int, int] | None = None   # migrations listen in this range (None: any)
 
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= MAX_HOSTS:
@@ -102,7 +103,8 @@ class ClusterSpec:
                            address=self.bind_address, seed=i, superpages=self.superpages,
                            metrics_port=(self.metrics_port + i if self.metrics_port
                                          else self.metrics_port),
-                           metrics_address=self.metrics_address)
+                           metrics_address=self.metrics_address,
+                           data_ports=tuple(self.data_ports) if self.data_ports else None)
                 for i, n in enumerate(self.host_names)]
 
     def to_dict(self) -> dict:

@@ -44,7 +44,8 @@ def test_hosts_on_different_nodes_migrate_verified(ray_cli_cluster, tmp_path):
     assert len(nodes) == 3
     pinned = nodes[2]["NodeID"][:10]           # host-0 there; the others round robin
     up = migbed(cluster, tmp_path, "up", "--address", cluster.address, "--hosts", "3",
-                "--host-memory", "64MiB", "--placement", f"host-0={pinned}", "--json")
+                "--host-memory", "64MiB", "--placement", f"host-0={pinned}", "--data-ports",
+                "47100-47199", "--json")
     assert json.loads(up.stdout)["address"] == cluster.address
     try:
         hosts = {h["name"]: h for h in json.loads(

@@ -121,6 +121,7 @@ def test_the_startup_limit_grows_with_the_hosts():
     (["up", "--hosts", "2", "--address", "127.0.0.1:1", "--placement", "host-7=x"],
      "not a host of this cluster"),
     (["evacuate"], "the following arguments are required"),
+    (["up", "--data-ports", "70000-70010"], "--data-ports must be ports LOW-HIGH"),
 ])
 def test_bad_scale_options_are_one_line(tmp_path, args, message):
     p = migbed(tmp_path, *args, rc=2)
@@ -250,3 +251,43 @@ def test_sixteen_hosts_and_four_evacuated_at_once(tmp_path):
     finally:
         migbed(tmp_path, "down")
     assert not processes_with_env("MIGBED_HOME", str(tmp_path))
+
+
+# -- the data-plane ports a firewall between machines must let through ----------------------
+def free_port_range(count: int) -> tuple[int, int]:
+    """`count` consecutive ports free on 127.0.0.1 now."""
+    import random
+    import socket
+    for _ in range(200):
+        low = random.randrange(20000, 60000)
+        try:
+            socks = [socket.create_server(("127.0.0.1", p)) for p in range(low, low + count)]
+        except OSError:
+            continue
+        for s in socks:
+            s.close()
+        return low, low + count - 1
+    raise RuntimeError("no free port range")
+
+
+def test_migrations_listen_in_the_data_port_range(in_process):
+    from nodes.host.specs import GuestSpec
+    from nodes.migration.channel import Listener
+    from nodes.migration.settings import MigrationSettings
+    low, high = free_port_range(3)
+    listeners = [Listener("127.0.0.1", f"m{i}", (low, high)) for i in range(3)]
+    try:
+        assert sorted(ln.ticket.port for ln in listeners) == [low, low + 1, high]
+        with pytest.raises(OSError, match=f"{low}-{high} is in use"):
+            Listener("127.0.0.1", "m3", (low, high))
+    finally:
+        for ln in listeners:
+            ln.close()
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB, data_ports=(low, high))
+    tb.create("host-0", GuestSpec("dp1", 4 * MiB))
+    r = tb.migrate("dp1", "host-1", MigrationSettings())
+    assert r.status == "completed" and r.integrity.verified is True
+    from nodes.units import parse_port_range
+    assert parse_port_range("47000-47999", "--data-ports") == (47000, 47999)
+    with pytest.raises(ConfigError, match="LOW <= HIGH"):
+        parse_port_range("47999-47000", "--data-ports")

@@ -12,8 +12,10 @@ from cluster.cli.options import (
     Commands,
     add_cluster_options,
     add_prometheus_options,
+    arg,
     cluster_spec_from,
 )
+from nodes.units import parse_port_range
 
 
 def _progress_printer(out: IO[str]):
@@ -81,6 +83,10 @@ def register(sub: Commands) -> None:
                    help="with --address: pin hosts to nodes, e.g. host-0=NODE_ID,host-1=IP "
                         "(a node id, 6+ characters of one, or a node's IP; `ray list nodes` "
                         "shows them); the other hosts go round robin")
+    s.add_argument("--data-ports", type=arg(parse_port_range, "--data-ports"), default=None,
+                   metavar="LOW-HIGH",
+                   help="ports the hosts' migration listeners take, e.g. 47000-47999: the "
+                        "range to open between machines (default: any free port)")
     add_prometheus_options(s)
     s.add_argument("--json", action="store_true", help="print the cluster's state as JSON")
     s.set_defaults(func=cmd_up)

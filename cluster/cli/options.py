@@ -210,7 +210,8 @@ def cluster_spec_from(args: argparse.Namespace,
                        superpages=not args.no_superpages,
                        hosts_per_node=getattr(args, "hosts_per_node", None),
                        placement=parse_placement(getattr(args, "placement", None),
-                                                 host_names(args.hosts)))
+                                                 host_names(args.hosts)),
+                       data_ports=getattr(args, "data_ports", None))
 
 
 def check_guests_fit(cluster: "ClusterSpec", guest_bytes: int, count: int = 1) -> None:

@@ -211,7 +211,7 @@ class HostService:
             if mid in self.incoming:
                 raise MigrationError(f"migration {mid} is already expected here")
             recv = Receiver(self.hv, info, settings, self.config.address, self,
-                            self.fault_stats)
+                            self.fault_stats, self.config.data_ports)
             self.incoming[mid] = recv
             self.metrics.incoming_started(mid, recv)
             return recv.ticket.to_dict()

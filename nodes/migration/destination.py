@@ -81,7 +81,8 @@ class Receiver:
     """The restore side of one migration: reserves frames up front, then receives on a thread."""
 
     def __init__(self, hv: Hypervisor, info: dict, settings: MigrationSettings, address: str,
-                 runtime: GuestRuntime, fault_stats: FaultStats | None = None):
+                 runtime: GuestRuntime, fault_stats: FaultStats | None = None,
+                 data_ports: tuple[int, int] | None = None):
         self.hv = hv
         self.settings = settings
         self.info = info
@@ -94,7 +95,7 @@ class Receiver:
         self.dom.migrating = True
         populate_frames(hv.memory, self.dom.p2m)
         try:
-            self.listener = Listener(address, info["migration_id"])
+            self.listener = Listener(address, info["migration_id"], data_ports)
         except OSError as exc:
             hv.destroy_domain(self.name, force=True)
             raise MigrationError(f"cannot listen on {address}: {exc}") from None
