@@ -198,17 +198,8 @@ def down() -> bool:
     state = read_state()
     if state is None:
         return False
-    try:
-        import ray
-        ray_init(state["address"])
-        for name in state["hosts"]:
-            try:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-            except ValueError:
-                pass
-        ray.shutdown()
-    except Exception:  # noqa: BLE001 - the cluster may be half dead; the group kill follows
-        pass
+    if not state.get("pgid"):           # hosts on a Ray cluster this one did not start
+        _kill_hosts(state)
     if state.get("sid"):
         kill_session(state["sid"])      # Ray's processes and its workers, however grouped
     elif state.get("pgid"):
@@ -223,6 +214,21 @@ def down() -> bool:
             pass
     clear_state()
     return True
+
+
+def _kill_hosts(state: dict) -> None:
+    """Kill the hosts' detached actors (a local cluster's session kill stops them anyway)."""
+    try:
+        import ray
+        ray_init(state["address"])
+        for name in state["hosts"]:
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - the cluster may be half dead; nothing more to do here
+        pass
 
 
 def _kill_group(pgid: int) -> None:
