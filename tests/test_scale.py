@@ -291,3 +291,14 @@ def test_migrations_listen_in_the_data_port_range(in_process):
     assert parse_port_range("47000-47999", "--data-ports") == (47000, 47999)
     with pytest.raises(ConfigError, match="LOW <= HIGH"):
         parse_port_range("47999-47000", "--data-ports")
+
+
+def test_a_sweep_scenario_names_its_hosts_per_node():
+    from cluster.sweep.scenario import Scenario
+    text = (Path(__file__).parents[1] / "scenarios" / "non-convergence.toml").read_text()
+    packed = Scenario.from_toml(text.replace("hosts = 2\n", "hosts = 2\nhosts_per_node = 1\n"))
+    assert packed.hosts_per_node == 1
+    assert Scenario.from_toml(packed.to_toml()).hosts_per_node == 1
+    assert Scenario.from_toml(text).hosts_per_node is None
+    with pytest.raises(ConfigError, match="hosts_per_node"):
+        Scenario.from_toml(text.replace("hosts = 2\n", "hosts = 2\nhosts_per_node = 0\n"))
