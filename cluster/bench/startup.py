@@ -49,13 +49,17 @@ def bench_startup(opts: BenchOptions, res: Results, say: Callable[[str], None]) 
             say(f"  start-up {n} hosts ({label}) {i + 1}/{opts.startup_repeats}: "
                 f"{out['startup_seconds']:.1f} s, {format_bytes(out['rss_bytes_per_host'])} "
                 f"per host, {out['memory_monitor_kills']} killed")
-    biggest = max(opts.startup_hosts)
-    ratio = res.ratio(f"start-up {biggest} hosts: one node per host / default",
-                      f"startup_{biggest}_hosts_one_node_per_host_seconds",
-                      f"startup_{biggest}_hosts_seconds")
-    if ratio is not None:
-        res.conclusions.append(f"packing hosts onto one Ray node starts {biggest} hosts "
-                               f"{ratio:.1f}x faster than one node per host")
+    for n in opts.startup_one_node_per_host_hosts:
+        faster = res.ratio(f"start-up {n} hosts: one node per host / default",
+                           f"startup_{n}_hosts_one_node_per_host_seconds",
+                           f"startup_{n}_hosts_seconds")
+        leaner = res.ratio(f"memory per host, {n} hosts: one node per host / default",
+                           f"startup_{n}_hosts_one_node_per_host_rss_bytes_per_host",
+                           f"startup_{n}_hosts_rss_bytes_per_host")
+        if faster is not None and leaner is not None:
+            res.conclusions.append(f"the default packing starts {n} hosts {faster:.1f}x "
+                                   f"faster than one Ray node per host, in {1 / leaner:.2f}x "
+                                   "the memory per host")
 
 
 def startup_child(hosts: int, host_memory_bytes: int, hosts_per_node: int | None,
