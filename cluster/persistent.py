@@ -129,10 +129,13 @@ def up(spec: ClusterSpec, timeout_seconds: float | None = None,
 def _watch(proc: subprocess.Popen, deadline: float,
            on_progress: Callable[[dict], None] | None) -> int | None:
     """Wait for the launcher to exit (its exit code), reporting its progress; None if it
-    is still running at `deadline`."""
+    is still running at `deadline`. The state file is the launcher's last act: once it is
+    there the cluster is up, whether or not its Ray driver has finished disconnecting."""
     last: dict = {}
     while True:
         rc = proc.poll()
+        if rc is None and (state_dir() / STATE_FILE).exists():
+            rc = 0
         progress = read_progress()
         if on_progress and progress and progress != last:
             on_progress(progress)
