@@ -80,12 +80,15 @@ def _ms(seconds: float | None) -> str:
 def listing_tables(listing: dict) -> tuple[Table, Table]:
     """The hosts with their frames, and every guest with where its memory lies."""
     hosts = _table("HOST", "PROFILE", ">FRAMES", ">FREE", ">RESERVED", ">USED", ">DOM0",
-                   "HYPERVISOR AT")
+                   "HYPERVISOR AT", "RAY NODE", "DATA PLANE")
     for h in listing["hosts"]:
         f = h["frames"]
         lo, hi = h["hypervisor_frames"]
+        node = h.get("ray_node")        # absent for in-process hosts
         hosts.add_row(h["name"], h["profile"], str(f["total"]), str(f["free"]),
-                      str(f["reserved"]), str(f["used"]), str(f["dom0"]), f"mfn {lo}..{hi}")
+                      str(f["reserved"]), str(f["used"]), str(f["dom0"]), f"mfn {lo}..{hi}",
+                      f"{node['node_id'][:12]} ({node['ip']})" if node else "-",
+                      h.get("address", "-"))
     guests = _table("GUEST", "HOST", "MODE", ">MEMORY", "STATE", "WORKLOAD", ">WRITES",
                     "MACHINE RANGE")
     for g in listing["guests"]:

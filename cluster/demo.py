@@ -55,12 +55,13 @@ def sequential_edge_ok(counters: np.ndarray) -> bool:
     return len(steps) == 1 and int(counters[steps[0]]) - int(counters[steps[0] + 1]) == 1
 
 
-def run_demo(quick: bool = False) -> int:
+def run_demo(quick: bool = False, hosts_per_node: int | None = None) -> int:
     t0 = time.monotonic()
     names = ("host-0", "host-1", "host-2", "ia64-a", "ia64-b", "ppc-a", "ppc-b")
     spec = ClusterSpec(hosts=len(names), names=names, host_memory_bytes=256 * MiB,
                        profiles={"ia64-a": "ia64", "ia64-b": "ia64-p2m",
-                                 "ppc-a": "ppc", "ppc-b": "ppc-p2m"})
+                                 "ppc-a": "ppc", "ppc-b": "ppc-p2m"},
+                       hosts_per_node=hosts_per_node)
     _say(f"starting an embedded cluster of {len(names)} hosts on Ray...")
     reports: list[MigrationReport] = []
     with Testbed.local(spec) as tb:

@@ -1,15 +1,16 @@
-"""Host evacuation: every guest off one host, onto the others, several at a time.
+"""Host evacuation: every guest off one host or several (a rack), onto the others, several
+migrations at a time.
 
 The plan: the guests that can move (running, not P==M, no DMA device, not already migrating),
-largest first, each to the other host with the most free memory once the plan's earlier
-choices are taken off (first-fit decreasing on free frames, so concurrent migrations never
-ask one destination for more than it has). A guest that cannot move, or fits nowhere, stays
-and the report says why.
+largest first across all the evacuated hosts, each to the host not being evacuated with the
+most free memory once the plan's earlier choices are taken off (first-fit decreasing on free
+frames, so concurrent migrations never ask one destination for more than it has). A guest
+that cannot move, or fits nowhere, stays and the report says why.
 
-The run: `concurrency` migrations at a time, each an ordinary verified `run_migration`. They
-all leave through the evacuated host's one outgoing link: with `link_shared` set (always,
-here) its concurrent senders share it, taking turns batch by batch, so each gets an equal
-share of the link's speed (`nodes.link.Pacer`).
+The run: `concurrency` migrations at a time in all, shared by the evacuated hosts, each an
+ordinary verified `run_migration`. Those leaving one host all go through its one outgoing
+link: with `link_shared` set (always, here) its concurrent senders share it, taking turns
+batch by batch, so each gets an equal share of the link's speed (`nodes.link.Pacer`).
 """
 
 import concurrent.futures
@@ -29,6 +30,7 @@ class Move:
     guest: str
     destination: str
     memory_bytes: int
+    source: str = ""
     status: str = "planned"            # planned, completed, failed, cancelled, refused
     verified: bool | None = None
     guest_host: str | None = None
@@ -40,12 +42,17 @@ class Move:
 
 @dataclass
 class EvacuationReport:
-    host: str
+    hosts: list[str]
     concurrency: int
     moves: list[Move] = field(default_factory=list)
-    stayed: list[dict] = field(default_factory=list)     # {"guest", "reason"}
+    stayed: list[dict] = field(default_factory=list)     # {"guest", "host", "reason"}
     total_time_seconds: float = 0.0
     reports: list[dict] = field(default_factory=list)    # every migration's full report
+
+    @property
+    def host(self) -> str:
+        """The evacuated hosts, as one label."""
+        return ", ".join(self.hosts)
 
     @property
     def ok(self) -> bool:
@@ -61,13 +68,13 @@ class EvacuationReport:
     def table(self) -> str:
         lines = [f"evacuation of {self.host}: {len(self.moves)} guests, {self.concurrency} at "
                  f"a time, {self.total_time_seconds:.2f} s  [{'ok' if self.ok else 'INCOMPLETE'}]",
-                 "  GUEST            MEMORY      TO         STATUS     VERIFIED  DOWNTIME   "
-                 "THROUGHPUT"]
+                 "  GUEST            MEMORY      FROM       TO         STATUS     VERIFIED  "
+                 "DOWNTIME   THROUGHPUT"]
         for m in self.moves:
             down = "-" if m.downtime_seconds is None else f"{m.downtime_seconds * 1000:.1f} ms"
             rate = ("-" if not m.throughput_bytes_per_second
                     else f"{format_bytes(m.throughput_bytes_per_second)}/s")
-            lines.append(f"  {m.guest:<16} {format_bytes(m.memory_bytes):>9}   "
+            lines.append(f"  {m.guest:<16} {format_bytes(m.memory_bytes):>9}   {m.source:<10} "
                          f"{m.destination:<10} {m.status:<10} {str(m.verified):<9} "
                          f"{down:>9}  {rate}" + (f"  {m.error}" if m.error else ""))
         for s in self.stayed:
@@ -75,12 +82,18 @@ class EvacuationReport:
         return "\n".join(lines)
 
 
-def plan_evacuation(tb, host: str) -> tuple[list[Move], list[dict]]:
-    """Which guest goes where (by free memory), and which stay and why. Moves nothing."""
-    src = tb.host(host)
-    others = [n for n in tb.hosts if n != host]
+def plan_evacuation(tb, host: str | list[str]) -> tuple[list[Move], list[dict]]:
+    """Which guest goes where (by free memory), and which stay and why. Moves nothing.
+    `host`: one host, or a list of hosts evacuated together (none is a destination)."""
+    hosts = [host] if isinstance(host, str) else list(host)
+    if not hosts or len(set(hosts)) != len(hosts):
+        raise ConfigError(f"name each host to evacuate once, got {hosts!r}")
+    for h in hosts:
+        tb.host(h)                           # NoSuchHostError names the hosts there are
+    others = [n for n in tb.hosts if n not in hosts]
     if not others:
-        raise ConfigError(f"{host} is the only host: there is nowhere to evacuate to")
+        which = "is the only host" if len(hosts) == 1 else "are all the hosts"
+        raise ConfigError(f"{', '.join(hosts)} {which}: there is nowhere to evacuate to")
     free: dict[str, int] = {}
     page_size: dict[str, int] = {}
     for n in others:
@@ -88,42 +101,44 @@ def plan_evacuation(tb, host: str) -> tuple[list[Move], list[dict]]:
         free[n] = d["frames"]["free"]
         page_size[n] = d["page_size"]
     moves, stayed = [], []
-    guests = [g for g in src.call("list_guests") if not g["dom0"]]
-    for g in sorted(guests, key=lambda g: (-g["memory_bytes"], g["name"])):
+    guests = [(h, g) for h in hosts for g in tb.host(h).call("list_guests") if not g["dom0"]]
+    for h, g in sorted(guests, key=lambda hg: (-hg[1]["memory_bytes"], hg[1]["name"])):
         try:
-            src.call("check_migratable", g["name"])
+            tb.host(h).call("check_migratable", g["name"])
         except MigbedError as exc:
-            stayed.append({"guest": g["name"], "reason": str(exc)})
+            stayed.append({"guest": g["name"], "host": h, "reason": str(exc)})
             continue
         best = max(others, key=lambda n: (free[n] * page_size[n], n))
         pages = g["memory_bytes"] // page_size[best]
         if pages > free[best]:
-            stayed.append({"guest": g["name"], "reason": (
+            stayed.append({"guest": g["name"], "host": h, "reason": (
                 f"no host has room: it needs {format_bytes(g['memory_bytes'])}, the most "
                 f"free is {format_bytes(free[best] * page_size[best])} on {best}")})
             continue
         free[best] -= pages
-        moves.append(Move(g["name"], best, g["memory_bytes"]))
+        moves.append(Move(g["name"], best, g["memory_bytes"], source=h))
     return moves, stayed
 
 
-def evacuate(tb, host: str, concurrency: int = 2,
+def evacuate(tb, host: str | list[str], concurrency: int = 2,
              settings: MigrationSettings | None = None) -> EvacuationReport:
-    """Move every guest off `host`, `concurrency` at a time; see the module docstring."""
+    """Move every guest off `host` (one, or a list evacuated together), `concurrency`
+    migrations at a time in all; see the module docstring."""
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not (
             1 <= concurrency <= MAX_CONCURRENCY):
         raise ConfigError(f"concurrency must be 1..{MAX_CONCURRENCY}, got {concurrency!r}")
     settings = replace(settings or MigrationSettings(), link_shared=True)
-    moves, stayed = plan_evacuation(tb, host)
-    report = EvacuationReport(host, concurrency, moves, stayed)
-    src = tb.host(host)
+    hosts = [host] if isinstance(host, str) else list(host)
+    moves, stayed = plan_evacuation(tb, hosts)
+    report = EvacuationReport(hosts, concurrency, moves, stayed)
     t0 = time.monotonic()
 
     def one(move: Move) -> None:
         try:
-            r = run_migration(src, tb.host(move.destination), move.guest, settings)
+            r = run_migration(tb.host(move.source), tb.host(move.destination), move.guest,
+                              settings)
         except MigbedError as exc:     # refused before anything moved: the guest stays
-            move.status, move.error, move.guest_host = "refused", str(exc), host
+            move.status, move.error, move.guest_host = "refused", str(exc), move.source
             return
         move.status, move.error = r.status, r.error
         move.verified = r.integrity.verified

@@ -1,25 +1,19 @@
-"""Starting and stopping the Ray side: a local multi-node cluster, or an existing one.
+"""Starting the Ray side: a local cluster on this machine, or hosts on an existing one.
 
-A local cluster is Ray's own `cluster_utils.Cluster`: one Ray node per emulated host on this
-machine, each offering a custom resource `migbed:<host>` so the host's actor lands on its own
-node and traffic between hosts crosses node boundaries as it would between machines.
-
-`migbed up` makes the cluster persistent: a launcher process in a session of its own starts
-Ray and detached host actors, records the Ray address and its process group in a state file
-(`$MIGBED_HOME/cluster.json`, default `~/.migbed`), and exits; later commands attach through
-that file, and `migbed down` kills the actors and the whole process group, so no Ray process
-is left behind.
+A local cluster is Ray's own `cluster_utils.Cluster` on this machine: its nodes each offer a
+custom resource `migbed:<host>` for every host placed there (`cluster.placement`: by default
+all on one node, `hosts_per_node` to a node when asked), so each host's actor, a process of
+its own, lands on its node. On an existing Ray cluster the hosts are pinned to the nodes the
+placement picks by node id, and their data channels listen on their node's IP. The
+persistent cluster of `migbed up` is `cluster.persistent`.
 """
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from cluster import placement as place
 from nodes.errors import ClusterError, ConfigError
 from nodes.host.specs import HostConfig
 from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
@@ -28,16 +22,18 @@ from nodes.xen.profiles import DEFAULT_PROFILE, get_profile
 NAMESPACE = "migbed"
 OBJECT_STORE_BYTES = 128 * 1024 * 1024
 MAX_HOSTS = 64
-STATE_FILE = "cluster.json"
+STARTUP_BASE_SECONDS = 60.0         # Ray's own start, with room for a loaded machine
+STARTUP_PER_HOST_SECONDS = 4.0      # each host: a worker process to start, under load
+
+
+def startup_timeout_seconds(hosts: int) -> float:
+    """How long a start-up of `hosts` hosts may take before it is given up (and cleaned)."""
+    return STARTUP_BASE_SECONDS + STARTUP_PER_HOST_SECONDS * hosts
 
 
 def host_names(count: int) -> list[str]:
     """The naming scheme of hosts, written once: host-0 ... host-<N-1>."""
     return [f"host-{i}" for i in range(count)]
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("MIGBED_HOME") or Path.home() / ".migbed")
 
 
 @dataclass(frozen=True)
@@ -59,10 +55,23 @@ class ClusterSpec:
     metrics_address: str = "127.0.0.1"  # where /metrics listens (--metrics-host)
     prometheus_port: int | None = None  # `migbed up`: run Prometheus there (0: a free port)
     superpages: bool = True             # guest frames in 2 MiB extents (False: a fragmented host)
+    hosts_per_node: int | None = None   # None: local, all on one node; remote, round robin
+    placement: dict[str, str] = field(default_factory=dict)  # host -> node (with address)
+    data_ports: tuple[int, int] | None = None   # migrations listen in this range (None: any)
 
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= MAX_HOSTS:
             raise ConfigError(f"--hosts must be 1..{MAX_HOSTS}, got {self.hosts}")
+        if self.hosts_per_node is not None and not 1 <= self.hosts_per_node <= MAX_HOSTS:
+            raise ConfigError(f"--hosts-per-node must be 1..{MAX_HOSTS}, got "
+                              f"{self.hosts_per_node}")
+        if self.placement and self.address is None:
+            raise ConfigError("--placement places hosts on the nodes of an existing Ray "
+                              "cluster: give its --address too")
+        for host in self.placement:
+            if host not in self.host_names:
+                raise ConfigError(f"--placement names {host!r}, which is not a host of this "
+                                  f"cluster ({', '.join(self.host_names)})")
         for what, port in (("metrics port", self.metrics_port),
                            ("Prometheus port", self.prometheus_port)):
             if port is not None and not 0 <= port <= 65535 - (
@@ -94,18 +103,21 @@ class ClusterSpec:
                            address=self.bind_address, seed=i, superpages=self.superpages,
                            metrics_port=(self.metrics_port + i if self.metrics_port
                                          else self.metrics_port),
-                           metrics_address=self.metrics_address)
+                           metrics_address=self.metrics_address,
+                           data_ports=tuple(self.data_ports) if self.data_ports else None)
                 for i, n in enumerate(self.host_names)]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["names"] = list(self.names)
+        d["placement"] = dict(self.placement)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClusterSpec":
         d = dict(d)
         d["names"] = tuple(d.get("names", ()))
+        d["placement"] = dict(d.get("placement") or {})
         return cls(**d)
 
 
@@ -127,23 +139,31 @@ def parse_profiles(text: str | None, names: list[str]) -> tuple[str, dict[str, s
 
 
 class LocalRay:
-    """A Ray cluster on this machine with one node per host (Ray's cluster_utils)."""
+    """A Ray cluster on this machine (Ray's cluster_utils), its hosts packed onto nodes
+    `hosts_per_node` at a time (None: all on one node)."""
 
     def __init__(self, names: list[str], object_store_bytes: int = OBJECT_STORE_BYTES,
-                 persistent: bool = False):
+                 persistent: bool = False, hosts_per_node: int | None = None,
+                 on_node: Callable[[int, int], None] | None = None):
         from ray.cluster_utils import Cluster
 
         from nodes.host.actor import host_resource
+        self.groups = place.local_groups(names, hosts_per_node)
         common = {"num_cpus": 1, "object_store_memory": object_store_bytes}
+
+        def resources(group: list[str]) -> dict:
+            return {host_resource(n): 1 for n in group}
         self.cluster = Cluster(
             initialize_head=True, shutdown_at_exit=not persistent,
-            head_node_args={**common, "resources": {host_resource(names[0]): 1},
+            head_node_args={**common, "resources": resources(self.groups[0]),
                             "include_dashboard": False})
         try:
-            for name in names[1:]:
-                self.cluster.add_node(**common, resources={host_resource(name): 1})
+            for k, group in enumerate(self.groups[1:], start=1):
+                if on_node:
+                    on_node(k, len(self.groups))
+                self.cluster.add_node(**common, resources=resources(group))
             self.cluster.wait_for_nodes()
-        except Exception:
+        except BaseException:
             self.cluster.shutdown()
             raise
         self.address = self.cluster.address
@@ -170,163 +190,48 @@ def ray_init(address: str) -> None:
              log_to_driver=False, configure_logging=False)
 
 
-# -- the persistent cluster of `migbed up` ---------------------------------------------------
-def read_state() -> dict | None:
-    path = state_dir() / STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ClusterError(f"cannot read {path}: {exc}; remove it or run `migbed down`") from None
+def start_hosts(spec: ClusterSpec, *, detached: bool, deadline: float,
+                on_up: Callable[[int, int], None] | None = None) -> dict:
+    """Start every host's actor (on the node the placement picks: by resource on a local
+    cluster, by node id on an existing one) and wait, until `deadline` (time.monotonic),
+    for each to answer; `on_up(k, n)` after each. Returns {name: actor}."""
+    import ray
 
-
-def write_state(state: dict) -> None:
-    d = state_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(d / STATE_FILE)
-    except OSError as exc:
-        raise ClusterError(f"cannot write the cluster state in {d}: {exc}; set MIGBED_HOME "
-                           "to a writable folder") from None
-
-
-def clear_state() -> None:
-    (state_dir() / STATE_FILE).unlink(missing_ok=True)
-
-
-def up(spec: ClusterSpec, timeout_seconds: float = 120.0) -> dict:
-    """Start a persistent cluster in a launcher process of its own session; returns state."""
-    if read_state() is not None:
-        raise ClusterError("a migbed cluster is already running; `migbed down` stops it")
-    d = state_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ClusterError(f"cannot create {d}: {exc}; set MIGBED_HOME to a writable "
-                           "folder") from None
-    if spec.metrics_port is not None:       # fail here, before anything starts
-        from cluster import prometheus
-        prometheus.write_sd_file(d / "prometheus" / prometheus.SD_FILE_NAME, {})
-        if spec.prometheus_port is not None:
-            prometheus.preflight(spec.prometheus_port)
-    log = open(d / "launcher.log", "w")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.launcher", json.dumps(spec.to_dict())],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        rc = proc.wait(timeout_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise ClusterError(f"the cluster did not start within {timeout_seconds:g} s; see "
-                           f"{d / 'launcher.log'}") from None
-    state = read_state()
-    if rc != 0 or state is None:
-        tail = (d / "launcher.log").read_text().strip().splitlines()[-1:] or ["no output"]
-        _kill_group(proc.pid)
-        raise ClusterError(f"the cluster failed to start: {tail[0]}")
-    return state
-
-
-def _launch(spec_json: str) -> None:
-    """The launcher process: start Ray and the detached hosts, write the state, exit."""
     from nodes.host.actor import start_host_actor
-    spec = ClusterSpec.from_dict(json.loads(spec_json))
-    state = {"spec": spec.to_dict(), "hosts": spec.host_names, "pgid": None,
-             "started_wall": time.time()}
-    if spec.address is None:
-        local = LocalRay(spec.host_names, spec.object_store_bytes, persistent=True)
-        state["address"] = local.address
-        state["pgid"] = os.getpgid(0)
-    else:
-        state["address"] = spec.address
-    import ray
-    ray_init(state["address"])
-    node_ids = _placement(spec) if spec.address else [None] * spec.hosts
-    actors = [start_host_actor(c, detached=True, namespace=NAMESPACE, node_id=nid)
-              for c, nid in zip(spec.host_configs(), node_ids, strict=True)]
-    ray.get([a.ping.remote() for a in actors], timeout=120)
-    _start_metrics(spec, actors, state)
+    nodes = remote_placement(spec) if spec.address else {}
+    actors = {c.name: start_host_actor(c, detached=detached, namespace=NAMESPACE,
+                                       node_id=nodes[c.name].node_id if nodes else None)
+              for c in spec.host_configs()}
     try:
-        write_state(state)
-    except ClusterError:
-        if state.get("prometheus"):
-            _kill_group(state["prometheus"]["pid"])
+        _wait_answering(list(actors.values()), deadline, on_up)
+    except BaseException:
+        for a in actors.values():       # detached ones would outlive this process
+            ray.kill(a, no_restart=True)
         raise
+    return actors
 
 
-def _start_metrics(spec: ClusterSpec, actors: list, state: dict) -> None:
-    """Write Prometheus's discovery file of the hosts' /metrics; start Prometheus if asked."""
-    if spec.metrics_port is None:
-        return
+def _wait_answering(actors: list, deadline: float,
+                    on_up: Callable[[int, int], None] | None) -> None:
     import ray
+    pending = [a.ping.remote() for a in actors]
+    up_count = 0
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClusterError(f"{len(pending)} of {len(actors)} hosts did not answer in time")
+        ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
+        ray.get(ready)                  # a host that failed to start raises here
+        if ready:
+            up_count += len(ready)
+            if on_up:
+                on_up(up_count, len(actors))
 
-    from cluster import prometheus
-    found = ray.get([a.metrics_endpoint.remote() for a in actors], timeout=60)
-    endpoints = {n: e for n, e in zip(spec.host_names, found, strict=True) if e}
-    workdir = state_dir() / "prometheus"
-    state["sd_file"] = str(prometheus.write_sd_file(workdir / prometheus.SD_FILE_NAME,
-                                                    endpoints))
-    if spec.prometheus_port is not None:
-        state["prometheus"] = prometheus.start_supervised(workdir, endpoints,
-                                                          spec.prometheus_port)
 
-
-def _placement(spec: ClusterSpec) -> list[str]:
-    """Node ids for the hosts on an existing Ray cluster: round-robin over alive nodes."""
+def remote_placement(spec: ClusterSpec) -> dict[str, place.RayNode]:
+    """host -> alive node of the existing Ray cluster (`cluster.placement.spread`)."""
     import ray
-    nodes = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: n["NodeID"])
+    nodes = [place.RayNode.from_ray(n) for n in ray.nodes() if n["Alive"]]
     if not nodes:
         raise ClusterError(f"the Ray cluster at {spec.address} has no alive nodes")
-    return [nodes[i % len(nodes)]["NodeID"] for i in range(spec.hosts)]
-
-
-def down() -> bool:
-    """Stop the persistent cluster: hosts, then every Ray process it started. True if one ran."""
-    state = read_state()
-    if state is None:
-        return False
-    try:
-        import ray
-        ray_init(state["address"])
-        for name in state["hosts"]:
-            try:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-            except ValueError:
-                pass
-        ray.shutdown()
-    except Exception:  # noqa: BLE001 - the cluster may be half dead; the group kill follows
-        pass
-    if state.get("pgid"):
-        _kill_group(state["pgid"])
-    if state.get("prometheus"):
-        _kill_group(state["prometheus"]["pid"])
-    if state.get("sd_file"):
-        from cluster.prometheus import PrometheusError, write_sd_file
-        try:
-            write_sd_file(state["sd_file"], {})     # an outside Prometheus scrapes nothing now
-        except PrometheusError:
-            pass
-    clear_state()
-    return True
-
-
-def _kill_group(pgid: int) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-
-
-if __name__ == "__main__":
-    _launch(sys.argv[1])
+    return place.spread(spec.host_names, nodes, spec.hosts_per_node, spec.placement)

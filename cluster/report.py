@@ -83,6 +83,11 @@ class MigrationReport:
     # Keys of a saved report this version does not know (a newer one's), kept as they were
     # and written back by `to_dict`.
     extra: dict = field(default_factory=dict)
+    # The destination's clock minus the source's, measured over the data channel as NTP
+    # does (`nodes.migration.clock`), good to +- clock_rtt_seconds / 2; the downtimes above
+    # are taken with the destination's times brought onto the source's clock by it.
+    clock_offset_seconds: float | None = None
+    clock_rtt_seconds: float | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -131,7 +136,9 @@ class MigrationReport:
             guest_host=settled.guest_host, guest_lost=settled.guest_lost,
             faults=list(settled.faults), notes=list(settled.notes),
             guest_cost=source.guest_cost, convergence=_convergence(rounds, settings),
-            progress_history=list(source.progress_history))
+            progress_history=list(source.progress_history),
+            clock_offset_seconds=source.clock_offset_seconds,
+            clock_rtt_seconds=source.clock_rtt_seconds)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
             report.notes.append(f"{destination_host} says: {why}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from nodes.errors import ClusterError, MigbedError, MigrationStillRunning
 from nodes.faults.spec import HOST_KILLS, FaultKind
+from nodes.migration.clock import to_source_clock
 from nodes.migration.results import COMPLETED, DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import Phase
@@ -154,7 +155,11 @@ class FaultControl:
             timing = dest.source_timing or {}
             out.source = SourceResult(
                 status=COMPLETED, source_lost=True, mode_before=out.source.mode_before,
-                pause_wall=timing.get("pause_wall"), resume_wall=dest.resume_wall,
+                pause_wall=timing.get("pause_wall"),
+                resume_wall=to_source_clock(dest.resume_wall,
+                                            timing.get("clock_offset_seconds")),
+                clock_offset_seconds=timing.get("clock_offset_seconds"),
+                clock_rtt_seconds=timing.get("clock_rtt_seconds"),
                 destination_digest=dest.destination_digest)
             out.guest_host = dst.name
             out.notes.append(f"source host {src.name} died after the hand-over; the guest "
@@ -185,7 +190,8 @@ class FaultControl:
         if resumed_there:
             source.status, source.error = COMPLETED, None
             source.source_digest = extra["source_digest"]
-            source.resume_wall = dest.resume_wall
+            source.resume_wall = to_source_clock(dest.resume_wall,
+                                                 source.clock_offset_seconds)
             source.destination_digest = dest.destination_digest
             out.guest_host = dst.name
             out.notes.append(f"hand-over unanswered ({why}); {dst.name} had resumed the guest, "

@@ -6,11 +6,11 @@ the same hosts as plain objects in this process, without Ray, for fast tests. Th
 the same for all three: `create`, `destroy`, `list`, `migrate`, `host(name)`.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster import launcher
+from cluster import launcher, persistent
 from cluster.driver import run_migration
 from cluster.handles import LocalHost, RayHost
 from cluster.launcher import NAMESPACE, ClusterSpec, LocalRay
@@ -49,19 +49,22 @@ class Testbed:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def local(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
-        """A private local Ray cluster with one node per host; `close()` removes it all."""
-        import ray
+    def local(cls, spec: ClusterSpec | None = None,
+              on_progress: Callable[[int, int], None] | None = None, **kwargs) -> "Testbed":
+        """A private local Ray cluster, its hosts packed `spec.hosts_per_node` to a node (all
+        on one by default); `close()` removes it all. `on_progress(k, n)`: k of n hosts up."""
+        import time
 
-        from nodes.host.actor import start_host_actor
+        import ray
         spec = spec or ClusterSpec(**kwargs)
-        owner = LocalRay(spec.host_names, spec.object_store_bytes)
+        deadline = time.monotonic() + launcher.startup_timeout_seconds(spec.hosts)
+        owner = LocalRay(spec.host_names, spec.object_store_bytes,
+                         hosts_per_node=spec.hosts_per_node)
         try:
             launcher.ray_init(owner.address)
-            actors = {c.name: start_host_actor(c, detached=False, namespace=NAMESPACE)
-                      for c in spec.host_configs()}
-            ray.get([a.ping.remote() for a in actors.values()], timeout=120)
-        except Exception:
+            actors = launcher.start_hosts(spec, detached=False, deadline=deadline,
+                                          on_up=on_progress)
+        except BaseException:
             ray.shutdown()
             owner.shutdown()
             raise
@@ -74,7 +77,7 @@ class Testbed:
     def attach(cls) -> "Testbed":
         """The persistent cluster started by `migbed up`."""
         import ray
-        state = launcher.read_state()
+        state = persistent.read_state()
         if state is None:
             raise ClusterError("no migbed cluster is running; start one with `migbed up` "
                                "(e.g. `migbed up --hosts 3 --host-memory 1GiB`)")
@@ -148,11 +151,18 @@ class Testbed:
     def __getitem__(self, name: str):
         return self.host(name)
 
+    def _on_every_host(self, method: str) -> list:
+        """`method` called on every host at once (a rack of 32 answers in one round trip,
+        not 32 in a row), the answers in the hosts' order."""
+        from cluster.handles import DEFAULT_CALL_TIMEOUT_SECONDS
+        if not any(isinstance(h, RayHost) for h in self.hosts.values()):
+            return [h.call(method) for h in self.hosts.values()]   # in-process: no trip
+        pending = [h.call_async(method) for h in self.hosts.values()]
+        return [p.result(DEFAULT_CALL_TIMEOUT_SECONDS) for p in pending]
+
     def guests(self) -> list[dict]:
-        out = []
-        for h in self.hosts.values():
-            out += [g for g in h.call("list_guests") if not g["dom0"]]
-        return out
+        return [g for guests in self._on_every_host("list_guests") for g in guests
+                if not g["dom0"]]
 
     def where(self, guest: str) -> str:
         """The host a guest runs on."""
@@ -163,10 +173,8 @@ class Testbed:
 
     # -- what users do ---------------------------------------------------------------------
     def list(self) -> dict:
-        hosts, guests = [], []
-        for h in self.hosts.values():
-            hosts.append(h.call("describe"))
-            guests += h.call("list_guests")
+        hosts = self._on_every_host("describe")
+        guests = [g for guests in self._on_every_host("list_guests") for g in guests]
         return {"hosts": hosts, "guests": guests}
 
     def create(self, host: str, spec: GuestSpec | dict) -> dict:
@@ -205,9 +213,10 @@ class Testbed:
         h.kill()
         self.lost_hosts[host] = self.hosts.pop(host)
 
-    def evacuate(self, host: str, concurrency: int = 2,
+    def evacuate(self, host: "str | Sequence[str]", concurrency: int = 2,
                  settings: MigrationSettings | None = None):
-        """Move every guest off `host` to the others, by free memory, `concurrency` at a time
-        (see `cluster.evacuate`); returns an EvacuationReport."""
+        """Move every guest off `host` (or off each of a list of hosts, together) to the
+        others, by free memory, `concurrency` migrations at a time in all (see
+        `cluster.evacuate`); returns an EvacuationReport."""
         from cluster.evacuate import evacuate
         return evacuate(self, host, concurrency, settings or MigrationSettings())

@@ -57,6 +57,14 @@ PROMETHEUS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 # Label selectors with the dashboard's variables.
 H = 'host=~"$host"'
 HG = 'host=~"$host", guest=~"$guest"'
+# A panel with a line per host or per guest draws the TOP_K largest at each instant: a rack
+# of 32 hosts and 128 guests would be a wall of colour, and a legend taller than the panel.
+TOP_K = 8
+
+
+def top(expr: str) -> str:
+    """The TOP_K largest series of `expr` at each instant."""
+    return f"topk({TOP_K}, {expr})"
 
 
 class Panels:
@@ -176,11 +184,16 @@ def build_dashboard() -> Dashboard:
         .with_panel(single("Migrations failed or cancelled", "Since the hosts started.",
                            f'sum(migbed_migrations_finished_total{{{H}, status!="completed"}})'))
         .with_panel(ts(
-            "Host memory by frame state", "Machine frames free, used (dom0 and guests) and "
-            "reserved by the hypervisor, in bytes.", "bytes",
-            [query(f"sum by (host, state) (migbed_host_frames{{{H}}} * on (host) group_left () "
-                   f"migbed_host_page_size_bytes{{{H}}})", "{{host}} {{state}}")],
+            "Cluster memory by frame state", "Machine frames of all the hosts free, used (dom0 "
+            "and guests) and reserved by the hypervisor, in bytes.", "bytes",
+            [query(f"sum by (state) (migbed_host_frames{{{H}}} * on (host) group_left () "
+                   f"migbed_host_page_size_bytes{{{H}}})", "{{state}}")],
             stacked=True))
+        .with_panel(ts(
+            "Fullest hosts", f"Bytes used on the {TOP_K} hosts using the most (dom0 and "
+            "guests): where an evacuation must not send more.", "bytes",
+            [query(top(f'sum by (host) (migbed_host_frames{{{H}, state="used"}} * on (host) '
+                       f"group_left () migbed_host_page_size_bytes{{{H}}})"), "{{host}}")]))
         .with_panel(ts(
             "Guests by memory mode", "P==M, P2M and VP (shadow) guests; a migrating guest "
             "is VP on both ends.", "short",
@@ -201,34 +214,35 @@ def build_dashboard() -> Dashboard:
         .with_panel(ts(
             "Round of each running migration", "0 is the first full copy; the last round is "
             "the stop-and-copy.", "short",
-            [query(f"max by (guest) (migbed_migration_round{{{HG}}})", "{{guest}}")]))
+            [query(top(f"max by (guest) (migbed_migration_round{{{HG}}})"), "{{guest}}")]))
         .with_panel(ts(
             "Pages sent vs dirtied per round", "The last finished round of each running "
             "migration: a migration converges while it sends more than the guest dirties.",
             "short",
-            [query(f"max by (guest) (migbed_migration_last_round_pages_sent{{{HG}}})",
+            [query(top(f"max by (guest) (migbed_migration_last_round_pages_sent{{{HG}}})"),
                    "{{guest}} sent", "A"),
-             query(f"max by (guest) (migbed_migration_last_round_pages_dirtied{{{HG}}})",
+             query(top(f"max by (guest) (migbed_migration_last_round_pages_dirtied{{{HG}}})"),
                    "{{guest}} dirtied", "B")], bars=True))
         .with_panel(ts(
             "Link throughput against its limit", "Bytes on the wire per second, each running "
             "migration's last-round throughput, and the link's speed.", "Bps",
-            [query(f"sum by (host) (rate(migbed_migration_sent_bytes_total{{{H}}}"
-                   "[$__rate_interval]))", "{{host}} on the wire", "A"),
-             query(f"max by (guest) (migbed_migration_throughput_bytes_per_second{{{HG}}})",
+            [query(top(f"sum by (host) (rate(migbed_migration_sent_bytes_total{{{H}}}"
+                       "[$__rate_interval]))"), "{{host}} on the wire", "A"),
+             query(top(f"max by (guest) (migbed_migration_throughput_bytes_per_second{{{HG}}})"),
                    "{{guest}} last round", "B"),
-             query(f"max by (guest) (migbed_migration_link_limit_bytes_per_second{{{HG}}})",
-                   "{{guest}} link limit", "C")]))
+             query(top(f"max by (guest) (migbed_migration_link_limit_bytes_per_second"
+                       f"{{{HG}}})"), "{{guest}} link limit", "C")]))
         .with_panel(ts(
             "Expected downtime of running migrations", "What the downtime would be if the "
             "migration stopped now: bytes still to send over the measured throughput "
             "(QEMU's expected-downtime).", "s",
-            [query(f"max by (guest) (migbed_migration_expected_downtime_seconds{{{HG}}})",
+            [query(top(f"max by (guest) (migbed_migration_expected_downtime_seconds{{{HG}}})"),
                    "{{guest}}")]))
         .with_panel(ts(
             "Dirty pages in the last round", "Pages the guest dirtied during the last round, "
             "which the next round must send.", "short",
-            [query(f"max by (guest) (migbed_migration_dirty_pages{{{HG}}})", "{{guest}}")]))
+            [query(top(f"max by (guest) (migbed_migration_dirty_pages{{{HG}}})"),
+                   "{{guest}}")]))
         .with_panel(distribution(
             "Downtime distribution", "Completed migrations over the time range, by downtime "
             "bucket (pause on the source to resume on the destination).",
@@ -261,40 +275,41 @@ def build_dashboard() -> Dashboard:
         .with_panel(ts(
             "Pages sent and received per host", "Guest pages per second leaving sources "
             "and arriving at destinations.", "short",
-            [query(f"sum by (host) (rate(migbed_migration_sent_pages_total{{{H}}}"
-                   "[$__rate_interval]))", "{{host}} sent", "A"),
-             query(f"sum by (host) (rate(migbed_migration_received_pages_total{{{H}}}"
-                   "[$__rate_interval]))", "{{host}} received", "B")]))
+            [query(top(f"sum by (host) (rate(migbed_migration_sent_pages_total{{{H}}}"
+                       "[$__rate_interval]))"), "{{host}} sent", "A"),
+             query(top(f"sum by (host) (rate(migbed_migration_received_pages_total{{{H}}}"
+                       "[$__rate_interval]))"), "{{host}} received", "B")]))
 
         # -- guests -----------------------------------------------------------------------
         .with_row(p.row("Guests"))
         .with_panel(ts(
             "Dirty rate", "Page writes per second of each guest's vCPU (its dirty rate), "
             "wherever it runs.", "short",
-            [query(f"sum by (guest) (rate(migbed_guest_page_writes_total{{{HG}}}"
-                   "[$__rate_interval]))", "{{guest}}")]))
+            [query(top(f"sum by (guest) (rate(migbed_guest_page_writes_total{{{HG}}}"
+                       "[$__rate_interval]))"), "{{guest}}")]))
         .with_panel(ts(
             "Throttle beside the dirty rate", "What the convergence aids take of each "
             "migrating guest's vCPU: auto-converge's throttle (QEMU's cpu-throttle-percentage "
             "as a ratio) and dirty-limit's sleep per full dirty ring. The dirty rate on the "
             "left falls as they rise.", "percentunit",
-            [query(f"max by (guest) (migbed_migration_cpu_throttle_ratio{{{HG}}})",
+            [query(top(f"max by (guest) (migbed_migration_cpu_throttle_ratio{{{HG}}})"),
                    "{{guest}} cpu throttle", "A"),
-             query(f"max by (guest) (migbed_migration_dirty_limit_throttle_time_per_round_"
-                   f"seconds{{{HG}}})", "{{guest}} dirty-limit sleep per ring (s)", "B")]))
+             query(top(f"max by (guest) (migbed_migration_dirty_limit_throttle_time_per_"
+                       f"round_seconds{{{HG}}})"), "{{guest}} dirty-limit sleep per ring (s)",
+                   "B")]))
         .with_panel(with_queries(
             p._common(statetimeline.Panel(), "Memory mode over time", "P2M guests switch to "
                       "VP (shadow) with log-dirty while they migrate, and back after.", 12, 8)
             .mappings([modes]).show_value("auto"),
-            [query(mode_code, "{{guest}}")]))
+            [query(top(mode_code), "{{guest}}")]))
         .with_panel(ts(
             "Log-dirty pages", "Pages marked in each migrating guest's log-dirty bitmap "
             "since the last CLEAN.", "short",
-            [query(f"max by (guest) (migbed_guest_dirty_pages{{{HG}}})", "{{guest}}")]))
+            [query(top(f"max by (guest) (migbed_guest_dirty_pages{{{HG}}})"), "{{guest}}")]))
         .with_panel(ts(
             "Migration progress: bytes still to send", "Each running migration's remaining "
             "bytes: they fall each round while the migration converges.", "bytes",
-            [query(f"max by (guest) (migbed_migration_remaining_bytes{{{HG}}})",
+            [query(top(f"max by (guest) (migbed_migration_remaining_bytes{{{HG}}})"),
                    "{{guest}}")]))
     )
     return d

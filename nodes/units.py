@@ -125,6 +125,20 @@ def parse_count(value: str | int, what: str, minimum: int = 0,
     return n
 
 
+def parse_port_range(value: str, what: str) -> tuple[int, int]:
+    """An inclusive range of TCP ports, `LOW-HIGH` (or one port), each 1..65535."""
+    low, sep, high = str(value).partition("-")
+    try:
+        lo = parse_count(low.strip(), what, 1, 65535)
+        hi = parse_count(high.strip(), what, 1, 65535) if sep else lo
+    except ConfigError:
+        raise ConfigError(f"{what} must be ports LOW-HIGH within 1-65535, e.g. 47000-47999, "
+                          f"got {value!r}") from None
+    if hi < lo:
+        raise ConfigError(f"{what} must be LOW-HIGH with LOW <= HIGH, got {value!r}")
+    return lo, hi
+
+
 def parse_fraction(value: str | int | float, what: str) -> float:
     """A share from 0 to 1 (a hot set's size, the writes that hit it)."""
     if isinstance(value, bool):

@@ -1,5 +1,6 @@
 """The promises every migration test checks, written once."""
 
+import os
 import time
 
 
@@ -18,3 +19,23 @@ def wait_progress(host, guest: str, timeout: float = 10.0) -> None:
     while host.call("guest_status", guest)["pages_written_total"] <= start:
         assert time.monotonic() < deadline, f"{guest} made no progress on {host.name}"
         time.sleep(0.01)
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment holds name=value (every process a migbed start-up
+    began inherits its MIGBED_HOME): what a start-up or `down` must leave none of."""
+    want = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if want in env and stat[stat.rindex(")") + 2] != "Z":
+            found.append(int(entry))
+    return found

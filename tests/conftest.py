@@ -1,6 +1,7 @@
 """Shared fixtures: one real local Ray cluster per test session, and in-process testbeds.
 
-Ray tests share `ray_testbed` (3 x86 hosts, 256 MiB each); each test creates and destroys
+Ray tests share `ray_testbed` (3 x86 hosts, 256 MiB each, host-0 and host-1 on one Ray node
+and host-2 on another, so both cases are tested); each test creates and destroys
 its own guests, with names unique to the test, and must leave every host's frames as it
 found them. Tests of the pure model use `in_process` testbeds (real hosts, real TCP
 streams between them, no Ray) because they start in milliseconds.
@@ -21,7 +22,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="session")
 def ray_testbed():
-    tb = Testbed.local(ClusterSpec(hosts=3, host_memory_bytes=256 * MiB))
+    tb = Testbed.local(ClusterSpec(hosts=3, host_memory_bytes=256 * MiB, hosts_per_node=2))
     try:
         yield tb
     finally:

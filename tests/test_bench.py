@@ -29,7 +29,8 @@ def test_bench_quick_runs_every_section_on_ray(ray_testbed):
                  "memcpy_throughput_bytes_per_second", "ray_object_throughput_bytes_per_second",
                  "downtime_idle_seconds", "downtime_50_page_final_round_seconds",
                  "dirty_rate_vp_logdirty_uniform_pages_per_second", "startup_2_hosts_seconds",
-                 "startup_2_hosts_rss_bytes_per_host", "scale_concurrent_total_seconds"):
+                 "startup_2_hosts_rss_bytes_per_host", "scale_evacuate_2_hosts_concurrent_total_seconds",
+                 "scale_evacuate_1_hosts_sequential_downtime_seconds"):
         fig = figures[name]
         assert fig["min"] <= fig["median"] <= fig["max"], name
     assert data["ratios"]["migration / raw data path"] is not None

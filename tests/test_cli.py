@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from checks import processes_with_env
 
 MIGBED = [sys.executable, "-m", "cluster.cli"]
 
@@ -104,6 +105,9 @@ def test_persistent_cluster_session(tmp_path):
         for h in data["hosts"]:
             f = h["frames"]
             assert f["free"] + f["used"] + f["reserved"] == f["total"]
+        # one Ray node holds the three hosts, each a process of its own
+        assert len({h["ray_node"]["node_id"] for h in data["hosts"]}) == 1
+        assert len({h["ray_node"]["pid"] for h in data["hosts"]}) == 3
         bad = [
             (["create", "host-0", "vm1", "--memory", "16MiB"], "already exists"),
             (["create", "host-0", "huge", "--memory", "10GiB"], "free"),
@@ -132,8 +136,8 @@ def test_persistent_cluster_session(tmp_path):
         down = run("down", home=home, check_rc=None)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert not (home / "cluster.json").exists()
-    with pytest.raises(ProcessLookupError):
-        os.killpg(state["pgid"], 0)   # no Ray process of that cluster is left
+    assert not processes_with_env("MIGBED_HOME", str(home)), "a Ray process is left"
+    assert state["sid"]
     assert "no migbed cluster" in run("down", home=home).stdout
 
 

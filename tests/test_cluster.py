@@ -21,11 +21,14 @@ MiB = 1024 * 1024
 
 
 
-def test_hosts_are_on_their_own_nodes(ray_testbed):
+def test_hosts_are_packed_two_to_a_node_each_its_own_process(ray_testbed):
     names = list(ray_testbed.hosts)
     assert names == ["host-0", "host-1", "host-2"]
     nodes = {n: ray_testbed.host(n).call("node_id") for n in names}
-    assert len(set(nodes.values())) == 3
+    assert nodes["host-0"] == nodes["host-1"] != nodes["host-2"]
+    described = {h["name"]: h["ray_node"] for h in ray_testbed.list()["hosts"]}
+    assert {n: d["node_id"] for n, d in described.items()} == nodes
+    assert len({d["pid"] for d in described.values()}) == 3
 
 
 @pytest.mark.parametrize("mode", ["p2m", "vp", "p==m"])

@@ -13,10 +13,13 @@ Sections (each figure is the median of repeats, with min and max), one module ea
 - dirtying: page writes per second one vCPU sustains per pattern in P2M mode and in VP mode
   with log-dirty on (CLEANed every round interval, as during a migration).
 - stages: the pipeline's stages one at a time on one 4 MiB record, to show which is slowest.
-- startup: seconds to bring up N hosts on a fresh local Ray cluster (in a child process, so
-  it never touches the caller's Ray session) and the resident memory of its Ray processes.
-- scale: one host's guests evacuated to the others concurrently (from threads; `migrate`
-  blocks) against the same migrations one at a time.
+- startup: seconds to bring up 2 / 8 / 32 hosts on a fresh local Ray cluster with their
+  guests, listed and torn down (in a child process, so it never touches the caller's Ray
+  session), the default packing beside one Ray node per host; the resident memory of every
+  process the cluster started per host, guest frames excluded; workers Ray's memory monitor
+  killed.
+- scale: one host and then a rack of four evacuated with every migration at once against one
+  at a time (total time, per-migration downtime), on an 8-host cluster of its own.
 
 `--quick` shrinks everything so the test suite can prove the code runs; its numbers mean
 nothing.

@@ -121,6 +121,18 @@ def raw_path_seconds(source: Any, destination: Any, nbytes: int, memory_bytes: i
     return on_host(source, _raw_push, ticket, nbytes, timeout, memory_bytes)()
 
 
+def cross_node_pair(tb: Any) -> tuple[Any, Any]:
+    """Two hosts on two different Ray nodes: within one node `ray.get` maps the object from
+    shared memory, which is not the data plane between machines being compared."""
+    nodes = {name: h.call("describe")["ray_node"]["node_id"] for name, h in tb.hosts.items()}
+    names = list(nodes)
+    for other in names[1:]:
+        if nodes[other] != nodes[names[0]]:
+            return tb.host(names[0]), tb.host(other)
+    raise RuntimeError("the Ray-object baseline needs two hosts on two Ray nodes; every host "
+                       "is on one (give --hosts-per-node below --hosts)")
+
+
 def ray_objects_seconds(source: Any, destination: Any, nbytes: int) -> tuple[int, float]:
     """(bytes moved, seconds) for `nbytes` of 4 MiB objects put on one node and fetched by
     the other, a window of them at a time."""

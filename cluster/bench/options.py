@@ -17,11 +17,17 @@ class BenchOptions:
     downtime_guest_memory_bytes: int = 64 * MiB
     dirty_guest_memory_bytes: int = 64 * MiB
     dirty_seconds: float = 1.0
-    startup_hosts: tuple[int, ...] = (2, 4, 8)
+    startup_hosts: tuple[int, ...] = (2, 8, 32)
+    startup_one_node_per_host_hosts: tuple[int, ...] = (8,)   # the layout before, beside
+    startup_guests_per_host: int = 4
     startup_repeats: int = 3
-    scale_guests: int = 8
-    scale_guest_memory_bytes: int = 32 * MiB
+    scale_hosts: int = 8
+    scale_host_memory_bytes: int = 256 * MiB
+    scale_racks: tuple[int, ...] = (1, 4)       # hosts evacuated at once
+    scale_guests_per_host: int = 4
+    scale_guest_memory_bytes: int = 16 * MiB
     scale_dirty_rate_pages_per_second: float = 2000.0
+    hosts_per_node: int | None = None   # None: the bench's layouts (see runner, startup)
     hosts: int = 3
     host_memory_bytes: int = 640 * MiB
     sections: tuple[str, ...] = SECTIONS
@@ -38,17 +44,28 @@ class BenchOptions:
             raise ConfigError("repeats must be >= 1")
         if self.hosts < 2:
             raise ConfigError("the bench needs at least 2 hosts")
-        if any(n < 1 for n in self.startup_hosts):
+        if any(n < 1 for n in self.startup_hosts + self.startup_one_node_per_host_hosts):
             raise ConfigError("start-up host counts must be >= 1")
+        if any(not 1 <= r < self.scale_hosts for r in self.scale_racks):
+            raise ConfigError(f"scale racks must be 1..{self.scale_hosts - 1} hosts (of "
+                              f"{self.scale_hosts}), got {self.scale_racks}")
 
     @classmethod
     def quick_options(cls, **overrides) -> "BenchOptions":
         """Tiny sizes: proves every section runs, measures nothing worth reading."""
         tiny = dict(repeats=1, guest_memory_bytes=8 * MiB, downtime_guest_memory_bytes=4 * MiB,
                     dirty_guest_memory_bytes=4 * MiB, dirty_seconds=0.05, startup_hosts=(2,),
-                    startup_repeats=1, scale_guests=2, scale_guest_memory_bytes=4 * MiB,
+                    startup_one_node_per_host_hosts=(), startup_guests_per_host=1,
+                    startup_repeats=1, scale_hosts=3, scale_host_memory_bytes=64 * MiB,
+                    scale_racks=(1, 2), scale_guests_per_host=2,
+                    scale_guest_memory_bytes=4 * MiB,
                     host_memory_bytes=128 * MiB, quick=True)
         return cls(**{**tiny, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchOptions":
+        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+        return cls(**{**d, **tuples})

@@ -54,12 +54,13 @@ def bench_throughput(tb: "Testbed", opts: BenchOptions, res: Results, say: Calla
     finally:
         tb.destroy(name)
     baselines.memcpy(size, opts.repeats, res)
-    source, destination = tb.host(a), tb.host(b)
-    if hasattr(source, "actor"):          # Ray's object store exists only on a Ray cluster
+    if hasattr(tb.host(a), "actor"):      # Ray's object store exists only on a Ray cluster
+        source, destination = baselines.cross_node_pair(tb)
         for i in range(opts.repeats):
             moved, seconds = baselines.ray_objects_seconds(source, destination, wire_bytes)
             res.add("ray_object_throughput_bytes_per_second", "bytes_per_second",
-                    moved / seconds, "4 MiB objects: ray.put on one node, ray.get on the other")
+                    moved / seconds, f"4 MiB objects: ray.put on {source.name}'s node, "
+                    f"ray.get on {destination.name}'s, another node")
             say(f"  ray objects {i + 1}/{opts.repeats}: {mib_per_second(moved / seconds)}")
     _ratios(res)
     _paired_ratios(res)

@@ -8,6 +8,7 @@ from cluster.cli.options import (
     EXIT_MIGRATION_FAILED,
     Commands,
     add_cluster_options,
+    add_hosts_per_node_option,
     add_migration_options,
     add_output_option,
     add_prometheus_options,
@@ -43,6 +44,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides["repeats"] = args.repeats
     if args.guest_memory is not None:
         overrides["guest_memory_bytes"] = args.guest_memory
+    if args.hosts_per_node is not None:
+        overrides["hosts_per_node"] = args.hosts_per_node
     opts = (BenchOptions.quick_options(**overrides) if args.quick
             else BenchOptions(**overrides))
     res = run_bench(opts)
@@ -117,7 +120,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
     if not args.prometheus:
-        return run_demo(quick=args.quick)
+        return run_demo(quick=args.quick, hosts_per_node=args.hosts_per_node)
     import tempfile
 
     from cluster.prometheus import LocalTargets, Prometheus
@@ -127,13 +130,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             observing(LocalTargets(prom.sd_file)):
         print(f"Prometheus: {prom.url} scrapes the demo's hosts each second while it runs",
               flush=True)
-        return run_demo(quick=args.quick)
+        return run_demo(quick=args.quick, hosts_per_node=args.hosts_per_node)
 
 
 def register(sub: Commands) -> None:
     s = sub.add_parser("demo", help="the main job: a 3-host cluster, guests, migrations, "
                        "and the seed's three architectures side by side")
     s.add_argument("--quick", action="store_true", help="smaller guests, fewer migrations")
+    add_hosts_per_node_option(s)
     add_prometheus_options(s, metrics_host=False)
     s.set_defaults(func=cmd_demo)
     _register_bench(sub)
@@ -156,6 +160,7 @@ def _register_bench(sub: Commands) -> None:
     s.add_argument("--in-process", action="store_true",
                    help="hosts in this process instead of a local Ray cluster")
     add_superpages_option(s)
+    add_hosts_per_node_option(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.add_argument("--output", "--save", dest="output", default=None, metavar="FILE",
                    help="also write the figures as JSON, with the machine's description and "

@@ -34,7 +34,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
 def cmd_evacuate(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
     tb = Testbed.attach()
-    report = tb.evacuate(args.host, args.concurrency, settings_from(args))
+    report = tb.evacuate(args.hosts, args.concurrency, settings_from(args))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.ok else EXIT_MIGRATION_FAILED
 
@@ -48,10 +48,11 @@ def register(sub: Commands) -> None:
     k.add_argument("host")
     s.set_defaults(func=cmd_fault)
 
-    s = sub.add_parser("evacuate", help="move every guest off a host to the others, by free "
-                       "memory, several at a time, each verified")
-    s.add_argument("host")
+    s = sub.add_parser("evacuate", help="move every guest off one host or several (a rack) to "
+                       "the others, by free memory, several at a time, each verified")
+    s.add_argument("hosts", nargs="+", metavar="HOST")
     s.add_argument("--concurrency", type=arg(parse_count, "--concurrency", 1, MAX_CONCURRENCY),
-                   default=2, help="migrations at a time (default 2); they share the host's link")
+                   default=2, help="migrations at a time in all (default 2); those leaving "
+                   "one host share its link")
     add_migration_options(s)
     s.set_defaults(func=cmd_evacuate)

@@ -4,25 +4,43 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
+from typing import IO
 
 from cluster.cli.options import (
     Commands,
     add_cluster_options,
     add_prometheus_options,
+    arg,
     cluster_spec_from,
 )
+from nodes.units import parse_port_range
+
+
+def _progress_printer(out: IO[str]):
+    """One line on stderr each time the start-up gets further: Ray, then hosts up so far."""
+    def show(p: dict) -> None:
+        if p.get("stage") == "hosts":
+            print(f"  hosts up: {p['hosts_up']}/{p['hosts']}", file=out, flush=True)
+        else:
+            print(f"  starting {p.get('stage')}...", file=out, flush=True)
+    return show
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster import launcher
+    from cluster import persistent
     spec = cluster_spec_from(args, args.address or os.environ.get("RAY_ADDRESS") or None)
     if args.prometheus:
         spec = dataclasses.replace(spec, prometheus_port=args.prometheus_port)
     t0 = time.monotonic()
-    state = launcher.up(spec)
+    state = persistent.up(spec, on_progress=_progress_printer(sys.stderr))
+    seconds = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({**state, "startup_seconds": seconds}, indent=2))
+        return 0
     print(f"migbed cluster up: {len(state['hosts'])} hosts ({', '.join(state['hosts'])}) on Ray "
-          f"at {state['address']} in {time.monotonic() - t0:.1f} s")
+          f"at {state['address']} in {seconds:.1f} s")
     if state.get("prometheus"):
         print(f"Prometheus: {state['prometheus']['url']} (every host scraped each second; "
               f"targets in {state['sd_file']}); Grafana: import dashboards/migbed.json")
@@ -34,8 +52,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from cluster import launcher
-    print("migbed cluster stopped" if launcher.down() else "no migbed cluster was running")
+    from cluster import persistent
+    stopped = persistent.down()
+    if args.json:
+        print(json.dumps({"stopped": stopped}))
+    else:
+        print("migbed cluster stopped" if stopped else "no migbed cluster was running")
     return 0
 
 
@@ -55,11 +77,22 @@ def register(sub: Commands) -> None:
     add_cluster_options(s, memory="1GiB")
     s.add_argument("--address", default=None,
                    help="an existing Ray cluster to place hosts on (default: $RAY_ADDRESS, "
-                        "else a new local cluster)")
+                        "else a new local cluster); each host's data plane listens on its "
+                        "node's IP")
+    s.add_argument("--placement", default=None, metavar="HOST=NODE,...",
+                   help="with --address: pin hosts to nodes, e.g. host-0=NODE_ID,host-1=IP "
+                        "(a node id, 6+ characters of one, or a node's IP; `ray list nodes` "
+                        "shows them); the other hosts go round robin")
+    s.add_argument("--data-ports", type=arg(parse_port_range, "--data-ports"), default=None,
+                   metavar="LOW-HIGH",
+                   help="ports the hosts' migration listeners take, e.g. 47000-47999: the "
+                        "range to open between machines (default: any free port)")
     add_prometheus_options(s)
+    s.add_argument("--json", action="store_true", help="print the cluster's state as JSON")
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("down", help="stop the cluster; leaves no Ray process behind")
+    s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_down)
 
     s = sub.add_parser("list", help="hosts with their frames, and every guest")

@@ -99,6 +99,16 @@ def add_cluster_options(p: argparse.ArgumentParser, hosts: int = 3,
     p.add_argument("--dom0-memory", type=arg(parse_positive_size, "--dom0-memory"), default=None,
                    help="dom0 memory per host (default 1/32 of the host, at least 1MiB)")
     add_superpages_option(p)
+    add_hosts_per_node_option(p)
+
+
+def add_hosts_per_node_option(p: argparse.ArgumentParser) -> None:
+    from cluster.launcher import MAX_HOSTS
+    p.add_argument("--hosts-per-node", type=arg(parse_count, "--hosts-per-node", 1, MAX_HOSTS),
+                   default=None, metavar="N",
+                   help="emulated hosts per Ray node, each still a process of its own "
+                        "(default: a local cluster puts all on one node, the least memory "
+                        "and start-up; an existing cluster spreads them round robin)")
 
 
 def add_superpages_option(p: argparse.ArgumentParser) -> None:
@@ -248,6 +258,7 @@ def settings_from(args: argparse.Namespace) -> "MigrationSettings":
 def cluster_spec_from(args: argparse.Namespace,
                       address: str | None = None) -> "ClusterSpec":
     from cluster.launcher import ClusterSpec, host_names, parse_profiles
+    from cluster.placement import parse_placement
     default, per = parse_profiles(args.profile, host_names(args.hosts))
     return ClusterSpec(hosts=args.hosts, host_memory_bytes=args.host_memory,
                        page_size=args.page_size, reserved_bytes=args.hypervisor_reserve,
@@ -255,7 +266,11 @@ def cluster_spec_from(args: argparse.Namespace,
                        default_profile=default, address=address,
                        bind_address="node" if address else "127.0.0.1",
                        metrics_address=getattr(args, "metrics_host", "127.0.0.1"),
-                       superpages=not args.no_superpages)
+                       superpages=not args.no_superpages,
+                       hosts_per_node=getattr(args, "hosts_per_node", None),
+                       placement=parse_placement(getattr(args, "placement", None),
+                                                 host_names(args.hosts)),
+                       data_ports=getattr(args, "data_ports", None))
 
 
 def check_guests_fit(cluster: "ClusterSpec", guest_bytes: int, count: int = 1) -> None:

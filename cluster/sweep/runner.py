@@ -63,7 +63,8 @@ def _start_testbed(scenario: Scenario, in_process: bool,
                    progress_out: IO[str] | None) -> "Testbed":
     from cluster.launcher import ClusterSpec
     from cluster.testbed import Testbed
-    spec = ClusterSpec(hosts=scenario.hosts, host_memory_bytes=scenario.host_memory_bytes)
+    spec = ClusterSpec(hosts=scenario.hosts, host_memory_bytes=scenario.host_memory_bytes,
+                       hosts_per_node=scenario.hosts_per_node)
     where = "in-process hosts" if in_process else "a local Ray cluster"
     make_console(progress_out or sys.stderr).print(
         f"sweep {scenario.name}: starting {where} ({scenario.hosts} hosts of "

@@ -8,7 +8,7 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
     repeats = 2
     seed = 1                      # workload seed of repeat r is seed + r
     faults = ["stall-link@round1:2s"]   # optional, injected into every run
-    [cluster]   hosts = 2, host_memory = "512MiB"
+    [cluster]   hosts = 2, host_memory = "512MiB", hosts_per_node = 1 (default: all on one)
     [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms"
     [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share, ...
     [migration] policy, bandwidth ("128MiB" per second or "unlimited"), rate_limit, latency,
@@ -176,6 +176,7 @@ class Scenario:
     seed: int = 0
     hosts: int = 2
     host_memory_bytes: int = 512 * MiB
+    hosts_per_node: int | None = None       # None: all on one Ray node (`cluster.placement`)
     guest_memory_bytes: int = 64 * MiB
     mode: str = "p2m"
     warmup_seconds: float = 0.3
@@ -195,6 +196,9 @@ class Scenario:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.hosts < 2:
             raise ConfigError(f"a sweep needs at least 2 hosts, got {self.hosts}")
+        if self.hosts_per_node is not None and self.hosts_per_node < 1:
+            raise ConfigError(f"[cluster] hosts_per_node must be >= 1, got "
+                              f"{self.hosts_per_node}")
         if self.warmup_seconds < 0:
             raise ConfigError("warmup must be >= 0")
         self._check_axes()
@@ -268,7 +272,9 @@ class Scenario:
         wl, mig = self.workload, self.migration
         d: dict = {"name": self.name, "description": self.description,
                    "repeats": self.repeats, "seed": self.seed,
-                   "cluster": {"hosts": self.hosts, "host_memory": self.host_memory_bytes},
+                   "cluster": {"hosts": self.hosts, "host_memory": self.host_memory_bytes,
+                               **({"hosts_per_node": self.hosts_per_node}
+                                  if self.hosts_per_node is not None else {})},
                    "guest": {"memory": self.guest_memory_bytes, "mode": self.mode,
                              "warmup": self.warmup_seconds}}
         d["workload"] = {k: getattr(wl, KNOBS[k].field) for k in _SECTION_KEYS["workload"]}
@@ -351,10 +357,12 @@ def _build(d: dict) -> Scenario:
 
 
 def _cluster(cl: dict) -> dict:
-    _no_unknown(cl, {"hosts", "host_memory"}, "[cluster]")
+    _no_unknown(cl, {"hosts", "host_memory", "hosts_per_node"}, "[cluster]")
     kw: dict = {}
     if "hosts" in cl:
         kw["hosts"] = parse_count(cl["hosts"], "[cluster] hosts")
+    if "hosts_per_node" in cl:
+        kw["hosts_per_node"] = parse_count(cl["hosts_per_node"], "[cluster] hosts_per_node", 1)
     if "host_memory" in cl:
         kw["host_memory_bytes"] = parse_positive_size(cl["host_memory"], "[cluster] host_memory")
     return kw

@@ -1,4 +1,6 @@
-"""The Host as a Ray actor: one per Ray node, pinned there by a custom resource.
+"""The Host as a Ray actor: a process of its own, pinned to its Ray node by a custom
+resource (a local cluster, where several hosts share a node) or by node id (an existing
+cluster, `cluster.placement`).
 
 This is the only place in `nodes` that imports Ray. The actor is threaded, so control calls
 (list, progress, cancel, metrics) are served while a migration runs on another thread of the
@@ -35,8 +37,15 @@ class Host(HostService):
         os._exit(1)
 
     def node_id(self) -> str:
-        """The Ray node this host runs on (one host per node in a local cluster)."""
+        """The Ray node this host runs on (several hosts may share one)."""
         return ray.get_runtime_context().get_node_id()
+
+    def describe(self) -> dict:
+        """The host, with the Ray node it runs on and its process (`migbed list`)."""
+        d = super().describe()
+        d["ray_node"] = {"node_id": self.node_id(), "ip": ray.util.get_node_ip_address(),
+                         "pid": os.getpid()}
+        return d
 
 
 HostActor = ray.remote(Host)

@@ -20,6 +20,7 @@ from nodes.host.overview import RecentMigrations, snapshot
 from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
+from nodes.migration.clock import to_source_clock
 from nodes.migration.destination import Receiver, validate_info
 from nodes.migration.fixeddowntime import handover_fixed_seconds
 from nodes.migration.handover import resolve_handover
@@ -237,7 +238,7 @@ class HostService:
             if mid in self.incoming:
                 raise MigrationError(f"migration {mid} is already expected here")
             recv = Receiver(self.hv, info, settings, self.config.address, self,
-                            self.fault_stats)
+                            self.fault_stats, self.config.data_ports)
             self.incoming[mid] = recv
             self.metrics.incoming_started(mid, recv)
             return recv.ticket.to_dict()
@@ -261,7 +262,8 @@ class HostService:
 
     def _guest_gap(self, recv: Receiver, result: DestinationResult) -> float | None:
         """The guest's own gap across the hand-over: its last progress on the source to its
-        first here (waiting, bounded, for a resumed guest's first sign of life)."""
+        first here (waiting, bounded, for a resumed guest's first sign of life), on the
+        source's clock."""
         vcpu = self.vcpus.get(recv.name)
         last = result.last_progress_wall
         if not recv.resume_wall or vcpu is None or last is None:
@@ -271,7 +273,10 @@ class HostService:
         while first is None and time.monotonic() < deadline:
             time.sleep(0.002)
             first = vcpu.first_progress_after(recv.resume_wall)
-        return None if first is None else first - last
+        if first is None:
+            return None
+        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
+        return to_source_clock(first, offset) - last
 
     # -- migration: source side ------------------------------------------------------------------
     def check_migratable(self, name: str) -> dict:

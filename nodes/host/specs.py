@@ -33,6 +33,15 @@ class HostConfig:
     superpages: bool = True          # guests' frames in 2 MiB extents (False: 4 KiB scatter)
     metrics_port: int | None = None  # where /metrics is served (0: a free port; None: not)
     metrics_address: str = "127.0.0.1"
+    data_ports: tuple[int, int] | None = None   # listen for migrations in this range (None: any)
+
+    def __post_init__(self) -> None:
+        if self.data_ports is not None:
+            low, high = self.data_ports
+            if not 1 <= low <= high <= 65535:
+                raise ConfigError(f"data ports must be LOW-HIGH within 1-65535, got "
+                                  f"{low}-{high}")
+            object.__setattr__(self, "data_ports", (int(low), int(high)))
 
     def to_dict(self) -> dict:
         return asdict(self)

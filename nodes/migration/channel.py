@@ -7,6 +7,7 @@ token. The first bytes the source sends are the token; a connection that does no
 is closed before a single byte reaches guest memory.
 """
 
+import errno
 import hmac
 import secrets
 import socket
@@ -33,11 +34,30 @@ class Ticket:
         return cls(**d)
 
 
+def _listen(address: str, ports: tuple[int, int] | None) -> socket.socket:
+    """A server socket on `address`: on a free port (None), or on the first free one of the
+    inclusive range `ports` (what a firewall between machines lets through), from a random
+    start so concurrent migrations rarely race for one."""
+    if ports is None:
+        return socket.create_server((address, 0))
+    low, high = ports
+    span = high - low + 1
+    start = secrets.randbelow(span)
+    for i in range(span):
+        try:
+            return socket.create_server((address, low + (start + i) % span))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"every data port of {low}-{high} is in use")
+
+
 class Listener:
     """A listening socket for one incoming migration."""
 
-    def __init__(self, address: str, migration_id: str):
-        self.sock = socket.create_server((address, 0))
+    def __init__(self, address: str, migration_id: str,
+                 ports: tuple[int, int] | None = None):
+        self.sock = _listen(address, ports)
         self.token = secrets.token_bytes(TOKEN_BYTES)
         host, port = self.sock.getsockname()[:2]
         self.ticket = Ticket(migration_id, host, port, self.token.hex())

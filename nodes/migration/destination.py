@@ -24,7 +24,7 @@ from nodes.errors import (
 )
 from nodes.faults.destination import DestinationFaults
 from nodes.faults.stats import FaultStats
-from nodes.migration import records
+from nodes.migration import clock, records
 from nodes.migration.channel import Listener
 from nodes.migration.handover import destination_handover
 from nodes.migration.landing import Landing
@@ -81,7 +81,8 @@ class Receiver:
     """The restore side of one migration: reserves frames up front, then receives on a thread."""
 
     def __init__(self, hv: Hypervisor, info: dict, settings: MigrationSettings, address: str,
-                 runtime: GuestRuntime, fault_stats: FaultStats | None = None):
+                 runtime: GuestRuntime, fault_stats: FaultStats | None = None,
+                 data_ports: tuple[int, int] | None = None):
         self.hv = hv
         self.settings = settings
         self.info = info
@@ -94,7 +95,7 @@ class Receiver:
         self.dom.migrating = True
         populate_frames(hv.memory, self.dom.p2m)
         try:
-            self.listener = Listener(address, info["migration_id"])
+            self.listener = Listener(address, info["migration_id"], data_ports)
         except OSError as exc:
             hv.destroy_domain(self.name, force=True)
             raise MigrationError(f"cannot listen on {address}: {exc}") from None
@@ -170,8 +171,11 @@ class Receiver:
         """Every record up to END; pages land as they come."""
         while True:
             rec = reader.expect(RT.PAGE_DATA, RT.VCPU_CONTEXT, RT.SOURCE_TIMING,
-                                RT.ROUND_STATS, RT.SYNC, RT.END)
-            if rec.type == RT.PAGE_DATA:
+                                RT.ROUND_STATS, RT.SYNC, RT.CLOCK_PROBE, RT.END)
+            if rec.type == RT.CLOCK_PROBE:      # stamped now, answered at once
+                received = time.time()
+                self.reply(RT.CLOCK_REPLY, clock.answer(rec.fields, received, time.time()))
+            elif rec.type == RT.PAGE_DATA:
                 pd = rec.fields["page_data"]
                 if pd.pages is not None:          # decoded whole: not laid out for the sink
                     self.landing.land(pd)

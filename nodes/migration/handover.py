@@ -9,7 +9,9 @@
                                              pages as they landed, taken after the resume)
     destroy its copy (after verify)
 
-The downtime (pause to resume) holds only what must happen with the guest stopped: the vCPU
+The destination's resume time is brought onto the source's clock (the offset measured at
+setup, `nodes.migration.clock`) before the downtime is taken from it. The downtime (pause
+to resume) holds only what must happen with the guest stopped: the vCPU
 is made while PERMISSION_TO_GO is on its way, the digest is taken once the guest runs.
 
 Before PERMISSION_TO_GO the guest is the source's: any failure resumes it there. After it,
@@ -21,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import MigbedError, MigrationError
+from nodes.migration.clock import to_source_clock
 from nodes.migration.records import RecordType as RT
 from nodes.migration.runtime import GuestRuntime
 from nodes.phase import Phase
@@ -61,7 +64,8 @@ class SourceHandover:
         if not result.fields["ok"]:
             ctx.handed_over = False
             raise MigrationError(f"destination failed to resume: {result.fields['error']}")
-        ctx.result.resume_wall = result.fields["resume_wall"]
+        ctx.result.resume_wall = to_source_clock(result.fields["resume_wall"],
+                                                 ctx.result.clock_offset_seconds)
         ctx.result.destination_digest = result.fields["digest"]
         ctx.result.downtime_source_seconds = time.monotonic() - ctx.pause_mono
         ctx.resumed()

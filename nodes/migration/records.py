@@ -11,8 +11,10 @@ Record types keep Xen's numbers where they exist (END 0, PAGE_DATA 1, STATIC_DAT
 0x10). Bit 31 marks a record optional: a receiver that does not know it skips
 it; an unknown mandatory record fails the restore. The same framing carries the hand-over
 handshake back from the receiver (READY, PERMISSION_TO_GO, RESULT, ABORT), as libxl's
-migration protocol does beside the stream, and the SYNC the source sends before it pauses the
-guest, which the destination acknowledges (SYNC_ACK) once it has landed every page before it.
+migration protocol does beside the stream, the SYNC the source sends before it pauses the
+guest, which the destination acknowledges (SYNC_ACK) once it has landed every page before it,
+and the NTP-style CLOCK_PROBE / CLOCK_REPLY exchange of setup that measures how far the two
+hosts' clocks are apart.
 
 Decoding is defensive: every length is bounded before anything is allocated, msgpack is
 unpacked with limits derived from the body length, ext types are refused, every field is
@@ -58,6 +60,8 @@ class RecordType(IntEnum):
     ABORT = 0x23
     SYNC = 0x24                # the source asks: have you landed everything before this?
     SYNC_ACK = 0x25            # the destination answers once it has
+    CLOCK_PROBE = 0x26         # the source's wall clock, t1 (`nodes.migration.clock`)
+    CLOCK_REPLY = 0x27         # t1 echoed, the destination's t2 (received) and t3 (sent)
     ROUND_STATS = OPTIONAL | 0x01
     SOURCE_TIMING = OPTIONAL | 0x02
 
@@ -107,7 +111,11 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
                                  "resume_wall": (float, type(None))},
     RecordType.ABORT: {"error": (str,)},
     RecordType.ROUND_STATS: {"rounds": (list,)},
-    RecordType.SOURCE_TIMING: {"pause_wall": _NUM, "final_round_pages": (int,)},
+    RecordType.SOURCE_TIMING: {"pause_wall": _NUM, "final_round_pages": (int,),
+                               "clock_offset_seconds": (float, type(None)),
+                               "clock_rtt_seconds": (float, type(None))},
+    RecordType.CLOCK_PROBE: {"t1": (float,)},
+    RecordType.CLOCK_REPLY: {"t1": (float,), "t2": (float,), "t3": (float,)},
 }
 
 

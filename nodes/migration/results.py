@@ -36,6 +36,10 @@ class SourceResult:
     pause_wall: float | None = None        # the guest paused here for stop-and-copy
     resume_wall: float | None = None       # it resumed: on the destination, or back here
     downtime_source_seconds: float | None = None   # pause to RESULT, as the source saw it
+    # The destination's clock minus this one's, +- rtt / 2 (`nodes.migration.clock`); the
+    # walls above are on this host's clock (the destination's resume brought onto it).
+    clock_offset_seconds: float | None = None
+    clock_rtt_seconds: float | None = None
     source_digest: str | None = None
     destination_digest: str | None = None
     faults: list[dict] = field(default_factory=list)

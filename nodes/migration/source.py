@@ -33,7 +33,7 @@ from nodes.errors import (
 )
 from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultStats
-from nodes.migration import records
+from nodes.migration import clock, records
 from nodes.migration.channel import Ticket, connect
 from nodes.migration.context import SourceContext, SourcePhase
 from nodes.migration.dirtysync import SyncLog
@@ -110,7 +110,19 @@ class Setup(_Always):
                                                   ctx.runtime.workload_spec(dom.name)))
         ctx.send_record(RT.P2M_FRAMES, {"mfns": ctx.p2m_sent.astype("<u8").tobytes()})
         ctx.send_record(RT.STATIC_DATA_END)
+        _measure_clock(ctx)
         ctx.sync = SyncLog(hv.page_size, dom.npages, time.monotonic(), ctx.link.bytes_sent)
+
+
+def _measure_clock(ctx: SourceContext) -> None:
+    """The destination's clock against this one's (`nodes.migration.clock`), while nothing
+    else is in flight on the channel."""
+    def send(fields: dict) -> None:
+        ctx.send_record(RT.CLOCK_PROBE, fields)
+        ctx.link.flush(ctx.settings.timeout_seconds)
+    est = clock.measure(send, lambda: ctx.reader.expect(RT.CLOCK_REPLY).fields)
+    ctx.result.clock_offset_seconds = est.offset_seconds
+    ctx.result.clock_rtt_seconds = est.rtt_seconds
 
 
 class StopAndCopy(_Always):
@@ -138,8 +150,10 @@ class StopAndCopy(_Always):
                                  "would be corrupt")
         ctx.faults.at(Phase.STOP_AND_COPY)
         ctx.send_record(RT.VCPU_CONTEXT, ctx.runtime.vcpu_context(dom.name))
-        ctx.send_record(RT.SOURCE_TIMING, {"pause_wall": ctx.result.pause_wall,
-                                           "final_round_pages": len(final)})
+        ctx.send_record(RT.SOURCE_TIMING, {
+            "pause_wall": ctx.result.pause_wall, "final_round_pages": len(final),
+            "clock_offset_seconds": ctx.result.clock_offset_seconds,
+            "clock_rtt_seconds": ctx.result.clock_rtt_seconds})
         ctx.send_record(RT.ROUND_STATS, {"rounds": [r.to_dict() for r in ctx.rounds]})
         ctx.send_record(RT.END)
         ctx.link.flush(ctx.settings.timeout_seconds)
