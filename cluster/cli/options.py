@@ -129,6 +129,13 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
                    help="hotset: share of pages in the writable working set (default 0.1)")
     p.add_argument("--hot-share", type=arg(parse_fraction, "--hot-share"), default=0.9,
                    help="hotset: share of writes that hit it (default 0.9)")
+    from workloads.content import FILLS
+    p.add_argument("--write-bytes", type=arg(parse_size, "--write-bytes"), default=8,
+                   metavar="N", help="bytes of its page each write rewrites, 8 (the counter "
+                   "alone) to the page size (default 8)")
+    p.add_argument("--fill", default="zero", choices=FILLS, metavar="CONTENT",
+                   help=f"what the guest's memory holds before the workload starts: "
+                        f"{', '.join(FILLS)} (default zero, as a fresh guest)")
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
@@ -173,7 +180,8 @@ def workload_from(args: argparse.Namespace) -> "WorkloadSpec":
     from workloads.spec import WorkloadSpec
     return WorkloadSpec(pattern=args.workload, rate_pages_per_second=args.dirty_rate,
                         seed=args.seed, hot_fraction=args.hot_fraction,
-                        hot_share=args.hot_share)
+                        hot_share=args.hot_share, write_bytes=args.write_bytes,
+                        fill=args.fill)
 
 
 def settings_from(args: argparse.Namespace) -> "MigrationSettings":

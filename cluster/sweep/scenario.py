@@ -10,11 +10,12 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
     faults = ["stall-link@round1:2s"]   # optional, injected into every run
     [cluster]   hosts = 2, host_memory = "512MiB"
     [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms"
-    [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share, ...
+    [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share,
+                write_bytes, fill ("zero", "random" or "text"), ...
     [migration] policy, bandwidth ("128MiB" per second or "unlimited"), rate_limit, latency,
                 downtime_limit, max_iterations, timeout, verify
     [axes]      any of guest_memory, mode, pattern, dirty_rate, hot_fraction, hot_share,
-                policy, bandwidth, rate_limit, latency, downtime_limit, max_iterations = [...]
+                write_bytes, fill, policy, bandwidth, rate_limit, latency, downtime_limit, max_iterations = [...]
     [plot]      x = "dirty_rate" (the axis on the x axis), rounds_point = 0
 
 Values are read by the parsers of `nodes.units` (the CLI's own), so a value means the same in
@@ -97,6 +98,9 @@ KNOBS: dict[str, Knob] = {
     "quiet_seconds": Knob("workload", "quiet_seconds", _seconds_or_zero, "quiet phase (s)"),
     "quiet_rate_fraction": Knob("workload", "quiet_rate_fraction", parse_fraction,
                                 "quiet rate (fraction)"),
+    "write_bytes": Knob("workload", "write_bytes", parse_positive_size,
+                        "bytes rewritten per page write"),
+    "fill": Knob("workload", "fill", _string, "memory content"),
     "policy": Knob("migration", "policy", _string, "policy"),
     "bandwidth": Knob("migration", "link_bytes_per_second", parse_bandwidth_or_unlimited,
                       "link bandwidth (MiB/s)", MiB),

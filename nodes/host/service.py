@@ -102,14 +102,17 @@ class HostService:
         with self.lock:
             dom = self.hv.create_domain(spec.name, spec.memory_bytes, spec.mode, spec.dma)
             try:
-                self._start_vcpu(dom, spec.workload, None)
+                self._start_vcpu(dom, spec.workload, None, fill=True)
             except Exception:
                 self.hv.destroy_domain(spec.name, force=True)
                 raise
             return dom.describe()
 
-    def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None) -> None:
-        workload = make_workload(spec, dom.data_pages, state)
+    def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None,
+                    fill: bool = False) -> None:
+        workload = make_workload(spec, dom.data_pages, state, dom.memory.page_size)
+        if fill:                     # a new guest: its memory as the spec says, before it runs
+            workload.fill(dom)
         vcpu = VCPU(dom, workload)
         self.vcpus[dom.name] = vcpu
         self.workloads[dom.name] = spec
