@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from cluster.wireblocks import multifd_block, wire_lines
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -51,6 +52,16 @@ class MigrationReport:
     guest_observed_downtime_seconds: float | None = None
     pages_sent_total: int = 0
     bytes_sent_total: int = 0
+    # Of pages_sent_total: pages sent whole and zero pages (QEMU's normal and duplicate);
+    # the rest went as XBZRLE deltas or, unchanged, not at all (the xbzrle block).
+    normal_pages: int = 0
+    zero_pages: int = 0
+    # QEMU's xbzrle-cache block {cache_size, bytes, pages, cache_miss, cache_miss_rate,
+    # encoding_rate, overflow}, and the multifd block {channels, bytes_per_channel,
+    # compression, compression_level, compression_ratio, cpu_seconds {source, destination}};
+    # None when not used (`cluster.wireblocks`).
+    xbzrle: dict | None = None
+    multifd: dict | None = None
     # QEMU's dirty-sync-count: 1 after setup, one more at every bitmap sync (a CLEAN here),
     # the stop-and-copy's included, so it lines up with query-migrate's.
     dirty_sync_count: int = 0
@@ -106,6 +117,9 @@ class MigrationReport:
             downtime_source_seconds=source.downtime_source_seconds,
             guest_observed_downtime_seconds=_guest_downtime(source, dest),
             pages_sent_total=source.pages_sent_total, bytes_sent_total=source.bytes_sent_total,
+            normal_pages=sum(r.normal_pages for r in source.rounds),
+            zero_pages=sum(r.zero_pages for r in source.rounds),
+            xbzrle=source.wire.get("xbzrle"), multifd=multifd_block(source, dest),
             dirty_sync_count=source.dirty_sync_count,
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
             phase_seconds=dict(source.phase_seconds),
@@ -161,6 +175,7 @@ class MigrationReport:
                 f"{r['pages_dirtied']:>8} {ms(r['duration_seconds']):>9} "
                 f"{_rate(r['throughput_bytes_per_second']):>12} "
                 f"{r['dirty_rate_pages_per_second']:>10.0f}")
+        lines += wire_lines(self)
         lines += [
             f"  stop reason: {self.stop_reason} ({self.stop_code}); dirty-sync-count "
             f"{self.dirty_sync_count}",

@@ -19,6 +19,10 @@ class RoundStats:
     bytes_sent: int = 0
     duration_seconds: float = 0.0
     final: bool = False
+    # Of pages_sent: those sent whole, and zero pages (QEMU's normal and duplicate); the
+    # rest went as XBZRLE deltas or not at all (unchanged; see the report's xbzrle block).
+    normal_pages: int = 0
+    zero_pages: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)

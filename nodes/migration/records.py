@@ -58,6 +58,12 @@ class RecordType(IntEnum):
     ABORT = 0x23
     SYNC = 0x24                # the source asks: have you landed everything before this?
     SYNC_ACK = 0x25            # the destination answers once it has
+    # What crosses the wire beside PAGE_DATA (`nodes.migration.encoded`, `.multifd`)
+    PAGE_XBZRLE = 0x30         # pages as XBZRLE deltas against what the destination holds
+    PAGE_COMPRESSED = 0x31     # a multifd packet's pages, zlib- or zstd-compressed
+    MULTIFD_HELLO = 0x32       # the first record on a multifd channel: which one it is
+    MULTIFD_SYNC = 0x33        # on every channel once per pass: all before it has gone
+    MULTIFD_FLUSH = 0x34       # on the main channel after the channels' sync of that number
     ROUND_STATS = OPTIONAL | 0x01
     SOURCE_TIMING = OPTIONAL | 0x02
 
@@ -70,13 +76,14 @@ class PageType(IntEnum):
     L2TAB = 0x2
     L3TAB = 0x3
     L4TAB = 0x4
+    ZERO = 0x5        # migbed's own (Xen leaves 5..8 unused): a page of zeros, no data
     BROKEN = 0xD
     XALLOC = 0xE
     XTAB = 0xF
 
     @property
     def has_data(self) -> bool:
-        return self not in (PageType.BROKEN, PageType.XALLOC, PageType.XTAB)
+        return self not in (PageType.ZERO, PageType.BROKEN, PageType.XALLOC, PageType.XTAB)
 
 
 GUEST_MODE_CODES = {"p==m": 0, "p2m": 1, "vp": 2}
@@ -107,6 +114,9 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
                                  "resume_wall": (float, type(None))},
     RecordType.ABORT: {"error": (str,)},
     RecordType.ROUND_STATS: {"rounds": (list,)},
+    RecordType.MULTIFD_HELLO: {"migration_id": (str,), "channel": (int,), "channels": (int,)},
+    RecordType.MULTIFD_SYNC: {"sync": (int,)},
+    RecordType.MULTIFD_FLUSH: {"sync": (int,)},
     RecordType.SOURCE_TIMING: {"pause_wall": _NUM, "final_round_pages": (int,)},
 }
 
@@ -354,4 +364,8 @@ def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
         return MAX_BATCH_PAGES * (page_size + 8) + 64
     if rtype == RecordType.P2M_FRAMES:
         return 8 * guest_pages + 64
+    if rtype == RecordType.PAGE_XBZRLE:     # a delta never exceeds its page
+        return MAX_BATCH_PAGES * (page_size + 10) + 64
+    if rtype == RecordType.PAGE_COMPRESSED:  # at most one packet, and compression's worst case
+        return MAX_BATCH_PAGES * (page_size + 8) + (MAX_BATCH_PAGES * page_size >> 6) + 1024
     return MAX_CONTROL_RECORD_BYTES

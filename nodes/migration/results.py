@@ -47,6 +47,9 @@ class SourceResult:
     source_longest_gap_seconds: float | None = None
     # Set by the control plane: the source host died during the migration.
     source_lost: bool = False
+    # What crossed the wire beyond whole pages: the `xbzrle` and `multifd` blocks
+    # (`PagePipeline.wire_stats`), each None when not used.
+    wire: dict = field(default_factory=dict)
 
     @property
     def completed(self) -> bool:
@@ -79,6 +82,8 @@ class DestinationResult:
     guest_observed_downtime_seconds: float | None = None
     # Set by the control plane: the destination host could not be reached.
     host_dead: bool = False
+    # CPU seconds of the multifd channels' reader threads (None: no channels).
+    multifd_cpu_seconds: float | None = None
 
     @property
     def completed(self) -> bool:
