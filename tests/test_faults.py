@@ -40,7 +40,8 @@ def _matrix() -> list[tuple[str, str]]:
         rows += [(f"kill-destination@{st}", SRC), (f"kill-source@{st}", LOST),
                  (f"stall-link@{st}:{SHORT}", DST), (f"stall-link@{st}:{LONG}", SRC),
                  (f"cut-link@{st}", SRC), (f"slow-link@{st}:32MiB", DST),
-                 (f"corrupt-record@{st}", SRC), (f"truncate-stream@{st}", SRC)]
+                 (f"corrupt-record@{st}", SRC), (f"truncate-stream@{st}", SRC),
+                 (f"cut-channel@{st}:{1 if st == 'round0' else 0}", SRC)]
     rows += [("kill-destination@handover", LOST), ("kill-source@handover", DST),
              (f"stall-link@handover:{SHORT}", DST),
              (f"stall-link@handover:{LONG}", DST), ("cut-link@handover", DST),
@@ -88,8 +89,9 @@ def holds_none(svc, guest: str) -> None:
 
 
 def settings(fault: str) -> MigrationSettings:
+    channels = 2 if fault.startswith("cut-channel") else None   # multifd: a channel to cut
     return MigrationSettings(link_bytes_per_second=FAST, timeout_seconds=TIMEOUT,
-                             faults=(fault,))
+                             faults=(fault,), multifd_channels=channels)
 
 
 @pytest.mark.parametrize("fault,outcome", MATRIX, ids=[f for f, _ in MATRIX])
@@ -264,7 +266,7 @@ def test_every_kind_and_stage_is_in_the_matrix():
     for kind, (stages, _, _) in KINDS.items():
         for stage in stages:
             assert (kind.value, stage.value) in tried, (kind, stage)
-    assert len(FaultKind) == 9 and len(ALL_STAGES) == 4
+    assert len(FaultKind) == 10 and len(ALL_STAGES) == 4
 
 
 BAD_FAULTS = [
@@ -275,6 +277,7 @@ BAD_FAULTS = [
     "truncate-stream@handover", "refuse-memory@round0", "delay-restore@setup:1s",
     "delay-restore@round1:1s", "cut-link@roundx", "cut-link@round-1", "cut-link@later",
     "cut-link@setup:2s", "kill-source@setup:", "x" * 300,
+    "cut-channel@round0", "cut-channel@round0:one", "cut-channel@handover:0",
 ]
 
 

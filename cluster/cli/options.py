@@ -160,7 +160,29 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
                    help="timeout of every wait across hosts (default 30s)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the destination-equals-source memory check")
+    add_wire_options(p)
     p.add_argument("--json", action="store_true", help="print the report alone, as JSON")
+
+
+def add_wire_options(p: argparse.ArgumentParser) -> None:
+    """What crosses the wire (`nodes.migration.wire`): QEMU's names and defaults."""
+    from nodes.migration.wire import COMPRESSIONS, LEVELS, ZERO_PAGE_DETECTIONS
+    p.add_argument("--zero-page-detection", default="multifd", choices=ZERO_PAGE_DETECTIONS,
+                   metavar="WHERE", help="none, legacy (the sender looks) or multifd (the "
+                   "channels look, else as legacy; QEMU's default)")
+    p.add_argument("--xbzrle-cache", type=arg(parse_positive_size, "--xbzrle-cache"),
+                   default=None, metavar="SIZE",
+                   help="XBZRLE delta pages with a cache of SIZE, a power of two (e.g. "
+                        "64MiB, QEMU's default size)")
+    p.add_argument("--multifd-channels", type=arg(parse_count, "--multifd-channels", 1, 255),
+                   default=None, metavar="N",
+                   help="send pages over N more connections (QEMU's default is 2)")
+    p.add_argument("--multifd-compression", default="none", choices=COMPRESSIONS,
+                   metavar="CODEC", help="compress the channels' packets: none, zlib or zstd")
+    for codec, (lo, hi) in LEVELS.items():
+        p.add_argument(f"--multifd-{codec}-level",
+                       type=arg(parse_count, f"--multifd-{codec}-level", lo, hi), default=1,
+                       metavar="L", help=f"{codec} level {lo}..{hi} (default 1, as QEMU's)")
 
 
 def add_fault_option(p: argparse.ArgumentParser) -> None:
@@ -191,7 +213,10 @@ def settings_from(args: argparse.Namespace) -> "MigrationSettings":
         latency_seconds=args.latency, rate_limit_bytes_per_second=args.rate_limit,
         downtime_limit_seconds=args.downtime_limit, max_iterations=args.max_iterations,
         verify=not args.no_verify, cancel_after_round=args.cancel_after_round,
-        timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()))
+        timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()),
+        zero_page_detection=args.zero_page_detection, xbzrle_cache_bytes=args.xbzrle_cache,
+        multifd_channels=args.multifd_channels, multifd_compression=args.multifd_compression,
+        multifd_zlib_level=args.multifd_zlib_level, multifd_zstd_level=args.multifd_zstd_level)
 
 
 def cluster_spec_from(args: argparse.Namespace,

@@ -20,6 +20,7 @@ from nodes.errors import (
     MigbedError,
     MigrationError,
     ModeError,
+    PeerAborted,
     StreamError,
 )
 from nodes.faults.destination import DestinationFaults
@@ -238,7 +239,8 @@ class Receiver:
 
     def _fail(self, exc: BaseException) -> None:
         if self.multifd is not None:      # no channel lands into frames about to be freed
-            exc = self.multifd.error or exc
+            if self.multifd.error is not None and not isinstance(exc, PeerAborted):
+                exc = self.multifd.error      # the channel that broke, not what it woke
             self.multifd.close()
         resumed = self.resume_wall is not None
         self.error = describe(exc)

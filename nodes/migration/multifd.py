@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nodes.errors import ConnectionLost, MigrationError, StreamError, StreamTruncated
+from nodes.errors import ConnectionLost, MigrationError, StreamError
 from nodes.migration import compression, encoded, records
 from nodes.migration.channel import Listener, Ticket, connect
 from nodes.migration.link import LinkSender, Pacer
@@ -335,12 +335,7 @@ class DestinationChannels:
         sink = reader.page_sink
         try:
             while True:
-                try:
-                    rec = reader.expect(RT.PAGE_DATA, RT.PAGE_COMPRESSED, RT.MULTIFD_SYNC)
-                except StreamTruncated:
-                    if self.reached[index] == self.released:   # after a sync: a clean close
-                        return
-                    raise
+                rec = reader.expect(RT.PAGE_DATA, RT.PAGE_COMPRESSED, RT.MULTIFD_SYNC)
                 if rec.type == RT.MULTIFD_SYNC:
                     self._synced(index, rec.fields["sync"])
                     continue

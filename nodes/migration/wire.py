@@ -57,6 +57,10 @@ def check(s: "MigrationSettings") -> None:
     if s.multifd_compression != "none" and s.multifd_channels is None:
         raise ConfigError(f"multifd compression {s.multifd_compression} compresses what the "
                           "channels carry: give --multifd-channels N too")
+    for f in s.faults:
+        if f.kind == "cut-channel" and not f.channel < (s.multifd_channels or 0):
+            raise ConfigError(f"{f.to_text()} needs a multifd channel {f.channel}: give "
+                              f"--multifd-channels {f.channel + 1} or more")
     if s.xbzrle_cache_bytes is not None and s.multifd_channels is not None:
         raise ConfigError("XBZRLE and multifd cannot be used together (QEMU refuses them "
                           "too): drop --xbzrle-cache or --multifd-channels")
