@@ -271,6 +271,7 @@ def test_xbzrle_records_round_trip(pair):
     dp = _read(encoded.encode_xbzrle(sent * 5, lengths[sent], data)).fields["page_data"]
     assert dp.pfns.tolist() == (sent * 5).tolist()
     for (pfn, delta), row in zip(dp.deltas(), sent, strict=True):
+        assert pfn == row * 5
         page = old[row].copy()
         xbzrle.apply(page, delta)
         assert np.array_equal(page, new[row])
