@@ -267,16 +267,20 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
             t0 = time.time()
             wait_for(lambda: sum(t["health"] == "up" for t in prom.active_targets()) == 4, 15,
                      "the four hosts are not all scraped")
+            t_up = time.time()        # every host scraped once: the counters' baseline
             phases["prometheus up"] = time.monotonic() - t_start - sum(phases.values())
             # Slow links, so each migration is running for several scrapes.
             reports = {}
 
             def move(key, dest, settings):
                 reports[key] = tb.migrate(guests[key], dest, settings)
+            # One over multifd channels with zstd, one with XBZRLE: the wire's panels too.
             movers = [threading.Thread(target=move, args=("a", "host-1", MigrationSettings(
-                          link_bytes_per_second=20 * MiB))),
+                          link_bytes_per_second=20 * MiB, multifd_channels=2,
+                          multifd_compression="zstd"))),
                       threading.Thread(target=move, args=("b", "host-2", MigrationSettings(
-                          policy="qemu", link_bytes_per_second=16 * MiB)))]
+                          policy="qemu", link_bytes_per_second=16 * MiB,
+                          xbzrle_cache_bytes=4 * MiB)))]
             for t in movers:
                 t.start()
             for t in movers:
@@ -289,6 +293,7 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
             t1 = time.time()
             phases["migrations"] = time.monotonic() - t_start - sum(phases.values())
             evaluate_every_panel(prom, t0, t1)
+            wire_counters_counted(prom, t_up, t1, reports)
             evaluate_every_recording_rule(prom, t0, t1)
             phases["queries"] = time.monotonic() - t_start - sum(phases.values())
             dead_host_leaves_prometheus(prom, sd, doomed, cluster)
@@ -330,6 +335,27 @@ def evaluate_every_panel(prom: Prometheus, t0: float, t1: float) -> None:
                 empty.append(f"{p['title']} [{target['refId']}]: {expr}")
     assert not empty, "panels whose query returns no data:\n" + "\n".join(empty)
     assert checked >= 25
+
+
+def wire_counters_counted(prom: Prometheus, t0: float, t1: float, reports: dict) -> None:
+    """The wire's counters, as Prometheus scraped them over the migrations, are what the
+    reports say (the shared cluster's hosts have counted earlier tests' before t0)."""
+    def moved(expr: str, by: str = "") -> dict:
+        at = [{tuple(x["metric"].get(by, "") for _ in [0]): float(x["value"][1])
+               for x in prom.query(expr, at=t)} for t in (t0, t1)]
+        assert at[1], f"no data for {expr}"
+        return {k: v - at[0].get(k, 0.0) for k, v in at[1].items()}
+    a, b = reports["a"], reports["b"]
+    zero = moved('migbed_migration_zero_pages_total{host="host-0"}')
+    assert sum(zero.values()) == a.zero_pages > 0
+    per = moved('migbed_migration_multifd_sent_bytes_total{host="host-0"}', "channel")
+    assert sorted(v for v in per.values() if v) == sorted(a.multifd["bytes_per_channel"])
+    raw = moved('migbed_migration_multifd_compression_input_bytes_total{host="host-0"}')
+    out = moved('migbed_migration_multifd_compression_output_bytes_total{host="host-0"}')
+    assert sum(raw.values()) / sum(out.values()) == pytest.approx(
+        a.multifd["compression_ratio"])
+    miss = moved('migbed_migration_xbzrle_cache_miss_total{host="host-1"}')
+    assert sum(miss.values()) == b.xbzrle["cache_miss"] > 0
 
 
 def evaluate_every_recording_rule(prom: Prometheus, t0: float, t1: float) -> None:

@@ -249,7 +249,8 @@ class SourceChannels:
         return {"channels": len(self.channels),
                 "bytes_per_channel": [ch.link.bytes_sent for ch in self.channels],
                 "compression": self.codec or "none", "compression_level": self.level,
-                "compression_ratio": ratio, "syncs": self.syncs,
+                "compression_ratio": ratio, "raw_bytes": self.raw_bytes,
+                "compressed_bytes": self.compressed_bytes, "syncs": self.syncs,
                 "cpu_seconds_source": sum(ch.cpu_seconds for ch in self.channels)}
 
     def close(self) -> None:
