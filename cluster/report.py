@@ -62,6 +62,9 @@ class MigrationReport:
     # None when not used (`cluster.wireblocks`).
     xbzrle: dict | None = None
     multifd: dict | None = None
+    # How long the guest's workload had run when the migration began: with the workload's
+    # fill, the model's count of non-zero pages at the start.
+    workload_running_seconds: float = 0.0
     # QEMU's dirty-sync-count: 1 after setup, one more at every bitmap sync (a CLEAN here),
     # the stop-and-copy's included, so it lines up with query-migrate's.
     dirty_sync_count: int = 0
@@ -120,6 +123,7 @@ class MigrationReport:
             normal_pages=sum(r.normal_pages for r in source.rounds),
             zero_pages=sum(r.zero_pages for r in source.rounds),
             xbzrle=source.wire.get("xbzrle"), multifd=multifd_block(source, dest),
+            workload_running_seconds=source.workload_running_seconds,
             dirty_sync_count=source.dirty_sync_count,
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
             phase_seconds=dict(source.phase_seconds),

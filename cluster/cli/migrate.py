@@ -87,7 +87,8 @@ def cmd_model(args: argparse.Namespace) -> int:
                    rate_limit_bytes_per_second=args.rate_limit, policy=args.policy,
                    downtime_limit_seconds=args.downtime_limit, latency_seconds=args.latency,
                    policy_settings=({"max_iterations": args.max_iterations}
-                                    if args.max_iterations is not None else None))
+                                    if args.max_iterations is not None else None),
+                   warmup_seconds=args.warmup, zero_page_detection=args.zero_page_detection)
     d = pred.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))
@@ -125,4 +126,7 @@ def register(sub: Commands) -> None:
                    default=64 * 1024 * 1024, help="guest memory (default 64MiB)")
     s.add_argument("--page-size", type=arg(parse_positive_size, "--page-size"), default=4096,
                    help="page size in bytes (default 4096)")
+    s.add_argument("--warmup", type=arg(parse_seconds, "--warmup", allow_zero=True),
+                   default=0.5, help="how long the workload ran before the migration: with "
+                   "--fill zero, what it has written (default 0.5s, as migrate's)")
     s.set_defaults(func=cmd_model)

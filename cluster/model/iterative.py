@@ -4,6 +4,7 @@ migbed's own policy object (see the package docstring for the steps)."""
 import math
 from dataclasses import dataclass, field
 
+from cluster.model import pagetypes
 from cluster.model.continuous import ContinuousRun, layout
 from cluster.model.workload import Region, rate_of, regions
 from nodes.errors import ConfigError
@@ -31,11 +32,13 @@ class ModelRound:
     pages_dirtied: float          # distinct pages written during the round: the next one's dirty
     duration_seconds: float
     final: bool = False
+    zero_pages: float = 0.0       # of pages_sent, zero pages (a pfn word each)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "pages_sent": self.pages_sent,
                 "pages_skipped": self.pages_skipped, "pages_dirtied": self.pages_dirtied,
-                "duration_seconds": self.duration_seconds, "final": self.final}
+                "duration_seconds": self.duration_seconds, "final": self.final,
+                "zero_pages": self.zero_pages}
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ModelPrediction:
     dirty_sync_count: int         # bitmap syncs, setup's and stop-and-copy's included
     lambda_ratio: float           # D / R: dirty bytes per second over the effective bandwidth
     bandwidth_bytes_per_second: float   # effective live bandwidth, min(link, rate limit)
+    zero_pages: float = 0.0       # of pages_sent_total, zero pages
 
     @property
     def live_rounds(self) -> int:
@@ -74,6 +78,7 @@ class ModelPrediction:
             "dirty_sync_count": self.dirty_sync_count,
             "lambda_ratio": self.lambda_ratio,
             "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
+            "zero_pages": self.zero_pages,
         }
 
 
@@ -86,6 +91,10 @@ class _Guest:
     regions: list[Region]
     wire_per_page: float          # bytes on the wire per page, record headers shared out
     seconds_per_page: float       # at the live rounds' rate
+    zero_wire: float = 0.0        # bytes on the wire per zero page
+    first_pass_seconds: float = 0.0   # round 0 (every page), its zero pages cheap
+    first_pass_zero: float = 0.0      # zero pages round 0 sends (`pagetypes`)
+    zero_at_start: float = 0.0        # zero pages before anything is sent
 
 
 @dataclass
@@ -102,6 +111,8 @@ class _PreCopy:
     converged: bool = False
     aborted: bool = False
     syncs: int = 1                # bitmap syncs so far, setup's included (dirty-sync-count)
+    zero_pages: float = 0.0       # zero pages sent so far
+    final_zero: float = 0.0       # zero pages left for the stop-and-copy
 
     @property
     def last(self) -> ModelRound | None:
@@ -163,7 +174,7 @@ def _stats(run: _PreCopy, guest: _Guest, rate: float) -> PrecopyStats:
     last = run.last
     measured = None
     if last is not None and last.duration_seconds > 0:
-        measured = last.pages_sent * guest.wire_per_page / last.duration_seconds
+        measured = _round_bytes(guest, last.pages_sent, last.zero_pages) / last.duration_seconds
     return PrecopyStats(
         iteration=len(run.rounds), dirty_count=round(run.dirty),
         total_written=round(run.total_written), guest_pages=guest.guest_pages,
@@ -187,23 +198,33 @@ def _stop(run: _PreCopy, decision: Decision, pol: PrecopyPolicy, iteration: int)
         run.converged = iteration < pol.max_iterations
 
 
+def _round_bytes(guest: _Guest, pages: float, zero: float) -> float:
+    return (pages - zero) * guest.wire_per_page + zero * guest.zero_wire
+
+
 def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float) -> None:
-    """Send the dirty pages live (less those skipped) and count what the workload dirtied."""
+    """Send the dirty pages live (less those skipped) and count what the workload dirtied.
+    The first round sends every page, the zero ones among them cheaply (`pagetypes`)."""
     skipped = 0.0
-    send_seconds = run.dirty * guest.seconds_per_page
+    first = not run.rounds
+    spp = guest.first_pass_seconds / run.dirty if first and run.dirty else guest.seconds_per_page
+    send_seconds = run.dirty * spp
     if pol.skip_redirtied and guest.regions:
         if run.dirty_by_region is None:
             to_send = [(r, r.pages) for r in guest.regions]
         else:
             to_send = list(zip(guest.regions, run.dirty_by_region, strict=True))
-        skipped, send_seconds = _skip_solve(to_send, run.dirty, guest.seconds_per_page)
+        skipped, send_seconds = _skip_solve(to_send, run.dirty, spp)
     sent = run.dirty - skipped
+    zero = guest.first_pass_zero * sent / run.dirty if first and run.dirty else 0.0
     duration = send_seconds + latency
     run.dirty_by_region = [r.distinct(duration) for r in guest.regions]
     dirtied = sum(run.dirty_by_region)
     run.rounds.append(ModelRound(index=len(run.rounds), pages_sent=sent, pages_skipped=skipped,
-                                 pages_dirtied=dirtied, duration_seconds=duration))
+                                 pages_dirtied=dirtied, duration_seconds=duration,
+                                 zero_pages=zero))
     run.total_written += sent
+    run.zero_pages += zero
     run.elapsed += duration
     run.dirty = dirtied
     run.syncs += 1                # the CLEAN that ends the round
@@ -225,17 +246,19 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float) -> 
         _live_round(run, guest, pol, latency)
 
 
-def _continuous(guest: _Guest, pol: PrecopyPolicy, data_pages: int) -> _PreCopy:
+def _continuous(guest: _Guest, pol: PrecopyPolicy, spans: list) -> _PreCopy:
     """Pre-copy under a policy that decides after every chunk (`continuous`)."""
-    model = ContinuousRun(layout(guest.regions, data_pages, guest.guest_pages), pol,
-                          guest.seconds_per_page, guest.wire_per_page, guest.page_size,
-                          guest.guest_pages)
+    model = ContinuousRun(spans, pol, guest.seconds_per_page, guest.wire_per_page,
+                          guest.page_size, guest.guest_pages, guest.zero_wire)
     decision = model.run()
     run = _PreCopy(dirty=model.final_pages(), elapsed=model.now,
                    total_written=model.sent_pages, syncs=model.sync.count)
+    run.final_zero = model.final_zero_pages()
     run.rounds = [ModelRound(index=r["index"], pages_sent=r["pages_sent"], pages_skipped=0.0,
                              pages_dirtied=r["pages_dirtied"],
-                             duration_seconds=r["end"] - r["start"]) for r in model.rounds]
+                             duration_seconds=r["end"] - r["start"],
+                             zero_pages=r.get("zero_pages", 0.0)) for r in model.rounds]
+    run.zero_pages = sum(r.zero_pages for r in run.rounds)
     _stop(run, decision, pol, len(run.rounds))
     return run
 
@@ -247,7 +270,9 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             latency_seconds: float = 0.0, resume_seconds: float = 0.0,
             dirty_rate_pages_per_second: float | None = None,
             bytes_per_page_overhead: float = 8.0, record_overhead_bytes: float = 32.0,
-            policy_settings: dict | None = None) -> ModelPrediction:
+            policy_settings: dict | None = None, warmup_seconds: float = 0.0,
+            zero_page_detection: str = "multifd",
+            page_bytes: float | None = None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
@@ -257,6 +282,11 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `dirty_rate_pages_per_second` overrides the workload's rate (needed for 'max').
     `latency_seconds` is added to every round, the stop-and-copy included.
     `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
+    Zero pages (`pagetypes`) cost their pfn word only, unless `zero_page_detection` is
+    none: a fresh guest (`workload.fill` zero) holds what its workload wrote in
+    `warmup_seconds` of running before the migration, one with content none.
+    `page_bytes` replaces what a normal page costs on the wire (its bytes and pfn word),
+    for a run whose encoding (XBZRLE, compression) made it less.
     """
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
@@ -271,32 +301,48 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     guest_pages = guest_memory_bytes // page_size
     data_pages = guest_pages - -(-guest_pages // (page_size // 8))
     wire_per_page = page_size + bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
-    guest = _Guest(guest_pages, page_size,
-                   regions(workload, data_pages, rate_of(workload, dirty_rate_pages_per_second)),
-                   wire_per_page, wire_per_page / rate)
+    if page_bytes is not None:
+        if not page_bytes > 0:
+            raise ConfigError(f"page bytes must be positive, got {page_bytes!r}")
+        wire_per_page = float(page_bytes)
+    zero_wire = bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
+    written = regions(workload, data_pages, rate_of(workload, dirty_rate_pages_per_second))
+    spans = layout(written, data_pages, guest_pages)
+    zeros = pagetypes.zero_at_start(spans, workload, data_pages, warmup_seconds,
+                                    zero_page_detection)
+    for span, zero in zip(spans, zeros, strict=True):
+        span.zero = zero
+    first_seconds, first_zero = pagetypes.first_pass(spans, zeros, wire_per_page / rate,
+                                                     zero_wire / rate)
+    guest = _Guest(guest_pages, page_size, written, wire_per_page, wire_per_page / rate,
+                   zero_wire, first_seconds, first_zero, sum(zeros))
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
                                     **(policy_settings or {}))
     if pol.mid_pass:
-        run = _continuous(guest, pol, data_pages)
+        run = _continuous(guest, pol, spans)
     else:
         run = _precopy(guest, pol, rate, latency_seconds)
+        run.final_zero = guest.zero_at_start if not run.rounds else 0.0
 
     rounds = list(run.rounds)
-    final_pages, downtime = 0.0, 0.0
+    final_pages, final_zero, downtime = 0.0, 0.0, 0.0
     if not run.aborted:     # stop-and-copy: the rest at the link's speed, the limit lifted
-        final_pages = run.dirty
-        transfer = 0.0 if link is None else final_pages * wire_per_page / link
+        final_pages, final_zero = run.dirty, min(run.dirty, run.final_zero)
+        wire = _round_bytes(guest, final_pages, final_zero)
+        transfer = 0.0 if link is None else wire / link
         downtime = transfer + latency_seconds + resume_seconds
         rounds.append(ModelRound(index=len(rounds), pages_sent=final_pages, pages_skipped=0.0,
                                  pages_dirtied=0.0, duration_seconds=transfer + latency_seconds,
-                                 final=True))
+                                 final=True, zero_pages=final_zero))
     pages_total = run.total_written + final_pages
+    zero_total = run.zero_pages + final_zero
     return ModelPrediction(
         policy=policy, rounds=tuple(rounds), final_pages=final_pages,
         stop_reason=run.stop_reason,
         stop_code=None if run.aborted or run.stop_code is None else run.stop_code.value,
         total_time_seconds=run.elapsed + downtime, downtime_seconds=downtime,
-        pages_sent_total=pages_total, bytes_sent_total=pages_total * wire_per_page,
+        pages_sent_total=pages_total,
+        bytes_sent_total=_round_bytes(guest, pages_total, zero_total),
         converged=run.converged, dirty_sync_count=run.syncs + (0 if run.aborted else 1),
         lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
-        bandwidth_bytes_per_second=rate)
+        bandwidth_bytes_per_second=rate, zero_pages=zero_total)

@@ -275,6 +275,8 @@ class HostService:
             self.migration_counts["started"] += 1
             self.metrics.outgoing_started(t.migration_id, name, progress, settings)
         start_wall = time.time()
+        vcpu = self.vcpus.get(name)
+        running = vcpu.workload.running_seconds if vcpu is not None else 0.0
         try:
             result = sender.run()
         finally:
@@ -290,6 +292,7 @@ class HostService:
             result.source_longest_gap_seconds = vcpu.longest_gap(
                 start_wall, result.pause_wall or time.time())
         result.profile = self.hv.profile.name
+        result.workload_running_seconds = running
         return result
 
     def _forget_ended(self, migration_id: str) -> None:

@@ -50,6 +50,9 @@ class SourceResult:
     # What crossed the wire beyond whole pages: the `xbzrle` and `multifd` blocks
     # (`PagePipeline.wire_stats`), each None when not used.
     wire: dict = field(default_factory=dict)
+    # How long the guest's workload had run when the migration began (set by the host):
+    # with the workload, what the model knows of its non-zero pages.
+    workload_running_seconds: float = 0.0
 
     @property
     def completed(self) -> bool:
