@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 from nodes.errors import ConfigError
 
 MiB = 1024 * 1024
-SECTIONS = ("throughput", "downtime", "dirtying", "stages", "startup", "scale")
+SECTIONS = ("throughput", "downtime", "dirtying", "stages", "wire", "startup", "scale")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class BenchOptions:
     scale_guests: int = 8
     scale_guest_memory_bytes: int = 32 * MiB
     scale_dirty_rate_pages_per_second: float = 2000.0
+    wire_guest_memory_bytes: int = 64 * MiB
     hosts: int = 3
     host_memory_bytes: int = 640 * MiB
     sections: tuple[str, ...] = SECTIONS
@@ -47,6 +48,7 @@ class BenchOptions:
         tiny = dict(repeats=1, guest_memory_bytes=8 * MiB, downtime_guest_memory_bytes=4 * MiB,
                     dirty_guest_memory_bytes=4 * MiB, dirty_seconds=0.05, startup_hosts=(2,),
                     startup_repeats=1, scale_guests=2, scale_guest_memory_bytes=4 * MiB,
+                    wire_guest_memory_bytes=4 * MiB,
                     host_memory_bytes=128 * MiB, quick=True)
         return cls(**{**tiny, **overrides})
 

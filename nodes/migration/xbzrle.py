@@ -104,7 +104,13 @@ def encode(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, bytes]:
     the page. Words are compared first, bytes only inside the words that changed."""
     k, size = new.shape
     lengths = np.zeros(k, np.int64)
-    word_row, word = np.nonzero(old.view(np.uint64) != new.view(np.uint64))
+    changed_words = old.view(np.uint64) != new.view(np.uint64)
+    dense = np.flatnonzero(changed_words.sum(axis=1) > size // 64)
+    if len(dense):              # pages rewritten widely: most overflow, and say so cheaply
+        over = dense[_surely_overflows(old[dense], new[dense])]
+        lengths[over] = OVERFLOW
+        changed_words[over] = False
+    word_row, word = np.nonzero(changed_words)
     if not len(word):
         return lengths, b""
     xor = old.view(np.uint64)[word_row, word] ^ new.view(np.uint64)[word_row, word]
@@ -139,6 +145,14 @@ def encode(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, bytes]:
     out[np.repeat(at + hz + hn - st, n) + pos[kept_bytes]] = new[row[kept_bytes],
                                                                  pos[kept_bytes]]
     return lengths, out.tobytes()
+
+
+def _surely_overflows(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Rows whose delta cannot fit a page: its changed bytes and two bytes of lengths per
+    changed run (at least one each) are more than the page already."""
+    changed = old != new
+    runs = np.count_nonzero(changed[:, 1:] & ~changed[:, :-1], axis=1) + changed[:, 0]
+    return np.count_nonzero(changed, axis=1) + 2 * runs > new.shape[1]
 
 
 def decode_runs(delta: memoryview | bytes, size: int) -> list[tuple[int, int, int]]:
