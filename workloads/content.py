@@ -17,10 +17,14 @@ Word 0 of each page is never written here: it is the workload's counter
 """
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nodes.errors import ConfigError
+
+if TYPE_CHECKING:
+    from workloads.guest import Guest
 
 FILLS = ("zero", "random", "text")
 COUNTER_BYTES = 8               # word 0 of a page: the workload's per-page counter
@@ -84,3 +88,17 @@ def content(fill: str, rng: np.random.Generator, rows: int, width: int) -> np.nd
     """Fresh bytes drawn like `fill`: text-like for text, random otherwise (a zero-filled
     guest's writes still write something)."""
     return text_bytes(rng, rows, width) if fill == "text" else random_bytes(rng, rows, width)
+
+
+def fill(guest: "Guest", kind: str, rng: np.random.Generator, data_pages: int,
+         page_size: int, batch_pages: int = 1024) -> None:
+    """Write every data page's bytes but its counter with content drawn like `kind`; zero
+    writes nothing (a fresh guest is zero already)."""
+    if kind == "zero":
+        return
+    width = page_size - COUNTER_BYTES
+    with guest.lock:
+        for start in range(0, data_pages, batch_pages):
+            pfns = np.arange(start, min(start + batch_pages, data_pages),
+                             dtype=np.int64) + guest.pfn_base
+            guest.write_bytes(pfns, COUNTER_BYTES, content(kind, rng, len(pfns), width))

@@ -30,7 +30,7 @@ from typing import ClassVar
 import numpy as np
 
 from nodes.errors import ConfigError, GuestPaused
-from workloads.content import COUNTER_BYTES, content
+from workloads.content import COUNTER_BYTES, content, fill
 from workloads.guest import Guest
 from workloads.spec import PATTERNS, WorkloadSpec
 
@@ -181,20 +181,11 @@ class Workload:
                 domain.write_bytes(pfns, 0, data)
             return int(increments.sum())
 
-    def fill(self, domain: Guest, batch_pages: int = 1024) -> None:
-        """What the guest's data pages hold before the workload starts (`spec.fill`): every
-        byte but the counter (word 0 stays 0, so the lost-write check still holds). Zero
-        writes nothing: a fresh guest is zero already."""
-        if self.spec.fill == "zero":
-            return
-        rng = _generator(self.spec.seed, _FILL_STREAM)
-        width = self.page_size - COUNTER_BYTES
-        with domain.lock:
-            for start in range(0, self.data_pages, batch_pages):
-                pfns = np.arange(start, min(start + batch_pages, self.data_pages),
-                                 dtype=np.int64) + domain.pfn_base
-                domain.write_bytes(pfns, COUNTER_BYTES,
-                                   content(self.spec.fill, rng, len(pfns), width))
+    def fill(self, domain: Guest) -> None:
+        """What the guest's data pages hold before the workload starts (`spec.fill`, see
+        `workloads.content.fill`); word 0 stays 0, so the lost-write check still holds."""
+        fill(domain, self.spec.fill, _generator(self.spec.seed, _FILL_STREAM),
+             self.data_pages, self.page_size)
 
     # -- state ---------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -233,21 +224,10 @@ class Workload:
         if state["data_pages"] != self.data_pages:
             raise ConfigError(f"workload state is for {state['data_pages']} data pages, the "
                               f"guest has {self.data_pages}")
-        try:
-            bit_state = json.loads(state["rng"])
-            bitgen = np.random.PCG64()
-            bitgen.state = bit_state
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"workload state has an unreadable generator state: {exc}") from None
-        self.rng = np.random.Generator(bitgen)
+        self.rng = np.random.Generator(_bit_generator(state["rng"], "generator"))
         if "content_rng" in state:
-            try:
-                content_gen = np.random.PCG64()
-                content_gen.state = json.loads(state["content_rng"])
-            except (TypeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"workload state has an unreadable content generator state: "
-                                  f"{exc}") from None
-            self.content_rng = np.random.Generator(content_gen)
+            self.content_rng = np.random.Generator(_bit_generator(state["content_rng"],
+                                                                  "content generator"))
         self.pages_written_total = int(state["pages_written_total"])
         self.budget_pages = float(state["budget_pages"])
         self.running_seconds = float(state["running_seconds"])
@@ -386,6 +366,15 @@ def make_workload(spec: WorkloadSpec, data_pages: int, state: dict | None = None
 
 _CONTENT_STREAM = 1     # the workload's generators: page choice is the seed's own stream
 _FILL_STREAM = 2
+
+
+def _bit_generator(text: str, what: str) -> np.random.PCG64:
+    try:
+        bitgen = np.random.PCG64()
+        bitgen.state = json.loads(text)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"workload state has an unreadable {what} state: {exc}") from None
+    return bitgen
 
 
 def _generator(seed: int, stream: int) -> np.random.Generator:

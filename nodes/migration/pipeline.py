@@ -232,7 +232,9 @@ class PagePipeline:
         """One record of up to 1024 pages through all four stages; returns bytes sent (by
         this thread: multifd's channels count theirs as they send them)."""
         batch, mfns, running = self.select(pfns, rnd, skip_redirtied)
-        if not len(batch):
+        if not len(batch):                 # all skipped: the pass may still have ended
+            if self.cursor.at_end:
+                self.cursor.end_pass()
             return 0
         zero = np.zeros(len(batch), bool)
         if self.find_zero:
