@@ -12,7 +12,7 @@ from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
 
 CURVE_POINTS = 40
-CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total")
+CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total", "bytes_sent_total")
 
 
 def curve_xs(scenario: Scenario) -> list:
@@ -76,7 +76,9 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
             resume_seconds=calib.get("resume_seconds", 0.0),
             dirty_rate_pages_per_second=achieved if spec.workload.unlimited else None,
             policy_settings=({"max_iterations": settings.max_iterations}
-                             if settings.max_iterations is not None else None))
+                             if settings.max_iterations is not None else None),
+            warmup_seconds=sc.warmup_seconds,
+            zero_page_detection=settings.zero_page_detection)
     except (ConfigError, ValueError):
         return None
 

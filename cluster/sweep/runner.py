@@ -220,7 +220,8 @@ def _row_fields(spec: GuestSpec, settings: MigrationSettings, report, model: dic
 _MEASURED = ("measured_throughput_bytes_per_second", "pages_sent_total", "live_rounds",
              "final_round_pages", "downtime_seconds", "guest_observed_downtime_seconds",
              "total_time_seconds", "stop_reason", "stop_code", "verified",
-             "pages_skipped_total")
+             "pages_skipped_total", "bytes_sent_total", "normal_pages", "zero_pages",
+             "xbzrle_pages", "xbzrle_bytes", "compression_ratio")
 
 
 def _measured(report, model: dict | None) -> dict:
@@ -238,7 +239,13 @@ def _measured(report, model: dict | None) -> dict:
         # the report's StopCode value, once reports carry one
         "stop_code": report.to_dict().get("stop_code"),
         "verified": report.integrity.verified,
-        "pages_skipped_total": sum(r["pages_skipped"] for r in report.rounds)}
+        "pages_skipped_total": sum(r["pages_skipped"] for r in report.rounds),
+        # what crossed the wire (`nodes.migration.wire`)
+        "bytes_sent_total": report.bytes_sent_total, "normal_pages": report.normal_pages,
+        "zero_pages": report.zero_pages,
+        "xbzrle_pages": report.xbzrle["pages"] if report.xbzrle else None,
+        "xbzrle_bytes": report.xbzrle["bytes"] if report.xbzrle else None,
+        "compression_ratio": report.multifd["compression_ratio"] if report.multifd else None}
 
 
 def _predicted(prefix: str, pred: dict) -> dict:
