@@ -192,7 +192,9 @@ def test_operator_cancel_ends_a_stall(in_process):
 
 def test_slow_link_slows_the_rounds_after_it(in_process):
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
-    tb.create("host-0", GuestSpec("b", 4 * MiB, workload=WorkloadSpec("uniform", 0)))
+    # Memory with content: round 0 sends every page whole, so later rounds have pages.
+    tb.create("host-0", GuestSpec("b", 4 * MiB, workload=WorkloadSpec("uniform", 0,
+                                                                      fill="random")))
     time.sleep(0.05)
     r = tb.migrate("b", "host-1", MigrationSettings(link_bytes_per_second=FAST, faults=(
         "slow-link@round1:32MiB",)))
