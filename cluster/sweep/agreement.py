@@ -110,6 +110,7 @@ class _Evidence:
     lam: float | None
     near: str                 # the model's last live round and final round, as text
     spread: float | None      # of the idle downtime floor
+    encoded: str = ""         # how the runs' pages were encoded (XBZRLE, compression)
 
     @classmethod
     def of(cls, entry: dict, runs: list[dict], scenario: Scenario,
@@ -123,16 +124,34 @@ class _Evidence:
                    med("final_round_pages"), final_p, med("pages_skipped_total"),
                    med("predicted_pages_skipped_total"), Stops.of(runs),
                    Stops.of(runs, "predicted_"), med("predicted_lambda_ratio"), near,
-                   median([c.get("spread_seconds") for c in calibration.values()]))
+                   median([c.get("spread_seconds") for c in calibration.values()]),
+                   _encoded(runs))
 
     @property
     def rounds(self) -> tuple[float | None, float | None]:
         return self.entry["rounds"]["measured"], self.entry["rounds"]["predicted"]
 
 
+def _encoded(runs: list[dict]) -> str:
+    deltas = median([r.get("xbzrle_pages") for r in runs])
+    ratio = median([r.get("compression_ratio") for r in runs])
+    if deltas:
+        return f"{deltas:.0f} pages went as XBZRLE deltas"
+    if ratio and ratio > 1.05:
+        return f"the channels compressed pages {ratio:.2f}x"
+    return ""
+
+
 def _why(metric: str, ev: _Evidence) -> str:
     """The first explanation the runs support."""
     rounds_m, rounds_p = ev.rounds
+    if ev.encoded and metric in ("rounds", "downtime") and rounds_m != rounds_p:
+        return (f"{ev.encoded}: the model counts every page at the run's mean bytes per page, "
+                f"where the encoding differs pass by pass (the first pass goes whole, later "
+                f"ones as deltas or compressed by what they hold), so the rounds cost "
+                f"otherwise than the mean says; {count(rounds_m)} live rounds measured vs "
+                f"{count(rounds_p)} predicted, the runs stopped on '{ev.stops_m.text()}', "
+                f"the model on '{ev.stops_p.text()}'")
     if (_skips(ev.policy) and ev.skipped_p is not None and ev.skipped_m is not None
             and ev.skipped_p > 1.1 * ev.skipped_m + 20):
         return _model_skips_too_much(ev)

@@ -58,7 +58,10 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
              achieved: float | None):
     """The model at one point of a curve; None where it cannot predict."""
     from cluster.model import predict
-    spec, settings = sc.specs(point)
+    try:
+        spec, settings = sc.specs(point)
+    except ConfigError:         # between the swept values (a cache size not a power of two)
+        return None
     calib = calibration.get((spec.memory_bytes, settings.latency_seconds,
                              settings.link_bytes_per_second,
                              settings.rate_limit_bytes_per_second))
