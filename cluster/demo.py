@@ -110,8 +110,8 @@ def _wire(tb: Testbed, reports: list[MigrationReport]) -> None:
     if r.multifd:
         _say(f"   multifd: {r.multifd['channels']} channels, compression ratio "
              f"{r.multifd['compression_ratio'] or 0:.1f}")
-    r = _migrate(tb, "web", "host-0", MigrationSettings(
-        policy="qemu", link_bytes_per_second=LINK, xbzrle_cache_bytes=8 * MiB), reports)
+    r = _migrate(tb, "web", "host-0", MigrationSettings(   # xen: passes after the first
+        policy="xen", link_bytes_per_second=LINK, xbzrle_cache_bytes=8 * MiB), reports)
     if r.xbzrle:
         _say(f"   xbzrle: {r.xbzrle['pages']} pages as deltas, encoding rate "
              f"{r.xbzrle['encoding_rate']:.1f}, {r.xbzrle['cache_miss']} cache misses")
