@@ -37,7 +37,8 @@ def _migrate(tb: Testbed, guest: str, dest: str, settings: MigrationSettings,
     report = tb.migrate(guest, dest, settings, RoundPrinter(sys.stdout))
     _say(f"   {report.status}: downtime {_ms(report.downtime_seconds)}, guest saw "
          f"{_ms(report.guest_observed_downtime_seconds)}, {report.live_rounds} live rounds, "
-         f"{report.pages_sent_total} pages, stop: {report.stop_reason}, integrity "
+         f"{report.pages_sent_total} pages ({report.zero_pages} zero), "
+         f"{format_bytes(report.bytes_sent_total)} sent, stop: {report.stop_reason}, integrity "
          f"{'ok' if report.integrity.verified else report.integrity.verified}")
     reports.append(report)
     return report
@@ -96,6 +97,27 @@ def _boot_guests(tb: Testbed, size: int) -> None:
     time.sleep(0.5)
 
 
+def _wire(tb: Testbed, reports: list[MigrationReport]) -> None:
+    """What crosses the wire: a fresh guest's zero pages, parallel channels with zstd over a
+    slow link, and XBZRLE deltas of a hot set."""
+    _say("\n-- what crosses the wire: a fresh idle guest (zero pages: a pfn word each), db "
+         "over 2 multifd channels with zstd, web with XBZRLE")
+    tb.create("host-2", GuestSpec("fresh", 64 * MiB, "p2m"))
+    _migrate(tb, "fresh", "host-1", MigrationSettings(link_bytes_per_second=LINK), reports)
+    tb.destroy("fresh")
+    r = _migrate(tb, "db", "host-2", MigrationSettings(
+        link_bytes_per_second=32 * MiB, multifd_channels=2, multifd_compression="zstd"),
+        reports)
+    if r.multifd:
+        _say(f"   multifd: {r.multifd['channels']} channels, compression ratio "
+             f"{r.multifd['compression_ratio'] or 0:.1f}")
+    r = _migrate(tb, "web", "host-0", MigrationSettings(   # xen: passes after the first
+        policy="xen", link_bytes_per_second=LINK, xbzrle_cache_bytes=8 * MiB), reports)
+    if r.xbzrle:
+        _say(f"   xbzrle: {r.xbzrle['pages']} pages as deltas, encoding rate "
+             f"{r.xbzrle['encoding_rate']:.1f}, {r.xbzrle['cache_miss']} cache misses")
+
+
 def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> bool:
     """The demo's migrations, each report appended; whether qtest's edge check held."""
     link = MigrationSettings(link_bytes_per_second=LINK)
@@ -117,6 +139,8 @@ def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> boo
     ok = sequential_edge_ok(tb.host("host-0").call("guest_counters", "batch"))
     tb.host("host-0").call("unpause_guest", "batch")
     _say(f"   counters all equal but one edge: {ok}")
+
+    _wire(tb, reports)
 
     _say("\n-- the seed's three ports side by side (x86 above, then ia64 and ppc)")
     _migrate(tb, "itanic", "ia64-b", link, reports)

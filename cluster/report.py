@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
 from nodes.units import format_bytes
 
@@ -55,6 +56,19 @@ class MigrationReport:
     guest_observed_downtime_seconds: float | None = None
     pages_sent_total: int = 0
     bytes_sent_total: int = 0
+    # Of pages_sent_total: pages sent whole and zero pages (QEMU's normal and duplicate);
+    # the rest went as XBZRLE deltas or, unchanged, not at all (the xbzrle block).
+    normal_pages: int = 0
+    zero_pages: int = 0
+    # QEMU's xbzrle-cache block {cache_size, bytes, pages, cache_miss, cache_miss_rate,
+    # encoding_rate, overflow}, and the multifd block {channels, bytes_per_channel,
+    # compression, compression_level, compression_ratio, cpu_seconds {source, destination}};
+    # None when not used (`cluster.wireblocks`).
+    xbzrle: dict | None = None
+    multifd: dict | None = None
+    # How long the guest's workload had run when the migration began: with the workload's
+    # fill, the model's count of non-zero pages at the start.
+    workload_running_seconds: float = 0.0
     # QEMU's dirty-sync-count: 1 after setup, one more at every bitmap sync (a CLEAN here),
     # the stop-and-copy's included, so it lines up with query-migrate's.
     dirty_sync_count: int = 0
@@ -127,6 +141,10 @@ class MigrationReport:
             downtime_source_seconds=source.downtime_source_seconds,
             guest_observed_downtime_seconds=_guest_downtime(source, dest),
             pages_sent_total=source.pages_sent_total, bytes_sent_total=source.bytes_sent_total,
+            normal_pages=sum(r.normal_pages for r in source.rounds),
+            zero_pages=sum(r.zero_pages for r in source.rounds),
+            xbzrle=source.wire.get("xbzrle"), multifd=multifd_block(source, dest),
+            workload_running_seconds=source.workload_running_seconds,
             dirty_sync_count=source.dirty_sync_count,
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
             phase_seconds=dict(source.phase_seconds),
@@ -242,6 +260,7 @@ class MigrationReport:
                 f"{_rate(r['throughput_bytes_per_second']):>12} "
                 f"{r['dirty_rate_pages_per_second']:>10.0f}")
         lines += _aid_lines(self)
+        lines += wire_lines(self)
         lines += [
             f"  stop reason: {self.stop_reason} ({self.stop_code}); dirty-sync-count "
             f"{self.dirty_sync_count}",

@@ -280,6 +280,37 @@ def build_dashboard() -> Dashboard:
              query(top(f"sum by (host) (rate(migbed_migration_received_pages_total{{{H}}}"
                        "[$__rate_interval]))"), "{{host}} received", "B")]))
 
+        # -- what crosses the wire ----------------------------------------------------------
+        .with_panel(ts(
+            "Pages sent by type", "Pages per second sent whole and as zero pages (a pfn word "
+            "each): QEMU's normal and duplicate.", "short",
+            [query(f"sum by (host) (rate(migbed_migration_normal_pages_total{{{H}}}"
+                   "[$__rate_interval]))", "{{host}} normal", "A"),
+             query(f"sum by (host) (rate(migbed_migration_zero_pages_total{{{H}}}"
+                   "[$__rate_interval]))", "{{host}} zero", "B")], stacked=True))
+        .with_panel(ts(
+            "XBZRLE over the time range", "Pages XBZRLE found in its cache, its cache misses "
+            "and overflows, of the migrations that ended in the range.", "short",
+            [query(f"sum(increase(migbed_migration_xbzrle_pages_total{{{H}}}[$__range]))",
+                   "pages encoded", "A"),
+             query(f"sum(increase(migbed_migration_xbzrle_cache_miss_total{{{H}}}"
+                   "[$__range]))", "cache misses", "B"),
+             query(f"sum(increase(migbed_migration_xbzrle_overflow_total{{{H}}}"
+                   "[$__range]))", "overflows", "C")], bars=True))
+        .with_panel(ts(
+            "multifd bytes per channel", "Bytes each multifd channel carried per second, of "
+            "the migrations that ended (a balanced spread means the channels share the "
+            "link).", "Bps",
+            [query(f"sum by (channel) (rate(migbed_migration_multifd_sent_bytes_total{{{H}}}"
+                   "[$__rate_interval]))", "channel {{channel}}")], stacked=True))
+        .with_panel(single(
+            "multifd compression ratio", "Page bytes the channels compressed over the bytes "
+            "they made of them, over the time range.",
+            f"sum(increase(migbed_migration_multifd_compression_input_bytes_total{{{H}}}"
+            f"[$__range])) / sum(increase("
+            f"migbed_migration_multifd_compression_output_bytes_total{{{H}}}[$__range]))",
+            width=6))
+
         # -- guests -----------------------------------------------------------------------
         .with_row(p.row("Guests"))
         .with_panel(ts(

@@ -15,8 +15,9 @@ slower and without coverage guidance:
 The promise checked: any bytes give records or a StreamError, never another exception, a
 hang or an unbounded allocation (libFuzzer's -rss_limit_mb and -timeout catch those; the
 hypothesis profile caps the address space at 2 GiB). The first byte of an input picks the
-target: a whole stream after valid headers, raw headers, one record body of each schema, or
-one PAGE_DATA body.
+target: a whole stream after valid headers, raw headers, one record body of each schema, one
+PAGE_DATA body, one PAGE_XBZRLE body, one PAGE_COMPRESSED body (its decompression bounded),
+or one XBZRLE delta applied to a page.
 """
 
 import io
@@ -31,7 +32,7 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nodes.errors import StreamError  # noqa: E402
-from nodes.migration import records
+from nodes.migration import compression, encoded, records, xbzrle  # noqa: E402
 from nodes.migration.reader import RecordReader  # noqa: E402
 from nodes.migration.records import RecordType as RT  # noqa: E402
 
@@ -60,7 +61,7 @@ def one_input(data: bytes) -> None:
     count += 1
     if not data:
         return
-    mode, body = data[0] % 4, data[1:]
+    mode, body = data[0] % 7, data[1:]
     try:
         if mode == 0:
             _read_all(body, with_head=True)
@@ -69,9 +70,17 @@ def one_input(data: bytes) -> None:
         elif mode == 2 and body:
             fields = records.decode_fields(SCHEMAS[body[0] % len(SCHEMAS)], body[1:])
             assert isinstance(fields, dict)
-        else:
+        elif mode == 3:
             pd = records.decode_page_data(body, 4096, GUEST_PAGES)
             assert len(pd.pfns) == len(pd.types) and pd.pages.shape[1] == 4096
+        elif mode == 4:
+            dp = encoded.decode_xbzrle(body, 4096, GUEST_PAGES)
+            assert sum(len(d) for _, d in dp.deltas()) == len(dp.data)
+        elif mode == 5:
+            pd = encoded.decode_compressed(body, 4096, GUEST_PAGES)
+            assert pd.pages.shape[1] == 4096
+        else:
+            xbzrle.apply(np.zeros(4096, np.uint8), body)
     except StreamError:
         pass
 
@@ -90,6 +99,18 @@ def seed_corpus(folder: Path) -> None:
     (folder / "ready").write_bytes(b"\2" + bytes([SCHEMAS.index(RT.RECEIVER_READY)])
                                    + msgpack.packb({"pages_received": 3, "digest": None}))
     (folder / "page_data").write_bytes(b"\3" + page_data[8:])
+    old = np.zeros((2, 4096), np.uint8)
+    new = old.copy()
+    new[0, 10:20] = 1
+    new[1, ::64] = 2
+    lengths, deltas = xbzrle.encode(old, new)
+    delta = b"".join(bytes(b) for b in encoded.encode_xbzrle(np.arange(2), lengths, deltas))
+    (folder / "xbzrle").write_bytes(b"\4" + delta[8:])
+    zstd = compression.Compressor("zstd", 1)
+    packet = b"".join(bytes(b) for b in encoded.encode_compressed(
+        pfns, types, zstd.code, zstd.compress([pages.tobytes()])))
+    (folder / "compressed").write_bytes(b"\5" + packet[8:])
+    (folder / "delta").write_bytes(b"\6" + deltas[:int(lengths[0])])
 
 
 def run_hypothesis(examples: int) -> int:

@@ -30,10 +30,16 @@ def test_bench_quick_runs_every_section_on_ray(ray_testbed):
                  "downtime_idle_seconds", "downtime_50_page_final_round_seconds",
                  "dirty_rate_vp_logdirty_uniform_pages_per_second", "startup_2_hosts_seconds",
                  "startup_2_hosts_rss_bytes_per_host", "scale_evacuate_2_hosts_concurrent_total_seconds",
-                 "scale_evacuate_1_hosts_sequential_downtime_seconds"):
+                 "scale_evacuate_1_hosts_sequential_downtime_seconds",
+                 "encoder xbzrle encode, counter + 64 bytes changed",
+                 "encoder zero-page detection, random frames",
+                 "wire plain on random throughput_bytes_per_second",
+                 "wire multifd 4 channels on random throughput_bytes_per_second",
+                 "wire multifd 2 channels zstd on text compression_ratio"):
         fig = figures[name]
         assert fig["min"] <= fig["median"] <= fig["max"], name
     assert data["ratios"]["migration / raw data path"] is not None
+    assert data["ratios"]["multifd 2 channels zlib on text / plain"] is not None
     assert any(c.startswith("data plane:") for c in data["conclusions"])
     assert "ratios (of medians)" in res.table()
     assert not [g for g in ray_testbed.guests() if g["name"].startswith("bench-")]

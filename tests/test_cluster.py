@@ -85,7 +85,9 @@ def test_destination_killed_mid_stream(ray_testbed, unique_name):
     doomed = RayHost(cfg.name, actor)
     tb.hosts[cfg.name] = doomed
     try:
-        tb.create("host-0", GuestSpec(name, 16 * MiB, workload=WorkloadSpec("uniform", 0)))
+        # Memory with content: its 16 MiB go whole over 4 MiB/s, pages flow for seconds.
+        tb.create("host-0", GuestSpec(name, 16 * MiB, workload=WorkloadSpec("uniform", 0,
+                                                                            fill="random")))
         src = tb.host("host-0")
         killer = threading.Timer(0.4, lambda: ray.kill(actor, no_restart=True))
         killer.start()

@@ -535,7 +535,8 @@ def test_adaptive_rate_paces_xen_legacys_first_round(in_process):
 
 # -- the model follows the same schedule ----------------------------------------------------------
 def test_the_model_says_when_auto_converge_converges_and_at_what_throttle():
-    kw = dict(guest_memory_bytes=4 * MiB, workload=WorkloadSpec("uniform", 8000),
+    # A guest whose memory has content: a fresh (zero) one goes in one cheap pass.
+    kw = dict(guest_memory_bytes=4 * MiB, workload=WorkloadSpec("uniform", 8000, fill="random"),
               link_bytes_per_second=8 * MiB, policy="qemu",
               policy_settings={"max_iterations": 12})
     plain = predict(**kw)
@@ -554,7 +555,8 @@ def test_the_model_follows_dirty_limit():
     """Quota 10 MB/s on a guest writing 82 MB/s over 12 MiB/s: the rule's sleep brings it
     under what the link drains; 50 MB/s stops adjusting within the tolerance, and does not."""
     from cluster.model.throttle import DirtyLimitSpec
-    kw = dict(guest_memory_bytes=16 * MiB, workload=WorkloadSpec("uniform", 20000),
+    kw = dict(guest_memory_bytes=16 * MiB,
+              workload=WorkloadSpec("uniform", 20000, fill="random"),
               link_bytes_per_second=12 * MiB, policy="qemu",
               policy_settings={"max_iterations": 15})
     tight = predict(**kw, dirty_limit=DirtyLimitSpec(10e6))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import require_binary
+from test_metrics import scrape_all
 
 from cluster import prometheus as prom_mod
 from cluster.prometheus import (
@@ -267,16 +268,21 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
             t0 = time.time()
             wait_for(lambda: sum(t["health"] == "up" for t in prom.active_targets()) == 4, 15,
                      "the four hosts are not all scraped")
+            t_up = time.time()        # every host scraped once
+            baseline = scrape_all(tb)  # what the shared hosts counted before this test
             phases["prometheus up"] = time.monotonic() - t_start - sum(phases.values())
             # Slow links, so each migration is running for several scrapes.
             reports = {}
 
             def move(key, dest, settings):
                 reports[key] = tb.migrate(guests[key], dest, settings)
+            # One over multifd channels with zstd, one with XBZRLE: the wire's panels too.
             movers = [threading.Thread(target=move, args=("a", "host-1", MigrationSettings(
-                          link_bytes_per_second=20 * MiB))),
+                          link_bytes_per_second=20 * MiB, multifd_channels=2,
+                          multifd_compression="zstd"))),
                       threading.Thread(target=move, args=("b", "host-2", MigrationSettings(
-                          policy="qemu", link_bytes_per_second=16 * MiB)))]
+                          policy="qemu", link_bytes_per_second=16 * MiB,
+                          xbzrle_cache_bytes=4 * MiB)))]
             for t in movers:
                 t.start()
             for t in movers:
@@ -289,6 +295,7 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
             t1 = time.time()
             phases["migrations"] = time.monotonic() - t_start - sum(phases.values())
             evaluate_every_panel(prom, t0, t1)
+            wire_counters_counted(prom, t_up, t1, reports, baseline)
             evaluate_every_recording_rule(prom, t0, t1)
             phases["queries"] = time.monotonic() - t_start - sum(phases.values())
             dead_host_leaves_prometheus(prom, sd, doomed, cluster)
@@ -330,6 +337,34 @@ def evaluate_every_panel(prom: Prometheus, t0: float, t1: float) -> None:
                 empty.append(f"{p['title']} [{target['refId']}]: {expr}")
     assert not empty, "panels whose query returns no data:\n" + "\n".join(empty)
     assert checked >= 25
+
+
+def wire_counters_counted(prom: Prometheus, t0: float, t1: float, reports: dict,
+                          baseline: dict) -> None:
+    """The wire's counters, as Prometheus scraped them over the migrations, are what the
+    reports say: their last values over [t0, t1] (a range query: a scrape that fails on a
+    loaded machine leaves a gap) less what the hosts counted before (earlier tests)."""
+    def moved(name: str, host: str, by: str = "") -> dict:
+        out = {}
+        for series in prom.query_range(f'{name}{{host="{host}"}}', t0, t1, 1.0):
+            values = [float(v) for _, v in series["values"] if not math.isnan(float(v))]
+            key = series["metric"].get(by, "")
+            labels = {"host": host, **({by: key} if by else {})}
+            if values:
+                out[key] = values[-1] - baseline[host].get(name, **labels)
+        assert out, f"no data for {name} of {host}"
+        return out
+    a, b = reports["a"], reports["b"]
+    assert sum(moved("migbed_migration_zero_pages_total", "host-0").values()) == a.zero_pages
+    assert a.zero_pages > 0
+    per = moved("migbed_migration_multifd_sent_bytes_total", "host-0", "channel")
+    assert sorted(v for v in per.values() if v) == sorted(a.multifd["bytes_per_channel"])
+    raw = moved("migbed_migration_multifd_compression_input_bytes_total", "host-0")
+    out = moved("migbed_migration_multifd_compression_output_bytes_total", "host-0")
+    assert sum(raw.values()) / sum(out.values()) == pytest.approx(
+        a.multifd["compression_ratio"])
+    miss = moved("migbed_migration_xbzrle_cache_miss_total", "host-1")
+    assert sum(miss.values()) == b.xbzrle["cache_miss"] > 0
 
 
 def evaluate_every_recording_rule(prom: Prometheus, t0: float, t1: float) -> None:

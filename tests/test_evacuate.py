@@ -51,8 +51,9 @@ def test_concurrent_migrations_share_the_link_fairly(in_process):
     """Two migrations leaving one host share its 16 MiB/s link: about 8 MiB/s each."""
     link = 16 * MiB
     tb = in_process(hosts=3, host_memory_bytes=64 * MiB)
+    full = WorkloadSpec("idle", fill="random")      # every page whole: 4 MiB each to send
     for i in range(2):
-        tb.create("host-0", GuestSpec(f"f{i}", 4 * MiB))
+        tb.create("host-0", GuestSpec(f"f{i}", 4 * MiB, workload=full))
     rep = tb.evacuate("host-0", concurrency=2,
                       settings=MigrationSettings(link_bytes_per_second=link))
     assert rep.ok
@@ -62,7 +63,7 @@ def test_concurrent_migrations_share_the_link_fairly(in_process):
     assert sum(rates) < link * 1.15, "together they never beat the host's link"
     assert max(rates) / min(rates) < 1.5, rates
     # Alone, one migration may use the whole link (again bounded from above only).
-    tb.create("host-1", GuestSpec("alone", 4 * MiB))
+    tb.create("host-1", GuestSpec("alone", 4 * MiB, workload=full))
     r = tb.migrate("alone", "host-2", MigrationSettings(link_bytes_per_second=link,
                                                         link_shared=True))
     assert r.status == "completed" and r.throughput_bytes_per_second < link * 1.15

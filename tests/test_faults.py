@@ -47,7 +47,8 @@ def _matrix() -> list[tuple[str, str]]:
         rows += [(f"kill-destination@{st}", SRC), (f"kill-source@{st}", LOST),
                  (f"stall-link@{st}:{SHORT}", DST), (f"stall-link@{st}:{LONG}", SRC),
                  (f"cut-link@{st}", SRC), (f"slow-link@{st}:32MiB", DST),
-                 (f"corrupt-record@{st}", SRC), (f"truncate-stream@{st}", SRC)]
+                 (f"corrupt-record@{st}", SRC), (f"truncate-stream@{st}", SRC),
+                 (f"cut-channel@{st}:{1 if st == 'round0' else 0}", SRC)]
     rows += [("kill-destination@handover", LOST), ("kill-source@handover", DST),
              (f"stall-link@handover:{SHORT}", DST),
              (f"stall-link@handover:{LONG}", DST), ("cut-link@handover", DST),
@@ -111,8 +112,9 @@ register_policy(ThreeRounds.name, ThreeRounds)
 
 
 def settings(fault: str) -> MigrationSettings:
+    channels = 2 if fault.startswith("cut-channel") else None   # multifd: a channel to cut
     return MigrationSettings(policy=ThreeRounds.name, link_bytes_per_second=FAST,
-                             timeout_seconds=TIMEOUT, faults=(fault,))
+                             timeout_seconds=TIMEOUT, faults=(fault,), multifd_channels=channels)
 
 
 @pytest.mark.parametrize("fault,outcome", MATRIX, ids=[f for f, _ in MATRIX])
@@ -214,7 +216,9 @@ def test_operator_cancel_ends_a_stall(in_process):
 
 def test_slow_link_slows_the_rounds_after_it(in_process):
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
-    tb.create("host-0", GuestSpec("b", 4 * MiB, workload=WorkloadSpec("uniform", 0)))
+    # Memory with content: round 0 sends every page whole, so later rounds have pages.
+    tb.create("host-0", GuestSpec("b", 4 * MiB, workload=WorkloadSpec("uniform", 0,
+                                                                      fill="random")))
     time.sleep(0.05)
     r = tb.migrate("b", "host-1", MigrationSettings(link_bytes_per_second=FAST, faults=(
         "slow-link@round1:32MiB",)))
@@ -288,7 +292,7 @@ def test_every_kind_and_stage_is_in_the_matrix():
     for kind, (stages, _, _) in KINDS.items():
         for stage in stages:
             assert (kind.value, stage.value) in tried, (kind, stage)
-    assert len(FaultKind) == 9 and len(ALL_STAGES) == 4
+    assert len(FaultKind) == 10 and len(ALL_STAGES) == 4
 
 
 BAD_FAULTS = [
@@ -299,6 +303,7 @@ BAD_FAULTS = [
     "truncate-stream@handover", "refuse-memory@round0", "delay-restore@setup:1s",
     "delay-restore@round1:1s", "cut-link@roundx", "cut-link@round-1", "cut-link@later",
     "cut-link@setup:2s", "kill-source@setup:", "x" * 300,
+    "cut-channel@round0", "cut-channel@round0:one", "cut-channel@handover:0",
 ]
 
 

@@ -270,13 +270,18 @@ def test_send_buffers_survives_partial_sends():
     assert bytes(got) == data.tobytes()
 
 
-def test_page_counts_in_report_match_bytes(pair):
+@pytest.mark.parametrize("detection", ["none", "legacy"])
+def test_page_counts_in_report_match_bytes(pair, detection):
+    """Bytes on the wire by page type: a normal page is its bytes and its pfn word, a zero
+    page its pfn word alone; the framing beyond that stays small."""
     tb = pair
     tb.create("host-0", GuestSpec("b", 4 * MiB))
-    r = tb.migrate("b", "host-1")
-    assert r.bytes_sent_total > r.pages_sent_total * 4096
-    overhead = r.bytes_sent_total - r.pages_sent_total * 4096
-    assert overhead < r.pages_sent_total * 64, "per-page framing stays small"
+    r = tb.migrate("b", "host-1", MigrationSettings(zero_page_detection=detection))
+    assert r.pages_sent_total == r.normal_pages + r.zero_pages
+    assert (r.zero_pages == 0) is (detection == "none")
+    payload = r.normal_pages * (4096 + 8) + r.zero_pages * 8
+    assert r.bytes_sent_total > payload
+    assert r.bytes_sent_total - payload < 64 * 1024, "per-record framing stays small"
     assert np.isclose(r.guest_memory_bytes, 4 * MiB)
 
 

@@ -32,8 +32,14 @@ WIRE = PAGE + 8 + 32 / 1024                                  # bytes per page on
 LINK = 128 * MiB
 
 
+ZERO_WIRE = 8 + 32 / 1024                                    # a zero page: its pfn word
+
+
 def run(workload: WorkloadSpec, **kw) -> ModelPrediction:
+    """The hand-worked cases count every page whole (no zero-page detection), as the plain
+    model does; the tests of pages by type turn it on."""
     kw.setdefault("link_bytes_per_second", LINK)
+    kw.setdefault("zero_page_detection", "none")
     return predict(guest_memory_bytes=GUEST, page_size=PAGE, workload=workload, **kw)
 
 
@@ -47,7 +53,9 @@ def check_shape(p: ModelPrediction) -> None:
     assert [r.index for r in p.rounds] == list(range(len(p.rounds)))
     assert p.final_pages == p.rounds[-1].pages_sent
     assert p.pages_sent_total == pytest.approx(sum(r.pages_sent for r in p.rounds))
-    assert p.bytes_sent_total == pytest.approx(p.pages_sent_total * WIRE)
+    assert p.zero_pages == pytest.approx(sum(r.zero_pages for r in p.rounds))
+    assert p.bytes_sent_total == pytest.approx(
+        (p.pages_sent_total - p.zero_pages) * WIRE + p.zero_pages * ZERO_WIRE)
     assert p.total_time_seconds == pytest.approx(
         sum(r.duration_seconds for r in live(p)) + p.downtime_seconds)
     json.dumps(p.to_dict())
@@ -351,3 +359,39 @@ def test_compare_ratios():
     assert c["total_time_ratio"] == pytest.approx(1.2)
     assert c["round_pages_sent_ratios"] == pytest.approx([1.1])
     json.dumps(c)
+
+
+# -- pages by type: zero pages cost their pfn word ----------------------------------------------
+def test_a_fresh_idle_guest_sends_its_zero_pages_for_a_pfn_word_each():
+    p = run(WorkloadSpec("idle"), zero_page_detection="multifd")
+    check_shape(p)
+    first = p.rounds[0]
+    assert first.pages_sent == GUEST_PAGES and first.zero_pages == DATA_PAGES
+    assert p.bytes_sent_total == pytest.approx(TABLE_PAGES * WIRE + DATA_PAGES * ZERO_WIRE)
+    assert first.duration_seconds == pytest.approx(p.bytes_sent_total / LINK)
+    full = run(WorkloadSpec("idle", fill="random"), zero_page_detection="multifd")
+    assert full.zero_pages == 0 and full.bytes_sent_total == pytest.approx(GUEST_PAGES * WIRE)
+
+
+def test_the_warmup_sets_the_non_zero_pages_and_round_0_finds_more():
+    """A fresh guest that wrote for 0.5 s: its distinct pages are non-zero at the start; the
+    first pass finds some more, written before the cursor reached them."""
+    w, warmup = 8000.0, 0.5
+    spec = WorkloadSpec("uniform", w)
+    p = run(spec, zero_page_detection="legacy", warmup_seconds=warmup)
+    check_shape(p)
+    written = expected_distinct_pages(spec, DATA_PAGES, warmup)
+    first = p.rounds[0]
+    normal = first.pages_sent - first.zero_pages
+    assert TABLE_PAGES + written < normal < TABLE_PAGES + written + w * first.duration_seconds
+    later = run(spec, zero_page_detection="legacy", warmup_seconds=4 * warmup)
+    assert later.rounds[0].zero_pages < first.zero_pages
+
+
+def test_qemu_sends_a_fresh_guest_in_one_cheap_pass():
+    p = run(WorkloadSpec("idle"), policy="qemu", zero_page_detection="multifd",
+            link_bytes_per_second=32 * MiB)
+    check_shape(p)
+    assert p.live_rounds == 1 and p.rounds[0].pages_sent == GUEST_PAGES
+    assert p.rounds[0].zero_pages == pytest.approx(DATA_PAGES)
+    assert p.final_pages == pytest.approx(0, abs=1e-6)

@@ -186,7 +186,8 @@ def test_small_sweep_end_to_end(tmp_path, capsys):
         assert float(r["pages_sent_ratio"]) > 0 and r["model_error"] == ""
     assert all("1.0 GiB" in r["error"] for r in rows[2:]), rows[2]["error"]   # never dropped
 
-    for name in ("downtime.png", "total_time.png", "pages_sent.png", "rounds.png"):
+    for name in ("downtime.png", "total_time.png", "pages_sent.png", "bytes_sent.png",
+                 "rounds.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 4

@@ -97,10 +97,10 @@ def pair(in_process):
 
 
 def test_qemu_switches_mid_pass_when_the_rest_fits(pair):
-    """A 16 MiB idle guest at a 32 MiB/s rate limit: the pass takes 0.5 s, and the switch
-    comes once what is left fits 32 MiB/s x 300 ms, in the middle of it."""
+    """A 16 MiB idle guest whose memory has content at a 32 MiB/s rate limit: the pass takes
+    0.5 s, and the switch comes once what is left fits 32 MiB/s x 300 ms, in the middle."""
     tb = pair
-    tb.create("host-0", GuestSpec("m", 16 * MiB))
+    tb.create("host-0", GuestSpec("m", 16 * MiB, workload=WorkloadSpec("idle", fill="random")))
     limit = 32 * MiB
     s = MigrationSettings(policy="qemu", rate_limit_bytes_per_second=limit)
     r = tb.migrate("m", "host-1", s)
@@ -114,7 +114,7 @@ def test_qemu_switches_mid_pass_when_the_rest_fits(pair):
     assert r.dirty_sync_count == 3, "setup, the sync that found it fits, stop-and-copy"
     assert first["throughput_bytes_per_second"] < limit * 1.15, "QEMU's window budget"
     # The model, on the same settings, runs the same rules.
-    m = predict(guest_memory_bytes=16 * MiB, workload=WorkloadSpec("idle"),
+    m = predict(guest_memory_bytes=16 * MiB, workload=WorkloadSpec("idle", fill="random"),
                 link_bytes_per_second=None, rate_limit_bytes_per_second=limit,
                 policy="qemu")
     assert m.live_rounds == 1 and m.dirty_sync_count == 3

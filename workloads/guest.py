@@ -2,7 +2,8 @@
 
 Workloads write through the guest's own access path, so they see a guest the way its vCPU
 does: a lock to hold across a batch (a pause or a mode switch lands wholly before or after
-it), whether it runs, its data pages, and word reads and writes by pfn. The Xen model's
+it), whether it runs, its data pages, word reads and writes by pfn, and byte writes (the
+content beside the counter). The Xen model's
 `nodes.xen.domain.Domain` is one; a test may bring another. Keeping this small protocol here
 is what lets `workloads` stand on its own: it imports nothing of the model.
 """
@@ -27,3 +28,7 @@ class Guest(Protocol):
 
     def write_words(self, pfns: np.ndarray, word: int | np.ndarray,
                     values: np.ndarray) -> None: ...
+
+    def write_bytes(self, pfns: np.ndarray, offset: int, data: np.ndarray) -> None:
+        """Store `data` (one row of bytes per pfn) at byte `offset` of each page."""
+        ...

@@ -30,6 +30,7 @@ from typing import ClassVar
 import numpy as np
 
 from nodes.errors import ConfigError, GuestPaused
+from workloads.content import COUNTER_BYTES, content, fill
 from workloads.guest import Guest
 from workloads.spec import PATTERNS, WorkloadSpec
 
@@ -48,7 +49,8 @@ class Workload:
 
     pattern: ClassVar[str] = ""
 
-    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None):
+    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None,
+                 page_size: int = 4096):
         if spec.pattern != self.pattern:
             raise ConfigError(f"{type(self).__name__} runs {self.pattern!r}, spec asks for "
                               f"{spec.pattern!r}; use make_workload")
@@ -57,9 +59,16 @@ class Workload:
         data_pages = int(data_pages)
         if data_pages == 0 and spec.pattern != "idle":
             raise ConfigError(f"a {spec.pattern} workload needs at least one data page")
+        if spec.write_bytes > page_size:
+            raise ConfigError(f"write bytes {spec.write_bytes} exceed the page size "
+                              f"({page_size} B); give at most {page_size}")
         self.spec = spec
         self.data_pages = data_pages
+        self.page_size = page_size
         self.rng = np.random.Generator(np.random.PCG64(spec.seed))
+        # What the writes put beside the counter, from a generator of its own: the pages a
+        # workload picks do not depend on how many bytes it writes.
+        self.content_rng = _generator(spec.seed, _CONTENT_STREAM)
         self.pages_written_total = 0
         self.budget_pages = 0.0        # fractional (and bounded backlog) carry of the rate budget
         self.running_seconds = 0.0     # phase clock: running time seen by write() since start
@@ -161,8 +170,22 @@ class Workload:
                 return 0
             pfns = pages + domain.pfn_base if domain.pfn_base else pages
             old = domain.read_words(pfns, 0)
-            domain.write_words(pfns, 0, old + increments)
+            if self.spec.write_bytes <= COUNTER_BYTES:
+                domain.write_words(pfns, 0, old + increments)
+            else:       # the counter, then fresh content up to write_bytes
+                data = np.empty((len(pfns), self.spec.write_bytes), np.uint8)
+                data[:, :COUNTER_BYTES] = (old + increments).astype("<u8")[:, None].view(
+                    np.uint8)
+                data[:, COUNTER_BYTES:] = content(self.spec.fill, self.content_rng, len(pfns),
+                                                  self.spec.write_bytes - COUNTER_BYTES)
+                domain.write_bytes(pfns, 0, data)
             return int(increments.sum())
+
+    def fill(self, domain: Guest) -> None:
+        """What the guest's data pages hold before the workload starts (`spec.fill`, see
+        `workloads.content.fill`); word 0 stays 0, so the lost-write check still holds."""
+        fill(domain, self.spec.fill, _generator(self.spec.seed, _FILL_STREAM),
+             self.data_pages, self.page_size)
 
     # -- state ---------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -178,6 +201,7 @@ class Workload:
             "seed": self.spec.seed,
             # PCG64's state and increment are 128-bit ints: JSON keeps them exact as text.
             "rng": json.dumps(self.rng.bit_generator.state, sort_keys=True),
+            "content_rng": json.dumps(self.content_rng.bit_generator.state, sort_keys=True),
             "pages_written_total": int(self.pages_written_total),
             "budget_pages": float(self.budget_pages),
             "running_seconds": float(self.running_seconds),
@@ -200,13 +224,10 @@ class Workload:
         if state["data_pages"] != self.data_pages:
             raise ConfigError(f"workload state is for {state['data_pages']} data pages, the "
                               f"guest has {self.data_pages}")
-        try:
-            bit_state = json.loads(state["rng"])
-            bitgen = np.random.PCG64()
-            bitgen.state = bit_state
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"workload state has an unreadable generator state: {exc}") from None
-        self.rng = np.random.Generator(bitgen)
+        self.rng = np.random.Generator(_bit_generator(state["rng"], "generator"))
+        if "content_rng" in state:
+            self.content_rng = np.random.Generator(_bit_generator(state["content_rng"],
+                                                                  "content generator"))
         self.pages_written_total = int(state["pages_written_total"])
         self.budget_pages = float(state["budget_pages"])
         self.running_seconds = float(state["running_seconds"])
@@ -247,8 +268,9 @@ class HotsetWorkload(Workload):
 
     pattern = "hotset"
 
-    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None):
-        super().__init__(spec, data_pages, state)
+    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None,
+                 page_size: int = 4096):
+        super().__init__(spec, data_pages, state, page_size)
         self.hot_pages = hot_pages(spec, self.data_pages)
         self.cold_pages = self.data_pages - self.hot_pages
 
@@ -335,9 +357,28 @@ def hot_pages(spec: WorkloadSpec, data_pages: int) -> int:
     return min(data_pages, max(1, math.ceil(spec.hot_fraction * data_pages - 1e-9)))
 
 
-def make_workload(spec: WorkloadSpec, data_pages: int, state: dict | None = None) -> Workload:
-    """The workload `spec` describes over `data_pages` pages, fresh or restored from `state`."""
-    return WORKLOAD_CLASSES[spec.pattern](spec, data_pages, state)
+def make_workload(spec: WorkloadSpec, data_pages: int, state: dict | None = None,
+                  page_size: int = 4096) -> Workload:
+    """The workload `spec` describes over `data_pages` pages of `page_size` bytes, fresh or
+    restored from `state`."""
+    return WORKLOAD_CLASSES[spec.pattern](spec, data_pages, state, page_size)
+
+
+_CONTENT_STREAM = 1     # the workload's generators: page choice is the seed's own stream
+_FILL_STREAM = 2
+
+
+def _bit_generator(text: str, what: str) -> np.random.PCG64:
+    try:
+        bitgen = np.random.PCG64()
+        bitgen.state = json.loads(text)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"workload state has an unreadable {what} state: {exc}") from None
+    return bitgen
+
+
+def _generator(seed: int, stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream])))
 
 
 def check_state_values(value: object, path: str = "state") -> None:

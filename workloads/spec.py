@@ -7,8 +7,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from nodes.errors import ConfigError
+from workloads.content import COUNTER_BYTES, check_fill
 
 PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased")
+MAX_WRITE_BYTES = 1 << 16        # the largest page size a host may have
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,11 @@ class WorkloadSpec:
     busy_seconds: float = 1.0
     quiet_seconds: float = 1.0
     quiet_rate_fraction: float = 0.0
+    # How many bytes of a page each write rewrites (8: the counter alone; the page size:
+    # all of it, as guestperf's stress does), and what memory holds before the workload
+    # starts (`workloads.content.FILLS`).
+    write_bytes: int = 8
+    fill: str = "zero"
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -42,6 +49,12 @@ class WorkloadSpec:
             raise ConfigError("quiet_rate_fraction must be in [0, 1]")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if (isinstance(self.write_bytes, bool) or not isinstance(self.write_bytes, int)
+                or not COUNTER_BYTES <= self.write_bytes <= MAX_WRITE_BYTES):
+            raise ConfigError(f"write bytes must be a whole number from {COUNTER_BYTES} (the "
+                              f"page's counter alone) to the page size, got "
+                              f"{self.write_bytes!r}")
+        check_fill(self.fill)
 
     @property
     def unlimited(self) -> bool:

@@ -3,7 +3,7 @@ baseline measured in the same run on the same machine.
 
 Sections (each figure is the median of repeats, with min and max), one module each:
 
-- throughput: an idle guest migrated over an unlimited link, against the raw data path (the
+- throughput: an idle guest (its memory random, so every page goes whole) migrated over an unlimited link, against the raw data path (the
   same bytes pushed between the same two host actors over migbed's own transport: a
   `nodes.migration.channel` TCP connection and a `LinkSender`, without encoding or page
   lookups), an in-process memory copy, and Ray's object store as the alternative data plane
@@ -13,6 +13,9 @@ Sections (each figure is the median of repeats, with min and max), one module ea
 - dirtying: page writes per second one vCPU sustains per pattern in P2M mode and in VP mode
   with log-dirty on (CLEANed every round interval, as during a migration).
 - stages: the pipeline's stages one at a time on one 4 MiB record, to show which is slowest.
+- wire: zero-page detection and the XBZRLE encoder alone; migrations over 1, 2 and 4
+  multifd channels and with zlib and zstd on random and text memory, each beside the plain
+  path in the same run (`wire`).
 - startup: seconds to bring up 2 / 8 / 32 hosts on a fresh local Ray cluster with their
   guests, listed and torn down (in a child process, so it never touches the caller's Ray
   session), the default packing beside one Ray node per host; the resident memory of every

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 from nodes.errors import ConfigError
 
 MiB = 1024 * 1024
-SECTIONS = ("throughput", "downtime", "dirtying", "stages", "startup", "scale")
+SECTIONS = ("throughput", "downtime", "dirtying", "stages", "wire", "startup", "scale")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class BenchOptions:
     scale_guest_memory_bytes: int = 16 * MiB
     scale_dirty_rate_pages_per_second: float = 2000.0
     hosts_per_node: int | None = None   # None: the bench's layouts (see runner, startup)
+    wire_guest_memory_bytes: int = 64 * MiB
     hosts: int = 3
     host_memory_bytes: int = 640 * MiB
     sections: tuple[str, ...] = SECTIONS
@@ -59,6 +60,7 @@ class BenchOptions:
                     startup_repeats=1, scale_hosts=3, scale_host_memory_bytes=64 * MiB,
                     scale_racks=(1, 2), scale_guests_per_host=2,
                     scale_guest_memory_bytes=4 * MiB,
+                    wire_guest_memory_bytes=4 * MiB,
                     host_memory_bytes=128 * MiB, quick=True)
         return cls(**{**tiny, **overrides})
 

@@ -12,6 +12,7 @@ from cluster.bench.results import Results
 from cluster.bench.scale import bench_scale
 from cluster.bench.startup import bench_startup
 from cluster.bench.throughput import bench_throughput
+from cluster.bench.wire import bench_wire
 
 if TYPE_CHECKING:
     from cluster.testbed import Testbed
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 # section -> what measures it; those in _ON_TESTBED take the testbed first
 _SECTIONS: dict[str, Callable] = {
     "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
-    "stages": bench_stages, "startup": bench_startup, "scale": bench_scale}
-_ON_TESTBED = ("throughput", "downtime")
+    "stages": bench_stages, "wire": bench_wire, "startup": bench_startup,
+    "scale": bench_scale}
+_ON_TESTBED = ("throughput", "downtime", "wire")
 
 
 def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,

@@ -108,7 +108,8 @@ def cmd_model(args: argparse.Namespace) -> int:
                    policy_settings=policy_settings_of(settings, fixed),
                    auto_converge=ThrottleSpec.from_settings(settings),
                    dirty_limit=DirtyLimitSpec.from_settings(settings),
-                   completion_timeout=timeouts_from(settings, args.guest_memory))
+                   completion_timeout=timeouts_from(settings, args.guest_memory),
+                   warmup_seconds=args.warmup, zero_page_detection=args.zero_page_detection)
     d = pred.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))
@@ -150,4 +151,7 @@ def register(sub: Commands) -> None:
                    default=64 * 1024 * 1024, help="guest memory (default 64MiB)")
     s.add_argument("--page-size", type=arg(parse_positive_size, "--page-size"), default=4096,
                    help="page size in bytes (default 4096)")
+    s.add_argument("--warmup", type=arg(parse_seconds, "--warmup", allow_zero=True),
+                   default=0.5, help="how long the workload ran before the migration: with "
+                   "--fill zero, what it has written (default 0.5s, as migrate's)")
     s.set_defaults(func=cmd_model)

@@ -140,6 +140,13 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
                    help="hotset: share of pages in the writable working set (default 0.1)")
     p.add_argument("--hot-share", type=arg(parse_fraction, "--hot-share"), default=0.9,
                    help="hotset: share of writes that hit it (default 0.9)")
+    from workloads.content import FILLS
+    p.add_argument("--write-bytes", type=arg(parse_size, "--write-bytes"), default=8,
+                   metavar="N", help="bytes of its page each write rewrites, 8 (the counter "
+                   "alone) to the page size (default 8)")
+    p.add_argument("--fill", default="zero", choices=FILLS, metavar="CONTENT",
+                   help=f"what the guest's memory holds before the workload starts: "
+                        f"{', '.join(FILLS)} (default zero, as a fresh guest)")
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
@@ -164,6 +171,7 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
                    help="timeout of every wait across hosts (default 30s)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the destination-equals-source memory check")
+    add_wire_options(p)
     p.add_argument("--json", action="store_true", help="print the report alone, as JSON")
     add_convergence_options(p)
 
@@ -224,6 +232,27 @@ def convergence_from(args: argparse.Namespace) -> dict:
                 adaptive_rate=args.adaptive_rate)
 
 
+def add_wire_options(p: argparse.ArgumentParser) -> None:
+    """What crosses the wire (`nodes.migration.wire`): QEMU's names and defaults."""
+    from nodes.migration.wire import COMPRESSIONS, LEVELS, ZERO_PAGE_DETECTIONS
+    p.add_argument("--zero-page-detection", default="multifd", choices=ZERO_PAGE_DETECTIONS,
+                   metavar="WHERE", help="none, legacy (the sender looks) or multifd (the "
+                   "channels look, else as legacy; QEMU's default)")
+    p.add_argument("--xbzrle-cache", type=arg(parse_positive_size, "--xbzrle-cache"),
+                   default=None, metavar="SIZE",
+                   help="XBZRLE delta pages with a cache of SIZE, a power of two (e.g. "
+                        "64MiB, QEMU's default size)")
+    p.add_argument("--multifd-channels", type=arg(parse_count, "--multifd-channels", 1, 255),
+                   default=None, metavar="N",
+                   help="send pages over N more connections (QEMU's default is 2)")
+    p.add_argument("--multifd-compression", default="none", choices=COMPRESSIONS,
+                   metavar="CODEC", help="compress the channels' packets: none, zlib or zstd")
+    for codec, (lo, hi) in LEVELS.items():
+        p.add_argument(f"--multifd-{codec}-level",
+                       type=arg(parse_count, f"--multifd-{codec}-level", lo, hi), default=1,
+                       metavar="L", help=f"{codec} level {lo}..{hi} (default 1, as QEMU's)")
+
+
 def add_fault_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fault", action="append", type=arg(_fault), default=None,
                    metavar="KIND@STAGE[:ARG]",
@@ -241,7 +270,8 @@ def workload_from(args: argparse.Namespace) -> "WorkloadSpec":
     from workloads.spec import WorkloadSpec
     return WorkloadSpec(pattern=args.workload, rate_pages_per_second=args.dirty_rate,
                         seed=args.seed, hot_fraction=args.hot_fraction,
-                        hot_share=args.hot_share)
+                        hot_share=args.hot_share, write_bytes=args.write_bytes,
+                        fill=args.fill)
 
 
 def settings_from(args: argparse.Namespace) -> "MigrationSettings":
@@ -252,6 +282,9 @@ def settings_from(args: argparse.Namespace) -> "MigrationSettings":
         downtime_limit_seconds=args.downtime_limit, max_iterations=args.max_iterations,
         verify=not args.no_verify, cancel_after_round=args.cancel_after_round,
         timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()),
+        zero_page_detection=args.zero_page_detection, xbzrle_cache_bytes=args.xbzrle_cache,
+        multifd_channels=args.multifd_channels, multifd_compression=args.multifd_compression,
+        multifd_zlib_level=args.multifd_zlib_level, multifd_zstd_level=args.multifd_zstd_level,
         **convergence_from(args))
 
 

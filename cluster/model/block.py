@@ -19,6 +19,17 @@ def live_throughput(rounds: list[dict]) -> float | None:
     return sent / seconds if seconds > 0 and sent > 0 else None
 
 
+def measured_page_bytes(report: "MigrationReport") -> float | None:
+    """Bytes a page sent whole cost on the wire, when XBZRLE or compression made it less than
+    the page (the model counts pages, not their encodings: it takes the run's measure, as
+    it takes its throughput); None otherwise."""
+    m = report.multifd
+    if report.xbzrle is None and not (m and m.get("compression_ratio")):
+        return None
+    pages = report.pages_sent_total - report.zero_pages
+    return (report.bytes_sent_total - 8 * report.zero_pages) / pages if pages > 0 else None
+
+
 def model_block(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
                 resume_seconds: float = 0.0,
                 dirty_rate_pages_per_second: float | None = None,
@@ -72,6 +83,9 @@ def _model_inputs(report: "MigrationReport", workload: dict | None, settings: Mi
     from workloads.spec import WorkloadSpec
     policy_settings = policy_settings_of(settings, fixed_downtime)
     return dict(
+        warmup_seconds=report.workload_running_seconds,
+        zero_page_detection=settings.zero_page_detection,
+        page_bytes=measured_page_bytes(report),
         guest_memory_bytes=report.guest_memory_bytes, page_size=report.page_size,
         workload=WorkloadSpec.from_dict(workload) if workload else WorkloadSpec(),
         policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,

@@ -13,6 +13,7 @@ first pass, every page is) add nothing. The migration stops when the policy says
 marked plus what was dirtied since the last sync.
 """
 
+import math
 from dataclasses import dataclass
 
 from cluster.model.throttle import ModelThrottle, running_share, timeout_decision
@@ -31,6 +32,8 @@ class _Span:
     region: Region | None       # how the workload writes it (None: never)
     ahead: float                # marked, not sent, ahead of the cursor in this pass
     behind: float = 0.0         # marked, not sent, behind it: the next pass's
+    zero: float = 0.0           # of `ahead` in the first pass, pages still zero (`pagetypes`)
+    zero_at: float = 0.0        # the guest's time when `zero` was last brought up to date
 
     @property
     def pages(self) -> float:
@@ -57,11 +60,15 @@ class ContinuousRun:
 
     def __init__(self, spans: list[_Span], policy: QemuPolicy, seconds_per_page: float,
                  wire_per_page: float, page_size: int, guest_pages: int,
-                 throttle: ModelThrottle | None = None, timeouts=None):
+                 throttle: ModelThrottle | None = None, timeouts=None,
+                 zero_wire: float = 0.0):
         self.spans = spans
         self.policy = policy
         self.spp = seconds_per_page
         self.wire = wire_per_page
+        self.zero_wire = zero_wire          # a zero page's bytes; it costs its share of time
+        self.zero_spp = seconds_per_page * zero_wire / wire_per_page
+        self.sent_bytes = 0.0
         self.page_size = page_size
         self.guest_pages = guest_pages
         self.now = 0.0
@@ -103,7 +110,7 @@ class ContinuousRun:
             self._chunk()
             if self.throttle is not None:
                 self.throttle.tick(self.now)
-            self.policy.window_closed(self.now, self.sent_pages * self.wire,
+            self.policy.window_closed(self.now, self.sent_bytes,
                                       self.sync.dirty_bytes_last_sync,
                                       self.sync.dirty_pages_per_second is not None)
         raise RuntimeError("the model's chunk guard was reached")
@@ -111,6 +118,18 @@ class ContinuousRun:
     def final_pages(self) -> float:
         """What the stop-and-copy sends: the marked pages and those dirtied since the sync."""
         return self.marked + sum(sum(self._fresh(s)) for s in self.spans)
+
+    def final_zero_pages(self) -> float:
+        """Of those, the zero pages a first pass cut short left behind."""
+        for s in self.spans:
+            self._age_zero(s)
+        return sum(s.zero for s in self.spans)
+
+    def _age_zero(self, s: _Span) -> None:
+        """Zero pages ahead of the cursor the workload has written since: normal now."""
+        if s.zero and s.region is not None:
+            s.zero *= math.exp(-s.region.rate / s.pages * (self.guest_now - s.zero_at))
+        s.zero_at = self.guest_now
 
     # -- the steps ------------------------------------------------------------------------
     def _fresh(self, s: _Span) -> tuple[float, float]:
@@ -138,15 +157,15 @@ class ContinuousRun:
             fresh_total += ahead + behind
         self.last_sync, self.guest_last_sync = self.now, self.guest_now
         period = self.sync.synced(self.now, round(fresh_total), round(self.marked),
-                                  round(self.sent_pages * self.wire))
+                                  round(self.sent_bytes))
         if self.throttle is not None:
             self.throttle.period_closed(period, self.now)
         if self.current is not None:
             self.current["pages_dirtied"] += fresh_total
 
     def _chunk(self) -> None:
-        budget = self.policy.CHUNK_SECONDS / self.spp           # pages in one chunk
-        while budget > 1e-9:
+        budget = self.policy.CHUNK_SECONDS                      # seconds of sending
+        while budget > 1e-12:
             if self.current is None:
                 if self.marked <= 1e-9:
                     return                                      # all clean
@@ -158,31 +177,40 @@ class ContinuousRun:
                 self._close_pass()
                 self.cursor = 0.0
                 for s in self.spans:
-                    s.ahead, s.behind = s.ahead + s.behind, 0.0
+                    s.ahead, s.behind, s.zero = s.ahead + s.behind, 0.0, 0.0
 
     def _send(self, budget: float) -> float:
-        """Up to `budget` pages from the cursor on; returns the pages sent."""
-        sent = 0.0
+        """Up to `budget` seconds of pages from the cursor on (a zero page costs its pfn
+        word's share); returns the seconds spent."""
+        used = sent = zero_sent = 0.0
         for s in self.spans:
-            if self.cursor >= s.hi or sent >= budget:
+            if self.cursor >= s.hi or used >= budget:
                 continue
             self.cursor = max(self.cursor, s.lo)
-            take = min(s.ahead, budget - sent)
+            self._age_zero(s)
+            share = s.zero / s.ahead if s.ahead > 0 else 0.0
+            cost = share * self.zero_spp + (1 - share) * self.spp
+            take = min(s.ahead, (budget - used) / cost) if cost > 0 else s.ahead
             width = s.hi - self.cursor
             if take < s.ahead:
                 self.cursor += width * take / s.ahead
             else:
                 self.cursor = s.hi
             s.ahead -= take
+            s.zero -= take * share
+            used += take * cost
             sent += take
-        if sent < budget:
+            zero_sent += take * share
+        if used < budget:
             self.cursor = float(self.guest_pages)
-        self.now += sent * self.spp
-        self.guest_now += sent * self.spp * running_share(self.throttle)
+        self.now += used
+        self.guest_now += used * running_share(self.throttle)
         self.sent_pages += sent
+        self.sent_bytes += (sent - zero_sent) * self.wire + zero_sent * self.zero_wire
         self.current["pages_sent"] += sent
+        self.current["zero_pages"] = self.current.get("zero_pages", 0.0) + zero_sent
         self.current["end"] = self.now
-        return sent if sent > 0 else budget
+        return used if used > 0 else budget
 
     def _close_pass(self) -> None:
         if self.throttle is not None:

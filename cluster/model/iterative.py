@@ -4,12 +4,14 @@ migbed's own policy object (see the package docstring for the steps)."""
 import math
 from dataclasses import dataclass, field
 
+from cluster.model import pagetypes
 from cluster.model.continuous import ContinuousRun, layout
 from cluster.model.throttle import (
     DirtyLimitSpec,
     ModelDirtyLimit,
     ModelThrottle,
     ThrottleSpec,
+    model_throttle,
     running_share,
     timeout_decision,
 )
@@ -41,12 +43,14 @@ class ModelRound:
     duration_seconds: float
     final: bool = False
     cpu_throttle_percentage: int = 0      # auto-converge's throttle as the round ended
+    zero_pages: float = 0.0       # of pages_sent, zero pages (a pfn word each)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "pages_sent": self.pages_sent,
                 "pages_skipped": self.pages_skipped, "pages_dirtied": self.pages_dirtied,
                 "duration_seconds": self.duration_seconds, "final": self.final,
-                "cpu_throttle_percentage": self.cpu_throttle_percentage}
+                "cpu_throttle_percentage": self.cpu_throttle_percentage,
+                "zero_pages": self.zero_pages}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class ModelPrediction:
     cpu_throttle_percentage: int = 0
     # Dirty-limit: (seconds, sleep per full ring in us) at each adjustment.
     dirty_limit_schedule: tuple = ()
+    zero_pages: float = 0.0       # of pages_sent_total, zero pages
 
     @property
     def live_rounds(self) -> int:
@@ -93,6 +98,7 @@ class ModelPrediction:
             "throttle_schedule": [list(x) for x in self.throttle_schedule],
             "cpu_throttle_percentage": self.cpu_throttle_percentage,
             "dirty_limit_schedule": [list(x) for x in self.dirty_limit_schedule],
+            "zero_pages": self.zero_pages,
         }
 
 
@@ -105,6 +111,10 @@ class _Guest:
     regions: list[Region]
     wire_per_page: float          # bytes on the wire per page, record headers shared out
     seconds_per_page: float       # at the live rounds' rate
+    zero_wire: float = 0.0        # bytes on the wire per zero page
+    first_pass_seconds: float = 0.0   # round 0 (every page), its zero pages cheap
+    first_pass_zero: float = 0.0      # zero pages round 0 sends (`pagetypes`)
+    zero_at_start: float = 0.0        # zero pages before anything is sent
 
 
 @dataclass
@@ -124,6 +134,8 @@ class _PreCopy:
     throttle: ModelThrottle | None = None
     sync: object | None = None    # the engine's SyncLog, for the throttle's periods
     sent_bytes: float = 0.0
+    zero_pages: float = 0.0       # zero pages sent so far
+    final_zero: float = 0.0       # zero pages left for the stop-and-copy
 
     @property
     def last(self) -> ModelRound | None:
@@ -185,7 +197,7 @@ def _stats(run: _PreCopy, guest: _Guest, rate: float) -> PrecopyStats:
     last = run.last
     measured = None
     if last is not None and last.duration_seconds > 0:
-        measured = last.pages_sent * guest.wire_per_page / last.duration_seconds
+        measured = _round_bytes(guest, last.pages_sent, last.zero_pages) / last.duration_seconds
     return PrecopyStats(
         iteration=len(run.rounds), dirty_count=round(run.dirty),
         total_written=round(run.total_written), guest_pages=guest.guest_pages,
@@ -209,26 +221,35 @@ def _stop(run: _PreCopy, decision: Decision, pol: PrecopyPolicy, iteration: int)
         run.converged = iteration < pol.max_iterations
 
 
+def _round_bytes(guest: _Guest, pages: float, zero: float) -> float:
+    return (pages - zero) * guest.wire_per_page + zero * guest.zero_wire
+
+
 def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float) -> None:
-    """Send the dirty pages live (less those skipped) and count what the workload dirtied."""
+    """Send the dirty pages live (less those skipped) and count what the workload dirtied.
+    The first round sends every page, the zero ones among them cheaply (`pagetypes`)."""
     skipped = 0.0
-    send_seconds = run.dirty * guest.seconds_per_page
+    first = not run.rounds
+    spp = guest.first_pass_seconds / run.dirty if first and run.dirty else guest.seconds_per_page
+    send_seconds = run.dirty * spp
     if pol.skip_redirtied and guest.regions:
         if run.dirty_by_region is None:
             to_send = [(r, r.pages) for r in guest.regions]
         else:
             to_send = list(zip(guest.regions, run.dirty_by_region, strict=True))
-        skipped, send_seconds = _skip_solve(to_send, run.dirty, guest.seconds_per_page)
+        skipped, send_seconds = _skip_solve(to_send, run.dirty, spp)
     sent = run.dirty - skipped
+    zero = guest.first_pass_zero * sent / run.dirty if first and run.dirty else 0.0
     duration = send_seconds + latency
     running = duration * running_share(run.throttle)     # throttled time writes nothing
     run.dirty_by_region = [r.distinct(running) for r in guest.regions]
     dirtied = sum(run.dirty_by_region)
     run.total_written += sent
+    run.zero_pages += zero
     run.elapsed += duration
     run.dirty = dirtied
     run.syncs += 1                # the CLEAN that ends the round
-    run.sent_bytes += sent * guest.wire_per_page
+    run.sent_bytes += _round_bytes(guest, sent, zero)
     if run.throttle is not None:
         run.throttle.period_closed(run.sync.synced(run.elapsed, round(dirtied), round(dirtied),
                                                    round(run.sent_bytes)), run.elapsed)
@@ -236,7 +257,7 @@ def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float
     run.rounds.append(ModelRound(index=len(run.rounds), pages_sent=sent, pages_skipped=skipped,
                                  pages_dirtied=dirtied, duration_seconds=duration,
                                  cpu_throttle_percentage=run.throttle.percentage
-                                 if run.throttle is not None else 0))
+                                 if run.throttle is not None else 0, zero_pages=zero))
 
 
 def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
@@ -259,20 +280,22 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
         _live_round(run, guest, pol, latency)
 
 
-def _continuous(guest: _Guest, pol: PrecopyPolicy, data_pages: int,
+def _continuous(guest: _Guest, pol: PrecopyPolicy, spans: list,
                 throttle: ModelThrottle | None, timeouts=None) -> _PreCopy:
     """Pre-copy under a policy that decides after every chunk (`continuous`)."""
-    model = ContinuousRun(layout(guest.regions, data_pages, guest.guest_pages), pol,
-                          guest.seconds_per_page, guest.wire_per_page, guest.page_size,
-                          guest.guest_pages, throttle, timeouts)
+    model = ContinuousRun(spans, pol, guest.seconds_per_page, guest.wire_per_page,
+                          guest.page_size, guest.guest_pages, throttle, timeouts,
+                          guest.zero_wire)
     decision = model.run()
     run = _PreCopy(dirty=model.final_pages(), elapsed=model.now,
                    total_written=model.sent_pages, syncs=model.sync.count, throttle=throttle)
+    run.final_zero = model.final_zero_pages()
     run.rounds = [ModelRound(index=r["index"], pages_sent=r["pages_sent"], pages_skipped=0.0,
                              pages_dirtied=r["pages_dirtied"],
                              duration_seconds=r["end"] - r["start"],
-                             cpu_throttle_percentage=r["cpu_throttle_percentage"])
-                  for r in model.rounds]
+                             cpu_throttle_percentage=r["cpu_throttle_percentage"],
+                             zero_pages=r.get("zero_pages", 0.0)) for r in model.rounds]
+    run.zero_pages = sum(r.zero_pages for r in run.rounds)
     _stop(run, decision, pol, len(run.rounds))
     return run
 
@@ -287,7 +310,9 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             policy_settings: dict | None = None,
             auto_converge: ThrottleSpec | None = None,
             dirty_limit: DirtyLimitSpec | None = None,
-            completion_timeout=None) -> ModelPrediction:
+            completion_timeout=None, warmup_seconds: float = 0.0,
+            zero_page_detection: str = "multifd",
+            page_bytes: float | None = None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
@@ -300,6 +325,11 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `auto_converge` or `dirty_limit` throttle the modelled guest on the engine's own rules
     (`cluster.model.throttle`); `completion_timeout` (the engine's `Timeouts`) ends the
     live rounds as the engine's does (between rounds under the xen policies).
+    Zero pages (`pagetypes`) cost their pfn word only, unless `zero_page_detection` is
+    none: a fresh guest (`workload.fill` zero) holds what its workload wrote in
+    `warmup_seconds` of running before the migration, one with content none.
+    `page_bytes` replaces what a normal page costs on the wire (its bytes and pfn word),
+    for a run whose encoding (XBZRLE, compression) made it less.
     """
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
@@ -314,34 +344,49 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     guest_pages = guest_memory_bytes // page_size
     data_pages = guest_pages - -(-guest_pages // (page_size // 8))
     wire_per_page = page_size + bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
-    guest = _Guest(guest_pages, page_size,
-                   regions(workload, data_pages, rate_of(workload, dirty_rate_pages_per_second)),
-                   wire_per_page, wire_per_page / rate)
+    if page_bytes is not None:
+        if not page_bytes > 0:
+            raise ConfigError(f"page bytes must be positive, got {page_bytes!r}")
+        wire_per_page = float(page_bytes)
+    zero_wire = bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
+    written = regions(workload, data_pages, rate_of(workload, dirty_rate_pages_per_second))
+    spans = layout(written, data_pages, guest_pages)
+    zeros = pagetypes.zero_at_start(spans, workload, data_pages, warmup_seconds,
+                                    zero_page_detection)
+    for span, zero in zip(spans, zeros, strict=True):
+        span.zero = zero
+    first_seconds, first_zero = pagetypes.first_pass(spans, zeros, wire_per_page / rate,
+                                                     zero_wire / rate)
+    guest = _Guest(guest_pages, page_size, written, wire_per_page, wire_per_page / rate,
+                   zero_wire, first_seconds, first_zero, sum(zeros))
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
                                     **(policy_settings or {}))
-    throttle = _throttle(auto_converge, dirty_limit, page_size,
+    throttle = model_throttle(auto_converge, dirty_limit, page_size,
                          sum(r.rate for r in guest.regions))
     if pol.mid_pass:
-        run = _continuous(guest, pol, data_pages, throttle, completion_timeout)
+        run = _continuous(guest, pol, spans, throttle, completion_timeout)
     else:
         run = _precopy(guest, pol, rate, latency_seconds, throttle, completion_timeout)
+        run.final_zero = guest.zero_at_start if not run.rounds else 0.0
 
     rounds = list(run.rounds)
-    final_pages, downtime = 0.0, 0.0
+    final_pages, final_zero, downtime = 0.0, 0.0, 0.0
     if not run.aborted:     # stop-and-copy: the rest at the link's speed, the limit lifted
-        final_pages = run.dirty
-        transfer = 0.0 if link is None else final_pages * wire_per_page / link
+        final_pages, final_zero = run.dirty, min(run.dirty, run.final_zero)
+        transfer = 0.0 if link is None else _round_bytes(guest, final_pages, final_zero) / link
         downtime = transfer + latency_seconds + resume_seconds
         rounds.append(ModelRound(index=len(rounds), pages_sent=final_pages, pages_skipped=0.0,
                                  pages_dirtied=0.0, duration_seconds=transfer + latency_seconds,
-                                 final=True))
+                                 final=True, zero_pages=final_zero))
     pages_total = run.total_written + final_pages
+    zero_total = run.zero_pages + final_zero
     return ModelPrediction(
         policy=policy, rounds=tuple(rounds), final_pages=final_pages,
         stop_reason=run.stop_reason,
         stop_code=None if run.aborted or run.stop_code is None else run.stop_code.value,
         total_time_seconds=run.elapsed + downtime, downtime_seconds=downtime,
-        pages_sent_total=pages_total, bytes_sent_total=pages_total * wire_per_page,
+        pages_sent_total=pages_total,
+        bytes_sent_total=_round_bytes(guest, pages_total, zero_total),
         converged=run.converged, dirty_sync_count=run.syncs + (0 if run.aborted else 1),
         lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
         bandwidth_bytes_per_second=rate,
@@ -349,15 +394,5 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                            else ()),
         cpu_throttle_percentage=throttle.percentage if throttle is not None else 0,
         dirty_limit_schedule=(tuple(throttle.schedule)
-                              if isinstance(throttle, ModelDirtyLimit) else ()))
-
-
-def _throttle(auto_converge: ThrottleSpec | None, dirty_limit: DirtyLimitSpec | None,
-              page_size: int, raw_rate: float):
-    if auto_converge is not None and dirty_limit is not None:
-        raise ConfigError("auto-converge and dirty-limit cannot be used together")
-    if auto_converge is not None:
-        return ModelThrottle(auto_converge, page_size)
-    if dirty_limit is not None:
-        return ModelDirtyLimit(dirty_limit, page_size, raw_rate)
-    return None
+                              if isinstance(throttle, ModelDirtyLimit) else ()),
+        zero_pages=zero_total)

@@ -11,7 +11,7 @@ guest clock at that pace and asks the workload for the pages it dirties on that 
 
 from dataclasses import dataclass, field
 
-from nodes.errors import MigrationTimedOut
+from nodes.errors import ConfigError, MigrationTimedOut
 from nodes.migration.dirtysync import SyncPeriod
 from nodes.migration.policy import Decision
 from nodes.migration.throttle import MB, AutoConverge, DirtyLimit, ThrottleTrigger, dirty_rate_mb
@@ -149,3 +149,15 @@ class ModelDirtyLimit:
             current = dirty_rate_mb(int(self.raw_pages_per_second * self.running_share),
                                     self.page_size, 1.0)
             self.schedule.append((self.last_adjust, self.limit.adjust(current)))
+
+
+def model_throttle(auto_converge: ThrottleSpec | None, dirty_limit: DirtyLimitSpec | None,
+                   page_size: int, raw_rate: float) -> "ModelThrottle | ModelDirtyLimit | None":
+    """The modelled guest's throttle for these settings (None: none)."""
+    if auto_converge is not None and dirty_limit is not None:
+        raise ConfigError("auto-converge and dirty-limit cannot be used together")
+    if auto_converge is not None:
+        return ModelThrottle(auto_converge, page_size)
+    if dirty_limit is not None:
+        return ModelDirtyLimit(dirty_limit, page_size, raw_rate)
+    return None

@@ -111,6 +111,7 @@ class _Evidence:
     near: str                 # the model's last live round and final round, as text
     spread: float | None      # of the idle downtime floor
     dirty_limit_slept: float | None = None   # seconds dirty-limit slept the vCPU (median)
+    encoded: str = ""         # how the runs' pages were encoded (XBZRLE, compression)
 
     @classmethod
     def of(cls, entry: dict, runs: list[dict], scenario: Scenario,
@@ -125,11 +126,21 @@ class _Evidence:
                    med("predicted_pages_skipped_total"), Stops.of(runs),
                    Stops.of(runs, "predicted_"), med("predicted_lambda_ratio"), near,
                    median([c.get("spread_seconds") for c in calibration.values()]),
-                   med("dirty_limit_throttle_seconds"))
+                   med("dirty_limit_throttle_seconds"), _encoded(runs))
 
     @property
     def rounds(self) -> tuple[float | None, float | None]:
         return self.entry["rounds"]["measured"], self.entry["rounds"]["predicted"]
+
+
+def _encoded(runs: list[dict]) -> str:
+    deltas = median([r.get("xbzrle_pages") for r in runs])
+    ratio = median([r.get("compression_ratio") for r in runs])
+    if deltas:
+        return f"{deltas:.0f} pages went as XBZRLE deltas"
+    if ratio and ratio > 1.05:
+        return f"the channels compressed pages {ratio:.2f}x"
+    return ""
 
 
 def _why(metric: str, ev: _Evidence) -> str:
@@ -139,6 +150,13 @@ def _why(metric: str, ev: _Evidence) -> str:
         return (f"dirty-limit slept the guest's vCPU {ev.dirty_limit_slept:.1f} s, and the "
                 f"model does not follow dirty-limit: it predicts the unthrottled guest "
                 f"({count(rounds_m)} live rounds measured vs {count(rounds_p)} predicted)")
+    if ev.encoded and metric in ("rounds", "downtime") and rounds_m != rounds_p:
+        return (f"{ev.encoded}: the model counts every page at the run's mean bytes per page, "
+                f"where the encoding differs pass by pass (the first pass goes whole, later "
+                f"ones as deltas or compressed by what they hold), so the rounds cost "
+                f"otherwise than the mean says; {count(rounds_m)} live rounds measured vs "
+                f"{count(rounds_p)} predicted, the runs stopped on '{ev.stops_m.text()}', "
+                f"the model on '{ev.stops_p.text()}'")
     if (_skips(ev.policy) and ev.skipped_p is not None and ev.skipped_m is not None
             and ev.skipped_p > 1.1 * ev.skipped_m + 20):
         return _model_skips_too_much(ev)

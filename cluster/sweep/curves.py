@@ -12,7 +12,7 @@ from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
 
 CURVE_POINTS = 40
-CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total")
+CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total", "bytes_sent_total")
 
 
 def curve_xs(scenario: Scenario) -> list:
@@ -59,7 +59,10 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
     """The model at one point of a curve; None where it cannot predict."""
     from cluster.model import predict
     from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
-    spec, settings = sc.specs(point)
+    try:
+        spec, settings = sc.specs(point)
+    except ConfigError:         # between the swept values (a cache size not a power of two)
+        return None
     calib = calibration.get((spec.memory_bytes, settings.latency_seconds,
                              settings.link_bytes_per_second,
                              settings.rate_limit_bytes_per_second))
@@ -80,7 +83,9 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
                              if settings.max_iterations is not None else None),
             auto_converge=ThrottleSpec.from_settings(settings),
             dirty_limit=DirtyLimitSpec.from_settings(settings),
-            completion_timeout=timeouts_from(settings, spec.memory_bytes))
+            completion_timeout=timeouts_from(settings, spec.memory_bytes),
+            warmup_seconds=sc.warmup_seconds,
+            zero_page_detection=settings.zero_page_detection)
     except (ConfigError, ValueError):
         return None
 

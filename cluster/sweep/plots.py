@@ -1,7 +1,7 @@
 """The sweep's plots (PNG, matplotlib's Agg backend: no display needed).
 
-- downtime.png, total_time.png, pages_sent.png: the metric against the swept x axis, one
-  colour per series (each combination of the other axes): measured medians with min-max
+- downtime.png, total_time.png, pages_sent.png, bytes_sent.png: the metric against the swept
+  x axis, one colour per series (each combination of the other axes): measured medians with min-max
   error bars, and the model's curve (dashed) in the same colour.
 - rounds.png: pages sent per round of one chosen point, measured bars beside the model's.
 - compare-<axis>.png, for each axis that is an algorithm or an option of the migration (its
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 METRICS = (("downtime_seconds", "downtime (ms)", 1000.0, "downtime.png"),
            ("total_time_seconds", "total migration time (s)", 1.0, "total_time.png"),
-           ("pages_sent_total", "pages sent", 1.0, "pages_sent.png"))
+           ("pages_sent_total", "pages sent", 1.0, "pages_sent.png"),
+           ("bytes_sent_total", "bytes on the wire (MiB)", 1.0 / (1 << 20), "bytes_sent.png"))
 
 
 @dataclass(frozen=True)

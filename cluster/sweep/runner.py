@@ -222,7 +222,9 @@ _MEASURED = ("measured_throughput_bytes_per_second", "pages_sent_total", "live_r
              "final_round_pages", "downtime_seconds", "guest_observed_downtime_seconds",
              "total_time_seconds", "stop_reason", "stop_code", "verified",
              "pages_skipped_total", "guest_slowdown", "guest_throttled_seconds",
-             "cpu_throttle_percentage_max", "dirty_limit_throttle_seconds")
+             "cpu_throttle_percentage_max", "dirty_limit_throttle_seconds",
+             "bytes_sent_total", "normal_pages", "zero_pages",
+             "xbzrle_pages", "xbzrle_bytes", "compression_ratio")
 
 
 def _measured(report, model: dict | None) -> dict:
@@ -247,7 +249,13 @@ def _measured(report, model: dict | None) -> dict:
         "cpu_throttle_percentage_max": max((r.get("cpu_throttle_percentage", 0)
                                             for r in report.rounds), default=0),
         "dirty_limit_throttle_seconds": sum(r.get("dirty_limit_throttle_seconds", 0.0)
-                                            for r in report.rounds)}
+                                            for r in report.rounds),
+        # what crossed the wire (`nodes.migration.wire`)
+        "bytes_sent_total": report.bytes_sent_total, "normal_pages": report.normal_pages,
+        "zero_pages": report.zero_pages,
+        "xbzrle_pages": report.xbzrle["pages"] if report.xbzrle else None,
+        "xbzrle_bytes": report.xbzrle["bytes"] if report.xbzrle else None,
+        "compression_ratio": report.multifd["compression_ratio"] if report.multifd else None}
 
 
 def _predicted(prefix: str, pred: dict) -> dict:

@@ -10,11 +10,15 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
     faults = ["stall-link@round1:2s"]   # optional, injected into every run
     [cluster]   hosts = 2, host_memory = "512MiB", hosts_per_node = 1 (default: all on one)
     [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms"
-    [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share, ...
+    [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share,
+                write_bytes, fill ("zero", "random" or "text"), ...
     [migration] policy, bandwidth ("128MiB" per second or "unlimited"), rate_limit, latency,
-                downtime_limit, max_iterations, timeout, verify
+                downtime_limit, max_iterations, timeout, verify, zero_page_detection,
+                xbzrle_cache ("64MiB"), multifd_channels, multifd_compression
     [axes]      any of guest_memory, mode, pattern, dirty_rate, hot_fraction, hot_share,
-                policy, bandwidth, rate_limit, latency, downtime_limit, max_iterations = [...]
+                write_bytes, fill, policy, zero_page_detection, xbzrle_cache,
+                multifd_channels, multifd_compression, bandwidth, rate_limit, latency,
+                downtime_limit, max_iterations = [...]
     [plot]      x = "dirty_rate" (the axis on the x axis), rounds_point = 0
 
 Values are read by the parsers of `nodes.units` (the CLI's own), so a value means the same in
@@ -141,6 +145,9 @@ KNOBS: dict[str, Knob] = {
     "quiet_seconds": Knob("workload", "quiet_seconds", _seconds_or_zero, "quiet phase (s)"),
     "quiet_rate_fraction": Knob("workload", "quiet_rate_fraction", parse_fraction,
                                 "quiet rate (fraction)"),
+    "write_bytes": Knob("workload", "write_bytes", parse_positive_size,
+                        "bytes rewritten per page write"),
+    "fill": Knob("workload", "fill", _string, "memory content"),
     "policy": Knob("migration", "policy", _string, "policy"),
     "bandwidth": Knob("migration", "link_bytes_per_second", parse_bandwidth_or_unlimited,
                       "link bandwidth (MiB/s)", MiB),
@@ -151,7 +158,16 @@ KNOBS: dict[str, Knob] = {
                            "downtime limit (s)"),
     "max_iterations": Knob("migration", "max_iterations", parse_count, "live round cap"),
     **CONVERGENCE_KNOBS,
+    "zero_page_detection": Knob("migration", "zero_page_detection", _string,
+                                "zero-page detection"),
+    "xbzrle_cache": Knob("migration", "xbzrle_cache_bytes", parse_positive_size,
+                         "XBZRLE cache (MiB)", MiB),
+    "multifd_channels": Knob("migration", "multifd_channels", partial(parse_count, minimum=1),
+                             "multifd channels"),
+    "multifd_compression": Knob("migration", "multifd_compression", _string,
+                                "multifd compression"),
 }
+_OFF_WHEN_ABSENT = {"max_iterations", "xbzrle_cache", "multifd_channels"}   # None: not set
 _FIXED_ONLY = {"migration": {"timeout": ("timeout_seconds", parse_seconds),
                              "verify": ("verify", _flag)},
                "guest": {"warmup": ("warmup_seconds", _seconds_or_zero)}}
@@ -281,7 +297,7 @@ class Scenario:
         d["migration"] = {}
         for k in _SECTION_KEYS["migration"]:
             value = getattr(mig, KNOBS[k].field)
-            if value is None and k == "max_iterations":
+            if value is None and k in _OFF_WHEN_ABSENT:
                 continue
             d["migration"][k] = "unlimited" if value is None else value
         d["migration"]["timeout"] = mig.timeout_seconds

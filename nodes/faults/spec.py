@@ -43,7 +43,7 @@ from enum import StrEnum
 
 from nodes.errors import ConfigError
 from nodes.phase import Phase
-from nodes.units import format_bytes, parse_duration, parse_size
+from nodes.units import format_bytes, parse_count, parse_duration, parse_size
 
 MAX_FAULT_SECONDS = 3600.0     # a stall or delay longer than an hour is a typo, not a test
 
@@ -58,6 +58,7 @@ class FaultKind(StrEnum):
     TRUNCATE_STREAM = "truncate-stream"
     REFUSE_MEMORY = "refuse-memory"
     DELAY_RESTORE = "delay-restore"
+    CUT_CHANNEL = "cut-channel"
 
 
 # Where faults can fire: the phases of a migration (`nodes.phase`), precopy by round.
@@ -80,13 +81,16 @@ KINDS: dict[FaultKind, tuple[tuple[Phase, ...], str | None, str]] = {
                                 "half of the next record, then the connection closes"),
     FaultKind.REFUSE_MEMORY: ((Phase.SETUP,), None,
                               "the destination refuses to reserve the guest's frames"),
+    FaultKind.CUT_CHANNEL: (_BEFORE_HANDOVER, "channel",
+                            "multifd channel ARG's connection goes down (e.g. 0)"),
     FaultKind.DELAY_RESTORE: ((Phase.STOP_AND_COPY, Phase.HANDOVER), "duration",
                               "the destination's restore stalls for ARG (before READY at "
                               "stop-and-copy, before the resume after the hand-over)"),
 }
 HOST_KILLS = (FaultKind.KILL_DESTINATION, FaultKind.KILL_SOURCE)
 SOURCE_KINDS = HOST_KILLS + (FaultKind.STALL_LINK, FaultKind.CUT_LINK, FaultKind.SLOW_LINK,
-                             FaultKind.CORRUPT_RECORD, FaultKind.TRUNCATE_STREAM)
+                             FaultKind.CORRUPT_RECORD, FaultKind.TRUNCATE_STREAM,
+                             FaultKind.CUT_CHANNEL)
 DESTINATION_KINDS = (FaultKind.REFUSE_MEMORY, FaultKind.DELAY_RESTORE)
 
 
@@ -125,6 +129,7 @@ class FaultSpec:
     round: int = 0
     duration_seconds: float | None = None
     bandwidth_bytes_per_second: float | None = None
+    channel: int | None = None           # cut-channel: which multifd channel
 
     def __post_init__(self) -> None:
         kind = _parse_kind(self.kind) if isinstance(self.kind, str) else FaultKind(self.kind)
@@ -145,6 +150,12 @@ class FaultSpec:
             raise ConfigError(
                 f"{kind.value} cannot happen at {stage.value}: it acts at "
                 f"{', '.join(_stage_text(s) for s in stages)}")
+        if (self.channel is None) != (arg != "channel") or (self.channel is not None and (
+                isinstance(self.channel, bool) or not isinstance(self.channel, int)
+                or self.channel < 0)):
+            raise ConfigError(f"{kind.value} takes a multifd channel number (e.g. "
+                              f"{kind.value}@{self.stage_text}:0)" if arg == "channel" else
+                              f"{kind.value} takes no channel")
         for name, needed in (("duration_seconds", arg == "duration"),
                              ("bandwidth_bytes_per_second", arg == "bandwidth")):
             value = getattr(self, name)
@@ -179,6 +190,8 @@ class FaultSpec:
             text += f":{self.duration_seconds:g}s"
         if self.bandwidth_bytes_per_second is not None:
             text += f":{int(self.bandwidth_bytes_per_second)}"
+        if self.channel is not None:
+            text += f":{self.channel}"
         return text
 
     def describe(self) -> str:
@@ -187,6 +200,8 @@ class FaultSpec:
             text += f" for {self.duration_seconds:g} s"
         if self.bandwidth_bytes_per_second is not None:
             text += f" to {format_bytes(self.bandwidth_bytes_per_second)}/s"
+        if self.channel is not None:
+            text += f" (channel {self.channel})"
         return text
 
     def to_dict(self) -> dict:
@@ -196,7 +211,8 @@ class FaultSpec:
     def from_dict(cls, data: dict) -> "FaultSpec":
         if not isinstance(data, dict):
             raise ConfigError(f"a fault is a table of kind, stage, ..., not {data!r}")
-        known = {"kind", "stage", "round", "duration_seconds", "bandwidth_bytes_per_second"}
+        known = {"kind", "stage", "round", "duration_seconds", "bandwidth_bytes_per_second",
+                 "channel"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown fault settings: {', '.join(sorted(unknown))}")
@@ -231,6 +247,8 @@ def parse_fault(text: str) -> FaultSpec:
     elif wants == "bandwidth" and sep:
         kw["bandwidth_bytes_per_second"] = float(parse_size(arg.strip(),
                                                             f"{kind.value} bandwidth"))
+    elif wants == "channel" and sep:
+        kw["channel"] = parse_count(arg.strip(), f"{kind.value} channel")
     return FaultSpec(**kw)
 
 
@@ -272,7 +290,7 @@ def _located(where: str, fn, arg):
 
 def _fault_from_table(d: dict) -> FaultSpec:
     known = {"kind", "stage", "round", "duration", "bandwidth", "duration_seconds",
-             "bandwidth_bytes_per_second"}
+             "bandwidth_bytes_per_second", "channel"}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
@@ -296,6 +314,8 @@ def _fault_from_table(d: dict) -> FaultSpec:
     if bandwidth is not None:
         kw["bandwidth_bytes_per_second"] = (float(bandwidth) if isinstance(bandwidth, float)
                                             else float(parse_size(bandwidth, "fault bandwidth")))
+    if "channel" in d:
+        kw["channel"] = parse_count(d["channel"], "fault channel")
     return FaultSpec(**kw)
 
 

@@ -122,6 +122,7 @@ class HostCollector:
         yield progress
         yield from _running(host, outgoing)
         yield from _traffic_counters(host, totals)
+        yield from _wire_counters(host, m.wire_totals, outgoing)
 
 
 def _migration_counts(host: str, counts: dict) -> Iterator[Metric]:
@@ -229,3 +230,60 @@ def _one(name: str, doc: str, host: str, value: float, counter: bool = False) ->
     fam = cls(name, doc, labels=["host"])
     fam.add_metric([host], value)
     return fam
+
+
+# -- what crossed the wire: pages by type, XBZRLE, multifd ---------------------------------------
+WIRE_COUNTERS = {
+    "normal_pages": ("migbed_migration_normal_pages", "Guest pages this host sent whole as a "
+                     "migration source (QEMU's normal)."),
+    "zero_pages": ("migbed_migration_zero_pages", "Zero pages this host sent as a source, a "
+                   "pfn word each (QEMU's duplicate)."),
+    "xbzrle_pages": ("migbed_migration_xbzrle_pages", "Pages XBZRLE found in its cache "
+                     "(encoded, overflowed or unchanged), in ended migrations."),
+    "xbzrle_bytes": ("migbed_migration_xbzrle_bytes", "Bytes of XBZRLE deltas (and of its "
+                     "overflowed pages), in ended migrations."),
+    "xbzrle_cache_miss": ("migbed_migration_xbzrle_cache_miss", "Pages XBZRLE did not find in "
+                          "its cache, in ended migrations."),
+    "xbzrle_overflow": ("migbed_migration_xbzrle_overflow", "Pages whose XBZRLE delta would "
+                        "have been longer than the page, in ended migrations."),
+    "multifd_raw_bytes": ("migbed_migration_multifd_compression_input_bytes", "Page bytes "
+                          "multifd channels gave their compressor, in ended migrations."),
+    "multifd_compressed_bytes": ("migbed_migration_multifd_compression_output_bytes",
+                                 "What the compressor made of them."),
+}
+
+
+def wire_totals() -> dict:
+    return {**dict.fromkeys(WIRE_COUNTERS, 0), "channel_bytes": {}}
+
+
+def add_wire(totals: dict, result) -> None:
+    """Fold an ended migration's pages by type, XBZRLE and multifd counts into `totals`."""
+    totals["normal_pages"] += sum(r.normal_pages for r in result.rounds)
+    totals["zero_pages"] += sum(r.zero_pages for r in result.rounds)
+    x = result.wire.get("xbzrle")
+    if x:
+        for key in ("pages", "bytes", "cache_miss", "overflow"):
+            totals[f"xbzrle_{key}"] += x[key]
+    m = result.wire.get("multifd")
+    if m:
+        totals["multifd_raw_bytes"] += m["raw_bytes"]
+        totals["multifd_compressed_bytes"] += m["compressed_bytes"]
+        for i, n in enumerate(m["bytes_per_channel"]):
+            totals["channel_bytes"][str(i)] = totals["channel_bytes"].get(str(i), 0) + n
+
+
+def _wire_counters(host: str, totals: dict, outgoing: list) -> Iterator[Metric]:
+    running = dict.fromkeys(("normal_pages", "zero_pages"), 0)
+    for out in outgoing:                         # the finished rounds of running migrations
+        for r in list(out.progress.rounds):
+            for key in running:
+                running[key] += int(r.get(key, 0))
+    for key, (name, doc) in WIRE_COUNTERS.items():
+        yield _one(name, doc, host, totals[key] + running.get(key, 0), counter=True)
+    per = CounterMetricFamily("migbed_migration_multifd_sent_bytes", "Bytes each multifd "
+                              "channel carried, in ended migrations from this host.",
+                              labels=["host", "channel"])
+    for channel, n in sorted(totals["channel_bytes"].items()):
+        per.add_metric([host, channel], n)
+    yield per

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from nodes.errors import ConfigError
-from nodes.host.collectors import HostCollector, dirtied
+from nodes.host.collectors import HostCollector, add_wire, dirtied, wire_totals
 from nodes.phase import TIMED, Phase
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ class HostMetrics:
         self.rounds_total = 0
         self.received_pages_total = 0
         self.received_bytes_total = 0
+        # What crossed the wire in ended migrations, by page type and encoding
+        # (`nodes.host.collectors.WIRE_COUNTERS` names them).
+        self.wire_totals: dict = wire_totals()
         self.outgoing: dict[str, _Outgoing] = {}
         self.incoming: dict[str, Receiver] = {}
         self.downtime = Histogram(
@@ -128,6 +131,7 @@ class HostMetrics:
             self.dirtied_pages_total += max(dirtied(p.rounds),
                                             sum(r.pages_dirtied for r in result.rounds))
             self.rounds_total += max(len(p.rounds), len(result.rounds))
+            add_wire(self.wire_totals, result)
         if result.completed and result.pause_wall and result.resume_wall:
             labels = self._labels(out.guest, out.settings.policy)
             self.downtime.labels(**labels).observe(result.resume_wall - result.pause_wall)

@@ -107,14 +107,17 @@ class HostService:
         with self.lock:
             dom = self.hv.create_domain(spec.name, spec.memory_bytes, spec.mode, spec.dma)
             try:
-                self._start_vcpu(dom, spec.workload, None)
+                self._start_vcpu(dom, spec.workload, None, fill=True)
             except Exception:
                 self.hv.destroy_domain(spec.name, force=True)
                 raise
             return dom.describe()
 
-    def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None) -> None:
-        workload = make_workload(spec, dom.data_pages, state)
+    def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None,
+                    fill: bool = False) -> None:
+        workload = make_workload(spec, dom.data_pages, state, dom.memory.page_size)
+        if fill:                     # a new guest: its memory as the spec says, before it runs
+            workload.fill(dom)
         vcpu = VCPU(dom, workload)
         self.vcpus[dom.name] = vcpu
         self.workloads[dom.name] = spec
@@ -309,6 +312,7 @@ class HostService:
         slept0 = before.slept_seconds_total if before is not None else 0.0
         pages0 = before.pages_written_total if before is not None else 0
         rate0 = before.write_rate(start_wall - 1.0, start_wall) if before is not None else None
+        running = before.workload.running_seconds if before is not None else 0.0
         try:
             result = sender.run()
         finally:
@@ -331,6 +335,7 @@ class HostService:
                 result.phase_seconds["handover"], fixed["round_trip_seconds"])
         result.profile = self.hv.profile.name
         self.recent.source_ended(self.name, t.migration_id, name, settings, result)
+        result.workload_running_seconds = running
         return result
 
     def _forget_ended(self, migration_id: str) -> None:

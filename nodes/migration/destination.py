@@ -20,6 +20,7 @@ from nodes.errors import (
     MigbedError,
     MigrationError,
     ModeError,
+    PeerAborted,
     StreamError,
 )
 from nodes.faults.destination import DestinationFaults
@@ -28,6 +29,7 @@ from nodes.migration import clock, records
 from nodes.migration.channel import Listener
 from nodes.migration.handover import destination_handover
 from nodes.migration.landing import Landing
+from nodes.migration.multifd import DestinationChannels
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
 from nodes.migration.results import COMPLETED, FAILED, DestinationResult
@@ -102,6 +104,7 @@ class Receiver:
         self.ticket = self.listener.ticket
         self.landing = Landing(hv.memory, self.dom, settings.verify)
         self.conn: socket.socket | None = None       # the data connection, once accepted
+        self.multifd: DestinationChannels | None = None   # its channels, if it has any
         self._conn_lock = threading.Lock()
         self._killed = False
         self.connection_lost = False
@@ -139,6 +142,8 @@ class Receiver:
                 raise
         finally:
             self.listener.close()
+            if self.multifd is not None:
+                self.multifd.close()
             if self.conn is not None:
                 self.conn.close()
             self.cpu_seconds = time.thread_time() - cpu0
@@ -146,6 +151,11 @@ class Receiver:
 
     def _accept(self) -> None:
         conn = self.listener.accept(self.settings.timeout_seconds)
+        if self.settings.multifd_channels is not None:
+            self.multifd = DestinationChannels(
+                self.listener, self.settings.multifd_channels, self.info["migration_id"],
+                self.landing, timeout=self.settings.timeout_seconds,
+                guest_pages=self.dom.npages, wake=lambda: _stop_reading(conn))
         self.listener.close()
         with self._conn_lock:
             self.conn = conn
@@ -171,7 +181,8 @@ class Receiver:
         """Every record up to END; pages land as they come."""
         while True:
             rec = reader.expect(RT.PAGE_DATA, RT.VCPU_CONTEXT, RT.SOURCE_TIMING,
-                                RT.ROUND_STATS, RT.SYNC, RT.CLOCK_PROBE, RT.END)
+                                RT.ROUND_STATS, RT.SYNC, RT.CLOCK_PROBE, RT.END,
+                                RT.PAGE_XBZRLE, RT.MULTIFD_FLUSH)
             if rec.type == RT.CLOCK_PROBE:      # stamped now, answered at once
                 received = time.time()
                 self.reply(RT.CLOCK_REPLY, clock.answer(rec.fields, received, time.time()))
@@ -179,6 +190,12 @@ class Receiver:
                 pd = rec.fields["page_data"]
                 if pd.pages is not None:          # decoded whole: not laid out for the sink
                     self.landing.land(pd)
+            elif rec.type == RT.PAGE_XBZRLE:
+                self.landing.land_deltas(rec.fields["page_data"])
+            elif rec.type == RT.MULTIFD_FLUSH:    # the channels' pages before it have landed
+                if self.multifd is None:
+                    raise StreamError("MULTIFD_FLUSH in a migration without channels")
+                self.multifd.flush(rec.fields["sync"])
             elif rec.type == RT.VCPU_CONTEXT:
                 self.vcpu = rec.fields
             elif rec.type == RT.SOURCE_TIMING:
@@ -225,6 +242,10 @@ class Receiver:
         self.dom.migrating = False
 
     def _fail(self, exc: BaseException) -> None:
+        if self.multifd is not None:      # no channel lands into frames about to be freed
+            if self.multifd.error is not None and not isinstance(exc, PeerAborted):
+                exc = self.multifd.error      # the channel that broke, not what it woke
+            self.multifd.close()
         resumed = self.resume_wall is not None
         self.error = describe(exc)
         self.status = COMPLETED if resumed else FAILED
@@ -279,7 +300,16 @@ class Receiver:
             last_progress_wall=self.vcpu.get("last_progress_wall") if self.vcpu else None,
             destination_digest=self.landing.digest() if resumed else None,
             faults=list(self.faults.fired), connection_lost=self.connection_lost,
-            cpu_seconds=self.cpu_seconds)
+            cpu_seconds=self.cpu_seconds,
+            multifd_cpu_seconds=self.multifd.cpu_seconds if self.multifd else None)
+
+
+def _stop_reading(conn: socket.socket) -> None:
+    """A channel failed: the main reader stops waiting for its next record."""
+    try:
+        conn.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
 
 
 def describe(exc: BaseException) -> str:

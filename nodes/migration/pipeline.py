@@ -7,29 +7,42 @@ Four stages per batch of up to 1024 pages (one PAGE_DATA record, as Xen's):
    looked up in the hypervisor's P2M.
 2. **encode**: the record's buffers. Data pages are views of their machine frames (no copy:
    the socket reads them where they sit); page tables go canonical (mfn -> pfn), copied.
-3. **send**: onto the link, which paces them (`nodes.migration.link`).
-4. **account**: the round's and the progress's counters.
+   Zero pages (`nodes.migration.zeropage`, unless the channels look for them) go as pfn
+   words typed ZERO with no data; with XBZRLE (`nodes.migration.xbzrle`, after the first
+   full pass) the pages it has cached go as deltas (PAGE_XBZRLE), or not at all when
+   unchanged, and the rest from the cache's copy.
+3. **send**: onto the link, which paces them (`nodes.migration.link`), or, with multifd
+   (`nodes.migration.multifd`), in packets of 128 pages to the next idle channel.
+4. **account**: the round's and the progress's counters, pages by type.
 
 A live round reads pages while the guest writes them, as Xen's does: a page written while it
 is being sent has its dirty bit set and goes again in the next round. Which pages a pass has
-still to send is its `PassCursor`. Between batches the caller's hook runs (cancellation, fault
-injection, the checks that cut a pass short).
+still to send is its `PassCursor`; the end of each pass is where XBZRLE starts and where the
+channels sync. Between batches the caller's hook runs (cancellation, fault injection, the
+checks that cut a pass short).
 """
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nodes.migration import records
+from nodes.migration import encoded, records
 from nodes.migration.link import LinkSender
 from nodes.migration.progress import Progress, RoundStats
+from nodes.migration.zeropage import zero_frames
 from nodes.xen import pagetable
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor
 
+if TYPE_CHECKING:
+    from nodes.migration.channel import Ticket
+    from nodes.migration.settings import MigrationSettings
+
 
 class PageDataEncoder:
-    """PAGE_DATA records straight from the frames; page tables canonicalised."""
+    """PAGE_DATA records straight from the frames; page tables canonicalised; zero pages
+    typed ZERO; pages given in `copies` (row -> buffer) sent from there instead."""
 
     def __init__(self, hv: Hypervisor, dom: Domain):
         self.hv = hv
@@ -40,42 +53,84 @@ class PageDataEncoder:
         self.is_pt = np.zeros(dom.npages, dtype=bool)
         self.is_pt[dom.pt_pfns] = True
 
-    def encode(self, pfns: np.ndarray, mfns: np.ndarray) -> list:
-        memory = self.memory
-        pt_rows = np.flatnonzero(self.is_pt[pfns])
+    def types(self, pfns: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
         types = np.full(len(pfns), records.PageType.NOTAB, dtype=np.uint8)
-        if not len(pt_rows):
-            return records.encode_page_data(pfns, types, memory.buffers(mfns))
-        types[pt_rows] = records.PageType.L1TAB
-        alloc = self.hv.allocator
-        tables = pagetable.canonicalise(memory.words[mfns[pt_rows]], self.dom.domid,
-                                        alloc.owner, alloc.pfn, memory.page_shift)
+        types[self.is_pt[pfns]] = records.PageType.L1TAB
+        if zero is not None:
+            types[zero] = records.PageType.ZERO
+        return types
+
+    def page_buffers(self, pfns: np.ndarray, mfns: np.ndarray, types: np.ndarray,
+                     copies: dict | None = None) -> list:
+        """The buffers of the pages that carry data, in order: frames where they sit,
+        canonical page tables, and the given copies."""
+        memory = self.memory
+        has_data = records.data_mask(types)
+        special = types == records.PageType.L1TAB
+        if copies:
+            special = special.copy()
+            special[list(copies)] = True
+        rows = np.flatnonzero(special & has_data)
+        if not len(rows) and has_data.all():
+            return memory.buffers(mfns)
+        tables = {}
+        pt_rows = np.flatnonzero(types == records.PageType.L1TAB)
+        if len(pt_rows):
+            alloc = self.hv.allocator
+            canon = pagetable.canonicalise(memory.words[mfns[pt_rows]], self.dom.domid,
+                                           alloc.owner, alloc.pfn, memory.page_shift)
+            tables = dict(zip(pt_rows.tolist(), canon.view(np.uint8), strict=True))
         pages, at = [], 0
-        for row, table in zip(pt_rows.tolist(), tables.view(np.uint8), strict=True):
-            pages += memory.buffers(mfns[at:row])
-            pages.append(table)
+        for row in [*rows.tolist(), len(pfns)]:
+            plain = np.flatnonzero(has_data[at:row]) + at
+            pages += memory.buffers(mfns[plain])
+            if row < len(pfns):
+                pages.append(tables[row] if row in tables else copies[row])
             at = row + 1
-        pages += memory.buffers(mfns[at:])
-        return records.encode_page_data(pfns, types, pages)
+        return pages
+
+    def encode(self, pfns: np.ndarray, mfns: np.ndarray, zero: np.ndarray | None = None,
+               copies: dict | None = None) -> list:
+        types = self.types(pfns, zero)
+        return records.encode_page_data(pfns, types,
+                                        self.page_buffers(pfns, mfns, types, copies))
 
 
 class PassCursor:
     """Which pages still go, and where the scan stands: QEMU's migration bitmap and its
     cursor. A pass scans the bitmap from pfn 0 to the end, sending what is marked; a bitmap
     sync (a CLEAN) marks more, ahead of the cursor (sent in this pass) or behind it (in the
-    next). Xen's to-send list is the same thing with marks added only between passes."""
+    next). Xen's to-send list is the same thing with marks added only between passes.
 
-    def __init__(self, npages: int):
+    `on_pass_end` is told once per pass, when the scan has found its last page (before the
+    caller closes the round): `passes` counts the passes that reached the end."""
+
+    def __init__(self, npages: int, on_pass_end: Callable[[], None] | None = None):
         self.unsent = np.ones(npages, dtype=bool)
         self.pending_pages = npages        # marks set, kept as a count: checked often
         self.cursor = 0
+        self.passes = 0
+        self.on_pass_end = on_pass_end
+        self._ended = False
 
     @property
     def at_end(self) -> bool:
         return self.cursor >= len(self.unsent)
 
     def wrap(self) -> None:
+        if self.at_end:
+            self.end_pass()
         self.cursor = 0
+        self._ended = False
+
+    def end_pass(self) -> None:
+        """The scan reached the end of memory with every page of the pass handed out."""
+        if self._ended or not self.at_end:
+            return
+        self._ended = True
+        self.passes += 1
+        if self.on_pass_end is not None:
+            self.on_pass_end()
 
     def mark(self, dirty: np.ndarray) -> int:
         """Mark the pages of a CLEANed bitmap; returns how many were not marked already."""
@@ -99,18 +154,69 @@ class PassCursor:
                                                           np.zeros(0, dtype=np.int64))
         unsent[pfns] = False
         self.pending_pages -= len(pfns)
+        if not len(pfns):
+            self.end_pass()                # nothing more in this pass: it has ended
         return pfns.astype(np.int64, copy=False)
 
 
 class PagePipeline:
-    """Select, encode, send, account: see the module docstring."""
+    """Select, encode, send, account: see the module docstring. `xbzrle` (an
+    `XbzrleEncoder`), `channels` (multifd's `SourceChannels`) and `find_zero` (True: the
+    sender finds zero pages) are the optional stages."""
 
-    def __init__(self, hv: Hypervisor, dom: Domain, link: LinkSender, progress: Progress):
+    @classmethod
+    def for_migration(cls, hv: Hypervisor, dom: Domain, link: LinkSender, progress: Progress,
+                      settings: "MigrationSettings", ticket: "Ticket",
+                      generation: Callable[[], int]) -> "PagePipeline":
+        """The pipeline `settings` ask for: zero-page detection, XBZRLE (its cache ages by
+        `generation()`, the dirty-sync-count), or multifd channels to `ticket`, which then
+        stand in for `link` (`pipeline.link`)."""
+        from nodes.migration import wire
+        from nodes.migration.multifd import SourceChannels
+        from nodes.migration.xbzrle import XbzrleEncoder
+        pipeline = cls(hv, dom, link, progress,
+                       find_zero=wire.zero_detection_in_sender(settings))
+        if settings.xbzrle_cache_bytes is not None:
+            wire.check_page_size_for_xbzrle(hv.page_size)
+            pipeline.xbzrle = XbzrleEncoder(settings.xbzrle_cache_bytes, hv.memory.frames,
+                                            dom.npages, generation)
+        if settings.multifd_channels is not None:
+            pipeline.channels = pipeline.link = SourceChannels(
+                link, ticket, settings.multifd_channels, hv.memory,
+                timeout=settings.timeout_seconds, latency=settings.latency_seconds,
+                find_zero=wire.zero_detection_in_channels(settings),
+                codec=None if settings.multifd_compression == "none"
+                else settings.multifd_compression,
+                level=wire.compression_level(settings),
+                buffers_of=pipeline.encoder.page_buffers)
+        return pipeline
+
+    def wire_stats(self) -> dict:
+        """What crossed the wire, for the result: the xbzrle and multifd blocks."""
+        return {"xbzrle": self.xbzrle.stats.to_dict() if self.xbzrle is not None else None,
+                "multifd": self.channels.stats() if self.channels is not None else None}
+
+    def __init__(self, hv: Hypervisor, dom: Domain, link: LinkSender, progress: Progress, *,
+                 find_zero: bool = False, xbzrle=None, channels=None):
         self.dom = dom
         self.link = link
         self.progress = progress
         self.page_size = hv.page_size
+        self.memory = hv.memory
         self.encoder = PageDataEncoder(hv, dom)
+        self.find_zero = find_zero
+        self.xbzrle = xbzrle
+        self.channels = channels
+        self.cursor = PassCursor(dom.npages, self.pass_ended)
+
+    def pass_ended(self) -> None:
+        """A pass has handed out its last page: XBZRLE starts (after the first), and every
+        channel syncs (QEMU's multifd_send_sync_main), so no page of the next pass lands
+        before this one's."""
+        if self.xbzrle is not None:
+            self.xbzrle.started = True
+        if self.channels is not None:
+            self.channels.sync()
 
     def send(self, pfns: np.ndarray, rnd: RoundStats, *, skip_redirtied: bool = False,
              between: Callable[[], None] | None = None) -> None:
@@ -123,17 +229,70 @@ class PagePipeline:
 
     def send_batch(self, pfns: np.ndarray, rnd: RoundStats, skip_redirtied: bool = False,
                    left_pages: int = 0) -> int:
-        """One record of up to 1024 pages through all four stages; returns bytes sent."""
-        batch, mfns = self.select(pfns, rnd, skip_redirtied)
-        if not len(batch):
+        """One record of up to 1024 pages through all four stages; returns bytes sent (by
+        this thread: multifd's channels count theirs as they send them)."""
+        batch, mfns, running = self.select(pfns, rnd, skip_redirtied)
+        if not len(batch):                 # all skipped: the pass may still have ended
+            if self.cursor.at_end:
+                self.cursor.end_pass()
             return 0
-        n = self.link.send(self.encoder.encode(batch, mfns))
+        zero = np.zeros(len(batch), bool)
+        if self.find_zero:
+            zero = zero_frames(self.memory, mfns) & ~self.encoder.is_pt[batch]
+        rnd.zero_pages += int(np.count_nonzero(zero))
+        if self.channels is not None:
+            n = self._to_channels(batch, mfns, zero, rnd)
+        else:
+            whole, copies, deltas = ~zero, {}, []
+            if self.xbzrle is not None and self.xbzrle.started:
+                whole, copies, deltas = self._xbzrle(batch, mfns, zero, not running)
+            rnd.normal_pages += int(np.count_nonzero(whole))
+            keep = np.flatnonzero(whole | zero)
+            buffers = deltas
+            if len(keep):
+                at = {int(np.searchsorted(keep, i)): c for i, c in copies.items()}
+                buffers = self.encoder.encode(batch[keep], mfns[keep], zero[keep], at) + deltas
+            n = self.link.send(buffers) if buffers else 0
         self.account(rnd, len(batch), n, left_pages)
+        if self.cursor.at_end:
+            self.cursor.end_pass()
+        return n
+
+    def _xbzrle(self, batch: np.ndarray, mfns: np.ndarray, zero: np.ndarray,
+                last_stage: bool) -> tuple[np.ndarray, dict, list]:
+        """The XBZRLE stage: zero pages refresh their cache entries; the other data pages
+        go whole (some from the cache's copy), as deltas, or not at all when unchanged.
+        Returns (whole, copies by row, the PAGE_XBZRLE record's buffers)."""
+        self.xbzrle.zeroed(batch[zero])
+        data = ~self.encoder.is_pt[batch] & ~zero
+        rows = np.flatnonzero(data)
+        split = self.xbzrle.split(batch[rows], mfns[rows], last_stage)
+        whole = ~data & ~zero                      # page tables always go whole
+        whole[rows[split.whole]] = True
+        copies = {int(rows[i]): c for i, c in split.copies.items()}
+        if not len(split.delta_index):
+            return whole, copies, []
+        return whole, copies, encoded.encode_xbzrle(batch[rows[split.delta_index]],
+                                                    split.delta_lengths, split.delta_data)
+
+    def _to_channels(self, batch: np.ndarray, mfns: np.ndarray, zero: np.ndarray,
+                     rnd: RoundStats) -> int:
+        """multifd: the zero pages the sender found go on the main channel (as QEMU's
+        legacy detection does), the rest to the channels in packets (which find their own
+        zero pages when they look for them, and count what they send)."""
+        n = 0
+        if zero.any():
+            z = np.flatnonzero(zero)
+            n = self.channels.main.send(self.encoder.encode(batch[z], mfns[z], zero[z]))
+            batch, mfns = batch[~zero], mfns[~zero]
+        if len(batch):
+            self.channels.dispatch(batch, mfns, self.encoder.types(batch), rnd)
         return n
 
     def select(self, batch: np.ndarray, rnd: RoundStats,
-               skip_redirtied: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The batch's pfns that go now, and their machine frames."""
+               skip_redirtied: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The batch's pfns that go now, their machine frames, and whether the guest runs
+        (a paused guest is QEMU's last stage: XBZRLE updates nothing then)."""
         dom = self.dom
         with dom.lock:
             if skip_redirtied:
@@ -141,11 +300,16 @@ class PagePipeline:
                 if redirtied.any():
                     rnd.pages_skipped += int(np.count_nonzero(redirtied))
                     batch = batch[~redirtied]
-            return batch, dom.p2m[batch]
+            return batch, dom.p2m[batch], dom.is_running
 
     def account(self, rnd: RoundStats, pages: int, nbytes: int, left_pages: int) -> None:
-        rnd.pages_sent += pages
-        rnd.bytes_sent += nbytes
+        if self.channels is not None:          # the channels' threads count into it too
+            with self.channels.lock:
+                rnd.pages_sent += pages
+                rnd.bytes_sent += nbytes
+        else:
+            rnd.pages_sent += pages
+            rnd.bytes_sent += nbytes
         p = self.progress
         p.pages_sent_total += pages
         p.bytes_sent_total = self.link.bytes_sent

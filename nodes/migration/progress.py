@@ -29,6 +29,10 @@ class RoundStats:
     # ended (QEMU's cpu-throttle-percentage), and the seconds dirty-limit slept the vCPU in it.
     cpu_throttle_percentage: int = 0
     dirty_limit_throttle_seconds: float = 0.0
+    # Of pages_sent: those sent whole, and zero pages (QEMU's normal and duplicate); the
+    # rest went as XBZRLE deltas or not at all (unchanged; see the report's xbzrle block).
+    normal_pages: int = 0
+    zero_pages: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)

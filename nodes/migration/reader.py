@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost, PeerAborted, StreamError, StreamTruncated
+from nodes.migration import encoded
 from nodes.migration.records import (
     DOMAIN_HEADER,
     IMAGE_HEADER,
@@ -206,6 +207,9 @@ class RecordReader:
         if known is RecordType.PAGE_DATA:
             return Record(known, {"page_data": decode_page_data(body, self.page_size,
                                                                 self.guest_pages)})
+        decode = encoded.DECODERS.get(known)
+        if decode is not None:          # encoded pages: XBZRLE deltas, compressed packets
+            return Record(known, {"page_data": decode(body, self.page_size, self.guest_pages)})
         return Record(known, decode_fields(known, body))
 
     def expect(self, *types: RecordType) -> Record:

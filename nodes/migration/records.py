@@ -62,6 +62,12 @@ class RecordType(IntEnum):
     SYNC_ACK = 0x25            # the destination answers once it has
     CLOCK_PROBE = 0x26         # the source's wall clock, t1 (`nodes.migration.clock`)
     CLOCK_REPLY = 0x27         # t1 echoed, the destination's t2 (received) and t3 (sent)
+    # What crosses the wire beside PAGE_DATA (`nodes.migration.encoded`, `.multifd`)
+    PAGE_XBZRLE = 0x30         # pages as XBZRLE deltas against what the destination holds
+    PAGE_COMPRESSED = 0x31     # a multifd packet's pages, zlib- or zstd-compressed
+    MULTIFD_HELLO = 0x32       # the first record on a multifd channel: which one it is
+    MULTIFD_SYNC = 0x33        # on every channel once per pass: all before it has gone
+    MULTIFD_FLUSH = 0x34       # on the main channel after the channels' sync of that number
     ROUND_STATS = OPTIONAL | 0x01
     SOURCE_TIMING = OPTIONAL | 0x02
 
@@ -74,13 +80,14 @@ class PageType(IntEnum):
     L2TAB = 0x2
     L3TAB = 0x3
     L4TAB = 0x4
+    ZERO = 0x5        # migbed's own (Xen leaves 5..8 unused): a page of zeros, no data
     BROKEN = 0xD
     XALLOC = 0xE
     XTAB = 0xF
 
     @property
     def has_data(self) -> bool:
-        return self not in (PageType.BROKEN, PageType.XALLOC, PageType.XTAB)
+        return self not in (PageType.ZERO, PageType.BROKEN, PageType.XALLOC, PageType.XTAB)
 
 
 GUEST_MODE_CODES = {"p==m": 0, "p2m": 1, "vp": 2}
@@ -116,6 +123,9 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
                                "clock_rtt_seconds": (float, type(None))},
     RecordType.CLOCK_PROBE: {"t1": (float,)},
     RecordType.CLOCK_REPLY: {"t1": (float,), "t2": (float,), "t3": (float,)},
+    RecordType.MULTIFD_HELLO: {"migration_id": (str,), "channel": (int,), "channels": (int,)},
+    RecordType.MULTIFD_SYNC: {"sync": (int,)},
+    RecordType.MULTIFD_FLUSH: {"sync": (int,)},
 }
 
 
@@ -362,4 +372,8 @@ def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
         return MAX_BATCH_PAGES * (page_size + 8) + 64
     if rtype == RecordType.P2M_FRAMES:
         return 8 * guest_pages + 64
+    if rtype == RecordType.PAGE_XBZRLE:     # a delta never exceeds its page
+        return MAX_BATCH_PAGES * (page_size + 10) + 64
+    if rtype == RecordType.PAGE_COMPRESSED:  # at most one packet, and compression's worst case
+        return MAX_BATCH_PAGES * (page_size + 8) + (MAX_BATCH_PAGES * page_size >> 6) + 1024
     return MAX_CONTROL_RECORD_BYTES

@@ -59,6 +59,12 @@ class SourceResult:
     guest_cost: dict | None = None
     # The progress over time (`nodes.migration.progress.ProgressHistory.to_list`).
     progress_history: list[dict] = field(default_factory=list)
+    # What crossed the wire beyond whole pages: the `xbzrle` and `multifd` blocks
+    # (`PagePipeline.wire_stats`), each None when not used.
+    wire: dict = field(default_factory=dict)
+    # How long the guest's workload had run when the migration began (set by the host):
+    # with the workload, what the model knows of its non-zero pages.
+    workload_running_seconds: float = 0.0
 
     @property
     def completed(self) -> bool:
@@ -91,6 +97,8 @@ class DestinationResult:
     guest_observed_downtime_seconds: float | None = None
     # Set by the control plane: the destination host could not be reached.
     host_dead: bool = False
+    # CPU seconds of the multifd channels' reader threads (None: no channels).
+    multifd_cpu_seconds: float | None = None
 
     @property
     def completed(self) -> bool:

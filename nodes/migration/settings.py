@@ -6,6 +6,7 @@ fault seams) are built from it.
 from dataclasses import asdict, dataclass, fields
 
 from nodes.errors import ConfigError
+from nodes.migration import wire
 from nodes.migration.convergence import check_settings as check_convergence
 from nodes.migration.policy import POLICIES, PrecopyPolicy, policy_for
 
@@ -53,6 +54,15 @@ class MigrationSettings:
     on_timeout: str = "abort"                  # abort | postcopy | pause
     progress_timeout_seconds: float | None = None
     adaptive_rate: bool = False                # xen-legacy's ADAPTIVE_SAVE
+    # What crosses the wire (`nodes.migration.wire`, QEMU's names and defaults): zero-page
+    # detection, XBZRLE with a cache of this many bytes (None: off), this many parallel
+    # channels (None: multifd off) and their compression.
+    zero_page_detection: str = "multifd"
+    xbzrle_cache_bytes: int | None = None
+    multifd_channels: int | None = None
+    multifd_compression: str = "none"
+    multifd_zlib_level: int = 1
+    multifd_zstd_level: int = 1
 
     def __post_init__(self) -> None:
         from nodes.faults.spec import as_faults
@@ -75,6 +85,7 @@ class MigrationSettings:
         if self.cancel_after_round is not None and self.cancel_after_round < 0:
             raise ConfigError(f"cancel-after-round must be >= 0, got {self.cancel_after_round}")
         check_convergence(self)
+        wire.check(self)
 
     @property
     def nominal_bytes_per_second(self) -> float | None:

@@ -39,7 +39,7 @@ from nodes.migration.context import SourceContext, SourcePhase
 from nodes.migration.dirtysync import SyncLog
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
 from nodes.migration.link import LinkSender, Pacer
-from nodes.migration.pipeline import PagePipeline, PassCursor
+from nodes.migration.pipeline import PagePipeline
 from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
@@ -96,8 +96,10 @@ class Setup(_Always):
                               rate_limit, ctx.shared_link)
         ctx.link.wait = ctx.link_wait          # the progress history samples slow sends
         ctx.reader = RecordReader(ctx.sock.recv_into)
-        ctx.pipeline = PagePipeline(hv, dom, ctx.link, ctx.progress)
-        ctx.cursor = PassCursor(dom.npages)
+        ctx.pipeline = PagePipeline.for_migration(hv, dom, ctx.link, ctx.progress, s,
+                                                  ctx.ticket, lambda: ctx.sync.count)
+        ctx.link = ctx.pipeline.link            # multifd: the channels stand in for it
+        ctx.cursor = ctx.pipeline.cursor
         ctx.faults.attach(ctx.sock, ctx.link)
         ctx.faults.at(Phase.SETUP)
         # Shadow mode with log-dirty, before round 0 reads a single page.
@@ -292,6 +294,7 @@ def finish(ctx: SourceContext, cpu0: float) -> SourceResult:
     r.phase_seconds = dict(ctx.clock.seconds)
     r.dirty_sync_count = ctx.sync.count if ctx.sync is not None else 0
     r.progress_history = ctx.history.to_list() if ctx.history is not None else []
+    r.wire = ctx.pipeline.wire_stats() if ctx.pipeline is not None else {}
     return r
 
 

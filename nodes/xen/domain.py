@@ -124,6 +124,14 @@ class Domain:
             self.memory.words[mfns, word] = values
             self.pages_written_total += len(pfns)
 
+    def write_bytes(self, pfns: np.ndarray, offset: int, data: np.ndarray) -> None:
+        """Store the rows of `data` (uint8, one per pfn) at byte `offset` of each page."""
+        with self.lock:
+            self._check_running()
+            mfns = self._translate(pfns, write=True)
+            self.memory.frames[mfns, offset:offset + data.shape[1]] = data
+            self.pages_written_total += len(pfns)
+
     def read_words(self, pfns: np.ndarray, word: int | np.ndarray) -> np.ndarray:
         with self.lock:
             return self.memory.words[self._translate(pfns, write=False), word]
