@@ -284,10 +284,10 @@ def build_dashboard() -> Dashboard:
         .with_panel(ts(
             "Pages sent by type", "Pages per second sent whole and as zero pages (a pfn word "
             "each): QEMU's normal and duplicate.", "short",
-            [query(f"sum by (host) (rate(migbed_migration_normal_pages_total{{{H}}}"
-                   "[$__rate_interval]))", "{{host}} normal", "A"),
-             query(f"sum by (host) (rate(migbed_migration_zero_pages_total{{{H}}}"
-                   "[$__rate_interval]))", "{{host}} zero", "B")], stacked=True))
+            [query(top(f"sum by (host) (rate(migbed_migration_normal_pages_total{{{H}}}"
+                       "[$__rate_interval]))"), "{{host}} normal", "A"),
+             query(top(f"sum by (host) (rate(migbed_migration_zero_pages_total{{{H}}}"
+                       "[$__rate_interval]))"), "{{host}} zero", "B")], stacked=True))
         .with_panel(ts(
             "XBZRLE over the time range", "Pages XBZRLE found in its cache, its cache misses "
             "and overflows, of the migrations that ended in the range.", "short",
