@@ -79,6 +79,18 @@ class PeerAborted(StreamError):
         self.reason = reason
 
 
+class GuestLost(MigrationError):
+    """After a post-copy switch a host died (or the destination gave up): neither host has
+    the whole guest any more, so it is gone. Raised to a vCPU waiting on a page that will
+    never come, and to callers of a post-copy migration that cannot complete."""
+
+
+class PostcopyPaused(MigrationError):
+    """After a post-copy switch the link broke and did not come back within the timeout: the
+    migration is paused (the guest runs on the destination, its missing pages wait) until
+    `migbed migrate-recover` says the link is back."""
+
+
 class NoSuchHostError(MigbedError, LookupError):
     """No host of that name is in the cluster."""
 

@@ -1,6 +1,7 @@
 """WorkloadSpec: what a guest's vCPU does to its memory, as a frozen, JSON-round-trippable spec.
 
-Rates are page writes per second; `rate_pages_per_second == 0` means as fast as the vCPU can.
+Rates are page writes per second (page reads for `scan`, which writes nothing);
+`rate_pages_per_second == 0` means as fast as the vCPU can.
 """
 
 import json
@@ -8,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 
 from nodes.errors import ConfigError
 
-PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased")
+PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased", "scan")
 
 
 @dataclass(frozen=True)

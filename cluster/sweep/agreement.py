@@ -13,7 +13,8 @@ from nodes.migration.policy import StopCode
 
 AGREEMENT_TOLERANCE = 0.2       # measured/predicted outside 1 +- this is flagged
 JITTER_FLOOR_SECONDS = 0.001     # downtimes closer than this are equal (the vCPU ticks at 1 ms)
-_CAPS = {c.value for c in StopCode if not c.converged}   # max-iterations, max-factor
+_CAPS = {c.value for c in StopCode    # max-iterations, max-factor (a switch is not a cap)
+         if not c.converged and c is not StopCode.POSTCOPY}
 METRICS = (("pages_sent", "pages_sent_total", "predicted_pages_sent_total"),
            ("rounds", "live_rounds", "predicted_live_rounds"),
            ("downtime", "downtime_seconds", "predicted_downtime_seconds"))

@@ -16,14 +16,16 @@ from nodes.errors import ClusterError, MigrationError, MigrationStillRunning
 from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.metrics import HostMetrics
+from nodes.host.postcopy import PostcopyControl
 from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
 from nodes.migration.destination import Receiver, validate_info
 from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
+from nodes.migration.postcopy.source import plan
 from nodes.migration.progress import Progress
-from nodes.migration.results import DestinationResult, SourceResult
+from nodes.migration.results import PAUSED, DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.source import Sender, check_migratable, guest_info
 from nodes.xen.domain import Domain
@@ -38,7 +40,7 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService:
+class HostService(PostcopyControl):
     def __init__(self, config: HostConfig | dict):
         if isinstance(config, dict):
             config = HostConfig.from_dict(config)
@@ -59,6 +61,8 @@ class HostService:
         self.fault_stats = FaultStats()
         self.metrics.registry.register(FaultCollector(config.name, self.fault_stats))
         self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
+        self._senders: dict[str, Sender] = {}         # outgoing migration -> its sender
+        self._paused: dict[str, tuple] = {}           # paused post-copy -> (sender, start, info)
         self._uplinks: dict[float, Pacer] = {}        # link speed -> this host's shared uplink
         self._ended: collections.deque = collections.deque()   # ended outgoing, oldest first
         self.dead = False
@@ -141,6 +145,7 @@ class HostService:
         vcpu = self.vcpus.get(name)
         if vcpu is not None:
             d["pages_written_total"] = vcpu.pages_written_total
+            d["progress_pages_total"] = vcpu.progress_pages
             d["last_progress_wall"] = vcpu.last_progress_wall
             d["vcpu_alive"] = vcpu.alive
             d["workload"] = self.workloads[name].to_dict()
@@ -225,6 +230,7 @@ class HostService:
                                         f"after {timeout:g} s")
         result = recv.result()
         result.guest_observed_downtime_seconds = self._guest_gap(recv, result)
+        self.postcopy_rates(recv, result)
         del self.incoming[migration_id]
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
@@ -261,33 +267,56 @@ class HostService:
         if isinstance(settings, dict):
             settings = MigrationSettings.from_dict(settings)
         t = Ticket.from_dict(ticket)
-        progress = Progress(t.migration_id, name)
+        mid = t.migration_id
+        progress = Progress(mid, name)
         cancel = threading.Event()
+        info = self.guest_info(name, mid)
+        algorithm, postcopy = plan(settings)
         with self.lock:
             sender = Sender(self.hv, name, t, settings, self, progress, cancel,
-                            self._uplink(settings), self.fault_stats)
-            self.outgoing[t.migration_id] = progress
-            self._cancel[t.migration_id] = cancel
-            self._faults[t.migration_id] = sender.faults
+                            self._uplink(settings), self.fault_stats, algorithm, postcopy)
+            self.outgoing[mid] = progress
+            self._cancel[mid] = cancel
+            self._faults[mid] = sender.faults
+            self._senders[mid] = sender
             self.migration_counts["started"] += 1
-            self.metrics.outgoing_started(t.migration_id, name, progress, settings)
+            self.metrics.outgoing_started(mid, name, progress, settings)
         start_wall = time.time()
         try:
             result = sender.run()
-        finally:
-            self._cancel.pop(t.migration_id, None)
-            self._faults.pop(t.migration_id, None)
-            self._forget_ended(t.migration_id)
-        if result.connection_lost:
-            self.fault_stats.count_connection_lost("source")
-        self.migration_counts[result.status] += 1
-        self.metrics.outgoing_finished(t.migration_id, result)
+        except BaseException:
+            self._sender_gone(mid)
+            raise
+        return self._sender_ended(mid, name, sender, result, start_wall, info)
+
+    def _sender_ended(self, mid: str, name: str, sender: Sender, result: SourceResult,
+                      start_wall: float, info: dict) -> SourceResult:
+        """A sender returned: a paused post-copy is kept for `migrate_recover` (it is still
+        running); anything else has ended, and is counted."""
+        result.profile = self.hv.profile.name
         vcpu = self._retired.pop(name, None) or self.vcpus.get(name)
         if vcpu is not None:
             result.source_longest_gap_seconds = vcpu.longest_gap(
                 start_wall, result.pause_wall or time.time())
-        result.profile = self.hv.profile.name
+            if result.postcopy is not None and result.pause_wall:
+                result.postcopy["guest_rate_before"] = vcpu.rate_between(start_wall,
+                                                                         result.pause_wall)
+        if result.status == PAUSED:
+            with self.lock:
+                self._paused[mid] = (sender, start_wall, info)
+            return result
+        self._sender_gone(mid)
+        if result.connection_lost:
+            self.fault_stats.count_connection_lost("source")
+        self.migration_counts[result.status] += 1
+        self.metrics.outgoing_finished(mid, result)
         return result
+
+    def _sender_gone(self, mid: str) -> None:
+        self._cancel.pop(mid, None)
+        self._faults.pop(mid, None)
+        self._senders.pop(mid, None)
+        self._forget_ended(mid)
 
     def _forget_ended(self, migration_id: str) -> None:
         """Keep the progress of the last KEEP_ENDED_PROGRESS ended migrations (for a late
@@ -303,8 +332,8 @@ class HostService:
 
     def cancel_migration(self, migration_id: str) -> bool:
         ev = self._cancel.get(migration_id)
-        if ev is None:
-            return False
+        if ev is None or self.switched(migration_id):
+            return False        # ended, or past a post-copy switch (QEMU cannot cancel then)
         ev.set()
         return True
 

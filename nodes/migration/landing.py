@@ -12,7 +12,16 @@ once the record is complete.
 The reader (`nodes.migration.reader.RecordReader`) fills the chunks from the socket; a record
 laid out another way (msgpack allows several) is decoded whole and poured into the same
 chunks by `land`: either way a page reaches its frame by one path.
+
+After a post-copy switch (`begin_postcopy`) the guest runs here while pages still arrive, and
+`received` is the truth of which are present (the guest's access path reads the same array):
+a page lands at most once, into its frame only while it is missing (so no write the guest has
+made since is ever overwritten); one already present is dropped (counted in `duplicates`); a
+data page is marked present, and the waiting vCPUs told (`on_present`), as soon as its chunk
+has landed, a page table once its record is complete.
 """
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,6 +48,34 @@ class Landing:
         self.is_pt[dom.pt_pfns] = True
         self.pages_received = 0
         self.staging = np.empty((RECV_CHUNK_PAGES, memory.page_size), dtype=np.uint8)
+        # Post-copy (see the module docstring): set by `begin_postcopy`.
+        self.after_switch = False
+        self.on_present: Callable[[np.ndarray], None] | None = None
+        self.applied: np.ndarray | None = None    # times each page landed after the switch
+        self.duplicates = 0                       # pages that arrived already present
+        self.fresh: np.ndarray | None = None      # the record's pages still missing
+
+    # -- post-copy -------------------------------------------------------------------------
+    def begin_postcopy(self, discard: np.ndarray,
+                       on_present: Callable[[np.ndarray], None]) -> int:
+        """The switch: the pages of the discard set (dirtied since they were sent, or never
+        sent) are missing from now on; every other page must have arrived. Returns how many
+        pages that had arrived are discarded as stale."""
+        unlisted = int(np.count_nonzero(~self.received & ~discard))
+        if unlisted:
+            raise StreamError(f"{unlisted} pages never arrived and are not in the discard set")
+        stale = int(np.count_nonzero(self.received & discard))
+        self.received[discard] = False
+        self.applied = np.zeros(len(self.received), dtype=np.uint8)
+        self.on_present = on_present
+        self.after_switch = True
+        return stale
+
+    def _present(self, pfns: np.ndarray) -> None:
+        if len(pfns):
+            self.received[pfns] = True
+            self.applied[pfns] += 1
+            self.on_present(pfns)
 
     # -- the PageSink protocol -----------------------------------------------------------
     def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
@@ -48,6 +85,8 @@ class Landing:
         self.is_table = self._check_types(self.pfns, types[mask])
         self.mfns = mfns = self.dom.p2m[self.pfns]
         self.tables = np.flatnonzero(self.is_table)
+        if self.after_switch:
+            self.fresh = self._missing_of(self.pfns)
         self.scratch = np.empty((len(self.tables), self.memory.page_size), dtype=np.uint8)
         n = len(mfns)
         # A chunk lies in one run of frames if no break (a jump, or a page table) is in it.
@@ -62,6 +101,8 @@ class Landing:
         for start in range(0, n, RECV_CHUNK_PAGES):
             stop = min(start + RECV_CHUNK_PAGES, n)
             whole = breaks[stop - 1] == breaks[start] and not self.is_table[start]
+            if self.after_switch:
+                whole = whole and bool(self.fresh[start:stop].all())
             self.chunks.append((start, stop, whole))
             if whole:
                 out.append([frames[mfns[start]:mfns[start] + stop - start].reshape(-1)])
@@ -76,24 +117,36 @@ class Landing:
             pages = self.memory.frames[self.mfns[start]:self.mfns[start] + stop - start]
         else:
             pages = self.staging[:stop - start]
+        keep = self.fresh[start:stop] if self.after_switch else None
         if self.verify:
-            self.hashes[self.pfns[start:stop]] = page_hashes(pages)
-        if whole:
-            return
+            if keep is None:
+                self.hashes[self.pfns[start:stop]] = page_hashes(pages)
+            elif keep.any():
+                self.hashes[self.pfns[start:stop][keep]] = page_hashes(pages[keep])
         tables = self.is_table[start:stop]
-        if tables.any():
-            at = np.flatnonzero((self.tables >= start) & (self.tables < stop))
-            self.scratch[at] = pages[tables]
-            self.memory.write(self.mfns[start:stop][~tables], pages[~tables])
-        else:
-            self.memory.write(self.mfns[start:stop], pages)
+        if not whole:
+            if tables.any():
+                at = np.flatnonzero((self.tables >= start) & (self.tables < stop))
+                self.scratch[at] = pages[tables]
+            rows = ~tables if keep is None else ~tables & keep
+            if rows.all():
+                self.memory.write(self.mfns[start:stop], pages)
+            elif rows.any():
+                self.memory.write(self.mfns[start:stop][rows], pages[rows])
+        if keep is not None:
+            self._present(self.pfns[start:stop][keep & ~tables])
 
     def done(self) -> None:
         """The whole record has arrived: page tables made this host's, pfns marked."""
-        if len(self.tables):
-            self.memory.write(self.mfns[self.tables],
-                              self._tables_in(self.scratch).view(np.uint8))
-        self.received[self.pfns] = True
+        kept = self.fresh[self.tables] if self.after_switch else slice(None)
+        if len(self.tables[kept]):
+            self.memory.write(self.mfns[self.tables[kept]],
+                              self._tables_in(self.scratch[kept]).view(np.uint8))
+        if self.after_switch:
+            self._present(self.pfns[self.tables[kept]])
+            self.duplicates += int(np.count_nonzero(~self.fresh))
+        else:
+            self.received[self.pfns] = True
         self.pages_received += len(self.pfns)
 
     # -- a record decoded whole --------------------------------------------------------------
@@ -110,6 +163,14 @@ class Landing:
         self.done()
 
     # -- checks ---------------------------------------------------------------------------
+    def _missing_of(self, pfns: np.ndarray) -> np.ndarray:
+        """After the switch: which of a record's pages are still missing; a record that
+        names a page twice is refused (it would land twice)."""
+        ordered = np.sort(pfns)
+        if (ordered[1:] == ordered[:-1]).any():
+            raise StreamError("a PAGE_DATA record names a page twice")
+        return ~self.received[pfns]
+
     def _check_types(self, pfns: np.ndarray, types: np.ndarray) -> np.ndarray:
         """Which of these pages with data are page tables; they must be the guest's own."""
         is_table = types == records.PageType.L1TAB

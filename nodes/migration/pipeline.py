@@ -84,6 +84,25 @@ class PassCursor:
         self.pending_pages += fresh
         return fresh
 
+    def take_these(self, pfns: np.ndarray) -> np.ndarray:
+        """Of `pfns` (distinct), those still marked, unmarked now: pages sent out of the
+        scan's turn (post-copy's requested pages)."""
+        wanted = pfns[self.unsent[pfns]]
+        self.unsent[wanted] = False
+        self.pending_pages -= len(wanted)
+        return wanted
+
+    def seek(self, pfn: int) -> None:
+        """The scan goes on from `pfn` (post-copy: after the last requested page)."""
+        self.cursor = min(max(0, pfn), len(self.unsent))
+
+    def reset(self, unsent: np.ndarray) -> None:
+        """Exactly these pages still go, the scan from pfn 0 (post-copy after a reconnect:
+        every page the destination does not have)."""
+        self.unsent[:] = unsent
+        self.pending_pages = int(np.count_nonzero(unsent))
+        self.cursor = 0
+
     def take(self, n: int) -> np.ndarray:
         """Up to `n` marked pfns from the cursor on, unmarked; the cursor moves past them."""
         unsent, total = self.unsent, len(self.unsent)

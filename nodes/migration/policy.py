@@ -46,11 +46,12 @@ class StopCode(StrEnum):
     FITS_DOWNTIME = "fits-downtime"                # qemu: pending fits bandwidth x limit
     MAX_ITERATIONS = "max-iterations"              # the live round cap
     MAX_FACTOR = "max-factor"                      # xen-legacy: 3x the guest's memory sent
+    POSTCOPY = "postcopy"                          # switched to post-copy (the rest on demand)
 
     @property
     def converged(self) -> bool:
         """Stopped on the policy's own target, not on one of its caps."""
-        return self not in (StopCode.MAX_ITERATIONS, StopCode.MAX_FACTOR)
+        return self not in (StopCode.MAX_ITERATIONS, StopCode.MAX_FACTOR, StopCode.POSTCOPY)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class LiveRounds:
     def run(self, ctx: SourceContext) -> None:
         run = continuous if ctx.policy.mid_pass else per_pass
         decision = run(ctx)
+        ctx.decision = decision
         ctx.result.stop_reason = decision.reason
         ctx.result.stop_code = decision.stop_code.value if decision.stop_code else None
         drain(ctx)
@@ -68,6 +69,8 @@ def live_pass(ctx: SourceContext, index: int) -> RoundStats:
     cursor.wrap()
     start = time.monotonic()
     while not cursor.at_end:
+        if ctx.postcopy is not None and ctx.postcopy.cut_pass(ctx):
+            break                       # the switch is asked for now: the pass ends here
         batch = cursor.take(MAX_BATCH_PAGES)
         if len(batch):
             ctx.pipeline.send_batch(batch, rnd, ctx.policy.skip_redirtied,
@@ -201,6 +204,8 @@ def decide(ctx: SourceContext, pending_pages: int) -> Decision:
     if not ctx.policy.mid_pass and stats.measured_bytes_per_second:
         p.throughput_bytes_per_second = stats.measured_bytes_per_second
     decision = ctx.policy.decide(stats)
+    if ctx.postcopy is not None:        # post-copy allowed: the switch may come first
+        decision = ctx.postcopy.prefer(decision, stats)
     if decision.action is Action.ABORT:
         raise MigrationError(f"policy {ctx.policy.name} aborted: {decision.reason}")
     return decision

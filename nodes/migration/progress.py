@@ -19,6 +19,7 @@ class RoundStats:
     bytes_sent: int = 0
     duration_seconds: float = 0.0
     final: bool = False
+    postcopy: bool = False      # the pages sent after a post-copy switch (then also final)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -13,6 +13,11 @@ it; an unknown mandatory record fails the restore. The same framing carries the 
 handshake back from the receiver (READY, PERMISSION_TO_GO, RESULT, ABORT), as libxl's
 migration protocol does beside the stream, and the SYNC the source sends before it pauses the
 guest, which the destination acknowledges (SYNC_ACK) once it has landed every page before it.
+A post-copy switch (`nodes.migration.postcopy`) sends the discard set (POSTCOPY_DISCARD, a
+bitmap) and POSTCOPY_RUN; the destination answers POSTCOPY_RESUMED and asks for the pages its
+guest touches (REQ_PAGES, QEMU's MIG_RP_MSG_REQ_PAGES); after a broken link the source opens a
+new connection with POSTCOPY_RECOVER and the destination answers with the set of pages it
+has (RECV_BITMAP, QEMU's MIG_RP_MSG_RECV_BITMAP).
 
 Decoding is defensive: every length is bounded before anything is allocated, msgpack is
 unpacked with limits derived from the body length, ext types are refused, every field is
@@ -43,6 +48,7 @@ MAX_PAGE_SHIFT = 16
 PFN_TYPE_SHIFT = 60
 PFN_MASK = (1 << PFN_TYPE_SHIFT) - 1
 MAX_GUEST_PAGES = 1 << 28            # 1 TiB of 4 KiB pages: a bound, not a promise
+MAX_REQUEST_PAGES = 1 << 13          # pages one REQ_PAGES asks for (a vCPU batch is 4096)
 
 
 class RecordType(IntEnum):
@@ -58,6 +64,12 @@ class RecordType(IntEnum):
     ABORT = 0x23
     SYNC = 0x24                # the source asks: have you landed everything before this?
     SYNC_ACK = 0x25            # the destination answers once it has
+    POSTCOPY_DISCARD = 0x30    # the pages the destination must not take as present
+    POSTCOPY_RUN = 0x31        # the destination may run the guest, pages still missing
+    POSTCOPY_RESUMED = 0x32    # back: the guest runs on the destination
+    REQ_PAGES = 0x33           # back: the guest touched these missing pages
+    POSTCOPY_RECOVER = 0x34    # a new connection that resumes a paused post-copy
+    RECV_BITMAP = 0x35         # back: the pages the destination has
     ROUND_STATS = OPTIONAL | 0x01
     SOURCE_TIMING = OPTIONAL | 0x02
 
@@ -106,6 +118,12 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
     RecordType.RECEIVER_RESULT: {"ok": (bool,), "error": _OPT_STR, "digest": _OPT_STR,
                                  "resume_wall": (float, type(None))},
     RecordType.ABORT: {"error": (str,)},
+    RecordType.POSTCOPY_DISCARD: {"bitmap": (bytes,)},
+    RecordType.POSTCOPY_RUN: {},
+    RecordType.POSTCOPY_RESUMED: {"resume_wall": _NUM},
+    RecordType.REQ_PAGES: {"pfns": (bytes,)},
+    RecordType.POSTCOPY_RECOVER: {"migration_id": (str,)},
+    RecordType.RECV_BITMAP: {"bitmap": (bytes,)},
     RecordType.ROUND_STATS: {"rounds": (list,)},
     RecordType.SOURCE_TIMING: {"pause_wall": _NUM, "final_round_pages": (int,)},
 }
@@ -348,10 +366,51 @@ def decode_page_data(body: bytes | memoryview, page_size: int, guest_pages: int)
     return PageData(pfns, types, pages)
 
 
+# -- post-copy: page sets as bitmaps, page requests as pfn lists ------------------------------
+def encode_bitmap(mask: np.ndarray) -> bytes:
+    """A set of pages (a bool per pfn) as a bitmap, bit i of byte i // 8 for pfn i."""
+    return np.packbits(mask.astype(bool), bitorder="little").tobytes()
+
+
+def decode_bitmap(data: bytes, guest_pages: int) -> np.ndarray:
+    """The bool per pfn of a bitmap from the wire: exactly ceil(pages / 8) bytes, the bits
+    past the last page zero."""
+    if len(data) != (guest_pages + 7) // 8:
+        raise StreamError(f"a bitmap of {len(data)} bytes for {guest_pages} pages (expected "
+                          f"{(guest_pages + 7) // 8})")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[guest_pages:].any():
+        raise StreamError("a bitmap marks pages beyond the guest's memory")
+    return bits[:guest_pages].astype(bool)
+
+
+def encode_pfns(pfns: np.ndarray) -> bytes:
+    return np.asarray(pfns, dtype="<u8").tobytes()
+
+
+def decode_pfns(data: bytes, guest_pages: int) -> np.ndarray:
+    """The pfns of a REQ_PAGES record: 1..MAX_REQUEST_PAGES u64 words, each a page of the
+    guest, none twice."""
+    if not data or len(data) % 8 or len(data) // 8 > MAX_REQUEST_PAGES:
+        raise StreamError(f"REQ_PAGES carries {len(data)} bytes: 1 to {MAX_REQUEST_PAGES} "
+                          "pfns of 8 bytes each")
+    words = np.frombuffer(data, dtype="<u8")
+    if int(words.max()) >= guest_pages:
+        raise StreamError(f"REQ_PAGES asks for pfn {int(words.max())} beyond the guest's "
+                          f"{guest_pages} pages")
+    pfns = words.astype(np.int64)
+    ordered = np.sort(pfns)                      # not np.unique: it imports numpy.ma
+    if (ordered[1:] == ordered[:-1]).any():
+        raise StreamError("REQ_PAGES asks for a page twice")
+    return pfns
+
+
 def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
     """The largest body a record of this type may have in this stream."""
     if rtype == RecordType.PAGE_DATA:
         return MAX_BATCH_PAGES * (page_size + 8) + 64
     if rtype == RecordType.P2M_FRAMES:
         return 8 * guest_pages + 64
+    if rtype in (RecordType.POSTCOPY_DISCARD, RecordType.RECV_BITMAP):
+        return guest_pages // 8 + 64
     return MAX_CONTROL_RECORD_BYTES

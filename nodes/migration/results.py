@@ -11,6 +11,7 @@ from nodes.migration.progress import RoundStats
 COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
+PAUSED = "postcopy-paused"     # after a post-copy switch, the link is down: see `postcopy`
 
 
 @dataclass
@@ -47,6 +48,18 @@ class SourceResult:
     source_longest_gap_seconds: float | None = None
     # Set by the control plane: the source host died during the migration.
     source_lost: bool = False
+    # Bytes sent while the guest ran here, while it was paused, and after a post-copy switch
+    # (QEMU's precopy-bytes, downtime-bytes, postcopy-bytes): they add up to bytes_sent_total.
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    # Post-copy (`nodes.migration.postcopy`): the guest left at the switch; page requests
+    # received (QEMU's postcopy-requests); the source's half of the report's `postcopy`
+    # block; and whether the guest was lost (neither host has all of it).
+    switched: bool = False
+    postcopy_requests: int = 0
+    postcopy: dict | None = None
+    guest_lost: bool = False
 
     @property
     def completed(self) -> bool:
@@ -79,6 +92,9 @@ class DestinationResult:
     guest_observed_downtime_seconds: float | None = None
     # Set by the control plane: the destination host could not be reached.
     host_dead: bool = False
+    # Post-copy: the destination's half of the report's `postcopy` block (its guest's
+    # faults, blocktime, latency histogram, mode and page rates during post-copy).
+    postcopy: dict | None = None
 
     @property
     def completed(self) -> bool:
