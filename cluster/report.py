@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from cluster.postcopy import apply_postcopy, postcopy_lines
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -67,6 +68,16 @@ class MigrationReport:
     guest_lost: bool = False
     faults: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    # Bytes sent while the guest ran on the source, while it was paused, and after a
+    # post-copy switch (QEMU's precopy-bytes, downtime-bytes, postcopy-bytes): they add up
+    # to bytes_sent_total.
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    # QEMU's postcopy-requests: pages the destination asked for (each page one request).
+    postcopy_requests: int = 0
+    # Post-copy (`cluster.postcopy.postcopy_block`; None when the migration did not switch).
+    postcopy: dict | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -113,7 +124,10 @@ class MigrationReport:
                          "destination": dest.cpu_seconds if dest is not None else None},
             integrity=Integrity(verified, source.source_digest, source.destination_digest),
             guest_host=settled.guest_host, guest_lost=settled.guest_lost,
-            faults=list(settled.faults), notes=list(settled.notes))
+            faults=list(settled.faults), notes=list(settled.notes),
+            precopy_bytes=source.precopy_bytes, downtime_bytes=source.downtime_bytes,
+            postcopy_bytes=source.postcopy_bytes, postcopy_requests=source.postcopy_requests)
+        apply_postcopy(report, source, dest, settled)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
             report.notes.append(f"{destination_host} says: {why}")
@@ -151,7 +165,8 @@ class MigrationReport:
             f"{_rate(self.link_bytes_per_second)}, rate limit "
             f"{_rate(self.rate_limit_bytes_per_second)}, latency {ms(self.latency_seconds)}",
             f"  modes: {self.modes.get('before')} -> {self.modes.get('during')} -> "
-            f"{self.modes.get('after')}",
+            + (f"{self.modes['postcopy']} (post-copy, on the destination) -> "
+               if "postcopy" in self.modes else "") + f"{self.modes.get('after')}",
             "  round     sent  skipped  dirtied   time       rate      dirty/s",
         ]
         for r in self.rounds:
@@ -172,6 +187,7 @@ class MigrationReport:
             f"{_rate(self.throughput_bytes_per_second)}",
             f"  integrity: {_verdict(self.integrity.verified)}",
         ]
+        lines += postcopy_lines(self)
         if self.phase_seconds:
             lines.append("  phases: " + ", ".join(f"{k.replace('_', '-')} {ms(v)}"
                                                   for k, v in self.phase_seconds.items()))

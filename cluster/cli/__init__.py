@@ -9,11 +9,11 @@ the parser here; `options` holds what they share.
 import sys
 from collections.abc import Sequence
 
-from cluster.cli import experiments, faults, guests, lifecycle, migrate
+from cluster.cli import experiments, faults, guests, lifecycle, migrate, postcopy
 from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, UsageError
 from nodes.errors import MigbedError
 
-COMMAND_MODULES = (lifecycle, guests, migrate, experiments, faults)   # in `--help`'s order
+COMMAND_MODULES = (lifecycle, guests, migrate, postcopy, experiments, faults)   # in `--help`'s order
 
 
 def build_parser() -> Parser:

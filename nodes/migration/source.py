@@ -209,6 +209,7 @@ class Sender:
         if self.paused_at is None:
             raise MigrationError(f"the migration of {self.ctx.guest} is not paused")
         self.faults.repair()
+        self.ctx.result.error = None
         return self._run_from(self.paused_at)
 
     def _run_from(self, start: int) -> SourceResult:
