@@ -287,6 +287,49 @@ def build_dashboard() -> Dashboard:
             "bytes: they fall each round while the migration converges.", "bytes",
             [query(f"max by (guest) (migbed_migration_remaining_bytes{{{HG}}})",
                    "{{guest}}")]))
+
+        # -- post-copy --------------------------------------------------------------------
+        .with_row(p.row("Post-copy"))
+        .with_panel(single("Post-copy switches", "Migrations that switched to post-copy, "
+                           "since the hosts started.",
+                           f"sum(migbed_migration_postcopy_switches_total{{{H}}})"))
+        .with_panel(single("Migrations paused in post-copy", "Running migrations paused on "
+                           "a broken link after their switch (postcopy-paused): `migbed "
+                           "migrate-recover` resumes them.",
+                           f"sum(migbed_migration_postcopy_paused{{{H}}})"))
+        .with_panel(ts(
+            "Pages still missing on the destination", "Pages each guest running in post-copy "
+            "still lacks: the push and its requests bring them, the last one ends the "
+            "migration.", "short",
+            [query(f"max by (guest) (migbed_migration_postcopy_missing_pages{{{HG}}})",
+                   "{{guest}}")]))
+        .with_panel(ts(
+            "Page requests and pushed pages", "Pages per second a post-copy source received "
+            "requests for (QEMU's postcopy-requests), and sent on request and by the "
+            "background push.", "short",
+            [query(f"sum by (host) (rate(migbed_migration_postcopy_requests_total{{{H}}}"
+                   "[$__rate_interval]))", "{{host}} requests", "A"),
+             query(f"sum by (host, reason) (rate(migbed_migration_postcopy_sent_pages_total"
+                   f"{{{H}}}[$__rate_interval]))", "{{host}} {{reason}}", "B")]))
+        .with_panel(ts(
+            "vCPU time blocked on faults", "Share of the time the vCPUs of guests arriving "
+            "by post-copy waited for missing pages (QEMU's postcopy-blocktime per second).",
+            "percentunit",
+            [query(f"sum by (host) (rate(migbed_migration_postcopy_blocktime_seconds_total"
+                   f"{{{H}}}[$__rate_interval]))", "{{host}}")]))
+        .with_panel(ts(
+            "Fault latency quantiles (5m)", "Request to landed of the pages post-copy guests "
+            "asked for in the last five minutes (QEMU 10.1's postcopy-latency).", "s",
+            [query(f"histogram_quantile({q}, sum by (le) (rate("
+                   f"migbed_migration_postcopy_fault_latency_seconds_bucket{{{H}}}[5m])))",
+                   f"p{round(q * 100)}", ref)
+             for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]))
+        .with_panel(ts(
+            "Bytes by stage (5m)", "Bytes of the migrations that ended in the last five "
+            "minutes, by when they went: the guest running on its source, paused, or on its "
+            "destination after a post-copy switch.", "bytes",
+            [query(f"sum by (stage) (increase(migbed_migration_stage_sent_bytes_total{{{H}}}"
+                   "[5m]))", "{{stage}}")], stacked=True))
     )
     return d
 

@@ -17,6 +17,7 @@ from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.metrics import HostMetrics
 from nodes.host.postcopy import PostcopyControl
+from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.migration.channel import Ticket
@@ -60,6 +61,8 @@ class HostService(PostcopyControl):
         self.metrics = HostMetrics(self)
         self.fault_stats = FaultStats()
         self.metrics.registry.register(FaultCollector(config.name, self.fault_stats))
+        self.postcopy_totals = PostcopyTotals()
+        self.metrics.registry.register(PostcopyCollector(self, self.postcopy_totals))
         self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
         self._senders: dict[str, Sender] = {}         # outgoing migration -> its sender
         self._paused: dict[str, tuple] = {}           # paused post-copy -> (sender, start, info)
@@ -234,6 +237,7 @@ class HostService(PostcopyControl):
         del self.incoming[migration_id]
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
+        self.postcopy_totals.destination_ended(recv)
         self.metrics.incoming_finished(migration_id, result.guest_observed_downtime_seconds)
         return result
 
@@ -309,6 +313,7 @@ class HostService(PostcopyControl):
         if result.connection_lost:
             self.fault_stats.count_connection_lost("source")
         self.migration_counts[result.status] += 1
+        self.postcopy_totals.source_ended(result)
         self.metrics.outgoing_finished(mid, result)
         return result
 
@@ -347,6 +352,7 @@ class HostService(PostcopyControl):
         recv.wait(recv.settings.timeout_seconds)
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
+        self.postcopy_totals.destination_ended(recv)
         self.metrics.incoming_finished(migration_id, None)
         return recv.result()
 
