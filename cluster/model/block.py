@@ -72,7 +72,16 @@ def _model_inputs(report: "MigrationReport", workload: dict | None, settings: Mi
         latency_seconds=settings.latency_seconds, resume_seconds=resume_seconds,
         dirty_rate_pages_per_second=dirty_rate,
         policy_settings=({"max_iterations": settings.max_iterations}
-                         if settings.max_iterations is not None else None))
+                         if settings.max_iterations is not None else None),
+        **postcopy_inputs(settings))
+
+
+def postcopy_inputs(settings: MigrationSettings) -> dict:
+    """The model's post-copy arguments from a migration's settings (a switch the operator
+    asks for while it runs is not foreseen)."""
+    return {"postcopy_after_rounds": settings.postcopy_after_rounds,
+            "postcopy_after_seconds": settings.postcopy_after_seconds,
+            "postcopy_bandwidth_bytes_per_second": settings.postcopy_bandwidth_bytes_per_second}
 
 
 def _at_measured_throughput(report: "MigrationReport", settings: MigrationSettings, nominal, common: dict):

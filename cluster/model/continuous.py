@@ -86,7 +86,8 @@ class ContinuousRun:
                 self._sync()
             decision = self.policy.decide(self._stats())
             if decision.action is not Action.CONTINUE:
-                if self.current is not None:
+                if self.current is not None and (self.current["pages_sent"] > 0
+                                                 or decision.action is not Action.POSTCOPY):
                     self._close_pass()
                 return decision
             self._chunk()

@@ -5,7 +5,8 @@ import math
 from dataclasses import dataclass, field
 
 from cluster.model.continuous import ContinuousRun, layout
-from cluster.model.workload import Region, rate_of, regions
+from cluster.model.postcopy import MissingRange, PostcopyPrediction, postcopy_phase
+from cluster.model.workload import Region, access_regions, rate_of, regions
 from nodes.errors import ConfigError
 from nodes.migration.policy import (
     Action,
@@ -15,6 +16,7 @@ from nodes.migration.policy import (
     StopCode,
     policy_for,
 )
+from nodes.migration.postcopy.trigger import SwitchRule, prefer
 from workloads.spec import WorkloadSpec
 
 PAGES_PER_RECORD = 1024      # PAGE_DATA records carry up to 1024 pages (4 MiB)
@@ -31,11 +33,13 @@ class ModelRound:
     pages_dirtied: float          # distinct pages written during the round: the next one's dirty
     duration_seconds: float
     final: bool = False
+    postcopy: bool = False        # the pages sent after a post-copy switch (then also final)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "pages_sent": self.pages_sent,
                 "pages_skipped": self.pages_skipped, "pages_dirtied": self.pages_dirtied,
-                "duration_seconds": self.duration_seconds, "final": self.final}
+                "duration_seconds": self.duration_seconds, "final": self.final,
+                "postcopy": self.postcopy}
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class ModelPrediction:
     dirty_sync_count: int         # bitmap syncs, setup's and stop-and-copy's included
     lambda_ratio: float           # D / R: dirty bytes per second over the effective bandwidth
     bandwidth_bytes_per_second: float   # effective live bandwidth, min(link, rate limit)
+    postcopy: PostcopyPrediction | None = None   # the switch and the push (None: pre-copy)
 
     @property
     def live_rounds(self) -> int:
@@ -74,6 +79,7 @@ class ModelPrediction:
             "dirty_sync_count": self.dirty_sync_count,
             "lambda_ratio": self.lambda_ratio,
             "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
+            "postcopy": self.postcopy.to_dict() if self.postcopy is not None else None,
         }
 
 
@@ -102,6 +108,7 @@ class _PreCopy:
     converged: bool = False
     aborted: bool = False
     syncs: int = 1                # bitmap syncs so far, setup's included (dirty-sync-count)
+    missing: list[MissingRange] | None = None   # what a mid-pass switch leaves to send
 
     @property
     def last(self) -> ModelRound | None:
@@ -222,6 +229,10 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float) -> 
         if decision.action is not Action.CONTINUE:
             _stop(run, decision, pol, stats.iteration)
             return run
+        cut = getattr(pol, "cut_seconds", None)   # a switch after a time cuts the pass
+        if cut is not None and run.elapsed + run.dirty * guest.seconds_per_page > cut:
+            cut_round(run, guest, max(0.0, cut - run.elapsed))
+            continue
         _live_round(run, guest, pol, latency)
 
 
@@ -232,7 +243,9 @@ def _continuous(guest: _Guest, pol: PrecopyPolicy, data_pages: int) -> _PreCopy:
                           guest.guest_pages)
     decision = model.run()
     run = _PreCopy(dirty=model.final_pages(), elapsed=model.now,
-                   total_written=model.sent_pages, syncs=model.sync.count)
+                   total_written=model.sent_pages, syncs=model.sync.count,
+                   missing=[MissingRange(sp.lo, sp.hi, sp.ahead + sp.behind + sum(model._fresh(sp)))
+                            for sp in model.spans])
     run.rounds = [ModelRound(index=r["index"], pages_sent=r["pages_sent"], pages_skipped=0.0,
                              pages_dirtied=r["pages_dirtied"],
                              duration_seconds=r["end"] - r["start"]) for r in model.rounds]
@@ -247,8 +260,13 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             latency_seconds: float = 0.0, resume_seconds: float = 0.0,
             dirty_rate_pages_per_second: float | None = None,
             bytes_per_page_overhead: float = 8.0, record_overhead_bytes: float = 32.0,
-            policy_settings: dict | None = None) -> ModelPrediction:
-    """Predict a pre-copy migration round by round, driving migbed's own policy object.
+            policy_settings: dict | None = None, postcopy_after_rounds: int | None = None,
+            postcopy_after_seconds: float | None = None,
+            postcopy_bandwidth_bytes_per_second: float | None = None) -> ModelPrediction:
+    """Predict a pre-copy migration round by round, driving migbed's own policy object;
+    with `postcopy_after_rounds` (0: pure post-copy) or `postcopy_after_seconds` a hybrid
+    that switches to post-copy (`cluster.model.postcopy`), its push limited to
+    `postcopy_bandwidth_bytes_per_second`.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
     is not shaped); `rate_limit_bytes_per_second` the policy's throttle, which applies to the
@@ -276,14 +294,31 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                    wire_per_page, wire_per_page / rate)
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
                                     **(policy_settings or {}))
+    if postcopy_after_rounds is not None or postcopy_after_seconds is not None:
+        pol = Switching(pol, SwitchRule(postcopy_after_rounds, postcopy_after_seconds))
     if pol.mid_pass:
         run = _continuous(guest, pol, data_pages)
     else:
         run = _precopy(guest, pol, rate, latency_seconds)
 
     rounds = list(run.rounds)
-    final_pages, downtime = 0.0, 0.0
-    if not run.aborted:     # stop-and-copy: the rest at the link's speed, the limit lifted
+    final_pages, downtime, tail, switch = 0.0, 0.0, 0.0, None
+    if run.stop_code is StopCode.POSTCOPY:     # the switch, then the push
+        switch = postcopy_phase(
+            rounds=len(rounds), switched_at_seconds=run.elapsed,
+            missing=run.missing or missing_at_switch(run, guest, data_pages),
+            access=access_regions(workload, data_pages,
+                                  rate_of(workload, dirty_rate_pages_per_second)),
+            data_pages=data_pages, guest_pages=guest_pages, page_size=page_size,
+            wire_per_page=wire_per_page, link_bytes_per_second=link,
+            postcopy_bytes_per_second=postcopy_bandwidth_bytes_per_second,
+            latency_seconds=latency_seconds, resume_seconds=resume_seconds)
+        final_pages, downtime, tail = (switch.discard_pages, switch.downtime_seconds,
+                                       switch.postcopy_seconds)
+        rounds.append(ModelRound(index=len(rounds), pages_sent=final_pages, pages_skipped=0.0,
+                                 pages_dirtied=0.0, duration_seconds=tail, final=True,
+                                 postcopy=True))
+    elif not run.aborted:     # stop-and-copy: the rest at the link's speed, the limit lifted
         final_pages = run.dirty
         transfer = 0.0 if link is None else final_pages * wire_per_page / link
         downtime = transfer + latency_seconds + resume_seconds
@@ -295,8 +330,69 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
         policy=policy, rounds=tuple(rounds), final_pages=final_pages,
         stop_reason=run.stop_reason,
         stop_code=None if run.aborted or run.stop_code is None else run.stop_code.value,
-        total_time_seconds=run.elapsed + downtime, downtime_seconds=downtime,
+        total_time_seconds=run.elapsed + downtime + tail, downtime_seconds=downtime,
         pages_sent_total=pages_total, bytes_sent_total=pages_total * wire_per_page,
         converged=run.converged, dirty_sync_count=run.syncs + (0 if run.aborted else 1),
         lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
-        bandwidth_bytes_per_second=rate)
+        bandwidth_bytes_per_second=rate, postcopy=switch)
+
+
+# -- post-copy: the switch rule, and what a per-pass model leaves to send ---------------------
+class Switching:
+    """The policy as a sender with post-copy allowed runs it: its decision, or the switch
+    (`nodes.migration.postcopy.trigger.prefer`, the sender's own rule)."""
+
+    def __init__(self, policy: PrecopyPolicy, rule: SwitchRule):
+        self._policy = policy
+        self.rule = rule
+        self.cut_seconds = rule.after_seconds
+
+    def __getattr__(self, name: str):
+        return getattr(self._policy, name)
+
+    def decide(self, stats: PrecopyStats) -> Decision:
+        return prefer(self.rule, self._policy.decide(stats), stats)
+
+
+def missing_at_switch(run: _PreCopy, guest: _Guest, data_pages: int) -> list[MissingRange]:
+    """The discard set after the per-pass rounds: every page if none ran, else what the
+    last round's writes dirtied (as it would have been sent next)."""
+    spans = layout(guest.regions, data_pages, guest.guest_pages)
+    if not run.rounds:
+        return [MissingRange(s.lo, s.hi, s.pages) for s in spans]
+    dirty = iter(run.dirty_by_region or [0.0] * len(guest.regions))
+    return [MissingRange(s.lo, s.hi, next(dirty) if s.region is not None else 0.0)
+            for s in spans]
+
+
+def cut_round(run: _PreCopy, guest: _Guest, seconds: float) -> None:
+    """A pass cut short after `seconds` (a switch after a time, between records as the
+    sender cuts it): its pages in pfn order until then; the rest, and what the guest dirtied
+    meanwhile, are left to send."""
+    data_pages = guest.guest_pages - -(-guest.guest_pages // (guest.page_size // 8))
+    spans = layout(guest.regions, data_pages, guest.guest_pages)
+    to_send = ([s.pages for s in spans] if run.dirty_by_region is None else
+               [d for d in _region_values(spans, run.dirty_by_region)])
+    sent = min(run.dirty, math.ceil(seconds / guest.seconds_per_page / PAGES_PER_RECORD)
+               * PAGES_PER_RECORD)
+    duration = sent * guest.seconds_per_page
+    left, missing, dirtied_total = sent, [], 0.0
+    for s, n in zip(spans, to_send, strict=True):
+        unsent = n - min(n, left)
+        left -= n - unsent
+        dirtied = s.dirtied(duration)
+        dirtied_total += dirtied
+        fresh = dirtied * (1 - unsent / s.pages) if s.pages else 0.0
+        missing.append(MissingRange(s.lo, s.hi, unsent + fresh))
+    run.rounds.append(ModelRound(index=len(run.rounds), pages_sent=sent, pages_skipped=0.0,
+                                 pages_dirtied=dirtied_total, duration_seconds=duration))
+    run.total_written += sent
+    run.elapsed += duration
+    run.missing = missing
+    run.dirty = sum(m.missing for m in missing)
+    run.syncs += 1
+
+
+def _region_values(spans: list, by_region: list[float]) -> list[float]:
+    values = iter(by_region)
+    return [next(values) if s.region is not None else 0.0 for s in spans]

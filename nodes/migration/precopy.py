@@ -106,7 +106,10 @@ def continuous(ctx: SourceContext) -> Decision:
                 ctx.current.stats.pages_dirtied += fresh
         decision = decide(ctx, cursor.pending_pages)
         if decision.action is not Action.CONTINUE:
-            if ctx.current is not None:           # a pass cut short is a round too
+            # A pass cut short is a round too, but not one a switch to post-copy ended before
+            # it sent a page (as QEMU's, none was sent then).
+            if ctx.current is not None and (ctx.current.stats.pages_sent
+                                            or decision.action is not Action.POSTCOPY):
                 end_pass(ctx)
             return decision
         chunk(ctx, batch)

@@ -72,6 +72,7 @@ class PostcopySource:
         self.rule = SwitchRule(settings.postcopy_after_rounds, settings.postcopy_after_seconds)
         bw = settings.postcopy_bandwidth_bytes_per_second
         self.pacer = Pacer(bw) if bw else None
+        self.push_due_at = 0.0                   # monotonic: the push's next record may go
         self.asked = threading.Event()           # migrate-postcopy
         self.cond = threading.Condition()
         self.queue: collections.deque = collections.deque()   # request records' pfns
@@ -152,17 +153,21 @@ class PostcopySource:
             self.reader = None
 
     # -- pacing and waiting -------------------------------------------------------------------
-    def pace(self, nbytes: int, start: float) -> None:
-        """The push's own limit: wait until its bytes are due, or a request comes."""
-        if self.pacer is None:
-            return
-        free_at = self.pacer.charge(nbytes, start)
+    def pushed(self, nbytes: int, start: float) -> None:
+        """A push record went: the next is due when the push's own limit says."""
+        if self.pacer is not None:
+            self.push_due_at = self.pacer.charge(nbytes, start)
+
+    def wait_push(self) -> bool:
+        """Wait until the next push record is due; True if a request (or a broken link)
+        cut the wait short, so it is served first and the push waits on."""
         with self.cond:
             while not self.queue and self.broken is None:
-                left = free_at - time.monotonic()
+                left = self.push_due_at - time.monotonic()
                 if left <= 0:
-                    return
+                    return False
                 self.cond.wait(left)
+            return True
 
     def wait_result(self, timeout: float) -> dict:
         """The destination's RESULT after END, within the timeout (else the link broke)."""
@@ -321,6 +326,8 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
         serve(ctx, pc)
         if not cursor.pending_pages:
             break
+        if pc.wait_push():
+            continue                     # a request came first: it goes before the push
         if cursor.at_end:
             cursor.wrap()
         pfns = cursor.take(batch)
@@ -329,10 +336,10 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
         start = time.monotonic()
         nbytes = ctx.pipeline.send_batch(pfns, rnd, left_pages=cursor.pending_pages)
         pc.pages_pushed += len(pfns)
+        pc.pushed(nbytes, start)
         if not fired:
             fired = True
             ctx.faults.at(Phase.POSTCOPY)
-        pc.pace(nbytes, start)
     if not fired:
         ctx.faults.at(Phase.POSTCOPY)
     ctx.send_record(RT.END)
