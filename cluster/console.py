@@ -136,7 +136,12 @@ def prediction_renderables(prediction: dict, heading: str) -> list[RenderableTyp
     return [Text(heading, style="bold"), rounds,
             Text(f"stop reason: {p['stop_reason']} (converged: {p['converged']})"),
             Text(f"total time {_ms(p['total_time_seconds'])}, downtime "
-                 f"{_ms(p['downtime_seconds'])}, {p['pages_sent_total']:.0f} pages sent")]
+                 f"{_ms(p['downtime_seconds'])}, {p['pages_sent_total']:.0f} pages sent")] + (
+        [Text(f"post-copy after {pc['switched_after_rounds']} live rounds at "
+              f"{_ms(pc['switched_at_seconds'])}: {pc['discard_pages']:.0f} pages missing, "
+              f"{pc['expected_faults']:.0f} expected faults, the last page after "
+              f"{_ms(pc['postcopy_seconds'])}")]
+        if (pc := p.get("postcopy")) else [])
 
 
 # -- migbed bench ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from cluster.cli.options import (
     settings_from,
     workload_from,
 )
+from cluster.cli.postcopy import model_postcopy
 from nodes.errors import ConfigError
 from nodes.units import format_bytes, parse_positive_size, parse_seconds
 
@@ -87,7 +88,8 @@ def cmd_model(args: argparse.Namespace) -> int:
                    rate_limit_bytes_per_second=args.rate_limit, policy=args.policy,
                    downtime_limit_seconds=args.downtime_limit, latency_seconds=args.latency,
                    policy_settings=({"max_iterations": args.max_iterations}
-                                    if args.max_iterations is not None else None))
+                                    if args.max_iterations is not None else None),
+                   **model_postcopy(args))
     d = pred.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))

@@ -3,6 +3,7 @@ axis, one curve per series, predicted between the swept values as well as at the
 
 import math
 
+from cluster.model.block import postcopy_inputs
 from cluster.sweep.agreement import median
 from cluster.sweep.outputs import SweepResult
 from cluster.sweep.scenario import Scenario
@@ -76,7 +77,8 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
             resume_seconds=calib.get("resume_seconds", 0.0),
             dirty_rate_pages_per_second=achieved if spec.workload.unlimited else None,
             policy_settings=({"max_iterations": settings.max_iterations}
-                             if settings.max_iterations is not None else None))
+                             if settings.max_iterations is not None else None),
+            **postcopy_inputs(settings))
     except (ConfigError, ValueError):
         return None
 

@@ -205,7 +205,12 @@ def _row_fields(spec: GuestSpec, settings: MigrationSettings, report, model: dic
            "hot_fraction": wl.hot_fraction, "hot_share": wl.hot_share,
            "link_bytes_per_second": settings.link_bytes_per_second,
            "rate_limit_bytes_per_second": settings.rate_limit_bytes_per_second,
-           "latency_seconds": settings.latency_seconds}
+           "latency_seconds": settings.latency_seconds,
+           "postcopy_after_rounds": settings.postcopy_after_rounds,
+           "postcopy_after_seconds": settings.postcopy_after_seconds,
+           "postcopy_bandwidth_bytes_per_second": settings.postcopy_bandwidth_bytes_per_second,
+           "postcopy_requests": report.postcopy_requests if report is not None else None,
+           "switched_to_postcopy": report.postcopy is not None if report is not None else None}
     out.update(_measured(report, model))
     for prefix, block in (("predicted", (model or {})),
                           ("nominal", ((model or {}).get("nominal") or {}))):
@@ -255,7 +260,8 @@ def _predicted(prefix: str, pred: dict) -> dict:
         f"{prefix}_lambda_ratio": pred.get("lambda_ratio"),
         f"{prefix}_pages_skipped_total": (sum(r["pages_skipped"] for r in pred["rounds"])
                                           if pred else None),
-        f"{prefix}_last_live_round_pages": _last_live(pred)}
+        f"{prefix}_last_live_round_pages": _last_live(pred),
+        f"{prefix}_expected_faults": (pred.get("postcopy") or {}).get("expected_faults")}
 
 
 def _last_live(pred: dict) -> float | None:
