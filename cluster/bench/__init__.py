@@ -17,6 +17,8 @@ Sections (each figure is the median of repeats, with min and max), one module ea
   it never touches the caller's Ray session) and the resident memory of its Ray processes.
 - scale: one host's guests evacuated to the others concurrently (from threads; `migrate`
   blocks) against the same migrations one at a time.
+- postcopy: the downtime of a post-copy switch beside pre-copy's floor, and the fault latency
+  (a page request to the page landed) beside a raw one-page round trip (`postcopy`).
 
 `--quick` shrinks everything so the test suite can prove the code runs; its numbers mean
 nothing.

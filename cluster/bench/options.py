@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 from nodes.errors import ConfigError
 
 MiB = 1024 * 1024
-SECTIONS = ("throughput", "downtime", "dirtying", "stages", "startup", "scale")
+SECTIONS = ("throughput", "downtime", "dirtying", "stages", "startup", "scale", "postcopy")
 
 
 @dataclass(frozen=True)

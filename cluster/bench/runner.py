@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from cluster.bench.dirtying import bench_dirtying, bench_stages
 from cluster.bench.downtime import bench_downtime
 from cluster.bench.options import BenchOptions
+from cluster.bench.postcopy import bench_postcopy
 from cluster.bench.results import Results
 from cluster.bench.scale import bench_scale, bench_startup
 from cluster.bench.throughput import bench_throughput
@@ -18,8 +19,9 @@ if TYPE_CHECKING:
 # section -> what measures it; those in _ON_TESTBED take the testbed first
 _SECTIONS: dict[str, Callable] = {
     "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
-    "stages": bench_stages, "startup": bench_startup, "scale": bench_scale}
-_ON_TESTBED = ("throughput", "downtime", "scale")
+    "stages": bench_stages, "startup": bench_startup, "scale": bench_scale,
+    "postcopy": bench_postcopy}
+_ON_TESTBED = ("throughput", "downtime", "scale", "postcopy")
 
 
 def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,
