@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cluster.bench.baselines import on_host
-from cluster.bench.options import MiB, BenchOptions
+from cluster.bench.options import BenchOptions, MiB
 from cluster.bench.results import Results, unique_name
 
 if TYPE_CHECKING:
