@@ -15,8 +15,9 @@ slower and without coverage guidance:
 The promise checked: any bytes give records or a StreamError, never another exception, a
 hang or an unbounded allocation (libFuzzer's -rss_limit_mb and -timeout catch those; the
 hypothesis profile caps the address space at 2 GiB). The first byte of an input picks the
-target: a whole stream after valid headers, raw headers, one record body of each schema, or
-one PAGE_DATA body.
+target: a whole stream after valid headers, raw headers, one record body of each schema, one
+PAGE_DATA body, or the post-copy payloads: a page bitmap (POSTCOPY_DISCARD, RECV_BITMAP) or
+the pfns of a page request (REQ_PAGES).
 """
 
 import io
@@ -60,7 +61,7 @@ def one_input(data: bytes) -> None:
     count += 1
     if not data:
         return
-    mode, body = data[0] % 4, data[1:]
+    mode, body = data[0] % 6, data[1:]
     try:
         if mode == 0:
             _read_all(body, with_head=True)
@@ -69,6 +70,12 @@ def one_input(data: bytes) -> None:
         elif mode == 2 and body:
             fields = records.decode_fields(SCHEMAS[body[0] % len(SCHEMAS)], body[1:])
             assert isinstance(fields, dict)
+        elif mode == 4:
+            mask = records.decode_bitmap(body, GUEST_PAGES)
+            assert len(mask) == GUEST_PAGES
+        elif mode == 5:
+            pfns = records.decode_pfns(body, GUEST_PAGES)
+            assert 0 < len(pfns) <= records.MAX_REQUEST_PAGES and int(pfns.max()) < GUEST_PAGES
         else:
             pd = records.decode_page_data(body, 4096, GUEST_PAGES)
             assert len(pd.pfns) == len(pd.types) and pd.pages.shape[1] == 4096
@@ -90,6 +97,10 @@ def seed_corpus(folder: Path) -> None:
     (folder / "ready").write_bytes(b"\2" + bytes([SCHEMAS.index(RT.RECEIVER_READY)])
                                    + msgpack.packb({"pages_received": 3, "digest": None}))
     (folder / "page_data").write_bytes(b"\3" + page_data[8:])
+    mask = np.zeros(GUEST_PAGES, dtype=bool)
+    mask[::3] = True
+    (folder / "bitmap").write_bytes(b"\4" + records.encode_bitmap(mask))
+    (folder / "pfns").write_bytes(b"\5" + records.encode_pfns(np.array([3, 1, 4])))
 
 
 def run_hypothesis(examples: int) -> int:
