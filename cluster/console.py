@@ -114,7 +114,8 @@ class RoundPrinter:
             self.console.print(Text(self.header, style="bold"))
             self.header = None
         for r in progress["rounds"][self.shown:]:
-            tag = "final" if r["final"] else f"round {r['index']}"
+            tag = ("post-copy" if r.get("postcopy") else "final" if r["final"]
+                   else f"round {r['index']}")
             line = Text(f"  {tag:>8}", style="bold cyan" if r["final"] else "cyan")
             line.append(f": sent {r['pages_sent']:>7} pages, skipped {r['pages_skipped']:>6}, "
                         f"dirtied {r['pages_dirtied']:>7} in "

@@ -170,7 +170,7 @@ class MigrationReport:
             "  round     sent  skipped  dirtied   time       rate      dirty/s",
         ]
         for r in self.rounds:
-            tag = "final" if r.get("final") else str(r["index"])
+            tag = "post" if r.get("postcopy") else "final" if r.get("final") else str(r["index"])
             lines.append(
                 f"  {tag:>5} {r['pages_sent']:>8} {r['pages_skipped']:>8} "
                 f"{r['pages_dirtied']:>8} {ms(r['duration_seconds']):>9} "

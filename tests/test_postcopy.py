@@ -243,3 +243,43 @@ def test_postcopy_settings_round_trip_and_imply_allowed():
     assert s.postcopy_allowed and s.postcopy_planned
     assert MigrationSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert not MigrationSettings().postcopy_allowed
+
+
+def test_a_policy_may_decide_to_switch(pair):
+    """A policy of its own returns POSTCOPY (as a completion timeout would): the live rounds
+    take the switch; a migration that does not allow post-copy fails cleanly instead, its
+    guest on its source."""
+    from nodes.migration.policy import (
+        POLICIES,
+        Action,
+        Decision,
+        StopCode,
+        XenPolicy,
+        register_policy,
+    )
+
+    class GiveUp(XenPolicy):
+        name = "give-up"
+
+        def decide(self, stats):
+            if stats.iteration >= 2:
+                return Decision(Action.POSTCOPY, "pre-copy is not converging", StopCode.POSTCOPY)
+            return Decision.go_on()
+
+    register_policy("give-up", GiveUp)
+    try:
+        tb = pair
+        tb.create("host-0", GuestSpec("g", 4 * MiB, workload=WorkloadSpec("uniform", 0)))
+        time.sleep(0.05)
+        r = tb.migrate("g", "host-1", MigrationSettings(policy="give-up", postcopy_allowed=True,
+                                                        link_bytes_per_second=LINK))
+        assert r.status == "completed" and r.integrity.verified and r.live_rounds == 2
+        assert r.stop_code == "postcopy" and r.stop_reason == "pre-copy is not converging"
+        r = tb.migrate("g", "host-0", MigrationSettings(policy="give-up",
+                                                        link_bytes_per_second=LINK))
+        assert r.status == "failed" and "--postcopy-allowed" in r.error
+        assert r.guest_host == "host-1" and tb.where("g") == "host-1"
+        counters_hold(tb.host("host-1"), "g", "uniform")
+        frames_exact(tb)
+    finally:
+        POLICIES.pop("give-up", None)

@@ -209,6 +209,10 @@ def decide(ctx: SourceContext, pending_pages: int) -> Decision:
     decision = ctx.policy.decide(stats)
     if ctx.postcopy is not None:        # post-copy allowed: the switch may come first
         decision = ctx.postcopy.prefer(decision, stats)
+    elif decision.action is Action.POSTCOPY:
+        raise MigrationError(f"policy {ctx.policy.name} would switch to post-copy "
+                             f"({decision.reason}), which this migration does not allow: "
+                             "start it with --postcopy-allowed")
     if decision.action is Action.ABORT:
         raise MigrationError(f"policy {ctx.policy.name} aborted: {decision.reason}")
     return decision
