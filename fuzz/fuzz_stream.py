@@ -32,7 +32,7 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nodes.errors import StreamError  # noqa: E402
-from nodes.migration import records
+from nodes.migration import pagesets, records
 from nodes.migration.reader import RecordReader  # noqa: E402
 from nodes.migration.records import RecordType as RT  # noqa: E402
 
@@ -71,11 +71,11 @@ def one_input(data: bytes) -> None:
             fields = records.decode_fields(SCHEMAS[body[0] % len(SCHEMAS)], body[1:])
             assert isinstance(fields, dict)
         elif mode == 4:
-            mask = records.decode_bitmap(body, GUEST_PAGES)
+            mask = pagesets.decode_bitmap(body, GUEST_PAGES)
             assert len(mask) == GUEST_PAGES
         elif mode == 5:
-            pfns = records.decode_pfns(body, GUEST_PAGES)
-            assert 0 < len(pfns) <= records.MAX_REQUEST_PAGES and int(pfns.max()) < GUEST_PAGES
+            pfns = pagesets.decode_pfns(body, GUEST_PAGES)
+            assert 0 < len(pfns) <= pagesets.MAX_REQUEST_PAGES and int(pfns.max()) < GUEST_PAGES
         else:
             pd = records.decode_page_data(body, 4096, GUEST_PAGES)
             assert len(pd.pfns) == len(pd.types) and pd.pages.shape[1] == 4096
@@ -99,8 +99,8 @@ def seed_corpus(folder: Path) -> None:
     (folder / "page_data").write_bytes(b"\3" + page_data[8:])
     mask = np.zeros(GUEST_PAGES, dtype=bool)
     mask[::3] = True
-    (folder / "bitmap").write_bytes(b"\4" + records.encode_bitmap(mask))
-    (folder / "pfns").write_bytes(b"\5" + records.encode_pfns(np.array([3, 1, 4])))
+    (folder / "bitmap").write_bytes(b"\4" + pagesets.encode_bitmap(mask))
+    (folder / "pfns").write_bytes(b"\5" + pagesets.encode_pfns(np.array([3, 1, 4])))
 
 
 def run_hypothesis(examples: int) -> int:

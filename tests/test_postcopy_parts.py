@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from nodes.errors import GuestLost, StreamError
 from nodes.faults.source import SourceFaults
-from nodes.migration import records
+from nodes.migration import pagesets, records
 from nodes.migration.channel import Ticket
 from nodes.migration.context import SourceContext
 from nodes.migration.landing import Landing
@@ -22,7 +22,8 @@ from nodes.migration.link import LinkSender
 from nodes.migration.pipeline import PagePipeline, PassCursor
 from nodes.migration.policy import Action, Decision, PrecopyStats, StopCode
 from nodes.migration.postcopy.pagefault import FaultLatency, PageFaults
-from nodes.migration.postcopy.source import PostcopySource, serve
+from nodes.migration.postcopy.source import serve
+from nodes.migration.postcopy.state import PostcopySource
 from nodes.migration.postcopy.trigger import SwitchRule, prefer
 from nodes.migration.progress import PhaseClock, Progress, RoundStats
 from nodes.migration.reader import RecordReader
@@ -241,7 +242,7 @@ def test_the_switch_rule_and_what_comes_first():
 @given(st.lists(st.booleans(), min_size=1, max_size=300))
 def test_bitmaps_round_trip(bits):
     mask = np.array(bits, dtype=bool)
-    assert np.array_equal(records.decode_bitmap(records.encode_bitmap(mask), len(mask)), mask)
+    assert np.array_equal(pagesets.decode_bitmap(pagesets.encode_bitmap(mask), len(mask)), mask)
 
 
 @pytest.mark.parametrize("data,pages,match", [
@@ -250,16 +251,16 @@ def test_bitmaps_round_trip(bits):
 ])
 def test_bad_bitmaps_are_refused(data, pages, match):
     with pytest.raises(StreamError, match=match):
-        records.decode_bitmap(data, pages)
+        pagesets.decode_bitmap(data, pages)
 
 
 @pytest.mark.parametrize("data,match", [
-    (b"", "1 to"), (b"\0" * 7, "1 to"), (b"\0" * 8 * (records.MAX_REQUEST_PAGES + 1), "1 to"),
+    (b"", "1 to"), (b"\0" * 7, "1 to"), (b"\0" * 8 * (pagesets.MAX_REQUEST_PAGES + 1), "1 to"),
     ((99).to_bytes(8, "little"), "beyond the guest"), (b"\0" * 16, "twice"),
 ])
 def test_bad_page_requests_are_refused(data, match):
     with pytest.raises(StreamError, match=match):
-        records.decode_pfns(data, 64)
+        pagesets.decode_pfns(data, 64)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -267,13 +268,13 @@ def test_bad_page_requests_are_refused(data, match):
 def test_fuzz_the_postcopy_decoders(data, pages):
     """Any bytes as a bitmap or a request: a StreamError or a valid, bounded value."""
     try:
-        mask = records.decode_bitmap(data, pages)
+        mask = pagesets.decode_bitmap(data, pages)
         assert len(mask) == pages
     except StreamError:
         pass
     try:
-        pfns = records.decode_pfns(data, pages)
-        assert 0 < len(pfns) <= records.MAX_REQUEST_PAGES and int(pfns.max()) < pages
+        pfns = pagesets.decode_pfns(data, pages)
+        assert 0 < len(pfns) <= pagesets.MAX_REQUEST_PAGES and int(pfns.max()) < pages
     except StreamError:
         pass
 

@@ -158,14 +158,14 @@ def _echo_pages(host, count: int, timeout: float) -> dict:
 
 def _ask_pages(host, ticket: dict, count: int, timeout: float) -> float:
     """The faulting side: `count` requests, each waiting for its page; the median seconds."""
-    from nodes.migration import records
+    from nodes.migration import pagesets, records
     from nodes.migration.channel import Ticket, connect
     from nodes.migration.reader import RecordReader
     from nodes.migration.records import RecordType as RT
     sock = connect(Ticket.from_dict(ticket), timeout)
     try:
         reader = RecordReader(sock.recv_into)
-        request = records.encode_record(RT.REQ_PAGES, {"pfns": records.encode_pfns([0])})
+        request = records.encode_record(RT.REQ_PAGES, {"pfns": pagesets.encode_pfns([0])})
         times = []
         for _ in range(count):
             t0 = time.perf_counter()

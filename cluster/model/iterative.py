@@ -5,7 +5,13 @@ import math
 from dataclasses import dataclass, field
 
 from cluster.model.continuous import ContinuousRun, layout
-from cluster.model.postcopy import MissingRange, PostcopyPrediction, postcopy_phase
+from cluster.model.postcopy import (
+    MissingRange,
+    PostcopyPrediction,
+    Switching,
+    missing_at_switch,
+    postcopy_phase,
+)
 from cluster.model.workload import Region, access_regions, rate_of, regions
 from nodes.errors import ConfigError
 from nodes.migration.policy import (
@@ -16,7 +22,7 @@ from nodes.migration.policy import (
     StopCode,
     policy_for,
 )
-from nodes.migration.postcopy.trigger import SwitchRule, prefer
+from nodes.migration.postcopy.trigger import SwitchRule
 from workloads.spec import WorkloadSpec
 
 PAGES_PER_RECORD = 1024      # PAGE_DATA records carry up to 1024 pages (4 MiB)
@@ -302,7 +308,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
         run = _precopy(guest, pol, rate, latency_seconds)
 
     rounds = list(run.rounds)
-    final_pages, downtime, tail, switch = 0.0, 0.0, 0.0, None
+    switch = None
     if run.stop_code is StopCode.POSTCOPY:     # the switch, then the push
         switch = postcopy_phase(
             rounds=len(rounds), switched_at_seconds=run.elapsed,
@@ -313,18 +319,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             wire_per_page=wire_per_page, link_bytes_per_second=link,
             postcopy_bytes_per_second=postcopy_bandwidth_bytes_per_second,
             latency_seconds=latency_seconds, resume_seconds=resume_seconds)
-        final_pages, downtime, tail = (switch.discard_pages, switch.downtime_seconds,
-                                       switch.postcopy_seconds)
-        rounds.append(ModelRound(index=len(rounds), pages_sent=final_pages, pages_skipped=0.0,
-                                 pages_dirtied=0.0, duration_seconds=tail, final=True,
-                                 postcopy=True))
-    elif not run.aborted:     # stop-and-copy: the rest at the link's speed, the limit lifted
-        final_pages = run.dirty
-        transfer = 0.0 if link is None else final_pages * wire_per_page / link
-        downtime = transfer + latency_seconds + resume_seconds
-        rounds.append(ModelRound(index=len(rounds), pages_sent=final_pages, pages_skipped=0.0,
-                                 pages_dirtied=0.0, duration_seconds=transfer + latency_seconds,
-                                 final=True))
+    final_pages, downtime, tail = _ending(run, rounds, switch, link, wire_per_page,
+                                          latency_seconds, resume_seconds)
     pages_total = run.total_written + final_pages
     return ModelPrediction(
         policy=policy, rounds=tuple(rounds), final_pages=final_pages,
@@ -337,34 +333,28 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
         bandwidth_bytes_per_second=rate, postcopy=switch)
 
 
+def _ending(run: _PreCopy, rounds: list, switch: PostcopyPrediction | None,
+            link: float | None, wire_per_page: float, latency: float,
+            resume: float) -> tuple[float, float, float]:
+    """(pages sent while paused or after the switch, downtime, seconds after it) of the
+    migration's end, its last round appended to `rounds`."""
+    if switch is not None:
+        rounds.append(ModelRound(index=len(rounds), pages_sent=switch.discard_pages,
+                                 pages_skipped=0.0, pages_dirtied=0.0,
+                                 duration_seconds=switch.postcopy_seconds, final=True,
+                                 postcopy=True))
+        return switch.discard_pages, switch.downtime_seconds, switch.postcopy_seconds
+    if run.aborted:
+        return 0.0, 0.0, 0.0
+    # stop-and-copy: the rest at the link's speed, the limit lifted
+    transfer = 0.0 if link is None else run.dirty * wire_per_page / link
+    rounds.append(ModelRound(index=len(rounds), pages_sent=run.dirty, pages_skipped=0.0,
+                             pages_dirtied=0.0, duration_seconds=transfer + latency,
+                             final=True))
+    return run.dirty, transfer + latency + resume, 0.0
+
+
 # -- post-copy: the switch rule, and what a per-pass model leaves to send ---------------------
-class Switching:
-    """The policy as a sender with post-copy allowed runs it: its decision, or the switch
-    (`nodes.migration.postcopy.trigger.prefer`, the sender's own rule)."""
-
-    def __init__(self, policy: PrecopyPolicy, rule: SwitchRule):
-        self._policy = policy
-        self.rule = rule
-        self.cut_seconds = rule.after_seconds
-
-    def __getattr__(self, name: str):
-        return getattr(self._policy, name)
-
-    def decide(self, stats: PrecopyStats) -> Decision:
-        return prefer(self.rule, self._policy.decide(stats), stats)
-
-
-def missing_at_switch(run: _PreCopy, guest: _Guest, data_pages: int) -> list[MissingRange]:
-    """The discard set after the per-pass rounds: every page if none ran, else what the
-    last round's writes dirtied (as it would have been sent next)."""
-    spans = layout(guest.regions, data_pages, guest.guest_pages)
-    if not run.rounds:
-        return [MissingRange(s.lo, s.hi, s.pages) for s in spans]
-    dirty = iter(run.dirty_by_region or [0.0] * len(guest.regions))
-    return [MissingRange(s.lo, s.hi, next(dirty) if s.region is not None else 0.0)
-            for s in spans]
-
-
 def cut_round(run: _PreCopy, guest: _Guest, seconds: float) -> None:
     """A pass cut short after `seconds` (a switch after a time, between records as the
     sender cuts it): its pages in pfn order until then; the rest, and what the guest dirtied

@@ -28,8 +28,15 @@ for random patterns; the model keeps pfn order there, which favours no page.
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from cluster.model.continuous import layout
 from cluster.model.workload import Region
+from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats
+from nodes.migration.postcopy.trigger import SwitchRule, prefer
+
+if TYPE_CHECKING:
+    from cluster.model.iterative import _Guest, _PreCopy
 
 VCPU_TICK_SECONDS = 0.001       # a vCPU's batch covers about this long of its rate
 FIXED_POINT_STEPS = 30
@@ -143,3 +150,31 @@ def postcopy_phase(*, rounds: int, switched_at_seconds: float, missing: list[Mis
         discard_pages=discard, downtime_seconds=downtime,
         postcopy_seconds=max(pushed, fetched) + 2 * latency_seconds, expected_faults=faults,
         push_bytes_per_second=push if math.isfinite(push) else 0.0)
+
+
+# -- the model's live rounds under the switch rule ------------------------------------------
+class Switching:
+    """The policy as a sender with post-copy allowed runs it: its decision, or the switch
+    (`nodes.migration.postcopy.trigger.prefer`, the sender's own rule)."""
+
+    def __init__(self, policy: PrecopyPolicy, rule: SwitchRule):
+        self._policy = policy
+        self.rule = rule
+        self.cut_seconds = rule.after_seconds
+
+    def __getattr__(self, name: str):
+        return getattr(self._policy, name)
+
+    def decide(self, stats: PrecopyStats) -> Decision:
+        return prefer(self.rule, self._policy.decide(stats), stats)
+
+
+def missing_at_switch(run: "_PreCopy", guest: "_Guest", data_pages: int) -> list[MissingRange]:
+    """The discard set after the per-pass rounds: every page if none ran, else what the
+    last round's writes dirtied (as it would have been sent next)."""
+    spans = layout(guest.regions, data_pages, guest.guest_pages)
+    if not run.rounds:
+        return [MissingRange(s.lo, s.hi, s.pages) for s in spans]
+    dirty = iter(run.dirty_by_region or [0.0] * len(guest.regions))
+    return [MissingRange(s.lo, s.hi, next(dirty) if s.region is not None else 0.0)
+            for s in spans]

@@ -26,7 +26,7 @@ from nodes.errors import (
 )
 from nodes.faults.destination import DestinationFaults
 from nodes.faults.stats import FaultStats
-from nodes.migration import records
+from nodes.migration import pagesets, records
 from nodes.migration.channel import Listener
 from nodes.migration.handover import destination_handover
 from nodes.migration.landing import Landing
@@ -195,7 +195,7 @@ class Receiver:
             elif rec.type == RT.SYNC:           # everything before it has landed
                 self.reply(RT.SYNC_ACK, {"pages_received": self.landing.pages_received})
             elif rec.type == RT.POSTCOPY_DISCARD:
-                self.discard = records.decode_bitmap(rec.fields["bitmap"], self.dom.npages)
+                self.discard = pagesets.decode_bitmap(rec.fields["bitmap"], self.dom.npages)
             elif rec.type == RT.POSTCOPY_RUN:
                 if self.discard is None:
                     raise StreamError("POSTCOPY_RUN without the discard set before it")

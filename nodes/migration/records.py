@@ -17,7 +17,8 @@ A post-copy switch (`nodes.migration.postcopy`) sends the discard set (POSTCOPY_
 bitmap) and POSTCOPY_RUN; the destination answers POSTCOPY_RESUMED and asks for the pages its
 guest touches (REQ_PAGES, QEMU's MIG_RP_MSG_REQ_PAGES); after a broken link the source opens a
 new connection with POSTCOPY_RECOVER and the destination answers with the set of pages it
-has (RECV_BITMAP, QEMU's MIG_RP_MSG_RECV_BITMAP).
+has (RECV_BITMAP, QEMU's MIG_RP_MSG_RECV_BITMAP). Their page sets are decoded, bounded, by
+`nodes.migration.pagesets`.
 
 Decoding is defensive: every length is bounded before anything is allocated, msgpack is
 unpacked with limits derived from the body length, ext types are refused, every field is
@@ -48,7 +49,6 @@ MAX_PAGE_SHIFT = 16
 PFN_TYPE_SHIFT = 60
 PFN_MASK = (1 << PFN_TYPE_SHIFT) - 1
 MAX_GUEST_PAGES = 1 << 28            # 1 TiB of 4 KiB pages: a bound, not a promise
-MAX_REQUEST_PAGES = 1 << 13          # pages one REQ_PAGES asks for (a vCPU batch is 4096)
 
 
 class RecordType(IntEnum):
@@ -364,45 +364,6 @@ def decode_page_data(body: bytes | memoryview, page_size: int, guest_pages: int)
     pfns, types = check_page_words(count, words, len(data), page_size, guest_pages)
     pages = np.frombuffer(data, dtype=np.uint8).reshape(len(data) // page_size, page_size)
     return PageData(pfns, types, pages)
-
-
-# -- post-copy: page sets as bitmaps, page requests as pfn lists ------------------------------
-def encode_bitmap(mask: np.ndarray) -> bytes:
-    """A set of pages (a bool per pfn) as a bitmap, bit i of byte i // 8 for pfn i."""
-    return np.packbits(mask.astype(bool), bitorder="little").tobytes()
-
-
-def decode_bitmap(data: bytes, guest_pages: int) -> np.ndarray:
-    """The bool per pfn of a bitmap from the wire: exactly ceil(pages / 8) bytes, the bits
-    past the last page zero."""
-    if len(data) != (guest_pages + 7) // 8:
-        raise StreamError(f"a bitmap of {len(data)} bytes for {guest_pages} pages (expected "
-                          f"{(guest_pages + 7) // 8})")
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    if bits[guest_pages:].any():
-        raise StreamError("a bitmap marks pages beyond the guest's memory")
-    return bits[:guest_pages].astype(bool)
-
-
-def encode_pfns(pfns: np.ndarray) -> bytes:
-    return np.asarray(pfns, dtype="<u8").tobytes()
-
-
-def decode_pfns(data: bytes, guest_pages: int) -> np.ndarray:
-    """The pfns of a REQ_PAGES record: 1..MAX_REQUEST_PAGES u64 words, each a page of the
-    guest, none twice."""
-    if not data or len(data) % 8 or len(data) // 8 > MAX_REQUEST_PAGES:
-        raise StreamError(f"REQ_PAGES carries {len(data)} bytes: 1 to {MAX_REQUEST_PAGES} "
-                          "pfns of 8 bytes each")
-    words = np.frombuffer(data, dtype="<u8")
-    if int(words.max()) >= guest_pages:
-        raise StreamError(f"REQ_PAGES asks for pfn {int(words.max())} beyond the guest's "
-                          f"{guest_pages} pages")
-    pfns = words.astype(np.int64)
-    ordered = np.sort(pfns)                      # not np.unique: it imports numpy.ma
-    if (ordered[1:] == ordered[:-1]).any():
-        raise StreamError("REQ_PAGES asks for a page twice")
-    return pfns
 
 
 def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:

@@ -5,7 +5,7 @@ page pipeline and landing as pre-copy.
 
 - `trigger`: when the live rounds give way to the switch (after N rounds, 0 for pure
   post-copy; after a time; when the operator asks; when a policy decides so).
-- `source`: the source's switch and push, and what it counts.
+- `source`: the source's switch and push; `state`, what they share and count.
 - `returnpath`: the destination -> source records (page requests) and the thread that reads
   them on the source.
 - `pagefault`: the destination's handler of its guest's accesses to missing pages.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
-from nodes.migration import records
+from nodes.migration import pagesets
 from nodes.migration.postcopy.pagefault import PageFaults
 from nodes.migration.postcopy.recovery import accept_recovery
 from nodes.migration.postcopy.returnpath import ReturnPath
@@ -117,7 +117,7 @@ class PostcopyDestination:
         conn, _ = got
         reader = rx.attach_connection(conn)
         self.path.attach(conn)
-        self.path.send(RT.RECV_BITMAP, {"bitmap": records.encode_bitmap(rx.landing.received)})
+        self.path.send(RT.RECV_BITMAP, {"bitmap": pagesets.encode_bitmap(rx.landing.received)})
         self.path.send(RT.POSTCOPY_RESUMED, {"resume_wall": self.resume_wall})
         waiting = self.faults.outstanding()
         if len(waiting):

@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, MigrationError, PostcopyPaused
-from nodes.migration import records
+from nodes.migration import pagesets, records
 from nodes.migration.channel import Listener, connect
 from nodes.migration.link import LinkSender
 from nodes.migration.reader import RecordReader
@@ -32,7 +32,7 @@ from nodes.phase import Phase
 
 if TYPE_CHECKING:
     from nodes.migration.context import SourceContext
-    from nodes.migration.postcopy.source import PostcopySource
+    from nodes.migration.postcopy.state import PostcopySource
 
 RETRY_SECONDS = 0.05           # between a source's connection attempts
 ACCEPT_POLL_SECONDS = 0.1      # how often a waiting destination looks whether to go on
@@ -106,7 +106,7 @@ def _attempt(ctx: "SourceContext", pc: "PostcopySource", wire, timeout: float) -
                                          {"migration_id": ctx.ticket.migration_id})])
         reader = RecordReader(sock.recv_into)
         reader.page_size, reader.guest_pages = ctx.hv.page_size, dom.npages
-        received = records.decode_bitmap(reader.expect(RT.RECV_BITMAP).fields["bitmap"],
+        received = pagesets.decode_bitmap(reader.expect(RT.RECV_BITMAP).fields["bitmap"],
                                          dom.npages)
     except (MigbedError, OSError):
         sock.close()

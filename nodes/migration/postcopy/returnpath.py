@@ -20,12 +20,12 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import ConnectionLost
-from nodes.migration import records
+from nodes.migration import pagesets, records
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
 
 if TYPE_CHECKING:
-    from nodes.migration.postcopy.source import PostcopySource
+    from nodes.migration.postcopy.state import PostcopySource
 
 POLL_SECONDS = 0.05
 
@@ -60,9 +60,9 @@ class ReturnPath:
     def request(self, pfns) -> bool:
         """Ask for pages, in records of at most MAX_REQUEST_PAGES."""
         ok = True
-        for i in range(0, len(pfns), records.MAX_REQUEST_PAGES):
-            part = pfns[i:i + records.MAX_REQUEST_PAGES]
-            ok = self.send(RT.REQ_PAGES, {"pfns": records.encode_pfns(part)}) and ok
+        for i in range(0, len(pfns), pagesets.MAX_REQUEST_PAGES):
+            part = pfns[i:i + pagesets.MAX_REQUEST_PAGES]
+            ok = self.send(RT.REQ_PAGES, {"pfns": pagesets.encode_pfns(part)}) and ok
         return ok
 
 
@@ -92,7 +92,7 @@ class RequestReader:
                 rec = self.reader.expect(RT.REQ_PAGES, RT.POSTCOPY_RESUMED,
                                          RT.RECEIVER_RESULT)
                 if rec.type == RT.REQ_PAGES:
-                    self.owner.requested(records.decode_pfns(rec.fields["pfns"],
+                    self.owner.requested(pagesets.decode_pfns(rec.fields["pfns"],
                                                              self.guest_pages))
                 elif rec.type == RT.POSTCOPY_RESUMED:
                     self.owner.resumed(float(rec.fields["resume_wall"]))
