@@ -91,15 +91,17 @@ def test_pure_postcopy_of_every_workload(pair, pattern):
         assert r.postcopy_requests > 0 and r.postcopy["faults"] > 0
 
 
+@pytest.mark.parametrize("policy", ["xen-legacy", "qemu"])
 @pytest.mark.parametrize("rounds", [0, 1, 5])
-def test_hybrid_after_n_rounds(pair, rounds):
-    """guestperf's post_copy_iters: N live rounds, then the switch; a guest that outruns the
-    link, so pre-copy alone would not converge first."""
+def test_hybrid_after_n_rounds(pair, rounds, policy):
+    """guestperf's post_copy_iters: exactly N live rounds, then the switch (a policy that
+    decides mid-pass ends its chunk at the N-th pass's end); a guest that outruns the link,
+    so pre-copy alone would not converge first."""
     tb = pair
     tb.create("host-0", GuestSpec("g", 4 * MiB, workload=WorkloadSpec("uniform", 0, seed=2)))
     time.sleep(0.05)
     r = tb.migrate("g", "host-1", postcopy(rounds, link_bytes_per_second=16 * MiB,
-                                           policy="xen-legacy"))
+                                           policy=policy, downtime_limit_seconds=0.01))
     switched_promises(r, tb, "uniform")
     assert r.live_rounds == rounds
     assert f"after {rounds} live round" in r.stop_reason or (rounds == 0 and "pure" in

@@ -145,6 +145,10 @@ class ContinuousRun:
                 self.cursor = 0.0
                 for s in self.spans:
                     s.ahead, s.behind = s.ahead + s.behind, 0.0
+                rule = getattr(self.policy, "rule", None)       # a switch after N rounds
+                if rule is not None and rule.after_rounds is not None \
+                        and len(self.rounds) >= rule.after_rounds:
+                    return
 
     def _send(self, budget: float) -> float:
         """Up to `budget` pages from the cursor on; returns the pages sent."""

@@ -139,6 +139,8 @@ def chunk(ctx: SourceContext, batch: int) -> None:
             ctx.faults.at(Phase.PRECOPY, index)
             end_pass(ctx)
             cursor.wrap()
+            if ctx.postcopy is not None and ctx.postcopy.due_after(len(ctx.rounds)):
+                return                           # a switch after N rounds: at this pass's end
         if time.monotonic() - t0 >= policy.CHUNK_SECONDS or rate_spent(ctx):
             return
 

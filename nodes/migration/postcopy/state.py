@@ -61,6 +61,11 @@ class PostcopySource:
     def cut_pass(self, ctx: SourceContext) -> bool:
         return self.rule.timed_out(time.monotonic() - ctx.clock.t0, self.asked.is_set())
 
+    def due_after(self, rounds: int) -> bool:
+        """A switch after N live rounds is due once `rounds` have ended (a mid-pass policy
+        ends its chunk there, so the next pass does not begin first)."""
+        return self.rule.after_rounds is not None and rounds >= self.rule.after_rounds
+
     def ask(self) -> None:
         self.asked.set()
 
