@@ -183,6 +183,11 @@ def _downtime(ev: _Evidence) -> str:
                 f"({ms(jitter)}: twice the spread of the idle downtime floor, at least "
                 f"the vCPU's 1 ms tick), which is most of either; the final round is "
                 f"{count(ev.final_m)} pages measured, {count(ev.final_p)} predicted")
+    if StopCode.POSTCOPY.value in ev.stops_m.codes:
+        return (f"the post-copy switch took {ms(m)} where the model expects {ms(p)}: it "
+                f"moves no page ({count(ev.final_m)} were left to push after it), so its "
+                "pause, last sync and records ran slower than the idle floor measured (a "
+                "loaded host)")
     if (ev.final_m is not None and ev.final_p
             and abs(ev.final_m / ev.final_p - 1) > AGREEMENT_TOLERANCE):
         return (f"the final round holds {count(ev.final_m)} pages measured vs "
