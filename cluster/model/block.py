@@ -73,15 +73,26 @@ def _model_inputs(report: "MigrationReport", workload: dict | None, settings: Mi
         dirty_rate_pages_per_second=dirty_rate,
         policy_settings=({"max_iterations": settings.max_iterations}
                          if settings.max_iterations is not None else None),
-        **postcopy_inputs(settings))
+        **postcopy_inputs(settings, _measured_push(report, settings)))
 
 
-def postcopy_inputs(settings: MigrationSettings) -> dict:
+def _measured_push(report: "MigrationReport", settings: MigrationSettings) -> float | None:
+    """Over an unlimited link with an unlimited push, the push the run measured (its bytes
+    after the switch over the post-copy phase): else the model's would take no time."""
+    seconds = report.phase_seconds.get("postcopy")
+    if (report.postcopy is None or settings.link_bytes_per_second is not None
+            or settings.postcopy_bandwidth_bytes_per_second is not None or not seconds):
+        return None
+    return report.postcopy_bytes / seconds or None
+
+
+def postcopy_inputs(settings: MigrationSettings, measured_push: float | None = None) -> dict:
     """The model's post-copy arguments from a migration's settings (a switch the operator
     asks for while it runs is not foreseen)."""
     return {"postcopy_after_rounds": settings.postcopy_after_rounds,
             "postcopy_after_seconds": settings.postcopy_after_seconds,
-            "postcopy_bandwidth_bytes_per_second": settings.postcopy_bandwidth_bytes_per_second}
+            "postcopy_bandwidth_bytes_per_second": (settings.postcopy_bandwidth_bytes_per_second
+                                                    or measured_push)}
 
 
 def _at_measured_throughput(report: "MigrationReport", settings: MigrationSettings, nominal, common: dict):
