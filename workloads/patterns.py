@@ -192,6 +192,12 @@ class Workload:
             "position": int(self.position),
         }
 
+    def restore(self, state: dict) -> None:
+        """Continue from `state` (`get_state` of a workload of the same spec elsewhere): a
+        vCPU made before its context arrived takes it this way."""
+        self._load_state(state)
+        self._clock_seconds = None
+
     def _load_state(self, state: dict) -> None:
         if not isinstance(state, dict):
             raise ConfigError(f"workload state must be a dict, got {type(state).__name__}")

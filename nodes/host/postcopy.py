@@ -88,6 +88,12 @@ class PostcopyControl:
             raise MigrationError(f"no paused post-copy migration {migration_id} on {self.name}")
         return entry
 
+    def postcopy_rate_before(self, vcpu, start_wall: float, result: "SourceResult") -> None:
+        """The guest's page rate on its source before the switch, for the report."""
+        if result.postcopy is not None and result.pause_wall:
+            result.postcopy["guest_rate_before"] = vcpu.rate_between(start_wall,
+                                                                     result.pause_wall)
+
     # -- the destination ---------------------------------------------------------------------------
     def postcopy_lost(self, migration_id: str, why: str, timeout: float = 30.0
                       ) -> "DestinationResult | None":

@@ -20,6 +20,7 @@ from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
+from nodes.host.vcpus import GuestVCPUs
 from nodes.migration.channel import Ticket
 from nodes.migration.destination import Receiver, validate_info
 from nodes.migration.handover import resolve_handover
@@ -41,7 +42,7 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService(PostcopyControl):
+class HostService(GuestVCPUs, PostcopyControl):
     def __init__(self, config: HostConfig | dict):
         if isinstance(config, dict):
             config = HostConfig.from_dict(config)
@@ -180,33 +181,6 @@ class HostService(PostcopyControl):
             out[d.name] = int(np.count_nonzero(owners == d.domid))
         return out
 
-    # -- GuestRuntime: what migrations need of the vCPUs ---------------------------------------
-    def workload_spec(self, name: str) -> dict | None:
-        spec = self.workloads.get(name)
-        return spec.to_dict() if spec else None
-
-    def vcpu_context(self, name: str) -> dict:
-        vcpu = self.vcpus.get(name)
-        if vcpu is None:
-            return {"vcpu_id": 0, "workload_state": None, "last_progress_wall": None,
-                    "pages_written_total": 0}
-        return {"vcpu_id": 0, "workload_state": vcpu.workload.get_state(),
-                "last_progress_wall": vcpu.last_progress_wall,
-                "pages_written_total": int(vcpu.pages_written_total)}
-
-    def stop_guest(self, name: str) -> None:
-        """The guest has left this host: stop its vCPU, keep its progress for the report."""
-        vcpu = self._drop_vcpu(name)
-        if vcpu is not None:
-            self._retired[name] = vcpu
-
-    def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
-        spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
-        self._start_vcpu(dom, spec, context.get("workload_state"))
-
-    def discard_guest(self, name: str) -> None:
-        self._drop_vcpu(name)
-
     # -- migration: destination side ---------------------------------------------------------
     def prepare_incoming(self, info: dict, settings: MigrationSettings | dict) -> dict:
         """Reserve frames for an arriving guest and listen for its stream; returns the ticket."""
@@ -302,9 +276,7 @@ class HostService(PostcopyControl):
         if vcpu is not None:
             result.source_longest_gap_seconds = vcpu.longest_gap(
                 start_wall, result.pause_wall or time.time())
-            if result.postcopy is not None and result.pause_wall:
-                result.postcopy["guest_rate_before"] = vcpu.rate_between(start_wall,
-                                                                         result.pause_wall)
+            self.postcopy_rate_before(vcpu, start_wall, result)
         if result.status == PAUSED:
             with self.lock:
                 self._paused[mid] = (sender, start_wall, info)

@@ -134,6 +134,9 @@ class Receiver:
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
             self._read_static(reader)
+            if self.settings.postcopy_allowed:     # a switch must not wait for a thread
+                self.runtime.prepare_guest(self.dom, self.info.get("workload"))
+                self.vcpu_made = True
             if self._receive(reader):
                 PostcopyDestination(self, self.discard).run(reader)
             else:
