@@ -218,9 +218,10 @@ class Testbed:
                     continue
                 dst = self._incoming_host(paused["migration_id"])
                 if dst is None:
-                    raise MigrationError(
-                        f"the destination of the paused migration of {guest} is gone: the "
-                        "guest is lost (run `migbed migrate` again only with a new guest)")
+                    why = f"the destination of the paused post-copy of {guest} is gone"
+                    src.call("settle_paused", paused["migration_id"], "lost", why)
+                    raise MigrationError(f"{why}: the guest is lost (neither host has all "
+                                         f"of it); {src.name} has freed its stale copy")
                 report = recover_migration(src, dst, paused, on_progress)
                 self._forget_killed(report)
                 return report

@@ -279,3 +279,23 @@ def test_scan_reads_in_order_and_writes_nothing():
     assert not hv.memory.words[dom.p2m[: dom.data_pages], 0].any()
     again = make_workload(WorkloadSpec("scan", 0), dom.data_pages, state=wl.get_state())
     assert again.progress_pages == 300 and again.position == wl.position
+
+
+def test_recovering_when_the_destination_is_gone_frees_the_source(in_process):
+    """A paused post-copy whose destination dies meanwhile cannot complete: recover says the
+    guest is lost and the source frees its stale copy."""
+    from checks import frames_exact
+
+    from nodes.errors import MigrationError
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("x", 4 * MiB, workload=WorkloadSpec("uniform", 5000)))
+    r = tb.migrate("x", "host-1", MigrationSettings(
+        link_bytes_per_second=64 * MiB, timeout_seconds=0.5, postcopy_after_rounds=0,
+        postcopy_bandwidth_bytes_per_second=2 * MiB, faults=("cut-link@postcopy",)))
+    assert r.status == "postcopy-paused"
+    tb.kill("host-1")
+    with pytest.raises(MigrationError, match="the guest is lost"):
+        tb.recover("x")
+    assert "x--migratedaway" not in tb.host("host-0").call("guest_frames")
+    assert tb.host("host-0").call("paused_migrations") == []
+    frames_exact(tb)
