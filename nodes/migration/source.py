@@ -284,12 +284,12 @@ def abort(ctx: SourceContext, error: str) -> None:
 
 def close(ctx: SourceContext) -> None:
     ctx.dom.migrating = False
-    if ctx.postcopy is not None:
-        ctx.postcopy.close()
     if ctx.link is not None:
         ctx.link.close()
     if ctx.sock is not None:
         ctx.sock.close()
+    if ctx.postcopy is not None:      # its return-path reader ends with the socket
+        ctx.postcopy.close()
     ctx.progress.status = ctx.result.status
 
 

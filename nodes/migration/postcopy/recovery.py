@@ -77,8 +77,8 @@ def reconnect(ctx: "SourceContext", pc: "PostcopySource", timeout: float) -> boo
 
 
 def _drop_connection(ctx: "SourceContext", pc: "PostcopySource"):
-    """Close the broken connection; returns its wire's pacer (a slowed link stays slow)."""
-    pc.close()
+    """Close the broken connection (its return-path reader ends with it); returns its wire's
+    pacer (a slowed link stays slow)."""
     wire = None
     if ctx.link is not None:
         pc.earlier_links_bytes += ctx.link.bytes_sent
@@ -86,8 +86,13 @@ def _drop_connection(ctx: "SourceContext", pc: "PostcopySource"):
         ctx.link.close()
         ctx.link = None
     if ctx.sock is not None:
+        try:
+            ctx.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         ctx.sock.close()
         ctx.sock = None
+    pc.close()
     return wire
 
 
