@@ -203,7 +203,8 @@ def test_postcopy_knobs_in_scenarios(tmp_path):
     assert dict(sc.axes)["postcopy_after"] == ("off", 1, 0)
     assert Scenario.from_toml(sc.to_toml()) == sc
     assert [sc.specs(p)[1].postcopy_after_rounds for p in sc.points()] == [None, 1, 0]
-    result = run_sweep(sc, tmp_path / "out", in_process=True, plots=False)
+    result = run_sweep(sc, tmp_path / "out", in_process=True, plots=True)
+    assert (tmp_path / "out" / "faults.png").stat().st_size > 0, "faults beside the model's"
     rows = result.rows
     assert [r["status"] for r in rows] == ["completed"] * 3
     assert [r["switched_to_postcopy"] for r in rows] == [False, True, True]

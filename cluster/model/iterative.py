@@ -69,6 +69,12 @@ class ModelPrediction:
     def live_rounds(self) -> int:
         return sum(1 for r in self.rounds if not r.final)
 
+    @property
+    def postcopy_requests(self) -> float:
+        """The page requests the model expects (its faults; 0 without a switch), under the
+        report's name."""
+        return self.postcopy.expected_faults if self.postcopy is not None else 0.0
+
     def to_dict(self) -> dict:
         return {
             "policy": self.policy,

@@ -13,7 +13,7 @@ from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
 
 CURVE_POINTS = 40
-CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total")
+CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total", "postcopy_requests")
 
 
 def curve_xs(scenario: Scenario) -> list:
