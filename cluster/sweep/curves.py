@@ -62,7 +62,7 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
     spec, settings = sc.specs(point)
     calib = calibration.get((spec.memory_bytes, settings.latency_seconds,
                              settings.link_bytes_per_second,
-                             settings.rate_limit_bytes_per_second, settings.postcopy_planned))
+                             settings.rate_limit_bytes_per_second))
     if calib is None:     # x sweeps a calibrated setting: take the nearest floor
         calib = _nearest_calibration(calibration, spec, settings)
     link, limit = settings.link_bytes_per_second, settings.rate_limit_bytes_per_second
@@ -88,9 +88,8 @@ def _nearest_calibration(calibration: dict, spec: GuestSpec,
     """The calibration of the closest guest size and link, for model curves between the
     swept values."""
     def distance(key: tuple) -> tuple:
-        memory, latency, link, limit, postcopy = key
-        return (postcopy != settings.postcopy_planned,
-                abs(math.log(memory / spec.memory_bytes)), abs(latency - settings.latency_seconds),
+        memory, latency, link, limit = key
+        return (abs(math.log(memory / spec.memory_bytes)), abs(latency - settings.latency_seconds),
                 abs(math.log((link or 1e12) / (settings.link_bytes_per_second or 1e12))),
                 abs(math.log((limit or 1e12) / (settings.rate_limit_bytes_per_second or 1e12))))
     if not calibration:

@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 CALIBRATION_WARMUPS = 2          # the first migrations of a fresh testbed pay one-time costs
 CALIBRATION_RUNS = 3             # (imports, first calls) of ~10 ms: not part of the floor
 
-# memory, latency, link, limit, and whether the floor is a post-copy switch's (no hand-over)
-CalibrationKey = tuple[int, float, float | None, float | None, bool]
+CalibrationKey = tuple[int, float, float | None, float | None]   # memory, latency, link, limit
 
 
 def run_sweep(scenario: Scenario, output: str | Path | None = None, *, in_process: bool = False,
@@ -102,27 +101,25 @@ def _run_grid(tb: "Testbed", scenario: Scenario, folder: Path, progress_out: IO[
 
 # -- the downtime floor ------------------------------------------------------------------------
 def calibration_name(key: CalibrationKey) -> str:
-    memory, latency, link, limit, postcopy = key
+    memory, latency, link, limit = key
     return (f"idle {format_bytes(memory)} guest, link "
             f"{'unlimited' if link is None else format_bytes(link) + '/s'}"
             + (f", rate limit {format_bytes(limit)}/s" if limit else "")
-            + f", latency {latency * 1000:g} ms" + (", post-copy" if postcopy else ""))
+            + f", latency {latency * 1000:g} ms")
 
 
 def calibration_key(scenario: Scenario, point: dict) -> CalibrationKey:
     spec, settings = scenario.specs(point)
     return (spec.memory_bytes, settings.latency_seconds, settings.link_bytes_per_second,
-            settings.rate_limit_bytes_per_second, settings.postcopy_planned)
+            settings.rate_limit_bytes_per_second)
 
 
 def calibrate(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: CalibrationKey) -> dict:
     """The downtime floor of an idle guest of this size over this link: the model's
     T_resume is the floor less the one latency the model already counts. The link matters:
     over an unlimited link the sender runs up to the socket buffers (8 MiB) ahead of the
-    receiver, and the stop-and-copy waits behind that backlog (measured ~3 ms more). A point
-    that switches to post-copy gets the floor of a post-copy switch, which has no hand-over
-    round trip."""
-    memory, latency, link, limit, postcopy = key
+    receiver, and the stop-and-copy waits behind that backlog (measured ~3 ms more)."""
+    memory, latency, link, limit = key
     name = f"sweep-idle-{memory // MiB}m"
     floors: list[float] = []
     error = None
@@ -133,8 +130,7 @@ def calibrate(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: Calibr
             where = dst if where == src else src
             rep = tb.migrate(name, where, MigrationSettings(
                 link_bytes_per_second=link, rate_limit_bytes_per_second=limit,
-                latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds,
-                postcopy_after_rounds=0 if postcopy else None))
+                latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds))
             if rep.status != "completed" or rep.downtime_seconds is None:
                 error = rep.error
             elif i >= CALIBRATION_WARMUPS:
