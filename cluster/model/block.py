@@ -21,7 +21,8 @@ def live_throughput(rounds: list[dict]) -> float | None:
 
 def model_block(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
                 resume_seconds: float = 0.0,
-                dirty_rate_pages_per_second: float | None = None) -> dict:
+                dirty_rate_pages_per_second: float | None = None,
+                switch_resume_seconds: float | None = None) -> dict:
     """The analytic model beside the measurement of `report` (a `MigrationReport`):
     predicted with the throughput this run measured as the bandwidth, and with the nominal
     link when the link or the rate limit is set. A model error never breaks a migration: it
@@ -32,7 +33,8 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
     lifts the limit for it. When no live round ran (a policy that stops before round 0) there
     is no live throughput: the prediction is the nominal one, on which the policy decided.
     `resume_seconds` is the model's fixed T_resume (0: the plain model; sweeps pass the
-    downtime floor they measured).
+    downtime floor they measured), `switch_resume_seconds` that of a post-copy switch (no
+    hand-over round trip; None: the same).
     """
     block: dict = {"bandwidth_bytes_per_second": None, "bandwidth_basis": None,
                    "resume_seconds": resume_seconds,
@@ -40,6 +42,7 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
     try:
         common = _model_inputs(report, workload, settings, resume_seconds,
                                dirty_rate_pages_per_second)
+        common["switch_resume_seconds"] = switch_resume_seconds
         measured_dict = report.to_dict()
         completed = report.status == "completed"
         nominal = None

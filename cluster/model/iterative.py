@@ -274,7 +274,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             bytes_per_page_overhead: float = 8.0, record_overhead_bytes: float = 32.0,
             policy_settings: dict | None = None, postcopy_after_rounds: int | None = None,
             postcopy_after_seconds: float | None = None,
-            postcopy_bandwidth_bytes_per_second: float | None = None) -> ModelPrediction:
+            postcopy_bandwidth_bytes_per_second: float | None = None,
+            switch_resume_seconds: float | None = None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object;
     with `postcopy_after_rounds` (0: pure post-copy) or `postcopy_after_seconds` a hybrid
     that switches to post-copy (`cluster.model.postcopy`), its push limited to
@@ -324,7 +325,9 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             data_pages=data_pages, guest_pages=guest_pages, page_size=page_size,
             wire_per_page=wire_per_page, link_bytes_per_second=link,
             postcopy_bytes_per_second=postcopy_bandwidth_bytes_per_second,
-            latency_seconds=latency_seconds, resume_seconds=resume_seconds)
+            latency_seconds=latency_seconds,
+            resume_seconds=resume_seconds if switch_resume_seconds is None
+            else switch_resume_seconds)
     final_pages, downtime, tail = _ending(run, rounds, switch, link, wire_per_page,
                                           latency_seconds, resume_seconds)
     pages_total = run.total_written + final_pages

@@ -75,6 +75,7 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
             policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
             latency_seconds=settings.latency_seconds,
             resume_seconds=calib.get("resume_seconds", 0.0),
+            switch_resume_seconds=calib.get("switch_resume_seconds"),
             dirty_rate_pages_per_second=achieved if spec.workload.unlimited else None,
             policy_settings=({"max_iterations": settings.max_iterations}
                              if settings.max_iterations is not None else None),

@@ -42,6 +42,9 @@ def summary_text(result: SweepResult) -> str:
         lines.append(f"downtime floor ({key}): {ms(c.get('floor_seconds'))}"
                      + (f", spread {ms(spread)}" if spread is not None else "")
                      + f" -> model T_resume {ms(c.get('resume_seconds'))}"
+                     + (f"; a post-copy switch's {ms(c.get('switch_floor_seconds'))} -> "
+                        f"{ms(c.get('switch_resume_seconds'))}"
+                        if "switch_floor_seconds" in c else "")
                      + (f" ({c['error']})" if c.get("error") else ""))
     lines += ["", "agreement: measured / predicted (model at the measured throughput)",
               f"{'point':>5}  {'axes':<44} {'pages sent':>16} {'live rounds':>16} "

@@ -115,6 +115,19 @@ def calibration_key(scenario: Scenario, point: dict) -> CalibrationKey:
 
 
 def calibrate(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: CalibrationKey) -> dict:
+    """The pre-copy downtime floor of this guest and link (`_floor`), and, when some point of
+    the scenario may switch to post-copy, a post-copy switch's floor too (no hand-over round
+    trip): the model takes that one as T_resume where it predicts a switch."""
+    out = _floor(tb, src, dst, scenario, key, postcopy=False)
+    if any(scenario.specs(p)[1].postcopy_planned for p in scenario.points()):
+        switch = _floor(tb, src, dst, scenario, key, postcopy=True)
+        out["switch_floor_seconds"] = switch["floor_seconds"]
+        out["switch_resume_seconds"] = switch["resume_seconds"]
+    return out
+
+
+def _floor(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: CalibrationKey,
+           postcopy: bool) -> dict:
     """The downtime floor of an idle guest of this size over this link: the model's
     T_resume is the floor less the one latency the model already counts. The link matters:
     over an unlimited link the sender runs up to the socket buffers (8 MiB) ahead of the
@@ -130,7 +143,8 @@ def calibrate(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: Calibr
             where = dst if where == src else src
             rep = tb.migrate(name, where, MigrationSettings(
                 link_bytes_per_second=link, rate_limit_bytes_per_second=limit,
-                latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds))
+                latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds,
+                postcopy_after_rounds=0 if postcopy else None))
             if rep.status != "completed" or rep.downtime_seconds is None:
                 error = rep.error
             elif i >= CALIBRATION_WARMUPS:
@@ -177,7 +191,8 @@ def _run_one(tb: "Testbed", src: str, dst: str, scenario: Scenario, index: int, 
         _destroy(tb, spec.name)
     rate = achieved if spec.workload.unlimited else None
     model = (model_block(report, spec.workload.to_dict(), settings, calib["resume_seconds"],
-                         rate) if report is not None else None)
+                         rate, calib.get("switch_resume_seconds"))
+             if report is not None else None)
     row.update(_row_fields(spec, settings, report, model, achieved))
     row["json"] = write_run(folder, index, repeat, {
         "scenario": scenario.to_dict(), "point": {k: show(v) for k, v in point.items()},
