@@ -112,6 +112,7 @@ class _Evidence:
     lam: float | None
     near: str                 # the model's last live round and final round, as text
     spread: float | None      # of the idle downtime floor
+    unlimited_link: bool = False
 
     @classmethod
     def of(cls, entry: dict, runs: list[dict], scenario: Scenario,
@@ -125,7 +126,8 @@ class _Evidence:
                    med("final_round_pages"), final_p, med("pages_skipped_total"),
                    med("predicted_pages_skipped_total"), Stops.of(runs),
                    Stops.of(runs, "predicted_"), med("predicted_lambda_ratio"), near,
-                   median([c.get("spread_seconds") for c in calibration.values()]))
+                   median([c.get("spread_seconds") for c in calibration.values()]),
+                   bool(runs) and runs[0].get("link_bytes_per_second") is None)
 
     @property
     def rounds(self) -> tuple[float | None, float | None]:
@@ -194,6 +196,11 @@ def _downtime(ev: _Evidence) -> str:
                 f"{count(ev.final_p)} predicted"
                 + _stop_reason(ev.stops_m, ev.stops_p, ev.policy, rounds_m, rounds_p, ev.lam,
                                ev.near))
+    if ev.unlimited_link:
+        return (f"the stop-and-copy of {count(ev.final_m)} pages took {ms(m)} where the model "
+                f"expects {ms(p)}: over an unlimited link the model knows no speed for it "
+                "(the rate limit it lifts is the only one it has), while migbed sends and "
+                "hashes them at the machine's own speed")
     return (f"the stop-and-copy of {count(ev.final_m)} pages took {ms(m)} where the model "
             f"expects {ms(p)}: the pause, final CLEAN and hand-over ran slower than "
             "the idle floor measured (a loaded host)")
