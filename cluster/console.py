@@ -120,7 +120,8 @@ class RoundPrinter:
             self.console.print(Text(self.header, style="bold"))
             self.header = None
         for r in progress["rounds"][self.shown:]:
-            tag = "final" if r["final"] else f"round {r['index']}"
+            tag = ("post-copy" if r.get("postcopy") else "final" if r["final"]
+                   else f"round {r['index']}")
             line = Text(f"  {tag:>8}", style="bold cyan" if r["final"] else "cyan")
             line.append(f": sent {r['pages_sent']:>7} pages, skipped {r['pages_skipped']:>6}, "
                         f"dirtied {r['pages_dirtied']:>7} in "
@@ -155,6 +156,11 @@ def prediction_renderables(prediction: dict, heading: str) -> list[RenderableTyp
         t, us = p["dirty_limit_schedule"][-1]
         out.append(Text(f"dirty-limit: from {p['dirty_limit_schedule'][0][0]:.1f} s, the vCPU "
                         f"sleeps {us / 1000:.0f} ms per full dirty ring at the end"))
+    if pc := p.get("postcopy"):
+        out.append(Text(f"post-copy after {pc['switched_after_rounds']} live rounds at "
+                        f"{_ms(pc['switched_at_seconds'])}: {pc['discard_pages']:.0f} pages "
+                        f"missing, {pc['expected_faults']:.0f} expected faults, the last page "
+                        f"after {_ms(pc['postcopy_seconds'])}"))
     return out
 
 

@@ -2,7 +2,8 @@
 
 Seven emulated hosts on Ray: three x86 hosts (host-0..2) with three busy guests, a migration
 chain host-0 -> host-1 -> host-2, one workload under each pre-copy policy over the same link,
-then one migration each between two ia64 hosts and two ppc hosts beside an x86 one, so the
+the same workload by hybrid and pure post-copy, then one migration each between two ia64
+hosts and two ppc hosts beside an x86 one, so the
 seed essay's three ports show their modes and downtimes side by side. It ends with a summary
 of every migration and exits non-zero if any did not complete or failed its memory check.
 """
@@ -131,6 +132,15 @@ def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> boo
     for policy in policies:
         _migrate(tb, "db", dest, MigrationSettings(policy=policy,
                                                    link_bytes_per_second=LINK), reports)
+        dest = "host-0" if dest == "host-1" else "host-1"
+
+    _say("\n-- db again by hybrid (one live round, then post-copy) and by pure post-copy")
+    for after in (1, 0):
+        r = _migrate(tb, "db", dest, MigrationSettings(link_bytes_per_second=LINK,
+                                                       postcopy_after_rounds=after), reports)
+        if r.postcopy is not None:
+            _say(f"   post-copy: {r.postcopy_requests} page requests, vCPU blocked "
+                 f"{_ms(r.postcopy['blocktime_seconds'])}")
         dest = "host-0" if dest == "host-1" else "host-1"
 
     _say("\n-- batch (sequential counters) host-1 -> host-0, then qtest's edge check")

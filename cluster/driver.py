@@ -38,6 +38,15 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
     ticket = {**ticket, "host": dst.name}      # the pair's measured hand-over is per host
     pending = src.call_async("migrate_out", guest, ticket, settings.to_dict())
     control = FaultControl(src, dst, mid, guest, settings)
+    return follow(pending, control, src, dst, guest, info, settings, on_progress, should_cancel)
+
+
+def follow(pending, control: FaultControl, src, dst, guest: str, info: dict,
+           settings: MigrationSettings, on_progress: Callable[[dict], None] | None = None,
+           should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
+    """Poll a running sender (`pending`, the source's migrate_out or migrate_recover) until
+    it returns, settle both sides and build the report."""
+    mid, timeout = control.mid, settings.timeout_seconds
     cancelled = False
     poll = FIRST_POLL_SECONDS
     while not pending.done():

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.postcopy import apply_postcopy, postcopy_lines
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
 from nodes.units import format_bytes
@@ -102,6 +103,16 @@ class MigrationReport:
     # are taken with the destination's times brought onto the source's clock by it.
     clock_offset_seconds: float | None = None
     clock_rtt_seconds: float | None = None
+    # Bytes sent while the guest ran on the source, while it was paused, and after a
+    # post-copy switch (QEMU's precopy-bytes, downtime-bytes, postcopy-bytes): they add up
+    # to bytes_sent_total.
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    # QEMU's postcopy-requests: pages the destination asked for (each page one request).
+    postcopy_requests: int = 0
+    # Post-copy (`cluster.postcopy.postcopy_block`; None when the migration did not switch).
+    postcopy: dict | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -156,7 +167,10 @@ class MigrationReport:
             guest_cost=source.guest_cost, convergence=_convergence(rounds, settings),
             progress_history=list(source.progress_history),
             clock_offset_seconds=source.clock_offset_seconds,
-            clock_rtt_seconds=source.clock_rtt_seconds)
+            clock_rtt_seconds=source.clock_rtt_seconds,
+            precopy_bytes=source.precopy_bytes, downtime_bytes=source.downtime_bytes,
+            postcopy_bytes=source.postcopy_bytes, postcopy_requests=source.postcopy_requests)
+        apply_postcopy(report, source, dest, settled)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
             report.notes.append(f"{destination_host} says: {why}")
@@ -249,11 +263,12 @@ class MigrationReport:
             f"{_rate(self.link_bytes_per_second)}, rate limit "
             f"{_rate(self.rate_limit_bytes_per_second)}, latency {ms(self.latency_seconds)}",
             f"  modes: {self.modes.get('before')} -> {self.modes.get('during')} -> "
-            f"{self.modes.get('after')}",
+            + (f"{self.modes['postcopy']} (post-copy, on the destination) -> "
+               if "postcopy" in self.modes else "") + f"{self.modes.get('after')}",
             "  round     sent  skipped  dirtied   time       rate      dirty/s",
         ]
         for r in self.rounds:
-            tag = "final" if r.get("final") else str(r["index"])
+            tag = "post" if r.get("postcopy") else "final" if r.get("final") else str(r["index"])
             lines.append(
                 f"  {tag:>5} {r['pages_sent']:>8} {r['pages_skipped']:>8} "
                 f"{r['pages_dirtied']:>8} {ms(r['duration_seconds']):>9} "
@@ -272,6 +287,7 @@ class MigrationReport:
             f"{_rate(self.throughput_bytes_per_second)}",
             f"  integrity: {_verdict(self.integrity.verified)}",
         ]
+        lines += postcopy_lines(self)
         if self.phase_seconds:
             lines.append("  phases: " + ", ".join(f"{k.replace('_', '-')} {ms(v)}"
                                                   for k, v in self.phase_seconds.items()))

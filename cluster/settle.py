@@ -107,6 +107,11 @@ class FaultControl:
             source = SourceResult(source_lost=True, mode_before=info["mode_before"],
                                   error=f"source host {self.src.name} died during the "
                                         f"migration ({exc})")
+        from cluster.postcopy import postcopy_outcome, settle_postcopy  # it uses Settlement
+        if postcopy_outcome(self, source):
+            out = settle_postcopy(self, source, info)
+            out.faults = self._faults(out)
+            return out
         verdict_needed = source.completed or source.source_lost or source.handover_unknown
         dest = self._verdict() if verdict_needed else self._abandon()
         out = Settlement(source, dest)

@@ -201,10 +201,54 @@ class Testbed:
             raise MigrationError(f"{guest} already runs on {destination}; pick another host")
         report = run_migration(src, dst, guest, settings, on_progress=on_progress,
                                should_cancel=should_cancel)
+        self._forget_killed(report)
+        return report
+
+    # -- post-copy (`cluster.postcopy`) ----------------------------------------------------------
+    def start_postcopy(self, guest: str) -> str:
+        """Switch the running migration of `guest` to post-copy at its next decision (QEMU's
+        migrate-start-postcopy); it must have been started with post-copy allowed."""
+        for h in self.hosts.values():
+            mid = h.call("migration_of", guest)
+            if mid is not None:
+                return h.call("start_postcopy", mid)
+        raise MigrationError(f"no migration of {guest} is running; start one with "
+                             "`migbed migrate GUEST DEST_HOST --postcopy-allowed`")
+
+    def recover(self, guest: str,
+                on_progress: Callable[[dict], None] | None = None) -> MigrationReport:
+        """Resume the paused post-copy migration of `guest` (its link is back); the report
+        once it has completed (or paused again)."""
+        from cluster.postcopy import recover_migration
+        for src in self.hosts.values():
+            for paused in src.call("paused_migrations"):
+                if paused["guest"] != guest:
+                    continue
+                dst = self._incoming_host(paused["migration_id"])
+                if dst is None:
+                    why = f"the destination of the paused post-copy of {guest} is gone"
+                    src.call("settle_paused", paused["migration_id"], "lost", why)
+                    raise MigrationError(f"{why}: the guest is lost (neither host has all "
+                                         f"of it); {src.name} has freed its stale copy")
+                report = recover_migration(src, dst, paused, on_progress)
+                self._forget_killed(report)
+                return report
+        raise MigrationError(f"no post-copy migration of {guest} is paused; "
+                             "`migbed list` shows where it runs")
+
+    def _incoming_host(self, migration_id: str):
+        for h in self.hosts.values():
+            try:
+                if h.call("incoming_status", migration_id) is not None:
+                    return h
+            except ClusterError:
+                continue
+        return None
+
+    def _forget_killed(self, report: MigrationReport) -> None:
         for f in report.faults:
             if f.get("killed_host") in self.hosts:
                 self.lost_hosts[f["killed_host"]] = self.hosts.pop(f["killed_host"])
-        return report
 
     def kill(self, host: str) -> None:
         """Fault injection: `host` dies now (its Ray actor is killed; an in-process host

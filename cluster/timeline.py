@@ -31,7 +31,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from nodes.errors import ConfigError  # noqa: E402
-from nodes.phase import Phase  # noqa: E402
+from nodes.phase import ENDED, Phase  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 KNOWN_EVENTS = ("phase", "end", "round-end", "pause", "resume")
-OWN_PHASES = {p.value for p in Phase} | {"completed", "failed", "cancelled"}
+# Pre-copy's phases are drawn by their events; a post-copy switch and its push (and any later
+# algorithm's phase) get a hatched band over their samples.
+OWN_PHASES = ({p.value for p in Phase} - {Phase.SWITCH, Phase.POSTCOPY}) | set(ENDED)
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 
 

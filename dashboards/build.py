@@ -85,6 +85,35 @@ class Panels:
                 .span(width).height(height))
 
 
+    def ts(self, title, description, unit, queries, width=12, height=8, stacked=False, bars=False):
+        panel = self._common(timeseries.Panel(), title, description, width, height).unit(unit)
+        panel = panel.legend(legend_bottom())
+        if stacked:
+            panel = panel.stacking(StackingConfig().mode(StackingMode.NORMAL)).fill_opacity(30)
+        if bars:
+            panel = panel.draw_style(GraphDrawStyle.BARS).fill_opacity(60)
+        return with_queries(panel, queries)
+
+    def single(self, title, description, expr, unit="short", width=4):
+        panel = (self._common(stat.Panel(), title, description, width, 4).unit(unit)
+                 .reduce_options(ReduceDataOptions().calcs(["lastNotNull"])))
+        return panel.with_target(query(expr, instant=True))
+
+    def distribution(self, title, description, metric):
+        panel = (self._common(bargauge.Panel(), title, description, 12, 8).unit("short")
+                 .display_mode(BarGaugeDisplayMode.GRADIENT)
+                 .orientation(VizOrientation.VERTICAL)
+                 .reduce_options(ReduceDataOptions().calcs(["lastNotNull"])))
+        return panel.with_target(query(
+            f"sum by (le) (increase({metric}_bucket{{{HG}}}[$__range]))", "{{le}}",
+            instant=True, fmt=PromQueryFormat.HEATMAP))
+
+    def quantiles(self, title, description, metric):
+        qs = [query(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{HG}}}[5m])))",
+                    f"p{round(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]
+        return self.ts(title, description, "s", qs)
+
+
 def query(expr: str, legend: str = "", ref: str = "A", instant: bool = False,
           fmt: PromQueryFormat | None = None) -> Dataquery:
     q = Dataquery().expr(expr).ref_id(ref).datasource(PROMETHEUS)
@@ -109,41 +138,6 @@ def legend_bottom() -> VizLegendOptions:
 
 def build_dashboard() -> Dashboard:
     p = Panels()
-
-    def ts(title, description, unit, queries, width=12, height=8, stacked=False, bars=False):
-        panel = p._common(timeseries.Panel(), title, description, width, height).unit(unit)
-        panel = panel.legend(legend_bottom())
-        if stacked:
-            panel = panel.stacking(StackingConfig().mode(StackingMode.NORMAL)).fill_opacity(30)
-        if bars:
-            panel = panel.draw_style(GraphDrawStyle.BARS).fill_opacity(60)
-        return with_queries(panel, queries)
-
-    def single(title, description, expr, unit="short", width=4):
-        panel = (p._common(stat.Panel(), title, description, width, 4).unit(unit)
-                 .reduce_options(ReduceDataOptions().calcs(["lastNotNull"])))
-        return panel.with_target(query(expr, instant=True))
-
-    def distribution(title, description, metric):
-        panel = (p._common(bargauge.Panel(), title, description, 12, 8).unit("short")
-                 .display_mode(BarGaugeDisplayMode.GRADIENT)
-                 .orientation(VizOrientation.VERTICAL)
-                 .reduce_options(ReduceDataOptions().calcs(["lastNotNull"])))
-        return panel.with_target(query(
-            f"sum by (le) (increase({metric}_bucket{{{HG}}}[$__range]))", "{{le}}",
-            instant=True, fmt=PromQueryFormat.HEATMAP))
-
-    def quantiles(title, description, metric):
-        qs = [query(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{HG}}}[5m])))",
-                    f"p{round(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]
-        return ts(title, description, "s", qs)
-
-    mode_code = (f'max by (guest) (migbed_guest_mode{{{HG}, mode="p2m"}}) + '
-                 f'2 * max by (guest) (migbed_guest_mode{{{HG}, mode="vp"}})')
-    modes = ValueMap({"0": ValueMappingResult(text="p==m", color="purple", index=0),
-                      "1": ValueMappingResult(text="p2m", color="green", index=1),
-                      "2": ValueMappingResult(text="vp (shadow)", color="orange", index=2)})
-
     d = (
         Dashboard("migbed: hosts, guests and live migrations")
         .uid(UID)
@@ -168,33 +162,44 @@ def build_dashboard() -> Dashboard:
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.NATURAL_ASC)
             .multi(True).include_all(True).all_value(".*")
             .current(VariableOption(selected=True, text="All", value="$__all")))
+    )
+    d = cluster_row(d, p)
+    d = migrations_row(d, p)
+    d = wire_row(d, p)
+    d = guests_row(d, p)
+    d = postcopy_row(d, p)
+    return d
 
-        # -- the cluster -----------------------------------------------------------------
+
+def cluster_row(d: Dashboard, p: Panels) -> Dashboard:
+    """The the cluster row."""
+    return (
+        d
         .with_row(p.row("Cluster"))
-        .with_panel(single("Hosts", "Hosts whose /metrics Prometheus scrapes.",
+        .with_panel(p.single("Hosts", "Hosts whose /metrics Prometheus scrapes.",
                            f"count(migbed_host_info{{{H}}})"))
-        .with_panel(single("Hosts not answering", "Listed targets whose last scrape failed.",
+        .with_panel(p.single("Hosts not answering", "Listed targets whose last scrape failed.",
                            f"sum(1 - up{{{H}}})"))
-        .with_panel(single("Guests", "Guests on the hosts (arriving ones included).",
+        .with_panel(p.single("Guests", "Guests on the hosts (arriving ones included).",
                            f"sum(migbed_host_guests{{{H}}})"))
-        .with_panel(single("Migrations running", "Outgoing migrations in progress.",
+        .with_panel(p.single("Migrations running", "Outgoing migrations in progress.",
                            f'sum(migbed_migrations_in_progress{{{H}, direction="outgoing"}})'))
-        .with_panel(single("Migrations completed", "Since the hosts started.",
+        .with_panel(p.single("Migrations completed", "Since the hosts started.",
                            f'sum(migbed_migrations_finished_total{{{H}, status="completed"}})'))
-        .with_panel(single("Migrations failed or cancelled", "Since the hosts started.",
+        .with_panel(p.single("Migrations failed or cancelled", "Since the hosts started.",
                            f'sum(migbed_migrations_finished_total{{{H}, status!="completed"}})'))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Cluster memory by frame state", "Machine frames of all the hosts free, used (dom0 "
             "and guests) and reserved by the hypervisor, in bytes.", "bytes",
             [query(f"sum by (state) (migbed_host_frames{{{H}}} * on (host) group_left () "
                    f"migbed_host_page_size_bytes{{{H}}})", "{{state}}")],
             stacked=True))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Fullest hosts", f"Bytes used on the {TOP_K} hosts using the most (dom0 and "
             "guests): where an evacuation must not send more.", "bytes",
             [query(top(f'sum by (host) (migbed_host_frames{{{H}, state="used"}} * on (host) '
                        f"group_left () migbed_host_page_size_bytes{{{H}}})"), "{{host}}")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Guests by memory mode", "P==M, P2M and VP (shadow) guests; a migrating guest "
             "is VP on both ends.", "short",
             [query(f"sum by (mode) (migbed_host_guests{{{H}}})", "{{mode}}")], stacked=True))
@@ -203,19 +208,24 @@ def build_dashboard() -> Dashboard:
             .unit("bytes"),
             [query(f"migbed_guest_memory_bytes{{{HG}}}", instant=True,
                    fmt=PromQueryFormat.TABLE)]))
+    )
 
-        # -- migrations -------------------------------------------------------------------
+
+def migrations_row(d: Dashboard, p: Panels) -> Dashboard:
+    """The migrations row."""
+    return (
+        d
         .with_row(p.row("Migrations"))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Migrations per minute", "Migrations that ended in the last minute, by how they "
             "ended.", "short",
             [query(f"sum by (status) (increase(migbed_migrations_finished_total{{{H}}}[1m]))",
                    "{{status}}")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Round of each running migration", "0 is the first full copy; the last round is "
             "the stop-and-copy.", "short",
             [query(top(f"max by (guest) (migbed_migration_round{{{HG}}})"), "{{guest}}")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Pages sent vs dirtied per round", "The last finished round of each running "
             "migration: a migration converges while it sends more than the guest dirties.",
             "short",
@@ -223,7 +233,7 @@ def build_dashboard() -> Dashboard:
                    "{{guest}} sent", "A"),
              query(top(f"max by (guest) (migbed_migration_last_round_pages_dirtied{{{HG}}})"),
                    "{{guest}} dirtied", "B")], bars=True))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Link throughput against its limit", "Bytes on the wire per second, each running "
             "migration's last-round throughput, and the link's speed.", "Bps",
             [query(top(f"sum by (host) (rate(migbed_migration_sent_bytes_total{{{H}}}"
@@ -232,25 +242,25 @@ def build_dashboard() -> Dashboard:
                    "{{guest}} last round", "B"),
              query(top(f"max by (guest) (migbed_migration_link_limit_bytes_per_second"
                        f"{{{HG}}})"), "{{guest}} link limit", "C")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Expected downtime of running migrations", "What the downtime would be if the "
             "migration stopped now: bytes still to send over the measured throughput "
             "(QEMU's expected-downtime).", "s",
             [query(top(f"max by (guest) (migbed_migration_expected_downtime_seconds{{{HG}}})"),
                    "{{guest}}")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Dirty pages in the last round", "Pages the guest dirtied during the last round, "
             "which the next round must send.", "short",
             [query(top(f"max by (guest) (migbed_migration_dirty_pages{{{HG}}})"),
                    "{{guest}}")]))
-        .with_panel(distribution(
+        .with_panel(p.distribution(
             "Downtime distribution", "Completed migrations over the time range, by downtime "
             "bucket (pause on the source to resume on the destination).",
             "migbed_migration_downtime_seconds"))
-        .with_panel(distribution(
+        .with_panel(p.distribution(
             "Total time distribution", "Completed migrations over the time range, by total "
             "time bucket.", "migbed_migration_total_time_seconds"))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Where the time goes (5m)", "Mean seconds per phase of the migrations completed "
             "in the last five minutes: setup, precopy, stop_and_copy and handover make up "
             "the total time; verify and cleanup are the source's work after it.", "s",
@@ -258,10 +268,10 @@ def build_dashboard() -> Dashboard:
                    f"{{{HG}}}[5m])) / sum by (phase) (rate("
                    f"migbed_migration_phase_duration_seconds_count{{{HG}}}[5m]))",
                    "{{phase}}")], bars=True))
-        .with_panel(quantiles(
+        .with_panel(p.quantiles(
             "Downtime quantiles (5m)", "Quantiles of the downtime of migrations completed in "
             "the last five minutes.", "migbed_migration_downtime_seconds"))
-        .with_panel(quantiles(
+        .with_panel(p.quantiles(
             "Guest-observed downtime quantiles (5m)", "The stall the guests themselves saw "
             "across the hand-over, measured on the destination.",
             "migbed_migration_guest_observed_downtime_seconds"))
@@ -272,23 +282,28 @@ def build_dashboard() -> Dashboard:
             .reduce_options(ReduceDataOptions().calcs(["lastNotNull"])),
             [query(f'sum by (host, status) (increase(migbed_migrations_finished_total{{{H}, '
                    'status!="completed"}[$__range]))', "{{host}} {{status}}", instant=True)]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Pages sent and received per host", "Guest pages per second leaving sources "
             "and arriving at destinations.", "short",
             [query(top(f"sum by (host) (rate(migbed_migration_sent_pages_total{{{H}}}"
                        "[$__rate_interval]))"), "{{host}} sent", "A"),
              query(top(f"sum by (host) (rate(migbed_migration_received_pages_total{{{H}}}"
                        "[$__rate_interval]))"), "{{host}} received", "B")]))
+    )
 
-        # -- what crosses the wire ----------------------------------------------------------
-        .with_panel(ts(
+
+def wire_row(d: Dashboard, p: Panels) -> Dashboard:
+    """The what crosses the wire row."""
+    return (
+        d
+        .with_panel(p.ts(
             "Pages sent by type", "Pages per second sent whole and as zero pages (a pfn word "
             "each): QEMU's normal and duplicate.", "short",
             [query(top(f"sum by (host) (rate(migbed_migration_normal_pages_total{{{H}}}"
                        "[$__rate_interval]))"), "{{host}} normal", "A"),
              query(top(f"sum by (host) (rate(migbed_migration_zero_pages_total{{{H}}}"
                        "[$__rate_interval]))"), "{{host}} zero", "B")], stacked=True))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "XBZRLE over the time range", "Pages XBZRLE found in its cache, its cache misses "
             "and overflows, of the migrations that ended in the range.", "short",
             [query(f"sum(increase(migbed_migration_xbzrle_pages_total{{{H}}}[$__range]))",
@@ -297,28 +312,38 @@ def build_dashboard() -> Dashboard:
                    "[$__range]))", "cache misses", "B"),
              query(f"sum(increase(migbed_migration_xbzrle_overflow_total{{{H}}}"
                    "[$__range]))", "overflows", "C")], bars=True))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "multifd bytes per channel", "Bytes each multifd channel carried per second, of "
             "the migrations that ended (a balanced spread means the channels share the "
             "link).", "Bps",
             [query(f"sum by (channel) (rate(migbed_migration_multifd_sent_bytes_total{{{H}}}"
                    "[$__rate_interval]))", "channel {{channel}}")], stacked=True))
-        .with_panel(single(
+        .with_panel(p.single(
             "multifd compression ratio", "Page bytes the channels compressed over the bytes "
             "they made of them, over the time range.",
             f"sum(increase(migbed_migration_multifd_compression_input_bytes_total{{{H}}}"
             f"[$__range])) / sum(increase("
             f"migbed_migration_multifd_compression_output_bytes_total{{{H}}}[$__range]))",
             width=6))
+    )
 
-        # -- guests -----------------------------------------------------------------------
+
+def guests_row(d: Dashboard, p: Panels) -> Dashboard:
+    """The guests row."""
+    mode_code = (f'max by (guest) (migbed_guest_mode{{{HG}, mode="p2m"}}) + '
+                 f'2 * max by (guest) (migbed_guest_mode{{{HG}, mode="vp"}})')
+    modes = ValueMap({"0": ValueMappingResult(text="p==m", color="purple", index=0),
+                      "1": ValueMappingResult(text="p2m", color="green", index=1),
+                      "2": ValueMappingResult(text="vp (shadow)", color="orange", index=2)})
+    return (
+        d
         .with_row(p.row("Guests"))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Dirty rate", "Page writes per second of each guest's vCPU (its dirty rate), "
             "wherever it runs.", "short",
             [query(top(f"sum by (guest) (rate(migbed_guest_page_writes_total{{{HG}}}"
                        "[$__rate_interval]))"), "{{guest}}")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Throttle beside the dirty rate", "What the convergence aids take of each "
             "migrating guest's vCPU: auto-converge's throttle (QEMU's cpu-throttle-percentage "
             "as a ratio) and dirty-limit's sleep per full dirty ring. The dirty rate on the "
@@ -333,17 +358,64 @@ def build_dashboard() -> Dashboard:
                       "VP (shadow) with log-dirty while they migrate, and back after.", 12, 8)
             .mappings([modes]).show_value("auto"),
             [query(top(mode_code), "{{guest}}")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Log-dirty pages", "Pages marked in each migrating guest's log-dirty bitmap "
             "since the last CLEAN.", "short",
             [query(top(f"max by (guest) (migbed_guest_dirty_pages{{{HG}}})"), "{{guest}}")]))
-        .with_panel(ts(
+        .with_panel(p.ts(
             "Migration progress: bytes still to send", "Each running migration's remaining "
             "bytes: they fall each round while the migration converges.", "bytes",
             [query(top(f"max by (guest) (migbed_migration_remaining_bytes{{{HG}}})"),
                    "{{guest}}")]))
     )
-    return d
+
+
+def postcopy_row(d: Dashboard, p: Panels) -> Dashboard:
+    """The post-copy row."""
+    return (
+        d
+        .with_row(p.row("Post-copy"))
+        .with_panel(p.single("Post-copy switches", "Migrations that switched to post-copy, "
+                           "since the hosts started.",
+                           f"sum(migbed_migration_postcopy_switches_total{{{H}}})"))
+        .with_panel(p.single("Migrations paused in post-copy", "Running migrations paused on "
+                           "a broken link after their switch (postcopy-paused): `migbed "
+                           "migrate-recover` resumes them.",
+                           f"sum(migbed_migration_postcopy_paused{{{H}}})"))
+        .with_panel(p.ts(
+            "Pages still missing on the destination", "Pages each guest running in post-copy "
+            "still lacks: the push and its requests bring them, the last one ends the "
+            "migration.", "short",
+            [query(top(f"max by (guest) (migbed_migration_postcopy_missing_pages{{{HG}}})"),
+                   "{{guest}}")]))
+        .with_panel(p.ts(
+            "Page requests and pushed pages", "Pages per second a post-copy source received "
+            "requests for (QEMU's postcopy-requests), and sent on request and by the "
+            "background push.", "short",
+            [query(top(f"sum by (host) (rate(migbed_migration_postcopy_requests_total{{{H}}}"
+                       "[$__rate_interval]))"), "{{host}} requests", "A"),
+             query(top(f"sum by (host, reason) (rate(migbed_migration_postcopy_sent_pages_total"
+                       f"{{{H}}}[$__rate_interval]))"), "{{host}} {{reason}}", "B")]))
+        .with_panel(p.ts(
+            "vCPU time blocked on faults", "Share of the time the vCPUs of guests arriving "
+            "by post-copy waited for missing pages (QEMU's postcopy-blocktime per second).",
+            "percentunit",
+            [query(top(f"sum by (host) (rate(migbed_migration_postcopy_blocktime_seconds_total"
+                       f"{{{H}}}[$__rate_interval]))"), "{{host}}")]))
+        .with_panel(p.ts(
+            "Fault latency quantiles (5m)", "Request to landed of the pages post-copy guests "
+            "asked for in the last five minutes (QEMU 10.1's postcopy-latency).", "s",
+            [query(f"histogram_quantile({q}, sum by (le) (rate("
+                   f"migbed_migration_postcopy_fault_latency_seconds_bucket{{{H}}}[5m])))",
+                   f"p{round(q * 100)}", ref)
+             for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]))
+        .with_panel(p.ts(
+            "Bytes by stage (5m)", "Bytes of the migrations that ended in the last five "
+            "minutes, by when they went: the guest running on its source, paused, or on its "
+            "destination after a post-copy switch.", "bytes",
+            [query(f"sum by (stage) (increase(migbed_migration_stage_sent_bytes_total{{{H}}}"
+                   "[5m]))", "{{stage}}")], stacked=True))
+    )
 
 
 def dashboard_json() -> str:

@@ -17,7 +17,8 @@ hang or an unbounded allocation (libFuzzer's -rss_limit_mb and -timeout catch th
 hypothesis profile caps the address space at 2 GiB). The first byte of an input picks the
 target: a whole stream after valid headers, raw headers, one record body of each schema, one
 PAGE_DATA body, one PAGE_XBZRLE body, one PAGE_COMPRESSED body (its decompression bounded),
-or one XBZRLE delta applied to a page.
+one XBZRLE delta applied to a page, or the post-copy payloads: a page bitmap
+(POSTCOPY_DISCARD, RECV_BITMAP) or the pfns of a page request (REQ_PAGES).
 """
 
 import io
@@ -32,7 +33,7 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nodes.errors import StreamError  # noqa: E402
-from nodes.migration import compression, encoded, records, xbzrle  # noqa: E402
+from nodes.migration import compression, encoded, pagesets, records, xbzrle  # noqa: E402
 from nodes.migration.reader import RecordReader  # noqa: E402
 from nodes.migration.records import RecordType as RT  # noqa: E402
 
@@ -61,7 +62,7 @@ def one_input(data: bytes) -> None:
     count += 1
     if not data:
         return
-    mode, body = data[0] % 7, data[1:]
+    mode, body = data[0] % 9, data[1:]
     try:
         if mode == 0:
             _read_all(body, with_head=True)
@@ -79,8 +80,14 @@ def one_input(data: bytes) -> None:
         elif mode == 5:
             pd = encoded.decode_compressed(body, 4096, GUEST_PAGES)
             assert pd.pages.shape[1] == 4096
-        else:
+        elif mode == 6:
             xbzrle.apply(np.zeros(4096, np.uint8), body)
+        elif mode == 7:
+            mask = pagesets.decode_bitmap(body, GUEST_PAGES)
+            assert len(mask) == GUEST_PAGES
+        else:
+            pfns = pagesets.decode_pfns(body, GUEST_PAGES)
+            assert 0 < len(pfns) <= pagesets.MAX_REQUEST_PAGES and int(pfns.max()) < GUEST_PAGES
     except StreamError:
         pass
 
@@ -111,6 +118,10 @@ def seed_corpus(folder: Path) -> None:
         pfns, types, zstd.code, zstd.compress([pages.tobytes()])))
     (folder / "compressed").write_bytes(b"\5" + packet[8:])
     (folder / "delta").write_bytes(b"\6" + deltas[:int(lengths[0])])
+    mask = np.zeros(GUEST_PAGES, dtype=bool)
+    mask[::3] = True
+    (folder / "bitmap").write_bytes(b"\7" + pagesets.encode_bitmap(mask))
+    (folder / "pfns").write_bytes(b"\x08" + pagesets.encode_pfns(np.array([3, 1, 4])))
 
 
 def run_hypothesis(examples: int) -> int:

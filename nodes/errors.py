@@ -67,10 +67,6 @@ class MigrationTimedOut(MigrationCancelled):
         self.stop_code = stop_code
 
 
-class PostcopyUnavailable(MigrationError):
-    """A migration asked to switch to post-copy, which this build cannot do."""
-
-
 class MigrationStillRunning(MigrationError):
     """A host was asked for the result of a migration that has not ended yet."""
 
@@ -90,6 +86,18 @@ class PeerAborted(StreamError):
     def __init__(self, reason: str):
         super().__init__(f"peer aborted: {reason}")
         self.reason = reason
+
+
+class GuestLost(MigrationError):
+    """After a post-copy switch a host died (or the destination gave up): neither host has
+    the whole guest any more, so it is gone. Raised to a vCPU waiting on a page that will
+    never come, and to callers of a post-copy migration that cannot complete."""
+
+
+class PostcopyPaused(MigrationError):
+    """After a post-copy switch the link broke and did not come back within the timeout: the
+    migration is paused (the guest runs on the destination, its missing pages wait) until
+    `migbed migrate-recover` says the link is back."""
 
 
 class NoSuchHostError(MigbedError, LookupError):

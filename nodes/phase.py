@@ -5,9 +5,10 @@ Users see the kebab-case values (`stop-and-copy` in `--fault kill-source@stop-an
 the `phase` label of /metrics and in a migration's progress); JSON keys are derived from the
 same members mechanically (`Phase.STOP_AND_COPY.key == "stop_and_copy"`).
 
-A pre-copy migration passes setup, precopy, stop-and-copy and handover; the source then
-verifies and cleans up (after the total time has ended, as QEMU's total-time ends at the
-resume on the destination).
+A pre-copy migration passes setup, precopy, stop-and-copy and handover; a post-copy one
+(`nodes.migration.postcopy`) passes setup, precopy (no live round at all for pure post-copy),
+switch and postcopy. The source then verifies and cleans up (after the total time has ended,
+as QEMU's total-time ends when the destination has the whole guest).
 """
 
 from enum import StrEnum
@@ -18,6 +19,8 @@ class Phase(StrEnum):
     PRECOPY = "precopy"                # live rounds: the guest runs while its pages go
     STOP_AND_COPY = "stop-and-copy"    # the guest paused, its last pages and vCPU sent
     HANDOVER = "handover"              # READY, PERMISSION_TO_GO, the resume, RESULT
+    SWITCH = "switch"                  # post-copy: paused, discard set and vCPU sent, resumed there
+    POSTCOPY = "postcopy"              # the guest runs on the destination while its pages arrive
     VERIFY = "verify"                  # the source hashes its frozen copy
     CLEANUP = "cleanup"                # the source destroys its copy
 
@@ -32,7 +35,9 @@ class Phase(StrEnum):
         return cls(text.replace("_", "-"))
 
 
-# The phases that make up the total time (setup to the destination's RESULT), in order.
-TIMED = (Phase.SETUP, Phase.PRECOPY, Phase.STOP_AND_COPY, Phase.HANDOVER)
+# The phases that make up the total time (setup to the destination's RESULT): setup and
+# precopy, then stop-and-copy and handover (pre-copy) or switch and postcopy (post-copy).
+TIMED = (Phase.SETUP, Phase.PRECOPY, Phase.STOP_AND_COPY, Phase.HANDOVER, Phase.SWITCH,
+         Phase.POSTCOPY)
 # What a migration's status is once it has ended.
 ENDED = ("completed", "failed", "cancelled")

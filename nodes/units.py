@@ -139,6 +139,24 @@ def parse_port_range(value: str, what: str) -> tuple[int, int]:
     return lo, hi
 
 
+def parse_rounds_or_duration(value: str | int, what: str) -> tuple[int | None, float | None]:
+    """(rounds, None) from a bare whole number (`5`: after 5 live rounds), (None, seconds)
+    from a duration with its unit (`1.5s`, `500ms`: that long since the start); a number
+    without a unit that is not whole is refused, as it could mean either."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a number of rounds or a duration, got {value!r}")
+    if isinstance(value, int):
+        return parse_count(value, what), None
+    text = str(value).strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return parse_count(text, what), None
+    m = re.fullmatch(_NUMBER, text)
+    if not m or not m.group(2):
+        raise ConfigError(f"{what}: cannot read {value!r}; write a whole number of live "
+                          "rounds (e.g. 5) or a duration with its unit (e.g. 1.5s or 500ms)")
+    return None, parse_seconds(text, what, allow_zero=True)
+
+
 def parse_fraction(value: str | int | float, what: str) -> float:
     """A share from 0 to 1 (a hot set's size, the writes that hit it)."""
     if isinstance(value, bool):

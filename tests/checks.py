@@ -13,10 +13,11 @@ def frames_exact(tb) -> None:
 
 
 def wait_progress(host, guest: str, timeout: float = 10.0) -> None:
-    """The guest's vCPU keeps writing: its write count rises (bounded wait, no timing claim)."""
-    start = host.call("guest_status", guest)["pages_written_total"]
+    """The guest's vCPU keeps going: the pages it writes (a scan: reads) rise (bounded wait,
+    no timing claim)."""
+    start = host.call("guest_status", guest)["progress_pages_total"]
     deadline = time.monotonic() + timeout
-    while host.call("guest_status", guest)["pages_written_total"] <= start:
+    while host.call("guest_status", guest)["progress_pages_total"] <= start:
         assert time.monotonic() < deadline, f"{guest} made no progress on {host.name}"
         time.sleep(0.01)
 

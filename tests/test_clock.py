@@ -13,6 +13,7 @@ from nodes.errors import StreamError
 from nodes.host.specs import GuestSpec
 from nodes.migration import clock, destination
 from nodes.migration.clock import ClockEstimate, ClockSample, to_source_clock
+from nodes.migration.postcopy import destination as postcopy_destination
 from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 
@@ -72,18 +73,24 @@ def test_same_machine_offset_is_zero_within_the_bound(in_process):
     assert abs(r.clock_offset_seconds) <= r.clock_rtt_seconds / 2
 
 
+@pytest.mark.parametrize("settings", [MigrationSettings(),
+                                      MigrationSettings(postcopy_after_rounds=0)],
+                         ids=["precopy", "postcopy"])
 def test_downtime_stays_right_when_the_destination_clock_is_an_hour_ahead(in_process,
-                                                                         monkeypatch):
-    """The destination's wall clock runs 3600 s ahead (its module's time, as another
-    machine's): the offset is found, and the downtime is taken on one clock, not 3600 s."""
+                                                                         monkeypatch, settings):
+    """The destination's wall clock runs 3600 s ahead (its modules' time, as another
+    machine's): the offset is found, and the downtime is taken on one clock, not 3600 s,
+    after a post-copy switch too (its resume comes back on the return path)."""
     skew = 3600.0
     skewed = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
                                       if not k.startswith("_")})
     skewed.time = lambda: time.time() + skew
     monkeypatch.setattr(destination, "time", skewed)
+    monkeypatch.setattr(postcopy_destination, "time", skewed)
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
     tb.create("host-0", GuestSpec("c2", 4 * MiB, workload=WorkloadSpec("uniform", 2000)))
-    r = tb.migrate("c2", "host-1", MigrationSettings())
+    r = tb.migrate("c2", "host-1", settings)
     assert r.status == "completed" and r.integrity.verified
+    assert (r.postcopy is not None) == settings.postcopy_allowed
     assert abs(r.clock_offset_seconds - skew) <= r.clock_rtt_seconds / 2 + 1e-3
     assert 0 < r.downtime_seconds <= r.total_time_seconds

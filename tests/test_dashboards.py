@@ -282,12 +282,17 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
                           multifd_compression="zstd"))),
                       threading.Thread(target=move, args=("b", "host-2", MigrationSettings(
                           policy="qemu", link_bytes_per_second=16 * MiB,
-                          xbzrle_cache_bytes=4 * MiB)))]
+                          xbzrle_cache_bytes=4 * MiB))),
+                      # post-copy, its push slow, so its guest faults for several scrapes
+                      threading.Thread(target=move, args=("c", "host-0", MigrationSettings(
+                          link_bytes_per_second=64 * MiB, postcopy_after_rounds=0,
+                          postcopy_bandwidth_bytes_per_second=2 * MiB)))]
             for t in movers:
                 t.start()
             for t in movers:
                 t.join(60)
             assert reports["a"].status == reports["b"].status == "completed"
+            assert reports["c"].status == "completed" and reports["c"].postcopy_requests > 0
             cancelled = tb.migrate(guests["a"], "host-0", MigrationSettings(
                 link_bytes_per_second=32 * MiB, cancel_after_round=0))
             assert cancelled.status == "cancelled"

@@ -288,11 +288,11 @@ def test_faults_from_toml_for_scenarios():
 
 def test_every_kind_and_stage_is_in_the_matrix():
     from nodes.faults.spec import ALL_STAGES, KINDS
-    tried = {(parse_fault(f).kind, parse_fault(f).stage) for f, _ in MATRIX}
+    tried = {(parse_fault(f).kind, parse_fault(f).stage) for f, _ in MATRIX + POSTCOPY_MATRIX}
     for kind, (stages, _, _) in KINDS.items():
         for stage in stages:
             assert (kind.value, stage.value) in tried, (kind, stage)
-    assert len(FaultKind) == 10 and len(ALL_STAGES) == 4
+    assert len(FaultKind) == 10 and len(ALL_STAGES) == 5
 
 
 BAD_FAULTS = [
@@ -329,6 +329,115 @@ BAD_TOML_FAULTS = [
 def test_bad_scenario_faults_are_refused(items):
     with pytest.raises(ConfigError):
         faults_from_toml(items)
+
+
+# -- after a post-copy switch ----------------------------------------------------------------
+PAUSED = "paused"          # postcopy-paused, then `recover` brings it home on the destination
+POSTCOPY_MATRIX = [
+    (f"stall-link@postcopy:{SHORT}", DST), (f"stall-link@postcopy:{LONG}", DST),
+    ("cut-link@postcopy", PAUSED), ("slow-link@postcopy:32MiB", DST),
+    ("corrupt-record@postcopy", DST), ("truncate-stream@postcopy", DST),
+    ("kill-destination@postcopy", LOST), ("kill-source@postcopy", LOST),
+    # before the switch a migration that allows post-copy is pre-copy
+    ("cut-link@round0", SRC), ("kill-destination@round0", SRC), ("kill-source@round0", LOST),
+    ("stall-link@setup:1.5s", SRC),
+]
+
+
+def postcopy_settings(fault: str) -> MigrationSettings:
+    """Hybrid: one live round, then post-copy with its push slowed, so the guest faults."""
+    return MigrationSettings(link_bytes_per_second=FAST, timeout_seconds=TIMEOUT,
+                             postcopy_after_rounds=1,
+                             postcopy_bandwidth_bytes_per_second=16 * MiB, faults=(fault,))
+
+
+@pytest.mark.parametrize("fault,outcome", POSTCOPY_MATRIX, ids=[f for f, _ in POSTCOPY_MATRIX])
+def test_fault_around_the_postcopy_switch(in_process, fault, outcome):
+    """After the switch the guest runs on the destination: a link fault pauses the
+    migration until the link is back (by itself within the timeout, else migrate-recover)
+    and it completes with memory verified; a host that dies loses the guest, and the other
+    host frees its frames. Before the switch, as pre-copy."""
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("g", 4 * MiB, workload=WorkloadSpec("sequential", 20000)))
+    time.sleep(0.05)
+    src_svc, dst_svc = tb.host("host-0").service, tb.host("host-1").service
+    t0 = time.monotonic()
+    r = tb.migrate("g", "host-1", postcopy_settings(fault))
+    assert time.monotonic() - t0 < 8 * TIMEOUT, "a fault must never hang a migration"
+    assert [f["fired"] for f in r.faults] == [True], r.faults
+    if outcome == PAUSED:
+        assert r.status == "postcopy-paused" and not r.guest_lost and r.guest_host == "host-1"
+        assert "migrate-recover g" in r.error and r.modes["after"] == "vp"
+        status = tb.host("host-1").call("guest_status", "g")
+        assert status["state"] == "running" and status["mode"] == "vp"   # a fault waits
+        r = tb.recover("g")
+        assert r.postcopy["recoveries"] >= 1
+        outcome = DST
+    if outcome == DST:
+        assert r.status == "completed" and r.integrity.verified is True, (r.error, r.notes)
+        assert r.guest_host == "host-1" and tb.where("g") == "host-1"
+        assert r.stop_code == "postcopy" and r.postcopy["pages_applied_more_than_once"] == 0
+        status = tb.host("host-1").call("guest_status", "g")
+        assert status["mode"] == "p2m" and status["state"] == "running"
+        wait_progress(tb.host("host-1"), "g")
+        memory_intact(tb.host("host-1"), "g")
+        holds_none(src_svc, "g")
+        if fault.startswith(("stall-link@postcopy:1.5", "corrupt", "truncate")):
+            assert r.postcopy["recoveries"] >= 1, "the link broke, and came back by itself"
+    elif outcome == SRC:
+        assert r.status == "failed" and r.guest_host == "host-0" and r.postcopy is None
+        wait_progress(tb.host("host-0"), "g")
+        memory_intact(tb.host("host-0"), "g")
+        holds_none(dst_svc, "g")
+    else:
+        assert r.status == "failed" and r.guest_lost and r.guest_host is None and r.notes
+        dead = "host-0" if fault.startswith("kill-source") else "host-1"
+        alive = "host-1" if dead == "host-0" else "host-0"
+        assert dead in tb.lost_hosts
+        holds_none(all_services(tb)[alive], "g")
+        if fault.endswith("@postcopy"):
+            assert "neither host has all of it" in " ".join(r.notes)
+    frames_exact(tb)
+
+
+def test_recovery_resends_what_the_destination_lacks(in_process):
+    """A cut link, paused past the timeout, then migrate-recover: the destination's received
+    set crosses on the new connection, the rest goes again, and nothing lands twice."""
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("r", 8 * MiB, workload=WorkloadSpec("uniform", 20000)))
+    time.sleep(0.05)
+    r = tb.migrate("r", "host-1", MigrationSettings(
+        link_bytes_per_second=FAST, timeout_seconds=TIMEOUT, postcopy_after_rounds=0,
+        postcopy_bandwidth_bytes_per_second=8 * MiB, faults=("cut-link@postcopy",)))
+    assert r.status == "postcopy-paused"
+    with pytest.raises(Exception, match="no post-copy migration of nope is paused"):
+        tb.recover("nope")
+    r = tb.recover("r")
+    b = r.postcopy
+    assert r.status == "completed" and r.integrity.verified and b["recoveries"] == 1
+    assert b["pages_applied"] == b["discard_pages"] == 2048
+    assert b["pages_applied_more_than_once"] == 0 and b["paused_seconds"] >= TIMEOUT
+    assert r.precopy_bytes + r.downtime_bytes + r.postcopy_bytes == r.bytes_sent_total
+    memory_intact_uniform(tb.host("host-1"), "r")
+    frames_exact(tb)
+
+
+def memory_intact_uniform(host, guest: str) -> None:
+    host.call("pause_guest", guest)
+    try:
+        assert int(host.call("guest_counters", guest).sum()) == \
+            host.call("guest_status", guest)["pages_written_total"]
+    finally:
+        host.call("unpause_guest", guest)
+
+
+def test_postcopy_faults_in_scenario_files():
+    assert faults_from_toml(["cut-link@postcopy", {"kind": "stall-link", "stage": "postcopy",
+                                                   "duration": "2s"}]) == (
+        FaultSpec("cut-link", "postcopy"), FaultSpec("stall-link", "postcopy",
+                                                     duration_seconds=2.0))
+    with pytest.raises(ConfigError, match="delay-restore cannot happen at postcopy"):
+        parse_fault("delay-restore@postcopy:1s")
 
 
 # -- host kills on Ray --------------------------------------------------------------------
@@ -385,6 +494,30 @@ def test_host_kills_on_ray(ray_testbed, doomed, unique_name, fault, outcome):
         assert r.guest_lost and r.notes
         with pytest.raises(Exception):  # noqa: B017 - gone from every live host
             tb.where(name)
+    assert tb.host("host-0").call("frame_counts") == before
+    ray_frames_exact(tb)
+
+
+@pytest.mark.parametrize("fault", ["kill-source@postcopy", "kill-destination@postcopy"])
+def test_a_host_dying_after_the_postcopy_switch_loses_the_guest_on_ray(
+        ray_testbed, doomed, unique_name, fault):
+    """Neither host has all of the guest after the switch: the report says it is lost, exit
+    1 on the CLI, and the surviving host's frames are all accounted for (its copy freed)."""
+    tb = ray_testbed
+    name = unique_name("pk")
+    kill_source = fault.startswith("kill-source")
+    src, dst = (doomed, "host-0") if kill_source else ("host-0", doomed)
+    before = tb.host("host-0").call("frame_counts")
+    tb.create(src, GuestSpec(name, 8 * MiB, workload=WorkloadSpec("uniform", 20000)))
+    time.sleep(0.05)
+    r = tb.migrate(name, dst, MigrationSettings(
+        link_bytes_per_second=64 * MiB, timeout_seconds=2, postcopy_after_rounds=0,
+        postcopy_bandwidth_bytes_per_second=4 * MiB, faults=(fault,)))
+    assert doomed in tb.lost_hosts and r.faults[0]["killed_host"] == doomed
+    assert r.status == "failed" and r.guest_lost and r.guest_host is None
+    assert "neither host has all of it" in " ".join(r.notes)
+    with pytest.raises(Exception):  # noqa: B017 - gone from every live host
+        tb.where(name)
     assert tb.host("host-0").call("frame_counts") == before
     ray_frames_exact(tb)
 

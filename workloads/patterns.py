@@ -4,7 +4,9 @@ Why this exists: a live migration is only as interesting as the memory the guest
 it runs. The patterns here mirror the classic test loads: qtest's migration-test guest (bump a
 counter in every page, in order: `sequential`), guestperf's stress program and mig_mon's random
 mode (`uniform`), Clark et al.'s writable working set (`hotset`), and bursty loads that test a
-policy's convergence (`phased`). `idle` writes nothing, but its vCPU still ticks.
+policy's convergence (`phased`). `idle` writes nothing, but its vCPU still ticks; `scan` reads
+every page in order and writes none, as a guest streaming through a cache does (what
+post-copy's faults cost a reader).
 
 Every page write is a real store through the guest's access path (`Guest.read_words` /
 `Guest.write_words`, see `workloads.guest`), so it goes through the guest's mode: invisible to the hypervisor in P2M
@@ -81,6 +83,12 @@ class Workload:
     @property
     def rate_pages_per_second(self) -> float:
         return self.spec.rate_pages_per_second
+
+    @property
+    def progress_pages(self) -> int:
+        """The pages the workload has gone through: its writes (`scan`: its reads). The
+        vCPU logs this as the guest's progress."""
+        return self.pages_written_total
 
     @property
     def unlimited(self) -> bool:
@@ -207,6 +215,12 @@ class Workload:
             "running_seconds": float(self.running_seconds),
             "position": int(self.position),
         }
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state` (`get_state` of a workload of the same spec elsewhere): a
+        vCPU made before its context arrived takes it this way."""
+        self._load_state(state)
+        self._clock_seconds = None
 
     def _load_state(self, state: dict) -> None:
         if not isinstance(state, dict):
@@ -344,9 +358,57 @@ class PhasedWorkload(UniformWorkload):
         return 1.0 if self.in_busy_phase() else self.spec.quiet_rate_fraction
 
 
+class ScanWorkload(SequentialWorkload):
+    """Reads pages 0..N-1 in order, wrapping, and writes none: a guest streaming through a
+    cache. Its rate is page reads per second; its memory (and so its counters) never change,
+    so a migration of it must leave every counter as it was."""
+
+    pattern = "scan"
+
+    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None,
+                 page_size: int = 4096):
+        self.pages_read_total = 0
+        super().__init__(spec, data_pages, state, page_size)
+
+    @property
+    def progress_pages(self) -> int:
+        return self.pages_read_total
+
+    def take_batch(self, now: float,
+                   max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> tuple[np.ndarray, np.ndarray]:
+        n = self._due_pages(now, max_batch)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+        pages, counts = self._select(n)
+        self.pages_read_total += n
+        return pages, counts
+
+    def write(self, domain: Guest, now: float, max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> int:
+        """Read the pages due at `now` (nothing is written); returns the pages read."""
+        with domain.lock:
+            if not domain.is_running:
+                self._clock_seconds = None
+                raise GuestPaused(f"{domain.name} is not running")
+            pages, counts = self.take_batch(now, max_batch)
+            if len(pages) == 0:
+                return 0
+            domain.read_words(pages + domain.pfn_base if domain.pfn_base else pages, 0)
+            return int(counts.sum())
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), "pages_read_total": int(self.pages_read_total)}
+
+    def _load_state(self, state: dict) -> None:
+        super()._load_state(state)
+        self.pages_read_total = int(state.get("pages_read_total", 0))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "pages_read_total": self.pages_read_total}
+
+
 WORKLOAD_CLASSES: dict[str, type[Workload]] = {
     cls.pattern: cls for cls in (IdleWorkload, UniformWorkload, HotsetWorkload,
-                                 SequentialWorkload, PhasedWorkload)
+                                 SequentialWorkload, PhasedWorkload, ScanWorkload)
 }
 assert set(WORKLOAD_CLASSES) == set(PATTERNS)
 

@@ -1,6 +1,7 @@
 """WorkloadSpec: what a guest's vCPU does to its memory, as a frozen, JSON-round-trippable spec.
 
-Rates are page writes per second; `rate_pages_per_second == 0` means as fast as the vCPU can.
+Rates are page writes per second (page reads for `scan`, which writes nothing);
+`rate_pages_per_second == 0` means as fast as the vCPU can.
 """
 
 import json
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from nodes.errors import ConfigError
 from workloads.content import COUNTER_BYTES, check_fill
 
-PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased")
+PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased", "scan")
 MAX_WRITE_BYTES = 1 << 16        # the largest page size a host may have
 
 

@@ -239,7 +239,7 @@ class VCPU:
                 time.sleep(self.tick_seconds)
                 continue
             self.batches_total += 1
-            self.log.record(time.time(), wl.pages_written_total)
+            self.log.record(time.time(), wl.progress_pages)
             self._throttle(written)
             if rate_limited or written == 0:
                 time.sleep(self.tick_seconds)
@@ -316,6 +316,11 @@ class VCPU:
     @property
     def pages_written_total(self) -> int:
         return self.workload.pages_written_total
+
+    @property
+    def progress_pages(self) -> int:
+        """Pages the workload has gone through (its writes; a scan's reads)."""
+        return self.workload.progress_pages
 
     def progress(self, since_wall: float | None = None) -> list[tuple[float, int]]:
         """(wall seconds, cumulative page writes) records, oldest first, from `since_wall`."""
@@ -398,3 +403,18 @@ class VCPU:
         if span_seconds <= 0:
             return 0.0
         return float(pages[-1] - pages[i]) / span_seconds
+
+    def rate_between(self, start_wall: float, end_wall: float) -> float | None:
+        """Pages per second of progress (writes; a scan's reads) over [start_wall,
+        end_wall], from the progress log: the pages reached by each edge are those of the
+        last record at or before it (the first record for an edge before the log begins, as a
+        vCPU resumed on a destination starts from the progress it carried). None when the
+        window is empty or the log holds nothing before its end."""
+        if end_wall <= start_wall:
+            return None
+        walls, pages = self.log.arrays()
+        j = int(np.searchsorted(walls, end_wall, side="right")) - 1
+        if j < 0:
+            return None
+        i = max(0, int(np.searchsorted(walls, start_wall, side="right")) - 1)
+        return float(pages[j] - pages[i]) / (end_wall - start_wall)

@@ -23,6 +23,8 @@ Sections (each figure is the median of repeats, with min and max), one module ea
   killed.
 - scale: one host and then a rack of four evacuated with every migration at once against one
   at a time (total time, per-migration downtime), on an 8-host cluster of its own.
+- postcopy: the downtime of a post-copy switch beside pre-copy's floor, and the fault latency
+  (a page request to the page landed) beside a raw one-page round trip (`postcopy`).
 
 `--quick` shrinks everything so the test suite can prove the code runs; its numbers mean
 nothing.

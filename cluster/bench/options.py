@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass
 from nodes.errors import ConfigError
 
 MiB = 1024 * 1024
-SECTIONS = ("throughput", "downtime", "dirtying", "stages", "wire", "startup", "scale")
+SECTIONS = ("throughput", "downtime", "dirtying", "stages", "wire", "startup", "scale",
+            "postcopy")
 
 
 @dataclass(frozen=True)

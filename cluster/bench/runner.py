@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from cluster.bench.dirtying import bench_dirtying, bench_stages
 from cluster.bench.downtime import bench_downtime
 from cluster.bench.options import BenchOptions
+from cluster.bench.postcopy import bench_postcopy
 from cluster.bench.results import Results
 from cluster.bench.scale import bench_scale
 from cluster.bench.startup import bench_startup
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 _SECTIONS: dict[str, Callable] = {
     "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
     "stages": bench_stages, "wire": bench_wire, "startup": bench_startup,
-    "scale": bench_scale}
-_ON_TESTBED = ("throughput", "downtime", "wire")
+    "scale": bench_scale, "postcopy": bench_postcopy}
+_ON_TESTBED = ("throughput", "downtime", "wire", "postcopy")
 
 
 def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,

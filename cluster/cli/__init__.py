@@ -9,11 +9,12 @@ registers itself on the parser here; `options` holds what they share.
 import sys
 from collections.abc import Sequence
 
-from cluster.cli import experiments, faults, guests, lifecycle, migrate, reports, top
+from cluster.cli import experiments, faults, guests, lifecycle, migrate, postcopy, reports, top
 from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, UsageError
 from nodes.errors import MigbedError
 
-COMMAND_MODULES = (lifecycle, guests, top, migrate, reports, experiments, faults)  # --help order
+COMMAND_MODULES = (lifecycle, guests, top, migrate, postcopy, reports, experiments,
+                   faults)                                       # in `--help`'s order
 
 
 def build_parser() -> Parser:

@@ -152,7 +152,7 @@ def _register_bench(sub: Commands) -> None:
                    help="tiny sizes, one repeat: proves it runs, measures nothing")
     s.add_argument("--only", default=None, metavar="SECTIONS",
                    help="comma-separated sections: throughput, downtime, dirtying, stages, "
-                        "startup, scale (default all)")
+                        "startup, scale, postcopy (default all)")
     s.add_argument("--repeats", type=arg(parse_count, "--repeats", 1), default=None,
                    help="repeats of every figure (default 5)")
     s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),

@@ -24,6 +24,7 @@ from cluster.cli.options import (
     workload_from,
     write_output,
 )
+from cluster.cli.postcopy import model_postcopy
 from nodes.errors import ConfigError
 from nodes.units import format_bytes, parse_positive_size, parse_seconds
 
@@ -109,7 +110,8 @@ def cmd_model(args: argparse.Namespace) -> int:
                    auto_converge=ThrottleSpec.from_settings(settings),
                    dirty_limit=DirtyLimitSpec.from_settings(settings),
                    completion_timeout=timeouts_from(settings, args.guest_memory),
-                   warmup_seconds=args.warmup, zero_page_detection=args.zero_page_detection)
+                   warmup_seconds=args.warmup, zero_page_detection=args.zero_page_detection,
+                   **model_postcopy(args))
     d = pred.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))

@@ -174,6 +174,8 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     add_wire_options(p)
     p.add_argument("--json", action="store_true", help="print the report alone, as JSON")
     add_convergence_options(p)
+    from cluster.cli.postcopy import add_postcopy_options
+    add_postcopy_options(p)
 
 
 def add_convergence_options(p: argparse.ArgumentParser) -> None:
@@ -275,8 +277,9 @@ def workload_from(args: argparse.Namespace) -> "WorkloadSpec":
 
 
 def settings_from(args: argparse.Namespace) -> "MigrationSettings":
+    from cluster.cli.postcopy import postcopy_settings
     from nodes.migration.settings import MigrationSettings
-    return MigrationSettings(
+    return MigrationSettings(**postcopy_settings(args),
         policy=args.policy, link_bytes_per_second=args.bandwidth,
         latency_seconds=args.latency, rate_limit_bytes_per_second=args.rate_limit,
         downtime_limit_seconds=args.downtime_limit, max_iterations=args.max_iterations,

@@ -29,8 +29,9 @@ measured migbed report against a prediction (`reference`); `block` puts the pred
 every measured migration.
 """
 
-from cluster.model.iterative import ModelPrediction, ModelRound, predict
+from cluster.model.iterative import predict
 from cluster.model.reference import closed_form, compare
+from cluster.model.rounds import ModelPrediction, ModelRound
 from cluster.model.workload import expected_distinct_pages
 
 __all__ = ["ModelPrediction", "ModelRound", "closed_form", "compare",

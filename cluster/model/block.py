@@ -33,7 +33,8 @@ def measured_page_bytes(report: "MigrationReport") -> float | None:
 def model_block(report: "MigrationReport", workload: dict | None, settings: MigrationSettings,
                 resume_seconds: float = 0.0,
                 dirty_rate_pages_per_second: float | None = None,
-                fixed_downtime: dict | None = None) -> dict:
+                fixed_downtime: dict | None = None,
+                switch_resume_seconds: float | None = None) -> dict:
     """The analytic model beside the measurement of `report` (a `MigrationReport`):
     predicted with the throughput this run measured as the bandwidth, and with the nominal
     link when the link or the rate limit is set. A model error never breaks a migration: it
@@ -46,7 +47,8 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
     `resume_seconds` is the model's fixed T_resume (0: the plain model; sweeps pass the
     downtime floor they measured). `fixed_downtime` is what the source measured for this
     host pair and its qemu budget subtracted (`subtract_fixed_downtime`); the model's policy
-    subtracts the same.
+    subtracts the same; `switch_resume_seconds` that of a
+    post-copy switch (no hand-over round trip; None: the same).
     """
     block: dict = {"bandwidth_bytes_per_second": None, "bandwidth_basis": None,
                    "resume_seconds": resume_seconds, "fixed_downtime": fixed_downtime,
@@ -54,6 +56,7 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
     try:
         common = _model_inputs(report, workload, settings, resume_seconds,
                                dirty_rate_pages_per_second, fixed_downtime)
+        common["switch_resume_seconds"] = switch_resume_seconds
         measured_dict = report.to_dict()
         completed = report.status == "completed"
         nominal = None
@@ -93,7 +96,8 @@ def _model_inputs(report: "MigrationReport", workload: dict | None, settings: Mi
         dirty_rate_pages_per_second=dirty_rate, policy_settings=policy_settings,
         auto_converge=ThrottleSpec.from_settings(settings),
         dirty_limit=DirtyLimitSpec.from_settings(settings),
-        completion_timeout=timeouts_from(settings, report.guest_memory_bytes))
+        completion_timeout=timeouts_from(settings, report.guest_memory_bytes),
+        **postcopy_inputs(settings, _measured_push(report, settings)))
 
 
 def policy_settings_of(settings: MigrationSettings, fixed_downtime: dict | None) -> dict:
@@ -105,6 +109,25 @@ def policy_settings_of(settings: MigrationSettings, fixed_downtime: dict | None)
     if settings.subtract_fixed_downtime and fixed_downtime:
         out["fixed_downtime_seconds"] = fixed_downtime["seconds"]
     return out
+
+
+def _measured_push(report: "MigrationReport", settings: MigrationSettings) -> float | None:
+    """Over an unlimited link with an unlimited push, the push the run measured (its bytes
+    after the switch over the post-copy phase): else the model's would take no time."""
+    seconds = report.phase_seconds.get("postcopy")
+    if (report.postcopy is None or settings.link_bytes_per_second is not None
+            or settings.postcopy_bandwidth_bytes_per_second is not None or not seconds):
+        return None
+    return report.postcopy_bytes / seconds or None
+
+
+def postcopy_inputs(settings: MigrationSettings, measured_push: float | None = None) -> dict:
+    """The model's post-copy arguments from a migration's settings (a switch the operator
+    asks for while it runs is not foreseen)."""
+    return {"postcopy_after_rounds": settings.postcopy_after_rounds,
+            "postcopy_after_seconds": settings.postcopy_after_seconds,
+            "postcopy_bandwidth_bytes_per_second": (settings.postcopy_bandwidth_bytes_per_second
+                                                    or measured_push)}
 
 
 def _at_measured_throughput(report: "MigrationReport", settings: MigrationSettings, nominal, common: dict):

@@ -104,7 +104,8 @@ class ContinuousRun:
             if decision.action is Action.CONTINUE:
                 decision = timeout_decision(self.timeouts, self.now) or decision
             if decision.action is not Action.CONTINUE:
-                if self.current is not None:
+                if self.current is not None and (self.current["pages_sent"] > 0
+                                                 or decision.action is not Action.POSTCOPY):
                     self._close_pass()
                 return decision
             self._chunk()
@@ -178,6 +179,10 @@ class ContinuousRun:
                 self.cursor = 0.0
                 for s in self.spans:
                     s.ahead, s.behind, s.zero = s.ahead + s.behind, 0.0, 0.0
+                rule = getattr(self.policy, "rule", None)       # a switch after N rounds
+                if rule is not None and rule.after_rounds is not None \
+                        and len(self.rounds) >= rule.after_rounds:
+                    return
 
     def _send(self, budget: float) -> float:
         """Up to `budget` seconds of pages from the cursor on (a zero page costs its pfn

@@ -2,10 +2,25 @@
 migbed's own policy object (see the package docstring for the steps)."""
 
 import math
-from dataclasses import dataclass, field
 
 from cluster.model import pagetypes
 from cluster.model.continuous import ContinuousRun, layout
+from cluster.model.hybrid import cut_round
+from cluster.model.postcopy import (
+    MissingRange,
+    PostcopyPrediction,
+    Switching,
+    missing_at_switch,
+    postcopy_phase,
+)
+from cluster.model.rounds import (
+    PAGES_PER_RECORD,
+    Guest,
+    ModelPrediction,
+    ModelRound,
+    PreCopy,
+    round_bytes,
+)
 from cluster.model.throttle import (
     DirtyLimitSpec,
     ModelDirtyLimit,
@@ -15,7 +30,7 @@ from cluster.model.throttle import (
     running_share,
     timeout_decision,
 )
-from cluster.model.workload import Region, rate_of, regions
+from cluster.model.workload import Region, access_regions, rate_of, regions
 from nodes.errors import ConfigError
 from nodes.migration.dirtysync import SyncLog
 from nodes.migration.policy import (
@@ -26,120 +41,10 @@ from nodes.migration.policy import (
     StopCode,
     policy_for,
 )
+from nodes.migration.postcopy.trigger import SwitchRule
 from workloads.spec import WorkloadSpec
 
-PAGES_PER_RECORD = 1024      # PAGE_DATA records carry up to 1024 pages (4 MiB)
 _ROUND_GUARD = 100_000       # a policy that never stops would loop forever
-
-
-@dataclass(frozen=True)
-class ModelRound:
-    """One round, in expected pages. The stop-and-copy round is last, with `final` True."""
-
-    index: int
-    pages_sent: float
-    pages_skipped: float
-    pages_dirtied: float          # distinct pages written during the round: the next one's dirty
-    duration_seconds: float
-    final: bool = False
-    cpu_throttle_percentage: int = 0      # auto-converge's throttle as the round ended
-    zero_pages: float = 0.0       # of pages_sent, zero pages (a pfn word each)
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "pages_sent": self.pages_sent,
-                "pages_skipped": self.pages_skipped, "pages_dirtied": self.pages_dirtied,
-                "duration_seconds": self.duration_seconds, "final": self.final,
-                "cpu_throttle_percentage": self.cpu_throttle_percentage,
-                "zero_pages": self.zero_pages}
-
-
-@dataclass(frozen=True)
-class ModelPrediction:
-    policy: str
-    rounds: tuple[ModelRound, ...]
-    final_pages: float            # pages sent while paused
-    stop_reason: str
-    stop_code: str | None         # the policy's StopCode value (None: aborted)
-    total_time_seconds: float     # first round to guest resumed, T_resume included
-    downtime_seconds: float       # stop-and-copy at link speed + latency + T_resume
-    pages_sent_total: float
-    bytes_sent_total: float
-    converged: bool               # stopped on the policy's own target, not a cap
-    dirty_sync_count: int         # bitmap syncs, setup's and stop-and-copy's included
-    lambda_ratio: float           # D / R: dirty bytes per second over the effective bandwidth
-    bandwidth_bytes_per_second: float   # effective live bandwidth, min(link, rate limit)
-    # Auto-converge: (seconds, percentage) at each throttle step, and the throttle at the end.
-    throttle_schedule: tuple = ()
-    cpu_throttle_percentage: int = 0
-    # Dirty-limit: (seconds, sleep per full ring in us) at each adjustment.
-    dirty_limit_schedule: tuple = ()
-    zero_pages: float = 0.0       # of pages_sent_total, zero pages
-
-    @property
-    def live_rounds(self) -> int:
-        return sum(1 for r in self.rounds if not r.final)
-
-    def to_dict(self) -> dict:
-        return {
-            "policy": self.policy,
-            "rounds": [r.to_dict() for r in self.rounds],
-            "live_rounds": self.live_rounds,
-            "final_pages": self.final_pages,
-            "stop_reason": self.stop_reason,
-            "stop_code": self.stop_code,
-            "total_time_seconds": self.total_time_seconds,
-            "downtime_seconds": self.downtime_seconds,
-            "pages_sent_total": self.pages_sent_total,
-            "bytes_sent_total": self.bytes_sent_total,
-            "converged": self.converged,
-            "dirty_sync_count": self.dirty_sync_count,
-            "lambda_ratio": self.lambda_ratio,
-            "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
-            "throttle_schedule": [list(x) for x in self.throttle_schedule],
-            "cpu_throttle_percentage": self.cpu_throttle_percentage,
-            "dirty_limit_schedule": [list(x) for x in self.dirty_limit_schedule],
-            "zero_pages": self.zero_pages,
-        }
-
-
-@dataclass(frozen=True)
-class _Guest:
-    """What the model knows of the guest and the wire before the first round."""
-
-    guest_pages: int
-    page_size: int
-    regions: list[Region]
-    wire_per_page: float          # bytes on the wire per page, record headers shared out
-    seconds_per_page: float       # at the live rounds' rate
-    zero_wire: float = 0.0        # bytes on the wire per zero page
-    first_pass_seconds: float = 0.0   # round 0 (every page), its zero pages cheap
-    first_pass_zero: float = 0.0      # zero pages round 0 sends (`pagetypes`)
-    zero_at_start: float = 0.0        # zero pages before anything is sent
-
-
-@dataclass
-class _PreCopy:
-    """The live rounds so far, and how they ended."""
-
-    dirty: float
-    rounds: list[ModelRound] = field(default_factory=list)
-    dirty_by_region: list[float] | None = None   # the next to-send set; None: every page
-    total_written: float = 0.0
-    elapsed: float = 0.0
-    stop_reason: str = ""
-    stop_code: StopCode | None = None
-    converged: bool = False
-    aborted: bool = False
-    syncs: int = 1                # bitmap syncs so far, setup's included (dirty-sync-count)
-    throttle: ModelThrottle | None = None
-    sync: object | None = None    # the engine's SyncLog, for the throttle's periods
-    sent_bytes: float = 0.0
-    zero_pages: float = 0.0       # zero pages sent so far
-    final_zero: float = 0.0       # zero pages left for the stop-and-copy
-
-    @property
-    def last(self) -> ModelRound | None:
-        return self.rounds[-1] if self.rounds else None
 
 
 def _positive_or_none(value: float | None, what: str) -> float | None:
@@ -192,12 +97,12 @@ def _skip_solve(to_send: list[tuple[Region, float]], pages: float, seconds_per_p
     return min(pages, skipped(send)), send
 
 
-def _stats(run: _PreCopy, guest: _Guest, rate: float) -> PrecopyStats:
+def _stats(run: PreCopy, guest: Guest, rate: float) -> PrecopyStats:
     """What the sender tells the policy before the next round."""
     last = run.last
     measured = None
     if last is not None and last.duration_seconds > 0:
-        measured = _round_bytes(guest, last.pages_sent, last.zero_pages) / last.duration_seconds
+        measured = round_bytes(guest, last.pages_sent, last.zero_pages) / last.duration_seconds
     return PrecopyStats(
         iteration=len(run.rounds), dirty_count=round(run.dirty),
         total_written=round(run.total_written), guest_pages=guest.guest_pages,
@@ -209,7 +114,7 @@ def _stats(run: _PreCopy, guest: _Guest, rate: float) -> PrecopyStats:
         elapsed_seconds=run.elapsed)
 
 
-def _stop(run: _PreCopy, decision: Decision, pol: PrecopyPolicy, iteration: int) -> None:
+def _stop(run: PreCopy, decision: Decision, pol: PrecopyPolicy, iteration: int) -> None:
     """Record how pre-copy ended."""
     run.stop_reason, run.stop_code = decision.reason, decision.stop_code
     if decision.action is Action.ABORT:
@@ -221,11 +126,7 @@ def _stop(run: _PreCopy, decision: Decision, pol: PrecopyPolicy, iteration: int)
         run.converged = iteration < pol.max_iterations
 
 
-def _round_bytes(guest: _Guest, pages: float, zero: float) -> float:
-    return (pages - zero) * guest.wire_per_page + zero * guest.zero_wire
-
-
-def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float) -> None:
+def _live_round(run: PreCopy, guest: Guest, pol: PrecopyPolicy, latency: float) -> None:
     """Send the dirty pages live (less those skipped) and count what the workload dirtied.
     The first round sends every page, the zero ones among them cheaply (`pagetypes`)."""
     skipped = 0.0
@@ -249,7 +150,7 @@ def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float
     run.elapsed += duration
     run.dirty = dirtied
     run.syncs += 1                # the CLEAN that ends the round
-    run.sent_bytes += _round_bytes(guest, sent, zero)
+    run.sent_bytes += round_bytes(guest, sent, zero)
     if run.throttle is not None:
         run.throttle.period_closed(run.sync.synced(run.elapsed, round(dirtied), round(dirtied),
                                                    round(run.sent_bytes)), run.elapsed)
@@ -260,10 +161,10 @@ def _live_round(run: _PreCopy, guest: _Guest, pol: PrecopyPolicy, latency: float
                                  if run.throttle is not None else 0, zero_pages=zero))
 
 
-def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
-             throttle: ModelThrottle | None, timeouts=None) -> _PreCopy:
+def _precopy(guest: Guest, pol: PrecopyPolicy, rate: float, latency: float,
+             throttle: ModelThrottle | None, timeouts=None) -> PreCopy:
     """The live rounds, each after the policy said CONTINUE, until it says otherwise."""
-    run = _PreCopy(dirty=float(guest.guest_pages), throttle=throttle,
+    run = PreCopy(dirty=float(guest.guest_pages), throttle=throttle,
                    sync=SyncLog(guest.page_size, guest.guest_pages, 0.0))
     while True:
         stats = _stats(run, guest, rate)
@@ -277,18 +178,25 @@ def _precopy(guest: _Guest, pol: PrecopyPolicy, rate: float, latency: float,
         if decision.action is not Action.CONTINUE:
             _stop(run, decision, pol, stats.iteration)
             return run
+        cut = getattr(pol, "cut_seconds", None)   # a switch after a time cuts the pass
+        if cut is not None and run.elapsed + run.dirty * guest.seconds_per_page > cut:
+            cut_round(run, guest, max(0.0, cut - run.elapsed))
+            continue
         _live_round(run, guest, pol, latency)
 
 
-def _continuous(guest: _Guest, pol: PrecopyPolicy, spans: list,
-                throttle: ModelThrottle | None, timeouts=None) -> _PreCopy:
+def _continuous(guest: Guest, pol: PrecopyPolicy, spans: list,
+                throttle: ModelThrottle | None, timeouts=None) -> PreCopy:
     """Pre-copy under a policy that decides after every chunk (`continuous`)."""
     model = ContinuousRun(spans, pol, guest.seconds_per_page, guest.wire_per_page,
                           guest.page_size, guest.guest_pages, throttle, timeouts,
                           guest.zero_wire)
     decision = model.run()
-    run = _PreCopy(dirty=model.final_pages(), elapsed=model.now,
-                   total_written=model.sent_pages, syncs=model.sync.count, throttle=throttle)
+    run = PreCopy(dirty=model.final_pages(), elapsed=model.now,
+                   total_written=model.sent_pages, syncs=model.sync.count, throttle=throttle,
+                   missing=[MissingRange(sp.lo, sp.hi,
+                                         sp.ahead + sp.behind + sum(model._fresh(sp)))
+                            for sp in model.spans])
     run.final_zero = model.final_zero_pages()
     run.rounds = [ModelRound(index=r["index"], pages_sent=r["pages_sent"], pages_skipped=0.0,
                              pages_dirtied=r["pages_dirtied"],
@@ -312,8 +220,14 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             dirty_limit: DirtyLimitSpec | None = None,
             completion_timeout=None, warmup_seconds: float = 0.0,
             zero_page_detection: str = "multifd",
-            page_bytes: float | None = None) -> ModelPrediction:
-    """Predict a pre-copy migration round by round, driving migbed's own policy object.
+            page_bytes: float | None = None, postcopy_after_rounds: int | None = None,
+            postcopy_after_seconds: float | None = None,
+            postcopy_bandwidth_bytes_per_second: float | None = None,
+            switch_resume_seconds: float | None = None) -> ModelPrediction:
+    """Predict a pre-copy migration round by round, driving migbed's own policy object;
+    with `postcopy_after_rounds` (0: pure post-copy) or `postcopy_after_seconds` a hybrid
+    that switches to post-copy (`cluster.model.postcopy`), its push limited to
+    `postcopy_bandwidth_bytes_per_second`.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
     is not shaped); `rate_limit_bytes_per_second` the policy's throttle, which applies to the
@@ -341,15 +255,60 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             "link speed and rate limit are both unlimited: the model needs a bandwidth; pass "
             "the measured throughput as link_bytes_per_second")
     rate = min(x for x in (link, limit) if x is not None)    # live rounds
+    writes = rate_of(workload, dirty_rate_pages_per_second)
+    guest, spans = _guest(guest_memory_bytes, page_size, workload, writes, rate,
+                          bytes_per_page_overhead, record_overhead_bytes, page_bytes,
+                          warmup_seconds, zero_page_detection)
+    pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
+                                    **(policy_settings or {}))
+    throttle = model_throttle(auto_converge, dirty_limit, page_size,
+                              sum(r.rate for r in guest.regions))
+    if postcopy_after_rounds is not None or postcopy_after_seconds is not None:
+        pol = Switching(pol, SwitchRule(postcopy_after_rounds, postcopy_after_seconds))
+    if pol.mid_pass:
+        run = _continuous(guest, pol, spans, throttle, completion_timeout)
+    else:
+        run = _precopy(guest, pol, rate, latency_seconds, throttle, completion_timeout)
+        run.final_zero = guest.zero_at_start if not run.rounds else 0.0
+    switch = None
+    if run.stop_code is StopCode.POSTCOPY:     # the switch, then the push
+        switch = _switch(run, guest, workload, writes, page_size, link,
+                         postcopy_bandwidth_bytes_per_second, latency_seconds,
+                         resume_seconds if switch_resume_seconds is None
+                         else switch_resume_seconds)
+    return _prediction(policy, run, guest, switch, throttle, link, rate, latency_seconds,
+                       resume_seconds)
+
+
+def _switch(run, guest: Guest, workload: WorkloadSpec, writes: float, page_size: int,
+            link: float | None, push_rate: float | None, latency_seconds: float,
+            resume_seconds: float):
+    """The post-copy phase after the live rounds `run` ended in a switch."""
+    data_pages = guest.guest_pages - -(-guest.guest_pages // (page_size // 8))
+    return postcopy_phase(
+        rounds=len(run.rounds), switched_at_seconds=run.elapsed,
+        missing=run.missing or missing_at_switch(run, guest, data_pages),
+        access=access_regions(workload, data_pages, writes),
+        data_pages=data_pages, guest_pages=guest.guest_pages, page_size=page_size,
+        wire_per_page=guest.wire_per_page, link_bytes_per_second=link,
+        postcopy_bytes_per_second=push_rate, latency_seconds=latency_seconds,
+        resume_seconds=resume_seconds)
+
+
+def _guest(guest_memory_bytes: int, page_size: int, workload: WorkloadSpec, writes: float,
+           rate: float, page_overhead: float, record_overhead: float,
+           page_bytes: float | None, warmup_seconds: float,
+           zero_page_detection: str) -> tuple[Guest, list]:
+    """The guest as the model knows it before the first round, and its stretches of pages."""
     guest_pages = guest_memory_bytes // page_size
     data_pages = guest_pages - -(-guest_pages // (page_size // 8))
-    wire_per_page = page_size + bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
+    wire_per_page = page_size + page_overhead + record_overhead / PAGES_PER_RECORD
     if page_bytes is not None:
         if not page_bytes > 0:
             raise ConfigError(f"page bytes must be positive, got {page_bytes!r}")
         wire_per_page = float(page_bytes)
-    zero_wire = bytes_per_page_overhead + record_overhead_bytes / PAGES_PER_RECORD
-    written = regions(workload, data_pages, rate_of(workload, dirty_rate_pages_per_second))
+    zero_wire = page_overhead + record_overhead / PAGES_PER_RECORD
+    written = regions(workload, data_pages, writes)
     spans = layout(written, data_pages, guest_pages)
     zeros = pagetypes.zero_at_start(spans, workload, data_pages, warmup_seconds,
                                     zero_page_detection)
@@ -357,42 +316,52 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
         span.zero = zero
     first_seconds, first_zero = pagetypes.first_pass(spans, zeros, wire_per_page / rate,
                                                      zero_wire / rate)
-    guest = _Guest(guest_pages, page_size, written, wire_per_page, wire_per_page / rate,
-                   zero_wire, first_seconds, first_zero, sum(zeros))
-    pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
-                                    **(policy_settings or {}))
-    throttle = model_throttle(auto_converge, dirty_limit, page_size,
-                         sum(r.rate for r in guest.regions))
-    if pol.mid_pass:
-        run = _continuous(guest, pol, spans, throttle, completion_timeout)
-    else:
-        run = _precopy(guest, pol, rate, latency_seconds, throttle, completion_timeout)
-        run.final_zero = guest.zero_at_start if not run.rounds else 0.0
+    return Guest(guest_pages, page_size, written, wire_per_page, wire_per_page / rate,
+                 zero_wire, first_seconds, first_zero, sum(zeros)), spans
 
+
+def _prediction(policy: str, run: PreCopy, guest: Guest, switch: PostcopyPrediction | None,
+                throttle, link: float | None, rate: float, latency: float,
+                resume: float) -> ModelPrediction:
     rounds = list(run.rounds)
-    final_pages, final_zero, downtime = 0.0, 0.0, 0.0
-    if not run.aborted:     # stop-and-copy: the rest at the link's speed, the limit lifted
-        final_pages, final_zero = run.dirty, min(run.dirty, run.final_zero)
-        transfer = 0.0 if link is None else _round_bytes(guest, final_pages, final_zero) / link
-        downtime = transfer + latency_seconds + resume_seconds
-        rounds.append(ModelRound(index=len(rounds), pages_sent=final_pages, pages_skipped=0.0,
-                                 pages_dirtied=0.0, duration_seconds=transfer + latency_seconds,
-                                 final=True, zero_pages=final_zero))
+    final_pages, final_zero, downtime, tail = _ending(run, rounds, switch, link, guest,
+                                                      latency, resume)
     pages_total = run.total_written + final_pages
     zero_total = run.zero_pages + final_zero
     return ModelPrediction(
         policy=policy, rounds=tuple(rounds), final_pages=final_pages,
         stop_reason=run.stop_reason,
         stop_code=None if run.aborted or run.stop_code is None else run.stop_code.value,
-        total_time_seconds=run.elapsed + downtime, downtime_seconds=downtime,
+        total_time_seconds=run.elapsed + downtime + tail, downtime_seconds=downtime,
         pages_sent_total=pages_total,
-        bytes_sent_total=_round_bytes(guest, pages_total, zero_total),
+        bytes_sent_total=round_bytes(guest, pages_total, zero_total),
         converged=run.converged, dirty_sync_count=run.syncs + (0 if run.aborted else 1),
-        lambda_ratio=sum(r.rate for r in guest.regions) * page_size / rate,
+        lambda_ratio=sum(r.rate for r in guest.regions) * guest.page_size / rate,
         bandwidth_bytes_per_second=rate,
         throttle_schedule=(tuple(throttle.schedule) if isinstance(throttle, ModelThrottle)
                            else ()),
         cpu_throttle_percentage=throttle.percentage if throttle is not None else 0,
         dirty_limit_schedule=(tuple(throttle.schedule)
                               if isinstance(throttle, ModelDirtyLimit) else ()),
-        zero_pages=zero_total)
+        zero_pages=zero_total, postcopy=switch)
+
+def _ending(run: PreCopy, rounds: list, switch: PostcopyPrediction | None,
+            link: float | None, guest: Guest, latency: float,
+            resume: float) -> tuple[float, float, float, float]:
+    """(pages sent while paused or after the switch, the zero pages of them, downtime,
+    seconds after it) of the migration's end, its last round appended to `rounds`."""
+    if switch is not None:
+        rounds.append(ModelRound(index=len(rounds), pages_sent=switch.discard_pages,
+                                 pages_skipped=0.0, pages_dirtied=0.0,
+                                 duration_seconds=switch.postcopy_seconds, final=True,
+                                 postcopy=True))
+        return switch.discard_pages, 0.0, switch.downtime_seconds, switch.postcopy_seconds
+    if run.aborted:
+        return 0.0, 0.0, 0.0, 0.0
+    # stop-and-copy: the rest at the link's speed, the limit lifted
+    final_zero = min(run.dirty, run.final_zero)
+    transfer = 0.0 if link is None else round_bytes(guest, run.dirty, final_zero) / link
+    rounds.append(ModelRound(index=len(rounds), pages_sent=run.dirty, pages_skipped=0.0,
+                             pages_dirtied=0.0, duration_seconds=transfer + latency,
+                             final=True, zero_pages=final_zero))
+    return run.dirty, final_zero, transfer + latency + resume, 0.0

@@ -60,10 +60,16 @@ def compare(measured_report: dict, prediction: ModelPrediction) -> dict:
         "downtime_seconds": prediction.downtime_seconds,
         "total_time_seconds": prediction.total_time_seconds,
     }
+    if prediction.postcopy is not None:      # post-copy: the guest's faults
+        measured["postcopy_requests"] = measured_report.get("postcopy_requests")
+        predicted["postcopy_requests"] = prediction.postcopy.expected_faults
     return {
         "policy": prediction.policy,
         "measured": measured,
         "predicted": predicted,
+        "faults_ratio": (_ratio(measured.get("postcopy_requests"),
+                                predicted.get("postcopy_requests"))
+                         if prediction.postcopy is not None else None),
         "pages_sent_ratio": _ratio(measured["pages_sent_total"], predicted["pages_sent_total"]),
         "rounds_ratio": _ratio(measured["live_rounds"], predicted["live_rounds"]),
         "downtime_ratio": _ratio(measured["downtime_seconds"], predicted["downtime_seconds"]),

@@ -60,7 +60,7 @@ def _mean_rate(spec: WorkloadSpec, rate: float) -> float:
 
 def regions(spec: WorkloadSpec, data_pages: int, rate: float) -> list[Region]:
     """The regions `spec` writes among `data_pages` at `rate` page writes per second."""
-    if spec.pattern == "idle" or data_pages <= 0 or rate <= 0:
+    if spec.pattern in ("idle", "scan") or data_pages <= 0 or rate <= 0:
         return []
     if spec.pattern == "sequential":
         return [Region(data_pages, rate, sequential=True)]
@@ -102,3 +102,12 @@ def expected_distinct_pages(spec: WorkloadSpec, data_pages: int, seconds: float,
         raise ConfigError(f"data_pages must be >= 0, got {data_pages!r}")
     rate = rate_of(spec, rate_pages_per_second)
     return sum(r.distinct(seconds) for r in regions(spec, data_pages, rate))
+
+
+def access_regions(spec: WorkloadSpec, data_pages: int, rate: float) -> list[Region]:
+    """The regions `spec` touches (reads or writes) at `rate` pages per second: what a
+    post-copy destination faults on. A writer touches what it writes; `scan` reads every
+    data page in order and writes none."""
+    if spec.pattern == "scan" and data_pages > 0 and rate > 0:
+        return [Region(data_pages, rate, sequential=True)]
+    return regions(spec, data_pages, rate)

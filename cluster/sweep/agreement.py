@@ -13,10 +13,12 @@ from nodes.migration.policy import StopCode
 
 AGREEMENT_TOLERANCE = 0.2       # measured/predicted outside 1 +- this is flagged
 JITTER_FLOOR_SECONDS = 0.001     # downtimes closer than this are equal (the vCPU ticks at 1 ms)
-_CAPS = {c.value for c in StopCode if not c.converged}   # max-iterations, max-factor
+_CAPS = {c.value for c in StopCode    # max-iterations, max-factor (a switch is not a cap)
+         if not c.converged and c is not StopCode.POSTCOPY}
 METRICS = (("pages_sent", "pages_sent_total", "predicted_pages_sent_total"),
            ("rounds", "live_rounds", "predicted_live_rounds"),
-           ("downtime", "downtime_seconds", "predicted_downtime_seconds"))
+           ("downtime", "downtime_seconds", "predicted_downtime_seconds"),
+           ("faults", "postcopy_requests", "predicted_expected_faults"))   # post-copy only
 
 
 def median(xs: list) -> float | None:
@@ -112,6 +114,7 @@ class _Evidence:
     spread: float | None      # of the idle downtime floor
     dirty_limit_slept: float | None = None   # seconds dirty-limit slept the vCPU (median)
     encoded: str = ""         # how the runs' pages were encoded (XBZRLE, compression)
+    unlimited_link: bool = False
 
     @classmethod
     def of(cls, entry: dict, runs: list[dict], scenario: Scenario,
@@ -126,7 +129,8 @@ class _Evidence:
                    med("predicted_pages_skipped_total"), Stops.of(runs),
                    Stops.of(runs, "predicted_"), med("predicted_lambda_ratio"), near,
                    median([c.get("spread_seconds") for c in calibration.values()]),
-                   med("dirty_limit_throttle_seconds"), _encoded(runs))
+                   med("dirty_limit_throttle_seconds"), _encoded(runs),
+                   bool(runs) and runs[0].get("link_bytes_per_second") is None)
 
     @property
     def rounds(self) -> tuple[float | None, float | None]:
@@ -162,6 +166,8 @@ def _why(metric: str, ev: _Evidence) -> str:
         return _model_skips_too_much(ev)
     if metric == "downtime":
         return _downtime(ev)
+    if metric == "faults":
+        return _faults(ev)
     if metric == "rounds" or rounds_m != rounds_p:
         return (f"{count(rounds_m)} live rounds measured vs {count(rounds_p)} predicted"
                 + _stop_reason(ev.stops_m, ev.stops_p, ev.policy, rounds_m, rounds_p, ev.lam,
@@ -169,6 +175,16 @@ def _why(metric: str, ev: _Evidence) -> str:
     return ("the same number of rounds sent different volumes: the pages dirtied per round "
             "differ from the expected distinct pages (round_pages_sent_ratios in the run "
             "JSON show which round)")
+
+
+def _faults(ev: _Evidence) -> str:
+    m, p = ev.entry["faults"]["measured"], ev.entry["faults"]["predicted"]
+    return (f"{count(m)} page requests measured vs {count(p)} faults predicted: the model "
+            "pushes in pfn order at the expected request rate, while the push jumps after "
+            "each request and the vCPU touches pages in batches, so a sweep running about as "
+            "fast as the push catches it at every push record, and a post-copy of a few tens "
+            "of milliseconds turns on the first batches (the run JSON's fault_latency_seconds "
+            "and blocktime_seconds show them)")
 
 
 def _model_skips_too_much(ev: _Evidence) -> str:
@@ -193,12 +209,22 @@ def _downtime(ev: _Evidence) -> str:
                 f"({ms(jitter)}: twice the spread of the idle downtime floor, at least "
                 f"the vCPU's 1 ms tick), which is most of either; the final round is "
                 f"{count(ev.final_m)} pages measured, {count(ev.final_p)} predicted")
+    if StopCode.POSTCOPY.value in ev.stops_m.codes:
+        return (f"the post-copy switch took {ms(m)} where the model expects {ms(p)}: it "
+                f"moves no page ({count(ev.final_m)} were left to push after it), so its "
+                "pause, last sync and records ran slower than the idle floor measured (a "
+                "loaded host)")
     if (ev.final_m is not None and ev.final_p
             and abs(ev.final_m / ev.final_p - 1) > AGREEMENT_TOLERANCE):
         return (f"the final round holds {count(ev.final_m)} pages measured vs "
                 f"{count(ev.final_p)} predicted"
                 + _stop_reason(ev.stops_m, ev.stops_p, ev.policy, rounds_m, rounds_p, ev.lam,
                                ev.near))
+    if ev.unlimited_link:
+        return (f"the stop-and-copy of {count(ev.final_m)} pages took {ms(m)} where the model "
+                f"expects {ms(p)}: over an unlimited link the model knows no speed for it "
+                "(the rate limit it lifts is the only one it has), while migbed sends and "
+                "hashes them at the machine's own speed")
     return (f"the stop-and-copy of {count(ev.final_m)} pages took {ms(m)} where the model "
             f"expects {ms(p)}: the pause, final CLEAN and hand-over ran slower than "
             "the idle floor measured (a loaded host)")

@@ -3,6 +3,7 @@ axis, one curve per series, predicted between the swept values as well as at the
 
 import math
 
+from cluster.model.block import postcopy_inputs
 from cluster.sweep.agreement import median
 from cluster.sweep.outputs import SweepResult
 from cluster.sweep.scenario import Scenario
@@ -12,7 +13,8 @@ from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
 
 CURVE_POINTS = 40
-CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total", "bytes_sent_total")
+CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total", "bytes_sent_total",
+              "postcopy_requests")
 
 
 def curve_xs(scenario: Scenario) -> list:
@@ -78,6 +80,7 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
             policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
             latency_seconds=settings.latency_seconds,
             resume_seconds=calib.get("resume_seconds", 0.0),
+            switch_resume_seconds=calib.get("switch_resume_seconds"),
             dirty_rate_pages_per_second=achieved if spec.workload.unlimited else None,
             policy_settings=({"max_iterations": settings.max_iterations}
                              if settings.max_iterations is not None else None),
@@ -85,7 +88,8 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
             dirty_limit=DirtyLimitSpec.from_settings(settings),
             completion_timeout=timeouts_from(settings, spec.memory_bytes),
             warmup_seconds=sc.warmup_seconds,
-            zero_page_detection=settings.zero_page_detection)
+            zero_page_detection=settings.zero_page_detection,
+            **postcopy_inputs(settings))
     except (ConfigError, ValueError):
         return None
 

@@ -42,19 +42,24 @@ def summary_text(result: SweepResult) -> str:
         lines.append(f"downtime floor ({key}): {ms(c.get('floor_seconds'))}"
                      + (f", spread {ms(spread)}" if spread is not None else "")
                      + f" -> model T_resume {ms(c.get('resume_seconds'))}"
+                     + (f"; a post-copy switch's {ms(c.get('switch_floor_seconds'))} -> "
+                        f"{ms(c.get('switch_resume_seconds'))}"
+                        if "switch_floor_seconds" in c else "")
                      + (f" ({c['error']})" if c.get("error") else ""))
     lines += ["", "agreement: measured / predicted (model at the measured throughput)",
               f"{'point':>5}  {'axes':<44} {'pages sent':>16} {'live rounds':>16} "
-              f"{'downtime':>22}"]
+              f"{'downtime':>22}" + (f" {'faults':>16}" if _postcopy(result) else "")]
     for e in result.agreement:
-        ps, rn, dt = e["pages_sent"], e["rounds"], e["downtime"]
+        ps, rn, dt, fl = e["pages_sent"], e["rounds"], e["downtime"], e.get("faults")
         flag = "  <-- " + ",".join(e["flags"]) if e["flags"] else ""
+        faults = (f" {count(fl['measured']):>6}/{count(fl['predicted']):<6}"
+                  f"{_ratio(fl['ratio']):>4}" if fl and _postcopy(result) else "")
         lines.append(
             f"{e['point']:>5}  {point_text(e['axes'])[:44]:<44} "
             f"{count(ps['measured']):>6}/{count(ps['predicted']):<6}{_ratio(ps['ratio']):>4} "
             f"{count(rn['measured']):>6}/{count(rn['predicted']):<6}{_ratio(rn['ratio']):>4} "
             f"{_msn(dt['measured']):>8}/{_msn(dt['predicted']):<8}{_ratio(dt['ratio']):>5}"
-            f"{flag}")
+            f"{faults}{flag}")
     flagged = sum(1 for e in result.agreement if e["flags"])
     lines += ["", f"{flagged} of {len(result.agreement)} points differ by more than "
               f"{AGREEMENT_TOLERANCE:.0%} somewhere" + (":" if result.explanations else "")]
@@ -80,6 +85,11 @@ def cost_lines(rows: list[dict]) -> list[str]:
             f"{'-' if slow is None else f'{slow * 100:.0f} %':>8} "
             f"{r.get('cpu_throttle_percentage_max') or 0:>6} %")
     return lines
+
+
+def _postcopy(result: SweepResult) -> bool:
+    """Whether any run of the sweep switched to post-copy (its table then shows faults)."""
+    return any(r.get("switched_to_postcopy") for r in result.rows)
 
 
 def _msn(v) -> str:

@@ -1,8 +1,9 @@
 """The sweep's plots (PNG, matplotlib's Agg backend: no display needed).
 
-- downtime.png, total_time.png, pages_sent.png, bytes_sent.png: the metric against the swept
-  x axis, one colour per series (each combination of the other axes): measured medians with min-max
-  error bars, and the model's curve (dashed) in the same colour.
+- downtime.png, total_time.png, pages_sent.png, bytes_sent.png (and faults.png when some run
+  switched to post-copy: its page requests beside the model's expected faults): the metric
+  against the swept x axis, one colour per series (each combination of the other axes):
+  measured medians with min-max error bars, and the model's curve (dashed) in the same colour.
 - rounds.png: pages sent per round of one chosen point, measured bars beside the model's.
 - compare-<axis>.png, for each axis that is an algorithm or an option of the migration (its
   values names or switches, not quantities: policy today; post-copy, auto-converge,
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
 METRICS = (("downtime_seconds", "downtime (ms)", 1000.0, "downtime.png"),
            ("total_time_seconds", "total migration time (s)", 1.0, "total_time.png"),
            ("pages_sent_total", "pages sent", 1.0, "pages_sent.png"),
-           ("bytes_sent_total", "bytes on the wire (MiB)", 1.0 / (1 << 20), "bytes_sent.png"))
+           ("bytes_sent_total", "bytes on the wire (MiB)", 1.0 / (1 << 20), "bytes_sent.png"),
+           # drawn when some run switched to post-copy
+           ("postcopy_requests", "post-copy page requests (faults)", 1.0, "faults.png"))
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,10 @@ def draw_all(scenario: "Scenario", rows: list[dict], curves: list[dict], rounds:
         values = list(dict(scenario.axes)[scenario.x])
         x = _XAxis(scenario.x, values, all(isinstance(v, int | float) and not isinstance(v, bool)
                                            for v in values), knob.scale, knob.label)
+        switched = any(r.get("switched_to_postcopy") for r in rows)
         for key, label, scale, name in METRICS:
+            if key == "postcopy_requests" and not switched:
+                continue
             path = folder / name
             _metric_plot(scenario.name, rows, curves, scenario.series(), key, label, scale, x,
                          path)

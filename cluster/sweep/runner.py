@@ -116,6 +116,19 @@ def calibration_key(scenario: Scenario, point: dict) -> CalibrationKey:
 
 
 def calibrate(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: CalibrationKey) -> dict:
+    """The pre-copy downtime floor of this guest and link (`_floor`), and, when some point of
+    the scenario may switch to post-copy, a post-copy switch's floor too (no hand-over round
+    trip): the model takes that one as T_resume where it predicts a switch."""
+    out = _floor(tb, src, dst, scenario, key, postcopy=False)
+    if any(scenario.specs(p)[1].postcopy_planned for p in scenario.points()):
+        switch = _floor(tb, src, dst, scenario, key, postcopy=True)
+        out["switch_floor_seconds"] = switch["floor_seconds"]
+        out["switch_resume_seconds"] = switch["resume_seconds"]
+    return out
+
+
+def _floor(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: CalibrationKey,
+           postcopy: bool) -> dict:
     """The downtime floor of an idle guest of this size over this link: the model's
     T_resume is the floor less the one latency the model already counts. The link matters:
     over an unlimited link the sender runs up to the socket buffers (8 MiB) ahead of the
@@ -131,7 +144,8 @@ def calibrate(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: Calibr
             where = dst if where == src else src
             rep = tb.migrate(name, where, MigrationSettings(
                 link_bytes_per_second=link, rate_limit_bytes_per_second=limit,
-                latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds))
+                latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds,
+                postcopy_after_rounds=0 if postcopy else None))
             if rep.status != "completed" or rep.downtime_seconds is None:
                 error = rep.error
             elif i >= CALIBRATION_WARMUPS:
@@ -178,7 +192,8 @@ def _run_one(tb: "Testbed", src: str, dst: str, scenario: Scenario, index: int, 
         _destroy(tb, spec.name)
     rate = achieved if spec.workload.unlimited else None
     model = (model_block(report, spec.workload.to_dict(), settings, calib["resume_seconds"],
-                         rate) if report is not None else None)
+                         rate, calib.get("switch_resume_seconds"))
+             if report is not None else None)
     row.update(_row_fields(spec, settings, report, model, achieved))
     row["json"] = write_run(folder, index, repeat, {
         "scenario": scenario.to_dict(), "point": {k: show(v) for k, v in point.items()},
@@ -206,7 +221,12 @@ def _row_fields(spec: GuestSpec, settings: MigrationSettings, report, model: dic
            "hot_fraction": wl.hot_fraction, "hot_share": wl.hot_share,
            "link_bytes_per_second": settings.link_bytes_per_second,
            "rate_limit_bytes_per_second": settings.rate_limit_bytes_per_second,
-           "latency_seconds": settings.latency_seconds}
+           "latency_seconds": settings.latency_seconds,
+           "postcopy_after_rounds": settings.postcopy_after_rounds,
+           "postcopy_after_seconds": settings.postcopy_after_seconds,
+           "postcopy_bandwidth_bytes_per_second": settings.postcopy_bandwidth_bytes_per_second,
+           "postcopy_requests": report.postcopy_requests if report is not None else None,
+           "switched_to_postcopy": report.postcopy is not None if report is not None else None}
     out.update(_measured(report, model))
     for prefix, block in (("predicted", (model or {})),
                           ("nominal", ((model or {}).get("nominal") or {}))):
@@ -272,7 +292,8 @@ def _predicted(prefix: str, pred: dict) -> dict:
         f"{prefix}_lambda_ratio": pred.get("lambda_ratio"),
         f"{prefix}_pages_skipped_total": (sum(r["pages_skipped"] for r in pred["rounds"])
                                           if pred else None),
-        f"{prefix}_last_live_round_pages": _last_live(pred)}
+        f"{prefix}_last_live_round_pages": _last_live(pred),
+        f"{prefix}_expected_faults": (pred.get("postcopy") or {}).get("expected_faults")}
 
 
 def _last_live(pred: dict) -> float | None:

@@ -14,11 +14,13 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
                 write_bytes, fill ("zero", "random" or "text"), ...
     [migration] policy, bandwidth ("128MiB" per second or "unlimited"), rate_limit, latency,
                 downtime_limit, max_iterations, timeout, verify, zero_page_detection,
-                xbzrle_cache ("64MiB"), multifd_channels, multifd_compression
+                xbzrle_cache ("64MiB"), multifd_channels, multifd_compression, postcopy_after
+                (a number of live rounds, 0 for pure post-copy, a duration such as "1.5s", or
+                "off"), postcopy_bandwidth, postcopy_allowed
     [axes]      any of guest_memory, mode, pattern, dirty_rate, hot_fraction, hot_share,
                 write_bytes, fill, policy, zero_page_detection, xbzrle_cache,
                 multifd_channels, multifd_compression, bandwidth, rate_limit, latency,
-                downtime_limit, max_iterations = [...]
+                downtime_limit, max_iterations, postcopy_after, postcopy_bandwidth = [...]
     [plot]      x = "dirty_rate" (the axis on the x axis), rounds_point = 0
 
 Values are read by the parsers of `nodes.units` (the CLI's own), so a value means the same in
@@ -44,6 +46,7 @@ from nodes.units import (
     parse_count,
     parse_fraction,
     parse_positive_size,
+    parse_rounds_or_duration,
     parse_seconds,
 )
 from workloads.spec import WorkloadSpec, parse_rate
@@ -72,6 +75,32 @@ def _dirty_rate(v, what: str) -> float:
 
 
 _seconds_or_zero = partial(parse_seconds, allow_zero=True)
+POSTCOPY_OFF = "off"
+
+
+def _postcopy_after(v, what: str) -> int | str:
+    """When to switch to post-copy, as the scenario writes it: a number of live rounds, a
+    duration ("1.5s", kept as written canonically), or "off" (pre-copy only)."""
+    if isinstance(v, str) and v.strip().lower() in (POSTCOPY_OFF, "never", "none"):
+        return POSTCOPY_OFF
+    rounds, seconds = parse_rounds_or_duration(v, what)
+    return rounds if rounds is not None else f"{seconds:g}s"
+
+
+def postcopy_fields(value: int | str) -> dict:
+    """The MigrationSettings fields of a `postcopy_after` value."""
+    if value == POSTCOPY_OFF:
+        return {"postcopy_after_rounds": None, "postcopy_after_seconds": None}
+    rounds, seconds = parse_rounds_or_duration(value, "postcopy_after")
+    return {"postcopy_after_rounds": rounds, "postcopy_after_seconds": seconds}
+
+
+def _settings_postcopy_after(mig: MigrationSettings) -> int | str:
+    if mig.postcopy_after_rounds is not None:
+        return mig.postcopy_after_rounds
+    if mig.postcopy_after_seconds is not None:
+        return f"{mig.postcopy_after_seconds:g}s"
+    return POSTCOPY_OFF
 
 
 def _optional(parse: Callable) -> Callable:
@@ -166,10 +195,16 @@ KNOBS: dict[str, Knob] = {
                              "multifd channels"),
     "multifd_compression": Knob("migration", "multifd_compression", _string,
                                 "multifd compression"),
+    # a pseudo-field: `postcopy_fields` turns it into the settings' two
+    "postcopy_after": Knob("migration", "postcopy_after", _postcopy_after,
+                           "switch to post-copy after"),
+    "postcopy_bandwidth": Knob("migration", "postcopy_bandwidth_bytes_per_second",
+                               parse_bandwidth_or_unlimited, "post-copy push (MiB/s)", MiB),
 }
 _OFF_WHEN_ABSENT = {"max_iterations", "xbzrle_cache", "multifd_channels"}   # None: not set
 _FIXED_ONLY = {"migration": {"timeout": ("timeout_seconds", parse_seconds),
-                             "verify": ("verify", _flag)},
+                             "verify": ("verify", _flag),
+                             "postcopy_allowed": ("postcopy_allowed", _flag)},
                "guest": {"warmup": ("warmup_seconds", _seconds_or_zero)}}
 _SECTION_KEYS = {  # TOML key in its section -> knob name
     "guest": {"memory": "guest_memory", "mode": "mode"},
@@ -274,6 +309,8 @@ class Scenario:
                 mig.update(AIDS[value])
                 continue
             {"guest": guest, "workload": wl, "migration": mig}[knob.section][knob.field] = value
+        if "postcopy_after" in mig:
+            mig.update(postcopy_fields(mig.pop("postcopy_after")))
         workload = replace(self.workload, **wl)
         settings = replace(self.migration, **mig)
         spec = GuestSpec(name="sweep", memory_bytes=guest["guest_memory_bytes"],
@@ -296,12 +333,16 @@ class Scenario:
         d["workload"] = {k: getattr(wl, KNOBS[k].field) for k in _SECTION_KEYS["workload"]}
         d["migration"] = {}
         for k in _SECTION_KEYS["migration"]:
+            if k == "postcopy_after":
+                d["migration"][k] = _settings_postcopy_after(mig)
+                continue
             value = getattr(mig, KNOBS[k].field)
             if value is None and k in _OFF_WHEN_ABSENT:
                 continue
             d["migration"][k] = "unlimited" if value is None else value
         d["migration"]["timeout"] = mig.timeout_seconds
         d["migration"]["verify"] = mig.verify
+        d["migration"]["postcopy_allowed"] = mig.postcopy_allowed
         if mig.faults:
             d["faults"] = [f.to_text() for f in mig.faults]
         d["axes"] = {name: ["unlimited" if v is None else v for v in values]
@@ -397,6 +438,8 @@ def _fixed(d: dict) -> dict:
                 knob = KNOBS[_SECTION_KEYS[sec][key]]
                 fname, parse = knob.field, knob.parse
             values[sec][fname] = parse(raw, f"[{sec}] {key}")
+    if "postcopy_after" in values["migration"]:
+        values["migration"].update(postcopy_fields(values["migration"].pop("postcopy_after")))
     kw = dict(values["guest"])   # guest_memory_bytes, mode, warmup_seconds
     kw["workload"] = WorkloadSpec(**values["workload"])
     if "faults" in d:   # injected into every run, e.g. faults = ["stall-link@round1:2s"]

@@ -30,7 +30,7 @@ def human(axis: str, value: object) -> str:
         return "unlimited"
     if axis == "guest_memory":
         return format_bytes(value).replace(" ", "")
-    if axis in ("bandwidth", "rate_limit"):
+    if axis in ("bandwidth", "rate_limit", "postcopy_bandwidth"):
         return format_bytes(value).replace(" ", "") + "/s"
     if axis in _TIME_AXES:
         return f"{value * 1000:g}ms"

@@ -37,10 +37,22 @@ class SourceFaults:
         # The sender's progress history: told of each fault that fires (its text), and
         # looked at (None) while a stall lasts, so the timeline shows both.
         self.sample: Callable[[str | None], None] | None = None
+        # A cut link is down for good: a post-copy migration's reconnects fail until
+        # `repair` (the operator's `migrate-recover`) says it is back.
+        self.link_down = False
 
     @property
     def armed(self) -> bool:
         return bool(self.pending)
+
+    @property
+    def killed(self) -> bool:
+        """This host died (in one process: its threads go on, but must not act)."""
+        return self._killed
+
+    def repair(self) -> None:
+        """The link is back (the operator repaired it)."""
+        self.link_down = False
 
     def attach(self, sock: socket.socket, link) -> None:
         self.sock = sock
@@ -65,8 +77,12 @@ class SourceFaults:
         if kind in HOST_KILLS:
             self._wait_for_control_plane(f, index)
         elif kind is FaultKind.STALL_LINK:
-            self._stall(f.duration_seconds or 0.0, watch_peer=stage is not Phase.HANDOVER)
+            # After the hand-over or the post-copy switch the peer speaks on its own (RESULT,
+            # page requests): a stall there only delays, it is not the peer giving up.
+            self._stall(f.duration_seconds or 0.0,
+                        watch_peer=stage not in (Phase.HANDOVER, Phase.POSTCOPY))
         elif kind is FaultKind.CUT_LINK:
+            self.link_down = True
             self._cut()
         elif kind is FaultKind.SLOW_LINK:
             self.link.set_link_rate(f.bandwidth_bytes_per_second)

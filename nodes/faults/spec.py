@@ -14,7 +14,9 @@ Stages are the phases of a migration (`nodes.phase`), in the order a migration p
 - `stop-and-copy`: the guest is paused and its last pages are sent, before the vCPU context
   and END (the hand-over has not begun);
 - `handover`: the source has given PERMISSION_TO_GO; the guest belongs to the destination
-  from here on.
+  from here on;
+- `postcopy`: after a post-copy switch, once the push has sent its first batch: the guest
+  runs on the destination with pages still missing (only the source has them).
 
 Where each kind acts (the injection seams):
 
@@ -35,6 +37,9 @@ What a user may expect of each (the promise tested in tests/test_faults.py): any
 before the hand-over leaves the guest running on its source in its own mode with its memory
 intact, and the destination with none of its frames; after the hand-over the guest runs on
 the destination. A host that dies takes its own guests with it, and the report says so.
+After a post-copy switch (`postcopy`) a link fault pauses the migration until the link is
+back (by itself within the timeout, else `migrate-recover`; a cut link stays down until
+then), and a host that dies loses the guest (neither host has all of it).
 """
 
 from collections.abc import Iterable
@@ -62,9 +67,10 @@ class FaultKind(StrEnum):
 
 
 # Where faults can fire: the phases of a migration (`nodes.phase`), precopy by round.
-ALL_STAGES = (Phase.SETUP, Phase.PRECOPY, Phase.STOP_AND_COPY, Phase.HANDOVER)
+ALL_STAGES = (Phase.SETUP, Phase.PRECOPY, Phase.STOP_AND_COPY, Phase.HANDOVER, Phase.POSTCOPY)
 _BEFORE_HANDOVER = (Phase.SETUP, Phase.PRECOPY, Phase.STOP_AND_COPY)
-_STAGES_TEXT = "setup, round<N> (precopy), stop-and-copy or handover"
+_ON_THE_WIRE = (*_BEFORE_HANDOVER, Phase.POSTCOPY)   # link faults a post-copy recovers from
+_STAGES_TEXT = "setup, round<N> (precopy), stop-and-copy, handover or postcopy"
 
 # kind -> (stages where it means something, its argument: None, "duration" or "bandwidth",
 #          one line for `migbed fault list`)
@@ -74,10 +80,10 @@ KINDS: dict[FaultKind, tuple[tuple[Phase, ...], str | None, str]] = {
     FaultKind.STALL_LINK: (ALL_STAGES, "duration",
                            "nothing crosses the link for ARG (e.g. 2s)"),
     FaultKind.CUT_LINK: (ALL_STAGES, None, "the link goes down for good"),
-    FaultKind.SLOW_LINK: (_BEFORE_HANDOVER, "bandwidth",
+    FaultKind.SLOW_LINK: (_ON_THE_WIRE, "bandwidth",
                           "the link's speed drops to ARG per second (e.g. 1MiB)"),
-    FaultKind.CORRUPT_RECORD: (_BEFORE_HANDOVER, None, "the next record arrives as garbage"),
-    FaultKind.TRUNCATE_STREAM: (_BEFORE_HANDOVER, None,
+    FaultKind.CORRUPT_RECORD: (_ON_THE_WIRE, None, "the next record arrives as garbage"),
+    FaultKind.TRUNCATE_STREAM: (_ON_THE_WIRE, None,
                                 "half of the next record, then the connection closes"),
     FaultKind.REFUSE_MEMORY: ((Phase.SETUP,), None,
                               "the destination refuses to reserve the guest's frames"),
@@ -338,10 +344,10 @@ def as_faults(value: Iterable) -> tuple[FaultSpec, ...]:
 
 def fault_list_text() -> str:
     """What `migbed fault list` prints: every kind, its stages and its argument."""
-    lines = ["KIND               STAGES                                        ARG        WHAT"]
+    lines = ["KIND               STAGES                                          ARG        WHAT"]
     for kind, (stages, arg, what) in KINDS.items():
         st = ",".join(_stage_text(s) for s in stages)
-        lines.append(f"{kind.value:<18} {st:<45} {arg or '-':<10} {what}")
+        lines.append(f"{kind.value:<18} {st:<47} {arg or '-':<10} {what}")
     lines.append("")
     lines.append("write a fault as KIND@STAGE[:ARG], e.g. --fault stall-link@round1:2s, "
                  "--fault kill-destination@stop-and-copy, --fault slow-link@round0:1MiB")

@@ -17,16 +17,20 @@ from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
+from nodes.host.postcopy import PostcopyControl
+from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
+from nodes.host.vcpus import GuestBefore, GuestVCPUs
 from nodes.migration.channel import Ticket
 from nodes.migration.clock import to_source_clock
 from nodes.migration.destination import Receiver, validate_info
 from nodes.migration.fixeddowntime import handover_fixed_seconds
 from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
+from nodes.migration.postcopy.source import plan
 from nodes.migration.progress import Progress
-from nodes.migration.results import DestinationResult, SourceResult
+from nodes.migration.results import PAUSED, DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.source import Sender, check_migratable, guest_info
 from nodes.xen.domain import Domain
@@ -41,7 +45,7 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService:
+class HostService(GuestVCPUs, PostcopyControl):
     def __init__(self, config: HostConfig | dict):
         if isinstance(config, dict):
             config = HostConfig.from_dict(config)
@@ -61,7 +65,12 @@ class HostService:
         self.metrics = HostMetrics(self)
         self.fault_stats = FaultStats()
         self.metrics.registry.register(FaultCollector(config.name, self.fault_stats))
+        self.postcopy_totals = PostcopyTotals()
+        self.metrics.registry.register(PostcopyCollector(self, self.postcopy_totals))
         self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
+        self._senders: dict[str, Sender] = {}         # outgoing migration -> its sender
+        self._paused: dict[str, tuple] = {}           # paused post-copy -> (sender, start, info)
+        self._before: dict[str, GuestBefore] = {}     # outgoing -> its guest when it began
         self._uplinks: dict[float, Pacer] = {}        # link speed -> this host's shared uplink
         self._ended: collections.deque = collections.deque()   # ended outgoing, oldest first
         self._fixed_downtime: dict[str, float] = {}   # destination host -> its measured part
@@ -74,6 +83,10 @@ class HostService:
     # -- the host ---------------------------------------------------------------------------
     def ping(self) -> str:
         return self.name
+
+    def snapshot(self) -> dict:
+        """What `migbed top` shows of this host, in one call (`nodes.host.overview`)."""
+        return snapshot(self)
 
     def metrics_endpoint(self) -> str | None:
         """"address:port" of this host's Prometheus /metrics, or None if it serves none."""
@@ -149,6 +162,7 @@ class HostService:
         vcpu = self.vcpus.get(name)
         if vcpu is not None:
             d["pages_written_total"] = vcpu.pages_written_total
+            d["progress_pages_total"] = vcpu.progress_pages
             d["last_progress_wall"] = vcpu.last_progress_wall
             d["vcpu_alive"] = vcpu.alive
             d["workload"] = self.workloads[name].to_dict()
@@ -180,56 +194,6 @@ class HostService:
             out[d.name] = int(np.count_nonzero(owners == d.domid))
         return out
 
-    def snapshot(self) -> dict:
-        """What `migbed top` shows of this host, in one call (`nodes.host.overview`)."""
-        return snapshot(self)
-
-    # -- GuestRuntime: what migrations need of the vCPUs ---------------------------------------
-    def workload_spec(self, name: str) -> dict | None:
-        spec = self.workloads.get(name)
-        return spec.to_dict() if spec else None
-
-    def pages_written(self, name: str) -> int | None:
-        vcpu = self.vcpus.get(name)
-        return vcpu.pages_written_total if vcpu is not None else None
-
-    def vcpu_context(self, name: str) -> dict:
-        vcpu = self.vcpus.get(name)
-        if vcpu is not None:
-            vcpu.wait_awake()            # a throttle sleep the pause ended is in the log
-        if vcpu is None:
-            return {"vcpu_id": 0, "workload_state": None, "last_progress_wall": None,
-                    "pages_written_total": 0}
-        return {"vcpu_id": 0, "workload_state": vcpu.workload.get_state(),
-                "last_progress_wall": vcpu.last_progress_wall,
-                "pages_written_total": int(vcpu.pages_written_total)}
-
-    def stop_guest(self, name: str) -> None:
-        """The guest has left this host: stop its vCPU, keep its progress for the report."""
-        vcpu = self._drop_vcpu(name)
-        if vcpu is not None:
-            self._retired[name] = vcpu
-
-    def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
-        spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
-        self._start_vcpu(dom, spec, context.get("workload_state"))
-
-    def discard_guest(self, name: str) -> None:
-        self._drop_vcpu(name)
-
-    def throttle_guest(self, name: str, cpu_percentage: int = 0, ring_pages: int = 0,
-                       ring_full_sleep_seconds: float = 0.0) -> None:
-        vcpu = self.vcpus.get(name)
-        if vcpu is not None:
-            vcpu.set_throttle(cpu_percentage, ring_pages, ring_full_sleep_seconds)
-
-    def vcpu_throttle_stats(self, name: str) -> dict:
-        vcpu = self.vcpus.get(name) or self._retired.get(name)
-        return vcpu.throttle_stats() if vcpu is not None else dict(VCPU.NO_THROTTLE_STATS)
-
-    def measured_fixed_downtime(self, destination: str) -> float | None:
-        return self._fixed_downtime.get(destination)
-
     # -- migration: destination side ---------------------------------------------------------
     def prepare_incoming(self, info: dict, settings: MigrationSettings | dict) -> dict:
         """Reserve frames for an arriving guest and listen for its stream; returns the ticket."""
@@ -256,9 +220,11 @@ class HostService:
                                         f"after {timeout:g} s")
         result = recv.result()
         result.guest_observed_downtime_seconds = self._guest_gap(recv, result)
+        self.postcopy_rates(recv, result)
         del self.incoming[migration_id]
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
+        self.postcopy_totals.destination_ended(recv)
         self.metrics.incoming_finished(migration_id, result.guest_observed_downtime_seconds)
         self.recent.destination_ended(self.name, migration_id, recv, result)
         return result
@@ -297,46 +263,70 @@ class HostService:
         if isinstance(settings, dict):
             settings = MigrationSettings.from_dict(settings)
         t = Ticket.from_dict(ticket)
-        progress = Progress(t.migration_id, name)
+        mid = t.migration_id
+        progress = Progress(mid, name)
         cancel = threading.Event()
+        info = self.guest_info(name, mid)
+        algorithm, postcopy = plan(settings)
         with self.lock:
             sender = Sender(self.hv, name, t, settings, self, progress, cancel,
-                            self._uplink(settings), self.fault_stats)
-            self.outgoing[t.migration_id] = progress
-            self._cancel[t.migration_id] = cancel
-            self._faults[t.migration_id] = sender.faults
+                            self._uplink(settings), self.fault_stats, algorithm, postcopy)
+            self.outgoing[mid] = progress
+            self._cancel[mid] = cancel
+            self._faults[mid] = sender.faults
+            self._senders[mid] = sender
             self.migration_counts["started"] += 1
-            self.metrics.outgoing_started(t.migration_id, name, progress, settings)
+            self.metrics.outgoing_started(mid, name, progress, settings)
         start_wall = time.time()
-        before = self.vcpus.get(name)    # the guest's cost: its write rate, read now
-        slept0 = before.slept_seconds_total if before is not None else 0.0
-        pages0 = before.pages_written_total if before is not None else 0
-        rate0 = before.write_rate(start_wall - 1.0, start_wall) if before is not None else None
-        running = before.workload.running_seconds if before is not None else 0.0
+        vcpu = self.vcpus.get(name)      # the guest's cost: its write rate, read now
+        if vcpu is not None:
+            self._before[mid] = GuestBefore.of(vcpu, start_wall)
         try:
             result = sender.run()
-        finally:
-            self._cancel.pop(t.migration_id, None)
-            self._faults.pop(t.migration_id, None)
-            self._forget_ended(t.migration_id)
-        if result.connection_lost:
-            self.fault_stats.count_connection_lost("source")
-        self.migration_counts[result.status] += 1
-        self.metrics.outgoing_finished(t.migration_id, result)
+        except BaseException:
+            self._sender_gone(mid)
+            raise
+        return self._sender_ended(mid, name, sender, result, start_wall, info)
+
+    def _sender_ended(self, mid: str, name: str, sender: Sender, result: SourceResult,
+                      start_wall: float, info: dict) -> SourceResult:
+        """A sender returned: a paused post-copy is kept for `migrate_recover` (it is still
+        running); anything else has ended, and is counted."""
+        result.profile = self.hv.profile.name
+        before = self._before.get(mid)
         vcpu = self._retired.pop(name, None) or self.vcpus.get(name)
         if vcpu is not None:
             end_wall = result.pause_wall or time.time()
             result.source_longest_gap_seconds = vcpu.longest_gap(start_wall, end_wall)
-            result.guest_cost = vcpu.cost(start_wall, end_wall, pages0, rate0,
-                                          vcpu.slept_seconds_total - slept0)
+            if before is not None:
+                result.guest_cost = vcpu.cost(start_wall, end_wall, before.pages, before.rate,
+                                              vcpu.slept_seconds_total - before.slept)
+            self.postcopy_rate_before(vcpu, start_wall, result)
+        if before is not None:
+            result.workload_running_seconds = before.running_seconds
+        if result.status == PAUSED:
+            with self.lock:
+                self._paused[mid] = (sender, start_wall, info)
+            return result
         fixed = result.fixed_downtime
         if result.completed and fixed and "handover" in result.phase_seconds:
-            self._fixed_downtime[t.host] = handover_fixed_seconds(
+            self._fixed_downtime[sender.ctx.ticket.host] = handover_fixed_seconds(
                 result.phase_seconds["handover"], fixed["round_trip_seconds"])
-        result.profile = self.hv.profile.name
-        self.recent.source_ended(self.name, t.migration_id, name, settings, result)
-        result.workload_running_seconds = running
+        self._sender_gone(mid)
+        if result.connection_lost:
+            self.fault_stats.count_connection_lost("source")
+        self.migration_counts[result.status] += 1
+        self.postcopy_totals.source_ended(result)
+        self.metrics.outgoing_finished(mid, result)
+        self.recent.source_ended(self.name, mid, name, sender.ctx.settings, result)
         return result
+
+    def _sender_gone(self, mid: str) -> None:
+        self._before.pop(mid, None)
+        self._cancel.pop(mid, None)
+        self._faults.pop(mid, None)
+        self._senders.pop(mid, None)
+        self._forget_ended(mid)
 
     def _forget_ended(self, migration_id: str) -> None:
         """Keep the progress of the last KEEP_ENDED_PROGRESS ended migrations (for a late
@@ -352,8 +342,8 @@ class HostService:
 
     def cancel_migration(self, migration_id: str) -> bool:
         ev = self._cancel.get(migration_id)
-        if ev is None:
-            return False
+        if ev is None or self.switched(migration_id):
+            return False        # ended, or past a post-copy switch (QEMU cannot cancel then)
         ev.set()
         return True
 
@@ -367,6 +357,7 @@ class HostService:
         recv.wait(recv.settings.timeout_seconds)
         if recv.connection_lost:
             self.fault_stats.count_connection_lost("destination")
+        self.postcopy_totals.destination_ended(recv)
         self.metrics.incoming_finished(migration_id, None)
         result = recv.result()
         self.recent.destination_ended(self.name, migration_id, recv, result)

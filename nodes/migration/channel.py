@@ -81,6 +81,25 @@ class Listener:
             conn.close()
         raise MigrationError("too many connections without the migration's token")
 
+    def accept_once(self, timeout: float) -> socket.socket | None:
+        """One connection within `timeout` that presents the token; None if none came or it
+        did not (a post-copy destination waiting for its source to reconnect polls this)."""
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except TimeoutError:
+            return None
+        conn.settimeout(timeout)
+        try:
+            got = _recv_exact(conn, TOKEN_BYTES)
+        except OSError:
+            got = b""
+        if got and hmac.compare_digest(got, self.token):
+            _tune(conn)
+            return conn
+        conn.close()
+        return None
+
     def close(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)    # wakes a thread blocked in accept()

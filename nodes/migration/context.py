@@ -20,7 +20,7 @@ from nodes.migration.channel import Ticket
 from nodes.migration.dirtysync import SyncLog
 from nodes.migration.link import LinkSender, Pacer
 from nodes.migration.pipeline import PagePipeline, PassCursor
-from nodes.migration.policy import PrecopyPolicy
+from nodes.migration.policy import Decision, PrecopyPolicy
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
@@ -67,6 +67,9 @@ class SourceContext:
     handed_over: bool = False      # PERMISSION_TO_GO went out: the guest is the destination's
     history: ProgressHistory | None = None   # the report's progress_history
     guest_left: bool = False       # it resumed on the destination: its writes are not seen here
+    decision: Decision | None = None   # how the live rounds ended
+    # Post-copy allowed: its state (`nodes.migration.postcopy.source.PostcopySource`).
+    postcopy: object | None = None
 
     def send_record(self, rtype: RT, fields: dict | None = None) -> int:
         return self.link.send([records.encode_record(rtype, fields)])

@@ -5,7 +5,9 @@ Its steps: accept the source's connection (it must present the migration's token
 headers, GUEST_INFO, the P2M frame list and STATIC_DATA_END; land every PAGE_DATA record
 (`nodes.migration.landing`) until END; check that every page arrived and the page tables are
 valid; then the hand-over (`nodes.migration.handover`). Any failure before the resume frees
-every frame it reserved and tells the source why (ABORT).
+every frame it reserved and tells the source why (ABORT). A post-copy switch (POSTCOPY_RUN)
+hands the rest to `nodes.migration.postcopy.destination`: the guest resumes here at once and
+its missing pages arrive while it runs.
 """
 
 import socket
@@ -25,11 +27,12 @@ from nodes.errors import (
 )
 from nodes.faults.destination import DestinationFaults
 from nodes.faults.stats import FaultStats
-from nodes.migration import clock, records
+from nodes.migration import clock, pagesets, records
 from nodes.migration.channel import Listener
 from nodes.migration.handover import destination_handover
 from nodes.migration.landing import Landing
 from nodes.migration.multifd import DestinationChannels
+from nodes.migration.postcopy.destination import PostcopyDestination
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
 from nodes.migration.results import COMPLETED, FAILED, DestinationResult
@@ -117,6 +120,9 @@ class Receiver:
         self.cpu_seconds = 0.0
         self.source_rounds: list = []
         self.vcpu: dict = {}
+        self.discard: np.ndarray | None = None        # post-copy: the switch's discard set
+        self.postcopy: PostcopyDestination | None = None   # once the guest resumed in post-copy
+        self.bytes_earlier = 0                          # of connections that broke (post-copy)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"recv-{self.name}", daemon=True)
         self.thread.start()
@@ -132,9 +138,14 @@ class Receiver:
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
             self._read_static(reader)
-            self._receive(reader)
-            self._check_arrived()
-            destination_handover(self, reader)
+            if self.settings.postcopy_allowed:     # a switch must not wait for a thread
+                self.runtime.prepare_guest(self.dom, self.info.get("workload"))
+                self.vcpu_made = True
+            if self._receive(reader):
+                PostcopyDestination(self, self.discard).run(reader)
+            else:
+                self._check_arrived()
+                destination_handover(self, reader)
             self.status = COMPLETED
         except BaseException as exc:  # noqa: BLE001 - a failed restore must free its frames
             self._fail(exc)
@@ -156,7 +167,8 @@ class Receiver:
                 self.listener, self.settings.multifd_channels, self.info["migration_id"],
                 self.landing, timeout=self.settings.timeout_seconds,
                 guest_pages=self.dom.npages, wake=lambda: _stop_reading(conn))
-        self.listener.close()
+        if not self.settings.postcopy_allowed:     # else kept for a post-copy's reconnects
+            self.listener.close()
         with self._conn_lock:
             self.conn = conn
             if self._killed:
@@ -177,12 +189,14 @@ class Receiver:
             raise StreamError("P2M_FRAMES length does not match the guest's pages")
         reader.expect(RT.STATIC_DATA_END)
 
-    def _receive(self, reader: RecordReader) -> None:
-        """Every record up to END; pages land as they come."""
+    def _receive(self, reader: RecordReader) -> bool:
+        """Every record up to END (False) or a post-copy switch's RUN (True); pages land as
+        they come."""
         while True:
             rec = reader.expect(RT.PAGE_DATA, RT.VCPU_CONTEXT, RT.SOURCE_TIMING,
                                 RT.ROUND_STATS, RT.SYNC, RT.CLOCK_PROBE, RT.END,
-                                RT.PAGE_XBZRLE, RT.MULTIFD_FLUSH)
+                                RT.PAGE_XBZRLE, RT.MULTIFD_FLUSH, RT.POSTCOPY_DISCARD,
+                                RT.POSTCOPY_RUN)
             if rec.type == RT.CLOCK_PROBE:      # stamped now, answered at once
                 received = time.time()
                 self.reply(RT.CLOCK_REPLY, clock.answer(rec.fields, received, time.time()))
@@ -204,8 +218,14 @@ class Receiver:
                 self.source_rounds = rec.fields["rounds"]
             elif rec.type == RT.SYNC:           # everything before it has landed
                 self.reply(RT.SYNC_ACK, {"pages_received": self.landing.pages_received})
+            elif rec.type == RT.POSTCOPY_DISCARD:
+                self.discard = pagesets.decode_bitmap(rec.fields["bitmap"], self.dom.npages)
+            elif rec.type == RT.POSTCOPY_RUN:
+                if self.discard is None:
+                    raise StreamError("POSTCOPY_RUN without the discard set before it")
+                return True
             else:
-                return
+                return False
 
     def _check_arrived(self) -> None:
         if self.landing.missing_pages:
@@ -246,6 +266,9 @@ class Receiver:
             if self.multifd.error is not None and not isinstance(exc, PeerAborted):
                 exc = self.multifd.error      # the channel that broke, not what it woke
             self.multifd.close()
+        if self.postcopy is not None:         # resumed in post-copy: the guest is lost
+            self.postcopy.fail(describe(exc))
+            return
         resumed = self.resume_wall is not None
         self.error = describe(exc)
         self.status = COMPLETED if resumed else FAILED
@@ -263,6 +286,36 @@ class Receiver:
             self.hv.destroy_domain(self.name, force=True)
         except MigbedError:
             pass
+
+    # -- the connection, which a post-copy's recovery replaces ----------------------------
+    @property
+    def killed(self) -> bool:
+        return self._killed
+
+    def drop_connection(self) -> None:
+        with self._conn_lock:
+            conn, self.conn = self.conn, None
+        if self.reader is not None:
+            self.bytes_earlier += self.reader.bytes_read
+            self.reader = None
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def attach_connection(self, conn: socket.socket) -> RecordReader:
+        """A source's new connection: the stream goes on on it, pages into the landing."""
+        with self._conn_lock:
+            self.conn = conn
+            if self._killed:
+                raise MigrationError(f"{self.hv.name} died")
+        self.reader = reader = RecordReader(
+            conn.recv_into, reuse_page_buffer=True, page_sink=self.landing,
+            readv_into=lambda bufs: conn.recvmsg_into(bufs)[0])
+        reader.page_size, reader.guest_pages = self.hv.page_size, self.dom.npages
+        return reader
 
     # -- the control plane's calls ------------------------------------------------------
     def cancel(self) -> None:
@@ -282,16 +335,23 @@ class Receiver:
             except OSError:
                 pass
 
+    def lose(self, why: str) -> None:
+        """After a post-copy switch the source died: the guest cannot complete here."""
+        if self.postcopy is not None:
+            self.postcopy.lose(why)
+
     def wait(self, timeout: float) -> bool:
         return self.done.wait(timeout)
 
     @property
     def bytes_received(self) -> int:
         """Bytes of the stream read so far (live, for /metrics)."""
-        return self.reader.bytes_read if self.reader is not None else 0
+        reader = self.reader
+        return self.bytes_earlier + (reader.bytes_read if reader is not None else 0)
 
     def result(self) -> DestinationResult:
-        resumed = self.resume_wall is not None
+        pc = self.postcopy
+        resumed = self.resume_wall is not None and (pc is None or pc.done)
         return DestinationResult(
             status=self.status, error=self.error,
             mode_after=self.mode_after.value if resumed else None,
@@ -301,7 +361,8 @@ class Receiver:
             destination_digest=self.landing.digest() if resumed else None,
             faults=list(self.faults.fired), connection_lost=self.connection_lost,
             cpu_seconds=self.cpu_seconds,
-            multifd_cpu_seconds=self.multifd.cpu_seconds if self.multifd else None)
+            multifd_cpu_seconds=self.multifd.cpu_seconds if self.multifd else None,
+            postcopy=pc.stats() if pc is not None else None)
 
 
 def _stop_reading(conn: socket.socket) -> None:

@@ -139,6 +139,25 @@ class PassCursor:
         self.pending_pages += fresh
         return fresh
 
+    def take_these(self, pfns: np.ndarray) -> np.ndarray:
+        """Of `pfns` (distinct), those still marked, unmarked now: pages sent out of the
+        scan's turn (post-copy's requested pages)."""
+        wanted = pfns[self.unsent[pfns]]
+        self.unsent[wanted] = False
+        self.pending_pages -= len(wanted)
+        return wanted
+
+    def seek(self, pfn: int) -> None:
+        """The scan goes on from `pfn` (post-copy: after the last requested page)."""
+        self.cursor = min(max(0, pfn), len(self.unsent))
+
+    def reset(self, unsent: np.ndarray) -> None:
+        """Exactly these pages still go, the scan from pfn 0 (post-copy after a reconnect:
+        every page the destination does not have)."""
+        self.unsent[:] = unsent
+        self.pending_pages = int(np.count_nonzero(unsent))
+        self.cursor = 0
+
     def take(self, n: int) -> np.ndarray:
         """Up to `n` marked pfns from the cursor on, unmarked; the cursor moves past them."""
         unsent, total = self.unsent, len(self.unsent)
@@ -207,6 +226,7 @@ class PagePipeline:
         self.find_zero = find_zero
         self.xbzrle = xbzrle
         self.channels = channels
+        self.after_switch = False        # post-copy: pages go whole or zero, never as deltas
         self.cursor = PassCursor(dom.npages, self.pass_ended)
 
     def pass_ended(self) -> None:
@@ -244,7 +264,7 @@ class PagePipeline:
             n = self._to_channels(batch, mfns, zero, rnd)
         else:
             whole, copies, deltas = ~zero, {}, []
-            if self.xbzrle is not None and self.xbzrle.started:
+            if self.xbzrle is not None and self.xbzrle.started and not self.after_switch:
                 whole, copies, deltas = self._xbzrle(batch, mfns, zero, not running)
             rnd.normal_pages += int(np.count_nonzero(whole))
             keep = np.flatnonzero(whole | zero)

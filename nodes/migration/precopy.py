@@ -25,7 +25,7 @@ live rounds mid-pass: pausing the guest (stop-and-copy), switching to post-copy,
 
 import time
 
-from nodes.errors import MigrationCancelled, MigrationError, PostcopyUnavailable
+from nodes.errors import MigrationCancelled, MigrationError
 from nodes.migration import fixeddowntime
 from nodes.migration.context import SourceContext
 from nodes.migration.convergence import Convergence
@@ -50,12 +50,9 @@ class LiveRounds:
         start_aids(ctx)
         run = continuous if ctx.policy.mid_pass else per_pass
         decision = run(ctx)
+        ctx.decision = decision
         ctx.result.stop_reason = decision.reason
         ctx.result.stop_code = decision.stop_code.value if decision.stop_code else None
-        if decision.action is Action.POSTCOPY:
-            raise PostcopyUnavailable(
-                f"{decision.reason}, but post-copy is not available in this build; the guest "
-                "stays on its source (use --on-timeout abort or pause)")
         drain(ctx)
 
 
@@ -102,6 +99,8 @@ def live_pass(ctx: SourceContext, index: int) -> tuple[RoundStats, Decision | No
     start = time.monotonic()
     aid = None
     while not cursor.at_end and aid is None:
+        if ctx.postcopy is not None and ctx.postcopy.cut_pass(ctx):
+            break                       # the switch is asked for now: the pass ends here
         batch = cursor.take(MAX_BATCH_PAGES)
         if len(batch):
             ctx.pipeline.send_batch(batch, rnd, ctx.policy.skip_redirtied,
@@ -156,7 +155,10 @@ def continuous(ctx: SourceContext) -> Decision:
         if decision.action is Action.CONTINUE:
             decision = aids(ctx) or decision
         if decision.action is not Action.CONTINUE:
-            if ctx.current is not None:           # a pass cut short is a round too
+            # A pass cut short is a round too, but not one a switch to post-copy ended before
+            # it sent a page (as QEMU's, none was sent then).
+            if ctx.current is not None and (ctx.current.stats.pages_sent
+                                            or decision.action is not Action.POSTCOPY):
                 end_pass(ctx)
             return decision
         chunk(ctx, batch)
@@ -192,6 +194,8 @@ def chunk(ctx: SourceContext, batch: int) -> None:
             ctx.faults.at(Phase.PRECOPY, index)
             end_pass(ctx)
             cursor.wrap()
+            if ctx.postcopy is not None and ctx.postcopy.due_after(len(ctx.rounds)):
+                return                           # a switch after N rounds: at this pass's end
         if time.monotonic() - t0 >= policy.CHUNK_SECONDS or rate_spent(ctx):
             return
 
@@ -274,6 +278,12 @@ def decide(ctx: SourceContext, pending_pages: int) -> Decision:
     if not ctx.policy.mid_pass and stats.measured_bytes_per_second:
         p.throughput_bytes_per_second = stats.measured_bytes_per_second
     decision = ctx.policy.decide(stats)
+    if ctx.postcopy is not None:        # post-copy allowed: the switch may come first
+        decision = ctx.postcopy.prefer(decision, stats)
+    elif decision.action is Action.POSTCOPY:
+        raise MigrationError(f"policy {ctx.policy.name} would switch to post-copy "
+                             f"({decision.reason}), which this migration does not allow: "
+                             "start it with --postcopy-allowed")
     if decision.action is Action.ABORT:
         raise MigrationError(f"policy {ctx.policy.name} aborted: {decision.reason}")
     return decision

@@ -33,6 +33,7 @@ class RoundStats:
     # rest went as XBZRLE deltas or not at all (unchanged; see the report's xbzrle block).
     normal_pages: int = 0
     zero_pages: int = 0
+    postcopy: bool = False      # the pages sent after a post-copy switch (then also final)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -15,6 +15,12 @@ migration protocol does beside the stream, the SYNC the source sends before it p
 guest, which the destination acknowledges (SYNC_ACK) once it has landed every page before it,
 and the NTP-style CLOCK_PROBE / CLOCK_REPLY exchange of setup that measures how far the two
 hosts' clocks are apart.
+A post-copy switch (`nodes.migration.postcopy`) sends the discard set (POSTCOPY_DISCARD, a
+bitmap) and POSTCOPY_RUN; the destination answers POSTCOPY_RESUMED and asks for the pages its
+guest touches (REQ_PAGES, QEMU's MIG_RP_MSG_REQ_PAGES); after a broken link the source opens a
+new connection with POSTCOPY_RECOVER and the destination answers with the set of pages it
+has (RECV_BITMAP, QEMU's MIG_RP_MSG_RECV_BITMAP). Their page sets are decoded, bounded, by
+`nodes.migration.pagesets`.
 
 Decoding is defensive: every length is bounded before anything is allocated, msgpack is
 unpacked with limits derived from the body length, ext types are refused, every field is
@@ -68,6 +74,13 @@ class RecordType(IntEnum):
     MULTIFD_HELLO = 0x32       # the first record on a multifd channel: which one it is
     MULTIFD_SYNC = 0x33        # on every channel once per pass: all before it has gone
     MULTIFD_FLUSH = 0x34       # on the main channel after the channels' sync of that number
+    # Post-copy (`nodes.migration.postcopy`)
+    POSTCOPY_DISCARD = 0x40    # the pages the destination must not take as present
+    POSTCOPY_RUN = 0x41        # the destination may run the guest, pages still missing
+    POSTCOPY_RESUMED = 0x42    # back: the guest runs on the destination
+    REQ_PAGES = 0x43           # back: the guest touched these missing pages
+    POSTCOPY_RECOVER = 0x44    # a new connection that resumes a paused post-copy
+    RECV_BITMAP = 0x45         # back: the pages the destination has
     ROUND_STATS = OPTIONAL | 0x01
     SOURCE_TIMING = OPTIONAL | 0x02
 
@@ -117,6 +130,12 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
     RecordType.RECEIVER_RESULT: {"ok": (bool,), "error": _OPT_STR, "digest": _OPT_STR,
                                  "resume_wall": (float, type(None))},
     RecordType.ABORT: {"error": (str,)},
+    RecordType.POSTCOPY_DISCARD: {"bitmap": (bytes,)},
+    RecordType.POSTCOPY_RUN: {},
+    RecordType.POSTCOPY_RESUMED: {"resume_wall": _NUM},
+    RecordType.REQ_PAGES: {"pfns": (bytes,)},
+    RecordType.POSTCOPY_RECOVER: {"migration_id": (str,)},
+    RecordType.RECV_BITMAP: {"bitmap": (bytes,)},
     RecordType.ROUND_STATS: {"rounds": (list,)},
     RecordType.SOURCE_TIMING: {"pause_wall": _NUM, "final_round_pages": (int,),
                                "clock_offset_seconds": (float, type(None)),
@@ -376,4 +395,6 @@ def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
         return MAX_BATCH_PAGES * (page_size + 10) + 64
     if rtype == RecordType.PAGE_COMPRESSED:  # at most one packet, and compression's worst case
         return MAX_BATCH_PAGES * (page_size + 8) + (MAX_BATCH_PAGES * page_size >> 6) + 1024
+    if rtype in (RecordType.POSTCOPY_DISCARD, RecordType.RECV_BITMAP):
+        return guest_pages // 8 + 64
     return MAX_CONTROL_RECORD_BYTES

@@ -11,6 +11,7 @@ from nodes.migration.progress import RoundStats
 COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
+PAUSED = "postcopy-paused"     # after a post-copy switch, the link is down: see `postcopy`
 
 
 @dataclass
@@ -65,6 +66,18 @@ class SourceResult:
     # How long the guest's workload had run when the migration began (set by the host):
     # with the workload, what the model knows of its non-zero pages.
     workload_running_seconds: float = 0.0
+    # Bytes sent while the guest ran here, while it was paused, and after a post-copy switch
+    # (QEMU's precopy-bytes, downtime-bytes, postcopy-bytes): they add up to bytes_sent_total.
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    # Post-copy (`nodes.migration.postcopy`): the guest left at the switch; page requests
+    # received (QEMU's postcopy-requests); the source's half of the report's `postcopy`
+    # block; and whether the guest was lost (neither host has all of it).
+    switched: bool = False
+    postcopy_requests: int = 0
+    postcopy: dict | None = None
+    guest_lost: bool = False
 
     @property
     def completed(self) -> bool:
@@ -99,6 +112,9 @@ class DestinationResult:
     host_dead: bool = False
     # CPU seconds of the multifd channels' reader threads (None: no channels).
     multifd_cpu_seconds: float | None = None
+    # Post-copy: the destination's half of the report's `postcopy` block (its guest's
+    # faults, blocktime, latency histogram, mode and page rates during post-copy).
+    postcopy: dict | None = None
 
     @property
     def completed(self) -> bool:

@@ -31,6 +31,12 @@ class GuestRuntime(Protocol):
         guest does (it waits while the guest is paused or still arriving)."""
         ...
 
+    def prepare_guest(self, dom: Domain, workload: dict | None) -> None:
+        """Make an arriving guest's vCPU before its context comes, parked until the guest
+        runs; `start_guest` then only gives it the context (a post-copy switch does not
+        wait for a thread to start)."""
+        ...
+
     def discard_guest(self, name: str) -> None:
         """A guest that never ran here (its restore failed): its vCPU goes."""
         ...

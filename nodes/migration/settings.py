@@ -63,10 +63,20 @@ class MigrationSettings:
     multifd_compression: str = "none"
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
+    # Post-copy (`nodes.migration.postcopy`): QEMU's postcopy-ram capability (the switch may
+    # be asked for while the migration runs: `migrate-postcopy`), implied by switching after
+    # a number of live rounds (0: pure post-copy) or a time since the start; and the limit
+    # on the background push after the switch (QEMU's max-postcopy-bandwidth; None:
+    # unlimited). Requested pages always go at once, at the link's speed.
+    postcopy_allowed: bool = False
+    postcopy_after_rounds: int | None = None
+    postcopy_after_seconds: float | None = None
+    postcopy_bandwidth_bytes_per_second: float | None = None
 
     def __post_init__(self) -> None:
         from nodes.faults.spec import as_faults
         object.__setattr__(self, "faults", as_faults(self.faults))
+        self._check_postcopy()
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; use one of {', '.join(POLICIES)}")
         for name in ("link_bytes_per_second", "rate_limit_bytes_per_second"):
@@ -86,6 +96,32 @@ class MigrationSettings:
             raise ConfigError(f"cancel-after-round must be >= 0, got {self.cancel_after_round}")
         check_convergence(self)
         wire.check(self)
+
+    def _check_postcopy(self) -> None:
+        rounds, seconds = self.postcopy_after_rounds, self.postcopy_after_seconds
+        if rounds is not None and seconds is not None:
+            raise ConfigError("switch to post-copy after a number of rounds or after a time, "
+                              "not both")
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
+                                   or rounds < 0):
+            raise ConfigError(f"post-copy after N rounds needs a whole N >= 0, got {rounds!r}")
+        if seconds is not None and not seconds >= 0:
+            raise ConfigError(f"post-copy after a time needs seconds >= 0, got {seconds!r}")
+        if rounds is not None or seconds is not None or self.on_timeout == "postcopy":
+            object.__setattr__(self, "postcopy_allowed", True)     # each implies it
+        bw = self.postcopy_bandwidth_bytes_per_second
+        if bw is not None:
+            if not bw > 0:
+                raise ConfigError(f"post-copy bandwidth must be positive, got {bw}")
+            if not self.postcopy_allowed:
+                raise ConfigError("a post-copy bandwidth limits the push after a switch to "
+                                  "post-copy: add --postcopy, --postcopy-after N or "
+                                  "--postcopy-allowed")
+
+    @property
+    def postcopy_planned(self) -> bool:
+        """The migration switches to post-copy by itself (after rounds or a time)."""
+        return self.postcopy_after_rounds is not None or self.postcopy_after_seconds is not None
 
     @property
     def nominal_bytes_per_second(self) -> float | None:

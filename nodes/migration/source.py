@@ -17,6 +17,11 @@ A migration algorithm is the list of phases it runs. Pre-copy (`PRECOPY`) is Xen
 Any failure before PERMISSION_TO_GO leaves the guest running here in its original mode
 (`abort`); after it, the control plane settles what became of the guest.
 Faults (`nodes.faults.source`) fire where the phases call `ctx.faults.at(...)`.
+
+Post-copy (`nodes.migration.postcopy`) is another list of phases over the same context; after
+its switch a broken link that does not come back pauses the migration (`PostcopyPaused`): the
+sender returns a `postcopy-paused` result, keeps its state, and `resume` goes on from the
+paused phase once the operator says the link is back.
 """
 
 import threading
@@ -30,6 +35,8 @@ from nodes.errors import (
     MigrationCancelled,
     MigrationError,
     ModeError,
+    PeerAborted,
+    PostcopyPaused,
 )
 from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultStats
@@ -44,7 +51,7 @@ from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
-from nodes.migration.results import CANCELLED, COMPLETED, FAILED, SourceResult
+from nodes.migration.results import CANCELLED, COMPLETED, FAILED, PAUSED, SourceResult
 from nodes.migration.runtime import GuestRuntime
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import Phase
@@ -139,6 +146,7 @@ class StopAndCopy(_Always):
             ctx.result.pause_wall = time.time()
         ctx.pause_mono = time.monotonic()
         ctx.sample("pause", now=ctx.pause_mono)
+        ctx.result.precopy_bytes = ctx.link.bytes_sent
         # Still marked from the live rounds, or dirtied since: the cursor's mask, not
         # np.union1d, whose first call imports numpy.ma (17 ms measured, in the downtime).
         ctx.clean(ctx.pause_mono)
@@ -195,41 +203,64 @@ class Sender:
     def __init__(self, hv: Hypervisor, name: str, ticket: Ticket, settings: MigrationSettings,
                  runtime: GuestRuntime, progress: Progress, cancel: threading.Event,
                  shared_link: Pacer | None = None, fault_stats: FaultStats | None = None,
-                 algorithm: tuple[SourcePhase, ...] = PRECOPY):
+                 algorithm: tuple[SourcePhase, ...] = PRECOPY, postcopy: object | None = None):
         dom = check_migratable(hv, name)
         self.faults = SourceFaults(settings.faults, progress, cancel, settings.timeout_seconds,
                                    fault_stats)
         self.algorithm = algorithm
+        self.paused_at: int | None = None        # the phase a paused post-copy resumes
+        self.cpu_seconds = 0.0
         self.ctx = SourceContext(
             hv=hv, dom=dom, guest=name, settings=settings, policy=settings.make_policy(), runtime=runtime,
             progress=progress, cancel=cancel, faults=self.faults, ticket=ticket,
             shared_link=shared_link, result=SourceResult(mode_before=dom.mode.value),
-            clock=PhaseClock(time.monotonic()), mode_before=dom.mode)
+            clock=PhaseClock(time.monotonic()), mode_before=dom.mode, postcopy=postcopy)
         self.ctx.history = ProgressHistory(self.ctx.clock.t0)
         self.faults.sample = lambda event: self.ctx.sample(event) if event else self.ctx.tick()
         progress.remaining_bytes = dom.npages * hv.page_size     # all of it, so far
 
     def run(self) -> SourceResult:
         """Migrate; returns the source's result. Never raises for migration errors."""
+        self.ctx.dom.migrating = True
+        return self._run_from(0)
+
+    def resume(self) -> SourceResult:
+        """A post-copy paused on a broken link: the operator says it is back (a cut link
+        stays down until then); go on from the paused phase."""
+        if self.paused_at is None:
+            raise MigrationError(f"the migration of {self.ctx.guest} is not paused")
+        self.faults.repair()
+        self.ctx.result.error = None
+        return self._run_from(self.paused_at)
+
+    def _run_from(self, start: int) -> SourceResult:
         ctx = self.ctx
         cpu0 = time.thread_time()
-        ctx.dom.migrating = True
+        index, paused = start, False
         try:
-            for step in self.algorithm:
+            for index in range(start, len(self.algorithm)):
+                step = self.algorithm[index]
                 if step.wanted(ctx):
                     ctx.progress.status = step.phase.value
                     ctx.sample("phase")
                     step.run(ctx)
                     ctx.clock.end(step.phase)
             ctx.result.status = COMPLETED
+        except PostcopyPaused as exc:
+            paused, self.paused_at = True, index
+            ctx.result.status, ctx.result.error = PAUSED, str(exc)
+            ctx.progress.status = PAUSED
         except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest safe
             fail(ctx, exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
-            close(ctx)
-            ctx.sample("end")
-        return finish(ctx, cpu0)
+            if not paused:
+                self.paused_at = None
+                close(ctx)
+                ctx.sample("end")
+        self.cpu_seconds += time.thread_time() - cpu0
+        return finish(ctx, self.cpu_seconds)
 
 
 def fail(ctx: SourceContext, exc: BaseException) -> None:
@@ -241,7 +272,14 @@ def fail(ctx: SourceContext, exc: BaseException) -> None:
     r.stop_code = getattr(exc, "stop_code", None)    # an operator's timeout says which
     if r.stop_code:
         r.stop_reason = r.error
-    if ctx.handed_over:
+    pc = ctx.postcopy
+    if pc is not None and pc.switched and isinstance(exc, PeerAborted) \
+            and pc.resume_wall is None:
+        pc.switched = False       # the destination gave up before it resumed the guest
+    if pc is not None and pc.switched:
+        # After the switch the guest is the destination's (or lost): nothing resumes here.
+        pc.fail(ctx, r)
+    elif ctx.handed_over:
         # PERMISSION_TO_GO went out: whether the destination resumed is for the control
         # plane to find out (`resolve_handover`); the copy stays paused here.
         r.handover_unknown = True
@@ -277,19 +315,26 @@ def close(ctx: SourceContext) -> None:
         ctx.link.close()
     if ctx.sock is not None:
         ctx.sock.close()
+    if ctx.postcopy is not None:      # its return-path reader ends with the socket
+        ctx.postcopy.close()
     ctx.progress.status = ctx.result.status
 
 
-def finish(ctx: SourceContext, cpu0: float) -> SourceResult:
+def finish(ctx: SourceContext, cpu_seconds: float) -> SourceResult:
     r = ctx.result
     r.rounds = list(ctx.rounds)
     r.pages_sent_total = sum(x.pages_sent for x in ctx.rounds)
     r.bytes_sent_total = ctx.link.bytes_sent if ctx.link else 0
-    # As QEMU's total-time: start to the guest running on the destination. What the source
-    # does afterwards (migbed's verify, destroying its copy) is in the phases.
-    end = ctx.clock.ended_at(Phase.HANDOVER)
+    r.downtime_bytes = r.bytes_sent_total - r.precopy_bytes if r.pause_wall else 0
+    r.precopy_bytes = r.bytes_sent_total - r.downtime_bytes
+    if ctx.postcopy is not None:
+        ctx.postcopy.fill(ctx, r)
+    # As QEMU's total-time: start to the guest running on the destination (post-copy: to
+    # the destination having all of it). What the source does afterwards (migbed's verify,
+    # destroying its copy) is in the phases.
+    end = ctx.clock.ended_at(Phase.HANDOVER) or ctx.clock.ended_at(Phase.POSTCOPY)
     r.total_time_seconds = (end if end is not None else time.monotonic()) - ctx.clock.t0
-    r.cpu_seconds = time.thread_time() - cpu0
+    r.cpu_seconds = cpu_seconds
     r.faults = list(ctx.faults.fired)
     r.phase_seconds = dict(ctx.clock.seconds)
     r.dirty_sync_count = ctx.sync.count if ctx.sync is not None else 0

@@ -64,6 +64,10 @@ def check(s: "MigrationSettings") -> None:
     if s.xbzrle_cache_bytes is not None and s.multifd_channels is not None:
         raise ConfigError("XBZRLE and multifd cannot be used together (QEMU refuses them "
                           "too): drop --xbzrle-cache or --multifd-channels")
+    if s.multifd_channels is not None and s.postcopy_allowed:
+        raise ConfigError("multifd channels and post-copy cannot be used together (QEMU's "
+                          "multifd does not support post-copy before 10.1): drop "
+                          "--multifd-channels or the post-copy options")
 
 
 def zero_detection_in_channels(s: "MigrationSettings") -> bool:

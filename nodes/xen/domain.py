@@ -10,11 +10,19 @@ guest read and write goes through `Domain.write_words` / `read_words` / `write_p
   nothing (no dirty logging possible).
 - VP: the hypervisor translates through its P2M table and, with log-dirty on, marks pfns.
 
+During a post-copy migration the destination runs the guest before all its pages have
+arrived: `present` says which have, and an access (read or write) that touches any that have
+not calls `on_missing` with all of them at once, which the migration layer installs
+(`nodes.migration.postcopy.pagefault`): it asks the source for them and blocks this vCPU
+until they land. The model itself waits on nothing and opens nothing.
+
 All of it happens under `self.lock`, so a mode switch or pause never races a write: a batch
-lands wholly before or wholly after it.
+lands wholly before or wholly after it (a vCPU waiting on a missing page holds the lock: the
+pages land without it).
 """
 
 import threading
+from collections.abc import Callable
 from enum import StrEnum
 
 import numpy as np
@@ -64,6 +72,10 @@ class Domain:
         self.logdirty = LogDirty(self.npages)
         self.pages_written_total = 0
         self.migrating = False
+        # Post-copy: which pages have arrived (None: all), and the handler of an access to
+        # pages that have not (it returns once they have; see the module docstring).
+        self.present: np.ndarray | None = None
+        self.on_missing: Callable[[np.ndarray], None] | None = None
 
     # -- description -------------------------------------------------------------------
     @property
@@ -104,6 +116,11 @@ class Domain:
             raise AccessViolation(
                 f"{self.name}: pfn {hi} is a page-table page, mapped read-only; page-table "
                 "updates go through the hypervisor")
+        present = self.present
+        if present is not None:
+            absent = rel[~present[rel]]
+            if len(absent):
+                self.on_missing(absent)
         if self.mode is Mode.P2M:
             return self.guest_p2m[rel]
         if self.mode is Mode.VP:

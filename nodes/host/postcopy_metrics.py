@@ -1,0 +1,163 @@
+"""A host's post-copy metrics: a prometheus_client custom collector over the post-copy state
+of its running migrations (read at scrape time, as `nodes.host.collectors` reads the rest),
+plus the totals of those that have ended (`PostcopyTotals`, folded in as each ends).
+
+As a source: switches, page requests received (QEMU's postcopy-requests), pages sent on
+request and by the push, bytes by stage (precopy, downtime, postcopy), and whether a running
+migration is paused. As a destination: pages still missing, the vCPU time blocked on faults,
+the faults, and the request-to-landed latency of requested pages (a histogram in QEMU 10.1's
+log2 buckets from 1 us).
+"""
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from nodes.migration.postcopy.pagefault import LATENCY_BUCKETS, latency_bounds
+from nodes.migration.results import PAUSED
+
+if TYPE_CHECKING:
+    from nodes.host.service import HostService
+    from nodes.migration.destination import Receiver
+    from nodes.migration.results import SourceResult
+
+STAGES = ("precopy", "downtime", "postcopy")
+
+
+class PostcopyTotals:
+    """What the ended migrations of a host add to its post-copy counters."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.switches = 0
+        self.requests = 0
+        self.sent = {"requested": 0, "pushed": 0}
+        self.stage_bytes = dict.fromkeys(STAGES, 0)
+        self.blocked_seconds = 0.0
+        self.faults = 0
+        self.latency_counts = np.zeros(LATENCY_BUCKETS + 1, dtype=np.int64)
+        self.latency_sum = 0.0
+
+    def source_ended(self, result: "SourceResult") -> None:
+        with self.lock:
+            for stage in STAGES:
+                self.stage_bytes[stage] += getattr(result, f"{stage}_bytes")
+            if not result.switched:
+                return
+            self.switches += 1
+            self.requests += result.postcopy_requests
+            block = result.postcopy or {}
+            self.sent["requested"] += block.get("pages_requested", 0)
+            self.sent["pushed"] += block.get("pages_pushed", 0)
+
+    def destination_ended(self, recv: "Receiver") -> None:
+        pc = recv.postcopy
+        if pc is None:
+            return
+        with self.lock:
+            self.blocked_seconds += pc.faults.blocked_seconds
+            self.faults += pc.faults.faults
+            self.latency_counts += pc.faults.latency.counts
+            self.latency_sum += pc.faults.latency.sum_seconds
+
+
+class PostcopyCollector:
+    """Reads the host's post-copy state at scrape time (see the module docstring)."""
+
+    def __init__(self, host: "HostService", totals: PostcopyTotals):
+        self.host = host
+        self.totals = totals
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        h, t = self.host, self.totals
+        name = h.name
+        senders = list(h._senders.values())
+        receivers = [r for r in list(h.incoming.values()) if r.postcopy is not None]
+        with t.lock:
+            switches, requests = t.switches, t.requests
+            sent, stage_bytes = dict(t.sent), dict(t.stage_bytes)
+            blocked, faults = t.blocked_seconds, t.faults
+            counts, latency_sum = t.latency_counts.copy(), t.latency_sum
+        paused = 0
+        for sender in senders:
+            pc = sender.ctx.postcopy
+            if pc is None:
+                continue
+            paused += sender.ctx.progress.status == PAUSED
+            if pc.switched:
+                switches += 1
+                requests += pc.requests
+                sent["requested"] += pc.pages_requested
+                sent["pushed"] += pc.pages_pushed
+        fam = GaugeMetricFamily(
+            "migbed_migration_postcopy_paused", "Migrations from this host paused on a broken "
+            "link after their post-copy switch (postcopy-paused).", labels=["host"])
+        fam.add_metric([name], paused)
+        yield fam
+        yield _counter("migbed_migration_postcopy_switches", "Migrations from this host that "
+                       "switched to post-copy.", name, switches)
+        yield _counter("migbed_migration_postcopy_requests", "Page requests this host received "
+                       "as a post-copy source (QEMU's postcopy-requests: each page one).",
+                       name, requests)
+        pages = CounterMetricFamily(
+            "migbed_migration_postcopy_sent_pages", "Pages this host sent after post-copy "
+            "switches, because they were requested or by the background push.",
+            labels=["host", "reason"])
+        for reason, n in sent.items():
+            pages.add_metric([name, reason], n)
+        yield pages
+        stages = CounterMetricFamily(
+            "migbed_migration_stage_sent_bytes", "Bytes of ended migrations from this host, "
+            "by when they were sent: while the guest ran here (precopy), while it was paused "
+            "(downtime), after a post-copy switch (postcopy), as QEMU's precopy-bytes, "
+            "downtime-bytes and postcopy-bytes.", labels=["host", "stage"])
+        for stage, n in stage_bytes.items():
+            stages.add_metric([name, stage], n)
+        yield stages
+        yield from self._destination(name, receivers, blocked, faults, counts, latency_sum)
+
+    @staticmethod
+    def _destination(name: str, receivers: list, blocked: float, faults: int,
+                     counts: np.ndarray, latency_sum: float) -> Iterator[Metric]:
+        missing = GaugeMetricFamily(
+            "migbed_migration_postcopy_missing_pages", "Pages a guest running here in "
+            "post-copy still lacks.", labels=["host", "guest"])
+        for recv in receivers:
+            pc = recv.postcopy
+            missing.add_metric([name, recv.name], 0 if pc.done else recv.landing.missing_pages)
+            blocked += pc.faults.blocked_seconds
+            faults += pc.faults.faults
+            counts = counts + pc.faults.latency.counts
+            latency_sum += pc.faults.latency.sum_seconds
+        yield missing
+        yield _counter("migbed_migration_postcopy_blocktime_seconds", "Time the vCPUs of guests "
+                       "arriving here by post-copy waited for missing pages (QEMU's "
+                       "postcopy-blocktime).", name, blocked)
+        yield _counter("migbed_migration_postcopy_faults", "Times a vCPU of a guest arriving "
+                       "here by post-copy blocked on missing pages.", name, faults)
+        latency = HistogramMetricFamily(
+            "migbed_migration_postcopy_fault_latency_seconds", "Request-to-landed time of each "
+            "page a post-copy guest here asked for (QEMU 10.1's postcopy-latency), in log2 "
+            "buckets from 1 us.", labels=["host"])
+        cumulative = np.cumsum(counts)
+        buckets = [("+Inf" if b == float("inf") else repr(b), float(c))
+                   for b, c in zip(latency_bounds(), cumulative, strict=True)]
+        latency.add_metric([name], buckets, sum_value=latency_sum)
+        yield latency
+
+
+def _counter(metric: str, doc: str, host: str, value: float) -> Metric:
+    fam = CounterMetricFamily(metric, doc, labels=["host"])
+    fam.add_metric([host], value)
+    return fam

@@ -1,0 +1,150 @@
+"""Recovering a post-copy migration whose link broke, as QEMU's postcopy recovery does it.
+
+After the switch neither side may give up: the guest runs on the destination, whose missing
+pages only the source has. A broken link (an I/O error, a corrupt record, no progress for the
+timeout) pauses the migration on both sides (`postcopy-paused`): the guest keeps running on
+the destination, a vCPU touching a missing page waits.
+
+- The source (`reconnect`) opens a new connection to the destination, with the migration's
+  ticket (its listener stays open while post-copy is possible), and sends POSTCOPY_RECOVER; it
+  retries for the migration's timeout, then stays paused until `migrate-recover`, which is the
+  operator saying the link is back (a cut link stays down until then).
+- The destination (`accept_recovery`) waits for that connection as long as it takes (its
+  guest depends on it), answers with the set of pages it has (RECV_BITMAP), asks again for
+  the pages its vCPU still waits for, and says again when its guest resumed.
+- The source then sends every page the destination does not have, once more from pfn 0:
+  whatever was in flight when the link broke goes again; nothing is applied twice, since the
+  landing takes only pages still missing.
+"""
+
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from nodes.errors import ConnectionLost, GuestLost, MigbedError, MigrationError, PostcopyPaused
+from nodes.migration import pagesets, records
+from nodes.migration.channel import Listener, connect
+from nodes.migration.link import LinkSender
+from nodes.migration.reader import RecordReader
+from nodes.migration.records import RecordType as RT
+from nodes.migration.results import PAUSED
+from nodes.phase import Phase
+
+if TYPE_CHECKING:
+    from nodes.migration.context import SourceContext
+    from nodes.migration.postcopy.state import PostcopySource
+
+RETRY_SECONDS = 0.05           # between a source's connection attempts
+ACCEPT_POLL_SECONDS = 0.1      # how often a waiting destination looks whether to go on
+
+
+def no_progress(timeout: float, what: str) -> ConnectionLost:
+    return ConnectionLost(f"no progress for {timeout:g} s waiting for {what}")
+
+
+def still_paused(ctx: "SourceContext", timeout: float) -> PostcopyPaused:
+    pc = ctx.postcopy
+    return PostcopyPaused(
+        f"the link to the destination broke after the post-copy switch ({pc.broken}) and "
+        f"did not come back within {timeout:g} s: the migration is {PAUSED}, the guest runs "
+        f"on the destination; once the link is back run `migbed migrate-recover {ctx.guest}`")
+
+
+# -- the source ---------------------------------------------------------------------------------
+def reconnect(ctx: "SourceContext", pc: "PostcopySource", timeout: float) -> bool:
+    """A new connection to the destination within `timeout`, and every page it lacks marked
+    to go again; False if the link did not come back (the migration stays paused)."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    ctx.progress.status = PAUSED
+    wire = _drop_connection(ctx, pc)
+    try:
+        while True:
+            if ctx.faults.killed:
+                raise GuestLost(f"{ctx.hv.name} died after the post-copy switch")
+            if not ctx.faults.link_down and _attempt(ctx, pc, wire,
+                                                     max(0.05, deadline - time.monotonic())):
+                break
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(RETRY_SECONDS)
+    finally:
+        pc.paused_seconds += time.monotonic() - t0
+    pc.paused = False
+    pc.recoveries += 1
+    ctx.progress.status = Phase.POSTCOPY.value
+    return True
+
+
+def _drop_connection(ctx: "SourceContext", pc: "PostcopySource"):
+    """Close the broken connection (its return-path reader ends with it); returns its wire's
+    pacer (a slowed link stays slow)."""
+    wire = None
+    if ctx.link is not None:
+        pc.earlier_links_bytes += ctx.link.bytes_sent
+        wire = (ctx.link.link, ctx.link.shared)
+        ctx.link.close()
+        ctx.link = None
+    if ctx.sock is not None:
+        try:
+            ctx.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        ctx.sock.close()
+        ctx.sock = None
+    pc.close()
+    return wire
+
+
+def _attempt(ctx: "SourceContext", pc: "PostcopySource", wire, timeout: float) -> bool:
+    try:
+        sock = connect(ctx.ticket, timeout)
+    except MigrationError:
+        return False
+    s, dom = ctx.settings, ctx.dom
+    try:
+        link = LinkSender(sock, s.link_bytes_per_second, s.latency_seconds, None,
+                          ctx.shared_link)
+        if wire is not None:
+            link.link, link.shared = wire
+        link.send([records.encode_record(RT.POSTCOPY_RECOVER,
+                                         {"migration_id": ctx.ticket.migration_id})])
+        reader = RecordReader(sock.recv_into)
+        reader.page_size, reader.guest_pages = ctx.hv.page_size, dom.npages
+        received = pagesets.decode_bitmap(reader.expect(RT.RECV_BITMAP).fields["bitmap"],
+                                         dom.npages)
+    except (MigbedError, OSError):
+        sock.close()
+        return False
+    ctx.cursor.reset(~received)
+    ctx.sock, ctx.link, ctx.reader = sock, link, reader
+    ctx.pipeline.link = link
+    ctx.faults.attach(sock, link)
+    pc.start_reader(ctx)
+    return True
+
+
+# -- the destination ----------------------------------------------------------------------------
+def accept_recovery(listener: Listener, migration_id: str, timeout: float,
+                    go_on) -> tuple[socket.socket, RecordReader] | None:
+    """One source connection that presents the migration's token and POSTCOPY_RECOVER for
+    this migration, waiting for as long as `go_on()` says (None once it says stop)."""
+    while go_on():
+        try:
+            conn = listener.accept_once(ACCEPT_POLL_SECONDS)
+        except OSError:
+            return None                     # the listener was closed: this host is going
+        if conn is None:
+            continue
+        conn.settimeout(timeout)
+        reader = RecordReader(conn.recv_into)
+        try:
+            rec = reader.expect(RT.POSTCOPY_RECOVER)
+        except MigbedError:
+            conn.close()
+            continue
+        if rec.fields["migration_id"] != migration_id:
+            conn.close()
+            continue
+        return conn, reader
+    return None

@@ -1,0 +1,184 @@
+"""A migration's post-copy state on its source (`PostcopySource`): the switch asked for and
+the rule that decides it, the requests the return path brings (a thread hands them over), the
+push's pacing, the destination's RESULT, a broken link, and every figure of the report's
+`postcopy` block, as QEMU names them where it has names."""
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+from nodes.errors import MigbedError
+from nodes.migration.clock import to_source_clock
+from nodes.migration.context import SourceContext
+from nodes.migration.link import Pacer
+from nodes.migration.policy import Decision, PrecopyStats
+from nodes.migration.postcopy import recovery
+from nodes.migration.postcopy.returnpath import RequestReader
+from nodes.migration.postcopy.trigger import SwitchRule, prefer
+from nodes.migration.progress import RoundStats
+from nodes.migration.results import SourceResult
+from nodes.migration.settings import MigrationSettings
+
+
+class PostcopySource:
+    """A migration's post-copy state on its source: the switch request, the requests the
+    return path brings, what the push sent, and the figures of the report."""
+
+    def __init__(self, settings: MigrationSettings):
+        self.rule = SwitchRule(settings.postcopy_after_rounds, settings.postcopy_after_seconds)
+        bw = settings.postcopy_bandwidth_bytes_per_second
+        self.pacer = Pacer(bw) if bw else None
+        self.push_due_at = 0.0                   # monotonic: the push's next record may go
+        self.asked = threading.Event()           # migrate-postcopy
+        self.cond = threading.Condition()
+        self.queue: collections.deque = collections.deque()   # request records' pfns
+        self.broken: BaseException | None = None
+        self.result: dict | None = None          # the destination's RECEIVER_RESULT
+        self.resume_wall: float | None = None
+        self.resume_seen: float | None = None     # monotonic: RESUMED reached this side
+        self.reader: RequestReader | None = None
+        self.switched = False                    # RUN went out: the guest is the destination's
+        self.paused = False
+        self.round: RoundStats | None = None
+        self.requests = 0                        # pages asked for (QEMU's postcopy-requests)
+        self.pages_requested = 0                 # sent because asked for
+        self.pages_pushed = 0                    # sent by the background push
+        self.requests_already_sent = 0           # asked for, already on their way: skipped
+        self.recoveries = 0
+        self.paused_seconds = 0.0
+        self.precopy_bytes = 0
+        self.downtime_bytes = 0
+        self.earlier_links_bytes = 0             # bytes of connections that broke
+        self.switched_at_seconds: float | None = None
+        self.downtime_qemu_seconds: float | None = None
+        self.guest_rate_before: float | None = None
+
+    # -- the switch, decided with the pre-copy policy (`trigger`) --------------------------
+    def prefer(self, decision: Decision, stats: PrecopyStats) -> Decision:
+        return prefer(self.rule, decision, stats, self.asked.is_set())
+
+    def cut_pass(self, ctx: SourceContext) -> bool:
+        return self.rule.timed_out(time.monotonic() - ctx.clock.t0, self.asked.is_set())
+
+    def due_after(self, rounds: int) -> bool:
+        """A switch after N live rounds is due once `rounds` have ended (a mid-pass policy
+        ends its chunk there, so the next pass does not begin first)."""
+        return self.rule.after_rounds is not None and rounds >= self.rule.after_rounds
+
+    def ask(self) -> None:
+        self.asked.set()
+
+    # -- the return path's news (from the RequestReader thread) ----------------------------
+    def requested(self, pfns: np.ndarray) -> None:
+        with self.cond:
+            self.queue.append(pfns)
+            self.requests += len(pfns)
+            self.cond.notify_all()
+
+    def resumed(self, wall: float) -> None:
+        if self.resume_wall is None:
+            self.resume_seen = time.monotonic()
+        self.resume_wall = wall
+
+    def finished(self, fields: dict) -> None:
+        with self.cond:
+            self.result = fields
+            self.cond.notify_all()
+
+    def broke(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.broken is None:
+                self.broken = exc
+            self.cond.notify_all()
+
+    def raise_if_broken(self) -> None:
+        with self.cond:
+            exc = self.broken
+        if exc is not None:
+            raise exc
+
+    def take_requests(self) -> list[np.ndarray]:
+        with self.cond:
+            out = list(self.queue)
+            self.queue.clear()
+        return out
+
+    def start_reader(self, ctx: SourceContext) -> None:
+        with self.cond:
+            self.broken = None
+        self.reader = RequestReader(ctx.sock, ctx.reader, self, ctx.dom.npages)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.stop()
+            self.reader = None
+
+    # -- pacing and waiting -------------------------------------------------------------------
+    def pushed(self, nbytes: int, start: float) -> None:
+        """A push record went: the next is due when the push's own limit says."""
+        if self.pacer is not None:
+            self.push_due_at = self.pacer.charge(nbytes, start)
+
+    def wait_push(self) -> bool:
+        """Wait until the next push record is due; True if a request (or a broken link)
+        cut the wait short, so it is served first and the push waits on."""
+        with self.cond:
+            while not self.queue and self.broken is None:
+                left = self.push_due_at - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+    def wait_result(self, timeout: float) -> dict:
+        """The destination's RESULT after END, within the timeout (else the link broke)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.result is None and self.broken is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.broken = recovery.no_progress(timeout, "the destination's RESULT")
+                    break
+                self.cond.wait(left)
+        self.raise_if_broken()
+        return self.result
+
+    # -- the result ---------------------------------------------------------------------------
+    def bytes_total(self, ctx: SourceContext) -> int:
+        return self.earlier_links_bytes + (ctx.link.bytes_sent if ctx.link else 0)
+
+    def fill(self, ctx: SourceContext, r: SourceResult) -> None:
+        """The post-copy figures of the source's result (QEMU's names where it has them)."""
+        r.switched = self.switched
+        if not self.switched:
+            return                    # finished as pre-copy: `finish` split its bytes
+        total = self.bytes_total(ctx)
+        r.bytes_sent_total = total
+        r.precopy_bytes = self.precopy_bytes
+        r.downtime_bytes = self.downtime_bytes
+        r.postcopy_bytes = total - self.precopy_bytes - self.downtime_bytes
+        r.postcopy_requests = self.requests
+        if self.resume_wall is not None and r.resume_wall is None:    # the destination's
+            r.resume_wall = to_source_clock(self.resume_wall, r.clock_offset_seconds)
+        r.postcopy = {
+            "switched_at_seconds": self.switched_at_seconds,
+            "downtime_qemu_seconds": self.downtime_qemu_seconds,
+            "pages_requested": self.pages_requested, "pages_pushed": self.pages_pushed,
+            "requests_already_sent": self.requests_already_sent,
+            "recoveries": self.recoveries, "paused_seconds": self.paused_seconds,
+            "guest_rate_before": self.guest_rate_before}
+
+    def fail(self, ctx: SourceContext, r: SourceResult) -> None:
+        """The migration failed after the switch. If the destination had confirmed the whole
+        guest, it runs there and only this side's own work failed; otherwise neither host
+        has all of it: the guest is lost, and the stale copy here goes."""
+        if self.result is not None and self.result.get("ok"):
+            return
+        r.guest_lost = True
+        try:
+            ctx.runtime.stop_guest(ctx.guest)
+            ctx.hv.destroy_domain(ctx.dom.name, force=True)
+        except MigbedError:
+            pass
