@@ -20,11 +20,11 @@ from workloads.patterns import (
     PhasedWorkload,
     SequentialWorkload,
     Workload,
-    check_state_values,
     hot_pages,
     make_workload,
 )
 from workloads.spec import PATTERNS, WorkloadSpec
+from workloads.state import check_state_values
 from workloads.vcpu import VCPU, ProgressLog
 
 MiB = 1 << 20

@@ -25,7 +25,6 @@ migration's downtime) `resume(now)` restarts the clock, so a paused guest never 
 up on time it did not run.
 """
 
-import json
 import math
 from typing import ClassVar
 
@@ -35,10 +34,16 @@ from nodes.errors import ConfigError, GuestPaused
 from workloads.content import COUNTER_BYTES, content, fill
 from workloads.guest import Guest
 from workloads.spec import PATTERNS, WorkloadSpec
+from workloads.state import (
+    CONTENT_STREAM,
+    FILL_STREAM,
+    STATE_FORMAT,
+    generator,
+    generator_from_text,
+    generator_text,
+)
 
-STATE_FORMAT = 1
 DEFAULT_MAX_BATCH_PAGES = 4096
-_INT64_MAX = 2**63 - 1
 
 
 class Workload:
@@ -70,7 +75,7 @@ class Workload:
         self.rng = np.random.Generator(np.random.PCG64(spec.seed))
         # What the writes put beside the counter, from a generator of its own: the pages a
         # workload picks do not depend on how many bytes it writes.
-        self.content_rng = _generator(spec.seed, _CONTENT_STREAM)
+        self.content_rng = generator(spec.seed, CONTENT_STREAM)
         self.pages_written_total = 0
         self.budget_pages = 0.0        # fractional (and bounded backlog) carry of the rate budget
         self.running_seconds = 0.0     # phase clock: running time seen by write() since start
@@ -192,7 +197,7 @@ class Workload:
     def fill(self, domain: Guest) -> None:
         """What the guest's data pages hold before the workload starts (`spec.fill`, see
         `workloads.content.fill`); word 0 stays 0, so the lost-write check still holds."""
-        fill(domain, self.spec.fill, _generator(self.spec.seed, _FILL_STREAM),
+        fill(domain, self.spec.fill, generator(self.spec.seed, FILL_STREAM),
              self.data_pages, self.page_size)
 
     # -- state ---------------------------------------------------------------------------
@@ -207,9 +212,8 @@ class Workload:
             "pattern": self.pattern,
             "data_pages": self.data_pages,
             "seed": self.spec.seed,
-            # PCG64's state and increment are 128-bit ints: JSON keeps them exact as text.
-            "rng": json.dumps(self.rng.bit_generator.state, sort_keys=True),
-            "content_rng": json.dumps(self.content_rng.bit_generator.state, sort_keys=True),
+            "rng": generator_text(self.rng),
+            "content_rng": generator_text(self.content_rng),
             "pages_written_total": int(self.pages_written_total),
             "budget_pages": float(self.budget_pages),
             "running_seconds": float(self.running_seconds),
@@ -238,10 +242,9 @@ class Workload:
         if state["data_pages"] != self.data_pages:
             raise ConfigError(f"workload state is for {state['data_pages']} data pages, the "
                               f"guest has {self.data_pages}")
-        self.rng = np.random.Generator(_bit_generator(state["rng"], "generator"))
+        self.rng = generator_from_text(state["rng"], "generator")
         if "content_rng" in state:
-            self.content_rng = np.random.Generator(_bit_generator(state["content_rng"],
-                                                                  "content generator"))
+            self.content_rng = generator_from_text(state["content_rng"], "content generator")
         self.pages_written_total = int(state["pages_written_total"])
         self.budget_pages = float(state["budget_pages"])
         self.running_seconds = float(state["running_seconds"])
@@ -424,41 +427,3 @@ def make_workload(spec: WorkloadSpec, data_pages: int, state: dict | None = None
     """The workload `spec` describes over `data_pages` pages of `page_size` bytes, fresh or
     restored from `state`."""
     return WORKLOAD_CLASSES[spec.pattern](spec, data_pages, state, page_size)
-
-
-_CONTENT_STREAM = 1     # the workload's generators: page choice is the seed's own stream
-_FILL_STREAM = 2
-
-
-def _bit_generator(text: str, what: str) -> np.random.PCG64:
-    try:
-        bitgen = np.random.PCG64()
-        bitgen.state = json.loads(text)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ConfigError(f"workload state has an unreadable {what} state: {exc}") from None
-    return bitgen
-
-
-def _generator(seed: int, stream: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream])))
-
-
-def check_state_values(value: object, path: str = "state") -> None:
-    """Raise ConfigError unless `value` is plain msgpack data with ints in signed 64 bits."""
-    if value is None or isinstance(value, bool | float | str):
-        return
-    if isinstance(value, int):
-        if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
-            raise ConfigError(f"{path} = {value} does not fit in a signed 64-bit integer")
-        return
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            check_state_values(item, f"{path}[{i}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ConfigError(f"{path} has a non-string key {key!r}")
-            check_state_values(item, f"{path}.{key}")
-        return
-    raise ConfigError(f"{path} holds a {type(value).__name__}, not plain msgpack data")
