@@ -149,7 +149,11 @@ class LocalRay:
 
         from nodes.host.actor import host_resource
         self.groups = place.local_groups(names, hosts_per_node)
-        common = {"num_cpus": 1, "object_store_memory": object_store_bytes}
+        # No autoscaler monitor (a local cluster never scales) and no log monitor (no
+        # driver here takes workers' logs): two Python processes fewer, which cut the head's
+        # start from 3.7 to 2.4 s on 2 cores and 8 hosts up from 5.9-7.0 to 5.7-5.8 s.
+        common = {"num_cpus": 1, "object_store_memory": object_store_bytes,
+                  "no_monitor": True, "include_log_monitor": False}
 
         def resources(group: list[str]) -> dict:
             return {host_resource(n): 1 for n in group}

@@ -146,13 +146,13 @@ def register(sub: Commands) -> None:
 
 
 def _register_bench(sub: Commands) -> None:
+    from cluster.bench.options import SECTIONS
     s = sub.add_parser("bench", help="how close migbed runs to this machine's limits: "
-                       "throughput, downtime floor, dirtying, start-up, scale")
+                       "throughput, downtime floor, dirtying, wire, start-up, scale, post-copy")
     s.add_argument("--quick", action="store_true",
                    help="tiny sizes, one repeat: proves it runs, measures nothing")
     s.add_argument("--only", default=None, metavar="SECTIONS",
-                   help="comma-separated sections: throughput, downtime, dirtying, stages, "
-                        "startup, scale, postcopy (default all)")
+                   help=f"comma-separated sections: {', '.join(SECTIONS)} (default all)")
     s.add_argument("--repeats", type=arg(parse_count, "--repeats", 1), default=None,
                    help="repeats of every figure (default 5)")
     s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),
