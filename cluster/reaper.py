@@ -12,10 +12,10 @@ import signal
 import time
 
 
-def session_processes(sid: int, zombies: bool = False) -> list[int]:
-    """Every process of session `sid` (read from /proc/<pid>/stat), this one excluded;
-    with `zombies`, also those dead but not yet reaped."""
-    out = []
+def proc_stats() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/<pid>/stat after the command (state, ppid, pgrp, sid...)
+    of every process but this one."""
+    out: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -24,10 +24,15 @@ def session_processes(sid: int, zombies: bool = False) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if (zombies or fields[0] != "Z") and int(fields[3]) == sid:
-            out.append(int(entry))
+        out[int(entry)] = stat[stat.rindex(")") + 2:].split()
     return out
+
+
+def session_processes(sid: int, zombies: bool = False) -> list[int]:
+    """Every process of session `sid`, this one excluded; with `zombies`, also those dead
+    but not yet reaped."""
+    return [pid for pid, f in proc_stats().items()
+            if (zombies or f[0] != "Z") and int(f[3]) == sid]
 
 
 def kill_session(sid: int, grace_seconds: float = 2.0, reap_seconds: float = 5.0) -> int:

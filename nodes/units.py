@@ -10,6 +10,7 @@ A leaf module: it imports nothing of migbed but `nodes.errors`.
 
 import math
 import re
+from dataclasses import fields
 
 from nodes.errors import ConfigError
 
@@ -176,3 +177,12 @@ def format_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def from_fields(cls, data: dict):
+    """The dataclass `cls` from `data`; ConfigError names any key `cls` has no field for
+    (a setting misspelt in a scenario or an API call is an error, not silently dropped)."""
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
+    return cls(**data)

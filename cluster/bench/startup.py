@@ -116,17 +116,10 @@ def memory_monitor_kills(session_dir: Path) -> int:
 
 def descendants(pid: int) -> list[int]:
     """Every process below `pid`, from /proc (Linux)."""
+    from cluster.reaper import proc_stats
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+    for child, f in proc_stats().items():
+        children.setdefault(int(f[1]), []).append(child)
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):

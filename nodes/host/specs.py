@@ -4,20 +4,13 @@ Frozen dataclasses that round-trip through plain dicts (JSON, TOML, actor calls)
 objects (the hypervisor, its domains, their vCPUs) are built from them by `nodes.host.service`.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from nodes.errors import ConfigError
+from nodes.units import from_fields
 from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
 from nodes.xen.profiles import DEFAULT_PROFILE, Mode
 from workloads.spec import WorkloadSpec
-
-
-def _from_dict(cls, data: dict):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
-    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -48,7 +41,7 @@ class HostConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HostConfig":
-        return _from_dict(cls, data)
+        return from_fields(cls, data)
 
 
 @dataclass(frozen=True)
@@ -73,4 +66,4 @@ class GuestSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GuestSpec":
-        return _from_dict(cls, data)
+        return from_fields(cls, data)

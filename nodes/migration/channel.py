@@ -70,15 +70,9 @@ class Listener:
                 conn, _ = self.sock.accept()
             except TimeoutError:
                 raise MigrationError(f"no source connected within {timeout:g} s") from None
-            conn.settimeout(timeout)
-            try:
-                got = _recv_exact(conn, TOKEN_BYTES)
-            except OSError:
-                got = b""
-            if got and hmac.compare_digest(got, self.token):
-                _tune(conn)
-                return conn
-            conn.close()
+            admitted = self._admit(conn, timeout)
+            if admitted is not None:
+                return admitted
         raise MigrationError("too many connections without the migration's token")
 
     def accept_once(self, timeout: float) -> socket.socket | None:
@@ -89,6 +83,10 @@ class Listener:
             conn, _ = self.sock.accept()
         except TimeoutError:
             return None
+        return self._admit(conn, timeout)
+
+    def _admit(self, conn: socket.socket, timeout: float) -> socket.socket | None:
+        """`conn` if it presents the token within `timeout`; otherwise it is closed."""
         conn.settimeout(timeout)
         try:
             got = _recv_exact(conn, TOKEN_BYTES)

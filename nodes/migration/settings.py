@@ -3,20 +3,13 @@ plain dicts (and so JSON and TOML) and travels to both hosts; the live objects (
 fault seams) are built from it.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from nodes.errors import ConfigError
 from nodes.migration import wire
 from nodes.migration.convergence import check_settings as check_convergence
 from nodes.migration.policy import POLICIES, PrecopyPolicy, policy_for
-
-
-def _from_dict(cls, data: dict):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
-    return cls(**data)
+from nodes.units import from_fields
 
 
 @dataclass(frozen=True)
@@ -141,4 +134,4 @@ class MigrationSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MigrationSettings":
-        return _from_dict(cls, data)
+        return from_fields(cls, data)
