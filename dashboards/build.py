@@ -108,8 +108,9 @@ class Panels:
             f"sum by (le) (increase({metric}_bucket{{{HG}}}[$__range]))", "{{le}}",
             instant=True, fmt=PromQueryFormat.HEATMAP))
 
-    def quantiles(self, title, description, metric):
-        qs = [query(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{HG}}}[5m])))",
+    def quantiles(self, title, description, metric, selector=HG):
+        qs = [query(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{selector}}}"
+                    "[5m])))",
                     f"p{round(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]
         return self.ts(title, description, "s", qs)
 
@@ -172,7 +173,7 @@ def build_dashboard() -> Dashboard:
 
 
 def cluster_row(d: Dashboard, p: Panels) -> Dashboard:
-    """The the cluster row."""
+    """The cluster row."""
     return (
         d
         .with_row(p.row("Cluster"))
@@ -402,13 +403,10 @@ def postcopy_row(d: Dashboard, p: Panels) -> Dashboard:
             "percentunit",
             [query(top(f"sum by (host) (rate(migbed_migration_postcopy_blocktime_seconds_total"
                        f"{{{H}}}[$__rate_interval]))"), "{{host}}")]))
-        .with_panel(p.ts(
+        .with_panel(p.quantiles(   # a host's histogram: no guest label
             "Fault latency quantiles (5m)", "Request to landed of the pages post-copy guests "
-            "asked for in the last five minutes (QEMU 10.1's postcopy-latency).", "s",
-            [query(f"histogram_quantile({q}, sum by (le) (rate("
-                   f"migbed_migration_postcopy_fault_latency_seconds_bucket{{{H}}}[5m])))",
-                   f"p{round(q * 100)}", ref)
-             for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]))
+            "asked for in the last five minutes (QEMU 10.1's postcopy-latency).",
+            "migbed_migration_postcopy_fault_latency_seconds", selector=H))
         .with_panel(p.ts(
             "Bytes by stage (5m)", "Bytes of the migrations that ended in the last five "
             "minutes, by when they went: the guest running on its source, paused, or on its "

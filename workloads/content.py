@@ -42,9 +42,9 @@ def check_fill(fill: str) -> str:
 
 
 @cache
-def _vocabulary() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(word bytes back to back, word starts, word lengths with their space, id table):
-    the same for every process (a fixed seed), made once."""
+def _vocabulary() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """(word bytes back to back, word starts, word lengths with their space, id table, mean
+    length of a drawn word): the same for every process (a fixed seed), made once."""
     rng = np.random.Generator(np.random.PCG64(0x7E57))
     letters = np.frombuffer(_LETTERS, np.uint8)
     shares = np.array(_LETTER_SHARES) / sum(_LETTER_SHARES)
@@ -57,7 +57,7 @@ def _vocabulary() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     zipf = 1.0 / np.arange(1, _VOCABULARY_WORDS + 1)
     counts = np.maximum(1, np.round(zipf / zipf.sum() * _TABLE)).astype(np.int64)
     table = np.resize(np.repeat(np.arange(_VOCABULARY_WORDS, dtype=np.int32), counts), _TABLE)
-    return words, starts, with_space, table
+    return words, starts, with_space, table, float(with_space[table].mean())
 
 
 def text_bytes(rng: np.random.Generator, rows: int, width: int) -> np.ndarray:
@@ -65,8 +65,7 @@ def text_bytes(rng: np.random.Generator, rows: int, width: int) -> np.ndarray:
     total = rows * width
     if total == 0:
         return np.zeros((rows, width), np.uint8)
-    words, starts, lengths, table = _vocabulary()
-    mean = float(lengths[table].mean())
+    words, starts, lengths, table, mean = _vocabulary()
     ids = table[rng.integers(0, _TABLE, int(total / mean * 1.05) + 64, dtype=np.int32)]
     sizes = lengths[ids]
     while int(sizes.sum()) < total:                      # rare: top up

@@ -160,12 +160,17 @@ class Workload:
         if n == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
         pages, increments = self._select(n)
-        self.pages_written_total += n
+        self._advance(n)
         return pages, increments
+
+    def _advance(self, n: int) -> None:
+        """`n` more page accesses made (writes; a reader counts reads)."""
+        self.pages_written_total += n
 
     # -- the write path ------------------------------------------------------------------
     def write(self, domain: Guest, now: float, max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> int:
-        """Write the pages due at `now` into `domain`; return the number of page writes.
+        """Write the pages due at `now` into `domain`; return the number of page writes
+        (a reader, `scan`: the pages it read).
 
         The caller holds `domain.lock`, so choosing pages and storing them is atomic against a
         pause or a mode switch. A paused guest raises GuestPaused before anything advances, and
@@ -181,18 +186,22 @@ class Workload:
             pages, increments = self.take_batch(now, max_batch)
             if len(pages) == 0:
                 return 0
-            pfns = pages + domain.pfn_base if domain.pfn_base else pages
-            old = domain.read_words(pfns, 0)
-            if self.spec.write_bytes <= COUNTER_BYTES:
-                domain.write_words(pfns, 0, old + increments)
-            else:       # the counter, then fresh content up to write_bytes
-                data = np.empty((len(pfns), self.spec.write_bytes), np.uint8)
-                data[:, :COUNTER_BYTES] = (old + increments).astype("<u8")[:, None].view(
-                    np.uint8)
-                data[:, COUNTER_BYTES:] = content(self.spec.fill, self.content_rng, len(pfns),
-                                                  self.spec.write_bytes - COUNTER_BYTES)
-                domain.write_bytes(pfns, 0, data)
+            self._touch(domain, pages + domain.pfn_base if domain.pfn_base else pages,
+                        increments)
             return int(increments.sum())
+
+    def _touch(self, domain: Guest, pfns: np.ndarray, increments: np.ndarray) -> None:
+        """Bump each page's counter by its increment (and, with write_bytes, fresh content
+        after it); the caller holds `domain.lock`."""
+        old = domain.read_words(pfns, 0)
+        if self.spec.write_bytes <= COUNTER_BYTES:
+            domain.write_words(pfns, 0, old + increments)
+            return
+        data = np.empty((len(pfns), self.spec.write_bytes), np.uint8)
+        data[:, :COUNTER_BYTES] = (old + increments).astype("<u8")[:, None].view(np.uint8)
+        data[:, COUNTER_BYTES:] = content(self.spec.fill, self.content_rng, len(pfns),
+                                          self.spec.write_bytes - COUNTER_BYTES)
+        domain.write_bytes(pfns, 0, data)
 
     def fill(self, domain: Guest) -> None:
         """What the guest's data pages hold before the workload starts (`spec.fill`, see
@@ -377,26 +386,11 @@ class ScanWorkload(SequentialWorkload):
     def progress_pages(self) -> int:
         return self.pages_read_total
 
-    def take_batch(self, now: float,
-                   max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> tuple[np.ndarray, np.ndarray]:
-        n = self._due_pages(now, max_batch)
-        if n == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
-        pages, counts = self._select(n)
+    def _advance(self, n: int) -> None:
         self.pages_read_total += n
-        return pages, counts
 
-    def write(self, domain: Guest, now: float, max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> int:
-        """Read the pages due at `now` (nothing is written); returns the pages read."""
-        with domain.lock:
-            if not domain.is_running:
-                self._clock_seconds = None
-                raise GuestPaused(f"{domain.name} is not running")
-            pages, counts = self.take_batch(now, max_batch)
-            if len(pages) == 0:
-                return 0
-            domain.read_words(pages + domain.pfn_base if domain.pfn_base else pages, 0)
-            return int(counts.sum())
+    def _touch(self, domain: Guest, pfns: np.ndarray, increments: np.ndarray) -> None:
+        domain.read_words(pfns, 0)          # reads only: its counters never change
 
     def get_state(self) -> dict:
         return {**super().get_state(), "pages_read_total": int(self.pages_read_total)}

@@ -230,8 +230,10 @@ class VCPU:
                         wl.resume(now)
                         self.resumes_total += 1
                         need_resume = False
+                    dirtied = wl.pages_written_total
                     try:
                         written = wl.write(dom, now, self.max_batch_pages)
+                        dirtied = wl.pages_written_total - dirtied
                     except GuestPaused:
                         need_resume = True
                         written = None
@@ -240,7 +242,7 @@ class VCPU:
                 continue
             self.batches_total += 1
             self.log.record(time.time(), wl.progress_pages)
-            self._throttle(written)
+            self._throttle(dirtied)             # a reader (`scan`) dirties no ring
             if rate_limited or written == 0:
                 time.sleep(self.tick_seconds)
             else:
@@ -295,8 +297,7 @@ class VCPU:
                     break
                 time.sleep(min(left, _SLEEP_POLL_SECONDS))
             slept = time.monotonic() - t0
-            self.log.record_sleep(start_wall, start_wall + slept,
-                                  self.workload.pages_written_total)
+            self.log.record_sleep(start_wall, start_wall + slept, self.workload.progress_pages)
         finally:
             self._sleep_started = None
             self._sleeping.clear()
@@ -375,13 +376,13 @@ class VCPU:
 
     def cost(self, start_wall: float, end_wall: float, pages_at_start: int,
              rate_before: float | None, slept_seconds: float) -> dict:
-        """What a migration from `start_wall` to `end_wall` cost this guest: its page-write
-        rate before it (`rate_before`, read when it started) and during it (its writes
-        since `pages_at_start`, the vCPU stopped or paused at `end_wall`), the slowdown
+        """What a migration from `start_wall` to `end_wall` cost this guest: its page rate
+        (writes; a `scan`'s reads) before it (`rate_before`, read when it started) and during
+        it (its pages since `pages_at_start`, the vCPU stopped or paused at `end_wall`), the slowdown
         (1 - during / before; None for a guest that wrote nothing before), and the seconds
         it slept throttled."""
         span = end_wall - start_wall
-        during = (self.pages_written_total - pages_at_start) / span if span > 0 else None
+        during = (self.workload.progress_pages - pages_at_start) / span if span > 0 else None
         slowdown = (1 - during / rate_before) if rate_before and during is not None else None
         return {"write_rate_before_pages_per_second": rate_before,
                 "write_rate_during_pages_per_second": during,

@@ -16,6 +16,7 @@ from pathlib import Path
 from cluster.bench.child import run_child
 from cluster.bench.options import BenchOptions, MiB
 from cluster.bench.results import Results
+from nodes.host.process import vm_rss_bytes
 from nodes.units import format_bytes
 
 STARTUP_GUEST_BYTES = 4 * MiB
@@ -95,7 +96,7 @@ def cluster_memory(tb) -> dict:
     of this driver), less what of it is the hosts' guest frames (machine memory), over the
     hosts."""
     procs = descendants(os.getpid())
-    rss = sum(rss_bytes(p) for p in procs)
+    rss = sum(vm_rss_bytes(p) for p in procs)
     stats = [h.call("process_stats") for h in tb.hosts.values()]
     frames = sum(s["arena_rss_bytes"] for s in stats)
     return {"rss_bytes_per_host": (rss - frames) / len(stats), "processes": len(procs),
@@ -126,14 +127,3 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -24,7 +24,6 @@ from cluster.cli.options import (
     workload_from,
     write_output,
 )
-from cluster.cli.postcopy import model_postcopy
 from nodes.errors import ConfigError
 from nodes.units import format_bytes, parse_positive_size, parse_seconds
 
@@ -97,7 +96,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     if args.bandwidth is None and args.rate_limit is None:
         raise ConfigError("the model needs a bandwidth (--bandwidth, e.g. 128MiB): give the "
                           "link's speed or the throughput you measured")
-    from cluster.model.block import policy_settings_of
+    from cluster.model.block import policy_settings_of, postcopy_inputs
     from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
     settings = settings_from(args)
     # No host pair measured here: the fixed downtime is the three one-way crossings.
@@ -111,7 +110,7 @@ def cmd_model(args: argparse.Namespace) -> int:
                    dirty_limit=DirtyLimitSpec.from_settings(settings),
                    completion_timeout=timeouts_from(settings, args.guest_memory),
                    warmup_seconds=args.warmup, zero_page_detection=args.zero_page_detection,
-                   **model_postcopy(args))
+                   **postcopy_inputs(settings))
     d = pred.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))

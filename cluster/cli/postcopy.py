@@ -43,13 +43,6 @@ def postcopy_settings(args: argparse.Namespace) -> dict:
             "postcopy_bandwidth_bytes_per_second": args.postcopy_bandwidth}
 
 
-def model_postcopy(args: argparse.Namespace) -> dict:
-    """The analytic model's post-copy arguments from the same options."""
-    d = postcopy_settings(args)
-    return {k: d[k] for k in ("postcopy_after_rounds", "postcopy_after_seconds",
-                              "postcopy_bandwidth_bytes_per_second")}
-
-
 def cmd_migrate_postcopy(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
     print(f"{args.guest}: {Testbed.attach().start_postcopy(args.guest)}")

@@ -248,13 +248,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
            record_overhead_bytes=record_overhead_bytes)
-    link = _positive_or_none(link_bytes_per_second, "link speed")
-    limit = _positive_or_none(rate_limit_bytes_per_second, "rate limit")
-    if link is None and limit is None:
-        raise ConfigError(
-            "link speed and rate limit are both unlimited: the model needs a bandwidth; pass "
-            "the measured throughput as link_bytes_per_second")
-    rate = min(x for x in (link, limit) if x is not None)    # live rounds
+    link, rate = _bandwidths(link_bytes_per_second, rate_limit_bytes_per_second)
     writes = rate_of(workload, dirty_rate_pages_per_second)
     guest, spans = _guest(guest_memory_bytes, page_size, workload, writes, rate,
                           bytes_per_page_overhead, record_overhead_bytes, page_bytes,
@@ -265,11 +259,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                               sum(r.rate for r in guest.regions))
     if postcopy_after_rounds is not None or postcopy_after_seconds is not None:
         pol = Switching(pol, SwitchRule(postcopy_after_rounds, postcopy_after_seconds))
-    if pol.mid_pass:
-        run = _continuous(guest, pol, spans, throttle, completion_timeout)
-    else:
-        run = _precopy(guest, pol, rate, latency_seconds, throttle, completion_timeout)
-        run.final_zero = guest.zero_at_start if not run.rounds else 0.0
+    run = _live(guest, pol, spans, rate, latency_seconds, throttle, completion_timeout)
     switch = None
     if run.stop_code is StopCode.POSTCOPY:     # the switch, then the push
         switch = _switch(run, guest, workload, writes, page_size, link,
@@ -278,6 +268,28 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                          else switch_resume_seconds)
     return _prediction(policy, run, guest, switch, throttle, link, rate, latency_seconds,
                        resume_seconds)
+
+
+def _bandwidths(link_bytes_per_second: float | None,
+                rate_limit_bytes_per_second: float | None) -> tuple[float | None, float]:
+    """(the link, the live rounds' rate: the link or the rate limit, the slower)."""
+    link = _positive_or_none(link_bytes_per_second, "link speed")
+    limit = _positive_or_none(rate_limit_bytes_per_second, "rate limit")
+    if link is None and limit is None:
+        raise ConfigError(
+            "link speed and rate limit are both unlimited: the model needs a bandwidth; pass "
+            "the measured throughput as link_bytes_per_second")
+    return link, min(x for x in (link, limit) if x is not None)
+
+
+def _live(guest: Guest, pol: PrecopyPolicy, spans: list, rate: float, latency: float,
+          throttle: ModelThrottle | None, timeouts) -> PreCopy:
+    """The live rounds: chunk by chunk under a mid-pass policy, else pass by pass."""
+    if pol.mid_pass:
+        return _continuous(guest, pol, spans, throttle, timeouts)
+    run = _precopy(guest, pol, rate, latency, throttle, timeouts)
+    run.final_zero = guest.zero_at_start if not run.rounds else 0.0
+    return run
 
 
 def _switch(run, guest: Guest, workload: WorkloadSpec, writes: float, page_size: int,

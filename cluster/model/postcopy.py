@@ -36,7 +36,7 @@ from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats
 from nodes.migration.postcopy.trigger import SwitchRule, prefer
 
 if TYPE_CHECKING:
-    from cluster.model.iterative import _Guest, _PreCopy
+    from cluster.model.rounds import Guest, PreCopy
 
 VCPU_TICK_SECONDS = 0.001       # a vCPU's batch covers about this long of its rate
 SIMULATION_STEPS = 2000         # time steps over the push of every missing page
@@ -201,7 +201,7 @@ class Switching:
         return prefer(self.rule, self._policy.decide(stats), stats)
 
 
-def missing_at_switch(run: "_PreCopy", guest: "_Guest", data_pages: int) -> list[MissingRange]:
+def missing_at_switch(run: "PreCopy", guest: "Guest", data_pages: int) -> list[MissingRange]:
     """The discard set after the per-pass rounds: every page if none ran, else what the
     last round's writes dirtied (as it would have been sent next)."""
     spans = layout(guest.regions, data_pages, guest.guest_pages)

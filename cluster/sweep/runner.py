@@ -259,17 +259,17 @@ def _measured(report, model: dict | None) -> dict:
         "downtime_seconds": report.downtime_seconds,
         "guest_observed_downtime_seconds": report.guest_observed_downtime_seconds,
         "total_time_seconds": report.total_time_seconds, "stop_reason": report.stop_reason,
-        # the report's StopCode value, once reports carry one
-        "stop_code": report.to_dict().get("stop_code"),
+        "stop_code": report.stop_code,
         "verified": report.integrity.verified,
         "pages_skipped_total": sum(r["pages_skipped"] for r in report.rounds),
         # the guest's cost, and what the convergence aids took of its vCPU
         "guest_slowdown": (report.guest_cost or {}).get("slowdown"),
         "guest_throttled_seconds": (report.guest_cost or {}).get("throttled_seconds"),
-        "cpu_throttle_percentage_max": max((r.get("cpu_throttle_percentage", 0)
-                                            for r in report.rounds), default=0),
-        "dirty_limit_throttle_seconds": sum(r.get("dirty_limit_throttle_seconds", 0.0)
-                                            for r in report.rounds),
+        # (no aid: no throttle, so 0)
+        "cpu_throttle_percentage_max": (report.convergence or {}).get(
+            "cpu_throttle_percentage_max", 0),
+        "dirty_limit_throttle_seconds": (report.convergence or {}).get(
+            "dirty_limit_throttle_seconds", 0.0),
         # what crossed the wire (`nodes.migration.wire`)
         "bytes_sent_total": report.bytes_sent_total, "normal_pages": report.normal_pages,
         "zero_pages": report.zero_pages,

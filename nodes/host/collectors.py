@@ -48,9 +48,9 @@ class HostCollector:
                                  labels=["host", "profile", "arch"])
         info.add_metric([host, hv.profile.name, hv.profile.arch], 1)
         yield info
-        yield _one("migbed_host_memory_bytes", "Machine memory of the host.", host,
+        yield host_metric("migbed_host_memory_bytes", "Machine memory of the host.", host,
                    hv.memory.total_bytes)
-        yield _one("migbed_host_page_size_bytes", "Page (and frame) size of the host.",
+        yield host_metric("migbed_host_page_size_bytes", "Page (and frame) size of the host.",
                    host, hv.page_size)
         counts = hv.allocator.counts()      # counted on the frame-owner table, no guest memory
         frames = GaugeMetricFamily(
@@ -126,7 +126,7 @@ class HostCollector:
 
 
 def _migration_counts(host: str, counts: dict) -> Iterator[Metric]:
-    yield _one("migbed_migrations_started", "Migrations this host started as the source.",
+    yield host_metric("migbed_migrations_started", "Migrations this host started as the source.",
                host, counts.get("started", 0), counter=True)
     ended = CounterMetricFamily("migbed_migrations_finished", "Migrations this host ran as "
                                 "the source, by how they ended.", labels=["host", "status"])
@@ -207,25 +207,26 @@ def _traffic(m: "HostMetrics", outgoing: list, incoming: list) -> dict:
 
 
 def _traffic_counters(host: str, totals: dict) -> Iterator[Metric]:
-    yield _one("migbed_migration_rounds", "Pre-copy rounds (the final stop-and-copy one "
+    yield host_metric("migbed_migration_rounds", "Pre-copy rounds (the final stop-and-copy one "
                "included) this host has finished as a source.", host, totals["rounds"],
                counter=True)
-    yield _one("migbed_migration_sent_pages", "Guest pages this host has sent as a "
+    yield host_metric("migbed_migration_sent_pages", "Guest pages this host has sent as a "
                "migration source.", host, totals["sent_pages"], counter=True)
-    yield _one("migbed_migration_sent_bytes", "Bytes of migration streams this host has "
+    yield host_metric("migbed_migration_sent_bytes", "Bytes of migration streams this host has "
                "sent (pages and every other record).", host, totals["sent_bytes"],
                counter=True)
-    yield _one("migbed_migration_dirtied_pages", "Pages the guests dirtied during rounds "
+    yield host_metric("migbed_migration_dirtied_pages", "Pages the guests dirtied during rounds "
                "of migrations from this host (each round's log-dirty count).", host,
                totals["dirtied"], counter=True)
-    yield _one("migbed_migration_received_pages", "Guest pages this host has received as a "
+    yield host_metric("migbed_migration_received_pages", "Guest pages this host has received as a "
                "migration destination.", host, totals["received_pages"], counter=True)
-    yield _one("migbed_migration_received_bytes", "Bytes of migration streams this host has "
+    yield host_metric("migbed_migration_received_bytes", "Bytes of migration streams this host has "
                "received, counted as they arrive.", host, totals["received_bytes"],
                counter=True)
 
 
-def _one(name: str, doc: str, host: str, value: float, counter: bool = False) -> Metric:
+def host_metric(name: str, doc: str, host: str, value: float, counter: bool = False) -> Metric:
+    """One gauge (or counter) family of one sample labelled with the host."""
     cls = CounterMetricFamily if counter else GaugeMetricFamily
     fam = cls(name, doc, labels=["host"])
     fam.add_metric([host], value)
@@ -280,7 +281,7 @@ def _wire_counters(host: str, totals: dict, outgoing: list) -> Iterator[Metric]:
             for key in running:
                 running[key] += int(r.get(key, 0))
     for key, (name, doc) in WIRE_COUNTERS.items():
-        yield _one(name, doc, host, totals[key] + running.get(key, 0), counter=True)
+        yield host_metric(name, doc, host, totals[key] + running.get(key, 0), counter=True)
     per = CounterMetricFamily("migbed_migration_multifd_sent_bytes", "Bytes each multifd "
                               "channel carried, in ended migrations from this host.",
                               labels=["host", "channel"])

@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from nodes.host.collectors import host_metric
 from nodes.migration.postcopy.pagefault import LATENCY_BUCKETS, latency_bounds
 from nodes.migration.results import PAUSED
 
@@ -105,11 +106,11 @@ class PostcopyCollector:
             "link after their post-copy switch (postcopy-paused).", labels=["host"])
         fam.add_metric([name], paused)
         yield fam
-        yield _counter("migbed_migration_postcopy_switches", "Migrations from this host that "
-                       "switched to post-copy.", name, switches)
-        yield _counter("migbed_migration_postcopy_requests", "Page requests this host received "
-                       "as a post-copy source (QEMU's postcopy-requests: each page one).",
-                       name, requests)
+        yield host_metric("migbed_migration_postcopy_switches", "Migrations from this host that "
+                          "switched to post-copy.", name, switches, counter=True)
+        yield host_metric("migbed_migration_postcopy_requests", "Page requests this host received "
+                          "as a post-copy source (QEMU's postcopy-requests: each page one).",
+                          name, requests, counter=True)
         pages = CounterMetricFamily(
             "migbed_migration_postcopy_sent_pages", "Pages this host sent after post-copy "
             "switches, because they were requested or by the background push.",
@@ -141,11 +142,11 @@ class PostcopyCollector:
             counts = counts + pc.faults.latency.counts
             latency_sum += pc.faults.latency.sum_seconds
         yield missing
-        yield _counter("migbed_migration_postcopy_blocktime_seconds", "Time the vCPUs of guests "
-                       "arriving here by post-copy waited for missing pages (QEMU's "
-                       "postcopy-blocktime).", name, blocked)
-        yield _counter("migbed_migration_postcopy_faults", "Times a vCPU of a guest arriving "
-                       "here by post-copy blocked on missing pages.", name, faults)
+        yield host_metric("migbed_migration_postcopy_blocktime_seconds", "Time the vCPUs of guests "
+                          "arriving here by post-copy waited for missing pages (QEMU's "
+                          "postcopy-blocktime).", name, blocked, counter=True)
+        yield host_metric("migbed_migration_postcopy_faults", "Times a vCPU of a guest arriving "
+                          "here by post-copy blocked on missing pages.", name, faults, counter=True)
         latency = HistogramMetricFamily(
             "migbed_migration_postcopy_fault_latency_seconds", "Request-to-landed time of each "
             "page a post-copy guest here asked for (QEMU 10.1's postcopy-latency), in log2 "
@@ -155,9 +156,3 @@ class PostcopyCollector:
                    for b, c in zip(latency_bounds(), cumulative, strict=True)]
         latency.add_metric([name], buckets, sum_value=latency_sum)
         yield latency
-
-
-def _counter(metric: str, doc: str, host: str, value: float) -> Metric:
-    fam = CounterMetricFamily(metric, doc, labels=["host"])
-    fam.add_metric([host], value)
-    return fam

@@ -15,13 +15,13 @@ class GuestBefore:
     """A leaving guest's vCPU as the migration began: what its cost is measured against."""
 
     slept: float              # seconds its vCPU had slept throttled
-    pages: int                # page writes it had made
+    pages: int                # pages it had gone through (writes; a `scan`'s reads)
     rate: float | None        # its page-write rate over the second before
     running_seconds: float    # how long its workload had run
 
     @classmethod
     def of(cls, vcpu: VCPU, now_wall: float) -> "GuestBefore":
-        return cls(vcpu.slept_seconds_total, vcpu.pages_written_total,
+        return cls(vcpu.slept_seconds_total, vcpu.workload.progress_pages,
                    vcpu.write_rate(now_wall - 1.0, now_wall), vcpu.workload.running_seconds)
 
 

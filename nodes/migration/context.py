@@ -71,6 +71,16 @@ class SourceContext:
     # Post-copy allowed: its state (`nodes.migration.postcopy.source.PostcopySource`).
     postcopy: object | None = None
 
+    def open_link(self, sock: socket.socket, rate_limit: float | None) -> LinkSender:
+        """The sending side of a data channel to the destination: the emulated link, the
+        rate limit, the host's shared link, and the progress history sampling slow sends
+        (at setup, and again on a post-copy reconnect)."""
+        s = self.settings
+        link = LinkSender(sock, s.link_bytes_per_second, s.latency_seconds, rate_limit,
+                          self.shared_link)
+        link.wait = self.link_wait
+        return link
+
     def send_record(self, rtype: RT, fields: dict | None = None) -> int:
         return self.link.send([records.encode_record(rtype, fields)])
 

@@ -141,6 +141,8 @@ class Landing:
             fresh = self.missing_of(pfns)
             pfns, stale = pfns[fresh], int(np.count_nonzero(~fresh))
             self._zero(pfns)
+            if self.verify:
+                self.hashes[pfns] = self.zero_hash
             self.counted(len(pfns) + stale, stale)
             self.present(pfns)
             return
@@ -150,12 +152,10 @@ class Landing:
         self.arrived(pfns)
 
     def _zero(self, pfns: np.ndarray) -> None:
+        """Zero the frames of `pfns` (resident already: reserved frames are populated
+        before the stream, so writing them is no dearer than looking first)."""
         if len(pfns):
-            mfns = self.dom.p2m[pfns]
-            touched = self.memory.frames[mfns].any(axis=1)
-            self.memory.frames[mfns[touched]] = 0
-            if self.verify and self.after_switch:
-                self.hashes[pfns] = self.zero_hash
+            self.memory.frames[self.dom.p2m[pfns]] = 0
 
     def land_deltas(self, dp: "DeltaPages") -> None:
         """A PAGE_XBZRLE record: each delta applied onto the page's previous copy."""

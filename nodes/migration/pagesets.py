@@ -13,7 +13,7 @@ MAX_REQUEST_PAGES = 1 << 13          # pages one REQ_PAGES asks for (a vCPU batc
 
 def encode_bitmap(mask: np.ndarray) -> bytes:
     """A set of pages (a bool per pfn) as a bitmap."""
-    return np.packbits(mask.astype(bool), bitorder="little").tobytes()
+    return np.packbits(np.asarray(mask, bool), bitorder="little").tobytes()
 
 
 def decode_bitmap(data: bytes, guest_pages: int) -> np.ndarray:

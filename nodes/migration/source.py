@@ -45,7 +45,7 @@ from nodes.migration.channel import Ticket, connect
 from nodes.migration.context import SourceContext, SourcePhase
 from nodes.migration.dirtysync import SyncLog
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
-from nodes.migration.link import LinkSender, Pacer
+from nodes.migration.link import Pacer
 from nodes.migration.pipeline import PagePipeline
 from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
@@ -99,9 +99,7 @@ class Setup(_Always):
         ctx.sock = connect(ctx.ticket, s.timeout_seconds)
         # A mid-pass policy keeps QEMU's rate limit itself, as a budget per 100 ms window.
         rate_limit = None if ctx.policy.mid_pass else s.rate_limit_bytes_per_second
-        ctx.link = LinkSender(ctx.sock, s.link_bytes_per_second, s.latency_seconds,
-                              rate_limit, ctx.shared_link)
-        ctx.link.wait = ctx.link_wait          # the progress history samples slow sends
+        ctx.link = ctx.open_link(ctx.sock, rate_limit)
         ctx.reader = RecordReader(ctx.sock.recv_into)
         ctx.pipeline = PagePipeline.for_migration(hv, dom, ctx.link, ctx.progress, s,
                                                   ctx.ticket, lambda: ctx.sync.count)

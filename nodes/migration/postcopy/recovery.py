@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, MigrationError, PostcopyPaused
 from nodes.migration import pagesets, records
 from nodes.migration.channel import Listener, connect
-from nodes.migration.link import LinkSender
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
 from nodes.migration.results import PAUSED
@@ -101,10 +100,9 @@ def _attempt(ctx: "SourceContext", pc: "PostcopySource", wire, timeout: float) -
         sock = connect(ctx.ticket, timeout)
     except MigrationError:
         return False
-    s, dom = ctx.settings, ctx.dom
+    dom = ctx.dom
     try:
-        link = LinkSender(sock, s.link_bytes_per_second, s.latency_seconds, None,
-                          ctx.shared_link)
+        link = ctx.open_link(sock, None)
         if wire is not None:
             link.link, link.shared = wire
         link.send([records.encode_record(RT.POSTCOPY_RECOVER,

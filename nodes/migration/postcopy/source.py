@@ -95,14 +95,14 @@ class Switch:
         ctx.pause_mono = time.monotonic()
         pc.precopy_bytes = link.bytes_sent
         ctx.clean(ctx.pause_mono)                      # the last bitmap sync
-        discard = ctx.cursor.unsent.copy()
         link.lift_rate_limit()
         if not np.array_equal(dom.p2m, ctx.p2m_sent):
             raise MigrationError("the guest's P2M changed during the live loop; the stream "
                                  "would be corrupt")
         hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
         ctx.renamed = True
-        ctx.send_record(RT.POSTCOPY_DISCARD, {"bitmap": pagesets.encode_bitmap(discard)})
+        ctx.send_record(RT.POSTCOPY_DISCARD,        # encoded now, before any push
+                        {"bitmap": pagesets.encode_bitmap(ctx.cursor.unsent)})
         ctx.send_record(RT.VCPU_CONTEXT, ctx.runtime.vcpu_context(ctx.guest))
         ctx.send_record(RT.SOURCE_TIMING, {
             "pause_wall": ctx.result.pause_wall, "final_round_pages": 0,
