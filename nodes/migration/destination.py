@@ -138,9 +138,10 @@ class Receiver:
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
             self._read_static(reader)
-            if self.settings.postcopy_allowed:     # a switch must not wait for a thread
-                self.runtime.prepare_guest(self.dom, self.info.get("workload"))
-                self.vcpu_made = True
+            # The vCPU now, parked until the guest runs: neither a stop-and-copy's hand-over
+            # nor a post-copy switch then waits for a thread to start inside the downtime.
+            self.runtime.prepare_guest(self.dom, self.info.get("workload"))
+            self.vcpu_made = True
             if self._receive(reader):
                 PostcopyDestination(self, self.discard).run(reader)
             else:
@@ -247,7 +248,8 @@ class Receiver:
                 from None
 
     def make_vcpu(self) -> None:
-        """The guest's vCPU, from the context its source sent: it waits until the resume."""
+        """The guest's vCPU (made parked when the stream opened) takes the context its
+        source sent; it waits until the resume."""
         self.runtime.start_guest(self.dom, self.info.get("workload"), self.vcpu)
         self.vcpu_made = True
 

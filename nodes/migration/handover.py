@@ -11,8 +11,9 @@
 
 The destination's resume time is brought onto the source's clock (the offset measured at
 setup, `nodes.migration.clock`) before the downtime is taken from it. The downtime (pause
-to resume) holds only what must happen with the guest stopped: the vCPU
-is made while PERMISSION_TO_GO is on its way, the digest is taken once the guest runs.
+to resume) holds only what must happen with the guest stopped: the vCPU was made when the
+stream opened (parked) and only takes its context here, the digest is taken once the guest
+runs.
 
 Before PERMISSION_TO_GO the guest is the source's: any failure resumes it there. After it,
 the guest is the destination's; a RESULT that never comes leaves the paused copy for the
@@ -77,7 +78,7 @@ def destination_handover(rx: "Receiver", reader: "RecordReader") -> None:
     rx.faults.delay(Phase.STOP_AND_COPY)
     rx.status = "ready"
     rx.reply(RT.RECEIVER_READY, {"pages_received": rx.landing.pages_received})
-    rx.make_vcpu()                      # while PERMISSION_TO_GO is on its way
+    rx.make_vcpu()                      # the parked vCPU takes its context
     reader.expect(RT.PERMISSION_TO_GO)
     rx.faults.delay(Phase.HANDOVER)
     rx.resume()
