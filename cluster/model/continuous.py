@@ -20,7 +20,7 @@ from cluster.model.throttle import ModelThrottle, running_share, timeout_decisio
 from cluster.model.workload import Region
 from nodes.migration.dirtysync import SyncLog
 from nodes.migration.policy import Action, PrecopyStats, QemuPolicy
-from nodes.migration.throttle import FORCED_SYNC_SECONDS
+from nodes.migration.throttle import forced_sync_due
 
 _CHUNK_GUARD = 10_000_000       # a policy that never stops would loop forever
 
@@ -96,8 +96,8 @@ class ContinuousRun:
         Decision."""
         self.policy.start(0.0, 0)
         for _ in range(_CHUNK_GUARD):
-            forced = (self.throttle is not None
-                      and self.now - self.last_sync >= FORCED_SYNC_SECONDS)
+            forced = forced_sync_due(isinstance(self.throttle, ModelThrottle), self.now,
+                                     self.last_sync)
             if self.policy.wants_exact(self.marked * self.page_size) or forced:
                 self._sync()
             decision = self.policy.decide(self._stats())

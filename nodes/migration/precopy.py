@@ -26,14 +26,13 @@ live rounds mid-pass: pausing the guest (stop-and-copy), switching to post-copy,
 import time
 
 from nodes.errors import MigrationCancelled, MigrationError
-from nodes.migration import fixeddowntime
+from nodes.migration import fixeddowntime, throttle
 from nodes.migration.context import SourceContext
 from nodes.migration.convergence import Convergence
 from nodes.migration.policy import Action, Decision, PrecopyStats, QemuPolicy
 from nodes.migration.progress import RoundStats
 from nodes.migration.records import MAX_BATCH_PAGES
 from nodes.migration.records import RecordType as RT
-from nodes.migration.throttle import FORCED_SYNC_SECONDS
 from nodes.phase import Phase
 
 MIN_BATCH_PAGES = 64     # QEMU looks at the clock every 64 pages
@@ -167,8 +166,8 @@ def continuous(ctx: SourceContext) -> Decision:
 
 def forced_sync_due(ctx: SourceContext) -> bool:
     """QEMU 9.2+: with auto-converge, a sync when none came for 5 s."""
-    return (ctx.settings.auto_converge
-            and time.monotonic() - ctx.sync.last_sync_at >= FORCED_SYNC_SECONDS)
+    return throttle.forced_sync_due(ctx.settings.auto_converge, time.monotonic(),
+                                    ctx.sync.last_sync_at)
 
 
 def chunk(ctx: SourceContext, batch: int) -> None:

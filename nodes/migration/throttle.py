@@ -24,6 +24,12 @@ FORCED_SYNC_SECONDS = 5.0
 MB = 10**6
 
 
+def forced_sync_due(auto_converge: bool, now: float, last_sync_at: float) -> bool:
+    """QEMU 9.2+: with auto-converge (not dirty-limit), a sync when none came for 5 s; the
+    engine and the model both ask this."""
+    return auto_converge and now - last_sync_at >= FORCED_SYNC_SECONDS
+
+
 @dataclass(frozen=True)
 class Hot:
     """What the trigger measured over one period (bytes), for the throttle's step."""
