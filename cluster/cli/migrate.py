@@ -96,21 +96,14 @@ def cmd_model(args: argparse.Namespace) -> int:
     if args.bandwidth is None and args.rate_limit is None:
         raise ConfigError("the model needs a bandwidth (--bandwidth, e.g. 128MiB): give the "
                           "link's speed or the throughput you measured")
-    from cluster.model.block import policy_settings_of, postcopy_inputs
-    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
+    from cluster.model.block import settings_inputs
     settings = settings_from(args)
     # No host pair measured here: the fixed downtime is the three one-way crossings.
     fixed = {"seconds": 3 * args.latency} if settings.subtract_fixed_downtime else None
     pred = predict(guest_memory_bytes=args.guest_memory, page_size=args.page_size,
                    workload=wl, link_bytes_per_second=args.bandwidth,
-                   rate_limit_bytes_per_second=args.rate_limit, policy=args.policy,
-                   downtime_limit_seconds=args.downtime_limit, latency_seconds=args.latency,
-                   policy_settings=policy_settings_of(settings, fixed),
-                   auto_converge=ThrottleSpec.from_settings(settings),
-                   dirty_limit=DirtyLimitSpec.from_settings(settings),
-                   completion_timeout=timeouts_from(settings, args.guest_memory),
-                   warmup_seconds=args.warmup, zero_page_detection=args.zero_page_detection,
-                   **postcopy_inputs(settings))
+                   rate_limit_bytes_per_second=args.rate_limit, warmup_seconds=args.warmup,
+                   **settings_inputs(settings, args.guest_memory, fixed))
     d = pred.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))

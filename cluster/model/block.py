@@ -82,22 +82,33 @@ def _model_inputs(report: "MigrationReport", workload: dict | None, settings: Mi
                   resume_seconds: float, dirty_rate: float | None,
                   fixed_downtime: dict | None = None) -> dict:
     """The model's arguments that do not depend on the bandwidth it is given."""
-    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
     from workloads.spec import WorkloadSpec
-    policy_settings = policy_settings_of(settings, fixed_downtime)
     return dict(
         warmup_seconds=report.workload_running_seconds,
-        zero_page_detection=settings.zero_page_detection,
         page_bytes=measured_page_bytes(report),
         guest_memory_bytes=report.guest_memory_bytes, page_size=report.page_size,
         workload=WorkloadSpec.from_dict(workload) if workload else WorkloadSpec(),
+        resume_seconds=resume_seconds, dirty_rate_pages_per_second=dirty_rate,
+        **settings_inputs(settings, report.guest_memory_bytes, fixed_downtime,
+                          _measured_push(report, settings)))
+
+
+def settings_inputs(settings: MigrationSettings, guest_memory_bytes: int,
+                    fixed_downtime: dict | None = None,
+                    measured_push: float | None = None) -> dict:
+    """The model's arguments a migration's settings decide (policy, limits, the convergence
+    aids, zero pages, post-copy), one way for a report's model block, a sweep's curve and
+    `migbed model`."""
+    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
+    return dict(
         policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
-        latency_seconds=settings.latency_seconds, resume_seconds=resume_seconds,
-        dirty_rate_pages_per_second=dirty_rate, policy_settings=policy_settings,
+        latency_seconds=settings.latency_seconds,
+        policy_settings=policy_settings_of(settings, fixed_downtime),
         auto_converge=ThrottleSpec.from_settings(settings),
         dirty_limit=DirtyLimitSpec.from_settings(settings),
-        completion_timeout=timeouts_from(settings, report.guest_memory_bytes),
-        **postcopy_inputs(settings, _measured_push(report, settings)))
+        completion_timeout=timeouts_from(settings, guest_memory_bytes),
+        zero_page_detection=settings.zero_page_detection,
+        **postcopy_inputs(settings, measured_push))
 
 
 def policy_settings_of(settings: MigrationSettings, fixed_downtime: dict | None) -> dict:

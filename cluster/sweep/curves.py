@@ -3,7 +3,7 @@ axis, one curve per series, predicted between the swept values as well as at the
 
 import math
 
-from cluster.model.block import postcopy_inputs
+from cluster.model.block import settings_inputs
 from cluster.sweep.agreement import median
 from cluster.sweep.outputs import SweepResult
 from cluster.sweep.scenario import Scenario
@@ -60,7 +60,6 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
              achieved: float | None):
     """The model at one point of a curve; None where it cannot predict."""
     from cluster.model import predict
-    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
     try:
         spec, settings = sc.specs(point)
     except ConfigError:         # between the swept values (a cache size not a power of two)
@@ -77,19 +76,11 @@ def _predict(sc: Scenario, point: dict, calibration: dict, throughput: float | N
         return predict(
             guest_memory_bytes=spec.memory_bytes, workload=spec.workload,
             link_bytes_per_second=link, rate_limit_bytes_per_second=limit,
-            policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
-            latency_seconds=settings.latency_seconds,
             resume_seconds=calib.get("resume_seconds", 0.0),
             switch_resume_seconds=calib.get("switch_resume_seconds"),
             dirty_rate_pages_per_second=achieved if spec.workload.unlimited else None,
-            policy_settings=({"max_iterations": settings.max_iterations}
-                             if settings.max_iterations is not None else None),
-            auto_converge=ThrottleSpec.from_settings(settings),
-            dirty_limit=DirtyLimitSpec.from_settings(settings),
-            completion_timeout=timeouts_from(settings, spec.memory_bytes),
             warmup_seconds=sc.warmup_seconds,
-            zero_page_detection=settings.zero_page_detection,
-            **postcopy_inputs(settings))
+            **settings_inputs(settings, spec.memory_bytes))
     except (ConfigError, ValueError):
         return None
 
