@@ -55,7 +55,7 @@ class _XAxis:
 def draw_all(scenario: "Scenario", rows: list[dict], curves: list[dict], rounds: dict | None,
              folder: Path) -> list[Path]:
     """Every plot of a sweep into `folder`; returns the files written."""
-    from cluster.sweep.scenario import KNOBS
+    from cluster.sweep.knobs import KNOBS
     written = []
     if scenario.x is not None:
         knob = KNOBS[scenario.x]
@@ -84,7 +84,7 @@ def draw_all(scenario: "Scenario", rows: list[dict], curves: list[dict], rounds:
 def comparison_axes(scenario: "Scenario") -> list[str]:
     """The axes that choose an algorithm or option of the migration: a migration knob whose
     values are names or switches (a policy, post-copy on or off), not quantities."""
-    from cluster.sweep.scenario import KNOBS
+    from cluster.sweep.knobs import KNOBS
     return [name for name, values in scenario.axes
             if KNOBS[name].section == "migration" and len(values) > 1
             and any(isinstance(v, str | bool) for v in values)]

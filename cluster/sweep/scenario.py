@@ -23,194 +23,35 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
                 downtime_limit, max_iterations, postcopy_after, postcopy_bandwidth = [...]
     [plot]      x = "dirty_rate" (the axis on the x axis), rounds_point = 0
 
-Values are read by the parsers of `nodes.units` (the CLI's own), so a value means the same in
-a scenario as on the command line.
+Each setting (knob) and how its value is read is in `cluster.sweep.knobs`.
 """
 
 import itertools
 import math
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import tomli_w
 
+from cluster.sweep.knobs import (
+    AIDS,
+    FIXED_ONLY,
+    KNOBS,
+    OFF_WHEN_ABSENT,
+    SECTION_KEYS,
+    MiB,
+    postcopy_fields,
+    read_string,
+    settings_postcopy_after,
+)
 from cluster.sweep.text import show
 from nodes.errors import ConfigError
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
-from nodes.units import (
-    parse_bandwidth_or_unlimited,
-    parse_count,
-    parse_fraction,
-    parse_positive_size,
-    parse_rounds_or_duration,
-    parse_seconds,
-)
-from workloads.spec import WorkloadSpec, parse_rate
+from nodes.units import parse_count, parse_positive_size
+from workloads.spec import WorkloadSpec
 
-MiB = 1024 * 1024
-
-
-# -- how each setting is read: TOML types the units parsers do not cover ------------------------
-def _string(v, what: str) -> str:
-    if not isinstance(v, str):
-        raise ConfigError(f"{what} must be a string, got {v!r}")
-    return v
-
-
-def _flag(v, what: str) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{what} must be true or false, got {v!r}")
-    return v
-
-
-def _dirty_rate(v, what: str) -> float:
-    try:
-        return parse_rate(v)
-    except ConfigError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
-
-
-_seconds_or_zero = partial(parse_seconds, allow_zero=True)
-POSTCOPY_OFF = "off"
-
-
-def _postcopy_after(v, what: str) -> int | str:
-    """When to switch to post-copy, as the scenario writes it: a number of live rounds, a
-    duration ("1.5s", kept as written canonically), or "off" (pre-copy only)."""
-    if isinstance(v, str) and v.strip().lower() in (POSTCOPY_OFF, "never", "none"):
-        return POSTCOPY_OFF
-    rounds, seconds = parse_rounds_or_duration(v, what)
-    return rounds if rounds is not None else f"{seconds:g}s"
-
-
-def postcopy_fields(value: int | str) -> dict:
-    """The MigrationSettings fields of a `postcopy_after` value."""
-    if value == POSTCOPY_OFF:
-        return {"postcopy_after_rounds": None, "postcopy_after_seconds": None}
-    rounds, seconds = parse_rounds_or_duration(value, "postcopy_after")
-    return {"postcopy_after_rounds": rounds, "postcopy_after_seconds": seconds}
-
-
-def _settings_postcopy_after(mig: MigrationSettings) -> int | str:
-    if mig.postcopy_after_rounds is not None:
-        return mig.postcopy_after_rounds
-    if mig.postcopy_after_seconds is not None:
-        return f"{mig.postcopy_after_seconds:g}s"
-    return POSTCOPY_OFF
-
-
-def _optional(parse: Callable) -> Callable:
-    """A value or "off" (also "none", "unlimited"): None, the setting left off."""
-    def read(v, what: str):
-        if isinstance(v, str) and v.strip().lower() in ("off", "none", "unlimited"):
-            return None
-        return parse(v, what)
-    return read
-
-
-def _percent(hi: int) -> Callable:
-    return lambda v, what: parse_count(v, what, 1, hi)
-
-
-def _aid(v, what: str) -> str:
-    from cluster.sweep.aids import AIDS
-    if v not in AIDS:
-        raise ConfigError(f"{what}: {v!r} is not an aid; use one of {', '.join(AIDS)}")
-    return v
-
-
-@dataclass(frozen=True)
-class Knob:
-    """A setting a scenario fixes or sweeps: where it lives and how it is read."""
-
-    section: str                  # guest | workload | migration
-    field: str                    # field of Scenario / WorkloadSpec / MigrationSettings
-    parse: Callable
-    label: str                    # axis label, with the unit the plot shows
-    scale: float = 1.0            # plotted value = value / scale
-
-
-# The convergence aids (`nodes.migration.convergence`): fixed in [migration] or swept; `aid`
-# (axes only) sets a whole aid at once, from `cluster.sweep.aids`.
-CONVERGENCE_KNOBS: dict[str, Knob] = {
-    "auto_converge": Knob("migration", "auto_converge", _flag, "auto-converge"),
-    "throttle_initial": Knob("migration", "throttle_initial", _percent(99),
-                             "initial throttle (%)"),
-    "throttle_increment": Knob("migration", "throttle_increment", _percent(99),
-                               "throttle step (%)"),
-    "max_throttle": Knob("migration", "max_throttle", _percent(99), "max throttle (%)"),
-    "throttle_trigger_threshold": Knob("migration", "throttle_trigger_threshold",
-                                       _percent(100), "trigger threshold (%)"),
-    "throttle_tailslow": Knob("migration", "throttle_tailslow", _flag, "tailslow"),
-    "dirty_limit": Knob("migration", "dirty_limit_bytes_per_second",
-                        parse_bandwidth_or_unlimited, "dirty limit (MB/s)", 1e6),
-    "dirty_limit_period": Knob("migration", "dirty_limit_period_seconds", parse_seconds,
-                               "dirty-limit period (s)"),
-    "completion_timeout": Knob("migration", "completion_timeout_seconds",
-                               _optional(parse_seconds), "completion timeout (s)"),
-    "on_timeout": Knob("migration", "on_timeout", _string, "on timeout"),
-    "progress_timeout": Knob("migration", "progress_timeout_seconds",
-                             _optional(parse_seconds), "progress timeout (s)"),
-    "aid": Knob("aid", "aid", _aid, "convergence aid"),
-}
-
-# TOML key -> knob. In [axes] the guest's memory is called guest_memory.
-KNOBS: dict[str, Knob] = {
-    "guest_memory": Knob("guest", "guest_memory_bytes", parse_positive_size,
-                         "guest memory (MiB)", MiB),
-    "mode": Knob("guest", "mode", _string, "guest mode"),
-    "pattern": Knob("workload", "pattern", _string, "workload"),
-    "dirty_rate": Knob("workload", "rate_pages_per_second", _dirty_rate,
-                       "dirty rate (page writes/s)"),
-    "hot_fraction": Knob("workload", "hot_fraction", parse_fraction,
-                         "hot set (fraction of memory)"),
-    "hot_share": Knob("workload", "hot_share", parse_fraction,
-                      "writes to the hot set (fraction)"),
-    "busy_seconds": Knob("workload", "busy_seconds", parse_seconds, "busy phase (s)"),
-    "quiet_seconds": Knob("workload", "quiet_seconds", _seconds_or_zero, "quiet phase (s)"),
-    "quiet_rate_fraction": Knob("workload", "quiet_rate_fraction", parse_fraction,
-                                "quiet rate (fraction)"),
-    "write_bytes": Knob("workload", "write_bytes", parse_positive_size,
-                        "bytes rewritten per page write"),
-    "fill": Knob("workload", "fill", _string, "memory content"),
-    "policy": Knob("migration", "policy", _string, "policy"),
-    "bandwidth": Knob("migration", "link_bytes_per_second", parse_bandwidth_or_unlimited,
-                      "link bandwidth (MiB/s)", MiB),
-    "rate_limit": Knob("migration", "rate_limit_bytes_per_second",
-                       parse_bandwidth_or_unlimited, "rate limit (MiB/s)", MiB),
-    "latency": Knob("migration", "latency_seconds", _seconds_or_zero, "latency (s)"),
-    "downtime_limit": Knob("migration", "downtime_limit_seconds", parse_seconds,
-                           "downtime limit (s)"),
-    "max_iterations": Knob("migration", "max_iterations", parse_count, "live round cap"),
-    **CONVERGENCE_KNOBS,
-    "zero_page_detection": Knob("migration", "zero_page_detection", _string,
-                                "zero-page detection"),
-    "xbzrle_cache": Knob("migration", "xbzrle_cache_bytes", parse_positive_size,
-                         "XBZRLE cache (MiB)", MiB),
-    "multifd_channels": Knob("migration", "multifd_channels", partial(parse_count, minimum=1),
-                             "multifd channels"),
-    "multifd_compression": Knob("migration", "multifd_compression", _string,
-                                "multifd compression"),
-    # a pseudo-field: `postcopy_fields` turns it into the settings' two
-    "postcopy_after": Knob("migration", "postcopy_after", _postcopy_after,
-                           "switch to post-copy after"),
-    "postcopy_bandwidth": Knob("migration", "postcopy_bandwidth_bytes_per_second",
-                               parse_bandwidth_or_unlimited, "post-copy push (MiB/s)", MiB),
-}
-_OFF_WHEN_ABSENT = {"max_iterations", "xbzrle_cache", "multifd_channels"}   # None: not set
-_FIXED_ONLY = {"migration": {"timeout": ("timeout_seconds", parse_seconds),
-                             "verify": ("verify", _flag),
-                             "postcopy_allowed": ("postcopy_allowed", _flag)},
-               "guest": {"warmup": ("warmup_seconds", _seconds_or_zero)}}
-_SECTION_KEYS = {  # TOML key in its section -> knob name
-    "guest": {"memory": "guest_memory", "mode": "mode"},
-    "workload": {k: k for k, kn in KNOBS.items() if kn.section == "workload"},
-    "migration": {k: k for k, kn in KNOBS.items() if kn.section == "migration"},
-}
 _TOP_KEYS = {"name", "description", "repeats", "seed", "cluster", "guest", "workload",
              "migration", "axes", "plot", "faults"}
 
@@ -305,7 +146,6 @@ class Scenario:
         for name, value in point.items():
             knob = KNOBS[name]
             if knob.section == "aid":
-                from cluster.sweep.aids import AIDS
                 mig.update(AIDS[value])
                 continue
             {"guest": guest, "workload": wl, "migration": mig}[knob.section][knob.field] = value
@@ -330,14 +170,14 @@ class Scenario:
                                   if self.hosts_per_node is not None else {})},
                    "guest": {"memory": self.guest_memory_bytes, "mode": self.mode,
                              "warmup": self.warmup_seconds}}
-        d["workload"] = {k: getattr(wl, KNOBS[k].field) for k in _SECTION_KEYS["workload"]}
+        d["workload"] = {k: getattr(wl, KNOBS[k].field) for k in SECTION_KEYS["workload"]}
         d["migration"] = {}
-        for k in _SECTION_KEYS["migration"]:
+        for k in SECTION_KEYS["migration"]:
             if k == "postcopy_after":
-                d["migration"][k] = _settings_postcopy_after(mig)
+                d["migration"][k] = settings_postcopy_after(mig)
                 continue
             value = getattr(mig, KNOBS[k].field)
-            if value is None and k in _OFF_WHEN_ABSENT:
+            if value is None and k in OFF_WHEN_ABSENT:
                 continue
             d["migration"][k] = "unlimited" if value is None else value
         d["migration"]["timeout"] = mig.timeout_seconds
@@ -402,8 +242,8 @@ def _build(d: dict) -> Scenario:
     _no_unknown(d, _TOP_KEYS, "the scenario")
     if "name" not in d:
         raise ConfigError("the scenario needs a name (name = \"...\")")
-    kw: dict = {"name": _string(d["name"], "name"),
-                "description": _string(d.get("description", ""), "description"),
+    kw: dict = {"name": read_string(d["name"], "name"),
+                "description": read_string(d.get("description", ""), "description"),
                 "repeats": parse_count(d.get("repeats", 1), "repeats", 1),
                 "seed": parse_count(d.get("seed", 0), "seed")}
     kw.update(_cluster(_table(d, "cluster")))
@@ -430,12 +270,12 @@ def _fixed(d: dict) -> dict:
     values: dict[str, dict] = {"guest": {}, "workload": {}, "migration": {}}
     for sec in values:
         table = _table(d, sec)
-        _no_unknown(table, set(_SECTION_KEYS[sec]) | set(_FIXED_ONLY.get(sec, {})), f"[{sec}]")
+        _no_unknown(table, set(SECTION_KEYS[sec]) | set(FIXED_ONLY.get(sec, {})), f"[{sec}]")
         for key, raw in table.items():
-            if key in _FIXED_ONLY.get(sec, {}):
-                fname, parse = _FIXED_ONLY[sec][key]
+            if key in FIXED_ONLY.get(sec, {}):
+                fname, parse = FIXED_ONLY[sec][key]
             else:
-                knob = KNOBS[_SECTION_KEYS[sec][key]]
+                knob = KNOBS[SECTION_KEYS[sec][key]]
                 fname, parse = knob.field, knob.parse
             values[sec][fname] = parse(raw, f"[{sec}] {key}")
     if "postcopy_after" in values["migration"]:
@@ -464,7 +304,7 @@ def _plot(plot: dict) -> dict:
     _no_unknown(plot, {"x", "rounds_point"}, "[plot]")
     kw: dict = {}
     if "x" in plot:
-        kw["x_axis"] = _string(plot["x"], "[plot] x")
+        kw["x_axis"] = read_string(plot["x"], "[plot] x")
     if "rounds_point" in plot:
         kw["rounds_point"] = parse_count(plot["rounds_point"], "[plot] rounds_point")
     return kw
