@@ -165,7 +165,7 @@ def build_dashboard() -> Dashboard:
             .current(VariableOption(selected=True, text="All", value="$__all")))
     )
     d = cluster_row(d, p)
-    d = migrations_row(d, p)
+    d = outcomes(migrations_row(d, p), p)
     d = wire_row(d, p)
     d = guests_row(d, p)
     d = postcopy_row(d, p)
@@ -213,7 +213,7 @@ def cluster_row(d: Dashboard, p: Panels) -> Dashboard:
 
 
 def migrations_row(d: Dashboard, p: Panels) -> Dashboard:
-    """The migrations row."""
+    """The migrations row: the running migrations, round by round."""
     return (
         d
         .with_row(p.row("Migrations"))
@@ -254,6 +254,14 @@ def migrations_row(d: Dashboard, p: Panels) -> Dashboard:
             "which the next round must send.", "short",
             [query(top(f"max by (guest) (migbed_migration_dirty_pages{{{HG}}})"),
                    "{{guest}}")]))
+    )
+
+
+def outcomes(d: Dashboard, p: Panels) -> Dashboard:
+    """The migrations row, continued: how the ended migrations went (downtime, total time,
+    where the time went, failures) and the pages each host moved."""
+    return (
+        d
         .with_panel(p.distribution(
             "Downtime distribution", "Completed migrations over the time range, by downtime "
             "bucket (pause on the source to resume on the destination).",
