@@ -73,3 +73,57 @@ def require_binary(name: str) -> str | None:
             pytest.fail(f"{name} is not installed; the README's test command installs it")
         pytest.skip(f"{name} not installed")
     return path
+
+
+# -- the suite's tiers ---------------------------------------------------------------------------
+# Every test is in exactly one tier, a pytest marker (pyproject.toml names them):
+#   unit       no sockets, no threads started: the Xen model, parsers, the analytic model;
+#   inprocess  real hosts and real TCP streams in this process, no Ray;
+#   ray        a real Ray cluster (the shared `ray_testbed`, or one a test starts itself);
+#   uffd       needs this kernel's userfaultfd write-protect and PAGEMAP_SCAN.
+# A test that names no tier gets one from its fixtures: Ray's make it `ray`, `in_process` makes
+# it `inprocess`, anything else is `unit`, and a unit test that opens a socket or starts a
+# thread fails, saying which tier to mark it with. `pytest -m "not ray"` is the quick loop.
+TIERS = ("unit", "inprocess", "ray", "uffd")
+RAY_FIXTURES = {"ray_testbed", "ray_home", "ray_cli_cluster"}
+
+
+def tier_of(item: pytest.Item) -> str:
+    marked = [t for t in TIERS if item.get_closest_marker(t) is not None]
+    if marked:
+        return "ray" if "ray" in marked else marked[0]
+    names = set(getattr(item, "fixturenames", ()))
+    if names & RAY_FIXTURES:
+        return "ray"
+    return "inprocess" if "in_process" in names else "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = tier_of(item)
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+class TierError(AssertionError):
+    """A unit-tier test reached for a socket or a thread."""
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_guard(request, monkeypatch):
+    """Holds the unit tier to its word: no socket opened, no thread started."""
+    if tier_of(request.node) != "unit":
+        yield
+        return
+    import socket
+    import threading
+
+    def refuse(what):
+        def guard(*args, **kwargs):
+            raise TierError(f"a unit test {what}: mark it @pytest.mark.inprocess "
+                            "(or ray), as tests/conftest.py says")
+        return guard
+    monkeypatch.setattr(socket.socket, "connect", refuse("connected a socket"))
+    monkeypatch.setattr(socket.socket, "bind", refuse("bound a socket"))
+    monkeypatch.setattr(threading.Thread, "start", refuse("started a thread"))
+    yield

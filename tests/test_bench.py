@@ -45,6 +45,7 @@ def test_bench_quick_runs_every_section_on_ray(ray_testbed):
     assert not [g for g in ray_testbed.guests() if g["name"].startswith("bench-")]
 
 
+@pytest.mark.inprocess
 def test_bench_cli_in_process_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     only = ",".join(s for s in SECTIONS if s != "startup")

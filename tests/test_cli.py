@@ -72,6 +72,7 @@ def test_model_command(tmp_path):
     assert pred["rounds"][-1]["final"] and pred["stop_reason"]
 
 
+@pytest.mark.ray
 def test_one_shot_migrate(tmp_path):
     p = run("migrate", "--guest-memory", "16MiB", "--workload", "hotset", "--dirty-rate",
             "5000", "--bandwidth", "128MiB", "--json", home=tmp_path)
@@ -81,12 +82,14 @@ def test_one_shot_migrate(tmp_path):
     assert "round 0" in p.stderr, "a live progress line per round"
 
 
+@pytest.mark.ray
 def test_cancel_exit_code(tmp_path):
     p = run("migrate", "--guest-memory", "8MiB", "--workload", "uniform", "--bandwidth",
             "8MiB", "--cancel-after-round", "0", home=tmp_path, check_rc=1)
     assert "[cancelled]" in p.stdout
 
 
+@pytest.mark.ray
 def test_persistent_cluster_session(tmp_path):
     home = tmp_path
     up = run("up", "--hosts", "3", "--host-memory", "256MiB", home=home)

@@ -14,6 +14,8 @@ from workloads.content import text_bytes
 from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
 
+pytestmark = pytest.mark.inprocess
+
 MiB = 1024 * 1024
 PAGE = 4096
 

@@ -228,6 +228,7 @@ def run_vcpu(hv, spec: WorkloadSpec, seconds: float, **throttle) -> VCPU:
     return vcpu
 
 
+@pytest.mark.inprocess
 def test_a_throttled_vcpu_sleeps_after_every_slice_and_logs_each_sleep(hv):
     vcpu = run_vcpu(hv, WorkloadSpec("uniform", 0, seed=1), 0.5, cpu_percentage=50)
     sleeps = vcpu.throttle_sleeps()
@@ -238,6 +239,7 @@ def test_a_throttled_vcpu_sleeps_after_every_slice_and_logs_each_sleep(hv):
         sum(e - s for s, e in sleeps), abs=1e-3)
 
 
+@pytest.mark.inprocess
 def test_throttled_time_earns_the_workload_no_budget(hv):
     rate = 5000.0
     vcpu = run_vcpu(hv, WorkloadSpec("uniform", rate, seed=2), 0.6, cpu_percentage=80)
@@ -250,6 +252,7 @@ def test_throttled_time_earns_the_workload_no_budget(hv):
     assert wl.pages_written_total <= rate * wl.running_seconds + 1 + 1
 
 
+@pytest.mark.inprocess
 def test_an_idle_vcpu_is_not_slowed_by_a_dirty_limit(hv):
     idle = run_vcpu(hv, WorkloadSpec("idle"), 0.3, ring_pages=64, ring_full_sleep_seconds=1.0)
     assert idle.dirty_limit_sleep_seconds_total == 0 and not idle.throttle_sleeps()
@@ -258,6 +261,7 @@ def test_an_idle_vcpu_is_not_slowed_by_a_dirty_limit(hv):
     assert busy.dirty_limit_sleep_seconds_total > 0 and busy.throttle_sleeps()
 
 
+@pytest.mark.inprocess
 def test_a_pause_ends_a_throttle_sleep(hv):
     dom = hv.create_domain("p", 4 * MiB, "p2m")
     vcpu = VCPU(dom, make_workload(WorkloadSpec("uniform", 0, seed=4), dom.data_pages))
@@ -380,6 +384,7 @@ def test_dirty_limit_slows_a_writing_guest(in_process):
     frames_exact(tb)
 
 
+@pytest.mark.inprocess
 def test_a_throttle_sleep_cut_by_the_pause_is_no_gap(hv):
     """The guest's last sign of life on the source is where its sleep ended, at the pause or
     after it, and the sleep itself is no gap: the guest-observed downtime counts the pause."""

@@ -175,6 +175,7 @@ def test_missing_binary_says_how_to_install(tmp_path):
         Prometheus(tmp_path, port=0, binary="migbed-no-such-prometheus").start()
 
 
+@pytest.mark.inprocess
 def test_port_in_use_is_named(tmp_path):
     require_binary("prometheus")
     with socket.socket() as taken:
@@ -203,6 +204,7 @@ def test_cli_reports_prometheus_problems_before_starting_anything(tmp_path, monk
     assert not (tmp_path / "cluster.json").exists()
 
 
+@pytest.mark.inprocess
 def test_a_dead_host_leaves_the_discovery_file(tmp_path):
     hosts = [HostService(HostConfig(name=f"solo-{i}", memory_bytes=32 * MiB, metrics_port=0))
              for i in range(2)]
@@ -403,6 +405,7 @@ def test_default_rules_file_is_the_one_checked():
     assert prom_mod.RULES_FILE == RULES_FILE
 
 
+@pytest.mark.ray
 def test_up_with_prometheus_and_down(tmp_path):
     """`migbed up --prometheus` scrapes every host; `migbed down` stops Prometheus too."""
     require_binary("prometheus")

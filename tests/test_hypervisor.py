@@ -189,6 +189,7 @@ def test_p2m_writes_are_invisible_to_logdirty(hv):
 
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(0, 2), min_size=2, max_size=12))
+@pytest.mark.inprocess
 def test_mode_switch_under_concurrent_writes_loses_nothing(switch_after_batches):
     """A writer thread bumps counters while the main thread flips P2M <-> VP with log-dirty
     on: every write lands (counter sum == writes) and every write made in VP with log-dirty

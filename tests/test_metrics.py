@@ -89,6 +89,7 @@ def test_hosts_without_a_port_serve_nothing():
         service.shutdown()
 
 
+@pytest.mark.inprocess
 def test_metrics_port_in_use_is_named():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -98,12 +99,14 @@ def test_metrics_port_in_use_is_named():
             HostService(HostConfig(memory_bytes=32 * MiB, metrics_port=port))
 
 
+@pytest.mark.inprocess
 def test_metrics_address_that_is_not_ours():
     with pytest.raises(ConfigError, match="cannot serve metrics of host-0 on 192.0.2.77"):
         HostService(HostConfig(memory_bytes=32 * MiB, metrics_port=0,
                                metrics_address="192.0.2.77"))
 
 
+@pytest.mark.inprocess
 def test_wildcard_bind_is_advertised_at_the_host_address():
     service = HostService(HostConfig(memory_bytes=32 * MiB, metrics_port=0,
                                      metrics_address="0.0.0.0"))

@@ -238,6 +238,7 @@ def test_pacer_is_a_virtual_clock():
     assert Pacer(None).charge(10**9, now=3.0) == 3.0
 
 
+@pytest.mark.inprocess
 def test_send_buffers_survives_partial_sends():
     """Thousands of buffers of odd sizes into a small, slowly drained socket: sendmsg takes
     IOV_MAX at a time and often stops mid-buffer; every byte still arrives once, in order."""

@@ -12,6 +12,8 @@ import pytest
 from checks import processes_with_env
 from raynodes import RayCliCluster
 
+pytestmark = pytest.mark.ray
+
 MIGBED = [sys.executable, "-m", "cluster.cli"]
 
 

@@ -180,6 +180,7 @@ def test_cli_model_predicts_postcopy(capsys):
 
 
 # -- sweeps ----------------------------------------------------------------------------------
+@pytest.mark.inprocess
 def test_postcopy_knobs_in_scenarios(tmp_path):
     from cluster.sweep import run_sweep
     sc = Scenario.from_toml('''

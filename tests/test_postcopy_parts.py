@@ -62,6 +62,7 @@ def test_an_access_to_missing_pages_calls_the_handler_with_all_of_them(hv):
 
 
 # -- the fault handler -------------------------------------------------------------------------
+@pytest.mark.inprocess
 def test_a_fault_asks_once_and_waits_until_its_pages_land():
     received = np.zeros(16, dtype=bool)
     asked = []
@@ -93,6 +94,7 @@ def test_a_fault_asks_once_and_waits_until_its_pages_land():
     assert asked == [[2, 5, 6]]
 
 
+@pytest.mark.inprocess
 def test_a_waiting_vcpu_stops_when_the_guest_is_lost():
     faults = PageFaults(np.zeros(4, dtype=bool), lambda pfns: None)
     errors = []

@@ -151,6 +151,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.ray
 def test_a_startup_stopped_midway_stops_everything_it_started(tmp_path, monkeypatch):
     """Stopped once Ray is up and the hosts are starting (as by Ctrl-C): every process of
     the start-up (Ray's, the workers) is gone when `up` returns."""
@@ -170,6 +171,7 @@ def test_a_startup_stopped_midway_stops_everything_it_started(tmp_path, monkeypa
     assert persistent.read_state() is None
 
 
+@pytest.mark.ray
 def test_a_startup_that_fails_or_times_out_stops_everything(tmp_path, monkeypatch):
     monkeypatch.setenv("MIGBED_HOME", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -185,6 +187,7 @@ def test_a_startup_that_fails_or_times_out_stops_everything(tmp_path, monkeypatc
 
 
 # -- real clusters ------------------------------------------------------------------------
+@pytest.mark.ray
 def test_hosts_packed_two_per_node_each_its_own_process(tmp_path):
     """Four hosts on two Ray nodes: one process and one data plane each; migrations
     between two hosts of one node and across nodes are both verified."""
@@ -215,6 +218,7 @@ def all_targets_up(url: str, count: int, timeout: float = 60.0) -> list[dict]:
         time.sleep(0.5)
 
 
+@pytest.mark.ray
 def test_sixteen_hosts_and_four_evacuated_at_once(tmp_path):
     """16 hosts on one node, each a Prometheus target; 4 of them, 4 busy guests each,
     evacuated in one command with 16 migrations at a time: every guest verified and on a

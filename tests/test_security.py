@@ -20,6 +20,8 @@ from nodes.migration.channel import TOKEN_BYTES
 from nodes.migration.records import RecordType as RT
 from nodes.migration.settings import MigrationSettings
 
+pytestmark = pytest.mark.inprocess
+
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 

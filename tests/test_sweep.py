@@ -170,6 +170,7 @@ rounds_point = 1
 """
 
 
+@pytest.mark.inprocess
 def test_small_sweep_end_to_end(tmp_path, capsys):
     path = tmp_path / "small.toml"
     path.write_text(SMALL)

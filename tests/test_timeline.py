@@ -278,6 +278,7 @@ def test_bad_plot_input_is_one_line(argv, message, tmp_path, monkeypatch, capsys
     assert len(err) == 1 and err[0].startswith("migbed: error:") and message in err[0], err
 
 
+@pytest.mark.inprocess
 def test_a_sweep_over_policies_draws_their_timelines_side_by_side(tmp_path):
     path = tmp_path / "policies.toml"
     path.write_text("""

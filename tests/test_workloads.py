@@ -278,6 +278,7 @@ def _wait_for(predicate, timeout_seconds: float = 5.0) -> bool:
     return False
 
 
+@pytest.mark.inprocess
 def test_vcpu_stops_writing_while_paused(hv):
     dom = guest(hv)
     wl = make_workload(WorkloadSpec(pattern="uniform"), dom.data_pages)
@@ -304,6 +305,7 @@ def test_vcpu_stops_writing_while_paused(hv):
     assert int(counters(dom).sum()) == wl.pages_written_total
 
 
+@pytest.mark.inprocess
 def test_vcpu_idle_heartbeat(hv):
     dom = guest(hv)
     vcpu = VCPU(dom, make_workload(WorkloadSpec(pattern="idle"), dom.data_pages))
@@ -317,6 +319,7 @@ def test_vcpu_idle_heartbeat(hv):
     assert vcpu.achieved_rate(1.0) == 0.0
 
 
+@pytest.mark.inprocess
 def test_vcpu_vp_logdirty_marks_written_pages(hv):
     dom = guest(hv)
     hv.set_mode("g1", "vp")
@@ -340,6 +343,7 @@ def test_vcpu_vp_logdirty_marks_written_pages(hv):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(delays_ms=st.lists(st.integers(0, 15), min_size=3, max_size=3),
        logdirty=st.booleans(), batch=st.sampled_from([64, 4096]))
+@pytest.mark.inprocess
 def test_mode_switch_under_running_vcpu_loses_no_write(delays_ms, logdirty, batch):
     hv = Hypervisor(memory_bytes=32 * MiB)
     dom = hv.create_domain("g", 2 * MiB, "p2m")
@@ -382,6 +386,7 @@ def test_progress_log_thins_steady_runs_but_keeps_gaps():
     np.testing.assert_array_equal(ring.arrays()[1], [6, 7, 8, 9])
 
 
+@pytest.mark.inprocess
 def test_measure_rate_positive(hv):
     dom = guest(hv)
     rate = measure_rate(dom, WorkloadSpec(pattern="uniform", rate_pages_per_second=0), 0.1)
