@@ -1,0 +1,217 @@
+"""Inside a guest process: map the guest's frames, make its userfaultfd, run its workload.
+
+A process vCPU is a child of its host's zygote (`python -m nodes.host.guestmain`, started by
+`nodes.host.guestprocess`): the zygote imports numpy and the workloads once, then forks one
+guest per request, so their pages are shared and each guest costs little memory of its own.
+
+The guest maps its frames of the host's memfd at one virtual range, pfn i at base + i pages,
+the way its memory mode says: P==M its one contiguous machine run; P2M by its own P2M table,
+which it coalesces into runs; VP by the runs the hypervisor built for it. One `mmap(MAP_FIXED)`
+per run. Then it creates its userfaultfd (it belongs to this process's memory), registers the
+range for async write-protect and hands the uffd to the host; the host drives dirty logging
+from there (`nodes.host.kerneldirty`).
+
+The workload is the same `workloads` class a thread vCPU runs, over a `MappedGuest` whose
+reads and writes are numpy over the mapping: no Python per page, and the kernel sees every
+store. It runs until told to exit, parks at a batch boundary when told to pause (the control
+page, `nodes.host.guestcontrol`), and exits when its host's end of the socket closes (the
+host died: no orphan, whichever thread of the host made it).
+"""
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from nodes.host.fdpass import PeerGone, recv_message, send_message
+from nodes.host.guestcontrol import Command, ControlPage, State
+from nodes.host.userfault import MODE_WP, Uffd
+from workloads.patterns import make_workload
+from workloads.spec import WorkloadSpec
+
+_PROT_NONE, _PROT_RW = 0, 3
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 1, 2, 0x10, 0x20, 0x4000
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+
+
+def frame_runs(p2m: np.ndarray) -> np.ndarray:
+    """A P2M table (pfn -> mfn) as runs of frames adjacent in both: (k, 3) int64 rows of
+    (first pfn, first mfn, frames). One mapping per run."""
+    p2m = np.asarray(p2m, dtype=np.int64)
+    if not len(p2m):
+        return np.zeros((0, 3), np.int64)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(p2m) != 1) + 1))
+    counts = np.diff(np.append(starts, len(p2m)))
+    return np.stack([starts, p2m[starts], counts], axis=1)
+
+
+def map_frames(memfd: int, runs: np.ndarray, npages: int, page_size: int) -> int:
+    """Map the runs of the memfd's frames at pfn order in one fresh range: its address."""
+    size = npages * page_size
+    base = _libc.mmap(None, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE,
+                      -1, 0)
+    _check_map(base, "reserving the guest's range")
+    for pfn, mfn, count in runs.tolist():
+        at = _libc.mmap(base + pfn * page_size, count * page_size, _PROT_RW,
+                        _MAP_SHARED | _MAP_FIXED, memfd, mfn * page_size)
+        _check_map(at, f"mapping frames {mfn}..{mfn + count - 1}")
+    return base
+
+
+def _check_map(addr: int | None, what: str) -> None:
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class MappedGuest:
+    """The `workloads.guest.Guest` protocol over the guest's own mapping of its frames."""
+
+    def __init__(self, name: str, base: int, npages: int, data_pages: int, pfn_base: int,
+                 page_size: int, written: np.ndarray | None):
+        buf = (ctypes.c_uint8 * (npages * page_size)).from_address(base)
+        self.frames = np.frombuffer(buf, np.uint8).reshape(npages, page_size)
+        self.words = self.frames.view(np.uint64)
+        self.name, self.data_pages, self.pfn_base = name, data_pages, pfn_base
+        self.lock = threading.RLock()
+        self.running = threading.Event()
+        self.running.set()
+        self.written = written       # one byte a page, set where the workload wrote (tests)
+
+    @property
+    def is_running(self) -> bool:
+        return True                  # a pause parks the whole loop, between batches
+
+    def read_words(self, pfns: np.ndarray, word: int | np.ndarray) -> np.ndarray:
+        return self.words[pfns - self.pfn_base, word]
+
+    def write_words(self, pfns: np.ndarray, word: int | np.ndarray, values: np.ndarray) -> None:
+        rel = pfns - self.pfn_base
+        self.words[rel, word] = values
+        if self.written is not None:
+            self.written[rel] = 1
+
+    def write_bytes(self, pfns: np.ndarray, offset: int, data: np.ndarray) -> None:
+        rel = pfns - self.pfn_base
+        self.frames[rel, offset:offset + data.shape[1]] = data
+        if self.written is not None:
+            self.written[rel] = 1
+
+
+def run_workload(ctl: ControlPage, guest: MappedGuest, spec: WorkloadSpec,
+                 state: dict | None, max_batch_pages: int, tick_seconds: float) -> None:
+    """The vCPU loop: a batch, then (rate-limited) a sleep a command cuts short; a pause
+    parks it between batches until the host says run or exit."""
+    wl = make_workload(spec, guest.data_pages, state, guest.frames.shape[1])
+    started = time.monotonic_ns()
+    ctl.set_state(State.RUNNING)
+    wl.resume(started / 1e9)
+    paced = not wl.unlimited
+    while True:
+        command = ctl.command
+        if command is Command.EXIT:
+            return
+        if command is Command.PAUSE:
+            ctl.u64[5] += time.monotonic_ns() - started
+            ctl.set_state(State.PAUSED)
+            while ctl.command is Command.PAUSE:
+                ctl.wait_command(Command.PAUSE, 1.0)
+            started = time.monotonic_ns()
+            wl.resume(started / 1e9)
+            ctl.u64[3] += 1
+            ctl.set_state(State.RUNNING)
+            continue
+        now = time.monotonic_ns()
+        n = wl.write(guest, now / 1e9, max_batch_pages)
+        ctl.u64[1] = wl.pages_written_total
+        ctl.u64[2] += 1
+        ctl.u64[4] = time.monotonic_ns()
+        if paced or n == 0:
+            ctl.wait_command(Command.RUN, tick_seconds)
+
+
+def guest_main(sock: socket.socket) -> None:
+    """One guest, from its setup message to its exit (see the module docstring)."""
+    msg, fds = recv_message(sock)
+    memfd, ctlfd = fds
+    npages, page_size = msg["npages"], msg["page_size"]
+    ctl = ControlPage(ctlfd, npages, msg["track_writes"])
+    try:
+        t0 = time.perf_counter()
+        runs = (frame_runs(np.frombuffer(msg["p2m"], np.int64)) if msg["p2m"] is not None
+                else np.frombuffer(msg["runs"], np.int64).reshape(-1, 3))
+        base = map_frames(memfd, runs, npages, page_size)
+        os.close(memfd)
+        map_seconds = time.perf_counter() - t0
+        uffd = Uffd.create()
+        uffd.register(base, npages * page_size, MODE_WP)
+    except OSError as exc:
+        ctl.set_state(State.FAILED)
+        send_message(sock, {"error": str(exc)})
+        return
+    threading.Thread(target=_die_with_host, args=(sock,), daemon=True).start()
+    send_message(sock, {"pid": os.getpid(), "base": base, "runs": len(runs),
+                        "map_seconds": map_seconds, "features": uffd.features,
+                        "via": uffd.via}, [uffd.fd])
+    guest = MappedGuest(msg["name"], base, npages, msg["data_pages"], msg["pfn_base"],
+                        page_size, ctl.written)
+    spec = WorkloadSpec(**msg["workload"])
+    try:
+        run_workload(ctl, guest, spec, msg["state"], msg["max_batch_pages"],
+                     msg["tick_seconds"])
+    except BaseException:
+        ctl.set_state(State.FAILED)
+        raise
+    ctl.set_state(State.EXITED)
+
+
+def _die_with_host(sock: socket.socket) -> None:
+    """Exit the moment the host's end of the socket closes (or it says anything)."""
+    try:
+        sock.recv(1)
+    finally:
+        os._exit(0)
+
+
+# -- the zygote ---------------------------------------------------------------------------------
+def zygote_main(fd: int) -> None:
+    """Fork a guest per request on socket `fd` until the host closes it; reply its pid."""
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)       # guests are reaped by the kernel
+    gc.collect()
+    gc.freeze()                 # the heap stays shared: the collector leaves it untouched
+    while True:
+        try:
+            _msg, fds = recv_message(sock)
+        except PeerGone:
+            return
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            code = 0
+            try:
+                guest_main(socket.socket(fileno=fds[0]))
+            except BaseException:               # noqa: BLE001 - reported, then exit
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        for f in fds:
+            os.close(f)
+        send_message(sock, {"pid": pid})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--zygote":
+        sys.exit("usage: python -m nodes.host.guestmain --zygote FD")
+    zygote_main(int(sys.argv[2]))
