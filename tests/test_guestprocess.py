@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -161,3 +162,65 @@ def test_killing_the_host_leaves_no_guest_process(uffd_kernel):
         assert all(gone(p) for p in pids), "a guest process outlived its host"
     finally:
         host.kill()
+
+
+def _touch_in_thread(addr: int, out: list) -> threading.Thread:
+    """Read 8 bytes at `addr` in a thread, through ctypes (which drops the GIL: a thread
+    blocked in a page fault must not hold it)."""
+    import ctypes
+
+    def run():
+        buf = ctypes.create_string_buffer(8)
+        ctypes.memmove(buf, addr, 8)
+        out.append(int.from_bytes(buf.raw, "little"))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _faults(uffd, timeout: float = 2.0) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = uffd.read_faults()
+        if got:
+            return got
+        time.sleep(0.001)
+    return []
+
+
+@pytest.mark.uffd
+def test_missing_and_minor_faults_on_machine_memory_are_read_and_resolved(uffd_kernel):
+    """Post-copy's two ways on memfd memory: MISSING faults filled by UFFDIO_COPY, MINOR
+    faults (the page is in the memfd already, written by the host) mapped by CONTINUE."""
+    import mmap
+
+    from nodes.host.userfault import MODE_MINOR, MODE_MISSING, Uffd
+    from nodes.xen.memory import MachineMemory
+    if not (uffd_kernel.missing_shmem and uffd_kernel.minor_shmem):
+        pytest.skip("no MISSING/MINOR faults on shmem here")
+    ps = 4096
+    mem = MachineMemory(64 * ps)
+    view = mmap.mmap(mem.fd, 64 * ps, flags=mmap.MAP_SHARED)
+    base = np.frombuffer(view, np.uint8).ctypes.data
+    uffd = Uffd.create()
+    try:
+        uffd.register(base, 32 * ps, MODE_MISSING)
+        uffd.register(base + 32 * ps, 32 * ps, MODE_MINOR)
+        seen: list[int] = []
+        t = _touch_in_thread(base + 5 * ps, seen)
+        faults = _faults(uffd)
+        assert [f.address for f in faults] == [base + 5 * ps] and seen == []
+        page = np.zeros(ps, np.uint8)
+        page[:8] = np.frombuffer((1234).to_bytes(8, "little"), np.uint8)
+        assert uffd.copy(base + 5 * ps, page.ctypes.data, ps) == ps
+        t.join(2)
+        assert seen == [1234] and mem.words[5, 0] == 1234, "the copy landed in the memfd"
+        mem.words[40, 0] = 99                   # the host's write: in the page cache now
+        t = _touch_in_thread(base + 40 * ps, seen)
+        faults = _faults(uffd)
+        assert [f.address for f in faults] == [base + 40 * ps]
+        uffd.continue_(base + 40 * ps, ps)
+        t.join(2)
+        assert seen == [1234, 99]
+    finally:
+        uffd.close()
