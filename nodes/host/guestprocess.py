@@ -38,6 +38,7 @@ from workloads.spec import WorkloadSpec
 
 OWN_MAPPINGS = 2048     # mappings a guest process holds beside its frames (Python, numpy...)
 PAUSE_TIMEOUT_SECONDS = 1.0
+ZYGOTE_TIMEOUT_SECONDS = 30.0
 
 
 class GuestProcessError(MigbedError):
@@ -56,6 +57,7 @@ class Zygote:
             [sys.executable, "-m", "nodes.host.guestmain", "--zygote", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         theirs.close()
+        ours.settimeout(ZYGOTE_TIMEOUT_SECONDS)     # its start imports numpy: seconds at worst
         self.sock = ours
         self.lock = threading.Lock()
 
@@ -66,11 +68,16 @@ class Zygote:
     def fork(self, guest_end: socket.socket) -> int:
         """A new guest process holding `guest_end`; its pid."""
         with self.lock:
-            send_message(self.sock, {"op": "fork"}, [guest_end.fileno()])
-            reply, _ = recv_message(self.sock)
+            try:
+                send_message(self.sock, {"op": "fork"}, [guest_end.fileno()])
+                reply, _ = recv_message(self.sock)
+            except (OSError, MigbedError) as exc:
+                self.close()                       # half a conversation: start afresh
+                raise GuestProcessError(f"the guest zygote did not answer: {exc}") from None
         return int(reply["pid"])
 
     def close(self) -> None:
+        """Close its socket (it exits on that) and reap it; its guests live on."""
         self.sock.close()
         try:
             self.proc.wait(timeout=5)
