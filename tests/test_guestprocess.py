@@ -224,3 +224,22 @@ def test_missing_and_minor_faults_on_machine_memory_are_read_and_resolved(uffd_k
         assert seen == [1234, 99]
     finally:
         uffd.close()
+
+
+@pytest.mark.uffd
+def test_without_capabilities_the_probe_goes_through_dev_userfaultfd(uffd_kernel):
+    """vm.unprivileged_userfaultfd=0 refuses userfaultfd(2) to a process without
+    CAP_SYS_PTRACE; /dev/userfaultfd (its owner may open it) still gives one."""
+    import shutil
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not os.access("/dev/userfaultfd", os.R_OK):
+        pytest.skip("needs root (to drop capabilities), setpriv and /dev/userfaultfd")
+    code = "from nodes.host.userfault import kernel_support as k; s = k(); print(s.dirty_log, s.via)"
+    out = subprocess.run([setpriv, "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c",
+                          code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+        unprivileged = f.read().strip() == "1"
+    want = "userfaultfd(2)" if unprivileged else "/dev/userfaultfd"
+    assert out.stdout.strip().split(maxsplit=1) == ["True", want]
