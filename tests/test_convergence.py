@@ -283,7 +283,7 @@ def test_a_pause_ends_a_throttle_sleep(hv):
 def test_throttle_sleeps_are_not_gaps_the_guest_saw():
     """The progress log: writes, a throttle sleep of 400 ms, writes, a real stall of 50 ms."""
     vcpu = VCPU.__new__(VCPU)
-    from workloads.vcpu import ProgressLog
+    from workloads.progresslog import ProgressLog
     vcpu.log = ProgressLog()
     t = 1000.0
     for i in range(10):
