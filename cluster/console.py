@@ -22,6 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 MIN_WIDTH = 120          # a terminal's console is at least this wide, a wider one its width
@@ -348,7 +349,8 @@ def _top_recent(frame: Any) -> Table:
     t = _table("GUEST", "ROUTE", "POLICY", "STATUS", ">ROUNDS", ">TOTAL", ">DOWNTIME",
                ">GUEST SAW", "VERIFIED", "ENDED", title="LAST MIGRATIONS")
     for r in frame.recent:
-        status = Text(r["status"], style="green" if r["status"] == "completed" else "bold red")
+        ok = r["status"] == Outcome.COMPLETED
+        status = Text(r["status"], style="green" if ok else "bold red")
         verdict = {True: "verified", False: "MISMATCH", None: "-"}[r["verified"]]
         t.add_row(r["guest"], f"{r['source'] or '?'} > {r['destination'] or '?'}",
                   r["policy"] or "-", status,

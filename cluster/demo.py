@@ -19,6 +19,7 @@ from cluster.report import MigrationReport
 from cluster.testbed import Testbed
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 from workloads.spec import WorkloadSpec
 
@@ -76,7 +77,7 @@ def run_demo(quick: bool = False, hosts_per_node: int | None = None) -> int:
         print_listing(tb.list())
     _say("")
     show(migrations_table(reports))
-    bad = [r for r in reports if r.status != "completed" or r.integrity.verified is not True]
+    bad = [r for r in reports if r.status != Outcome.COMPLETED or r.integrity.verified is not True]
     _say(f"\n{len(reports)} migrations, {len(bad)} failed or unverified; demo took "
          f"{time.monotonic() - t0:.1f} s")
     return 0 if not bad and ok else 1

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from cluster.postcopy import apply_postcopy, postcopy_lines
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -122,9 +123,9 @@ class MigrationReport:
         them (`cluster.settle`); `info` is the guest's GUEST_INFO."""
         source, dest = settled.source, settled.destination
         status, error = source.status, source.error
-        if status == "completed" and dest is not None and not dest.completed:
-            status, error = "failed", dest.error
-        completed = status == "completed"
+        if status == Outcome.COMPLETED and dest is not None and not dest.completed:
+            status, error = Outcome.FAILED, dest.error
+        completed = status == Outcome.COMPLETED
         downtime = None
         if source.pause_wall and source.resume_wall:
             downtime = source.resume_wall - source.pause_wall
@@ -147,7 +148,7 @@ class MigrationReport:
                    "after": (dest.mode_after if dest is not None else None) if completed
                    else info["mode_before"]},
             rounds=rounds, stop_reason=source.stop_reason,
-            stop_code=source.stop_code if completed or status == "cancelled" else None,
+            stop_code=source.stop_code if completed or status == Outcome.CANCELLED else None,
             total_time_seconds=total, downtime_seconds=downtime,
             downtime_source_seconds=source.downtime_source_seconds,
             guest_observed_downtime_seconds=_guest_downtime(source, dest),

@@ -24,6 +24,7 @@ from nodes.errors import (
 )
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import PausedEnd
 from nodes.xen.hypervisor import check_guest_name
 
 # Told of every `Testbed.local` as it starts (`started(tb)`) and closes (`closing(tb)`); see
@@ -227,7 +228,7 @@ class Testbed:
                 dst = self._incoming_host(paused["migration_id"])
                 if dst is None:
                     why = f"the destination of the paused post-copy of {guest} is gone"
-                    src.call("settle_paused", paused["migration_id"], "lost", why)
+                    src.call("settle_paused", paused["migration_id"], PausedEnd.LOST, why)
                     raise MigrationError(f"{why}: the guest is lost (neither host has all "
                                          f"of it); {src.name} has freed its stale copy")
                 report = recover_migration(src, dst, paused, on_progress)

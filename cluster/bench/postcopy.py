@@ -22,6 +22,7 @@ import numpy as np
 from cluster.bench.baselines import on_host
 from cluster.bench.options import BenchOptions, MiB
 from cluster.bench.results import Results, unique_name
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
     from cluster.testbed import Testbed
@@ -69,7 +70,7 @@ def _downtimes(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Results,
                                     ("pre-copy", MigrationSettings())):
                 where = b if where == a else a
                 r = tb.migrate(name, where, settings)
-                if r.status != "completed":
+                if r.status != Outcome.COMPLETED:
                     raise RuntimeError(f"idle {label} migration {r.status}: {r.error}")
                 key = "postcopy" if r.postcopy else "precopy"
                 res.add(f"{key}_downtime_idle_seconds", "seconds", r.downtime_seconds,
@@ -99,7 +100,7 @@ def _fault_latency(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Resul
             where = b if where == a else a
             r = tb.migrate(name, where, MigrationSettings(
                 postcopy_after_rounds=0, postcopy_bandwidth_bytes_per_second=PUSH_BYTES_PER_SECOND))
-            if r.status != "completed" or r.postcopy is None:
+            if r.status != Outcome.COMPLETED or r.postcopy is None:
                 raise RuntimeError(f"post-copy migration {r.status}: {r.error}")
             pc = r.postcopy
             if pc["fault_latency_mean_seconds"] is None:

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 from cluster import model  # the public functions, looked up when called
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
     from cluster.report import MigrationReport
@@ -58,7 +59,7 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
                                dirty_rate_pages_per_second, fixed_downtime)
         common["switch_resume_seconds"] = switch_resume_seconds
         measured_dict = report.to_dict()
-        completed = report.status == "completed"
+        completed = report.status == Outcome.COMPLETED
         nominal = None
         if settings.nominal_bytes_per_second is not None:
             nominal = model.predict(

@@ -21,6 +21,7 @@ from cluster.sweep.text import ms, point_text, show
 from nodes.errors import ConfigError, MigbedError
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def _run_grid(tb: "Testbed", scenario: Scenario, folder: Path, progress_out: IO[
                 rows.append(row)
                 steps.step(f"point {i} repeat {r}: {point_text(point)} -> {row['status']}"
                            + (f" ({row['error']})" if row["error"] else ""),
-                           failed=row["status"] != "completed")
+                           failed=row["status"] != Outcome.COMPLETED)
     return calibration, rows
 
 
@@ -146,7 +147,7 @@ def _floor(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: Calibrati
                 link_bytes_per_second=link, rate_limit_bytes_per_second=limit,
                 latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds,
                 postcopy_after_rounds=0 if postcopy else None))
-            if rep.status != "completed" or rep.downtime_seconds is None:
+            if rep.status != Outcome.COMPLETED or rep.downtime_seconds is None:
                 error = rep.error
             elif i >= CALIBRATION_WARMUPS:
                 floors.append(rep.downtime_seconds)
@@ -179,7 +180,7 @@ def _run_one(tb: "Testbed", src: str, dst: str, scenario: Scenario, index: int, 
     spec = replace(spec, name=f"sweep-{index}-{repeat}")
     row: dict = {"scenario": scenario.name, "point": index, "repeat": repeat}
     row.update({f"axis_{k}": show(v) for k, v in point.items()})
-    row.update(status="failed", error=None)
+    row.update(status=Outcome.FAILED, error=None)
     report = achieved = None
     try:
         tb.create(src, spec)

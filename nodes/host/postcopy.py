@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from nodes.errors import MigrationError, MigrationStillRunning
 from nodes.migration.postcopy.source import settle_paused
+from nodes.phase import PausedEnd
 
 if TYPE_CHECKING:
     from nodes.migration.destination import Receiver
@@ -72,7 +73,7 @@ class PostcopyControl:
         return self._sender_ended(migration_id, sender.ctx.guest, sender, result, start_wall,
                                   info)
 
-    def settle_paused(self, migration_id: str, outcome: str, why: str) -> "SourceResult":
+    def settle_paused(self, migration_id: str, outcome: PausedEnd, why: str) -> "SourceResult":
         """End a paused post-copy as the control plane found it: `lost` (its destination
         died: the stale copy here goes), `completed` (the destination has the whole guest:
         verify and clean up here), `resume` (the destination never resumed: it runs here)."""

@@ -30,9 +30,10 @@ from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
 from nodes.migration.postcopy.source import plan
 from nodes.migration.progress import Progress
-from nodes.migration.results import PAUSED, DestinationResult, SourceResult
+from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.source import Sender, check_migratable, guest_info
+from nodes.phase import ENDED, Outcome
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor
 from workloads.patterns import make_workload
@@ -60,7 +61,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         self.incoming: dict[str, Receiver] = {}
         self.outgoing: dict[str, Progress] = {}
         self._cancel: dict[str, threading.Event] = {}
-        self.migration_counts = {"started": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        self.migration_counts = dict.fromkeys(("started", *ENDED), 0)
         self.lock = threading.RLock()
         self.metrics = HostMetrics(self)
         self.fault_stats = FaultStats()
@@ -304,7 +305,7 @@ class HostService(GuestVCPUs, PostcopyControl):
             self.postcopy_rate_before(vcpu, start_wall, result)
         if before is not None:
             result.workload_running_seconds = before.running_seconds
-        if result.status == PAUSED:
+        if result.status == Outcome.PAUSED:
             with self.lock:
                 self._paused[mid] = (sender, start_wall, info)
             return result

@@ -35,9 +35,10 @@ from nodes.migration.multifd import DestinationChannels
 from nodes.migration.postcopy.destination import PostcopyDestination
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
-from nodes.migration.results import COMPLETED, FAILED, DestinationResult
+from nodes.migration.results import DestinationResult
 from nodes.migration.runtime import GuestRuntime
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.xen.domain import DomainState
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.memory import MachineMemory
@@ -113,7 +114,7 @@ class Receiver:
         self.connection_lost = False
         self.reader: RecordReader | None = None
         self.vcpu_made = False
-        self.status = "waiting"
+        self.status = Outcome.WAITING
         self.error: str | None = None
         self.resume_wall: float | None = None
         self.timing: dict = {}
@@ -132,7 +133,7 @@ class Receiver:
         cpu0 = time.thread_time()
         try:
             self._accept()
-            self.status = "receiving"
+            self.status = Outcome.RECEIVING
             self.reader = reader = RecordReader(self.conn.recv_into, reuse_page_buffer=True,
                                   page_sink=self.landing,
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
@@ -147,7 +148,7 @@ class Receiver:
             else:
                 self._check_arrived()
                 destination_handover(self, reader)
-            self.status = COMPLETED
+            self.status = Outcome.COMPLETED
         except BaseException as exc:  # noqa: BLE001 - a failed restore must free its frames
             self._fail(exc)
             if not isinstance(exc, Exception):
@@ -273,7 +274,7 @@ class Receiver:
             return
         resumed = self.resume_wall is not None
         self.error = describe(exc)
-        self.status = COMPLETED if resumed else FAILED
+        self.status = Outcome.COMPLETED if resumed else Outcome.FAILED
         self.connection_lost = not resumed and isinstance(exc, ConnectionLost | OSError)
         if resumed:
             return

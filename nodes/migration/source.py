@@ -51,10 +51,10 @@ from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
-from nodes.migration.results import CANCELLED, COMPLETED, FAILED, PAUSED, SourceResult
+from nodes.migration.results import SourceResult
 from nodes.migration.runtime import GuestRuntime
 from nodes.migration.settings import MigrationSettings
-from nodes.phase import Phase
+from nodes.phase import Outcome, Phase
 from nodes.xen.domain import Domain, DomainState
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.logdirty import ShadowOp
@@ -243,11 +243,11 @@ class Sender:
                     ctx.sample("phase")
                     step.run(ctx)
                     ctx.clock.end(step.phase)
-            ctx.result.status = COMPLETED
+            ctx.result.status = Outcome.COMPLETED
         except PostcopyPaused as exc:
             paused, self.paused_at = True, index
-            ctx.result.status, ctx.result.error = PAUSED, str(exc)
-            ctx.progress.status = PAUSED
+            ctx.result.status, ctx.result.error = Outcome.PAUSED, str(exc)
+            ctx.progress.status = Outcome.PAUSED
         except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest safe
             fail(ctx, exc)
             if not isinstance(exc, Exception):
@@ -264,7 +264,7 @@ class Sender:
 def fail(ctx: SourceContext, exc: BaseException) -> None:
     """Record why the migration failed; before the hand-over, give the guest back."""
     r = ctx.result
-    r.status = CANCELLED if isinstance(exc, MigrationCancelled) else FAILED
+    r.status = Outcome.CANCELLED if isinstance(exc, MigrationCancelled) else Outcome.FAILED
     r.error = describe(exc)
     r.connection_lost = isinstance(exc, ConnectionLost)
     r.stop_code = getattr(exc, "stop_code", None)    # an operator's timeout says which
