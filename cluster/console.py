@@ -210,7 +210,7 @@ def migrations_table(reports: Iterable[Any]) -> Table:
     t = _table("guest", "route", "profile", "policy", "modes", ">rounds", ">pages", ">total",
                ">downtime", ">guest saw", ">model", "verified", title="SUMMARY")
     for r in reports:
-        predicted = ((r.model or {}).get("prediction") or {}).get("downtime_seconds")
+        predicted = ((r.model.prediction if r.model else None) or {}).get("downtime_seconds")
         t.add_row(r.guest, f"{r.source}>{r.destination}", r.profile or "-", r.policy,
                   f"{r.modes['before']}/{r.modes['during']}/{r.modes['after']}",
                   str(r.live_rounds), str(r.pages_sent_total), _ms(r.total_time_seconds),

@@ -111,13 +111,13 @@ def _wire(tb: Testbed, reports: list[MigrationReport]) -> None:
         link_bytes_per_second=32 * MiB, multifd_channels=2, multifd_compression="zstd"),
         reports)
     if r.multifd:
-        _say(f"   multifd: {r.multifd['channels']} channels, compression ratio "
-             f"{r.multifd['compression_ratio'] or 0:.1f}")
+        _say(f"   multifd: {r.multifd.channels} channels, compression ratio "
+             f"{r.multifd.compression_ratio or 0:.1f}")
     r = _migrate(tb, "web", "host-0", MigrationSettings(   # xen: passes after the first
         policy="xen", link_bytes_per_second=LINK, xbzrle_cache_bytes=8 * MiB), reports)
     if r.xbzrle:
-        _say(f"   xbzrle: {r.xbzrle['pages']} pages as deltas, encoding rate "
-             f"{r.xbzrle['encoding_rate']:.1f}, {r.xbzrle['cache_miss']} cache misses")
+        _say(f"   xbzrle: {r.xbzrle.pages} pages as deltas, encoding rate "
+             f"{r.xbzrle.encoding_rate:.1f}, {r.xbzrle.cache_miss} cache misses")
 
 
 def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> bool:
@@ -141,7 +141,7 @@ def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> boo
                                                        postcopy_after_rounds=after), reports)
         if r.postcopy is not None:
             _say(f"   post-copy: {r.postcopy_requests} page requests, vCPU blocked "
-                 f"{_ms(r.postcopy['blocktime_seconds'])}")
+                 f"{_ms(r.postcopy.blocktime_seconds)}")
         dest = "host-0" if dest == "host-1" else "host-1"
 
     _say("\n-- batch (sequential counters) host-1 -> host-0, then qtest's edge check")

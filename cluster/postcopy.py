@@ -14,6 +14,7 @@ pages, so the outcomes are QEMU's:
 
 from typing import TYPE_CHECKING
 
+from cluster.reportparts import PostcopyBlock
 from cluster.settle import Settlement
 from nodes.errors import ClusterError, MigbedError
 from nodes.migration.clock import to_source_clock
@@ -125,14 +126,15 @@ def _failed(control: "FaultControl", source: SourceResult) -> Settlement:
 
 
 # -- the report -------------------------------------------------------------------------------
-def postcopy_block(source: SourceResult, dest: DestinationResult | None) -> dict | None:
+def postcopy_block(source: SourceResult,
+                   dest: DestinationResult | None) -> PostcopyBlock | None:
     """The report's `postcopy` block (None when the migration did not switch), from both
     sides: QEMU's names where it has them."""
     d = (dest.postcopy if dest is not None else None) or {}
     if not (source.switched or d):
         return None
     s = source.postcopy or {}
-    return {
+    return PostcopyBlock.from_dict({
         "switched_at_seconds": s.get("switched_at_seconds"),
         "downtime_qemu_seconds": s.get("downtime_qemu_seconds"),
         "blocktime_seconds": d.get("blocktime_seconds"),
@@ -154,7 +156,7 @@ def postcopy_block(source: SourceResult, dest: DestinationResult | None) -> dict
         "guest_pages_per_second": {"before": s.get("guest_rate_before"),
                                    "during": d.get("guest_rate_during"),
                                    "after": d.get("guest_rate_after")},
-    }
+    })
 
 
 def apply_postcopy(report: "MigrationReport", source: SourceResult,
@@ -181,18 +183,18 @@ def postcopy_lines(report: "MigrationReport") -> list[str]:
     if b is None:
         return lines
     ms = _ms
-    rates = b["guest_pages_per_second"]
+    rates = b.guest_pages_per_second
     lines += [
-        f"  post-copy: switched at {ms(b['switched_at_seconds'])} (QEMU's downtime "
-        f"{ms(b['downtime_qemu_seconds'])}), {report.postcopy_requests} page requests, "
-        f"{b['pages_requested']} pages sent on request, {b['pages_pushed']} pushed",
-        f"  post-copy: vCPU blocked {ms(b['blocktime_seconds'])} in {b['faults']} faults, "
-        f"mean fault latency {ms(b['fault_latency_mean_seconds'])}; guest pages/s before "
+        f"  post-copy: switched at {ms(b.switched_at_seconds)} (QEMU's downtime "
+        f"{ms(b.downtime_qemu_seconds)}), {report.postcopy_requests} page requests, "
+        f"{b.pages_requested} pages sent on request, {b.pages_pushed} pushed",
+        f"  post-copy: vCPU blocked {ms(b.blocktime_seconds)} in {b.faults} faults, "
+        f"mean fault latency {ms(b.fault_latency_mean_seconds)}; guest pages/s before "
         f"{_rate(rates['before'])}, during {_rate(rates['during'])}, after "
         f"{_rate(rates['after'])}"]
-    if b["recoveries"] or b["paused_seconds"]:
-        lines.append(f"  post-copy: paused {ms(b['paused_seconds'])}, "
-                     f"{b['recoveries']} recover{'y' if b['recoveries'] == 1 else 'ies'}")
+    if b.recoveries or b.paused_seconds:
+        lines.append(f"  post-copy: paused {ms(b.paused_seconds)}, "
+                     f"{b.recoveries} recover{'y' if b.recoveries == 1 else 'ies'}")
     return lines
 
 

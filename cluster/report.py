@@ -2,14 +2,26 @@
 
 Field names carry their units (`_seconds`, `_bytes`, `_pages`); milliseconds appear only in
 the human table. Every report describes itself: guest, hosts, profile, policy and settings.
+It is composed of typed parts (`cluster.reportparts`: the wire's xbzrle and multifd blocks,
+post-copy, convergence, the model), each writing itself under its JSON key, so the JSON is
+the flat object it has always been.
 """
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.postcopy import apply_postcopy, postcopy_lines
+from cluster.reportparts import (
+    ConvergenceBlock,
+    ModelBlock,
+    MultifdBlock,
+    PostcopyBlock,
+    ReportBlock,
+    XbzrleBlock,
+)
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
 from nodes.phase import Outcome
@@ -34,7 +46,7 @@ class MigrationReport:
     source: str
     destination: str
     policy: str
-    status: str                            # completed | failed | cancelled
+    status: Outcome                        # completed | failed | cancelled
     error: str | None = None
     profile: str | None = None
     page_size: int = 4096
@@ -66,8 +78,8 @@ class MigrationReport:
     # encoding_rate, overflow}, and the multifd block {channels, bytes_per_channel,
     # compression, compression_level, compression_ratio, cpu_seconds {source, destination}};
     # None when not used (`cluster.wireblocks`).
-    xbzrle: dict | None = None
-    multifd: dict | None = None
+    xbzrle: XbzrleBlock | None = None
+    multifd: MultifdBlock | None = None
     # How long the guest's workload had run when the migration began: with the workload's
     # fill, the model's count of non-zero pages at the start.
     workload_running_seconds: float = 0.0
@@ -80,7 +92,7 @@ class MigrationReport:
     # CPU seconds of the sender's and the receiver's threads: which side was the bottleneck.
     cpu_seconds: dict = field(default_factory=dict)
     integrity: Integrity = field(default_factory=Integrity)
-    model: dict | None = None
+    model: ModelBlock | None = None
     # Where the guest runs afterwards (None: nowhere, see guest_lost), and the faults injected
     # (`nodes.faults.spec`) with what became of them (`cluster.settle`).
     guest_host: str | None = None
@@ -92,7 +104,7 @@ class MigrationReport:
     guest_cost: dict | None = None
     # The convergence aids' outcome: the last cpu-throttle-percentage, the highest, and the
     # seconds dirty-limit slept the vCPU (per round in `rounds`).
-    convergence: dict | None = None
+    convergence: ConvergenceBlock | None = None
     # The progress over time, a sample at every phase change and round end and at least
     # every 100 ms (`nodes.migration.progress.ProgressHistory`): what `migbed plot` draws.
     progress_history: list = field(default_factory=list)
@@ -113,7 +125,7 @@ class MigrationReport:
     # QEMU's postcopy-requests: pages the destination asked for (each page one request).
     postcopy_requests: int = 0
     # Post-copy (`cluster.postcopy.postcopy_block`; None when the migration did not switch).
-    postcopy: dict | None = None
+    postcopy: PostcopyBlock | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -155,7 +167,8 @@ class MigrationReport:
             pages_sent_total=source.pages_sent_total, bytes_sent_total=source.bytes_sent_total,
             normal_pages=sum(r.normal_pages for r in source.rounds),
             zero_pages=sum(r.zero_pages for r in source.rounds),
-            xbzrle=source.wire.get("xbzrle"), multifd=multifd_block(source, dest),
+            xbzrle=XbzrleBlock.from_dict(source.wire.get("xbzrle")),
+            multifd=multifd_block(source, dest),
             workload_running_seconds=source.workload_running_seconds,
             dirty_sync_count=source.dirty_sync_count,
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
@@ -178,9 +191,8 @@ class MigrationReport:
         return report
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        extra = d.pop("extra")
-        for key, value in extra.items():
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+        for key, value in copy.deepcopy(self.extra).items():
             if key == "integrity" and isinstance(value, dict):
                 d["integrity"] = {**value, **d["integrity"]}
             else:
@@ -214,6 +226,13 @@ class MigrationReport:
         if unknown:
             extra["integrity"] = unknown
         kwargs["integrity"] = Integrity(**integrity)
+        for key, block in BLOCKS.items():
+            try:
+                kwargs[key] = block.from_dict(kwargs.get(key))
+            except TypeError:
+                raise ConfigError(f"not a migration report: {key} is not an object") from None
+        status = kwargs["status"]
+        kwargs["status"] = Outcome(status) if status in OUTCOMES else status
         for key in ("rounds", "progress_history"):
             value = kwargs.get(key) or []
             if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
@@ -306,6 +325,20 @@ class MigrationReport:
 
 # What every report of every version has; anything else may be missing from an old one.
 REQUIRED_KEYS = ("migration_id", "guest", "source", "destination", "policy", "status")
+# The report's typed parts, by their JSON key.
+BLOCKS: dict[str, type[ReportBlock]] = {
+    "xbzrle": XbzrleBlock, "multifd": MultifdBlock, "model": ModelBlock,
+    "convergence": ConvergenceBlock, "postcopy": PostcopyBlock}
+OUTCOMES = {o.value for o in Outcome}
+
+
+def _plain(value):
+    """A field as JSON carries it: a block or the integrity as its object, the rest copied."""
+    if isinstance(value, ReportBlock):
+        return value.to_dict()
+    if isinstance(value, Integrity):
+        return asdict(value)
+    return copy.deepcopy(value)
 
 
 def _ms(seconds: float | None) -> str:
@@ -320,23 +353,24 @@ def _verdict(v: bool | None) -> str:
     return {True: "verified (digests equal)", False: "MISMATCH", None: "not checked"}[v]
 
 
-def _convergence(rounds: list[dict], settings: "MigrationSettings") -> dict | None:
+def _convergence(rounds: list[dict], settings: "MigrationSettings") -> ConvergenceBlock | None:
     """What the throttle did, when an aid was asked for."""
     if not (settings.auto_converge or settings.dirty_limit_bytes_per_second is not None):
         return None
     pcts = [r.get("cpu_throttle_percentage", 0) for r in rounds]
     live = [r for r in rounds if not r.get("final")]
-    return {"aid": "auto-converge" if settings.auto_converge else "dirty-limit",
-            "cpu_throttle_percentage": live[-1].get("cpu_throttle_percentage", 0) if live else 0,
-            "cpu_throttle_percentage_max": max(pcts, default=0),
-            "dirty_limit_throttle_seconds": sum(r.get("dirty_limit_throttle_seconds", 0.0)
-                                                for r in rounds)}
+    return ConvergenceBlock(
+        aid="auto-converge" if settings.auto_converge else "dirty-limit",
+        cpu_throttle_percentage=live[-1].get("cpu_throttle_percentage", 0) if live else 0,
+        cpu_throttle_percentage_max=max(pcts, default=0),
+        dirty_limit_throttle_seconds=sum(r.get("dirty_limit_throttle_seconds", 0.0)
+                                         for r in rounds))
 
 
 def _aid_lines(r: "MigrationReport") -> list[str]:
     lines = []
     c = r.convergence
-    if c and c["aid"] == "auto-converge":
+    if c and c.aid == "auto-converge":
         lines.append("  auto-converge: cpu throttle per round "
                      + " ".join(str(x.get("cpu_throttle_percentage", 0)) for x in r.rounds
                                 if not x.get("final")) + " %")
@@ -344,8 +378,8 @@ def _aid_lines(r: "MigrationReport") -> list[str]:
         lines.append("  dirty-limit: the vCPU slept "
                      + " ".join(f"{x.get('dirty_limit_throttle_seconds', 0.0) * 1000:.0f}"
                                 for x in r.rounds) + " ms per round"
-                     + f" ({_ms(c['dirty_limit_throttle_seconds'])} in all)")
-    fixed = (r.model or {}).get("fixed_downtime")
+                     + f" ({_ms(c.dirty_limit_throttle_seconds)} in all)")
+    fixed = r.model.fixed_downtime if r.model is not None else None
     if fixed:
         lines.append(f"  fixed downtime subtracted from the budget: {_ms(fixed['seconds'])} "
                      f"({fixed['basis']})")

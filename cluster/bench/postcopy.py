@@ -77,7 +77,7 @@ def _downtimes(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Results,
                         "pause on the source to resume on the destination, idle guest")
                 if r.postcopy:
                     res.add("postcopy_switch_qemu_downtime_seconds", "seconds",
-                            r.postcopy["downtime_qemu_seconds"],
+                            r.postcopy.downtime_qemu_seconds,
                             "QEMU's downtime: the stop until the switch's state was sent")
                 say(f"  idle {label} {i + 1}/{opts.repeats}: downtime "
                     f"{r.downtime_seconds * 1000:.2f} ms")
@@ -103,18 +103,18 @@ def _fault_latency(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Resul
             if r.status != Outcome.COMPLETED or r.postcopy is None:
                 raise RuntimeError(f"post-copy migration {r.status}: {r.error}")
             pc = r.postcopy
-            if pc["fault_latency_mean_seconds"] is None:
+            if pc.fault_latency_mean_seconds is None:
                 continue
-            res.add("fault_latency_mean_seconds", "seconds", pc["fault_latency_mean_seconds"],
+            res.add("fault_latency_mean_seconds", "seconds", pc.fault_latency_mean_seconds,
                     "a page request to the page landed (QEMU 10.1's postcopy-latency), busy "
                     "guest, pure post-copy, push at 16 MiB/s")
             res.add("fault_latency_median_bucket_seconds", "seconds",
-                    median_bucket(pc["fault_latency_seconds"]),
+                    median_bucket(pc.fault_latency_seconds),
                     "upper bound of the log2 bucket holding the median fault")
-            res.add("postcopy_blocktime_seconds", "seconds", pc["blocktime_seconds"],
+            res.add("postcopy_blocktime_seconds", "seconds", pc.blocktime_seconds,
                     "time the vCPU waited on faults (QEMU's postcopy-blocktime)")
             say(f"  busy post-copy {i + 1}/{opts.repeats}: {r.postcopy_requests} requests, "
-                f"mean latency {pc['fault_latency_mean_seconds'] * 1000:.2f} ms")
+                f"mean latency {pc.fault_latency_mean_seconds * 1000:.2f} ms")
     finally:
         tb.destroy(name)
 

@@ -117,8 +117,8 @@ def _variant(tb: "Testbed", name: str, where: list, hosts: tuple[str, str], labe
             res.add(f"{tag} round0_throughput_bytes_per_second", "bytes_per_second",
                     size / r.rounds[0]["duration_seconds"]
                     if r.rounds[0]["duration_seconds"] else 0.0, "guest bytes / round 0")
-            if r.multifd and r.multifd["compression_ratio"]:
-                res.add(f"{tag} compression_ratio", "ratio", r.multifd["compression_ratio"])
+            if r.multifd and r.multifd.compression_ratio:
+                res.add(f"{tag} compression_ratio", "ratio", r.multifd.compression_ratio)
     ratio = res.ratio(f"{label} / plain", f"wire {label} throughput_bytes_per_second",
                       f"{plain} throughput_bytes_per_second")
     res.ratio(f"{label} / plain, round 0", f"wire {label} round0_throughput_bytes_per_second",
