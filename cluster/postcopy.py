@@ -18,6 +18,7 @@ from cluster.reportparts import PostcopyBlock
 from cluster.settle import Settlement
 from nodes.errors import ClusterError, MigbedError
 from nodes.migration.clock import to_source_clock
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import Outcome, PausedEnd, Phase
@@ -47,7 +48,8 @@ def destination_state(control: "FaultControl") -> str | None:
         return None
 
 
-def settle_postcopy(control: "FaultControl", source: SourceResult, info: dict) -> Settlement:
+def settle_postcopy(control: "FaultControl", source: SourceResult,
+                    info: GuestInfo) -> Settlement:
     if source.source_lost:
         return _source_died(control, source)
     if source.status == Outcome.PAUSED:

@@ -24,6 +24,7 @@ from cluster.reportparts import (
 )
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
+from nodes.migration.guestinfo import GuestInfo
 from nodes.phase import Outcome
 from nodes.units import format_bytes
 
@@ -129,7 +130,7 @@ class MigrationReport:
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
-              info: dict, settings: "MigrationSettings",
+              info: GuestInfo, settings: "MigrationSettings",
               settled: "Settlement") -> "MigrationReport":
         """The report, built once from both sides' results as the control plane settled
         them (`cluster.settle`); `info` is the guest's GUEST_INFO."""
@@ -150,15 +151,15 @@ class MigrationReport:
         report = cls(
             migration_id=migration_id, guest=guest, source=source_host,
             destination=destination_host, policy=settings.policy, status=status, error=error,
-            profile=source.profile, page_size=info["page_size"],
-            guest_memory_bytes=info["pages"] * info["page_size"],
+            profile=source.profile, page_size=info.page_size,
+            guest_memory_bytes=info.memory_bytes,
             link_bytes_per_second=settings.link_bytes_per_second,
             rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second,
             latency_seconds=settings.latency_seconds,
             downtime_limit_seconds=settings.downtime_limit_seconds,
-            modes={"before": info["mode_before"], "during": info["mode_during"],
+            modes={"before": info.mode_before, "during": info.mode_during,
                    "after": (dest.mode_after if dest is not None else None) if completed
-                   else info["mode_before"]},
+                   else info.mode_before},
             rounds=rounds, stop_reason=source.stop_reason,
             stop_code=source.stop_code if completed or status == Outcome.CANCELLED else None,
             total_time_seconds=total, downtime_seconds=downtime,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from nodes.errors import ClusterError, MigbedError, MigrationStillRunning
 from nodes.faults.spec import HOST_KILLS, FaultKind
 from nodes.migration.clock import to_source_clock
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import Outcome, Phase
@@ -99,12 +100,12 @@ class FaultControl:
         self.killed[handle.name] = {"role": role, "fault": f["text"], "stage": f["stage"]}
 
     # -- when the sender has ended -------------------------------------------------------
-    def settle(self, pending, info: dict) -> Settlement:
+    def settle(self, pending, info: GuestInfo) -> Settlement:
         """Both sides of the migration, whatever became of the hosts."""
         try:
             source: SourceResult = pending.result(self.timeout)
         except ClusterError as exc:
-            source = SourceResult(source_lost=True, mode_before=info["mode_before"],
+            source = SourceResult(source_lost=True, mode_before=info.mode_before,
                                   error=f"source host {self.src.name} died during the "
                                         f"migration ({exc})")
         from cluster.postcopy import postcopy_outcome, settle_postcopy  # it uses Settlement

@@ -233,7 +233,7 @@ def _boot_guests(tb, hosts: list[str], opts: SoakOptions) -> dict[str, int]:
         g = f"soak-{tag}-{i}"
         wl = replace(opts.workload, seed=opts.workload.seed + i)
         tb.host(hosts[i % len(hosts)]).call(
-            "create_guest", GuestSpec(g, opts.guest_memory_bytes, workload=wl).to_dict())
+            "create_guest", GuestSpec(g, opts.guest_memory_bytes, workload=wl))
         where[g] = i % len(hosts)
     return where
 

@@ -186,7 +186,7 @@ class Testbed:
         if any(g["name"] == spec.name for g in self.guests()):
             raise DomainExistsError(f"a guest named {spec.name!r} already exists in the "
                                     "cluster")
-        return h.call("create_guest", spec.to_dict())
+        return h.call("create_guest", spec)
 
     def destroy(self, guest: str) -> None:
         self.host(self.where(guest)).call("destroy_guest", guest)

@@ -22,6 +22,7 @@ import numpy as np
 from cluster.bench.baselines import on_host
 from cluster.bench.options import BenchOptions, MiB
 from cluster.bench.results import Results, unique_name
+from nodes.migration.channel import Ticket
 from nodes.phase import Outcome
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def median_bucket(histogram: dict[str, int]) -> float | None:
 
 
 # -- the raw round trip, run inside the host actors ----------------------------------------------
-def _echo_pages(host, count: int, timeout: float) -> dict:
+def _echo_pages(host, count: int, timeout: float) -> Ticket:
     """The page side: answer each REQ_PAGES with a one-page PAGE_DATA. Returns the ticket."""
     from nodes.migration import records
     from nodes.migration.channel import Listener
@@ -154,16 +155,16 @@ def _echo_pages(host, count: int, timeout: float) -> dict:
             if conn is not None:
                 conn.close()
     threading.Thread(target=serve, name="bench-rtt", daemon=True).start()
-    return listener.ticket.to_dict()
+    return listener.ticket
 
 
-def _ask_pages(host, ticket: dict, count: int, timeout: float) -> float:
+def _ask_pages(host, ticket: Ticket, count: int, timeout: float) -> float:
     """The faulting side: `count` requests, each waiting for its page; the median seconds."""
     from nodes.migration import pagesets, records
-    from nodes.migration.channel import Ticket, connect
+    from nodes.migration.channel import connect
     from nodes.migration.reader import RecordReader
     from nodes.migration.records import RecordType as RT
-    sock = connect(Ticket.from_dict(ticket), timeout)
+    sock = connect(ticket, timeout)
     try:
         reader = RecordReader(sock.recv_into)
         request = records.encode_record(RT.REQ_PAGES, {"pfns": pagesets.encode_pfns([0])})

@@ -29,6 +29,7 @@ from nodes.faults.destination import DestinationFaults
 from nodes.faults.stats import FaultStats
 from nodes.migration import clock, pagesets, records
 from nodes.migration.channel import Listener
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.handover import destination_handover
 from nodes.migration.landing import Landing
 from nodes.migration.multifd import DestinationChannels
@@ -45,16 +46,16 @@ from nodes.xen.memory import MachineMemory
 from nodes.xen.profiles import Mode
 
 
-def validate_info(info: dict) -> dict:
+def validate_info(info: GuestInfo) -> GuestInfo:
     """GUEST_INFO as a control-plane argument: checked like a record from the wire."""
     try:
-        body = records.msgpack.packb(info, use_bin_type=True)
+        body = records.msgpack.packb(info.to_dict(), use_bin_type=True)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad guest info: {exc}") from None
     fields = records.decode_fields(RT.GUEST_INFO, body)
     if not 0 < fields["pages"] <= records.MAX_GUEST_PAGES:
         raise ConfigError(f"bad guest size {fields['pages']} pages")
-    return fields
+    return GuestInfo.from_dict(fields)
 
 
 def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:
@@ -68,40 +69,40 @@ def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:
         memory.frames[mfns[i:i + records.MAX_BATCH_PAGES]] = 0
 
 
-def modes_for(hv: Hypervisor, info: dict) -> tuple[Mode, Mode]:
+def modes_for(hv: Hypervisor, info: GuestInfo) -> tuple[Mode, Mode]:
     """(mode while arriving, mode after the resume) for a guest this host can take."""
-    if info["arch"] != hv.profile.arch:
+    if info.arch != hv.profile.arch:
         raise ModeError(
-            f"cannot migrate a {info['arch']} guest to {hv.name}, a {hv.profile.arch} host "
+            f"cannot migrate a {info.arch} guest to {hv.name}, a {hv.profile.arch} host "
             f"(profile {hv.profile.name}): guests move only between hosts of one "
             "architecture")
-    before = Mode.parse(info["mode_before"])
+    before = Mode.parse(info.mode_before)
     if before not in hv.profile.guest_modes:
         raise ModeError(f"{hv.name} (profile {hv.profile.name}) does not allow "
                         f"{before.value} guests; allowed: "
                         f"{', '.join(m.value for m in hv.profile.guest_modes)}")
-    return Mode.parse(info["mode_during"]), before
+    return Mode.parse(info.mode_during), before
 
 
 class Receiver:
     """The restore side of one migration: reserves frames up front, then receives on a thread."""
 
-    def __init__(self, hv: Hypervisor, info: dict, settings: MigrationSettings, address: str,
+    def __init__(self, hv: Hypervisor, info: GuestInfo, settings: MigrationSettings, address: str,
                  runtime: GuestRuntime, fault_stats: FaultStats | None = None,
                  data_ports: tuple[int, int] | None = None):
         self.hv = hv
         self.settings = settings
         self.info = info
         self.runtime = runtime
-        self.name = info["name"]
+        self.name = info.name
         self.faults = DestinationFaults(settings.faults, fault_stats)
-        self.faults.check_memory(hv.name, self.name, info["pages"])
+        self.faults.check_memory(hv.name, self.name, info.pages)
         self.mode_during, self.mode_after = modes_for(hv, info)
-        self.dom = hv.create_incoming(self.name, info["pages"], self.mode_during)
+        self.dom = hv.create_incoming(self.name, info.pages, self.mode_during)
         self.dom.migrating = True
         populate_frames(hv.memory, self.dom.p2m)
         try:
-            self.listener = Listener(address, info["migration_id"], data_ports)
+            self.listener = Listener(address, info.migration_id, data_ports)
         except OSError as exc:
             hv.destroy_domain(self.name, force=True)
             raise MigrationError(f"cannot listen on {address}: {exc}") from None
@@ -141,7 +142,7 @@ class Receiver:
             self._read_static(reader)
             # The vCPU now, parked until the guest runs: neither a stop-and-copy's hand-over
             # nor a post-copy switch then waits for a thread to start inside the downtime.
-            self.runtime.prepare_guest(self.dom, self.info.get("workload"))
+            self.runtime.prepare_guest(self.dom, self.info.workload)
             self.vcpu_made = True
             if self._receive(reader):
                 PostcopyDestination(self, self.discard).run(reader)
@@ -166,7 +167,7 @@ class Receiver:
         conn = self.listener.accept(self.settings.timeout_seconds)
         if self.settings.multifd_channels is not None:
             self.multifd = DestinationChannels(
-                self.listener, self.settings.multifd_channels, self.info["migration_id"],
+                self.listener, self.settings.multifd_channels, self.info.migration_id,
                 self.landing, timeout=self.settings.timeout_seconds,
                 guest_pages=self.dom.npages, wake=lambda: _stop_reading(conn))
         if not self.settings.postcopy_allowed:     # else kept for a post-copy's reconnects
@@ -251,7 +252,7 @@ class Receiver:
     def make_vcpu(self) -> None:
         """The guest's vCPU (made parked when the stream opened) takes the context its
         source sent; it waits until the resume."""
-        self.runtime.start_guest(self.dom, self.info.get("workload"), self.vcpu)
+        self.runtime.start_guest(self.dom, self.info.workload, self.vcpu)
         self.vcpu_made = True
 
     def resume(self) -> None:

@@ -44,6 +44,7 @@ from nodes.migration import clock, records
 from nodes.migration.channel import Ticket, connect
 from nodes.migration.context import SourceContext, SourcePhase
 from nodes.migration.dirtysync import SyncLog
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
 from nodes.migration.link import Pacer
 from nodes.migration.pipeline import PagePipeline
@@ -61,13 +62,14 @@ from nodes.xen.logdirty import ShadowOp
 from nodes.xen.profiles import Mode
 
 
-def guest_info(hv: Hypervisor, dom: Domain, migration_id: str, workload: dict | None) -> dict:
+def guest_info(hv: Hypervisor, dom: Domain, migration_id: str,
+               workload: dict | None) -> GuestInfo:
     """GUEST_INFO: what the destination needs to reserve frames and check compatibility."""
-    return {"migration_id": migration_id, "name": dom.name, "pages": dom.npages,
-            "data_pages": dom.data_pages, "page_table_pages": len(dom.pt_pfns),
-            "page_size": hv.page_size,
-            "mode_before": dom.mode.value, "mode_during": Mode.VP.value,
-            "arch": hv.profile.arch, "profile": hv.profile.name, "workload": workload}
+    return GuestInfo(migration_id=migration_id, name=dom.name, pages=dom.npages,
+                     data_pages=dom.data_pages, page_table_pages=len(dom.pt_pfns),
+                     page_size=hv.page_size, mode_before=dom.mode.value,
+                     mode_during=Mode.VP.value, arch=hv.profile.arch, profile=hv.profile.name,
+                     workload=workload)
 
 
 def check_migratable(hv: Hypervisor, name: str) -> Domain:
@@ -114,7 +116,7 @@ class Setup(_Always):
         ctx.link.send([records.encode_image_header(),
                        records.encode_domain_header(Mode.VP.value, hv.memory.page_shift)])
         ctx.send_record(RT.GUEST_INFO, guest_info(hv, dom, ctx.ticket.migration_id,
-                                                  ctx.runtime.workload_spec(dom.name)))
+                                                  ctx.runtime.workload_spec(dom.name)).to_dict())
         ctx.send_record(RT.P2M_FRAMES, {"mfns": ctx.p2m_sent.astype("<u8").tobytes()})
         ctx.send_record(RT.STATIC_DATA_END)
         _measure_clock(ctx)

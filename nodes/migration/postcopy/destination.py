@@ -108,7 +108,7 @@ class PostcopyDestination:
         self.pauses += 1
         self.path.attach(None)
         rx.drop_connection()
-        got = accept_recovery(rx.listener, rx.info["migration_id"], rx.settings.timeout_seconds,
+        got = accept_recovery(rx.listener, rx.info.migration_id, rx.settings.timeout_seconds,
                               lambda: not rx.killed and self.faults.lost is None)
         if got is None:
             raise GuestLost(self.faults.lost or f"{rx.hv.name} is going: the post-copy of "
