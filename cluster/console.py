@@ -22,6 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from nodes.migration.progress import Progress as MigrationProgress
 from nodes.phase import Outcome
 from nodes.units import format_bytes
 
@@ -116,11 +117,11 @@ class RoundPrinter:
         self.shown = 0
         self.header = header   # printed once the migration is under way, not before checks
 
-    def __call__(self, progress: dict) -> None:
+    def __call__(self, progress: MigrationProgress) -> None:
         if self.header:
             self.console.print(Text(self.header, style="bold"))
             self.header = None
-        for r in progress["rounds"][self.shown:]:
+        for r in progress.rounds[self.shown:]:
             tag = ("post-copy" if r.get("postcopy") else "final" if r["final"]
                    else f"round {r['index']}")
             line = Text(f"  {tag:>8}", style="bold cyan" if r["final"] else "cyan")
@@ -134,7 +135,7 @@ class RoundPrinter:
                 line.append(f", dirty-limit slept {r['dirty_limit_throttle_seconds'] * 1000:.0f}"
                             " ms", style="yellow")
             self.console.print(line)
-        self.shown = len(progress["rounds"])
+        self.shown = len(progress.rounds)
 
 
 # -- migbed model ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from cluster.report import MigrationReport
 from cluster.settle import FaultControl
 from nodes.errors import MigbedError, MigrationError
 from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.progress import Progress
 from nodes.migration.settings import MigrationSettings
 
 POLL_SECONDS = 0.1
@@ -26,7 +27,7 @@ def new_migration_id() -> str:
 
 
 def run_migration(src, dst, guest: str, settings: MigrationSettings,
-                  on_progress: Callable[[dict], None] | None = None,
+                  on_progress: Callable[[Progress], None] | None = None,
                   migration_id: str | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
     """Migrate `guest` from host handle `src` to `dst`. Raises for errors before anything
@@ -44,7 +45,7 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
 
 
 def follow(pending, control: FaultControl, src, dst, guest: str, info: GuestInfo,
-           settings: MigrationSettings, on_progress: Callable[[dict], None] | None = None,
+           settings: MigrationSettings, on_progress: Callable[[Progress], None] | None = None,
            should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
     """Poll a running sender (`pending`, the source's migrate_out or migrate_recover) until
     it returns, settle both sides and build the report."""
@@ -73,8 +74,8 @@ def follow(pending, control: FaultControl, src, dst, guest: str, info: GuestInfo
     source = settled.source
     if on_progress is not None and source.rounds:
         # The rounds that ended after the last poll (a short migration can end between two).
-        on_progress({"migration_id": mid, "guest": guest, "status": source.status,
-                     "rounds": [r.to_dict() for r in source.rounds]})
+        on_progress(Progress(mid, guest, status=source.status,
+                             rounds=[r.to_dict() for r in source.rounds]))
     report = MigrationReport.build(mid, guest, src.name, dst.name, info, settings, settled)
     report.model = model_block(report, info.workload, settings,
                                fixed_downtime=source.fixed_downtime)

@@ -23,6 +23,7 @@ from nodes.errors import ClusterError, MigbedError, MigrationStillRunning
 from nodes.faults.spec import HOST_KILLS, FaultKind
 from nodes.migration.clock import to_source_clock
 from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.progress import Progress
 from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import Outcome, Phase
@@ -62,8 +63,8 @@ class FaultControl:
         return self._kills_left > 0
 
     # -- while the migration runs ------------------------------------------------------------
-    def poll(self, progress: dict | None) -> None:
-        f = progress.get("fault") if progress else None
+    def poll(self, progress: Progress | None) -> None:
+        f = progress.fault if progress else None
         if not f or f["index"] in self._done:
             return
         self._done.add(f["index"])

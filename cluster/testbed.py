@@ -23,6 +23,7 @@ from nodes.errors import (
     NoSuchHostError,
 )
 from nodes.host.specs import GuestSpec
+from nodes.migration.progress import Progress
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import PausedEnd
 from nodes.xen.hypervisor import check_guest_name
@@ -193,7 +194,7 @@ class Testbed:
 
     def migrate(self, guest: str, destination: str,
                 settings: MigrationSettings | None = None,
-                on_progress: Callable[[dict], None] | None = None,
+                on_progress: Callable[[Progress], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
         settings = settings or MigrationSettings()
         dst = self.host(destination)
@@ -217,7 +218,7 @@ class Testbed:
                              "`migbed migrate GUEST DEST_HOST --postcopy-allowed`")
 
     def recover(self, guest: str,
-                on_progress: Callable[[dict], None] | None = None) -> MigrationReport:
+                on_progress: Callable[[Progress], None] | None = None) -> MigrationReport:
         """Resume the paused post-copy migration of `guest` (its link is back); the report
         once it has completed (or paused again)."""
         from cluster.postcopy import recover_migration

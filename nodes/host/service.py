@@ -330,9 +330,10 @@ class HostService(GuestVCPUs, PostcopyControl):
             while len(self._ended) > KEEP_ENDED_PROGRESS:
                 self.outgoing.pop(self._ended.popleft(), None)
 
-    def migration_progress(self, migration_id: str) -> dict | None:
+    def migration_progress(self, migration_id: str) -> Progress | None:
+        """A snapshot of an outgoing migration's progress; None if it is not known here."""
         p = self.outgoing.get(migration_id)
-        return p.to_dict() if p else None
+        return p.snapshot() if p else None
 
     def cancel_migration(self, migration_id: str) -> bool:
         ev = self._cancel.get(migration_id)
