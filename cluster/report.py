@@ -9,18 +9,20 @@ the flat object it has always been.
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.postcopy import apply_postcopy, postcopy_lines
 from cluster.reportparts import (
+    BLOCKS,
     ConvergenceBlock,
+    Integrity,
     ModelBlock,
     MultifdBlock,
     PostcopyBlock,
-    ReportBlock,
     XbzrleBlock,
+    plain,
 )
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
@@ -31,13 +33,6 @@ from nodes.units import format_bytes
 if TYPE_CHECKING:
     from cluster.settle import Settlement
     from nodes.migration.settings import MigrationSettings
-
-
-@dataclass
-class Integrity:
-    verified: bool | None = None          # None: not checked (--no-verify, or failed run)
-    source_digest: str | None = None
-    destination_digest: str | None = None
 
 
 @dataclass
@@ -192,7 +187,7 @@ class MigrationReport:
         return report
 
     def to_dict(self) -> dict:
-        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+        d = {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
         for key, value in copy.deepcopy(self.extra).items():
             if key == "integrity" and isinstance(value, dict):
                 d["integrity"] = {**value, **d["integrity"]}
@@ -326,20 +321,7 @@ class MigrationReport:
 
 # What every report of every version has; anything else may be missing from an old one.
 REQUIRED_KEYS = ("migration_id", "guest", "source", "destination", "policy", "status")
-# The report's typed parts, by their JSON key.
-BLOCKS: dict[str, type[ReportBlock]] = {
-    "xbzrle": XbzrleBlock, "multifd": MultifdBlock, "model": ModelBlock,
-    "convergence": ConvergenceBlock, "postcopy": PostcopyBlock}
 OUTCOMES = {o.value for o in Outcome}
-
-
-def _plain(value):
-    """A field as JSON carries it: a block or the integrity as its object, the rest copied."""
-    if isinstance(value, ReportBlock):
-        return value.to_dict()
-    if isinstance(value, Integrity):
-        return asdict(value)
-    return copy.deepcopy(value)
 
 
 def _ms(seconds: float | None) -> str:

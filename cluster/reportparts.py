@@ -1,5 +1,5 @@
 """The typed parts a migration report is composed of (as guestperf's Report of Hardware,
-Scenario, Progress and Timings): what crossed the wire (`XbzrleBlock`, `MultifdBlock`), the
+Scenario, Progress and Timings): the `Integrity` of the guest, what crossed the wire (`XbzrleBlock`, `MultifdBlock`), the
 post-copy (`PostcopyBlock`), the convergence aids (`ConvergenceBlock`) and the model beside
 the measurement (`ModelBlock`).
 
@@ -14,8 +14,17 @@ their part from here without importing each other.
 """
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Self
+
+
+@dataclass
+class Integrity:
+    """Whether the guest arrived whole: the digests of both copies."""
+
+    verified: bool | None = None          # None: not checked (--no-verify, or failed run)
+    source_digest: str | None = None
+    destination_digest: str | None = None
 
 
 @dataclass
@@ -141,3 +150,19 @@ class ModelBlock(ReportBlock):
     comparison: dict | None = None
     nominal: dict | None = None
     error: str | None = None
+
+
+# The report's typed blocks, by their JSON key.
+BLOCKS: dict[str, type[ReportBlock]] = {
+    "xbzrle": XbzrleBlock, "multifd": MultifdBlock, "model": ModelBlock,
+    "convergence": ConvergenceBlock, "postcopy": PostcopyBlock}
+
+
+def plain(value: Any) -> Any:
+    """A report's field as JSON carries it: a block or the integrity as its object, the rest
+    copied."""
+    if isinstance(value, ReportBlock):
+        return value.to_dict()
+    if isinstance(value, Integrity):
+        return asdict(value)
+    return copy.deepcopy(value)
