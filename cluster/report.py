@@ -146,8 +146,7 @@ class MigrationReport:
         report = cls(
             migration_id=migration_id, guest=guest, source=source_host,
             destination=destination_host, policy=settings.policy, status=status, error=error,
-            profile=source.profile, page_size=info.page_size,
-            guest_memory_bytes=info.memory_bytes,
+            profile=source.profile, page_size=info.page_size, guest_memory_bytes=info.memory_bytes,
             link_bytes_per_second=settings.link_bytes_per_second,
             rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second,
             latency_seconds=settings.latency_seconds,
