@@ -214,7 +214,7 @@ def recover_migration(src, dst, paused: dict, on_progress=None) -> "MigrationRep
     the link is back; the report once it ends (or pauses again)."""
     from cluster.driver import follow
     from cluster.settle import FaultControl
-    settings = MigrationSettings.from_dict(paused["settings"])
+    settings: MigrationSettings = paused["settings"]
     mid, guest = paused["migration_id"], paused["guest"]
     pending = src.call_async("migrate_recover", mid)
     control = FaultControl(src, dst, mid, guest, settings)

@@ -63,7 +63,7 @@ class PostcopyControl:
         """Every post-copy migration paused here: id, guest, GUEST_INFO and settings."""
         with self.lock:
             return [{"migration_id": mid, "guest": sender.ctx.guest, "info": info,
-                     "settings": sender.ctx.settings.to_dict()}
+                     "settings": sender.ctx.settings}
                     for mid, (sender, _, info) in self._paused.items()]
 
     def migrate_recover(self, migration_id: str) -> "SourceResult":
