@@ -14,18 +14,20 @@ pages, so the outcomes are QEMU's:
 
 from typing import TYPE_CHECKING
 
+from cluster.reportparts import PostcopyBlock
 from cluster.settle import Settlement
 from nodes.errors import ClusterError, MigbedError
 from nodes.migration.clock import to_source_clock
-from nodes.migration.results import COMPLETED, FAILED, PAUSED, DestinationResult, SourceResult
+from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
-from nodes.phase import Phase
+from nodes.phase import Outcome, PausedEnd, Phase
 
 if TYPE_CHECKING:
     from cluster.report import MigrationReport
     from cluster.settle import FaultControl
 
-POSTCOPY_STATES = (Phase.POSTCOPY.value, PAUSED)
+POSTCOPY_STATES = (Phase.POSTCOPY.value, Outcome.PAUSED)
 DEAD = "dead"
 
 
@@ -46,10 +48,11 @@ def destination_state(control: "FaultControl") -> str | None:
         return None
 
 
-def settle_postcopy(control: "FaultControl", source: SourceResult, info: dict) -> Settlement:
+def settle_postcopy(control: "FaultControl", source: SourceResult,
+                    info: GuestInfo) -> Settlement:
     if source.source_lost:
         return _source_died(control, source)
-    if source.status == PAUSED:
+    if source.status == Outcome.PAUSED:
         return _paused(control, source)
     return _failed(control, source)
 
@@ -61,7 +64,7 @@ def _lost_note(what: str) -> str:
 def _source_died(control: "FaultControl", source: SourceResult) -> Settlement:
     why = f"source host {control.src.name} died after the switch to post-copy"
     dest = _tell_destination_lost(control, why)
-    source.switched, source.error, source.status = True, why, FAILED
+    source.switched, source.error, source.status = True, why, Outcome.FAILED
     source.pause_wall = (dest.source_timing or {}).get("pause_wall")
     source.resume_wall = to_source_clock(
         dest.resume_wall, (dest.source_timing or {}).get("clock_offset_seconds"))
@@ -76,10 +79,10 @@ def _tell_destination_lost(control: "FaultControl", why: str) -> DestinationResu
     except ClusterError as exc:
         return DestinationResult(host_dead=True, error=f"destination unreachable: {exc}")
     except MigbedError as exc:
-        return DestinationResult(status="unknown", error=str(exc))
+        return DestinationResult(status=Outcome.UNKNOWN, error=str(exc))
 
 
-def _settle_source(control: "FaultControl", outcome: str, why: str) -> SourceResult:
+def _settle_source(control: "FaultControl", outcome: PausedEnd, why: str) -> SourceResult:
     return control.src.call("settle_paused", control.mid, outcome, why,
                             timeout=control.timeout * 2)
 
@@ -89,16 +92,16 @@ def _paused(control: "FaultControl", source: SourceResult) -> Settlement:
     state = destination_state(control)
     if state == DEAD:
         why = f"destination host {dst.name} died after the switch to post-copy"
-        settled = _settle_source(control, "lost", why)
+        settled = _settle_source(control, PausedEnd.LOST, why)
         return Settlement(settled, DestinationResult(host_dead=True, error=why), None, True,
                           [_lost_note(why)])
     if state in POSTCOPY_STATES:
-        dest = DestinationResult(status=PAUSED, resume_wall=source.resume_wall)
+        dest = DestinationResult(status=Outcome.PAUSED, resume_wall=source.resume_wall)
         return Settlement(source, dest, dst.name, False, [
             f"post-copy paused: the guest runs on {dst.name}, a vCPU touching a missing page "
             f"waits; once the link is back run `migbed migrate-recover {guest}`"])
-    if state == COMPLETED:
-        settled = _settle_source(control, "completed", "")
+    if state == Outcome.COMPLETED:
+        settled = _settle_source(control, PausedEnd.COMPLETED, "")
         dest = control._verdict()
         settled.destination_digest = dest.destination_digest
         settled.resume_wall = settled.resume_wall or to_source_clock(
@@ -106,7 +109,7 @@ def _paused(control: "FaultControl", source: SourceResult) -> Settlement:
         return Settlement(settled, dest, dst.name, False, [
             f"{dst.name} had completed the post-copy; its RESULT was lost on the broken link"])
     why = f"{dst.name} never resumed the guest ({state or 'gone'})"
-    settled = _settle_source(control, "resume", why)
+    settled = _settle_source(control, PausedEnd.RESUME, why)
     return Settlement(settled, control._abandon(), src.name, False, [
         f"{why}: it resumes on {src.name} from its paused copy"])
 
@@ -125,14 +128,15 @@ def _failed(control: "FaultControl", source: SourceResult) -> Settlement:
 
 
 # -- the report -------------------------------------------------------------------------------
-def postcopy_block(source: SourceResult, dest: DestinationResult | None) -> dict | None:
+def postcopy_block(source: SourceResult,
+                   dest: DestinationResult | None) -> PostcopyBlock | None:
     """The report's `postcopy` block (None when the migration did not switch), from both
     sides: QEMU's names where it has them."""
     d = (dest.postcopy if dest is not None else None) or {}
     if not (source.switched or d):
         return None
     s = source.postcopy or {}
-    return {
+    return PostcopyBlock.from_dict({
         "switched_at_seconds": s.get("switched_at_seconds"),
         "downtime_qemu_seconds": s.get("downtime_qemu_seconds"),
         "blocktime_seconds": d.get("blocktime_seconds"),
@@ -154,7 +158,7 @@ def postcopy_block(source: SourceResult, dest: DestinationResult | None) -> dict
         "guest_pages_per_second": {"before": s.get("guest_rate_before"),
                                    "during": d.get("guest_rate_during"),
                                    "after": d.get("guest_rate_after")},
-    }
+    })
 
 
 def apply_postcopy(report: "MigrationReport", source: SourceResult,
@@ -167,7 +171,7 @@ def apply_postcopy(report: "MigrationReport", source: SourceResult,
         return
     mode = ((dest.postcopy if dest is not None else None) or {}).get("mode", "vp")
     report.modes["postcopy"] = mode
-    if report.status != COMPLETED:
+    if report.status != Outcome.COMPLETED:
         report.modes["after"] = (None if settled.guest_lost else
                                  mode if settled.guest_host == report.destination
                                  else report.modes["before"])
@@ -181,18 +185,18 @@ def postcopy_lines(report: "MigrationReport") -> list[str]:
     if b is None:
         return lines
     ms = _ms
-    rates = b["guest_pages_per_second"]
+    rates = b.guest_pages_per_second
     lines += [
-        f"  post-copy: switched at {ms(b['switched_at_seconds'])} (QEMU's downtime "
-        f"{ms(b['downtime_qemu_seconds'])}), {report.postcopy_requests} page requests, "
-        f"{b['pages_requested']} pages sent on request, {b['pages_pushed']} pushed",
-        f"  post-copy: vCPU blocked {ms(b['blocktime_seconds'])} in {b['faults']} faults, "
-        f"mean fault latency {ms(b['fault_latency_mean_seconds'])}; guest pages/s before "
+        f"  post-copy: switched at {ms(b.switched_at_seconds)} (QEMU's downtime "
+        f"{ms(b.downtime_qemu_seconds)}), {report.postcopy_requests} page requests, "
+        f"{b.pages_requested} pages sent on request, {b.pages_pushed} pushed",
+        f"  post-copy: vCPU blocked {ms(b.blocktime_seconds)} in {b.faults} faults, "
+        f"mean fault latency {ms(b.fault_latency_mean_seconds)}; guest pages/s before "
         f"{_rate(rates['before'])}, during {_rate(rates['during'])}, after "
         f"{_rate(rates['after'])}"]
-    if b["recoveries"] or b["paused_seconds"]:
-        lines.append(f"  post-copy: paused {ms(b['paused_seconds'])}, "
-                     f"{b['recoveries']} recover{'y' if b['recoveries'] == 1 else 'ies'}")
+    if b.recoveries or b.paused_seconds:
+        lines.append(f"  post-copy: paused {ms(b.paused_seconds)}, "
+                     f"{b.recoveries} recover{'y' if b.recoveries == 1 else 'ies'}")
     return lines
 
 
@@ -210,7 +214,7 @@ def recover_migration(src, dst, paused: dict, on_progress=None) -> "MigrationRep
     the link is back; the report once it ends (or pauses again)."""
     from cluster.driver import follow
     from cluster.settle import FaultControl
-    settings = MigrationSettings.from_dict(paused["settings"])
+    settings: MigrationSettings = paused["settings"]
     mid, guest = paused["migration_id"], paused["guest"]
     pending = src.call_async("migrate_recover", mid)
     control = FaultControl(src, dst, mid, guest, settings)

@@ -23,7 +23,9 @@ from nodes.errors import (
     NoSuchHostError,
 )
 from nodes.host.specs import GuestSpec
+from nodes.migration.progress import Progress
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import PausedEnd
 from nodes.xen.hypervisor import check_guest_name
 
 # Told of every `Testbed.local` as it starts (`started(tb)`) and closes (`closing(tb)`); see
@@ -185,14 +187,14 @@ class Testbed:
         if any(g["name"] == spec.name for g in self.guests()):
             raise DomainExistsError(f"a guest named {spec.name!r} already exists in the "
                                     "cluster")
-        return h.call("create_guest", spec.to_dict())
+        return h.call("create_guest", spec)
 
     def destroy(self, guest: str) -> None:
         self.host(self.where(guest)).call("destroy_guest", guest)
 
     def migrate(self, guest: str, destination: str,
                 settings: MigrationSettings | None = None,
-                on_progress: Callable[[dict], None] | None = None,
+                on_progress: Callable[[Progress], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
         settings = settings or MigrationSettings()
         dst = self.host(destination)
@@ -216,7 +218,7 @@ class Testbed:
                              "`migbed migrate GUEST DEST_HOST --postcopy-allowed`")
 
     def recover(self, guest: str,
-                on_progress: Callable[[dict], None] | None = None) -> MigrationReport:
+                on_progress: Callable[[Progress], None] | None = None) -> MigrationReport:
         """Resume the paused post-copy migration of `guest` (its link is back); the report
         once it has completed (or paused again)."""
         from cluster.postcopy import recover_migration
@@ -227,7 +229,7 @@ class Testbed:
                 dst = self._incoming_host(paused["migration_id"])
                 if dst is None:
                     why = f"the destination of the paused post-copy of {guest} is gone"
-                    src.call("settle_paused", paused["migration_id"], "lost", why)
+                    src.call("settle_paused", paused["migration_id"], PausedEnd.LOST, why)
                     raise MigrationError(f"{why}: the guest is lost (neither host has all "
                                          f"of it); {src.name} has freed its stale copy")
                 report = recover_migration(src, dst, paused, on_progress)

@@ -3,6 +3,7 @@ and the lines of the human table about zero pages, XBZRLE and the channels."""
 
 from typing import TYPE_CHECKING
 
+from cluster.reportparts import MultifdBlock
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -10,7 +11,8 @@ if TYPE_CHECKING:
     from nodes.migration.results import DestinationResult, SourceResult
 
 
-def multifd_block(source: "SourceResult", dest: "DestinationResult | None") -> dict | None:
+def multifd_block(source: "SourceResult",
+                  dest: "DestinationResult | None") -> MultifdBlock | None:
     """{channels, bytes_per_channel, compression, compression_level, compression_ratio
     (page bytes before / after), cpu_seconds {source, destination} of the channels'
     threads, syncs}; None without channels."""
@@ -20,7 +22,7 @@ def multifd_block(source: "SourceResult", dest: "DestinationResult | None") -> d
     block = {k: v for k, v in stats.items() if k != "cpu_seconds_source"}
     block["cpu_seconds"] = {"source": stats["cpu_seconds_source"],
                             "destination": dest.multifd_cpu_seconds if dest else None}
-    return block
+    return MultifdBlock.from_dict(block)
 
 
 def wire_lines(r: "MigrationReport") -> list[str]:
@@ -28,19 +30,19 @@ def wire_lines(r: "MigrationReport") -> list[str]:
     x = r.xbzrle
     if x is not None:
         lines.append(
-            f"  xbzrle: cache {format_bytes(x['cache_size'])}, {x['pages']} pages encoded "
-            f"({format_bytes(x['bytes'])}), {x['cache_miss']} misses (rate "
-            f"{x['cache_miss_rate']:.2f}), encoding rate {x['encoding_rate']:.1f}, "
-            f"{x['overflow']} overflows")
+            f"  xbzrle: cache {format_bytes(x.cache_size)}, {x.pages} pages encoded "
+            f"({format_bytes(x.bytes)}), {x.cache_miss} misses (rate "
+            f"{x.cache_miss_rate:.2f}), encoding rate {x.encoding_rate:.1f}, "
+            f"{x.overflow} overflows")
     m = r.multifd
     if m is not None:
-        ratio = m["compression_ratio"]
-        cpu = m["cpu_seconds"]
+        ratio = m.compression_ratio
+        cpu = m.cpu_seconds
         lines.append(
-            f"  multifd: {m['channels']} channels ("
-            + ", ".join(format_bytes(b) for b in m["bytes_per_channel"])
-            + f"), compression {m['compression']}"
-            + (f" level {m['compression_level']}, ratio {ratio:.2f}" if ratio else "")
+            f"  multifd: {m.channels} channels ("
+            + ", ".join(format_bytes(b) for b in m.bytes_per_channel)
+            + f"), compression {m.compression}"
+            + (f" level {m.compression_level}, ratio {ratio:.2f}" if ratio else "")
             + f"; channel CPU source {cpu['source'] or 0:.3f} s, destination "
               f"{cpu['destination'] or 0:.3f} s")
     return lines

@@ -450,7 +450,7 @@ def test_the_throttle_shows_in_progress_and_on_a_real_metrics_scrape(in_process)
         r = tb.migrate("vm", "host-1", MigrationSettings(
             policy="qemu", link_bytes_per_second=1 * MiB, max_iterations=8,
             auto_converge=True, throttle_initial=60, throttle_increment=20),
-            on_progress=lambda p: seen.append(p.get("cpu_throttle_percentage", 0)))
+            on_progress=lambda p: seen.append(p.cpu_throttle_percentage))
     finally:
         done.set()
         watcher.join()

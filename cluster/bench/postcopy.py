@@ -22,6 +22,8 @@ import numpy as np
 from cluster.bench.baselines import on_host
 from cluster.bench.options import BenchOptions, MiB
 from cluster.bench.results import Results, unique_name
+from nodes.migration.channel import Ticket
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
     from cluster.testbed import Testbed
@@ -69,14 +71,14 @@ def _downtimes(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Results,
                                     ("pre-copy", MigrationSettings())):
                 where = b if where == a else a
                 r = tb.migrate(name, where, settings)
-                if r.status != "completed":
+                if r.status != Outcome.COMPLETED:
                     raise RuntimeError(f"idle {label} migration {r.status}: {r.error}")
                 key = "postcopy" if r.postcopy else "precopy"
                 res.add(f"{key}_downtime_idle_seconds", "seconds", r.downtime_seconds,
                         "pause on the source to resume on the destination, idle guest")
                 if r.postcopy:
                     res.add("postcopy_switch_qemu_downtime_seconds", "seconds",
-                            r.postcopy["downtime_qemu_seconds"],
+                            r.postcopy.downtime_qemu_seconds,
                             "QEMU's downtime: the stop until the switch's state was sent")
                 say(f"  idle {label} {i + 1}/{opts.repeats}: downtime "
                     f"{r.downtime_seconds * 1000:.2f} ms")
@@ -99,21 +101,21 @@ def _fault_latency(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Resul
             where = b if where == a else a
             r = tb.migrate(name, where, MigrationSettings(
                 postcopy_after_rounds=0, postcopy_bandwidth_bytes_per_second=PUSH_BYTES_PER_SECOND))
-            if r.status != "completed" or r.postcopy is None:
+            if r.status != Outcome.COMPLETED or r.postcopy is None:
                 raise RuntimeError(f"post-copy migration {r.status}: {r.error}")
             pc = r.postcopy
-            if pc["fault_latency_mean_seconds"] is None:
+            if pc.fault_latency_mean_seconds is None:
                 continue
-            res.add("fault_latency_mean_seconds", "seconds", pc["fault_latency_mean_seconds"],
+            res.add("fault_latency_mean_seconds", "seconds", pc.fault_latency_mean_seconds,
                     "a page request to the page landed (QEMU 10.1's postcopy-latency), busy "
                     "guest, pure post-copy, push at 16 MiB/s")
             res.add("fault_latency_median_bucket_seconds", "seconds",
-                    median_bucket(pc["fault_latency_seconds"]),
+                    median_bucket(pc.fault_latency_seconds),
                     "upper bound of the log2 bucket holding the median fault")
-            res.add("postcopy_blocktime_seconds", "seconds", pc["blocktime_seconds"],
+            res.add("postcopy_blocktime_seconds", "seconds", pc.blocktime_seconds,
                     "time the vCPU waited on faults (QEMU's postcopy-blocktime)")
             say(f"  busy post-copy {i + 1}/{opts.repeats}: {r.postcopy_requests} requests, "
-                f"mean latency {pc['fault_latency_mean_seconds'] * 1000:.2f} ms")
+                f"mean latency {pc.fault_latency_mean_seconds * 1000:.2f} ms")
     finally:
         tb.destroy(name)
 
@@ -130,7 +132,7 @@ def median_bucket(histogram: dict[str, int]) -> float | None:
 
 
 # -- the raw round trip, run inside the host actors ----------------------------------------------
-def _echo_pages(host, count: int, timeout: float) -> dict:
+def _echo_pages(host, count: int, timeout: float) -> Ticket:
     """The page side: answer each REQ_PAGES with a one-page PAGE_DATA. Returns the ticket."""
     from nodes.migration import records
     from nodes.migration.channel import Listener
@@ -153,16 +155,16 @@ def _echo_pages(host, count: int, timeout: float) -> dict:
             if conn is not None:
                 conn.close()
     threading.Thread(target=serve, name="bench-rtt", daemon=True).start()
-    return listener.ticket.to_dict()
+    return listener.ticket
 
 
-def _ask_pages(host, ticket: dict, count: int, timeout: float) -> float:
+def _ask_pages(host, ticket: Ticket, count: int, timeout: float) -> float:
     """The faulting side: `count` requests, each waiting for its page; the median seconds."""
     from nodes.migration import pagesets, records
-    from nodes.migration.channel import Ticket, connect
+    from nodes.migration.channel import connect
     from nodes.migration.reader import RecordReader
     from nodes.migration.records import RecordType as RT
-    sock = connect(Ticket.from_dict(ticket), timeout)
+    sock = connect(ticket, timeout)
     try:
         reader = RecordReader(sock.recv_into)
         request = records.encode_record(RT.REQ_PAGES, {"pfns": pagesets.encode_pfns([0])})

@@ -23,6 +23,7 @@ import numpy as np
 from cluster.bench.options import BenchOptions
 from cluster.bench.results import Results, mib_per_second, unique_name
 from nodes.migration import records
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
     from cluster.testbed import Testbed
@@ -116,8 +117,8 @@ def _variant(tb: "Testbed", name: str, where: list, hosts: tuple[str, str], labe
             res.add(f"{tag} round0_throughput_bytes_per_second", "bytes_per_second",
                     size / r.rounds[0]["duration_seconds"]
                     if r.rounds[0]["duration_seconds"] else 0.0, "guest bytes / round 0")
-            if r.multifd and r.multifd["compression_ratio"]:
-                res.add(f"{tag} compression_ratio", "ratio", r.multifd["compression_ratio"])
+            if r.multifd and r.multifd.compression_ratio:
+                res.add(f"{tag} compression_ratio", "ratio", r.multifd.compression_ratio)
     ratio = res.ratio(f"{label} / plain", f"wire {label} throughput_bytes_per_second",
                       f"{plain} throughput_bytes_per_second")
     res.ratio(f"{label} / plain, round 0", f"wire {label} round0_throughput_bytes_per_second",
@@ -128,7 +129,7 @@ def _variant(tb: "Testbed", name: str, where: list, hosts: tuple[str, str], labe
 def _move(tb: "Testbed", name: str, where: list, a: str, b: str, settings):
     dest = b if where[0] == a else a
     r = tb.migrate(name, dest, settings)
-    if r.status != "completed" or not r.integrity.verified:
+    if r.status != Outcome.COMPLETED or not r.integrity.verified:
         raise RuntimeError(f"wire migration {r.status}: {r.error}")
     where[0] = dest
     return r

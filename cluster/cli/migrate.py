@@ -25,6 +25,7 @@ from cluster.cli.options import (
     write_output,
 )
 from nodes.errors import ConfigError
+from nodes.phase import Outcome
 from nodes.units import format_bytes, parse_positive_size, parse_seconds
 
 ONE_SHOT_GUEST = "vm1"
@@ -40,7 +41,7 @@ def _report_out(report, args: argparse.Namespace) -> int:
                       f"{report.source} -> {report.destination}")
         print(f"timeline in {args.timeline}", file=sys.stderr)
     print(report.to_json() if args.json else report.table())
-    ok = report.status == "completed" and not report.guest_lost
+    ok = report.status == Outcome.COMPLETED and not report.guest_lost
     return 0 if ok else EXIT_MIGRATION_FAILED
 
 

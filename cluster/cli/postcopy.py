@@ -10,6 +10,7 @@ the operator's two commands on a persistent cluster, as virsh and QEMU have them
 import argparse
 
 from cluster.cli.options import EXIT_MIGRATION_FAILED, Commands, UsageError, arg
+from nodes.phase import Outcome
 from nodes.units import parse_bandwidth, parse_rounds_or_duration
 
 
@@ -56,7 +57,7 @@ def cmd_migrate_recover(args: argparse.Namespace) -> int:
     report = tb.recover(args.guest, RoundPrinter(header=f"recovering the post-copy of "
                                                          f"{args.guest}"))
     print(report.to_json() if args.json else report.table())
-    ok = report.status == "completed" and not report.guest_lost
+    ok = report.status == Outcome.COMPLETED and not report.guest_lost
     return 0 if ok else EXIT_MIGRATION_FAILED
 
 

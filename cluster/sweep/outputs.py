@@ -11,6 +11,7 @@ from pathlib import Path
 from cluster.sweep.agreement import AGREEMENT_TOLERANCE
 from cluster.sweep.scenario import Scenario
 from cluster.sweep.text import count, ms, point_text
+from nodes.phase import Outcome
 
 CSV_NAME = "sweep.csv"
 
@@ -26,7 +27,7 @@ class SweepResult:
 
     @property
     def failed_runs(self) -> int:
-        return sum(1 for r in self.rows if r["status"] != "completed")
+        return sum(1 for r in self.rows if r["status"] != Outcome.COMPLETED)
 
     def summary_text(self) -> str:
         return summary_text(self)
@@ -144,7 +145,7 @@ def _rounds_for_plot(result: SweepResult) -> dict | None:
     that completed)."""
     i = result.scenario.rounds_point
     for row in result.rows:
-        if row["point"] == i and row["status"] == "completed":
+        if row["point"] == i and row["status"] == Outcome.COMPLETED:
             doc = json.loads((result.folder / row["json"]).read_text())
             pred = ((doc.get("model") or {}).get("prediction") or {}).get("rounds", [])
             return {"point": i, "axes": point_text(result.scenario.points()[i]),

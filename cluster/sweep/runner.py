@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from cluster.console import Steps, make_console
+from cluster.reportparts import ModelBlock
 from cluster.sweep.agreement import agreement_table, explain
 from cluster.sweep.outputs import SweepResult, write_outputs, write_run
 from cluster.sweep.scenario import MiB, Scenario
@@ -21,6 +22,7 @@ from cluster.sweep.text import ms, point_text, show
 from nodes.errors import ConfigError, MigbedError
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -96,7 +98,7 @@ def _run_grid(tb: "Testbed", scenario: Scenario, folder: Path, progress_out: IO[
                 rows.append(row)
                 steps.step(f"point {i} repeat {r}: {point_text(point)} -> {row['status']}"
                            + (f" ({row['error']})" if row["error"] else ""),
-                           failed=row["status"] != "completed")
+                           failed=row["status"] != Outcome.COMPLETED)
     return calibration, rows
 
 
@@ -146,7 +148,7 @@ def _floor(tb: "Testbed", src: str, dst: str, scenario: Scenario, key: Calibrati
                 link_bytes_per_second=link, rate_limit_bytes_per_second=limit,
                 latency_seconds=latency, timeout_seconds=scenario.migration.timeout_seconds,
                 postcopy_after_rounds=0 if postcopy else None))
-            if rep.status != "completed" or rep.downtime_seconds is None:
+            if rep.status != Outcome.COMPLETED or rep.downtime_seconds is None:
                 error = rep.error
             elif i >= CALIBRATION_WARMUPS:
                 floors.append(rep.downtime_seconds)
@@ -179,7 +181,7 @@ def _run_one(tb: "Testbed", src: str, dst: str, scenario: Scenario, index: int, 
     spec = replace(spec, name=f"sweep-{index}-{repeat}")
     row: dict = {"scenario": scenario.name, "point": index, "repeat": repeat}
     row.update({f"axis_{k}": show(v) for k, v in point.items()})
-    row.update(status="failed", error=None)
+    row.update(status=Outcome.FAILED, error=None)
     report = achieved = None
     try:
         tb.create(src, spec)
@@ -199,7 +201,8 @@ def _run_one(tb: "Testbed", src: str, dst: str, scenario: Scenario, index: int, 
         "scenario": scenario.to_dict(), "point": {k: show(v) for k, v in point.items()},
         "repeat": repeat, "status": row["status"], "error": row["error"],
         "calibration": calib, "achieved_dirty_rate_pages_per_second": achieved,
-        "report": report.to_dict() if report is not None else None, "model": model})
+        "report": report.to_dict() if report is not None else None,
+        "model": model.to_dict() if model is not None else None})
     return row
 
 
@@ -212,7 +215,7 @@ def _achieved_rate(host, name: str, warmup_seconds: float) -> float | None:
     return (after - before) / elapsed if elapsed > 0 else None
 
 
-def _row_fields(spec: GuestSpec, settings: MigrationSettings, report, model: dict | None,
+def _row_fields(spec: GuestSpec, settings: MigrationSettings, report, model: ModelBlock | None,
                 achieved: float | None) -> dict:
     wl = spec.workload
     out = {"policy": settings.policy, "guest_memory_bytes": spec.memory_bytes,
@@ -228,13 +231,13 @@ def _row_fields(spec: GuestSpec, settings: MigrationSettings, report, model: dic
            "postcopy_requests": report.postcopy_requests if report is not None else None,
            "switched_to_postcopy": report.postcopy is not None if report is not None else None}
     out.update(_measured(report, model))
-    for prefix, block in (("predicted", (model or {})),
-                          ("nominal", ((model or {}).get("nominal") or {}))):
-        out.update(_predicted(prefix, block.get("prediction") or {}))
-    cmp_ = (model or {}).get("comparison") or {}
+    nominal = (model.nominal if model is not None else None) or {}
+    out.update(_predicted("predicted", (model.prediction if model is not None else None) or {}))
+    out.update(_predicted("nominal", nominal.get("prediction") or {}))
+    cmp_ = (model.comparison if model is not None else None) or {}
     out.update({k: cmp_.get(k) for k in ("pages_sent_ratio", "rounds_ratio", "downtime_ratio",
                                          "total_time_ratio")})
-    out["model_error"] = (model or {}).get("error")
+    out["model_error"] = model.error if model is not None else None
     return out
 
 
@@ -247,13 +250,14 @@ _MEASURED = ("measured_throughput_bytes_per_second", "pages_sent_total", "live_r
              "xbzrle_pages", "xbzrle_bytes", "compression_ratio")
 
 
-def _measured(report, model: dict | None) -> dict:
+def _measured(report, model: ModelBlock | None) -> dict:
     """The run's own figures (None for a run that never got a report)."""
     if report is None:
         return dict.fromkeys(_MEASURED)
     final = [r for r in report.rounds if r.get("final")]
     return {
-        "measured_throughput_bytes_per_second": (model or {}).get("bandwidth_bytes_per_second"),
+        "measured_throughput_bytes_per_second": (
+            model.bandwidth_bytes_per_second if model is not None else None),
         "pages_sent_total": report.pages_sent_total, "live_rounds": report.live_rounds,
         "final_round_pages": final[-1]["pages_sent"] if final else None,
         "downtime_seconds": report.downtime_seconds,
@@ -266,16 +270,16 @@ def _measured(report, model: dict | None) -> dict:
         "guest_slowdown": (report.guest_cost or {}).get("slowdown"),
         "guest_throttled_seconds": (report.guest_cost or {}).get("throttled_seconds"),
         # (no aid: no throttle, so 0)
-        "cpu_throttle_percentage_max": (report.convergence or {}).get(
-            "cpu_throttle_percentage_max", 0),
-        "dirty_limit_throttle_seconds": (report.convergence or {}).get(
-            "dirty_limit_throttle_seconds", 0.0),
+        "cpu_throttle_percentage_max": (
+            report.convergence.cpu_throttle_percentage_max if report.convergence else 0),
+        "dirty_limit_throttle_seconds": (
+            report.convergence.dirty_limit_throttle_seconds if report.convergence else 0.0),
         # what crossed the wire (`nodes.migration.wire`)
         "bytes_sent_total": report.bytes_sent_total, "normal_pages": report.normal_pages,
         "zero_pages": report.zero_pages,
-        "xbzrle_pages": report.xbzrle["pages"] if report.xbzrle else None,
-        "xbzrle_bytes": report.xbzrle["bytes"] if report.xbzrle else None,
-        "compression_ratio": report.multifd["compression_ratio"] if report.multifd else None}
+        "xbzrle_pages": report.xbzrle.pages if report.xbzrle else None,
+        "xbzrle_bytes": report.xbzrle.bytes if report.xbzrle else None,
+        "compression_ratio": report.multifd.compression_ratio if report.multifd else None}
 
 
 def _predicted(prefix: str, pred: dict) -> dict:

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from nodes.phase import Outcome
+
 if TYPE_CHECKING:
     from nodes.host.service import HostService
     from nodes.migration.destination import Receiver
@@ -60,7 +62,7 @@ class RecentMigrations:
             for e in reversed(self._entries):
                 if e["side"] == "source" and e["guest"] == guest:
                     if resumed_there:
-                        e.update(status="completed", error=None)
+                        e.update(status=Outcome.COMPLETED, error=None)
                     e["note"] = ("hand-over unanswered: the destination had resumed the guest"
                                  if resumed_there else "hand-over unanswered: the guest "
                                  "resumed here")

@@ -23,7 +23,7 @@ from prometheus_client.metrics_core import (
 
 from nodes.host.collectors import host_metric
 from nodes.migration.postcopy.pagefault import LATENCY_BUCKETS, latency_bounds
-from nodes.migration.results import PAUSED
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
     from nodes.host.service import HostService
@@ -95,7 +95,7 @@ class PostcopyCollector:
             pc = sender.ctx.postcopy
             if pc is None:
                 continue
-            paused += sender.ctx.progress.status == PAUSED
+            paused += sender.ctx.progress.status == Outcome.PAUSED
             if pc.switched:
                 switches += 1
                 requests += pc.requests

@@ -2,8 +2,9 @@
 
 `HostService` is plain Python so the whole host, migrations included, can be tested in one
 process without Ray; `nodes.host.actor` makes it a Ray actor (one per Ray node) for the cluster.
-Its public methods are the host's control plane: each takes and returns plain values (dicts,
-strings, numpy arrays) because it is called across processes.
+Its public methods are the host's control plane: each takes and returns values Ray can pickle
+across processes: typed ones where components meet (`GuestSpec`, `GuestInfo`, `Ticket`,
+`MigrationSettings`, the results, the `Progress` snapshot), plain ones otherwise.
 """
 
 import collections
@@ -26,13 +27,15 @@ from nodes.migration.channel import Ticket
 from nodes.migration.clock import to_source_clock
 from nodes.migration.destination import Receiver, validate_info
 from nodes.migration.fixeddowntime import handover_fixed_seconds
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
 from nodes.migration.postcopy.source import plan
 from nodes.migration.progress import Progress
-from nodes.migration.results import PAUSED, DestinationResult, SourceResult
+from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.source import Sender, check_migratable, guest_info
+from nodes.phase import ENDED, Outcome
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor
 from workloads.patterns import make_workload
@@ -46,9 +49,7 @@ KEEP_ENDED_PROGRESS = 64
 
 
 class HostService(GuestVCPUs, PostcopyControl):
-    def __init__(self, config: HostConfig | dict):
-        if isinstance(config, dict):
-            config = HostConfig.from_dict(config)
+    def __init__(self, config: HostConfig):
         self.config = config
         self.name = config.name
         self.hv = Hypervisor(config.name, config.memory_bytes, config.page_size,
@@ -60,7 +61,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         self.incoming: dict[str, Receiver] = {}
         self.outgoing: dict[str, Progress] = {}
         self._cancel: dict[str, threading.Event] = {}
-        self.migration_counts = {"started": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        self.migration_counts = dict.fromkeys(("started", *ENDED), 0)
         self.lock = threading.RLock()
         self.metrics = HostMetrics(self)
         self.fault_stats = FaultStats()
@@ -114,9 +115,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         return out
 
     # -- guests -------------------------------------------------------------------------------
-    def create_guest(self, spec: GuestSpec | dict) -> dict:
-        if isinstance(spec, dict):
-            spec = GuestSpec.from_dict(spec)
+    def create_guest(self, spec: GuestSpec) -> dict:
         with self.lock:
             dom = self.hv.create_domain(spec.name, spec.memory_bytes, spec.mode, spec.dma)
             try:
@@ -195,20 +194,18 @@ class HostService(GuestVCPUs, PostcopyControl):
         return out
 
     # -- migration: destination side ---------------------------------------------------------
-    def prepare_incoming(self, info: dict, settings: MigrationSettings | dict) -> dict:
+    def prepare_incoming(self, info: GuestInfo, settings: MigrationSettings) -> Ticket:
         """Reserve frames for an arriving guest and listen for its stream; returns the ticket."""
-        if isinstance(settings, dict):
-            settings = MigrationSettings.from_dict(settings)
         info = validate_info(info)
         with self.lock:
-            mid = info["migration_id"]
+            mid = info.migration_id
             if mid in self.incoming:
                 raise MigrationError(f"migration {mid} is already expected here")
             recv = Receiver(self.hv, info, settings, self.config.address, self,
                             self.fault_stats, self.config.data_ports)
             self.incoming[mid] = recv
             self.metrics.incoming_started(mid, recv)
-            return recv.ticket.to_dict()
+            return recv.ticket
 
     def incoming_report(self, migration_id: str, timeout: float = 60.0) -> DestinationResult:
         """Wait for an incoming migration to end; the destination's result."""
@@ -253,23 +250,20 @@ class HostService(GuestVCPUs, PostcopyControl):
         return {"name": dom.name, "pages": dom.npages, "mode": dom.mode.value,
                 "arch": self.hv.profile.arch, "profile": self.hv.profile.name}
 
-    def guest_info(self, name: str, migration_id: str) -> dict:
+    def guest_info(self, name: str, migration_id: str) -> GuestInfo:
         dom = check_migratable(self.hv, name)
         return guest_info(self.hv, dom, migration_id, self.workload_spec(name))
 
-    def migrate_out(self, name: str, ticket: dict,
-                    settings: MigrationSettings | dict) -> SourceResult:
+    def migrate_out(self, name: str, ticket: Ticket,
+                    settings: MigrationSettings) -> SourceResult:
         """Run a migration to the destination that issued `ticket`; blocks until it ends."""
-        if isinstance(settings, dict):
-            settings = MigrationSettings.from_dict(settings)
-        t = Ticket.from_dict(ticket)
-        mid = t.migration_id
+        mid = ticket.migration_id
         progress = Progress(mid, name)
         cancel = threading.Event()
         info = self.guest_info(name, mid)
         algorithm, postcopy = plan(settings)
         with self.lock:
-            sender = Sender(self.hv, name, t, settings, self, progress, cancel,
+            sender = Sender(self.hv, name, ticket, settings, self, progress, cancel,
                             self._uplink(settings), self.fault_stats, algorithm, postcopy)
             self.outgoing[mid] = progress
             self._cancel[mid] = cancel
@@ -289,7 +283,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         return self._sender_ended(mid, name, sender, result, start_wall, info)
 
     def _sender_ended(self, mid: str, name: str, sender: Sender, result: SourceResult,
-                      start_wall: float, info: dict) -> SourceResult:
+                      start_wall: float, info: GuestInfo) -> SourceResult:
         """A sender returned: a paused post-copy is kept for `migrate_recover` (it is still
         running); anything else has ended, and is counted."""
         result.profile = self.hv.profile.name
@@ -304,7 +298,7 @@ class HostService(GuestVCPUs, PostcopyControl):
             self.postcopy_rate_before(vcpu, start_wall, result)
         if before is not None:
             result.workload_running_seconds = before.running_seconds
-        if result.status == PAUSED:
+        if result.status == Outcome.PAUSED:
             with self.lock:
                 self._paused[mid] = (sender, start_wall, info)
             return result
@@ -336,9 +330,10 @@ class HostService(GuestVCPUs, PostcopyControl):
             while len(self._ended) > KEEP_ENDED_PROGRESS:
                 self.outgoing.pop(self._ended.popleft(), None)
 
-    def migration_progress(self, migration_id: str) -> dict | None:
+    def migration_progress(self, migration_id: str) -> Progress | None:
+        """A snapshot of an outgoing migration's progress; None if it is not known here."""
         p = self.outgoing.get(migration_id)
-        return p.to_dict() if p else None
+        return p.snapshot() if p else None
 
     def cancel_migration(self, migration_id: str) -> bool:
         ev = self._cancel.get(migration_id)

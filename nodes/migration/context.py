@@ -1,8 +1,14 @@
 """What the source's phases share (`SourceContext`) and what a phase is (`SourcePhase`).
 
-A migration algorithm is a tuple of phases run in order against one context: the guest, its
-settings and policy, the channel, the page pipeline, which pages still go (`cursor`), the
-bitmap syncs so far (`sync`), the rounds done, and the result being built.
+A migration algorithm is a tuple of phases run in order against one context. Its fields are
+grouped by who owns them: the session (the guest, its settings and policy, the ticket, the
+result being built: set once, at the start), the channel (socket, link, reader: opened at
+setup, again at a post-copy reconnect), the pages (the pipeline, which pages still go
+(`cursor`), the bitmap syncs (`sync`), the rounds done, the pass under way: the live rounds'),
+the switch-over (the aids, how the live rounds ended, post-copy's state) and the hand-over.
+
+The parts that live in modules importing this one are typed by the `Protocol`s below (what
+the phases ask of them), so no import turns back here.
 """
 
 import socket
@@ -17,10 +23,10 @@ from nodes.errors import MigrationCancelled
 from nodes.faults.source import SourceFaults
 from nodes.migration import records
 from nodes.migration.channel import Ticket
-from nodes.migration.dirtysync import SyncLog
+from nodes.migration.dirtysync import SyncLog, SyncPeriod
 from nodes.migration.link import LinkSender, Pacer
 from nodes.migration.pipeline import PagePipeline, PassCursor
-from nodes.migration.policy import Decision, PrecopyPolicy
+from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
@@ -34,10 +40,47 @@ from nodes.xen.logdirty import ShadowOp
 from nodes.xen.profiles import Mode
 
 
+class PassUnderWay(Protocol):
+    """The pass under way in continuous mode (`nodes.migration.precopy`)."""
+
+    stats: RoundStats
+    start: float                   # monotonic
+
+
+class ConvergenceAids(Protocol):
+    """What the phases ask of the convergence aids (`nodes.migration.convergence.Convergence`)."""
+
+    def period_closed(self, period: SyncPeriod, now: float) -> None: ...
+
+    def tick(self, now: float, remaining_bytes: int | None) -> Decision | None: ...
+
+    def round_done(self, rnd: RoundStats) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class PostcopyState(Protocol):
+    """What the pre-copy phases ask of post-copy's state when it is allowed
+    (`nodes.migration.postcopy.state.PostcopySource`)."""
+
+    switched: bool                 # RUN went out: the guest is the destination's
+
+    def prefer(self, decision: Decision, stats: PrecopyStats) -> Decision: ...
+
+    def cut_pass(self, ctx: "SourceContext") -> bool: ...
+
+    def due_after(self, rounds: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def fill(self, ctx: "SourceContext", r: SourceResult) -> None: ...
+
+
 @dataclass
 class SourceContext:
     """What the source's phases share: the guest, its settings, the channel, the result."""
 
+    # -- the session: set once, when the sender is made ---------------------------------------
     hv: Hypervisor
     dom: Domain
     guest: str                     # the guest's name (the domain's until the hand-over)
@@ -52,24 +95,27 @@ class SourceContext:
     result: SourceResult
     clock: PhaseClock
     mode_before: Mode
+    history: ProgressHistory | None = None   # the report's progress_history
+    # -- the channel: opened at setup (and again at a post-copy reconnect) ---------------------
     sock: socket.socket | None = None
     link: LinkSender | None = None
     reader: RecordReader | None = None
+    # -- the pages: the pipeline's, and the live rounds' ----------------------------------------
     pipeline: PagePipeline | None = None
     cursor: PassCursor | None = None
     sync: SyncLog | None = None
     p2m_sent: np.ndarray | None = None
     rounds: list[RoundStats] = field(default_factory=list)
-    current: object | None = None  # the pass under way, for a policy deciding mid-pass
-    convergence: object | None = None  # the aids (`nodes.migration.convergence.Convergence`)
+    current: PassUnderWay | None = None   # the pass under way, for a policy deciding mid-pass
+    # -- the switch-over: the aids, how the live rounds ended, post-copy when allowed -----------
+    convergence: ConvergenceAids | None = None
+    decision: Decision | None = None
+    postcopy: PostcopyState | None = None
+    # -- the hand-over ------------------------------------------------------------------------
     pause_mono: float | None = None
     renamed: bool = False          # the copy here is `<name>--migratedaway`
     handed_over: bool = False      # PERMISSION_TO_GO went out: the guest is the destination's
-    history: ProgressHistory | None = None   # the report's progress_history
     guest_left: bool = False       # it resumed on the destination: its writes are not seen here
-    decision: Decision | None = None   # how the live rounds ended
-    # Post-copy allowed: its state (`nodes.migration.postcopy.source.PostcopySource`).
-    postcopy: object | None = None
 
     def open_link(self, sock: socket.socket, rate_limit: float | None) -> LinkSender:
         """The sending side of a data channel to the destination: the emulated link, the

@@ -29,31 +29,33 @@ from nodes.faults.destination import DestinationFaults
 from nodes.faults.stats import FaultStats
 from nodes.migration import clock, pagesets, records
 from nodes.migration.channel import Listener
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.handover import destination_handover
 from nodes.migration.landing import Landing
 from nodes.migration.multifd import DestinationChannels
 from nodes.migration.postcopy.destination import PostcopyDestination
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
-from nodes.migration.results import COMPLETED, FAILED, DestinationResult
+from nodes.migration.results import DestinationResult
 from nodes.migration.runtime import GuestRuntime
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.xen.domain import DomainState
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.memory import MachineMemory
 from nodes.xen.profiles import Mode
 
 
-def validate_info(info: dict) -> dict:
+def validate_info(info: GuestInfo) -> GuestInfo:
     """GUEST_INFO as a control-plane argument: checked like a record from the wire."""
     try:
-        body = records.msgpack.packb(info, use_bin_type=True)
+        body = records.msgpack.packb(info.to_dict(), use_bin_type=True)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad guest info: {exc}") from None
     fields = records.decode_fields(RT.GUEST_INFO, body)
     if not 0 < fields["pages"] <= records.MAX_GUEST_PAGES:
         raise ConfigError(f"bad guest size {fields['pages']} pages")
-    return fields
+    return GuestInfo.from_dict(fields)
 
 
 def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:
@@ -67,40 +69,40 @@ def populate_frames(memory: MachineMemory, mfns: np.ndarray) -> None:
         memory.frames[mfns[i:i + records.MAX_BATCH_PAGES]] = 0
 
 
-def modes_for(hv: Hypervisor, info: dict) -> tuple[Mode, Mode]:
+def modes_for(hv: Hypervisor, info: GuestInfo) -> tuple[Mode, Mode]:
     """(mode while arriving, mode after the resume) for a guest this host can take."""
-    if info["arch"] != hv.profile.arch:
+    if info.arch != hv.profile.arch:
         raise ModeError(
-            f"cannot migrate a {info['arch']} guest to {hv.name}, a {hv.profile.arch} host "
+            f"cannot migrate a {info.arch} guest to {hv.name}, a {hv.profile.arch} host "
             f"(profile {hv.profile.name}): guests move only between hosts of one "
             "architecture")
-    before = Mode.parse(info["mode_before"])
+    before = Mode.parse(info.mode_before)
     if before not in hv.profile.guest_modes:
         raise ModeError(f"{hv.name} (profile {hv.profile.name}) does not allow "
                         f"{before.value} guests; allowed: "
                         f"{', '.join(m.value for m in hv.profile.guest_modes)}")
-    return Mode.parse(info["mode_during"]), before
+    return Mode.parse(info.mode_during), before
 
 
 class Receiver:
     """The restore side of one migration: reserves frames up front, then receives on a thread."""
 
-    def __init__(self, hv: Hypervisor, info: dict, settings: MigrationSettings, address: str,
+    def __init__(self, hv: Hypervisor, info: GuestInfo, settings: MigrationSettings, address: str,
                  runtime: GuestRuntime, fault_stats: FaultStats | None = None,
                  data_ports: tuple[int, int] | None = None):
         self.hv = hv
         self.settings = settings
         self.info = info
         self.runtime = runtime
-        self.name = info["name"]
+        self.name = info.name
         self.faults = DestinationFaults(settings.faults, fault_stats)
-        self.faults.check_memory(hv.name, self.name, info["pages"])
+        self.faults.check_memory(hv.name, self.name, info.pages)
         self.mode_during, self.mode_after = modes_for(hv, info)
-        self.dom = hv.create_incoming(self.name, info["pages"], self.mode_during)
+        self.dom = hv.create_incoming(self.name, info.pages, self.mode_during)
         self.dom.migrating = True
         populate_frames(hv.memory, self.dom.p2m)
         try:
-            self.listener = Listener(address, info["migration_id"], data_ports)
+            self.listener = Listener(address, info.migration_id, data_ports)
         except OSError as exc:
             hv.destroy_domain(self.name, force=True)
             raise MigrationError(f"cannot listen on {address}: {exc}") from None
@@ -113,7 +115,7 @@ class Receiver:
         self.connection_lost = False
         self.reader: RecordReader | None = None
         self.vcpu_made = False
-        self.status = "waiting"
+        self.status = Outcome.WAITING
         self.error: str | None = None
         self.resume_wall: float | None = None
         self.timing: dict = {}
@@ -132,7 +134,7 @@ class Receiver:
         cpu0 = time.thread_time()
         try:
             self._accept()
-            self.status = "receiving"
+            self.status = Outcome.RECEIVING
             self.reader = reader = RecordReader(self.conn.recv_into, reuse_page_buffer=True,
                                   page_sink=self.landing,
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
@@ -140,14 +142,14 @@ class Receiver:
             self._read_static(reader)
             # The vCPU now, parked until the guest runs: neither a stop-and-copy's hand-over
             # nor a post-copy switch then waits for a thread to start inside the downtime.
-            self.runtime.prepare_guest(self.dom, self.info.get("workload"))
+            self.runtime.prepare_guest(self.dom, self.info.workload)
             self.vcpu_made = True
             if self._receive(reader):
                 PostcopyDestination(self, self.discard).run(reader)
             else:
                 self._check_arrived()
                 destination_handover(self, reader)
-            self.status = COMPLETED
+            self.status = Outcome.COMPLETED
         except BaseException as exc:  # noqa: BLE001 - a failed restore must free its frames
             self._fail(exc)
             if not isinstance(exc, Exception):
@@ -165,7 +167,7 @@ class Receiver:
         conn = self.listener.accept(self.settings.timeout_seconds)
         if self.settings.multifd_channels is not None:
             self.multifd = DestinationChannels(
-                self.listener, self.settings.multifd_channels, self.info["migration_id"],
+                self.listener, self.settings.multifd_channels, self.info.migration_id,
                 self.landing, timeout=self.settings.timeout_seconds,
                 guest_pages=self.dom.npages, wake=lambda: _stop_reading(conn))
         if not self.settings.postcopy_allowed:     # else kept for a post-copy's reconnects
@@ -250,7 +252,7 @@ class Receiver:
     def make_vcpu(self) -> None:
         """The guest's vCPU (made parked when the stream opened) takes the context its
         source sent; it waits until the resume."""
-        self.runtime.start_guest(self.dom, self.info.get("workload"), self.vcpu)
+        self.runtime.start_guest(self.dom, self.info.workload, self.vcpu)
         self.vcpu_made = True
 
     def resume(self) -> None:
@@ -273,7 +275,7 @@ class Receiver:
             return
         resumed = self.resume_wall is not None
         self.error = describe(exc)
-        self.status = COMPLETED if resumed else FAILED
+        self.status = Outcome.COMPLETED if resumed else Outcome.FAILED
         self.connection_lost = not resumed and isinstance(exc, ConnectionLost | OSError)
         if resumed:
             return

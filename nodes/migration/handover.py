@@ -27,7 +27,7 @@ from nodes.errors import MigbedError, MigrationError
 from nodes.migration.clock import to_source_clock
 from nodes.migration.records import RecordType as RT
 from nodes.migration.runtime import GuestRuntime
-from nodes.phase import Phase
+from nodes.phase import Outcome, Phase
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.logdirty import ShadowOp
 from nodes.xen.profiles import Mode
@@ -76,7 +76,7 @@ def destination_handover(rx: "Receiver", reader: "RecordReader") -> None:
     """The destination's side, once every page has arrived and the page tables are valid:
     READY out, PERMISSION_TO_GO in, the guest resumed, RESULT out."""
     rx.faults.delay(Phase.STOP_AND_COPY)
-    rx.status = "ready"
+    rx.status = Outcome.READY
     rx.reply(RT.RECEIVER_READY, {"pages_received": rx.landing.pages_received})
     rx.make_vcpu()                      # the parked vCPU takes its context
     reader.expect(RT.PERMISSION_TO_GO)

@@ -11,7 +11,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from nodes.phase import Phase
 
@@ -74,6 +74,12 @@ class Progress:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def snapshot(self) -> "Progress":
+        """A copy of it now, for the control plane: the sender goes on changing this one
+        (an in-process host hands its values over as they are, without pickling)."""
+        return replace(self, rounds=list(self.rounds),
+                       fault=dict(self.fault) if self.fault is not None else None)
 
     def round_done(self, rnd: RoundStats) -> None:
         self.rounds.append(rnd.to_dict())

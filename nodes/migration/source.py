@@ -44,6 +44,7 @@ from nodes.migration import clock, records
 from nodes.migration.channel import Ticket, connect
 from nodes.migration.context import SourceContext, SourcePhase
 from nodes.migration.dirtysync import SyncLog
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
 from nodes.migration.link import Pacer
 from nodes.migration.pipeline import PagePipeline
@@ -51,23 +52,24 @@ from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
-from nodes.migration.results import CANCELLED, COMPLETED, FAILED, PAUSED, SourceResult
+from nodes.migration.results import SourceResult
 from nodes.migration.runtime import GuestRuntime
 from nodes.migration.settings import MigrationSettings
-from nodes.phase import Phase
+from nodes.phase import Outcome, Phase
 from nodes.xen.domain import Domain, DomainState
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.logdirty import ShadowOp
 from nodes.xen.profiles import Mode
 
 
-def guest_info(hv: Hypervisor, dom: Domain, migration_id: str, workload: dict | None) -> dict:
+def guest_info(hv: Hypervisor, dom: Domain, migration_id: str,
+               workload: dict | None) -> GuestInfo:
     """GUEST_INFO: what the destination needs to reserve frames and check compatibility."""
-    return {"migration_id": migration_id, "name": dom.name, "pages": dom.npages,
-            "data_pages": dom.data_pages, "page_table_pages": len(dom.pt_pfns),
-            "page_size": hv.page_size,
-            "mode_before": dom.mode.value, "mode_during": Mode.VP.value,
-            "arch": hv.profile.arch, "profile": hv.profile.name, "workload": workload}
+    return GuestInfo(migration_id=migration_id, name=dom.name, pages=dom.npages,
+                     data_pages=dom.data_pages, page_table_pages=len(dom.pt_pfns),
+                     page_size=hv.page_size, mode_before=dom.mode.value,
+                     mode_during=Mode.VP.value, arch=hv.profile.arch, profile=hv.profile.name,
+                     workload=workload)
 
 
 def check_migratable(hv: Hypervisor, name: str) -> Domain:
@@ -114,7 +116,7 @@ class Setup(_Always):
         ctx.link.send([records.encode_image_header(),
                        records.encode_domain_header(Mode.VP.value, hv.memory.page_shift)])
         ctx.send_record(RT.GUEST_INFO, guest_info(hv, dom, ctx.ticket.migration_id,
-                                                  ctx.runtime.workload_spec(dom.name)))
+                                                  ctx.runtime.workload_spec(dom.name)).to_dict())
         ctx.send_record(RT.P2M_FRAMES, {"mfns": ctx.p2m_sent.astype("<u8").tobytes()})
         ctx.send_record(RT.STATIC_DATA_END)
         _measure_clock(ctx)
@@ -243,11 +245,11 @@ class Sender:
                     ctx.sample("phase")
                     step.run(ctx)
                     ctx.clock.end(step.phase)
-            ctx.result.status = COMPLETED
+            ctx.result.status = Outcome.COMPLETED
         except PostcopyPaused as exc:
             paused, self.paused_at = True, index
-            ctx.result.status, ctx.result.error = PAUSED, str(exc)
-            ctx.progress.status = PAUSED
+            ctx.result.status, ctx.result.error = Outcome.PAUSED, str(exc)
+            ctx.progress.status = Outcome.PAUSED
         except BaseException as exc:  # noqa: BLE001 - every failure must leave the guest safe
             fail(ctx, exc)
             if not isinstance(exc, Exception):
@@ -264,7 +266,7 @@ class Sender:
 def fail(ctx: SourceContext, exc: BaseException) -> None:
     """Record why the migration failed; before the hand-over, give the guest back."""
     r = ctx.result
-    r.status = CANCELLED if isinstance(exc, MigrationCancelled) else FAILED
+    r.status = Outcome.CANCELLED if isinstance(exc, MigrationCancelled) else Outcome.FAILED
     r.error = describe(exc)
     r.connection_lost = isinstance(exc, ConnectionLost)
     r.stop_code = getattr(exc, "stop_code", None)    # an operator's timeout says which

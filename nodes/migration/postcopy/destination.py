@@ -29,8 +29,7 @@ from nodes.migration.postcopy.recovery import accept_recovery
 from nodes.migration.postcopy.returnpath import ReturnPath
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
-from nodes.migration.results import COMPLETED, FAILED, PAUSED
-from nodes.phase import Phase
+from nodes.phase import Outcome, Phase
 from nodes.xen.domain import DomainState
 
 if TYPE_CHECKING:
@@ -105,11 +104,11 @@ class PostcopyDestination:
         """postcopy-paused until the source reconnects (see `recovery`)."""
         rx = self.rx
         t0 = time.monotonic()
-        rx.status = PAUSED
+        rx.status = Outcome.PAUSED
         self.pauses += 1
         self.path.attach(None)
         rx.drop_connection()
-        got = accept_recovery(rx.listener, rx.info["migration_id"], rx.settings.timeout_seconds,
+        got = accept_recovery(rx.listener, rx.info.migration_id, rx.settings.timeout_seconds,
                               lambda: not rx.killed and self.faults.lost is None)
         if got is None:
             raise GuestLost(self.faults.lost or f"{rx.hv.name} is going: the post-copy of "
@@ -149,7 +148,7 @@ class PostcopyDestination:
         rx = self.rx
         self.lost = True
         self.faults.lose(f"the post-copy of {rx.name} cannot complete: {why}")
-        rx.status, rx.error = FAILED, why
+        rx.status, rx.error = Outcome.FAILED, why
         self.path.send(RT.ABORT, {"error": why[:1000]})
         rx.runtime.discard_guest(rx.name)
         try:
@@ -175,4 +174,4 @@ class PostcopyDestination:
                 "completed": self.done, "lost": self.lost}
 
 
-__all__ = ["COMPLETED", "PostcopyDestination"]
+__all__ = ["PostcopyDestination"]

@@ -41,7 +41,7 @@ from nodes.migration.postcopy.state import PostcopySource
 from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import RoundStats
 from nodes.migration.records import RecordType as RT
-from nodes.migration.results import COMPLETED, FAILED, PAUSED, SourceResult
+from nodes.migration.results import SourceResult
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.source import (
     PRECOPY,
@@ -54,7 +54,7 @@ from nodes.migration.source import (
     close,
     finish,
 )
-from nodes.phase import Phase
+from nodes.phase import Outcome, PausedEnd, Phase
 
 PUSH_BATCH_SECONDS = 0.01    # a push record takes about this long: requests wait behind one
 MIN_PUSH_PAGES, MAX_PUSH_PAGES = 64, records.MAX_BATCH_PAGES
@@ -216,7 +216,7 @@ def push_batch_pages(ctx: SourceContext) -> int:
     return max(MIN_PUSH_PAGES, min(MAX_PUSH_PAGES, pages))
 
 
-def settle_paused(sender: Sender, outcome: str, why: str) -> SourceResult:
+def settle_paused(sender: Sender, outcome: PausedEnd, why: str) -> SourceResult:
     """End a paused post-copy as the control plane found its destination (see
     `nodes.host.postcopy.PostcopyControl.settle_paused`)."""
     ctx, r = sender.ctx, sender.ctx.result
@@ -224,18 +224,18 @@ def settle_paused(sender: Sender, outcome: str, why: str) -> SourceResult:
     if sender.paused_at is None:
         raise MigrationError(f"the migration of {ctx.guest} is not paused")
     try:
-        if outcome == "completed":           # the destination has it all: RESULT was lost
+        if outcome == PausedEnd.COMPLETED:           # the destination has it all: RESULT was lost
             for step in (Verify(), Cleanup()):
                 if step.wanted(ctx):
                     step.run(ctx)
                     ctx.clock.end(step.phase)
-            r.status, r.error = COMPLETED, None
-        elif outcome == "resume":            # the destination never ran the guest
+            r.status, r.error = Outcome.COMPLETED, None
+        elif outcome == PausedEnd.RESUME:            # the destination never ran the guest
             pc.switched = False
-            r.status, r.error = FAILED, why
+            r.status, r.error = Outcome.FAILED, why
             abort(ctx, why)
-        elif outcome == "lost":
-            r.status, r.error = FAILED, why
+        elif outcome == PausedEnd.LOST:
+            r.status, r.error = Outcome.FAILED, why
             pc.fail(ctx, r)
         else:
             raise MigrationError(f"unknown outcome {outcome!r} for a paused post-copy")
@@ -258,4 +258,4 @@ def plan(settings: MigrationSettings) -> tuple[tuple[SourcePhase, ...], Postcopy
     return POSTCOPY, PostcopySource(settings)
 
 
-__all__ = ["PAUSED", "POSTCOPY", "PostcopySource", "plan", "settle_paused"]
+__all__ = ["POSTCOPY", "PostcopySource", "plan", "settle_paused"]
