@@ -97,9 +97,7 @@ class PostcopyDestination:
                 if landing.missing_pages:
                     raise StreamError(f"END with {landing.missing_pages} pages still missing")
                 return
-            pd = rec.fields["page_data"]
-            if pd.pages is not None:               # decoded whole: not laid out for the sink
-                landing.land(pd)
+            landing.land(rec.fields["page_data"])
 
     def _recover(self, why: BaseException) -> RecordReader:
         """postcopy-paused until the source reconnects (see `recovery`)."""
