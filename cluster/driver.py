@@ -4,6 +4,7 @@ The steps, each a call on a host handle (Ray actor calls in the cluster): check 
 the source; have the destination reserve frames and issue a ticket (nothing has moved if this
 fails); start the source's sender, which streams straight to the destination over TCP;
 poll progress; collect both sides; build the report. The data never passes through here.
+A paused post-copy resumes the same way (`recover_migration`).
 """
 
 import uuid
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from cluster.model.block import model_block
+from cluster.postcopy import settle_switched
 from cluster.report import MigrationReport
 from cluster.settle import FaultControl
 from nodes.errors import MigbedError, MigrationError
@@ -44,6 +46,17 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
     return follow(pending, control, src, dst, guest, info, settings, on_progress, should_cancel)
 
 
+def recover_migration(src, dst, paused: dict,
+                      on_progress: Callable[[Progress], None] | None = None) -> MigrationReport:
+    """Resume a paused post-copy (`paused`: an entry of the source's `paused_migrations`):
+    the link is back; the report once it ends (or pauses again)."""
+    settings: MigrationSettings = paused["settings"]
+    mid, guest = paused["migration_id"], paused["guest"]
+    pending = src.call_async("migrate_recover", mid)
+    control = FaultControl(src, dst, mid, guest, settings)
+    return follow(pending, control, src, dst, guest, paused["info"], settings, on_progress)
+
+
 def follow(pending, control: FaultControl, src, dst, guest: str, info: GuestInfo,
            settings: MigrationSettings, on_progress: Callable[[Progress], None] | None = None,
            should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
@@ -70,7 +83,7 @@ def follow(pending, control: FaultControl, src, dst, guest: str, info: GuestInfo
         pending.wait(poll)        # returns the moment the migration ends
         poll = FIRST_POLL_SECONDS if control.armed else min(2 * poll, POLL_SECONDS)
     # Both sides, whatever became of them (a dead host, an unanswered hand-over).
-    settled = control.settle(pending, info)
+    settled = control.settle(pending, info, settle_switched)
     source = settled.source
     if on_progress is not None and source.rounds:
         # The rounds that ended after the last poll (a short migration can end between two).

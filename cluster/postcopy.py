@@ -1,5 +1,5 @@
 """The control plane's side of post-copy: settling a migration that switched, the report's
-`postcopy` block, and recovering a paused migration.
+`postcopy` block. (Recovering a paused migration is `cluster.driver.recover_migration`.)
 
 After the switch the guest runs on the destination and only the source has its missing
 pages, so the outcomes are QEMU's:
@@ -12,26 +12,29 @@ pages, so the outcomes are QEMU's:
   one that never resumed the guest, is settled as such.
 """
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cluster.reportparts import PostcopyBlock
-from cluster.settle import Settlement
+from cluster.settle import FaultControl, Settlement
 from nodes.errors import ClusterError, MigbedError
 from nodes.migration.clock import to_source_clock
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.results import DestinationResult, SourceResult
-from nodes.migration.settings import MigrationSettings
 from nodes.phase import Outcome, PausedEnd, Phase
-
-if TYPE_CHECKING:
-    from cluster.report import MigrationReport
-    from cluster.settle import FaultControl
 
 POSTCOPY_STATES = (Phase.POSTCOPY.value, Outcome.PAUSED)
 DEAD = "dead"
 
 
-def postcopy_outcome(control: "FaultControl", source: SourceResult) -> bool:
+def settle_switched(control: FaultControl, source: SourceResult, info: GuestInfo
+                    ) -> Settlement | None:
+    """The settlement of a migration post-copy settles (`postcopy_outcome`), None for any
+    other: what `FaultControl.settle` is handed by the driver, so that `cluster.settle`
+    needs nothing of post-copy."""
+    return settle_postcopy(control, source, info) if postcopy_outcome(control, source) else None
+
+
+def postcopy_outcome(control: FaultControl, source: SourceResult) -> bool:
     """Whether post-copy settles this end: the migration switched and did not complete, or
     its source died while the destination runs the guest in post-copy."""
     if source.switched and not source.completed:
@@ -39,7 +42,7 @@ def postcopy_outcome(control: "FaultControl", source: SourceResult) -> bool:
     return source.source_lost and destination_state(control) in POSTCOPY_STATES
 
 
-def destination_state(control: "FaultControl") -> str | None:
+def destination_state(control: FaultControl) -> str | None:
     try:
         return control.dst.call("incoming_status", control.mid, timeout=control.timeout)
     except ClusterError:
@@ -48,8 +51,7 @@ def destination_state(control: "FaultControl") -> str | None:
         return None
 
 
-def settle_postcopy(control: "FaultControl", source: SourceResult,
-                    info: GuestInfo) -> Settlement:
+def settle_postcopy(control: FaultControl, source: SourceResult, info: GuestInfo) -> Settlement:
     if source.source_lost:
         return _source_died(control, source)
     if source.status == Outcome.PAUSED:
@@ -61,7 +63,7 @@ def _lost_note(what: str) -> str:
     return f"{what}: the guest is lost (after the post-copy switch neither host has all of it)"
 
 
-def _source_died(control: "FaultControl", source: SourceResult) -> Settlement:
+def _source_died(control: FaultControl, source: SourceResult) -> Settlement:
     why = f"source host {control.src.name} died after the switch to post-copy"
     dest = _tell_destination_lost(control, why)
     source.switched, source.error, source.status = True, why, Outcome.FAILED
@@ -71,7 +73,7 @@ def _source_died(control: "FaultControl", source: SourceResult) -> Settlement:
     return Settlement(source, dest, None, True, [_lost_note(why)])
 
 
-def _tell_destination_lost(control: "FaultControl", why: str) -> DestinationResult:
+def _tell_destination_lost(control: FaultControl, why: str) -> DestinationResult:
     try:
         return (control.dst.call("postcopy_lost", control.mid, why, control.timeout,
                                  timeout=control.timeout * 2)
@@ -82,12 +84,12 @@ def _tell_destination_lost(control: "FaultControl", why: str) -> DestinationResu
         return DestinationResult(status=Outcome.UNKNOWN, error=str(exc))
 
 
-def _settle_source(control: "FaultControl", outcome: PausedEnd, why: str) -> SourceResult:
+def _settle_source(control: FaultControl, outcome: PausedEnd, why: str) -> SourceResult:
     return control.src.call("settle_paused", control.mid, outcome, why,
                             timeout=control.timeout * 2)
 
 
-def _paused(control: "FaultControl", source: SourceResult) -> Settlement:
+def _paused(control: FaultControl, source: SourceResult) -> Settlement:
     src, dst, guest = control.src, control.dst, control.guest
     state = destination_state(control)
     if state == DEAD:
@@ -114,7 +116,7 @@ def _paused(control: "FaultControl", source: SourceResult) -> Settlement:
         f"{why}: it resumes on {src.name} from its paused copy"])
 
 
-def _failed(control: "FaultControl", source: SourceResult) -> Settlement:
+def _failed(control: FaultControl, source: SourceResult) -> Settlement:
     if not source.guest_lost:   # the destination had confirmed it all: only this side failed
         return Settlement(source, control._verdict(), control.dst.name, False,
                           [f"{control.dst.name} has the whole guest; the source failed "
@@ -128,6 +130,21 @@ def _failed(control: "FaultControl", source: SourceResult) -> Settlement:
 
 
 # -- the report -------------------------------------------------------------------------------
+class PostcopyReport(Protocol):
+    """What the post-copy parts of a report read and set of it (a `cluster.report.
+    MigrationReport`, which builds them: a Protocol so that this module needs not import
+    the report back)."""
+
+    status: str
+    destination: str
+    modes: dict
+    postcopy: PostcopyBlock | None
+    precopy_bytes: int
+    downtime_bytes: int
+    postcopy_bytes: int
+    postcopy_requests: int
+
+
 def postcopy_block(source: SourceResult,
                    dest: DestinationResult | None) -> PostcopyBlock | None:
     """The report's `postcopy` block (None when the migration did not switch), from both
@@ -161,7 +178,7 @@ def postcopy_block(source: SourceResult,
     })
 
 
-def apply_postcopy(report: "MigrationReport", source: SourceResult,
+def apply_postcopy(report: PostcopyReport, source: SourceResult,
                    dest: DestinationResult | None, settled: Settlement) -> None:
     """The post-copy parts of a report being built: its block, and `modes` gaining the
     destination's mode while pages were missing."""
@@ -177,7 +194,7 @@ def apply_postcopy(report: "MigrationReport", source: SourceResult,
                                  else report.modes["before"])
 
 
-def postcopy_lines(report: "MigrationReport") -> list[str]:
+def postcopy_lines(report: PostcopyReport) -> list[str]:
     """The report's table lines of post-copy (and of the bytes by stage)."""
     lines = [f"  bytes: precopy {report.precopy_bytes}, downtime {report.downtime_bytes}, "
              f"postcopy {report.postcopy_bytes}"]
@@ -207,15 +224,3 @@ def _ms(v: float | None) -> str:
 def _rate(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
-
-# -- recovery ---------------------------------------------------------------------------------
-def recover_migration(src, dst, paused: dict, on_progress=None) -> "MigrationReport":
-    """Resume a paused post-copy (`paused`: an entry of the source's `paused_migrations`):
-    the link is back; the report once it ends (or pauses again)."""
-    from cluster.driver import follow
-    from cluster.settle import FaultControl
-    settings: MigrationSettings = paused["settings"]
-    mid, guest = paused["migration_id"], paused["guest"]
-    pending = src.call_async("migrate_recover", mid)
-    control = FaultControl(src, dst, mid, guest, settings)
-    return follow(pending, control, src, dst, guest, paused["info"], settings, on_progress)

@@ -17,6 +17,7 @@ Every call here is bounded by the migration's `timeout_seconds`.
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nodes.errors import ClusterError, MigbedError, MigrationStillRunning
@@ -101,17 +102,21 @@ class FaultControl:
         self.killed[handle.name] = {"role": role, "fault": f["text"], "stage": f["stage"]}
 
     # -- when the sender has ended -------------------------------------------------------
-    def settle(self, pending, info: GuestInfo) -> Settlement:
-        """Both sides of the migration, whatever became of the hosts."""
+    def settle(self, pending, info: GuestInfo,
+               switched: "Callable[[FaultControl, SourceResult, GuestInfo], Settlement | None]"
+               ) -> Settlement:
+        """Both sides of the migration, whatever became of the hosts. `switched` settles a
+        migration that switched to post-copy and returns None for any other
+        (`cluster.postcopy.settle_switched`, handed in by the driver: post-copy builds on
+        this module, not the other way round)."""
         try:
             source: SourceResult = pending.result(self.timeout)
         except ClusterError as exc:
             source = SourceResult(source_lost=True, mode_before=info.mode_before,
                                   error=f"source host {self.src.name} died during the "
                                         f"migration ({exc})")
-        from cluster.postcopy import postcopy_outcome, settle_postcopy  # it uses Settlement
-        if postcopy_outcome(self, source):
-            out = settle_postcopy(self, source, info)
+        out = switched(self, source, info)
+        if out is not None:
             out.faults = self._faults(out)
             return out
         verdict_needed = source.completed or source.source_lost or source.handover_unknown

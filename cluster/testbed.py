@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cluster import launcher, persistent
-from cluster.driver import run_migration
+from cluster.driver import recover_migration, run_migration
 from cluster.handles import LocalHost, RayHost
 from cluster.launcher import NAMESPACE, ClusterSpec, LocalRay
 from cluster.report import MigrationReport
@@ -206,7 +206,7 @@ class Testbed:
         self._forget_killed(report)
         return report
 
-    # -- post-copy (`cluster.postcopy`) ----------------------------------------------------------
+    # -- post-copy (`cluster.postcopy`, `cluster.driver.recover_migration`) --------------------
     def start_postcopy(self, guest: str) -> str:
         """Switch the running migration of `guest` to post-copy at its next decision (QEMU's
         migrate-start-postcopy); it must have been started with post-copy allowed."""
@@ -221,7 +221,6 @@ class Testbed:
                 on_progress: Callable[[Progress], None] | None = None) -> MigrationReport:
         """Resume the paused post-copy migration of `guest` (its link is back); the report
         once it has completed (or paused again)."""
-        from cluster.postcopy import recover_migration
         for src in self.hosts.values():
             for paused in src.call("paused_migrations"):
                 if paused["guest"] != guest:

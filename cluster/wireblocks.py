@@ -1,14 +1,23 @@
 """The report's account of what crossed the wire: the multifd block, built from both sides,
 and the lines of the human table about zero pages, XBZRLE and the channels."""
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from cluster.reportparts import MultifdBlock
+from cluster.reportparts import MultifdBlock, XbzrleBlock
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
-    from cluster.report import MigrationReport
     from nodes.migration.results import DestinationResult, SourceResult
+
+
+class WireReport(Protocol):
+    """What the wire's lines read of a report (a `cluster.report.MigrationReport`, which
+    draws them: a Protocol so that this module needs not import the report back)."""
+
+    normal_pages: int
+    zero_pages: int
+    xbzrle: XbzrleBlock | None
+    multifd: MultifdBlock | None
 
 
 def multifd_block(source: "SourceResult",
@@ -25,7 +34,7 @@ def multifd_block(source: "SourceResult",
     return MultifdBlock.from_dict(block)
 
 
-def wire_lines(r: "MigrationReport") -> list[str]:
+def wire_lines(r: WireReport) -> list[str]:
     lines = [f"  pages: {r.normal_pages} normal, {r.zero_pages} zero"]
     x = r.xbzrle
     if x is not None:

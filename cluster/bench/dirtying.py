@@ -11,7 +11,8 @@ import numpy as np
 from cluster.bench.options import BenchOptions, MiB
 from cluster.bench.results import Results, mib_per_second
 from nodes.migration import records
-from nodes.migration.reader import RECV_CHUNK_PAGES, RecordReader
+from nodes.migration.landing import RECV_CHUNK_PAGES
+from nodes.migration.reader import RecordReader
 
 DIRTY_PATTERNS = ("uniform", "hotset", "sequential")
 CLEAN_INTERVAL_SECONDS = 0.05   # VP dirtying: CLEAN as often as short pre-copy rounds do

@@ -5,12 +5,11 @@ import math
 
 from cluster.model import pagetypes
 from cluster.model.continuous import ContinuousRun, layout
-from cluster.model.hybrid import cut_round
+from cluster.model.hybrid import cut_round, missing_at_switch
 from cluster.model.postcopy import (
     MissingRange,
     PostcopyPrediction,
     Switching,
-    missing_at_switch,
     postcopy_phase,
 )
 from cluster.model.rounds import (

@@ -28,15 +28,10 @@ for random patterns; the model keeps pfn order there, which favours no page.
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from cluster.model.continuous import layout
 from cluster.model.workload import Region
 from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats
 from nodes.migration.postcopy.trigger import SwitchRule, prefer
-
-if TYPE_CHECKING:
-    from cluster.model.rounds import Guest, PreCopy
 
 VCPU_TICK_SECONDS = 0.001       # a vCPU's batch covers about this long of its rate
 SIMULATION_STEPS = 2000         # time steps over the push of every missing page
@@ -199,14 +194,3 @@ class Switching:
 
     def decide(self, stats: PrecopyStats) -> Decision:
         return prefer(self.rule, self._policy.decide(stats), stats)
-
-
-def missing_at_switch(run: "PreCopy", guest: "Guest", data_pages: int) -> list[MissingRange]:
-    """The discard set after the per-pass rounds: every page if none ran, else what the
-    last round's writes dirtied (as it would have been sent next)."""
-    spans = layout(guest.regions, data_pages, guest.guest_pages)
-    if not run.rounds:
-        return [MissingRange(s.lo, s.hi, s.pages) for s in spans]
-    dirty = iter(run.dirty_by_region or [0.0] * len(guest.regions))
-    return [MissingRange(s.lo, s.hi, next(dirty) if s.region is not None else 0.0)
-            for s in spans]

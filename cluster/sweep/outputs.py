@@ -116,8 +116,8 @@ def write_run(folder: Path, index: int, repeat: int, doc: dict) -> str:
     return str(run_file.relative_to(folder))
 
 
-def write_outputs(result: SweepResult, calibration: dict, plots: bool) -> None:
-    """Everything but the run files, once every run is done."""
+def write_outputs(result: SweepResult) -> None:
+    """Everything but the run files and the plots, once every run is done."""
     folder = result.folder
     columns: list[str] = []
     for row in result.rows:
@@ -133,11 +133,13 @@ def write_outputs(result: SweepResult, calibration: dict, plots: bool) -> None:
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     (folder / "summary.txt").write_text(summary_text(result) + "\n")
     (folder / "scenario.toml").write_text(result.scenario.to_toml())
-    if plots:
-        from cluster.sweep.curves import model_curves
-        from cluster.sweep.plots import draw_all
-        draw_all(result.scenario, result.rows, model_curves(result, calibration),
-                 _rounds_for_plot(result), folder)
+
+
+def write_plots(result: SweepResult, curves: list[dict]) -> None:
+    """The plots, with the model's `curves` (`curves.model_curves`, which reads a
+    `SweepResult` and so is computed by the caller, not imported here)."""
+    from cluster.sweep.plots import draw_all
+    draw_all(result.scenario, result.rows, curves, _rounds_for_plot(result), result.folder)
 
 
 def _rounds_for_plot(result: SweepResult) -> dict | None:

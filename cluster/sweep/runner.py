@@ -16,7 +16,8 @@ from typing import IO, TYPE_CHECKING
 from cluster.console import Steps, make_console
 from cluster.reportparts import ModelBlock
 from cluster.sweep.agreement import agreement_table, explain
-from cluster.sweep.outputs import SweepResult, write_outputs, write_run
+from cluster.sweep.curves import model_curves
+from cluster.sweep.outputs import SweepResult, write_outputs, write_plots, write_run
 from cluster.sweep.scenario import MiB, Scenario
 from cluster.sweep.text import ms, point_text, show
 from nodes.errors import ConfigError, MigbedError
@@ -57,7 +58,9 @@ def run_sweep(scenario: Scenario, output: str | Path | None = None, *, in_proces
     result = SweepResult(scenario, folder, rows, agreement,
                          {calibration_name(k): v for k, v in calibration.items()},
                          explain(scenario, rows, agreement, calibration))
-    write_outputs(result, calibration, plots)
+    write_outputs(result)
+    if plots:
+        write_plots(result, model_curves(result, calibration))
     return result
 
 

@@ -66,10 +66,11 @@ class HostService(GuestVCPUs, PostcopyControl):
         self.metrics = HostMetrics(self)
         self.fault_stats = FaultStats()
         self.metrics.registry.register(FaultCollector(config.name, self.fault_stats))
-        self.postcopy_totals = PostcopyTotals()
-        self.metrics.registry.register(PostcopyCollector(self, self.postcopy_totals))
-        self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
         self._senders: dict[str, Sender] = {}         # outgoing migration -> its sender
+        self.postcopy_totals = PostcopyTotals()
+        self.metrics.registry.register(PostcopyCollector(
+            self.name, self._senders, self.incoming, self.postcopy_totals))
+        self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
         self._paused: dict[str, tuple] = {}           # paused post-copy -> (sender, start, info)
         self._before: dict[str, GuestBefore] = {}     # outgoing -> its guest when it began
         self._uplinks: dict[float, Pacer] = {}        # link speed -> this host's shared uplink

@@ -136,7 +136,7 @@ class Receiver:
             self._accept()
             self.status = Outcome.RECEIVING
             self.reader = reader = RecordReader(self.conn.recv_into, reuse_page_buffer=True,
-                                  page_sink=self.landing,
+                                  pages_in_place=True,
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
             self._read_static(reader)
@@ -193,8 +193,8 @@ class Receiver:
         reader.expect(RT.STATIC_DATA_END)
 
     def _receive(self, reader: RecordReader) -> bool:
-        """Every record up to END (False) or a post-copy switch's RUN (True); pages land as
-        they come."""
+        """Every record up to END (False) or a post-copy switch's RUN (True), each asked of
+        the reader and dealt with here: pages land as they come (`Landing.land`)."""
         while True:
             rec = reader.expect(RT.PAGE_DATA, RT.VCPU_CONTEXT, RT.SOURCE_TIMING,
                                 RT.ROUND_STATS, RT.SYNC, RT.CLOCK_PROBE, RT.END,
@@ -203,10 +203,8 @@ class Receiver:
             if rec.type == RT.CLOCK_PROBE:      # stamped now, answered at once
                 received = time.time()
                 self.reply(RT.CLOCK_REPLY, clock.answer(rec.fields, received, time.time()))
-            elif rec.type == RT.PAGE_DATA:
-                pd = rec.fields["page_data"]
-                if pd.pages is not None:          # decoded whole: not laid out for the sink
-                    self.landing.land(pd)
+            elif rec.type == RT.PAGE_DATA:         # its pages received into their frames
+                self.landing.land(rec.fields["page_data"])
             elif rec.type == RT.PAGE_XBZRLE:
                 self.landing.land_deltas(rec.fields["page_data"])
             elif rec.type == RT.MULTIFD_FLUSH:    # the channels' pages before it have landed
@@ -316,7 +314,7 @@ class Receiver:
             if self._killed:
                 raise MigrationError(f"{self.hv.name} died")
         self.reader = reader = RecordReader(
-            conn.recv_into, reuse_page_buffer=True, page_sink=self.landing,
+            conn.recv_into, reuse_page_buffer=True, pages_in_place=True,
             readv_into=lambda bufs: conn.recvmsg_into(bufs)[0])
         reader.page_size, reader.guest_pages = self.hv.page_size, self.dom.npages
         return reader

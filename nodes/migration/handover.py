@@ -21,10 +21,14 @@ control plane to settle (`resolve_handover`).
 """
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from nodes.errors import MigbedError, MigrationError
+from nodes.faults.destination import DestinationFaults
 from nodes.migration.clock import to_source_clock
+from nodes.migration.context import SourceContext
+from nodes.migration.landing import Landing
+from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
 from nodes.migration.runtime import GuestRuntime
 from nodes.phase import Outcome, Phase
@@ -32,12 +36,24 @@ from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.logdirty import ShadowOp
 from nodes.xen.profiles import Mode
 
-if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
-    from nodes.migration.reader import RecordReader
-    from nodes.migration.source import SourceContext
-
 MIGRATED_AWAY = "--migratedaway"
+
+
+class HandoverReceiver(Protocol):
+    """What the destination's side of the hand-over needs of its receiver
+    (`nodes.migration.destination.Receiver`, which runs it: a Protocol, so that this module
+    needs not import it back)."""
+
+    faults: DestinationFaults
+    landing: Landing
+    status: str
+    resume_wall: float | None
+
+    def reply(self, rtype: RT, fields: dict | None = None) -> None: ...
+
+    def make_vcpu(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 class SourceHandover:
@@ -45,10 +61,10 @@ class SourceHandover:
 
     phase = Phase.HANDOVER
 
-    def wanted(self, ctx: "SourceContext") -> bool:
+    def wanted(self, ctx: SourceContext) -> bool:
         return True
 
-    def run(self, ctx: "SourceContext") -> None:
+    def run(self, ctx: SourceContext) -> None:
         ctx.reader.expect(RT.RECEIVER_READY)
         ctx.hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
         ctx.renamed = True
@@ -72,7 +88,7 @@ class SourceHandover:
         ctx.resumed()
 
 
-def destination_handover(rx: "Receiver", reader: "RecordReader") -> None:
+def destination_handover(rx: HandoverReceiver, reader: RecordReader) -> None:
     """The destination's side, once every page has arrived and the page tables are valid:
     READY out, PERMISSION_TO_GO in, the guest resumed, RESULT out."""
     rx.faults.delay(Phase.STOP_AND_COPY)

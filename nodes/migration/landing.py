@@ -1,17 +1,21 @@
 """Where pages land: the one object every page a destination receives goes through.
 
-For each PAGE_DATA record: check its pfns and types against the guest's layout (before a
-single byte lands), hand out the buffers the pages go into, in chunks of 32 pages (128 KiB,
-still in cache when hashed), hash each chunk as it lands, write it to its frames, and mark
-its pfns received. A chunk inside one superpage extent lands straight in its frames (the
+For each PAGE_DATA record (`land`): check its pfns and types against the guest's layout
+(before a single byte lands), choose the buffers the pages go into, in chunks of 32 pages
+(128 KiB, still in cache when hashed), have each chunk received, hash it as it lands, write it
+to its frames, and mark its pfns received. A chunk inside one superpage extent lands straight in its frames (the
 kernel copies it there from the socket) and is hashed where it lies; a chunk of scattered
 frames lands in a staging buffer, is hashed there and then written to its frames. Page
 tables arrive canonical: they are kept aside and written, made this host's (pfn -> mfn),
 once the record is complete.
 
-The reader (`nodes.migration.reader.RecordReader`) fills the chunks from the socket; a record
-laid out another way (msgpack allows several) is decoded whole and poured into the same
-chunks by `land`: either way a page reaches its frame by one path.
+The walk goes one way, as QEMU's ram_load does: the receiver's loop asks the reader for the
+next record and hands it to `land`; for a record whose pages are still on the socket
+(`nodes.migration.reader.IncomingPages`) the landing has the reader receive each chunk
+straight into the buffers it chose (`IncomingPages.read_into`), and the reader never calls
+back. A record laid out another way (msgpack allows several), or a multifd packet
+decompressed, is decoded whole and poured into the same chunks: either way a page reaches
+its frame by one path.
 
 Zero pages (pfn words typed ZERO) write nothing into a frame that has never received a page
 (a reserved frame is zero already), and zeros into one that has, as QEMU's multifd receiver
@@ -28,8 +32,8 @@ has landed, a page table once its record is complete. No XBZRLE delta comes afte
 
 The guest-wide state (hashes, which pages arrived, post-copy's) is the `Landing`'s; what one
 reader is in the middle of (the record's pfns, its chunks, a staging buffer) is its
-`RecordSink`'s, so several readers (multifd's channels) land into one guest at once.
-`Landing` is itself the sink of the main reader.
+`RecordSink`'s, so several readers (multifd's channels) land into one guest at once;
+the main reader's records land through a `RecordSink` the `Landing` keeps.
 """
 
 import threading
@@ -40,7 +44,7 @@ import numpy as np
 
 from nodes.errors import StreamError
 from nodes.migration import records, xbzrle
-from nodes.migration.reader import RECV_CHUNK_PAGES
+from nodes.migration.reader import IncomingPages
 from nodes.xen import pagetable
 from nodes.xen.digest import digest, page_hashes
 from nodes.xen.domain import Domain
@@ -49,10 +53,12 @@ from nodes.xen.memory import MachineMemory
 if TYPE_CHECKING:
     from nodes.migration.encoded import DeltaPages
 
+RECV_CHUNK_PAGES = 32   # pages a chunk holds: 128 KiB, still in cache when hashed
+
 
 class Landing:
-    """The landing of one incoming guest: the `PageSink` of its main reader, and the maker of
-    a `RecordSink` for each other one."""
+    """The landing of one incoming guest: it lands its main reader's records, and makes a
+    `RecordSink` for each other reader."""
 
     def __init__(self, memory: MachineMemory, dom: Domain, verify: bool):
         self.memory = memory
@@ -77,17 +83,9 @@ class Landing:
         """A sink of its own for another reader landing into this guest."""
         return RecordSink(self)
 
-    # -- the PageSink protocol, for the main reader -----------------------------------------
-    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
-        return self._main.buffers(pfns, types)
-
-    def landed(self, index: int) -> None:
-        self._main.landed(index)
-
-    def done(self) -> None:
-        self._main.done()
-
-    def land(self, pd: records.PageData) -> None:
+    # -- the main reader's records ------------------------------------------------------
+    def land(self, pd: "records.PageData | IncomingPages") -> None:
+        """A PAGE_DATA record of the main reader (`RecordSink.land`)."""
         self._main.land(pd)
 
     # -- post-copy -------------------------------------------------------------------------
@@ -198,8 +196,8 @@ class Landing:
 
 
 class RecordSink:
-    """One reader's landing of its records (the `PageSink` of a reader): the record under way,
-    its chunks and a staging buffer of its own."""
+    """One reader's landing of its records: the record under way, its chunks and a staging
+    buffer of its own."""
 
     def __init__(self, landing: Landing):
         self.landing = landing
@@ -293,15 +291,21 @@ class RecordSink:
         if len(self.zero_pfns):
             landing.land_zero(self.zero_pfns)
 
-    # -- a record decoded whole --------------------------------------------------------------
-    def land(self, pd: records.PageData) -> None:
-        """A PAGE_DATA record the reader decoded into a buffer of its own (or a multifd
-        packet decompressed), poured into the same chunks as a record received in place."""
+    # -- one record, one way ----------------------------------------------------------------
+    def land(self, pd: "records.PageData | IncomingPages") -> None:
+        """A PAGE_DATA record: its pages received straight into the chunks' buffers when
+        they are still on the socket (`IncomingPages`), else (decoded whole by the reader, or
+        a multifd packet decompressed) poured into the same chunks."""
         chunks = self.buffers(pd.pfns, pd.types)
-        flat = pd.pages.reshape(-1)
-        at = 0
-        for index, (buffer,) in enumerate(chunks):
-            buffer[:] = flat[at:at + len(buffer)]
-            at += len(buffer)
-            self.landed(index)
+        if isinstance(pd, IncomingPages):
+            for index, chunk in enumerate(chunks):
+                pd.read_into(chunk)     # the kernel copies the pages there from the socket
+                self.landed(index)
+            pd.end()
+        else:
+            flat, at = pd.pages.reshape(-1), 0
+            for index, (buffer,) in enumerate(chunks):
+                buffer[:] = flat[at:at + len(buffer)]
+                at += len(buffer)
+                self.landed(index)
         self.done()

@@ -10,8 +10,9 @@ share the main link's pacer and its rate limit, so N channels are as fast as one
 
 Once per pass every channel syncs (QEMU's multifd_send_sync_main): each sends MULTIFD_SYNC
 after its last packet, the main thread waits for all of them, then sends MULTIFD_FLUSH on the
-main channel. On the destination (`DestinationChannels`) each channel's reader lands its
-packets into the one `Landing` through a sink of its own, and stops at a MULTIFD_SYNC until
+main channel. On the destination (`DestinationChannels`) each channel's thread asks its
+reader for the next packet and lands it into the one `Landing` through a `RecordSink` of
+its own (as the main receiver does, the reader knowing nothing of the landing), and stops at a MULTIFD_SYNC until
 the main reader, at the matching MULTIFD_FLUSH, has seen every channel reach it: so no page
 of the next pass lands before this pass's copy of it, on whatever channel. Every control
 record on the main channel waits for a sync first, so nothing sent before it is still on
@@ -293,7 +294,7 @@ class DestinationChannels:
                 sock = listener.accept(timeout)
                 self.socks.append(sock)
                 reader = RecordReader(sock.recv_into, reuse_page_buffer=True,
-                                      page_sink=landing.sink(),
+                                      pages_in_place=True,
                                       readv_into=lambda bufs, s=sock: s.recvmsg_into(bufs)[0])
                 reader.page_size = landing.memory.page_size
                 reader.guest_pages = guest_pages
@@ -333,16 +334,14 @@ class DestinationChannels:
 
     def _run(self, index: int, reader: RecordReader) -> None:
         cpu0 = time.thread_time()
-        sink = reader.page_sink
+        sink = self.landing.sink()                # this channel's record under way
         try:
             while True:
                 rec = reader.expect(RT.PAGE_DATA, RT.PAGE_COMPRESSED, RT.MULTIFD_SYNC)
                 if rec.type == RT.MULTIFD_SYNC:
                     self._synced(index, rec.fields["sync"])
                     continue
-                pd = rec.fields["page_data"]
-                if pd.pages is not None:        # compressed, or not laid out for the sink
-                    sink.land(pd)
+                sink.land(rec.fields["page_data"])     # compressed ones decoded whole
         except BaseException as exc:  # noqa: BLE001 - kept for the main reader to raise
             with self._cond:
                 if not self._closing and self.error is None:

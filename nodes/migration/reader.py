@@ -1,13 +1,15 @@
 """Reading the migration stream off a socket: framed records, every length bounded first.
 
 `RecordReader` reads `{u32 type, u32 length}` headers and bodies and decodes them with
-`nodes.migration.records`. The pages of a PAGE_DATA record go straight into the buffers of a
-`PageSink` (the destination's landing, `nodes.migration.landing`) once the record's pfns and
-types are checked, so no page is copied from a record buffer into guest memory.
+`nodes.migration.records`. A reader made with `pages_in_place` stops a PAGE_DATA record
+after its pfns and types, checked, and returns them as `IncomingPages`: its caller (the
+destination's landing, `nodes.migration.landing`) then has the pages received straight into
+buffers of its own choosing (`IncomingPages.read_into`), so no page is copied from a record
+buffer into guest memory. The reader knows nothing of where the pages go: it is asked for the
+next record, and for the next bytes into given buffers, never calls out.
 """
 
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 
@@ -21,7 +23,6 @@ from nodes.migration.records import (
     RECORD_HEADER,
     DomainHeader,
     ImageHeader,
-    PageData,
     Record,
     RecordType,
     array_count,
@@ -37,44 +38,63 @@ from nodes.migration.records import (
 _ALIGN = 64                          # alignment of received page data, in bytes
 
 
-class PageSink(Protocol):
-    """Where a receiver wants the pages of each PAGE_DATA record to land: straight in the
-    frames reserved for them, so no copy from a record buffer into guest memory is needed."""
+class IncomingPages:
+    """A PAGE_DATA record read up to its pages: its pfns and types, checked against the guest
+    and against the length of the page data that follows, which is still on the stream.
 
-    def buffers(self, pfns: np.ndarray, types: np.ndarray) -> list[list]:
-        """Writable buffers for the record's pages that carry data, in record order, in
-        chunks (lists of buffers) to be filled one after another (the pfns and types are
-        checked already)."""
-        ...
+    Its reader's caller receives the pages into buffers of its own, chunk after chunk
+    (`read_into`; never more than the record holds), then calls `end`. The reader reads no
+    other record before that. `pages` is None: no buffer of the reader holds them."""
 
-    def landed(self, index: int) -> None:
-        """Chunk `index` is filled (hash it now, while it is in cache)."""
-        ...
+    pages = None
 
-    def done(self) -> None:
-        """The whole record has arrived."""
-        ...
+    def __init__(self, reader: "RecordReader", pfns: np.ndarray, types: np.ndarray,
+                 data_bytes: int, pad_bytes: int, what: str):
+        self.pfns = pfns
+        self.types = types
+        self._reader = reader
+        self._left = data_bytes
+        self._pad = pad_bytes
+        self.what = what
 
+    def read_into(self, chunk: list) -> None:
+        """Fill the buffers of `chunk` (writable, of whole bytes), in order, from the stream:
+        with a socket's recvmsg_into the kernel copies the pages straight into them."""
+        want = sum(memoryview(b).nbytes for b in chunk)
+        if want > self._left:
+            raise StreamError(f"{self.what}: {want} bytes asked of the {self._left} bytes of "
+                              "pages left in the record")
+        self._reader.read_chunk(chunk, want, self.what)
+        self._left -= want
 
-RECV_CHUNK_PAGES = 32   # pages a sink's chunk should hold: 128 KiB, still in cache when landed
+    def end(self) -> None:
+        """Every page was read: the record's padding is read and checked, and the reader
+        may go on to the next record."""
+        if self._left:
+            raise StreamError(f"{self.what}: {self._left} bytes of pages were never read")
+        pad = self._reader.read_exact(self._pad, self.what) if self._pad else b""
+        if any(pad):
+            raise StreamError("non-zero record padding")
+        self._reader.incoming = None
 
 
 class RecordReader:
     """Reads framed records from `read_into(memoryview) -> int` (a socket's recv_into).
 
     Returns 0 from read_into at end of stream; a stream that ends inside a header or record
-    is reported as truncated. With a `page_sink`, the pages of every PAGE_DATA record laid
-    out as `encode_page_data` writes it are received straight into the sink's buffers with
-    `readv_into(buffers) -> int` (a socket's recvmsg_into), after the record's pfns and types
-    have been checked; such a record is returned with `pages` None.
+    is reported as truncated. With `pages_in_place`, every PAGE_DATA record laid out as
+    `encode_page_data` writes it is returned as `IncomingPages` once its pfns and types are
+    checked, and its pages are received with `readv_into(buffers) -> int` (a socket's
+    recvmsg_into) into the buffers its caller gives.
     """
 
     def __init__(self, read_into: Callable[[memoryview], int], reuse_page_buffer: bool = False,
-                 page_sink: PageSink | None = None,
+                 pages_in_place: bool = False,
                  readv_into: Callable[[list], int] | None = None):
         self._read_into = read_into
         self._readv_into = readv_into or (lambda bufs: read_into(memoryview(bufs[0]).cast("B")))
-        self.page_sink = page_sink
+        self.pages_in_place = pages_in_place
+        self.incoming: IncomingPages | None = None    # a record whose pages are still unread
         self.bytes_read = 0
         self.page_size = 4096
         self.guest_pages = MAX_GUEST_PAGES
@@ -120,9 +140,11 @@ class RecordReader:
         self.page_size = 1 << hdr.page_shift
         return hdr
 
-    def _read_body(self) -> tuple[int, memoryview | PageData]:
+    def _read_body(self) -> tuple[int, memoryview | IncomingPages]:
         """The next record's type and body, as a view into a buffer of its own (or, for
-        PAGE_DATA received into the page sink, the record decoded)."""
+        PAGE_DATA whose pages are to be received in place, its checked pfns and types)."""
+        if self.incoming is not None:
+            raise StreamError(f"{self.incoming.what}: its pages were never read")
         rtype, length = RECORD_HEADER.unpack(self.read_exact(RECORD_HEADER.size,
                                                              "record header"))
         limit = max_record_bytes(rtype, self.page_size, self.guest_pages)
@@ -136,8 +158,8 @@ class RecordReader:
             # as fast aligned. Where they start follows from the body's first four bytes.
             first = self.read_exact(min(4, padded), what)
             offset = page_data_offset(first)
-            if self.page_sink is not None and 4 <= offset <= length:
-                return rtype, self._read_pages_to_sink(first, offset, length, padded, what)
+            if self.pages_in_place and 4 <= offset <= length:
+                return rtype, self._read_page_head(first, offset, length, padded, what)
             raw = self._read_view(padded, what, first, offset)
         else:
             raw = self._read_view(padded, what) if padded else memoryview(b"")
@@ -145,12 +167,12 @@ class RecordReader:
             raise StreamError("non-zero record padding")
         return rtype, raw[:length]
 
-    def _read_pages_to_sink(self, first: bytes, offset: int, length: int, padded: int,
-                            what: str) -> "PageData | memoryview":
-        """The rest of a PAGE_DATA record whose body begins `first` and whose pages start at
+    def _read_page_head(self, first: bytes, offset: int, length: int, padded: int,
+                        what: str) -> "IncomingPages | memoryview":
+        """The head of a PAGE_DATA record whose body begins `first` and whose pages start at
         `offset` if laid out as `encode_page_data` writes it: pfns and types read and
-        checked, then the pages received into the sink. A body laid out otherwise (msgpack
-        allows several) is read whole and returned for `decode_page_data`."""
+        checked, the pages left on the stream for the caller. A body laid out otherwise
+        (msgpack allows several) is read whole and returned for `decode_page_data`."""
         prefix = first + self.read_exact(offset - len(first), what)
         head = array_count(prefix)
         assert head is not None                    # `first` parsed, or offset would be 0
@@ -166,32 +188,25 @@ class RecordReader:
         words = memoryview(prefix)[pos + 5:pos + 5 + words_len]
         pfns, types = check_page_words(count, words, data_len, self.page_size,
                                         self.guest_pages)
-        buffers = self.page_sink.buffers(pfns, types)
-        self._read_into_buffers(buffers, what)
-        pad = self.read_exact(padded - length, what) if padded > length else b""
-        if any(pad):
-            raise StreamError("non-zero record padding")
-        self.page_sink.done()
-        return PageData(pfns, types, None)
+        self.incoming = IncomingPages(self, pfns, types, data_len, padded - length, what)
+        return self.incoming
 
-    def _read_into_buffers(self, chunks: list[list], what: str) -> None:
-        """Fill the sink's chunks in order, telling it as each is filled."""
-        for index, chunk in enumerate(chunks):
-            want = sum(map(len, chunk))
-            got = 0
-            while got < want:
-                k = _io(self._readv_into, chunk, what)
-                if not k:
-                    raise StreamTruncated(f"stream truncated in {what} (pages)")
-                got += k
-                if got < want:     # resume where the kernel stopped, mid-buffer perhaps
-                    while k >= len(chunk[0]):
-                        k -= len(chunk[0])
-                        chunk = chunk[1:]
-                    if k:
-                        chunk = [memoryview(chunk[0]).cast("B")[k:], *chunk[1:]]
-            self.bytes_read += want
-            self.page_sink.landed(index)
+    def read_chunk(self, chunk: list, want: int, what: str) -> None:
+        """`want` bytes from the stream into the buffers of `chunk`, in order (for
+        `IncomingPages.read_into`, which bounds `want` by what its record holds)."""
+        got = 0
+        while got < want:
+            k = _io(self._readv_into, chunk, what)
+            if not k:
+                raise StreamTruncated(f"stream truncated in {what} (pages)")
+            got += k
+            if got < want:     # resume where the kernel stopped, mid-buffer perhaps
+                while k >= len(chunk[0]):
+                    k -= len(chunk[0])
+                    chunk = chunk[1:]
+                if k:
+                    chunk = [memoryview(chunk[0]).cast("B")[k:], *chunk[1:]]
+        self.bytes_read += want
 
     def read_record(self) -> Record | None:
         """The next record, decoded and checked; None for an optional record we skip."""
@@ -202,7 +217,7 @@ class RecordReader:
             if rtype & OPTIONAL:
                 return None
             raise StreamError(f"unknown mandatory record type {rtype:#x}") from None
-        if isinstance(body, PageData):
+        if isinstance(body, IncomingPages):
             return Record(known, {"page_data": body})
         if known is RecordType.PAGE_DATA:
             return Record(known, {"page_data": decode_page_data(body, self.page_size,

@@ -17,29 +17,69 @@ If the post-copy cannot complete (the source died, it gave up, this host is goin
 is lost: its vCPU stops, its frames are freed, and the source is told (ABORT).
 """
 
+import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
 from nodes.migration import pagesets
+from nodes.migration.channel import Listener
+from nodes.migration.landing import Landing
 from nodes.migration.postcopy.pagefault import PageFaults
 from nodes.migration.postcopy.recovery import accept_recovery
 from nodes.migration.postcopy.returnpath import ReturnPath
 from nodes.migration.reader import RecordReader
 from nodes.migration.records import RecordType as RT
+from nodes.migration.runtime import GuestRuntime
+from nodes.migration.settings import MigrationSettings
 from nodes.phase import Outcome, Phase
-from nodes.xen.domain import DomainState
+from nodes.xen.domain import Domain, DomainState
+from nodes.xen.hypervisor import Hypervisor
+from nodes.xen.profiles import Mode
 
-if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
+
+class PostcopyReceiver(Protocol):
+    """What post-copy needs of the destination's receiver (`nodes.migration.destination.
+    Receiver`, which hands it the migration at POSTCOPY_RUN: a Protocol, so that this module
+    needs not import it back). It reads the guest and its landing, sets the receiver's
+    status, and replaces its connection when the link breaks."""
+
+    # the guest arriving, and where its pages land
+    hv: Hypervisor
+    dom: Domain
+    name: str
+    info: dict
+    settings: MigrationSettings
+    runtime: GuestRuntime
+    landing: Landing
+    vcpu: dict
+    mode_during: Mode
+    mode_after: Mode
+    # what post-copy sets
+    status: str
+    error: str | None
+    resume_wall: float | None
+    postcopy: "PostcopyDestination | None"
+    # the connection, which a recovery replaces
+    conn: socket.socket | None
+    listener: Listener
+
+    @property
+    def killed(self) -> bool: ...
+
+    def make_vcpu(self) -> None: ...
+
+    def drop_connection(self) -> None: ...
+
+    def attach_connection(self, conn: socket.socket) -> RecordReader: ...
 
 
 class PostcopyDestination:
     """One incoming migration after its switch; see the module docstring."""
 
-    def __init__(self, rx: "Receiver", discard: np.ndarray):
+    def __init__(self, rx: PostcopyReceiver, discard: np.ndarray):
         self.rx = rx
         self.discard = discard
         self.path = ReturnPath(rx.settings.latency_seconds)
@@ -96,9 +136,7 @@ class PostcopyDestination:
                 if landing.missing_pages:
                     raise StreamError(f"END with {landing.missing_pages} pages still missing")
                 return
-            pd = rec.fields["page_data"]
-            if pd.pages is not None:               # decoded whole: not laid out for the sink
-                landing.land(pd)
+            landing.land(rec.fields["page_data"])
 
     def _recover(self, why: BaseException) -> RecordReader:
         """postcopy-paused until the source reconnects (see `recovery`)."""

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from nodes.errors import ConnectionLost, GuestLost, MigbedError, MigrationError, PostcopyPaused
+from nodes.errors import GuestLost, MigbedError, MigrationError, PostcopyPaused
 from nodes.migration import pagesets, records
 from nodes.migration.channel import Listener, connect
 from nodes.migration.reader import RecordReader
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
 
 RETRY_SECONDS = 0.05           # between a source's connection attempts
 ACCEPT_POLL_SECONDS = 0.1      # how often a waiting destination looks whether to go on
-
-
-def no_progress(timeout: float, what: str) -> ConnectionLost:
-    return ConnectionLost(f"no progress for {timeout:g} s waiting for {what}")
 
 
 def still_paused(ctx: "SourceContext", timeout: float) -> PostcopyPaused:

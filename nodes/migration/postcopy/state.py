@@ -9,12 +9,11 @@ import time
 
 import numpy as np
 
-from nodes.errors import MigbedError
+from nodes.errors import ConnectionLost, MigbedError
 from nodes.migration.clock import to_source_clock
 from nodes.migration.context import SourceContext
 from nodes.migration.link import Pacer
 from nodes.migration.policy import Decision, PrecopyStats
-from nodes.migration.postcopy import recovery
 from nodes.migration.postcopy.returnpath import RequestReader
 from nodes.migration.postcopy.trigger import SwitchRule, prefer
 from nodes.migration.progress import RoundStats
@@ -139,7 +138,8 @@ class PostcopySource:
             while self.result is None and self.broken is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.broken = recovery.no_progress(timeout, "the destination's RESULT")
+                    self.broken = ConnectionLost(
+                        f"no progress for {timeout:g} s waiting for the destination's RESULT")
                     break
                 self.cond.wait(left)
         self.raise_if_broken()
