@@ -1,8 +1,9 @@
 """Post-copy and hybrid in the model: the switch, the push, and the faults, in expected pages.
 
-The live rounds run as in pre-copy, decided by the policy and the same switch rule as the
-sender's (`nodes.migration.postcopy.trigger.prefer`: after N rounds, after a time, at the
-policy's own POSTCOPY). At the switch the pages still to send (the discard set: the pages
+The live rounds run as in pre-copy, decided by the sender's own switch-over arbiter
+(`nodes.migration.switchover`) with the same switch rule as the sender's
+(`nodes.migration.postcopy.trigger.SwitchRule`: after N rounds, after a time; or the policy's
+own POSTCOPY). At the switch the pages still to send (the discard set: the pages
 dirtied since they were sent, every page for pure post-copy) are missing on the destination.
 
 - downtime: the switch alone: the discard bitmap and the vCPU context over the link, its
@@ -30,8 +31,6 @@ import math
 from dataclasses import dataclass
 
 from cluster.model.workload import Region
-from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats
-from nodes.migration.postcopy.trigger import SwitchRule, prefer
 
 VCPU_TICK_SECONDS = 0.001       # a vCPU's batch covers about this long of its rate
 SIMULATION_STEPS = 2000         # time steps over the push of every missing page
@@ -179,18 +178,3 @@ def postcopy_phase(*, rounds: int, switched_at_seconds: float, missing: list[Mis
         push_bytes_per_second=push if math.isfinite(push) else 0.0)
 
 
-# -- the model's live rounds under the switch rule ------------------------------------------
-class Switching:
-    """The policy as a sender with post-copy allowed runs it: its decision, or the switch
-    (`nodes.migration.postcopy.trigger.prefer`, the sender's own rule)."""
-
-    def __init__(self, policy: PrecopyPolicy, rule: SwitchRule):
-        self._policy = policy
-        self.rule = rule
-        self.cut_seconds = rule.after_seconds
-
-    def __getattr__(self, name: str):
-        return getattr(self._policy, name)
-
-    def decide(self, stats: PrecopyStats) -> Decision:
-        return prefer(self.rule, self._policy.decide(stats), stats)

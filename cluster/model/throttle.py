@@ -1,5 +1,6 @@
 """Auto-converge in the model: the throttle schedule the engine's own rules produce (and the
-completion timeout, read by the engine's own `Timeouts`).
+completion timeout, read by the engine's own `Timeouts` and consulted by the engine's own
+switch-over arbiter as `ModelTimeouts`).
 
 The model's bitmap syncs are counted by the engine's `SyncLog`; each one that closes a 1 s
 rate period goes to the engine's `ThrottleTrigger`, and every second hot period steps the
@@ -82,6 +83,17 @@ def timeout_decision(timeouts: "Timeouts | None", now: float) -> Decision | None
         return timeouts.check(now, None)
     except MigrationTimedOut as exc:
         return Decision.abort(str(exc))
+
+
+@dataclass(frozen=True)
+class ModelTimeouts:
+    """The completion timeout as the switch-over arbiter (`nodes.migration.switchover`)
+    consults it in the model: at the model's clock, no remaining bytes read."""
+
+    timeouts: Timeouts
+
+    def tick(self, now: float, remaining_bytes: int | None) -> Decision | None:
+        return timeout_decision(self.timeouts, now)
 
 
 def timeouts_from(settings, guest_bytes: int) -> "Timeouts | None":

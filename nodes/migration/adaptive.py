@@ -7,9 +7,15 @@ raised to that dirty rate + 50 Mbit/s, capped at MAX_MBIT_RATE (500). Once at th
 that sent more than the one before ends the live rounds: dirtying outran even the fastest
 rate. Rates are Mbit/s of 10^6 bits, as `print_stats` computes them. Xen paces in 100 KiB
 bursts per slot; migbed's pacer keeps the same average rate without the bursts.
+
+The switch-over arbiter (`nodes.migration.switchover`) consults it between passes as a
+`PacedRate`, which paces the sender at the rate it sets.
 """
 
+from collections.abc import Callable, Sequence
+
 from nodes.migration.policy import Decision, StopCode
+from nodes.migration.progress import RoundStats
 
 MBIT = 1_000_000 / 8          # bytes per second in one Mbit/s
 START_MBIT_RATE = 100
@@ -47,3 +53,24 @@ class AdaptiveRate:
                                  f"at the adaptive rate's cap ({MAX_MBIT_RATE} Mbit/s) a "
                                  "round sent more than the one before")
         return None
+
+
+class PacedRate:
+    """The adaptive rate as the switch-over arbiter consults it before each pass: the stop, or
+    the next round's rate set from the last round's dirtying and handed to `pace` (the
+    link's `set_rate_limit`)."""
+
+    def __init__(self, rate: AdaptiveRate, pace: Callable[[float], None]):
+        self.rate = rate
+        self.pace = pace
+
+    def between_rounds(self, rounds: Sequence[RoundStats], page_size: int) -> Decision | None:
+        if not rounds:
+            return None
+        last = rounds[-1]
+        stop = self.rate.decide(last.pages_sent, rounds[-2].pages_sent) if len(rounds) > 1 \
+            else None
+        if stop is None:
+            self.pace(self.rate.round_done(last.pages_dirtied, page_size,
+                                           last.duration_seconds))
+        return stop

@@ -4,8 +4,9 @@ Xen's adaptive rate (`nodes.migration.adaptive`); and the check of their setting
 
 The live rounds call in at three points: `period_closed` at every bitmap sync that closes a
 1 s rate period (where QEMU runs `migration_trigger_throttle`), `tick` between batches or
-after every chunk (dirty-limit's own period, the timeouts), `round_done` as a round ends (the
-per-round throttle figures). The throttle reaches the vCPU through the host's
+after every chunk (dirty-limit's own period, the timeouts: asked through the switch-over
+arbiter, `nodes.migration.switchover`, while the policy goes on), `round_done` as a round ends
+(the per-round throttle figures). The throttle reaches the vCPU through the host's
 `GuestRuntime.throttle_guest`; `release` lifts it however the migration ends, as QEMU's
 cleanup stops the throttle.
 """

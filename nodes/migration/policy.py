@@ -1,5 +1,6 @@
-"""Where the switch-over is decided: pre-copy policies, statistics in, a typed decision out, as
-libxenguest's pluggable precopy policy.
+"""The pre-copy policies, statistics in, a typed decision out, as libxenguest's pluggable
+precopy policy; the first input of the switch-over arbiter (`nodes.migration.switchover`), which
+weighs a policy's answer against the post-copy switch, the timeouts and the adaptive rate.
 
 A policy is consulted before every live round, round 0 included (the qemu policy also after
 every chunk of sending), with what the sender knows at that moment (`PrecopyStats`), and

@@ -17,6 +17,11 @@ Two ways of deciding, as the two systems they model decide:
 Either way the live rounds end with the stream drained (SYNC, SYNC_ACK): the guest pauses
 only once the destination has landed every page sent live.
 
+What ends the live rounds is decided by the switch-over arbiter (`nodes.migration.switchover`,
+built here by `arbiter_for`): the live rounds only ask it, at every decision point (`decide`),
+between the batches of a pass (`within_pass`, `cuts_pass`) and at a pass's end
+(`switch_after`), and act on its answer.
+
 The convergence aids (`nodes.migration.convergence`) ride along: the throttle trigger at the
 syncs that close a rate period (`SourceContext.clean`), dirty-limit's period and the timeouts
 between batches (`between_batches`), Xen's adaptive rate between passes. A timeout may end the
@@ -27,12 +32,14 @@ import time
 
 from nodes.errors import MigrationCancelled, MigrationError
 from nodes.migration import fixeddowntime, throttle
+from nodes.migration.adaptive import PacedRate
 from nodes.migration.context import SourceContext
 from nodes.migration.convergence import Convergence
 from nodes.migration.policy import Action, Decision, PrecopyStats, QemuPolicy
 from nodes.migration.progress import RoundStats
 from nodes.migration.records import MAX_BATCH_PAGES
 from nodes.migration.records import RecordType as RT
+from nodes.migration.switchover import Arbiter, Moment
 from nodes.phase import Phase
 
 MIN_BATCH_PAGES = 64     # QEMU looks at the clock every 64 pages
@@ -48,7 +55,7 @@ class LiveRounds:
     def run(self, ctx: SourceContext) -> None:
         start_aids(ctx)
         run = continuous if ctx.policy.mid_pass else per_pass
-        decision = run(ctx)
+        decision = run(ctx, arbiter_for(ctx))
         ctx.decision = decision
         ctx.result.stop_reason = decision.reason
         ctx.result.stop_code = decision.stop_code.value if decision.stop_code else None
@@ -70,15 +77,24 @@ def start_aids(ctx: SourceContext) -> None:
         ctx.link.set_rate_limit(aids.adaptive.bytes_per_second)
 
 
+def arbiter_for(ctx: SourceContext) -> Arbiter:
+    """This migration's switch-over arbiter: the policy, the operator's cancel, the post-copy
+    trigger when post-copy is allowed, the aids, and (between passes) Xen's adaptive rate,
+    which paces the link."""
+    rate = ctx.convergence.adaptive
+    paced = (PacedRate(rate, ctx.link.set_rate_limit)
+             if rate is not None and not ctx.policy.mid_pass else None)
+    return Arbiter(ctx.policy, cancel=ctx.check_cancel, switch=ctx.postcopy,
+                   aids=ctx.convergence, adaptive=paced)
+
+
 # -- deciding between passes -------------------------------------------------------------------
-def per_pass(ctx: SourceContext) -> Decision:
+def per_pass(ctx: SourceContext, arb: Arbiter) -> Decision:
     while True:
-        decision = decide(ctx, ctx.cursor.pending_pages)
-        if decision.action is Action.CONTINUE:
-            decision = aids(ctx) or adaptive_rate(ctx) or decision
+        decision = decide(ctx, arb, ctx.cursor.pending_pages)
         if decision.action is not Action.CONTINUE:
             return decision
-        rnd, aid = live_pass(ctx, len(ctx.rounds))
+        rnd, aid = live_pass(ctx, arb, len(ctx.rounds))
         if aid is not None:
             return aid
         ctx.check_cancel()
@@ -88,7 +104,8 @@ def per_pass(ctx: SourceContext) -> Decision:
                 f"cancelled after round {rnd.index} as asked (--cancel-after-round)")
 
 
-def live_pass(ctx: SourceContext, index: int) -> tuple[RoundStats, Decision | None]:
+def live_pass(ctx: SourceContext, arb: Arbiter,
+              index: int) -> tuple[RoundStats, Decision | None]:
     """Send every marked page while the guest runs; CLEAN the bitmap for the next pass.
     An aid's decision (a timeout) ends the pass where it stands; it is returned beside."""
     rnd = RoundStats(index=index)
@@ -98,13 +115,13 @@ def live_pass(ctx: SourceContext, index: int) -> tuple[RoundStats, Decision | No
     start = time.monotonic()
     aid = None
     while not cursor.at_end and aid is None:
-        if ctx.postcopy is not None and ctx.postcopy.cut_pass(ctx):
+        if arb.cuts_pass(time.monotonic() - ctx.clock.t0):
             break                       # the switch is asked for now: the pass ends here
         batch = cursor.take(MAX_BATCH_PAGES)
         if len(batch):
             ctx.pipeline.send_batch(batch, rnd, ctx.policy.skip_redirtied,
                                     left_pages=cursor.pending_pages)
-        aid = between_batches(ctx, index)
+        aid = between_batches(ctx, arb, index)
     if aid is None:
         ctx.faults.at(Phase.PRECOPY, index)     # a round that sent nothing
     rnd.duration_seconds = time.monotonic() - start
@@ -112,21 +129,6 @@ def live_pass(ctx: SourceContext, index: int) -> tuple[RoundStats, Decision | No
         rnd.pages_dirtied = ctx.clean(time.monotonic())
     ctx.round_done(rnd)
     return rnd, aid
-
-
-def adaptive_rate(ctx: SourceContext) -> Decision | None:
-    """Xen's ADAPTIVE_SAVE between passes: stop at the cap when a round sent more than the
-    one before; else set the rate the last round's dirtying asks for."""
-    rate = ctx.convergence.adaptive
-    if rate is None or not ctx.rounds:
-        return None
-    last = ctx.rounds[-1]
-    before = ctx.rounds[-2].pages_sent if len(ctx.rounds) > 1 else 0
-    stop = rate.decide(last.pages_sent, before) if len(ctx.rounds) > 1 else None
-    if stop is None:
-        ctx.link.set_rate_limit(rate.round_done(last.pages_dirtied, ctx.hv.page_size,
-                                                last.duration_seconds))
-    return stop
 
 
 # -- deciding after every chunk (QEMU's migration thread) -------------------------------------
@@ -138,7 +140,7 @@ class _Pass:
         self.start = time.monotonic()
 
 
-def continuous(ctx: SourceContext) -> Decision:
+def continuous(ctx: SourceContext, arb: Arbiter) -> Decision:
     policy: QemuPolicy = ctx.policy
     cursor, link = ctx.cursor, ctx.link
     policy.start(time.monotonic(), link.bytes_sent)
@@ -150,9 +152,7 @@ def continuous(ctx: SourceContext) -> Decision:
             fresh = ctx.clean(time.monotonic())
             if ctx.current is not None:
                 ctx.current.stats.pages_dirtied += fresh
-        decision = decide(ctx, cursor.pending_pages)
-        if decision.action is Action.CONTINUE:
-            decision = aids(ctx) or decision
+        decision = decide(ctx, arb, cursor.pending_pages)
         if decision.action is not Action.CONTINUE:
             # A pass cut short is a round too, but not one a switch to post-copy ended before
             # it sent a page (as QEMU's, none was sent then).
@@ -160,7 +160,7 @@ def continuous(ctx: SourceContext) -> Decision:
                                             or decision.action is not Action.POSTCOPY):
                 end_pass(ctx)
             return decision
-        chunk(ctx, batch)
+        chunk(ctx, arb, batch)
         rate_limit(ctx)
 
 
@@ -170,7 +170,7 @@ def forced_sync_due(ctx: SourceContext) -> bool:
                                     ctx.sync.last_sync_at)
 
 
-def chunk(ctx: SourceContext, batch: int) -> None:
+def chunk(ctx: SourceContext, arb: Arbiter, batch: int) -> None:
     """ram_save_iterate: send until 50 ms have passed, the window's budget is spent, or no
     page is marked; a pass that reaches the end of memory wraps to the next."""
     policy: QemuPolicy = ctx.policy
@@ -188,12 +188,12 @@ def chunk(ctx: SourceContext, batch: int) -> None:
         pfns = cursor.take(batch)
         if len(pfns):
             ctx.pipeline.send_batch(pfns, ctx.current.stats, left_pages=cursor.pending_pages)
-        between_batches(ctx, index)
+        between_batches(ctx, arb, index)
         if cursor.at_end:
             ctx.faults.at(Phase.PRECOPY, index)
             end_pass(ctx)
             cursor.wrap()
-            if ctx.postcopy is not None and ctx.postcopy.due_after(len(ctx.rounds)):
+            if arb.switch_after(len(ctx.rounds)):
                 return                           # a switch after N rounds: at this pass's end
         if time.monotonic() - t0 >= policy.CHUNK_SECONDS or rate_spent(ctx):
             return
@@ -250,36 +250,27 @@ def batch_pages(ctx: SourceContext) -> int:
 
 
 # -- both ---------------------------------------------------------------------------------------
-def between_batches(ctx: SourceContext, index: int) -> Decision | None:
-    """Cancel, faults, and (deciding between passes) the aids, which may end the pass."""
+def between_batches(ctx: SourceContext, arb: Arbiter, index: int) -> Decision | None:
+    """Cancel, faults, and (deciding between passes) the arbiter's word on the pass under way
+    (a timeout may end it)."""
     ctx.check_cancel()
     ctx.faults.at(Phase.PRECOPY, index)
     ctx.tick()
-    return None if ctx.policy.mid_pass else aids(ctx, exact=False)
+    return None if ctx.policy.mid_pass else arb.within_pass(time.monotonic())
 
 
-def aids(ctx: SourceContext, exact: bool = True) -> Decision | None:
-    """Dirty-limit's period and the timeouts: a Decision that ends pre-copy, or None.
-    `exact`: the pending pages are the remaining bytes QEMU (and KubeVirt's progress
-    watermark) would read: always under a mid-pass policy; between passes otherwise (mid-pass
-    they only fall, to nothing at the pass's end, until the next CLEAN)."""
-    if ctx.convergence is None:
-        return None
-    pending = ctx.cursor.pending_pages * ctx.hv.page_size if exact else None
-    return ctx.convergence.tick(time.monotonic(), pending)
-
-
-def decide(ctx: SourceContext, pending_pages: int) -> Decision:
+def decide(ctx: SourceContext, arb: Arbiter, pending_pages: int) -> Decision:
+    """Ask the arbiter, with `pending_pages` exact (the remaining bytes QEMU and KubeVirt's
+    progress watermark read); publish the progress it was asked on; raise for an abort, and
+    for a policy's own switch that this migration does not allow."""
     stats = precopy_stats(ctx, pending_pages)
     p = ctx.progress
     p.remaining_bytes = stats.pending_bytes
     p.expected_downtime_seconds = expected_downtime(ctx, stats)
     if not ctx.policy.mid_pass and stats.measured_bytes_per_second:
         p.throughput_bytes_per_second = stats.measured_bytes_per_second
-    decision = ctx.policy.decide(stats)
-    if ctx.postcopy is not None:        # post-copy allowed: the switch may come first
-        decision = ctx.postcopy.prefer(decision, stats)
-    elif decision.action is Action.POSTCOPY:
+    decision = arb.decide(Moment(stats, time.monotonic(), stats.pending_bytes, ctx.rounds))
+    if decision.action is Action.POSTCOPY and ctx.postcopy is None:
         raise MigrationError(f"policy {ctx.policy.name} would switch to post-copy "
                              f"({decision.reason}), which this migration does not allow: "
                              "start it with --postcopy-allowed")
