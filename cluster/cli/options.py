@@ -6,6 +6,7 @@ a cluster spec).
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +39,33 @@ class UsageError(MigbedError):
     """A command line argparse or a command refused as written."""
 
 
+# A `%(name)s` argparse fills in, a `%%` already escaped, or a bare `%` (to escape).
+_HELP_PERCENT = re.compile(r"%\(\w+\)[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]|%%|%")
+
+
+def escape_help(text: str | None) -> str | None:
+    """Help text with every bare `%` doubled, so argparse's `%`-formatting of it cannot fail
+    ("first throttle, %"); `%(default)s` and `%%` are left as argparse reads them."""
+    if text is None:
+        return None
+    return _HELP_PERCENT.sub(lambda m: "%%" if m.group(0) == "%" else m.group(0), text)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, reading every help string through `escape_help`: a help string
+    written by hand, generated from the field table or given to `add_parser` is safe."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return escape_help(super()._get_help_string(action)) or ""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line, like every other bad input."""
+    """argparse that reports a bad command line in one line, like every other bad input, and
+    formats help through `HelpFormatter`, so no `--help` can crash."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")
