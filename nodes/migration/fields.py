@@ -173,7 +173,7 @@ def _level(codec: str) -> Field:
     lo, hi = LEVELS[codec]
     return Field(f"multifd_{codec}_level", "wire", 1, whole(lo, hi),
                  f"the channels' {codec} level, {lo}..{hi}, as QEMU's",
-                 flag=f"--multifd-{codec}-level", metavar="L")
+                 flag=f"--multifd-{codec}-level", toml=f"multifd_{codec}_level", metavar="L")
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -208,7 +208,8 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           toml="max_iterations", metavar="N", label="live round cap", off_when_absent=True),
     Field("subtract_fixed_downtime", "switchover", False, read_flag,
           "qemu policy: budget = downtime limit - the hand-over measured for this host pair "
-          "(QEMU subtracts nothing)", flag="--subtract-fixed-downtime"),
+          "(QEMU subtracts nothing)", flag="--subtract-fixed-downtime",
+          toml="subtract_fixed_downtime"),
     # convergence: the aids that make pre-copy finish (`nodes.migration.convergence`)
     Field("auto_converge", "convergence", False, read_flag,
           "throttle the guest's vCPU when it dirties faster than pages go (QEMU's "
@@ -254,7 +255,7 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           label="progress timeout (s)"),
     Field("adaptive_rate", "convergence", False, read_flag,
           "xen-legacy: Xen's ADAPTIVE_SAVE rate (100 Mbit/s, raised each round to the dirty "
-          "rate + 50, at most 500)", flag="--adaptive-rate"),
+          "rate + 50, at most 500)", flag="--adaptive-rate", toml="adaptive_rate"),
     # wire: what crosses it (`nodes.migration.wire`), QEMU's names and defaults
     Field("zero_page_detection", "wire", "multifd", read_string,
           "none, legacy (the sender looks) or multifd (QEMU's default: the channels look, "
@@ -305,11 +306,11 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           ", slow-link@round0:1MiB (repeatable; `migbed fault list` shows them all)",
           flag="--fault", metavar="KIND@STAGE[:ARG]"),
     Field("verify", "checks", True, read_flag,
-          "the destination-equals-source memory check (--no-verify skips it)",
+          "skip the destination-equals-source memory check (in a scenario: verify = false)",
           flag="--no-verify", toml="verify"),
     Field("cancel_after_round", "checks", None, optional(whole()),
           "cancel the migration after live round N (tests the abort path)",
-          flag="--cancel-after-round", metavar="N"),
+          flag="--cancel-after-round", toml="cancel_after_round", metavar="N"),
 )
 
 
