@@ -103,6 +103,11 @@ def settings_postcopy_after(s: Any) -> int | str:
     return POSTCOPY_OFF
 
 
+def read_fault(v: Any, what: str) -> Any:
+    """A fault as text (`KIND@STAGE[:ARG]`), `nodes.faults.spec`'s own message if bad."""
+    return parse_fault(read_string(v, what))
+
+
 def _completion_fields(value: tuple[float | None, float | None] | None) -> dict:
     absolute, per_gib = value or (None, None)
     return {"completion_timeout_seconds": absolute,
@@ -301,7 +306,7 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           flag="--postcopy-bandwidth", toml="postcopy_bandwidth", metavar="RATE",
           label="post-copy push (MiB/s)", scale=MiB),
     # checks: what a run injects and checks
-    Field("faults", "checks", (), parse_fault,
+    Field("faults", "checks", (), read_fault,
           f"inject a fault, e.g. stall-link@round1:2s, kill-destination@{Phase.STOP_AND_COPY}"
           ", slow-link@round0:1MiB (repeatable; `migbed fault list` shows them all)",
           flag="--fault", metavar="KIND@STAGE[:ARG]"),
