@@ -1,7 +1,9 @@
 """How a `migbed` command line is read: the parser and its one-line error, the exit codes,
 the argument types (the value parsers of `nodes.units` wrapped for argparse) and the option
 groups several commands share, with what each group builds (a workload, migration settings,
-a cluster spec).
+a cluster spec). The migration's, the workload's and the guest's options are generated from
+the field table (`cluster.fieldtable`): `add_field` makes a row's option, `field_values`
+reads the rows back as the API's keywords.
 """
 
 import argparse
@@ -144,7 +146,7 @@ def add_field(p: Any, row: Field, **override: Any) -> None:
     kw: dict[str, Any] = {"help": row.help_text(), "dest": dest_of(row)}
     if row.is_switch:
         kw["action"] = "store_true"          # --no-verify: True turns the default off
-    elif row.name == "faults":
+    elif row.is_list:
         kw.update(action="append", type=arg(row.read, row.flag), default=None)
     else:
         kw["default"] = row.value
@@ -184,7 +186,7 @@ def field_values(args: argparse.Namespace, rows: Iterable[Field]) -> dict:
         value = getattr(args, dest_of(row))
         if row.is_switch and row.default:
             value = not value                # --no-verify
-        if row.name == "faults":
+        if row.is_list:
             value = tuple(value or ())
         if row.into is None:
             values[row.name] = value

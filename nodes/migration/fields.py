@@ -146,9 +146,14 @@ class Field:
         return isinstance(self.default, bool)
 
     @property
+    def is_list(self) -> bool:
+        """A tuple of what `read` reads: on the command line a repeatable option."""
+        return isinstance(self.default, tuple)
+
+    @property
     def value(self) -> Any:
         """The default as the program holds it: the default read by the row's own reader."""
-        if self.default is None or self.is_switch or self.default == ():
+        if self.default is None or self.is_switch or self.is_list:
             return self.default
         return self.read(self.default, self.flag or self.toml or self.name)
 
