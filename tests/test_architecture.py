@@ -104,15 +104,6 @@ def test_the_model_and_the_workloads_open_no_sockets_and_start_no_threads():
             assert "Thread(" not in src, module
 
 
-# Cycles the `fields` branch of issue 21 removes (settings in sections from one field table);
-# tolerated here until that branch is merged, then the integrator deletes this set.
-PENDING_CYCLES: frozenset[frozenset[str]] = frozenset({
-    frozenset({"cluster.cli.options", "cluster.cli.postcopy"}),
-    frozenset({"nodes.migration.settings", "nodes.migration.convergence",
-               "nodes.migration.wire"}),
-})
-
-
 def _imported_from(module: str, path: Path, node: ast.ImportFrom) -> str:
     """The absolute module a `from ... import` names, relative ones resolved against `module`."""
     if node.level == 0:
@@ -240,8 +231,7 @@ from p import e
 
 def test_no_import_cycle_between_modules():
     graph = import_graph()
-    cycles = [c for c in strongly_connected(graph)
-              if not any(set(c) <= pending for pending in PENDING_CYCLES)]
+    cycles = list(strongly_connected(graph))
     assert not cycles, "import cycles (every import counts, in functions and under " \
         "TYPE_CHECKING too):\n" + "\n".join(
             f"{a_cycle(graph, c)}   (all tied: {', '.join(c)})" for c in cycles)

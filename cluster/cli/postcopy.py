@@ -1,5 +1,6 @@
-"""Post-copy on the command line: the options of `migbed migrate` (and `migbed model`), and
-the operator's two commands on a persistent cluster, as virsh and QEMU have them:
+"""Post-copy on the command line: the operator's two commands on a persistent cluster, as
+virsh and QEMU have them (the options of `migbed migrate` that ask for post-copy are rows of
+the field table, `nodes.migration.fields`):
 
 - `migbed migrate-postcopy GUEST`: switch the running migration of GUEST to post-copy (QEMU's
   migrate-start-postcopy, virsh migrate-postcopy); it must allow it (`--postcopy-allowed`).
@@ -9,39 +10,8 @@ the operator's two commands on a persistent cluster, as virsh and QEMU have them
 
 import argparse
 
-from cluster.cli.options import EXIT_MIGRATION_FAILED, Commands, UsageError, arg
+from cluster.cli.options import EXIT_MIGRATION_FAILED, Commands
 from nodes.phase import Outcome
-from nodes.units import parse_bandwidth, parse_rounds_or_duration
-
-
-def add_postcopy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--postcopy", action="store_true",
-                   help="pure post-copy: switch at once, only the vCPU state moves before the "
-                        "guest runs on the destination (--postcopy-after 0)")
-    p.add_argument("--postcopy-after", type=arg(parse_rounds_or_duration, "--postcopy-after"),
-                   default=None, metavar="N|DURATION",
-                   help="hybrid: switch to post-copy after N live rounds, or (with a unit, "
-                        "e.g. 1.5s, 500ms) that long after the start")
-    p.add_argument("--postcopy-allowed", action="store_true",
-                   help="QEMU's postcopy-ram capability: `migbed migrate-postcopy GUEST` (or "
-                        "a policy) may switch the running migration to post-copy")
-    p.add_argument("--postcopy-bandwidth", type=arg(parse_bandwidth, "--postcopy-bandwidth"),
-                   default=None, metavar="RATE",
-                   help="limit of the background push after the switch, e.g. 64MiB (default "
-                        "unlimited; requested pages always go at once)")
-
-
-def postcopy_settings(args: argparse.Namespace) -> dict:
-    """The MigrationSettings fields of the post-copy options."""
-    if not hasattr(args, "postcopy"):
-        return {}
-    if args.postcopy and args.postcopy_after is not None:
-        raise UsageError("give --postcopy (switch at once) or --postcopy-after N|DURATION, "
-                         "not both")
-    rounds, seconds = (0, None) if args.postcopy else (args.postcopy_after or (None, None))
-    return {"postcopy_allowed": args.postcopy_allowed, "postcopy_after_rounds": rounds,
-            "postcopy_after_seconds": seconds,
-            "postcopy_bandwidth_bytes_per_second": args.postcopy_bandwidth}
 
 
 def cmd_migrate_postcopy(args: argparse.Namespace) -> int:

@@ -9,13 +9,17 @@ arbiter, `nodes.migration.switchover`, while the policy goes on), `round_done` a
 (the per-round throttle figures). The throttle reaches the vCPU through the host's
 `GuestRuntime.throttle_guest`; `release` lifts it however the migration ends, as QEMU's
 cleanup stops the throttle.
+
+Its settings are the `convergence` rows of the field table (`nodes.migration.fields`), held
+and checked by `ConvergenceSettings`.
 """
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from nodes.errors import ConfigError
 from nodes.migration.adaptive import AdaptiveRate
 from nodes.migration.dirtysync import SyncPeriod
+from nodes.migration.fields import settings_section
 from nodes.migration.policy import Decision
 from nodes.migration.progress import Progress, RoundStats
 from nodes.migration.runtime import GuestRuntime
@@ -28,9 +32,6 @@ from nodes.migration.throttle import (
 )
 from nodes.migration.timeouts import OnTimeout, Timeouts, completion_seconds
 
-if TYPE_CHECKING:
-    from nodes.migration.settings import MigrationSettings
-
 _PERCENT_RANGES = {  # field: (QEMU's parameter, lowest, highest)
     "throttle_initial": ("cpu-throttle-initial", 1, 99),
     "throttle_increment": ("cpu-throttle-increment", 1, 99),
@@ -39,7 +40,23 @@ _PERCENT_RANGES = {  # field: (QEMU's parameter, lowest, highest)
 }
 
 
-def check_settings(s: "MigrationSettings") -> None:
+@settings_section("convergence")
+class ConvergenceSettings:
+    """The aids of one migration; its fields are the table's `convergence` rows."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+class ConvergenceInputs(Protocol):
+    """What the aids read of a migration's settings: their section, and the rate limit
+    Xen's adaptive rate starts from."""
+
+    convergence: ConvergenceSettings
+    rate_limit_bytes_per_second: float | None
+
+
+def check_settings(s: ConvergenceSettings) -> None:
     """Refuse what QEMU refuses (migrate_params_check, migrate_caps_check), in one line."""
     for name, (qemu, lo, hi) in _PERCENT_RANGES.items():
         value = getattr(s, name)
@@ -70,17 +87,14 @@ def check_settings(s: "MigrationSettings") -> None:
         if value is not None and not value > 0:
             raise ConfigError(f"{name.removesuffix('_seconds').replace('_', '-')} must be "
                               f"positive, got {value!r}")
-    if s.adaptive_rate and s.policy != "xen-legacy":
-        raise ConfigError(f"adaptive rate is xen-legacy's (xc_domain_save's ADAPTIVE_SAVE); "
-                          f"the {s.policy} policy has none: use --policy xen-legacy")
 
 
 class Convergence:
     """One migration's aids; see the module docstring."""
 
-    def __init__(self, settings: "MigrationSettings", runtime: GuestRuntime, guest: str,
+    def __init__(self, settings: ConvergenceInputs, runtime: GuestRuntime, guest: str,
                  page_size: int, guest_bytes: int, progress: Progress, t0: float):
-        s = settings
+        s = settings.convergence
         self.runtime, self.guest, self.page_size = runtime, guest, page_size
         self.progress = progress
         throttling = s.auto_converge or s.dirty_limit_bytes_per_second is not None
@@ -96,7 +110,7 @@ class Convergence:
             completion_seconds(s.completion_timeout_seconds,
                                s.completion_timeout_per_gib_seconds, guest_bytes),
             s.on_timeout, s.progress_timeout_seconds, t0)
-        self.adaptive = (AdaptiveRate(s.rate_limit_bytes_per_second)
+        self.adaptive = (AdaptiveRate(settings.rate_limit_bytes_per_second)
                          if s.adaptive_rate else None)
         self._limit_sleep0 = 0.0
         self._touched = False

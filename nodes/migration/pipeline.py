@@ -194,7 +194,7 @@ class PagePipeline:
         from nodes.migration.multifd import SourceChannels
         from nodes.migration.xbzrle import XbzrleEncoder
         pipeline = cls(hv, dom, link, progress,
-                       find_zero=wire.zero_detection_in_sender(settings))
+                       find_zero=wire.zero_detection_in_sender(settings.wire))
         if settings.xbzrle_cache_bytes is not None:
             wire.check_page_size_for_xbzrle(hv.page_size)
             pipeline.xbzrle = XbzrleEncoder(settings.xbzrle_cache_bytes, hv.memory.frames,
@@ -203,10 +203,10 @@ class PagePipeline:
             pipeline.channels = pipeline.link = SourceChannels(
                 link, ticket, settings.multifd_channels, hv.memory,
                 timeout=settings.timeout_seconds, latency=settings.latency_seconds,
-                find_zero=wire.zero_detection_in_channels(settings),
+                find_zero=wire.zero_detection_in_channels(settings.wire),
                 codec=None if settings.multifd_compression == "none"
                 else settings.multifd_compression,
-                level=wire.compression_level(settings),
+                level=wire.compression_level(settings.wire),
                 buffers_of=pipeline.encoder.page_buffers)
         return pipeline
 

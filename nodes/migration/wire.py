@@ -11,21 +11,26 @@ anything moves.
   capability is on); `multifd_compression` none, zlib or zstd, at `multifd_zlib_level`
   (0..9) and `multifd_zstd_level` (0..20), QEMU's defaults 1 and 1.
 - XBZRLE and multifd together are refused, as QEMU refuses them.
+
+These fields are the `wire` rows of the field table (`nodes.migration.fields`); what they
+must agree on with other sections (multifd and post-copy, a cut channel's number) is checked
+by `MigrationSettings`.
 """
 
-from typing import TYPE_CHECKING
-
 from nodes.errors import ConfigError
+from nodes.migration.fields import (
+    COMPRESSIONS,
+    LEVELS,
+    MAX_MULTIFD_CHANNELS,
+    ZERO_PAGE_DETECTIONS,
+    settings_section,
+)
 
-if TYPE_CHECKING:
-    from nodes.migration.settings import MigrationSettings
+__all__ = ["COMPRESSIONS", "LEVELS", "MAX_MULTIFD_CHANNELS", "ZERO_PAGE_DETECTIONS",
+           "WireSettings"]
 
-ZERO_PAGE_DETECTIONS = ("none", "legacy", "multifd")
-COMPRESSIONS = ("none", "zlib", "zstd")
-LEVELS = {"zlib": (0, 9), "zstd": (0, 20)}
 DEFAULT_MULTIFD_CHANNELS = 2            # QEMU's multifd-channels
 DEFAULT_XBZRLE_CACHE_BYTES = 64 << 20   # QEMU's xbzrle-cache-size
-MAX_MULTIFD_CHANNELS = 255              # QEMU's bound (a uint8)
 MAX_XBZRLE_CACHE_BYTES = 1 << 40
 XBZRLE_MAX_PAGE_SIZE = 8192             # run lengths are ULEB128 of at most 14 bits
 
@@ -36,7 +41,15 @@ def _whole(value: object, what: str, lo: int, hi: int) -> int:
     return value
 
 
-def check(s: "MigrationSettings") -> None:
+@settings_section("wire")
+class WireSettings:
+    """What crosses the wire; its fields are the table's `wire` rows."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def check(s: WireSettings) -> None:
     """Refuse what QEMU refuses, with how to mend it."""
     if s.zero_page_detection not in ZERO_PAGE_DETECTIONS:
         raise ConfigError(f"unknown zero-page detection {s.zero_page_detection!r}; use one of "
@@ -57,30 +70,22 @@ def check(s: "MigrationSettings") -> None:
     if s.multifd_compression != "none" and s.multifd_channels is None:
         raise ConfigError(f"multifd compression {s.multifd_compression} compresses what the "
                           "channels carry: give --multifd-channels N too")
-    for f in s.faults:
-        if f.kind == "cut-channel" and not f.channel < (s.multifd_channels or 0):
-            raise ConfigError(f"{f.to_text()} needs a multifd channel {f.channel}: give "
-                              f"--multifd-channels {f.channel + 1} or more")
     if s.xbzrle_cache_bytes is not None and s.multifd_channels is not None:
         raise ConfigError("XBZRLE and multifd cannot be used together (QEMU refuses them "
                           "too): drop --xbzrle-cache or --multifd-channels")
-    if s.multifd_channels is not None and s.postcopy_allowed:
-        raise ConfigError("multifd channels and post-copy cannot be used together (QEMU's "
-                          "multifd does not support post-copy before 10.1): drop "
-                          "--multifd-channels or the post-copy options")
 
 
-def zero_detection_in_channels(s: "MigrationSettings") -> bool:
+def zero_detection_in_channels(s: WireSettings) -> bool:
     """Zero pages found by the channels (multifd detection with channels), not the sender."""
     return s.zero_page_detection == "multifd" and s.multifd_channels is not None
 
 
-def zero_detection_in_sender(s: "MigrationSettings") -> bool:
+def zero_detection_in_sender(s: WireSettings) -> bool:
     """Zero pages found by the sender's main thread: legacy, or multifd without channels."""
     return s.zero_page_detection != "none" and not zero_detection_in_channels(s)
 
 
-def compression_level(s: "MigrationSettings") -> int | None:
+def compression_level(s: WireSettings) -> int | None:
     if s.multifd_compression == "none":
         return None
     return getattr(s, f"multifd_{s.multifd_compression}_level")
