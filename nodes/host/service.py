@@ -13,14 +13,14 @@ import time
 
 import numpy as np
 
-from nodes.errors import ClusterError, MigrationError, MigrationStillRunning
+from nodes.errors import MigrationError, MigrationStillRunning
 from nodes.faults.source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
+from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
 from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
-from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.host.vcpus import GuestBefore, GuestVCPUs
 from nodes.migration.channel import Ticket
@@ -28,7 +28,6 @@ from nodes.migration.clock import to_source_clock
 from nodes.migration.destination import Receiver, validate_info
 from nodes.migration.fixeddowntime import handover_fixed_seconds
 from nodes.migration.guestinfo import GuestInfo
-from nodes.migration.handover import resolve_handover
 from nodes.migration.link import Pacer
 from nodes.migration.postcopy.source import plan
 from nodes.migration.progress import Progress
@@ -48,7 +47,7 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService(GuestVCPUs, PostcopyControl):
+class HostService(GuestVCPUs, PostcopyControl, HostHealth):
     def __init__(self, config: HostConfig):
         self.config = config
         self.name = config.name
@@ -359,7 +358,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         self.recent.destination_ended(self.name, migration_id, recv, result)
         return result
 
-    # -- faults, hand-over recovery and health (`nodes.faults.spec`, `cluster.settle`) -------------
+    # -- the shared uplink ---------------------------------------------------------------------
     def _uplink(self, settings: MigrationSettings) -> Pacer | None:
         """This host's outgoing link, shared by its concurrent `link_shared` migrations."""
         rate = settings.link_bytes_per_second
@@ -367,50 +366,6 @@ class HostService(GuestVCPUs, PostcopyControl):
             return None
         with self.lock:
             return self._uplinks.setdefault(rate, Pacer(rate))
-
-    def incoming_status(self, migration_id: str) -> str | None:
-        """waiting, receiving, ready, completed or failed; None if not expected here."""
-        recv = self.incoming.get(migration_id)
-        return recv.status if recv else None
-
-    def fault_done(self, migration_id: str, index: int) -> bool:
-        """The control plane has carried out fault `index`: the sender goes on."""
-        seam = self._faults.get(migration_id)
-        if seam is None:
-            return False
-        seam.release(index)
-        return True
-
-    def resolve_handover(self, name: str, mode_before: str, destination_resumed: bool) -> dict:
-        """Settle a hand-over whose RESULT never came (see `nodes.migration.handover`)."""
-        with self.lock:
-            out = resolve_handover(self.hv, self, name, mode_before, destination_resumed)
-            self._retired.pop(name, None)
-            self.recent.handover_resolved(name, destination_resumed)
-            return out
-
-    def process_stats(self) -> dict:
-        """This host's process: pid, resident memory and how much of it is this host's
-        machine-memory arena (see `nodes.host.process`)."""
-        return process_stats(self.hv.memory.frames)
-
-    def kill(self) -> None:
-        """Fault injection in one process: this host dies now, as a Ray node going away does.
-        Its connections drop, its guests stop, its /metrics goes; every later call through
-        a handle fails with ClusterError. (On Ray the actor is killed instead.)"""
-        self.dead = True
-        for seam in list(self._faults.values()):
-            seam.kill()
-        receivers = list(self.incoming.values())
-        for recv in receivers:
-            recv.kill()
-        for recv in receivers:       # their restores end, their frames go (bounded wait)
-            recv.wait(recv.settings.timeout_seconds)
-        self.shutdown()
-
-    def check_alive(self) -> None:
-        if self.dead:
-            raise ClusterError(f"host {self.name} is gone (killed)")
 
     def shutdown(self) -> None:
         for name in list(self.vcpus):
