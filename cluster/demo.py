@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from cluster.console import RoundPrinter, migrations_table, print_listing, show
-from cluster.launcher import ClusterSpec
+from cluster.launch.launcher import ClusterSpec
 from cluster.report import MigrationReport
 from cluster.testbed import Testbed
 from nodes.host.specs import GuestSpec

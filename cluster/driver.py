@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from cluster.model.block import model_block
-from cluster.postcopy import settle_switched
+from cluster.postcopy_control import settle_switched
 from cluster.report import MigrationReport
 from cluster.settle import FaultControl
 from nodes.errors import MigbedError, MigrationError

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.postcopy import apply_postcopy, postcopy_lines
+from cluster.postcopy_control import apply_postcopy, postcopy_lines
 from cluster.reportparts import (
     BLOCKS,
     ConvergenceBlock,
@@ -54,7 +54,7 @@ class MigrationReport:
     modes: dict = field(default_factory=dict)      # before, during, after
     rounds: list = field(default_factory=list)
     stop_reason: str | None = None
-    # Why pre-copy stopped, machine-readably: a `nodes.migration.policy.StopCode` value
+    # Why pre-copy stopped, machine-readably: a `nodes.migration.decide.policy.StopCode` value
     # (dirty-threshold, last-round-threshold, fits-downtime, max-iterations, max-factor, and
     # the convergence aids' paused, postcopy, rate-cap); completion-timeout or no-progress
     # for a migration an operator's timeout cancelled; None when the migration did not
@@ -120,7 +120,7 @@ class MigrationReport:
     postcopy_bytes: int = 0
     # QEMU's postcopy-requests: pages the destination asked for (each page one request).
     postcopy_requests: int = 0
-    # Post-copy (`cluster.postcopy.postcopy_block`; None when the migration did not switch).
+    # Post-copy (`cluster.postcopy_control.postcopy_block`; None when the migration did not switch).
     postcopy: PostcopyBlock | None = None
 
     @classmethod

@@ -72,7 +72,7 @@ class ReportBlock:
 
 @dataclass
 class XbzrleBlock(ReportBlock):
-    """QEMU's xbzrle-cache block (`nodes.migration.xbzrle.XbzrleStats`)."""
+    """QEMU's xbzrle-cache block (`nodes.migration.wire.xbzrle.XbzrleStats`)."""
 
     cache_size: int = 0
     bytes: int = 0
@@ -85,7 +85,7 @@ class XbzrleBlock(ReportBlock):
 
 @dataclass
 class MultifdBlock(ReportBlock):
-    """The multifd channels (`nodes.migration.multifd`); `compression_ratio` is page bytes
+    """The multifd channels (`nodes.migration.send.multifd`); `compression_ratio` is page bytes
     before / after (None: nothing compressed); `cpu_seconds` of the channels' threads on
     each side, {source, destination}."""
 

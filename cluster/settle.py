@@ -107,7 +107,7 @@ class FaultControl:
                ) -> Settlement:
         """Both sides of the migration, whatever became of the hosts. `switched` settles a
         migration that switched to post-copy and returns None for any other
-        (`cluster.postcopy.settle_switched`, handed in by the driver: post-copy builds on
+        (`cluster.postcopy_control.settle_switched`, handed in by the driver: post-copy builds on
         this module, not the other way round)."""
         try:
             source: SourceResult = pending.result(self.timeout)

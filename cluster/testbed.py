@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster import launcher, persistent
 from cluster.driver import recover_migration, run_migration
 from cluster.handles import LocalHost, RayHost
-from cluster.launcher import NAMESPACE, ClusterSpec, LocalRay
+from cluster.launch import launcher, persistent
+from cluster.launch.launcher import NAMESPACE, ClusterSpec, LocalRay
 from cluster.report import MigrationReport
 from nodes.errors import (
     ClusterError,
@@ -206,7 +206,7 @@ class Testbed:
         self._forget_killed(report)
         return report
 
-    # -- post-copy (`cluster.postcopy`, `cluster.driver.recover_migration`) --------------------
+    # -- post-copy (`cluster.postcopy_control`, `cluster.driver.recover_migration`) --------------------
     def start_postcopy(self, guest: str) -> str:
         """Switch the running migration of `guest` to post-copy at its next decision (QEMU's
         migrate-start-postcopy); it must have been started with post-copy allowed."""

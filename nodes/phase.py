@@ -50,7 +50,7 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"
     PAUSED = "postcopy-paused"     # after a post-copy switch, the link is down
     UNKNOWN = "unknown"            # the control plane got no verdict from the destination
-    # A destination's status before it ends (`nodes.migration.destination.Receiver`).
+    # A destination's status before it ends (`nodes.migration.receive.receiver.Receiver`).
     WAITING = "waiting"
     RECEIVING = "receiving"
     READY = "ready"
@@ -58,7 +58,7 @@ class Outcome(StrEnum):
 
 class PausedEnd(StrEnum):
     """How the control plane ends a paused post-copy on its source, as it found the
-    destination (`cluster.postcopy`, `nodes.migration.postcopy.source.settle_paused`)."""
+    destination (`cluster.postcopy_control`, `nodes.migration.postcopy.postcopy_source.settle_paused`)."""
 
     COMPLETED = "completed"        # the destination has it all: its RESULT was lost
     RESUME = "resume"              # the destination never ran the guest: it resumes here

@@ -1,4 +1,4 @@
-"""The switch-over arbiter (`nodes.migration.switchover`): the order in which its inputs decide,
+"""The switch-over arbiter (`nodes.migration.decide.switchover`): the order in which its inputs decide,
 with fakes and the real inputs (policies, the switch rule, the timeouts, the adaptive rate).
 Unit tests: no sockets, no threads."""
 
@@ -8,13 +8,13 @@ import pytest
 
 from cluster.model.iterative import model_arbiter
 from nodes.errors import MigrationCancelled, MigrationTimedOut
-from nodes.migration import switchover
-from nodes.migration.adaptive import MAX_MBIT_RATE, AdaptiveRate, PacedRate
-from nodes.migration.policy import Action, Decision, PrecopyStats, StopCode, XenPolicy
+from nodes.migration.decide import switchover
+from nodes.migration.decide.adaptive import MAX_MBIT_RATE, AdaptiveRate, PacedRate
+from nodes.migration.decide.policy import Action, Decision, PrecopyStats, StopCode, XenPolicy
+from nodes.migration.decide.switchover import Arbiter, Moment
+from nodes.migration.decide.timeouts import Timeouts
 from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.progress import RoundStats
-from nodes.migration.switchover import Arbiter, Moment
-from nodes.migration.timeouts import Timeouts
 
 CONVERGED = Decision.stop(StopCode.DIRTY_THRESHOLD, "few dirty")
 CAPPED = Decision.stop(StopCode.MAX_ITERATIONS, "cap")

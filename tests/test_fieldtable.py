@@ -185,9 +185,9 @@ def _imports(module: str) -> set[str]:
 
 
 def test_no_cycle_between_the_settings_and_their_sections_nor_the_cli_options():
-    for module in ("nodes.migration.convergence", "nodes.migration.wire",
+    for module in ("nodes.migration.decide.convergence", "nodes.migration.wire.capabilities",
                    "nodes.migration.fields"):
         assert "nodes.migration.settings" not in _imports(module), module
-    assert "nodes.migration.convergence" not in _imports("nodes.migration.wire")
-    assert "nodes.migration.wire" not in _imports("nodes.migration.convergence")
-    assert not {"cluster.cli.postcopy", "cluster.cli"} & _imports("cluster.cli.options")
+    assert "nodes.migration.decide.convergence" not in _imports("nodes.migration.wire.capabilities")
+    assert "nodes.migration.wire.capabilities" not in _imports("nodes.migration.decide.convergence")
+    assert not {"cluster.cli.postcopy_commands", "cluster.cli"} & _imports("cluster.cli.options")

@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from cluster import cli
-from cluster.launcher import ClusterSpec
+from cluster.launch.launcher import ClusterSpec
 from nodes.host.service import HostService
 from nodes.host.specs import GuestSpec, HostConfig
-from nodes.migration import records
-from nodes.migration.channel import TOKEN_BYTES, Ticket
 from nodes.migration.guestinfo import GuestInfo
-from nodes.migration.records import RecordType as RT
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import records
+from nodes.migration.wire.channel import TOKEN_BYTES, Ticket
+from nodes.migration.wire.records import RecordType as RT
 
 pytestmark = pytest.mark.inprocess
 
@@ -170,7 +170,7 @@ def test_nothing_from_the_wire_is_unpickled_or_evaluated():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id not in banned_calls, (name, node.func.id)
     assert any("ext_hook=no_ext" in p.read_text()
-               for p in (ROOT / "nodes" / "migration").glob("*.py"))
+               for p in (ROOT / "nodes" / "migration").rglob("*.py"))
 
 
 # -- the CLI: every bad input is one line on stderr and exit 2 -----------------------------

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodes.errors import StreamError
-from nodes.migration import records
-from nodes.migration.reader import IncomingPages, RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.reader import IncomingPages, RecordReader
+from nodes.migration.wire import records
+from nodes.migration.wire.records import RecordType as RT
 
 PAGE = 4096
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench.options import MiB
-from cluster.bench.results import Results
-from nodes.migration.channel import Ticket
+from cluster.bench.bench_options import MiB
+from cluster.bench.figures import Results
+from nodes.migration.wire.channel import Ticket
 
 RECORD_BYTES = 4 * MiB          # one PAGE_DATA record: the unit both data planes move
 RAY_WINDOW_BYTES = 64 * MiB     # objects in flight at once: half the default object store
@@ -47,7 +47,7 @@ def _raw_sink(host, nbytes: int, timeout: float, memory_bytes: int) -> Ticket:
     `nbytes` into a `memory_bytes` buffer, resident before the first byte as a destination's
     reserved frames are (`populate_frames`), record-sized receives in order (wrapping round
     when the stream is longer); answer one byte. Returns the ticket at once."""
-    from nodes.migration.channel import Listener
+    from nodes.migration.wire.channel import Listener
     listener = Listener(host.config.address, "bench-raw")
     memory = _machine_bytes(memory_bytes)
     memory[:] = 0                                     # resident, like populated frames
@@ -78,8 +78,8 @@ def _raw_push(host, ticket: Ticket, nbytes: int, timeout: float, memory_bytes: i
     """Source side: push `nbytes` from a resident `memory_bytes` buffer (as the guest's frames
     are once a migration has populated them) in record-sized sends through a LinkSender, as
     migrations do; seconds from the first byte until the destination confirmed the last."""
-    from nodes.migration.channel import connect
-    from nodes.migration.link import LinkSender
+    from nodes.migration.send.link import LinkSender
+    from nodes.migration.wire.channel import connect
     sock = connect(ticket, timeout)
     try:
         link = LinkSender(sock)

@@ -5,15 +5,15 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from cluster.bench.bench_options import BenchOptions
 from cluster.bench.dirtying import bench_dirtying, bench_stages
 from cluster.bench.downtime import bench_downtime
-from cluster.bench.options import BenchOptions
-from cluster.bench.postcopy import bench_postcopy
-from cluster.bench.results import Results
+from cluster.bench.figures import Results
+from cluster.bench.postcopy_bench import bench_postcopy
 from cluster.bench.scale import bench_scale
 from cluster.bench.startup import bench_startup
 from cluster.bench.throughput import bench_throughput
-from cluster.bench.wire import bench_wire
+from cluster.bench.wire_bench import bench_wire
 
 if TYPE_CHECKING:
     from cluster.testbed import Testbed
@@ -31,7 +31,7 @@ def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,
     """Measure the sections of `opts`. `testbed`: an existing testbed to use (it needs room
     for the guests); None starts one (`opts.hosts` hosts, local Ray unless in_process) and
     closes it afterwards. A section that fails is recorded in `errors`, the others run."""
-    from cluster.launcher import ClusterSpec
+    from cluster.launch.launcher import ClusterSpec
     from cluster.testbed import Testbed
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     res = Results(opts)

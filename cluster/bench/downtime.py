@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from cluster.bench.options import BenchOptions
-from cluster.bench.results import Results, unique_name
+from cluster.bench.bench_options import BenchOptions
+from cluster.bench.figures import Results, unique_name
 from nodes.phase import Outcome
 from nodes.units import format_bytes
 

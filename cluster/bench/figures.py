@@ -6,8 +6,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from cluster.bench.bench_options import BenchOptions, MiB
 from cluster.bench.machine import commit, machine
-from cluster.bench.options import BenchOptions, MiB
 
 
 @dataclass

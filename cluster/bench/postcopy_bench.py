@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cluster.bench.baselines import on_host
-from cluster.bench.options import BenchOptions, MiB
-from cluster.bench.results import Results, unique_name
-from nodes.migration.channel import Ticket
+from cluster.bench.bench_options import BenchOptions, MiB
+from cluster.bench.figures import Results, unique_name
+from nodes.migration.wire.channel import Ticket
 from nodes.phase import Outcome
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def bench_postcopy(tb: "Testbed", opts: BenchOptions, res: Results,
         rtt = raw_round_trip_seconds(tb.host(a), tb.host(b), 20 if opts.quick else ROUND_TRIPS)
         res.add("page_round_trip_seconds", "seconds", rtt,
                 "raw: a REQ_PAGES record one way, a one-page PAGE_DATA back, over "
-                "nodes.migration.channel between the same two hosts (median)")
+                "nodes.migration.wire.channel between the same two hosts (median)")
     res.ratio("postcopy_downtime_over_precopy", "postcopy_downtime_idle_seconds",
               "precopy_downtime_idle_seconds")
     res.ratio("fault_latency_over_round_trip", "fault_latency_mean_seconds",
@@ -134,9 +134,9 @@ def median_bucket(histogram: dict[str, int]) -> float | None:
 # -- the raw round trip, run inside the host actors ----------------------------------------------
 def _echo_pages(host, count: int, timeout: float) -> Ticket:
     """The page side: answer each REQ_PAGES with a one-page PAGE_DATA. Returns the ticket."""
-    from nodes.migration import records
-    from nodes.migration.channel import Listener
-    from nodes.migration.reader import RecordReader
+    from nodes.migration.receive.reader import RecordReader
+    from nodes.migration.wire import records
+    from nodes.migration.wire.channel import Listener
     listener = Listener(host.config.address, "bench-rtt")
     page = np.ones((1, 4096), dtype=np.uint8)
 
@@ -160,10 +160,10 @@ def _echo_pages(host, count: int, timeout: float) -> Ticket:
 
 def _ask_pages(host, ticket: Ticket, count: int, timeout: float) -> float:
     """The faulting side: `count` requests, each waiting for its page; the median seconds."""
-    from nodes.migration import pagesets, records
-    from nodes.migration.channel import connect
-    from nodes.migration.reader import RecordReader
-    from nodes.migration.records import RecordType as RT
+    from nodes.migration.receive.reader import RecordReader
+    from nodes.migration.wire import pagesets, records
+    from nodes.migration.wire.channel import connect
+    from nodes.migration.wire.records import RecordType as RT
     sock = connect(ticket, timeout)
     try:
         reader = RecordReader(sock.recv_into)

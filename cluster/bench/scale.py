@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from cluster.bench.bench_options import BenchOptions
 from cluster.bench.child import run_child
-from cluster.bench.options import BenchOptions
-from cluster.bench.results import Results, unique_name
+from cluster.bench.figures import Results, unique_name
 from nodes.phase import Outcome
 from nodes.units import format_bytes
 
@@ -50,7 +50,7 @@ def bench_scale(opts: BenchOptions, res: Results, say: Callable[[str], None]) ->
 def scale_child(opts: BenchOptions, say: Callable[[str], None] = lambda _: None) -> list:
     """Build the section's cluster, evacuate each rack both ways, return the samples as
     (name, unit, value, note) rows."""
-    from cluster.launcher import ClusterSpec
+    from cluster.launch.launcher import ClusterSpec
     from cluster.testbed import Testbed
     spec = ClusterSpec(hosts=opts.scale_hosts, host_memory_bytes=opts.scale_host_memory_bytes,
                        hosts_per_node=opts.hosts_per_node, superpages=opts.superpages)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from cluster.bench import baselines
 from cluster.bench.baselines import RECORD_BYTES
-from cluster.bench.options import BenchOptions
-from cluster.bench.results import Results, mib_per_second, unique_name
+from cluster.bench.bench_options import BenchOptions
+from cluster.bench.figures import Results, mib_per_second, unique_name
 from nodes.phase import Outcome
 from nodes.units import format_bytes
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from cluster.report import MigrationReport
     from cluster.testbed import Testbed
 
-_RAW_NOTE = "nodes.migration.channel TCP + LinkSender between the same two hosts, 4 MiB sends, "
+_RAW_NOTE = "nodes.migration.wire.channel TCP + LinkSender between the same two hosts, 4 MiB sends, "
 
 
 class _PingPong:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cluster.bench.options import BenchOptions
-from cluster.bench.results import Results, mib_per_second, unique_name
-from nodes.migration import records
+from cluster.bench.bench_options import BenchOptions
+from cluster.bench.figures import Results, mib_per_second, unique_name
+from nodes.migration.wire import records
 from nodes.phase import Outcome
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ CODECS = ("zlib", "zstd")
 
 
 def bench_encoders(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
-    from nodes.migration import xbzrle
-    from nodes.migration.zeropage import zero_frames
+    from nodes.migration.wire import xbzrle
+    from nodes.migration.wire.zeropage import zero_frames
     from nodes.xen.memory import MachineMemory
     batch = records.MAX_BATCH_PAGES
     mem = MachineMemory(2 * batch * 4096)

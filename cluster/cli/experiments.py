@@ -147,7 +147,7 @@ def register(sub: Commands) -> None:
 
 
 def _register_bench(sub: Commands) -> None:
-    from cluster.bench.options import SECTIONS
+    from cluster.bench.bench_options import SECTIONS
     s = sub.add_parser("bench", help="how close migbed runs to this machine's limits: "
                        "throughput, downtime floor, dirtying, wire, start-up, scale, post-copy")
     s.add_argument("--quick", action="store_true",

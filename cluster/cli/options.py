@@ -19,7 +19,7 @@ from nodes.units import format_bytes, parse_count, parse_positive_size, parse_si
 from nodes.xen.profiles import PROFILES
 
 if TYPE_CHECKING:
-    from cluster.launcher import ClusterSpec
+    from cluster.launch.launcher import ClusterSpec
     from nodes.migration.settings import MigrationSettings
     from workloads.spec import WorkloadSpec
 
@@ -103,7 +103,7 @@ def add_cluster_options(p: argparse.ArgumentParser, hosts: int = 3,
 
 
 def add_hosts_per_node_option(p: argparse.ArgumentParser) -> None:
-    from cluster.launcher import MAX_HOSTS
+    from cluster.launch.launcher import MAX_HOSTS
     p.add_argument("--hosts-per-node", type=arg(parse_count, "--hosts-per-node", 1, MAX_HOSTS),
                    default=None, metavar="N",
                    help="emulated hosts per Ray node, each still a process of its own "
@@ -233,8 +233,8 @@ def settings_from(args: argparse.Namespace) -> "MigrationSettings":
 
 def cluster_spec_from(args: argparse.Namespace,
                       address: str | None = None) -> "ClusterSpec":
-    from cluster.launcher import ClusterSpec, host_names, parse_profiles
-    from cluster.placement import parse_placement
+    from cluster.launch.launcher import ClusterSpec, host_names, parse_profiles
+    from cluster.launch.placement import parse_placement
     default, per = parse_profiles(args.profile, host_names(args.hosts))
     return ClusterSpec(hosts=args.hosts, host_memory_bytes=args.host_memory,
                        page_size=args.page_size, reserved_bytes=args.hypervisor_reserve,

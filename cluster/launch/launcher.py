@@ -1,11 +1,11 @@
 """Starting the Ray side: a local cluster on this machine, or hosts on an existing one.
 
 A local cluster is Ray's own `cluster_utils.Cluster` on this machine: its nodes each offer a
-custom resource `migbed:<host>` for every host placed there (`cluster.placement`: by default
+custom resource `migbed:<host>` for every host placed there (`cluster.launch.placement`: by default
 all on one node, `hosts_per_node` to a node when asked), so each host's actor, a process of
 its own, lands on its node. On an existing Ray cluster the hosts are pinned to the nodes the
 placement picks by node id, and their data channels listen on their node's IP. The
-persistent cluster of `migbed up` is `cluster.persistent`.
+persistent cluster of `migbed up` is `cluster.launch.persistent`.
 """
 
 import os
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from cluster import placement as place
+from cluster.launch import placement as place
 from nodes.errors import ClusterError, ConfigError
 from nodes.host.specs import HostConfig
 from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
@@ -233,7 +233,7 @@ def _wait_answering(actors: list, deadline: float,
 
 
 def remote_placement(spec: ClusterSpec) -> dict[str, place.RayNode]:
-    """host -> alive node of the existing Ray cluster (`cluster.placement.spread`)."""
+    """host -> alive node of the existing Ray cluster (`cluster.launch.placement.spread`)."""
     import ray
     nodes = [place.RayNode.from_ray(n) for n in ray.nodes() if n["Alive"]]
     if not nodes:

@@ -1,10 +1,10 @@
 """The persistent cluster of `migbed up`, and `migbed down`.
 
-`up` starts a launcher process in a session of its own (`python -m cluster.persistent`):
-it starts Ray and detached host actors (`cluster.launcher`), records the Ray address and
+`up` starts a launcher process in a session of its own (`python -m cluster.launch.persistent`):
+it starts Ray and detached host actors (`cluster.launch.launcher`), records the Ray address and
 its session in a state file (`$MIGBED_HOME/cluster.json`, default `~/.migbed`), and exits;
 later commands attach through that file. `down` kills the actors and every process of the
-launcher's session (`cluster.reaper`: the Ray workers included), so no Ray process is left
+launcher's session (`cluster.launch.reaper`: the Ray workers included), so no Ray process is left
 behind. A start-up that fails or runs out of time does the same before it returns; its
 limit grows with the number of hosts (`startup_timeout_seconds`), and it reports each host
 as it comes up (the launcher writes `launcher.progress`, `up` reads it).
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.launcher import (
+from cluster.launch.launcher import (
     NAMESPACE,
     ClusterSpec,
     LocalRay,
@@ -27,7 +27,7 @@ from cluster.launcher import (
     start_hosts,
     startup_timeout_seconds,
 )
-from cluster.reaper import kill_session
+from cluster.launch.reaper import kill_session
 from nodes.errors import ClusterError
 
 STATE_FILE = "cluster.json"
@@ -101,7 +101,7 @@ def up(spec: ClusterSpec, timeout_seconds: float | None = None,
             prometheus.preflight(spec.prometheus_port)
     (d / PROGRESS_FILE).unlink(missing_ok=True)
     log = open(d / "launcher.log", "w")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.persistent", json.dumps(spec.to_dict()),
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.launch.persistent", json.dumps(spec.to_dict()),
                              str(timeout)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)

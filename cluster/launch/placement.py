@@ -8,7 +8,7 @@ or as `--placement host-0=NODE,...` says, NODE being a node id (or a unique pref
 or a node's IP when only one node has it.
 
 The plans here are pure functions of names and node descriptions, so they are tested
-without Ray; `cluster.launcher` applies them.
+without Ray; `cluster.launch.launcher` applies them.
 """
 
 from dataclasses import dataclass

@@ -99,7 +99,7 @@ def settings_inputs(settings: MigrationSettings, guest_memory_bytes: int,
     """The model's arguments a migration's settings decide (policy, limits, the convergence
     aids, zero pages, post-copy), one way for a report's model block, a sweep's curve and
     `migbed model`."""
-    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
+    from cluster.model.throttle_model import DirtyLimitSpec, ThrottleSpec, timeouts_from
     return dict(
         policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
         latency_seconds=settings.latency_seconds,

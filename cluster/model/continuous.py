@@ -10,19 +10,19 @@ before each, when the pending estimate (every marked page) is below the threshol
 sync marks the pages dirtied since the last one that are not marked already: writes fall
 uniformly over a stretch, and those that hit a page still marked (ahead of the cursor in the
 first pass, every page is) add nothing. The migration stops when the switch-over arbiter
-(`nodes.migration.switchover`, the sender's own) says so; the stop-and-copy then sends what is
+(`nodes.migration.decide.switchover`, the sender's own) says so; the stop-and-copy then sends what is
 marked plus what was dirtied since the last sync.
 """
 
 import math
 from dataclasses import dataclass
 
-from cluster.model.throttle import ModelThrottle, running_share
+from cluster.model.throttle_model import ModelThrottle, running_share
 from cluster.model.workload import Region
-from nodes.migration.dirtysync import SyncLog
-from nodes.migration.policy import Action, Decision, PrecopyStats, QemuPolicy
-from nodes.migration.switchover import Arbiter, Moment
-from nodes.migration.throttle import forced_sync_due
+from nodes.migration.decide.policy import Action, Decision, PrecopyStats, QemuPolicy
+from nodes.migration.decide.switchover import Arbiter, Moment
+from nodes.migration.decide.throttle import forced_sync_due
+from nodes.migration.send.dirtysync import SyncLog
 
 _CHUNK_GUARD = 10_000_000       # a policy that never stops would loop forever
 

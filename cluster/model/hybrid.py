@@ -5,7 +5,7 @@ and the discard set a switch between whole passes leaves (`missing_at_switch`)."
 import math
 
 from cluster.model.continuous import layout
-from cluster.model.postcopy import MissingRange
+from cluster.model.postcopy_model import MissingRange
 from cluster.model.rounds import PAGES_PER_RECORD, Guest, ModelRound, PreCopy
 
 

@@ -1,6 +1,6 @@
 """The iterative model: a pre-copy migration round by round in expected pages, decided by
 migbed's own policy object through the sender's own switch-over arbiter
-(`nodes.migration.switchover`), so the engine and the model follow one rule set (see the
+(`nodes.migration.decide.switchover`), so the engine and the model follow one rule set (see the
 package docstring for the steps)."""
 
 import math
@@ -8,7 +8,7 @@ import math
 from cluster.model import pagetypes
 from cluster.model.continuous import ContinuousRun, layout
 from cluster.model.hybrid import cut_round, missing_at_switch
-from cluster.model.postcopy import (
+from cluster.model.postcopy_model import (
     MissingRange,
     PostcopyPrediction,
     postcopy_phase,
@@ -21,7 +21,7 @@ from cluster.model.rounds import (
     PreCopy,
     round_bytes,
 )
-from cluster.model.throttle import (
+from cluster.model.throttle_model import (
     DirtyLimitSpec,
     ModelDirtyLimit,
     ModelThrottle,
@@ -32,8 +32,7 @@ from cluster.model.throttle import (
 )
 from cluster.model.workload import Region, access_regions, rate_of, regions
 from nodes.errors import ConfigError
-from nodes.migration.dirtysync import SyncLog
-from nodes.migration.policy import (
+from nodes.migration.decide.policy import (
     Action,
     Decision,
     PrecopyPolicy,
@@ -41,8 +40,9 @@ from nodes.migration.policy import (
     StopCode,
     policy_for,
 )
+from nodes.migration.decide.switchover import Arbiter, Moment
 from nodes.migration.postcopy.trigger import SwitchRule
-from nodes.migration.switchover import Arbiter, Moment
+from nodes.migration.send.dirtysync import SyncLog
 from workloads.spec import WorkloadSpec
 
 _ROUND_GUARD = 100_000       # a policy that never stops would loop forever
@@ -225,7 +225,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             switch_resume_seconds: float | None = None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object;
     with `postcopy_after_rounds` (0: pure post-copy) or `postcopy_after_seconds` a hybrid
-    that switches to post-copy (`cluster.model.postcopy`), its push limited to
+    that switches to post-copy (`cluster.model.postcopy_model`), its push limited to
     `postcopy_bandwidth_bytes_per_second`.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
@@ -236,7 +236,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `latency_seconds` is added to every round, the stop-and-copy included.
     `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
     `auto_converge` or `dirty_limit` throttle the modelled guest on the engine's own rules
-    (`cluster.model.throttle`); `completion_timeout` (the engine's `Timeouts`) ends the
+    (`cluster.model.throttle_model`); `completion_timeout` (the engine's `Timeouts`) ends the
     live rounds as the engine's does (between rounds under the xen policies).
     Zero pages (`pagetypes`) cost their pfn word only, unless `zero_page_detection` is
     none: a fresh guest (`workload.fill` zero) holds what its workload wrote in

@@ -1,7 +1,7 @@
 """Post-copy and hybrid in the model: the switch, the push, and the faults, in expected pages.
 
 The live rounds run as in pre-copy, decided by the sender's own switch-over arbiter
-(`nodes.migration.switchover`) with the same switch rule as the sender's
+(`nodes.migration.decide.switchover`) with the same switch rule as the sender's
 (`nodes.migration.postcopy.trigger.SwitchRule`: after N rounds, after a time; or the policy's
 own POSTCOPY). At the switch the pages still to send (the discard set: the pages
 dirtied since they were sent, every page for pure post-copy) are missing on the destination.

@@ -4,7 +4,7 @@ switch-over arbiter as `ModelTimeouts`).
 
 The model's bitmap syncs are counted by the engine's `SyncLog`; each one that closes a 1 s
 rate period goes to the engine's `ThrottleTrigger`, and every second hot period steps the
-engine's `AutoConverge` (`nodes.migration.throttle`). A throttle of p leaves the vCPU running
+engine's `AutoConverge` (`nodes.migration.decide.throttle`). A throttle of p leaves the vCPU running
 1 - p of the time and the workload earns its budget only while running, so a region's
 writes over a wall-clock stretch are those of (1 - p) x that stretch: the model advances a
 guest clock at that pace and asks the workload for the pages it dirties on that clock.
@@ -13,10 +13,16 @@ guest clock at that pace and asks the workload for the pages it dirties on that 
 from dataclasses import dataclass, field
 
 from nodes.errors import ConfigError, MigrationTimedOut
-from nodes.migration.dirtysync import SyncPeriod
-from nodes.migration.policy import Decision
-from nodes.migration.throttle import MB, AutoConverge, DirtyLimit, ThrottleTrigger, dirty_rate_mb
-from nodes.migration.timeouts import Timeouts, completion_seconds
+from nodes.migration.decide.policy import Decision
+from nodes.migration.decide.throttle import (
+    MB,
+    AutoConverge,
+    DirtyLimit,
+    ThrottleTrigger,
+    dirty_rate_mb,
+)
+from nodes.migration.decide.timeouts import Timeouts, completion_seconds
+from nodes.migration.send.dirtysync import SyncPeriod
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def timeout_decision(timeouts: "Timeouts | None", now: float) -> Decision | None
 
 @dataclass(frozen=True)
 class ModelTimeouts:
-    """The completion timeout as the switch-over arbiter (`nodes.migration.switchover`)
+    """The completion timeout as the switch-over arbiter (`nodes.migration.decide.switchover`)
     consults it in the model: at the model's clock, no remaining bytes read."""
 
     timeouts: Timeouts

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cluster.sweep.scenario import Scenario
 from cluster.sweep.text import count, ms, point_text, show
 from nodes.errors import ConfigError
-from nodes.migration.policy import StopCode
+from nodes.migration.decide.policy import StopCode
 from nodes.phase import Outcome
 
 AGREEMENT_TOLERANCE = 0.2       # measured/predicted outside 1 +- this is flagged
@@ -78,7 +78,7 @@ def _ratio_text(r: float | None) -> str:
 @dataclass(frozen=True)
 class Stops:
     """How pre-copy ended in the runs of a point (or in the model): the reasons people read
-    and the machine-readable stop codes (`nodes.migration.policy.StopCode` values)."""
+    and the machine-readable stop codes (`nodes.migration.decide.policy.StopCode` values)."""
 
     reasons: tuple[str, ...] = ()
     codes: tuple[str, ...] = ()
@@ -234,7 +234,7 @@ def _downtime(ev: _Evidence) -> str:
 
 def _skips(policy: str) -> bool:
     """Whether a policy skips pages re-dirtied during a round (xen-legacy does)."""
-    from nodes.migration.policy import make_policy
+    from nodes.migration.decide.policy import make_policy
     try:
         return make_policy(policy).skip_redirtied
     except (ConfigError, TypeError):

@@ -69,7 +69,7 @@ class Scenario:
     seed: int = 0
     hosts: int = 2
     host_memory_bytes: int = 512 * MiB
-    hosts_per_node: int | None = None       # None: all on one Ray node (`cluster.placement`)
+    hosts_per_node: int | None = None       # None: all on one Ray node (`cluster.launch.placement`)
     guest_memory_bytes: int = 64 * MiB
     mode: str = "p2m"
     warmup_seconds: float = 0.3

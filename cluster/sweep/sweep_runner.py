@@ -66,7 +66,7 @@ def run_sweep(scenario: Scenario, output: str | Path | None = None, *, in_proces
 
 def _start_testbed(scenario: Scenario, in_process: bool,
                    progress_out: IO[str] | None) -> "Testbed":
-    from cluster.launcher import ClusterSpec
+    from cluster.launch.launcher import ClusterSpec
     from cluster.testbed import Testbed
     spec = ClusterSpec(hosts=scenario.hosts, host_memory_bytes=scenario.host_memory_bytes,
                        hosts_per_node=scenario.hosts_per_node)
@@ -277,7 +277,7 @@ def _measured(report, model: ModelBlock | None) -> dict:
             report.convergence.cpu_throttle_percentage_max if report.convergence else 0),
         "dirty_limit_throttle_seconds": (
             report.convergence.dirty_limit_throttle_seconds if report.convergence else 0.0),
-        # what crossed the wire (`nodes.migration.wire`)
+        # what crossed the wire (`nodes.migration.wire.capabilities`)
         "bytes_sent_total": report.bytes_sent_total, "normal_pages": report.normal_pages,
         "zero_pages": report.zero_pages,
         "xbzrle_pages": report.xbzrle.pages if report.xbzrle else None,

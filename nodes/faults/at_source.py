@@ -91,7 +91,7 @@ class SourceFaults:
         elif kind is FaultKind.TRUNCATE_STREAM:
             self.link.tamper = self._truncate_next
         elif kind is FaultKind.CUT_CHANNEL:
-            self.link.cut(f.channel)            # the multifd channels (`nodes.migration.multifd`)
+            self.link.cut(f.channel)            # the multifd channels (`nodes.migration.send.multifd`)
 
     # -- host kills: the control plane does them ----------------------------------------
     def _wait_for_control_plane(self, f: FaultSpec, index: int) -> None:

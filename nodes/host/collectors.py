@@ -11,7 +11,7 @@ from typing import Protocol
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from nodes.host.hostview import HostView
-from nodes.migration.destination import Receiver
+from nodes.migration.receive.receiver import Receiver
 from nodes.phase import ENDED, TIMED
 from nodes.xen.domain import DomainState
 from nodes.xen.profiles import Mode

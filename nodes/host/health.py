@@ -6,11 +6,11 @@ came (`cluster.settle`), this process's memory, and dying on purpose (`kill`). A
 import threading
 
 from nodes.errors import ClusterError
-from nodes.faults.source import SourceFaults
+from nodes.faults.at_source import SourceFaults
 from nodes.host.overview import RecentMigrations
 from nodes.host.process import process_stats
-from nodes.migration.destination import Receiver
 from nodes.migration.handover import resolve_handover
+from nodes.migration.receive.receiver import Receiver
 from nodes.xen.hypervisor import Hypervisor
 
 

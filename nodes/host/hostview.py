@@ -6,7 +6,7 @@ Protocol instead of the service, which builds them, so none of them imports the 
 
 from typing import Protocol
 
-from nodes.migration.destination import Receiver
+from nodes.migration.receive.receiver import Receiver
 from nodes.xen.hypervisor import Hypervisor
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU

@@ -26,8 +26,8 @@ from nodes.host.hostview import HostView
 from nodes.phase import TIMED, Phase
 
 if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
     from nodes.migration.progress import Progress
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import SourceResult
     from nodes.migration.settings import MigrationSettings
 

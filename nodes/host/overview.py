@@ -17,7 +17,7 @@ from nodes.host.metrics import HostMetrics
 from nodes.phase import Outcome
 
 if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import DestinationResult, SourceResult
     from nodes.migration.settings import MigrationSettings
 

@@ -14,13 +14,13 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import MigrationError, MigrationStillRunning
-from nodes.migration.postcopy.source import settle_paused
+from nodes.migration.postcopy.postcopy_source import settle_paused
 from nodes.phase import PausedEnd
 
 if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import DestinationResult, SourceResult
-    from nodes.migration.source import Sender
+    from nodes.migration.send.sender import Sender
 
 # How long after its post-copy the destination watches its guest, for the page rate after.
 AFTER_WINDOW_SECONDS = 0.2

@@ -26,9 +26,9 @@ from nodes.migration.postcopy.pagefault import LATENCY_BUCKETS, latency_bounds
 from nodes.phase import Outcome
 
 if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import SourceResult
-    from nodes.migration.source import Sender
+    from nodes.migration.send.sender import Sender
 
 STAGES = ("precopy", "downtime", "postcopy")
 

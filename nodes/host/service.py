@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from nodes.errors import MigrationError, MigrationStillRunning
-from nodes.faults.source import SourceFaults
+from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
 from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
@@ -23,17 +23,17 @@ from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.host.vcpus import GuestBefore, GuestVCPUs
-from nodes.migration.channel import Ticket
 from nodes.migration.clock import to_source_clock
-from nodes.migration.destination import Receiver, validate_info
-from nodes.migration.fixeddowntime import handover_fixed_seconds
+from nodes.migration.decide.fixeddowntime import handover_fixed_seconds
 from nodes.migration.guestinfo import GuestInfo
-from nodes.migration.link import Pacer
-from nodes.migration.postcopy.source import plan
+from nodes.migration.postcopy.postcopy_source import plan
 from nodes.migration.progress import Progress
+from nodes.migration.receive.receiver import Receiver, validate_info
 from nodes.migration.results import DestinationResult, SourceResult
+from nodes.migration.send.link import Pacer
+from nodes.migration.send.sender import Sender, check_migratable, guest_info
 from nodes.migration.settings import MigrationSettings
-from nodes.migration.source import Sender, check_migratable, guest_info
+from nodes.migration.wire.channel import Ticket
 from nodes.phase import ENDED, Outcome
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor

@@ -19,7 +19,7 @@ from typing import Any
 
 from nodes.errors import ConfigError
 from nodes.faults.spec import parse_fault
-from nodes.migration.policy import BUILTIN_POLICIES, POLICIES
+from nodes.migration.decide.policy import BUILTIN_POLICIES, POLICIES
 from nodes.phase import Phase
 from nodes.units import (
     parse_bandwidth_or_unlimited,
@@ -32,12 +32,12 @@ from nodes.units import (
 
 Reader = Callable[[Any, str], Any]
 
-# What crosses the wire: QEMU's names (the wire section checks them, `nodes.migration.wire`).
+# What crosses the wire: QEMU's names (the wire section checks them, `nodes.migration.wire.capabilities`).
 ZERO_PAGE_DETECTIONS = ("none", "legacy", "multifd")
 COMPRESSIONS = ("none", "zlib", "zstd")
 LEVELS = {"zlib": (0, 9), "zstd": (0, 20)}
 MAX_MULTIFD_CHANNELS = 255              # QEMU's bound (a uint8)
-ON_TIMEOUT = ("abort", "postcopy", "pause")   # `nodes.migration.timeouts.OnTimeout`
+ON_TIMEOUT = ("abort", "postcopy", "pause")   # `nodes.migration.decide.timeouts.OnTimeout`
 POSTCOPY_OFF = "off"
 MiB = 1024 * 1024
 _OFF = ("off", "none", "unlimited", "never")
@@ -221,7 +221,7 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           "qemu policy: budget = downtime limit - the hand-over measured for this host pair "
           "(QEMU subtracts nothing)", flag="--subtract-fixed-downtime",
           toml="subtract_fixed_downtime"),
-    # convergence: the aids that make pre-copy finish (`nodes.migration.convergence`)
+    # convergence: the aids that make pre-copy finish (`nodes.migration.decide.convergence`)
     Field("auto_converge", "convergence", False, read_flag,
           "throttle the guest's vCPU when it dirties faster than pages go (QEMU's "
           "auto-converge)", flag="--auto-converge", toml="auto_converge",
@@ -267,7 +267,7 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
     Field("adaptive_rate", "convergence", False, read_flag,
           "xen-legacy: Xen's ADAPTIVE_SAVE rate (100 Mbit/s, raised each round to the dirty "
           "rate + 50, at most 500)", flag="--adaptive-rate", toml="adaptive_rate"),
-    # wire: what crosses it (`nodes.migration.wire`), QEMU's names and defaults
+    # wire: what crosses it (`nodes.migration.wire.capabilities`), QEMU's names and defaults
     Field("zero_page_detection", "wire", "multifd", read_string,
           "none, legacy (the sender looks) or multifd (QEMU's default: the channels look, "
           "else as legacy)", flag="--zero-page-detection", toml="zero_page_detection",

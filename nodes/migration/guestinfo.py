@@ -1,8 +1,8 @@
 """GUEST_INFO, typed: what the destination needs of an arriving guest to reserve its frames
-and check it can take it. The source builds it (`nodes.migration.source.guest_info`), the
+and check it can take it. The source builds it (`nodes.migration.send.sender.guest_info`), the
 control plane hands it to the destination (`prepare_incoming`) and keeps it for the report;
 it crosses the data stream as the GUEST_INFO record (`to_dict`), whose schema is in
-`nodes.migration.records`.
+`nodes.migration.wire.records`.
 """
 
 from dataclasses import asdict, dataclass, fields

@@ -24,13 +24,13 @@ import time
 from typing import Protocol
 
 from nodes.errors import MigbedError, MigrationError
-from nodes.faults.destination import DestinationFaults
+from nodes.faults.at_destination import DestinationFaults
 from nodes.migration.clock import to_source_clock
-from nodes.migration.context import SourceContext
-from nodes.migration.landing import Landing
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.landing import Landing
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.runtime import GuestRuntime
+from nodes.migration.send.source_context import SourceContext
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome, Phase
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.logdirty import ShadowOp
@@ -41,7 +41,7 @@ MIGRATED_AWAY = "--migratedaway"
 
 class HandoverReceiver(Protocol):
     """What the destination's side of the hand-over needs of its receiver
-    (`nodes.migration.destination.Receiver`, which runs it: a Protocol, so that this module
+    (`nodes.migration.receive.receiver.Receiver`, which runs it: a Protocol, so that this module
     needs not import it back)."""
 
     faults: DestinationFaults

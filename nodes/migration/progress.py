@@ -25,7 +25,7 @@ class RoundStats:
     bytes_sent: int = 0
     duration_seconds: float = 0.0
     final: bool = False
-    # The throttle (`nodes.migration.convergence`): auto-converge's percentage as the round
+    # The throttle (`nodes.migration.decide.convergence`): auto-converge's percentage as the round
     # ended (QEMU's cpu-throttle-percentage), and the seconds dirty-limit slept the vCPU in it.
     cpu_throttle_percentage: int = 0
     dirty_limit_throttle_seconds: float = 0.0

@@ -48,7 +48,7 @@ class SourceResult:
     source_longest_gap_seconds: float | None = None
     # Set by the control plane: the source host died during the migration.
     source_lost: bool = False
-    # The fixed downtime the qemu budget subtracted (`nodes.migration.fixeddowntime`: its
+    # The fixed downtime the qemu budget subtracted (`nodes.migration.decide.fixeddowntime`: its
     # seconds, basis and the setup round trip); None when not asked for.
     fixed_downtime: dict | None = None
     # The guest's cost: its own page-write rate before the migration and while it ran here

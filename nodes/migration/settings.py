@@ -14,10 +14,10 @@ from typing import Any
 
 from nodes.errors import ConfigError
 from nodes.faults.spec import FaultKind, as_faults
-from nodes.migration.convergence import ConvergenceSettings
+from nodes.migration.decide.convergence import ConvergenceSettings
+from nodes.migration.decide.policy import POLICIES, PrecopyPolicy, policy_for
 from nodes.migration.fields import MIGRATION_FIELDS, settings_section
-from nodes.migration.policy import POLICIES, PrecopyPolicy, policy_for
-from nodes.migration.wire import WireSettings
+from nodes.migration.wire.capabilities import WireSettings
 
 
 @settings_section("link")

@@ -8,13 +8,13 @@ that sent more than the one before ends the live rounds: dirtying outran even th
 rate. Rates are Mbit/s of 10^6 bits, as `print_stats` computes them. Xen paces in 100 KiB
 bursts per slot; migbed's pacer keeps the same average rate without the bursts.
 
-The switch-over arbiter (`nodes.migration.switchover`) consults it between passes as a
+The switch-over arbiter (`nodes.migration.decide.switchover`) consults it between passes as a
 `PacedRate`, which paces the sender at the rate it sets.
 """
 
 from collections.abc import Callable, Sequence
 
-from nodes.migration.policy import Decision, StopCode
+from nodes.migration.decide.policy import Decision, StopCode
 from nodes.migration.progress import RoundStats
 
 MBIT = 1_000_000 / 8          # bytes per second in one Mbit/s

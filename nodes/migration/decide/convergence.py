@@ -1,11 +1,11 @@
 """The aids that make pre-copy finish, for one migration: QEMU's auto-converge and dirty-limit
-(rules in `nodes.migration.throttle`), the operators' timeouts (`nodes.migration.timeouts`) and
-Xen's adaptive rate (`nodes.migration.adaptive`); and the check of their settings.
+(rules in `nodes.migration.decide.throttle`), the operators' timeouts (`nodes.migration.decide.timeouts`) and
+Xen's adaptive rate (`nodes.migration.decide.adaptive`); and the check of their settings.
 
 The live rounds call in at three points: `period_closed` at every bitmap sync that closes a
 1 s rate period (where QEMU runs `migration_trigger_throttle`), `tick` between batches or
 after every chunk (dirty-limit's own period, the timeouts: asked through the switch-over
-arbiter, `nodes.migration.switchover`, while the policy goes on), `round_done` as a round ends
+arbiter, `nodes.migration.decide.switchover`, while the policy goes on), `round_done` as a round ends
 (the per-round throttle figures). The throttle reaches the vCPU through the host's
 `GuestRuntime.throttle_guest`; `release` lifts it however the migration ends, as QEMU's
 cleanup stops the throttle.
@@ -17,20 +17,20 @@ and checked by `ConvergenceSettings`.
 from typing import Protocol
 
 from nodes.errors import ConfigError
-from nodes.migration.adaptive import AdaptiveRate
-from nodes.migration.dirtysync import SyncPeriod
-from nodes.migration.fields import settings_section
-from nodes.migration.policy import Decision
-from nodes.migration.progress import Progress, RoundStats
-from nodes.migration.runtime import GuestRuntime
-from nodes.migration.throttle import (
+from nodes.migration.decide.adaptive import AdaptiveRate
+from nodes.migration.decide.policy import Decision
+from nodes.migration.decide.throttle import (
     MB,
     AutoConverge,
     DirtyLimit,
     ThrottleTrigger,
     dirty_rate_mb,
 )
-from nodes.migration.timeouts import OnTimeout, Timeouts, completion_seconds
+from nodes.migration.decide.timeouts import OnTimeout, Timeouts, completion_seconds
+from nodes.migration.fields import settings_section
+from nodes.migration.progress import Progress, RoundStats
+from nodes.migration.runtime import GuestRuntime
+from nodes.migration.send.dirtysync import SyncPeriod
 
 _PERCENT_RANGES = {  # field: (QEMU's parameter, lowest, highest)
     "throttle_initial": ("cpu-throttle-initial", 1, 99),

@@ -12,7 +12,7 @@ through the emulated link and its latency) gives the three one-way crossings, 1.
 import time
 from dataclasses import asdict, dataclass
 
-from nodes.migration.records import RecordType as RT
+from nodes.migration.wire.records import RecordType as RT
 
 MEASURED_HANDOVER = "hand-over of the last migration to this host"
 ROUND_TRIP = "1.5 x the data channel's round trip at setup"

@@ -1,5 +1,5 @@
 """The pre-copy policies, statistics in, a typed decision out, as libxenguest's pluggable
-precopy policy; the first input of the switch-over arbiter (`nodes.migration.switchover`), which
+precopy policy; the first input of the switch-over arbiter (`nodes.migration.decide.switchover`), which
 weighs a policy's answer against the post-copy switch, the timeouts and the adaptive rate.
 
 A policy is consulted before every live round, round 0 included (the qemu policy also after
@@ -47,7 +47,7 @@ class StopCode(StrEnum):
     FITS_DOWNTIME = "fits-downtime"                # qemu: pending fits bandwidth x limit
     MAX_ITERATIONS = "max-iterations"              # the live round cap
     MAX_FACTOR = "max-factor"                      # xen-legacy: 3x the guest's memory sent
-    # The operators' aids (`nodes.migration.convergence`): a timeout that gave up (the
+    # The operators' aids (`nodes.migration.decide.convergence`): a timeout that gave up (the
     # migration is cancelled), paused the guest to finish, or switched to post-copy; and
     # xen-legacy's adaptive rate reaching its cap without gain.
     COMPLETION_TIMEOUT = "completion-timeout"

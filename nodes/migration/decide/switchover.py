@@ -1,6 +1,6 @@
 """Where the switch-over is decided: one arbiter that, told what a migration knows at a decision
 point (a `Moment`: the policy's `PrecopyStats`, the clock, the remaining bytes, the rounds),
-returns the next `Decision`. The sender's live rounds (`nodes.migration.precopy`) and the
+returns the next `Decision`. The sender's live rounds (`nodes.migration.send.liverounds`) and the
 analytic model (`cluster.model.iterative`, `cluster.model.continuous`) both ask it, so one rule
 set serves the engine and the model.
 
@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from nodes.migration.policy import Action, Decision, PrecopyStats, StopCode
+from nodes.migration.decide.policy import Action, Decision, PrecopyStats, StopCode
 
 
 class Round(Protocol):
@@ -72,7 +72,7 @@ class Moment:
 
 # -- the inputs ---------------------------------------------------------------------------------
 class Policy(Protocol):
-    """A pre-copy policy (`nodes.migration.policy.PrecopyPolicy`)."""
+    """A pre-copy policy (`nodes.migration.decide.policy.PrecopyPolicy`)."""
 
     def decide(self, stats: PrecopyStats) -> Decision: ...
 
@@ -96,7 +96,7 @@ class Aids(Protocol):
 
 
 class RateInput(Protocol):
-    """Xen's adaptive rate between passes (`nodes.migration.adaptive.PacedRate`)."""
+    """Xen's adaptive rate between passes (`nodes.migration.decide.adaptive.PacedRate`)."""
 
     def between_rounds(self, rounds: Sequence[Round], page_size: int) -> Decision | None: ...
 

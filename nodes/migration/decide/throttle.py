@@ -10,7 +10,7 @@ bits (MiB), which makes a migbed quota about 5 % tighter than QEMU's of the same
 
 from dataclasses import dataclass
 
-from nodes.migration.dirtysync import SyncPeriod
+from nodes.migration.send.dirtysync import SyncPeriod
 
 CPU_THROTTLE_PCT_MIN = 1          # cpu_throttle_set clamps to 1..99
 CPU_THROTTLE_PCT_MAX = 99

@@ -8,7 +8,7 @@ progressTimeout watermark).
 from enum import StrEnum
 
 from nodes.errors import ConfigError, MigrationTimedOut
-from nodes.migration.policy import Action, Decision, StopCode
+from nodes.migration.decide.policy import Action, Decision, StopCode
 
 GIB = 1 << 30
 

@@ -24,16 +24,16 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
-from nodes.migration import pagesets
-from nodes.migration.channel import Listener
-from nodes.migration.landing import Landing
 from nodes.migration.postcopy.pagefault import PageFaults
 from nodes.migration.postcopy.recovery import accept_recovery
 from nodes.migration.postcopy.returnpath import ReturnPath
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.landing import Landing
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.runtime import GuestRuntime
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import pagesets
+from nodes.migration.wire.channel import Listener
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome, Phase
 from nodes.xen.domain import Domain, DomainState
 from nodes.xen.hypervisor import Hypervisor
@@ -41,7 +41,7 @@ from nodes.xen.profiles import Mode
 
 
 class PostcopyReceiver(Protocol):
-    """What post-copy needs of the destination's receiver (`nodes.migration.destination.
+    """What post-copy needs of the destination's receiver (`nodes.migration.receive.receiver.
     Receiver`, which hands it the migration at POSTCOPY_RUN: a Protocol, so that this module
     needs not import it back). It reads the guest and its landing, sets the receiver's
     status, and replaces its connection when the link breaks."""

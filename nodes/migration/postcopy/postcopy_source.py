@@ -32,18 +32,14 @@ from nodes.errors import (
     PeerAborted,
     PostcopyPaused,
 )
-from nodes.migration import pagesets, records
-from nodes.migration.context import SourceContext, SourcePhase
+from nodes.migration.decide.policy import Action
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
-from nodes.migration.policy import Action
 from nodes.migration.postcopy import recovery
 from nodes.migration.postcopy.state import PostcopySource
-from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import RoundStats
-from nodes.migration.records import RecordType as RT
 from nodes.migration.results import SourceResult
-from nodes.migration.settings import MigrationSettings
-from nodes.migration.source import (
+from nodes.migration.send.liverounds import LiveRounds
+from nodes.migration.send.sender import (
     PRECOPY,
     Cleanup,
     Sender,
@@ -54,6 +50,10 @@ from nodes.migration.source import (
     close,
     finish,
 )
+from nodes.migration.send.source_context import SourceContext, SourcePhase
+from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome, PausedEnd, Phase
 
 PUSH_BATCH_SECONDS = 0.01    # a push record takes about this long: requests wait behind one

@@ -22,15 +22,15 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import GuestLost, MigbedError, MigrationError, PostcopyPaused
-from nodes.migration import pagesets, records
-from nodes.migration.channel import Listener, connect
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.channel import Listener, connect
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome, Phase
 
 if TYPE_CHECKING:
-    from nodes.migration.context import SourceContext
     from nodes.migration.postcopy.state import PostcopySource
+    from nodes.migration.send.source_context import SourceContext
 
 RETRY_SECONDS = 0.05           # between a source's connection attempts
 ACCEPT_POLL_SECONDS = 0.1      # how often a waiting destination looks whether to go on

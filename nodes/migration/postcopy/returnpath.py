@@ -22,9 +22,9 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost
-from nodes.migration import pagesets, records
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.records import RecordType as RT
 
 POLL_SECONDS = 0.05
 

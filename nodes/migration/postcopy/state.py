@@ -11,13 +11,13 @@ import numpy as np
 
 from nodes.errors import ConnectionLost, MigbedError
 from nodes.migration.clock import to_source_clock
-from nodes.migration.context import SourceContext
-from nodes.migration.link import Pacer
-from nodes.migration.policy import PrecopyStats
+from nodes.migration.decide.policy import PrecopyStats
 from nodes.migration.postcopy.returnpath import RequestReader
 from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.progress import RoundStats
 from nodes.migration.results import SourceResult
+from nodes.migration.send.link import Pacer
+from nodes.migration.send.source_context import SourceContext
 from nodes.migration.settings import MigrationSettings
 
 

@@ -1,5 +1,5 @@
 """When pre-copy gives way to post-copy: the switch rule, one input of the switch-over arbiter
-(`nodes.migration.switchover`).
+(`nodes.migration.decide.switchover`).
 
 QEMU switches when `migrate-start-postcopy` has been asked for (libvirt's migrate-postcopy,
 guestperf's post_copy_iters, KubeVirt's completion timeout) and the migration thread next
@@ -17,8 +17,8 @@ switch. `prefer` weighs one decision already made against the rule, by that same
 
 from dataclasses import dataclass
 
-from nodes.migration.policy import Decision, PrecopyStats
-from nodes.migration.switchover import Arbiter, Moment
+from nodes.migration.decide.policy import Decision, PrecopyStats
+from nodes.migration.decide.switchover import Arbiter, Moment
 
 
 @dataclass(frozen=True)

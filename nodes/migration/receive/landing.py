@@ -11,7 +11,7 @@ once the record is complete.
 
 The walk goes one way, as QEMU's ram_load does: the receiver's loop asks the reader for the
 next record and hands it to `land`; for a record whose pages are still on the socket
-(`nodes.migration.reader.IncomingPages`) the landing has the reader receive each chunk
+(`nodes.migration.receive.reader.IncomingPages`) the landing has the reader receive each chunk
 straight into the buffers it chose (`IncomingPages.read_into`), and the reader never calls
 back. A record laid out another way (msgpack allows several), or a multifd packet
 decompressed, is decoded whole and poured into the same chunks: either way a page reaches
@@ -43,15 +43,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nodes.errors import StreamError
-from nodes.migration import records, xbzrle
-from nodes.migration.reader import IncomingPages
+from nodes.migration.receive.reader import IncomingPages
+from nodes.migration.wire import records, xbzrle
 from nodes.xen import pagetable
 from nodes.xen.digest import digest, page_hashes
 from nodes.xen.domain import Domain
 from nodes.xen.memory import MachineMemory
 
 if TYPE_CHECKING:
-    from nodes.migration.encoded import DeltaPages
+    from nodes.migration.wire.encoded import DeltaPages
 
 RECV_CHUNK_PAGES = 32   # pages a chunk holds: 128 KiB, still in cache when hashed
 

@@ -1,9 +1,9 @@
 """Reading the migration stream off a socket: framed records, every length bounded first.
 
 `RecordReader` reads `{u32 type, u32 length}` headers and bodies and decodes them with
-`nodes.migration.records`. A reader made with `pages_in_place` stops a PAGE_DATA record
+`nodes.migration.wire.records`. A reader made with `pages_in_place` stops a PAGE_DATA record
 after its pfns and types, checked, and returns them as `IncomingPages`: its caller (the
-destination's landing, `nodes.migration.landing`) then has the pages received straight into
+destination's landing, `nodes.migration.receive.landing`) then has the pages received straight into
 buffers of its own choosing (`IncomingPages.read_into`), so no page is copied from a record
 buffer into guest memory. The reader knows nothing of where the pages go: it is asked for the
 next record, and for the next bytes into given buffers, never calls out.
@@ -14,8 +14,8 @@ from collections.abc import Callable
 import numpy as np
 
 from nodes.errors import ConnectionLost, PeerAborted, StreamError, StreamTruncated
-from nodes.migration import encoded
-from nodes.migration.records import (
+from nodes.migration.wire import encoded
+from nodes.migration.wire.records import (
     DOMAIN_HEADER,
     IMAGE_HEADER,
     MAX_GUEST_PAGES,

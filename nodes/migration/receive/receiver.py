@@ -3,10 +3,10 @@ thread of the destination host.
 
 Its steps: accept the source's connection (it must present the migration's token); read the
 headers, GUEST_INFO, the P2M frame list and STATIC_DATA_END; land every PAGE_DATA record
-(`nodes.migration.landing`) until END; check that every page arrived and the page tables are
+(`nodes.migration.receive.landing`) until END; check that every page arrived and the page tables are
 valid; then the hand-over (`nodes.migration.handover`). Any failure before the resume frees
 every frame it reserved and tells the source why (ABORT). A post-copy switch (POSTCOPY_RUN)
-hands the rest to `nodes.migration.postcopy.destination`: the guest resumes here at once and
+hands the rest to `nodes.migration.postcopy.postcopy_destination`: the guest resumes here at once and
 its missing pages arrive while it runs.
 """
 
@@ -25,20 +25,21 @@ from nodes.errors import (
     PeerAborted,
     StreamError,
 )
-from nodes.faults.destination import DestinationFaults
+from nodes.faults.at_destination import DestinationFaults
 from nodes.faults.stats import FaultStats
-from nodes.migration import clock, pagesets, records
-from nodes.migration.channel import Listener
+from nodes.migration import clock
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.handover import destination_handover
-from nodes.migration.landing import Landing
-from nodes.migration.multifd import DestinationChannels
-from nodes.migration.postcopy.destination import PostcopyDestination
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.postcopy.postcopy_destination import PostcopyDestination
+from nodes.migration.receive.landing import Landing
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.results import DestinationResult
 from nodes.migration.runtime import GuestRuntime
+from nodes.migration.send.multifd import DestinationChannels
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.channel import Listener
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome
 from nodes.xen.domain import DomainState
 from nodes.xen.hypervisor import Hypervisor

@@ -17,12 +17,12 @@ Two ways of deciding, as the two systems they model decide:
 Either way the live rounds end with the stream drained (SYNC, SYNC_ACK): the guest pauses
 only once the destination has landed every page sent live.
 
-What ends the live rounds is decided by the switch-over arbiter (`nodes.migration.switchover`,
+What ends the live rounds is decided by the switch-over arbiter (`nodes.migration.decide.switchover`,
 built here by `arbiter_for`): the live rounds only ask it, at every decision point (`decide`),
 between the batches of a pass (`within_pass`, `cuts_pass`) and at a pass's end
 (`switch_after`), and act on its answer.
 
-The convergence aids (`nodes.migration.convergence`) ride along: the throttle trigger at the
+The convergence aids (`nodes.migration.decide.convergence`) ride along: the throttle trigger at the
 syncs that close a rate period (`SourceContext.clean`), dirty-limit's period and the timeouts
 between batches (`between_batches`), Xen's adaptive rate between passes. A timeout may end the
 live rounds mid-pass: pausing the guest (stop-and-copy), switching to post-copy, or cancelling.
@@ -31,15 +31,15 @@ live rounds mid-pass: pausing the guest (stop-and-copy), switching to post-copy,
 import time
 
 from nodes.errors import MigrationCancelled, MigrationError
-from nodes.migration import fixeddowntime, throttle
-from nodes.migration.adaptive import PacedRate
-from nodes.migration.context import SourceContext
-from nodes.migration.convergence import Convergence
-from nodes.migration.policy import Action, Decision, PrecopyStats, QemuPolicy
+from nodes.migration.decide import fixeddowntime, throttle
+from nodes.migration.decide.adaptive import PacedRate
+from nodes.migration.decide.convergence import Convergence
+from nodes.migration.decide.policy import Action, Decision, PrecopyStats, QemuPolicy
+from nodes.migration.decide.switchover import Arbiter, Moment
 from nodes.migration.progress import RoundStats
-from nodes.migration.records import MAX_BATCH_PAGES
-from nodes.migration.records import RecordType as RT
-from nodes.migration.switchover import Arbiter, Moment
+from nodes.migration.send.source_context import SourceContext
+from nodes.migration.wire.records import MAX_BATCH_PAGES
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Phase
 
 MIN_BATCH_PAGES = 64     # QEMU looks at the clock every 64 pages

@@ -4,7 +4,7 @@ Each channel is a connection to the destination's listener presenting the migrat
 then a MULTIFD_HELLO record saying which channel it is. On the source (`SourceChannels`) the
 pipeline hands pages over in packets of 128 (`PACKET_PAGES`) to the next idle channel, round
 robin from the last one used, skipping busy ones; each channel's thread finds the packet's
-zero pages (multifd zero-page detection), compresses the rest (`nodes.migration.compression`)
+zero pages (multifd zero-page detection), compresses the rest (`nodes.migration.wire.compression`)
 and sends the packet as PAGE_DATA (or PAGE_COMPRESSED) on its own `LinkSender`. The channels
 share the main link's pacer and its rate limit, so N channels are as fast as one link.
 
@@ -31,12 +31,12 @@ from collections.abc import Callable
 import numpy as np
 
 from nodes.errors import ConnectionLost, MigrationError, StreamError
-from nodes.migration import compression, encoded, records
-from nodes.migration.channel import Listener, Ticket, connect
-from nodes.migration.link import LinkSender, Pacer
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
-from nodes.migration.zeropage import zero_frames
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.send.link import LinkSender, Pacer
+from nodes.migration.wire import compression, encoded, records
+from nodes.migration.wire.channel import Listener, Ticket, connect
+from nodes.migration.wire.records import RecordType as RT
+from nodes.migration.wire.zeropage import zero_frames
 
 PACKET_PAGES = 128           # QEMU: 512 KiB of 4 KiB pages per packet
 

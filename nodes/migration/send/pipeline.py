@@ -7,12 +7,12 @@ Four stages per batch of up to 1024 pages (one PAGE_DATA record, as Xen's):
    looked up in the hypervisor's P2M.
 2. **encode**: the record's buffers. Data pages are views of their machine frames (no copy:
    the socket reads them where they sit); page tables go canonical (mfn -> pfn), copied.
-   Zero pages (`nodes.migration.zeropage`, unless the channels look for them) go as pfn
-   words typed ZERO with no data; with XBZRLE (`nodes.migration.xbzrle`, after the first
+   Zero pages (`nodes.migration.wire.zeropage`, unless the channels look for them) go as pfn
+   words typed ZERO with no data; with XBZRLE (`nodes.migration.wire.xbzrle`, after the first
    full pass) the pages it has cached go as deltas (PAGE_XBZRLE), or not at all when
    unchanged, and the rest from the cache's copy.
-3. **send**: onto the link, which paces them (`nodes.migration.link`), or, with multifd
-   (`nodes.migration.multifd`), in packets of 128 pages to the next idle channel.
+3. **send**: onto the link, which paces them (`nodes.migration.send.link`), or, with multifd
+   (`nodes.migration.send.multifd`), in packets of 128 pages to the next idle channel.
 4. **account**: the round's and the progress's counters, pages by type.
 
 A live round reads pages while the guest writes them, as Xen's does: a page written while it
@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nodes.migration import encoded, records
-from nodes.migration.link import LinkSender
 from nodes.migration.progress import Progress, RoundStats
-from nodes.migration.zeropage import zero_frames
+from nodes.migration.send.link import LinkSender
+from nodes.migration.wire import encoded, records
+from nodes.migration.wire.zeropage import zero_frames
 from nodes.xen import pagetable
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor
 
 if TYPE_CHECKING:
-    from nodes.migration.channel import Ticket
     from nodes.migration.settings import MigrationSettings
+    from nodes.migration.wire.channel import Ticket
 
 
 class PageDataEncoder:
@@ -190,9 +190,9 @@ class PagePipeline:
         """The pipeline `settings` ask for: zero-page detection, XBZRLE (its cache ages by
         `generation()`, the dirty-sync-count), or multifd channels to `ticket`, which then
         stand in for `link` (`pipeline.link`)."""
-        from nodes.migration import wire
-        from nodes.migration.multifd import SourceChannels
-        from nodes.migration.xbzrle import XbzrleEncoder
+        from nodes.migration.send.multifd import SourceChannels
+        from nodes.migration.wire import capabilities as wire
+        from nodes.migration.wire.xbzrle import XbzrleEncoder
         pipeline = cls(hv, dom, link, progress,
                        find_zero=wire.zero_detection_in_sender(settings.wire))
         if settings.xbzrle_cache_bytes is not None:

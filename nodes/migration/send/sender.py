@@ -5,7 +5,7 @@ A migration algorithm is the list of phases it runs. Pre-copy (`PRECOPY`) is Xen
 1. **setup**: the data channel opens; the guest switches P2M -> VP and log-dirty goes on
    before round 0 reads a single page; the image and domain headers, GUEST_INFO, the P2M
    frame list (once) and STATIC_DATA_END go out.
-2. **precopy**: live rounds. Before each, the policy (`nodes.migration.policy`) decides on
+2. **precopy**: live rounds. Before each, the policy (`nodes.migration.decide.policy`) decides on
    what the sender knows; round 0 sends every page, each later one CLEANs the bitmap and
    sends what it shows.
 3. **stop-and-copy**: pause, final CLEAN, the rest at link speed (the rate limit is lifted),
@@ -16,7 +16,7 @@ A migration algorithm is the list of phases it runs. Pre-copy (`PRECOPY`) is Xen
 
 Any failure before PERMISSION_TO_GO leaves the guest running here in its original mode
 (`abort`); after it, the control plane settles what became of the guest.
-Faults (`nodes.faults.source`) fire where the phases call `ctx.faults.at(...)`.
+Faults (`nodes.faults.at_source`) fire where the phases call `ctx.faults.at(...)`.
 
 Post-copy (`nodes.migration.postcopy`) is another list of phases over the same context; after
 its switch a broken link that does not come back pauses the migration (`PostcopyPaused`): the
@@ -38,23 +38,24 @@ from nodes.errors import (
     PeerAborted,
     PostcopyPaused,
 )
-from nodes.faults.source import SourceFaults
+from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultStats
-from nodes.migration import clock, records
-from nodes.migration.channel import Ticket, connect
-from nodes.migration.context import SourceContext, SourcePhase
-from nodes.migration.dirtysync import SyncLog
+from nodes.migration import clock
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
-from nodes.migration.link import Pacer
-from nodes.migration.pipeline import PagePipeline
-from nodes.migration.precopy import LiveRounds
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.results import SourceResult
 from nodes.migration.runtime import GuestRuntime
+from nodes.migration.send.dirtysync import SyncLog
+from nodes.migration.send.link import Pacer
+from nodes.migration.send.liverounds import LiveRounds
+from nodes.migration.send.pipeline import PagePipeline
+from nodes.migration.send.source_context import SourceContext, SourcePhase
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import records
+from nodes.migration.wire.channel import Ticket, connect
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome, Phase
 from nodes.xen.domain import Domain, DomainState
 from nodes.xen.hypervisor import Hypervisor

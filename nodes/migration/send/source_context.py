@@ -20,19 +20,19 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import MigrationCancelled
-from nodes.faults.source import SourceFaults
-from nodes.migration import records
-from nodes.migration.channel import Ticket
-from nodes.migration.dirtysync import SyncLog, SyncPeriod
-from nodes.migration.link import LinkSender, Pacer
-from nodes.migration.pipeline import PagePipeline, PassCursor
-from nodes.migration.policy import Decision, PrecopyPolicy, PrecopyStats
+from nodes.faults.at_source import SourceFaults
+from nodes.migration.decide.policy import Decision, PrecopyPolicy, PrecopyStats
 from nodes.migration.progress import PhaseClock, Progress, ProgressHistory, RoundStats
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.results import SourceResult
 from nodes.migration.runtime import GuestRuntime
+from nodes.migration.send.dirtysync import SyncLog, SyncPeriod
+from nodes.migration.send.link import LinkSender, Pacer
+from nodes.migration.send.pipeline import PagePipeline, PassCursor
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import records
+from nodes.migration.wire.channel import Ticket
+from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Phase
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor
@@ -41,14 +41,14 @@ from nodes.xen.profiles import Mode
 
 
 class PassUnderWay(Protocol):
-    """The pass under way in continuous mode (`nodes.migration.precopy`)."""
+    """The pass under way in continuous mode (`nodes.migration.send.liverounds`)."""
 
     stats: RoundStats
     start: float                   # monotonic
 
 
 class ConvergenceAids(Protocol):
-    """What the phases ask of the convergence aids (`nodes.migration.convergence.Convergence`)."""
+    """What the phases ask of the convergence aids (`nodes.migration.decide.convergence.Convergence`)."""
 
     def period_closed(self, period: SyncPeriod, now: float) -> None: ...
 

@@ -2,7 +2,7 @@
 length bounded and checked before a byte lands (framed and limited by `records`).
 
     PAGE_XBZRLE      msgpack [count, bin pfn words, bin u16 lengths, bin deltas]
-                     each page's delta as QEMU's xbzrle.c makes it (`nodes.migration.xbzrle`),
+                     each page's delta as QEMU's xbzrle.c makes it (`nodes.migration.wire.xbzrle`),
                      1..page_size bytes; QEMU sends per page a header, a flag byte, a be16
                      length and the delta, migbed the pfn word, a le16 length and the delta.
     PAGE_COMPRESSED  msgpack [count, bin pfn words, codec, bin payload]
@@ -19,8 +19,8 @@ import msgpack
 import numpy as np
 
 from nodes.errors import StreamError
-from nodes.migration import compression
-from nodes.migration.records import (
+from nodes.migration.wire import compression
+from nodes.migration.wire.records import (
     MAX_BATCH_PAGES,
     PFN_TYPE_SHIFT,
     RECORD_HEADER,

@@ -1,6 +1,6 @@
 """The migration stream's records: typed records encoded with msgpack, modelled on Xen's stream v2.
 
-Layout on the wire (encoded and decoded here; `nodes.migration.reader` frames them off a socket):
+Layout on the wire (encoded and decoded here; `nodes.migration.receive.reader` frames them off a socket):
 
     image header   24 B  marker u64 all-ones, id "MIGB", version u32, options u16, 6 B zero
     domain header  16 B  guest mode u32, page_shift u16, reserved u16, migbed version 2 x u32
@@ -20,7 +20,7 @@ bitmap) and POSTCOPY_RUN; the destination answers POSTCOPY_RESUMED and asks for 
 guest touches (REQ_PAGES, QEMU's MIG_RP_MSG_REQ_PAGES); after a broken link the source opens a
 new connection with POSTCOPY_RECOVER and the destination answers with the set of pages it
 has (RECV_BITMAP, QEMU's MIG_RP_MSG_RECV_BITMAP). Their page sets are decoded, bounded, by
-`nodes.migration.pagesets`.
+`nodes.migration.wire.pagesets`.
 
 Decoding is defensive: every length is bounded before anything is allocated, msgpack is
 unpacked with limits derived from the body length, ext types are refused, every field is
@@ -68,7 +68,7 @@ class RecordType(IntEnum):
     SYNC_ACK = 0x25            # the destination answers once it has
     CLOCK_PROBE = 0x26         # the source's wall clock, t1 (`nodes.migration.clock`)
     CLOCK_REPLY = 0x27         # t1 echoed, the destination's t2 (received) and t3 (sent)
-    # What crosses the wire beside PAGE_DATA (`nodes.migration.encoded`, `.multifd`)
+    # What crosses the wire beside PAGE_DATA (`nodes.migration.wire.encoded`, `.multifd`)
     PAGE_XBZRLE = 0x30         # pages as XBZRLE deltas against what the destination holds
     PAGE_COMPRESSED = 0x31     # a multifd packet's pages, zlib- or zstd-compressed
     MULTIFD_HELLO = 0x32       # the first record on a multifd channel: which one it is

@@ -216,7 +216,7 @@ class Split:
 
 class XbzrleEncoder:
     """The sender's XBZRLE stage: the cache, the counters, and a batch split (see the module
-    docstring). `generation()` is the dirty-sync-count now (`nodes.migration.dirtysync`)."""
+    docstring). `generation()` is the dirty-sync-count now (`nodes.migration.send.dirtysync`)."""
 
     def __init__(self, cache_bytes: int, frames: np.ndarray, guest_pages: int, generation):
         page_size = frames.shape[1]
