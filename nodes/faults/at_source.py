@@ -13,6 +13,10 @@ from nodes.faults.stats import FaultStats
 from nodes.phase import Phase
 
 PEER_CHECK_SECONDS = 0.02      # how often a stalled sender looks whether its peer gave up
+# How long a sender held at a host kill waits for the control plane at least: the driver sees
+# the fault by polling progress, which a loaded machine can delay past a short --timeout (a
+# 1 s one was missed once); the migration's own timeout still bounds it when longer.
+CONTROL_PLANE_WAIT_SECONDS = 10.0
 
 
 class SourceFaults:
@@ -98,15 +102,15 @@ class SourceFaults:
         """Stop here, show the fault in the progress, and wait until the driver has killed
         the host (`release`) or this host is killed itself. Bounded by the timeout."""
         self.progress.fault = {**f.to_dict(), "index": index, "text": f.to_text()}
+        wait = max(self.timeout, CONTROL_PLANE_WAIT_SECONDS)
         try:
             with self._wake:
-                ok = self._wake.wait_for(lambda: index in self._released or self._killed,
-                                         self.timeout)
+                ok = self._wake.wait_for(lambda: index in self._released or self._killed, wait)
         finally:
             self.progress.fault = None
         if not ok:
             raise MigrationError(f"fault {f.to_text()} was not carried out by the control "
-                                 f"plane within {self.timeout:g} s (run the migration through "
+                                 f"plane within {wait:g} s (run the migration through "
                                  "migbed's driver to kill hosts)")
 
     def release(self, index: int) -> None:
