@@ -22,6 +22,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from nodes.migration.progress import Progress as MigrationProgress
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 MIN_WIDTH = 120          # a terminal's console is at least this wide, a wider one its width
@@ -115,11 +117,11 @@ class RoundPrinter:
         self.shown = 0
         self.header = header   # printed once the migration is under way, not before checks
 
-    def __call__(self, progress: dict) -> None:
+    def __call__(self, progress: MigrationProgress) -> None:
         if self.header:
             self.console.print(Text(self.header, style="bold"))
             self.header = None
-        for r in progress["rounds"][self.shown:]:
+        for r in progress.rounds[self.shown:]:
             tag = ("post-copy" if r.get("postcopy") else "final" if r["final"]
                    else f"round {r['index']}")
             line = Text(f"  {tag:>8}", style="bold cyan" if r["final"] else "cyan")
@@ -133,7 +135,7 @@ class RoundPrinter:
                 line.append(f", dirty-limit slept {r['dirty_limit_throttle_seconds'] * 1000:.0f}"
                             " ms", style="yellow")
             self.console.print(line)
-        self.shown = len(progress["rounds"])
+        self.shown = len(progress.rounds)
 
 
 # -- migbed model ----------------------------------------------------------------------------
@@ -209,7 +211,7 @@ def migrations_table(reports: Iterable[Any]) -> Table:
     t = _table("guest", "route", "profile", "policy", "modes", ">rounds", ">pages", ">total",
                ">downtime", ">guest saw", ">model", "verified", title="SUMMARY")
     for r in reports:
-        predicted = ((r.model or {}).get("prediction") or {}).get("downtime_seconds")
+        predicted = ((r.model.prediction if r.model else None) or {}).get("downtime_seconds")
         t.add_row(r.guest, f"{r.source}>{r.destination}", r.profile or "-", r.policy,
                   f"{r.modes['before']}/{r.modes['during']}/{r.modes['after']}",
                   str(r.live_rounds), str(r.pages_sent_total), _ms(r.total_time_seconds),
@@ -348,7 +350,8 @@ def _top_recent(frame: Any) -> Table:
     t = _table("GUEST", "ROUTE", "POLICY", "STATUS", ">ROUNDS", ">TOTAL", ">DOWNTIME",
                ">GUEST SAW", "VERIFIED", "ENDED", title="LAST MIGRATIONS")
     for r in frame.recent:
-        status = Text(r["status"], style="green" if r["status"] == "completed" else "bold red")
+        ok = r["status"] == Outcome.COMPLETED
+        status = Text(r["status"], style="green" if ok else "bold red")
         verdict = {True: "verified", False: "MISMATCH", None: "-"}[r["verified"]]
         t.add_row(r["guest"], f"{r['source'] or '?'} > {r['destination'] or '?'}",
                   r["policy"] or "-", status,

@@ -14,11 +14,12 @@ import time
 import numpy as np
 
 from cluster.console import RoundPrinter, migrations_table, print_listing, show
-from cluster.launcher import ClusterSpec
+from cluster.launch.launcher import ClusterSpec
 from cluster.report import MigrationReport
 from cluster.testbed import Testbed
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 from workloads.spec import WorkloadSpec
 
@@ -76,7 +77,7 @@ def run_demo(quick: bool = False, hosts_per_node: int | None = None) -> int:
         print_listing(tb.list())
     _say("")
     show(migrations_table(reports))
-    bad = [r for r in reports if r.status != "completed" or r.integrity.verified is not True]
+    bad = [r for r in reports if r.status != Outcome.COMPLETED or r.integrity.verified is not True]
     _say(f"\n{len(reports)} migrations, {len(bad)} failed or unverified; demo took "
          f"{time.monotonic() - t0:.1f} s")
     return 0 if not bad and ok else 1
@@ -110,13 +111,13 @@ def _wire(tb: Testbed, reports: list[MigrationReport]) -> None:
         link_bytes_per_second=32 * MiB, multifd_channels=2, multifd_compression="zstd"),
         reports)
     if r.multifd:
-        _say(f"   multifd: {r.multifd['channels']} channels, compression ratio "
-             f"{r.multifd['compression_ratio'] or 0:.1f}")
+        _say(f"   multifd: {r.multifd.channels} channels, compression ratio "
+             f"{r.multifd.compression_ratio or 0:.1f}")
     r = _migrate(tb, "web", "host-0", MigrationSettings(   # xen: passes after the first
         policy="xen", link_bytes_per_second=LINK, xbzrle_cache_bytes=8 * MiB), reports)
     if r.xbzrle:
-        _say(f"   xbzrle: {r.xbzrle['pages']} pages as deltas, encoding rate "
-             f"{r.xbzrle['encoding_rate']:.1f}, {r.xbzrle['cache_miss']} cache misses")
+        _say(f"   xbzrle: {r.xbzrle.pages} pages as deltas, encoding rate "
+             f"{r.xbzrle.encoding_rate:.1f}, {r.xbzrle.cache_miss} cache misses")
 
 
 def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> bool:
@@ -140,7 +141,7 @@ def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> boo
                                                        postcopy_after_rounds=after), reports)
         if r.postcopy is not None:
             _say(f"   post-copy: {r.postcopy_requests} page requests, vCPU blocked "
-                 f"{_ms(r.postcopy['blocktime_seconds'])}")
+                 f"{_ms(r.postcopy.blocktime_seconds)}")
         dest = "host-0" if dest == "host-1" else "host-1"
 
     _say("\n-- batch (sequential counters) host-1 -> host-0, then qtest's edge check")

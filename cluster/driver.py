@@ -4,15 +4,20 @@ The steps, each a call on a host handle (Ray actor calls in the cluster): check 
 the source; have the destination reserve frames and issue a ticket (nothing has moved if this
 fails); start the source's sender, which streams straight to the destination over TCP;
 poll progress; collect both sides; build the report. The data never passes through here.
+A paused post-copy resumes the same way (`recover_migration`).
 """
 
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 from cluster.model.block import model_block
+from cluster.postcopy_control import settle_switched
 from cluster.report import MigrationReport
 from cluster.settle import FaultControl
 from nodes.errors import MigbedError, MigrationError
+from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.progress import Progress
 from nodes.migration.settings import MigrationSettings
 
 POLL_SECONDS = 0.1
@@ -24,7 +29,7 @@ def new_migration_id() -> str:
 
 
 def run_migration(src, dst, guest: str, settings: MigrationSettings,
-                  on_progress: Callable[[dict], None] | None = None,
+                  on_progress: Callable[[Progress], None] | None = None,
                   migration_id: str | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
     """Migrate `guest` from host handle `src` to `dst`. Raises for errors before anything
@@ -34,15 +39,26 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
     mid = migration_id or new_migration_id()
     timeout = settings.timeout_seconds
     info = src.call("guest_info", guest, mid, timeout=timeout)
-    ticket = dst.call("prepare_incoming", info, settings.to_dict(), timeout=timeout)
-    ticket = {**ticket, "host": dst.name}      # the pair's measured hand-over is per host
-    pending = src.call_async("migrate_out", guest, ticket, settings.to_dict())
+    ticket = dst.call("prepare_incoming", info, settings, timeout=timeout)
+    ticket = replace(ticket, host=dst.name)    # the pair's measured hand-over is per host
+    pending = src.call_async("migrate_out", guest, ticket, settings)
     control = FaultControl(src, dst, mid, guest, settings)
     return follow(pending, control, src, dst, guest, info, settings, on_progress, should_cancel)
 
 
-def follow(pending, control: FaultControl, src, dst, guest: str, info: dict,
-           settings: MigrationSettings, on_progress: Callable[[dict], None] | None = None,
+def recover_migration(src, dst, paused: dict,
+                      on_progress: Callable[[Progress], None] | None = None) -> MigrationReport:
+    """Resume a paused post-copy (`paused`: an entry of the source's `paused_migrations`):
+    the link is back; the report once it ends (or pauses again)."""
+    settings: MigrationSettings = paused["settings"]
+    mid, guest = paused["migration_id"], paused["guest"]
+    pending = src.call_async("migrate_recover", mid)
+    control = FaultControl(src, dst, mid, guest, settings)
+    return follow(pending, control, src, dst, guest, paused["info"], settings, on_progress)
+
+
+def follow(pending, control: FaultControl, src, dst, guest: str, info: GuestInfo,
+           settings: MigrationSettings, on_progress: Callable[[Progress], None] | None = None,
            should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
     """Poll a running sender (`pending`, the source's migrate_out or migrate_recover) until
     it returns, settle both sides and build the report."""
@@ -67,13 +83,13 @@ def follow(pending, control: FaultControl, src, dst, guest: str, info: dict,
         pending.wait(poll)        # returns the moment the migration ends
         poll = FIRST_POLL_SECONDS if control.armed else min(2 * poll, POLL_SECONDS)
     # Both sides, whatever became of them (a dead host, an unanswered hand-over).
-    settled = control.settle(pending, info)
+    settled = control.settle(pending, info, settle_switched)
     source = settled.source
     if on_progress is not None and source.rounds:
         # The rounds that ended after the last poll (a short migration can end between two).
-        on_progress({"migration_id": mid, "guest": guest, "status": source.status,
-                     "rounds": [r.to_dict() for r in source.rounds]})
+        on_progress(Progress(mid, guest, status=source.status,
+                             rounds=[r.to_dict() for r in source.rounds]))
     report = MigrationReport.build(mid, guest, src.name, dst.name, info, settings, settled)
-    report.model = model_block(report, info.get("workload"), settings,
+    report.model = model_block(report, info.workload, settings,
                                fixed_downtime=source.fixed_downtime)
     return report

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from cluster.driver import run_migration
 from nodes.errors import ConfigError, MigbedError
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 MAX_CONCURRENCY = 64
@@ -58,7 +59,7 @@ class EvacuationReport:
     def ok(self) -> bool:
         """Every guest moved, and every move completed and verified (unless not checked)."""
         return not self.stayed and all(
-            m.status == "completed" and m.verified is not False for m in self.moves)
+            m.status == Outcome.COMPLETED and m.verified is not False for m in self.moves)
 
     def to_dict(self) -> dict:
         d = asdict(self)

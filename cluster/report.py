@@ -2,28 +2,37 @@
 
 Field names carry their units (`_seconds`, `_bytes`, `_pages`); milliseconds appear only in
 the human table. Every report describes itself: guest, hosts, profile, policy and settings.
+It is composed of typed parts (`cluster.reportparts`: the wire's xbzrle and multifd blocks,
+post-copy, convergence, the model), each writing itself under its JSON key, so the JSON is
+the flat object it has always been.
 """
 
+import copy
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.postcopy import apply_postcopy, postcopy_lines
+from cluster.postcopy_control import apply_postcopy, postcopy_lines
+from cluster.reportparts import (
+    BLOCKS,
+    ConvergenceBlock,
+    Integrity,
+    ModelBlock,
+    MultifdBlock,
+    PostcopyBlock,
+    XbzrleBlock,
+    plain,
+)
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
+from nodes.migration.guestinfo import GuestInfo
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
     from cluster.settle import Settlement
     from nodes.migration.settings import MigrationSettings
-
-
-@dataclass
-class Integrity:
-    verified: bool | None = None          # None: not checked (--no-verify, or failed run)
-    source_digest: str | None = None
-    destination_digest: str | None = None
 
 
 @dataclass
@@ -33,7 +42,7 @@ class MigrationReport:
     source: str
     destination: str
     policy: str
-    status: str                            # completed | failed | cancelled
+    status: Outcome                        # completed | failed | cancelled
     error: str | None = None
     profile: str | None = None
     page_size: int = 4096
@@ -45,7 +54,7 @@ class MigrationReport:
     modes: dict = field(default_factory=dict)      # before, during, after
     rounds: list = field(default_factory=list)
     stop_reason: str | None = None
-    # Why pre-copy stopped, machine-readably: a `nodes.migration.policy.StopCode` value
+    # Why pre-copy stopped, machine-readably: a `nodes.migration.decide.policy.StopCode` value
     # (dirty-threshold, last-round-threshold, fits-downtime, max-iterations, max-factor, and
     # the convergence aids' paused, postcopy, rate-cap); completion-timeout or no-progress
     # for a migration an operator's timeout cancelled; None when the migration did not
@@ -65,8 +74,8 @@ class MigrationReport:
     # encoding_rate, overflow}, and the multifd block {channels, bytes_per_channel,
     # compression, compression_level, compression_ratio, cpu_seconds {source, destination}};
     # None when not used (`cluster.wireblocks`).
-    xbzrle: dict | None = None
-    multifd: dict | None = None
+    xbzrle: XbzrleBlock | None = None
+    multifd: MultifdBlock | None = None
     # How long the guest's workload had run when the migration began: with the workload's
     # fill, the model's count of non-zero pages at the start.
     workload_running_seconds: float = 0.0
@@ -79,7 +88,7 @@ class MigrationReport:
     # CPU seconds of the sender's and the receiver's threads: which side was the bottleneck.
     cpu_seconds: dict = field(default_factory=dict)
     integrity: Integrity = field(default_factory=Integrity)
-    model: dict | None = None
+    model: ModelBlock | None = None
     # Where the guest runs afterwards (None: nowhere, see guest_lost), and the faults injected
     # (`nodes.faults.spec`) with what became of them (`cluster.settle`).
     guest_host: str | None = None
@@ -91,7 +100,7 @@ class MigrationReport:
     guest_cost: dict | None = None
     # The convergence aids' outcome: the last cpu-throttle-percentage, the highest, and the
     # seconds dirty-limit slept the vCPU (per round in `rounds`).
-    convergence: dict | None = None
+    convergence: ConvergenceBlock | None = None
     # The progress over time, a sample at every phase change and round end and at least
     # every 100 ms (`nodes.migration.progress.ProgressHistory`): what `migbed plot` draws.
     progress_history: list = field(default_factory=list)
@@ -111,20 +120,20 @@ class MigrationReport:
     postcopy_bytes: int = 0
     # QEMU's postcopy-requests: pages the destination asked for (each page one request).
     postcopy_requests: int = 0
-    # Post-copy (`cluster.postcopy.postcopy_block`; None when the migration did not switch).
-    postcopy: dict | None = None
+    # Post-copy (`cluster.postcopy_control.postcopy_block`; None when the migration did not switch).
+    postcopy: PostcopyBlock | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
-              info: dict, settings: "MigrationSettings",
+              info: GuestInfo, settings: "MigrationSettings",
               settled: "Settlement") -> "MigrationReport":
         """The report, built once from both sides' results as the control plane settled
         them (`cluster.settle`); `info` is the guest's GUEST_INFO."""
         source, dest = settled.source, settled.destination
         status, error = source.status, source.error
-        if status == "completed" and dest is not None and not dest.completed:
-            status, error = "failed", dest.error
-        completed = status == "completed"
+        if status == Outcome.COMPLETED and dest is not None and not dest.completed:
+            status, error = Outcome.FAILED, dest.error
+        completed = status == Outcome.COMPLETED
         downtime = None
         if source.pause_wall and source.resume_wall:
             downtime = source.resume_wall - source.pause_wall
@@ -137,24 +146,24 @@ class MigrationReport:
         report = cls(
             migration_id=migration_id, guest=guest, source=source_host,
             destination=destination_host, policy=settings.policy, status=status, error=error,
-            profile=source.profile, page_size=info["page_size"],
-            guest_memory_bytes=info["pages"] * info["page_size"],
+            profile=source.profile, page_size=info.page_size, guest_memory_bytes=info.memory_bytes,
             link_bytes_per_second=settings.link_bytes_per_second,
             rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second,
             latency_seconds=settings.latency_seconds,
             downtime_limit_seconds=settings.downtime_limit_seconds,
-            modes={"before": info["mode_before"], "during": info["mode_during"],
+            modes={"before": info.mode_before, "during": info.mode_during,
                    "after": (dest.mode_after if dest is not None else None) if completed
-                   else info["mode_before"]},
+                   else info.mode_before},
             rounds=rounds, stop_reason=source.stop_reason,
-            stop_code=source.stop_code if completed or status == "cancelled" else None,
+            stop_code=source.stop_code if completed or status == Outcome.CANCELLED else None,
             total_time_seconds=total, downtime_seconds=downtime,
             downtime_source_seconds=source.downtime_source_seconds,
             guest_observed_downtime_seconds=_guest_downtime(source, dest),
             pages_sent_total=source.pages_sent_total, bytes_sent_total=source.bytes_sent_total,
             normal_pages=sum(r.normal_pages for r in source.rounds),
             zero_pages=sum(r.zero_pages for r in source.rounds),
-            xbzrle=source.wire.get("xbzrle"), multifd=multifd_block(source, dest),
+            xbzrle=XbzrleBlock.from_dict(source.wire.get("xbzrle")),
+            multifd=multifd_block(source, dest),
             workload_running_seconds=source.workload_running_seconds,
             dirty_sync_count=source.dirty_sync_count,
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
@@ -177,9 +186,8 @@ class MigrationReport:
         return report
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        extra = d.pop("extra")
-        for key, value in extra.items():
+        d = {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+        for key, value in copy.deepcopy(self.extra).items():
             if key == "integrity" and isinstance(value, dict):
                 d["integrity"] = {**value, **d["integrity"]}
             else:
@@ -213,6 +221,13 @@ class MigrationReport:
         if unknown:
             extra["integrity"] = unknown
         kwargs["integrity"] = Integrity(**integrity)
+        for key, block in BLOCKS.items():
+            try:
+                kwargs[key] = block.from_dict(kwargs.get(key))
+            except TypeError:
+                raise ConfigError(f"not a migration report: {key} is not an object") from None
+        status = kwargs["status"]
+        kwargs["status"] = Outcome(status) if status in OUTCOMES else status
         for key in ("rounds", "progress_history"):
             value = kwargs.get(key) or []
             if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
@@ -305,6 +320,7 @@ class MigrationReport:
 
 # What every report of every version has; anything else may be missing from an old one.
 REQUIRED_KEYS = ("migration_id", "guest", "source", "destination", "policy", "status")
+OUTCOMES = {o.value for o in Outcome}
 
 
 def _ms(seconds: float | None) -> str:
@@ -319,23 +335,24 @@ def _verdict(v: bool | None) -> str:
     return {True: "verified (digests equal)", False: "MISMATCH", None: "not checked"}[v]
 
 
-def _convergence(rounds: list[dict], settings: "MigrationSettings") -> dict | None:
+def _convergence(rounds: list[dict], settings: "MigrationSettings") -> ConvergenceBlock | None:
     """What the throttle did, when an aid was asked for."""
     if not (settings.auto_converge or settings.dirty_limit_bytes_per_second is not None):
         return None
     pcts = [r.get("cpu_throttle_percentage", 0) for r in rounds]
     live = [r for r in rounds if not r.get("final")]
-    return {"aid": "auto-converge" if settings.auto_converge else "dirty-limit",
-            "cpu_throttle_percentage": live[-1].get("cpu_throttle_percentage", 0) if live else 0,
-            "cpu_throttle_percentage_max": max(pcts, default=0),
-            "dirty_limit_throttle_seconds": sum(r.get("dirty_limit_throttle_seconds", 0.0)
-                                                for r in rounds)}
+    return ConvergenceBlock(
+        aid="auto-converge" if settings.auto_converge else "dirty-limit",
+        cpu_throttle_percentage=live[-1].get("cpu_throttle_percentage", 0) if live else 0,
+        cpu_throttle_percentage_max=max(pcts, default=0),
+        dirty_limit_throttle_seconds=sum(r.get("dirty_limit_throttle_seconds", 0.0)
+                                         for r in rounds))
 
 
 def _aid_lines(r: "MigrationReport") -> list[str]:
     lines = []
     c = r.convergence
-    if c and c["aid"] == "auto-converge":
+    if c and c.aid == "auto-converge":
         lines.append("  auto-converge: cpu throttle per round "
                      + " ".join(str(x.get("cpu_throttle_percentage", 0)) for x in r.rounds
                                 if not x.get("final")) + " %")
@@ -343,8 +360,8 @@ def _aid_lines(r: "MigrationReport") -> list[str]:
         lines.append("  dirty-limit: the vCPU slept "
                      + " ".join(f"{x.get('dirty_limit_throttle_seconds', 0.0) * 1000:.0f}"
                                 for x in r.rounds) + " ms per round"
-                     + f" ({_ms(c['dirty_limit_throttle_seconds'])} in all)")
-    fixed = (r.model or {}).get("fixed_downtime")
+                     + f" ({_ms(c.dirty_limit_throttle_seconds)} in all)")
+    fixed = r.model.fixed_downtime if r.model is not None else None
     if fixed:
         lines.append(f"  fixed downtime subtracted from the budget: {_ms(fixed['seconds'])} "
                      f"({fixed['basis']})")

@@ -17,14 +17,17 @@ Every call here is bounded by the migration's `timeout_seconds`.
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nodes.errors import ClusterError, MigbedError, MigrationStillRunning
 from nodes.faults.spec import HOST_KILLS, FaultKind
 from nodes.migration.clock import to_source_clock
-from nodes.migration.results import COMPLETED, DestinationResult, SourceResult
+from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.progress import Progress
+from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.settings import MigrationSettings
-from nodes.phase import Phase
+from nodes.phase import Outcome, Phase
 
 VERDICT_ATTEMPTS = 3      # waits of timeout_seconds each for a destination still restoring
 STATUS_POLL_SECONDS = 0.005
@@ -61,8 +64,8 @@ class FaultControl:
         return self._kills_left > 0
 
     # -- while the migration runs ------------------------------------------------------------
-    def poll(self, progress: dict | None) -> None:
-        f = progress.get("fault") if progress else None
+    def poll(self, progress: Progress | None) -> None:
+        f = progress.fault if progress else None
         if not f or f["index"] in self._done:
             return
         self._done.add(f["index"])
@@ -87,7 +90,7 @@ class FaultControl:
                 status = self.dst.call("incoming_status", self.mid, timeout=self.timeout)
             except MigbedError:
                 return
-            if status in (None, "completed", "failed"):
+            if status in (None, Outcome.COMPLETED, Outcome.FAILED):
                 return
             time.sleep(STATUS_POLL_SECONDS)
 
@@ -99,17 +102,21 @@ class FaultControl:
         self.killed[handle.name] = {"role": role, "fault": f["text"], "stage": f["stage"]}
 
     # -- when the sender has ended -------------------------------------------------------
-    def settle(self, pending, info: dict) -> Settlement:
-        """Both sides of the migration, whatever became of the hosts."""
+    def settle(self, pending, info: GuestInfo,
+               switched: "Callable[[FaultControl, SourceResult, GuestInfo], Settlement | None]"
+               ) -> Settlement:
+        """Both sides of the migration, whatever became of the hosts. `switched` settles a
+        migration that switched to post-copy and returns None for any other
+        (`cluster.postcopy_control.settle_switched`, handed in by the driver: post-copy builds on
+        this module, not the other way round)."""
         try:
             source: SourceResult = pending.result(self.timeout)
         except ClusterError as exc:
-            source = SourceResult(source_lost=True, mode_before=info["mode_before"],
+            source = SourceResult(source_lost=True, mode_before=info.mode_before,
                                   error=f"source host {self.src.name} died during the "
                                         f"migration ({exc})")
-        from cluster.postcopy import postcopy_outcome, settle_postcopy  # it uses Settlement
-        if postcopy_outcome(self, source):
-            out = settle_postcopy(self, source, info)
+        out = switched(self, source, info)
+        if out is not None:
             out.faults = self._faults(out)
             return out
         verdict_needed = source.completed or source.source_lost or source.handover_unknown
@@ -145,7 +152,8 @@ class FaultControl:
             except MigbedError as exc:
                 last = exc
                 break
-        return DestinationResult(status="unknown", error=f"destination gave no verdict: {last}")
+        return DestinationResult(status=Outcome.UNKNOWN,
+                                 error=f"destination gave no verdict: {last}")
 
     def _abandon(self) -> DestinationResult:
         try:
@@ -159,7 +167,7 @@ class FaultControl:
         if dest.completed:
             timing = dest.source_timing or {}
             out.source = SourceResult(
-                status=COMPLETED, source_lost=True, mode_before=out.source.mode_before,
+                status=Outcome.COMPLETED, source_lost=True, mode_before=out.source.mode_before,
                 pause_wall=timing.get("pause_wall"),
                 resume_wall=to_source_clock(dest.resume_wall,
                                             timing.get("clock_offset_seconds")),
@@ -178,7 +186,7 @@ class FaultControl:
     def _settle_handover(self, out: Settlement) -> None:
         src, dst, source, dest = self.src, self.dst, out.source, out.destination
         why = source.error
-        if dest.status == "unknown":
+        if dest.status == Outcome.UNKNOWN:
             out.notes.append(f"hand-over unresolved ({why}); {dst.name} gave no verdict in "
                              f"{VERDICT_ATTEMPTS} x {self.timeout:g} s, so {src.name} keeps "
                              f"the guest paused as {self.guest}--migratedaway")
@@ -193,7 +201,7 @@ class FaultControl:
             out.guest_lost = not resumed_there
             return
         if resumed_there:
-            source.status, source.error = COMPLETED, None
+            source.status, source.error = Outcome.COMPLETED, None
             source.source_digest = extra["source_digest"]
             source.resume_wall = to_source_clock(dest.resume_wall,
                                                  source.clock_offset_seconds)

@@ -21,6 +21,7 @@ from cluster.driver import run_migration
 from nodes.errors import ConfigError, MigbedError
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 from workloads.spec import WorkloadSpec
 
@@ -200,7 +201,7 @@ def run_soak(tb, opts: SoakOptions,
                     break
                 r = _ring_step(tb, hosts, where, alive[k % len(alive)], k, opts, res)
                 if r is not None:
-                    if r.downtime_seconds is not None and r.status == "completed":
+                    if r.downtime_seconds is not None and r.status == Outcome.COMPLETED:
                         downtimes.append(r.downtime_seconds)
                     if on_step is not None:
                         on_step(k, r)
@@ -232,7 +233,7 @@ def _boot_guests(tb, hosts: list[str], opts: SoakOptions) -> dict[str, int]:
         g = f"soak-{tag}-{i}"
         wl = replace(opts.workload, seed=opts.workload.seed + i)
         tb.host(hosts[i % len(hosts)]).call(
-            "create_guest", GuestSpec(g, opts.guest_memory_bytes, workload=wl).to_dict())
+            "create_guest", GuestSpec(g, opts.guest_memory_bytes, workload=wl))
         where[g] = i % len(hosts)
     return where
 
@@ -248,11 +249,11 @@ def _ring_step(tb, hosts: list[str], where: dict[str, int], g: str, k: int,
     except MigbedError as exc:
         _keep(res, f"#{k} {g} {src}->{dst}: refused: {exc}")
         return None
-    if r.status == "completed":
+    if r.status == Outcome.COMPLETED:
         res.completed += 1
         if r.integrity.verified:
             res.verified += 1
-    if r.status != "completed" or not r.integrity.verified:
+    if r.status != Outcome.COMPLETED or not r.integrity.verified:
         _keep(res, f"#{k} {g} {src}->{dst}: {r.status} ({r.error}), verified "
                    f"{r.integrity.verified}")
     if r.guest_lost or r.guest_host is None:

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster import launcher, persistent
-from cluster.driver import run_migration
+from cluster.driver import recover_migration, run_migration
 from cluster.handles import LocalHost, RayHost
-from cluster.launcher import NAMESPACE, ClusterSpec, LocalRay
+from cluster.launch import launcher, persistent
+from cluster.launch.launcher import NAMESPACE, ClusterSpec, LocalRay
 from cluster.report import MigrationReport
 from nodes.errors import (
     ClusterError,
@@ -23,7 +23,9 @@ from nodes.errors import (
     NoSuchHostError,
 )
 from nodes.host.specs import GuestSpec
+from nodes.migration.progress import Progress
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import PausedEnd
 from nodes.xen.hypervisor import check_guest_name
 
 # Told of every `Testbed.local` as it starts (`started(tb)`) and closes (`closing(tb)`); see
@@ -185,14 +187,14 @@ class Testbed:
         if any(g["name"] == spec.name for g in self.guests()):
             raise DomainExistsError(f"a guest named {spec.name!r} already exists in the "
                                     "cluster")
-        return h.call("create_guest", spec.to_dict())
+        return h.call("create_guest", spec)
 
     def destroy(self, guest: str) -> None:
         self.host(self.where(guest)).call("destroy_guest", guest)
 
     def migrate(self, guest: str, destination: str,
                 settings: MigrationSettings | None = None,
-                on_progress: Callable[[dict], None] | None = None,
+                on_progress: Callable[[Progress], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
         settings = settings or MigrationSettings()
         dst = self.host(destination)
@@ -204,7 +206,7 @@ class Testbed:
         self._forget_killed(report)
         return report
 
-    # -- post-copy (`cluster.postcopy`) ----------------------------------------------------------
+    # -- post-copy (`cluster.postcopy_control`, `cluster.driver.recover_migration`) --------------------
     def start_postcopy(self, guest: str) -> str:
         """Switch the running migration of `guest` to post-copy at its next decision (QEMU's
         migrate-start-postcopy); it must have been started with post-copy allowed."""
@@ -216,10 +218,9 @@ class Testbed:
                              "`migbed migrate GUEST DEST_HOST --postcopy-allowed`")
 
     def recover(self, guest: str,
-                on_progress: Callable[[dict], None] | None = None) -> MigrationReport:
+                on_progress: Callable[[Progress], None] | None = None) -> MigrationReport:
         """Resume the paused post-copy migration of `guest` (its link is back); the report
         once it has completed (or paused again)."""
-        from cluster.postcopy import recover_migration
         for src in self.hosts.values():
             for paused in src.call("paused_migrations"):
                 if paused["guest"] != guest:
@@ -227,7 +228,7 @@ class Testbed:
                 dst = self._incoming_host(paused["migration_id"])
                 if dst is None:
                     why = f"the destination of the paused post-copy of {guest} is gone"
-                    src.call("settle_paused", paused["migration_id"], "lost", why)
+                    src.call("settle_paused", paused["migration_id"], PausedEnd.LOST, why)
                     raise MigrationError(f"{why}: the guest is lost (neither host has all "
                                          f"of it); {src.name} has freed its stale copy")
                 report = recover_migration(src, dst, paused, on_progress)

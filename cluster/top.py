@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nodes.errors import ClusterError
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
     from cluster.testbed import Testbed
@@ -150,8 +151,8 @@ def _recent_rows(up: dict) -> list[dict]:
         src, dst = sides.get("source"), sides.get("destination")
         first = src or dst
         status = src["status"] if src else dst["status"]
-        if src and dst and status == "completed" and dst["status"] != "completed":
-            status = "failed"                # as the report says: the destination failed
+        if src and dst and status == Outcome.COMPLETED and dst["status"] != Outcome.COMPLETED:
+            status = Outcome.FAILED          # as the report says: the destination failed
         rows.append({
             "migration_id": mid, "guest": first["guest"],
             "source": src["host"] if src else None,

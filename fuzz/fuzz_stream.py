@@ -33,9 +33,9 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nodes.errors import StreamError  # noqa: E402
-from nodes.migration import compression, encoded, pagesets, records, xbzrle  # noqa: E402
-from nodes.migration.reader import RecordReader  # noqa: E402
-from nodes.migration.records import RecordType as RT  # noqa: E402
+from nodes.migration.receive.reader import RecordReader  # noqa: E402
+from nodes.migration.wire import compression, encoded, pagesets, records, xbzrle  # noqa: E402
+from nodes.migration.wire.records import RecordType as RT  # noqa: E402
 
 GUEST_PAGES = 64
 HEAD = records.encode_image_header() + records.encode_domain_header("vp", 12)

@@ -1,5 +1,5 @@
-"""The phases of a migration: the one vocabulary of progress, metric labels, fault stages and
-the report.
+"""The phases of a migration and how it ends: the one vocabulary of progress, metric labels,
+fault stages and the report (`Phase`, `Outcome`).
 
 Users see the kebab-case values (`stop-and-copy` in `--fault kill-source@stop-and-copy`, in
 the `phase` label of /metrics and in a migration's progress); JSON keys are derived from the
@@ -39,5 +39,31 @@ class Phase(StrEnum):
 # precopy, then stop-and-copy and handover (pre-copy) or switch and postcopy (post-copy).
 TIMED = (Phase.SETUP, Phase.PRECOPY, Phase.STOP_AND_COPY, Phase.HANDOVER, Phase.SWITCH,
          Phase.POSTCOPY)
+
+
+class Outcome(StrEnum):
+    """What a side's `status` says of a migration, typed. A `str` enum so the report's JSON,
+    metric labels and saved reports keep the plain values, and compare equal to them."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PAUSED = "postcopy-paused"     # after a post-copy switch, the link is down
+    UNKNOWN = "unknown"            # the control plane got no verdict from the destination
+    # A destination's status before it ends (`nodes.migration.receive.receiver.Receiver`).
+    WAITING = "waiting"
+    RECEIVING = "receiving"
+    READY = "ready"
+
+
+class PausedEnd(StrEnum):
+    """How the control plane ends a paused post-copy on its source, as it found the
+    destination (`cluster.postcopy_control`, `nodes.migration.postcopy.postcopy_source.settle_paused`)."""
+
+    COMPLETED = "completed"        # the destination has it all: its RESULT was lost
+    RESUME = "resume"              # the destination never ran the guest: it resumes here
+    LOST = "lost"                  # the destination died: neither host has the whole guest
+
+
 # What a migration's status is once it has ended.
-ENDED = ("completed", "failed", "cancelled")
+ENDED = (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED)

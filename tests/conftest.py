@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from cluster.launcher import ClusterSpec
+from cluster.launch.launcher import ClusterSpec
 from cluster.testbed import Testbed
 
 MiB = 1024 * 1024

@@ -4,7 +4,7 @@ on several machines.
 
 Each `ray start` runs in a session of its own, and the daemons it leaves keep that session
 (workers included), so `stop()` kills exactly this cluster's processes by their sessions
-(`cluster.reaper`), never with a bare `ray stop`, which would also stop the test session's
+(`cluster.launch.reaper`), never with a bare `ray stop`, which would also stop the test session's
 shared cluster. Every port is a free one and the head has a temp dir of its own.
 """
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.reaper import kill_session
+from cluster.launch.reaper import kill_session
 
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_SECONDS = 180

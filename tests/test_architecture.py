@@ -102,3 +102,136 @@ def test_the_model_and_the_workloads_open_no_sockets_and_start_no_threads():
         src = path.read_text()
         if module != "workloads.vcpu":       # the vCPU is the one thread a guest has
             assert "Thread(" not in src, module
+
+
+def _imported_from(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module a `from ... import` names, relative ones resolved against `module`."""
+    if node.level == 0:
+        return node.module or ""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+def _known(name: str, known: set[str]) -> str | None:
+    """The longest module of ours that `name` is or lies in (`a.b.func` -> `a.b`)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def edges_of(module: str, path: Path, source: str, known: set[str]) -> set[str]:
+    """The modules of ours that `source` (the text of `module` at `path`) imports, counting
+    every import statement wherever it stands (top level, inside a function, under
+    `if TYPE_CHECKING:`), relative ones resolved. `from pkg import name` is an edge to
+    `pkg.name` when that is a module, to `pkg` (its `__init__`) otherwise."""
+    out: set[str | None] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.update(_known(a.name, known) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _imported_from(module, path, node)
+            out.update(_known(f"{base}.{a.name}", known) for a in node.names)
+    return {m for m in out if m and m != module}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (`edges_of`), for every module of ours."""
+    found = modules()
+    known = {m for m, _ in found}
+    return {m: edges_of(m, p, p.read_text(), known) for m, p in found}
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one module, iteratively."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == v:
+                        break
+                if len(component) > 1:
+                    out.append(sorted(component))
+    return out
+
+
+def a_cycle(graph: dict[str, set[str]], component: list[str]) -> str:
+    """One concrete cycle through a component, as a readable chain `a -> b -> a`."""
+    members = set(component)
+    start = component[0]
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:                  # breadth first inside the component, back to `start`
+        following = []
+        for v in frontier:
+            for w in sorted(graph[v] & members):
+                if w == start:
+                    chain = [start]
+                    while v != start:
+                        chain.append(v)
+                        v = parents[v]
+                    return " -> ".join([start, *reversed(chain[1:]), start])
+                if w not in parents:
+                    parents[w] = v
+                    following.append(w)
+        frontier = following
+    return " <-> ".join(component)
+
+
+def test_the_import_graph_sees_every_kind_of_import():
+    known = {"p", "p.a", "p.b", "p.e", "p.q", "p.q.c", "p.q.d", "p.q.f"}
+    source = """
+import p.a
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    from p.b import Thing
+def later():
+    from .c import helper
+    from . import d
+from ..q import f, not_a_module
+from p import e
+"""
+    edges = edges_of("p.q.g", ROOT / "p" / "q" / "g.py", source, known)
+    assert edges == {"p.a", "p.b", "p.q.c", "p.q.d", "p.q.f", "p.q", "p.e"}
+    package = edges_of("p.q", ROOT / "p" / "q" / "__init__.py", "from . import f\nfrom .. import a",
+                       known)
+    assert package == {"p.q.f", "p.a"}
+    assert "cluster.sweep.outputs" in import_graph()["cluster.sweep"]
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph()
+    cycles = list(strongly_connected(graph))
+    assert not cycles, "import cycles (every import counts, in functions and under " \
+        "TYPE_CHECKING too):\n" + "\n".join(
+            f"{a_cycle(graph, c)}   (all tied: {', '.join(c)})" for c in cycles)

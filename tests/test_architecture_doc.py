@@ -1,6 +1,6 @@
 """ARCHITECTURE.md stays true: every file or folder it names exists, and every class, function,
 method or constant it names is defined in a module its own paragraph names (so "`LiveRounds` in
-`nodes/migration/source.py`" fails the day `LiveRounds` moves), or, in a paragraph that names
+`nodes/migration/send/sender.py`" fails the day `LiveRounds` moves), or, in a paragraph that names
 no module, somewhere in the tree."""
 
 import ast
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "ARCHITECTURE.md"
 TREES = ("nodes", "cluster", "workloads", "dashboards")
-PATH = re.compile(r"^[\w.-]+(/[\w.-]+)+/?$")            # nodes/migration/pipeline.py, postcopy/
+PATH = re.compile(r"^[\w.-]+(/[\w.-]+)+/?$")            # nodes/migration/send/pipeline.py, postcopy/
 SYMBOL = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")    # Domain.write_words, decide(stats)
 
 

@@ -12,9 +12,9 @@ import pytest
 from cluster.bench import SECTIONS, BenchOptions, run_bench
 from cluster.cli import main
 from nodes.errors import ConfigError, StreamError
-from nodes.migration import records
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.wire import records
+from nodes.migration.wire.records import RecordType as RT
 from nodes.xen.memory import MachineMemory
 
 PAGE = 4096

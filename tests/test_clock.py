@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from nodes.errors import StreamError
 from nodes.host.specs import GuestSpec
-from nodes.migration import clock, destination
+from nodes.migration import clock
 from nodes.migration.clock import ClockEstimate, ClockSample, to_source_clock
-from nodes.migration.postcopy import destination as postcopy_destination
+from nodes.migration.postcopy import postcopy_destination
+from nodes.migration.receive import receiver as destination
 from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 

@@ -9,7 +9,7 @@ import ray
 from checks import frames_exact
 
 from cluster.handles import RayHost
-from cluster.launcher import NAMESPACE
+from cluster.launch.launcher import NAMESPACE
 from nodes.errors import DomainExistsError, NoSuchDomainError, NoSuchHostError
 from nodes.host.actor import start_host_actor
 from nodes.host.specs import GuestSpec, HostConfig

@@ -11,15 +11,15 @@ from checks import frames_exact, wait_progress
 from test_cli import one_line_error, run
 
 from cluster.model import predict
-from cluster.model.throttle import ThrottleSpec
+from cluster.model.throttle_model import ThrottleSpec
 from nodes.errors import ConfigError, MigrationTimedOut
 from nodes.host.specs import GuestSpec
-from nodes.migration.adaptive import MAX_MBIT_RATE, AdaptiveRate
-from nodes.migration.dirtysync import SyncPeriod
-from nodes.migration.policy import Action, StopCode
+from nodes.migration.decide.adaptive import MAX_MBIT_RATE, AdaptiveRate
+from nodes.migration.decide.policy import Action, StopCode
+from nodes.migration.decide.throttle import AutoConverge, DirtyLimit, Hot, ThrottleTrigger
+from nodes.migration.decide.timeouts import Timeouts, completion_seconds
+from nodes.migration.send.dirtysync import SyncPeriod
 from nodes.migration.settings import MigrationSettings
-from nodes.migration.throttle import AutoConverge, DirtyLimit, Hot, ThrottleTrigger
-from nodes.migration.timeouts import Timeouts, completion_seconds
 from nodes.xen.hypervisor import Hypervisor
 from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
@@ -283,7 +283,7 @@ def test_a_pause_ends_a_throttle_sleep(hv):
 def test_throttle_sleeps_are_not_gaps_the_guest_saw():
     """The progress log: writes, a throttle sleep of 400 ms, writes, a real stall of 50 ms."""
     vcpu = VCPU.__new__(VCPU)
-    from workloads.vcpu import ProgressLog
+    from workloads.progresslog import ProgressLog
     vcpu.log = ProgressLog()
     t = 1000.0
     for i in range(10):
@@ -450,7 +450,7 @@ def test_the_throttle_shows_in_progress_and_on_a_real_metrics_scrape(in_process)
         r = tb.migrate("vm", "host-1", MigrationSettings(
             policy="qemu", link_bytes_per_second=1 * MiB, max_iterations=8,
             auto_converge=True, throttle_initial=60, throttle_increment=20),
-            on_progress=lambda p: seen.append(p.get("cpu_throttle_percentage", 0)))
+            on_progress=lambda p: seen.append(p.cpu_throttle_percentage))
     finally:
         done.set()
         watcher.join()
@@ -561,7 +561,7 @@ def test_the_model_says_when_auto_converge_converges_and_at_what_throttle():
 def test_the_model_follows_dirty_limit():
     """Quota 10 MB/s on a guest writing 82 MB/s over 12 MiB/s: the rule's sleep brings it
     under what the link drains; 50 MB/s stops adjusting within the tolerance, and does not."""
-    from cluster.model.throttle import DirtyLimitSpec
+    from cluster.model.throttle_model import DirtyLimitSpec
     kw = dict(guest_memory_bytes=16 * MiB,
               workload=WorkloadSpec("uniform", 20000, fill="random"),
               link_bytes_per_second=12 * MiB, policy="qemu",

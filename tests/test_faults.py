@@ -17,12 +17,12 @@ from checks import wait_progress
 
 from cluster.demo import sequential_edge_ok
 from cluster.handles import RayHost
-from cluster.launcher import NAMESPACE
+from cluster.launch.launcher import NAMESPACE
 from nodes.errors import ConfigError, OutOfFramesError
 from nodes.faults.spec import FaultKind, FaultSpec, faults_from_toml, parse_fault
 from nodes.host.actor import start_host_actor
 from nodes.host.specs import GuestSpec, HostConfig
-from nodes.migration.policy import (
+from nodes.migration.decide.policy import (
     Decision,
     PrecopyPolicy,
     PrecopyStats,

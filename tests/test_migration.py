@@ -13,8 +13,8 @@ from checks import frames_exact, wait_progress
 from cluster.demo import sequential_edge_ok
 from nodes.errors import ConfigError, MigrationError, ModeError, OutOfFramesError
 from nodes.host.specs import GuestSpec
-from nodes.migration import records
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import records
 from workloads.spec import PATTERNS, WorkloadSpec
 
 MiB = 1024 * 1024
@@ -230,7 +230,7 @@ def test_latency_and_rate_limit(pair):
 
 
 def test_pacer_is_a_virtual_clock():
-    from nodes.migration.link import Pacer
+    from nodes.migration.send.link import Pacer
     p = Pacer(1000.0)
     assert p.charge(500, now=0.0) == pytest.approx(0.5)
     assert p.charge(500, now=0.1) == pytest.approx(1.0)
@@ -245,7 +245,7 @@ def test_send_buffers_survives_partial_sends():
     import socket
     import threading
 
-    from nodes.migration.link import IOV_MAX, send_buffers
+    from nodes.migration.send.link import IOV_MAX, send_buffers
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
     a.settimeout(10)                       # as migration sockets: sends may stop short
@@ -310,12 +310,12 @@ def test_failure_in_stop_and_copy_still_reports_the_pause(pair, monkeypatch):
 
 
 def test_qemu_budget_subtracts_the_fixed_hand_over_cost_only_when_asked():
-    from nodes.migration.policy import Action, PrecopyStats
+    from nodes.migration.decide.policy import Action, PrecopyStats
     stats = PrecopyStats(iteration=1, dirty_count=100, total_written=0, guest_pages=1000,
                          page_size=4096)
 
     def policy(**extra):
-        # 90 ms of fixed downtime, as measured for a host pair (`nodes.migration.fixeddowntime`)
+        # 90 ms of fixed downtime, as measured for a host pair (`nodes.migration.decide.fixeddowntime`)
         p = MigrationSettings(policy="qemu", downtime_limit_seconds=0.1, latency_seconds=0.03,
                               **extra).make_policy(0.09)
         p.start(0.0, 0)
@@ -401,7 +401,7 @@ def test_a_migration_imports_nothing_on_the_way():
     code = (
         "import sys, time\n"
         "from cluster.testbed import Testbed\n"
-        "from cluster.launcher import ClusterSpec\n"
+        "from cluster.launch.launcher import ClusterSpec\n"
         "from nodes.host.specs import GuestSpec\n"
         "from nodes.migration.settings import MigrationSettings\n"
         "from workloads.spec import WorkloadSpec\n"

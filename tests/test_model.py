@@ -17,8 +17,8 @@ from cluster.model import (  # noqa: E402
     expected_distinct_pages,
     predict,
 )
-from nodes.migration import policy as policy_mod  # noqa: E402
-from nodes.migration.policy import Action, Decision, PrecopyPolicy  # noqa: E402
+from nodes.migration.decide import policy as policy_mod  # noqa: E402
+from nodes.migration.decide.policy import Action, Decision, PrecopyPolicy  # noqa: E402
 from workloads.patterns import hot_pages  # noqa: E402
 from workloads.spec import WorkloadSpec  # noqa: E402
 

@@ -13,23 +13,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodes.errors import GuestLost, StreamError
-from nodes.faults.source import SourceFaults
-from nodes.migration import pagesets, records
-from nodes.migration.channel import Ticket
-from nodes.migration.context import SourceContext
-from nodes.migration.landing import Landing
-from nodes.migration.link import LinkSender
-from nodes.migration.pipeline import PagePipeline, PassCursor
-from nodes.migration.policy import Action, Decision, PrecopyStats, StopCode
+from nodes.faults.at_source import SourceFaults
+from nodes.migration.decide.policy import Action, Decision, PrecopyStats, StopCode
 from nodes.migration.postcopy.pagefault import FaultLatency, PageFaults
-from nodes.migration.postcopy.source import serve
+from nodes.migration.postcopy.postcopy_source import serve
 from nodes.migration.postcopy.state import PostcopySource
 from nodes.migration.postcopy.trigger import SwitchRule, prefer
 from nodes.migration.progress import PhaseClock, Progress, RoundStats
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.landing import Landing
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.results import SourceResult
+from nodes.migration.send.link import LinkSender
+from nodes.migration.send.pipeline import PagePipeline, PassCursor
+from nodes.migration.send.source_context import SourceContext
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.channel import Ticket
+from nodes.migration.wire.records import RecordType as RT
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.profiles import Mode
 

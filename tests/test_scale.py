@@ -16,9 +16,9 @@ import pytest
 from checks import processes_with_env
 from conftest import require_binary
 
-from cluster import persistent
-from cluster.launcher import ClusterSpec, startup_timeout_seconds
-from cluster.placement import RayNode, local_groups, parse_placement, spread
+from cluster.launch import persistent
+from cluster.launch.launcher import ClusterSpec, startup_timeout_seconds
+from cluster.launch.placement import RayNode, local_groups, parse_placement, spread
 from cluster.prometheus import api_get
 from nodes.errors import ClusterError, ConfigError
 
@@ -276,8 +276,8 @@ def free_port_range(count: int) -> tuple[int, int]:
 
 def test_migrations_listen_in_the_data_port_range(in_process):
     from nodes.host.specs import GuestSpec
-    from nodes.migration.channel import Listener
     from nodes.migration.settings import MigrationSettings
+    from nodes.migration.wire.channel import Listener
     low, high = free_port_range(3)
     listeners = [Listener("127.0.0.1", f"m{i}", (low, high)) for i in range(3)]
     try:

@@ -12,13 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from cluster import cli
-from cluster.launcher import ClusterSpec
+from cluster.launch.launcher import ClusterSpec
 from nodes.host.service import HostService
 from nodes.host.specs import GuestSpec, HostConfig
-from nodes.migration import records
-from nodes.migration.channel import TOKEN_BYTES
-from nodes.migration.records import RecordType as RT
+from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import records
+from nodes.migration.wire.channel import TOKEN_BYTES, Ticket
+from nodes.migration.wire.records import RecordType as RT
 
 pytestmark = pytest.mark.inprocess
 
@@ -36,14 +37,14 @@ def hosts():
     dst.shutdown()
 
 
-def hostile_stream(info: dict, fill: int = 0xAB) -> bytes:
+def hostile_stream(info: GuestInfo, fill: int = 0xAB) -> bytes:
     """A well-formed stream that writes `fill` into every data page of the guest (no END;
     the page tables follow the data pages)."""
-    pages = info["data_pages"]
+    pages = info.data_pages
     parts = [records.encode_image_header(), records.encode_domain_header("vp", 12),
-             records.encode_record(RT.GUEST_INFO, info),
+             records.encode_record(RT.GUEST_INFO, info.to_dict()),
              records.encode_record(RT.P2M_FRAMES,
-                              {"mfns": np.zeros(info["pages"], "<u8").tobytes()}),
+                              {"mfns": np.zeros(info.pages, "<u8").tobytes()}),
              records.encode_record(RT.STATIC_DATA_END)]
     for i in range(0, pages, records.MAX_BATCH_PAGES):
         pfns = np.arange(i, min(pages, i + records.MAX_BATCH_PAGES))
@@ -53,8 +54,8 @@ def hostile_stream(info: dict, fill: int = 0xAB) -> bytes:
     return b"".join(parts)
 
 
-def send(ticket: dict, payload: bytes) -> None:
-    with socket.create_connection((ticket["address"], ticket["port"]), timeout=5) as s:
+def send(ticket: Ticket, payload: bytes) -> None:
+    with socket.create_connection((ticket.address, ticket.port), timeout=5) as s:
         try:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
@@ -68,17 +69,17 @@ def test_stray_connection_without_the_token_writes_nothing(hosts):
     before = dst.frame_counts()
     info = src.guest_info("g", "mig-1")
     s = MigrationSettings(timeout_seconds=5)
-    ticket = dst.prepare_incoming(info, s.to_dict())
+    ticket = dst.prepare_incoming(info, s)
     recv = dst.incoming["mig-1"]
     frames = recv.dom.p2m.copy()
     payload = hostile_stream(info)
-    good = bytes.fromhex(ticket["token"])
+    good = bytes.fromhex(ticket.token)
     for token in (bytes(TOKEN_BYTES), good[::-1], good[:8]):    # wrong, reversed, short
         send(ticket, token + payload)
     assert recv.landing.pages_received == 0 and recv.status == "waiting"
     assert not dst.hv.memory.frames[frames].any(), "a stray wrote into reserved frames"
     # The real source still gets through, and the guest arrives intact.
-    r = src.migrate_out("g", ticket, s.to_dict())
+    r = src.migrate_out("g", ticket, s)
     assert r.status == "completed"
     assert dst.incoming_report("mig-1", 5).status == "completed"
     assert dst.guest_digest("g") == r.source_digest
@@ -91,11 +92,11 @@ def test_the_payload_would_write_with_the_token(hosts):
     src, dst = hosts
     before = dst.frame_counts()
     info = src.guest_info("g", "mig-2")
-    ticket = dst.prepare_incoming(info, MigrationSettings(timeout_seconds=2).to_dict())
+    ticket = dst.prepare_incoming(info, MigrationSettings(timeout_seconds=2))
     recv = dst.incoming["mig-2"]
-    send(ticket, bytes.fromhex(ticket["token"]) + hostile_stream(info))
+    send(ticket, bytes.fromhex(ticket.token) + hostile_stream(info))
     assert recv.wait(5) and recv.status == "failed"           # no END: refused in the end
-    assert recv.landing.pages_received == info["data_pages"]
+    assert recv.landing.pages_received == info.data_pages
     dst.abandon_incoming("mig-2")
     assert dst.frame_counts() == before, "frames freed after the failed restore"
 
@@ -104,7 +105,7 @@ def test_too_many_strays_fail_the_migration_and_free_its_frames(hosts):
     src, dst = hosts
     before = dst.frame_counts()
     info = src.guest_info("g", "mig-3")
-    ticket = dst.prepare_incoming(info, MigrationSettings(timeout_seconds=5).to_dict())
+    ticket = dst.prepare_incoming(info, MigrationSettings(timeout_seconds=5))
     recv = dst.incoming["mig-3"]
     for _ in range(4):
         send(ticket, b"\0" * TOKEN_BYTES + b"junk")
@@ -123,10 +124,10 @@ def test_hostile_peer_with_the_token_gets_a_clean_refusal(hosts, data):
     before = dst.frame_counts()
     mid = f"fz-{time.monotonic_ns()}"
     info = src.guest_info("g", mid)
-    ticket = dst.prepare_incoming(info, MigrationSettings(timeout_seconds=2).to_dict())
+    ticket = dst.prepare_incoming(info, MigrationSettings(timeout_seconds=2))
     recv = dst.incoming[mid]
     head = records.encode_image_header() + records.encode_domain_header("vp", 12)
-    send(ticket, bytes.fromhex(ticket["token"]) + head + data)
+    send(ticket, bytes.fromhex(ticket.token) + head + data)
     assert recv.wait(5) and recv.status == "failed" and recv.error
     dst.abandon_incoming(mid)
     assert dst.frame_counts() == before
@@ -144,8 +145,8 @@ def test_sockets_bind_loopback_by_default(in_process):
     tb.create("host-0", GuestSpec("b", 4 * MiB))
     dst = tb.host("host-1").service
     ticket = dst.prepare_incoming(tb.host("host-0").call("guest_info", "b", "bind-1"),
-                                  MigrationSettings(timeout_seconds=2).to_dict())
-    assert ticket["address"] == "127.0.0.1"
+                                  MigrationSettings(timeout_seconds=2))
+    assert ticket.address == "127.0.0.1"
     assert dst.incoming["bind-1"].listener.sock.getsockname()[0] == "127.0.0.1"
     dst.abandon_incoming("bind-1")
     for h in tb.hosts.values():
@@ -169,7 +170,7 @@ def test_nothing_from_the_wire_is_unpickled_or_evaluated():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id not in banned_calls, (name, node.func.id)
     assert any("ext_hook=no_ext" in p.read_text()
-               for p in (ROOT / "nodes" / "migration").glob("*.py"))
+               for p in (ROOT / "nodes" / "migration").rglob("*.py"))
 
 
 # -- the CLI: every bad input is one line on stderr and exit 2 -----------------------------

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodes.errors import StreamError
-from nodes.migration import records
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.reader import IncomingPages, RecordReader
+from nodes.migration.wire import records
+from nodes.migration.wire.records import RecordType as RT
 
 PAGE = 4096
 
@@ -35,6 +35,30 @@ class Sink:
     def done(self):
         self.done_records += 1
 
+    def land(self, pd: IncomingPages):
+        """The record's pages received straight into its rows, chunk by chunk, as
+        `RecordSink.land` does it: the sink drives the reader."""
+        for index, chunk in enumerate(self.buffers(pd.pfns, pd.types)):
+            pd.read_into(chunk)
+            self.landed(index)
+        pd.end()
+        self.done()
+
+
+class Receiving(RecordReader):
+    """A receiver's loop over its reader (as `Receiver._receive`): it asks the reader for the
+    next record and lands a PAGE_DATA's pages into its sink; the reader never calls it."""
+
+    def __init__(self, read_into, sink: Sink):
+        super().__init__(read_into, pages_in_place=True)
+        self.page_sink = sink
+
+    def read_record(self):
+        rec = super().read_record()
+        if rec is not None and isinstance(rec.fields.get("page_data"), IncomingPages):
+            self.page_sink.land(rec.fields["page_data"])
+        return rec
+
 
 @pytest.fixture(params=["buffer", "sink"])
 def via(request) -> str:
@@ -44,8 +68,7 @@ def via(request) -> str:
 
 def reader_of(data: bytes, guest_pages: int = 64, via: str = "buffer") -> RecordReader:
     f = io.BytesIO(data)
-    sink = Sink(guest_pages) if via == "sink" else None
-    r = RecordReader(f.readinto, page_sink=sink)
+    r = Receiving(f.readinto, Sink(guest_pages)) if via == "sink" else RecordReader(f.readinto)
     r.guest_pages = guest_pages
     return r
 
@@ -88,6 +111,28 @@ def test_round_trip(via):
     if via == "sink":
         assert pd.pages is None and r.page_sink.done_records == 1
         assert r.page_sink.landed_chunks == [0, 1, 2], "five pages land in chunks of two"
+
+
+def test_pages_in_place_are_read_only_as_far_as_the_record_goes():
+    """A reader with pages in place returns PAGE_DATA with its pages still on the stream: its
+    caller may read no more than the record holds, and must read them before the next."""
+    r = RecordReader(io.BytesIO(good_stream(2)).readinto, pages_in_place=True)
+    r.read_image_header()
+    r.read_domain_header()
+    assert r.read_record().type == RT.STATIC_DATA_END
+    pd = r.read_record().fields["page_data"]
+    assert isinstance(pd, IncomingPages) and list(pd.pfns) == [0, 1] and pd.pages is None
+    with pytest.raises(StreamError, match="never read"):
+        r.read_record()
+    rows = np.zeros((3, PAGE), np.uint8)
+    with pytest.raises(StreamError, match="bytes asked"):
+        pd.read_into([rows.reshape(-1)])
+    with pytest.raises(StreamError, match="never read"):
+        pd.end()
+    pd.read_into([rows[0]])
+    pd.read_into([rows[1]])
+    pd.end()
+    assert rows[1, 1] == (PAGE + 1) % 256 and r.read_record().type == RT.END
 
 
 def test_a_sink_takes_only_the_layout_it_knows(via):

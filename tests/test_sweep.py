@@ -276,9 +276,9 @@ def test_stopping_on_a_cap_is_read_from_the_stop_code_not_the_reason_text():
 
 def test_sweep_rows_carry_the_stop_codes(in_process, tmp_path):
     """Every completed run's row holds the model's stop code beside its stop reason (and the
-    report's, once reports carry one), the values of nodes.migration.policy.StopCode."""
+    report's, once reports carry one), the values of nodes.migration.decide.policy.StopCode."""
     from cluster.sweep import run_sweep
-    from nodes.migration.policy import StopCode
+    from nodes.migration.decide.policy import StopCode
     sc = Scenario.from_toml('name = "codes"\n[guest]\nmemory = "4MiB"\nwarmup = "50ms"\n'
                             '[workload]\npattern = "uniform"\n[migration]\n'
                             'bandwidth = "64MiB"\n[axes]\ndirty_rate = [500]\n')

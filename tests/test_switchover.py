@@ -7,8 +7,8 @@ from checks import frames_exact
 
 from cluster.model import predict
 from nodes.host.specs import GuestSpec
-from nodes.migration.dirtysync import SyncLog
-from nodes.migration.policy import Action, PrecopyStats, QemuPolicy, StopCode
+from nodes.migration.decide.policy import Action, PrecopyStats, QemuPolicy, StopCode
+from nodes.migration.send.dirtysync import SyncLog
 from nodes.migration.settings import MigrationSettings
 from workloads.spec import WorkloadSpec
 

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from cluster.cli import main
 from nodes.errors import ConfigError, StreamError
 from nodes.host.specs import GuestSpec
-from nodes.migration import compression, encoded, records, xbzrle
-from nodes.migration.landing import Landing
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.landing import Landing
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.settings import MigrationSettings
-from nodes.migration.zeropage import zero_frames
+from nodes.migration.wire import compression, encoded, records, xbzrle
+from nodes.migration.wire.records import RecordType as RT
+from nodes.migration.wire.zeropage import zero_frames
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.memory import MachineMemory
 from workloads.spec import WorkloadSpec

@@ -19,13 +19,14 @@ from workloads.measure import measure_rate
 from workloads.patterns import (
     PhasedWorkload,
     SequentialWorkload,
-    Workload,
     hot_pages,
     make_workload,
 )
+from workloads.progresslog import ProgressLog
 from workloads.spec import PATTERNS, WorkloadSpec
 from workloads.state import check_state_values
-from workloads.vcpu import VCPU, ProgressLog
+from workloads.vcpu import VCPU
+from workloads.workload import Workload
 
 MiB = 1 << 20
 

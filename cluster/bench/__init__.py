@@ -5,7 +5,7 @@ Sections (each figure is the median of repeats, with min and max), one module ea
 
 - throughput: an idle guest (its memory random, so every page goes whole) migrated over an unlimited link, against the raw data path (the
   same bytes pushed between the same two host actors over migbed's own transport: a
-  `nodes.migration.channel` TCP connection and a `LinkSender`, without encoding or page
+  `nodes.migration.wire.channel` TCP connection and a `LinkSender`, without encoding or page
   lookups), an in-process memory copy, and Ray's object store as the alternative data plane
   (`baselines`: the code that runs inside the host actors).
 - downtime: the floor migbed adds to every downtime (idle guest) and with a ~50-page final
@@ -30,8 +30,8 @@ Sections (each figure is the median of repeats, with min and max), one module ea
 nothing.
 """
 
-from cluster.bench.options import SECTIONS, BenchOptions
-from cluster.bench.results import Results
-from cluster.bench.runner import run_bench
+from cluster.bench.bench_options import SECTIONS, BenchOptions
+from cluster.bench.bench_runner import run_bench
+from cluster.bench.figures import Results
 
 __all__ = ["SECTIONS", "BenchOptions", "Results", "run_bench"]

@@ -5,7 +5,7 @@ which prints one JSON line."""
 import json
 import sys
 
-from cluster.bench.options import BenchOptions
+from cluster.bench.bench_options import BenchOptions
 from cluster.bench.scale import scale_child
 from cluster.bench.startup import startup_child
 

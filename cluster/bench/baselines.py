@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench.options import MiB
-from cluster.bench.results import Results
+from cluster.bench.bench_options import MiB
+from cluster.bench.figures import Results
+from nodes.migration.wire.channel import Ticket
 
 RECORD_BYTES = 4 * MiB          # one PAGE_DATA record: the unit both data planes move
 RAY_WINDOW_BYTES = 64 * MiB     # objects in flight at once: half the default object store
@@ -41,12 +42,12 @@ def _machine_bytes(nbytes: int) -> np.ndarray:
     return MachineMemory(max(nbytes, RECORD_BYTES)).frames.reshape(-1)
 
 
-def _raw_sink(host, nbytes: int, timeout: float, memory_bytes: int) -> dict:
+def _raw_sink(host, nbytes: int, timeout: float, memory_bytes: int) -> Ticket:
     """Destination side of the raw data path: listen like a migration does and receive
     `nbytes` into a `memory_bytes` buffer, resident before the first byte as a destination's
     reserved frames are (`populate_frames`), record-sized receives in order (wrapping round
     when the stream is longer); answer one byte. Returns the ticket at once."""
-    from nodes.migration.channel import Listener
+    from nodes.migration.wire.channel import Listener
     listener = Listener(host.config.address, "bench-raw")
     memory = _machine_bytes(memory_bytes)
     memory[:] = 0                                     # resident, like populated frames
@@ -70,16 +71,16 @@ def _raw_sink(host, nbytes: int, timeout: float, memory_bytes: int) -> dict:
             if conn is not None:
                 conn.close()
     threading.Thread(target=receive, name="bench-raw-sink", daemon=True).start()
-    return listener.ticket.to_dict()
+    return listener.ticket
 
 
-def _raw_push(host, ticket: dict, nbytes: int, timeout: float, memory_bytes: int) -> float:
+def _raw_push(host, ticket: Ticket, nbytes: int, timeout: float, memory_bytes: int) -> float:
     """Source side: push `nbytes` from a resident `memory_bytes` buffer (as the guest's frames
     are once a migration has populated them) in record-sized sends through a LinkSender, as
     migrations do; seconds from the first byte until the destination confirmed the last."""
-    from nodes.migration.channel import Ticket, connect
-    from nodes.migration.link import LinkSender
-    sock = connect(Ticket.from_dict(ticket), timeout)
+    from nodes.migration.send.link import LinkSender
+    from nodes.migration.wire.channel import connect
+    sock = connect(ticket, timeout)
     try:
         link = LinkSender(sock)
         memory = _machine_bytes(memory_bytes)

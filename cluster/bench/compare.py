@@ -60,7 +60,7 @@ class Comparison:
 
     def rows(self) -> list[tuple[str, str, str, str, str, str]]:
         """(figure, unit, old, new, new/old, change) as a person reads them."""
-        from cluster.bench.results import format_value, unit_label
+        from cluster.bench.figures import format_value, unit_label
         out = []
         for f in self.figures:
             def cell(fig: dict | None, unit: str = f.unit) -> str:

@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cluster.bench.options import BenchOptions, MiB
-from cluster.bench.results import Results, mib_per_second
-from nodes.migration import records
-from nodes.migration.reader import RECV_CHUNK_PAGES, RecordReader
+from cluster.bench.bench_options import BenchOptions, MiB
+from cluster.bench.figures import Results, mib_per_second
+from nodes.migration.receive.landing import RECV_CHUNK_PAGES
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.wire import records
 
 DIRTY_PATTERNS = ("uniform", "hotset", "sequential")
 CLEAN_INTERVAL_SECONDS = 0.05   # VP dirtying: CLEAN as often as short pre-copy rounds do

@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from cluster.bench.options import BenchOptions
-from cluster.bench.results import Results, unique_name
+from cluster.bench.bench_options import BenchOptions
+from cluster.bench.figures import Results, unique_name
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def bench_downtime(tb: "Testbed", opts: BenchOptions, res: Results, say: Callabl
             dest = b if where == a else a
             r = tb.migrate(name, dest, MigrationSettings(max_iterations=1))
             where = dest
-            if r.status != "completed":
+            if r.status != Outcome.COMPLETED:
                 raise RuntimeError(f"migration {r.status}: {r.error}")
             final = r.rounds[-1]["pages_sent"]
             res.add("downtime_50_page_final_round_seconds", "seconds", r.downtime_seconds,
@@ -79,7 +80,7 @@ def _idle_downtimes(tb: "Testbed", a: str, b: str, size: int, repeats: int, res:
         for _ in range(repeats):
             where = b if where == a else a
             r = tb.migrate(name, where, MigrationSettings())
-            if r.status != "completed":
+            if r.status != Outcome.COMPLETED:
                 raise RuntimeError(f"idle migration {r.status}: {r.error}")
             res.add("downtime_idle_seconds", "seconds", r.downtime_seconds,
                     f"pause on the source to resume on the destination (libvirt's), idle "

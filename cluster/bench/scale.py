@@ -9,9 +9,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from cluster.bench.bench_options import BenchOptions
 from cluster.bench.child import run_child
-from cluster.bench.options import BenchOptions
-from cluster.bench.results import Results, unique_name
+from cluster.bench.figures import Results, unique_name
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def bench_scale(opts: BenchOptions, res: Results, say: Callable[[str], None]) ->
 def scale_child(opts: BenchOptions, say: Callable[[str], None] = lambda _: None) -> list:
     """Build the section's cluster, evacuate each rack both ways, return the samples as
     (name, unit, value, note) rows."""
-    from cluster.launcher import ClusterSpec
+    from cluster.launch.launcher import ClusterSpec
     from cluster.testbed import Testbed
     spec = ClusterSpec(hosts=opts.scale_hosts, host_memory_bytes=opts.scale_host_memory_bytes,
                        hosts_per_node=opts.hosts_per_node, superpages=opts.superpages)
@@ -89,10 +90,10 @@ def _evacuate_rack(tb: "Testbed", opts: BenchOptions, rack: int, mode: str,
             f"{rack} of {len(tb.hosts)} hosts, uniform "
             f"{opts.scale_dirty_rate_pages_per_second:g} pages/s, {concurrency} at a time")
     rows = [(f"{key}_{mode}_total_seconds", "seconds", rep.total_time_seconds, what)]
-    bad = [m for m in rep.moves if m.status != "completed" or m.verified is not True]
+    bad = [m for m in rep.moves if m.status != Outcome.COMPLETED or m.verified is not True]
     rows.append((f"{key}_failed_migrations", "count", len(bad) + len(rep.stayed), ""))
     for m in rep.moves:
-        if m.downtime_seconds is not None and m.status == "completed":
+        if m.downtime_seconds is not None and m.status == Outcome.COMPLETED:
             rows.append((f"{key}_{mode}_downtime_seconds", "seconds", m.downtime_seconds,
                          "every migration of every repeat"))
     say(f"  evacuate {rack} host(s), {len(guests)} guests, {mode}: "

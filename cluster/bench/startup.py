@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cluster.bench.bench_options import BenchOptions, MiB
 from cluster.bench.child import run_child
-from cluster.bench.options import BenchOptions, MiB
-from cluster.bench.results import Results
+from cluster.bench.figures import Results
 from nodes.host.process import vm_rss_bytes
 from nodes.units import format_bytes
 
@@ -66,7 +66,7 @@ def bench_startup(opts: BenchOptions, res: Results, say: Callable[[str], None]) 
 def startup_child(hosts: int, host_memory_bytes: int, hosts_per_node: int | None,
                   guests_per_host: int) -> dict:
     """Start, measure and stop one cluster (in the child process)."""
-    from cluster.launcher import ClusterSpec
+    from cluster.launch.launcher import ClusterSpec
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def memory_monitor_kills(session_dir: Path) -> int:
 
 def descendants(pid: int) -> list[int]:
     """Every process below `pid`, from /proc (Linux)."""
-    from cluster.reaper import proc_stats
+    from cluster.launch.reaper import proc_stats
     children: dict[int, list[int]] = {}
     for child, f in proc_stats().items():
         children.setdefault(int(f[1]), []).append(child)

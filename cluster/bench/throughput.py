@@ -7,15 +7,16 @@ from typing import TYPE_CHECKING
 
 from cluster.bench import baselines
 from cluster.bench.baselines import RECORD_BYTES
-from cluster.bench.options import BenchOptions
-from cluster.bench.results import Results, mib_per_second, unique_name
+from cluster.bench.bench_options import BenchOptions
+from cluster.bench.figures import Results, mib_per_second, unique_name
+from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 if TYPE_CHECKING:
     from cluster.report import MigrationReport
     from cluster.testbed import Testbed
 
-_RAW_NOTE = "nodes.migration.channel TCP + LinkSender between the same two hosts, 4 MiB sends, "
+_RAW_NOTE = "nodes.migration.wire.channel TCP + LinkSender between the same two hosts, 4 MiB sends, "
 
 
 class _PingPong:
@@ -33,7 +34,7 @@ class _PingPong:
         r = self.tb.migrate(self.name, dest, MigrationSettings(verify=verify))
         wall = time.perf_counter() - t0
         self.where = dest
-        if r.status != "completed":
+        if r.status != Outcome.COMPLETED:
             raise RuntimeError(f"idle migration {r.status}: {r.error}")
         cpu = r.cpu_seconds
         self.say(f"  {label}: {mib_per_second(r.throughput_bytes_per_second)} (round 0 "

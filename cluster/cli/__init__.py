@@ -9,7 +9,9 @@ registers itself on the parser here; `options` holds what they share.
 import sys
 from collections.abc import Sequence
 
-from cluster.cli import experiments, faults, guests, lifecycle, migrate, postcopy, reports, top
+from cluster.cli import experiments, faults, guests, lifecycle, migrate, reports
+from cluster.cli import postcopy_commands as postcopy
+from cluster.cli import top_command as top
 from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, UsageError
 from nodes.errors import MigbedError
 

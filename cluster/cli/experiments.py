@@ -23,6 +23,7 @@ from cluster.cli.options import (
     write_output,
 )
 from nodes.errors import ConfigError
+from nodes.phase import Outcome
 from nodes.units import parse_count, parse_positive_size
 
 MAX_SOAK_MIGRATIONS = 1_000_000
@@ -109,7 +110,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
                                       log_every=max(1, opts.migrations // 10)) as steps:
         result = run_soak(tb, opts, lambda k, r: steps.step(
             f"{r.guest} {r.source} -> {r.destination}: {r.status}",
-            failed=r.status != "completed", at=k + 1))
+            failed=r.status != Outcome.COMPLETED, at=k + 1))
     text = json.dumps(result.to_dict(), indent=2)
     if args.output:
         write_output(args.output, text + "\n")
@@ -146,7 +147,7 @@ def register(sub: Commands) -> None:
 
 
 def _register_bench(sub: Commands) -> None:
-    from cluster.bench.options import SECTIONS
+    from cluster.bench.bench_options import SECTIONS
     s = sub.add_parser("bench", help="how close migbed runs to this machine's limits: "
                        "throughput, downtime floor, dirtying, wire, start-up, scale, post-copy")
     s.add_argument("--quick", action="store_true",

@@ -2,8 +2,9 @@
 
 import argparse
 
-from cluster.cli.options import Commands, add_workload_options, arg, mode_arg, workload_from
-from nodes.units import format_bytes, parse_positive_size
+from cluster.cli.options import Commands, add_field, add_workload_options, arg, workload_from
+from cluster.fieldtable import field_named
+from nodes.units import format_bytes
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -37,10 +38,12 @@ def register(sub: Commands) -> None:
     s = sub.add_parser("create", help="boot a guest on a host")
     s.add_argument("host")
     s.add_argument("name")
-    s.add_argument("--memory", type=arg(parse_positive_size, "--memory"), required=True,
-                   help="e.g. 64MiB")
-    s.add_argument("--mode", default="p2m", type=mode_arg, help="p2m, vp or p==m (default p2m)")
-    s.add_argument("--dma", action="store_true", help="give the guest a DMA device")
+    memory = field_named("guest_memory_bytes")
+    s.add_argument("--memory", memory.flag, dest="memory", required=True,
+                   type=arg(memory.read, "--memory"), metavar=memory.metavar,
+                   help=f"{memory.help}, e.g. 64MiB")
+    add_field(s, field_named("mode"))
+    add_field(s, field_named("dma"))
     add_workload_options(s)
     s.set_defaults(func=cmd_create)
 

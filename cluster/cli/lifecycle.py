@@ -29,7 +29,7 @@ def _progress_printer(out: IO[str]):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster import persistent
+    from cluster.launch import persistent
     spec = cluster_spec_from(args, args.address or os.environ.get("RAY_ADDRESS") or None)
     if args.prometheus:
         spec = dataclasses.replace(spec, prometheus_port=args.prometheus_port)
@@ -52,7 +52,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from cluster import persistent
+    from cluster.launch import persistent
     stopped = persistent.down()
     if args.json:
         print(json.dumps({"stopped": stopped}))

@@ -12,6 +12,7 @@ from cluster.cli.options import (
     UsageError,
     add_cluster_options,
     add_fault_option,
+    add_field,
     add_migration_options,
     add_output_option,
     add_workload_options,
@@ -19,13 +20,14 @@ from cluster.cli.options import (
     check_guests_fit,
     check_output,
     cluster_spec_from,
-    mode_arg,
     settings_from,
     workload_from,
     write_output,
 )
+from cluster.fieldtable import field_named
 from nodes.errors import ConfigError
-from nodes.units import format_bytes, parse_positive_size, parse_seconds
+from nodes.phase import Outcome
+from nodes.units import format_bytes, parse_positive_size
 
 ONE_SHOT_GUEST = "vm1"
 ONE_SHOT_ROUTE = ("host-0", "host-1")
@@ -40,7 +42,7 @@ def _report_out(report, args: argparse.Namespace) -> int:
                       f"{report.source} -> {report.destination}")
         print(f"timeline in {args.timeline}", file=sys.stderr)
     print(report.to_json() if args.json else report.table())
-    ok = report.status == "completed" and not report.guest_lost
+    ok = report.status == Outcome.COMPLETED and not report.guest_lost
     return 0 if ok else EXIT_MIGRATION_FAILED
 
 
@@ -123,29 +125,25 @@ def register(sub: Commands) -> None:
     s.add_argument("destination", nargs="?", metavar="DEST_HOST")
     add_migration_options(s)
     add_workload_options(s)
-    s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),
-                   default=64 * 1024 * 1024, help="one-shot: guest memory (default 64MiB)")
-    s.add_argument("--mode", default="p2m", type=mode_arg,
-                   help="one-shot: guest mode (default p2m)")
-    s.add_argument("--warmup", type=arg(parse_seconds, "--warmup", allow_zero=True),
-                   default=0.5,
-                   help="one-shot: run the workload this long before migrating (default 0.5s)")
+    memory, mode, warmup = (field_named(n) for n in ("guest_memory_bytes", "mode",
+                                                      "warmup_seconds"))
+    add_field(s, memory, help=f"one-shot: {memory.help_text()}")
+    add_field(s, mode, help=f"one-shot: {mode.help_text()}")
+    add_field(s, warmup, default=0.5,
+              help=f"one-shot: {warmup.help} (default 500ms)")
     add_cluster_options(s, hosts=2, memory="512MiB")
     add_fault_option(s)
     add_output_option(s)
-    s.add_argument("--timeline", default=None, metavar="FILE.png",
-                   help="also draw the migration over time: the guest's write rate, "
-                        "throughput, bytes left, rounds, pause, resume and downtime")
+    add_field(s, field_named("timeline"))
     s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("model", help="predict a migration with the analytic pre-copy model")
     add_migration_options(s)
     add_workload_options(s)
-    s.add_argument("--guest-memory", type=arg(parse_positive_size, "--guest-memory"),
-                   default=64 * 1024 * 1024, help="guest memory (default 64MiB)")
+    add_field(s, field_named("guest_memory_bytes"))
     s.add_argument("--page-size", type=arg(parse_positive_size, "--page-size"), default=4096,
                    help="page size in bytes (default 4096)")
-    s.add_argument("--warmup", type=arg(parse_seconds, "--warmup", allow_zero=True),
-                   default=0.5, help="how long the workload ran before the migration: with "
-                   "--fill zero, what it has written (default 0.5s, as migrate's)")
+    add_field(s, field_named("warmup_seconds"), default=0.5,
+              help="how long the workload ran before the migration: with --fill zero, what "
+                   "it has written (default 500ms, as migrate's)")
     s.set_defaults(func=cmd_model)

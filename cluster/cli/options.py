@@ -1,30 +1,25 @@
 """How a `migbed` command line is read: the parser and its one-line error, the exit codes,
 the argument types (the value parsers of `nodes.units` wrapped for argparse) and the option
 groups several commands share, with what each group builds (a workload, migration settings,
-a cluster spec).
+a cluster spec). The migration's, the workload's and the guest's options are generated from
+the field table (`cluster.fieldtable`): `add_field` makes a row's option, `field_values`
+reads the rows back as the API's keywords.
 """
 
 import argparse
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from cluster.fieldtable import WORKLOAD_FIELDS, field_named
 from nodes.errors import ConfigError, MigbedError
-from nodes.phase import Phase
-from nodes.units import (
-    format_bytes,
-    parse_bandwidth,
-    parse_completion_timeout,
-    parse_count,
-    parse_fraction,
-    parse_positive_size,
-    parse_seconds,
-    parse_size,
-)
+from nodes.migration.fields import MIGRATION_FIELDS, Field
+from nodes.units import format_bytes, parse_count, parse_positive_size, parse_size
 from nodes.xen.profiles import PROFILES
 
 if TYPE_CHECKING:
-    from cluster.launcher import ClusterSpec
+    from cluster.launch.launcher import ClusterSpec
     from nodes.migration.settings import MigrationSettings
     from workloads.spec import WorkloadSpec
 
@@ -38,8 +33,33 @@ class UsageError(MigbedError):
     """A command line argparse or a command refused as written."""
 
 
+# A `%(name)s` argparse fills in, a `%%` already escaped, or a bare `%` (to escape).
+_HELP_PERCENT = re.compile(r"%\(\w+\)[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]|%%|%")
+
+
+def escape_help(text: str | None) -> str | None:
+    """Help text with every bare `%` doubled, so argparse's `%`-formatting of it cannot fail
+    ("first throttle, %"); `%(default)s` and `%%` are left as argparse reads them."""
+    if text is None:
+        return None
+    return _HELP_PERCENT.sub(lambda m: "%%" if m.group(0) == "%" else m.group(0), text)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, reading every help string through `escape_help`: a help string
+    written by hand, generated from the field table or given to `add_parser` is safe."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return escape_help(super()._get_help_string(action)) or ""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line, like every other bad input."""
+    """argparse that reports a bad command line in one line, like every other bad input, and
+    formats help through `HelpFormatter`, so no `--help` can crash."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -58,26 +78,6 @@ def arg(parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[str],
     return convert
 
 
-def _mode(text: str) -> str:
-    from nodes.errors import ModeError
-    from nodes.xen.profiles import Mode
-    try:
-        return Mode.parse(text).value
-    except ModeError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _fault(text: str):
-    from nodes.faults.spec import parse_fault
-    return parse_fault(text)
-
-
-def _dirty_rate(text: str) -> float:
-    from workloads.spec import parse_rate
-    return parse_rate(text)
-
-
-mode_arg = arg(_mode)
 port_arg = arg(parse_count, "port", 0, 65535)
 
 
@@ -103,7 +103,7 @@ def add_cluster_options(p: argparse.ArgumentParser, hosts: int = 3,
 
 
 def add_hosts_per_node_option(p: argparse.ArgumentParser) -> None:
-    from cluster.launcher import MAX_HOSTS
+    from cluster.launch.launcher import MAX_HOSTS
     p.add_argument("--hosts-per-node", type=arg(parse_count, "--hosts-per-node", 1, MAX_HOSTS),
                    default=None, metavar="N",
                    help="emulated hosts per Ray node, each still a process of its own "
@@ -129,172 +129,112 @@ def add_prometheus_options(p: argparse.ArgumentParser, metrics_host: bool = True
                             "0.0.0.0 for a Prometheus on another machine)")
 
 
+# -- options generated from the field table (`cluster.fieldtable`) ------------------------------
+SECTION_TITLES = {"link": "the link", "switchover": "the switch-over",
+                  "convergence": "convergence aids", "wire": "what crosses the wire",
+                  "postcopy": "post-copy", "checks": "checks"}
+
+
+def dest_of(row: Field) -> str:
+    """Where argparse keeps a row's value: its flag's name (`--dirty-rate`: dirty_rate)."""
+    return (row.flag or "").lstrip("-").replace("-", "_")
+
+
+def add_field(p: Any, row: Field, **override: Any) -> None:
+    """The argparse option of a table row; `override` changes what one command needs
+    different (a default, the help, required)."""
+    kw: dict[str, Any] = {"help": row.help_text(), "dest": dest_of(row)}
+    if row.is_switch:
+        kw["action"] = "store_true"          # --no-verify: True turns the default off
+    elif row.is_list:
+        kw.update(action="append", type=arg(row.read, row.flag), default=None)
+    else:
+        kw["default"] = row.value
+        if row.choices:
+            kw["choices"] = row.choices
+        else:
+            kw["type"] = arg(row.read, row.flag)
+    if row.metavar and not row.is_switch:
+        kw["metavar"] = row.metavar
+    kw.update(override)
+    p.add_argument(row.flag, *row.aliases, **kw)
+
+
+def add_field_options(p: argparse.ArgumentParser, rows: Iterable[Field],
+                      grouped: bool = False) -> None:
+    """The options of `rows` that have a flag, in argument groups by section if `grouped`."""
+    groups: dict[str, Any] = {}
+    for row in rows:
+        if not row.flag:
+            continue
+        where = p
+        if grouped:
+            if row.section not in groups:
+                groups[row.section] = p.add_argument_group(SECTION_TITLES[row.section])
+            where = groups[row.section]
+        add_field(where, row)
+
+
+def field_values(args: argparse.Namespace, rows: Iterable[Field]) -> dict:
+    """The API's keywords from the options of `rows` this command has; two options that set
+    the same field (`--postcopy`, `--postcopy-after`) are refused together."""
+    values: dict = {}
+    set_by: dict[str, Field] = {}
+    for row in rows:
+        if not row.flag or not hasattr(args, dest_of(row)):
+            continue
+        value = getattr(args, dest_of(row))
+        if row.is_switch and row.default:
+            value = not value                # --no-verify
+        if row.is_list:
+            value = tuple(value or ())
+        if row.into is None:
+            values[row.name] = value
+            continue
+        if value is None or value is False:
+            continue                         # a composite not given sets nothing
+        for name, v in row.into(value).items():
+            if name in set_by:
+                raise UsageError(f"give {set_by[name].flag} or {row.flag}, not both")
+            set_by[name] = row
+            values[name] = v
+    return values
+
+
 def add_workload_options(p: argparse.ArgumentParser) -> None:
-    from workloads.spec import PATTERNS
-    p.add_argument("--workload", default="idle", choices=PATTERNS, metavar="PATTERN",
-                   help=f"memory workload: {', '.join(PATTERNS)} (default idle)")
-    p.add_argument("--dirty-rate", type=arg(_dirty_rate), default=0.0, metavar="PAGES_PER_S",
-                   help="page writes per second, or max (default: max; idle writes nothing)")
-    p.add_argument("--seed", type=arg(parse_count, "--seed"), default=0, help="workload seed")
-    p.add_argument("--hot-fraction", type=arg(parse_fraction, "--hot-fraction"), default=0.1,
-                   help="hotset: share of pages in the writable working set (default 0.1)")
-    p.add_argument("--hot-share", type=arg(parse_fraction, "--hot-share"), default=0.9,
-                   help="hotset: share of writes that hit it (default 0.9)")
-    from workloads.content import FILLS
-    p.add_argument("--write-bytes", type=arg(parse_size, "--write-bytes"), default=8,
-                   metavar="N", help="bytes of its page each write rewrites, 8 (the counter "
-                   "alone) to the page size (default 8)")
-    p.add_argument("--fill", default="zero", choices=FILLS, metavar="CONTENT",
-                   help=f"what the guest's memory holds before the workload starts: "
-                        f"{', '.join(FILLS)} (default zero, as a fresh guest)")
+    add_field_options(p, WORKLOAD_FIELDS)
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
-    from nodes.migration.policy import POLICIES
-    p.add_argument("--policy", default="xen", choices=list(POLICIES), metavar="NAME",
-                   help=f"pre-copy policy: {', '.join(POLICIES)} (default xen)")
-    p.add_argument("--bandwidth", type=arg(parse_bandwidth, "--bandwidth"), default=None,
-                   help="the link's speed per second, e.g. 128MiB (default unlimited)")
-    p.add_argument("--rate-limit", type=arg(parse_bandwidth, "--rate-limit"), default=None,
-                   help=f"the migration's own throttle per second, lifted for "
-                        f"{Phase.STOP_AND_COPY} (default none)")
-    p.add_argument("--latency", type=arg(parse_seconds, "--latency", allow_zero=True),
-                   default=0.0, help="one-way link latency, e.g. 5ms (default 0)")
-    p.add_argument("--downtime-limit", type=arg(parse_seconds, "--downtime-limit"), default=0.3,
-                   help="qemu policy: downtime limit, e.g. 300ms (default 300ms)")
-    p.add_argument("--max-iterations", type=arg(parse_count, "--max-iterations"), default=None,
-                   help="override the policy's live round cap")
-    p.add_argument("--cancel-after-round", type=arg(parse_count, "--cancel-after-round"),
-                   default=None,
-                   help="cancel the migration after live round N (tests the abort path)")
-    p.add_argument("--timeout", type=arg(parse_seconds, "--timeout"), default=30.0,
-                   help="timeout of every wait across hosts (default 30s)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the destination-equals-source memory check")
-    add_wire_options(p)
-    p.add_argument("--json", action="store_true", help="print the report alone, as JSON")
-    add_convergence_options(p)
-    from cluster.cli.postcopy import add_postcopy_options
-    add_postcopy_options(p)
-
-
-def add_convergence_options(p: argparse.ArgumentParser) -> None:
-    """QEMU's auto-converge and dirty-limit, the operators' timeouts, Xen's adaptive rate
-    (`nodes.migration.convergence`); defaults and ranges are QEMU's."""
-    g = p.add_argument_group("convergence aids")
-    g.add_argument("--auto-converge", action="store_true",
-                   help="throttle the guest's vCPU when it dirties faster than pages go")
-    for flag, default, hi, what in (
-            ("--throttle-initial", 20, 99, "first throttle, %"),
-            ("--throttle-increment", 10, 99, "throttle step, %"),
-            ("--max-throttle", 99, 99, "highest throttle, %"),
-            ("--throttle-trigger-threshold", 50, 100,
-             "a period is hot when it dirtied more than this % of what it sent")):
-        g.add_argument(flag, type=arg(parse_count, flag, 1, hi), default=default,
-                       metavar="PCT", help=f"auto-converge: {what} (1-{hi}, default {default})")
-    g.add_argument("--throttle-tailslow", action="store_true",
-                   help="auto-converge: smaller last steps (QEMU's cpu-throttle-tailslow)")
-    g.add_argument("--dirty-limit", type=arg(parse_bandwidth, "--dirty-limit"), default=None,
-                   metavar="RATE", help="slow a writing vCPU towards RATE of dirtied memory "
-                                        "per second, e.g. 10MB (1MB = 10^6 bytes)")
-    g.add_argument("--dirty-limit-period", type=arg(parse_seconds, "--dirty-limit-period"),
-                   default=1.0, help="dirty-limit: how often the rate is measured (1ms-1s, "
-                                     "default 1s)")
-    g.add_argument("--completion-timeout",
-                   type=arg(parse_completion_timeout, "--completion-timeout"), default=None,
-                   metavar="DURATION", help="give up after DURATION, e.g. 30s, or per GiB of "
-                                            "guest memory, e.g. 10s/GiB (see --on-timeout)")
-    g.add_argument("--on-timeout", choices=("abort", "postcopy", "pause"), default="abort",
-                   help="after --completion-timeout: abort (the guest stays), postcopy, or "
-                        "pause the guest and finish (default abort)")
-    g.add_argument("--progress-timeout", type=arg(parse_seconds, "--progress-timeout"),
-                   default=None, metavar="DURATION",
-                   help="abort when the remaining bytes have not dropped for DURATION")
-    g.add_argument("--subtract-fixed-downtime", action="store_true",
-                   help="qemu policy: budget = downtime limit - the hand-over measured for "
-                        "this host pair (QEMU subtracts nothing)")
-    g.add_argument("--adaptive-rate", action="store_true",
-                   help="xen-legacy: Xen's ADAPTIVE_SAVE rate (100 Mbit/s, raised to the "
-                        "dirty rate + 50, at most 500)")
-
-
-def convergence_from(args: argparse.Namespace) -> dict:
-    """The MigrationSettings fields of the convergence options."""
-    absolute, per_gib = args.completion_timeout or (None, None)
-    return dict(auto_converge=args.auto_converge, throttle_initial=args.throttle_initial,
-                throttle_increment=args.throttle_increment, max_throttle=args.max_throttle,
-                throttle_trigger_threshold=args.throttle_trigger_threshold,
-                throttle_tailslow=args.throttle_tailslow,
-                dirty_limit_bytes_per_second=args.dirty_limit,
-                dirty_limit_period_seconds=args.dirty_limit_period,
-                completion_timeout_seconds=absolute,
-                completion_timeout_per_gib_seconds=per_gib, on_timeout=args.on_timeout,
-                progress_timeout_seconds=args.progress_timeout,
-                subtract_fixed_downtime=args.subtract_fixed_downtime,
-                adaptive_rate=args.adaptive_rate)
-
-
-def add_wire_options(p: argparse.ArgumentParser) -> None:
-    """What crosses the wire (`nodes.migration.wire`): QEMU's names and defaults."""
-    from nodes.migration.wire import COMPRESSIONS, LEVELS, ZERO_PAGE_DETECTIONS
-    p.add_argument("--zero-page-detection", default="multifd", choices=ZERO_PAGE_DETECTIONS,
-                   metavar="WHERE", help="none, legacy (the sender looks) or multifd (the "
-                   "channels look, else as legacy; QEMU's default)")
-    p.add_argument("--xbzrle-cache", type=arg(parse_positive_size, "--xbzrle-cache"),
-                   default=None, metavar="SIZE",
-                   help="XBZRLE delta pages with a cache of SIZE, a power of two (e.g. "
-                        "64MiB, QEMU's default size)")
-    p.add_argument("--multifd-channels", type=arg(parse_count, "--multifd-channels", 1, 255),
-                   default=None, metavar="N",
-                   help="send pages over N more connections (QEMU's default is 2)")
-    p.add_argument("--multifd-compression", default="none", choices=COMPRESSIONS,
-                   metavar="CODEC", help="compress the channels' packets: none, zlib or zstd")
-    for codec, (lo, hi) in LEVELS.items():
-        p.add_argument(f"--multifd-{codec}-level",
-                       type=arg(parse_count, f"--multifd-{codec}-level", lo, hi), default=1,
-                       metavar="L", help=f"{codec} level {lo}..{hi} (default 1, as QEMU's)")
+    """Every migration setting with a flag (the faults aside: `add_fault_option`), and
+    `--json`."""
+    add_field(p, field_named("json"))
+    add_field_options(p, (f for f in MIGRATION_FIELDS if f.name != "faults"), grouped=True)
 
 
 def add_fault_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fault", action="append", type=arg(_fault), default=None,
-                   metavar="KIND@STAGE[:ARG]",
-                   help=f"inject a fault, e.g. stall-link@round1:2s, kill-destination@"
-                        f"{Phase.STOP_AND_COPY}, slow-link@round0:1MiB (repeatable; `migbed "
-                        "fault list` shows them all)")
+    add_field(p, field_named("faults"))
 
 
 def add_output_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    add_field(p, field_named("output"))
 
 
 # -- what the option groups build ---------------------------------------------------------------
 def workload_from(args: argparse.Namespace) -> "WorkloadSpec":
     from workloads.spec import WorkloadSpec
-    return WorkloadSpec(pattern=args.workload, rate_pages_per_second=args.dirty_rate,
-                        seed=args.seed, hot_fraction=args.hot_fraction,
-                        hot_share=args.hot_share, write_bytes=args.write_bytes,
-                        fill=args.fill)
+    return WorkloadSpec(**field_values(args, WORKLOAD_FIELDS))
 
 
 def settings_from(args: argparse.Namespace) -> "MigrationSettings":
-    from cluster.cli.postcopy import postcopy_settings
     from nodes.migration.settings import MigrationSettings
-    return MigrationSettings(**postcopy_settings(args),
-        policy=args.policy, link_bytes_per_second=args.bandwidth,
-        latency_seconds=args.latency, rate_limit_bytes_per_second=args.rate_limit,
-        downtime_limit_seconds=args.downtime_limit, max_iterations=args.max_iterations,
-        verify=not args.no_verify, cancel_after_round=args.cancel_after_round,
-        timeout_seconds=args.timeout, faults=tuple(getattr(args, "fault", None) or ()),
-        zero_page_detection=args.zero_page_detection, xbzrle_cache_bytes=args.xbzrle_cache,
-        multifd_channels=args.multifd_channels, multifd_compression=args.multifd_compression,
-        multifd_zlib_level=args.multifd_zlib_level, multifd_zstd_level=args.multifd_zstd_level,
-        **convergence_from(args))
+    return MigrationSettings(**field_values(args, MIGRATION_FIELDS))
 
 
 def cluster_spec_from(args: argparse.Namespace,
                       address: str | None = None) -> "ClusterSpec":
-    from cluster.launcher import ClusterSpec, host_names, parse_profiles
-    from cluster.placement import parse_placement
+    from cluster.launch.launcher import ClusterSpec, host_names, parse_profiles
+    from cluster.launch.placement import parse_placement
     default, per = parse_profiles(args.profile, host_names(args.hosts))
     return ClusterSpec(hosts=args.hosts, host_memory_bytes=args.host_memory,
                        page_size=args.page_size, reserved_bytes=args.hypervisor_reserve,

@@ -8,7 +8,7 @@ The model follows migbed's sender step by step, in expected values:
   are what the workload dirties (`workload`: the distinct pages a pattern writes in a
   window, its hot set sized as the workload sizes it).
 - Before every live round the sender builds `PrecopyStats` and asks the *real* policy object
-  (`nodes.migration.policy.policy_for`, as the sender builds it), so the stop rules are exactly
+  (`nodes.migration.decide.policy.policy_for`, as the sender builds it), so the stop rules are exactly
   migbed's. Before round 0 every guest page is dirty (`iterative`).
 - CONTINUE: the dirty pages go at the effective rate `min(link, rate limit)`; the round lasts
   `wire bytes / rate + latency`; the pages the workload dirties meanwhile

@@ -4,7 +4,9 @@
 from typing import TYPE_CHECKING
 
 from cluster import model  # the public functions, looked up when called
+from cluster.reportparts import ModelBlock
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
     from cluster.report import MigrationReport
@@ -24,7 +26,7 @@ def measured_page_bytes(report: "MigrationReport") -> float | None:
     the page (the model counts pages, not their encodings: it takes the run's measure, as
     it takes its throughput); None otherwise."""
     m = report.multifd
-    if report.xbzrle is None and not (m and m.get("compression_ratio")):
+    if report.xbzrle is None and not (m and m.compression_ratio):
         return None
     pages = report.pages_sent_total - report.zero_pages
     return (report.bytes_sent_total - 8 * report.zero_pages) / pages if pages > 0 else None
@@ -34,7 +36,7 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
                 resume_seconds: float = 0.0,
                 dirty_rate_pages_per_second: float | None = None,
                 fixed_downtime: dict | None = None,
-                switch_resume_seconds: float | None = None) -> dict:
+                switch_resume_seconds: float | None = None) -> ModelBlock:
     """The analytic model beside the measurement of `report` (a `MigrationReport`):
     predicted with the throughput this run measured as the bandwidth, and with the nominal
     link when the link or the rate limit is set. A model error never breaks a migration: it
@@ -50,31 +52,29 @@ def model_block(report: "MigrationReport", workload: dict | None, settings: Migr
     subtracts the same; `switch_resume_seconds` that of a
     post-copy switch (no hand-over round trip; None: the same).
     """
-    block: dict = {"bandwidth_bytes_per_second": None, "bandwidth_basis": None,
-                   "resume_seconds": resume_seconds, "fixed_downtime": fixed_downtime,
-                   "prediction": None, "comparison": None, "nominal": None, "error": None}
+    block = ModelBlock(resume_seconds=resume_seconds, fixed_downtime=fixed_downtime)
     try:
         common = _model_inputs(report, workload, settings, resume_seconds,
                                dirty_rate_pages_per_second, fixed_downtime)
         common["switch_resume_seconds"] = switch_resume_seconds
         measured_dict = report.to_dict()
-        completed = report.status == "completed"
+        completed = report.status == Outcome.COMPLETED
         nominal = None
         if settings.nominal_bytes_per_second is not None:
             nominal = model.predict(
                 link_bytes_per_second=settings.link_bytes_per_second,
                 rate_limit_bytes_per_second=settings.rate_limit_bytes_per_second, **common)
-            block["nominal"] = {
+            block.nominal = {
                 "prediction": nominal.to_dict(),
                 "comparison": model.compare(measured_dict, nominal) if completed else None}
         basis, bandwidth, pred = _at_measured_throughput(report, settings, nominal, common)
-        block["bandwidth_basis"], block["bandwidth_bytes_per_second"] = basis, bandwidth
+        block.bandwidth_basis, block.bandwidth_bytes_per_second = basis, bandwidth
         if pred is not None:
-            block["prediction"] = pred.to_dict()
+            block.prediction = pred.to_dict()
             if completed:
-                block["comparison"] = model.compare(measured_dict, pred)
+                block.comparison = model.compare(measured_dict, pred)
     except Exception as exc:  # noqa: BLE001 - the model must never break a migration
-        block["error"] = f"{type(exc).__name__}: {exc}"
+        block.error = f"{type(exc).__name__}: {exc}"
     return block
 
 
@@ -99,7 +99,7 @@ def settings_inputs(settings: MigrationSettings, guest_memory_bytes: int,
     """The model's arguments a migration's settings decide (policy, limits, the convergence
     aids, zero pages, post-copy), one way for a report's model block, a sweep's curve and
     `migbed model`."""
-    from cluster.model.throttle import DirtyLimitSpec, ThrottleSpec, timeouts_from
+    from cluster.model.throttle_model import DirtyLimitSpec, ThrottleSpec, timeouts_from
     return dict(
         policy=settings.policy, downtime_limit_seconds=settings.downtime_limit_seconds,
         latency_seconds=settings.latency_seconds,

@@ -9,18 +9,20 @@ pass (a round) and the scan wraps. After each chunk the policy's bandwidth windo
 before each, when the pending estimate (every marked page) is below the threshold, a bitmap
 sync marks the pages dirtied since the last one that are not marked already: writes fall
 uniformly over a stretch, and those that hit a page still marked (ahead of the cursor in the
-first pass, every page is) add nothing. The migration stops when the policy says so; the stop-and-copy then sends what is
+first pass, every page is) add nothing. The migration stops when the switch-over arbiter
+(`nodes.migration.decide.switchover`, the sender's own) says so; the stop-and-copy then sends what is
 marked plus what was dirtied since the last sync.
 """
 
 import math
 from dataclasses import dataclass
 
-from cluster.model.throttle import ModelThrottle, running_share, timeout_decision
+from cluster.model.throttle_model import ModelThrottle, running_share
 from cluster.model.workload import Region
-from nodes.migration.dirtysync import SyncLog
-from nodes.migration.policy import Action, PrecopyStats, QemuPolicy
-from nodes.migration.throttle import forced_sync_due
+from nodes.migration.decide.policy import Action, Decision, PrecopyStats, QemuPolicy
+from nodes.migration.decide.switchover import Arbiter, Moment
+from nodes.migration.decide.throttle import forced_sync_due
+from nodes.migration.send.dirtysync import SyncLog
 
 _CHUNK_GUARD = 10_000_000       # a policy that never stops would loop forever
 
@@ -58,12 +60,12 @@ def layout(regions: list[Region], data_pages: int, guest_pages: int) -> list[_Sp
 class ContinuousRun:
     """Pre-copy under a mid-pass policy; `run()` fills `rounds` and the outcome fields."""
 
-    def __init__(self, spans: list[_Span], policy: QemuPolicy, seconds_per_page: float,
+    def __init__(self, spans: list[_Span], arbiter: Arbiter, seconds_per_page: float,
                  wire_per_page: float, page_size: int, guest_pages: int,
-                 throttle: ModelThrottle | None = None, timeouts=None,
-                 zero_wire: float = 0.0):
+                 throttle: ModelThrottle | None = None, zero_wire: float = 0.0):
         self.spans = spans
-        self.policy = policy
+        self.arbiter = arbiter              # its policy, the timeouts, the switch rule
+        self.policy: QemuPolicy = arbiter.policy
         self.spp = seconds_per_page
         self.wire = wire_per_page
         self.zero_wire = zero_wire          # a zero page's bytes; it costs its share of time
@@ -77,7 +79,6 @@ class ContinuousRun:
         self.last_sync = 0.0
         self.sync = SyncLog(page_size, guest_pages, 0.0)
         self.throttle = throttle
-        self.timeouts = timeouts            # the engine's Timeouts (completion only)
         self.guest_now = 0.0                # the vCPU's running time (throttled time is not)
         self.guest_last_sync = 0.0
         self.rounds: list[dict] = []        # index, pages_sent, pages_dirtied, start, end
@@ -91,8 +92,8 @@ class ContinuousRun:
         return {"index": len(self.rounds), "pages_sent": 0.0, "pages_dirtied": 0.0,
                 "start": self.now, "end": self.now, "cpu_throttle_percentage": 0}
 
-    def run(self):
-        """Until the policy stops: check, then a chunk, then the window. Returns the
+    def run(self) -> Decision:
+        """Until the arbiter stops: check, then a chunk, then the window. Returns the
         Decision."""
         self.policy.start(0.0, 0)
         for _ in range(_CHUNK_GUARD):
@@ -100,9 +101,7 @@ class ContinuousRun:
                                      self.last_sync)
             if self.policy.wants_exact(self.marked * self.page_size) or forced:
                 self._sync()
-            decision = self.policy.decide(self._stats())
-            if decision.action is Action.CONTINUE:
-                decision = timeout_decision(self.timeouts, self.now) or decision
+            decision = self.arbiter.decide(Moment(self._stats(), self.now))
             if decision.action is not Action.CONTINUE:
                 if self.current is not None and (self.current["pages_sent"] > 0
                                                  or decision.action is not Action.POSTCOPY):
@@ -179,10 +178,8 @@ class ContinuousRun:
                 self.cursor = 0.0
                 for s in self.spans:
                     s.ahead, s.behind, s.zero = s.ahead + s.behind, 0.0, 0.0
-                rule = getattr(self.policy, "rule", None)       # a switch after N rounds
-                if rule is not None and rule.after_rounds is not None \
-                        and len(self.rounds) >= rule.after_rounds:
-                    return
+                if self.arbiter.switch_after(len(self.rounds)):
+                    return                              # a switch after N rounds
 
     def _send(self, budget: float) -> float:
         """Up to `budget` seconds of pages from the cursor on (a zero page costs its pfn

@@ -1,10 +1,11 @@
 """A per-pass model's pass cut short by a post-copy switch after a time: what it sent until
-then, and what it leaves the push (a switch after a number of rounds ends a pass whole)."""
+then, and what it leaves the push (a switch after a number of rounds ends a pass whole);
+and the discard set a switch between whole passes leaves (`missing_at_switch`)."""
 
 import math
 
 from cluster.model.continuous import layout
-from cluster.model.postcopy import MissingRange
+from cluster.model.postcopy_model import MissingRange
 from cluster.model.rounds import PAGES_PER_RECORD, Guest, ModelRound, PreCopy
 
 
@@ -39,3 +40,14 @@ def cut_round(run: PreCopy, guest: Guest, seconds: float) -> None:
 def _region_values(spans: list, by_region: list[float]) -> list[float]:
     values = iter(by_region)
     return [next(values) if s.region is not None else 0.0 for s in spans]
+
+
+def missing_at_switch(run: PreCopy, guest: Guest, data_pages: int) -> list[MissingRange]:
+    """The discard set after the per-pass rounds: every page if none ran, else what the
+    last round's writes dirtied (as it would have been sent next)."""
+    spans = layout(guest.regions, data_pages, guest.guest_pages)
+    if not run.rounds:
+        return [MissingRange(s.lo, s.hi, s.pages) for s in spans]
+    dirty = iter(run.dirty_by_region or [0.0] * len(guest.regions))
+    return [MissingRange(s.lo, s.hi, next(dirty) if s.region is not None else 0.0)
+            for s in spans]

@@ -1,16 +1,16 @@
 """The iterative model: a pre-copy migration round by round in expected pages, decided by
-migbed's own policy object (see the package docstring for the steps)."""
+migbed's own policy object through the sender's own switch-over arbiter
+(`nodes.migration.decide.switchover`), so the engine and the model follow one rule set (see the
+package docstring for the steps)."""
 
 import math
 
 from cluster.model import pagetypes
 from cluster.model.continuous import ContinuousRun, layout
-from cluster.model.hybrid import cut_round
-from cluster.model.postcopy import (
+from cluster.model.hybrid import cut_round, missing_at_switch
+from cluster.model.postcopy_model import (
     MissingRange,
     PostcopyPrediction,
-    Switching,
-    missing_at_switch,
     postcopy_phase,
 )
 from cluster.model.rounds import (
@@ -21,19 +21,18 @@ from cluster.model.rounds import (
     PreCopy,
     round_bytes,
 )
-from cluster.model.throttle import (
+from cluster.model.throttle_model import (
     DirtyLimitSpec,
     ModelDirtyLimit,
     ModelThrottle,
+    ModelTimeouts,
     ThrottleSpec,
     model_throttle,
     running_share,
-    timeout_decision,
 )
 from cluster.model.workload import Region, access_regions, rate_of, regions
 from nodes.errors import ConfigError
-from nodes.migration.dirtysync import SyncLog
-from nodes.migration.policy import (
+from nodes.migration.decide.policy import (
     Action,
     Decision,
     PrecopyPolicy,
@@ -41,7 +40,9 @@ from nodes.migration.policy import (
     StopCode,
     policy_for,
 )
+from nodes.migration.decide.switchover import Arbiter, Moment
 from nodes.migration.postcopy.trigger import SwitchRule
+from nodes.migration.send.dirtysync import SyncLog
 from workloads.spec import WorkloadSpec
 
 _ROUND_GUARD = 100_000       # a policy that never stops would loop forever
@@ -161,9 +162,11 @@ def _live_round(run: PreCopy, guest: Guest, pol: PrecopyPolicy, latency: float) 
                                  if run.throttle is not None else 0, zero_pages=zero))
 
 
-def _precopy(guest: Guest, pol: PrecopyPolicy, rate: float, latency: float,
-             throttle: ModelThrottle | None, timeouts=None) -> PreCopy:
-    """The live rounds, each after the policy said CONTINUE, until it says otherwise."""
+def _precopy(guest: Guest, arb: Arbiter, rate: float, latency: float,
+             throttle: ModelThrottle | None, cut: float | None) -> PreCopy:
+    """The live rounds, each after the arbiter said CONTINUE, until it says otherwise; a
+    switch after `cut` seconds cuts the pass under way."""
+    pol: PrecopyPolicy = arb.policy
     run = PreCopy(dirty=float(guest.guest_pages), throttle=throttle,
                    sync=SyncLog(guest.page_size, guest.guest_pages, 0.0))
     while True:
@@ -172,25 +175,21 @@ def _precopy(guest: Guest, pol: PrecopyPolicy, rate: float, latency: float,
             decision = Decision.stop(StopCode.MAX_ITERATIONS,
                                      f"model guard ({_ROUND_GUARD} rounds)")
         else:
-            decision = pol.decide(stats)
-        if decision.action is Action.CONTINUE:      # checked between rounds here
-            decision = timeout_decision(timeouts, run.elapsed) or decision
+            decision = arb.decide(Moment(stats, run.elapsed))   # between rounds here
         if decision.action is not Action.CONTINUE:
             _stop(run, decision, pol, stats.iteration)
             return run
-        cut = getattr(pol, "cut_seconds", None)   # a switch after a time cuts the pass
         if cut is not None and run.elapsed + run.dirty * guest.seconds_per_page > cut:
             cut_round(run, guest, max(0.0, cut - run.elapsed))
             continue
         _live_round(run, guest, pol, latency)
 
 
-def _continuous(guest: Guest, pol: PrecopyPolicy, spans: list,
-                throttle: ModelThrottle | None, timeouts=None) -> PreCopy:
+def _continuous(guest: Guest, arb: Arbiter, spans: list,
+                throttle: ModelThrottle | None) -> PreCopy:
     """Pre-copy under a policy that decides after every chunk (`continuous`)."""
-    model = ContinuousRun(spans, pol, guest.seconds_per_page, guest.wire_per_page,
-                          guest.page_size, guest.guest_pages, throttle, timeouts,
-                          guest.zero_wire)
+    model = ContinuousRun(spans, arb, guest.seconds_per_page, guest.wire_per_page,
+                          guest.page_size, guest.guest_pages, throttle, guest.zero_wire)
     decision = model.run()
     run = PreCopy(dirty=model.final_pages(), elapsed=model.now,
                    total_written=model.sent_pages, syncs=model.sync.count, throttle=throttle,
@@ -204,7 +203,7 @@ def _continuous(guest: Guest, pol: PrecopyPolicy, spans: list,
                              cpu_throttle_percentage=r["cpu_throttle_percentage"],
                              zero_pages=r.get("zero_pages", 0.0)) for r in model.rounds]
     run.zero_pages = sum(r.zero_pages for r in run.rounds)
-    _stop(run, decision, pol, len(run.rounds))
+    _stop(run, decision, arb.policy, len(run.rounds))
     return run
 
 
@@ -226,7 +225,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             switch_resume_seconds: float | None = None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object;
     with `postcopy_after_rounds` (0: pure post-copy) or `postcopy_after_seconds` a hybrid
-    that switches to post-copy (`cluster.model.postcopy`), its push limited to
+    that switches to post-copy (`cluster.model.postcopy_model`), its push limited to
     `postcopy_bandwidth_bytes_per_second`.
 
     `link_bytes_per_second` is the link's speed (pass the *measured* throughput when the link
@@ -237,7 +236,7 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `latency_seconds` is added to every round, the stop-and-copy included.
     `policy_settings` go to the policy's factory (`policy_for`) beside the downtime limit.
     `auto_converge` or `dirty_limit` throttle the modelled guest on the engine's own rules
-    (`cluster.model.throttle`); `completion_timeout` (the engine's `Timeouts`) ends the
+    (`cluster.model.throttle_model`); `completion_timeout` (the engine's `Timeouts`) ends the
     live rounds as the engine's does (between rounds under the xen policies).
     Zero pages (`pagetypes`) cost their pfn word only, unless `zero_page_detection` is
     none: a fresh guest (`workload.fill` zero) holds what its workload wrote in
@@ -257,9 +256,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                                     **(policy_settings or {}))
     throttle = model_throttle(auto_converge, dirty_limit, page_size,
                               sum(r.rate for r in guest.regions))
-    if postcopy_after_rounds is not None or postcopy_after_seconds is not None:
-        pol = Switching(pol, SwitchRule(postcopy_after_rounds, postcopy_after_seconds))
-    run = _live(guest, pol, spans, rate, latency_seconds, throttle, completion_timeout)
+    arb = model_arbiter(pol, completion_timeout, postcopy_after_rounds, postcopy_after_seconds)
+    run = _live(guest, arb, spans, rate, latency_seconds, throttle, postcopy_after_seconds)
     switch = None
     if run.stop_code is StopCode.POSTCOPY:     # the switch, then the push
         switch = _switch(run, guest, workload, writes, page_size, link,
@@ -282,12 +280,23 @@ def _bandwidths(link_bytes_per_second: float | None,
     return link, min(x for x in (link, limit) if x is not None)
 
 
-def _live(guest: Guest, pol: PrecopyPolicy, spans: list, rate: float, latency: float,
-          throttle: ModelThrottle | None, timeouts) -> PreCopy:
+def model_arbiter(pol: PrecopyPolicy, timeouts, after_rounds: int | None,
+                  after_seconds: float | None) -> Arbiter:
+    """The sender's switch-over arbiter over the model's inputs: the policy, the completion
+    timeout (the engine's `Timeouts`, None: none) and, with post-copy asked for, the switch
+    rule. No cancel, no adaptive rate: the model has neither."""
+    switch = (SwitchRule(after_rounds, after_seconds)
+              if after_rounds is not None or after_seconds is not None else None)
+    return Arbiter(pol, switch=switch,
+                   aids=ModelTimeouts(timeouts) if timeouts is not None else None)
+
+
+def _live(guest: Guest, arb: Arbiter, spans: list, rate: float, latency: float,
+          throttle: ModelThrottle | None, cut: float | None) -> PreCopy:
     """The live rounds: chunk by chunk under a mid-pass policy, else pass by pass."""
-    if pol.mid_pass:
-        return _continuous(guest, pol, spans, throttle, timeouts)
-    run = _precopy(guest, pol, rate, latency, throttle, timeouts)
+    if arb.policy.mid_pass:
+        return _continuous(guest, arb, spans, throttle)
+    run = _precopy(guest, arb, rate, latency, throttle, cut)
     run.final_zero = guest.zero_at_start if not run.rounds else 0.0
     return run
 

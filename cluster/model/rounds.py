@@ -3,10 +3,10 @@ as the model knows it, and the live rounds so far."""
 
 from dataclasses import dataclass, field
 
-from cluster.model.postcopy import MissingRange, PostcopyPrediction
-from cluster.model.throttle import ModelThrottle
+from cluster.model.postcopy_model import MissingRange, PostcopyPrediction
+from cluster.model.throttle_model import ModelThrottle
 from cluster.model.workload import Region
-from nodes.migration.policy import StopCode
+from nodes.migration.decide.policy import StopCode
 
 PAGES_PER_RECORD = 1024      # PAGE_DATA records carry up to 1024 pages (4 MiB)
 

@@ -11,8 +11,8 @@ per run, `sweep.csv` and the summary; `curves` and `plots` draw the PNGs.
 from cluster.sweep.agreement import agreement_table
 from cluster.sweep.knobs import KNOBS, Knob
 from cluster.sweep.outputs import SweepResult
-from cluster.sweep.runner import run_sweep
 from cluster.sweep.scenario import Scenario, load_scenario
+from cluster.sweep.sweep_runner import run_sweep
 
 __all__ = ["KNOBS", "Knob", "Scenario", "SweepResult", "agreement_table", "load_scenario",
            "run_sweep"]

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from cluster.sweep.scenario import Scenario
 from cluster.sweep.text import count, ms, point_text, show
 from nodes.errors import ConfigError
-from nodes.migration.policy import StopCode
+from nodes.migration.decide.policy import StopCode
+from nodes.phase import Outcome
 
 AGREEMENT_TOLERANCE = 0.2       # measured/predicted outside 1 +- this is flagged
 JITTER_FLOOR_SECONDS = 0.001     # downtimes closer than this are equal (the vCPU ticks at 1 ms)
@@ -33,7 +34,7 @@ def agreement_table(scenario: Scenario, rows: list[dict]) -> list[dict]:
     out = []
     for i, point in enumerate(scenario.points()):
         runs = [r for r in rows if r["point"] == i]
-        done = [r for r in runs if r["status"] == "completed"]
+        done = [r for r in runs if r["status"] == Outcome.COMPLETED]
         entry = {"point": i, "axes": {k: show(v) for k, v in point.items()},
                  "runs": len(runs), "completed": len(done), "flags": []}
         for metric, mkey, pkey in METRICS:
@@ -56,12 +57,13 @@ def explain(scenario: Scenario, rows: list[dict], agreement: list[dict],
     for entry in agreement:
         if entry["completed"] < entry["runs"]:
             errs = {r["error"] for r in rows if r["point"] == entry["point"]
-                    and r["status"] != "completed"}
+                    and r["status"] != Outcome.COMPLETED}
             notes.append(f"point {entry['point']}: {entry['runs'] - entry['completed']} of "
                          f"{entry['runs']} runs failed ({'; '.join(sorted(map(str, errs)))})")
         if not entry["flags"]:
             continue
-        runs = [r for r in rows if r["point"] == entry["point"] and r["status"] == "completed"]
+        runs = [r for r in rows
+                if r["point"] == entry["point"] and r["status"] == Outcome.COMPLETED]
         evidence = _Evidence.of(entry, runs, scenario, calibration)
         for metric in entry["flags"]:
             notes.append(f"point {entry['point']} ({point_text(entry['axes'])}) {metric} "
@@ -76,7 +78,7 @@ def _ratio_text(r: float | None) -> str:
 @dataclass(frozen=True)
 class Stops:
     """How pre-copy ended in the runs of a point (or in the model): the reasons people read
-    and the machine-readable stop codes (`nodes.migration.policy.StopCode` values)."""
+    and the machine-readable stop codes (`nodes.migration.decide.policy.StopCode` values)."""
 
     reasons: tuple[str, ...] = ()
     codes: tuple[str, ...] = ()
@@ -232,7 +234,7 @@ def _downtime(ev: _Evidence) -> str:
 
 def _skips(policy: str) -> bool:
     """Whether a policy skips pages re-dirtied during a round (xen-legacy does)."""
-    from nodes.migration.policy import make_policy
+    from nodes.migration.decide.policy import make_policy
     try:
         return make_policy(policy).skip_redirtied
     except (ConfigError, TypeError):

@@ -11,6 +11,7 @@ from cluster.sweep.text import point_text, show
 from nodes.errors import ConfigError
 from nodes.host.specs import GuestSpec
 from nodes.migration.settings import MigrationSettings
+from nodes.phase import Outcome
 
 CURVE_POINTS = 40
 CURVE_KEYS = ("downtime_seconds", "total_time_seconds", "pages_sent_total", "bytes_sent_total",
@@ -42,7 +43,7 @@ def model_curves(result: SweepResult, calibration: dict) -> list[dict]:
     xs = curve_xs(sc)
     curves = []
     for series in sc.series():
-        runs = [r for r in result.rows if r["status"] == "completed"
+        runs = [r for r in result.rows if r["status"] == Outcome.COMPLETED
                 and all(r.get(f"axis_{k}") == show(v) for k, v in series.items())]
         throughput = median([r["measured_throughput_bytes_per_second"] for r in runs])
         achieved = median([r["achieved_dirty_rate_pages_per_second"] for r in runs])

@@ -11,6 +11,7 @@ from pathlib import Path
 from cluster.sweep.agreement import AGREEMENT_TOLERANCE
 from cluster.sweep.scenario import Scenario
 from cluster.sweep.text import count, ms, point_text
+from nodes.phase import Outcome
 
 CSV_NAME = "sweep.csv"
 
@@ -26,7 +27,7 @@ class SweepResult:
 
     @property
     def failed_runs(self) -> int:
-        return sum(1 for r in self.rows if r["status"] != "completed")
+        return sum(1 for r in self.rows if r["status"] != Outcome.COMPLETED)
 
     def summary_text(self) -> str:
         return summary_text(self)
@@ -115,8 +116,8 @@ def write_run(folder: Path, index: int, repeat: int, doc: dict) -> str:
     return str(run_file.relative_to(folder))
 
 
-def write_outputs(result: SweepResult, calibration: dict, plots: bool) -> None:
-    """Everything but the run files, once every run is done."""
+def write_outputs(result: SweepResult) -> None:
+    """Everything but the run files and the plots, once every run is done."""
     folder = result.folder
     columns: list[str] = []
     for row in result.rows:
@@ -132,11 +133,13 @@ def write_outputs(result: SweepResult, calibration: dict, plots: bool) -> None:
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     (folder / "summary.txt").write_text(summary_text(result) + "\n")
     (folder / "scenario.toml").write_text(result.scenario.to_toml())
-    if plots:
-        from cluster.sweep.curves import model_curves
-        from cluster.sweep.plots import draw_all
-        draw_all(result.scenario, result.rows, model_curves(result, calibration),
-                 _rounds_for_plot(result), folder)
+
+
+def write_plots(result: SweepResult, curves: list[dict]) -> None:
+    """The plots, with the model's `curves` (`curves.model_curves`, which reads a
+    `SweepResult` and so is computed by the caller, not imported here)."""
+    from cluster.sweep.plots import draw_all
+    draw_all(result.scenario, result.rows, curves, _rounds_for_plot(result), result.folder)
 
 
 def _rounds_for_plot(result: SweepResult) -> dict | None:
@@ -144,7 +147,7 @@ def _rounds_for_plot(result: SweepResult) -> dict | None:
     that completed)."""
     i = result.scenario.rounds_point
     for row in result.rows:
-        if row["point"] == i and row["status"] == "completed":
+        if row["point"] == i and row["status"] == Outcome.COMPLETED:
             doc = json.loads((result.folder / row["json"]).read_text())
             pred = ((doc.get("model") or {}).get("prediction") or {}).get("rounds", [])
             return {"point": i, "axes": point_text(result.scenario.points()[i]),

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 from cluster.sweep.text import human, point_text, show  # noqa: E402
-from nodes.phase import Phase  # noqa: E402
+from nodes.phase import Outcome, Phase  # noqa: E402
 
 if TYPE_CHECKING:
     from cluster.sweep.scenario import Scenario
@@ -101,7 +101,7 @@ def _comparison_plot(scenario: "Scenario", rows: list[dict], axis: str,
     reports, labels = [], []
     for value in dict(scenario.axes)[axis]:
         index = points.index({**reference, axis: value})
-        row = next((r for r in rows if r["point"] == index and r["status"] == "completed"),
+        row = next((r for r in rows if r["point"] == index and r["status"] == Outcome.COMPLETED),
                    None)
         if row is None:
             continue
@@ -154,8 +154,8 @@ def _draw_series(ax, rows: list[dict], curve: dict | None, series: dict, key: st
     for xv in x.values:
         match = [r for r in rows if r.get(f"axis_{x.name}") == show(xv)
                  and all(r.get(f"axis_{k}") == show(v) for k, v in series.items())]
-        vals = [r[key] for r in match if r["status"] == "completed" and r[key] is not None]
-        if any(r["status"] != "completed" for r in match):
+        vals = [r[key] for r in match if r["status"] == Outcome.COMPLETED and r[key] is not None]
+        if any(r["status"] != Outcome.COMPLETED for r in match):
             failed_x.append(x.pos(xv))
         if not vals:
             continue

@@ -16,7 +16,8 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
                 downtime_limit, max_iterations, timeout, verify, zero_page_detection,
                 xbzrle_cache ("64MiB"), multifd_channels, multifd_compression, postcopy_after
                 (a number of live rounds, 0 for pure post-copy, a duration such as "1.5s", or
-                "off"), postcopy_bandwidth, postcopy_allowed
+                "off"), postcopy_bandwidth, postcopy_allowed, the convergence aids: every
+                key of the README's option table (`cluster.fieldtable`)
     [axes]      any of guest_memory, mode, pattern, dirty_rate, hot_fraction, hot_share,
                 write_bytes, fill, policy, zero_page_detection, xbzrle_cache,
                 multifd_channels, multifd_compression, bandwidth, rate_limit, latency,
@@ -68,7 +69,7 @@ class Scenario:
     seed: int = 0
     hosts: int = 2
     host_memory_bytes: int = 512 * MiB
-    hosts_per_node: int | None = None       # None: all on one Ray node (`cluster.placement`)
+    hosts_per_node: int | None = None       # None: all on one Ray node (`cluster.launch.placement`)
     guest_memory_bytes: int = 64 * MiB
     mode: str = "p2m"
     warmup_seconds: float = 0.3
@@ -180,9 +181,9 @@ class Scenario:
             if value is None and k in OFF_WHEN_ABSENT:
                 continue
             d["migration"][k] = "unlimited" if value is None else value
-        d["migration"]["timeout"] = mig.timeout_seconds
-        d["migration"]["verify"] = mig.verify
-        d["migration"]["postcopy_allowed"] = mig.postcopy_allowed
+        for k, (name, _) in FIXED_ONLY["migration"].items():   # timeout, verify, ...
+            if getattr(mig, name) is not None:
+                d["migration"][k] = getattr(mig, name)
         if mig.faults:
             d["faults"] = [f.to_text() for f in mig.faults]
         d["axes"] = {name: ["unlimited" if v is None else v for v in values]

@@ -20,12 +20,12 @@ Stages are the phases of a migration (`nodes.phase`), in the order a migration p
 
 Where each kind acts (the injection seams):
 
-- on the source's link (`nodes.faults.source.SourceFaults`, called by the sender's phases
-  and wired into `nodes.migration.link.LinkSender`): `stall-link` (nothing crosses for a time), `cut-link` (the
+- on the source's link (`nodes.faults.at_source.SourceFaults`, called by the sender's phases
+  and wired into `nodes.migration.send.link.LinkSender`): `stall-link` (nothing crosses for a time), `cut-link` (the
   connection goes down), `slow-link` (the link's speed drops for the rest of the migration),
   `corrupt-record` (the next record's body is garbage), `truncate-stream` (half of the next
   record, then the connection closes);
-- on the destination (`nodes.faults.destination.DestinationFaults`): `refuse-memory` (prepare fails as if the host
+- on the destination (`nodes.faults.at_destination.DestinationFaults`): `refuse-memory` (prepare fails as if the host
   had no free frames) and `delay-restore` (the restore stalls before READY at stop-and-copy,
   or before the resume after the hand-over);
 - by the control plane (`cluster.settle.FaultControl`): `kill-destination`, `kill-source`.

@@ -1,6 +1,6 @@
 """The Host as a Ray actor: a process of its own, pinned to its Ray node by a custom
 resource (a local cluster, where several hosts share a node) or by node id (an existing
-cluster, `cluster.placement`).
+cluster, `cluster.launch.placement`).
 
 This is the only place in `nodes` that imports Ray. The actor is threaded, so control calls
 (list, progress, cancel, metrics) are served while a migration runs on another thread of the

@@ -5,17 +5,34 @@ memory and never takes a guest's lock. `nodes.host.metrics` registers it.
 """
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from nodes.host.hostview import HostView
+from nodes.migration.receive.receiver import Receiver
 from nodes.phase import ENDED, TIMED
 from nodes.xen.domain import DomainState
 from nodes.xen.profiles import Mode
 
-if TYPE_CHECKING:
-    from nodes.host.metrics import HostMetrics
-    from nodes.host.service import HostService
+
+class ScrapedMetrics(Protocol):
+    """What the collector reads of `nodes.host.metrics.HostMetrics`, which registers it (a
+    Protocol, so that this module needs not import the registering one back): the host, and
+    under `lock` the running migrations and the totals of those that have ended."""
+
+    host: HostView
+    lock: AbstractContextManager
+    outgoing: dict       # migration id -> a running one's guest, progress and settings
+    incoming: dict[str, Receiver]
+    wire_totals: dict    # `wire_totals()`, folded in by `add_wire`
+    sent_pages_total: int
+    sent_bytes_total: int
+    dirtied_pages_total: int
+    rounds_total: int
+    received_pages_total: int
+    received_bytes_total: int
 
 
 def dirtied(rounds: list) -> int:
@@ -26,7 +43,7 @@ def dirtied(rounds: list) -> int:
 class HostCollector:
     """Reads a host's live state at scrape time (a prometheus_client custom collector)."""
 
-    def __init__(self, metrics: "HostMetrics"):
+    def __init__(self, metrics: ScrapedMetrics):
         self.metrics = metrics
 
     def describe(self) -> list[Metric]:
@@ -62,7 +79,7 @@ class HostCollector:
 
     # -- guests -----------------------------------------------------------------------------
     @staticmethod
-    def _guests(host: str, h: "HostService") -> Iterator[Metric]:
+    def _guests(host: str, h: HostView) -> Iterator[Metric]:
         by_mode = dict.fromkeys((m.value for m in Mode), 0)
         info = GaugeMetricFamily("migbed_guest_info", "A guest on this host and its workload "
                                  "(always 1).", labels=["host", "guest", "workload"])
@@ -108,7 +125,7 @@ class HostCollector:
 
     # -- migrations ---------------------------------------------------------------------------
     @staticmethod
-    def _migrations(host: str, m: "HostMetrics") -> Iterator[Metric]:
+    def _migrations(host: str, m: ScrapedMetrics) -> Iterator[Metric]:
         yield from _migration_counts(host, m.host.migration_counts)
         with m.lock:
             outgoing = list(m.outgoing.values())
@@ -187,7 +204,7 @@ def _running(host: str, outgoing: list) -> Iterator[Metric]:
     yield from fams.values()
 
 
-def _traffic(m: "HostMetrics", outgoing: list, incoming: list) -> dict:
+def _traffic(m: ScrapedMetrics, outgoing: list, incoming: list) -> dict:
     """What ended migrations moved, plus what running ones have moved so far."""
     totals = {"sent_pages": m.sent_pages_total, "sent_bytes": m.sent_bytes_total,
               "dirtied": m.dirtied_pages_total, "rounds": m.rounds_total,

@@ -22,12 +22,12 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from nodes.errors import ConfigError
 from nodes.host.collectors import HostCollector, add_wire, dirtied, wire_totals
+from nodes.host.hostview import HostView
 from nodes.phase import TIMED, Phase
 
 if TYPE_CHECKING:
-    from nodes.host.service import HostService
-    from nodes.migration.destination import Receiver
     from nodes.migration.progress import Progress
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import SourceResult
     from nodes.migration.settings import MigrationSettings
 
@@ -55,7 +55,7 @@ class _Outgoing:
 class HostMetrics:
     """The metrics registry of one host, and its HTTP server once `serve` is called."""
 
-    def __init__(self, host: "HostService"):
+    def __init__(self, host: HostView):
         self.host = host
         self.registry = CollectorRegistry(auto_describe=False)
         self.lock = threading.Lock()

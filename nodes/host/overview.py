@@ -10,11 +10,14 @@ says only what it saw; the view pairs the two by migration id.
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+from nodes.host.hostview import HostView
+from nodes.host.metrics import HostMetrics
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
-    from nodes.host.service import HostService
-    from nodes.migration.destination import Receiver
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import DestinationResult, SourceResult
     from nodes.migration.settings import MigrationSettings
 
@@ -60,7 +63,7 @@ class RecentMigrations:
             for e in reversed(self._entries):
                 if e["side"] == "source" and e["guest"] == guest:
                     if resumed_there:
-                        e.update(status="completed", error=None)
+                        e.update(status=Outcome.COMPLETED, error=None)
                     e["note"] = ("hand-over unanswered: the destination had resumed the guest"
                                  if resumed_there else "hand-over unanswered: the guest "
                                  "resumed here")
@@ -80,7 +83,15 @@ class RecentMigrations:
             return [dict(e) for e in self._entries]
 
 
-def snapshot(host: "HostService") -> dict:
+class TopHost(HostView, Protocol):
+    """What the snapshot reads of a host beyond its `HostView`: its recent migrations and
+    its metrics' running ones (`nodes.host.service.HostService` satisfies it)."""
+
+    recent: RecentMigrations
+    metrics: HostMetrics
+
+
+def snapshot(host: TopHost) -> dict:
     """Everything `migbed top` shows of this host, read at one moment (no guest memory is
     walked and no guest's lock is taken: counters the host keeps anyway)."""
     hv = host.hv
@@ -100,7 +111,7 @@ def snapshot(host: "HostService") -> dict:
             "recent": host.recent.list()}
 
 
-def _outgoing(host: "HostService") -> list[dict]:
+def _outgoing(host: TopHost) -> list[dict]:
     m = host.metrics
     with m.lock:
         running = list(m.outgoing.items())
@@ -118,7 +129,7 @@ def _outgoing(host: "HostService") -> list[dict]:
     return out
 
 
-def _domain(host: "HostService", name: str):
+def _domain(host: HostView, name: str):
     """The migrating guest's domain, under its name or, during the hand-over, its copy's."""
     for dom in list(host.hv.domains.values()):
         if dom.name in (name, name + "--migratedaway"):
@@ -126,7 +137,7 @@ def _domain(host: "HostService", name: str):
     return None
 
 
-def _incoming(host: "HostService") -> list[dict]:
+def _incoming(host: HostView) -> list[dict]:
     out = []
     for mid, recv in list(host.incoming.items()):
         if recv.done.is_set():

@@ -14,12 +14,13 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import MigrationError, MigrationStillRunning
-from nodes.migration.postcopy.source import settle_paused
+from nodes.migration.postcopy.postcopy_source import settle_paused
+from nodes.phase import PausedEnd
 
 if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import DestinationResult, SourceResult
-    from nodes.migration.source import Sender
+    from nodes.migration.send.sender import Sender
 
 # How long after its post-copy the destination watches its guest, for the page rate after.
 AFTER_WINDOW_SECONDS = 0.2
@@ -62,7 +63,7 @@ class PostcopyControl:
         """Every post-copy migration paused here: id, guest, GUEST_INFO and settings."""
         with self.lock:
             return [{"migration_id": mid, "guest": sender.ctx.guest, "info": info,
-                     "settings": sender.ctx.settings.to_dict()}
+                     "settings": sender.ctx.settings}
                     for mid, (sender, _, info) in self._paused.items()]
 
     def migrate_recover(self, migration_id: str) -> "SourceResult":
@@ -72,7 +73,7 @@ class PostcopyControl:
         return self._sender_ended(migration_id, sender.ctx.guest, sender, result, start_wall,
                                   info)
 
-    def settle_paused(self, migration_id: str, outcome: str, why: str) -> "SourceResult":
+    def settle_paused(self, migration_id: str, outcome: PausedEnd, why: str) -> "SourceResult":
         """End a paused post-copy as the control plane found it: `lost` (its destination
         died: the stale copy here goes), `completed` (the destination has the whole guest:
         verify and clean up here), `resume` (the destination never resumed: it runs here)."""

@@ -23,12 +23,12 @@ from prometheus_client.metrics_core import (
 
 from nodes.host.collectors import host_metric
 from nodes.migration.postcopy.pagefault import LATENCY_BUCKETS, latency_bounds
-from nodes.migration.results import PAUSED
+from nodes.phase import Outcome
 
 if TYPE_CHECKING:
-    from nodes.host.service import HostService
-    from nodes.migration.destination import Receiver
+    from nodes.migration.receive.receiver import Receiver
     from nodes.migration.results import SourceResult
+    from nodes.migration.send.sender import Sender
 
 STAGES = ("precopy", "downtime", "postcopy")
 
@@ -73,18 +73,22 @@ class PostcopyTotals:
 class PostcopyCollector:
     """Reads the host's post-copy state at scrape time (see the module docstring)."""
 
-    def __init__(self, host: "HostService", totals: PostcopyTotals):
-        self.host = host
+    def __init__(self, host: str, senders: "dict[str, Sender]",
+                 incoming: "dict[str, Receiver]", totals: PostcopyTotals):
+        """`senders` and `incoming`: the host's own (migration id -> its sender, its
+        receiver), read at each scrape."""
+        self.name = host
+        self.senders = senders
+        self.incoming = incoming
         self.totals = totals
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        h, t = self.host, self.totals
-        name = h.name
-        senders = list(h._senders.values())
-        receivers = [r for r in list(h.incoming.values()) if r.postcopy is not None]
+        t, name = self.totals, self.name
+        senders = list(self.senders.values())
+        receivers = [r for r in list(self.incoming.values()) if r.postcopy is not None]
         with t.lock:
             switches, requests = t.switches, t.requests
             sent, stage_bytes = dict(t.sent), dict(t.stage_bytes)
@@ -95,7 +99,7 @@ class PostcopyCollector:
             pc = sender.ctx.postcopy
             if pc is None:
                 continue
-            paused += sender.ctx.progress.status == PAUSED
+            paused += sender.ctx.progress.status == Outcome.PAUSED
             if pc.switched:
                 switches += 1
                 requests += pc.requests

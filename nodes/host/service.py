@@ -2,8 +2,9 @@
 
 `HostService` is plain Python so the whole host, migrations included, can be tested in one
 process without Ray; `nodes.host.actor` makes it a Ray actor (one per Ray node) for the cluster.
-Its public methods are the host's control plane: each takes and returns plain values (dicts,
-strings, numpy arrays) because it is called across processes.
+Its public methods are the host's control plane: each takes and returns values Ray can pickle
+across processes: typed ones where components meet (`GuestSpec`, `GuestInfo`, `Ticket`,
+`MigrationSettings`, the results, the `Progress` snapshot), plain ones otherwise.
 """
 
 import collections
@@ -12,27 +13,28 @@ import time
 
 import numpy as np
 
-from nodes.errors import ClusterError, MigrationError, MigrationStillRunning
-from nodes.faults.source import SourceFaults
+from nodes.errors import MigrationError, MigrationStillRunning
+from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
+from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
 from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
-from nodes.host.process import process_stats
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.host.vcpus import GuestBefore, GuestVCPUs
-from nodes.migration.channel import Ticket
 from nodes.migration.clock import to_source_clock
-from nodes.migration.destination import Receiver, validate_info
-from nodes.migration.fixeddowntime import handover_fixed_seconds
-from nodes.migration.handover import resolve_handover
-from nodes.migration.link import Pacer
-from nodes.migration.postcopy.source import plan
+from nodes.migration.decide.fixeddowntime import handover_fixed_seconds
+from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.postcopy.postcopy_source import plan
 from nodes.migration.progress import Progress
-from nodes.migration.results import PAUSED, DestinationResult, SourceResult
+from nodes.migration.receive.receiver import Receiver, validate_info
+from nodes.migration.results import DestinationResult, SourceResult
+from nodes.migration.send.link import Pacer
+from nodes.migration.send.sender import Sender, check_migratable, guest_info
 from nodes.migration.settings import MigrationSettings
-from nodes.migration.source import Sender, check_migratable, guest_info
+from nodes.migration.wire.channel import Ticket
+from nodes.phase import ENDED, Outcome
 from nodes.xen.domain import Domain
 from nodes.xen.hypervisor import Hypervisor
 from workloads.patterns import make_workload
@@ -45,10 +47,8 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService(GuestVCPUs, PostcopyControl):
-    def __init__(self, config: HostConfig | dict):
-        if isinstance(config, dict):
-            config = HostConfig.from_dict(config)
+class HostService(GuestVCPUs, PostcopyControl, HostHealth):
+    def __init__(self, config: HostConfig):
         self.config = config
         self.name = config.name
         self.hv = Hypervisor(config.name, config.memory_bytes, config.page_size,
@@ -60,15 +60,16 @@ class HostService(GuestVCPUs, PostcopyControl):
         self.incoming: dict[str, Receiver] = {}
         self.outgoing: dict[str, Progress] = {}
         self._cancel: dict[str, threading.Event] = {}
-        self.migration_counts = {"started": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        self.migration_counts = dict.fromkeys(("started", *ENDED), 0)
         self.lock = threading.RLock()
         self.metrics = HostMetrics(self)
         self.fault_stats = FaultStats()
         self.metrics.registry.register(FaultCollector(config.name, self.fault_stats))
-        self.postcopy_totals = PostcopyTotals()
-        self.metrics.registry.register(PostcopyCollector(self, self.postcopy_totals))
-        self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
         self._senders: dict[str, Sender] = {}         # outgoing migration -> its sender
+        self.postcopy_totals = PostcopyTotals()
+        self.metrics.registry.register(PostcopyCollector(
+            self.name, self._senders, self.incoming, self.postcopy_totals))
+        self._faults: dict[str, SourceFaults] = {}   # outgoing migration -> its fault seam
         self._paused: dict[str, tuple] = {}           # paused post-copy -> (sender, start, info)
         self._before: dict[str, GuestBefore] = {}     # outgoing -> its guest when it began
         self._uplinks: dict[float, Pacer] = {}        # link speed -> this host's shared uplink
@@ -114,9 +115,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         return out
 
     # -- guests -------------------------------------------------------------------------------
-    def create_guest(self, spec: GuestSpec | dict) -> dict:
-        if isinstance(spec, dict):
-            spec = GuestSpec.from_dict(spec)
+    def create_guest(self, spec: GuestSpec) -> dict:
         with self.lock:
             dom = self.hv.create_domain(spec.name, spec.memory_bytes, spec.mode, spec.dma)
             try:
@@ -195,20 +194,18 @@ class HostService(GuestVCPUs, PostcopyControl):
         return out
 
     # -- migration: destination side ---------------------------------------------------------
-    def prepare_incoming(self, info: dict, settings: MigrationSettings | dict) -> dict:
+    def prepare_incoming(self, info: GuestInfo, settings: MigrationSettings) -> Ticket:
         """Reserve frames for an arriving guest and listen for its stream; returns the ticket."""
-        if isinstance(settings, dict):
-            settings = MigrationSettings.from_dict(settings)
         info = validate_info(info)
         with self.lock:
-            mid = info["migration_id"]
+            mid = info.migration_id
             if mid in self.incoming:
                 raise MigrationError(f"migration {mid} is already expected here")
             recv = Receiver(self.hv, info, settings, self.config.address, self,
                             self.fault_stats, self.config.data_ports)
             self.incoming[mid] = recv
             self.metrics.incoming_started(mid, recv)
-            return recv.ticket.to_dict()
+            return recv.ticket
 
     def incoming_report(self, migration_id: str, timeout: float = 60.0) -> DestinationResult:
         """Wait for an incoming migration to end; the destination's result."""
@@ -253,23 +250,20 @@ class HostService(GuestVCPUs, PostcopyControl):
         return {"name": dom.name, "pages": dom.npages, "mode": dom.mode.value,
                 "arch": self.hv.profile.arch, "profile": self.hv.profile.name}
 
-    def guest_info(self, name: str, migration_id: str) -> dict:
+    def guest_info(self, name: str, migration_id: str) -> GuestInfo:
         dom = check_migratable(self.hv, name)
         return guest_info(self.hv, dom, migration_id, self.workload_spec(name))
 
-    def migrate_out(self, name: str, ticket: dict,
-                    settings: MigrationSettings | dict) -> SourceResult:
+    def migrate_out(self, name: str, ticket: Ticket,
+                    settings: MigrationSettings) -> SourceResult:
         """Run a migration to the destination that issued `ticket`; blocks until it ends."""
-        if isinstance(settings, dict):
-            settings = MigrationSettings.from_dict(settings)
-        t = Ticket.from_dict(ticket)
-        mid = t.migration_id
+        mid = ticket.migration_id
         progress = Progress(mid, name)
         cancel = threading.Event()
         info = self.guest_info(name, mid)
         algorithm, postcopy = plan(settings)
         with self.lock:
-            sender = Sender(self.hv, name, t, settings, self, progress, cancel,
+            sender = Sender(self.hv, name, ticket, settings, self, progress, cancel,
                             self._uplink(settings), self.fault_stats, algorithm, postcopy)
             self.outgoing[mid] = progress
             self._cancel[mid] = cancel
@@ -289,7 +283,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         return self._sender_ended(mid, name, sender, result, start_wall, info)
 
     def _sender_ended(self, mid: str, name: str, sender: Sender, result: SourceResult,
-                      start_wall: float, info: dict) -> SourceResult:
+                      start_wall: float, info: GuestInfo) -> SourceResult:
         """A sender returned: a paused post-copy is kept for `migrate_recover` (it is still
         running); anything else has ended, and is counted."""
         result.profile = self.hv.profile.name
@@ -304,7 +298,7 @@ class HostService(GuestVCPUs, PostcopyControl):
             self.postcopy_rate_before(vcpu, start_wall, result)
         if before is not None:
             result.workload_running_seconds = before.running_seconds
-        if result.status == PAUSED:
+        if result.status == Outcome.PAUSED:
             with self.lock:
                 self._paused[mid] = (sender, start_wall, info)
             return result
@@ -336,9 +330,10 @@ class HostService(GuestVCPUs, PostcopyControl):
             while len(self._ended) > KEEP_ENDED_PROGRESS:
                 self.outgoing.pop(self._ended.popleft(), None)
 
-    def migration_progress(self, migration_id: str) -> dict | None:
+    def migration_progress(self, migration_id: str) -> Progress | None:
+        """A snapshot of an outgoing migration's progress; None if it is not known here."""
         p = self.outgoing.get(migration_id)
-        return p.to_dict() if p else None
+        return p.snapshot() if p else None
 
     def cancel_migration(self, migration_id: str) -> bool:
         ev = self._cancel.get(migration_id)
@@ -363,7 +358,7 @@ class HostService(GuestVCPUs, PostcopyControl):
         self.recent.destination_ended(self.name, migration_id, recv, result)
         return result
 
-    # -- faults, hand-over recovery and health (`nodes.faults.spec`, `cluster.settle`) -------------
+    # -- the shared uplink ---------------------------------------------------------------------
     def _uplink(self, settings: MigrationSettings) -> Pacer | None:
         """This host's outgoing link, shared by its concurrent `link_shared` migrations."""
         rate = settings.link_bytes_per_second
@@ -371,50 +366,6 @@ class HostService(GuestVCPUs, PostcopyControl):
             return None
         with self.lock:
             return self._uplinks.setdefault(rate, Pacer(rate))
-
-    def incoming_status(self, migration_id: str) -> str | None:
-        """waiting, receiving, ready, completed or failed; None if not expected here."""
-        recv = self.incoming.get(migration_id)
-        return recv.status if recv else None
-
-    def fault_done(self, migration_id: str, index: int) -> bool:
-        """The control plane has carried out fault `index`: the sender goes on."""
-        seam = self._faults.get(migration_id)
-        if seam is None:
-            return False
-        seam.release(index)
-        return True
-
-    def resolve_handover(self, name: str, mode_before: str, destination_resumed: bool) -> dict:
-        """Settle a hand-over whose RESULT never came (see `nodes.migration.handover`)."""
-        with self.lock:
-            out = resolve_handover(self.hv, self, name, mode_before, destination_resumed)
-            self._retired.pop(name, None)
-            self.recent.handover_resolved(name, destination_resumed)
-            return out
-
-    def process_stats(self) -> dict:
-        """This host's process: pid, resident memory and how much of it is this host's
-        machine-memory arena (see `nodes.host.process`)."""
-        return process_stats(self.hv.memory.frames)
-
-    def kill(self) -> None:
-        """Fault injection in one process: this host dies now, as a Ray node going away does.
-        Its connections drop, its guests stop, its /metrics goes; every later call through
-        a handle fails with ClusterError. (On Ray the actor is killed instead.)"""
-        self.dead = True
-        for seam in list(self._faults.values()):
-            seam.kill()
-        receivers = list(self.incoming.values())
-        for recv in receivers:
-            recv.kill()
-        for recv in receivers:       # their restores end, their frames go (bounded wait)
-            recv.wait(recv.settings.timeout_seconds)
-        self.shutdown()
-
-    def check_alive(self) -> None:
-        if self.dead:
-            raise ClusterError(f"host {self.name} is gone (killed)")
 
     def shutdown(self) -> None:
         for name in list(self.vcpus):

@@ -21,23 +21,39 @@ control plane to settle (`resolve_handover`).
 """
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from nodes.errors import MigbedError, MigrationError
+from nodes.faults.at_destination import DestinationFaults
 from nodes.migration.clock import to_source_clock
-from nodes.migration.records import RecordType as RT
+from nodes.migration.receive.landing import Landing
+from nodes.migration.receive.reader import RecordReader
 from nodes.migration.runtime import GuestRuntime
-from nodes.phase import Phase
+from nodes.migration.send.source_context import SourceContext
+from nodes.migration.wire.records import RecordType as RT
+from nodes.phase import Outcome, Phase
 from nodes.xen.hypervisor import Hypervisor
 from nodes.xen.logdirty import ShadowOp
 from nodes.xen.profiles import Mode
 
-if TYPE_CHECKING:
-    from nodes.migration.destination import Receiver
-    from nodes.migration.reader import RecordReader
-    from nodes.migration.source import SourceContext
-
 MIGRATED_AWAY = "--migratedaway"
+
+
+class HandoverReceiver(Protocol):
+    """What the destination's side of the hand-over needs of its receiver
+    (`nodes.migration.receive.receiver.Receiver`, which runs it: a Protocol, so that this module
+    needs not import it back)."""
+
+    faults: DestinationFaults
+    landing: Landing
+    status: str
+    resume_wall: float | None
+
+    def reply(self, rtype: RT, fields: dict | None = None) -> None: ...
+
+    def make_vcpu(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 class SourceHandover:
@@ -45,10 +61,10 @@ class SourceHandover:
 
     phase = Phase.HANDOVER
 
-    def wanted(self, ctx: "SourceContext") -> bool:
+    def wanted(self, ctx: SourceContext) -> bool:
         return True
 
-    def run(self, ctx: "SourceContext") -> None:
+    def run(self, ctx: SourceContext) -> None:
         ctx.reader.expect(RT.RECEIVER_READY)
         ctx.hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
         ctx.renamed = True
@@ -72,11 +88,11 @@ class SourceHandover:
         ctx.resumed()
 
 
-def destination_handover(rx: "Receiver", reader: "RecordReader") -> None:
+def destination_handover(rx: HandoverReceiver, reader: RecordReader) -> None:
     """The destination's side, once every page has arrived and the page tables are valid:
     READY out, PERMISSION_TO_GO in, the guest resumed, RESULT out."""
     rx.faults.delay(Phase.STOP_AND_COPY)
-    rx.status = "ready"
+    rx.status = Outcome.READY
     rx.reply(RT.RECEIVER_READY, {"pages_received": rx.landing.pages_received})
     rx.make_vcpu()                      # the parked vCPU takes its context
     reader.expect(RT.PERMISSION_TO_GO)

@@ -11,7 +11,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from nodes.phase import Phase
 
@@ -25,7 +25,7 @@ class RoundStats:
     bytes_sent: int = 0
     duration_seconds: float = 0.0
     final: bool = False
-    # The throttle (`nodes.migration.convergence`): auto-converge's percentage as the round
+    # The throttle (`nodes.migration.decide.convergence`): auto-converge's percentage as the round
     # ended (QEMU's cpu-throttle-percentage), and the seconds dirty-limit slept the vCPU in it.
     cpu_throttle_percentage: int = 0
     dirty_limit_throttle_seconds: float = 0.0
@@ -74,6 +74,12 @@ class Progress:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def snapshot(self) -> "Progress":
+        """A copy of it now, for the control plane: the sender goes on changing this one
+        (an in-process host hands its values over as they are, without pickling)."""
+        return replace(self, rounds=list(self.rounds),
+                       fault=dict(self.fault) if self.fault is not None else None)
 
     def round_done(self, rnd: RoundStats) -> None:
         self.rounds.append(rnd.to_dict())

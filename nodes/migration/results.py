@@ -7,18 +7,14 @@ processes: they are control-plane values, never read from the data stream). The 
 from dataclasses import asdict, dataclass, field
 
 from nodes.migration.progress import RoundStats
-
-COMPLETED = "completed"
-FAILED = "failed"
-CANCELLED = "cancelled"
-PAUSED = "postcopy-paused"     # after a post-copy switch, the link is down: see `postcopy`
+from nodes.phase import Outcome
 
 
 @dataclass
 class SourceResult:
     """The save side. Times in seconds; walls are `time.time()`, the rest monotonic spans."""
 
-    status: str = FAILED
+    status: Outcome = Outcome.FAILED
     error: str | None = None
     stop_reason: str | None = None
     stop_code: str | None = None           # a policy StopCode value; None if not completed
@@ -52,7 +48,7 @@ class SourceResult:
     source_longest_gap_seconds: float | None = None
     # Set by the control plane: the source host died during the migration.
     source_lost: bool = False
-    # The fixed downtime the qemu budget subtracted (`nodes.migration.fixeddowntime`: its
+    # The fixed downtime the qemu budget subtracted (`nodes.migration.decide.fixeddowntime`: its
     # seconds, basis and the setup round trip); None when not asked for.
     fixed_downtime: dict | None = None
     # The guest's cost: its own page-write rate before the migration and while it ran here
@@ -81,7 +77,7 @@ class SourceResult:
 
     @property
     def completed(self) -> bool:
-        return self.status == COMPLETED
+        return self.status == Outcome.COMPLETED
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,9 +88,9 @@ class SourceResult:
 @dataclass
 class DestinationResult:
     """The restore side. `status` is waiting, receiving, ready, completed or failed (or
-    unknown when the control plane got no verdict)."""
+    unknown when the control plane got no verdict): an `Outcome`."""
 
-    status: str = FAILED
+    status: Outcome = Outcome.FAILED
     error: str | None = None
     mode_after: str | None = None
     resume_wall: float | None = None
@@ -118,7 +114,7 @@ class DestinationResult:
 
     @property
     def completed(self) -> bool:
-        return self.status == COMPLETED
+        return self.status == Outcome.COMPLETED
 
     def to_dict(self) -> dict:
         return asdict(self)

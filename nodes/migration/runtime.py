@@ -43,7 +43,7 @@ class GuestRuntime(Protocol):
 
     def throttle_guest(self, name: str, cpu_percentage: int = 0, ring_pages: int = 0,
                        ring_full_sleep_seconds: float = 0.0) -> None:
-        """Slow the guest's vCPU (`nodes.migration.convergence`): `cpu_percentage` of every
+        """Slow the guest's vCPU (`nodes.migration.decide.convergence`): `cpu_percentage` of every
         10 ms slice asleep (auto-converge), and a sleep of `ring_full_sleep_seconds` each
         `ring_pages` page writes (dirty-limit). All zero: unthrottled."""
         ...
@@ -55,5 +55,5 @@ class GuestRuntime(Protocol):
 
     def measured_fixed_downtime(self, destination: str) -> float | None:
         """The fixed downtime the last completed migration from here to `destination`
-        measured (`nodes.migration.fixeddowntime`); None before the first."""
+        measured (`nodes.migration.decide.fixeddowntime`); None before the first."""
         ...

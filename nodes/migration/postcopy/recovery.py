@@ -21,32 +21,27 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from nodes.errors import ConnectionLost, GuestLost, MigbedError, MigrationError, PostcopyPaused
-from nodes.migration import pagesets, records
-from nodes.migration.channel import Listener, connect
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
-from nodes.migration.results import PAUSED
-from nodes.phase import Phase
+from nodes.errors import GuestLost, MigbedError, MigrationError, PostcopyPaused
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.channel import Listener, connect
+from nodes.migration.wire.records import RecordType as RT
+from nodes.phase import Outcome, Phase
 
 if TYPE_CHECKING:
-    from nodes.migration.context import SourceContext
     from nodes.migration.postcopy.state import PostcopySource
+    from nodes.migration.send.source_context import SourceContext
 
 RETRY_SECONDS = 0.05           # between a source's connection attempts
 ACCEPT_POLL_SECONDS = 0.1      # how often a waiting destination looks whether to go on
-
-
-def no_progress(timeout: float, what: str) -> ConnectionLost:
-    return ConnectionLost(f"no progress for {timeout:g} s waiting for {what}")
 
 
 def still_paused(ctx: "SourceContext", timeout: float) -> PostcopyPaused:
     pc = ctx.postcopy
     return PostcopyPaused(
         f"the link to the destination broke after the post-copy switch ({pc.broken}) and "
-        f"did not come back within {timeout:g} s: the migration is {PAUSED}, the guest runs "
-        f"on the destination; once the link is back run `migbed migrate-recover {ctx.guest}`")
+        f"did not come back within {timeout:g} s: the migration is {Outcome.PAUSED}, the guest "
+        f"runs on the destination; once the link is back run `migbed migrate-recover {ctx.guest}`")
 
 
 # -- the source ---------------------------------------------------------------------------------
@@ -55,7 +50,7 @@ def reconnect(ctx: "SourceContext", pc: "PostcopySource", timeout: float) -> boo
     to go again; False if the link did not come back (the migration stays paused)."""
     t0 = time.monotonic()
     deadline = t0 + timeout
-    ctx.progress.status = PAUSED
+    ctx.progress.status = Outcome.PAUSED
     wire = _drop_connection(ctx, pc)
     try:
         while True:

@@ -17,15 +17,14 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+import numpy as np
 
 from nodes.errors import ConnectionLost
-from nodes.migration import pagesets, records
-from nodes.migration.reader import RecordReader
-from nodes.migration.records import RecordType as RT
-
-if TYPE_CHECKING:
-    from nodes.migration.postcopy.state import PostcopySource
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.records import RecordType as RT
 
 POLL_SECONDS = 0.05
 
@@ -66,10 +65,24 @@ class ReturnPath:
         return ok
 
 
+class ReturnPathNews(Protocol):
+    """Where the `RequestReader` hands what it reads: the migration's post-copy state on the
+    source (`nodes.migration.postcopy.state.PostcopySource`, which starts the reader, so a
+    Protocol here and no import back)."""
+
+    def requested(self, pfns: np.ndarray) -> None: ...
+
+    def resumed(self, wall: float) -> None: ...
+
+    def finished(self, fields: dict) -> None: ...
+
+    def broke(self, exc: BaseException) -> None: ...
+
+
 class RequestReader:
     """The source's thread reading the return path; see the module docstring."""
 
-    def __init__(self, sock: socket.socket, reader: RecordReader, owner: "PostcopySource",
+    def __init__(self, sock: socket.socket, reader: RecordReader, owner: ReturnPathNews,
                  guest_pages: int):
         self.sock = sock
         self.reader = reader

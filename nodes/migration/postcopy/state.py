@@ -9,16 +9,15 @@ import time
 
 import numpy as np
 
-from nodes.errors import MigbedError
+from nodes.errors import ConnectionLost, MigbedError
 from nodes.migration.clock import to_source_clock
-from nodes.migration.context import SourceContext
-from nodes.migration.link import Pacer
-from nodes.migration.policy import Decision, PrecopyStats
-from nodes.migration.postcopy import recovery
+from nodes.migration.decide.policy import PrecopyStats
 from nodes.migration.postcopy.returnpath import RequestReader
-from nodes.migration.postcopy.trigger import SwitchRule, prefer
+from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.progress import RoundStats
 from nodes.migration.results import SourceResult
+from nodes.migration.send.link import Pacer
+from nodes.migration.send.source_context import SourceContext
 from nodes.migration.settings import MigrationSettings
 
 
@@ -55,17 +54,18 @@ class PostcopySource:
         self.downtime_qemu_seconds: float | None = None
         self.guest_rate_before: float | None = None
 
-    # -- the switch, decided with the pre-copy policy (`trigger`) --------------------------
-    def prefer(self, decision: Decision, stats: PrecopyStats) -> Decision:
-        return prefer(self.rule, decision, stats, self.asked.is_set())
+    # -- the switch: this migration's trigger, as the arbiter consults it (`switchover`) --
+    def due(self, stats: PrecopyStats) -> str | None:
+        """Why the switch is due at this decision point (the operator's request counts)."""
+        return self.rule.due(stats, self.asked.is_set())
 
-    def cut_pass(self, ctx: SourceContext) -> bool:
-        return self.rule.timed_out(time.monotonic() - ctx.clock.t0, self.asked.is_set())
+    def timed_out(self, elapsed_seconds: float) -> bool:
+        """The time (or the operator) says switch now: the pass under way is cut short."""
+        return self.rule.timed_out(elapsed_seconds, self.asked.is_set())
 
     def due_after(self, rounds: int) -> bool:
-        """A switch after N live rounds is due once `rounds` have ended (a mid-pass policy
-        ends its chunk there, so the next pass does not begin first)."""
-        return self.rule.after_rounds is not None and rounds >= self.rule.after_rounds
+        """A switch after N live rounds is due once `rounds` have ended."""
+        return self.rule.due_after(rounds)
 
     def ask(self) -> None:
         self.asked.set()
@@ -139,7 +139,8 @@ class PostcopySource:
             while self.result is None and self.broken is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.broken = recovery.no_progress(timeout, "the destination's RESULT")
+                    self.broken = ConnectionLost(
+                        f"no progress for {timeout:g} s waiting for the destination's RESULT")
                     break
                 self.cond.wait(left)
         self.raise_if_broken()

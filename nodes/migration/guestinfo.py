@@ -1,0 +1,42 @@
+"""GUEST_INFO, typed: what the destination needs of an arriving guest to reserve its frames
+and check it can take it. The source builds it (`nodes.migration.send.sender.guest_info`), the
+control plane hands it to the destination (`prepare_incoming`) and keeps it for the report;
+it crosses the data stream as the GUEST_INFO record (`to_dict`), whose schema is in
+`nodes.migration.wire.records`.
+"""
+
+from dataclasses import asdict, dataclass, fields
+
+from nodes.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    migration_id: str
+    name: str
+    pages: int                      # the guest's pages, data and page tables
+    data_pages: int
+    page_table_pages: int
+    page_size: int                  # bytes
+    mode_before: str                # a `nodes.xen.profiles.Mode` value
+    mode_during: str
+    arch: str
+    profile: str
+    workload: dict | None = None    # its `WorkloadSpec.to_dict()`, for the model and the vCPU
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.pages * self.page_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GuestInfo":
+        """GUEST_INFO as `to_dict` (or the wire's record) has it: a ConfigError that names
+        the first missing key otherwise (keys it does not know are ignored)."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d and n != "workload"]
+        if missing:
+            raise ConfigError(f"bad guest info: no {missing[0]!r}")
+        return cls(**{n: d[n] for n in names if n in d})

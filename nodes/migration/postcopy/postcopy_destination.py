@@ -1,0 +1,215 @@
+"""The destination's side of post-copy: the guest runs here while its pages still arrive.
+
+At POSTCOPY_RUN (`PostcopyDestination.run`):
+
+1. **resume**: the pages of the discard set become missing (`Landing.begin_postcopy`); the
+   guest's access path learns which pages are present (the landing's `received`) and whom to
+   call for the others (`pagefault.PageFaults`); its vCPU is made from the context the source
+   sent; it resumes in VP mode (the hypervisor translates, so it sees every access, as it
+   must while pages are missing); POSTCOPY_RESUMED goes back.
+2. **receive**: requested and pushed pages land as they come, until END; the vCPU resumes the
+   moment its pages have landed. A broken link pauses the migration (`recovery`): the guest
+   runs on, and the receiver waits for the source to reconnect, for as long as it takes.
+3. **finish**: every page is here, the page tables are valid: the guest leaves VP for its own
+   mode (P2M), and RESULT (with the digest of the pages as they landed) goes back.
+
+If the post-copy cannot complete (the source died, it gave up, this host is going), the guest
+is lost: its vCPU stops, its frames are freed, and the source is told (ABORT).
+"""
+
+import socket
+import time
+from typing import Protocol
+
+import numpy as np
+
+from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
+from nodes.migration.postcopy.pagefault import PageFaults
+from nodes.migration.postcopy.recovery import accept_recovery
+from nodes.migration.postcopy.returnpath import ReturnPath
+from nodes.migration.receive.landing import Landing
+from nodes.migration.receive.reader import RecordReader
+from nodes.migration.runtime import GuestRuntime
+from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import pagesets
+from nodes.migration.wire.channel import Listener
+from nodes.migration.wire.records import RecordType as RT
+from nodes.phase import Outcome, Phase
+from nodes.xen.domain import Domain, DomainState
+from nodes.xen.hypervisor import Hypervisor
+from nodes.xen.profiles import Mode
+
+
+class PostcopyReceiver(Protocol):
+    """What post-copy needs of the destination's receiver (`nodes.migration.receive.receiver.
+    Receiver`, which hands it the migration at POSTCOPY_RUN: a Protocol, so that this module
+    needs not import it back). It reads the guest and its landing, sets the receiver's
+    status, and replaces its connection when the link breaks."""
+
+    # the guest arriving, and where its pages land
+    hv: Hypervisor
+    dom: Domain
+    name: str
+    info: dict
+    settings: MigrationSettings
+    runtime: GuestRuntime
+    landing: Landing
+    vcpu: dict
+    mode_during: Mode
+    mode_after: Mode
+    # what post-copy sets
+    status: str
+    error: str | None
+    resume_wall: float | None
+    postcopy: "PostcopyDestination | None"
+    # the connection, which a recovery replaces
+    conn: socket.socket | None
+    listener: Listener
+
+    @property
+    def killed(self) -> bool: ...
+
+    def make_vcpu(self) -> None: ...
+
+    def drop_connection(self) -> None: ...
+
+    def attach_connection(self, conn: socket.socket) -> RecordReader: ...
+
+
+class PostcopyDestination:
+    """One incoming migration after its switch; see the module docstring."""
+
+    def __init__(self, rx: PostcopyReceiver, discard: np.ndarray):
+        self.rx = rx
+        self.discard = discard
+        self.path = ReturnPath(rx.settings.latency_seconds)
+        self.faults = PageFaults(rx.landing.received, self.path.request)
+        self.done = False                 # every page arrived and RESULT went back
+        self.lost = False
+        self.pauses = 0
+        self.paused_seconds = 0.0
+        self.resume_wall: float | None = None
+        self.end_wall: float | None = None
+        self.stale_pages = 0
+
+    def run(self, reader: RecordReader) -> None:
+        self.resume()
+        self.receive(reader)
+        self.finish()
+
+    # -- 1. resume ------------------------------------------------------------------------
+    def resume(self) -> None:
+        rx, dom, hv = self.rx, self.rx.dom, self.rx.hv
+        if not rx.vcpu:
+            raise StreamError("no VCPU_CONTEXT before POSTCOPY_RUN")
+        self.stale_pages = rx.landing.begin_postcopy(self.discard, self.faults.landed)
+        dom.on_missing = self.faults.handle
+        dom.present = rx.landing.received
+        rx.make_vcpu()
+        with dom.lock:
+            dom.state = DomainState.PAUSED
+        hv.unpause(rx.name)
+        rx.resume_wall = self.resume_wall = time.time()
+        rx.postcopy = self                 # from here a failure loses the guest
+        rx.status = Phase.POSTCOPY.value
+        self.path.attach(rx.conn)
+        self.path.send(RT.POSTCOPY_RESUMED, {"resume_wall": self.resume_wall})
+
+    # -- 2. receive -----------------------------------------------------------------------
+    def receive(self, reader: RecordReader) -> None:
+        while True:
+            try:
+                self._until_end(reader)
+                return
+            except (PeerAborted, GuestLost):
+                raise
+            except (ConnectionLost, StreamError) as exc:
+                reader = self._recover(exc)
+
+    def _until_end(self, reader: RecordReader) -> None:
+        landing = self.rx.landing
+        while True:
+            if self.faults.lost is not None:
+                raise GuestLost(self.faults.lost)
+            rec = reader.expect(RT.PAGE_DATA, RT.END)
+            if rec.type == RT.END:
+                if landing.missing_pages:
+                    raise StreamError(f"END with {landing.missing_pages} pages still missing")
+                return
+            landing.land(rec.fields["page_data"])
+
+    def _recover(self, why: BaseException) -> RecordReader:
+        """postcopy-paused until the source reconnects (see `recovery`)."""
+        rx = self.rx
+        t0 = time.monotonic()
+        rx.status = Outcome.PAUSED
+        self.pauses += 1
+        self.path.attach(None)
+        rx.drop_connection()
+        got = accept_recovery(rx.listener, rx.info.migration_id, rx.settings.timeout_seconds,
+                              lambda: not rx.killed and self.faults.lost is None)
+        if got is None:
+            raise GuestLost(self.faults.lost or f"{rx.hv.name} is going: the post-copy of "
+                                                 f"{rx.name} cannot complete")
+        conn, _ = got
+        reader = rx.attach_connection(conn)
+        self.path.attach(conn)
+        self.path.send(RT.RECV_BITMAP, {"bitmap": pagesets.encode_bitmap(rx.landing.received)})
+        self.path.send(RT.POSTCOPY_RESUMED, {"resume_wall": self.resume_wall})
+        waiting = self.faults.outstanding()
+        if len(waiting):
+            self.path.request(waiting)
+        self.paused_seconds += time.monotonic() - t0
+        rx.status = Phase.POSTCOPY.value
+        return reader
+
+    # -- 3. finish ------------------------------------------------------------------------
+    def finish(self) -> None:
+        rx, dom, hv = self.rx, self.rx.dom, self.rx.hv
+        problem = hv.check_page_tables(rx.name)
+        if problem:
+            raise StreamError(f"page tables invalid after the post-copy: {problem}")
+        with dom.lock:
+            dom.present = None
+            dom.on_missing = None
+        hv.set_mode(rx.name, rx.mode_after)
+        dom.migrating = False
+        self.end_wall = time.time()
+        self.done = True
+        self.path.send(RT.RECEIVER_RESULT, {"ok": True, "error": None,
+                                            "resume_wall": self.resume_wall,
+                                            "digest": rx.landing.digest()})
+
+    # -- when it cannot complete ------------------------------------------------------------
+    def fail(self, why: str) -> None:
+        """The guest is lost: its waiting vCPU stops, the source hears why, the frames go."""
+        rx = self.rx
+        self.lost = True
+        self.faults.lose(f"the post-copy of {rx.name} cannot complete: {why}")
+        rx.status, rx.error = Outcome.FAILED, why
+        self.path.send(RT.ABORT, {"error": why[:1000]})
+        rx.runtime.discard_guest(rx.name)
+        try:
+            rx.hv.destroy_domain(rx.name, force=True)
+        except MigbedError:
+            pass
+
+    def lose(self, why: str) -> None:
+        """The control plane says the guest is lost (its source died after the switch)."""
+        self.faults.lose(why)
+
+    def stats(self) -> dict:
+        landing = self.rx.landing
+        applied = landing.applied if landing.applied is not None else np.zeros(0, np.uint8)
+        return {**self.faults.stats(), "mode": self.rx.mode_during.value,
+                "discard_pages": int(np.count_nonzero(self.discard)),
+                "stale_pages": self.stale_pages,
+                "pages_applied": int(applied.sum()),
+                "pages_applied_more_than_once": int(np.count_nonzero(applied > 1)),
+                "duplicates_dropped": landing.duplicates,
+                "pauses": self.pauses, "paused_seconds": self.paused_seconds,
+                "resume_wall": self.resume_wall, "end_wall": self.end_wall,
+                "completed": self.done, "lost": self.lost}
+
+
+__all__ = ["PostcopyDestination"]

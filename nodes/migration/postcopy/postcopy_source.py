@@ -1,0 +1,261 @@
+"""The source's side of post-copy: the switch and the push, two phases over the same page
+pipeline as pre-copy's.
+
+- **switch** (`Switch`): pause; the last bitmap sync; the discard set (every page dirtied
+  since it was sent, or never sent: the cursor's marks) as a bitmap; the vCPU context; RUN.
+  From RUN on the guest is the destination's: nothing resumes it here. QEMU's downtime is
+  this phase (stop until the package is sent); libvirt's runs on to the destination's resume,
+  which its POSTCOPY_RESUMED tells.
+- **postcopy** (`PostcopyPush`): the pages of the discard set, each once. Requested pages
+  (the return path's REQ_PAGES, read by a thread: `returnpath.RequestReader`) go first, at the
+  link's speed; a requested page already sent is skipped; the push then continues after the
+  last requested page, so its neighbours follow. The push itself is paced by the post-copy
+  bandwidth (QEMU's max-postcopy-bandwidth), a wait that any request cuts short. END, then
+  the destination's RESULT once it has every page.
+
+A broken link after the switch (an I/O error, or no progress for the timeout) pauses the
+migration: the source reconnects by itself for the timeout (`recovery`), else the phase
+raises `PostcopyPaused` and the sender waits, its state kept, for `migrate-recover`.
+
+`POSTCOPY` is the algorithm of every migration that allows post-copy: pre-copy's phases, of
+which stop-and-copy and handover run only when pre-copy finished without a switch.
+"""
+
+import time
+
+import numpy as np
+
+from nodes.errors import (
+    GuestLost,
+    MigbedError,
+    MigrationError,
+    PeerAborted,
+    PostcopyPaused,
+)
+from nodes.migration.decide.policy import Action
+from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
+from nodes.migration.postcopy import recovery
+from nodes.migration.postcopy.state import PostcopySource
+from nodes.migration.progress import RoundStats
+from nodes.migration.results import SourceResult
+from nodes.migration.send.liverounds import LiveRounds
+from nodes.migration.send.sender import (
+    PRECOPY,
+    Cleanup,
+    Sender,
+    Setup,
+    StopAndCopy,
+    Verify,
+    abort,
+    close,
+    finish,
+)
+from nodes.migration.send.source_context import SourceContext, SourcePhase
+from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import pagesets, records
+from nodes.migration.wire.records import RecordType as RT
+from nodes.phase import Outcome, PausedEnd, Phase
+
+PUSH_BATCH_SECONDS = 0.01    # a push record takes about this long: requests wait behind one
+MIN_PUSH_PAGES, MAX_PUSH_PAGES = 64, records.MAX_BATCH_PAGES
+
+
+def switched(ctx: SourceContext) -> bool:
+    return ctx.postcopy is not None and ctx.decision is not None \
+        and ctx.decision.action is Action.POSTCOPY
+
+
+class PrecopyOnly:
+    """A phase of pre-copy's ending (stop-and-copy, handover), skipped after a switch."""
+
+    def __init__(self, inner: SourcePhase):
+        self.inner = inner
+        self.phase = inner.phase
+
+    def wanted(self, ctx: SourceContext) -> bool:
+        return not switched(ctx) and self.inner.wanted(ctx)
+
+    def run(self, ctx: SourceContext) -> None:
+        self.inner.run(ctx)
+
+
+class Switch:
+    """Pause, last sync, the discard set, the vCPU context, RUN (see the module docstring)."""
+
+    phase = Phase.SWITCH
+
+    def wanted(self, ctx: SourceContext) -> bool:
+        return switched(ctx)
+
+    def run(self, ctx: SourceContext) -> None:
+        hv, dom, pc, link = ctx.hv, ctx.dom, ctx.postcopy, ctx.link
+        with dom.lock:
+            hv.pause(dom.name)
+            ctx.result.pause_wall = time.time()
+        ctx.pause_mono = time.monotonic()
+        pc.precopy_bytes = link.bytes_sent
+        ctx.clean(ctx.pause_mono)                      # the last bitmap sync
+        link.lift_rate_limit()
+        if not np.array_equal(dom.p2m, ctx.p2m_sent):
+            raise MigrationError("the guest's P2M changed during the live loop; the stream "
+                                 "would be corrupt")
+        hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
+        ctx.renamed = True
+        ctx.send_record(RT.POSTCOPY_DISCARD,        # encoded now, before any push
+                        {"bitmap": pagesets.encode_bitmap(ctx.cursor.unsent)})
+        ctx.send_record(RT.VCPU_CONTEXT, ctx.runtime.vcpu_context(ctx.guest))
+        ctx.send_record(RT.SOURCE_TIMING, {
+            "pause_wall": ctx.result.pause_wall, "final_round_pages": 0,
+            "clock_offset_seconds": ctx.result.clock_offset_seconds,
+            "clock_rtt_seconds": ctx.result.clock_rtt_seconds})
+        ctx.send_record(RT.ROUND_STATS, {"rounds": [r.to_dict() for r in ctx.rounds]})
+        pc.switched = True                             # nothing resumes it here from now on
+        ctx.pipeline.after_switch = True               # QEMU: no XBZRLE in post-copy
+        pc.round = RoundStats(index=len(ctx.rounds), final=True, postcopy=True)
+        pc.switched_at_seconds = ctx.pause_mono - ctx.clock.t0
+        try:
+            ctx.send_record(RT.POSTCOPY_RUN)
+            link.flush(ctx.settings.timeout_seconds)
+        except MigbedError as exc:                     # the push recovers the link
+            pc.broke(exc)
+            return
+        pc.downtime_qemu_seconds = time.monotonic() - ctx.pause_mono
+        pc.downtime_bytes = link.bytes_sent - pc.precopy_bytes
+        pc.start_reader(ctx)
+
+
+class PostcopyPush:
+    """Requested pages first, then the push, until every page of the discard set has gone;
+    END; RESULT. A broken link is recovered, or pauses the migration."""
+
+    phase = Phase.POSTCOPY
+
+    def wanted(self, ctx: SourceContext) -> bool:
+        return switched(ctx)
+
+    def run(self, ctx: SourceContext) -> None:
+        pc: PostcopySource = ctx.postcopy
+        timeout = ctx.settings.timeout_seconds
+        if pc.paused and not recovery.reconnect(ctx, pc, timeout):
+            raise recovery.still_paused(ctx, timeout)
+        while True:
+            try:
+                push(ctx, pc)
+                break
+            except (PeerAborted, GuestLost, PostcopyPaused):
+                raise
+            except (MigbedError, OSError) as exc:     # the link broke: recover it
+                pc.broke(exc)
+                if not recovery.reconnect(ctx, pc, timeout):
+                    pc.paused = True
+                    raise recovery.still_paused(ctx, timeout) from None
+        rnd = pc.round
+        rnd.duration_seconds = time.monotonic() - ctx.pause_mono
+        ctx.round_done(rnd)
+        ctx.result.destination_digest = pc.result["digest"]
+        if pc.resume_wall is None:
+            pc.resume_wall = pc.result["resume_wall"]
+        if pc.resume_seen is not None:   # pause to the destination's RESUMED, seen here
+            ctx.result.downtime_source_seconds = pc.resume_seen - ctx.pause_mono
+
+
+def push(ctx: SourceContext, pc: PostcopySource) -> None:
+    cursor, rnd = ctx.cursor, pc.round
+    batch = push_batch_pages(ctx)
+    fired = False
+    while True:
+        pc.raise_if_broken()
+        serve(ctx, pc)
+        if not cursor.pending_pages:
+            break
+        if pc.wait_push():
+            continue                     # a request came first: it goes before the push
+        if cursor.at_end:
+            cursor.wrap()
+        pfns = cursor.take(batch)
+        if not len(pfns):
+            continue
+        start = time.monotonic()
+        nbytes = ctx.pipeline.send_batch(pfns, rnd, left_pages=cursor.pending_pages)
+        pc.pages_pushed += len(pfns)
+        pc.pushed(nbytes, start)
+        if not fired:
+            fired = True
+            ctx.faults.at(Phase.POSTCOPY)
+    if not fired:
+        ctx.faults.at(Phase.POSTCOPY)
+    ctx.send_record(RT.END)
+    ctx.link.flush(ctx.settings.timeout_seconds)
+    result = pc.wait_result(ctx.settings.timeout_seconds)
+    serve(ctx, pc)                       # requests that crossed END: all sent already
+    if not result["ok"]:
+        raise GuestLost(f"the destination could not complete the post-copy: "
+                        f"{result['error']}")
+
+
+def serve(ctx: SourceContext, pc: PostcopySource) -> None:
+    """The requested pages, before anything else, at the link's speed; pages already sent
+    are skipped; the push continues after the last page asked for."""
+    for pfns in pc.take_requests():
+        wanted = ctx.cursor.take_these(pfns)
+        pc.requests_already_sent += len(pfns) - len(wanted)
+        if len(wanted):
+            ctx.pipeline.send(wanted, pc.round)
+            pc.pages_requested += len(wanted)
+            ctx.cursor.seek(int(wanted[-1]) + 1)
+
+
+def push_batch_pages(ctx: SourceContext) -> int:
+    """Pages per push record: about 10 ms of the push's rate (64 to 1024), so a request
+    waits behind little."""
+    rates = [r for r in (ctx.settings.link_bytes_per_second,
+                         ctx.settings.postcopy_bandwidth_bytes_per_second) if r]
+    if not rates:
+        return MAX_PUSH_PAGES
+    pages = int(min(rates) * PUSH_BATCH_SECONDS // ctx.hv.page_size)
+    return max(MIN_PUSH_PAGES, min(MAX_PUSH_PAGES, pages))
+
+
+def settle_paused(sender: Sender, outcome: PausedEnd, why: str) -> SourceResult:
+    """End a paused post-copy as the control plane found its destination (see
+    `nodes.host.postcopy.PostcopyControl.settle_paused`)."""
+    ctx, r = sender.ctx, sender.ctx.result
+    pc: PostcopySource = ctx.postcopy
+    if sender.paused_at is None:
+        raise MigrationError(f"the migration of {ctx.guest} is not paused")
+    try:
+        if outcome == PausedEnd.COMPLETED:           # the destination has it all: RESULT was lost
+            for step in (Verify(), Cleanup()):
+                if step.wanted(ctx):
+                    step.run(ctx)
+                    ctx.clock.end(step.phase)
+            r.status, r.error = Outcome.COMPLETED, None
+        elif outcome == PausedEnd.RESUME:            # the destination never ran the guest
+            pc.switched = False
+            r.status, r.error = Outcome.FAILED, why
+            abort(ctx, why)
+        elif outcome == PausedEnd.LOST:
+            r.status, r.error = Outcome.FAILED, why
+            pc.fail(ctx, r)
+        else:
+            raise MigrationError(f"unknown outcome {outcome!r} for a paused post-copy")
+    finally:
+        sender.paused_at = None
+        close(ctx)
+    return finish(ctx, sender.cpu_seconds)
+
+
+POSTCOPY: tuple[SourcePhase, ...] = (
+    Setup(), LiveRounds(), PrecopyOnly(StopAndCopy()), PrecopyOnly(SourceHandover()),
+    Switch(), PostcopyPush(), Verify(), Cleanup())
+
+
+
+def plan(settings: MigrationSettings) -> tuple[tuple[SourcePhase, ...], PostcopySource | None]:
+    """The algorithm a migration with these settings runs, and its post-copy state."""
+    if not settings.postcopy_allowed:
+        return PRECOPY, None
+    return POSTCOPY, PostcopySource(settings)
+
+
+__all__ = ["POSTCOPY", "PostcopySource", "plan", "settle_paused"]
