@@ -4,14 +4,19 @@ Why a shared page and not messages: a pause must land at the guest's next operat
 within a millisecond, and the guest's counters must be readable at any time without asking
 it. The host writes a command word and wakes the guest with a futex; the guest answers in a
 state word and wakes the host the same way, so neither polls. Counters are written only by
-the guest. After the page, optionally, one byte per guest page: the pages the guest's
-workload wrote (for tests that hold the kernel's dirty log against the truth).
+the guest, the throttle only by the host.
 
-Layout, 32-bit words first (futexes are 32-bit), then 64-bit ones:
+Layout of the memfd (`ControlPage`):
+  [0, 4096)      the words below: 32-bit ones first (futexes are 32-bit), then 64-bit ones
+  [4096, +64K)   the vCPU context, msgpack (every vCPU's workload state), published by the
+                 guest each time all its vCPUs have parked, before it says PAUSED
+  then           the guest's progress log (`nodes.host.sharedlog`): walls, pages, slept
+  then, optionally, one byte per guest page: the pages the guest's workload wrote (for
+                 tests that hold the kernel's dirty log against the truth)
+
   u32[0] command    RUN / PAUSE / EXIT, written by the host
   u32[1] state      STARTING / RUNNING / PAUSED / EXITED / FAILED, written by the guest
-  u64[1] pages_written_total, u64[2] batches_total, u64[3] resumes_total,
-  u64[4] last batch end (CLOCK_MONOTONIC ns), u64[5] running ns (time not paused)
+  u64 words: see the `W_*` indices (W_VCPU_WRITES + i: vCPU i's own page writes).
 """
 
 import ctypes
@@ -22,9 +27,26 @@ import platform
 import time
 from enum import IntEnum
 
+import msgpack
 import numpy as np
 
 CONTROL_BYTES = 4096
+CONTEXT_BYTES = 64 * 1024
+LOG_ENTRIES = 8192                   # the progress ring, as a thread vCPU's
+LOG_BYTES = LOG_ENTRIES * (8 + 8 + 1)
+MAX_VCPUS = 64
+# u64 word indices. Written by the guest:
+W_PAGES_WRITTEN, W_BATCHES, W_RESUMES, W_LAST_BATCH_NS, W_RUNNING_NS = 1, 2, 3, 4, 5
+W_PROGRESS_PAGES = 6                 # pages gone through (a scan's reads too)
+W_WORKLOAD_SECONDS = 7               # vCPU 0's workload phase clock, float64
+W_THROTTLE_SLEEP_NS, W_LIMIT_SLEEP_NS, W_THROTTLED_RUN_NS = 8, 9, 10
+W_CONTEXT_BYTES = 11                 # length of the published context
+W_VCPUS = 12
+# Written by the host: the throttle (auto-converge's percentage, dirty-limit's ring).
+W_CPU_PERCENTAGE, W_RING_PAGES, W_RING_SLEEP_NS = 16, 17, 18
+# The progress log's own words (`nodes.host.sharedlog`): seq, stored, latest wall/pages/flags.
+W_LOG = 24
+W_VCPU_WRITES = 64
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}[platform.machine()]
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -49,23 +71,32 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
 
 
+def control_size(npages: int, track_writes: bool) -> int:
+    return CONTROL_BYTES + CONTEXT_BYTES + LOG_BYTES + (npages if track_writes else 0)
+
+
 class ControlPage:
-    """One mapping of a control memfd: `create` on the host, `attach` in the guest."""
+    """One mapping of a control memfd: `create` on the host, the guest maps the same fd."""
 
     def __init__(self, fd: int, npages: int, track_writes: bool):
         self.fd = fd
-        size = CONTROL_BYTES + (npages if track_writes else 0)
-        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        self._map = mmap.mmap(fd, control_size(npages, track_writes), flags=mmap.MAP_SHARED)
         self.u32 = np.frombuffer(self._map, np.uint32, CONTROL_BYTES // 4)
         self.u64 = np.frombuffer(self._map, np.uint64, CONTROL_BYTES // 8)
+        self.f64 = np.frombuffer(self._map, np.float64, CONTROL_BYTES // 8)
+        self.context = np.frombuffer(self._map, np.uint8, CONTEXT_BYTES, CONTROL_BYTES)
+        at = CONTROL_BYTES + CONTEXT_BYTES
+        self.log_walls = np.frombuffer(self._map, np.float64, LOG_ENTRIES, at)
+        self.log_pages = np.frombuffer(self._map, np.int64, LOG_ENTRIES, at + 8 * LOG_ENTRIES)
+        self.log_slept = np.frombuffer(self._map, np.bool_, LOG_ENTRIES, at + 16 * LOG_ENTRIES)
         # The pages the workload wrote since the host last took them (1 a page), or None.
-        self.written = (np.frombuffer(self._map, np.uint8, npages, CONTROL_BYTES)
+        self.written = (np.frombuffer(self._map, np.uint8, npages, at + LOG_BYTES)
                         if track_writes else None)
 
     @classmethod
     def create(cls, npages: int, track_writes: bool = False) -> "ControlPage":
         fd = os.memfd_create("migbed-guest-control", os.MFD_CLOEXEC)
-        os.ftruncate(fd, CONTROL_BYTES + (npages if track_writes else 0))
+        os.ftruncate(fd, control_size(npages, track_writes))
         return cls(fd, npages, track_writes)
 
     def close(self) -> None:
@@ -118,19 +149,56 @@ class ControlPage:
     # -- counters, written by the guest ---------------------------------------------------
     @property
     def pages_written_total(self) -> int:
-        return int(self.u64[1])
+        return int(self.u64[W_PAGES_WRITTEN])
+
+    @property
+    def progress_pages(self) -> int:
+        return int(self.u64[W_PROGRESS_PAGES])
 
     @property
     def batches_total(self) -> int:
-        return int(self.u64[2])
+        return int(self.u64[W_BATCHES])
 
     @property
     def resumes_total(self) -> int:
-        return int(self.u64[3])
+        return int(self.u64[W_RESUMES])
 
     @property
     def last_batch_ns(self) -> int:
-        return int(self.u64[4])
+        return int(self.u64[W_LAST_BATCH_NS])
+
+    @property
+    def workload_running_seconds(self) -> float:
+        return float(self.f64[W_WORKLOAD_SECONDS])
+
+    def vcpu_writes(self) -> list[int]:
+        """Each vCPU's own page writes (dirty-limit's per-vCPU rates read these)."""
+        n = int(self.u64[W_VCPUS])
+        return [int(x) for x in self.u64[W_VCPU_WRITES:W_VCPU_WRITES + n]]
+
+    def seconds(self, word: int) -> float:
+        return int(self.u64[word]) / 1e9
+
+    # -- the throttle, written by the host ------------------------------------------------
+    def set_throttle(self, cpu_percentage: int, ring_pages: int, ring_sleep_seconds: float
+                     ) -> None:
+        self.u64[W_RING_SLEEP_NS] = int(ring_sleep_seconds * 1e9)
+        self.u64[W_RING_PAGES] = int(ring_pages)
+        self.u64[W_CPU_PERCENTAGE] = int(cpu_percentage)
+
+    # -- the vCPU context -----------------------------------------------------------------
+    def publish_context(self, states: list[dict]) -> None:
+        """The guest, every vCPU parked: their workloads' states, for the host to read."""
+        body = msgpack.packb(states)
+        if len(body) > CONTEXT_BYTES:
+            raise ValueError(f"a vCPU context of {len(body)} bytes exceeds {CONTEXT_BYTES}")
+        self.context[:len(body)] = np.frombuffer(body, np.uint8)
+        self.u64[W_CONTEXT_BYTES] = len(body)
+
+    def read_context(self) -> list[dict]:
+        """The states the guest published when it last parked (read while it is paused)."""
+        n = int(self.u64[W_CONTEXT_BYTES])
+        return msgpack.unpackb(self.context[:n].tobytes()) if n else []
 
     def take_written(self) -> np.ndarray:
         """The pages written since the last call (indices), cleared; call it while the guest

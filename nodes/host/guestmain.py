@@ -32,9 +32,9 @@ import traceback
 import numpy as np
 
 from nodes.host.fdpass import PeerGone, recv_message, send_message
-from nodes.host.guestcontrol import Command, ControlPage, State
+from nodes.host.guestcontrol import ControlPage, State
+from nodes.host.guestvcpu import VCPUSet, split_pages
 from nodes.host.userfault import MODE_WP, Uffd
-from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
 
 _PROT_NONE, _PROT_RW = 0, 3
@@ -76,18 +76,31 @@ def _check_map(addr: int | None, what: str) -> None:
 
 
 class MappedGuest:
-    """The `workloads.guest.Guest` protocol over the guest's own mapping of its frames."""
+    """The `workloads.guest.Guest` protocol over the guest's own mapping of its frames (or a
+    vCPU's slice of them, `part`)."""
 
-    def __init__(self, name: str, base: int, npages: int, data_pages: int, pfn_base: int,
-                 page_size: int, written: np.ndarray | None):
-        buf = (ctypes.c_uint8 * (npages * page_size)).from_address(base)
-        self.frames = np.frombuffer(buf, np.uint8).reshape(npages, page_size)
-        self.words = self.frames.view(np.uint64)
+    def __init__(self, name: str, frames: np.ndarray, data_pages: int, pfn_base: int,
+                 written: np.ndarray | None):
+        self.frames = frames
+        self.words = frames.view(np.uint64)
         self.name, self.data_pages, self.pfn_base = name, data_pages, pfn_base
         self.lock = threading.RLock()
         self.running = threading.Event()
         self.running.set()
         self.written = written       # one byte a page, set where the workload wrote (tests)
+
+    @classmethod
+    def at(cls, name: str, base: int, npages: int, data_pages: int, pfn_base: int,
+           page_size: int, written: np.ndarray | None) -> "MappedGuest":
+        """The guest's whole mapping, pfn 0 at address `base`."""
+        buf = (ctypes.c_uint8 * (npages * page_size)).from_address(base)
+        frames = np.frombuffer(buf, np.uint8).reshape(npages, page_size)
+        return cls(name, frames, data_pages, pfn_base, written)
+
+    def part(self, lo: int, hi: int) -> "MappedGuest":
+        """Data pages lo..hi-1 alone, as a guest of their own (one vCPU's share)."""
+        return MappedGuest(self.name, self.frames[lo:hi], hi - lo, self.pfn_base + lo,
+                           None if self.written is None else self.written[lo:hi])
 
     @property
     def is_running(self) -> bool:
@@ -109,67 +122,49 @@ class MappedGuest:
             self.written[rel] = 1
 
 
-def run_workload(ctl: ControlPage, guest: MappedGuest, spec: WorkloadSpec,
-                 state: dict | None, max_batch_pages: int, tick_seconds: float) -> None:
-    """The vCPU loop: a batch, then (rate-limited) a sleep a command cuts short; a pause
-    parks it between batches until the host says run or exit."""
-    wl = make_workload(spec, guest.data_pages, state, guest.frames.shape[1])
-    started = time.monotonic_ns()
-    ctl.set_state(State.RUNNING)
-    wl.resume(started / 1e9)
-    paced = not wl.unlimited
-    while True:
-        command = ctl.command
-        if command is Command.EXIT:
-            return
-        if command is Command.PAUSE:
-            ctl.u64[5] += time.monotonic_ns() - started
-            ctl.set_state(State.PAUSED)
-            while ctl.command is Command.PAUSE:
-                ctl.wait_command(Command.PAUSE, 1.0)
-            started = time.monotonic_ns()
-            wl.resume(started / 1e9)
-            ctl.u64[3] += 1
-            ctl.set_state(State.RUNNING)
-            continue
-        now = time.monotonic_ns()
-        n = wl.write(guest, now / 1e9, max_batch_pages)
-        ctl.u64[1] = wl.pages_written_total
-        ctl.u64[2] += 1
-        ctl.u64[4] = time.monotonic_ns()
-        if paced or n == 0:
-            ctl.wait_command(Command.RUN, tick_seconds)
+def _map_and_register(msg: dict, memfd: int) -> tuple[int, int, float, Uffd]:
+    """Map the frames as the host said, make the uffd and register the range for async
+    write-protect: (base, runs, seconds mapping took, uffd)."""
+    npages, page_size = msg["npages"], msg["page_size"]
+    t0 = time.perf_counter()
+    runs = (frame_runs(np.frombuffer(msg["p2m"], np.int64)) if msg["p2m"] is not None
+            else np.frombuffer(msg["runs"], np.int64).reshape(-1, 3))
+    base = map_frames(memfd, runs, npages, page_size)
+    os.close(memfd)
+    map_seconds = time.perf_counter() - t0
+    uffd = Uffd.create()
+    uffd.register(base, npages * page_size, MODE_WP)
+    return base, len(runs), map_seconds, uffd
 
 
 def guest_main(sock: socket.socket) -> None:
-    """One guest, from its setup message to its exit (see the module docstring)."""
+    """One guest, from its setup message to its exit (see the module docstring). A guest
+    launched parked (a migration's destination) waits for its vCPUs' states first."""
     msg, fds = recv_message(sock)
     memfd, ctlfd = fds
-    npages, page_size = msg["npages"], msg["page_size"]
-    ctl = ControlPage(ctlfd, npages, msg["track_writes"])
+    ctl = ControlPage(ctlfd, msg["npages"], msg["track_writes"])
     try:
-        t0 = time.perf_counter()
-        runs = (frame_runs(np.frombuffer(msg["p2m"], np.int64)) if msg["p2m"] is not None
-                else np.frombuffer(msg["runs"], np.int64).reshape(-1, 3))
-        base = map_frames(memfd, runs, npages, page_size)
-        os.close(memfd)
-        map_seconds = time.perf_counter() - t0
-        uffd = Uffd.create()
-        uffd.register(base, npages * page_size, MODE_WP)
+        base, runs, map_seconds, uffd = _map_and_register(msg, memfd)
     except OSError as exc:
         ctl.set_state(State.FAILED)
         send_message(sock, {"error": str(exc)})
         return
-    threading.Thread(target=_die_with_host, args=(sock,), daemon=True).start()
-    send_message(sock, {"pid": os.getpid(), "base": base, "runs": len(runs),
+    send_message(sock, {"pid": os.getpid(), "base": base, "runs": runs,
                         "map_seconds": map_seconds, "features": uffd.features,
                         "via": uffd.via}, [uffd.fd])
-    guest = MappedGuest(msg["name"], base, npages, msg["data_pages"], msg["pfn_base"],
-                        page_size, ctl.written)
-    spec = WorkloadSpec(**msg["workload"])
+    states = msg["states"]
+    if msg["parked"]:
+        try:
+            states = recv_message(sock)[0]["states"]
+        except PeerGone:
+            return
+    threading.Thread(target=_die_with_host, args=(sock,), daemon=True).start()
+    guest = MappedGuest.at(msg["name"], base, msg["npages"], msg["data_pages"],
+                           msg["pfn_base"], msg["page_size"], ctl.written)
+    parts = [guest.part(lo, hi) for lo, hi in split_pages(guest.data_pages, len(states))]
     try:
-        run_workload(ctl, guest, spec, msg["state"], msg["max_batch_pages"],
-                     msg["tick_seconds"])
+        VCPUSet(ctl, parts, WorkloadSpec(**msg["workload"]), states, msg["page_size"],
+                msg["max_batch_pages"], msg["tick_seconds"]).run()
     except BaseException:
         ctl.set_state(State.FAILED)
         raise

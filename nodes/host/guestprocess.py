@@ -138,40 +138,57 @@ class GuestProcess:
 
     @classmethod
     def launch(cls, memory: MachineMemory, dom: Domain, spec: WorkloadSpec, *,
-               state: dict | None = None, track_writes: bool = False,
-               max_batch_pages: int = 256, tick_seconds: float = 0.005,
-               timeout_seconds: float = 10.0) -> "GuestProcess":
-        """Start `dom`'s process vCPU running `spec` (from `state` if given) on its frames of
-        `memory`; returns once it has mapped them and handed over its uffd."""
+               vcpus: int = 1, states: list[dict | None] | None = None, parked: bool = False,
+               track_writes: bool = False, max_batch_pages: int = 256,
+               tick_seconds: float = 0.005, timeout_seconds: float = 10.0) -> "GuestProcess":
+        """Start `dom`'s process, `vcpus` vCPUs running `spec` (from `states`, one per vCPU,
+        if given) on its frames of `memory`; returns once it has mapped them and handed over
+        its uffd. `parked`: its vCPUs wait for their states (`start`), then stay paused."""
         kernel_support().require()
         if memory.fd is None:
             raise ConfigError("a process vCPU needs machine memory in a memfd (Linux)")
         p2m, runs = guest_layout(dom)
         check_map_count(dom.name, len(runs))
         ctl = ControlPage.create(dom.npages, track_writes)
+        if parked:
+            ctl.set_command(Command.PAUSE)
+        setup = {"name": dom.name, "npages": dom.npages, "data_pages": dom.data_pages,
+                 "pfn_base": dom.pfn_base, "page_size": memory.page_size,
+                 "p2m": p2m, "runs": None if p2m is not None else runs.tobytes(),
+                 "track_writes": track_writes, "workload": asdict(spec),
+                 "states": list(states) if states is not None else [None] * vcpus,
+                 "parked": parked, "max_batch_pages": max_batch_pages,
+                 "tick_seconds": tick_seconds}
+        sock, reply, fds = cls._fork(dom.name, setup, [memory.fd, ctl.fd], timeout_seconds,
+                                     ctl)
+        uffd = Uffd(fds[0], int(reply["features"]), str(reply["via"]))
+        return cls(dom.name, int(reply["pid"]), sock, ctl, uffd, reply, dom.npages,
+                   memory.page_size)
+
+    @staticmethod
+    def _fork(name: str, setup: dict, fds: list[int], timeout_seconds: float,
+              ctl: ControlPage) -> tuple[socket.socket, dict, list[int]]:
         ours, theirs = socket.socketpair()
         try:
-            pid = zygote().fork(theirs)
+            zygote().fork(theirs)
             theirs.close()
             ours.settimeout(timeout_seconds)
-            send_message(ours, {
-                "name": dom.name, "npages": dom.npages, "data_pages": dom.data_pages,
-                "pfn_base": dom.pfn_base, "page_size": memory.page_size,
-                "p2m": p2m, "runs": None if p2m is not None else runs.tobytes(),
-                "track_writes": track_writes, "workload": asdict(spec), "state": state,
-                "max_batch_pages": max_batch_pages, "tick_seconds": tick_seconds},
-                [memory.fd, ctl.fd])
-            reply, fds = recv_message(ours)
+            send_message(ours, setup, fds)
+            reply, got = recv_message(ours)
             if "error" in reply:
-                raise GuestProcessError(f"{dom.name}: its process failed: {reply['error']}")
+                raise GuestProcessError(f"{name}: its process failed: {reply['error']}")
             ours.settimeout(None)
         except BaseException:
             ours.close()
             theirs.close()
             ctl.close()
             raise
-        uffd = Uffd(fds[0], int(reply["features"]), str(reply["via"]))
-        return cls(dom.name, pid, ours, ctl, uffd, reply, dom.npages, memory.page_size)
+        return ours, reply, got
+
+    def start(self, states: list[dict | None]) -> None:
+        """A parked guest's vCPUs get their states (a migration's vCPU context); they stay
+        paused until `resume`."""
+        send_message(self.sock, {"states": list(states)})
 
     # -- control ----------------------------------------------------------------------------
     @property
