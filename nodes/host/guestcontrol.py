@@ -30,11 +30,12 @@ from enum import IntEnum
 import msgpack
 import numpy as np
 
+from nodes.migration.guestinfo import MAX_VCPUS
+
 CONTROL_BYTES = 4096
 CONTEXT_BYTES = 64 * 1024
 LOG_ENTRIES = 8192                   # the progress ring, as a thread vCPU's
 LOG_BYTES = LOG_ENTRIES * (8 + 8 + 1)
-MAX_VCPUS = 64
 # u64 word indices. Written by the guest:
 W_PAGES_WRITTEN, W_BATCHES, W_RESUMES, W_LAST_BATCH_NS, W_RUNNING_NS = 1, 2, 3, 4, 5
 W_PROGRESS_PAGES = 6                 # pages gone through (a scan's reads too)
@@ -47,6 +48,7 @@ W_CPU_PERCENTAGE, W_RING_PAGES, W_RING_SLEEP_NS = 16, 17, 18
 # The progress log's own words (`nodes.host.sharedlog`): seq, stored, latest wall/pages/flags.
 W_LOG = 24
 W_VCPU_WRITES = 64
+assert W_VCPU_WRITES + MAX_VCPUS <= CONTROL_BYTES // 8, "every vCPU's counter in the page"
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}[platform.machine()]
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

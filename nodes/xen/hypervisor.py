@@ -235,6 +235,8 @@ class Hypervisor:
             if dom.state is DomainState.RUNNING:
                 dom.state = DomainState.PAUSED
                 dom.running.clear()
+                if dom.vcpu_control is not None:       # vCPUs of their own: parked now
+                    dom.vcpu_control.pause()
 
     def unpause(self, name: str) -> None:
         dom = self.guest(name)
@@ -243,6 +245,8 @@ class Hypervisor:
                 raise DomainStateError(f"{name} is still arriving by migration")
             dom.state = DomainState.RUNNING
             dom.running.set()
+            if dom.vcpu_control is not None:
+                dom.vcpu_control.unpause()
 
     def set_mode(self, name: str, mode: "str | Mode") -> None:
         """Switch a live guest between P2M and VP, under its lock so no write is lost."""

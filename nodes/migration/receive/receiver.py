@@ -143,7 +143,7 @@ class Receiver:
             self._read_static(reader)
             # The vCPU now, parked until the guest runs: neither a stop-and-copy's hand-over
             # nor a post-copy switch then waits for a thread to start inside the downtime.
-            self.runtime.prepare_guest(self.dom, self.info.workload)
+            self.runtime.prepare_guest(self.dom, self.info)
             self.vcpu_made = True
             if self._receive(reader):
                 PostcopyDestination(self, self.discard).run(reader)
@@ -251,7 +251,7 @@ class Receiver:
     def make_vcpu(self) -> None:
         """The guest's vCPU (made parked when the stream opened) takes the context its
         source sent; it waits until the resume."""
-        self.runtime.start_guest(self.dom, self.info.workload, self.vcpu)
+        self.runtime.start_guest(self.dom, self.info, self.vcpu)
         self.vcpu_made = True
 
     def resume(self) -> None:

@@ -64,13 +64,14 @@ from nodes.xen.profiles import Mode
 
 
 def guest_info(hv: Hypervisor, dom: Domain, migration_id: str,
-               workload: dict | None) -> GuestInfo:
-    """GUEST_INFO: what the destination needs to reserve frames and check compatibility."""
+               workload: dict | None, vcpu: str = "thread", vcpus: int = 1) -> GuestInfo:
+    """GUEST_INFO: what the destination needs to reserve frames and check compatibility,
+    and to make the guest's vCPUs of the kind that ran them here."""
     return GuestInfo(migration_id=migration_id, name=dom.name, pages=dom.npages,
                      data_pages=dom.data_pages, page_table_pages=len(dom.pt_pfns),
                      page_size=hv.page_size, mode_before=dom.mode.value,
                      mode_during=Mode.VP.value, arch=hv.profile.arch, profile=hv.profile.name,
-                     workload=workload)
+                     workload=workload, vcpu=vcpu, vcpus=vcpus)
 
 
 def check_migratable(hv: Hypervisor, name: str) -> Domain:
@@ -116,8 +117,9 @@ class Setup(_Always):
         ctx.p2m_sent = dom.p2m.copy()
         ctx.link.send([records.encode_image_header(),
                        records.encode_domain_header(Mode.VP.value, hv.memory.page_shift)])
-        ctx.send_record(RT.GUEST_INFO, guest_info(hv, dom, ctx.ticket.migration_id,
-                                                  ctx.runtime.workload_spec(dom.name)).to_dict())
+        ctx.send_record(RT.GUEST_INFO, guest_info(
+            hv, dom, ctx.ticket.migration_id, ctx.runtime.workload_spec(dom.name),
+            **ctx.runtime.vcpu_config(dom.name)).to_dict())
         ctx.send_record(RT.P2M_FRAMES, {"mfns": ctx.p2m_sent.astype("<u8").tobytes()})
         ctx.send_record(RT.STATIC_DATA_END)
         _measure_clock(ctx)
@@ -216,6 +218,9 @@ class Sender:
             progress=progress, cancel=cancel, faults=self.faults, ticket=ticket,
             shared_link=shared_link, result=SourceResult(mode_before=dom.mode.value),
             clock=PhaseClock(time.monotonic()), mode_before=dom.mode, postcopy=postcopy)
+        self.ctx.result.dirty_log = dom.logdirty.kind      # the kernel's, for a process guest
+        vcpu = runtime.vcpu_config(name)
+        self.ctx.result.vcpu, self.ctx.result.vcpus = vcpu["vcpu"], vcpu["vcpus"]
         self.ctx.history = ProgressHistory(self.ctx.clock.t0)
         self.faults.sample = lambda event: self.ctx.sample(event) if event else self.ctx.tick()
         progress.remaining_bytes = dom.npages * hv.page_size     # all of it, so far

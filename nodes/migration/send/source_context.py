@@ -202,7 +202,8 @@ class SourceContext:
     def clean(self, now: float) -> int:
         """A bitmap sync: CLEAN log-dirty, mark what it shows; returns the pages newly
         marked. Counted in `sync` (QEMU's dirty-sync-count and its rate periods)."""
-        bitmap, _ = self.hv.shadow_op(self.dom.name, ShadowOp.CLEAN)
+        bitmap, stats = self.hv.shadow_op(self.dom.name, ShadowOp.CLEAN)
+        self.result.shadow_faults += stats.fault_count
         fresh = self.cursor.mark(bitmap)
         period = self.sync.synced(now, fresh, self.cursor.pending_pages, self.link.bytes_sent)
         if period is not None and self.convergence is not None:
