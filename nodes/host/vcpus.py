@@ -33,13 +33,19 @@ def vcpu_description(vcpu: VCPU | ProcessVCPU) -> dict:
     return {"vcpu": "thread", "vcpus": 1, "pid": None}
 
 
-def check_vcpus_here(info: GuestInfo, settings: MigrationSettings) -> None:
-    """An arriving process guest: this host's kernel must run it, and by pre-copy."""
-    if info.vcpu != "process":
+def check_process_guest(vcpu: str, settings: MigrationSettings | None = None) -> None:
+    """A process guest: this host's kernel must run it (and migrate it by pre-copy); one
+    ConfigError line otherwise, which says `--vcpu thread` works."""
+    if vcpu != "process":
         return
     kernel_support().require()
-    if settings.postcopy_allowed:
+    if settings is not None and settings.postcopy_allowed:
         raise ConfigError(POSTCOPY_REFUSED)
+
+
+def check_vcpus_here(info: GuestInfo, settings: MigrationSettings) -> None:
+    """An arriving guest's vCPUs can run here, migrated so."""
+    check_process_guest(info.vcpu, settings)
 
 
 @dataclass(frozen=True)
