@@ -9,7 +9,9 @@ the guest, the throttle only by the host.
 Layout of the memfd (`ControlPage`):
   [0, 4096)      the words below: 32-bit ones first (futexes are 32-bit), then 64-bit ones
   [4096, +64K)   the vCPU context, msgpack (every vCPU's workload state), published by the
-                 guest each time all its vCPUs have parked, before it says PAUSED
+                 guest each time all its vCPUs have parked, before it says PAUSED; or
+                 given by the host to a parked guest (a migration's destination), which
+                 its vCPUs take as they wake
   then           the guest's progress log (`nodes.host.sharedlog`): walls, pages, slept
   then, optionally, one byte per guest page: the pages the guest's workload wrote (for
                  tests that hold the kernel's dirty log against the truth)
@@ -45,6 +47,7 @@ W_CONTEXT_BYTES = 11                 # length of the published context
 W_VCPUS = 12
 # Written by the host: the throttle (auto-converge's percentage, dirty-limit's ring).
 W_CPU_PERCENTAGE, W_RING_PAGES, W_RING_SLEEP_NS = 16, 17, 18
+W_CONTEXT_GIVEN = 19                 # bumped when the host gives parked vCPUs a context
 # The progress log's own words (`nodes.host.sharedlog`): seq, stored, latest wall/pages/flags.
 W_LOG = 24
 W_VCPU_WRITES = 64
@@ -196,6 +199,14 @@ class ControlPage:
             raise ValueError(f"a vCPU context of {len(body)} bytes exceeds {CONTEXT_BYTES}")
         self.context[:len(body)] = np.frombuffer(body, np.uint8)
         self.u64[W_CONTEXT_BYTES] = len(body)
+
+    def give_context(self, states: list[dict | None]) -> None:
+        """The host, every vCPU parked: the states they resume from (a migration's vCPU
+        context), taken by a parked vCPU woken for it (at the latest by the first to wake
+        at the resume), before any runs."""
+        self.publish_context(states)
+        self.u64[W_CONTEXT_GIVEN] += 1
+        self._wake(0)                    # a parked vCPU takes it now, not at the resume
 
     def read_context(self) -> list[dict]:
         """The states the guest published when it last parked (read while it is paused)."""

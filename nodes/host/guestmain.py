@@ -139,7 +139,7 @@ def _map_and_register(msg: dict, memfd: int) -> tuple[int, int, float, Uffd]:
 
 def guest_main(sock: socket.socket) -> None:
     """One guest, from its setup message to its exit (see the module docstring). A guest
-    launched parked (a migration's destination) waits for its vCPUs' states first."""
+    launched parked (a migration's destination) has its vCPUs parked, given states later."""
     msg, fds = recv_message(sock)
     memfd, ctlfd = fds
     ctl = ControlPage(ctlfd, msg["npages"], msg["track_writes"])
@@ -149,30 +149,28 @@ def guest_main(sock: socket.socket) -> None:
         ctl.set_state(State.FAILED)
         send_message(sock, {"error": str(exc)})
         return
+    guest = MappedGuest.at(msg["name"], base, msg["npages"], msg["data_pages"],
+                           msg["pfn_base"], msg["page_size"], ctl.written)
+    states = msg["states"]
+    parts = [guest.part(lo, hi) for lo, hi in split_pages(guest.data_pages, len(states))]
+    try:
+        vcpus = VCPUSet(ctl, parts, WorkloadSpec(**msg["workload"]), states,
+                        msg["page_size"], msg["max_batch_pages"], msg["tick_seconds"])
+    except BaseException as exc:
+        ctl.set_state(State.FAILED)
+        send_message(sock, {"error": f"{type(exc).__name__}: {exc}"})
+        raise
     send_message(sock, {"pid": os.getpid(), "base": base, "runs": runs,
                         "map_seconds": map_seconds, "features": uffd.features,
                         "via": uffd.via}, [uffd.fd])
-    states = msg["states"]
-    if msg["parked"]:
-        try:
-            states = recv_message(sock)[0]["states"]
-        except PeerGone:
-            return
-    threading.Thread(target=_die_with_host, args=(sock,), daemon=True).start()
-    guest = MappedGuest.at(msg["name"], base, msg["npages"], msg["data_pages"],
-                           msg["pfn_base"], msg["page_size"], ctl.written)
-    parts = [guest.part(lo, hi) for lo, hi in split_pages(guest.data_pages, len(states))]
-    try:
-        VCPUSet(ctl, parts, WorkloadSpec(**msg["workload"]), states, msg["page_size"],
-                msg["max_batch_pages"], msg["tick_seconds"]).run()
-    except BaseException:
-        ctl.set_state(State.FAILED)
-        raise
-    ctl.set_state(State.EXITED)
+    vcpus.start()
+    _die_with_host(sock)
 
 
 def _die_with_host(sock: socket.socket) -> None:
-    """Exit the moment the host's end of the socket closes (or it says anything)."""
+    """The main thread, while the vCPUs run on theirs: exit the moment the host's end of
+    the socket closes (the host died, or stopped the guest) or it says anything: no
+    orphan, whichever thread of the host made it."""
     try:
         sock.recv(1)
     finally:

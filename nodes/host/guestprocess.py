@@ -140,10 +140,10 @@ class GuestProcess:
     def launch(cls, memory: MachineMemory, dom: Domain, spec: WorkloadSpec, *,
                vcpus: int = 1, states: list[dict | None] | None = None, parked: bool = False,
                track_writes: bool = False, max_batch_pages: int = 256,
-               tick_seconds: float = 0.005, timeout_seconds: float = 10.0) -> "GuestProcess":
+               tick_seconds: float = 0.001, timeout_seconds: float = 10.0) -> "GuestProcess":
         """Start `dom`'s process, `vcpus` vCPUs running `spec` (from `states`, one per vCPU,
         if given) on its frames of `memory`; returns once it has mapped them and handed over
-        its uffd. `parked`: its vCPUs wait for their states (`start`), then stay paused."""
+        its uffd. `parked`: its vCPUs park at once, until `resume` (given states by `start`)."""
         kernel_support().require()
         if memory.fd is None:
             raise ConfigError("a process vCPU needs machine memory in a memfd (Linux)")
@@ -157,7 +157,7 @@ class GuestProcess:
                  "p2m": p2m, "runs": None if p2m is not None else runs.tobytes(),
                  "track_writes": track_writes, "workload": asdict(spec),
                  "states": list(states) if states is not None else [None] * vcpus,
-                 "parked": parked, "max_batch_pages": max_batch_pages,
+                 "max_batch_pages": max_batch_pages,
                  "tick_seconds": tick_seconds}
         sock, reply, fds = cls._fork(dom.name, setup, [memory.fd, ctl.fd], timeout_seconds,
                                      ctl)
@@ -185,10 +185,16 @@ class GuestProcess:
             raise
         return ours, reply, got
 
-    def start(self, states: list[dict | None]) -> None:
-        """A parked guest's vCPUs get their states (a migration's vCPU context); they stay
-        paused until `resume`."""
-        send_message(self.sock, {"states": list(states)})
+    def start(self, states: list[dict | None],
+              timeout_seconds: float = PAUSE_TIMEOUT_SECONDS) -> None:
+        """A parked guest's vCPUs get their states (a migration's vCPU context), through
+        the control page: they take them as they wake at `resume`, before any runs."""
+        state = self.ctl.wait_state({State.PAUSED, State.FAILED, State.EXITED},
+                                    timeout_seconds)
+        if state is not State.PAUSED:
+            raise GuestProcessError(f"{self.name}: its vCPUs are {state.name.lower()}, not "
+                                    "parked for their context")
+        self.ctl.give_context(states)
 
     # -- control ----------------------------------------------------------------------------
     @property

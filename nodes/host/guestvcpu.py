@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from nodes.host.guestcontrol import (
     W_BATCHES,
+    W_CONTEXT_GIVEN,
     W_CPU_PERCENTAGE,
     W_LAST_BATCH_NS,
     W_LIMIT_SLEEP_NS,
@@ -77,27 +78,49 @@ class VCPUSet:
         self.log = SharedProgressLog(ctl)
         self.lock = threading.Lock()
         self.parked = 0
+        self.context_given = 0
         self.run_started = time.monotonic_ns()
         self.vcpus = [GuestVCPU(self, i, part, make_workload(
             vcpu_spec(spec, n, i), part.data_pages, state, page_size))
             for i, (part, state) in enumerate(zip(parts, states, strict=True))]
+        ctl.u64[W_VCPUS] = n
+        self._count()
+        self.threads = [threading.Thread(target=v.run, name=f"vcpu{v.index}", daemon=True)
+                        for v in self.vcpus]
+
+    def _count(self) -> None:
+        """The totals, from the workloads (made, or given their states)."""
+        ctl = self.ctl
         self.progress = sum(v.wl.progress_pages for v in self.vcpus)
         self.written = sum(v.wl.pages_written_total for v in self.vcpus)
-        ctl.u64[W_VCPUS] = n
         ctl.u64[W_PAGES_WRITTEN], ctl.u64[W_PROGRESS_PAGES] = self.written, self.progress
         for v in self.vcpus:
             ctl.u64[W_VCPU_WRITES + v.index] = v.wl.pages_written_total
+        ctl.f64[W_WORKLOAD_SECONDS] = self.vcpus[0].wl.running_seconds
 
-    def run(self) -> None:
-        """vCPU 0 on this thread, the others on their own; until EXIT."""
-        threads = [threading.Thread(target=v.run, name=f"vcpu{v.index}", daemon=True)
-                   for v in self.vcpus[1:]]
-        for t in threads:
-            t.start()
+    def start(self) -> None:
+        """Every vCPU on a thread of its own (a guest launched parked parks at once)."""
         if self.ctl.command is Command.RUN:
             self.ctl.set_state(State.RUNNING)
-        self.vcpus[0].run()
-        for t in threads:
+        for t in self.threads:
+            t.start()
+
+    def _take_context(self) -> None:
+        """Parked vCPUs given a context by the host (a migration's destination: made and
+        parked at the stream's start, so the hand-over waits for no thread, no message):
+        their workloads continue from it. Under the lock, every vCPU parked: by one woken
+        for it, else by the first to wake at the resume."""
+        given = int(self.ctl.u64[W_CONTEXT_GIVEN])
+        if given == self.context_given:
+            return
+        self.context_given = given
+        for v, state in zip(self.vcpus, self.ctl.read_context(), strict=True):
+            if state is not None:
+                v.wl.restore(state)
+        self._count()
+
+    def join(self) -> None:
+        for t in self.threads:
             t.join()
 
     def batch_done(self, vcpu: "GuestVCPU", written: int, progressed: int) -> None:
@@ -130,9 +153,14 @@ class VCPUSet:
                 ctl.publish_context([v.wl.get_state() for v in self.vcpus])
                 ctl.set_state(State.PAUSED)
         while ctl.command is Command.PAUSE:
+            if int(ctl.u64[W_CONTEXT_GIVEN]) != self.context_given:
+                with self.lock:
+                    if self.parked == self.n:
+                        self._take_context()
             ctl.wait_command(Command.PAUSE, 1.0)
         with self.lock:
             if self.parked == self.n and ctl.command is Command.RUN:
+                self._take_context()
                 self.run_started = time.monotonic_ns()
                 ctl.u64[W_RESUMES] += 1
                 ctl.set_state(State.RUNNING)
@@ -152,6 +180,13 @@ class GuestVCPU:
         self.ring_written = 0
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            self.owner.ctl.set_state(State.FAILED)
+            raise
+
+    def _loop(self) -> None:
         ctl, wl, owner = self.owner.ctl, self.wl, self.owner
         paced = not wl.unlimited
         while True:
