@@ -122,9 +122,9 @@ class MigrationReport:
     postcopy_requests: int = 0
     # Post-copy (`cluster.postcopy_control.postcopy_block`; None when the migration did not switch).
     postcopy: PostcopyBlock | None = None
-    # What ran the guest's vCPUs on the source ("thread" | "process", and how many) and whose
-    # dirty log its rounds read ("emulated": the Xen model's access path; "kernel":
-    # userfaultfd write-protect and PAGEMAP_SCAN), with its shadow faults over every CLEAN.
+    # What ran the guest's vCPUs on the source (thread | process, how many), whose dirty log
+    # its rounds read (emulated: the Xen model's; kernel: userfaultfd write-protect and
+    # PAGEMAP_SCAN), and that log's shadow faults over every CLEAN.
     vcpu: str = "thread"
     vcpus: int = 1
     dirty_log: str = "emulated"
@@ -141,13 +141,11 @@ class MigrationReport:
         if status == Outcome.COMPLETED and dest is not None and not dest.completed:
             status, error = Outcome.FAILED, dest.error
         completed = status == Outcome.COMPLETED
-        downtime = None
-        if source.pause_wall and source.resume_wall:
-            downtime = source.resume_wall - source.pause_wall
-        verified = None
-        if settings.verify and completed and not source.source_lost:
-            verified = (source.source_digest is not None
-                        and source.source_digest == source.destination_digest)
+        downtime = (source.resume_wall - source.pause_wall
+                    if source.pause_wall and source.resume_wall else None)
+        checked = settings.verify and completed and not source.source_lost
+        verified = (source.source_digest is not None and source.source_digest
+                    == source.destination_digest) if checked else None
         rounds = [r.to_dict() for r in source.rounds]
         total = source.total_time_seconds
         report = cls(
@@ -172,9 +170,8 @@ class MigrationReport:
             xbzrle=XbzrleBlock.from_dict(source.wire.get("xbzrle")),
             multifd=multifd_block(source, dest),
             workload_running_seconds=source.workload_running_seconds,
-            dirty_sync_count=source.dirty_sync_count,
+            dirty_sync_count=source.dirty_sync_count, phase_seconds=dict(source.phase_seconds),
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
-            phase_seconds=dict(source.phase_seconds),
             cpu_seconds={"source": source.cpu_seconds if not source.source_lost else None,
                          "destination": dest.cpu_seconds if dest is not None else None},
             integrity=Integrity(verified, source.source_digest, source.destination_digest),

@@ -13,9 +13,11 @@ from there (`nodes.host.kerneldirty`).
 
 The workload is the same `workloads` class a thread vCPU runs, over a `MappedGuest` whose
 reads and writes are numpy over the mapping: no Python per page, and the kernel sees every
-store. It runs until told to exit, parks at a batch boundary when told to pause (the control
-page, `nodes.host.guestcontrol`), and exits when its host's end of the socket closes (the
-host died: no orphan, whichever thread of the host made it).
+store. Its vCPUs are threads (`nodes.host.guestvcpu`: one per vCPU, each on its own pages,
+parked at a batch boundary when told to pause through the control page,
+`nodes.host.guestcontrol`); the main thread only watches the host, and the process exits
+when its host's end of the socket closes (the host died, or stopped the guest: no orphan,
+whichever thread of the host made it).
 """
 
 import ctypes
