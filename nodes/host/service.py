@@ -56,9 +56,9 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
         self.hv = Hypervisor(config.name, config.memory_bytes, config.page_size,
                              config.reserved_bytes, config.profile, config.dom0_memory_bytes,
                              config.seed, config.superpages)
-        self.vcpus: dict[str, VCPU] = {}
+        self.vcpus: dict[str, VCPU | ProcessVCPU] = {}    # a thread, or a guest process
         self.workloads: dict[str, WorkloadSpec] = {}
-        self._retired: dict[str, VCPU] = {}
+        self._retired: dict[str, VCPU | ProcessVCPU] = {}
         self.incoming: dict[str, Receiver] = {}
         self.outgoing: dict[str, Progress] = {}
         self._cancel: dict[str, threading.Event] = {}
@@ -158,7 +158,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
             self._drop_vcpu(name)   # a process stops writing before its frames are freed
             self.hv.destroy_domain(name)
 
-    def _drop_vcpu(self, name: str) -> VCPU | None:
+    def _drop_vcpu(self, name: str) -> VCPU | ProcessVCPU | None:
         vcpu = self.vcpus.pop(name, None)
         self.workloads.pop(name, None)
         if vcpu is not None:
