@@ -75,13 +75,17 @@ class ProcessVCPU(ProgressReadings):
                  *, parked: bool = False):
         self.domain, self.spec, self.vcpus = dom, spec, vcpus
         self.proc = GuestProcess.launch(memory, dom, spec, vcpus=vcpus, parked=parked)
+        try:
+            self.dirty_log = KernelDirtyLog(self.proc.pid, self.proc.uffd, self.proc.base,
+                                            dom.npages, memory.page_size)
+        except BaseException:
+            self.proc.stop()                 # no process left behind a failed start
+            raise
         self.pid = self.proc.pid
         self.log = SharedProgressLog(self.proc.ctl)
         self.workload = ProcessWorkload(self)
         self.error: BaseException | None = None
         self.started = not parked
-        self.dirty_log = KernelDirtyLog(self.proc.pid, self.proc.uffd, self.proc.base,
-                                        dom.npages, memory.page_size)
         with dom.lock:
             dom.logdirty = self.dirty_log
             dom.vcpu_control = self

@@ -138,14 +138,16 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
                     parked: bool = False) -> VCPU | ProcessVCPU:
         """The guest's vCPUs, of `kind`: a thread running the workload from `state`, or a
         guest process (`parked`: waiting for its context, a migration's destination)."""
-        workload = make_workload(spec, dom.data_pages, state, dom.memory.page_size)
+        page_size = dom.memory.page_size
         if fill:                     # a new guest: its memory as the spec says, before it runs
-            workload.fill(dom)
-        self.workloads[dom.name] = spec
-        if kind == "process":
+            make_workload(spec, dom.data_pages, None, page_size).fill(dom)
+        if kind == "process":        # its state, if any, goes to the process (take_context)
             vcpu = self.vcpus[dom.name] = ProcessVCPU(self.hv.memory, dom, spec, vcpus,
                                                       parked=parked)
+            self.workloads[dom.name] = spec
             return vcpu
+        workload = make_workload(spec, dom.data_pages, state, page_size)
+        self.workloads[dom.name] = spec
         vcpu = self.vcpus[dom.name] = VCPU(dom, workload)
         vcpu.start()
         return vcpu
