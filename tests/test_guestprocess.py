@@ -73,6 +73,9 @@ def test_the_probe_finds_write_tracking_here(uffd_kernel):
     ("vp", WorkloadSpec("uniform", 40_000, seed=3)),
     ("vp", WorkloadSpec("hotset", 40_000, seed=4, write_bytes=512, fill="text")),
     ("vp", WorkloadSpec("sequential", 0, seed=5, write_bytes=4096)),
+    ("p2m", WorkloadSpec("phased", 40_000, seed=6, busy_seconds=0.005, quiet_seconds=0.005)),
+    ("vp", WorkloadSpec("scan", 40_000, seed=7)),
+    ("vp", WorkloadSpec("idle", 0, seed=8)),
 ])
 def test_the_kernel_logs_exactly_the_pages_the_guest_process_wrote(uffd_kernel, mode, spec):
     """Many rounds of run, pause, CLEAN: the kernel's pages are the workload's, in every
@@ -99,7 +102,10 @@ def test_the_kernel_logs_exactly_the_pages_the_guest_process_wrote(uffd_kernel, 
             wrote = gp.written_pages()
             assert kernel.tolist() == wrote.tolist(), f"round {round_}"
             totals.append(len(wrote))
-        assert sum(totals) > 200 and min(totals) >= 0
+        if spec.pattern in ("scan", "idle"):
+            assert sum(totals) == 0, "a guest that writes nothing is logged writing nothing"
+        else:
+            assert sum(totals) > 200 and min(totals) >= 0
         log.mark(np.array([3, 5]))
         assert log.clean_pfns().tolist() == [3, 5], "the host marks its own writes"
         log.disable()
@@ -107,6 +113,29 @@ def test_the_kernel_logs_exactly_the_pages_the_guest_process_wrote(uffd_kernel, 
         # the workload's counters add up to its writes (the lost-write check), host's aside
         counters = int(hv.memory.words[dom.p2m[:dom.data_pages], 0].sum())
         assert counters == gp.ctl.pages_written_total
+
+
+@pytest.mark.uffd
+def test_the_kernel_logs_exactly_what_every_vcpu_of_a_guest_wrote(uffd_kernel):
+    """Three vCPU threads of one process, each on its own pages: one log covers them all."""
+    hv = Hypervisor("h", 64 * MiB, seed=3, superpages=False)
+    dom = hv.create_domain("g", 8 * MiB, "vp")
+    with GuestProcess.launch(hv.memory, dom, WorkloadSpec("hotset", 30_000, seed=1),
+                             vcpus=3, track_writes=True) as gp:
+        gp.wait_running()
+        gp.pause()
+        log = KernelDirtyLog(gp.pid, gp.uffd, gp.base, dom.npages, hv.page_size)
+        log.enable()
+        gp.written_pages()
+        for round_ in range(20):
+            gp.resume()
+            time.sleep(0.003)
+            gp.pause()
+            assert log.clean_pfns().tolist() == gp.written_pages().tolist(), f"round {round_}"
+        each = gp.ctl.vcpu_writes()
+        assert len(each) == 3 and min(each) > 0 and sum(each) == gp.ctl.pages_written_total
+        log.disable()
+        log.close()
 
 
 @pytest.mark.uffd
