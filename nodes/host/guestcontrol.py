@@ -9,7 +9,8 @@ the guest, the throttle only by the host.
 Layout of the memfd (`ControlPage`):
   [0, 4096)      the words below: 32-bit ones first (futexes are 32-bit), then 64-bit ones
   [4096, +64K)   the vCPU context, msgpack (every vCPU's workload state), published by the
-                 guest each time all its vCPUs have parked, before it says PAUSED; or
+                 guest each time all its vCPUs have parked, right after it says PAUSED (so
+                 the pause waits for no serialising; `wait_context` waits for it); or
                  given by the host to a parked guest (a migration's destination), which
                  its vCPUs take as they wake
   then           the guest's progress log (`nodes.host.sharedlog`): walls, pages, slept
@@ -45,6 +46,8 @@ W_WORKLOAD_SECONDS = 7               # vCPU 0's workload phase clock, float64
 W_THROTTLE_SLEEP_NS, W_LIMIT_SLEEP_NS, W_THROTTLED_RUN_NS = 8, 9, 10
 W_CONTEXT_BYTES = 11                 # length of the published context
 W_VCPUS = 12
+W_PAUSES = 13                        # times every vCPU parked
+W_CONTEXT_FOR = 14                   # the park the published context is of
 # Written by the host: the throttle (auto-converge's percentage, dirty-limit's ring).
 W_CPU_PERCENTAGE, W_RING_PAGES, W_RING_SLEEP_NS = 16, 17, 18
 W_CONTEXT_GIVEN = 19                 # bumped when the host gives parked vCPUs a context
@@ -72,6 +75,9 @@ class State(IntEnum):
     FAILED = 4
 
 
+_COMMANDS, _STATES = tuple(Command), tuple(State)
+
+
 class _Timespec(ctypes.Structure):
     _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
 
@@ -86,9 +92,11 @@ class ControlPage:
     def __init__(self, fd: int, npages: int, track_writes: bool):
         self.fd = fd
         self._map = mmap.mmap(fd, control_size(npages, track_writes), flags=mmap.MAP_SHARED)
-        self.u32 = np.frombuffer(self._map, np.uint32, CONTROL_BYTES // 4)
-        self.u64 = np.frombuffer(self._map, np.uint64, CONTROL_BYTES // 8)
-        self.f64 = np.frombuffer(self._map, np.float64, CONTROL_BYTES // 8)
+        # The words as memoryviews, not numpy arrays: a vCPU touches them every batch, and a
+        # memoryview's item is a Python int at a tenth of a numpy scalar's cost.
+        words = memoryview(self._map)[:CONTROL_BYTES]
+        self.u32, self.u64, self.i64, self.f64 = (words.cast(c) for c in "IQqd")
+        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self.context = np.frombuffer(self._map, np.uint8, CONTEXT_BYTES, CONTROL_BYTES)
         at = CONTROL_BYTES + CONTEXT_BYTES
         self.log_walls = np.frombuffer(self._map, np.float64, LOG_ENTRIES, at)
@@ -112,18 +120,18 @@ class ControlPage:
     # -- the two futex words --------------------------------------------------------------
     @property
     def command(self) -> Command:
-        return Command(int(self.u32[0]))
+        return _COMMANDS[self.u32[0]]
 
     @property
     def state(self) -> State:
-        return State(int(self.u32[1]))
+        return _STATES[self.u32[1]]
 
     def set_command(self, command: Command) -> None:
-        self.u32[0] = command
+        self.u32[0] = int(command)
         self._wake(0)
 
     def set_state(self, state: State) -> None:
-        self.u32[1] = state
+        self.u32[1] = int(state)
         self._wake(1)
 
     def wait_command(self, current: Command, timeout_seconds: float) -> None:
@@ -141,12 +149,12 @@ class ControlPage:
             self._wait(1, int(state), min(left, 0.05))
 
     def _wake(self, index: int) -> None:
-        addr = self.u32.ctypes.data + 4 * index
+        addr = self._addr + 4 * index
         _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAKE),
                       ctypes.c_long(0x7FFFFFFF), None, None, ctypes.c_long(0))
 
     def _wait(self, index: int, value: int, timeout_seconds: float) -> None:
-        addr = self.u32.ctypes.data + 4 * index
+        addr = self._addr + 4 * index
         ts = _Timespec(int(timeout_seconds), int(timeout_seconds % 1 * 1e9))
         _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_long(_FUTEX_WAIT),
                       ctypes.c_long(value), ctypes.byref(ts), None, ctypes.c_long(0))
@@ -178,8 +186,8 @@ class ControlPage:
 
     def vcpu_writes(self) -> list[int]:
         """Each vCPU's own page writes (dirty-limit's per-vCPU rates read these)."""
-        n = int(self.u64[W_VCPUS])
-        return [int(x) for x in self.u64[W_VCPU_WRITES:W_VCPU_WRITES + n]]
+        n = self.u64[W_VCPUS]
+        return list(self.u64[W_VCPU_WRITES:W_VCPU_WRITES + n])
 
     def seconds(self, word: int) -> float:
         return int(self.u64[word]) / 1e9
@@ -192,19 +200,33 @@ class ControlPage:
         self.u64[W_CPU_PERCENTAGE] = int(cpu_percentage)
 
     # -- the vCPU context -----------------------------------------------------------------
-    def publish_context(self, states: list[dict]) -> None:
-        """The guest, every vCPU parked: their workloads' states, for the host to read."""
+    def _write_context(self, states: list[dict | None]) -> None:
         body = msgpack.packb(states)
         if len(body) > CONTEXT_BYTES:
             raise ValueError(f"a vCPU context of {len(body)} bytes exceeds {CONTEXT_BYTES}")
         self.context[:len(body)] = np.frombuffer(body, np.uint8)
         self.u64[W_CONTEXT_BYTES] = len(body)
 
+    def publish_context(self, states: list[dict]) -> None:
+        """The guest, every vCPU parked (after PAUSED): their workloads' states, for the
+        host to read once `wait_context` says they are of this park."""
+        self._write_context(states)
+        self.u64[W_CONTEXT_FOR] = self.u64[W_PAUSES]
+
+    def wait_context(self, timeout_seconds: float) -> bool:
+        """Wait (bounded) until the context published is of the guest's last park."""
+        deadline = time.monotonic() + timeout_seconds
+        while int(self.u64[W_CONTEXT_FOR]) != int(self.u64[W_PAUSES]):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.00005)
+        return True
+
     def give_context(self, states: list[dict | None]) -> None:
-        """The host, every vCPU parked: the states they resume from (a migration's vCPU
-        context), taken by a parked vCPU woken for it (at the latest by the first to wake
-        at the resume), before any runs."""
-        self.publish_context(states)
+        """The host, every vCPU parked and their own context published: the states they
+        resume from (a migration's vCPU context), taken by a parked vCPU woken for it (at
+        the latest by the first to wake at the resume), before any runs."""
+        self._write_context(states)
         self.u64[W_CONTEXT_GIVEN] += 1
         self._wake(0)                    # a parked vCPU takes it now, not at the resume
 

@@ -191,7 +191,7 @@ class GuestProcess:
         the control page: they take them as they wake at `resume`, before any runs."""
         state = self.ctl.wait_state({State.PAUSED, State.FAILED, State.EXITED},
                                     timeout_seconds)
-        if state is not State.PAUSED:
+        if state is not State.PAUSED or not self.ctl.wait_context(timeout_seconds):
             raise GuestProcessError(f"{self.name}: its vCPUs are {state.name.lower()}, not "
                                     "parked for their context")
         self.ctl.give_context(states)

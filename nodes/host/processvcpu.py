@@ -31,6 +31,8 @@ from nodes.xen.memory import MachineMemory
 from workloads.progresslog import ProgressReadings
 from workloads.spec import WorkloadSpec
 
+CONTEXT_WAIT_SECONDS = 1.0        # the context follows a park by microseconds; bounded
+
 
 class ProcessWorkload:
     """The guest's workload, as the host reads it: counters from the control page, its
@@ -55,7 +57,7 @@ class ProcessWorkload:
         """The vCPU context: one vCPU's workload state as a thread vCPU's is (so either kind
         may take it), N vCPUs' as {"vcpus": [...]}. Read after a pause."""
         ctl = self._vcpu.proc.ctl
-        if ctl.state is not State.PAUSED:
+        if ctl.state is not State.PAUSED or not ctl.wait_context(CONTEXT_WAIT_SECONDS):
             raise DomainStateError(f"{self._vcpu.domain.name}: the vCPU context is read "
                                    f"while its vCPUs are parked (they are "
                                    f"{ctl.state.name.lower()})")
@@ -131,8 +133,10 @@ class ProcessVCPU(ProgressReadings):
         return True
 
     def wait_awake(self, timeout: float = 0.05) -> bool:
-        """A throttle sleep ends before its vCPU parks, logged: nothing to wait for."""
-        return True
+        """A throttle sleep ends before its vCPU parks, logged; what a paused guest's vCPUs
+        write after their pause (their last record, the context) is waited for here."""
+        ctl = self.proc.ctl
+        return ctl.state is not State.PAUSED or ctl.wait_context(max(timeout, 0.05))
 
     @property
     def alive(self) -> bool:

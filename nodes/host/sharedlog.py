@@ -32,8 +32,7 @@ class SharedProgressLog(ProgressLog):
         self.capacity_entries = LOG_ENTRIES
         self.record_interval_seconds = record_interval_seconds
         self._walls, self._pages, self._slept = ctl.log_walls, ctl.log_pages, ctl.log_slept
-        self._u64, self._f64 = ctl.u64, ctl.f64
-        self._i64 = ctl.u64.view(np.int64)
+        self._u64, self._f64, self._i64 = ctl.u64, ctl.f64, ctl.i64
         self._lock = threading.RLock()      # the base takes it too, inside ours
 
     # -- the state ProgressLog keeps in attributes, here in shared words ------------------
@@ -71,19 +70,19 @@ class SharedProgressLog(ProgressLog):
     # -- the writer: every change inside an odd sequence number -----------------------------
     def record(self, wall: float, pages: int) -> None:
         with self._lock:
-            self._u64[_SEQ] += np.uint64(1)
+            self._u64[_SEQ] += 1
             try:
                 super().record(wall, pages)
             finally:
-                self._u64[_SEQ] += np.uint64(1)
+                self._u64[_SEQ] += 1
 
     def record_sleep(self, start_wall: float, end_wall: float, pages: int) -> None:
         with self._lock:
-            self._u64[_SEQ] += np.uint64(1)
+            self._u64[_SEQ] += 1
             try:
                 super().record_sleep(start_wall, end_wall, pages)
             finally:
-                self._u64[_SEQ] += np.uint64(1)
+                self._u64[_SEQ] += 1
 
     # -- the readers: a copy taken between two equal, even sequence numbers -------------------
     def marked_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
