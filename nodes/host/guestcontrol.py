@@ -9,8 +9,8 @@ the guest, the throttle only by the host.
 Layout of the memfd (`ControlPage`):
   [0, 4096)      the words below: 32-bit ones first (futexes are 32-bit), then 64-bit ones
   [4096, +64K)   the vCPU context, msgpack (every vCPU's workload state), published by the
-                 guest each time all its vCPUs have parked, right after it says PAUSED (so
-                 the pause waits for no serialising; `wait_context` waits for it); or
+                 guest each time all its vCPUs have parked, before it says PAUSED
+                 (`wait_context` says whether the one there is of the last park); or
                  given by the host to a parked guest (a migration's destination), which
                  its vCPUs take as they wake
   then           the guest's progress log (`nodes.host.sharedlog`): walls, pages, slept
@@ -208,7 +208,7 @@ class ControlPage:
         self.u64[W_CONTEXT_BYTES] = len(body)
 
     def publish_context(self, states: list[dict]) -> None:
-        """The guest, every vCPU parked (after PAUSED): their workloads' states, for the
+        """The guest, every vCPU parked (before PAUSED): their workloads' states, for the
         host to read once `wait_context` says they are of this park."""
         self._write_context(states)
         self.u64[W_CONTEXT_FOR] = self.u64[W_PAUSES]

@@ -107,6 +107,17 @@ class Receiver:
         except OSError as exc:
             hv.destroy_domain(self.name, force=True)
             raise MigrationError(f"cannot listen on {address}: {exc}") from None
+        # The vCPUs now, parked until the guest runs, as a destination QEMU is started with
+        # -incoming before the migration begins: the stream's setup waits for no guest
+        # process to launch, and neither a stop-and-copy's hand-over nor a post-copy switch
+        # waits for a thread to start inside the downtime.
+        try:
+            runtime.prepare_guest(self.dom, info)
+        except BaseException:
+            self.listener.close()
+            hv.destroy_domain(self.name, force=True)
+            raise
+        self.vcpu_made = True
         self.ticket = self.listener.ticket
         self.landing = Landing(hv.memory, self.dom, settings.verify)
         self.conn: socket.socket | None = None       # the data connection, once accepted
@@ -115,7 +126,6 @@ class Receiver:
         self._killed = False
         self.connection_lost = False
         self.reader: RecordReader | None = None
-        self.vcpu_made = False
         self.status = Outcome.WAITING
         self.error: str | None = None
         self.resume_wall: float | None = None
@@ -141,10 +151,6 @@ class Receiver:
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
             self._read_static(reader)
-            # The vCPU now, parked until the guest runs: neither a stop-and-copy's hand-over
-            # nor a post-copy switch then waits for a thread to start inside the downtime.
-            self.runtime.prepare_guest(self.dom, self.info)
-            self.vcpu_made = True
             if self._receive(reader):
                 PostcopyDestination(self, self.discard).run(reader)
             else:
