@@ -183,7 +183,7 @@ def test_top_in_a_real_terminal_quits_on_q(ray_home, unique_name, tmp_path):
     tb.create("host-1", GuestSpec(guest, 16 * MiB, workload=WorkloadSpec("uniform", 3000)))
     server = f"migbed-test-{uuid.uuid4().hex[:8]}"     # a tmux server of our own
     exit_file = tmp_path / "exit-code"
-    command = (f"env -u RAY_ADDRESS MIGBED_HOME={os.environ['MIGBED_HOME']} "
+    command = (f"env -u RAY_ADDRESS COLUMNS=220 MIGBED_HOME={os.environ['MIGBED_HOME']} "
                f"{sys.executable} -m cluster.cli top --interval 0.5; "
                f"echo $? > {exit_file}; sleep 60")
 
