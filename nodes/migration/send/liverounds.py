@@ -22,11 +22,11 @@ built here by `arbiter_for`): the live rounds only ask it, at every decision poi
 between the batches of a pass (`within_pass`, `cuts_pass`) and at a pass's end
 (`switch_after`), and act on its answer.
 
-The convergence aids (`nodes.migration.decide.convergence`) ride along: the throttle trigger at the
-syncs that close a rate period (`SourceContext.clean`; the aids are made with the sender,
-`SwitchOver.convergence`), dirty-limit's period and the timeouts
-between batches (`between_batches`), Xen's adaptive rate between passes. A timeout may end the
-live rounds mid-pass: pausing the guest (stop-and-copy), switching to post-copy, or cancelling.
+The convergence aids (`nodes.migration.decide.convergence`, made with the sender:
+`SwitchOver.convergence`) ride along: the throttle trigger at the syncs that close a rate
+period (`SourceContext.clean`), dirty-limit's period and the timeouts between batches
+(`between_batches`), Xen's adaptive rate between passes. A timeout may end the live rounds
+mid-pass: pausing the guest (stop-and-copy), switching to post-copy, or cancelling.
 """
 
 import time
