@@ -72,7 +72,6 @@ def open_context(s: Session, switch: SwitchOver) -> SourceContext:
     return ctx
 
 
-
 class Setup:
     """The channel (opened by the sender: `open_context`), P2M -> VP, log-dirty on, the
     headers, GUEST_INFO, the P2M frames, the hosts' clocks."""
@@ -99,7 +98,6 @@ class Setup:
         ctx.send_record(RT.STATIC_DATA_END)
         _measure_clock(ctx)
         pages.sync.start(time.monotonic(), link.bytes_sent)
-
 
 
 def _measure_clock(ctx: SourceContext) -> None:
