@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from nodes.errors import MigbedError
+from nodes.errors import describe_failure
 from nodes.migration import clock
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.receive.reader import RecordReader
@@ -62,7 +62,7 @@ def open_context(s: Session, switch: SwitchOver) -> SourceContext:
                                               s.ticket, lambda: sync.count)
     except BaseException as exc:
         if link is not None:
-            send_abort(link, describe(exc))
+            send_abort(link, describe_failure(exc, "the destination"))
             link.close()
         sock.close()
         raise
@@ -120,10 +120,3 @@ def send_abort(link: LinkSender, error: str) -> None:
     except Exception:  # noqa: BLE001 - the peer may be gone; the abort is best effort
         pass
 
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, MigbedError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"connection to the destination failed: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"

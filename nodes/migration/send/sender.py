@@ -38,6 +38,7 @@ from nodes.errors import (
     ModeError,
     PeerAborted,
     PostcopyPaused,
+    describe_failure,
 )
 from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultStats
@@ -48,7 +49,7 @@ from nodes.migration.results import SourceResult
 from nodes.migration.runtime import GuestRuntime
 from nodes.migration.send.link import Pacer
 from nodes.migration.send.liverounds import LiveRounds
-from nodes.migration.send.opening import Setup, describe, open_context, send_abort
+from nodes.migration.send.opening import Setup, open_context, send_abort
 from nodes.migration.send.source_context import (
     PostcopyState,
     Session,
@@ -242,7 +243,7 @@ class Sender:
         """Record why the migration failed; before the hand-over, give the guest back."""
         r, ctx = self.session.result, self.ctx
         r.status = Outcome.CANCELLED if isinstance(exc, MigrationCancelled) else Outcome.FAILED
-        r.error = describe(exc)
+        r.error = describe_failure(exc, "the destination")
         r.connection_lost = isinstance(exc, ConnectionLost)
         r.stop_code = getattr(exc, "stop_code", None)    # an operator's timeout says which
         if r.stop_code:
