@@ -106,3 +106,13 @@ class NoSuchHostError(MigbedError, LookupError):
 
 class ClusterError(MigbedError):
     """The cluster is not running, cannot be reached, or cannot be started."""
+
+
+def describe_failure(exc: BaseException, peer: str) -> str:
+    """One line for why a migration's side failed: migbed's own message, a connection to
+    `peer` ("the source", "the destination") that failed, or the exception's type and text."""
+    if isinstance(exc, MigbedError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"connection to {peer} failed: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"

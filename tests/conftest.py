@@ -19,6 +19,13 @@ from cluster.testbed import Testbed
 
 MiB = 1024 * 1024
 
+# pytest-xdist's workers run with COLUMNS=80 and LINES=24 in their environment, which every
+# command a test starts would inherit (a `migbed top` in a 220-column tmux pane drew 120
+# columns); without them a child sizes itself by its own terminal, as in a serial run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 
 @pytest.fixture(scope="session")
 def ray_testbed():

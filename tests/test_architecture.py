@@ -235,3 +235,15 @@ def test_no_import_cycle_between_modules():
     assert not cycles, "import cycles (every import counts, in functions and under " \
         "TYPE_CHECKING too):\n" + "\n".join(
             f"{a_cycle(graph, c)}   (all tied: {', '.join(c)})" for c in cycles)
+
+
+@pytest.mark.parametrize("top", ["nodes", "cluster"])
+def test_no_two_modules_share_a_file_name(top):
+    """A traceback line names its module unambiguously: within `nodes/` and within `cluster/`
+    every module's file name is its own (`__init__` and `__main__` aside)."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT / top).rglob("*.py")):
+        if path.stem not in ("__init__", "__main__"):
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    shared = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not shared, f"file names used twice in {top}/: {shared}"

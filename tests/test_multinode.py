@@ -4,9 +4,12 @@ clock offset reported, and none of the cluster's processes left behind."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 from checks import processes_with_env
@@ -21,7 +24,10 @@ MIGBED = [sys.executable, "-m", "cluster.cli"]
 def ray_cli_cluster(tmp_path_factory):
     """Three Ray nodes on this machine (a head and two more), stopped by their sessions."""
     marker = f"multinode-{uuid.uuid4().hex[:8]}"
-    cluster = RayCliCluster(tmp_path_factory.mktemp("ray"), marker)
+    # A short temp dir of its own: Ray's socket paths under it must stay within AF_UNIX's
+    # 107 bytes, which pytest's per-worker tmp paths (.../popen-gw1/...) outgrow.
+    temp_dir = Path(tempfile.mkdtemp(prefix="mb-ray-"))
+    cluster = RayCliCluster(temp_dir, marker)
     try:
         cluster.start_head()
         cluster.add_node()
@@ -31,6 +37,7 @@ def ray_cli_cluster(tmp_path_factory):
     finally:
         cluster.stop()
     assert not processes_with_env("MIGBED_TEST_RAY", marker), "a Ray process is left behind"
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def migbed(cluster: RayCliCluster, home, *args: str, rc: int = 0) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from nodes.errors import GuestLost, StreamError
 from nodes.faults.at_source import SourceFaults
+from nodes.migration.decide.convergence import Convergence
 from nodes.migration.decide.policy import Action, Decision, PrecopyStats, StopCode
 from nodes.migration.postcopy.pagefault import FaultLatency, PageFaults
 from nodes.migration.postcopy.postcopy_source import serve
@@ -23,9 +24,16 @@ from nodes.migration.progress import PhaseClock, Progress, RoundStats
 from nodes.migration.receive.landing import Landing
 from nodes.migration.receive.reader import RecordReader
 from nodes.migration.results import SourceResult
+from nodes.migration.send.dirtysync import SyncLog
 from nodes.migration.send.link import LinkSender
 from nodes.migration.send.pipeline import PagePipeline, PassCursor
-from nodes.migration.send.source_context import SourceContext
+from nodes.migration.send.source_context import (
+    Channel,
+    Pages,
+    Session,
+    SourceContext,
+    SwitchOver,
+)
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.wire import pagesets, records
 from nodes.migration.wire.channel import Ticket
@@ -177,27 +185,31 @@ def test_requests_go_first_skip_what_was_sent_and_the_push_follows_them(hv):
         settings = MigrationSettings(postcopy_after_rounds=0)
         progress = Progress("m", "s")
         link = LinkSender(a)
-        ctx = SourceContext(
-            hv=hv, dom=dom, guest="s", settings=settings, policy=settings.make_policy(),
-            runtime=None, progress=progress, cancel=threading.Event(),
-            faults=SourceFaults((), progress, threading.Event(), 1.0), ticket=Ticket(
-                "m", "127.0.0.1", 1, "00"), shared_link=None, result=SourceResult(),
-            clock=PhaseClock(time.monotonic()), mode_before=Mode.P2M, link=link,
-            pipeline=PagePipeline(hv, dom, link, progress), cursor=PassCursor(dom.npages))
+        t0 = time.monotonic()
+        session = Session(
+            hv=hv, dom=dom, guest="s", settings=settings, runtime=None, progress=progress,
+            cancel=threading.Event(), faults=SourceFaults((), progress, threading.Event(), 1.0),
+            ticket=Ticket("m", "127.0.0.1", 1, "00"), shared_link=None, result=SourceResult(),
+            clock=PhaseClock(t0), mode_before=Mode.P2M)
         pc = PostcopySource(settings)
         pc.round = RoundStats(index=0, final=True, postcopy=True)
-        ctx.postcopy = pc
-        ctx.cursor.take(4)                                  # pages 0-3 already pushed
+        switch = SwitchOver(settings.make_policy(), Convergence(
+            settings, None, "s", hv.page_size, dom.npages * hv.page_size, progress, t0), pc)
+        ctx = SourceContext(session, switch, Channel(a, link, RecordReader(a.recv_into)),
+                            Pages(PagePipeline(hv, dom, link, progress), PassCursor(dom.npages),
+                                  SyncLog(hv.page_size, dom.npages), dom.p2m.copy()))
+        cursor = ctx.pages.cursor
+        cursor.take(4)                                      # pages 0-3 already pushed
         pc.requested(np.array([2, 100, 40]))
         serve(ctx, pc)
         assert pc.requests == 3 and pc.pages_requested == 2 and pc.requests_already_sent == 1
-        assert ctx.cursor.cursor == 41, "the push goes on after the last requested page"
-        assert ctx.cursor.pending_pages == dom.npages - 6
+        assert cursor.cursor == 41, "the push goes on after the last requested page"
+        assert cursor.pending_pages == dom.npages - 6
         reader = RecordReader(b.recv_into)
         reader.guest_pages = dom.npages
         pd = reader.read_record().fields["page_data"]
         assert sorted(pd.pfns.tolist()) == [40, 100]
-        assert ctx.cursor.take(1).tolist() == [41]
+        assert cursor.take(1).tolist() == [41]
     finally:
         a.close()
         b.close()

@@ -35,13 +35,13 @@ class PostcopyControl:
         """The id of the migration under way (or paused) that moves `guest` from here."""
         with self.lock:
             for mid, sender in self._senders.items():
-                if sender.ctx.guest == guest:
+                if sender.session.guest == guest:
                     return mid
         return None
 
     def switched(self, migration_id: str) -> bool:
         sender = self._senders.get(migration_id)
-        pc = sender.ctx.postcopy if sender is not None else None
+        pc = sender.switch.postcopy if sender is not None else None
         return pc is not None and pc.switched
 
     def start_postcopy(self, migration_id: str) -> str:
@@ -49,9 +49,9 @@ class PostcopyControl:
         sender: Sender | None = self._senders.get(migration_id)
         if sender is None:
             raise MigrationError(f"no migration {migration_id} runs from {self.name}")
-        pc = sender.ctx.postcopy
+        pc = sender.switch.postcopy
         if pc is None:
-            raise MigrationError(f"the migration of {sender.ctx.guest} was started without "
+            raise MigrationError(f"the migration of {sender.session.guest} was started without "
                                  "post-copy allowed: start it with --postcopy-allowed (QEMU "
                                  "needs the postcopy-ram capability for this too)")
         if pc.switched:
@@ -62,15 +62,15 @@ class PostcopyControl:
     def paused_migrations(self) -> list[dict]:
         """Every post-copy migration paused here: id, guest, GUEST_INFO and settings."""
         with self.lock:
-            return [{"migration_id": mid, "guest": sender.ctx.guest, "info": info,
-                     "settings": sender.ctx.settings}
+            return [{"migration_id": mid, "guest": sender.session.guest, "info": info,
+                     "settings": sender.session.settings}
                     for mid, (sender, _, info) in self._paused.items()]
 
     def migrate_recover(self, migration_id: str) -> "SourceResult":
         """Resume a paused post-copy (the link is back); blocks until it ends or pauses."""
         sender, start_wall, info = self._take_paused(migration_id)
         result = sender.resume()
-        return self._sender_ended(migration_id, sender.ctx.guest, sender, result, start_wall,
+        return self._sender_ended(migration_id, sender.session.guest, sender, result, start_wall,
                                   info)
 
     def settle_paused(self, migration_id: str, outcome: PausedEnd, why: str) -> "SourceResult":
@@ -79,7 +79,7 @@ class PostcopyControl:
         verify and clean up here), `resume` (the destination never resumed: it runs here)."""
         sender, start_wall, info = self._take_paused(migration_id)
         result = settle_paused(sender, outcome, why)
-        return self._sender_ended(migration_id, sender.ctx.guest, sender, result, start_wall,
+        return self._sender_ended(migration_id, sender.session.guest, sender, result, start_wall,
                                   info)
 
     def _take_paused(self, migration_id: str) -> tuple:

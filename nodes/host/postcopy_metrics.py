@@ -96,10 +96,10 @@ class PostcopyCollector:
             counts, latency_sum = t.latency_counts.copy(), t.latency_sum
         paused = 0
         for sender in senders:
-            pc = sender.ctx.postcopy
+            pc = sender.switch.postcopy
             if pc is None:
                 continue
-            paused += sender.ctx.progress.status == Outcome.PAUSED
+            paused += sender.session.progress.status == Outcome.PAUSED
             if pc.switched:
                 switches += 1
                 requests += pc.requests

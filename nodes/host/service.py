@@ -33,7 +33,8 @@ from nodes.migration.progress import Progress
 from nodes.migration.receive.receiver import Receiver, validate_info
 from nodes.migration.results import DestinationResult, SourceResult
 from nodes.migration.send.link import Pacer
-from nodes.migration.send.sender import Sender, check_migratable, guest_info
+from nodes.migration.send.opening import guest_info
+from nodes.migration.send.sender import Sender, check_migratable
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.wire.channel import Ticket
 from nodes.phase import ENDED, Outcome
@@ -328,7 +329,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
             return result
         fixed = result.fixed_downtime
         if result.completed and fixed and "handover" in result.phase_seconds:
-            self._fixed_downtime[sender.ctx.ticket.host] = handover_fixed_seconds(
+            self._fixed_downtime[sender.session.ticket.host] = handover_fixed_seconds(
                 result.phase_seconds["handover"], fixed["round_trip_seconds"])
         self._sender_gone(mid)
         if result.connection_lost:
@@ -336,7 +337,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
         self.migration_counts[result.status] += 1
         self.postcopy_totals.source_ended(result)
         self.metrics.outgoing_finished(mid, result)
-        self.recent.source_ended(self.name, mid, name, sender.ctx.settings, result)
+        self.recent.source_ended(self.name, mid, name, sender.session.settings, result)
         return result
 
     def _sender_gone(self, mid: str) -> None:

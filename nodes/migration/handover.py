@@ -65,26 +65,26 @@ class SourceHandover:
         return True
 
     def run(self, ctx: SourceContext) -> None:
-        ctx.reader.expect(RT.RECEIVER_READY)
-        ctx.hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
-        ctx.renamed = True
-        ctx.send_record(RT.PERMISSION_TO_GO)
-        ctx.link.flush(ctx.settings.timeout_seconds)
-        ctx.handed_over = True
-        ctx.faults.at(Phase.HANDOVER)
+        s, ch, flags, r = ctx.session, ctx.channel, ctx.handover, ctx.session.result
+        ch.reader.expect(RT.RECEIVER_READY)
+        s.hv.rename_domain(s.guest, s.guest + MIGRATED_AWAY)
+        flags.renamed = True
+        ch.send_record(RT.PERMISSION_TO_GO)
+        ch.link.flush(s.settings.timeout_seconds)
+        flags.handed_over = True
+        s.faults.at(Phase.HANDOVER)
         try:
-            result = ctx.reader.expect(RT.RECEIVER_RESULT)
+            result = ch.reader.expect(RT.RECEIVER_RESULT)
         except MigbedError as exc:
             raise MigrationError(
                 f"hand-over status unknown ({exc}); the source copy is kept paused as "
-                f"{ctx.guest}{MIGRATED_AWAY}") from None
+                f"{s.guest}{MIGRATED_AWAY}") from None
         if not result.fields["ok"]:
-            ctx.handed_over = False
+            flags.handed_over = False
             raise MigrationError(f"destination failed to resume: {result.fields['error']}")
-        ctx.result.resume_wall = to_source_clock(result.fields["resume_wall"],
-                                                 ctx.result.clock_offset_seconds)
-        ctx.result.destination_digest = result.fields["digest"]
-        ctx.result.downtime_source_seconds = time.monotonic() - ctx.pause_mono
+        r.resume_wall = to_source_clock(result.fields["resume_wall"], r.clock_offset_seconds)
+        r.destination_digest = result.fields["digest"]
+        r.downtime_source_seconds = time.monotonic() - flags.pause_mono
         ctx.resumed()
 
 

@@ -12,6 +12,7 @@ through the emulated link and its latency) gives the three one-way crossings, 1.
 import time
 from dataclasses import asdict, dataclass
 
+from nodes.migration.send.source_context import Channel
 from nodes.migration.wire.records import RecordType as RT
 
 MEASURED_HANDOVER = "hand-over of the last migration to this host"
@@ -28,19 +29,19 @@ class FixedDowntime:
         return asdict(self)
 
 
-def round_trip(ctx) -> float:
+def round_trip(channel: Channel, timeout: float) -> float:
     """A SYNC and its SYNC_ACK over the data channel, as the link carries them."""
     t0 = time.monotonic()
-    ctx.send_record(RT.SYNC)
-    ctx.link.flush(ctx.settings.timeout_seconds)
-    ctx.reader.expect(RT.SYNC_ACK)
+    channel.send_record(RT.SYNC)
+    channel.link.flush(timeout)
+    channel.reader.expect(RT.SYNC_ACK)
     return time.monotonic() - t0
 
 
-def measure(ctx, known_seconds: float | None) -> FixedDowntime:
-    """The fixed downtime for this migration (`ctx`: the SourceContext, after setup);
+def measure(channel: Channel, timeout: float, known_seconds: float | None) -> FixedDowntime:
+    """The fixed downtime for this migration (`channel`: its data channel, after setup);
     `known_seconds` is what the last hand-over on this pair measured (None: none yet)."""
-    rtt = round_trip(ctx)
+    rtt = round_trip(channel, timeout)
     if known_seconds is not None:
         return FixedDowntime(known_seconds, MEASURED_HANDOVER, rtt)
     return FixedDowntime(1.5 * rtt, ROUND_TRIP, rtt)

@@ -22,6 +22,7 @@ which stop-and-copy and handover run only when pre-copy finished without a switc
 """
 
 import time
+from typing import cast
 
 import numpy as np
 
@@ -39,16 +40,13 @@ from nodes.migration.postcopy.state import PostcopySource
 from nodes.migration.progress import RoundStats
 from nodes.migration.results import SourceResult
 from nodes.migration.send.liverounds import LiveRounds
+from nodes.migration.send.opening import Setup
 from nodes.migration.send.sender import (
     PRECOPY,
     Cleanup,
     Sender,
-    Setup,
     StopAndCopy,
     Verify,
-    abort,
-    close,
-    finish,
 )
 from nodes.migration.send.source_context import SourceContext, SourcePhase
 from nodes.migration.settings import MigrationSettings
@@ -61,8 +59,12 @@ MIN_PUSH_PAGES, MAX_PUSH_PAGES = 64, records.MAX_BATCH_PAGES
 
 
 def switched(ctx: SourceContext) -> bool:
-    return ctx.postcopy is not None and ctx.decision is not None \
-        and ctx.decision.action is Action.POSTCOPY
+    return ctx.switch.postcopy is not None and ctx.switch.decision.action is Action.POSTCOPY
+
+
+def state(ctx: SourceContext) -> PostcopySource:
+    """Post-copy's state, as the post-copy phases (run only when it is allowed) know it."""
+    return cast(PostcopySource, ctx.switch.postcopy)
 
 
 class PrecopyOnly:
@@ -88,40 +90,41 @@ class Switch:
         return switched(ctx)
 
     def run(self, ctx: SourceContext) -> None:
-        hv, dom, pc, link = ctx.hv, ctx.dom, ctx.postcopy, ctx.link
+        s, pages, pc, link = ctx.session, ctx.pages, state(ctx), ctx.channel.link
+        hv, dom, r = s.hv, s.dom, s.result
         with dom.lock:
             hv.pause(dom.name)
-            ctx.result.pause_wall = time.time()
-        ctx.pause_mono = time.monotonic()
+            r.pause_wall = time.time()
+        paused = ctx.handover.pause_mono = time.monotonic()
         pc.precopy_bytes = link.bytes_sent
-        ctx.clean(ctx.pause_mono)                      # the last bitmap sync
+        ctx.clean(paused)                              # the last bitmap sync
         link.lift_rate_limit()
-        if not np.array_equal(dom.p2m, ctx.p2m_sent):
+        if not np.array_equal(dom.p2m, pages.p2m_sent):
             raise MigrationError("the guest's P2M changed during the live loop; the stream "
                                  "would be corrupt")
-        hv.rename_domain(ctx.guest, ctx.guest + MIGRATED_AWAY)
-        ctx.renamed = True
+        hv.rename_domain(s.guest, s.guest + MIGRATED_AWAY)
+        ctx.handover.renamed = True
         ctx.send_record(RT.POSTCOPY_DISCARD,        # encoded now, before any push
-                        {"bitmap": pagesets.encode_bitmap(ctx.cursor.unsent)})
-        ctx.send_record(RT.VCPU_CONTEXT, ctx.runtime.vcpu_context(ctx.guest))
+                        {"bitmap": pagesets.encode_bitmap(pages.cursor.unsent)})
+        ctx.send_record(RT.VCPU_CONTEXT, s.runtime.vcpu_context(s.guest))
         ctx.send_record(RT.SOURCE_TIMING, {
-            "pause_wall": ctx.result.pause_wall, "final_round_pages": 0,
-            "clock_offset_seconds": ctx.result.clock_offset_seconds,
-            "clock_rtt_seconds": ctx.result.clock_rtt_seconds})
-        ctx.send_record(RT.ROUND_STATS, {"rounds": [r.to_dict() for r in ctx.rounds]})
+            "pause_wall": r.pause_wall, "final_round_pages": 0,
+            "clock_offset_seconds": r.clock_offset_seconds,
+            "clock_rtt_seconds": r.clock_rtt_seconds})
+        ctx.send_record(RT.ROUND_STATS, {"rounds": [x.to_dict() for x in pages.rounds]})
         pc.switched = True                             # nothing resumes it here from now on
-        ctx.pipeline.after_switch = True               # QEMU: no XBZRLE in post-copy
-        pc.round = RoundStats(index=len(ctx.rounds), final=True, postcopy=True)
-        pc.switched_at_seconds = ctx.pause_mono - ctx.clock.t0
+        pages.pipeline.after_switch = True             # QEMU: no XBZRLE in post-copy
+        pc.round = RoundStats(index=len(pages.rounds), final=True, postcopy=True)
+        pc.switched_at_seconds = paused - s.clock.t0
         try:
             ctx.send_record(RT.POSTCOPY_RUN)
-            link.flush(ctx.settings.timeout_seconds)
+            link.flush(s.settings.timeout_seconds)
         except MigbedError as exc:                     # the push recovers the link
             pc.broke(exc)
             return
-        pc.downtime_qemu_seconds = time.monotonic() - ctx.pause_mono
+        pc.downtime_qemu_seconds = time.monotonic() - paused
         pc.downtime_bytes = link.bytes_sent - pc.precopy_bytes
-        pc.start_reader(ctx)
+        pc.start_reader(ctx.channel, dom.npages)
 
 
 class PostcopyPush:
@@ -134,10 +137,10 @@ class PostcopyPush:
         return switched(ctx)
 
     def run(self, ctx: SourceContext) -> None:
-        pc: PostcopySource = ctx.postcopy
-        timeout = ctx.settings.timeout_seconds
+        pc, r = state(ctx), ctx.session.result
+        timeout = ctx.session.settings.timeout_seconds
         if pc.paused and not recovery.reconnect(ctx, pc, timeout):
-            raise recovery.still_paused(ctx, timeout)
+            raise recovery.still_paused(ctx, pc, timeout)
         while True:
             try:
                 push(ctx, pc)
@@ -148,19 +151,21 @@ class PostcopyPush:
                 pc.broke(exc)
                 if not recovery.reconnect(ctx, pc, timeout):
                     pc.paused = True
-                    raise recovery.still_paused(ctx, timeout) from None
+                    raise recovery.still_paused(ctx, pc, timeout) from None
+        paused = ctx.handover.pause_mono
         rnd = pc.round
-        rnd.duration_seconds = time.monotonic() - ctx.pause_mono
+        rnd.duration_seconds = time.monotonic() - paused
         ctx.round_done(rnd)
-        ctx.result.destination_digest = pc.result["digest"]
+        r.destination_digest = pc.result["digest"]
         if pc.resume_wall is None:
             pc.resume_wall = pc.result["resume_wall"]
         if pc.resume_seen is not None:   # pause to the destination's RESUMED, seen here
-            ctx.result.downtime_source_seconds = pc.resume_seen - ctx.pause_mono
+            r.downtime_source_seconds = pc.resume_seen - paused
 
 
 def push(ctx: SourceContext, pc: PostcopySource) -> None:
-    cursor, rnd = ctx.cursor, pc.round
+    s, pages = ctx.session, ctx.pages
+    cursor, rnd = pages.cursor, pc.round
     batch = push_batch_pages(ctx)
     fired = False
     while True:
@@ -176,17 +181,17 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
         if not len(pfns):
             continue
         start = time.monotonic()
-        nbytes = ctx.pipeline.send_batch(pfns, rnd, left_pages=cursor.pending_pages)
+        nbytes = pages.pipeline.send_batch(pfns, rnd, left_pages=cursor.pending_pages)
         pc.pages_pushed += len(pfns)
         pc.pushed(nbytes, start)
         if not fired:
             fired = True
-            ctx.faults.at(Phase.POSTCOPY)
+            s.faults.at(Phase.POSTCOPY)
     if not fired:
-        ctx.faults.at(Phase.POSTCOPY)
+        s.faults.at(Phase.POSTCOPY)
     ctx.send_record(RT.END)
-    ctx.link.flush(ctx.settings.timeout_seconds)
-    result = pc.wait_result(ctx.settings.timeout_seconds)
+    ctx.channel.link.flush(s.settings.timeout_seconds)
+    result = pc.wait_result(s.settings.timeout_seconds)
     serve(ctx, pc)                       # requests that crossed END: all sent already
     if not result["ok"]:
         raise GuestLost(f"the destination could not complete the post-copy: "
@@ -196,53 +201,55 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
 def serve(ctx: SourceContext, pc: PostcopySource) -> None:
     """The requested pages, before anything else, at the link's speed; pages already sent
     are skipped; the push continues after the last page asked for."""
+    pages = ctx.pages
     for pfns in pc.take_requests():
-        wanted = ctx.cursor.take_these(pfns)
+        wanted = pages.cursor.take_these(pfns)
         pc.requests_already_sent += len(pfns) - len(wanted)
         if len(wanted):
-            ctx.pipeline.send(wanted, pc.round)
+            pages.pipeline.send(wanted, pc.round)
             pc.pages_requested += len(wanted)
-            ctx.cursor.seek(int(wanted[-1]) + 1)
+            pages.cursor.seek(int(wanted[-1]) + 1)
 
 
 def push_batch_pages(ctx: SourceContext) -> int:
     """Pages per push record: about 10 ms of the push's rate (64 to 1024), so a request
     waits behind little."""
-    rates = [r for r in (ctx.settings.link_bytes_per_second,
-                         ctx.settings.postcopy_bandwidth_bytes_per_second) if r]
+    s = ctx.session
+    rates = [r for r in (s.settings.link_bytes_per_second,
+                         s.settings.postcopy_bandwidth_bytes_per_second) if r]
     if not rates:
         return MAX_PUSH_PAGES
-    pages = int(min(rates) * PUSH_BATCH_SECONDS // ctx.hv.page_size)
+    pages = int(min(rates) * PUSH_BATCH_SECONDS // s.hv.page_size)
     return max(MIN_PUSH_PAGES, min(MAX_PUSH_PAGES, pages))
 
 
 def settle_paused(sender: Sender, outcome: PausedEnd, why: str) -> SourceResult:
     """End a paused post-copy as the control plane found its destination (see
     `nodes.host.postcopy.PostcopyControl.settle_paused`)."""
-    ctx, r = sender.ctx, sender.ctx.result
-    pc: PostcopySource = ctx.postcopy
-    if sender.paused_at is None:
-        raise MigrationError(f"the migration of {ctx.guest} is not paused")
+    ctx, r = sender.ctx, sender.session.result
+    if sender.paused_at is None or ctx is None:
+        raise MigrationError(f"the migration of {sender.session.guest} is not paused")
+    pc = state(ctx)
     try:
         if outcome == PausedEnd.COMPLETED:           # the destination has it all: RESULT was lost
             for step in (Verify(), Cleanup()):
                 if step.wanted(ctx):
                     step.run(ctx)
-                    ctx.clock.end(step.phase)
+                    sender.session.clock.end(step.phase)
             r.status, r.error = Outcome.COMPLETED, None
         elif outcome == PausedEnd.RESUME:            # the destination never ran the guest
             pc.switched = False
             r.status, r.error = Outcome.FAILED, why
-            abort(ctx, why)
+            sender.abort(why)
         elif outcome == PausedEnd.LOST:
             r.status, r.error = Outcome.FAILED, why
-            pc.fail(ctx, r)
+            pc.fail(sender.session, r)
         else:
             raise MigrationError(f"unknown outcome {outcome!r} for a paused post-copy")
     finally:
         sender.paused_at = None
-        close(ctx)
-    return finish(ctx, sender.cpu_seconds)
+        sender.close()
+    return sender.finish()
 
 
 POSTCOPY: tuple[SourcePhase, ...] = (

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from nodes.errors import GuestLost, MigbedError, MigrationError, PostcopyPaused
 from nodes.migration.receive.reader import RecordReader
+from nodes.migration.send.source_context import Channel, SourceContext
 from nodes.migration.wire import pagesets, records
 from nodes.migration.wire.channel import Listener, connect
 from nodes.migration.wire.records import RecordType as RT
@@ -30,34 +31,34 @@ from nodes.phase import Outcome, Phase
 
 if TYPE_CHECKING:
     from nodes.migration.postcopy.state import PostcopySource
-    from nodes.migration.send.source_context import SourceContext
 
 RETRY_SECONDS = 0.05           # between a source's connection attempts
 ACCEPT_POLL_SECONDS = 0.1      # how often a waiting destination looks whether to go on
 
 
-def still_paused(ctx: "SourceContext", timeout: float) -> PostcopyPaused:
-    pc = ctx.postcopy
+def still_paused(ctx: SourceContext, pc: "PostcopySource", timeout: float) -> PostcopyPaused:
     return PostcopyPaused(
         f"the link to the destination broke after the post-copy switch ({pc.broken}) and "
         f"did not come back within {timeout:g} s: the migration is {Outcome.PAUSED}, the guest "
-        f"runs on the destination; once the link is back run `migbed migrate-recover {ctx.guest}`")
+        f"runs on the destination; once the link is back run "
+        f"`migbed migrate-recover {ctx.session.guest}`")
 
 
 # -- the source ---------------------------------------------------------------------------------
-def reconnect(ctx: "SourceContext", pc: "PostcopySource", timeout: float) -> bool:
+def reconnect(ctx: SourceContext, pc: "PostcopySource", timeout: float) -> bool:
     """A new connection to the destination within `timeout`, and every page it lacks marked
     to go again; False if the link did not come back (the migration stays paused)."""
+    s = ctx.session
     t0 = time.monotonic()
     deadline = t0 + timeout
-    ctx.progress.status = Outcome.PAUSED
+    s.progress.status = Outcome.PAUSED
     wire = _drop_connection(ctx, pc)
     try:
         while True:
-            if ctx.faults.killed:
-                raise GuestLost(f"{ctx.hv.name} died after the post-copy switch")
-            if not ctx.faults.link_down and _attempt(ctx, pc, wire,
-                                                     max(0.05, deadline - time.monotonic())):
+            if s.faults.killed:
+                raise GuestLost(f"{s.hv.name} died after the post-copy switch")
+            if not s.faults.link_down and _attempt(ctx, pc, wire,
+                                                   max(0.05, deadline - time.monotonic())):
                 break
             if time.monotonic() >= deadline:
                 return False
@@ -66,54 +67,47 @@ def reconnect(ctx: "SourceContext", pc: "PostcopySource", timeout: float) -> boo
         pc.paused_seconds += time.monotonic() - t0
     pc.paused = False
     pc.recoveries += 1
-    ctx.progress.status = Phase.POSTCOPY.value
+    s.progress.status = Phase.POSTCOPY.value
     return True
 
 
-def _drop_connection(ctx: "SourceContext", pc: "PostcopySource"):
+def _drop_connection(ctx: SourceContext, pc: "PostcopySource"):
     """Close the broken connection (its return-path reader ends with it); returns its wire's
-    pacer (a slowed link stays slow)."""
-    wire = None
-    if ctx.link is not None:
-        pc.earlier_links_bytes += ctx.link.bytes_sent
-        wire = (ctx.link.link, ctx.link.shared)
-        ctx.link.close()
-        ctx.link = None
-    if ctx.sock is not None:
-        try:
-            ctx.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        ctx.sock.close()
-        ctx.sock = None
+    pacer (a slowed link stays slow), None if it was dropped already."""
+    channel, wire = ctx.channel, None
+    if not channel.dropped:
+        pc.earlier_links_bytes += channel.link.bytes_sent
+        wire = (channel.link.link, channel.link.shared)
+        channel.drop()
     pc.close()
     return wire
 
 
-def _attempt(ctx: "SourceContext", pc: "PostcopySource", wire, timeout: float) -> bool:
+def _attempt(ctx: SourceContext, pc: "PostcopySource", wire, timeout: float) -> bool:
+    s = ctx.session
     try:
-        sock = connect(ctx.ticket, timeout)
+        sock = connect(s.ticket, timeout)
     except MigrationError:
         return False
-    dom = ctx.dom
+    dom = s.dom
     try:
         link = ctx.open_link(sock, None)
         if wire is not None:
             link.link, link.shared = wire
         link.send([records.encode_record(RT.POSTCOPY_RECOVER,
-                                         {"migration_id": ctx.ticket.migration_id})])
+                                         {"migration_id": s.ticket.migration_id})])
         reader = RecordReader(sock.recv_into)
-        reader.page_size, reader.guest_pages = ctx.hv.page_size, dom.npages
+        reader.page_size, reader.guest_pages = s.hv.page_size, dom.npages
         received = pagesets.decode_bitmap(reader.expect(RT.RECV_BITMAP).fields["bitmap"],
                                          dom.npages)
     except (MigbedError, OSError):
         sock.close()
         return False
-    ctx.cursor.reset(~received)
-    ctx.sock, ctx.link, ctx.reader = sock, link, reader
-    ctx.pipeline.link = link
-    ctx.faults.attach(sock, link)
-    pc.start_reader(ctx)
+    ctx.pages.cursor.reset(~received)
+    ctx.channel = Channel(sock, link, reader)
+    ctx.pages.pipeline.link = link
+    s.faults.attach(sock, link)
+    pc.start_reader(ctx.channel, dom.npages)
     return True
 
 

@@ -17,7 +17,7 @@ from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.progress import RoundStats
 from nodes.migration.results import SourceResult
 from nodes.migration.send.link import Pacer
-from nodes.migration.send.source_context import SourceContext
+from nodes.migration.send.source_context import Channel, Session
 from nodes.migration.settings import MigrationSettings
 
 
@@ -105,10 +105,11 @@ class PostcopySource:
             self.queue.clear()
         return out
 
-    def start_reader(self, ctx: SourceContext) -> None:
+    def start_reader(self, channel: Channel, guest_pages: int) -> None:
+        """The return path's reader on `channel` (after RUN, and again after a reconnect)."""
         with self.cond:
             self.broken = None
-        self.reader = RequestReader(ctx.sock, ctx.reader, self, ctx.dom.npages)
+        self.reader = RequestReader(channel.sock, channel.reader, self, guest_pages)
 
     def close(self) -> None:
         if self.reader is not None:
@@ -147,15 +148,13 @@ class PostcopySource:
         return self.result
 
     # -- the result ---------------------------------------------------------------------------
-    def bytes_total(self, ctx: SourceContext) -> int:
-        return self.earlier_links_bytes + (ctx.link.bytes_sent if ctx.link else 0)
-
-    def fill(self, ctx: SourceContext, r: SourceResult) -> None:
-        """The post-copy figures of the source's result (QEMU's names where it has them)."""
+    def fill(self, r: SourceResult, link_bytes: int) -> None:
+        """The post-copy figures of the source's result (QEMU's names where it has them);
+        `link_bytes`: what the channel open now carried (those that broke are counted here)."""
         r.switched = self.switched
         if not self.switched:
             return                    # finished as pre-copy: `finish` split its bytes
-        total = self.bytes_total(ctx)
+        total = self.earlier_links_bytes + link_bytes
         r.bytes_sent_total = total
         r.precopy_bytes = self.precopy_bytes
         r.downtime_bytes = self.downtime_bytes
@@ -171,7 +170,7 @@ class PostcopySource:
             "recoveries": self.recoveries, "paused_seconds": self.paused_seconds,
             "guest_rate_before": self.guest_rate_before}
 
-    def fail(self, ctx: SourceContext, r: SourceResult) -> None:
+    def fail(self, session: Session, r: SourceResult) -> None:
         """The migration failed after the switch. If the destination had confirmed the whole
         guest, it runs there and only this side's own work failed; otherwise neither host
         has all of it: the guest is lost, and the stale copy here goes."""
@@ -179,7 +178,7 @@ class PostcopySource:
             return
         r.guest_lost = True
         try:
-            ctx.runtime.stop_guest(ctx.guest)
-            ctx.hv.destroy_domain(ctx.dom.name, force=True)
+            session.runtime.stop_guest(session.guest)
+            session.hv.destroy_domain(session.dom.name, force=True)
         except MigbedError:
             pass

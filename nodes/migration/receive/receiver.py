@@ -24,6 +24,7 @@ from nodes.errors import (
     ModeError,
     PeerAborted,
     StreamError,
+    describe_failure,
 )
 from nodes.faults.at_destination import DestinationFaults
 from nodes.faults.stats import FaultStats
@@ -283,10 +284,10 @@ class Receiver:
                 exc = self.multifd.error      # the channel that broke, not what it woke
             self.multifd.close()
         if self.postcopy is not None:         # resumed in post-copy: the guest is lost
-            self.postcopy.fail(describe(exc))
+            self.postcopy.fail(describe_failure(exc, "the source"))
             return
         resumed = self.resume_wall is not None
-        self.error = describe(exc)
+        self.error = describe_failure(exc, "the source")
         self.status = Outcome.COMPLETED if resumed else Outcome.FAILED
         self.connection_lost = not resumed and isinstance(exc, ConnectionLost | OSError)
         if resumed:
@@ -388,10 +389,3 @@ def _stop_reading(conn: socket.socket) -> None:
     except OSError:
         pass
 
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, MigbedError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"connection to the source failed: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"

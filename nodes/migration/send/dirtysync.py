@@ -29,16 +29,28 @@ class SyncPeriod:
 
 
 class SyncLog:
-    def __init__(self, page_size: int, guest_pages: int, now: float, bytes_sent: int = 0):
+    """The syncs of one migration, from log-dirty's start (`start`: at `now` if given, else
+    when the sender's setup has turned log-dirty on)."""
+
+    def __init__(self, page_size: int, guest_pages: int, now: float | None = None,
+                 bytes_sent: int = 0):
         self.page_size = page_size
-        self.count = 1                                   # setup: every page dirty
+        self.count = 0                                   # log-dirty is not on yet
         self.dirty_bytes_last_sync = guest_pages * page_size
         self.dirty_pages_per_second: float | None = None
         self.periods: list[SyncPeriod] = []
-        self._period_start = now
+        self._period_start = self.last_sync_at = 0.0
         self._period_dirtied = 0
+        self._period_bytes0 = 0
+        if now is not None:
+            self.start(now, bytes_sent)
+
+    def start(self, now: float, bytes_sent: int = 0) -> None:
+        """Log-dirty is on and every page is to send: setup's sync, the first one counted;
+        the first rate period starts here, `bytes_sent` already sent before it."""
+        self.count = 1
+        self._period_start = self.last_sync_at = now
         self._period_bytes0 = bytes_sent
-        self.last_sync_at = now
 
     def synced(self, now: float, dirtied_pages: int, pending_pages: int,
                bytes_sent: int) -> SyncPeriod | None:
