@@ -51,6 +51,9 @@ def continue_pages(uffd: Uffd, base: int, page_size: int, pfns: np.ndarray,
     on them: one UFFDIO_CONTINUE per run of neighbouring pfns within one of the guest's
     mappings (`map_starts`: one bool per pfn, set where a mapping begins; the kernel refuses
     a range that crosses one, ENOENT). Returns the ioctls made."""
+    if len(pfns) == 1:                       # a fault's page alone: the common case
+        uffd.continue_(base + int(pfns[0]) * page_size, page_size)
+        return 1
     runs = pfn_runs(np.unique(pfns), map_starts)
     for pfn, count in runs.tolist():
         uffd.continue_(base + pfn * page_size, count * page_size)
@@ -121,7 +124,9 @@ class FaultReader:
                     self.lose(f"the process of {self.name} exited")
                     return
                 faults = self.uffd.read_faults(READ_BATCH)
-                if faults:
+                if len(faults) == 1:
+                    self._faulted_one((faults[0].address - self.base) // self.page_size)
+                elif faults:
                     self._faulted(np.fromiter((f.address for f in faults), np.int64,
                                               len(faults)))
         except BaseException as exc:  # noqa: BLE001 - the guest cannot go on without us
@@ -150,6 +155,27 @@ class FaultReader:
         if len(fresh):
             self._request(fresh)
 
+    def _faulted_one(self, pfn: int) -> None:
+        """`_faulted` for one fault message, in scalars (numpy's per-call cost is most of a
+        fault's time in the host otherwise)."""
+        now = time.monotonic()
+        with self.cond:
+            self.faults += 1
+            here = bool(self.received[pfn])
+            fresh = not here and self.asked_at[pfn] == 0
+            if here:
+                self.local_faults += 1
+            else:
+                if fresh:
+                    self.asked_at[pfn] = now
+                    self.pages_requested += 1
+                self.waiters[pfn] += 1
+                self.waited_since[pfn] += now
+        if here:
+            self._continue(np.array([pfn]))
+        elif fresh:
+            self._request(np.array([pfn]))
+
     def _continue(self, pfns: np.ndarray) -> None:
         try:
             self.continues += continue_pages(self.uffd, self.base, self.page_size, pfns,
@@ -167,6 +193,9 @@ class FaultReader:
             return
         self._continue(pfns)
         now = time.monotonic()
+        if len(pfns) == 1:
+            self._landed_one(int(pfns[0]), now)
+            return
         with self.cond:
             asked = self.asked_at[pfns]
             hit = asked > 0
@@ -177,6 +206,17 @@ class FaultReader:
                 self.blocked_seconds += float((waiters * now - self.waited_since[pfns]).sum())
                 self.waiters[pfns] = 0
                 self.waited_since[pfns] = 0
+            self.cond.notify_all()
+
+    def _landed_one(self, pfn: int, now: float) -> None:
+        with self.cond:
+            asked = float(self.asked_at[pfn])
+            if asked > 0:
+                self.latency.observe_one(now - asked)
+                self.asked_at[pfn] = 0
+                self.blocked_seconds += float(self.waiters[pfn] * now - self.waited_since[pfn])
+                self.waiters[pfn] = 0
+                self.waited_since[pfn] = 0
             self.cond.notify_all()
 
     def handle(self, pfns: np.ndarray) -> None:
