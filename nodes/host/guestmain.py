@@ -9,7 +9,10 @@ the way its memory mode says: P==M its one contiguous machine run; P2M by its ow
 which it coalesces into runs; VP by the runs the hypervisor built for it. One `mmap(MAP_FIXED)`
 per run. Then it creates its userfaultfd (it belongs to this process's memory), registers the
 range for async write-protect and hands the uffd to the host; the host drives dirty logging
-from there (`nodes.host.kerneldirty`).
+from there (`nodes.host.kerneldirty`). A guest resumed by a post-copy switch is told which of
+its pages are still missing: it maps the present ones at once (`register_postcopy`) and
+registers the range for MISSING and MINOR faults instead, which the host's
+`nodes.host.faultreader.FaultReader` reads and resolves.
 
 The workload is the same `workloads` class a thread vCPU runs, over a `MappedGuest` whose
 reads and writes are numpy over the mapping: no Python per page, and the kernel sees every
@@ -36,7 +39,7 @@ import numpy as np
 from nodes.host.fdpass import PeerGone, recv_message, send_message
 from nodes.host.guestcontrol import ControlPage, State
 from nodes.host.guestvcpu import VCPUSet, split_pages
-from nodes.host.userfault import MODE_WP, Uffd
+from nodes.host.userfault import MODE_MINOR, MODE_MISSING, MODE_WP, Uffd
 from workloads.spec import WorkloadSpec
 
 _PROT_NONE, _PROT_RW = 0, 3
@@ -45,6 +48,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_POPULATE_WRITE = 23                  # Linux 5.14
 
 
 def frame_runs(p2m: np.ndarray) -> np.ndarray:
@@ -69,6 +74,36 @@ def map_frames(memfd: int, runs: np.ndarray, npages: int, page_size: int) -> int
                         _MAP_SHARED | _MAP_FIXED, memfd, mfn * page_size)
         _check_map(at, f"mapping frames {mfn}..{mfn + count - 1}")
     return base
+
+
+def pfn_runs(pfns: np.ndarray, cuts: np.ndarray | None = None) -> np.ndarray:
+    """Sorted pfns as (k, 2) int64 rows of (first pfn, pages): one row per run of neighbours,
+    and a new run at each pfn where `cuts` (one bool per pfn) is set."""
+    pfns = np.asarray(pfns, dtype=np.int64)
+    if not len(pfns):
+        return np.zeros((0, 2), np.int64)
+    jump = np.diff(pfns) != 1
+    if cuts is not None:
+        jump |= cuts[pfns[1:]]
+    starts = np.concatenate(([0], np.flatnonzero(jump) + 1))
+    return np.stack([pfns[starts], np.diff(np.append(starts, len(pfns)))], axis=1)
+
+
+def register_postcopy(uffd: Uffd, base: int, missing: np.ndarray, page_size: int) -> None:
+    """Make the guest's range fault where its pages are missing (`missing`: one bool per
+    pfn), before the guest runs a single instruction.
+
+    MISSING and MINOR both: a missing page whose frame is a hole faults as MISSING, one whose
+    frame holds a stale copy (or the landing's half-written page) as MINOR; the host resolves
+    either with UFFDIO_CONTINUE once the whole page is in its frame, never before. A page
+    faults until this process has a page-table entry for it, so the present pages are mapped
+    first (MADV_POPULATE_WRITE, a run per call): they must never fault."""
+    for pfn, count in pfn_runs(np.flatnonzero(~missing)).tolist():
+        if _libc.madvise(base + pfn * page_size, count * page_size, _MADV_POPULATE_WRITE):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mapping present pages {pfn}..{pfn + count - 1}: "
+                          f"{os.strerror(err)}")
+    uffd.register(base, len(missing) * page_size, MODE_MISSING | MODE_MINOR)
 
 
 def _check_map(addr: int | None, what: str) -> None:
@@ -135,7 +170,11 @@ def _map_and_register(msg: dict, memfd: int) -> tuple[int, int, float, Uffd]:
     os.close(memfd)
     map_seconds = time.perf_counter() - t0
     uffd = Uffd.create()
-    uffd.register(base, npages * page_size, MODE_WP)
+    if msg.get("missing") is not None:         # resumed by a post-copy switch
+        missing = np.unpackbits(np.frombuffer(msg["missing"], np.uint8), count=npages)
+        register_postcopy(uffd, base, missing.astype(bool), page_size)
+    else:
+        uffd.register(base, npages * page_size, MODE_WP)
     return base, len(runs), map_seconds, uffd
 
 

@@ -30,7 +30,7 @@ from nodes.errors import ConfigError, MigbedError
 from nodes.host.fdpass import recv_message, send_message
 from nodes.host.guestcontrol import Command, ControlPage, State
 from nodes.host.guestmain import frame_runs
-from nodes.host.userfault import Uffd, kernel_support
+from nodes.host.userfault import KernelSupportError, Uffd, kernel_support
 from nodes.xen.domain import Domain
 from nodes.xen.memory import MachineMemory
 from nodes.xen.profiles import Mode
@@ -134,17 +134,26 @@ class GuestProcess:
         self.runs = int(reply["runs"])
         self.map_seconds = float(reply["map_seconds"])
         self.npages, self.page_size = npages, page_size
+        self.map_starts = np.zeros(1, np.int64)  # the first pfn of each of its mappings
         self.pidfd = os.pidfd_open(pid)
 
     @classmethod
     def launch(cls, memory: MachineMemory, dom: Domain, spec: WorkloadSpec, *,
                vcpus: int = 1, states: list[dict | None] | None = None, parked: bool = False,
                track_writes: bool = False, max_batch_pages: int = 256,
-               tick_seconds: float = 0.001, timeout_seconds: float = 10.0) -> "GuestProcess":
+               tick_seconds: float = 0.001, timeout_seconds: float = 10.0,
+               missing: np.ndarray | None = None) -> "GuestProcess":
         """Start `dom`'s process, `vcpus` vCPUs running `spec` (from `states`, one per vCPU,
         if given) on its frames of `memory`; returns once it has mapped them and handed over
-        its uffd. `parked`: its vCPUs park at once, until `resume` (given states by `start`)."""
-        kernel_support().require()
+        its uffd. `parked`: its vCPUs park at once, until `resume` (given states by `start`).
+        `missing` (one bool per pfn): a guest resumed by a post-copy switch, whose uffd then
+        has those pages registered for faults (`guestmain.register_postcopy`) for a
+        `nodes.host.faultreader.FaultReader` to resolve, and no dirty logging."""
+        support = kernel_support()
+        support.require()
+        if missing is not None and not (support.missing_shmem and support.minor_shmem):
+            raise KernelSupportError("a process guest cannot be resumed by post-copy here: "
+                                     "userfaultfd lacks MISSING/MINOR faults on shared memory")
         if memory.fd is None:
             raise ConfigError("a process vCPU needs machine memory in a memfd (Linux)")
         p2m, runs = guest_layout(dom)
@@ -158,12 +167,15 @@ class GuestProcess:
                  "track_writes": track_writes, "workload": asdict(spec),
                  "states": list(states) if states is not None else [None] * vcpus,
                  "max_batch_pages": max_batch_pages,
-                 "tick_seconds": tick_seconds}
+                 "tick_seconds": tick_seconds,
+                 "missing": None if missing is None else np.packbits(missing).tobytes()}
         sock, reply, fds = cls._fork(dom.name, setup, [memory.fd, ctl.fd], timeout_seconds,
                                      ctl)
         uffd = Uffd(fds[0], int(reply["features"]), str(reply["via"]))
-        return cls(dom.name, int(reply["pid"]), sock, ctl, uffd, reply, dom.npages,
-                   memory.page_size)
+        gp = cls(dom.name, int(reply["pid"]), sock, ctl, uffd, reply, dom.npages,
+                 memory.page_size)
+        gp.map_starts = runs[:, 0].copy()        # a uffd range may not cross a mapping
+        return gp
 
     @staticmethod
     def _fork(name: str, setup: dict, fds: list[int], timeout_seconds: float,

@@ -18,6 +18,7 @@ MISSING (or MINOR) mode: faults are read here as `Fault`s and resolved with `cop
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import platform
@@ -190,10 +191,23 @@ class Uffd:
         ioctl(self.fd, UFFDIO_COPY, arg, f"UFFDIO_COPY at {dst:#x}")
         return arg.copy
 
-    def continue_(self, start: int, length: int, dontwake: bool = False) -> None:
-        """Map pages already in the memfd's page cache (MINOR mode) and wake the faulters."""
-        ioctl(self.fd, UFFDIO_CONTINUE, _Continue(_Range(start, length), 1 if dontwake else 0,
-                                                  0), f"UFFDIO_CONTINUE at {start:#x}")
+    def continue_(self, start: int, length: int, dontwake: bool = False) -> int:
+        """Map pages already in the memfd's page cache (MINOR mode) and wake the faulters;
+        pages of the range mapped already are skipped (the kernel stops at each with EEXIST,
+        or EAGAIN after a part). Returns the bytes newly mapped."""
+        end, mapped = start + length, 0
+        while start < end:
+            arg = _Continue(_Range(start, end - start), 1 if dontwake else 0, 0)
+            try:
+                ioctl(self.fd, UFFDIO_CONTINUE, arg, f"UFFDIO_CONTINUE at {start:#x}")
+                return mapped + arg.mapped
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.EAGAIN):
+                    raise
+                done = max(int(arg.mapped), 0)
+                mapped += done
+                start += done + (PAGE_BYTES if exc.errno == errno.EEXIST else 0)
+        return mapped
 
     def wake(self, start: int, length: int) -> None:
         ioctl(self.fd, UFFDIO_WAKE, _Range(start, length), "UFFDIO_WAKE")
