@@ -92,12 +92,14 @@ def listing_tables(listing: dict) -> tuple[Table, Table]:
                       f"{node['node_id'][:12]} ({node['ip']})" if node else "-",
                       h.get("address", "-"))
     guests = _table("GUEST", "HOST", "MODE", ">MEMORY", "STATE", "WORKLOAD", ">WRITES",
-                    "MACHINE RANGE")
+                    "VCPU", ">PID", "MACHINE RANGE")
     for g in listing["guests"]:
         rng = g.get("machine_range")
+        vcpu = (f"{g['vcpus']} {g['vcpu']}" if g.get("vcpu") else "-")
         guests.add_row(g["name"], g["host"], g["mode"], format_bytes(g["memory_bytes"]),
                        g["state"], "(toolstack)" if g["dom0"] else g.get("workload", "-"),
-                       str(g.get("pages_written_total", 0)),
+                       str(g.get("pages_written_total", 0)), vcpu,
+                       str(g["pid"]) if g.get("pid") else "-",
                        f"mfn {rng[0]}..{rng[1]}" if rng else "scattered")
     return hosts, guests
 

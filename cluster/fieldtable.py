@@ -25,7 +25,9 @@ from nodes.migration.fields import (
     read_string,
     seconds,
     seconds_or_zero,
+    whole,
 )
+from nodes.migration.guestinfo import MAX_VCPUS, VCPU_KINDS
 from nodes.units import parse_count, parse_fraction, parse_positive_size
 from nodes.xen.profiles import Mode
 from workloads.content import FILLS
@@ -50,6 +52,13 @@ def read_seed(v: Any, what: str) -> int:
     return parse_count(v, what)
 
 
+def read_vcpu_kind(v: Any, what: str) -> str:
+    v = read_string(v, what)
+    if v not in VCPU_KINDS:
+        raise ConfigError(f"{what}: {v!r} is no vCPU kind; use process or thread")
+    return v
+
+
 # The guest (`GuestSpec`, and a scenario's [guest]); a command may give its own default.
 # `guest_memory_bytes` is GuestSpec's `memory_bytes` (`create` also takes it as --memory).
 GUEST_FIELDS: tuple[Field, ...] = (
@@ -60,6 +69,15 @@ GUEST_FIELDS: tuple[Field, ...] = (
           flag="--mode", toml="mode", label="guest mode"),
     Field("dma", "guest", False, read_flag, "give the guest a DMA device",
           flag="--dma"),
+    Field("vcpu", "guest", "thread", read_vcpu_kind,
+          "what runs the guest's vCPUs: {choices} (process: a guest process whose writes "
+          "the kernel logs, Linux 6.7+; thread: a thread of its host, logged by the Xen "
+          "model)", flag="--vcpu", toml="vcpu", metavar="KIND", choices=VCPU_KINDS,
+          label="vCPU kind"),
+    Field("vcpus", "guest", 1, whole(1, MAX_VCPUS),
+          f"how many vCPUs, 1-{MAX_VCPUS} (process guests; the dirty rate is their total, "
+          "each writes its own pages)", flag="--vcpus", toml="vcpus", metavar="N",
+          label="vCPUs"),
     Field("warmup_seconds", "guest", "300ms", seconds_or_zero,
           "run the workload this long before migrating", flag="--warmup", toml="warmup",
           metavar="DURATION"),

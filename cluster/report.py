@@ -122,6 +122,13 @@ class MigrationReport:
     postcopy_requests: int = 0
     # Post-copy (`cluster.postcopy_control.postcopy_block`; None when the migration did not switch).
     postcopy: PostcopyBlock | None = None
+    # What ran the guest's vCPUs on the source (thread | process, how many), whose dirty log
+    # its rounds read (emulated: the Xen model's; kernel: userfaultfd write-protect and
+    # PAGEMAP_SCAN), and that log's shadow faults over every CLEAN.
+    vcpu: str = "thread"
+    vcpus: int = 1
+    dirty_log: str = "emulated"
+    shadow_faults: int = 0
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -134,13 +141,11 @@ class MigrationReport:
         if status == Outcome.COMPLETED and dest is not None and not dest.completed:
             status, error = Outcome.FAILED, dest.error
         completed = status == Outcome.COMPLETED
-        downtime = None
-        if source.pause_wall and source.resume_wall:
-            downtime = source.resume_wall - source.pause_wall
-        verified = None
-        if settings.verify and completed and not source.source_lost:
-            verified = (source.source_digest is not None
-                        and source.source_digest == source.destination_digest)
+        downtime = (source.resume_wall - source.pause_wall
+                    if source.pause_wall and source.resume_wall else None)
+        checked = settings.verify and completed and not source.source_lost
+        verified = (source.source_digest is not None and source.source_digest
+                    == source.destination_digest) if checked else None
         rounds = [r.to_dict() for r in source.rounds]
         total = source.total_time_seconds
         report = cls(
@@ -165,20 +170,22 @@ class MigrationReport:
             xbzrle=XbzrleBlock.from_dict(source.wire.get("xbzrle")),
             multifd=multifd_block(source, dest),
             workload_running_seconds=source.workload_running_seconds,
-            dirty_sync_count=source.dirty_sync_count,
+            dirty_sync_count=source.dirty_sync_count, phase_seconds=dict(source.phase_seconds),
             throughput_bytes_per_second=source.bytes_sent_total / total if total else 0.0,
-            phase_seconds=dict(source.phase_seconds),
             cpu_seconds={"source": source.cpu_seconds if not source.source_lost else None,
                          "destination": dest.cpu_seconds if dest is not None else None},
             integrity=Integrity(verified, source.source_digest, source.destination_digest),
             guest_host=settled.guest_host, guest_lost=settled.guest_lost,
             faults=list(settled.faults), notes=list(settled.notes),
-            guest_cost=source.guest_cost, convergence=_convergence(rounds, settings),
+            guest_cost=source.guest_cost,
+            convergence=_convergence(rounds, settings, source.guest_cost),
             progress_history=list(source.progress_history),
             clock_offset_seconds=source.clock_offset_seconds,
             clock_rtt_seconds=source.clock_rtt_seconds,
             precopy_bytes=source.precopy_bytes, downtime_bytes=source.downtime_bytes,
-            postcopy_bytes=source.postcopy_bytes, postcopy_requests=source.postcopy_requests)
+            postcopy_bytes=source.postcopy_bytes, postcopy_requests=source.postcopy_requests,
+            vcpu=source.vcpu, vcpus=source.vcpus, dirty_log=source.dirty_log,
+            shadow_faults=source.shadow_faults)
         apply_postcopy(report, source, dest, settled)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
@@ -279,7 +286,9 @@ class MigrationReport:
             f"{_rate(self.rate_limit_bytes_per_second)}, latency {ms(self.latency_seconds)}",
             f"  modes: {self.modes.get('before')} -> {self.modes.get('during')} -> "
             + (f"{self.modes['postcopy']} (post-copy, on the destination) -> "
-               if "postcopy" in self.modes else "") + f"{self.modes.get('after')}",
+               if "postcopy" in self.modes else "") + f"{self.modes.get('after')}"
+            + f"; vCPUs: {self.vcpus} {self.vcpu}, dirty log {self.dirty_log} "
+              f"({self.shadow_faults} shadow faults)",
             "  round     sent  skipped  dirtied   time       rate      dirty/s",
         ]
         for r in self.rounds:
@@ -335,8 +344,9 @@ def _verdict(v: bool | None) -> str:
     return {True: "verified (digests equal)", False: "MISMATCH", None: "not checked"}[v]
 
 
-def _convergence(rounds: list[dict], settings: "MigrationSettings") -> ConvergenceBlock | None:
-    """What the throttle did, when an aid was asked for."""
+def _convergence(rounds: list[dict], settings: "MigrationSettings",
+                 cost: dict | None) -> ConvergenceBlock | None:
+    """What the throttle did, when an aid was asked for: asked per round, and obtained."""
     if not (settings.auto_converge or settings.dirty_limit_bytes_per_second is not None):
         return None
     pcts = [r.get("cpu_throttle_percentage", 0) for r in rounds]
@@ -346,16 +356,20 @@ def _convergence(rounds: list[dict], settings: "MigrationSettings") -> Convergen
         cpu_throttle_percentage=live[-1].get("cpu_throttle_percentage", 0) if live else 0,
         cpu_throttle_percentage_max=max(pcts, default=0),
         dirty_limit_throttle_seconds=sum(r.get("dirty_limit_throttle_seconds", 0.0)
-                                         for r in rounds))
+                                         for r in rounds),
+        cpu_throttle_obtained_percentage=(cost or {}).get("cpu_throttle_obtained_percentage"))
 
 
 def _aid_lines(r: "MigrationReport") -> list[str]:
     lines = []
     c = r.convergence
     if c and c.aid == "auto-converge":
+        got = c.cpu_throttle_obtained_percentage
         lines.append("  auto-converge: cpu throttle per round "
                      + " ".join(str(x.get("cpu_throttle_percentage", 0)) for x in r.rounds
-                                if not x.get("final")) + " %")
+                                if not x.get("final")) + " %"
+                     + (f" (the vCPU slept {got:.0f} % of its throttled time)"
+                        if got is not None else ""))
     elif c:
         lines.append("  dirty-limit: the vCPU slept "
                      + " ".join(f"{x.get('dirty_limit_throttle_seconds', 0.0) * 1000:.0f}"

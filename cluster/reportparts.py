@@ -128,12 +128,15 @@ class PostcopyBlock(ReportBlock):
 @dataclass
 class ConvergenceBlock(ReportBlock):
     """What the convergence aid did: the last cpu-throttle-percentage of a live round, the
-    highest, and the seconds dirty-limit slept the vCPU."""
+    highest, the one the vCPU obtained, and the seconds dirty-limit slept the vCPU."""
 
     aid: str = ""                      # auto-converge | dirty-limit
     cpu_throttle_percentage: int = 0
     cpu_throttle_percentage_max: int = 0
     dirty_limit_throttle_seconds: float = 0.0
+    # The cpu-throttle the vCPU obtained: its sleeps over its sleeps and the slices it ran
+    # before them, in percent (None: no throttle ran).
+    cpu_throttle_obtained_percentage: float | None = None
 
 
 @dataclass

@@ -157,3 +157,46 @@ def test_frames_as_buffers_and_pieces(runs):
     before = mem.frames[keep].copy()
     mem.scrub(mfns, batch_frames=32)
     assert not mem.frames[mfns].any() and (mem.frames[keep] == before).all()
+
+
+def test_machine_memory_is_a_memfd_another_mapping_sees():
+    """Another mapping of `fd` (a guest process's) reads and writes the same frames."""
+    import mmap
+    mem = MachineMemory(4 * MiB)
+    assert mem.fd is not None
+    other = np.frombuffer(mmap.mmap(mem.fd, 4 * MiB, flags=mmap.MAP_SHARED), np.uint64)
+    mem.words[3, 0] = 77
+    assert other[3 * 512] == 77
+    other[9 * 512 + 1] = 5
+    assert mem.words[9, 1] == 5
+
+
+def test_discard_punches_frames_out_so_they_read_zero_and_hold_no_ram():
+    import os
+    mem = MachineMemory(8 * MiB)
+    mem.frames[10:20] = 0xCD
+    assert not mem.holes(np.arange(10, 20)).any() and mem.holes(np.array([30, 40])).all()
+    held = os.fstat(mem.fd).st_blocks
+    mem.discard(np.array([10, 15]), np.array([3, 5]))          # frames 10-12 and 15-19
+    assert mem.holes(np.array([10, 12, 15, 19])).all() and not mem.holes(np.array([13])).any()
+    assert os.fstat(mem.fd).st_blocks < held, "punched frames give their RAM back"
+    assert not mem.frames[[10, 11, 12, 15, 19]].any() and (mem.frames[[13, 14]] == 0xCD).all()
+
+
+def test_free_returns_the_free_runs_that_hold_the_freed_frames():
+    a = FrameAllocator(64, 4, superpages=False)
+    a.owner[[10, 11, 20, 30, 31, 32]] = 1
+    a.owner[[12, 25]] = 2
+    starts, lengths = a.free(np.array([11, 10, 20, 31]))
+    # 10-11 are bounded by 2's frame 12 and 9 free below down to the reserve: 4..11
+    assert list(zip(starts.tolist(), lengths.tolist(), strict=True)) == [(4, 8), (13, 12), (31, 1)]
+
+
+def test_destroy_punches_a_guests_frames_out():
+    from nodes.xen.hypervisor import Hypervisor
+    hv = Hypervisor("h", 64 * MiB, seed=3)
+    dom = hv.create_domain("g", 8 * MiB, "p2m")
+    dom.write_words(np.arange(dom.data_pages), 0, np.ones(dom.data_pages, np.uint64))
+    assert not hv.memory.holes(dom.p2m).any()
+    hv.destroy_domain("g")
+    assert hv.memory.holes(dom.p2m).all(), "every freed frame is a hole again"

@@ -22,11 +22,9 @@ sleep, so the gaps the guest saw (`longest_gap`, the hand-over's) count the paus
 import threading
 import time
 
-import numpy as np
-
 from nodes.errors import GuestPaused
 from workloads.guest import Guest
-from workloads.progresslog import DEFAULT_HISTORY_ENTRIES, ProgressLog
+from workloads.progresslog import DEFAULT_HISTORY_ENTRIES, ProgressLog, ProgressReadings
 from workloads.workload import DEFAULT_MAX_BATCH_PAGES, Workload
 
 _PAUSE_POLL_SECONDS = 0.02
@@ -43,7 +41,7 @@ def throttle_sleep_seconds(cpu_percentage: int) -> float:
     return (int(pct / (1 - pct) * THROTTLE_SLICE_SECONDS * 1e9) + 1) / 1e9
 
 
-class VCPU:
+class VCPU(ProgressReadings):
     """Runs `workload` on `domain` until `stop`; see the module docstring."""
 
     def __init__(self, domain: Guest, workload: Workload, tick_seconds: float = 0.001, *,
@@ -66,6 +64,7 @@ class VCPU:
         self.ring_full_sleep_seconds = 0.0
         self.throttle_sleep_seconds_total = 0.0
         self.dirty_limit_sleep_seconds_total = 0.0
+        self.throttled_run_seconds_total = 0.0     # the slices run before those sleeps
         self._slice_start = 0.0
         self._ring_written = 0
         self._sleeping = threading.Event()
@@ -164,7 +163,9 @@ class VCPU:
         """After a batch: the slice's sleep once 10 ms have run; the dirty ring's sleep once
         a ring's worth of pages has been written."""
         pct = self.cpu_percentage
-        if pct and time.monotonic() - self._slice_start >= THROTTLE_SLICE_SECONDS:
+        ran = time.monotonic() - self._slice_start
+        if pct and ran >= THROTTLE_SLICE_SECONDS:
+            self.throttled_run_seconds_total += ran
             self.throttle_sleep_seconds_total += self._sleep(throttle_sleep_seconds(pct))
         ring = self.ring_pages
         if ring and written:
@@ -176,11 +177,14 @@ class VCPU:
                         self.ring_full_sleep_seconds, dirty_limit=True)
 
     NO_THROTTLE_STATS = {"pages_written_total": 0, "throttle_sleep_seconds": 0.0,
-                         "dirty_limit_sleep_seconds": 0.0}
+                         "dirty_limit_sleep_seconds": 0.0, "throttled_run_seconds": 0.0}
 
     def throttle_stats(self) -> dict:
-        """Page writes so far and the seconds slept throttled, a sleep under way included."""
+        """Page writes so far and the seconds slept throttled, a sleep under way included;
+        `throttled_run_seconds`: the slices run before auto-converge's sleeps, so the
+        throttle obtained is sleep / (sleep + run)."""
         return {"pages_written_total": int(self.pages_written_total),
+                "throttled_run_seconds": self.throttled_run_seconds_total,
                 "throttle_sleep_seconds": (self.throttle_sleep_seconds_total
                                            + self.sleeping_seconds(dirty_limit=False)),
                 "dirty_limit_sleep_seconds": (self.dirty_limit_sleep_seconds_total
@@ -217,13 +221,6 @@ class VCPU:
         self._slice_start = time.monotonic()
         return slept
 
-    def throttle_sleeps(self, since_wall: float | None = None) -> list[tuple[float, float]]:
-        """The throttle sleeps in the progress log, (start wall, end wall), oldest first."""
-        walls, _, slept = self.log.marked_arrays()
-        ends = np.flatnonzero(slept[1:]) + 1
-        out = [(float(walls[i - 1]), float(walls[i])) for i in ends]
-        return [s for s in out if since_wall is None or s[1] >= since_wall]
-
     # -- progress ------------------------------------------------------------------------
     @property
     def pages_written_total(self) -> int:
@@ -234,99 +231,8 @@ class VCPU:
         """Pages the workload has gone through (its writes; a scan's reads)."""
         return self.workload.progress_pages
 
-    def progress(self, since_wall: float | None = None) -> list[tuple[float, int]]:
-        """(wall seconds, cumulative page writes) records, oldest first, from `since_wall`."""
-        walls, pages = self.log.arrays()
-        if since_wall is not None:
-            keep = walls >= since_wall
-            walls, pages = walls[keep], pages[keep]
-        return [(float(w), int(p)) for w, p in zip(walls, pages, strict=True)]
-
-    @property
-    def last_progress_wall(self) -> float | None:
-        latest = self.log.latest
-        return None if latest is None else latest[0]
-
-    def first_progress_after(self, wall: float) -> float | None:
-        """Wall time of the first progress record strictly after `wall`, or None."""
-        walls, _ = self.log.arrays()
-        i = int(np.searchsorted(walls, wall, side="right"))
-        return float(walls[i]) if i < len(walls) else None
-
-    def longest_gap(self, start_wall: float, end_wall: float) -> float:
-        """The longest stretch of [start_wall, end_wall] with no progress record, in seconds.
-
-        Consecutive records inside the window bound the gaps; the window's edges count as
-        bounds too, so a vCPU that made no progress at all in the window gives its length.
-        A throttle sleep is no gap: the guest was slowed, not stopped.
-        """
-        if end_wall <= start_wall:
-            return 0.0
-        walls, _, slept = self.log.marked_arrays()
-        if self.log.wrapped and len(walls):
-            start_wall = max(start_wall, float(walls[0]))   # older records are gone
-        keep = (walls > start_wall) & (walls < end_wall)
-        after = np.flatnonzero(walls >= end_wall)
-        sleeping_at_end = bool(len(after) and slept[after[0]])
-        bounds = np.concatenate(([start_wall], walls[keep], [end_wall]))
-        gaps = np.diff(bounds)
-        gaps[np.append(slept[keep], sleeping_at_end)] = 0.0
-        return float(gaps.max())
-
-    def write_rate(self, start_wall: float, end_wall: float) -> float | None:
-        """Page writes per second between two wall times, read off the progress log (None:
-        the log does not cover the window)."""
-        walls, pages = self.log.arrays()
-        if len(walls) < 2 or end_wall <= start_wall:
-            return None
-        start_wall = max(start_wall, float(walls[0]))
-        if end_wall - start_wall <= 0:
-            return None
-        written = np.interp([start_wall, end_wall], walls, pages)
-        return float(written[1] - written[0]) / (end_wall - start_wall)
-
-    def cost(self, start_wall: float, end_wall: float, pages_at_start: int,
-             rate_before: float | None, slept_seconds: float) -> dict:
-        """What a migration from `start_wall` to `end_wall` cost this guest: its page rate
-        (writes; a `scan`'s reads) before it (`rate_before`, read when it started) and during
-        it (its pages since `pages_at_start`, the vCPU stopped or paused at `end_wall`), the slowdown
-        (1 - during / before; None for a guest that wrote nothing before), and the seconds
-        it slept throttled."""
-        span = end_wall - start_wall
-        during = (self.workload.progress_pages - pages_at_start) / span if span > 0 else None
-        slowdown = (1 - during / rate_before) if rate_before and during is not None else None
-        return {"write_rate_before_pages_per_second": rate_before,
-                "write_rate_during_pages_per_second": during,
-                "slowdown": slowdown, "throttled_seconds": slept_seconds}
-
     @property
     def slept_seconds_total(self) -> float:
         """Seconds this vCPU has slept throttled, auto-converge's and dirty-limit's."""
         return self.throttle_sleep_seconds_total + self.dirty_limit_sleep_seconds_total
 
-    def achieved_rate(self, window_seconds: float = 1.0) -> float:
-        """Page writes per second over the last `window_seconds` of progress records."""
-        walls, pages = self.log.arrays()
-        if len(walls) < 2:
-            return 0.0
-        i = int(np.searchsorted(walls, walls[-1] - window_seconds, side="left"))
-        i = min(i, len(walls) - 2)
-        span_seconds = float(walls[-1] - walls[i])
-        if span_seconds <= 0:
-            return 0.0
-        return float(pages[-1] - pages[i]) / span_seconds
-
-    def rate_between(self, start_wall: float, end_wall: float) -> float | None:
-        """Pages per second of progress (writes; a scan's reads) over [start_wall,
-        end_wall], from the progress log: the pages reached by each edge are those of the
-        last record at or before it (the first record for an edge before the log begins, as a
-        vCPU resumed on a destination starts from the progress it carried). None when the
-        window is empty or the log holds nothing before its end."""
-        if end_wall <= start_wall:
-            return None
-        walls, pages = self.log.arrays()
-        j = int(np.searchsorted(walls, end_wall, side="right")) - 1
-        if j < 0:
-            return None
-        i = max(0, int(np.searchsorted(walls, start_wall, side="right")) - 1)
-        return float(pages[j] - pages[i]) / (end_wall - start_wall)

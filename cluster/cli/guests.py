@@ -10,11 +10,14 @@ from nodes.units import format_bytes
 def cmd_create(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
+    from nodes.host.vcpus import check_process_guest
     spec = GuestSpec(name=args.name, memory_bytes=args.memory, mode=args.mode, dma=args.dma,
-                     workload=workload_from(args))
+                     workload=workload_from(args), vcpu=args.vcpu, vcpus=args.vcpus)
+    check_process_guest(spec.vcpu)
     d = Testbed.attach().create(args.host, spec)
     print(f"created {d['name']} on {args.host}: {format_bytes(d['memory_bytes'])}, mode "
-          f"{d['mode']}, workload {spec.workload.pattern}")
+          f"{d['mode']}, workload {spec.workload.pattern}, {spec.vcpus} {spec.vcpu} vCPU"
+          + ("s" if spec.vcpus > 1 else ""))
     return 0
 
 
@@ -44,6 +47,8 @@ def register(sub: Commands) -> None:
                    help=f"{memory.help}, e.g. 64MiB")
     add_field(s, field_named("mode"))
     add_field(s, field_named("dma"))
+    add_field(s, field_named("vcpu"))
+    add_field(s, field_named("vcpus"))
     add_workload_options(s)
     s.set_defaults(func=cmd_create)
 

@@ -70,8 +70,10 @@ def _migrate_one_shot(args: argparse.Namespace, settings) -> int:
     from cluster.console import RoundPrinter
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
+    from nodes.host.vcpus import check_process_guest
     spec = GuestSpec(name=ONE_SHOT_GUEST, memory_bytes=args.guest_memory, mode=args.mode,
-                     workload=workload_from(args))
+                     workload=workload_from(args), vcpu=args.vcpu, vcpus=args.vcpus)
+    check_process_guest(spec.vcpu, settings)
     cluster = cluster_spec_from(args)
     if cluster.hosts < 2:
         raise ConfigError("a migration needs at least 2 hosts (--hosts)")
@@ -83,7 +85,8 @@ def _migrate_one_shot(args: argparse.Namespace, settings) -> int:
         time.sleep(args.warmup)
         progress = RoundPrinter(header=f"migrating {spec.name} "
                                        f"({format_bytes(spec.memory_bytes)}, "
-                                       f"{spec.workload.pattern}) {src} -> {dst} "
+                                       f"{spec.workload.pattern}, {spec.vcpu} vCPUs) "
+                                       f"{src} -> {dst} "
                                        f"(policy {settings.policy})")
         report = tb.migrate(spec.name, dst, settings, progress)
     return _report_out(report, args)
@@ -125,10 +128,12 @@ def register(sub: Commands) -> None:
     s.add_argument("destination", nargs="?", metavar="DEST_HOST")
     add_migration_options(s)
     add_workload_options(s)
-    memory, mode, warmup = (field_named(n) for n in ("guest_memory_bytes", "mode",
-                                                      "warmup_seconds"))
+    memory, mode, warmup, vcpu, vcpus = (field_named(n) for n in (
+        "guest_memory_bytes", "mode", "warmup_seconds", "vcpu", "vcpus"))
     add_field(s, memory, help=f"one-shot: {memory.help_text()}")
     add_field(s, mode, help=f"one-shot: {mode.help_text()}")
+    add_field(s, vcpu, help=f"one-shot: {vcpu.help_text()}")
+    add_field(s, vcpus, help=f"one-shot: {vcpus.help_text()}")
     add_field(s, warmup, default=0.5,
               help=f"one-shot: {warmup.help} (default 500ms)")
     add_cluster_options(s, hosts=2, memory="512MiB")

@@ -9,7 +9,8 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
     seed = 1                      # workload seed of repeat r is seed + r
     faults = ["stall-link@round1:2s"]   # optional, injected into every run
     [cluster]   hosts = 2, host_memory = "512MiB", hosts_per_node = 1 (default: all on one)
-    [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms"
+    [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms", vcpu = "thread" (or
+                "process"), vcpus = 1
     [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share,
                 write_bytes, fill ("zero", "random" or "text"), ...
     [migration] policy, bandwidth ("128MiB" per second or "unlimited"), rate_limit, latency,
@@ -18,7 +19,7 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
                 (a number of live rounds, 0 for pure post-copy, a duration such as "1.5s", or
                 "off"), postcopy_bandwidth, postcopy_allowed, the convergence aids: every
                 key of the README's option table (`cluster.fieldtable`)
-    [axes]      any of guest_memory, mode, pattern, dirty_rate, hot_fraction, hot_share,
+    [axes]      any of guest_memory, mode, vcpu, vcpus, pattern, dirty_rate, hot_fraction, hot_share,
                 write_bytes, fill, policy, zero_page_detection, xbzrle_cache,
                 multifd_channels, multifd_compression, bandwidth, rate_limit, latency,
                 downtime_limit, max_iterations, postcopy_after, postcopy_bandwidth = [...]
@@ -73,6 +74,8 @@ class Scenario:
     guest_memory_bytes: int = 64 * MiB
     mode: str = "p2m"
     warmup_seconds: float = 0.3
+    vcpu: str = "thread"                    # what runs the guest's vCPUs (GuestSpec.vcpu)
+    vcpus: int = 1
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
     axes: tuple[tuple[str, tuple], ...] = ()
@@ -141,7 +144,8 @@ class Scenario:
     def specs(self, point: dict, repeat: int = 0
               ) -> tuple[GuestSpec, MigrationSettings]:
         """The guest and migration settings of one run."""
-        guest = {"guest_memory_bytes": self.guest_memory_bytes, "mode": self.mode}
+        guest = {"guest_memory_bytes": self.guest_memory_bytes, "mode": self.mode,
+                 "vcpu": self.vcpu, "vcpus": self.vcpus}
         wl: dict = {"seed": self.seed + repeat}
         mig: dict = {}
         for name, value in point.items():
@@ -155,7 +159,8 @@ class Scenario:
         workload = replace(self.workload, **wl)
         settings = replace(self.migration, **mig)
         spec = GuestSpec(name="sweep", memory_bytes=guest["guest_memory_bytes"],
-                         mode=guest["mode"], workload=workload)
+                         mode=guest["mode"], workload=workload, vcpu=guest["vcpu"],
+                         vcpus=guest["vcpus"])
         return spec, settings
 
     def with_repeats(self, repeats: int) -> "Scenario":
@@ -170,7 +175,9 @@ class Scenario:
                                **({"hosts_per_node": self.hosts_per_node}
                                   if self.hosts_per_node is not None else {})},
                    "guest": {"memory": self.guest_memory_bytes, "mode": self.mode,
-                             "warmup": self.warmup_seconds}}
+                             "warmup": self.warmup_seconds,
+                             **({"vcpu": self.vcpu, "vcpus": self.vcpus}
+                                if (self.vcpu, self.vcpus) != ("thread", 1) else {})}}
         d["workload"] = {k: getattr(wl, KNOBS[k].field) for k in SECTION_KEYS["workload"]}
         d["migration"] = {}
         for k in SECTION_KEYS["migration"]:

@@ -6,6 +6,7 @@ Protocol instead of the service, which builds them, so none of them imports the 
 
 from typing import Protocol
 
+from nodes.host.processvcpu import ProcessVCPU
 from nodes.migration.receive.receiver import Receiver
 from nodes.xen.hypervisor import Hypervisor
 from workloads.spec import WorkloadSpec
@@ -18,6 +19,6 @@ class HostView(Protocol):
     name: str
     hv: Hypervisor
     workloads: dict[str, WorkloadSpec]      # guest -> its workload
-    vcpus: dict[str, VCPU]                  # guest -> its vCPU (an arriving guest has none)
+    vcpus: dict[str, VCPU | ProcessVCPU]    # guest -> its vCPUs (an arriving guest has none)
     incoming: dict[str, Receiver]           # migration id -> its receiver here
     migration_counts: dict[str, int]        # started, and ended by status, as a source

@@ -21,8 +21,10 @@ from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
 from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
+from nodes.host.processvcpu import ProcessVCPU
 from nodes.host.specs import GuestSpec, HostConfig
-from nodes.host.vcpus import GuestBefore, GuestVCPUs
+from nodes.host.userfault import kernel_support
+from nodes.host.vcpus import GuestBefore, GuestVCPUs, check_vcpus_here, vcpu_description
 from nodes.migration.clock import to_source_clock
 from nodes.migration.decide.fixeddowntime import handover_fixed_seconds
 from nodes.migration.guestinfo import GuestInfo
@@ -55,9 +57,9 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
         self.hv = Hypervisor(config.name, config.memory_bytes, config.page_size,
                              config.reserved_bytes, config.profile, config.dom0_memory_bytes,
                              config.seed, config.superpages)
-        self.vcpus: dict[str, VCPU] = {}
+        self.vcpus: dict[str, VCPU | ProcessVCPU] = {}    # a thread, or a guest process
         self.workloads: dict[str, WorkloadSpec] = {}
-        self._retired: dict[str, VCPU] = {}
+        self._retired: dict[str, VCPU | ProcessVCPU] = {}
         self.incoming: dict[str, Receiver] = {}
         self.outgoing: dict[str, Progress] = {}
         self._cancel: dict[str, threading.Event] = {}
@@ -112,37 +114,54 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
                 d["dirty_rate_pages_per_second"] = spec.rate_pages_per_second
             vcpu = self.vcpus.get(d["name"])
             d["pages_written_total"] = vcpu.pages_written_total if vcpu else 0
+            if vcpu is not None:
+                d.update(vcpu_description(vcpu))
             out.append(d)
         return out
 
     # -- guests -------------------------------------------------------------------------------
     def create_guest(self, spec: GuestSpec) -> dict:
+        if spec.vcpu == "process":
+            kernel_support().require()            # one line, before anything is made
         with self.lock:
             dom = self.hv.create_domain(spec.name, spec.memory_bytes, spec.mode, spec.dma)
             try:
-                self._start_vcpu(dom, spec.workload, None, fill=True)
+                self._start_vcpu(dom, spec.workload, None, fill=True, kind=spec.vcpu,
+                                 vcpus=spec.vcpus)
             except Exception:
+                self._drop_vcpu(spec.name)
                 self.hv.destroy_domain(spec.name, force=True)
                 raise
             return dom.describe()
 
-    def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None,
-                    fill: bool = False) -> None:
-        workload = make_workload(spec, dom.data_pages, state, dom.memory.page_size)
+    def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None, *,
+                    fill: bool = False, kind: str = "thread", vcpus: int = 1,
+                    parked: bool = False) -> VCPU | ProcessVCPU:
+        """The guest's vCPUs, of `kind`: a thread running the workload from `state`, or a
+        guest process (`parked`: waiting for its context, a migration's destination)."""
+        page_size = dom.memory.page_size
         if fill:                     # a new guest: its memory as the spec says, before it runs
-            workload.fill(dom)
-        vcpu = VCPU(dom, workload)
-        self.vcpus[dom.name] = vcpu
+            make_workload(spec, dom.data_pages, None, page_size).fill(dom)
+        if kind == "process":        # its state, if any, goes to the process (take_context)
+            vcpu = self.vcpus[dom.name] = ProcessVCPU(self.hv.memory, dom, spec, vcpus,
+                                                      parked=parked)
+            self.workloads[dom.name] = spec
+            return vcpu
+        workload = make_workload(spec, dom.data_pages, state, page_size)
         self.workloads[dom.name] = spec
+        vcpu = self.vcpus[dom.name] = VCPU(dom, workload)
         vcpu.start()
+        return vcpu
 
     def destroy_guest(self, name: str) -> None:
         with self.lock:
-            self.hv.guest(name)
+            dom = self.hv.guest(name)
+            if dom.migrating:       # the hypervisor's refusal, before its vCPUs are touched
+                self.hv.destroy_domain(name)
+            self._drop_vcpu(name)   # a process stops writing before its frames are freed
             self.hv.destroy_domain(name)
-            self._drop_vcpu(name)
 
-    def _drop_vcpu(self, name: str) -> VCPU | None:
+    def _drop_vcpu(self, name: str) -> VCPU | ProcessVCPU | None:
         vcpu = self.vcpus.pop(name, None)
         self.workloads.pop(name, None)
         if vcpu is not None:
@@ -166,6 +185,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
             d["last_progress_wall"] = vcpu.last_progress_wall
             d["vcpu_alive"] = vcpu.alive
             d["workload"] = self.workloads[name].to_dict()
+            d.update(vcpu_description(vcpu))
         d["migrating"] = dom.migrating
         d["logdirty"] = dom.logdirty.enabled
         return d
@@ -198,6 +218,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
     def prepare_incoming(self, info: GuestInfo, settings: MigrationSettings) -> Ticket:
         """Reserve frames for an arriving guest and listen for its stream; returns the ticket."""
         info = validate_info(info)
+        check_vcpus_here(info, settings)
         with self.lock:
             mid = info.migration_id
             if mid in self.incoming:
@@ -253,7 +274,8 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
 
     def guest_info(self, name: str, migration_id: str) -> GuestInfo:
         dom = check_migratable(self.hv, name)
-        return guest_info(self.hv, dom, migration_id, self.workload_spec(name))
+        return guest_info(self.hv, dom, migration_id, self.workload_spec(name),
+                          **self.vcpu_config(name))
 
     def migrate_out(self, name: str, ticket: Ticket,
                     settings: MigrationSettings) -> SourceResult:
@@ -296,6 +318,8 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
             if before is not None:
                 result.guest_cost = vcpu.cost(start_wall, end_wall, before.pages, before.rate,
                                               vcpu.slept_seconds_total - before.slept)
+                result.guest_cost["cpu_throttle_obtained_percentage"] = \
+                    before.throttle_obtained(vcpu)
             self.postcopy_rate_before(vcpu, start_wall, result)
         if before is not None:
             result.workload_running_seconds = before.running_seconds

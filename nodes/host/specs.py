@@ -7,6 +7,7 @@ objects (the hypervisor, its domains, their vCPUs) are built from them by `nodes
 from dataclasses import asdict, dataclass, field
 
 from nodes.errors import ConfigError
+from nodes.migration.guestinfo import check_vcpus
 from nodes.units import from_fields
 from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
 from nodes.xen.profiles import DEFAULT_PROFILE, Mode
@@ -51,9 +52,15 @@ class GuestSpec:
     mode: str = "p2m"
     dma: bool = False
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    # What runs its vCPUs: "thread" (a thread of its host writing through the Xen model's
+    # access path) or "process" (a guest process writing its mapped frames, logged by the
+    # kernel: `nodes.host.processvcpu`), and how many (a process guest's threads).
+    vcpu: str = "thread"
+    vcpus: int = 1
 
     def __post_init__(self) -> None:
         check_guest_name(self.name)
+        check_vcpus(self.vcpu, self.vcpus)
         if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
             raise ConfigError(f"guest memory must be a positive number of bytes, got "
                               f"{self.memory_bytes!r}")

@@ -1,13 +1,51 @@
 """The vCPUs as migrations need them (the `GuestRuntime` of `nodes.migration.runtime`,
 mixed into `nodes.host.service.HostService`, which holds `vcpus`, `workloads` and `_retired`):
 a leaving guest's context and its vCPU stopped, an arriving guest's vCPU made from the context
-its source sent (made early and parked, for a post-copy destination, then given it)."""
+its source sent (made early and parked, for a post-copy destination, then given it).
+
+A guest's vCPUs are a thread (`workloads.vcpu.VCPU`) or a guest process
+(`nodes.host.processvcpu.ProcessVCPU`), as it was created (`GuestSpec.vcpu`); an arriving
+guest gets the kind it had on its source (GUEST_INFO's `vcpu`, `vcpus`)."""
 
 from dataclasses import dataclass
 
+from nodes.errors import ConfigError
+from nodes.host.processvcpu import ProcessVCPU
+from nodes.host.userfault import kernel_support
+from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.settings import MigrationSettings
 from nodes.xen.domain import Domain
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU
+
+# Where the fault reader of a process guest's post-copy would plug in: `prepare_guest` would
+# launch it with its missing pages registered MISSING (or MINOR) on its uffd, and a reader
+# of its faults would ask the source as `nodes.migration.postcopy.pagefault` does.
+POSTCOPY_REFUSED = ("post-copy of a process vCPU guest is not built yet (its faults would "
+                    "be real userfaultfd faults); migrate it by pre-copy, or create it with "
+                    "--vcpu thread")
+
+
+def vcpu_description(vcpu: VCPU | ProcessVCPU) -> dict:
+    """What `migbed list` and a guest's status show of its vCPUs: kind, count, process."""
+    if isinstance(vcpu, ProcessVCPU):
+        return {"vcpu": "process", "vcpus": vcpu.vcpus, "pid": vcpu.pid}
+    return {"vcpu": "thread", "vcpus": 1, "pid": None}
+
+
+def check_process_guest(vcpu: str, settings: MigrationSettings | None = None) -> None:
+    """A process guest: this host's kernel must run it (and migrate it by pre-copy); one
+    ConfigError line otherwise, which says `--vcpu thread` works."""
+    if vcpu != "process":
+        return
+    kernel_support().require()
+    if settings is not None and settings.postcopy_allowed:
+        raise ConfigError(POSTCOPY_REFUSED)
+
+
+def check_vcpus_here(info: GuestInfo, settings: MigrationSettings) -> None:
+    """An arriving guest's vCPUs can run here, migrated so."""
+    check_process_guest(info.vcpu, settings)
 
 
 @dataclass(frozen=True)
@@ -18,17 +56,32 @@ class GuestBefore:
     pages: int                # pages it had gone through (writes; a `scan`'s reads)
     rate: float | None        # its page-write rate over the second before
     running_seconds: float    # how long its workload had run
+    throttle: dict            # its throttle stats (`throttle_stats`)
 
     @classmethod
-    def of(cls, vcpu: VCPU, now_wall: float) -> "GuestBefore":
+    def of(cls, vcpu: VCPU | ProcessVCPU, now_wall: float) -> "GuestBefore":
         return cls(vcpu.slept_seconds_total, vcpu.workload.progress_pages,
-                   vcpu.write_rate(now_wall - 1.0, now_wall), vcpu.workload.running_seconds)
+                   vcpu.write_rate(now_wall - 1.0, now_wall), vcpu.workload.running_seconds,
+                   vcpu.throttle_stats())
+
+    def throttle_obtained(self, vcpu: VCPU | ProcessVCPU) -> float | None:
+        """The cpu-throttle the vCPU obtained since, in percent: its sleeps over its sleeps
+        and the slices it ran before them (None: no throttle ran)."""
+        now = vcpu.throttle_stats()
+        slept = now["throttle_sleep_seconds"] - self.throttle["throttle_sleep_seconds"]
+        ran = now["throttled_run_seconds"] - self.throttle["throttled_run_seconds"]
+        return 100 * slept / (slept + ran) if slept + ran > 0 else None
 
 
 class GuestVCPUs:
     def workload_spec(self, name: str) -> dict | None:
         spec = self.workloads.get(name)
         return spec.to_dict() if spec else None
+
+    def vcpu_config(self, name: str) -> dict:
+        vcpu = self.vcpus.get(name)
+        d = vcpu_description(vcpu) if vcpu is not None else {"vcpu": "thread", "vcpus": 1}
+        return {"vcpu": d["vcpu"], "vcpus": d["vcpus"]}
 
     def pages_written(self, name: str) -> int | None:
         vcpu = self.vcpus.get(name)
@@ -51,19 +104,23 @@ class GuestVCPUs:
         if vcpu is not None:
             self._retired[name] = vcpu
 
-    def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
+    def start_guest(self, dom: Domain, info: GuestInfo, context: dict) -> None:
         vcpu = self.vcpus.get(dom.name)
         state = context.get("workload_state")
         if vcpu is not None and vcpu.domain is dom:       # prepared: it only needs its context
-            if state is not None:
+            if isinstance(vcpu, ProcessVCPU):
+                vcpu.take_context(state)
+            elif state is not None:
                 vcpu.workload.restore(state)
             return
-        spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
-        self._start_vcpu(dom, spec, state)
+        vcpu = self._start_vcpu(dom, _spec(info), state, kind=info.vcpu, vcpus=info.vcpus,
+                                parked=True)
+        if isinstance(vcpu, ProcessVCPU):
+            vcpu.take_context(state)
 
-    def prepare_guest(self, dom: Domain, workload: dict | None) -> None:
-        spec = WorkloadSpec.from_dict(workload) if workload else WorkloadSpec()
-        self._start_vcpu(dom, spec, None)
+    def prepare_guest(self, dom: Domain, info: GuestInfo) -> None:
+        self._start_vcpu(dom, _spec(info), None, kind=info.vcpu, vcpus=info.vcpus,
+                         parked=True)
 
     def discard_guest(self, name: str) -> None:
         self._drop_vcpu(name)
@@ -80,3 +137,7 @@ class GuestVCPUs:
 
     def measured_fixed_downtime(self, destination: str) -> float | None:
         return self._fixed_downtime.get(destination)
+
+
+def _spec(info: GuestInfo) -> WorkloadSpec:
+    return WorkloadSpec.from_dict(info.workload) if info.workload else WorkloadSpec()

@@ -9,6 +9,21 @@ from dataclasses import asdict, dataclass, fields
 
 from nodes.errors import ConfigError
 
+OPTIONAL = ("workload", "vcpu", "vcpus")       # an older source's GUEST_INFO lacks them
+VCPU_KINDS = ("process", "thread")
+MAX_VCPUS = 64                                  # a process guest's vCPU threads
+
+
+def check_vcpus(vcpu: str, vcpus: int) -> None:
+    """A guest's vCPUs: their kind and how many (one ConfigError line otherwise)."""
+    if vcpu not in VCPU_KINDS:
+        raise ConfigError(f"unknown vCPU kind {vcpu!r}; use process or thread")
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError(f"a guest has 1 to {MAX_VCPUS} vCPUs, got {vcpus!r}")
+    if vcpu == "thread" and vcpus != 1:
+        raise ConfigError(f"--vcpus {vcpus} needs --vcpu process: a thread vCPU is one "
+                          "thread of its host")
+
 
 @dataclass(frozen=True)
 class GuestInfo:
@@ -23,6 +38,11 @@ class GuestInfo:
     arch: str
     profile: str
     workload: dict | None = None    # its `WorkloadSpec.to_dict()`, for the model and the vCPU
+    vcpu: str = "thread"            # what runs its vCPUs: "thread" or "process"
+    vcpus: int = 1                  # how many (a process guest's threads)
+
+    def __post_init__(self) -> None:
+        check_vcpus(self.vcpu, self.vcpus)
 
     @property
     def memory_bytes(self) -> int:
@@ -36,7 +56,7 @@ class GuestInfo:
         """GUEST_INFO as `to_dict` (or the wire's record) has it: a ConfigError that names
         the first missing key otherwise (keys it does not know are ignored)."""
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d and n != "workload"]
+        missing = [n for n in names if n not in d and n not in OPTIONAL]
         if missing:
             raise ConfigError(f"bad guest info: no {missing[0]!r}")
         return cls(**{n: d[n] for n in names if n in d})

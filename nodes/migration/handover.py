@@ -12,8 +12,8 @@
 The destination's resume time is brought onto the source's clock (the offset measured at
 setup, `nodes.migration.clock`) before the downtime is taken from it. The downtime (pause
 to resume) holds only what must happen with the guest stopped: the vCPU was made when the
-stream opened (parked) and only takes its context here, the digest is taken once the guest
-runs.
+stream opened (a guest process: when the migration was prepared), parked, and only takes
+its context here, the digest is taken once the guest runs.
 
 Before PERMISSION_TO_GO the guest is the source's: any failure resumes it there. After it,
 the guest is the destination's; a RESULT that never comes leaves the paused copy for the

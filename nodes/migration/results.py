@@ -74,6 +74,14 @@ class SourceResult:
     postcopy_requests: int = 0
     postcopy: dict | None = None
     guest_lost: bool = False
+    # What ran the guest's vCPUs here ("thread" | "process", and how many), and whose
+    # dirty log the rounds read ("emulated": the access path's; "kernel": write-protect
+    # and PAGEMAP_SCAN), with its shadow faults over every CLEAN (the kernel's: the pages
+    # it reported written).
+    vcpu: str = "thread"
+    vcpus: int = 1
+    dirty_log: str = "emulated"
+    shadow_faults: int = 0
 
     @property
     def completed(self) -> bool:

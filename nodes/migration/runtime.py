@@ -5,12 +5,17 @@ The host runtime (`nodes.host.service.HostService`) is one; the engine knows onl
 
 from typing import Protocol
 
+from nodes.migration.guestinfo import GuestInfo
 from nodes.xen.domain import Domain
 
 
 class GuestRuntime(Protocol):
     def workload_spec(self, name: str) -> dict | None:
         """The guest's workload spec as a dict (None: it runs none)."""
+        ...
+
+    def vcpu_config(self, name: str) -> dict:
+        """{"vcpu": "thread" | "process", "vcpus": N}: what runs the guest's vCPUs here."""
         ...
 
     def pages_written(self, name: str) -> int | None:
@@ -26,12 +31,13 @@ class GuestRuntime(Protocol):
         """The guest has left this host: stop its vCPU."""
         ...
 
-    def start_guest(self, dom: Domain, workload: dict | None, context: dict) -> None:
-        """Make an arriving guest's vCPU from the context its source sent; it runs once the
-        guest does (it waits while the guest is paused or still arriving)."""
+    def start_guest(self, dom: Domain, info: GuestInfo, context: dict) -> None:
+        """Make an arriving guest's vCPU (of `info`'s workload and kind) from the context
+        its source sent; it runs once the guest does (it waits while the guest is paused
+        or still arriving)."""
         ...
 
-    def prepare_guest(self, dom: Domain, workload: dict | None) -> None:
+    def prepare_guest(self, dom: Domain, info: GuestInfo) -> None:
         """Make an arriving guest's vCPU before its context comes, parked until the guest
         runs; `start_guest` then only gives it the context (a post-copy switch does not
         wait for a thread to start)."""
@@ -49,7 +55,8 @@ class GuestRuntime(Protocol):
         ...
 
     def vcpu_throttle_stats(self, name: str) -> dict:
-        """The guest's vCPU so far: `pages_written_total`, and the seconds it slept throttled
+        """The guest's vCPU so far: `pages_written_total` (and, for a guest of several
+        vCPUs, each one's in `vcpu_pages_written`), and the seconds it slept throttled
         (`throttle_sleep_seconds`, `dirty_limit_sleep_seconds`)."""
         ...
 

@@ -24,12 +24,13 @@ pages land without it).
 import threading
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 
 from nodes.errors import AccessViolation, GuestPaused
 from nodes.xen import pagetable
-from nodes.xen.logdirty import LogDirty
+from nodes.xen.logdirty import DirtyLog, LogDirty
 from nodes.xen.memory import MachineMemory
 from nodes.xen.profiles import Mode
 
@@ -41,6 +42,16 @@ class DomainState(StrEnum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class VCPUControl(Protocol):
+    """How the hypervisor stops and starts a guest's vCPUs that do not wait on `running`
+    (a process vCPU: `nodes.host.processvcpu`), installed by the host as
+    `Domain.vcpu_control`. `pause` returns once they are parked."""
+
+    def pause(self) -> None: ...
+
+    def unpause(self) -> None: ...
 
 
 class Domain:
@@ -69,7 +80,10 @@ class Domain:
         self.pt_pfns = (pagetable.table_pfns(self.npages, epp) if has_page_tables
                         else np.zeros(0, dtype=np.int64))
         self.data_pages = self.npages - len(self.pt_pfns)
-        self.logdirty = LogDirty(self.npages)
+        # The emulated log, marked by the access path below; a process vCPU's host puts
+        # the kernel's in its place (`nodes.xen.logdirty.DirtyLog`).
+        self.logdirty: DirtyLog = LogDirty(self.npages)
+        self.vcpu_control: VCPUControl | None = None
         self.pages_written_total = 0
         self.migrating = False
         # Post-copy: which pages have arrived (None: all), and the handler of an access to

@@ -169,7 +169,8 @@ class Hypervisor:
             return self._install(dom)
 
     def destroy_domain(self, name: str, *, force: bool = False) -> None:
-        """Destroy a guest and return every frame it held (scrubbed) to the free pool."""
+        """Destroy a guest and return every frame it held to the free pool, zeroed (punched out
+        of the host's memfd, with the free frames around them: see `FrameAllocator.free`)."""
         with self.lock:
             dom = self.domain(name)
             if dom.is_dom0:
@@ -180,8 +181,11 @@ class Hypervisor:
                 dom.state = DomainState.PAUSED
                 dom.running.clear()
                 del self.domains[name]
-                self.memory.scrub(dom.p2m)
-                self.allocator.free(dom.p2m)
+                if self.memory.fd is None:
+                    self.memory.scrub(dom.p2m)
+                starts, lengths = self.allocator.free(dom.p2m)
+                if self.memory.fd is not None:
+                    self.memory.discard(starts, lengths)
 
     def rename_domain(self, old: str, new: str) -> None:
         with self.lock:
@@ -231,6 +235,8 @@ class Hypervisor:
             if dom.state is DomainState.RUNNING:
                 dom.state = DomainState.PAUSED
                 dom.running.clear()
+                if dom.vcpu_control is not None:       # vCPUs of their own: parked now
+                    dom.vcpu_control.pause()
 
     def unpause(self, name: str) -> None:
         dom = self.guest(name)
@@ -239,6 +245,8 @@ class Hypervisor:
                 raise DomainStateError(f"{name} is still arriving by migration")
             dom.state = DomainState.RUNNING
             dom.running.set()
+            if dom.vcpu_control is not None:
+                dom.vcpu_control.unpause()
 
     def set_mode(self, name: str, mode: "str | Mode") -> None:
         """Switch a live guest between P2M and VP, under its lock so no write is lost."""
@@ -287,9 +295,11 @@ class Hypervisor:
         """Per-pfn page hashes with page tables in canonical (pfn) form."""
         dom = self.domain(name)
         with dom.lock:
-            hashes = np.empty(dom.npages, dtype=np.uint64)
-            for i, pages, _ in self.memory.pieces(dom.p2m):
-                hashes[i:i + len(pages)] = page_hashes(pages)
+            # Frames that are holes hash as zero pages unread (reading would allocate them).
+            held = np.flatnonzero(~self.memory.holes(dom.p2m))
+            hashes = np.full(dom.npages, page_hashes(np.zeros((1, self.page_size), np.uint8))[0])
+            for i, pages, _ in self.memory.pieces(dom.p2m[held]):
+                hashes[held[i:i + len(pages)]] = page_hashes(pages)
             if len(dom.pt_pfns):
                 hashes[dom.pt_pfns] = page_hashes(self.canonical_tables(dom))
             return hashes

@@ -4,10 +4,17 @@ Operations and their Xen numbers: OFF (0), ENABLE_LOGDIRTY (2), CLEAN (11: retur
 and reset it), PEEK (12: return it, keep it). `fault_count` counts shadow faults: the first
 write to a page after enable or a CLEAN faults, because those throw the shadow tables away.
 `dirty_count` is the number of distinct pages marked since the last CLEAN.
+
+`LogDirty` is the emulated log, marked by the access path (`nodes.xen.domain`). A guest whose
+writes the access path does not see (a process vCPU) has another log with the same
+operations, a `DirtyLog`, which its host installs as `Domain.logdirty`
+(`nodes.host.kerneldirty`, the kernel's write-protect log): the hypervisor's shadow ops and
+the migration read either the same way.
 """
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import numpy as np
 
@@ -25,7 +32,34 @@ class LogDirtyStats:
     dirty_count: int
 
 
+class DirtyLog(Protocol):
+    """What a log-dirty is to the hypervisor and the migration: `LogDirty`'s operations."""
+
+    enabled: bool
+    fault_count: int
+    kind: str                   # "emulated" | "kernel": what the report names as dirty_log
+
+    @property
+    def bitmap(self) -> np.ndarray:
+        """Pages marked since the last CLEAN, one bool each (read, not written)."""
+        ...
+
+    def enable(self) -> None: ...
+
+    def disable(self) -> None: ...
+
+    def mark(self, pfns: np.ndarray) -> None: ...
+
+    def peek(self) -> tuple[np.ndarray, "LogDirtyStats"]: ...
+
+    def clean(self) -> tuple[np.ndarray, "LogDirtyStats"]: ...
+
+    def stats(self) -> "LogDirtyStats": ...
+
+
 class LogDirty:
+    kind = "emulated"
+
     def __init__(self, npages: int):
         self.npages = npages
         self.enabled = False

@@ -105,7 +105,7 @@ class Convergence:
                       if s.dirty_limit_bytes_per_second is not None else None)
         self.limit_period = s.dirty_limit_period_seconds
         self.limit_active = False
-        self._limit_at: tuple[float, int] | None = None      # period start, pages written
+        self._limit_at: tuple[float, list[int]] | None = None   # period start, each vCPU's writes
         self.timeouts = Timeouts(
             completion_seconds(s.completion_timeout_seconds,
                                s.completion_timeout_per_gib_seconds, guest_bytes),
@@ -133,7 +133,7 @@ class Convergence:
             self._throttle(cpu_percentage=self.auto.percentage)
         elif self.limit is not None and not self.limit_active:
             self.limit_active = True          # migration_dirty_limit_guest: the quota is set
-            self._limit_at = (now, self._vcpu()["pages_written_total"])
+            self._limit_at = (now, self._vcpu_pages())
 
     def tick(self, now: float, remaining_bytes: int | None) -> Decision | None:
         """Between batches: dirty-limit's period, then the timeouts (may raise)."""
@@ -160,10 +160,12 @@ class Convergence:
 
     # -- dirty-limit ---------------------------------------------------------------------------
     def _adjust_limit(self, now: float) -> None:
-        """vcpu_dirty_rate_stat_collect + dirtylimit_process for the guest's one vCPU."""
+        """vcpu_dirty_rate_stat_collect + dirtylimit_process: each vCPU's own rate from its
+        own page writes; the busiest one's sets the sleep every vCPU takes per ring."""
         start, pages0 = self._limit_at
-        pages = self._vcpu()["pages_written_total"]
-        current = dirty_rate_mb(pages - pages0, self.page_size, now - start)
+        pages = self._vcpu_pages()
+        current = max(dirty_rate_mb(p - p0, self.page_size, now - start)
+                      for p, p0 in zip(pages, pages0, strict=True))
         self._limit_at = (now, pages)
         us = self.limit.adjust(current)
         self.progress.dirty_limit_throttle_time_per_round_us = us
@@ -176,3 +178,8 @@ class Convergence:
 
     def _vcpu(self) -> dict:
         return self.runtime.vcpu_throttle_stats(self.guest)
+
+    def _vcpu_pages(self) -> list[int]:
+        """Each vCPU's page writes so far (one vCPU: the guest's)."""
+        stats = self._vcpu()
+        return list(stats.get("vcpu_pages_written") or [stats["pages_written_total"]])

@@ -11,11 +11,18 @@ The time the vCPU spent waiting is QEMU's postcopy-blocktime. A page already ask
 asked for again; what is still outstanding is asked for again on a new connection after a
 broken link (`outstanding`). If the guest is lost (`lose`), a waiting vCPU stops with
 `GuestLost`.
+
+A process guest faults for real (userfaultfd): its faults are read by the host's
+`nodes.host.faultreader.FaultReader`, which does what `PageFaults` does (asks through a
+`RequestPages`, is told `landed`, keeps `outstanding`, measures into `FaultLatency`), so both
+are `MissingPageFaults` to the post-copy destination, which makes one by a factory.
 """
 
+import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -47,6 +54,13 @@ class FaultLatency:
         self.sum_seconds += float(seconds.sum())
         self.count += len(seconds)
 
+    def observe_one(self, seconds: float) -> None:
+        """One time, without numpy's per-call cost (a single fault's page: the common case)."""
+        ratio = max(seconds, 0.0) / FIRST_BUCKET_SECONDS
+        self.counts[min(math.ceil(math.log2(max(ratio, 1.0))), LATENCY_BUCKETS)] += 1
+        self.sum_seconds += seconds
+        self.count += 1
+
     @property
     def mean_seconds(self) -> float | None:
         return self.sum_seconds / self.count if self.count else None
@@ -62,12 +76,43 @@ class FaultLatency:
                                 strict=True)}
 
 
+class RequestPages(Protocol):
+    """Ask the source for these pages (one REQ_PAGES record or a few): the return path's
+    `request`. False (or an exception-free no-op) while the link is down: the pages stay
+    outstanding and are asked for again after a reconnect."""
+
+    def __call__(self, pfns: np.ndarray) -> bool | None: ...
+
+
+class MissingPageFaults(Protocol):
+    """What the post-copy destination needs of whoever handles its guest's faults: a thread
+    vCPU's `PageFaults`, or a process guest's `nodes.host.faultreader.FaultReader`."""
+
+    latency: FaultLatency
+    blocked_seconds: float
+    faults: int
+    lost: str | None
+
+    def handle(self, pfns: np.ndarray) -> None: ...
+
+    def landed(self, pfns: np.ndarray) -> None: ...
+
+    def outstanding(self) -> np.ndarray: ...
+
+    def lose(self, why: str) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+FaultsFactory = Callable[[np.ndarray, RequestPages], MissingPageFaults]
+
+
 class PageFaults:
     """The handler of the guest's accesses to missing pages; see the module docstring.
     `request(pfns)` sends one request for those pages (it may fail while the link is down:
     they stay outstanding)."""
 
-    def __init__(self, received: np.ndarray, request: Callable[[np.ndarray], None]):
+    def __init__(self, received: np.ndarray, request: RequestPages):
         self.received = received
         self._request = request
         self.cond = threading.Condition()

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
-from nodes.migration.postcopy.pagefault import PageFaults
+from nodes.migration.postcopy.pagefault import FaultsFactory, PageFaults
 from nodes.migration.postcopy.recovery import accept_recovery
 from nodes.migration.postcopy.returnpath import ReturnPath
 from nodes.migration.receive.landing import Landing
@@ -79,11 +79,14 @@ class PostcopyReceiver(Protocol):
 class PostcopyDestination:
     """One incoming migration after its switch; see the module docstring."""
 
-    def __init__(self, rx: PostcopyReceiver, discard: np.ndarray):
+    def __init__(self, rx: PostcopyReceiver, discard: np.ndarray,
+                 make_faults: FaultsFactory = PageFaults):
+        """`make_faults(received, request)`: who handles the guest's faults; a process
+        guest's host passes one that makes its `nodes.host.faultreader.FaultReader`."""
         self.rx = rx
         self.discard = discard
         self.path = ReturnPath(rx.settings.latency_seconds)
-        self.faults = PageFaults(rx.landing.received, self.path.request)
+        self.faults = make_faults(rx.landing.received, self.path.request)
         self.done = False                 # every page arrived and RESULT went back
         self.lost = False
         self.pauses = 0

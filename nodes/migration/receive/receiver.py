@@ -108,6 +108,18 @@ class Receiver:
         except OSError as exc:
             hv.destroy_domain(self.name, force=True)
             raise MigrationError(f"cannot listen on {address}: {exc}") from None
+        # A guest process takes milliseconds to launch: it is made now, parked, as a
+        # destination QEMU is started with -incoming before the migration begins, so the
+        # stream's setup waits for none. A thread vCPU is made when the stream opens.
+        self.vcpu_made = False
+        if info.vcpu == "process":
+            try:
+                runtime.prepare_guest(self.dom, info)
+            except BaseException:
+                self.listener.close()
+                hv.destroy_domain(self.name, force=True)
+                raise
+            self.vcpu_made = True
         self.ticket = self.listener.ticket
         self.landing = Landing(hv.memory, self.dom, settings.verify)
         self.conn: socket.socket | None = None       # the data connection, once accepted
@@ -116,7 +128,6 @@ class Receiver:
         self._killed = False
         self.connection_lost = False
         self.reader: RecordReader | None = None
-        self.vcpu_made = False
         self.status = Outcome.WAITING
         self.error: str | None = None
         self.resume_wall: float | None = None
@@ -142,10 +153,12 @@ class Receiver:
                                   readv_into=lambda bufs: self.conn.recvmsg_into(bufs)[0])
             reader.guest_pages = self.dom.npages
             self._read_static(reader)
-            # The vCPU now, parked until the guest runs: neither a stop-and-copy's hand-over
-            # nor a post-copy switch then waits for a thread to start inside the downtime.
-            self.runtime.prepare_guest(self.dom, self.info.workload)
-            self.vcpu_made = True
+            # The vCPU now (if not made already), parked until the guest runs: neither a
+            # stop-and-copy's hand-over nor a post-copy switch then waits for a thread to
+            # start inside the downtime.
+            if not self.vcpu_made:
+                self.runtime.prepare_guest(self.dom, self.info)
+                self.vcpu_made = True
             if self._receive(reader):
                 PostcopyDestination(self, self.discard).run(reader)
             else:
@@ -252,7 +265,7 @@ class Receiver:
     def make_vcpu(self) -> None:
         """The guest's vCPU (made parked when the stream opened) takes the context its
         source sent; it waits until the resume."""
-        self.runtime.start_guest(self.dom, self.info.workload, self.vcpu)
+        self.runtime.start_guest(self.dom, self.info, self.vcpu)
         self.vcpu_made = True
 
     def resume(self) -> None:

@@ -37,13 +37,14 @@ from nodes.xen.profiles import Mode
 
 
 def guest_info(hv: Hypervisor, dom: Domain, migration_id: str,
-               workload: dict | None) -> GuestInfo:
-    """GUEST_INFO: what the destination needs to reserve frames and check compatibility."""
+               workload: dict | None, vcpu: str = "thread", vcpus: int = 1) -> GuestInfo:
+    """GUEST_INFO: what the destination needs to reserve frames and check compatibility,
+    and to make the guest's vCPUs of the kind that ran them here."""
     return GuestInfo(migration_id=migration_id, name=dom.name, pages=dom.npages,
                      data_pages=dom.data_pages, page_table_pages=len(dom.pt_pfns),
                      page_size=hv.page_size, mode_before=dom.mode.value,
                      mode_during=Mode.VP.value, arch=hv.profile.arch, profile=hv.profile.name,
-                     workload=workload)
+                     workload=workload, vcpu=vcpu, vcpus=vcpus)
 
 
 def open_context(s: Session, switch: SwitchOver) -> SourceContext:
@@ -92,8 +93,9 @@ class Setup:
         pages.p2m_sent[:] = dom.p2m
         link.send([records.encode_image_header(),
                    records.encode_domain_header(Mode.VP.value, hv.memory.page_shift)])
-        ctx.send_record(RT.GUEST_INFO, guest_info(hv, dom, s.ticket.migration_id,
-                                                  s.runtime.workload_spec(dom.name)).to_dict())
+        ctx.send_record(RT.GUEST_INFO, guest_info(
+            hv, dom, s.ticket.migration_id, s.runtime.workload_spec(dom.name),
+            **s.runtime.vcpu_config(dom.name)).to_dict())
         ctx.send_record(RT.P2M_FRAMES, {"mfns": pages.p2m_sent.astype("<u8").tobytes()})
         ctx.send_record(RT.STATIC_DATA_END)
         _measure_clock(ctx)

@@ -175,6 +175,10 @@ class Sender:
             cancel=cancel, faults=self.faults, ticket=ticket, shared_link=shared_link,
             result=SourceResult(mode_before=dom.mode.value),
             clock=PhaseClock(time.monotonic()), mode_before=dom.mode)
+        result = self.session.result
+        result.dirty_log = dom.logdirty.kind      # the kernel's, for a process guest
+        vcpu = runtime.vcpu_config(name)
+        result.vcpu, result.vcpus = vcpu["vcpu"], vcpu["vcpus"]
         page_size = hv.page_size
         self.switch = SwitchOver(
             settings.make_policy(), Convergence(settings, runtime, name, page_size,

@@ -272,7 +272,8 @@ class SourceContext:
         """A bitmap sync: CLEAN log-dirty, mark what it shows; returns the pages newly
         marked. Counted in `sync` (QEMU's dirty-sync-count and its rate periods)."""
         s, pages = self.session, self.pages
-        bitmap, _ = s.hv.shadow_op(s.dom.name, ShadowOp.CLEAN)
+        bitmap, stats = s.hv.shadow_op(s.dom.name, ShadowOp.CLEAN)
+        s.result.shadow_faults += stats.fault_count
         fresh = pages.cursor.mark(bitmap)
         period = pages.sync.synced(now, fresh, pages.cursor.pending_pages,
                                    self.channel.link.bytes_sent)

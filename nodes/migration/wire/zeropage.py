@@ -5,7 +5,8 @@ A cheap first test before a full scan, so round 0 keeps its throughput: four wor
 page (the first two, the middle one, the last) are gathered at once; a page with any of them
 set is not zero, which settles almost every page of a guest whose memory has content (the
 workloads' counter is word 0, their content starts at word 1). Only the pages that pass the
-test are scanned whole, run by run where their frames are adjacent (views, no copy).
+test are scanned whole, run by run where their frames are adjacent (views, no copy). Frames
+that are holes in machine memory (never written) are zero without a look.
 """
 
 import numpy as np
@@ -21,13 +22,15 @@ def zero_frames(memory: MachineMemory, mfns: np.ndarray) -> np.ndarray:
     """One bool per frame of `mfns`: True where the frame is all zeros."""
     if not len(mfns):
         return np.zeros(0, bool)
+    hole = memory.holes(mfns)             # zero without a look (a look would allocate them)
+    held = np.flatnonzero(~hole)
+    if not len(held):
+        return hole
     sample = sample_words(memory.words_per_page)
-    candidate = ~memory.words[mfns[:, None], sample].any(axis=1)
-    maybe = np.flatnonzero(candidate)
-    if not len(maybe):
-        return candidate
+    candidate = ~memory.words[mfns[held, None], sample].any(axis=1)
+    maybe = held[candidate]
     zero = np.zeros(len(maybe), bool)
     for at, pages, _ in memory.pieces(mfns[maybe]):
         zero[at:at + len(pages)] = ~pages.view(np.uint64).any(axis=1)
-    candidate[maybe] = zero
-    return candidate
+    hole[maybe] = zero
+    return hole

@@ -1,0 +1,104 @@
+"""A process vCPU's progress log in shared memory: the guest writes it, the host reads it.
+
+Why shared: the guest's own record of when it ran is what its observed downtime is measured
+from (the longest gap across a hand-over). Kept in the guest's process, the host would have
+to ask for it, and the asking would sit in the very gap it measures. So the ring of
+`workloads.progresslog.ProgressLog` lives in the control page (`nodes.host.guestcontrol`):
+the same records, thinned the same way, read by the same `ProgressReadings` on the host.
+
+One writer process (its vCPU threads serialised by the log's lock) and readers in another:
+a sequence word around every change (a seqlock), so a reader retries a copy taken while a
+record was being stored instead of reading half of one.
+"""
+
+import threading
+import time
+
+import numpy as np
+
+from nodes.host.guestcontrol import LOG_ENTRIES, W_LOG, ControlPage
+from workloads.progresslog import ProgressLog
+
+_SEQ, _STORED, _WALL, _PAGES, _FLAGS = range(W_LOG, W_LOG + 5)
+_HAS_LATEST, _LATEST_STORED = 1, 2
+_READ_TRIES = 1000
+
+
+class SharedProgressLog(ProgressLog):
+    """`ProgressLog` whose ring and counters are the control page's (see the module
+    docstring); `record` and `record_sleep` in the guest, the readings on the host."""
+
+    def __init__(self, ctl: ControlPage, record_interval_seconds: float = 0.002):
+        self.capacity_entries = LOG_ENTRIES
+        self.record_interval_seconds = record_interval_seconds
+        self._walls, self._pages, self._slept = ctl.log_walls, ctl.log_pages, ctl.log_slept
+        self._u64, self._f64, self._i64 = ctl.u64, ctl.f64, ctl.i64
+        self._lock = threading.RLock()      # the base takes it too, inside ours
+
+    # -- the state ProgressLog keeps in attributes, here in shared words ------------------
+    @property
+    def _stored(self) -> int:
+        return int(self._u64[_STORED])
+
+    @_stored.setter
+    def _stored(self, value: int) -> None:
+        self._u64[_STORED] = value
+
+    @property
+    def _latest(self) -> tuple[float, int] | None:
+        if not int(self._u64[_FLAGS]) & _HAS_LATEST:
+            return None
+        return float(self._f64[_WALL]), int(self._i64[_PAGES])
+
+    @_latest.setter
+    def _latest(self, value: tuple[float, int] | None) -> None:
+        flags = int(self._u64[_FLAGS]) & _LATEST_STORED
+        if value is not None:
+            self._f64[_WALL], self._i64[_PAGES] = value
+            flags |= _HAS_LATEST
+        self._u64[_FLAGS] = flags
+
+    @property
+    def _latest_stored(self) -> bool:
+        return bool(int(self._u64[_FLAGS]) & _LATEST_STORED)
+
+    @_latest_stored.setter
+    def _latest_stored(self, value: bool) -> None:
+        flags = int(self._u64[_FLAGS]) & _HAS_LATEST
+        self._u64[_FLAGS] = flags | (_LATEST_STORED if value else 0)
+
+    # -- the writer: every change inside an odd sequence number -----------------------------
+    def record(self, wall: float, pages: int) -> None:
+        with self._lock:
+            self._u64[_SEQ] += 1
+            try:
+                super().record(wall, pages)
+            finally:
+                self._u64[_SEQ] += 1
+
+    def record_sleep(self, start_wall: float, end_wall: float, pages: int) -> None:
+        with self._lock:
+            self._u64[_SEQ] += 1
+            try:
+                super().record_sleep(start_wall, end_wall, pages)
+            finally:
+                self._u64[_SEQ] += 1
+
+    # -- the readers: a copy taken between two equal, even sequence numbers -------------------
+    def marked_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._consistent(lambda: super(SharedProgressLog, self).marked_arrays())
+
+    @property
+    def latest(self) -> tuple[float, int] | None:
+        return self._consistent(lambda: self._latest)
+
+    def _consistent(self, read):
+        for _ in range(_READ_TRIES):
+            seq = int(self._u64[_SEQ])
+            if seq % 2 == 0:
+                out = read()
+                if int(self._u64[_SEQ]) == seq:
+                    return out
+            time.sleep(0)
+        return read()                   # a writer stuck mid-record (it died): take it as is
+
