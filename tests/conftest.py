@@ -72,6 +72,18 @@ def unique_name():
     return make
 
 
+@pytest.fixture
+def uffd_kernel():
+    """This kernel's userfaultfd dirty log (the `uffd` tier); under CI its absence fails."""
+    from nodes.host.userfault import kernel_support
+    support = kernel_support()
+    if not support.dirty_log:
+        if os.environ.get("CI"):
+            pytest.fail(f"the uffd tier needs this kernel's dirty log: {support.reason}")
+        pytest.skip(support.reason)
+    return support
+
+
 def require_binary(name: str) -> str | None:
     """The path of `name`; under CI a missing binary fails the test instead of skipping it."""
     path = shutil.which(name)

@@ -280,7 +280,7 @@ def test_a_cancelled_postcopy_stops_the_reader_cleanly(minor_kernel):
         reader.lose("cancelled")
         t0 = time.monotonic()
         reader.stop()
-        assert time.monotonic() - t0 < 1 and not reader.thread.is_alive()
+        assert time.monotonic() - t0 < 10 and not reader.thread.is_alive()   # bounded, not timed
         assert reader.lost == "cancelled" and len(reader.outstanding()) >= 1
         assert guest.proc.poll() is None, "the guest is still blocked, its owner stops it"
     finally:
