@@ -86,10 +86,14 @@ def test_every_workload_migrates_as_a_process_guest(pair, pattern):
     src = tb.host("host-0").call("guest_status", "g")
     assert src["vcpu"] == "process" and src["pid"] in guest_processes()
     time.sleep(0.1)
-    report = migrated_and_verified(tb, "g")
+    # A slower link, so the live rounds last long enough (~0.15 s) for a writing guest to
+    # write in them on a loaded machine; phased may still fall in a quiet phase.
+    report = migrated_and_verified(tb, "g", link_bytes_per_second=32 * MiB)
     assert report.modes == {"before": "p2m", "during": "vp", "after": "p2m"}
-    writes = pattern not in ("idle", "scan")
-    assert (report.shadow_faults > 0) == writes, "the kernel's log saw the guest's writes"
+    if pattern in ("idle", "scan"):
+        assert report.shadow_faults == 0, "a guest that writes nothing is logged writing"
+    elif pattern != "phased":
+        assert report.shadow_faults > 0, "the kernel's log saw the guest's writes"
     assert report.guest_observed_downtime_seconds is not None
     dst = tb.host("host-1")
     status = dst.call("guest_status", "g")
