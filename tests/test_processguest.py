@@ -135,7 +135,10 @@ def test_a_guest_of_two_vcpus_writes_its_halves_and_migrates(pair):
     tb.create("host-0", GuestSpec("two", 8 * MiB, "vp", vcpu="process", vcpus=2,
                                   workload=WorkloadSpec("sequential", 20000)))
     src = tb.host("host-0")
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10               # both vCPUs have written (bounded wait)
+    while min(src.call("vcpu_throttle_stats", "two")["vcpu_pages_written"]) == 0:
+        assert time.monotonic() < deadline, "a vCPU of the two never wrote"
+        time.sleep(0.05)
     src.call("pause_guest", "two")
     counters = src.call("guest_counters", "two")
     stats = src.call("vcpu_throttle_stats", "two")
@@ -299,7 +302,8 @@ def test_a_process_guest_migrates_between_host_actors(ray_testbed, unique_name, 
     assert src["vcpu"] == "process" and src["pid"] not in guest_processes(), \
         "its process is a child of the host actor's zygote, not of this one"
     time.sleep(0.2)
-    r = tb.migrate(name, "host-2", MigrationSettings(link_bytes_per_second=128 * MiB))
+    # 16 MiB at 32 MiB/s: live rounds of about half a second, which a writing guest writes in
+    r = tb.migrate(name, "host-2", MigrationSettings(link_bytes_per_second=32 * MiB))
     assert r.status == "completed" and r.integrity.verified is True
     assert (r.vcpu, r.vcpus, r.dirty_log) == ("process", 2, "kernel") and r.shadow_faults > 0
     assert r.guest_observed_downtime_seconds is not None
