@@ -226,3 +226,62 @@ def test_discovery_file_lists_every_host(ray_testbed, tmp_path):
     assert set(targets) == {"host-0", "host-1", "host-2"}
     for host, endpoint in targets.items():
         assert f'migbed_host_info{{arch="x86",host="{host}"' in scrape(endpoint)
+
+
+# -- process vCPUs (issue 22): what runs each guest, the kernel's log, the fault path ----------
+@pytest.mark.uffd
+def test_process_guests_export_their_vcpus_and_the_kernels_log(in_process, uffd_kernel):
+    """A process guest's vCPUs (kind and count), its pid, and the pages the kernel's dirty log
+    reported written over the CLEANs of a migration (cancelled, so the guest stays): the
+    report's shadow_faults, read from a real endpoint."""
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("proc", 8 * MiB, "p2m", vcpu="process", vcpus=2,
+                                  workload=WorkloadSpec("uniform", 20000, seed=3)))
+    tb.create("host-0", GuestSpec("thr", 4 * MiB, "p2m"))
+    service = tb.hosts["host-0"].service
+    endpoint = service.metrics_endpoint()
+    before = Samples(scrape(endpoint))
+    assert before.get("migbed_guest_vcpus", host="host-0", guest="proc", kind="process") == 2
+    assert before.get("migbed_guest_vcpus", host="host-0", guest="thr", kind="thread") == 1
+    assert not before.has("migbed_guest_vcpus", guest="proc", kind="thread")
+    assert before.get("migbed_guest_process_pid", guest="proc") == service.vcpus["proc"].pid
+    assert not before.has("migbed_guest_process_pid", guest="thr"), "a thread guest has none"
+    assert not before.has("migbed_guest_kernel_written_pages_total", guest="thr")
+    r = tb.migrate("proc", "host-1", MigrationSettings(link_bytes_per_second=64 * MiB,
+                                                       cancel_after_round=1))
+    assert r.status == "cancelled" and r.dirty_log == "kernel" and r.shadow_faults > 0
+    after = Samples(scrape(endpoint))
+    assert delta(after, before, "migbed_guest_kernel_written_pages_total", guest="proc") == \
+        r.shadow_faults
+    promtool_lint(after.text)
+
+
+def test_fault_latency_is_split_by_fault_path():
+    """The post-copy fault latency histogram carries `fault_path`: the emulated series is
+    always there (the existing queries sum over it), a process guest's FaultReader adds the
+    uffd one, and each path's counts are its own."""
+    from types import SimpleNamespace
+
+    from nodes.host.faultreader import FaultReader
+    from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
+    from nodes.migration.postcopy.pagefault import FaultLatency, PageFaults
+    assert (PageFaults.fault_path, FaultReader.fault_path) == ("emulated", "uffd")
+    totals = PostcopyTotals()
+
+    def fams() -> dict:
+        return {(s.name, s.labels.get("fault_path")): s.value
+                for f in PostcopyCollector("h", {}, {}, totals).collect() for s in f.samples}
+    first = fams()
+    assert ("migbed_migration_postcopy_fault_latency_seconds_count", "emulated") in first
+    assert ("migbed_migration_postcopy_fault_latency_seconds_count", "uffd") not in first
+    latency = FaultLatency()
+    for seconds in (2e-6, 3e-5, 4e-4):
+        latency.observe_one(seconds)
+    faults = SimpleNamespace(fault_path=FaultReader.fault_path, latency=latency,
+                             blocked_seconds=0.01, faults=3)
+    totals.destination_ended(SimpleNamespace(postcopy=SimpleNamespace(faults=faults)))
+    after = fams()
+    count = "migbed_migration_postcopy_fault_latency_seconds_count"
+    assert after[(count, "uffd")] == 3 and after[(count, "emulated")] == 0
+    assert after[("migbed_migration_postcopy_fault_latency_seconds_sum", "uffd")] == \
+        pytest.approx(4.32e-4)

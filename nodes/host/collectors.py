@@ -11,6 +11,7 @@ from typing import Protocol
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from nodes.host.hostview import HostView
+from nodes.host.processvcpu import ProcessVCPU
 from nodes.migration.receive.receiver import Receiver
 from nodes.phase import ENDED, TIMED
 from nodes.xen.domain import DomainState
@@ -56,6 +57,7 @@ class HostCollector:
         hv = h.hv
         yield from self._host(host, hv)
         yield from self._guests(host, h)
+        yield from _vcpus(host, h)
         yield from self._migrations(host, m)
 
     # -- the host -------------------------------------------------------------------------
@@ -140,6 +142,29 @@ class HostCollector:
         yield from _running(host, outgoing)
         yield from _traffic_counters(host, totals)
         yield from _wire_counters(host, m.wire_totals, outgoing)
+
+
+def _vcpus(host: str, h: HostView) -> Iterator[Metric]:
+    """What runs each guest: its vCPUs' kind and count, and for a guest process its pid and
+    the pages the kernel's dirty log reported written over every CLEAN (read from the log the
+    host holds: a scrape scans no page table)."""
+    count = GaugeMetricFamily("migbed_guest_vcpus", "The guest's vCPUs, labelled with their "
+                              "kind: threads of the host, or threads of a guest process.",
+                              labels=["host", "guest", "kind"])
+    pid = GaugeMetricFamily("migbed_guest_process_pid", "The pid of a process guest's "
+                            "process on its host.", labels=["host", "guest"])
+    written = CounterMetricFamily(
+        "migbed_guest_kernel_written_pages", "Pages the kernel's dirty log (userfaultfd "
+        "write-protect and PAGEMAP_SCAN) reported a process guest wrote, over every CLEAN "
+        "on this host (the report's shadow_faults, summed).", labels=["host", "guest"])
+    for g, vcpu in list(h.vcpus.items()):
+        if isinstance(vcpu, ProcessVCPU):
+            count.add_metric([host, g, "process"], vcpu.vcpus)
+            pid.add_metric([host, g], vcpu.pid)
+            written.add_metric([host, g], vcpu.dirty_log.pages_reported_total)
+        else:
+            count.add_metric([host, g, "thread"], 1)
+    yield from (count, pid, written)
 
 
 def _migration_counts(host: str, counts: dict) -> Iterator[Metric]:

@@ -65,6 +65,8 @@ class FaultReader:
     docstring. `received` is the landing's (True where a page has landed); `request` asks
     the source (the return path's `request`). `start` starts its thread."""
 
+    fault_path = "uffd"         # real userfaultfd faults (the fault latency histogram's label)
+
     def __init__(self, uffd: Uffd, base: int, page_size: int, received: np.ndarray,
                  request: RequestPages, pid: int | None = None, name: str = "guest",
                  map_starts: np.ndarray | None = None):

@@ -6,7 +6,9 @@ As a source: switches, page requests received (QEMU's postcopy-requests), pages 
 request and by the push, bytes by stage (precopy, downtime, postcopy), and whether a running
 migration is paused. As a destination: pages still missing, the vCPU time blocked on faults,
 the faults, and the request-to-landed latency of requested pages (a histogram in QEMU 10.1's
-log2 buckets from 1 us).
+log2 buckets from 1 us, labelled `fault_path`: "emulated" for a thread vCPU's `PageFaults`,
+"uffd" for a process guest's real faults, its `nodes.host.faultreader.FaultReader`; the
+"uffd" series appears once such a guest has faulted here).
 """
 
 import threading
@@ -31,6 +33,11 @@ if TYPE_CHECKING:
     from nodes.migration.send.sender import Sender
 
 STAGES = ("precopy", "downtime", "postcopy")
+EMULATED = "emulated"           # the fault path every host has (its series always exported)
+
+
+def no_latency() -> np.ndarray:
+    return np.zeros(LATENCY_BUCKETS + 1, dtype=np.int64)
 
 
 class PostcopyTotals:
@@ -44,8 +51,8 @@ class PostcopyTotals:
         self.stage_bytes = dict.fromkeys(STAGES, 0)
         self.blocked_seconds = 0.0
         self.faults = 0
-        self.latency_counts = np.zeros(LATENCY_BUCKETS + 1, dtype=np.int64)
-        self.latency_sum = 0.0
+        self.latency_counts = {EMULATED: no_latency()}    # fault path -> bucket counts
+        self.latency_sum = {EMULATED: 0.0}
 
     def source_ended(self, result: "SourceResult") -> None:
         with self.lock:
@@ -66,8 +73,14 @@ class PostcopyTotals:
         with self.lock:
             self.blocked_seconds += pc.faults.blocked_seconds
             self.faults += pc.faults.faults
-            self.latency_counts += pc.faults.latency.counts
-            self.latency_sum += pc.faults.latency.sum_seconds
+            add_latency(self.latency_counts, self.latency_sum, pc.faults)
+
+
+def add_latency(counts: dict[str, np.ndarray], sums: dict[str, float], faults) -> None:
+    """Fold one fault handler's latency into the per-path totals (its `fault_path`)."""
+    path = faults.fault_path
+    counts[path] = counts.get(path, no_latency()) + faults.latency.counts
+    sums[path] = sums.get(path, 0.0) + faults.latency.sum_seconds
 
 
 class PostcopyCollector:
@@ -93,7 +106,8 @@ class PostcopyCollector:
             switches, requests = t.switches, t.requests
             sent, stage_bytes = dict(t.sent), dict(t.stage_bytes)
             blocked, faults = t.blocked_seconds, t.faults
-            counts, latency_sum = t.latency_counts.copy(), t.latency_sum
+            counts = {k: v.copy() for k, v in t.latency_counts.items()}
+            latency_sum = dict(t.latency_sum)
         paused = 0
         for sender in senders:
             pc = sender.switch.postcopy
@@ -134,7 +148,8 @@ class PostcopyCollector:
 
     @staticmethod
     def _destination(name: str, receivers: list, blocked: float, faults: int,
-                     counts: np.ndarray, latency_sum: float) -> Iterator[Metric]:
+                     counts: dict[str, np.ndarray],
+                     latency_sum: dict[str, float]) -> Iterator[Metric]:
         missing = GaugeMetricFamily(
             "migbed_migration_postcopy_missing_pages", "Pages a guest running here in "
             "post-copy still lacks.", labels=["host", "guest"])
@@ -143,8 +158,7 @@ class PostcopyCollector:
             missing.add_metric([name, recv.name], 0 if pc.done else recv.landing.missing_pages)
             blocked += pc.faults.blocked_seconds
             faults += pc.faults.faults
-            counts = counts + pc.faults.latency.counts
-            latency_sum += pc.faults.latency.sum_seconds
+            add_latency(counts, latency_sum, pc.faults)
         yield missing
         yield host_metric("migbed_migration_postcopy_blocktime_seconds", "Time the vCPUs of guests "
                           "arriving here by post-copy waited for missing pages (QEMU's "
@@ -154,9 +168,11 @@ class PostcopyCollector:
         latency = HistogramMetricFamily(
             "migbed_migration_postcopy_fault_latency_seconds", "Request-to-landed time of each "
             "page a post-copy guest here asked for (QEMU 10.1's postcopy-latency), in log2 "
-            "buckets from 1 us.", labels=["host"])
-        cumulative = np.cumsum(counts)
-        buckets = [("+Inf" if b == float("inf") else repr(b), float(c))
-                   for b, c in zip(latency_bounds(), cumulative, strict=True)]
-        latency.add_metric([name], buckets, sum_value=latency_sum)
+            "buckets from 1 us, by fault path: the Xen model's (emulated) or a process "
+            "guest's userfaultfd (uffd).", labels=["host", "fault_path"])
+        for path, path_counts in sorted(counts.items()):
+            cumulative = np.cumsum(path_counts)
+            buckets = [("+Inf" if b == float("inf") else repr(b), float(c))
+                       for b, c in zip(latency_bounds(), cumulative, strict=True)]
+            latency.add_metric([name, path], buckets, sum_value=latency_sum[path])
         yield latency

@@ -86,8 +86,10 @@ class RequestPages(Protocol):
 
 class MissingPageFaults(Protocol):
     """What the post-copy destination needs of whoever handles its guest's faults: a thread
-    vCPU's `PageFaults`, or a process guest's `nodes.host.faultreader.FaultReader`."""
+    vCPU's `PageFaults`, or a process guest's `nodes.host.faultreader.FaultReader`.
+    `fault_path` says which (the fault latency histogram's label): "emulated" or "uffd"."""
 
+    fault_path: str
     latency: FaultLatency
     blocked_seconds: float
     faults: int
@@ -111,6 +113,8 @@ class PageFaults:
     """The handler of the guest's accesses to missing pages; see the module docstring.
     `request(pfns)` sends one request for those pages (it may fail while the link is down:
     they stay outstanding)."""
+
+    fault_path = "emulated"     # the Xen model's access path: a thread vCPU's faults
 
     def __init__(self, received: np.ndarray, request: RequestPages):
         self.received = received
