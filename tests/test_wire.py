@@ -444,3 +444,19 @@ def test_multifd_with_the_qemu_policy_and_a_rate_limit(pair):
     live = [x for x in r.rounds if not x["final"]]
     assert live and all(x["throughput_bytes_per_second"] < 64 * MiB * 1.3 for x in live), \
         "the channels share the rate limit"
+
+
+def test_xbzrle_overflows_as_qemu_when_two_bytes_short_before_a_trailing_unchanged_run():
+    """QEMU looks for room for two more bytes before it scans each unchanged run, the trailing
+    one too: a 511-byte delta of a 512-byte page followed by unchanged bytes overflows (hypothesis
+    found the encoder saying 511)."""
+    old = np.zeros((1, 512), np.uint8)
+    new = old.copy()
+    new[0, 0:338:2] = 1                      # 169 one-byte runs, one byte apart: 3 bytes each
+    new[0, 338:340] = 1                      # a two-byte run: 4 bytes; 511 in all
+    assert qemu_encode(old[0].tobytes(), new[0].tobytes(), 512)[0] == xbzrle.OVERFLOW
+    assert xbzrle.encode(old, new)[0].tolist() == [xbzrle.OVERFLOW]
+    new[0, 340:] = 1                         # no unchanged byte after it: then it fits
+    want, delta = qemu_encode(old[0].tobytes(), new[0].tobytes(), 512)
+    lengths, data = xbzrle.encode(old, new)
+    assert lengths.tolist() == [want] and (want == xbzrle.OVERFLOW or data == delta)

@@ -129,6 +129,13 @@ def encode(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, bytes]:
     unchanged_len = start - before                   # the unchanged run before each one
     piece = _uleb(unchanged_len) + _uleb(changed_len) + changed_len
     lengths += np.bincount(run_row, weights=piece, minlength=k).astype(np.int64)
+    # QEMU checks `d + 2 > dlen` before it scans each unchanged run, the trailing one too
+    # (which it then drops): a delta within two bytes of the page, with unchanged bytes
+    # after its last changed run, overflows there.
+    last = np.ones(len(start), bool)
+    last[:-1] = run_row[:-1] != run_row[1:]
+    trailing = run_row[last][start[last] + changed_len[last] < size]
+    lengths[trailing[lengths[trailing] + 2 > size]] = OVERFLOW
     lengths[lengths > size] = OVERFLOW
     keep = lengths[run_row] > 0
     if not keep.any():
