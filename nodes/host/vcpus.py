@@ -1,7 +1,9 @@
 """The vCPUs as migrations need them (the `GuestRuntime` of `nodes.migration.runtime`,
 mixed into `nodes.host.service.HostService`, which holds `vcpus`, `workloads` and `_retired`):
 a leaving guest's context and its vCPU stopped, an arriving guest's vCPU made from the context
-its source sent (made early and parked, for a post-copy destination, then given it).
+its source sent (made early and parked, for a post-copy destination, then given it); a
+process guest resumed by a post-copy switch is relaunched with its missing pages registered
+for real faults (`postcopy_faults`).
 
 A guest's vCPUs are a thread (`workloads.vcpu.VCPU`) or a guest process
 (`nodes.host.processvcpu.ProcessVCPU`), as it was created (`GuestSpec.vcpu`); an arriving

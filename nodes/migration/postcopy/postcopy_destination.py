@@ -4,7 +4,8 @@ At POSTCOPY_RUN (`PostcopyDestination.run`):
 
 1. **resume**: the pages of the discard set become missing (`Landing.begin_postcopy`); the
    guest's access path learns which pages are present (the landing's `received`) and whom to
-   call for the others (`pagefault.PageFaults`); its vCPU is made from the context the source
+   call for the others (`pagefault.PageFaults`, or a process guest's real fault reader from
+   the runtime's `make_faults`); its vCPU is made from the context the source
    sent; it resumes in VP mode (the hypervisor translates, so it sees every access, as it
    must while pages are missing); POSTCOPY_RESUMED goes back.
 2. **receive**: requested and pushed pages land as they come, until END; the vCPU resumes the
