@@ -252,17 +252,6 @@ def test_a_process_guest_is_refused_in_one_line_where_it_cannot_run(monkeypatch,
         GuestSpec("x", 4 * MiB, vcpus=2)
 
 
-@pytest.mark.uffd
-def test_post_copy_of_a_process_guest_is_refused_in_one_line(pair):
-    tb = pair
-    tb.create("host-0", GuestSpec("g", 4 * MiB, vcpu="process"))
-    with pytest.raises(MigbedError, match="--vcpu thread") as exc:
-        tb.migrate("g", "host-1", MigrationSettings(postcopy_after_rounds=1))
-    assert "\n" not in str(exc.value)
-    assert tb.where("g") == "host-0"
-    frames_exact(tb)
-
-
 @pytest.mark.parametrize("argv", [
     ["migrate", "--vcpu", "process", "--hosts", "2", "--guest-memory", "4MiB"],
     ["migrate", "--vcpu", "thread", "--vcpus", "2", "--guest-memory", "4MiB"],

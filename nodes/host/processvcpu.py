@@ -15,6 +15,8 @@ PAGEMAP_SCAN); `stop` takes both back.
 
 from typing import ClassVar
 
+import numpy as np
+
 from nodes.errors import DomainStateError
 from nodes.host.guestcontrol import (
     W_LIMIT_SLEEP_NS,
@@ -74,9 +76,11 @@ class ProcessVCPU(ProgressReadings):
     kind: ClassVar[str] = "process"
 
     def __init__(self, memory: MachineMemory, dom: Domain, spec: WorkloadSpec, vcpus: int = 1,
-                 *, parked: bool = False):
+                 *, parked: bool = False, missing: np.ndarray | None = None):
+        """`missing`: a guest resumed by a post-copy switch (`GuestProcess.launch`)."""
         self.domain, self.spec, self.vcpus = dom, spec, vcpus
-        self.proc = GuestProcess.launch(memory, dom, spec, vcpus=vcpus, parked=parked)
+        self.proc = GuestProcess.launch(memory, dom, spec, vcpus=vcpus, parked=parked,
+                                        missing=missing)
         try:
             self.dirty_log = KernelDirtyLog(self.proc.pid, self.proc.uffd, self.proc.base,
                                             dom.npages, memory.page_size)

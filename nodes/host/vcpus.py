@@ -1,29 +1,33 @@
 """The vCPUs as migrations need them (the `GuestRuntime` of `nodes.migration.runtime`,
 mixed into `nodes.host.service.HostService`, which holds `vcpus`, `workloads` and `_retired`):
 a leaving guest's context and its vCPU stopped, an arriving guest's vCPU made from the context
-its source sent (made early and parked, for a post-copy destination, then given it).
+its source sent (made early and parked, for a post-copy destination, then given it); a
+process guest resumed by a post-copy switch is relaunched with its missing pages registered
+for real faults (`postcopy_faults`).
 
 A guest's vCPUs are a thread (`workloads.vcpu.VCPU`) or a guest process
 (`nodes.host.processvcpu.ProcessVCPU`), as it was created (`GuestSpec.vcpu`); an arriving
 guest gets the kind it had on its source (GUEST_INFO's `vcpu`, `vcpus`)."""
 
+import errno
 from dataclasses import dataclass
 
+import numpy as np
+
 from nodes.errors import ConfigError
+from nodes.host.faultreader import FaultReader
 from nodes.host.processvcpu import ProcessVCPU
-from nodes.host.userfault import kernel_support
+from nodes.host.userfault import MODE_WP, kernel_support
 from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.postcopy.pagefault import FaultsFactory, RequestPages
 from nodes.migration.settings import MigrationSettings
 from nodes.xen.domain import Domain
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU
 
-# Where the fault reader of a process guest's post-copy would plug in: `prepare_guest` would
-# launch it with its missing pages registered MISSING (or MINOR) on its uffd, and a reader
-# of its faults would ask the source as `nodes.migration.postcopy.pagefault` does.
-POSTCOPY_REFUSED = ("post-copy of a process vCPU guest is not built yet (its faults would "
-                    "be real userfaultfd faults); migrate it by pre-copy, or create it with "
-                    "--vcpu thread")
+POSTCOPY_REFUSED = ("post-copy of a process vCPU guest is not available here: this kernel's "
+                    "userfaultfd lacks MISSING/MINOR faults on shared memory; migrate it by "
+                    "pre-copy, or create it with --vcpu thread")
 
 
 def vcpu_description(vcpu: VCPU | ProcessVCPU) -> dict:
@@ -34,18 +38,34 @@ def vcpu_description(vcpu: VCPU | ProcessVCPU) -> dict:
 
 
 def check_process_guest(vcpu: str, settings: MigrationSettings | None = None) -> None:
-    """A process guest: this host's kernel must run it (and migrate it by pre-copy); one
-    ConfigError line otherwise, which says `--vcpu thread` works."""
+    """A process guest: this host's kernel must run it (and, for a post-copy, resolve its
+    faults); one ConfigError line otherwise, which says `--vcpu thread` works."""
     if vcpu != "process":
         return
-    kernel_support().require()
-    if settings is not None and settings.postcopy_allowed:
+    support = kernel_support()
+    support.require()
+    if settings is not None and settings.postcopy_allowed and not (
+            support.missing_shmem and support.minor_shmem):
         raise ConfigError(POSTCOPY_REFUSED)
 
 
 def check_vcpus_here(info: GuestInfo, settings: MigrationSettings) -> None:
     """An arriving guest's vCPUs can run here, migrated so."""
     check_process_guest(info.vcpu, settings)
+
+
+class ProcessGuestFaults(FaultReader):
+    """A process guest's post-copy faults; when every page has landed its range is
+    write-protect registered again, as its launch registers it, so a later migration from
+    here dirty-logs it."""
+
+    def finish(self) -> None:
+        super().finish()
+        try:
+            self.uffd.register(self.base, len(self.received) * self.page_size, MODE_WP)
+        except OSError as exc:
+            if exc.errno not in (errno.ESRCH, errno.ENOENT):   # the guest is gone
+                raise
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,27 @@ class GuestVCPUs:
 
     def discard_guest(self, name: str) -> None:
         self._drop_vcpu(name)
+
+    def postcopy_faults(self, dom: Domain, info: GuestInfo) -> FaultsFactory | None:
+        if info.vcpu != "process":
+            return None
+        return lambda received, request: self._resume_by_postcopy(dom, info, received, request)
+
+    def _resume_by_postcopy(self, dom: Domain, info: GuestInfo, received: np.ndarray,
+                            request: RequestPages) -> "ProcessGuestFaults":
+        """At the switch: the guest's process is launched again, parked, with the pages not
+        `received` registered for faults (the one prepared with the migration had its range
+        write-protected for dirty logging, and a host cannot map a process's present pages
+        for it), and the prepared one goes. Its faults are read from here on."""
+        prepared = self.vcpus.get(dom.name)
+        vcpu = ProcessVCPU(self.hv.memory, dom, _spec(info), info.vcpus, parked=True,
+                           missing=~received)
+        self.vcpus[dom.name] = vcpu
+        if prepared is not None:
+            prepared.stop()
+        gp = vcpu.proc
+        return ProcessGuestFaults(gp.uffd, gp.base, gp.page_size, received, request,
+                                  pid=gp.pid, name=dom.name, map_starts=gp.map_starts).start()
 
     def throttle_guest(self, name: str, cpu_percentage: int = 0, ring_pages: int = 0,
                        ring_full_sleep_seconds: float = 0.0) -> None:

@@ -6,6 +6,7 @@ The host runtime (`nodes.host.service.HostService`) is one; the engine knows onl
 from typing import Protocol
 
 from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.postcopy.pagefault import FaultsFactory
 from nodes.xen.domain import Domain
 
 
@@ -41,6 +42,13 @@ class GuestRuntime(Protocol):
         """Make an arriving guest's vCPU before its context comes, parked until the guest
         runs; `start_guest` then only gives it the context (a post-copy switch does not
         wait for a thread to start)."""
+        ...
+
+    def postcopy_faults(self, dom: Domain, info: GuestInfo) -> FaultsFactory | None:
+        """Who will handle the faults of an arriving guest resumed by a post-copy switch
+        (`PostcopyDestination`'s `make_faults`): None for the engine's own (`PageFaults`,
+        a thread vCPU's); a process guest's host relaunches its process at the switch with
+        its missing pages registered and reads their real faults."""
         ...
 
     def discard_guest(self, name: str) -> None:

@@ -103,6 +103,14 @@ class MissingPageFaults(Protocol):
 
     def lose(self, why: str) -> None: ...
 
+    def finish(self) -> None:
+        """Every page has landed: no fault will come again."""
+        ...
+
+    def stop(self) -> None:
+        """The post-copy failed and the guest is gone: end what reads its faults."""
+        ...
+
     def stats(self) -> dict: ...
 
 
@@ -171,6 +179,12 @@ class PageFaults:
     def _check_lost(self) -> None:
         if self.lost is not None:
             raise GuestLost(self.lost)
+
+    def finish(self) -> None:
+        """Nothing to end: the vCPU thread waited on the landing itself."""
+
+    def stop(self) -> None:
+        """Nothing to end (see `finish`)."""
 
     def stats(self) -> dict:
         with self.cond:

@@ -4,7 +4,8 @@ At POSTCOPY_RUN (`PostcopyDestination.run`):
 
 1. **resume**: the pages of the discard set become missing (`Landing.begin_postcopy`); the
    guest's access path learns which pages are present (the landing's `received`) and whom to
-   call for the others (`pagefault.PageFaults`); its vCPU is made from the context the source
+   call for the others (`pagefault.PageFaults`, or a process guest's real fault reader from
+   the runtime's `make_faults`); its vCPU is made from the context the source
    sent; it resumes in VP mode (the hypervisor translates, so it sees every access, as it
    must while pages are missing); POSTCOPY_RESUMED goes back.
 2. **receive**: requested and pushed pages land as they come, until END; the vCPU resumes the
@@ -24,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
-from nodes.migration.postcopy.pagefault import FaultsFactory, PageFaults
+from nodes.migration.postcopy.pagefault import FaultsFactory, MissingPageFaults, PageFaults
 from nodes.migration.postcopy.recovery import accept_recovery
 from nodes.migration.postcopy.returnpath import ReturnPath
 from nodes.migration.receive.landing import Landing
@@ -80,13 +81,16 @@ class PostcopyDestination:
     """One incoming migration after its switch; see the module docstring."""
 
     def __init__(self, rx: PostcopyReceiver, discard: np.ndarray,
-                 make_faults: FaultsFactory = PageFaults):
-        """`make_faults(received, request)`: who handles the guest's faults; a process
-        guest's host passes one that makes its `nodes.host.faultreader.FaultReader`."""
+                 make_faults: FaultsFactory | None = None):
+        """`make_faults(received, request)`: who handles the guest's faults, made at the
+        resume once the discard set is missing (`received` then says which pages are); a
+        process guest's host passes one that relaunches its process with those pages
+        registered and returns its `nodes.host.faultreader.FaultReader`."""
         self.rx = rx
         self.discard = discard
         self.path = ReturnPath(rx.settings.latency_seconds)
-        self.faults = make_faults(rx.landing.received, self.path.request)
+        self.make_faults = make_faults or PageFaults
+        self.faults: MissingPageFaults = PageFaults(rx.landing.received, self.path.request)
         self.done = False                 # every page arrived and RESULT went back
         self.lost = False
         self.pauses = 0
@@ -105,7 +109,8 @@ class PostcopyDestination:
         rx, dom, hv = self.rx, self.rx.dom, self.rx.hv
         if not rx.vcpu:
             raise StreamError("no VCPU_CONTEXT before POSTCOPY_RUN")
-        self.stale_pages = rx.landing.begin_postcopy(self.discard, self.faults.landed)
+        self.stale_pages = rx.landing.begin_postcopy(self.discard, self._landed)
+        self.faults = self.make_faults(rx.landing.received, self.path.request)
         dom.on_missing = self.faults.handle
         dom.present = rx.landing.received
         rx.make_vcpu()
@@ -117,6 +122,10 @@ class PostcopyDestination:
         rx.status = Phase.POSTCOPY.value
         self.path.attach(rx.conn)
         self.path.send(RT.POSTCOPY_RESUMED, {"resume_wall": self.resume_wall})
+
+    def _landed(self, pfns: np.ndarray) -> None:
+        """The landing's `on_present`, given before the fault handler is made."""
+        self.faults.landed(pfns)
 
     # -- 2. receive -----------------------------------------------------------------------
     def receive(self, reader: RecordReader) -> None:
@@ -175,6 +184,7 @@ class PostcopyDestination:
         with dom.lock:
             dom.present = None
             dom.on_missing = None
+        self.faults.finish()
         hv.set_mode(rx.name, rx.mode_after)
         dom.migrating = False
         self.end_wall = time.time()
@@ -191,7 +201,8 @@ class PostcopyDestination:
         self.faults.lose(f"the post-copy of {rx.name} cannot complete: {why}")
         rx.status, rx.error = Outcome.FAILED, why
         self.path.send(RT.ABORT, {"error": why[:1000]})
-        rx.runtime.discard_guest(rx.name)
+        rx.runtime.discard_guest(rx.name)     # its process goes before its uffd closes
+        self.faults.stop()
         try:
             rx.hv.destroy_domain(rx.name, force=True)
         except MigbedError:

@@ -160,7 +160,8 @@ class Receiver:
                 self.runtime.prepare_guest(self.dom, self.info)
                 self.vcpu_made = True
             if self._receive(reader):
-                PostcopyDestination(self, self.discard).run(reader)
+                PostcopyDestination(self, self.discard, self.runtime.postcopy_faults(
+                    self.dom, self.info)).run(reader)
             else:
                 self._check_arrived()
                 destination_handover(self, reader)
