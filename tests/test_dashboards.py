@@ -331,7 +331,8 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
     elapsed = time.monotonic() - t_start
     print(f"dashboard proof took {elapsed:.1f} s: " + ", ".join(
         f"{k} {v:.1f} s" for k, v in phases.items()))
-    assert elapsed < 60
+    # A bound against a hang, not a speed figure (it took 21-60 s here, by the machine's load)
+    assert elapsed < 180
 
 
 def evaluate_every_panel(prom: Prometheus, t0: float, t1: float,
