@@ -41,11 +41,10 @@ test: setup
 	$(BIN)/python -m compileall -q cluster nodes workloads
 	$(BIN)/pytest -q
 
-# The quick loop: every tier but Ray's (unit and in-process). Its slowest tests mostly wait on
-# paced links and throttled vCPUs, so four workers beat two even on two cores (65 s against
-# 96 s here); the whole suite keeps one worker per core, where Ray's start-ups need the CPUs.
+# The quick loop: every tier but Ray's (unit and in-process), on four workers even on two
+# cores, since its slowest tests wait on paced links (tests/conftest.py says why): 71 s here.
 test-quick: $(BIN)/.installed
-	$(BIN)/pytest -q -m "not ray" -n 4
+	$(BIN)/pytest -q -m "not ray"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
