@@ -3,7 +3,8 @@
 Seven emulated hosts on Ray: three x86 hosts (host-0..2) with three busy guests, a migration
 chain host-0 -> host-1 -> host-2, one workload under each pre-copy policy over the same link,
 the same workload by hybrid and pure post-copy, then one migration each between two ia64
-hosts and two ppc hosts beside an x86 one, so the
+hosts and two ppc hosts beside an x86 one (and, where the kernel can, the same workload on a
+thread vCPU and on a process vCPU whose writes the kernel logs), so the
 seed essay's three ports show their modes and downtimes side by side. It ends with a summary
 of every migration and exits non-zero if any did not complete or failed its memory check.
 """
@@ -120,6 +121,36 @@ def _wire(tb: Testbed, reports: list[MigrationReport]) -> None:
              f"{r.xbzrle.encoding_rate:.1f}, {r.xbzrle.cache_miss} cache misses")
 
 
+def _vcpus(tb: Testbed, reports: list[MigrationReport]) -> None:
+    """The same guest with a thread vCPU (its writes logged by the emulated access path) and
+    with a process vCPU (a process of its own, its writes logged by the kernel's
+    write-protection), migrated side by side, then back by pure post-copy (real faults)."""
+    from nodes.host.userfault import kernel_support
+    support = kernel_support()
+    if not support.dirty_log:
+        _say(f"\n-- process vCPUs skipped: {support.reason}")
+        return
+    _say("\n-- the same workload on a thread vCPU and on a process vCPU (uniform 10000 "
+         "pages/s): whose log the rounds read")
+    for vcpu in ("thread", "process"):
+        name = f"{vcpu}-vm"
+        tb.create("host-2", GuestSpec(name, 32 * MiB, "p2m", vcpu=vcpu,
+                                      workload=WorkloadSpec("uniform", 10000, seed=6)))
+        time.sleep(0.2)
+        r = _migrate(tb, name, "host-1", MigrationSettings(link_bytes_per_second=LINK),
+                     reports)
+        _say(f"   {vcpu} vCPU: dirty log {r.dirty_log}, {r.shadow_faults} pages logged "
+             f"written, downtime {_ms(r.downtime_seconds)}")
+    r = _migrate(tb, "process-vm", "host-2", MigrationSettings(
+        link_bytes_per_second=LINK, postcopy_after_rounds=0,
+        postcopy_bandwidth_bytes_per_second=16 * MiB), reports)
+    if r.postcopy is not None:
+        _say(f"   process vCPU by pure post-copy: {r.postcopy_requests} page requests from "
+             f"real userfaultfd faults, vCPU blocked {_ms(r.postcopy.blocktime_seconds)}")
+    for name in ("thread-vm", "process-vm"):
+        tb.destroy(name)
+
+
 def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> bool:
     """The demo's migrations, each report appended; whether qtest's edge check held."""
     link = MigrationSettings(link_bytes_per_second=LINK)
@@ -152,6 +183,7 @@ def _migrations(tb: Testbed, quick: bool, reports: list[MigrationReport]) -> boo
     _say(f"   counters all equal but one edge: {ok}")
 
     _wire(tb, reports)
+    _vcpus(tb, reports)
 
     _say("\n-- the seed's three ports side by side (x86 above, then ia64 and ppc)")
     _migrate(tb, "itanic", "ia64-b", link, reports)
