@@ -161,6 +161,9 @@ def postcopy_block(source: SourceResult,
         "pages_pushed": s.get("pages_pushed"),
         "requests_already_sent": s.get("requests_already_sent"),
         "faults": d.get("faults"),
+        # the pages the destination asked for, each once (one latency sample each when it
+        # lands); the source's postcopy_requests misses any still in flight when it ended
+        "pages_faulted": d.get("pages_faulted"),
         "fault_latency_seconds": d.get("fault_latency_seconds") or {},
         "fault_latency_mean_seconds": d.get("fault_latency_mean_seconds"),
         "discard_pages": d.get("discard_pages"),

@@ -113,6 +113,7 @@ class PostcopyBlock(ReportBlock):
     pages_pushed: int | None = None
     requests_already_sent: int | None = None
     faults: int | None = None
+    pages_faulted: int | None = None
     fault_latency_seconds: dict = field(default_factory=dict)
     fault_latency_mean_seconds: float | None = None
     discard_pages: int | None = None

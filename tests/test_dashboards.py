@@ -260,8 +260,10 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
                                   workload=WorkloadSpec("uniform", 3000, seed=1)))
     tb.create("host-1", GuestSpec(guests["b"], 32 * MiB, "p2m", workload=WorkloadSpec(
         "hotset", 8000, seed=2, hot_fraction=0.1, hot_share=0.9)))
-    tb.create("host-2", GuestSpec(guests["c"], 8 * MiB, "vp",
-                                  workload=WorkloadSpec("uniform", 500, seed=3)))
+    # Content in every page, so the post-copy push (2 MiB/s) has 4 s of pages to send: a zero
+    # page costs it nothing, and a push over before the next scrape leaves no missing pages.
+    tb.create("host-2", GuestSpec(guests["c"], 8 * MiB, "vp", workload=WorkloadSpec(
+        "uniform", 500, seed=3, fill="random")))
     # A process guest where this kernel runs one (the uffd tier), migrated by pre-copy so
     # its kernel-logged pages count: the process vCPUs row's panels.
     process = kernel_support().dirty_log
