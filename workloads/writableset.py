@@ -157,7 +157,7 @@ class WssCurve:
 
 
 def _floats(values: object) -> tuple[float, ...]:
-    if not isinstance(values, list) or len(values) > MAX_POINTS:
+    if not isinstance(values, list | tuple) or len(values) > MAX_POINTS:
         raise ValueError(f"want a list of at most {MAX_POINTS} numbers")
     return tuple(float(v) for v in values)
 
