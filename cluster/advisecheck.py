@@ -10,7 +10,7 @@ measured one (`migbed advise-check`).
 import time
 from dataclasses import replace
 
-from cluster.advisor import TOLERANCE, Candidate, advise, candidates, settings_for
+from cluster.advisor import TOLERANCE, Candidate, advise, candidates, rank, settings_for
 from cluster.sweep.scenario import Scenario
 from nodes.errors import MigbedError
 from nodes.migration.decide.policy import StopCode
@@ -19,6 +19,7 @@ from workloads.writableset import WssCurve
 
 SOURCE, DESTINATION = "host-0", "host-1"
 MEASURE_SECONDS = 1.0
+POSTCOPY_FAMILY = ("post-copy", "hybrid")
 
 
 def measured_verdict(report, limit_seconds: float) -> tuple[bool, str]:
@@ -59,8 +60,9 @@ def check_point(tb, scenario: Scenario, index: int, point: dict) -> dict:
         _destroy(tb, spec.name)
     ranked = advise(curve, content, base, spec.memory_bytes, spec.workload)
     runs = [_run(tb, scenario, spec, base, c, i) for i, c in enumerate(candidates(base))]
-    measured = sorted(runs, key=lambda r: (not r["meets_limits"], round(r["bytes_sent"], -3),
-                                           r["total_time_seconds"]))
+    measured = rank(runs, meets=lambda r: r["meets_limits"], sent=lambda r: r["bytes_sent"],
+                    took=lambda r: r["total_time_seconds"])
+    pre = precopy_winners(ranked, measured)
     predicted_best = ranked[0]
     measured_best = measured[0]
     same = next(r for r in runs if r["name"] == predicted_best.name)
@@ -72,8 +74,17 @@ def check_point(tb, scenario: Scenario, index: int, point: dict) -> dict:
             "agree": predicted_best.name == measured_best["name"],
             "winner_predicted_total_seconds": predicted_best.total_time_seconds,
             "winner_measured_total_seconds": same["total_time_seconds"],
-            "total_time_error": err,
+            "total_time_error": err, **pre,
             "advice": [a.to_dict() for a in ranked], "measured": measured}
+
+
+def precopy_winners(ranked: list, measured: list[dict]) -> dict:
+    """The harder half of the check: the winner among the pre-copy candidates alone (post-copy
+    sends every page once, so it wins on bytes wherever it is allowed)."""
+    pre = [a.name for a in ranked if a.name not in POSTCOPY_FAMILY]
+    got = [r["name"] for r in measured if r["name"] not in POSTCOPY_FAMILY]
+    return {"precopy_predicted_winner": pre[0], "precopy_measured_winner": got[0],
+            "precopy_agree": pre[0] == got[0]}
 
 
 def _run(tb, scenario: Scenario, spec, base, cand: Candidate, i: int) -> dict:
@@ -99,10 +110,14 @@ def run_check(scenario: Scenario, tb, say=print) -> dict:
         err = p["total_time_error"]
         say(f"point {i} {point}: predicted {p['predicted_winner']}, measured "
             f"{p['measured_winner']}" + (f", total time error {err * 100:+.0f} %"
-                                         if err is not None else ""))
+                                         if err is not None else "")
+            + f"; pre-copy alone: predicted {p['precopy_predicted_winner']}, measured "
+              f"{p['precopy_measured_winner']}")
         points.append(p)
     agree = sum(p["agree"] for p in points)
+    precopy_agree = sum(p["precopy_agree"] for p in points)
     within = sum(1 for p in points if p["total_time_error"] is not None
                  and abs(p["total_time_error"]) <= 0.25)
     return {"scenario": scenario.name, "points": points, "winners_agree": agree,
+            "precopy_winners_agree": precopy_agree,
             "total_within_25_percent": within, "point_count": len(points)}

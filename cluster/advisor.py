@@ -28,6 +28,8 @@ PAGE_WORD_BYTES = 8                  # the pfn word every page costs on the wire
 FAULT_SECONDS = 0.001                # a post-copy fault's wait (0.91 ms measured here)
 DIRTY_LIMIT_DEFAULT = 1 << 20        # QEMU's vcpu-dirty-limit default, 1 MB/s
 TOLERANCE = 1.0 + 1e-9
+SAME_BYTES = 1.02                    # bytes this close count as the same
+SAME_SECONDS = 1.05                  # and total times this close
 
 
 @dataclass(frozen=True)
@@ -160,10 +162,22 @@ def _slowdown(s: MigrationSettings, pred, curve: WssCurve) -> float:
     return 0.0
 
 
-def rank(advice: list[Advice]) -> list[Advice]:
-    """Those meeting the limits first, then by bytes sent, then by total time."""
-    return sorted(advice, key=lambda a: (not a.meets_limits, round(a.bytes_sent, -3),
-                                         a.total_time_seconds))
+def rank(advice: list, *, meets=lambda a: a.meets_limits, sent=lambda a: a.bytes_sent,
+         took=lambda a: a.total_time_seconds) -> list:
+    """Those meeting the limits first, then by bytes sent, then by total time; bytes within
+    `SAME_BYTES` of the fewest and times within `SAME_SECONDS` of the shortest count as the
+    same, and then the simpler candidate (earlier in `candidates`) wins: an aid that does not
+    help is not advised. The accessors let a check rank measured runs by the same rule."""
+    left, out = list(advice), []
+    while left:
+        pool = [a for a in left if meets(a)] or left
+        fewest = min(sent(a) for a in pool)
+        pool = [a for a in pool if sent(a) <= fewest * SAME_BYTES]
+        shortest = min(took(a) for a in pool)
+        best = next(a for a in pool if took(a) <= shortest * SAME_SECONDS)
+        out.append(best)
+        left.remove(best)
+    return out
 
 
 def advise(curve: WssCurve, content: dict, base: MigrationSettings, memory_bytes: int,

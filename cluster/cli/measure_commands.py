@@ -102,7 +102,8 @@ def cmd_advise_check(args: argparse.Namespace) -> int:
     else:
         print(f"{scenario.name}: predicted winner = measured winner at {result['winners_agree']}"
               f" of {result['point_count']} points; the winner's total time within 25 % at "
-              f"{result['total_within_25_percent']}")
+              f"{result['total_within_25_percent']}; among pre-copy alone the winners agree at "
+              f"{result['precopy_winners_agree']}")
     return 0
 
 

@@ -120,7 +120,8 @@ class GuestMeasuring:
                 time.sleep(max(0.0, next_at - time.monotonic()))
                 bitmap, _ = self.hv.shadow_op(name, ShadowOp.CLEAN)
                 ticks.append(np.flatnonzero(bitmap))
-                next_at += tick
+                # A late tick is not made up for: the window ends on time, ticks stay even.
+                next_at = max(next_at + tick, time.monotonic() + tick / 2)
             elapsed = time.monotonic() - start
             writes = float((self._counters(dom) - before).sum()) / elapsed
         curve = curve_from_ticks(ticks, elapsed / len(ticks), data_pages=dom.data_pages,
@@ -153,13 +154,15 @@ class GuestMeasuring:
 
     def _by_bitmap(self, name: str, duration: float) -> dict:
         with self._logged(name) as dom:
-            before = self._counters(dom)
-            self.hv.shadow_op(name, ShadowOp.CLEAN)
-            start = time.monotonic()
+            with dom.lock:        # a thread vCPU writes under it: both ends read at once
+                before = self._counters(dom)
+                self.hv.shadow_op(name, ShadowOp.CLEAN)
+                start = time.monotonic()
             time.sleep(duration)
-            bitmap, _ = self.hv.shadow_op(name, ShadowOp.CLEAN)
-            elapsed = time.monotonic() - start
-            truth = self._truth(dom, before, elapsed)
+            with dom.lock:
+                bitmap, _ = self.hv.shadow_op(name, ShadowOp.CLEAN)
+                elapsed = time.monotonic() - start
+                truth = self._truth(dom, before, elapsed)
             about = self._about(name, dom)
         return {"pages_per_second": float(np.count_nonzero(bitmap)) / elapsed,
                 "window_seconds": elapsed, **truth, **about}
@@ -172,13 +175,15 @@ class GuestMeasuring:
         try:
             n = max(1, min(dom.npages, round(per_gib * dom.npages * self.hv.page_size / GIB)))
             sample = np.sort(np.random.default_rng().choice(dom.npages, n, replace=False))
-            before = self._counters(dom)
-            first = page_hashes(dom.foreign_read(sample))
-            start = time.monotonic()
+            with dom.lock:
+                before = self._counters(dom)
+                first = page_hashes(dom.foreign_read(sample))
+                start = time.monotonic()
             time.sleep(duration)
-            changed = int(np.count_nonzero(page_hashes(dom.foreign_read(sample)) != first))
-            elapsed = time.monotonic() - start
-            truth = self._truth(dom, before, elapsed)
+            with dom.lock:
+                changed = int(np.count_nonzero(page_hashes(dom.foreign_read(sample)) != first))
+                elapsed = time.monotonic() - start
+                truth = self._truth(dom, before, elapsed)
         finally:
             self._measuring.discard(name)
         return {"pages_per_second": changed / n * dom.npages / elapsed,
@@ -194,12 +199,14 @@ class GuestMeasuring:
                 raise ConfigError(f"{name} has no running vCPU to count")
             counts = getattr(vcpu, "vcpu_writes", None)
             read = counts if counts is not None else lambda: [vcpu.pages_written_total]
-            before_counters, before = self._counters(dom), np.asarray(read(), dtype=float)
-            start = time.monotonic()
+            with dom.lock:
+                before_counters, before = self._counters(dom), np.asarray(read(), dtype=float)
+                start = time.monotonic()
             time.sleep(duration)
-            per_vcpu = (np.asarray(read(), dtype=float) - before)
-            elapsed = time.monotonic() - start
-            truth = self._truth(dom, before_counters, elapsed)
+            with dom.lock:
+                per_vcpu = (np.asarray(read(), dtype=float) - before)
+                elapsed = time.monotonic() - start
+                truth = self._truth(dom, before_counters, elapsed)
         finally:
             self._measuring.discard(name)
         rates = (per_vcpu / elapsed).tolist()
