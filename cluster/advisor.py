@@ -114,6 +114,20 @@ def _page_bytes(page_size: int, content: dict, encoding: str, first: float,
     return None
 
 
+def _cap_by_compressor(common: dict, content: dict, s: MigrationSettings,
+                       page_size: int) -> None:
+    """Compression is bounded by the compressor too: its channels take at most the measured
+    zstd speed each in page bytes, which leaves ratio x that on the wire."""
+    speed = content.get("compression_bytes_per_second")
+    if not speed:
+        return
+    wire = speed * (s.multifd_channels or 1) * (
+        content["compression_ratio"] + PAGE_WORD_BYTES / page_size)
+    for key in ("link_bytes_per_second", "rate_limit_bytes_per_second"):
+        if common[key] is not None:
+            common[key] = min(common[key], wire)
+
+
 def predict_one(cand: Candidate, base: MigrationSettings, curve: WssCurve, content: dict,
                 memory_bytes: int, workload: WorkloadSpec) -> Advice:
     """The model's prediction for one candidate, and whether it meets the limits."""
@@ -122,9 +136,11 @@ def predict_one(cand: Candidate, base: MigrationSettings, curve: WssCurve, conte
                   workload=workload, link_bytes_per_second=s.link_bytes_per_second,
                   rate_limit_bytes_per_second=s.rate_limit_bytes_per_second, wss=curve,
                   warmup_seconds=60.0, **settings_inputs(s, memory_bytes))
+    if cand.encoding == "compression":
+        _cap_by_compressor(common, content, s, curve.page_size)
     pred = model.predict(**common)
     if cand.encoding:
-        first = pred.rounds[0].pages_sent if pred.rounds else 0.0
+        first = max(0.0, curve.guest_pages - pred.zero_pages)   # the first pass goes whole
         pred = model.predict(page_bytes=_page_bytes(curve.page_size, content, cand.encoding,
                                                     first, pred.pages_sent_total), **common)
     return _verdict(cand, s, pred, curve)
