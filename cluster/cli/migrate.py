@@ -116,6 +116,9 @@ def cmd_model(args: argparse.Namespace) -> int:
     from cluster.model import predict
     wl = workload_from(args)
     wss = _measured_wss(args)
+    typed = getattr(args, "argv", None) or []
+    if wss is not None and not any(w.startswith("--guest-memory") for w in typed):
+        args.guest_memory, args.page_size = wss.guest_pages * wss.page_size, wss.page_size
     if wl.unlimited and wss is None:
         raise ConfigError("the model needs a dirty rate in page writes per second "
                           "(--dirty-rate N), not max")
@@ -179,7 +182,8 @@ def register(sub: Commands) -> None:
               help="how long the workload ran before the migration: with --fill zero, what "
                    "it has written (default 500ms, as migrate's)")
     s.add_argument("--wss", metavar="FILE", help="dirty as this measured writable working set "
-                   "(the JSON `migbed wss --json` prints) instead of the workload's set rate")
+                   "(the JSON `migbed wss --json` prints) instead of the workload's set rate; "
+                   "the guest's memory is the measured guest's unless --guest-memory is given")
     s.add_argument("--wss-guest", metavar="GUEST", help="measure this running guest's "
                    "writable working set (2 s) and dirty as it does")
     s.set_defaults(func=cmd_model)
