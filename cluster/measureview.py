@@ -64,7 +64,7 @@ def dirtyrate_table(runs: list[dict]) -> Table:
     truth_key = "true_writes_per_second" if mode == "dirty-ring" else "true_pages_per_second"
     t = Table(title=f"dirty rate of {runs[0]['guest']} by {mode} "
                     f"({runs[0]['vcpu']} vCPU, {runs[0]['window_seconds']:.2f} s windows)")
-    for name in ("#", "MB/s", "pages/s", "true pages/s", "bias"):
+    for name in ("#", "MB/s", "pages/s", "true (counters)", "bias"):
         t.add_column(name, justify="right")
     for i, r in enumerate(runs):
         t.add_row(str(i + 1), f"{r['bytes_per_second'] / 1e6:.2f}",
@@ -92,8 +92,9 @@ def series_stats(runs: list[dict]) -> dict:
     est = [r["pages_per_second"] for r in runs]
     true = [r[truth_key] for r in runs]
     mean, mean_true = statistics.fmean(est), statistics.fmean(true)
-    return {"mode": runs[0]["mode"], "windows": len(runs),
+    return {"mode": runs[0]["mode"], "window_count": len(runs),
             "mean_pages_per_second": mean,
+            "median_pages_per_second": statistics.median(est),
             "mean_bytes_per_second": mean * runs[0]["page_size"],
             "stdev_pages_per_second": statistics.stdev(est) if len(est) > 1 else 0.0,
             "mean_true_pages_per_second": mean_true, "truth": truth_key,

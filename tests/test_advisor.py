@@ -95,3 +95,20 @@ def test_bad_input_is_one_line_and_exit_2(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1
+
+
+def test_the_tables_show_the_curve_the_windows_and_the_advice():
+    from cluster.console import render_text
+    from cluster.measureview import advice_table, dirtyrate_table, wss_table
+    curve = _curve(3000, 400)
+    text = render_text(wss_table(curve))
+    assert "10 ms" in text and f"{curve.pages[0]:.0f}" in text
+    run = {"mode": "dirty-ring", "guest": "g", "vcpu": "process", "window_seconds": 1.0,
+           "pages_per_second": 990.0, "bytes_per_second": 990.0 * 4096, "page_size": 4096,
+           "true_writes_per_second": 1000.0, "true_pages_per_second": 900.0,
+           "vcpu_pages_per_second": [500.0, 490.0]}
+    text = render_text(dirtyrate_table([run, run]))
+    assert "500 + 490" in text and "-1.0 %" in text
+    ranked = advise(curve, CONTENT, MigrationSettings(link_bytes_per_second=20e6), 16 * MiB,
+                    WorkloadSpec())
+    assert ranked[0].name in render_text(advice_table(ranked))
