@@ -98,3 +98,23 @@ def test_bad_measurements_are_one_clear_error(in_process, call, match):
     host = _guest(in_process, "idle", 0, 4 * MiB)
     with pytest.raises(ConfigError, match=match):
         host.call(*call)
+
+
+def test_advise_check_runs_every_candidate_of_a_small_point(in_process):
+    """One point, every candidate migrated for real: both rankings name a winner, and the
+    winner's predicted total time is set against its measured one."""
+    from cluster.advisecheck import run_check
+    from cluster.advisor import candidates
+    from cluster.sweep.scenario import Scenario
+    from nodes.migration.settings import MigrationSettings
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    scenario = Scenario("tiny", guest_memory_bytes=4 * MiB, warmup_seconds=0.1,
+                        workload=WorkloadSpec("hotset", 1000),
+                        migration=MigrationSettings(link_bytes_per_second=200e6))
+    said = []
+    result = run_check(scenario, tb, said.append)
+    (point,) = result["points"]
+    assert len(point["measured"]) == len(candidates(scenario.migration))
+    assert point["predicted_winner"] and point["measured_winner"]
+    assert point["winner_measured_total_seconds"] > 0 and len(said) == 1
+    assert result["point_count"] == 1

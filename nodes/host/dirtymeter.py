@@ -106,8 +106,9 @@ class GuestMeasuring:
         CLEANed every `tick_seconds` for `duration_seconds`, windows of 10 ms .. 10 s."""
         duration = _check_window(duration_seconds)
         tick = _check_window(tick_seconds, "tick")
-        if tick > duration / 2:
-            raise ConfigError(f"the tick ({tick:g} s) must be at most half the duration")
+        if tick > min(duration / 2, 1.0):
+            raise ConfigError(f"the tick ({tick:g} s) must be at most half the duration and "
+                              "at most 1 s (it is the shortest window)")
         ticks: list[np.ndarray] = []
         with self._logged(name) as dom:
             about = self._about(name, dom)
