@@ -206,19 +206,23 @@ def advise(curve: WssCurve, content: dict, base: MigrationSettings, memory_bytes
                  for c in candidates(base)])
 
 
+# The flags a candidate decides (and how many values each takes): the operator's own are
+# left out of the advised line, as `settings_for` leaves them out of its settings.
+CANDIDATE_FLAGS = {"--policy": 1, "--auto-converge": 0, "--dirty-limit": 1,
+                   "--xbzrle-cache": 1, "--multifd-channels": 1, "--multifd-compression": 1,
+                   "--postcopy": 0, "--postcopy-after": 1, "--postcopy-allowed": 0}
+
+
 def migrate_line(guest: str, destination: str, base_flags: list[str], best: Advice) -> str:
     """The `migbed migrate` command that runs the advice (the operator's flags, then its)."""
-    drop = {"--policy"}
-    kept, skip = [], False
-    for tok in base_flags:                 # the candidate's policy replaces the operator's
-        if skip:
-            skip = False
+    kept, i = [], 0
+    while i < len(base_flags):
+        name, has_value = base_flags[i].split("=", 1)[0], "=" in base_flags[i]
+        if name in CANDIDATE_FLAGS:
+            i += 1 + (0 if has_value else CANDIDATE_FLAGS[name])
             continue
-        if tok in drop:
-            skip = True
-            continue
-        if not tok.startswith("--policy="):
-            kept.append(tok)
+        kept.append(base_flags[i])
+        i += 1
     return " ".join(["migbed", "migrate", guest, destination, *kept, *best.flags])
 
 

@@ -55,7 +55,8 @@ def test_compressible_pages_are_advised_compression():
     ranked = advise(_curve(2000, 400), content, MigrationSettings(link_bytes_per_second=20e6),
                     16 * MiB, WorkloadSpec())
     assert ranked[0].name == "multifd+zstd"
-    line = migrate_line("g", "host-1", ["--bandwidth", "20MB", "--policy", "xen"], ranked[0])
+    line = migrate_line("g", "host-1", ["--bandwidth", "20MB", "--policy", "xen",
+                                        "--auto-converge", "--postcopy-after=1"], ranked[0])
     assert line == ("migbed migrate g host-1 --bandwidth 20MB --policy qemu "
                     "--multifd-channels 2 --multifd-compression zstd")
 
