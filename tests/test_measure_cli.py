@@ -31,6 +31,9 @@ def test_wss_dirtyrate_and_advise_measure_a_guest_without_moving_it(ray_home, un
         advice = json.loads(capsys.readouterr().out)
         assert advice["migrate"].startswith(f"migbed migrate {guest} host-1 --bandwidth 50MB")
         assert advice["advice"][0]["meets_limits"]
+        assert main(["model", "--wss-guest", guest, "--bandwidth", "50MB", "--json"]) == 0
+        model = json.loads(capsys.readouterr().out)
+        assert model["dirtying"]["source"] == "measured-wss" and model["converged"]
         assert main(["advise", guest, "nowhere", "--bandwidth", "50MB"]) == 2
         assert "no host 'nowhere'" in capsys.readouterr().err
         status = tb.host("host-0").call("guest_status", guest)
