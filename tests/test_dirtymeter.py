@@ -38,15 +38,15 @@ def _wss_recovers_the_hot_set(host, memory: int) -> WssCurve:
 
 
 def test_wss_of_a_hotset_thread_guest_is_its_hot_set(in_process):
-    host = _guest(in_process, "hotset", 10000)
-    curve = _wss_recovers_the_hot_set(host, 32 * MiB)
+    host = _guest(in_process, "hotset", 10000, 16 * MiB)
+    curve = _wss_recovers_the_hot_set(host, 16 * MiB)
     assert curve.vcpu == "thread" and curve.dirty_log == "emulated"
 
 
 @pytest.mark.uffd
 def test_wss_of_a_hotset_process_guest_is_its_hot_set(in_process, uffd_kernel):
-    host = _guest(in_process, "hotset", 10000, vcpu="process")
-    curve = _wss_recovers_the_hot_set(host, 32 * MiB)
+    host = _guest(in_process, "hotset", 10000, 16 * MiB, vcpu="process")
+    curve = _wss_recovers_the_hot_set(host, 16 * MiB)
     assert curve.vcpu == "process" and curve.dirty_log == "kernel"
 
 

@@ -74,6 +74,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
     line = migrate_line(args.guest, args.destination, _migrate_flags(args), best) if best else None
     if args.json:
         print(json.dumps({"guest": args.guest, "destination": args.destination,
+                          "dirty_rate_pages_per_second": curve.distinct(1.0),
                           "wss": curve.to_dict(), "content": content,
                           "advice": [a.to_dict() for a in ranked], "migrate": line},
                          indent=2))
