@@ -156,9 +156,12 @@ def migrations_row(d: Dashboard, p: Panels) -> Dashboard:
         .with_panel(p.ts(
             "Expected downtime of running migrations", "What the downtime would be if the "
             "migration stopped now: bytes still to send over the measured throughput "
-            "(QEMU's expected-downtime).", "s",
+            "(QEMU's expected-downtime), against the qemu policy's downtime limit in force "
+            "(it steps up with --downtime-steps).", "s",
             [query(top(f"max by (guest) (migbed_migration_expected_downtime_seconds{{{HG}}})"),
-                   "{{guest}}")]))
+                   "{{guest}}", "A"),
+             query(top(f"max by (guest) (migbed_migration_downtime_limit_seconds{{{HG}}})"),
+                   "{{guest}} limit in force", "B")]))
         .with_panel(p.ts(
             "Dirty pages in the last round", "Pages the guest dirtied during the last round, "
             "which the next round must send.", "short",
