@@ -46,7 +46,7 @@ class StallSwitch:
         self.seconds = seconds
         self.armed_at: float | None = None      # when the stall was declared
         self._last: int | None = None           # the reading before
-        self._trend = 0                         # how it moved to it: -1 fell, 0 flat, 1 rose
+        self._moved = 0                         # its last move: -1 fell, 1 rose (0: none)
 
     def decide(self, now: float, remaining_bytes: int | None) -> Decision | None:
         """A stop at a local minimum after the stall, else None (unreadable bytes: None)."""
@@ -54,18 +54,18 @@ class StallSwitch:
             return None
         self.watermark.observe(now, remaining_bytes)
         last, self._last = self._last, remaining_bytes
-        before = self._trend
-        self._trend = 0 if last is None else (remaining_bytes > last) - (remaining_bytes < last)
+        moved = 0 if last is None else (remaining_bytes > last) - (remaining_bytes < last)
+        before = self._moved
+        if moved:
+            self._moved = moved
         if self.armed_at is None:
             if not self.watermark.stalled(now, self.seconds):
                 return None
             self.armed_at = now
-        if last is None or self._trend < 0:
+        if last is None or moved < 0:
             return None                          # still falling: the minimum is ahead
-        if self._trend > 0 and before >= 0:
-            return None                          # rising, not from a fall: wait for one
-        if self._trend == 0 and before > 0:
-            return None                          # a plateau after a rise is no minimum
+        if before > 0:
+            return None                          # rising, or a plateau after a rise: wait
         return Decision.stop(
             StopCode.STALL_MINIMUM,
             f"no new low of the remaining bytes ({self.watermark.low}) for "
