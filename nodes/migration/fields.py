@@ -345,6 +345,10 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           "max-postcopy-bandwidth; default unlimited); requested pages always go at once",
           flag="--postcopy-bandwidth", toml="postcopy_bandwidth", metavar="RATE",
           label="post-copy push (MiB/s)", scale=MiB),
+    Field("postcopy_preempt", "postcopy", False, read_flag,
+          "after the switch, send requested pages on a connection of their own, ahead of "
+          "the background push (QEMU 8.0+'s postcopy-preempt)", flag="--postcopy-preempt",
+          toml="postcopy_preempt", label="post-copy preempt"),
     # checks: what a run injects and checks
     Field("faults", "checks", (), read_fault,
           f"inject a fault, e.g. stall-link@round1:2s, kill-destination@{Phase.STOP_AND_COPY}"

@@ -102,6 +102,10 @@ class PostcopySettings:
             raise ConfigError(f"post-copy after a time needs seconds >= 0, got {seconds!r}")
         if rounds is not None or seconds is not None:
             object.__setattr__(self, "postcopy_allowed", True)     # each implies it
+        if self.postcopy_preempt and not self.postcopy_allowed:
+            raise ConfigError("--postcopy-preempt sends requested pages on a channel of their "
+                              "own after a post-copy switch: add --postcopy, --postcopy-after "
+                              "N or --postcopy-allowed")
         bw = self.postcopy_bandwidth_bytes_per_second
         if bw is not None:
             if not bw > 0:
