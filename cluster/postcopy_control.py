@@ -179,6 +179,7 @@ def postcopy_block(source: SourceResult,
                                    "during": d.get("guest_rate_during"),
                                    "after": d.get("guest_rate_after")},
         "channel_bytes": s.get("channel_bytes") or {},
+        "preempt_channels": s.get("preempt_channels", 0),
         "fault_latency_by_channel": d.get("fault_latency_by_channel") or {},
     })
 

@@ -129,6 +129,7 @@ class PostcopyBlock(ReportBlock):
     # ({channel: {fault_latency_seconds, fault_latency_mean_seconds, pages}}).
     channel_bytes: dict = field(default_factory=dict)
     fault_latency_by_channel: dict = field(default_factory=dict)
+    preempt_channels: int = 0          # opened: at the switch, and after each recovery
 
 
 @dataclass

@@ -53,6 +53,7 @@ class PreemptOwner(Protocol):
     cursor_lock: threading.Lock
     pages_requested: int
     requests_already_sent: int
+    preempt_channels: int
 
     def broke(self, exc: BaseException) -> None: ...
 
@@ -72,6 +73,7 @@ class PreemptSender:
             sock.close()
             raise
         self.sock, self.ctx, self.owner = sock, ctx, owner
+        owner.preempt_channels += 1
         self.wire = ctx.channel.link.link          # the pacer the push goes at
         self.pages = self.zero_pages = 0
         self.cond = threading.Condition()

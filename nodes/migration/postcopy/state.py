@@ -44,6 +44,7 @@ class PostcopySource:
         self.cursor_lock = threading.Lock()
         self.preempt_pages = 0
         self.preempt_bytes = 0
+        self.preempt_channels = 0                # opened: one at the switch, one a recovery
         self.switched = False                    # RUN went out: the guest is the destination's
         self.paused = False
         self.round: RoundStats | None = None
@@ -191,7 +192,7 @@ class PostcopySource:
             "guest_rate_before": self.guest_rate_before,
             "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes,
                               "preempt": self.preempt_bytes},
-            "preempt_pages": self.preempt_pages}
+            "preempt_pages": self.preempt_pages, "preempt_channels": self.preempt_channels}
 
     def fail(self, session: Session, r: SourceResult) -> None:
         """The migration failed after the switch. If the destination had confirmed the whole
