@@ -9,6 +9,7 @@ import time
 import pytest
 from checks import frames_exact, wait_progress
 from test_cli import one_line_error, run
+from test_postcopy_cluster import scrape, value
 
 from nodes.errors import ConfigError
 from nodes.host.specs import GuestSpec
@@ -71,6 +72,12 @@ def test_requested_pages_go_on_the_preempt_channel_and_each_page_once(in_process
     assert sum(v["pages"] for v in by.values()) == sum(b["fault_latency_seconds"].values()), \
         "each timed page timed once, by the channel it landed from"
     assert "post-copy preempt:" in r.table()
+    src, dst = scrape(tb, "host-0"), scrape(tb, "host-1")
+    for ch in ("main", "preempt"):      # Prometheus splits them as the report does
+        assert value(src, "migbed_migration_postcopy_channel_sent_bytes_total",
+                     channel=ch) == b["channel_bytes"][ch]
+        assert value(dst, "migbed_migration_postcopy_channel_fault_latency_seconds_count",
+                     channel=ch) == by[ch]["pages"]
     plain = tb.migrate("vm", "host-0", preempt(postcopy_preempt=False))
     pb = each_page_once(plain)
     assert pb["channel_bytes"]["preempt"] == 0
