@@ -60,8 +60,7 @@ class MigrationReport:
     # for a migration an operator's timeout cancelled; None when the migration did not
     # complete otherwise (its status and error say why).
     stop_code: str | None = None
-    # The qemu policy's downtime limit in force when pre-copy stopped (it steps with
-    # --downtime-steps; `fits-downtime` was decided on it); None for the other policies.
+    # The qemu policy's downtime limit when pre-copy stopped (--downtime-steps step it).
     downtime_limit_in_force_seconds: float | None = None
     total_time_seconds: float = 0.0
     downtime_seconds: float | None = None          # source pause -> destination resume

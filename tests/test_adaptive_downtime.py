@@ -233,6 +233,9 @@ def test_a_guest_that_never_fits_300ms_converges_on_stepped_limits(in_process):
     assert limit > 0.3 and any(limit == pytest.approx(x) for x in step_limits(
         "150ms..1050ms/5")), limit
     assert f"{limit * 1000:g} ms" in stepped.stop_reason
+    steps = [x["t_seconds"] for x in stepped.progress_history if x["event"] == "downtime-step"]
+    assert len(steps) == step_limits("150ms..1050ms/5").index(pytest.approx(limit)), \
+        "each step up to the one in force is an event of the history (the timeline's)"
     print(f"fixed 300 ms: {fixed.stop_code}, total {fixed.total_time_seconds:.2f} s, "
           f"downtime {fixed.downtime_seconds:.3f} s (guest saw "
           f"{fixed.guest_observed_downtime_seconds:.3f} s); stepped: fits at "

@@ -247,9 +247,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `warmup_seconds` of running before the migration, one with content none.
     `page_bytes` replaces what a normal page costs on the wire (its bytes and pfn word),
     for a run whose encoding (XBZRLE, compression) made it less.
-    `budget` (`downtimesteps.budget_of`: stepped limits, switch-over bandwidth) and
-    `switchover_on_stall_seconds` (stall detection) are the qemu policy's arbiter inputs,
-    as the engine's.
+    `budget` (stepped limits, switch-over bandwidth) and `switchover_on_stall_seconds` are
+    the qemu policy's arbiter inputs, as the engine's.
     """
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,

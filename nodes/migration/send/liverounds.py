@@ -280,7 +280,11 @@ def decide(ctx: SourceContext, arb: Arbiter, pending_pages: int) -> Decision:
     decision = arb.decide(Moment(stats, time.monotonic(), stats.pending_bytes,
                                  ctx.pages.rounds))
     p.expected_downtime_seconds = expected_downtime(ctx, stats)
-    p.downtime_limit_seconds = getattr(policy, "downtime_limit_seconds", None)
+    limit = getattr(policy, "downtime_limit_seconds", None)    # the qemu policy's only
+    stepped = p.downtime_limit_seconds is not None and limit != p.downtime_limit_seconds
+    p.downtime_limit_seconds = limit
+    if stepped:
+        ctx.sample("downtime-step")      # the timeline draws each step
     if decision.action is Action.POSTCOPY and ctx.switch.postcopy is None:
         raise MigrationError(f"policy {policy.name} would switch to post-copy "
                              f"({decision.reason}), which this migration does not allow: "
