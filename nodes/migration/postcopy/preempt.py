@@ -115,6 +115,10 @@ class PreemptSender:
                         self.busy = False
                         self.cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - a broken channel is the push's news
+            with self.cond:
+                self.closed = True               # later requests: the push serves them
+                self.queue.clear()               # (the recovery asks for these again)
+                self.cond.notify_all()
             if not self.stopping:
                 self.owner.broke(exc)
 
