@@ -55,7 +55,7 @@ def _parts(text: str, what: str) -> tuple[float, float, int]:
 def step_limits(text: str) -> tuple[float, ...]:
     """The STEPS + 1 limits of canonical steps (`parse_downtime_steps`), in seconds."""
     start, end, steps = _parts(PRESETS.get(text, text), "downtime steps")
-    return tuple(start + (end - start) * i / steps for i in range(steps + 1))
+    return tuple(round(start + (end - start) * i / steps, 9) for i in range(steps + 1))
 
 
 def step_delay_seconds(absolute: float | None, per_gib: float | None,
