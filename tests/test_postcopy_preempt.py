@@ -114,3 +114,18 @@ def test_a_process_guests_real_faults_are_served_on_the_preempt_channel(in_proce
     assert b["fault_latency_by_channel"]["preempt"]["pages"] > 0, r.table()
     wait_progress(tb.host("host-1"), "g")
     frames_exact(tb)
+
+
+@pytest.mark.uffd
+def test_a_process_guest_recovers_a_cut_link_with_the_preempt_channel(in_process, uffd_kernel):
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("g", 4 * MiB, workload=BUSY, vcpu="process"))
+    time.sleep(0.05)
+    r = tb.migrate("g", "host-1", preempt(timeout_seconds=1.0,
+                                          postcopy_bandwidth_bytes_per_second=2 * MiB,
+                                          faults=("cut-link@postcopy",)))
+    assert r.status == "postcopy-paused" and r.guest_host == "host-1", r.error
+    b = each_page_once(tb.recover("g"), recovered=True)
+    assert b["recoveries"] == 1 and b["preempt_channels"] == 2
+    wait_progress(tb.host("host-1"), "g")
+    frames_exact(tb)
