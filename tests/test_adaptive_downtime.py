@@ -227,7 +227,7 @@ def test_a_guest_that_never_fits_300ms_converges_on_stepped_limits(in_process):
     assert fixed.stop_code == fixed_model.stop_code == "max-iterations", fixed.table()
     assert fixed.downtime_limit_in_force_seconds == pytest.approx(0.3)
     stepped, model = migrate_hot(in_process, downtime_steps="150ms..1050ms/5",
-                                 downtime_step_delay_seconds=0.5, max_iterations=3)
+                                 downtime_step_delay_seconds=0.5, max_iterations=8)
     assert stepped.stop_code == model.stop_code == "fits-downtime", stepped.table()
     limit = stepped.downtime_limit_in_force_seconds
     assert limit > 0.3 and any(limit == pytest.approx(x) for x in step_limits(
