@@ -12,6 +12,7 @@ import numpy as np
 from nodes.errors import ConnectionLost, MigbedError
 from nodes.migration.clock import to_source_clock
 from nodes.migration.decide.policy import PrecopyStats
+from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.postcopy.returnpath import RequestReader
 from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.progress import RoundStats
@@ -40,7 +41,7 @@ class PostcopySource:
         self.reader: RequestReader | None = None
         # The preempt channel (`preempt.PreemptSender`; None: requests go to the push), the
         # cursor's lock the push shares with it, and what its channels carried so far.
-        self.preempt = None
+        self.preempt: PreemptSender | None = None
         self.cursor_lock = threading.Lock()
         self.preempt_pages = 0
         self.preempt_bytes = 0
