@@ -4,16 +4,24 @@ splits the bytes and the fault latency by channel, a broken link recovers with b
 again, and a process guest's real faults are served on it too. How much faster a fault is
 served is a bench figure (`migbed bench`'s post-copy section), not a test's."""
 
+import socket
 import time
 
+import numpy as np
 import pytest
 from checks import frames_exact, wait_progress
 from test_cli import one_line_error, run
 from test_postcopy_cluster import scrape, value
+from test_postcopy_parts import _landing, _page_data
 
-from nodes.errors import ConfigError
+from nodes.errors import ConfigError, ConnectionLost
 from nodes.host.specs import GuestSpec
+from nodes.migration.postcopy.preempt import PreemptReceiver
 from nodes.migration.settings import MigrationSettings
+from nodes.migration.wire import records
+from nodes.migration.wire.channel import Listener, connect
+from nodes.migration.wire.records import RecordType as RT
+from nodes.xen.hypervisor import Hypervisor
 from workloads.spec import WorkloadSpec
 
 MiB = 1024 * 1024
@@ -60,6 +68,74 @@ def test_bad_preempt_options_are_one_line_and_exit_2(tmp_path, args, message):
     assert message in one_line_error(run(*args, home=tmp_path, check_rc=None))
 
 
+# -- the parts -------------------------------------------------------------------------------------
+def switched_landing():
+    """A destination's landing after the switch: pages 10-12 missing, the landing's own
+    `on_present` logging what the data channel lands."""
+    hv = Hypervisor("h", 32 * MiB)
+    _, landing = _landing(hv)
+    landing.land(_page_data(range(0, 252), 1))
+    landing.received[252:] = True
+    discard = np.zeros(256, dtype=bool)
+    discard[[10, 11, 12]] = True
+    main: list = []
+    landing.begin_postcopy(discard, lambda p: main.append(p.tolist()))
+    return landing, main
+
+
+def test_a_sink_of_its_own_tells_its_own_on_present():
+    landing, main = switched_landing()
+    preempt: list = []
+    landing.sink(lambda p: preempt.append(p.tolist())).land(_page_data([10], 2))
+    landing.land(_page_data([11, 12], 3))
+    assert preempt == [[10]] and main == [[11, 12]] and landing.missing_pages == 0
+
+
+def hello(ticket, migration_id: str) -> socket.socket:
+    sock = connect(ticket, 5.0)
+    sock.sendall(records.encode_record(RT.POSTCOPY_PREEMPT, {"migration_id": migration_id}))
+    return sock
+
+
+@pytest.mark.inprocess
+def test_the_receiver_lands_its_channel_until_its_end():
+    landing, main = switched_landing()
+    listener = Listener("127.0.0.1", "m1")
+    told: list = []
+    try:
+        sock = hello(listener.ticket, "m1")
+        rx = PreemptReceiver(listener, "m1", landing, lambda p: told.append(p.tolist()), 5.0)
+        parts = records.encode_page_data(np.array([12, 10]), np.zeros(2, np.uint8),
+                                         np.full((2, 4096), 7, np.uint8))
+        sock.sendall(b"".join(bytes(b) for b in parts) + records.encode_record(RT.END))
+        rx.wait_end(5.0)
+        assert told == [[12, 10]] and main == [] and landing.missing_pages == 1
+        rx.close()
+        sock.close()
+    finally:
+        listener.close()
+
+
+@pytest.mark.inprocess
+def test_the_receiver_refuses_another_migrations_channel_and_a_channel_without_end():
+    landing, _ = switched_landing()
+    listener = Listener("127.0.0.1", "m1")
+    try:
+        sock = hello(listener.ticket, "m2")
+        with pytest.raises(ConnectionLost, match="another migration"):
+            PreemptReceiver(listener, "m1", landing, lambda p: None, 5.0)
+        sock.close()
+        sock = hello(listener.ticket, "m1")
+        rx = PreemptReceiver(listener, "m1", landing, lambda p: None, 5.0)
+        sock.close()                                   # gone before its END
+        with pytest.raises(ConnectionLost, match="broke"):
+            rx.wait_end(5.0)
+        rx.close()
+    finally:
+        listener.close()
+
+
+# -- migrations -------------------------------------------------------------------------------------
 def test_requested_pages_go_on_the_preempt_channel_and_each_page_once(in_process):
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
     tb.create("host-0", GuestSpec("vm", 8 * MiB, workload=BUSY))
