@@ -32,6 +32,7 @@ from cluster.model.throttle_model import (
 )
 from cluster.model.workload import Region, access_regions, rate_of, regions, wss_regions
 from nodes.errors import ConfigError
+from nodes.migration.decide.downtimesteps import SwitchoverBudget
 from nodes.migration.decide.policy import (
     Action,
     Decision,
@@ -40,6 +41,7 @@ from nodes.migration.decide.policy import (
     StopCode,
     policy_for,
 )
+from nodes.migration.decide.stall import StallSwitch, Watermark
 from nodes.migration.decide.switchover import Arbiter, Moment
 from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.send.dirtysync import SyncLog
@@ -224,7 +226,9 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             postcopy_after_seconds: float | None = None,
             postcopy_bandwidth_bytes_per_second: float | None = None,
             switch_resume_seconds: float | None = None,
-            wss: WssCurve | None = None) -> ModelPrediction:
+            wss: WssCurve | None = None,
+            budget: SwitchoverBudget | None = None,
+            switchover_on_stall_seconds: float | None = None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object;
     with `postcopy_after_rounds` (0: pure post-copy) or `postcopy_after_seconds` a hybrid
     that switches to post-copy (`cluster.model.postcopy_model`), its push limited to
@@ -247,6 +251,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     for a run whose encoding (XBZRLE, compression) made it less.
     `wss`, a measured writable working set (`workloads.writableset`), replaces the
     workload's regions and rate: the model dirties what the guest was measured to dirty.
+    `budget` (stepped limits, switch-over bandwidth) and `switchover_on_stall_seconds` are
+    the qemu policy's arbiter inputs, as the engine's.
     """
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
@@ -261,7 +267,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
                                     **(policy_settings or {}))
     throttle = model_throttle(auto_converge, dirty_limit, page_size,
                               sum(r.rate for r in guest.regions))
-    arb = model_arbiter(pol, completion_timeout, postcopy_after_rounds, postcopy_after_seconds)
+    arb = model_arbiter(pol, completion_timeout, postcopy_after_rounds, postcopy_after_seconds,
+                        budget, switchover_on_stall_seconds)
     run = _live(guest, arb, spans, rate, latency_seconds, throttle, postcopy_after_seconds)
     switch = None
     if run.stop_code is StopCode.POSTCOPY:     # the switch, then the push
@@ -286,14 +293,19 @@ def _bandwidths(link_bytes_per_second: float | None,
 
 
 def model_arbiter(pol: PrecopyPolicy, timeouts, after_rounds: int | None,
-                  after_seconds: float | None) -> Arbiter:
+                  after_seconds: float | None, budget: SwitchoverBudget | None = None,
+                  stall_seconds: float | None = None) -> Arbiter:
     """The sender's switch-over arbiter over the model's inputs: the policy, the completion
-    timeout (the engine's `Timeouts`, None: none) and, with post-copy asked for, the switch
-    rule. No cancel, no adaptive rate: the model has neither."""
+    timeout (the engine's `Timeouts`, None: none), with post-copy asked for the switch
+    rule, and the qemu policy's budget and stall detection. No cancel, no adaptive rate:
+    the model has neither."""
     switch = (SwitchRule(after_rounds, after_seconds)
               if after_rounds is not None or after_seconds is not None else None)
+    stall = (StallSwitch(timeouts.low if timeouts is not None else Watermark(0.0),
+                         stall_seconds) if stall_seconds is not None else None)
     return Arbiter(pol, switch=switch,
-                   aids=ModelTimeouts(timeouts) if timeouts is not None else None)
+                   aids=ModelTimeouts(timeouts) if timeouts is not None else None,
+                   budget=budget, stall=stall)
 
 
 def _live(guest: Guest, arb: Arbiter, spans: list, rate: float, latency: float,
