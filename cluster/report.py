@@ -129,6 +129,10 @@ class MigrationReport:
     vcpus: int = 1
     dirty_log: str = "emulated"
     shadow_faults: int = 0
+    # Its entry in the cluster's migration scheduler (`cluster.scheduler`): when it was
+    # queued, started and ended, its wait, the links it crossed and the rates it was given
+    # (`link_share`: its mean rate over each link's capacity). None: run outside it.
+    schedule: dict | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,

@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.driver import recover_migration, run_migration
+from cluster.driver import recover_migration
+from cluster.fairshare import Topology
 from cluster.handles import LocalHost, RayHost
 from cluster.launch import launcher, persistent
 from cluster.launch.launcher import NAMESPACE, ClusterSpec, LocalRay
 from cluster.report import MigrationReport
+from cluster.schedclient import SchedulerHandle, cluster_scheduler, local_scheduler, scheduled
 from nodes.errors import (
     ClusterError,
     DomainExistsError,
@@ -44,10 +46,15 @@ def observing(observer) -> Iterator[None]:
 
 
 class Testbed:
-    def __init__(self, hosts: dict, owner: LocalRay | None = None):
+    def __init__(self, hosts: dict, owner: LocalRay | None = None,
+                 topology: Topology | None = None, scheduler: SchedulerHandle | None = None):
         self.hosts = hosts
         self._owner = owner
         self.lost_hosts: dict = {}     # hosts killed by a fault: name -> handle
+        self.topology = topology or Topology()
+        # The cluster's one migration scheduler (`cluster.scheduler`): every migration goes
+        # through it. A persistent cluster's is its actor; a testbed of this process, its own.
+        self.scheduler = scheduler or local_scheduler(self.hosts, self.topology)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -70,7 +77,7 @@ class Testbed:
             ray.shutdown()
             owner.shutdown()
             raise
-        tb = cls({n: RayHost(n, a) for n, a in actors.items()}, owner)
+        tb = cls({n: RayHost(n, a) for n, a in actors.items()}, owner, spec.topology())
         for observer in list(_local_observers):
             observer.started(tb)
         return tb
@@ -93,17 +100,21 @@ class Testbed:
                     continue      # a host killed by a fault (`migbed fault kill`) is gone
             if not hosts:
                 raise ValueError("no host answers")
+            topology = ClusterSpec.from_dict(state["spec"]).topology() if state.get(
+                "spec") else Topology()
+            scheduler = cluster_scheduler(topology, NAMESPACE)
         except (ValueError, ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"the migbed cluster at {state['address']} does not answer "
                                f"({exc}); `migbed down` cleans up, then `migbed up`") from None
-        return cls(hosts)
+        return cls(hosts, topology=topology, scheduler=scheduler)
 
     @classmethod
     def in_process(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
         """The same hosts as objects in this process (no Ray): for fast tests and benches."""
         from nodes.host.service import HostService
         spec = spec or ClusterSpec(**kwargs)
-        return cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()})
+        return cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()},
+                   topology=spec.topology())
 
     def close(self) -> None:
         for h in list(self.hosts.values()) + list(self.lost_hosts.values()):
@@ -195,14 +206,18 @@ class Testbed:
     def migrate(self, guest: str, destination: str,
                 settings: MigrationSettings | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
-                should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
+                should_cancel: Callable[[], bool] | None = None,
+                on_queued: Callable[[str], None] | None = None) -> MigrationReport:
+        """Migrate `guest` to `destination` through the cluster's scheduler: it waits its
+        turn under the cluster's limits (`on_queued(id)` once queued), then runs."""
         settings = settings or MigrationSettings()
         dst = self.host(destination)
         src = self.host(self.where(guest))
         if src.name == dst.name:
             raise MigrationError(f"{guest} already runs on {destination}; pick another host")
-        report = run_migration(src, dst, guest, settings, on_progress=on_progress,
-                               should_cancel=should_cancel)
+        report = scheduled(self.scheduler, src, dst, guest, settings,
+                           on_progress=on_progress, should_cancel=should_cancel,
+                           on_queued=on_queued)
         self._forget_killed(report)
         return report
 
@@ -258,10 +273,11 @@ class Testbed:
         h.kill()
         self.lost_hosts[host] = self.hosts.pop(host)
 
-    def evacuate(self, host: "str | Sequence[str]", concurrency: int = 2,
-                 settings: MigrationSettings | None = None):
+    def evacuate(self, host: "str | Sequence[str]", concurrency: int | None = 2,
+                 settings: MigrationSettings | None = None, limits=None, on_event=None):
         """Move every guest off `host` (or off each of a list of hosts, together) to the
         others, by free memory, `concurrency` migrations at a time in all (see
         `cluster.evacuate`); returns an EvacuationReport."""
         from cluster.evacuate import evacuate
-        return evacuate(self, host, concurrency, settings or MigrationSettings())
+        return evacuate(self, host, concurrency, settings or MigrationSettings(), limits,
+                        on_event)

@@ -1,0 +1,114 @@
+"""The fleet's commands: the cluster's migration queue and its limits (`migbed queue`,
+`migbed limits`, `migbed cancel ID`), and the limit options `evacuate` and `drain` share."""
+
+import argparse
+import json
+
+from cluster.cli.options import Commands, arg
+from cluster.scheduler import MAX_LIMIT, PRESETS, Limits, preset
+from nodes.units import format_bytes, parse_count
+
+
+def add_limit_options(p: argparse.ArgumentParser, parallel_default: int | None = None,
+                      concurrency_alias: bool = False) -> None:
+    """--limits PRESET, --max-parallel (also --concurrency where that was the name),
+    --max-outbound-per-host, --max-inbound-per-host. The per-migration cap is --rate-limit,
+    a migration setting."""
+    p.add_argument("--limits", choices=sorted(PRESETS), default=None,
+                   help="a preset of limits: kubevirt (5 per cluster, 2 outbound per host, "
+                        "KubeVirt's defaults) or none; the options below override it")
+    flags = ["--max-parallel", "--concurrency"] if concurrency_alias else ["--max-parallel"]
+    default = ("none" if parallel_default is None else str(parallel_default))
+    p.add_argument(*flags, dest="max_parallel", metavar="N", default=None,
+                   type=arg(parse_count, "--max-parallel", 1, MAX_LIMIT),
+                   help=f"migrations at a time in all (default {default})"
+                        + ("; --concurrency is its older name" if concurrency_alias else ""))
+    p.add_argument("--max-outbound-per-host", metavar="N", default=None,
+                   type=arg(parse_count, "--max-outbound-per-host", 1, MAX_LIMIT),
+                   help="migrations leaving one host at a time (default none)")
+    p.add_argument("--max-inbound-per-host", metavar="N", default=None,
+                   type=arg(parse_count, "--max-inbound-per-host", 1, MAX_LIMIT),
+                   help="migrations arriving at one host at a time (default none)")
+    p.set_defaults(parallel_default=parallel_default)
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The limits the options give: the preset, then each option given over it."""
+    base = preset(args.limits) if getattr(args, "limits", None) else Limits()
+    given = Limits(max_parallel=args.max_parallel,
+                   max_outbound_per_host=args.max_outbound_per_host,
+                   max_inbound_per_host=args.max_inbound_per_host)
+    limits = base.merged(given)
+    if limits.max_parallel is None and getattr(args, "parallel_default", None):
+        limits = limits.merged(Limits(max_parallel=args.parallel_default))
+    return limits
+
+
+def _entry_line(e: dict) -> str:
+    rate = e["rates"][-1][1] if e["rates"] else None
+    rate_text = "-" if rate is None else f"{format_bytes(rate)}/s"
+    return (f"  {e['id']:<13} {e['guest']:<14} {e['source']:>8} -> {e['destination']:<8} "
+            f"{e['state']:<9} waited {e['wait_seconds']:6.2f} s  rate {rate_text}  "
+            f"via {', '.join(e['links'])}")
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    status = Testbed.attach().scheduler.call("status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    lim = {k: v for k, v in status["limits"].items() if v is not None}
+    print(f"limits: {lim or 'none'}; running {status['running']}, queued {status['queued']}")
+    for e in status["entries"]:
+        print(_entry_line(e))
+    return 0
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    sched = Testbed.attach().scheduler
+    given = any(getattr(args, k) is not None for k in (
+        "limits", "max_parallel", "max_outbound_per_host", "max_inbound_per_host"))
+    limits = sched.call("set_limits", limits_from(args)) if given else \
+        sched.call("status")["limits"]
+    if args.json:
+        print(json.dumps(limits, indent=2))
+        return 0
+    text = ", ".join(f"{k}={v}" for k, v in limits.items() if v is not None)
+    print(f"cluster limits: {text or 'none'}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from cluster.testbed import Testbed
+    tb = Testbed.attach()
+    entry = tb.scheduler.call("cancel", args.id)
+    if entry["state"] == "cancelled":
+        print(f"cancelled {args.id}: {entry['guest']} stays on {entry['source']}")
+        return 0
+    if entry["state"] == "running" and tb.host(entry["source"]).call(
+            "cancel_migration", args.id):
+        print(f"{args.id} was running: asked {entry['source']} to cancel it "
+              f"({entry['guest']} stays there unless it has already switched)")
+        return 0
+    print(f"{args.id} has already {entry['state']}: nothing to cancel")
+    return 0
+
+
+def register(sub: Commands) -> None:
+    s = sub.add_parser("queue", help="the cluster's migration queue: limits, what runs, "
+                       "what waits")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_queue)
+
+    s = sub.add_parser("limits", help="show or set the cluster's migration limits (every "
+                       "migration of the cluster obeys them)")
+    add_limit_options(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_limits)
+
+    s = sub.add_parser("cancel", help="cancel a queued migration by its id (its guest stays "
+                       "where it is); a running one is asked to cancel")
+    s.add_argument("id", metavar="ID", help="the migration's id (`migbed queue` lists them)")
+    s.set_defaults(func=cmd_cancel)
