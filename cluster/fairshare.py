@@ -15,12 +15,28 @@ its rate (`nodes.host.pacedrates`): no two processes share a pacer, so it holds 
 processes on one machine and between machines alike.
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nodes.errors import ConfigError
+from nodes.units import parse_bandwidth
 
 UNLIMITED = float("inf")
+_BITS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGT]?)(?:bit(?:/s|ps)?|bps)\s*$")
+_BIT_SCALE = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_link_rate(value: str, what: str) -> float:
+    """A link's speed in bytes/s: as networks say it (`10Gbit`, `1Gbit/s`, `100Mbps`,
+    decimal prefixes, bits) or as migbed's bandwidths do (`32MiB`, per second)."""
+    m = _BITS.match(value) if isinstance(value, str) else None
+    if m is None:
+        return parse_bandwidth(value, what)
+    rate = float(m.group(1)) * _BIT_SCALE[m.group(2)] / 8
+    if not rate > 0:
+        raise ConfigError(f"{what} must be a positive rate, got {value!r}")
+    return rate
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,32 @@ def test_evacuation_under_limits_goes_through_the_queue(in_process):
     r = tb.migrate("other", "host-2")
     assert r.schedule["state"] == "completed" and r.schedule["wait_seconds"] >= 0
     frames_exact(tb)
+
+
+@pytest.mark.inprocess
+def test_migrations_between_racks_share_the_uplink(in_process):
+    """Two migrations from rack 0 to rack 1 through a 16 MiB/s uplink: each is told half
+    of it and paces itself there, so together they never beat it (bounded from above only:
+    a loaded machine may make them slower, never faster)."""
+    import threading
+
+    from workloads.spec import WorkloadSpec
+    uplink = 16 * MiB
+    tb = in_process(hosts=4, host_memory_bytes=64 * MiB, racks=2,
+                    uplink_bytes_per_second=uplink)
+    full = WorkloadSpec("idle", fill="random")
+    for i in range(2):
+        tb.create(f"host-{i}", GuestSpec(f"r{i}", 4 * MiB, workload=full))
+    reports = {}
+    threads = [threading.Thread(target=lambda i=i: reports.__setitem__(
+        i, tb.migrate(f"r{i}", f"host-{2 + i}"))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in reports.values():
+        assert r.status == "completed" and r.integrity.verified
+        assert "rack-0/up" in r.schedule["links"] and "rack-1/down" in r.schedule["links"]
+        assert r.schedule["rates"][0][1] <= uplink
+    assert sum(r.throughput_bytes_per_second for r in reports.values()) < uplink * 1.15
+    frames_exact(tb)

@@ -44,6 +44,21 @@ def limits_from(args: argparse.Namespace) -> Limits:
     return limits
 
 
+def add_rack_options(p: argparse.ArgumentParser) -> None:
+    """--racks, --host-link, --uplink: the network the scheduler shares out
+    (`cluster.fairshare`)."""
+    from cluster.fairshare import parse_link_rate
+    p.add_argument("--racks", type=arg(parse_count, "--racks", 1, MAX_LIMIT), default=None,
+                   metavar="N", help="hosts in N racks, consecutive names together (default: "
+                   "no racks)")
+    p.add_argument("--host-link", type=arg(parse_link_rate, "--host-link"), default=None,
+                   metavar="RATE", help="each host's own link, each way, e.g. 10Gbit "
+                   "or 64MiB (default unlimited)")
+    p.add_argument("--uplink", type=arg(parse_link_rate, "--uplink"), default=None,
+                   metavar="RATE", help="each rack's uplink, each way, shared by every "
+                   "migration between racks (default unlimited)")
+
+
 def _entry_line(e: dict) -> str:
     rate = e["rates"][-1][1] if e["rates"] else None
     rate_text = "-" if rate is None else f"{format_bytes(rate)}/s"
