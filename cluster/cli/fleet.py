@@ -111,7 +111,97 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+class DrainProgress:
+    """One line on stderr as each migration of a drain starts and ends: how far it is."""
+
+    def __init__(self, total: int):
+        import threading
+        self.total, self.started, self.ended = total, 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, what: str, move) -> None:
+        import sys
+        with self._lock:
+            if what == "started":
+                self.started += 1
+                line = f"  -> {move.guest} {move.source} -> {move.destination} started"
+            elif what == "ended":
+                self.ended += 1
+                down = ("" if move.downtime_seconds is None
+                        else f", downtime {move.downtime_seconds * 1000:.1f} ms")
+                took = ("" if move.total_time_seconds is None
+                        else f" in {move.total_time_seconds:.2f} s")
+                line = f"  [{self.ended}/{self.total}] {move.guest} {move.status}{took}{down}"
+            else:
+                return
+            print(line, file=sys.stderr, flush=True)
+
+
+def fleet_outputs(args: argparse.Namespace, report, moves: list[dict], run: str) -> None:
+    """--output (the JSON), --plot (the fleet's figure), --metrics (Prometheus text)."""
+    import sys
+
+    from cluster.cli.options import write_output
+    if args.output:
+        write_output(args.output, json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.plot:
+        from cluster.fleetstats import draw_fleet
+        draw_fleet(moves, args.plot, title=f"{run} of {', '.join(report.hosts)}")
+        print(f"plot in {args.plot}", file=sys.stderr)
+    if args.metrics:
+        from cluster.fleetstats import prometheus_text
+        write_output(args.metrics, prometheus_text(report.stats, run))
+
+
+def add_fleet_outputs(p: argparse.ArgumentParser, with_json: bool = True) -> None:
+    if with_json:
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON here")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the downtime distribution and the migrations over time")
+    p.add_argument("--metrics", default=None, metavar="FILE.prom",
+                   help="write the fleet statistics as Prometheus text (textfile format)")
+
+
+def check_fleet_outputs(args: argparse.Namespace) -> None:
+    from cluster.cli.options import check_output
+    check_output(args.output)
+    check_output(args.metrics)
+    if args.plot:
+        from cluster.timeline import check_image_path
+        check_image_path(args.plot, "--plot")
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from cluster.cli.options import EXIT_MIGRATION_FAILED, settings_from
+    from cluster.drain import drain, move_dict, plan_drain
+    limits = limits_from(args)
+    settings = settings_from(args)
+    check_fleet_outputs(args)
+    from cluster.testbed import Testbed
+    tb = Testbed.attach()
+    moves, _ = plan_drain(tb, args.hosts, args.to, args.spread)
+    report = drain(tb, args.hosts, args.to, args.spread, limits, settings,
+                   on_event=DrainProgress(len(moves)))
+    fleet_outputs(args, report, [move_dict(m, report.reports) for m in report.moves], "drain")
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.ok else EXIT_MIGRATION_FAILED
+
+
 def register(sub: Commands) -> None:
+    from cluster.cli.options import add_migration_options
+    s = sub.add_parser("drain", help="move every guest off hosts (by room and load) under "
+                       "the migration limits; ends with the fleet's downtime statistics")
+    s.add_argument("hosts", nargs="+", metavar="HOST")
+    s.add_argument("--to", nargs="+", default=None, metavar="HOST",
+                   help="only these hosts take the guests (default: every other host)")
+    s.add_argument("--spread", action="store_true",
+                   help="spread a rack's guests over the other racks, not into one")
+    add_limit_options(s, parallel_default=None)
+    add_fleet_outputs(s, with_json=False)
+    add_migration_options(s)                    # --json among them
+    s.set_defaults(func=cmd_drain)
+
     s = sub.add_parser("queue", help="the cluster's migration queue: limits, what runs, "
                        "what waits")
     s.add_argument("--json", action="store_true")
