@@ -6,6 +6,7 @@ the same hosts as plain objects in this process, without Ray, for fast tests. Th
 the same for all three: `create`, `destroy`, `list`, `migrate`, `host(name)`.
 """
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +55,20 @@ class Testbed:
         self.topology = topology or Topology()
         # The cluster's one migration scheduler (`cluster.scheduler`): every migration goes
         # through it. A persistent cluster's is its actor; a testbed of this process, its own.
-        self.scheduler = scheduler or local_scheduler(self.hosts, self.topology)
+        self._scheduler = scheduler
+        self._remote_scheduler = False       # attach: the cluster's actor, found on first use
+        self._scheduler_lock = threading.Lock()
+
+    @property
+    def scheduler(self) -> SchedulerHandle:
+        """The cluster's migration scheduler (made or found on first use: a command that
+        moves nothing never pays for it)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = (cluster_scheduler(self.topology, NAMESPACE)
+                                   if self._remote_scheduler
+                                   else local_scheduler(self.hosts, self.topology))
+            return self._scheduler
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -102,11 +116,12 @@ class Testbed:
                 raise ValueError("no host answers")
             topology = ClusterSpec.from_dict(state["spec"]).topology() if state.get(
                 "spec") else Topology()
-            scheduler = cluster_scheduler(topology, NAMESPACE)
         except (ValueError, ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"the migbed cluster at {state['address']} does not answer "
                                f"({exc}); `migbed down` cleans up, then `migbed up`") from None
-        return cls(hosts, topology=topology, scheduler=scheduler)
+        tb = cls(hosts, topology=topology)
+        tb._remote_scheduler = True
+        return tb
 
     @classmethod
     def in_process(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
