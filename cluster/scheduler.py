@@ -18,6 +18,7 @@ per cluster, `cluster.schedclient`), in a local or in-process testbed in the con
 own process.
 """
 
+import collections
 import itertools
 import threading
 import time
@@ -92,33 +93,33 @@ class Entry:
     rates: list = field(default_factory=list)     # [wall time, bytes/s (None: unlimited)]
     pushed: float | None = None                   # the rate its sender was last told
 
-    def to_dict(self, topology: Topology | None = None) -> dict:
+    def to_dict(self, topology: Topology | None = None, now: float | None = None) -> dict:
         d = {k: getattr(self, k) for k in ("id", "guest", "source", "destination", "group",
                                            "state", "queued_at", "started_at", "ended_at",
                                            "links")}
         d["rates"] = [[t, None if r == UNLIMITED else r] for t, r in self.rates]
-        d["wait_seconds"] = ((self.started_at or self.ended_at or time.time())
-                             - self.queued_at)
+        now = time.time() if now is None else now
+        d["wait_seconds"] = (self.started_at or self.ended_at or now) - self.queued_at
         d["run_seconds"] = (None if self.started_at is None
-                            else (self.ended_at or time.time()) - self.started_at)
+                            else (self.ended_at or now) - self.started_at)
         if topology is not None:
-            d["link_share"] = self.link_share(topology)
+            d["link_share"] = self.link_share(topology, now)
         return d
 
-    def link_share(self, topology: Topology) -> dict:
+    def link_share(self, topology: Topology, now: float | None = None) -> dict:
         """Per link crossed: the time-weighted mean of the rate it was given over the
         link's capacity (None for an unlimited link)."""
-        mean = self.mean_rate()
+        mean = self.mean_rate(now)
         out = {}
         for ln in self.links:
             cap = topology.capacity(ln)
             out[ln] = None if cap == UNLIMITED or mean is None else mean / cap
         return out
 
-    def mean_rate(self) -> float | None:
+    def mean_rate(self, now: float | None = None) -> float | None:
         if not self.rates or self.started_at is None:
             return None
-        end = self.ended_at or time.time()
+        end = self.ended_at or (time.time() if now is None else now)
         pts = self.rates + [[end, self.rates[-1][1]]]
         span = end - pts[0][0]
         if span <= 0 or any(r == UNLIMITED for _, r in self.rates):
@@ -131,14 +132,21 @@ Push = Callable[[str, str, float | None], None]      # (source host, migration i
 
 class MigrationScheduler:
     def __init__(self, topology: Topology | None = None, limits: Limits | None = None,
-                 push: Push | None = None):
+                 push: Push | None = None, clock: Callable[[], float] = time.time,
+                 keep_ended: int | None = KEEP_ENDED):
+        """`clock`: the wall clock, or a simulation's (`cluster.fleetsim`); `keep_ended`:
+        how many ended entries to keep (None: all, as a simulation reads them back)."""
         self.topology = topology or Topology()
         self.limits = limits or Limits()
         self.push = push
+        self.clock = clock
+        self._keep = keep_ended
         self._groups: dict[str, Limits] = {}
         self._entries: dict[str, Entry] = {}
-        self._queue: list[str] = []
+        self._queue: dict[str, None] = {}          # ids in order (a dict: O(1) removal)
         self._running: set[str] = set()
+        self._ended: collections.deque = collections.deque()
+        self._moving: dict[str, str] = {}          # guest -> its queued or running entry
         self._cond = threading.Condition()
 
     # -- configuration ----------------------------------------------------------------------
@@ -168,10 +176,10 @@ class MigrationScheduler:
         if source == destination:
             raise MigrationError(f"{guest} is already on {source}; pick another destination")
         with self._cond:
-            for e in self._entries.values():
-                if e.guest == guest and e.state in (QUEUED, RUNNING):
-                    raise MigrationError(f"{guest} is already {e.state} for migration "
-                                         f"({e.id}, {e.source} -> {e.destination})")
+            if guest in self._moving:
+                e = self._entries[self._moving[guest]]
+                raise MigrationError(f"{guest} is already {e.state} for migration "
+                                     f"({e.id}, {e.source} -> {e.destination})")
             if group is not None and group not in self._groups:
                 raise ConfigError(f"no migration group {group!r}")
             caps = [c for c in (bandwidth, rate_limit, self._group_limits(group)
@@ -179,10 +187,11 @@ class MigrationScheduler:
             e = Entry(migration_id or uuid.uuid4().hex[:12], guest, source, destination,
                       group, float(min(caps)) if caps else UNLIMITED,
                       float(bandwidth) if bandwidth else UNLIMITED,
-                      self.topology.links(source, destination), queued_at=time.time())
+                      self.topology.links(source, destination), queued_at=self.clock())
             e.pushed = e.link_cap
             self._entries[e.id] = e
-            self._queue.append(e.id)
+            self._queue[e.id] = None
+            self._moving[guest] = e.id
             pushes = self._admit()
         self._send(pushes)
         return e.id
@@ -193,7 +202,7 @@ class MigrationScheduler:
         with self._cond:
             e = self._entry(mid)
             self._cond.wait_for(lambda: e.state != QUEUED, timeout)
-            return e.to_dict(self.topology)
+            return e.to_dict(self.topology, self.clock())
 
     def finish(self, mid: str, status: str) -> dict:
         """The migration ended (`status`: its outcome); the queue moves on."""
@@ -202,12 +211,14 @@ class MigrationScheduler:
             if e.state == RUNNING:
                 self._running.discard(mid)
             elif e.state == QUEUED:
-                self._queue.remove(mid)
-            e.state, e.ended_at = str(status), time.time()
+                del self._queue[mid]
+            e.state, e.ended_at = str(status), self.clock()
+            self._ended.append(mid)
+            self._moving.pop(e.guest, None)
             pushes = self._admit()
             self._trim()
         self._send(pushes)
-        return e.to_dict(self.topology)
+        return e.to_dict(self.topology, self.clock())
 
     def cancel(self, mid: str) -> dict:
         """Cancel a queued migration (it never starts; its guest stays). One already
@@ -215,10 +226,12 @@ class MigrationScheduler:
         with self._cond:
             e = self._entry(mid)
             if e.state == QUEUED:
-                self._queue.remove(mid)
-                e.state, e.ended_at = CANCELLED, time.time()
+                del self._queue[mid]
+                e.state, e.ended_at = CANCELLED, self.clock()
+                self._ended.append(mid)
+                self._moving.pop(e.guest, None)
                 self._cond.notify_all()
-            return e.to_dict(self.topology)
+            return e.to_dict(self.topology, self.clock())
 
     def cancel_group(self, group: str) -> list[str]:
         """Cancel every queued migration of `group` (Ctrl-C of a drain); returns their ids."""
@@ -228,18 +241,20 @@ class MigrationScheduler:
 
     def entry(self, mid: str) -> dict:
         with self._cond:
-            return self._entry(mid).to_dict(self.topology)
+            return self._entry(mid).to_dict(self.topology, self.clock())
 
     def entries(self, group: str | None = None) -> list[dict]:
         with self._cond:
-            return [e.to_dict(self.topology) for e in self._entries.values()
+            now = self.clock()
+            return [e.to_dict(self.topology, now) for e in self._entries.values()
                     if group is None or e.group == group]
 
     def status(self) -> dict:
         with self._cond:
             return {"limits": self.limits.to_dict(), "topology": self.topology.to_dict(),
                     "queued": len(self._queue), "running": len(self._running),
-                    "entries": [e.to_dict(self.topology) for e in self._entries.values()
+                    "entries": [e.to_dict(self.topology, self.clock())
+                                for e in self._entries.values()
                                 if e.state in (QUEUED, RUNNING)]}
 
     # -- admission and rates (under the lock) -----------------------------------------------
@@ -255,8 +270,6 @@ class MigrationScheduler:
 
     def _fits(self, e: Entry) -> bool:
         running = [self._entries[m] for m in self._running]
-        if any(r.guest == e.guest for r in running):
-            return False
         scopes = [(self.limits, running)]
         if e.group:
             scopes.append((self._group_limits(e.group),
@@ -272,15 +285,23 @@ class MigrationScheduler:
                 return False
         return True
 
+    def _full(self) -> bool:
+        """The cluster-wide limit is reached: nothing queued can start (no scan needed)."""
+        return self.limits.max_parallel is not None and \
+            len(self._running) >= self.limits.max_parallel
+
     def _admit(self) -> list[tuple[str, str, float | None]]:
-        started = False
-        for mid in list(self._queue):
+        started = []
+        for mid in self._queue:
+            if self._full():
+                break
             e = self._entries[mid]
             if self._fits(e):
-                self._queue.remove(mid)
                 self._running.add(mid)
-                e.state, e.started_at = RUNNING, time.time()
-                started = True
+                e.state, e.started_at = RUNNING, self.clock()
+                started.append(mid)
+        for mid in started:
+            del self._queue[mid]
         if started:
             self._cond.notify_all()
         return self._reallocate()
@@ -290,7 +311,7 @@ class MigrationScheduler:
         running = [self._entries[m] for m in self._running]
         rates = max_min_rates({e.id: (e.links, e.cap) for e in running},
                               self.topology.capacity)
-        now, pushes = time.time(), []
+        now, pushes = self.clock(), []
         for e in running:
             rate = rates[e.id]
             if not e.rates or e.rates[-1][1] != rate:
@@ -312,6 +333,5 @@ class MigrationScheduler:
                 continue
 
     def _trim(self) -> None:
-        ended = [m for m, e in self._entries.items() if e.state not in (QUEUED, RUNNING)]
-        for m in ended[:max(0, len(ended) - KEEP_ENDED)]:
-            del self._entries[m]
+        while self._keep is not None and len(self._ended) > self._keep:
+            self._entries.pop(self._ended.popleft(), None)
