@@ -249,6 +249,12 @@ class MigrationScheduler:
             return [e.to_dict(self.topology, now) for e in self._entries.values()
                     if group is None or e.group == group]
 
+    def entries_running(self) -> list[Entry]:
+        """The running entries themselves, by id (a simulation in this process reads the
+        rates they were given)."""
+        with self._cond:
+            return sorted((self._entries[m] for m in self._running), key=lambda e: e.id)
+
     def status(self) -> dict:
         with self._cond:
             return {"limits": self.limits.to_dict(), "topology": self.topology.to_dict(),

@@ -146,7 +146,9 @@ def fleet_outputs(args: argparse.Namespace, report, moves: list[dict], run: str)
         write_output(args.output, json.dumps(report.to_dict(), indent=2) + "\n")
     if args.plot:
         from cluster.fleetstats import draw_fleet
-        draw_fleet(moves, args.plot, title=f"{run} of {', '.join(report.hosts)}")
+        hosts = list(report.hosts)
+        named = ", ".join(hosts[:4]) + (f" and {len(hosts) - 4} more" if len(hosts) > 4 else "")
+        draw_fleet(moves, args.plot, title=f"{run} of {named}")
         print(f"plot in {args.plot}", file=sys.stderr)
     if args.metrics:
         from cluster.fleetstats import prometheus_text
@@ -172,12 +174,51 @@ def check_fleet_outputs(args: argparse.Namespace) -> None:
         check_image_path(args.plot, "--plot")
 
 
+class SimReport:
+    """A simulated drain's result, as `fleet_outputs` writes a report."""
+
+    def __init__(self, result: dict):
+        self.result, self.hosts, self.stats = result, result["hosts"], result["stats"]
+
+    def to_dict(self) -> dict:
+        return self.result
+
+
+def cmd_drain_simulated(args: argparse.Namespace, limits: Limits, settings) -> int:
+    """`drain --simulate`: the same scheduler on a virtual clock, the model's migrations."""
+    import time
+    from dataclasses import replace
+
+    from cluster.cli.options import workload_from
+    from cluster.fleetsim import SimFleet, simulate_drain, summary
+    wl = workload_from(args)
+    if wl.pattern == "idle":
+        wl = replace(wl, rate_pages_per_second=0.0)
+    fleet = SimFleet(hosts=args.hosts_count, racks=args.racks or 1,
+                     guests_per_host=args.guests_per_host,
+                     guest_memory_bytes=args.guest_memory, workload=wl,
+                     host_link_bytes_per_second=args.host_link,
+                     uplink_bytes_per_second=args.uplink, seed=args.seed)
+    t0 = time.monotonic()
+    result = simulate_drain(fleet, args.hosts, limits, settings, args.spread)
+    result["planning_seconds"] = time.monotonic() - t0
+    report = SimReport(result)
+    fleet_outputs(args, report, result["moves"], "simulated drain")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(summary(result) + f"\n  (planned in {result['planning_seconds']:.2f} s)")
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     from cluster.cli.options import EXIT_MIGRATION_FAILED, settings_from
     from cluster.drain import drain, move_dict, plan_drain
     limits = limits_from(args)
     settings = settings_from(args)
     check_fleet_outputs(args)
+    if args.simulate:
+        return cmd_drain_simulated(args, limits, settings)
     from cluster.testbed import Testbed
     tb = Testbed.attach()
     moves, _ = plan_drain(tb, args.hosts, args.to, args.spread)
@@ -200,7 +241,9 @@ def register(sub: Commands) -> None:
     add_limit_options(s, parallel_default=None)
     add_fleet_outputs(s, with_json=False)
     add_migration_options(s)                    # --json among them
+    add_simulate_options(s)
     s.set_defaults(func=cmd_drain)
+
 
     s = sub.add_parser("queue", help="the cluster's migration queue: limits, what runs, "
                        "what waits")
@@ -217,3 +260,28 @@ def register(sub: Commands) -> None:
                        "where it is); a running one is asked to cancel")
     s.add_argument("id", metavar="ID", help="the migration's id (`migbed queue` lists them)")
     s.set_defaults(func=cmd_cancel)
+
+
+def add_simulate_options(s: argparse.ArgumentParser) -> None:
+    """`--simulate` and the simulated fleet: its size, racks, links, guests (whose options
+    default to a busy 1 GiB guest full of data, not a fresh one)."""
+    from cluster.cli.options import add_field
+    from cluster.fieldtable import WORKLOAD_FIELDS, field_named
+    g = s.add_argument_group("--simulate: the fleet (HOST... may be rack-K)")
+    g.add_argument("--simulate", action="store_true",
+                   help="plan the drain with the analytic model on a virtual clock, the "
+                        "same scheduler and limits, no cluster needed")
+    g.add_argument("--hosts", dest="hosts_count", type=arg(parse_count, "--hosts", 2, 100_000),
+                   default=32, metavar="N", help="hosts in the simulated fleet (default 32)")
+    g.add_argument("--guests-per-host", type=arg(parse_count, "--guests-per-host", 0, 10_000),
+                   default=4, metavar="N", help="guests on each host (default 4)")
+    add_rack_options(g)
+    add_field(g, field_named("guest_memory_bytes"), default=1 << 30,
+              help="each guest's memory (default 1GiB)")
+    sim_defaults = {"pattern": "uniform", "rate_pages_per_second": 5000.0, "fill": "random"}
+    for row in WORKLOAD_FIELDS:
+        if row.flag:
+            add_field(g, row, **({"default": sim_defaults[row.name],
+                                  "help": f"{row.help_text()} (simulated default "
+                                          f"{sim_defaults[row.name]})"}
+                                 if row.name in sim_defaults else {}))

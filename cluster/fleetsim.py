@@ -1,0 +1,196 @@
+"""Planning past one machine: a drain simulated with the same scheduler, each migration's
+duration, downtime and bytes from the analytic model (`cluster.model.predict`) instead of a
+real run, so a drain of 1,000 hosts and 20,000 guests can be planned in seconds.
+
+The fleet is `hosts` hosts in `racks` racks (`cluster.fairshare.Topology`), each with
+`guests_per_host` guests; each guest's memory is the given size and its dirty rate the given
+one scaled by a log-normal factor drawn from `seed` (so guests differ, and the same seed gives
+the same plan). The drained hosts' guests go, as `migbed drain` sends them, to the least
+loaded other host (the racks round robin with `spread`). The run is event driven on a virtual
+clock: the scheduler (`cluster.scheduler`, under the same limits) admits migrations and gives
+each its max-min fair rate as it starts; the model predicts it at that rate (an
+approximation: a real one speeds up or slows down as others start and end, the simulation
+keeps its rate at the start); its end is an event, at which the queue moves on.
+"""
+
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+
+from cluster.fairshare import UNLIMITED, Topology
+from cluster.fleetstats import fleet_stats, summary_lines
+from cluster.model import predict
+from cluster.scheduler import Limits, MigrationScheduler
+from nodes.errors import ConfigError
+from nodes.migration.settings import MigrationSettings
+from workloads.spec import WorkloadSpec
+
+MAX_SIM_HOSTS = 100_000
+MAX_SIM_GUESTS = 1_000_000
+RATE_SPREAD = 0.5           # sigma of the log-normal factor on each guest's dirty rate
+
+
+@dataclass
+class SimFleet:
+    hosts: int
+    racks: int = 1
+    guests_per_host: int = 4
+    guest_memory_bytes: int = 1 << 30
+    workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec(
+        "uniform", 5000, fill="random"))
+    host_link_bytes_per_second: float | None = 1.25e9
+    uplink_bytes_per_second: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.hosts <= MAX_SIM_HOSTS:
+            raise ConfigError(f"--hosts must be 1..{MAX_SIM_HOSTS}, got {self.hosts}")
+        if not 0 <= self.guests_per_host or self.hosts * self.guests_per_host > MAX_SIM_GUESTS:
+            raise ConfigError(f"--guests-per-host: at most {MAX_SIM_GUESTS} guests in all")
+        if self.workload.unlimited:
+            raise ConfigError("a simulation needs a dirty rate in page writes per second "
+                              "(--dirty-rate N), not max")
+
+    @property
+    def names(self) -> list[str]:
+        return [f"host-{i}" for i in range(self.hosts)]
+
+    def topology(self) -> Topology:
+        return Topology.striped(self.names, self.racks, self.host_link_bytes_per_second,
+                                self.uplink_bytes_per_second)
+
+
+def drained_hosts(fleet: SimFleet, topo: Topology, which: list[str]) -> list[str]:
+    """Host names, `rack-K` for every host of rack K."""
+    out: list[str] = []
+    names = set(fleet.names)
+    for w in which:
+        if w.startswith("rack-") and w[5:].isdigit():
+            hosts = topo.hosts_in(int(w[5:]))
+            if not hosts:
+                raise ConfigError(f"no rack {w}: racks are rack-0..rack-{fleet.racks - 1}")
+            out.extend(hosts)
+        elif w in names:
+            out.append(w)
+        else:
+            raise ConfigError(f"no host {w!r} in the simulated fleet (host-0.."
+                              f"host-{fleet.hosts - 1}, or rack-K)")
+    if len(set(out)) == fleet.hosts:
+        raise ConfigError("every host is drained: there is nowhere to go")
+    return list(dict.fromkeys(out))
+
+
+def plan(fleet: SimFleet, topo: Topology, drained: list[str],
+         spread: bool) -> list[tuple[str, str, str, float]]:
+    """(guest, source, destination, dirty rate) for every guest of the drained hosts."""
+    rng = random.Random(fleet.seed)
+    gone = set(drained)
+    heap = [(fleet.guests_per_host, topo.rack_of(h) or 0, h) for h in fleet.names
+            if h not in gone]
+    heapq.heapify(heap)
+    by_rack: dict[int, list] = {}
+    if spread:
+        for load, rack, h in heap:
+            by_rack.setdefault(rack, []).append((load, h))
+        for lst in by_rack.values():
+            heapq.heapify(lst)
+    racks = sorted(by_rack)
+    moves = []
+    for i, src in enumerate(drained):
+        for g in range(fleet.guests_per_host):
+            rate = fleet.workload.rate_pages_per_second * math.exp(
+                rng.gauss(0.0, RATE_SPREAD) - RATE_SPREAD ** 2 / 2)
+            if spread:
+                rack = racks[(i * fleet.guests_per_host + g) % len(racks)]
+                load, dst = heapq.heappop(by_rack[rack])
+                heapq.heappush(by_rack[rack], (load + 1, dst))
+            else:
+                load, rack, dst = heapq.heappop(heap)
+                heapq.heappush(heap, (load + 1, rack, dst))
+            moves.append((f"{src}-g{g}", src, dst, rate))
+    return moves
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
+                   settings: MigrationSettings | None = None, spread: bool = False) -> dict:
+    """The simulated drain: its moves (each with a schedule entry on the virtual clock) and
+    the fleet statistics. Deterministic for the fleet's seed."""
+    settings = settings or MigrationSettings()
+    topo = fleet.topology()
+    drained = drained_hosts(fleet, topo, which)
+    clock = _Clock()
+    sched = MigrationScheduler(topo, limits, clock=clock, keep_ended=None)
+    group = sched.open_group(Limits(), name="simulated")
+    moves = plan(fleet, topo, drained, spread)
+    ids = [sched.submit(g, s, d, group, settings.link_bytes_per_second,
+                        settings.rate_limit_bytes_per_second, migration_id=f"sim-{k:07d}")
+           for k, (g, s, d, _) in enumerate(moves)]
+    info = {mid: m for mid, m in zip(ids, moves, strict=True)}
+    predicted: dict[str, object] = {}
+    cache: dict[tuple, object] = {}
+    events: list[tuple[float, str]] = []
+    started: set[str] = set()
+
+    def start_new() -> None:
+        for e in sched.entries_running():
+            if e.id in started:
+                continue
+            started.add(e.id)
+            rate = e.rates[-1][1] if e.rates else UNLIMITED
+            p = _predict(fleet, settings, info[e.id][3], rate, cache)
+            predicted[e.id] = p
+            heapq.heappush(events, (clock.now + p.total_time_seconds, e.id))
+
+    start_new()
+    while events:
+        clock.now, mid = heapq.heappop(events)
+        sched.finish(mid, "completed")
+        start_new()
+    out = []
+    for mid, (g, s, d, _) in zip(ids, moves, strict=True):
+        p = predicted[mid]
+        out.append({"guest": g, "source": s, "destination": d, "status": "completed",
+                    "downtime_seconds": p.downtime_seconds,
+                    "total_time_seconds": p.total_time_seconds,
+                    "bytes_sent": int(p.bytes_sent_total), "schedule": sched.entry(mid)})
+    stats = fleet_stats(out, clock.now)
+    return {"simulated": True, "hosts": drained, "fleet": {
+        "hosts": fleet.hosts, "racks": fleet.racks, "guests_per_host": fleet.guests_per_host,
+        "guest_memory_bytes": fleet.guest_memory_bytes, "seed": fleet.seed,
+        "host_link_bytes_per_second": fleet.host_link_bytes_per_second,
+        "uplink_bytes_per_second": fleet.uplink_bytes_per_second},
+        "limits": limits.to_dict(), "moves": out, "stats": stats}
+
+
+def _predict(fleet: SimFleet, settings: MigrationSettings, dirty_rate: float, rate: float,
+             cache: dict):
+    """The model's prediction at `rate` bytes/s (cached by rounded inputs: guests alike
+    cost one prediction)."""
+    if rate == UNLIMITED:
+        raise ConfigError("a simulation needs a bandwidth: give --host-link, --uplink or "
+                          "--bandwidth")
+    key = (round(dirty_rate, -1), round(rate, -4))
+    if key not in cache:
+        cache[key] = predict(guest_memory_bytes=fleet.guest_memory_bytes,
+                             workload=fleet.workload, link_bytes_per_second=key[1],
+                             dirty_rate_pages_per_second=key[0],
+                             policy=settings.policy,
+                             downtime_limit_seconds=settings.downtime_limit_seconds or 0.3,
+                             latency_seconds=settings.latency_seconds)
+    return cache[key]
+
+
+def summary(result: dict) -> str:
+    f = result["fleet"]
+    head = (f"simulated drain of {len(result['hosts'])} hosts of {f['hosts']} ({f['racks']} "
+            f"racks, {f['guests_per_host']} guests each, seed {f['seed']})")
+    return "\n".join([head, *summary_lines(result["stats"])])
