@@ -4,7 +4,7 @@
 import argparse
 import json
 
-from cluster.cli.options import Commands, arg
+from cluster.cli.options import Commands, UsageError, arg
 from cluster.scheduler import MAX_LIMIT, PRESETS, Limits, preset
 from nodes.units import format_bytes, parse_count
 
@@ -211,12 +211,42 @@ def cmd_drain_simulated(args: argparse.Namespace, limits: Limits, settings) -> i
     return 0
 
 
+def cmd_drain_sweep(args: argparse.Namespace) -> int:
+    """`drain --sweep FILE.toml`: the drain at each value of the scenario's axis, real and
+    simulated (`cluster.fleetsweep`)."""
+    import sys
+
+    from cluster.cli.options import write_output
+    from cluster.fleetsweep import draw_sweep, load_fleet_scenario, run_fleet_sweep, sweep_table
+    if args.hosts:
+        raise UsageError("--sweep takes the hosts to drain from its file: give no HOST")
+    sc = load_fleet_scenario(args.sweep)
+    result = run_fleet_sweep(sc, simulate_only=args.simulate, on_point=lambda p: print(
+        f"  point {result_axis(sc)}={p[result_axis(sc)]} done", file=sys.stderr, flush=True))
+    if args.output:
+        write_output(args.output, json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        draw_sweep(result, args.plot)
+        print(f"plot in {args.plot}", file=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else sweep_table(result))
+    return 0
+
+
+def result_axis(sc: dict) -> str:
+    return next(iter(sc["axes"]))
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     from cluster.cli.options import EXIT_MIGRATION_FAILED, settings_from
     from cluster.drain import drain, move_dict, plan_drain
     limits = limits_from(args)
     settings = settings_from(args)
     check_fleet_outputs(args)
+    if args.sweep:
+        return cmd_drain_sweep(args)
+    if not args.hosts:
+        raise UsageError("name the hosts to drain (HOST..., or rack-K with --simulate), or "
+                         "give --sweep FILE.toml")
     if args.simulate:
         return cmd_drain_simulated(args, limits, settings)
     from cluster.testbed import Testbed
@@ -233,7 +263,10 @@ def register(sub: Commands) -> None:
     from cluster.cli.options import add_migration_options
     s = sub.add_parser("drain", help="move every guest off hosts (by room and load) under "
                        "the migration limits; ends with the fleet's downtime statistics")
-    s.add_argument("hosts", nargs="+", metavar="HOST")
+    s.add_argument("hosts", nargs="*", metavar="HOST")
+    s.add_argument("--sweep", default=None, metavar="FILE.toml",
+                   help="run the drain of a fleet scenario at each value of its axis, real "
+                        "and simulated (e.g. scenarios/drain-parallelism.toml)")
     s.add_argument("--to", nargs="+", default=None, metavar="HOST",
                    help="only these hosts take the guests (default: every other host)")
     s.add_argument("--spread", action="store_true",
