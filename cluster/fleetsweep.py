@@ -3,7 +3,7 @@ point a real drain on a fresh cluster and the same drain simulated (`cluster.fle
 beside it: the curve operators tune by (downtime p99 against `--max-parallel`), and how far
 the simulation is from the real thing.
 
-The scenario (`scenarios/drain-parallelism.toml`):
+The scenario (`scenarios/fleet/drain-parallelism.toml`):
 
     name, description, seed
     [cluster]  hosts, racks, host_memory, host_link, uplink

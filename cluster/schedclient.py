@@ -81,6 +81,9 @@ class RemoteScheduler(MigrationScheduler):
             actor = self._actors[source] = ray.get_actor(source, namespace=self._namespace)
         actor.set_migration_rate.remote(mid, rate)
 
+    def forget_host(self, name: str) -> None:
+        self._actors.pop(name, None)
+
     def ping(self) -> str:
         return ACTOR_NAME
 

@@ -161,6 +161,9 @@ class MigrationScheduler:
         with self._cond:
             self.topology = topology
 
+    def forget_host(self, name: str) -> None:
+        """`name` was restarted: a handle on its old self is stale (see RemoteScheduler)."""
+
     def open_group(self, limits: Limits | None = None, name: str | None = None) -> str:
         """A group of migrations with limits of its own on top of the cluster's (a drain)."""
         gid = name or f"g-{uuid.uuid4().hex[:8]}"

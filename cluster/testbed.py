@@ -58,6 +58,10 @@ class Testbed:
         self._scheduler = scheduler
         self._remote_scheduler = False       # attach: the cluster's actor, found on first use
         self._scheduler_lock = threading.Lock()
+        # What the hosts were made from (a restart makes a host again from it), and whether
+        # they outlive this process (`migbed up`'s detached actors).
+        self.spec: ClusterSpec | None = None
+        self.spec_detached = False
 
     @property
     def scheduler(self) -> SchedulerHandle:
@@ -92,6 +96,7 @@ class Testbed:
             owner.shutdown()
             raise
         tb = cls({n: RayHost(n, a) for n, a in actors.items()}, owner, spec.topology())
+        tb.spec = spec
         for observer in list(_local_observers):
             observer.started(tb)
         return tb
@@ -114,13 +119,14 @@ class Testbed:
                     continue      # a host killed by a fault (`migbed fault kill`) is gone
             if not hosts:
                 raise ValueError("no host answers")
-            topology = ClusterSpec.from_dict(state["spec"]).topology() if state.get(
-                "spec") else Topology()
+            spec = ClusterSpec.from_dict(state["spec"]) if state.get("spec") else None
+            topology = spec.topology() if spec is not None else Topology()
         except (ValueError, ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"the migbed cluster at {state['address']} does not answer "
                                f"({exc}); `migbed down` cleans up, then `migbed up`") from None
         tb = cls(hosts, topology=topology)
         tb._remote_scheduler = True
+        tb.spec, tb.spec_detached = spec, True
         return tb
 
     @classmethod
@@ -128,8 +134,10 @@ class Testbed:
         """The same hosts as objects in this process (no Ray): for fast tests and benches."""
         from nodes.host.service import HostService
         spec = spec or ClusterSpec(**kwargs)
-        return cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()},
-                   topology=spec.topology())
+        tb = cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()},
+                 topology=spec.topology())
+        tb.spec = spec
+        return tb
 
     def close(self) -> None:
         for h in list(self.hosts.values()) + list(self.lost_hosts.values()):

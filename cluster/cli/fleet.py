@@ -122,7 +122,11 @@ class DrainProgress:
     def __call__(self, what: str, move) -> None:
         import sys
         with self._lock:
-            if what == "started":
+            if what == "batch":
+                line = f"batch: draining {', '.join(move)}"
+            elif what == "restarted":
+                line = f"  {move} restarted as a fresh host"
+            elif what == "started":
                 self.started += 1
                 line = f"  -> {move.guest} {move.source} -> {move.destination} started"
             elif what == "ended":
@@ -131,7 +135,9 @@ class DrainProgress:
                         else f", downtime {move.downtime_seconds * 1000:.1f} ms")
                 took = ("" if move.total_time_seconds is None
                         else f" in {move.total_time_seconds:.2f} s")
-                line = f"  [{self.ended}/{self.total}] {move.guest} {move.status}{took}{down}"
+                of = f"/{self.total}" if self.total else ""
+                line = f"  [{self.ended}{of}] {move.guest} {move.source} -> " \
+                       f"{move.destination} {move.status}{took}{down}"
             else:
                 return
             print(line, file=sys.stderr, flush=True)
@@ -259,6 +265,21 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_MIGRATION_FAILED
 
 
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    from cluster.cli.options import EXIT_MIGRATION_FAILED, settings_from
+    from cluster.maintenance import maintenance
+    limits = limits_from(args)
+    settings = settings_from(args)
+    check_fleet_outputs(args)
+    from cluster.testbed import Testbed
+    tb = Testbed.attach()
+    report = maintenance(tb, args.batch, limits, settings, args.rebalance, args.hosts or None,
+                         on_event=DrainProgress(0))
+    fleet_outputs(args, report, report.moves, "maintenance")
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.ok else EXIT_MIGRATION_FAILED
+
+
 def register(sub: Commands) -> None:
     from cluster.cli.options import add_migration_options
     s = sub.add_parser("drain", help="move every guest off hosts (by room and load) under "
@@ -266,7 +287,7 @@ def register(sub: Commands) -> None:
     s.add_argument("hosts", nargs="*", metavar="HOST")
     s.add_argument("--sweep", default=None, metavar="FILE.toml",
                    help="run the drain of a fleet scenario at each value of its axis, real "
-                        "and simulated (e.g. scenarios/drain-parallelism.toml)")
+                        "and simulated (e.g. scenarios/fleet/drain-parallelism.toml)")
     s.add_argument("--to", nargs="+", default=None, metavar="HOST",
                    help="only these hosts take the guests (default: every other host)")
     s.add_argument("--spread", action="store_true",
@@ -276,6 +297,20 @@ def register(sub: Commands) -> None:
     add_migration_options(s)                    # --json among them
     add_simulate_options(s)
     s.set_defaults(func=cmd_drain)
+
+    s = sub.add_parser("maintenance", help="a rolling maintenance: drain hosts a batch at a "
+                       "time, restart each as a fresh host, return the guests (or rebalance)")
+    s.add_argument("hosts", nargs="*", metavar="HOST",
+                   help="the hosts to maintain, in this order (default: every host)")
+    s.add_argument("--batch", type=arg(parse_count, "--batch", 1, MAX_LIMIT), default=1,
+                   metavar="N", help="hosts drained and restarted at a time (default 1)")
+    s.add_argument("--rebalance", action="store_true",
+                   help="spread the guests evenly at the end instead of returning each to "
+                        "its host")
+    add_limit_options(s, parallel_default=None)
+    add_fleet_outputs(s, with_json=False)
+    add_migration_options(s)
+    s.set_defaults(func=cmd_maintenance)
 
 
     s = sub.add_parser("queue", help="the cluster's migration queue: limits, what runs, "
