@@ -127,6 +127,17 @@ class Entry:
         return sum((b[0] - a[0]) * a[1] for a, b in itertools.pairwise(pts)) / span
 
 
+def schedule_lines(schedule: dict | None) -> list[str]:
+    """A report's lines of its queue entry: the wait, the links crossed, the share of each."""
+    if not schedule:
+        return []
+    shares = ", ".join(f"{ln} {v * 100:.0f}%" for ln, v in
+                       (schedule.get("link_share") or {}).items() if v is not None)
+    return [f"  queue: waited {schedule.get('wait_seconds') or 0:.2f} s as "
+            f"{schedule.get('id')}; crossed {', '.join(schedule.get('links') or [])}"
+            + (f"; share of capacity: {shares}" if shares else "")]
+
+
 Push = Callable[[str, str, float | None], None]      # (source host, migration id, rate)
 
 
