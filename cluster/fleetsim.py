@@ -112,6 +112,35 @@ def plan(fleet: SimFleet, topo: Topology, drained: list[str],
     return moves
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What a real drain adds to the model's migrations: a fixed part of every downtime
+    (T_resume: the hand-over's round trips, the resume) and a fixed cost of every migration
+    (setup and cleanup, the control plane's calls), both as the real one measured them."""
+
+    resume_seconds: float = 0.0
+    overhead_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"resume_seconds": self.resume_seconds,
+                "overhead_seconds": self.overhead_seconds}
+
+
+def calibrate(fleet: "SimFleet", which: list[str], limits: Limits, real_stats: dict,
+              settings: MigrationSettings | None = None, spread: bool = False) -> Calibration:
+    """The calibration that brings the simulation of this drain to the real one's medians
+    (`real_stats`: a real drain's fleet statistics): the downtime's p50 and the total time's
+    p50 (what is left of each after the model's own part, never below zero)."""
+    sim = simulate_drain(fleet, which, limits, settings, spread)["stats"]
+    try:
+        down = real_stats["downtime_seconds"]["p50"] - sim["downtime_seconds"]["p50"]
+        total = real_stats["total_time_seconds"]["p50"] - sim["total_time_seconds"]["p50"]
+    except (KeyError, TypeError):
+        raise ConfigError("the real drain to calibrate from has no completed migration "
+                          "(its stats lack downtime_seconds / total_time_seconds)") from None
+    return Calibration(max(0.0, down), max(0.0, total - max(0.0, down)))
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -121,10 +150,12 @@ class _Clock:
 
 
 def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
-                   settings: MigrationSettings | None = None, spread: bool = False) -> dict:
+                   settings: MigrationSettings | None = None, spread: bool = False,
+                   calibration: Calibration | None = None) -> dict:
     """The simulated drain: its moves (each with a schedule entry on the virtual clock) and
     the fleet statistics. Deterministic for the fleet's seed."""
     settings = settings or MigrationSettings()
+    cal = calibration or Calibration()
     topo = fleet.topology()
     drained = drained_hosts(fleet, topo, which)
     clock = _Clock()
@@ -146,9 +177,10 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
                 continue
             started.add(e.id)
             rate = e.rates[-1][1] if e.rates else UNLIMITED
-            p = _predict(fleet, settings, info[e.id][3], rate, cache)
+            p = _predict(fleet, settings, info[e.id][3], rate, cache, cal)
             predicted[e.id] = p
-            heapq.heappush(events, (clock.now + p.total_time_seconds, e.id))
+            heapq.heappush(events, (clock.now + p.total_time_seconds + cal.overhead_seconds,
+                                    e.id))
 
     start_new()
     while events:
@@ -160,7 +192,7 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
         p = predicted[mid]
         out.append({"guest": g, "source": s, "destination": d, "status": "completed",
                     "downtime_seconds": p.downtime_seconds,
-                    "total_time_seconds": p.total_time_seconds,
+                    "total_time_seconds": p.total_time_seconds + cal.overhead_seconds,
                     "bytes_sent": int(p.bytes_sent_total), "schedule": sched.entry(mid)})
     stats = fleet_stats(out, clock.now)
     return {"simulated": True, "hosts": drained, "fleet": {
@@ -168,11 +200,12 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
         "guest_memory_bytes": fleet.guest_memory_bytes, "seed": fleet.seed,
         "host_link_bytes_per_second": fleet.host_link_bytes_per_second,
         "uplink_bytes_per_second": fleet.uplink_bytes_per_second},
-        "limits": limits.to_dict(), "moves": out, "stats": stats}
+        "limits": limits.to_dict(), "calibration": cal.to_dict(), "moves": out,
+        "stats": stats}
 
 
 def _predict(fleet: SimFleet, settings: MigrationSettings, dirty_rate: float, rate: float,
-             cache: dict):
+             cache: dict, cal: Calibration):
     """The model's prediction at `rate` bytes/s (cached by rounded inputs: guests alike
     cost one prediction)."""
     if rate == UNLIMITED:
@@ -185,7 +218,8 @@ def _predict(fleet: SimFleet, settings: MigrationSettings, dirty_rate: float, ra
                              dirty_rate_pages_per_second=key[0],
                              policy=settings.policy,
                              downtime_limit_seconds=settings.downtime_limit_seconds or 0.3,
-                             latency_seconds=settings.latency_seconds)
+                             latency_seconds=settings.latency_seconds,
+                             resume_seconds=cal.resume_seconds)
     return cache[key]
 
 

@@ -3,6 +3,9 @@ point a real drain on a fresh cluster and the same drain simulated (`cluster.fle
 beside it: the curve operators tune by (downtime p99 against `--max-parallel`), and how far
 the simulation is from the real thing.
 
+The simulation is calibrated from the first real drain (`cluster.fleetsim.calibrate`: the
+fixed downtime and per-migration cost the model leaves out), then held for the other points.
+
 The scenario (`scenarios/fleet/drain-parallelism.toml`):
 
     name, description, seed
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from cluster.drain import drain, move_dict
 from cluster.fairshare import parse_link_rate
-from cluster.fleetsim import SimFleet, drained_hosts, simulate_drain
+from cluster.fleetsim import SimFleet, calibrate, drained_hosts, simulate_drain
 from cluster.guestfile import guest_spec
 from cluster.scheduler import Limits, preset
 from nodes.errors import ConfigError
@@ -93,18 +96,23 @@ def run_fleet_sweep(sc: dict, simulate_only: bool = False, on_point=None) -> dic
     fleet, extra = _fleet(sc)
     axis, values = next(iter(sc["axes"].items()))
     base = preset(sc["drain"]["limits"]) if sc["drain"].get("limits") else Limits()
-    points = []
+    which, spread = list(sc["drain"]["hosts"]), bool(sc["drain"].get("spread", False))
+    points, cal = [], None
     for v in values:
         limits = base.merged(Limits(**{axis: v}))
-        sim = simulate_drain(fleet, list(sc["drain"]["hosts"]), limits,
-                             spread=bool(sc["drain"].get("spread", False)))
-        point = {axis: v, "limits": limits.to_dict(), "simulated": sim["stats"]}
+        point: dict = {axis: v, "limits": limits.to_dict()}
         if not simulate_only:
             point["real"] = _real_point(fleet, extra, sc, limits)
+            if cal is None:        # calibrated from the first real drain, then held
+                cal = calibrate(fleet, which, limits, point["real"]["stats"], spread=spread)
+        sim = simulate_drain(fleet, which, limits, spread=spread, calibration=cal)
+        point["simulated"] = sim["stats"]
+        point["calibration"] = sim["calibration"]
         points.append(point)
         if on_point is not None:
             on_point(point)
-    return {"name": sc.get("name", "fleet sweep"), "axis": axis, "points": points}
+    return {"name": sc.get("name", "fleet sweep"), "axis": axis, "points": points,
+            "calibrated_from": None if simulate_only else f"{axis}={values[0]}"}
 
 
 def _q(stats: dict | None, key: str, q: str, scale: float = 1.0) -> str:
@@ -117,6 +125,11 @@ def sweep_table(result: dict) -> str:
     lines = [f"{result['name']}: drain against {axis}",
              f"  {axis:>22}  {'span s':>13}  {'downtime p50 ms':>17}  {'downtime p99 ms':>17}",
              f"  {'':>22}  {'real / sim':>13}  {'real / sim':>17}  {'real / sim':>17}"]
+    if result.get("calibrated_from"):
+        c = result["points"][0]["calibration"]
+        lines.append(f"  (simulation calibrated from the real drain at "
+                     f"{result['calibrated_from']}: +{c['resume_seconds'] * 1000:.1f} ms "
+                     f"downtime, +{c['overhead_seconds']:.2f} s a migration)")
     for p in result["points"]:
         real = (p.get("real") or {}).get("stats")
         sim = p["simulated"]

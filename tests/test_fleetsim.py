@@ -64,3 +64,18 @@ def test_a_thousand_hosts_from_the_command_line(capsys):
     assert out["stats"]["migrations"] == 400 and out["stats"]["peak_parallel"] == 5
     assert main(["drain", "--simulate", "--max-parallel", "0", "rack-0"]) == 2
     assert "--max-parallel must be" in capsys.readouterr().err
+
+
+def test_calibration_recovers_what_the_model_leaves_out(tmp_path, capsys):
+    from cluster.fleetsim import Calibration, calibrate
+    limits = Limits(max_parallel=1)
+    fleet = _fleet(2)
+    truth = Calibration(resume_seconds=0.004, overhead_seconds=0.25)
+    real = simulate_drain(fleet, ["rack-0"], limits, calibration=truth)["stats"]
+    cal = calibrate(fleet, ["rack-0"], limits, real)
+    assert cal.resume_seconds == pytest.approx(0.004, rel=0.05)
+    assert cal.overhead_seconds == pytest.approx(0.25, rel=0.05)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["drain", "--simulate", "--calibrate", str(bad), "rack-0"]) == 2
+    assert "no stats" in capsys.readouterr().err

@@ -9,6 +9,7 @@ registers itself on the parser here; `options` holds what they share.
 import sys
 from collections.abc import Sequence
 
+from cluster.cli import drain_commands as drain
 from cluster.cli import experiments, faults, fleet, guests, lifecycle, migrate, reports
 from cluster.cli import postcopy_commands as postcopy
 from cluster.cli import top_command as top
@@ -16,7 +17,7 @@ from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, U
 from nodes.errors import MigbedError
 
 COMMAND_MODULES = (lifecycle, guests, top, migrate, postcopy, reports, experiments,
-                   faults, fleet)                                       # in `--help`'s order
+                   faults, fleet, drain)                                       # in `--help`'s order
 
 
 def build_parser() -> Parser:
