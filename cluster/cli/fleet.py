@@ -102,12 +102,32 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if entry["state"] == "cancelled":
         print(f"cancelled {args.id}: {entry['guest']} stays on {entry['source']}")
         return 0
-    if entry["state"] == "running" and tb.host(entry["source"]).call(
-            "cancel_migration", args.id):
-        print(f"{args.id} was running: asked {entry['source']} to cancel it "
-              f"({entry['guest']} stays there unless it has already switched)")
-        return 0
+    if entry["state"] == "running":
+        return _cancel_running(tb, entry)
     print(f"{args.id} has already {entry['state']}: nothing to cancel")
+    return 0
+
+
+def _cancel_running(tb, entry: dict) -> int:
+    """A running entry: ask its source to cancel it; one its source does not run (its
+    client died before it began, or after it ended) is finished in the queue, so it holds
+    no slot."""
+    from nodes.errors import MigbedError
+    from nodes.phase import ENDED
+    mid, src = entry["id"], entry["source"]
+    try:
+        if tb.host(src).call("cancel_migration", mid):
+            print(f"{mid} was running: asked {src} to cancel it ({entry['guest']} stays "
+                  "there unless it has already switched)")
+            return 0
+        progress = tb.host(src).call("migration_progress", mid)
+    except MigbedError:
+        progress = None                   # its source is gone
+    if progress is None or progress.status in {str(o) for o in ENDED}:
+        tb.scheduler.call("finish", mid, "abandoned")
+        print(f"{mid} was no longer running on {src}: taken out of the queue")
+    else:
+        print(f"{mid} is past its point of no return (post-copy): it runs to its end")
     return 0
 
 

@@ -45,9 +45,8 @@ def _create_from(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     tb = Testbed.attach()
     guests = read_guest_file(args.from_file, tb.hosts)
-    done = create_many(tb, guests, on_created=lambda h, d: print(
-        f"  created {d['name']} on {h}: {format_bytes(d['memory_bytes'])}", file=sys.stderr)
-        if args.verbose else None)
+    print(f"booting {len(guests)} guests...", file=sys.stderr, flush=True)
+    done = create_many(tb, guests)
     total = sum(d["memory_bytes"] for d in done)
     print(f"created {len(done)} guests ({format_bytes(total)}) on "
           f"{len({h for h, _ in guests})} hosts in {time.monotonic() - t0:.1f} s")
@@ -74,11 +73,7 @@ def register(sub: Commands) -> None:
     s = sub.add_parser("create", help="boot a guest on a host")
     s.add_argument("host", nargs="?")
     s.add_argument("name", nargs="?")
-    s.add_argument("--from", dest="from_file", default=None, metavar="FILE.toml",
-                   help="boot every guest of a file of [[guest]] tables (create's own keys: "
-                        "name, host, memory, mode, workload, dirty_rate, ...) and "
-                        "[[template]] tables (a count spread over hosts)")
-    s.add_argument("--verbose", action="store_true", help="with --from: a line per guest")
+    add_field(s, field_named("from_file"), dest="from_file")
     memory = field_named("guest_memory_bytes")
     s.add_argument("--memory", memory.flag, dest="memory", default=None,
                    type=arg(memory.read, "--memory"), metavar=memory.metavar,
