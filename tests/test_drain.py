@@ -51,6 +51,9 @@ def test_drain_by_room_and_load_under_limits(in_process, tmp_path):
     assert rep.ok and {m.destination for m in rep.moves} == {"host-3", "host-4"}
     assert rep.stats["by_status"] == {"completed": 4}
     assert rep.stats["peak_parallel"] <= 2 and rep.stats["downtime_seconds"]["count"] == 4
+    for dst in ("host-3", "host-4"):
+        assert peak_parallel([m.schedule for m in rep.moves if m.destination == dst]) <= 1, \
+            "one arriving at a host at a time (max-inbound-per-host 1)"
     assert "downtime   p50" in rep.table()
     from cluster.drain import move_dict
     from cluster.fleetstats import draw_fleet
