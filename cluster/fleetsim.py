@@ -42,6 +42,7 @@ class SimFleet:
     host_link_bytes_per_second: float | None = 1.25e9
     uplink_bytes_per_second: float | None = None
     seed: int = 0
+    rate_spread: float = RATE_SPREAD    # 0: every guest dirties at the rate given
 
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= MAX_SIM_HOSTS:
@@ -99,8 +100,9 @@ def plan(fleet: SimFleet, topo: Topology, drained: list[str],
     moves = []
     for i, src in enumerate(drained):
         for g in range(fleet.guests_per_host):
+            sigma = fleet.rate_spread
             rate = fleet.workload.rate_pages_per_second * math.exp(
-                rng.gauss(0.0, RATE_SPREAD) - RATE_SPREAD ** 2 / 2)
+                rng.gauss(0.0, sigma) - sigma ** 2 / 2)
             if spread:
                 rack = racks[(i * fleet.guests_per_host + g) % len(racks)]
                 load, dst = heapq.heappop(by_rack[rack])

@@ -66,7 +66,8 @@ def _fleet(sc: dict) -> tuple[SimFleet, dict]:
         host_link_bytes_per_second=parse_link_rate(c["host_link"], "[cluster] host_link")
         if "host_link" in c else None,
         uplink_bytes_per_second=parse_link_rate(c["uplink"], "[cluster] uplink")
-        if "uplink" in c else None, seed=int(sc.get("seed", 0)))
+        if "uplink" in c else None, seed=int(sc.get("seed", 0)),
+        rate_spread=0.0)               # as the real drain's guests: all at the one rate
     return fleet, {"spec": spec, "host_memory": parse_size(c.get("host_memory", "256MiB"),
                                                            "[cluster] host_memory")}
 

@@ -46,6 +46,25 @@ def observing(observer) -> Iterator[None]:
         _local_observers.remove(observer)
 
 
+def _find_actors(names: list[str]) -> dict:
+    """name -> actor of every host that is there (one killed by `migbed fault kill` is not),
+    looked up at once: each lookup is a round trip to Ray's GCS, and a command against 32
+    hosts should not wait for 32 in a row."""
+    import concurrent.futures
+
+    import ray
+
+    def find(name: str):
+        try:
+            return name, ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return name, None
+    if not names:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+        return {n: a for n, a in pool.map(find, names) if a is not None}
+
+
 class Testbed:
     def __init__(self, hosts: dict, owner: LocalRay | None = None,
                  topology: Topology | None = None, scheduler: SchedulerHandle | None = None):
@@ -104,19 +123,13 @@ class Testbed:
     @classmethod
     def attach(cls) -> "Testbed":
         """The persistent cluster started by `migbed up`."""
-        import ray
         state = persistent.read_state()
         if state is None:
             raise ClusterError("no migbed cluster is running; start one with `migbed up` "
                                "(e.g. `migbed up --hosts 3 --host-memory 1GiB`)")
         try:
             launcher.ray_init(state["address"])
-            hosts = {}
-            for n in state["hosts"]:
-                try:
-                    hosts[n] = RayHost(n, ray.get_actor(n, namespace=NAMESPACE))
-                except ValueError:
-                    continue      # a host killed by a fault (`migbed fault kill`) is gone
+            hosts = {n: RayHost(n, a) for n, a in _find_actors(state["hosts"]).items()}
             if not hosts:
                 raise ValueError("no host answers")
             spec = ClusterSpec.from_dict(state["spec"]) if state.get("spec") else None
