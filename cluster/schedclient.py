@@ -118,11 +118,13 @@ def scheduled(sched: SchedulerHandle, src, dst, guest: str, settings: MigrationS
               on_progress: Callable[[Progress], None] | None = None,
               should_cancel: Callable[[], bool] | None = None,
               on_queued: Callable[[str], None] | None = None) -> MigrationReport:
-    """Run one migration through the scheduler (see the module docstring). A migration
-    cancelled while queued raises QueuedMigrationCancelled: nothing moved."""
+    """Run one migration through the scheduler (see the module docstring); `on_queued(id)`
+    if it has to wait. A migration cancelled while queued raises QueuedMigrationCancelled:
+    nothing moved."""
+    src.call("check_migratable", guest)      # a guest that cannot move is not queued
     mid = submit(sched, src, dst, guest, settings, group)
-    if on_queued is not None:
-        on_queued(mid)
+    if on_queued is not None and sched.call("wait_turn", mid, 0.0)["state"] == "queued":
+        on_queued(mid)                        # it waits: say how to cancel it
     return run_submitted(sched, mid, src, dst, guest, settings, on_progress, should_cancel)
 
 

@@ -245,7 +245,7 @@ class Testbed:
                 should_cancel: Callable[[], bool] | None = None,
                 on_queued: Callable[[str], None] | None = None) -> MigrationReport:
         """Migrate `guest` to `destination` through the cluster's scheduler: it waits its
-        turn under the cluster's limits (`on_queued(id)` once queued), then runs."""
+        turn under the cluster's limits (`on_queued(id)` if it has to wait), then runs."""
         settings = settings or MigrationSettings()
         dst = self.host(destination)
         src = self.host(self.where(guest))
