@@ -22,7 +22,7 @@ from nodes.migration.progress import Progress
 from nodes.migration.settings import MigrationSettings
 
 ACTOR_NAME = "migbed-scheduler"
-ACTOR_CONCURRENCY = 1024     # waits in the queue are calls in flight: one thread each,
+ACTOR_CONCURRENCY = 512      # waits in the queue are calls in flight: one thread each,
                              # with room beside a drain's 256 waiting (`evacuate.MAX_WAITING`)
 WAIT_STEP_SECONDS = 0.5
 
