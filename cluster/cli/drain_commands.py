@@ -17,6 +17,8 @@ from cluster.cli.options import Commands, UsageError, arg
 from cluster.scheduler import MAX_LIMIT, Limits
 from nodes.units import parse_count
 
+SIM_HOST_LINK = 1.25e9        # a simulated host's link unless --host-link: 10 Gbit/s
+
 
 class SimReport:
     """A simulated drain's result, as `fleet_outputs` writes a report."""
@@ -60,7 +62,7 @@ def cmd_drain_simulated(args: argparse.Namespace, limits: Limits, settings) -> i
     fleet = SimFleet(hosts=args.hosts_count, racks=args.racks or 1,
                      guests_per_host=args.guests_per_host,
                      guest_memory_bytes=args.guest_memory, workload=wl,
-                     host_link_bytes_per_second=args.host_link,
+                     host_link_bytes_per_second=args.host_link or SIM_HOST_LINK,
                      uplink_bytes_per_second=args.uplink, seed=args.seed)
     t0 = time.monotonic()
     cal = None
@@ -112,6 +114,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
     check_fleet_outputs(args)
     if args.sweep:
         return cmd_drain_sweep(args)
+    if args.simulate and not args.hosts:
+        args.hosts = ["rack-0"]               # a simulated drain's default: the first rack
     if not args.hosts:
         raise UsageError("name the hosts to drain (HOST..., or rack-K with --simulate), or "
                          "give --sweep FILE.toml")
@@ -180,10 +184,11 @@ def add_simulate_options(s: argparse.ArgumentParser) -> None:
     default to a busy 1 GiB guest full of data, not a fresh one)."""
     from cluster.cli.options import add_field
     from cluster.fieldtable import WORKLOAD_FIELDS, field_named
-    g = s.add_argument_group("--simulate: the fleet (HOST... may be rack-K)")
+    g = s.add_argument_group("--simulate: the fleet (HOST... may be rack-K; default rack-0)")
     g.add_argument("--simulate", action="store_true",
                    help="plan the drain with the analytic model on a virtual clock, the "
-                        "same scheduler and limits, no cluster needed")
+                        "same scheduler and limits, no cluster needed (host links 10Gbit "
+                        "unless --host-link)")
     g.add_argument("--calibrate", default=None, metavar="DRAIN.json",
                    help="calibrate the model from a real drain of the same fleet (its "
                         "`drain --output`): its fixed downtime and per-migration cost")
