@@ -32,7 +32,11 @@ def parse_link_rate(value: str, what: str) -> float:
     decimal prefixes, bits) or as migbed's bandwidths do (`32MiB`, per second)."""
     m = _BITS.match(value) if isinstance(value, str) else None
     if m is None:
-        return parse_bandwidth(value, what)
+        try:
+            return parse_bandwidth(value, what)
+        except ConfigError:
+            raise ConfigError(f"{what}: cannot read {value!r} as a link's speed; write e.g. "
+                              "10Gbit, 100Mbps or 64MiB (bytes a second)") from None
     rate = float(m.group(1)) * _BIT_SCALE[m.group(2)] / 8
     if not rate > 0:
         raise ConfigError(f"{what} must be a positive rate, got {value!r}")

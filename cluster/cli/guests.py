@@ -40,8 +40,13 @@ def _create_from(args: argparse.Namespace) -> int:
     if args.host is not None or args.name is not None or args.memory is not None:
         raise UsageError("--from FILE.toml gives every guest's host, name and memory: "
                          "give no HOST NAME --memory with it")
+    from pathlib import Path
+
     from cluster.guestfile import create_many, read_guest_file
     from cluster.testbed import Testbed
+    from nodes.errors import ConfigError
+    if not Path(args.from_file).is_file():
+        raise ConfigError(f"--from {args.from_file}: no such file")
     t0 = time.monotonic()
     tb = Testbed.attach()
     guests = read_guest_file(args.from_file, tb.hosts)
