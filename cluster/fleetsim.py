@@ -5,7 +5,7 @@ real run, so a drain of 1,000 hosts and 20,000 guests can be planned in seconds.
 The fleet is `hosts` hosts in `racks` racks (`cluster.fairshare.Topology`), each with
 `guests_per_host` guests; each guest's memory is the given size and its dirty rate the given
 one scaled by a log-normal factor drawn from `seed` (so guests differ, and the same seed gives
-the same plan). The drained hosts' guests go, as `migbed drain` sends them, to the least
+the same plan); or the guests of a `create --from` file, each as its table says. The drained hosts' guests go, as `migbed drain` sends them, to the least
 loaded other host (the racks round robin with `spread`). The run is event driven on a virtual
 clock: the scheduler (`cluster.scheduler`, under the same limits) admits migrations and gives
 each its max-min fair rate as it starts; the model predicts it at that rate (an
@@ -16,7 +16,7 @@ keeps its rate at the start); its end is an event, at which the queue moves on.
 import heapq
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cluster.fairshare import UNLIMITED, Topology
 from cluster.fleetstats import fleet_stats, summary_lines
@@ -43,6 +43,9 @@ class SimFleet:
     uplink_bytes_per_second: float | None = None
     seed: int = 0
     rate_spread: float = RATE_SPREAD    # 0: every guest dirties at the rate given
+    # The guests, one by one ((host, GuestSpec), from a `create --from` file), in place of
+    # `guests_per_host` alike.
+    guests: tuple = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= MAX_SIM_HOSTS:
@@ -82,13 +85,35 @@ def drained_hosts(fleet: SimFleet, topo: Topology, which: list[str]) -> list[str
     return list(dict.fromkeys(out))
 
 
-def plan(fleet: SimFleet, topo: Topology, drained: list[str],
-         spread: bool) -> list[tuple[str, str, str, float]]:
-    """(guest, source, destination, dirty rate) for every guest of the drained hosts."""
+def guests_on(fleet: SimFleet) -> dict[str, list[tuple[str, int, WorkloadSpec, float]]]:
+    """host -> its guests as (name, memory, workload, dirty rate): the file's, or
+    `guests_per_host` alike, each rate drawn log-normal from the seed."""
     rng = random.Random(fleet.seed)
+    out: dict[str, list] = {h: [] for h in fleet.names}
+    if fleet.guests:
+        for host, spec in fleet.guests:
+            rate = spec.workload.rate_pages_per_second
+            if spec.workload.unlimited:
+                raise ConfigError(f"{spec.name}: a simulation needs a dirty rate in page "
+                                  "writes per second, not max")
+            out[host].append((spec.name, spec.memory_bytes, spec.workload, rate))
+        return out
+    sigma = fleet.rate_spread
+    for h in fleet.names:
+        for g in range(fleet.guests_per_host):
+            rate = fleet.workload.rate_pages_per_second * math.exp(
+                rng.gauss(0.0, sigma) - sigma ** 2 / 2)
+            out[h].append((f"{h}-g{g}", fleet.guest_memory_bytes, fleet.workload, rate))
+    return out
+
+
+def plan(fleet: SimFleet, topo: Topology, drained: list[str],
+         spread: bool) -> list[tuple[str, str, str, float, int, WorkloadSpec]]:
+    """(guest, source, destination, dirty rate, memory, workload) for every guest of the
+    drained hosts, each to the least loaded other host (round the racks with `spread`)."""
     gone = set(drained)
-    heap = [(fleet.guests_per_host, topo.rack_of(h) or 0, h) for h in fleet.names
-            if h not in gone]
+    on = guests_on(fleet)
+    heap = [(len(on[h]), topo.rack_of(h) or 0, h) for h in fleet.names if h not in gone]
     heapq.heapify(heap)
     by_rack: dict[int, list] = {}
     if spread:
@@ -98,19 +123,18 @@ def plan(fleet: SimFleet, topo: Topology, drained: list[str],
             heapq.heapify(lst)
     racks = sorted(by_rack)
     moves = []
-    for i, src in enumerate(drained):
-        for g in range(fleet.guests_per_host):
-            sigma = fleet.rate_spread
-            rate = fleet.workload.rate_pages_per_second * math.exp(
-                rng.gauss(0.0, sigma) - sigma ** 2 / 2)
+    k = 0
+    for src in drained:
+        for name, memory, workload, rate in on[src]:
             if spread:
-                rack = racks[(i * fleet.guests_per_host + g) % len(racks)]
+                rack = racks[k % len(racks)]
+                k += 1
                 load, dst = heapq.heappop(by_rack[rack])
                 heapq.heappush(by_rack[rack], (load + 1, dst))
             else:
                 load, rack, dst = heapq.heappop(heap)
                 heapq.heappush(heap, (load + 1, rack, dst))
-            moves.append((f"{src}-g{g}", src, dst, rate))
+            moves.append((name, src, dst, rate, memory, workload))
     return moves
 
 
@@ -166,7 +190,7 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
     moves = plan(fleet, topo, drained, spread)
     ids = [sched.submit(g, s, d, group, settings.link_bytes_per_second,
                         settings.rate_limit_bytes_per_second, migration_id=f"sim-{k:07d}")
-           for k, (g, s, d, _) in enumerate(moves)]
+           for k, (g, s, d, *_) in enumerate(moves)]
     info = {mid: m for mid, m in zip(ids, moves, strict=True)}
     predicted: dict[str, object] = {}
     cache: dict[tuple, object] = {}
@@ -179,7 +203,8 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
                 continue
             started.add(e.id)
             rate = e.rates[-1][1] if e.rates else UNLIMITED
-            p = _predict(fleet, settings, info[e.id][3], rate, cache, cal)
+            _, _, _, dirty, memory, workload = info[e.id]
+            p = _predict(memory, workload, settings, dirty, rate, cache, cal)
             predicted[e.id] = p
             heapq.heappush(events, (clock.now + p.total_time_seconds + cal.overhead_seconds,
                                     e.id))
@@ -190,7 +215,7 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
         sched.finish(mid, "completed")
         start_new()
     out = []
-    for mid, (g, s, d, _) in zip(ids, moves, strict=True):
+    for mid, (g, s, d, *_) in zip(ids, moves, strict=True):
         p = predicted[mid]
         out.append({"guest": g, "source": s, "destination": d, "status": "completed",
                     "downtime_seconds": p.downtime_seconds,
@@ -199,6 +224,7 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
     stats = fleet_stats(out, clock.now)
     return {"simulated": True, "hosts": drained, "fleet": {
         "hosts": fleet.hosts, "racks": fleet.racks, "guests_per_host": fleet.guests_per_host,
+        "guests_from_file": len(fleet.guests) or None,
         "guest_memory_bytes": fleet.guest_memory_bytes, "seed": fleet.seed,
         "host_link_bytes_per_second": fleet.host_link_bytes_per_second,
         "uplink_bytes_per_second": fleet.uplink_bytes_per_second},
@@ -206,18 +232,18 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
         "stats": stats}
 
 
-def _predict(fleet: SimFleet, settings: MigrationSettings, dirty_rate: float, rate: float,
-             cache: dict, cal: Calibration):
+def _predict(memory: int, workload: WorkloadSpec, settings: MigrationSettings,
+             dirty_rate: float, rate: float, cache: dict, cal: Calibration):
     """The model's prediction at `rate` bytes/s (cached by rounded inputs: guests alike
     cost one prediction)."""
     if rate == UNLIMITED:
         raise ConfigError("a simulation needs a bandwidth: give --host-link, --uplink or "
                           "--bandwidth")
-    key = (round(dirty_rate, -1), round(rate, -4))
+    key = (memory, replace(workload, seed=0), round(dirty_rate, -1), round(rate, -4))
     if key not in cache:
-        cache[key] = predict(guest_memory_bytes=fleet.guest_memory_bytes,
-                             workload=fleet.workload, link_bytes_per_second=key[1],
-                             dirty_rate_pages_per_second=key[0],
+        cache[key] = predict(guest_memory_bytes=memory,
+                             workload=workload, link_bytes_per_second=key[3],
+                             dirty_rate_pages_per_second=key[2],
                              policy=settings.policy,
                              downtime_limit_seconds=settings.downtime_limit_seconds or 0.3,
                              latency_seconds=settings.latency_seconds,
@@ -228,5 +254,7 @@ def _predict(fleet: SimFleet, settings: MigrationSettings, dirty_rate: float, ra
 def summary(result: dict) -> str:
     f = result["fleet"]
     head = (f"simulated drain of {len(result['hosts'])} hosts of {f['hosts']} ({f['racks']} "
-            f"racks, {f['guests_per_host']} guests each, seed {f['seed']})")
+            + (f"racks, {f['guests_from_file']} guests from a file" if f.get("guests_from_file")
+               else f"racks, {f['guests_per_host']} guests each")
+            + f", seed {f['seed']})")
     return "\n".join([head, *summary_lines(result["stats"])])

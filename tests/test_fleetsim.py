@@ -79,3 +79,21 @@ def test_calibration_recovers_what_the_model_leaves_out(tmp_path, capsys):
     bad.write_text("{}")
     assert main(["drain", "--simulate", "--calibrate", str(bad), "rack-0"]) == 2
     assert "no stats" in capsys.readouterr().err
+
+
+def test_simulated_guests_from_a_file(tmp_path):
+    from cluster.guestfile import read_guest_file
+    p = tmp_path / "g.toml"
+    p.write_text('[[template]]\ncount = 9\nname = "w{i}"\nmemory = "32MiB"\n'
+                 'workload = "uniform"\ndirty_rate = 1000\nfill = "random"\n'
+                 '[[guest]]\nname = "big"\nhost = "host-0"\nmemory = "128MiB"\n'
+                 'workload = "hotset"\ndirty_rate = 500\n')
+    names = [f"host-{i}" for i in range(6)]
+    guests = tuple(read_guest_file(p, names))
+    fleet = SimFleet(hosts=6, racks=2, guests=guests, host_link_bytes_per_second=64 * MiB,
+                     workload=WorkloadSpec("uniform", 1000))
+    r = simulate_drain(fleet, ["host-0", "host-1"], Limits(max_parallel=2))
+    assert sorted(m["guest"] for m in r["moves"]) == ["big", "w0", "w1", "w6", "w7"]
+    assert r["fleet"]["guests_from_file"] == 10
+    by = {m["guest"]: m for m in r["moves"]}
+    assert by["big"]["bytes_sent"] != by["w0"]["bytes_sent"], "each guest as its table says"

@@ -59,7 +59,12 @@ def cmd_drain_simulated(args: argparse.Namespace, limits: Limits, settings) -> i
     wl = workload_from(args)
     if wl.pattern == "idle":
         wl = replace(wl, rate_pages_per_second=0.0)
-    fleet = SimFleet(hosts=args.hosts_count, racks=args.racks or 1,
+    guests: tuple = ()
+    if args.from_file:
+        from cluster.guestfile import read_guest_file
+        guests = tuple(read_guest_file(args.from_file,
+                                       [f"host-{i}" for i in range(args.hosts_count)]))
+    fleet = SimFleet(hosts=args.hosts_count, racks=args.racks or 1, guests=guests,
                      guests_per_host=args.guests_per_host,
                      guest_memory_bytes=args.guest_memory, workload=wl,
                      host_link_bytes_per_second=args.host_link or SIM_HOST_LINK,
@@ -189,6 +194,9 @@ def add_simulate_options(s: argparse.ArgumentParser) -> None:
                    help="plan the drain with the analytic model on a virtual clock, the "
                         "same scheduler and limits, no cluster needed (host links 10Gbit "
                         "unless --host-link)")
+    g.add_argument("--from", dest="from_file", default=None, metavar="FILE.toml",
+                   help="the simulated guests from a `create --from` file (hosts host-0.."
+                        "host-N-1) instead of --guests-per-host alike")
     g.add_argument("--calibrate", default=None, metavar="DRAIN.json",
                    help="calibrate the model from a real drain of the same fleet (its "
                         "`drain --output`): its fixed downtime and per-migration cost")
