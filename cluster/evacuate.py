@@ -207,12 +207,11 @@ def run_moves(tb, moves: list[Move], limits: Limits, settings: MigrationSettings
     workers = max(1, min(len(moves), MAX_WAITING))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                thread_name_prefix="evacuate") as pool:
-        futures = [pool.submit(one, m) for m in moves]
         try:
-            concurrent.futures.wait(futures)
+            concurrent.futures.wait([pool.submit(one, m) for m in moves])
         except KeyboardInterrupt:
             sched.call("cancel_group", group)
-            concurrent.futures.wait(futures)
+            pool.shutdown(wait=True)          # the running ones end; the rest never start
             raise
 
 

@@ -82,3 +82,27 @@ def test_a_host_dying_mid_drain_stops_only_its_migrations(in_process):
     lost = [m for m in by_src["host-1"] if m.status != "completed"]
     assert lost and all(m.error for m in lost), "host-1's moves after its death failed"
     assert not rep.ok
+
+
+@pytest.mark.inprocess
+def test_ctrl_c_cancels_what_has_not_started(in_process):
+    """Ctrl-C (SIGINT to the main thread) mid-drain: the running migration ends, the queued
+    ones never start and their guests stay where they were."""
+    import signal
+    import threading
+    tb = in_process(hosts=3, host_memory_bytes=64 * MiB)
+    for i in range(4):
+        tb.create("host-0", GuestSpec(f"c{i}", 2 * MiB))
+    sent = []
+
+    def on_event(what, move):
+        if what == "started" and not sent:
+            sent.append(move.guest)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        drain(tb, ["host-0"], limits=Limits(max_parallel=1), on_event=on_event)
+    states = {e["guest"]: e["state"] for e in tb.scheduler.call("entries")}
+    assert states[sent[0]] == "completed"
+    assert sorted(s for g, s in states.items() if g != sent[0]) == ["cancelled"] * 3
+    assert {g["name"] for g in tb.guests() if g["host"] == "host-0"} == \
+        {f"c{i}" for i in range(4)} - {sent[0]}
