@@ -317,3 +317,16 @@ class Testbed:
         from cluster.evacuate import evacuate
         return evacuate(self, host, concurrency, settings or MigrationSettings(), limits,
                         on_event)
+
+    def drain(self, hosts: "Sequence[str]", **kwargs):
+        """Every guest off `hosts`, by room and load, under limits (`cluster.drain.drain`:
+        to, spread, limits, settings, on_event); returns a DrainReport with the fleet's
+        statistics."""
+        from cluster.drain import drain
+        return drain(self, hosts, **kwargs)
+
+    def maintenance(self, batch: int = 1, **kwargs):
+        """A rolling maintenance of every host, `batch` at a time
+        (`cluster.maintenance.maintenance`); returns a MaintenanceReport."""
+        from cluster.maintenance import maintenance
+        return maintenance(self, batch, **kwargs)
