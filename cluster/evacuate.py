@@ -193,7 +193,8 @@ def run_moves(tb, moves: list[Move], limits: Limits, settings: MigrationSettings
             if on_event is not None:
                 on_event("queued", move)
             r = run_submitted(sched, move.migration_id, src, dst, move.guest, settings,
-                              on_progress=_started(move, on_event))
+                              on_start=None if on_event is None
+                              else lambda _entry: on_event("started", move))
         except QueuedMigrationCancelled as exc:
             move.status, move.error, move.guest_host = "cancelled", str(exc), move.source
         except MigbedError as exc:     # refused before anything moved: the guest stays
@@ -214,13 +215,3 @@ def run_moves(tb, moves: list[Move], limits: Limits, settings: MigrationSettings
             pool.shutdown(wait=True)          # the running ones end; the rest never start
             raise
 
-
-def _started(move: Move, on_event):
-    """An on_progress that says "started" once, at the migration's first progress."""
-    said = []
-
-    def progress(p) -> None:
-        if not said and on_event is not None:
-            said.append(True)
-            on_event("started", move)
-    return progress if on_event is not None else None

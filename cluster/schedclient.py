@@ -139,12 +139,16 @@ def submit(sched: SchedulerHandle, src, dst, guest: str, settings: MigrationSett
 def run_submitted(sched: SchedulerHandle, mid: str, src, dst, guest: str,
                   settings: MigrationSettings,
                   on_progress: Callable[[Progress], None] | None = None,
-                  should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
-    """Wait for the queued migration `mid`'s turn, run it, finish it; its report."""
+                  should_cancel: Callable[[], bool] | None = None,
+                  on_start: Callable[[dict], None] | None = None) -> MigrationReport:
+    """Wait for the queued migration `mid`'s turn (`on_start(entry)` when it comes), run
+    it, finish it; its report."""
     entry = wait_turn(sched, mid)
     if entry["state"] == CANCELLED:
         raise QueuedMigrationCancelled(f"the migration of {guest} ({mid}) was cancelled "
                                        f"while queued; {guest} stays on {src.name}")
+    if on_start is not None:
+        on_start(entry)
     status = "failed"
     try:
         report = run_migration(src, dst, guest, settings, on_progress=on_progress,
