@@ -212,6 +212,13 @@ def run_moves(tb, moves: list[Move], limits: Limits, settings: MigrationSettings
             concurrent.futures.wait([pool.submit(one, m) for m in moves])
         except KeyboardInterrupt:
             sched.call("cancel_group", group)
-            pool.shutdown(wait=True)          # the running ones end; the rest never start
+            _wait_idle(sched, group)          # the running ones end; the rest never start
             raise
+
+
+def _wait_idle(sched, group: str) -> None:
+    """Until none of `group` is queued or running, as the scheduler (not the thread pool,
+    which a Ctrl-C may have caught starting a thread) knows."""
+    while any(e["state"] in ("queued", "running") for e in sched.call("entries", group)):
+        time.sleep(0.05)
 
