@@ -8,9 +8,10 @@ one scaled by a log-normal factor drawn from `seed` (so guests differ, and the s
 the same plan); or the guests of a `create --from` file, each as its table says. The drained hosts' guests go, as `migbed drain` sends them, to the least
 loaded other host (the racks round robin with `spread`). The run is event driven on a virtual
 clock: the scheduler (`cluster.scheduler`, under the same limits) admits migrations and gives
-each its max-min fair rate as it starts; the model predicts it at that rate (an
-approximation: a real one speeds up or slows down as others start and end, the simulation
-keeps its rate at the start); its end is an event, at which the queue moves on.
+each its max-min fair rate as it starts; the model predicts it at that rate; when its rate
+changes (others start or end) what is left of it is stretched or shrunk by the ratio of the
+rates (its downtime and bytes stay as predicted at the start: an approximation); its end is
+an event, at which the queue moves on.
 """
 
 import heapq
@@ -194,33 +195,43 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
     info = {mid: m for mid, m in zip(ids, moves, strict=True)}
     predicted: dict[str, object] = {}
     cache: dict[tuple, object] = {}
-    events: list[tuple[float, str]] = []
-    started: set[str] = set()
+    events: list[tuple[float, int, str]] = []
+    running: dict[str, list] = {}          # id -> [its end, its rate, version]
 
-    def start_new() -> None:
+    def step() -> None:
+        """Newly started migrations predicted at their rate; those whose rate changed
+        re-timed: what is left of them goes at the new rate."""
         for e in sched.entries_running():
-            if e.id in started:
-                continue
-            started.add(e.id)
             rate = e.rates[-1][1] if e.rates else UNLIMITED
-            _, _, _, dirty, memory, workload = info[e.id]
-            p = _predict(memory, workload, settings, dirty, rate, cache, cal)
-            predicted[e.id] = p
-            heapq.heappush(events, (clock.now + p.total_time_seconds + cal.overhead_seconds,
-                                    e.id))
+            r = running.get(e.id)
+            if r is None:
+                _, _, _, dirty, memory, workload = info[e.id]
+                p = _predict(memory, workload, settings, dirty, rate, cache, cal)
+                predicted[e.id] = p
+                r = running[e.id] = [clock.now + p.total_time_seconds + cal.overhead_seconds,
+                                     rate, 0]
+            elif rate != r[1] and UNLIMITED not in (rate, r[1]):
+                r[0] = clock.now + max(0.0, r[0] - clock.now) * r[1] / rate
+                r[1], r[2] = rate, r[2] + 1
+            else:
+                continue
+            heapq.heappush(events, (r[0], r[2], e.id))
 
-    start_new()
+    step()
     while events:
-        clock.now, mid = heapq.heappop(events)
+        when, version, mid = heapq.heappop(events)
+        if running[mid][2] != version:
+            continue                         # re-timed since: a later event stands for it
+        clock.now = when
         sched.finish(mid, "completed")
-        start_new()
+        step()
     out = []
     for mid, (g, s, d, *_) in zip(ids, moves, strict=True):
-        p = predicted[mid]
+        p, entry = predicted[mid], sched.entry(mid)
         out.append({"guest": g, "source": s, "destination": d, "status": "completed",
                     "downtime_seconds": p.downtime_seconds,
-                    "total_time_seconds": p.total_time_seconds + cal.overhead_seconds,
-                    "bytes_sent": int(p.bytes_sent_total), "schedule": sched.entry(mid)})
+                    "total_time_seconds": entry["run_seconds"],
+                    "bytes_sent": int(p.bytes_sent_total), "schedule": entry})
     stats = fleet_stats(out, clock.now)
     return {"simulated": True, "hosts": drained, "fleet": {
         "hosts": fleet.hosts, "racks": fleet.racks, "guests_per_host": fleet.guests_per_host,
