@@ -10,14 +10,23 @@ import sys
 from collections.abc import Sequence
 
 from cluster.cli import drain_commands as drain
-from cluster.cli import experiments, faults, fleet, guests, lifecycle, migrate, reports
+from cluster.cli import (
+    experiments,
+    faults,
+    fleet,
+    guests,
+    lifecycle,
+    measure_commands,
+    migrate,
+    reports,
+)
 from cluster.cli import postcopy_commands as postcopy
 from cluster.cli import top_command as top
 from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, UsageError
 from nodes.errors import MigbedError
 
 COMMAND_MODULES = (lifecycle, guests, top, migrate, postcopy, reports, experiments,
-                   faults, fleet, drain)                                       # in `--help`'s order
+                   faults, measure_commands, fleet, drain)         # in `--help`'s order
 
 
 def build_parser() -> Parser:
@@ -36,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     connected = _ray_connected()
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv                     # the words as typed (`advise` repeats them)
         return args.func(args)
     except MigbedError as exc:
         if debug:
