@@ -127,6 +127,10 @@ CLI_FIELDS: tuple[Field, ...] = (
           metavar="FILE.png"),
     Field("json", "cli", False, read_flag, "print the report alone, as JSON",
           flag="--json"),
+    Field("from_file", "cli", None, read_string,
+          "create: boot every guest of a file of [[guest]] tables (create's own keys: name, "
+          "host, memory, mode, workload, dirty_rate, ...) and [[template]] tables (a count "
+          "spread over hosts)", flag="--from", metavar="FILE.toml"),
 )
 
 FIELDS: tuple[Field, ...] = MIGRATION_FIELDS + GUEST_FIELDS + WORKLOAD_FIELDS + CLI_FIELDS

@@ -24,6 +24,7 @@ from cluster.reportparts import (
     XbzrleBlock,
     plain,
 )
+from cluster.scheduler import schedule_lines
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
 from nodes.migration.guestinfo import GuestInfo
@@ -131,6 +132,8 @@ class MigrationReport:
     vcpus: int = 1
     dirty_log: str = "emulated"
     shadow_faults: int = 0
+    # Its queue entry (`cluster.scheduler`): times, wait, links, rates; None: not queued.
+    schedule: dict | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -324,7 +327,7 @@ class MigrationReport:
         for f in self.faults:
             lines.append(f"  fault {f['fault']}: {'fired' if f['fired'] else 'never reached'}"
                          + (f", killed {f['killed_host']}" if f.get("killed_host") else ""))
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  note: {n}" for n in self.notes] + schedule_lines(self.schedule)
         if self.faults or self.guest_lost:
             lines.append(f"  guest: {'LOST' if self.guest_lost else 'on ' + str(self.guest_host)}")
         return "\n".join(lines)

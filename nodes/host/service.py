@@ -20,6 +20,7 @@ from nodes.host.dirtymeter import GuestMeasuring
 from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
+from nodes.host.pacedrates import PacedRates
 from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.processvcpu import ProcessVCPU
@@ -51,7 +52,7 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring):
+class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, PacedRates):
     def __init__(self, config: HostConfig):
         self.config = config
         self.name = config.name
@@ -295,6 +296,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring):
             self.outgoing[mid] = progress
             self._cancel[mid] = cancel
             self._faults[mid] = sender.faults
+            self.pace_sender(mid, sender.faults)
             self._senders[mid] = sender
             self.migration_counts["started"] += 1
             self.metrics.outgoing_started(mid, name, progress, settings)
