@@ -16,6 +16,7 @@ import numpy as np
 from nodes.errors import MigrationError, MigrationStillRunning
 from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
+from nodes.host.appview import application_view
 from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
@@ -195,6 +196,11 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
 
     def page_table_problem(self, name: str) -> str | None:
         return self.hv.check_page_tables(name)
+
+    def guest_application(self, name: str) -> dict:
+        """A program guest's invariants and its client's log (`nodes.host.appview`)."""
+        return application_view(self.hv, self.hv.domain(name), self.workloads.get(name),
+                                self.vcpu_config(name)["vcpus"])
 
     def guest_counters(self, name: str) -> np.ndarray:
         """Word 0 of every data page: the workloads' per-page write counters (for checks)."""
