@@ -195,14 +195,19 @@ class Testbed:
     def migrate(self, guest: str, destination: str,
                 settings: MigrationSettings | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
-                should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
+                should_cancel: Callable[[], bool] | None = None,
+                application_after_seconds: float | None = None) -> MigrationReport:
+        """Migrate `guest` to `destination`; a program guest's report has its application
+        block, read `application_after_seconds` (default 5 s: the brownout's span) after."""
         settings = settings or MigrationSettings()
         dst = self.host(destination)
         src = self.host(self.where(guest))
         if src.name == dst.name:
             raise MigrationError(f"{guest} already runs on {destination}; pick another host")
+        after = {} if application_after_seconds is None else {
+            "application_after_seconds": application_after_seconds}
         report = run_migration(src, dst, guest, settings, on_progress=on_progress,
-                               should_cancel=should_cancel)
+                               should_cancel=should_cancel, **after)
         self._forget_killed(report)
         return report
 
