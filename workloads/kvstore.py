@@ -67,7 +67,6 @@ class KVStore(Program):
         self.cdf = cdf / cdf[-1]
         self.rank_key = generator(spec.seed, _KEY_STREAM).permutation(self.keys)
         self.mask = self.table_size - 1
-        self._keys = self._sets = np.zeros(0, np.int64)
 
     def _layout(self, data: np.ndarray) -> None:
         k, vw, t = self.keys, self.vwords, self.table_size
@@ -122,19 +121,18 @@ class KVStore(Program):
             pending = rest
 
     # -- the client's requests ------------------------------------------------------------
-    def _prepare(self, n: int) -> None:
-        u = self.rng.random(2 * n)
-        self._keys = self.rank_key[np.searchsorted(self.cdf, u[:n], side="left")]
-        self._sets = u[n:] >= self.spec.get_ratio
-        self._i = 0
+    def requests(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The client's next `n` requests as (keys, is-a-set), drawn as `_op` draws them."""
+        u = self.rng.random((n, 2))
+        return (self.rank_key[np.searchsorted(self.cdf, u[:, 0], side="left")],
+                u[:, 1] >= self.spec.get_ratio)
 
     def _op(self) -> int:
-        i = self._i
-        self._i += 1
-        key = int(self._keys[i])
+        keys, sets = self.requests(1)       # drawn per request: a batch cut short by its
+        key = int(keys[0])                  # time spends no draw it did not use
         slot = self._find(key)
         stores = self._bump(slot)
-        if self._sets[i]:
+        if sets[0]:
             version = int(self.meta[slot, 0]) + 1
             k = np.array([key])
             words = value_words(k, np.array([version], np.uint64), self.vwords)

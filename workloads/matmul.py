@@ -92,6 +92,9 @@ class MatMul(Program):
         written = at if phase == 0 else n
         if (self.B[:written] != b_now[:written]).any():
             bad.append(f"B's first {written} rows are not generation {gen}'s")
+        b_rest = b_old[written:] if b_old is not None else 0.0
+        if (self.B[written:] != b_rest).any():
+            bad.append(f"B's rows from {written} are not generation {gen - 1}'s")
         c_old = A @ b_old if b_old is not None else np.zeros((n, n))
         want = c_old.copy()
         if phase == 1:

@@ -51,6 +51,7 @@ class Program(Workload):
 
     def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None,
                  page_size: int = 4096):
+        self.ops_total = 0
         super().__init__(spec, data_pages, state, page_size)
         self.log_pages = applog_pages(page_size)
         self.data_at = 1 + self.log_pages
@@ -58,7 +59,6 @@ class Program(Workload):
             raise ConfigError(f"a {spec.pattern} guest needs at least "
                               f"{self.data_at + MIN_DATA_PAGES} data pages per vCPU "
                               f"({page_size} B each), it has {data_pages}")
-        self.ops_total = 0
         self._bound: tuple | None = None
 
     # -- the rate: operations, not pages ------------------------------------------------------
@@ -188,7 +188,8 @@ class Program(Workload):
 
     @property
     def loaded(self) -> bool:
-        return int(self.journal[J_MAGIC]) == MAGIC and bool(int(self.journal[J_LOADED]))
+        return (self._bound is not None and int(self.journal[J_MAGIC]) == MAGIC
+                and bool(int(self.journal[J_LOADED])))
 
 
 def _where(frames: np.ndarray) -> tuple:
