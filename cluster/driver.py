@@ -36,7 +36,7 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
                   on_progress: Callable[[Progress], None] | None = None,
                   migration_id: str | None = None,
                   should_cancel: Callable[[], bool] | None = None,
-                  application_after_seconds: float = AFTER_SECONDS) -> MigrationReport:
+                  application_after_seconds: float | None = None) -> MigrationReport:
     """Migrate `guest` from host handle `src` to `dst`. Raises for errors before anything
     moves (bad guest, no room, incompatible hosts); returns a report for everything after.
     A program guest's report waits `application_after_seconds` past the end for its
@@ -58,7 +58,8 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
             src.name, dst.name):
         host = dst if report.guest_host == dst.name else src
         attach_application(report, host, start_wall, end_wall, None,
-                           application_after_seconds)
+                           AFTER_SECONDS if application_after_seconds is None
+                           else application_after_seconds)
     return report
 
 
