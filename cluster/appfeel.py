@@ -123,8 +123,14 @@ def attach_application(report, host, start_wall: float, end_wall: float,
         report.application = ApplicationBlock(start_wall=start_wall, end_wall=end_wall,
                                               error=str(exc))
         return
-    report.application = application_block(view, start_wall, end_wall, after_seconds)
-    annotate_history(report.progress_history, report.application, pause_wall)
+    a = report.application = application_block(view, start_wall, end_wall, after_seconds)
+    annotate_history(report.progress_history, a, pause_wall)
+    try:                                   # the host's Prometheus metrics show it too
+        host.call("guest_application", report.guest, {
+            "policy": report.policy, "brownout_seconds": a.brownout_seconds,
+            "blackout_seconds": a.blackout_seconds})
+    except MigbedError:
+        pass
 
 
 def application_lines(report) -> list[str]:

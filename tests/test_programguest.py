@@ -60,6 +60,9 @@ def test_a_program_migrates_and_its_state_survives(pair, program, algorithm):
     again = tb.host("host-1").call("guest_application", "g")
     assert again["ok"], again["checks"]
     assert again["ops_total"] >= ops
+    text = tb.host("host-1").service.metrics.render().decode()     # in-process host
+    assert 'migbed_guest_app_operations_total{guest="g"' in text
+    assert 'migbed_migration_app_blackout_seconds_count{guest="g"' in text
 
 
 @pytest.mark.uffd

@@ -197,8 +197,13 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
     def page_table_problem(self, name: str) -> str | None:
         return self.hv.check_page_tables(name)
 
-    def guest_application(self, name: str) -> dict:
-        """A program guest's invariants and its client's log (`nodes.host.appview`)."""
+    def guest_application(self, name: str, felt: dict | None = None) -> dict:
+        """A program guest's invariants and its client's log (`nodes.host.appview`); `felt`
+        (the control plane's brownout / blackout of a migration, with its policy) goes to
+        this host's metrics first."""
+        if felt is not None:
+            self.metrics.application_felt(name, **felt)
+            return {}
         return application_view(self.hv, self.hv.domain(name), self.workloads.get(name),
                                 self.vcpu_config(name)["vcpus"])
 
