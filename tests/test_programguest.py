@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from cluster.timeline import timeline_figure
 from nodes.host.guestprocess import GuestProcess
 from nodes.host.kerneldirty import KernelDirtyLog
 from nodes.host.specs import GuestSpec
@@ -60,6 +61,9 @@ def test_a_program_migrates_and_its_state_survives(pair, program, algorithm):
     again = tb.host("host-1").call("guest_application", "g")
     assert again["ok"], again["checks"]
     assert again["ops_total"] >= ops
+    if (program, algorithm) == ("kvstore", "precopy"):      # the timeline draws it
+        fig = timeline_figure([report])
+        assert fig.findobj(lambda a: a.get_gid() == "app-ops")
     text = tb.host("host-1").service.metrics.render().decode()     # in-process host
     assert 'migbed_guest_app_operations_total{guest="g"' in text
     assert 'migbed_migration_app_blackout_seconds_count{guest="g"' in text

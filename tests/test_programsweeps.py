@@ -31,7 +31,7 @@ def shrunk(tmp_path: Path, name: str, axes: dict) -> Path:
 @pytest.mark.uffd
 @pytest.mark.parametrize("name,axes", [
     ("programs-vs-algorithms", {"pattern": ["kvstore"],
-                                "algorithm": ["auto-converge", "post-copy"]}),
+                                "aid": ["auto-converge", "post-copy"]}),
     ("kvstore-skew", {"zipf": [0.5, 1.2]}),
 ])
 def test_the_program_sweeps_run_small(tmp_path, monkeypatch, uffd_kernel, name, axes):

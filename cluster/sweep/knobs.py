@@ -21,7 +21,7 @@ from nodes.migration.fields import (
     settings_postcopy_after,
 )
 
-__all__ = ["AIDS", "ALGORITHMS", "FIXED_ONLY", "KNOBS", "OFF_WHEN_ABSENT", "SECTION_KEYS", "Knob", "MiB",
+__all__ = ["AIDS", "FIXED_ONLY", "KNOBS", "OFF_WHEN_ABSENT", "SECTION_KEYS", "Knob", "MiB",
            "postcopy_fields", "read_string", "settings_postcopy_after"]
 
 # The convergence aids an `aid` axis chooses between, each as the MigrationSettings fields it
@@ -31,24 +31,10 @@ AIDS: dict[str, dict] = {
     "auto-converge": {"auto_converge": True},                       # QEMU's defaults
     "dirty-limit": {"dirty_limit_bytes_per_second": 20e6},          # 20 MB/s per vCPU
     "pause-after-5s": {"completion_timeout_seconds": 5.0, "on_timeout": "pause"},
-}
-
-
-# The migration algorithms an `algorithm` axis chooses between (issue 23's sweep of programs
-# against algorithms), each as the MigrationSettings fields it sets.
-ALGORITHMS: dict[str, dict] = {
-    "pre-copy": {},
-    "auto-converge": {"auto_converge": True},
+    # ... and post-copy, the other way to finish (issue 23's programs x algorithms sweep)
     "hybrid": {"postcopy_after_rounds": 1},
     "post-copy": {"postcopy_after_rounds": 0},
 }
-
-
-def _algorithm(v, what: str) -> str:
-    if v not in ALGORITHMS:
-        raise ConfigError(f"{what}: {v!r} is not an algorithm; use one of "
-                          f"{', '.join(ALGORITHMS)}")
-    return v
 
 
 def _aid(v, what: str) -> str:
@@ -79,7 +65,6 @@ def _knobs() -> dict[str, Knob]:
     knobs = {f.knob: Knob(table, f.name, f.read, f.label, f.scale)
              for table, rows in TABLES.items() for f in rows if f.knob}
     knobs["aid"] = Knob("aid", "aid", _aid, "convergence aid")
-    knobs["algorithm"] = Knob("aid", "algorithm", _algorithm, "migration algorithm")
     return knobs
 
 

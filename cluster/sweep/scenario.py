@@ -38,7 +38,6 @@ import tomli_w
 
 from cluster.sweep.knobs import (
     AIDS,
-    ALGORITHMS,
     FIXED_ONLY,
     KNOBS,
     OFF_WHEN_ABSENT,
@@ -152,7 +151,7 @@ class Scenario:
         for name, value in point.items():
             knob = KNOBS[name]
             if knob.section == "aid":
-                mig.update(AIDS[value] if name == "aid" else ALGORITHMS[value])
+                mig.update(AIDS[value])
                 continue
             {"guest": guest, "workload": wl, "migration": mig}[knob.section][knob.field] = value
         if "postcopy_after" in mig:
