@@ -293,13 +293,14 @@ def _measured(report, model: ModelBlock | None) -> dict:
 def _application(report) -> dict:
     """A program guest's columns: the dirty rate its live rounds measured, what its
     application felt (`cluster.appfeel`); None for a pattern workload's."""
-    # Round 0 sends every page and counts none dirtied: the live rounds after it measure.
-    live = [r for r in report.rounds if not r.get("final") and r["index"] > 0
-            and r["duration_seconds"] > 0]
-    a = report.application
+    # Each round after the first sends what was dirtied while the one before it ran: the
+    # pages they sent over the live rounds' time (None: post-copy, no round after round 0).
+    rounds = [r for r in report.rounds if not r.get("postcopy")]
+    live = sum(r["duration_seconds"] for r in rounds if not r.get("final"))
+    resent = sum(r["pages_sent"] for r in rounds[1:])
     out = {"measured_dirty_rate_pages_per_second": (
-        sum(r["pages_dirtied"] for r in live) / sum(r["duration_seconds"] for r in live)
-        if live else None)}
+        resent / live if live > 0 and len(rounds) > 1 else None)}
+    a = report.application
     out.update({"app_ops_per_second_before": a.before.get("ops_per_second") if a else None,
                 "app_ops_per_second_during": a.during.get("ops_per_second") if a else None,
                 "app_latency_p99_seconds_before": (
