@@ -34,11 +34,11 @@ def wait_ops(host, name: str, more_than: int, timeout: float = 20.0) -> int:
 
 
 @pytest.mark.uffd
-@pytest.mark.parametrize("program,algorithm", [(p, "precopy") for p in PROGRAMS]
-                         + [("kvstore", "postcopy")])
-def test_a_program_migrates_and_its_state_survives(pair, program, algorithm):
+@pytest.mark.parametrize("program,algorithm,vcpus", [(p, "precopy", 1) for p in PROGRAMS]
+                         + [("kvstore", "postcopy", 1), ("sort", "precopy", 2)])
+def test_a_program_migrates_and_its_state_survives(pair, program, algorithm, vcpus):
     tb = pair
-    tb.create("host-0", GuestSpec("g", 4 * MiB, "p2m", vcpu="process",
+    tb.create("host-0", GuestSpec("g", 4 * MiB, "p2m", vcpu="process", vcpus=vcpus,
                                   workload=WorkloadSpec(program, ops_per_second=3000, seed=2)))
     wait_ops(tb.host("host-0"), "g", 900)           # 0.3 s: a whole 100 ms window before
     settings = {"link_bytes_per_second": 64 * MiB}
@@ -53,6 +53,7 @@ def test_a_program_migrates_and_its_state_survives(pair, program, algorithm):
     app = report.application
     assert app is not None and app.error is None and app.program == program
     assert app.invariants_ok is True, app.invariants
+    assert app.vcpus == vcpus and len(app.invariants) == vcpus
     assert app.before["ops"] > 0 and app.after["ops"] > 0, (app.before, app.after, app.samples)
     assert app.blackout_seconds is not None and app.blackout_seconds > 0
     assert app.samples and any(s.get("app_ops_per_second") for s in report.progress_history)
