@@ -16,7 +16,7 @@ from workloads.program import J_CURSOR, J_LOADED, Program, splitmix
 from workloads.spec import WorkloadSpec
 
 BLOCK = 64
-MAX_N = 1024
+MAX_N = 512                   # a 64-row block of C is 2 MFLOP: well under 1 ms
 C_PHASE, C_AT, C_GEN, C_LOADED = range(4)      # phase 0: writing B, 1: multiplying
 
 

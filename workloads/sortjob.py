@@ -19,8 +19,8 @@ from workloads.program import J_CURSOR, J_LOADED, Program, splitmix
 from workloads.spec import WorkloadSpec
 
 _MASK64 = (1 << 64) - 1
-RUN = 8192
-MERGE = 4096
+RUN = 4096
+MERGE = 2048
 GEN, RUNS, MERGING = 0, 1, 2
 (C_PHASE, C_AT, C_WIDTH, C_SRC, C_I, C_J, C_GENERATION, C_SUM, C_XOR) = range(9)
 
