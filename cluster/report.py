@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.appfeel import application_lines
 from cluster.postcopy_control import apply_postcopy, postcopy_lines
 from cluster.reportparts import (
     BLOCKS,
+    ApplicationBlock,
     ConvergenceBlock,
     Integrity,
     ModelBlock,
@@ -134,6 +136,9 @@ class MigrationReport:
     shadow_faults: int = 0
     # Its queue entry (`cluster.scheduler`): times, wait, links, rates; None: not queued.
     schedule: dict | None = None
+    # A program guest's application (`cluster.appfeel`; None for a pattern workload): its
+    # ops and latencies before, during and after, brownout, blackout and its invariants.
+    application: ApplicationBlock | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -318,6 +323,7 @@ class MigrationReport:
             f"  integrity: {_verdict(self.integrity.verified)}",
         ]
         lines += postcopy_lines(self)
+        lines += application_lines(self)
         if self.phase_seconds:
             lines.append("  phases: " + ", ".join(f"{k.replace('_', '-')} {ms(v)}"
                                                   for k, v in self.phase_seconds.items()))

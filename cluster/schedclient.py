@@ -13,7 +13,7 @@ and finish; the report carries the entry (`schedule`: wait, start, end, links, r
 from collections.abc import Callable
 from typing import Any
 
-from cluster.driver import run_migration
+from cluster.driver import migrate_once, with_application
 from cluster.fairshare import Topology
 from cluster.report import MigrationReport
 from cluster.scheduler import CANCELLED, MigrationScheduler
@@ -118,15 +118,18 @@ def scheduled(sched: SchedulerHandle, src, dst, guest: str, settings: MigrationS
               group: str | None = None,
               on_progress: Callable[[Progress], None] | None = None,
               should_cancel: Callable[[], bool] | None = None,
-              on_queued: Callable[[str], None] | None = None) -> MigrationReport:
+              on_queued: Callable[[str], None] | None = None,
+              application_after_seconds: float | None = None) -> MigrationReport:
     """Run one migration through the scheduler (see the module docstring); `on_queued(id)`
-    if it has to wait. A migration cancelled while queued raises QueuedMigrationCancelled:
+    if it has to wait; a program guest's application block as `run_migration` reads it. A
+    migration cancelled while queued raises QueuedMigrationCancelled:
     nothing moved."""
     src.call("check_migratable", guest)      # a guest that cannot move is not queued
     mid = submit(sched, src, dst, guest, settings, group)
     if on_queued is not None and sched.call("wait_turn", mid, 0.0)["state"] == "queued":
         on_queued(mid)                        # it waits: say how to cancel it
-    return run_submitted(sched, mid, src, dst, guest, settings, on_progress, should_cancel)
+    return run_submitted(sched, mid, src, dst, guest, settings, on_progress, should_cancel,
+                         application_after_seconds=application_after_seconds)
 
 
 def submit(sched: SchedulerHandle, src, dst, guest: str, settings: MigrationSettings,
@@ -140,9 +143,11 @@ def run_submitted(sched: SchedulerHandle, mid: str, src, dst, guest: str,
                   settings: MigrationSettings,
                   on_progress: Callable[[Progress], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None,
-                  on_start: Callable[[dict], None] | None = None) -> MigrationReport:
+                  on_start: Callable[[dict], None] | None = None,
+                  application_after_seconds: float | None = None) -> MigrationReport:
     """Wait for the queued migration `mid`'s turn (`on_start(entry)` when it comes), run
-    it, finish it; its report."""
+    it, finish it; its report. The slot is freed at the migration's end, before a program
+    guest's application block is read (`application_after_seconds` later)."""
     entry = wait_turn(sched, mid)
     if entry["state"] == CANCELLED:
         raise QueuedMigrationCancelled(f"the migration of {guest} ({mid}) was cancelled "
@@ -151,13 +156,14 @@ def run_submitted(sched: SchedulerHandle, mid: str, src, dst, guest: str,
         on_start(entry)
     status = "failed"
     try:
-        report = run_migration(src, dst, guest, settings, on_progress=on_progress,
-                               migration_id=mid, should_cancel=should_cancel)
-        status = str(report.status)
+        ran = migrate_once(src, dst, guest, settings, on_progress=on_progress,
+                           migration_id=mid, should_cancel=should_cancel)
+        status = str(ran.report.status)
     except MigbedError:
         status = "refused"
         raise
     finally:
         entry = sched.call("finish", mid, status)
+    report = with_application(ran, src, dst, application_after_seconds)
     report.schedule = entry
     return report

@@ -243,9 +243,12 @@ class Testbed:
                 settings: MigrationSettings | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None,
-                on_queued: Callable[[str], None] | None = None) -> MigrationReport:
+                on_queued: Callable[[str], None] | None = None,
+                application_after_seconds: float | None = None) -> MigrationReport:
         """Migrate `guest` to `destination` through the cluster's scheduler: it waits its
-        turn under the cluster's limits (`on_queued(id)` if it has to wait), then runs."""
+        turn under the cluster's limits (`on_queued(id)` if it has to wait), then runs; a
+        program guest's report has its application block, read `application_after_seconds`
+        (default 5 s: the brownout's span) after."""
         settings = settings or MigrationSettings()
         dst = self.host(destination)
         src = self.host(self.where(guest))
@@ -253,7 +256,8 @@ class Testbed:
             raise MigrationError(f"{guest} already runs on {destination}; pick another host")
         report = scheduled(self.scheduler, src, dst, guest, settings,
                            on_progress=on_progress, should_cancel=should_cancel,
-                           on_queued=on_queued)
+                           on_queued=on_queued,
+                           application_after_seconds=application_after_seconds)
         self._forget_killed(report)
         return report
 

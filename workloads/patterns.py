@@ -30,7 +30,11 @@ import math
 import numpy as np
 
 from workloads.guest import Guest
-from workloads.spec import PATTERNS, WorkloadSpec
+from workloads.kvstore import KVStore
+from workloads.matmul import MatMul
+from workloads.sortjob import Sort
+from workloads.spec import WORKLOADS, WorkloadSpec
+from workloads.triad import Stream
 from workloads.workload import Workload
 
 
@@ -169,9 +173,10 @@ class ScanWorkload(SequentialWorkload):
 
 WORKLOAD_CLASSES: dict[str, type[Workload]] = {
     cls.pattern: cls for cls in (IdleWorkload, UniformWorkload, HotsetWorkload,
-                                 SequentialWorkload, PhasedWorkload, ScanWorkload)
+                                 SequentialWorkload, PhasedWorkload, ScanWorkload,
+                                 KVStore, Stream, Sort, MatMul)
 }
-assert set(WORKLOAD_CLASSES) == set(PATTERNS)
+assert set(WORKLOAD_CLASSES) == set(WORKLOADS)
 
 
 def hot_pages(spec: WorkloadSpec, data_pages: int) -> int:

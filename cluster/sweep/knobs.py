@@ -31,6 +31,9 @@ AIDS: dict[str, dict] = {
     "auto-converge": {"auto_converge": True},                       # QEMU's defaults
     "dirty-limit": {"dirty_limit_bytes_per_second": 20e6},          # 20 MB/s per vCPU
     "pause-after-5s": {"completion_timeout_seconds": 5.0, "on_timeout": "pause"},
+    # ... and post-copy, the other way to finish (issue 23's programs x algorithms sweep)
+    "hybrid": {"postcopy_after_rounds": 1},
+    "post-copy": {"postcopy_after_rounds": 0},
 }
 
 

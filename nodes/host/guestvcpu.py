@@ -65,6 +65,7 @@ def vcpu_spec(spec: WorkloadSpec, n: int, i: int) -> WorkloadSpec:
     if n == 1:
         return spec
     return replace(spec, rate_pages_per_second=spec.rate_pages_per_second / n,
+                   ops_per_second=spec.ops_per_second / n, keys=-(-spec.keys // n),
                    seed=spec.seed + i)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from nodes.errors import MigrationError, MigrationStillRunning
 from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
+from nodes.host.appview import application_view
 from nodes.host.dirtymeter import GuestMeasuring
 from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
@@ -198,6 +199,16 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, Paced
 
     def page_table_problem(self, name: str) -> str | None:
         return self.hv.check_page_tables(name)
+
+    def guest_application(self, name: str, felt: dict | None = None) -> dict:
+        """A program guest's invariants and its client's log (`nodes.host.appview`); `felt`
+        (the control plane's brownout / blackout of a migration, with its policy) goes to
+        this host's metrics first."""
+        if felt is not None:
+            self.metrics.application_felt(name, **felt)
+            return {}
+        return application_view(self.hv, self.hv.domain(name), self.workloads.get(name),
+                                self.vcpu_config(name)["vcpus"])
 
     def guest_counters(self, name: str) -> np.ndarray:
         """Word 0 of every data page: the workloads' per-page write counters (for checks)."""

@@ -67,6 +67,9 @@ class GuestSpec:
         object.__setattr__(self, "mode", Mode.parse(self.mode).value)
         if isinstance(self.workload, dict):
             object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))
+        if self.workload.is_program and self.vcpu != "process":
+            raise ConfigError(f"{self.workload.pattern} is a program workload: it runs on "
+                              f"process vCPUs only (give --vcpu process)")
 
     def to_dict(self) -> dict:
         return asdict(self)
