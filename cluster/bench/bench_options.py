@@ -6,7 +6,7 @@ from nodes.errors import ConfigError
 
 MiB = 1024 * 1024
 SECTIONS = ("throughput", "downtime", "dirtying", "stages", "wire", "startup", "scale",
-            "postcopy")
+            "postcopy", "process")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class BenchOptions:
     scale_dirty_rate_pages_per_second: float = 2000.0
     hosts_per_node: int | None = None   # None: the bench's layouts (see runner, startup)
     wire_guest_memory_bytes: int = 64 * MiB
+    process_guest_memory_bytes: int = 32 * MiB   # the process section's guests (each kind)
     hosts: int = 3
     host_memory_bytes: int = 640 * MiB
     sections: tuple[str, ...] = SECTIONS
@@ -61,7 +62,7 @@ class BenchOptions:
                     startup_repeats=1, scale_hosts=3, scale_host_memory_bytes=64 * MiB,
                     scale_racks=(1, 2), scale_guests_per_host=2,
                     scale_guest_memory_bytes=4 * MiB,
-                    wire_guest_memory_bytes=4 * MiB,
+                    wire_guest_memory_bytes=4 * MiB, process_guest_memory_bytes=4 * MiB,
                     host_memory_bytes=128 * MiB, quick=True)
         return cls(**{**tiny, **overrides})
 
