@@ -129,6 +129,12 @@ class MigrationReport:
     vcpus: int = 1
     dirty_log: str = "emulated"
     shadow_faults: int = 0
+    # The two parts guest_observed_downtime_seconds is the larger of: the guest's gap across
+    # the hand-over (its last progress on the source to its first on the destination) and
+    # its longest gap on the source while the migration ran (its own stalls: scheduling,
+    # throttle aside).
+    guest_gap_across_handover_seconds: float | None = None
+    guest_gap_on_source_seconds: float | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -185,7 +191,10 @@ class MigrationReport:
             precopy_bytes=source.precopy_bytes, downtime_bytes=source.downtime_bytes,
             postcopy_bytes=source.postcopy_bytes, postcopy_requests=source.postcopy_requests,
             vcpu=source.vcpu, vcpus=source.vcpus, dirty_log=source.dirty_log,
-            shadow_faults=source.shadow_faults)
+            shadow_faults=source.shadow_faults,
+            guest_gap_across_handover_seconds=(
+                dest.guest_observed_downtime_seconds if dest is not None else None),
+            guest_gap_on_source_seconds=source.source_longest_gap_seconds)
         apply_postcopy(report, source, dest, settled)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:

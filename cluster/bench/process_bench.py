@@ -107,12 +107,28 @@ def _idle_pairs(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Results,
                     res.add(f"process_bench_{kind}_guest_observed_excess_seconds", "seconds",
                             seen - r.downtime_seconds, f"{kind} vCPU: guest-observed downtime "
                             "less pause-to-resume, per migration")
+                _gap_parts(res, kind, r)
                 say(f"  {kind} idle {i + 1}/{opts.repeats}: "
                     f"{r.throughput_bytes_per_second / MiB:.0f} MiB/s, downtime "
                     f"{r.downtime_seconds * 1000:.2f} ms, guest saw "
                     f"{'-' if seen is None else f'{seen * 1000:.2f}'} ms")
     finally:
         guests.destroy()
+
+
+def _gap_parts(res: Results, kind: str, r: "MigrationReport") -> None:
+    """The guest-observed downtime's two parts: its gap across the hand-over (less
+    pause-to-resume: what the hand-over adds to what the guest sees) and its longest gap on
+    the source while the migration ran (its own stalls on this machine)."""
+    across = r.guest_gap_across_handover_seconds
+    if across is not None:
+        res.add(f"process_bench_{kind}_handover_gap_excess_seconds", "seconds",
+                across - r.downtime_seconds, f"{kind} vCPU: the guest's gap across the "
+                "hand-over less pause-to-resume, per migration")
+    if r.guest_gap_on_source_seconds is not None:
+        res.add(f"process_bench_{kind}_source_gap_seconds", "seconds",
+                r.guest_gap_on_source_seconds, f"{kind} vCPU: the guest's longest gap on the "
+                "source while the migration ran")
 
 
 def _postcopy_pairs(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Results,
@@ -184,7 +200,13 @@ def _ratios_and_conclusions(res: Results, opts: BenchOptions) -> None:
             d = excess.to_dict()
             line += (f", the guest saw {seen * 1000:.2f} ms (excess median "
                      f"{d['median'] * 1000:.2f} ms, {d['min'] * 1000:.2f}-"
-                     f"{d['max'] * 1000:.2f})")
+                     f"{d['max'] * 1000:.2f}")
+            hand = res.median(f"process_bench_{kind}_handover_gap_excess_seconds")
+            src = res.median(f"process_bench_{kind}_source_gap_seconds")
+            if hand is not None and src is not None:
+                line += (f"; across the hand-over {hand * 1000:.2f} ms beyond pause-to-resume,"
+                         f" its longest gap on the source {src * 1000:.2f} ms")
+            line += ")"
         lat = res.median(f"process_bench_{kind}_fault_latency_mean_seconds")
         r = res.median(rtt)
         if lat is not None and r:
