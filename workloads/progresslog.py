@@ -7,7 +7,9 @@ import threading
 import numpy as np
 
 DEFAULT_HISTORY_ENTRIES = 8192
-SLEPT, THINNED = 1, 2       # a record's marks: a throttle sleep ends here; records dropped before
+# A record's marks: a throttle sleep ends here; records were dropped before it; an idle wait
+# the vCPU chose ends here (a paced vCPU between its batches: no gap, no throttle either).
+SLEPT, THINNED, IDLE = 1, 2, 4
 
 class ProgressLog:
     """A bounded ring of (wall seconds, cumulative pages) records, safe across threads.
@@ -36,22 +38,24 @@ class ProgressLog:
         self._dropped = False       # records held back and dropped since the last stored one
         self._lock = threading.Lock()
 
-    def _store(self, wall: float, pages: int, slept: bool = False) -> None:
+    def _store(self, wall: float, pages: int, mark: int = 0) -> None:
         i = self._stored % self.capacity_entries
         self._walls[i] = wall
         self._pages[i] = pages
-        self._slept[i] = (SLEPT if slept else 0) | (THINNED if self._dropped else 0)
+        self._slept[i] = mark | (THINNED if self._dropped else 0)
         self._dropped = False
         self._stored += 1
 
-    def record_sleep(self, start_wall: float, end_wall: float, pages: int) -> None:
-        """A throttle sleep from `start_wall` to `end_wall`: both ends are stored, the end
-        marked, so no gap is read into the time the vCPU was throttled."""
+    def record_sleep(self, start_wall: float, end_wall: float, pages: int,
+                     mark: int = SLEPT) -> None:
+        """A throttle sleep (or, `mark` IDLE, an idle wait) from `start_wall` to `end_wall`:
+        both ends are stored, the end marked, so no gap is read into the time the vCPU was
+        throttled or chose to wait."""
         with self._lock:
             if self._latest is not None and not self._latest_stored:
                 self._store(*self._latest)
             self._store(start_wall, pages)
-            self._store(end_wall, pages, slept=True)
+            self._store(end_wall, pages, mark=mark)
             self._latest = (end_wall, pages)
             self._latest_stored = True
 
@@ -157,7 +161,8 @@ class ProgressReadings:
 
         Consecutive records inside the window bound the gaps; the window's edges count as
         bounds too, so a vCPU that made no progress at all in the window gives its length.
-        A throttle sleep is no gap: the guest was slowed, not stopped.
+        A throttle sleep is no gap: the guest was slowed, not stopped; nor is an idle wait
+        the vCPU chose (only its overrun, which is stored as one).
         """
         if end_wall <= start_wall:
             return 0.0
@@ -171,7 +176,7 @@ class ProgressReadings:
         gaps = np.diff(bounds)
         thinned = (closing & THINNED) != 0
         gaps[thinned] = np.minimum(gaps[thinned], self.log.record_interval_seconds)
-        gaps[(closing & SLEPT) != 0] = 0.0
+        gaps[(closing & (SLEPT | IDLE)) != 0] = 0.0
         return float(gaps.max())
 
     def write_rate(self, start_wall: float, end_wall: float) -> float | None:

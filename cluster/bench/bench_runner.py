@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cluster.bench.bench_options import BenchOptions
+from cluster.bench.density import bench_density
 from cluster.bench.dirtying import bench_dirtying, bench_stages
 from cluster.bench.downtime import bench_downtime
 from cluster.bench.figures import Results
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 _SECTIONS: dict[str, Callable] = {
     "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
     "stages": bench_stages, "wire": bench_wire, "startup": bench_startup,
-    "scale": bench_scale, "postcopy": bench_postcopy, "process": bench_process}
+    "scale": bench_scale, "postcopy": bench_postcopy, "process": bench_process,
+    "density": bench_density}
 _ON_TESTBED = ("throughput", "downtime", "wire", "postcopy", "process")
 
 

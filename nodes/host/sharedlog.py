@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from nodes.host.guestcontrol import LOG_ENTRIES, W_LOG, ControlPage
-from workloads.progresslog import ProgressLog
+from workloads.progresslog import SLEPT, ProgressLog
 
 _SEQ, _STORED, _WALL, _PAGES, _FLAGS = range(W_LOG, W_LOG + 5)
 _HAS_LATEST, _LATEST_STORED, _DROPPED = 1, 2, 4
@@ -90,11 +90,12 @@ class SharedProgressLog(ProgressLog):
             finally:
                 self._u64[_SEQ] += 1
 
-    def record_sleep(self, start_wall: float, end_wall: float, pages: int) -> None:
+    def record_sleep(self, start_wall: float, end_wall: float, pages: int,
+                     mark: int = SLEPT) -> None:
         with self._lock:
             self._u64[_SEQ] += 1
             try:
-                super().record_sleep(start_wall, end_wall, pages)
+                super().record_sleep(start_wall, end_wall, pages, mark)
             finally:
                 self._u64[_SEQ] += 1
 
