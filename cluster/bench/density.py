@@ -90,7 +90,8 @@ def _measure_kind(tb: "Testbed", opts: BenchOptions, kind: str,
         for j in range(opts.density_guests_per_host):
             names.append(unique_name(f"d{kind[0]}{j}"))
             tb.create(h, GuestSpec(names[-1], GUEST_BYTES, vcpu=kind,
-                                   workload=WorkloadSpec("uniform", RATE, seed=len(names))))
+                                   workload=WorkloadSpec("uniform", RATE, seed=len(names),
+                                                         fill="random")))
     try:
         time.sleep(opts.density_settle_seconds)
         pids = [g["pid"] for g in tb.guests() if g["name"] in names and g.get("pid")]

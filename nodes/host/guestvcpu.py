@@ -68,8 +68,8 @@ VCPU_SLICE_NS = 100_000
 # writing 1000 pages/s cost ~9 % of a core (measured, 16 guests on this machine: 73 % of its
 # 2 CPUs). Its waits are logged as idle (`IDLE_LOG_SECONDS` and longer), so its gaps are its
 # overruns, not the waits it chose.
-BATCH_PAGES = 32
-MAX_TICK_SECONDS = 0.05
+BATCH_PAGES = 64
+MAX_TICK_SECONDS = 0.1
 IDLE_LOG_SECONDS = 0.002
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(os.uname().machine)
 _libc = ctypes.CDLL(None, use_errno=True)
