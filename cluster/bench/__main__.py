@@ -1,13 +1,11 @@
 """`python -m cluster.bench SECTION JSON`: a bench section's child process (`startup`: one
-cluster started, measured, stopped; `scale`: the evacuations on a cluster of their own; `density`: many small guests
-of each vCPU kind on a cluster of their own),
+cluster started, measured, stopped; `scale`: the evacuations on a cluster of their own),
 which prints one JSON line."""
 
 import json
 import sys
 
 from cluster.bench.bench_options import BenchOptions
-from cluster.bench.density import density_child
 from cluster.bench.scale import scale_child
 from cluster.bench.startup import startup_child
 
@@ -16,8 +14,5 @@ if len(sys.argv) == 3 and sys.argv[1] == "startup":
 elif len(sys.argv) == 3 and sys.argv[1] == "scale":
     opts = BenchOptions.from_dict(json.loads(sys.argv[2]))
     print(json.dumps({"samples": scale_child(opts, lambda t: print(t, file=sys.stderr))}))
-elif len(sys.argv) == 3 and sys.argv[1] == "density":
-    opts = BenchOptions.from_dict(json.loads(sys.argv[2]))
-    print(json.dumps({"samples": density_child(opts, lambda t: print(t, file=sys.stderr))}))
 else:
-    sys.exit("usage: python -m cluster.bench startup|scale|density JSON (internal; use `migbed bench`)")
+    sys.exit("usage: python -m cluster.bench startup|scale JSON (internal; use `migbed bench`)")

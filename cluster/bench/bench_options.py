@@ -31,9 +31,8 @@ class BenchOptions:
     hosts_per_node: int | None = None   # None: the bench's layouts (see runner, startup)
     wire_guest_memory_bytes: int = 64 * MiB
     process_guest_memory_bytes: int = 32 * MiB   # the process section's guests (each kind)
-    density_hosts: int = 4                      # the density section's cluster
-    density_guests_per_host: int = 4
-    density_host_memory_bytes: int = 128 * MiB
+    density_guests_per_host: int = 4            # on every host of the bench's cluster
+    density_repeats: int = 2
     density_settle_seconds: float = 1.0         # guests running before the window opens
     density_seconds: float = 3.0                # the window CPU is measured over
     hosts: int = 3
@@ -50,8 +49,8 @@ class BenchOptions:
                               f"{', '.join(SECTIONS)}")
         if self.repeats < 1 or self.startup_repeats < 1:
             raise ConfigError("repeats must be >= 1")
-        if self.density_hosts < 1 or self.density_guests_per_host < 1:
-            raise ConfigError("density hosts and guests per host must be >= 1")
+        if self.density_guests_per_host < 1 or self.density_repeats < 1:
+            raise ConfigError("density guests per host and repeats must be >= 1")
         if self.hosts < 2:
             raise ConfigError("the bench needs at least 2 hosts")
         if any(n < 1 for n in self.startup_hosts + self.startup_one_node_per_host_hosts):
@@ -70,8 +69,7 @@ class BenchOptions:
                     scale_racks=(1, 2), scale_guests_per_host=2,
                     scale_guest_memory_bytes=4 * MiB,
                     wire_guest_memory_bytes=4 * MiB, process_guest_memory_bytes=4 * MiB,
-                    density_hosts=2, density_guests_per_host=1,
-                    density_host_memory_bytes=64 * MiB, density_settle_seconds=0.1,
+                    density_guests_per_host=1, density_settle_seconds=0.1,
                     density_seconds=0.3,
                     host_memory_bytes=128 * MiB, quick=True)
         return cls(**{**tiny, **overrides})

@@ -26,7 +26,7 @@ _SECTIONS: dict[str, Callable] = {
     "stages": bench_stages, "wire": bench_wire, "startup": bench_startup,
     "scale": bench_scale, "postcopy": bench_postcopy, "process": bench_process,
     "density": bench_density}
-_ON_TESTBED = ("throughput", "downtime", "wire", "postcopy", "process")
+_ON_TESTBED = ("throughput", "downtime", "wire", "postcopy", "process", "density")
 
 
 def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,

@@ -3,8 +3,8 @@ then with process vCPUs on the same cluster (issue 22's density target: 128 proc
 32 hosts, `migbed list` <= 3 s, the guests' own CPU under 25 % of the machine, each process
 guest's memory beyond its frames <= 8 MiB PSS).
 
-What it measures, per kind, on a cluster of its own (a child process, as `startup`; in this
-process for `--in-process`):
+What it measures, per kind, on the bench's hosts (every one, `density_guests_per_host` guests
+each, then destroyed), one kind after the other:
 - the listing's seconds (`Testbed.list`, what `migbed list` asks every host) while the
   guests run;
 - the CPU every process of the cluster used over a window (from /proc: this driver's
@@ -16,11 +16,10 @@ process for `--in-process`):
   from it (`nodes.host.guestprocess`).
 
 A 2-core machine cannot hold 128 guests at 1000 writes/s beside 32 hosts' Ray workers, so
-the section runs a few hosts and guests and also states the guests' CPU per guest times the
+the section runs the bench's few hosts and also states the guests' CPU per guest times the
 target's 128, as a share of this machine: a projection, named so.
 """
 
-import json
 import os
 import statistics
 import time
@@ -28,7 +27,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cluster.bench.bench_options import BenchOptions, MiB
-from cluster.bench.child import run_child
 from cluster.bench.figures import Results, unique_name
 from cluster.bench.startup import descendants
 
@@ -43,42 +41,28 @@ LISTINGS = 3
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def bench_density(opts: BenchOptions, res: Results, say: Callable[[str], None]) -> None:
-    if opts.in_process:
-        rows = density_child(opts, say)
-    else:
-        say(f"  starting a local Ray cluster of {opts.density_hosts} hosts in a child process")
-        rows = run_child(["density", json.dumps(opts.to_dict())], timeout=900.0)["samples"]
+def bench_density(tb: "Testbed", opts: BenchOptions, res: Results,
+                  say: Callable[[str], None]) -> None:
+    rows: list = []
+    for _ in range(1 if opts.quick else opts.density_repeats):
+        for kind in KINDS:
+            rows += _measure_kind(tb, opts, kind, say)
     for name, unit, value, note in rows:
         res.add(name, unit, value, note)
     res.ratio("density: cluster CPU, process / thread vCPUs", "density_process_cluster_cpu_share",
               "density_thread_cluster_cpu_share")
     res.ratio("density: listing, process / thread vCPUs", "density_process_list_seconds",
               "density_thread_list_seconds")
-    n = opts.density_hosts * opts.density_guests_per_host
+    n = len(tb.hosts) * opts.density_guests_per_host
     per_guest = res.median("density_process_guest_cpu_share_per_guest")
     pss = res.median("density_process_guest_pss_own_bytes")
     if per_guest is not None and pss is not None:
         res.conclusions.append(
-            f"density: {n} process guests at {RATE:g} writes/s on {opts.density_hosts} hosts: "
+            f"density: {n} process guests at {RATE:g} writes/s on {len(tb.hosts)} hosts: "
             f"listed in {res.median('density_process_list_seconds') * 1000:.0f} ms (thread "
             f"guests {res.median('density_thread_list_seconds') * 1000:.0f} ms), guests' own "
             f"CPU {per_guest * n:.1%} of this machine ({per_guest * TARGET_GUESTS:.1%} "
             f"projected for {TARGET_GUESTS}), {pss / MiB:.1f} MiB PSS each beyond frames")
-
-
-def density_child(opts: BenchOptions, say: Callable[[str], None] = lambda _: None) -> list:
-    """Build the section's cluster, measure each kind, return (name, unit, value, note) rows."""
-    from cluster.launch.launcher import ClusterSpec
-    from cluster.testbed import Testbed
-    spec = ClusterSpec(hosts=opts.density_hosts, host_memory_bytes=opts.density_host_memory_bytes,
-                       hosts_per_node=opts.hosts_per_node, superpages=opts.superpages)
-    rows: list = []
-    with (Testbed.in_process(spec) if opts.in_process else Testbed.local(spec)) as tb:
-        for _ in range(opts.repeats if not opts.quick else 1):
-            for kind in KINDS:
-                rows += _measure_kind(tb, opts, kind, say)
-    return rows
 
 
 def _measure_kind(tb: "Testbed", opts: BenchOptions, kind: str,
