@@ -64,9 +64,9 @@ from workloads.workload import Workload
 # the vCPU runs without.
 VCPU_SLICE_NS = 100_000
 # A paced vCPU wakes once per BATCH_PAGES of its rate (1 ms at the fastest, the launch's
-# tick; 10 ms at the slowest, a throttle slice): every wake-up is Python, and at 1 ms a guest
-# writing 1000 pages/s cost ~9 % of a core (measured, 16 guests on this machine: 73 % of its
-# 2 CPUs). Its waits are logged as idle (`IDLE_LOG_SECONDS` and longer), so its gaps are its
+# tick; MAX_TICK_SECONDS at the slowest; after a resume from 1 ms, doubling): every wake-up
+# is Python, and at 1 ms a guest writing 1000 pages/s cost ~9 % of a core (measured, 16
+# guests on this machine: 73 % of its 2 CPUs; 0.66 % each at 64 pages a wake-up). Its waits are logged as idle (`IDLE_LOG_SECONDS` and longer), so its gaps are its
 # overruns, not the waits it chose.
 BATCH_PAGES = 64
 MAX_TICK_SECONDS = 0.1
@@ -230,6 +230,8 @@ class GuestVCPU:
         self.ran = False
         self.tick = paced_tick(0.0 if wl.unlimited else wl.rate_pages_per_second,
                                owner.tick_seconds)
+        self.wait = owner.tick_seconds     # the next wait: from the launch's tick, doubled
+        # each batch up to `tick`, so a vCPU resumed for a few ms still writes at its rate
         self.slice_start = time.monotonic()
         self.ring_written = 0
 
@@ -261,19 +263,22 @@ class GuestVCPU:
                              wl.progress_pages - progress)
             self._throttle(wl.pages_written_total - written)
             if paced or n == 0:
-                self._idle(self.tick)
+                self._idle(self.wait)
+                self.wait = min(self.tick, 2 * self.wait)
 
     def _idle(self, seconds: float) -> None:
-        """Wait between batches (ended at once by a pause or an exit, which the park logs):
-        the wait is logged as idle, up to its planned end; a late wake-up stays a gap."""
+        """Wait between batches (ended at once by a pause or an exit): the wait is logged as
+        idle, up to its planned end or the pause; a late wake-up stays a gap."""
         ctl = self.owner.ctl
         start_wall = time.time()
         ctl.wait_command(Command.RUN, seconds)
-        if seconds >= IDLE_LOG_SECONDS and ctl.command is Command.RUN:
+        if seconds >= IDLE_LOG_SECONDS and ctl.command is not Command.EXIT:
+            # Cut short by a pause, it was idle up to the pause, which the park then logs.
             end_wall = min(time.time(), start_wall + seconds)
             self.owner.log.record_sleep(start_wall, end_wall, self.owner.progress, IDLE)
 
     def _resumed(self) -> None:
+        self.wait = self.owner.tick_seconds
         now = time.monotonic()
         self.wl.resume(now)
         self.slice_start = now
