@@ -129,10 +129,8 @@ class MigrationReport:
     vcpus: int = 1
     dirty_log: str = "emulated"
     shadow_faults: int = 0
-    # The two parts guest_observed_downtime_seconds is the larger of: the guest's gap across
-    # the hand-over (its last progress on the source to its first on the destination) and
-    # its longest gap on the source while the migration ran (its own stalls: scheduling,
-    # throttle aside).
+    # guest_observed_downtime_seconds is the larger of these: the guest's gap across the
+    # hand-over, and its longest on the source while the migration ran (its own stalls).
     guest_gap_across_handover_seconds: float | None = None
     guest_gap_on_source_seconds: float | None = None
 

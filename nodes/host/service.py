@@ -257,9 +257,8 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
         if not recv.resume_wall or vcpu is None or last is None:
             return None
         offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
-        # Its first progress after its last on the source: here it ran only once resumed,
-        # and a guest quicker than this host's stamp of the resume (taken after the unpause
-        # returned) would otherwise be read from its next record (an idle one's, 100 ms on).
+        # Its first progress after its last on the source (it ran here only once resumed): a
+        # guest quicker than the resume's stamp would be read from its next record.
         since = min(recv.resume_wall, last + (offset or 0.0))
         deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
         first = vcpu.first_progress_after(since)
