@@ -139,6 +139,10 @@ class MigrationReport:
     # A program guest's application (`cluster.appfeel`; None for a pattern workload): its
     # ops and latencies before, during and after, brownout, blackout and its invariants.
     application: ApplicationBlock | None = None
+    # guest_observed_downtime_seconds is the larger of these: the guest's gap across the
+    # hand-over, and its longest on the source while the migration ran (its own stalls).
+    guest_gap_across_handover_seconds: float | None = None
+    guest_gap_on_source_seconds: float | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -196,7 +200,10 @@ class MigrationReport:
             precopy_bytes=source.precopy_bytes, downtime_bytes=source.downtime_bytes,
             postcopy_bytes=source.postcopy_bytes, postcopy_requests=source.postcopy_requests,
             vcpu=source.vcpu, vcpus=source.vcpus, dirty_log=source.dirty_log,
-            shadow_faults=source.shadow_faults)
+            shadow_faults=source.shadow_faults,
+            guest_gap_across_handover_seconds=(
+                dest.guest_observed_downtime_seconds if dest is not None else None),
+            guest_gap_on_source_seconds=source.source_longest_gap_seconds)
         apply_postcopy(report, source, dest, settled)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:

@@ -236,6 +236,28 @@ class GuestProcess:
     def resume(self) -> None:
         self.ctl.set_command(Command.RUN)
 
+    def arm_postcopy(self, missing: np.ndarray,
+                     timeout_seconds: float = PAUSE_TIMEOUT_SECONDS) -> None:
+        """A parked guest (a migration's destination) at a post-copy switch: its range is
+        armed for faults where `missing` (one bool per pfn) is set, by the process itself
+        (`guestmain._serve_host`), as `launch(missing=...)` arms a new one."""
+        if self.ctl.state is not State.PAUSED:
+            raise GuestProcessError(f"{self.name}: armed for post-copy while "
+                                    f"{self.ctl.state.name.lower()}, not parked")
+        try:
+            self.sock.settimeout(timeout_seconds)
+            send_message(self.sock, {"op": "postcopy",
+                                     "missing": np.packbits(missing).tobytes()})
+            reply, _ = recv_message(self.sock)
+        except (OSError, MigbedError) as exc:
+            raise GuestProcessError(f"{self.name}: its process did not arm for post-copy: "
+                                    f"{exc}") from None
+        finally:
+            if self.sock.fileno() >= 0:
+                self.sock.settimeout(None)
+        if "error" in reply:
+            raise GuestProcessError(f"{self.name}: arming for post-copy: {reply['error']}")
+
     def written_pages(self) -> np.ndarray:
         """The pages the workload wrote since the last call (launched with track_writes);
         take them while paused."""

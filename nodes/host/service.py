@@ -270,14 +270,17 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, Paced
         last = result.last_progress_wall
         if not recv.resume_wall or vcpu is None or last is None:
             return None
+        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
+        # Its first progress after its last on the source (it ran here only once resumed): a
+        # guest quicker than the resume's stamp would be read from its next record.
+        since = min(recv.resume_wall, last + (offset or 0.0))
         deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
-        first = vcpu.first_progress_after(recv.resume_wall)
+        first = vcpu.first_progress_after(since)
         while first is None and time.monotonic() < deadline:
             time.sleep(0.002)
-            first = vcpu.first_progress_after(recv.resume_wall)
+            first = vcpu.first_progress_after(since)
         if first is None:
             return None
-        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
         return to_source_clock(first, offset) - last
 
     # -- migration: source side ------------------------------------------------------------------
