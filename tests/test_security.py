@@ -194,7 +194,7 @@ BAD_CLI = [
     (["fault", "kill", "host-0"], "no migbed cluster is running"),
     (["evacuate"], "required"),
     (["evacuate", "host-0", "--concurrency", "0"], ">= 1"),
-    (["evacuate", "host-0", "--concurrency", "65"], "1..64"),
+    (["evacuate", "host-0", "--concurrency", "2000"], "1..1024"),
     (["evacuate", "host-0", "--concurrency", "two"], "whole number"),
     (["evacuate", "host-0", "--bandwidth", "0"], "must be positive"),
     (["evacuate", "host-0"], "no migbed cluster is running"),
