@@ -15,11 +15,14 @@ an event, at which the queue moves on.
 """
 
 import heapq
+import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from cluster.fairshare import UNLIMITED, Topology
+from cluster.fleetcalibration import Calibration, fit_calibration, running_at_ends, spread_draws
 from cluster.fleetstats import fleet_stats, summary_lines
 from cluster.model import predict
 from cluster.scheduler import Limits, MigrationScheduler
@@ -139,25 +142,18 @@ def plan(fleet: SimFleet, topo: Topology, drained: list[str],
     return moves
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """What a real drain adds to the model's migrations: a fixed part of every downtime
-    (T_resume: the hand-over's round trips, the resume) and a fixed cost of every migration
-    (setup and cleanup, the control plane's calls), both as the real one measured them."""
-
-    resume_seconds: float = 0.0
-    overhead_seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"resume_seconds": self.resume_seconds,
-                "overhead_seconds": self.overhead_seconds}
-
-
 def calibrate(fleet: "SimFleet", which: list[str], limits: Limits, real_stats: dict,
-              settings: MigrationSettings | None = None, spread: bool = False) -> Calibration:
-    """The calibration that brings the simulation of this drain to the real one's medians
-    (`real_stats`: a real drain's fleet statistics): the downtime's p50 and the total time's
-    p50 (what is left of each after the model's own part, never below zero)."""
+              settings: MigrationSettings | None = None, spread: bool = False,
+              real_moves: Sequence[dict] | None = None) -> Calibration:
+    """The calibration that brings the simulation of this drain to the real one
+    (`cluster.fleetcalibration`). With the real drain's moves (`real_moves`, each with its
+    schedule entry; of one drain or several) each migration's own excess over the model at
+    the rate it ran at: the fixed downtime and cost alone, their growth with migrations at
+    once, the downtime's spread. With its statistics alone (`real_stats`) the medians: the
+    downtime's p50 and the total time's p50 less the simulation's (never below zero)."""
+    if real_moves:
+        return _calibrate_moves(fleet, which, settings or MigrationSettings(), spread,
+                                real_moves)
     sim = simulate_drain(fleet, which, limits, settings, spread)["stats"]
     try:
         down = real_stats["downtime_seconds"]["p50"] - sim["downtime_seconds"]["p50"]
@@ -166,6 +162,47 @@ def calibrate(fleet: "SimFleet", which: list[str], limits: Limits, real_stats: d
         raise ConfigError("the real drain to calibrate from has no completed migration "
                           "(its stats lack downtime_seconds / total_time_seconds)") from None
     return Calibration(max(0.0, down), max(0.0, total - max(0.0, down)))
+
+
+def _calibrate_moves(fleet: "SimFleet", which: list[str], settings: MigrationSettings,
+                     spread: bool, real_moves: Sequence[dict]) -> Calibration:
+    """Each completed real move against the model at its own mean rate (its guest as the
+    simulated fleet has it, by name; else the fleet's guest)."""
+    topo = fleet.topology()
+    guests = {g: (memory, workload, rate) for g, _, _, rate, memory, workload in
+              plan(fleet, topo, drained_hosts(fleet, topo, which), spread)}
+    alike = (fleet.guest_memory_bytes, fleet.workload, fleet.workload.rate_pages_per_second)
+    done = [m for m in real_moves if m.get("status") == "completed" and _ran(m)]
+    if not done:
+        raise ConfigError("the real drain to calibrate from has no completed migration "
+                          "with its schedule (started, ended, rates)")
+    cache: dict = {}
+    down, over = [], []
+    for m in done:
+        memory, workload, dirty = guests.get(m.get("guest"), alike)
+        p = _predict(memory, workload, settings, dirty, _mean_rate(m["schedule"]), cache,
+                     Calibration())
+        d = m["downtime_seconds"] - p.downtime_seconds
+        down.append(d)
+        over.append(m["schedule"]["run_seconds"] - p.total_time_seconds - max(0.0, d))
+    return fit_calibration(down, over, running_at_ends([m["schedule"] for m in done]))
+
+
+def _ran(m: dict) -> bool:
+    s = m.get("schedule") or {}
+    return bool(s.get("started_at") and s.get("ended_at") and s.get("rates")
+                and isinstance(m.get("downtime_seconds"), (int, float)))
+
+
+def _mean_rate(s: dict) -> float:
+    """The time-weighted mean of the rates a migration was given (unlimited as such)."""
+    pts = [(t, UNLIMITED if r is None else r) for t, r in s["rates"]] + [(s["ended_at"], 0)]
+    if any(r == UNLIMITED for _, r in pts[:-1]):
+        return UNLIMITED
+    span = pts[-1][0] - pts[0][0]
+    if span <= 0:
+        return pts[0][1]
+    return sum((b[0] - a[0]) * a[1] for a, b in itertools.pairwise(pts)) / span
 
 
 class _Clock:
@@ -185,54 +222,10 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
     cal = calibration or Calibration()
     topo = fleet.topology()
     drained = drained_hosts(fleet, topo, which)
-    clock = _Clock()
-    sched = MigrationScheduler(topo, limits, clock=clock, keep_ended=None)
-    group = sched.open_group(Limits(), name="simulated")
-    moves = plan(fleet, topo, drained, spread)
-    ids = [sched.submit(g, s, d, group, settings.link_bytes_per_second,
-                        settings.rate_limit_bytes_per_second, migration_id=f"sim-{k:07d}")
-           for k, (g, s, d, *_) in enumerate(moves)]
-    info = {mid: m for mid, m in zip(ids, moves, strict=True)}
-    predicted: dict[str, object] = {}
-    cache: dict[tuple, object] = {}
-    events: list[tuple[float, int, str]] = []
-    running: dict[str, list] = {}          # id -> [its end, its rate, version]
-
-    def step() -> None:
-        """Newly started migrations predicted at their rate; those whose rate changed
-        re-timed: what is left of them goes at the new rate."""
-        for e in sched.entries_running():
-            rate = e.rates[-1][1] if e.rates else UNLIMITED
-            r = running.get(e.id)
-            if r is None:
-                _, _, _, dirty, memory, workload = info[e.id]
-                p = _predict(memory, workload, settings, dirty, rate, cache, cal)
-                predicted[e.id] = p
-                r = running[e.id] = [clock.now + p.total_time_seconds + cal.overhead_seconds,
-                                     rate, 0]
-            elif rate != r[1] and UNLIMITED not in (rate, r[1]):
-                r[0] = clock.now + max(0.0, r[0] - clock.now) * r[1] / rate
-                r[1], r[2] = rate, r[2] + 1
-            else:
-                continue
-            heapq.heappush(events, (r[0], r[2], e.id))
-
-    step()
-    while events:
-        when, version, mid = heapq.heappop(events)
-        if running[mid][2] != version:
-            continue                         # re-timed since: a later event stands for it
-        clock.now = when
-        sched.finish(mid, "completed")
-        step()
-    out = []
-    for mid, (g, s, d, *_) in zip(ids, moves, strict=True):
-        p, entry = predicted[mid], sched.entry(mid)
-        out.append({"guest": g, "source": s, "destination": d, "status": "completed",
-                    "downtime_seconds": p.downtime_seconds,
-                    "total_time_seconds": entry["run_seconds"],
-                    "bytes_sent": int(p.bytes_sent_total), "schedule": entry})
-    stats = fleet_stats(out, clock.now)
+    run = _SimRun(topo, limits, settings, cal, plan(fleet, topo, drained, spread), fleet.seed)
+    run.run()
+    out = run.moves()
+    stats = fleet_stats(out, run.clock.now)
     return {"simulated": True, "hosts": drained, "fleet": {
         "hosts": fleet.hosts, "racks": fleet.racks, "guests_per_host": fleet.guests_per_host,
         "guests_from_file": len(fleet.guests) or None,
@@ -241,6 +234,85 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
         "uplink_bytes_per_second": fleet.uplink_bytes_per_second},
         "limits": limits.to_dict(), "calibration": cal.to_dict(), "moves": out,
         "stats": stats}
+
+
+class _SimRun:
+    """One simulated drain on the virtual clock: the scheduler admits, the model prices each
+    migration at its rate as it starts, the calibration adds its fixed parts (each
+    migration's quantile of the spread drawn from the seed, grown by the migrations running
+    at once: at its start for its run time, at its end for its downtime)."""
+
+    def __init__(self, topo: Topology, limits: Limits, settings: MigrationSettings,
+                 cal: Calibration, moves: list, seed: int):
+        self.clock, self.settings, self.cal = _Clock(), settings, cal
+        self.sched = MigrationScheduler(topo, limits, clock=self.clock, keep_ended=None)
+        group = self.sched.open_group(Limits(), name="simulated")
+        self.plan = moves
+        self.ids = [self.sched.submit(g, s, d, group, settings.link_bytes_per_second,
+                                      settings.rate_limit_bytes_per_second,
+                                      migration_id=f"sim-{k:07d}")
+                    for k, (g, s, d, *_) in enumerate(moves)]
+        self.info = dict(zip(self.ids, moves, strict=True))
+        self.draw = dict(zip(self.ids, spread_draws(len(moves), seed), strict=True))
+        self.predicted: dict[str, object] = {}
+        self.downtime: dict[str, float] = {}
+        self.cache: dict[tuple, object] = {}
+        self.events: list[tuple[float, int, str]] = []
+        self.running: dict[str, list] = {}          # id -> [its end, its rate, version]
+
+    def _fixed(self, mid: str, running: int, of_overhead: bool = False) -> float:
+        """What the calibration adds beyond the model's own (which holds resume_seconds)."""
+        cal = self.cal
+        if of_overhead:
+            return cal.overhead_seconds * cal.factor(running, True)
+        return cal.resume_seconds * (cal.spread_at(self.draw[mid]) * cal.factor(running) - 1)
+
+    def step(self) -> None:
+        """Newly started migrations predicted at their rate; those whose rate changed
+        re-timed: what is left of them goes at the new rate."""
+        now = self.clock.now
+        entries = self.sched.entries_running()
+        for e in entries:
+            rate = e.rates[-1][1] if e.rates else UNLIMITED
+            r = self.running.get(e.id)
+            if r is None:
+                _, _, _, dirty, memory, workload = self.info[e.id]
+                p = _predict(memory, workload, self.settings, dirty, rate, self.cache,
+                             self.cal)
+                self.predicted[e.id] = p
+                extra = self._fixed(e.id, len(entries)) + \
+                    self._fixed(e.id, len(entries), of_overhead=True)
+                r = self.running[e.id] = [now + max(0.0, p.total_time_seconds + extra),
+                                          rate, 0]
+            elif rate != r[1] and UNLIMITED not in (rate, r[1]):
+                r[0] = now + max(0.0, r[0] - now) * r[1] / rate
+                r[1], r[2] = rate, r[2] + 1
+            else:
+                continue
+            heapq.heappush(self.events, (r[0], r[2], e.id))
+
+    def run(self) -> None:
+        self.step()
+        while self.events:
+            when, version, mid = heapq.heappop(self.events)
+            if self.running[mid][2] != version:
+                continue                     # re-timed since: a later event stands for it
+            self.clock.now = when
+            at_once = len(self.sched.entries_running())
+            self.downtime[mid] = max(0.0, self.predicted[mid].downtime_seconds
+                                     + self._fixed(mid, at_once))
+            self.sched.finish(mid, "completed")
+            self.step()
+
+    def moves(self) -> list[dict]:
+        out = []
+        for mid, (g, s, d, *_) in zip(self.ids, self.plan, strict=True):
+            p, entry = self.predicted[mid], self.sched.entry(mid)
+            out.append({"guest": g, "source": s, "destination": d, "status": "completed",
+                        "downtime_seconds": self.downtime[mid],
+                        "total_time_seconds": entry["run_seconds"],
+                        "bytes_sent": int(p.bytes_sent_total), "schedule": entry})
+        return out
 
 
 def _predict(memory: int, workload: WorkloadSpec, settings: MigrationSettings,

@@ -3,8 +3,9 @@ point a real drain on a fresh cluster and the same drain simulated (`cluster.fle
 beside it: the curve operators tune by (downtime p99 against `--max-parallel`), and how far
 the simulation is from the real thing.
 
-The simulation is calibrated from the first real drain (`cluster.fleetsim.calibrate`: the
-fixed downtime and per-migration cost the model leaves out), then held for the other points.
+The simulation is calibrated from the first two real drains (`cluster.fleetsim.calibrate`,
+`cluster.fleetcalibration`: the fixed downtime and per-migration cost the model leaves out, how
+they grow with migrations at once, the downtime's spread), then held for the other points.
 
 The scenario (`scenarios/fleet/drain-parallelism.toml`):
 
@@ -29,6 +30,10 @@ from nodes.errors import ConfigError
 from nodes.units import parse_count, parse_duration, parse_size
 
 AXES = ("max_parallel", "max_outbound_per_host", "max_inbound_per_host")
+# The real drains the simulation is calibrated from: the first (its fixed costs alone, at the
+# axis's first value, one at a time in the scenario) and the second (how they grow with more
+# at once); the points after them are held out.
+CALIBRATE_POINTS = 2
 
 
 def load_fleet_scenario(path: str | Path) -> dict:
@@ -93,27 +98,32 @@ def _real_point(fleet: SimFleet, extra: dict, sc: dict, limits: Limits) -> dict:
 
 
 def run_fleet_sweep(sc: dict, simulate_only: bool = False, on_point=None) -> dict:
-    """Every value of the axis: the real drain (unless `simulate_only`) and the simulated."""
+    """Every value of the axis: the real drain (unless `simulate_only`) and the simulated,
+    calibrated from the first `CALIBRATE_POINTS` real drains (`calibrated_from`)."""
     fleet, extra = _fleet(sc)
     axis, values = next(iter(sc["axes"].items()))
     base = preset(sc["drain"]["limits"]) if sc["drain"].get("limits") else Limits()
     which, spread = list(sc["drain"]["hosts"]), bool(sc["drain"].get("spread", False))
-    points, cal = [], None
-    for v in values:
-        limits = base.merged(Limits(**{axis: v}))
-        point: dict = {axis: v, "limits": limits.to_dict()}
-        if not simulate_only:
-            point["real"] = _real_point(fleet, extra, sc, limits)
-            if cal is None:        # calibrated from the first real drain, then held
-                cal = calibrate(fleet, which, limits, point["real"]["stats"], spread=spread)
-        sim = simulate_drain(fleet, which, limits, spread=spread, calibration=cal)
+    points = [{axis: v, "limits": base.merged(Limits(**{axis: v})).to_dict()} for v in values]
+    cal, used = None, values[:CALIBRATE_POINTS]
+    if not simulate_only:
+        for point in points:
+            point["real"] = _real_point(fleet, extra, sc, Limits(**point["limits"]))
+            if on_point is not None:
+                on_point(point)
+        moves = [m for p in points[:len(used)] for m in p["real"]["moves"]]
+        cal = calibrate(fleet, which, Limits(**points[0]["limits"]),
+                        points[0]["real"]["stats"], spread=spread, real_moves=moves)
+    for point in points:
+        sim = simulate_drain(fleet, which, Limits(**point["limits"]), spread=spread,
+                             calibration=cal)
         point["simulated"] = sim["stats"]
         point["calibration"] = sim["calibration"]
-        points.append(point)
         if on_point is not None:
             on_point(point)
     return {"name": sc.get("name", "fleet sweep"), "axis": axis, "points": points,
-            "calibrated_from": None if simulate_only else f"{axis}={values[0]}"}
+            "calibrated_from": None if simulate_only else
+            f"{axis}={', '.join(str(v) for v in used)}"}
 
 
 def _q(stats: dict | None, key: str, q: str, scale: float = 1.0) -> str:
@@ -128,9 +138,12 @@ def sweep_table(result: dict) -> str:
              f"  {'':>22}  {'real / sim':>13}  {'real / sim':>17}  {'real / sim':>17}"]
     if result.get("calibrated_from"):
         c = result["points"][0]["calibration"]
-        lines.append(f"  (simulation calibrated from the real drain at "
+        lines.append(f"  (simulation calibrated from the real drains at "
                      f"{result['calibrated_from']}: +{c['resume_seconds'] * 1000:.1f} ms "
-                     f"downtime, +{c['overhead_seconds']:.2f} s a migration)")
+                     f"downtime, +{c['overhead_seconds']:.2f} s a migration, each alone; "
+                     f"+{c.get('contention', 0) * 100:.0f} % / "
+                     f"+{c.get('overhead_contention', 0) * 100:.0f} % per further one "
+                     f"at once)")
     for p in result["points"]:
         real = (p.get("real") or {}).get("stats")
         sim = p["simulated"]

@@ -97,7 +97,9 @@ def cmd_drain_sweep(args: argparse.Namespace) -> int:
         raise UsageError("--sweep takes the hosts to drain from its file: give no HOST")
     sc = load_fleet_scenario(args.sweep)
     result = run_fleet_sweep(sc, simulate_only=args.simulate, on_point=lambda p: print(
-        f"  point {result_axis(sc)}={p[result_axis(sc)]} done", file=sys.stderr, flush=True))
+        f"  point {result_axis(sc)}={p[result_axis(sc)]}: "
+        f"{'simulated' if 'simulated' in p else 'real drain'} done", file=sys.stderr,
+        flush=True))
     if args.output:
         write_output(args.output, json.dumps(result, indent=2) + "\n")
     if args.plot:

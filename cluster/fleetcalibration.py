@@ -1,0 +1,116 @@
+"""What a real drain adds to the model's migrations, measured from one (or a few) real drains,
+for `drain --simulate` (`cluster.fleetsim`).
+
+The analytic model prices a migration's data: its rounds at the rate it is given, and the
+last dirty pages sent while the guest is paused. A real migration also pays fixed costs the
+model leaves out: in its downtime the pause and resume, the hand-over's round trips, the
+stop-and-copy's own bookkeeping; in its total time setup, verification and cleanup. On a real
+cluster these are not one number. Measured on this 2-core machine (8 in-process hosts, one
+migration at a time, the same guest and rate): the fixed downtime ran 6-45 ms around a median
+of 18 ms, and with two migrations at once its median doubled, as the second migration's
+threads took the cores (and, in one process, the interpreter) the first one's hand-over
+waited for. So the calibration holds three things:
+
+- the fixed downtime and the fixed cost of a migration alone (`resume_seconds`,
+  `overhead_seconds`: the fit's value at one migration running);
+- how they grow with the migrations running at once (`contention`, `overhead_contention`:
+  each further migration adds that fraction of the alone value, a line fitted through the
+  median at each count seen; 0 when the real drains ran at one count only);
+- the spread of the fixed downtime about its median (`downtime_spread`: its quantiles, as
+  multiples of the fit's value at each migration's count), the tail of a loaded machine.
+
+The count is every migration of the calibrated cluster running when a migration ends (its
+own included): the in-process cluster's hosts share one machine's CPUs, so that is what
+contends there; a fleet of machines contends per host instead, which this calibration,
+made on one machine, does not know (and so overstates for a large fleet at many at once).
+
+A simulated migration takes its quantile of the spread from a seeded draw (`spread_draws`,
+stratified: over N migrations every N-th part of the distribution is drawn once, in a seeded
+order), so a seed gives one plan and even a small drain carries the calibrated tail.
+"""
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SPREAD_POINTS = 21          # quantiles kept of the fixed downtime's spread (0, 5, ..., 100 %)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a real drain adds to the model's migrations (see the module docstring)."""
+
+    resume_seconds: float = 0.0
+    overhead_seconds: float = 0.0
+    contention: float = 0.0             # fixed downtime: + this x alone, per further one
+    overhead_contention: float = 0.0    # fixed cost of a migration: the same
+    downtime_spread: tuple[float, ...] = ()   # quantiles 0..1 of (fixed downtime / fit)
+
+    def factor(self, running: int, of_overhead: bool = False) -> float:
+        """How much the fixed part grows with `running` migrations at once (itself in)."""
+        c = self.overhead_contention if of_overhead else self.contention
+        return 1.0 + c * max(0, running - 1)
+
+    def spread_at(self, u: float) -> float:
+        """The multiple of the fit's fixed downtime at quantile `u` (1.0: no spread)."""
+        if not self.downtime_spread:
+            return 1.0
+        grid = np.linspace(0.0, 1.0, len(self.downtime_spread))
+        return float(np.interp(u, grid, self.downtime_spread))
+
+    def to_dict(self) -> dict:
+        return {"resume_seconds": self.resume_seconds,
+                "overhead_seconds": self.overhead_seconds,
+                "contention": self.contention,
+                "overhead_contention": self.overhead_contention,
+                "downtime_spread": list(self.downtime_spread)}
+
+
+def spread_draws(count: int, seed: int) -> list[float]:
+    """`count` quantiles in 0..1, one in each N-th of the range, in a seeded order."""
+    rng = random.Random(f"fleet-calibration-{seed}")
+    order = list(range(count))
+    rng.shuffle(order)
+    return [(k + rng.random()) / count for k in order]
+
+
+def running_at_ends(schedules: Sequence[dict]) -> list[int]:
+    """For each schedule entry, how many of `schedules` ran when it ended (itself included)."""
+    spans = [(s["started_at"], s["ended_at"]) for s in schedules]
+    return [sum(1 for a, b in spans if a < end <= b) or 1 for _, end in spans]
+
+
+def _line(counts: Sequence[int], values: Sequence[float]) -> tuple[float, float]:
+    """(value alone, growth per further migration as a fraction of it): a line through the
+    median value at each count (weighted by how many had it), the alone value its intercept
+    at one; no growth when one count was seen or the fit falls."""
+    levels = sorted(set(counts))
+    meds = [float(np.median([v for c, v in zip(counts, values, strict=True) if c == n]))
+            for n in levels]
+    weights = [sum(1 for c in counts if c == n) for n in levels]
+    overall = float(np.median(values))
+    if len(levels) < 2:
+        return overall, 0.0
+    slope, intercept = np.polyfit(np.array(levels) - 1.0, meds, 1, w=np.sqrt(weights))
+    if slope <= 0 or intercept <= 0:
+        return overall, 0.0
+    return float(intercept), float(slope / intercept)
+
+
+def fit_calibration(downtime_residuals: Sequence[float], overhead_residuals: Sequence[float],
+                    running: Sequence[int]) -> Calibration:
+    """The calibration from real migrations: for each, what its downtime and its run time
+    had beyond the model's at its rate (never below zero), and how many ran when it ended."""
+    down = [max(0.0, float(d)) for d in downtime_residuals]
+    over = [max(0.0, float(o)) for o in overhead_residuals]
+    alone, growth = _line(running, down)
+    over_alone, over_growth = _line(running, over)
+    cal = Calibration(alone, over_alone, growth, over_growth)
+    if alone <= 0:
+        return cal
+    shape = [d / (alone * cal.factor(n)) for d, n in zip(down, running, strict=True)]
+    q = np.quantile(shape, np.linspace(0.0, 1.0, SPREAD_POINTS))
+    return Calibration(alone, over_alone, growth, over_growth,
+                       tuple(round(float(x), 4) for x in q))
