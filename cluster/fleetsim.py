@@ -144,16 +144,16 @@ def plan(fleet: SimFleet, topo: Topology, drained: list[str],
 
 def calibrate(fleet: "SimFleet", which: list[str], limits: Limits, real_stats: dict,
               settings: MigrationSettings | None = None, spread: bool = False,
-              real_moves: Sequence[dict] | None = None) -> Calibration:
+              real_drains: Sequence[Sequence[dict]] | None = None) -> Calibration:
     """The calibration that brings the simulation of this drain to the real one
-    (`cluster.fleetcalibration`). With the real drain's moves (`real_moves`, each with its
-    schedule entry; of one drain or several) each migration's own excess over the model at
+    (`cluster.fleetcalibration`). With the real drains' moves (`real_drains`: the moves of
+    each, each with its schedule entry) each migration's own excess over the model at
     the rate it ran at: the fixed downtime and cost alone, their growth with migrations at
     once, the downtime's spread. With its statistics alone (`real_stats`) the medians: the
     downtime's p50 and the total time's p50 less the simulation's (never below zero)."""
-    if real_moves:
+    if real_drains:
         return _calibrate_moves(fleet, which, settings or MigrationSettings(), spread,
-                                real_moves)
+                                real_drains)
     sim = simulate_drain(fleet, which, limits, settings, spread)["stats"]
     try:
         down = real_stats["downtime_seconds"]["p50"] - sim["downtime_seconds"]["p50"]
@@ -165,14 +165,16 @@ def calibrate(fleet: "SimFleet", which: list[str], limits: Limits, real_stats: d
 
 
 def _calibrate_moves(fleet: "SimFleet", which: list[str], settings: MigrationSettings,
-                     spread: bool, real_moves: Sequence[dict]) -> Calibration:
+                     spread: bool, real_drains: Sequence[Sequence[dict]]) -> Calibration:
     """Each completed real move against the model at its own mean rate (its guest as the
     simulated fleet has it, by name; else the fleet's guest)."""
     topo = fleet.topology()
     guests = {g: (memory, workload, rate) for g, _, _, rate, memory, workload in
               plan(fleet, topo, drained_hosts(fleet, topo, which), spread)}
     alike = (fleet.guest_memory_bytes, fleet.workload, fleet.workload.rate_pages_per_second)
-    done = [m for m in real_moves if m.get("status") == "completed" and _ran(m)]
+    drains = [[m for m in moves if m.get("status") == "completed" and _ran(m)]
+              for moves in real_drains]
+    done = [m for moves in drains for m in moves]
     if not done:
         raise ConfigError("the real drain to calibrate from has no completed migration "
                           "with its schedule (started, ended, rates)")
@@ -185,7 +187,8 @@ def _calibrate_moves(fleet: "SimFleet", which: list[str], settings: MigrationSet
         d = m["downtime_seconds"] - p.downtime_seconds
         down.append(d)
         over.append(m["schedule"]["run_seconds"] - p.total_time_seconds - max(0.0, d))
-    return fit_calibration(down, over, running_at_ends([m["schedule"] for m in done]))
+    running = [n for moves in drains for n in running_at_ends([m["schedule"] for m in moves])]
+    return fit_calibration(down, over, running)
 
 
 def _ran(m: dict) -> bool:

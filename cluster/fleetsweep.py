@@ -111,9 +111,9 @@ def run_fleet_sweep(sc: dict, simulate_only: bool = False, on_point=None) -> dic
             point["real"] = _real_point(fleet, extra, sc, Limits(**point["limits"]))
             if on_point is not None:
                 on_point(point)
-        moves = [m for p in points[:len(used)] for m in p["real"]["moves"]]
         cal = calibrate(fleet, which, Limits(**points[0]["limits"]),
-                        points[0]["real"]["stats"], spread=spread, real_moves=moves)
+                        points[0]["real"]["stats"], spread=spread,
+                        real_drains=[p["real"]["moves"] for p in points[:len(used)]])
     for point in points:
         sim = simulate_drain(fleet, which, Limits(**point["limits"]), spread=spread,
                              calibration=cal)

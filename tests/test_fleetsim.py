@@ -97,3 +97,39 @@ def test_simulated_guests_from_a_file(tmp_path):
     assert r["fleet"]["guests_from_file"] == 10
     by = {m["guest"]: m for m in r["moves"]}
     assert by["big"]["bytes_sent"] != by["w0"]["bytes_sent"], "each guest as its table says"
+
+
+def test_calibration_from_moves_recovers_spread_and_contention():
+    """A simulated drain with a known calibration stands for the real one: fitted from its
+    moves (at one and at three at once), the fixed parts, their growth and the spread come
+    back; the simulation with the fit has the same tail."""
+    from cluster.fleetcalibration import Calibration
+    from cluster.fleetsim import calibrate
+    fleet = SimFleet(hosts=12, racks=3, guests_per_host=10, guest_memory_bytes=64 * MiB,
+                     workload=WorkloadSpec("uniform", 3000, fill="random"),
+                     host_link_bytes_per_second=64 * MiB, uplink_bytes_per_second=96 * MiB,
+                     seed=0)
+    spread = tuple(0.4 + 0.08 * k for k in range(21))        # 0.4 .. 2.0
+    truth = Calibration(resume_seconds=0.02, overhead_seconds=0.3, contention=0.5,
+                        overhead_contention=0.25, downtime_spread=spread)
+    real = [simulate_drain(fleet, ["rack-0"], Limits(max_parallel=p, max_outbound_per_host=1),
+                           calibration=truth) for p in (1, 3)]
+    cal = calibrate(fleet, ["rack-0"], Limits(max_parallel=1), real[0]["stats"],
+                    real_drains=[r["moves"] for r in real])
+    assert cal.contention == pytest.approx(0.5, rel=0.3)
+    assert cal.overhead_contention == pytest.approx(0.25, rel=0.3)
+    assert cal.resume_seconds == pytest.approx(0.02 * 1.2, rel=0.3)    # the spread's median
+    assert cal.downtime_spread[-1] > 1.4 * cal.downtime_spread[10] > 1.4 * 1.4 * \
+        cal.downtime_spread[0], "a tail on both sides"
+    again = simulate_drain(fleet, ["rack-0"], Limits(max_parallel=3, max_outbound_per_host=1),
+                           calibration=cal)["stats"]["downtime_seconds"]
+    want = real[1]["stats"]["downtime_seconds"]
+    assert again["p99"] == pytest.approx(want["p99"], rel=0.25)
+    assert again["p50"] == pytest.approx(want["p50"], rel=0.25)
+
+
+def test_spread_draws_cover_the_distribution_once_each():
+    from cluster.fleetcalibration import spread_draws
+    a, b = spread_draws(50, 7), spread_draws(50, 8)
+    assert a == spread_draws(50, 7) and a != b
+    assert sorted(int(u * 50) for u in a) == list(range(50)), "one in every fiftieth"
