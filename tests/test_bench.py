@@ -55,6 +55,11 @@ def test_bench_cli_in_process_json(tmp_path, capsys):
     assert printed == json.loads(out.read_text())
     assert printed["errors"] == {} and printed["bench"]["options"]["quick"] is True
     assert "ray_object_throughput_bytes_per_second" not in printed["figures"]  # no Ray here
+    for q in ("span", "downtime_p50", "downtime_p99"):      # the fleet: simulated beside real
+        for side in ("real", "simulated"):
+            assert printed["figures"][f"fleet_mp2_{q}_seconds_{side}"]["median"] > 0
+        assert printed["ratios"][f"fleet: max-parallel 2 (calibrated from): simulated / real, "
+                                 f"{q.replace('_', ' ')}"] > 0
     from nodes.host.userfault import kernel_support
     if kernel_support().dirty_log:          # process against thread vCPUs, paired
         for kind in ("thread", "process"):

@@ -30,6 +30,8 @@ Sections (each figure is the median of repeats, with min and max), one module ea
   fault latency against a raw page round trip (`process_bench`).
 - density: guests writing 1000 pages/s on every host, thread and then process vCPUs: the
   listing's time, the cluster's and the guests' CPU, PSS beyond frames (`density`).
+- fleet: `drain --simulate` against real drains of a rack on an 8-host in-process cluster at
+  max-parallel 1, 2 and 5: span and downtime p50 / p99, simulated / real (`fleet_bench`).
 
 `--quick` shrinks everything so the test suite can prove the code runs; its numbers mean
 nothing.

@@ -6,7 +6,7 @@ from nodes.errors import ConfigError
 
 MiB = 1024 * 1024
 SECTIONS = ("throughput", "downtime", "dirtying", "stages", "wire", "startup", "scale",
-            "postcopy", "process", "density")
+            "postcopy", "process", "density", "fleet")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,11 @@ class BenchOptions:
     density_repeats: int = 2
     density_settle_seconds: float = 1.0         # guests running before the window opens
     density_seconds: float = 3.0                # the window CPU is measured over
+    fleet_hosts: int = 8                        # the fleet section's in-process cluster
+    fleet_host_memory_bytes: int = 96 * MiB
+    fleet_guests_per_host: int = 2
+    fleet_guest_memory_bytes: int = 8 * MiB
+    fleet_max_parallel: tuple[int, ...] = (1, 2, 5)   # the first two calibrate, the rest held
     hosts: int = 3
     host_memory_bytes: int = 640 * MiB
     sections: tuple[str, ...] = SECTIONS
@@ -51,6 +56,10 @@ class BenchOptions:
             raise ConfigError("repeats must be >= 1")
         if self.density_guests_per_host < 1 or self.density_repeats < 1:
             raise ConfigError("density guests per host and repeats must be >= 1")
+        if self.fleet_hosts < 4 or self.fleet_guests_per_host < 1 or not all(
+                1 <= v <= 1024 for v in self.fleet_max_parallel) or not self.fleet_max_parallel:
+            raise ConfigError("the fleet section needs >= 4 hosts, >= 1 guest each and "
+                              "max-parallel values 1..1024")
         if self.hosts < 2:
             raise ConfigError("the bench needs at least 2 hosts")
         if any(n < 1 for n in self.startup_hosts + self.startup_one_node_per_host_hosts):
@@ -70,7 +79,9 @@ class BenchOptions:
                     scale_guest_memory_bytes=4 * MiB,
                     wire_guest_memory_bytes=4 * MiB, process_guest_memory_bytes=4 * MiB,
                     density_guests_per_host=1, density_settle_seconds=0.1,
-                    density_seconds=0.3,
+                    density_seconds=0.3, fleet_hosts=4, fleet_host_memory_bytes=48 * MiB,
+                    fleet_guests_per_host=1, fleet_guest_memory_bytes=4 * MiB,
+                    fleet_max_parallel=(1, 2),
                     host_memory_bytes=128 * MiB, quick=True)
         return cls(**{**tiny, **overrides})
 

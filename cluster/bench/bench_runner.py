@@ -10,6 +10,7 @@ from cluster.bench.density import bench_density
 from cluster.bench.dirtying import bench_dirtying, bench_stages
 from cluster.bench.downtime import bench_downtime
 from cluster.bench.figures import Results
+from cluster.bench.fleet_bench import bench_fleet
 from cluster.bench.postcopy_bench import bench_postcopy
 from cluster.bench.process_bench import bench_process
 from cluster.bench.scale import bench_scale
@@ -25,7 +26,7 @@ _SECTIONS: dict[str, Callable] = {
     "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
     "stages": bench_stages, "wire": bench_wire, "startup": bench_startup,
     "scale": bench_scale, "postcopy": bench_postcopy, "process": bench_process,
-    "density": bench_density}
+    "density": bench_density, "fleet": bench_fleet}
 _ON_TESTBED = ("throughput", "downtime", "wire", "postcopy", "process", "density")
 
 
