@@ -21,8 +21,10 @@ waited for. So the calibration holds three things:
 
 The count is every migration of the calibrated cluster running when a migration ends (its
 own included): the in-process cluster's hosts share one machine's CPUs, so that is what
-contends there; a fleet of machines contends per host instead, which this calibration,
-made on one machine, does not know (and so overstates for a large fleet at many at once).
+contends there. A simulated fleet larger than the calibration's cluster is taken as several
+such machines (`hosts` hosts each), its migrations spread evenly over them: only that share
+of the migrations at once contends with one (`machine_share`). How a fleet of real machines
+contends, one host to a machine, this calibration made on one machine does not know.
 
 A simulated migration takes its quantile of the spread from a seeded draw (`spread_draws`,
 stratified: over N migrations every N-th part of the distribution is drawn once, in a seeded
@@ -47,11 +49,19 @@ class Calibration:
     contention: float = 0.0             # fixed downtime: + this x alone, per further one
     overhead_contention: float = 0.0    # fixed cost of a migration: the same
     downtime_spread: tuple[float, ...] = ()   # quantiles 0..1 of (fixed downtime / fit)
+    hosts: int = 0                      # of the real drains' cluster, its one machine (0: ?)
 
-    def factor(self, running: int, of_overhead: bool = False) -> float:
-        """How much the fixed part grows with `running` migrations at once (itself in)."""
+    def factor(self, running: int, of_overhead: bool = False, share: float = 1.0) -> float:
+        """How much the fixed part grows with `running` migrations at once (itself in), of
+        which `share` run on the one machine it contends on (see `machine_share`)."""
         c = self.overhead_contention if of_overhead else self.contention
-        return 1.0 + c * max(0, running - 1)
+        return 1.0 + c * max(0, running - 1) * share
+
+    def machine_share(self, fleet_hosts: int) -> float:
+        """The share of a simulated fleet's migrations that contend on one machine: the
+        calibration's machine held `hosts` hosts, so a fleet of more hosts is taken as more
+        such machines, its migrations spread over them evenly."""
+        return min(1.0, self.hosts / fleet_hosts) if self.hosts and fleet_hosts else 1.0
 
     def spread_at(self, u: float) -> float:
         """The multiple of the fit's fixed downtime at quantile `u` (1.0: no spread)."""
@@ -65,7 +75,7 @@ class Calibration:
                 "overhead_seconds": self.overhead_seconds,
                 "contention": self.contention,
                 "overhead_contention": self.overhead_contention,
-                "downtime_spread": list(self.downtime_spread)}
+                "downtime_spread": list(self.downtime_spread), "hosts": self.hosts}
 
 
 def spread_draws(count: int, seed: int) -> list[float]:
@@ -100,17 +110,18 @@ def _line(counts: Sequence[int], values: Sequence[float]) -> tuple[float, float]
 
 
 def fit_calibration(downtime_residuals: Sequence[float], overhead_residuals: Sequence[float],
-                    running: Sequence[int]) -> Calibration:
+                    running: Sequence[int], hosts: int = 0) -> Calibration:
     """The calibration from real migrations: for each, what its downtime and its run time
-    had beyond the model's at its rate (never below zero), and how many ran when it ended."""
+    had beyond the model's at its rate (never below zero), and how many ran when it ended;
+    `hosts`, how many hosts the real cluster had (on its one machine)."""
     down = [max(0.0, float(d)) for d in downtime_residuals]
     over = [max(0.0, float(o)) for o in overhead_residuals]
     alone, growth = _line(running, down)
     over_alone, over_growth = _line(running, over)
-    cal = Calibration(alone, over_alone, growth, over_growth)
+    cal = Calibration(alone, over_alone, growth, over_growth, hosts=hosts)
     if alone <= 0:
         return cal
     shape = [d / (alone * cal.factor(n)) for d, n in zip(down, running, strict=True)]
     q = np.quantile(shape, np.linspace(0.0, 1.0, SPREAD_POINTS))
     return Calibration(alone, over_alone, growth, over_growth,
-                       tuple(round(float(x), 4) for x in q))
+                       tuple(round(float(x), 4) for x in q), hosts)

@@ -188,7 +188,8 @@ def _calibrate_moves(fleet: "SimFleet", which: list[str], settings: MigrationSet
         down.append(d)
         over.append(m["schedule"]["run_seconds"] - p.total_time_seconds - max(0.0, d))
     running = [n for moves in drains for n in running_at_ends([m["schedule"] for m in moves])]
-    return fit_calibration(down, over, running)
+    hosts = {h for m in done for h in (m.get("source"), m.get("destination")) if h}
+    return fit_calibration(down, over, running, len(hosts))
 
 
 def _ran(m: dict) -> bool:
@@ -225,7 +226,8 @@ def simulate_drain(fleet: SimFleet, which: list[str], limits: Limits,
     cal = calibration or Calibration()
     topo = fleet.topology()
     drained = drained_hosts(fleet, topo, which)
-    run = _SimRun(topo, limits, settings, cal, plan(fleet, topo, drained, spread), fleet.seed)
+    run = _SimRun(topo, limits, settings, cal, plan(fleet, topo, drained, spread), fleet.seed,
+                  cal.machine_share(fleet.hosts))
     run.run()
     out = run.moves()
     stats = fleet_stats(out, run.clock.now)
@@ -246,8 +248,8 @@ class _SimRun:
     at once: at its start for its run time, at its end for its downtime)."""
 
     def __init__(self, topo: Topology, limits: Limits, settings: MigrationSettings,
-                 cal: Calibration, moves: list, seed: int):
-        self.clock, self.settings, self.cal = _Clock(), settings, cal
+                 cal: Calibration, moves: list, seed: int, share: float = 1.0):
+        self.clock, self.settings, self.cal, self.share = _Clock(), settings, cal, share
         self.sched = MigrationScheduler(topo, limits, clock=self.clock, keep_ended=None)
         group = self.sched.open_group(Limits(), name="simulated")
         self.plan = moves
@@ -267,8 +269,9 @@ class _SimRun:
         """What the calibration adds beyond the model's own (which holds resume_seconds)."""
         cal = self.cal
         if of_overhead:
-            return cal.overhead_seconds * cal.factor(running, True)
-        return cal.resume_seconds * (cal.spread_at(self.draw[mid]) * cal.factor(running) - 1)
+            return cal.overhead_seconds * cal.factor(running, True, self.share)
+        return cal.resume_seconds * (cal.spread_at(self.draw[mid])
+                                     * cal.factor(running, share=self.share) - 1)
 
     def step(self) -> None:
         """Newly started migrations predicted at their rate; those whose rate changed

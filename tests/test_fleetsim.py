@@ -133,3 +133,27 @@ def test_spread_draws_cover_the_distribution_once_each():
     a, b = spread_draws(50, 7), spread_draws(50, 8)
     assert a == spread_draws(50, 7) and a != b
     assert sorted(int(u * 50) for u in a) == list(range(50)), "one in every fiftieth"
+
+
+def test_calibrate_from_drain_files_on_the_command_line(tmp_path, capsys):
+    """`--calibrate` twice (drains at one and at two at once, as `drain --output` writes
+    them: stats and moves): the simulation carries the growth and the spread."""
+    from cluster.fleetcalibration import Calibration
+    truth = Calibration(0.01, 0.2, 0.8, 0.3, tuple(0.5 + 0.1 * k for k in range(21)))
+    fleet = SimFleet(hosts=8, racks=2, guests_per_host=4, guest_memory_bytes=32 * MiB,
+                     workload=WorkloadSpec("uniform", 1500, fill="random"),
+                     host_link_bytes_per_second=64 * MiB, uplink_bytes_per_second=32 * MiB,
+                     seed=1, rate_spread=0.0)
+    paths = []
+    for p in (1, 2):
+        r = simulate_drain(fleet, ["rack-0"], Limits(max_parallel=p, max_outbound_per_host=2),
+                           calibration=truth)
+        paths += ["--calibrate", str(tmp_path / f"d{p}.json")]
+        (tmp_path / f"d{p}.json").write_text(json.dumps(r))
+    rc = main(["drain", "--simulate", "--hosts", "8", "--racks", "2", "--guests-per-host", "4",
+               "--guest-memory", "32MiB", "--dirty-rate", "1500", "--host-link", "64MiB",
+               "--uplink", "32MiB", "--max-parallel", "2", "--json", *paths, "rack-0"])
+    assert rc == 0
+    cal = json.loads(capsys.readouterr().out)["calibration"]
+    assert cal["contention"] > 0.3 and cal["hosts"] == 8
+    assert cal["downtime_spread"][-1] > cal["downtime_spread"][0]

@@ -30,8 +30,8 @@ class SimReport:
         return self.result
 
 
-def _real_stats(path: str) -> dict:
-    """The fleet statistics of a real drain's JSON (`drain --output`)."""
+def _real_drain(path: str) -> dict:
+    """A real drain's JSON (`drain --output`): its fleet statistics and its moves."""
     from pathlib import Path
 
     from nodes.errors import ConfigError
@@ -46,7 +46,11 @@ def _real_stats(path: str) -> dict:
         raise ConfigError(f"{path} is not JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("stats"), dict):
         raise ConfigError(f"{path} is not a drain's JSON (`migbed drain --output`): no stats")
-    return data["stats"]
+    if not isinstance(data.get("moves", []), list):
+        raise ConfigError(f"{path} is not a drain's JSON (`migbed drain --output`): its "
+                          "moves are not a list")
+    data["moves"] = [m for m in data.get("moves", []) if isinstance(m, dict)]
+    return data
 
 
 def cmd_drain_simulated(args: argparse.Namespace, limits: Limits, settings) -> int:
@@ -73,8 +77,9 @@ def cmd_drain_simulated(args: argparse.Namespace, limits: Limits, settings) -> i
     cal = None
     if args.calibrate:
         from cluster.fleetsim import calibrate
-        cal = calibrate(fleet, args.hosts, limits, _real_stats(args.calibrate), settings,
-                        args.spread)
+        real = [_real_drain(path) for path in args.calibrate]
+        cal = calibrate(fleet, args.hosts, limits, real[0]["stats"], settings, args.spread,
+                        real_drains=[d["moves"] for d in real if d["moves"]])
     result = simulate_drain(fleet, args.hosts, limits, settings, args.spread, cal)
     result["planning_seconds"] = time.monotonic() - t0
     report = SimReport(result)
@@ -199,9 +204,11 @@ def add_simulate_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--from", dest="from_file", default=None, metavar="FILE.toml",
                    help="the simulated guests from a `create --from` file (hosts host-0.."
                         "host-N-1) instead of --guests-per-host alike")
-    g.add_argument("--calibrate", default=None, metavar="DRAIN.json",
+    g.add_argument("--calibrate", default=None, action="append", metavar="DRAIN.json",
                    help="calibrate the model from a real drain of the same fleet (its "
-                        "`drain --output`): its fixed downtime and per-migration cost")
+                        "`drain --output`): its fixed downtime and per-migration cost, "
+                        "their spread and growth with migrations at once (again for more "
+                        "drains, e.g. at --max-parallel 1 and 2)")
     g.add_argument("--hosts", dest="hosts_count", type=arg(parse_count, "--hosts", 2, 100_000),
                    default=32, metavar="N", help="hosts in the simulated fleet (default 32)")
     g.add_argument("--guests-per-host", type=arg(parse_count, "--guests-per-host", 0, 10_000),
