@@ -56,34 +56,49 @@ class SchedulerHandle:
 
 def local_scheduler(hosts: dict, topology: Topology | None = None) -> SchedulerHandle:
     """A scheduler in this process that tells the testbed's `hosts` their senders' rates."""
-    def push(source: str, mid: str, rate: float | None) -> None:
-        h = hosts.get(source)
+    def tell(host: str, method: str, *args: Any) -> None:
+        h = hosts.get(host)
         if h is None:
             return
         if hasattr(h, "actor"):
-            h.call_async("set_migration_rate", mid, rate)   # fire and forget
+            h.call_async(method, *args)                     # fire and forget
         else:
-            h.call("set_migration_rate", mid, rate)
-    return SchedulerHandle(MigrationScheduler(topology, push=push), remote=False)
+            h.call(method, *args)
+
+    def push(source: str, mid: str, rate: float | None) -> None:
+        tell(source, "set_migration_rate", mid, rate)
+
+    def push_queue(host: str, counts: dict) -> None:
+        tell(host, "set_queue_counts", counts)
+    return SchedulerHandle(MigrationScheduler(topology, push=push, push_queue=push_queue),
+                           remote=False)
 
 
 class RemoteScheduler(MigrationScheduler):
     """The scheduler as the cluster's actor: it reaches the host actors by name."""
 
     def __init__(self, topology: dict | None = None, namespace: str = "migbed"):
-        super().__init__(Topology.from_dict(topology), push=self._push)
+        super().__init__(Topology.from_dict(topology), push=self._push,
+                         push_queue=self._push_queue)
         self._namespace = namespace
         self._actors: dict[str, Any] = {}
 
-    def _push(self, source: str, mid: str, rate: float | None) -> None:
+    def _actor(self, name: str) -> Any:
         import ray
-        actor = self._actors.get(source)
+        actor = self._actors.get(name)
         if actor is None:
-            actor = self._actors[source] = ray.get_actor(source, namespace=self._namespace)
-        actor.set_migration_rate.remote(mid, rate)
+            actor = self._actors[name] = ray.get_actor(name, namespace=self._namespace)
+        return actor
+
+    def _push(self, source: str, mid: str, rate: float | None) -> None:
+        self._actor(source).set_migration_rate.remote(mid, rate)
+
+    def _push_queue(self, host: str, counts: dict) -> None:
+        self._actor(host).set_queue_counts.remote(counts)
 
     def forget_host(self, name: str) -> None:
         self._actors.pop(name, None)
+        super().forget_host(name)
 
     def ping(self) -> str:
         return ACTOR_NAME

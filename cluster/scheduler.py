@@ -139,14 +139,18 @@ def schedule_lines(schedule: dict | None) -> list[str]:
 
 
 Push = Callable[[str, str, float | None], None]      # (source host, migration id, rate)
+PushQueue = Callable[[str, dict], None]              # (host, its queue counts)
+QUEUE_COUNTS = ("queued_outgoing", "running_outgoing", "queued_incoming", "running_incoming")
 
 
 class MigrationScheduler:
     def __init__(self, topology: Topology | None = None, limits: Limits | None = None,
                  push: Push | None = None, clock: Callable[[], float] = time.time,
-                 keep_ended: int | None = KEEP_ENDED):
+                 keep_ended: int | None = KEEP_ENDED, push_queue: PushQueue | None = None):
         """`clock`: the wall clock, or a simulation's (`cluster.fleetsim`); `keep_ended`:
-        how many ended entries to keep (None: all, as a simulation reads them back)."""
+        how many ended entries to keep (None: all, as a simulation reads them back);
+        `push_queue(host, counts)`: each host's queued and running migrations, in and out,
+        whenever they change (its live gauges, `nodes.host.collectors`)."""
         self.topology = topology or Topology()
         self.limits = limits or Limits()
         self.push = push
@@ -159,6 +163,9 @@ class MigrationScheduler:
         self._ended: collections.deque = collections.deque()
         self._moving: dict[str, str] = {}          # guest -> its queued or running entry
         self._cond = threading.Condition()
+        self.push_queue = push_queue
+        self._counts_pushed: dict[str, dict] = {}  # host -> the counts it was last told
+        self._push_lock = threading.Lock()
 
     # -- configuration ----------------------------------------------------------------------
     def set_limits(self, limits: Limits) -> dict:
@@ -173,7 +180,10 @@ class MigrationScheduler:
             self.topology = topology
 
     def forget_host(self, name: str) -> None:
-        """`name` was restarted: a handle on its old self is stale (see RemoteScheduler)."""
+        """`name` was restarted: a handle on its old self is stale (see RemoteScheduler),
+        and its fresh self has not been told its queue."""
+        with self._cond:
+            self._counts_pushed.pop(name, None)
 
     def open_group(self, limits: Limits | None = None, name: str | None = None) -> str:
         """A group of migrations with limits of its own on top of the cluster's (a drain)."""
@@ -245,7 +255,9 @@ class MigrationScheduler:
                 self._ended.append(mid)
                 self._moving.pop(e.guest, None)
                 self._cond.notify_all()
-            return e.to_dict(self.topology, self.clock())
+            out = e.to_dict(self.topology, self.clock())
+        self._send([])
+        return out
 
     def cancel_group(self, group: str) -> list[str]:
         """Cancel every queued migration of `group` (Ctrl-C of a drain); returns their ids."""
@@ -343,7 +355,30 @@ class MigrationScheduler:
                 pushes.append((e.source, e.id, None if want == UNLIMITED else want))
         return pushes
 
+    def _queue_counts(self) -> list[tuple[str, dict]]:
+        """The hosts whose queue counts changed since they were told, with their counts."""
+        counts: dict[str, dict] = {h: dict.fromkeys(QUEUE_COUNTS, 0)
+                                   for h in self._counts_pushed}
+        for ids, state in ((self._queue, "queued"), (self._running, "running")):
+            for mid in ids:
+                e = self._entries[mid]
+                for host, way in ((e.source, "outgoing"), (e.destination, "incoming")):
+                    counts.setdefault(host, dict.fromkeys(QUEUE_COUNTS, 0))
+                    counts[host][f"{state}_{way}"] += 1
+        changed = [(h, c) for h, c in counts.items() if self._counts_pushed.get(h) != c]
+        self._counts_pushed.update(changed)
+        return changed
+
     def _send(self, pushes: list[tuple[str, str, float | None]]) -> None:
+        if self.push_queue is not None:
+            with self._push_lock:                # counts reach each host in order
+                with self._cond:
+                    changed = self._queue_counts()
+                for host, counts in changed:
+                    try:
+                        self.push_queue(host, counts)
+                    except Exception:  # noqa: BLE001 - a dead host: nothing to show it on
+                        continue
         if self.push is None:
             return
         for source, mid, rate in pushes:

@@ -80,6 +80,27 @@ def test_host_exports_its_live_state(in_process):
     promtool_lint(s.text)
 
 
+def test_hosts_serve_the_schedulers_queue_live(in_process):
+    """The cluster scheduler's queue per host, as gauges on each host's own /metrics."""
+    from cluster.scheduler import Limits
+    tb = in_process(hosts=3, host_memory_bytes=64 * MiB)
+    sched = tb.scheduler
+    sched.call("set_limits", Limits(max_parallel=1))
+    first = sched.call("submit", "g0", "host-0", "host-1")
+    second = sched.call("submit", "g1", "host-0", "host-2")
+    s0 = Samples(scrape(tb.hosts["host-0"].service.metrics_endpoint()))
+    s2 = Samples(scrape(tb.hosts["host-2"].service.metrics_endpoint()))
+    assert s0.get("migbed_scheduler_migrations", direction="outgoing", state="running") == 1
+    assert s0.get("migbed_scheduler_migrations", direction="outgoing", state="queued") == 1
+    assert s2.get("migbed_scheduler_migrations", direction="incoming", state="queued") == 1
+    promtool_lint(s0.text)
+    sched.call("cancel", second)
+    sched.call("finish", first, "completed")
+    s0 = Samples(scrape(tb.hosts["host-0"].service.metrics_endpoint()))
+    assert s0.has("migbed_scheduler_migrations", direction="outgoing", state="queued")
+    assert s0.get("migbed_scheduler_migrations") == 0
+
+
 def test_hosts_without_a_port_serve_nothing():
     service = HostService(HostConfig(memory_bytes=32 * MiB))
     try:

@@ -134,6 +134,32 @@ def test_the_scheduler_pushes_each_senders_share():
     assert share["host-1/out"] is None and 0.5 <= share["rack-0/up"] <= 1.0
 
 
+def test_the_scheduler_tells_each_host_its_queue():
+    """Every change of a host's queued and running migrations, in and out, reaches it (its
+    live gauges); a restarted host is told again at the next change."""
+    told: dict = {}
+    sched = MigrationScheduler(Topology(), Limits(max_parallel=1),
+                               push_queue=lambda h, c: told.__setitem__(h, dict(c)))
+    a = sched.submit("a", "host-0", "host-1")
+    b = sched.submit("b", "host-0", "host-2")
+    c = sched.submit("c", "host-3", "host-1")
+    assert told["host-0"] == {"queued_outgoing": 1, "running_outgoing": 1,
+                              "queued_incoming": 0, "running_incoming": 0}
+    assert told["host-1"]["running_incoming"] == 1 and told["host-1"]["queued_incoming"] == 1
+    sched.cancel(b)
+    assert told["host-0"]["queued_outgoing"] == 0 and told["host-2"]["queued_incoming"] == 0
+    sched.finish(a, "completed")
+    assert told["host-0"]["running_outgoing"] == 0
+    assert told["host-3"]["running_outgoing"] == 1, "c started once a ended"
+    del told["host-1"]
+    sched.forget_host("host-1")                 # restarted: a fresh host knows nothing
+    sched.submit("d", "host-0", "host-2")       # a change elsewhere: host-1 is told again
+    assert told["host-1"]["running_incoming"] == 1
+    sched.finish(c, "completed")
+    assert told["host-3"] == dict.fromkeys(told["host-3"], 0)
+    assert told["host-0"]["running_outgoing"] == 1, "d started once c ended"
+
+
 @pytest.mark.inprocess
 def test_evacuation_under_limits_goes_through_the_queue(in_process):
     tb = in_process(hosts=4, host_memory_bytes=64 * MiB)

@@ -135,6 +135,7 @@ class HostCollector:
     @staticmethod
     def _migrations(host: str, m: ScrapedMetrics) -> Iterator[Metric]:
         yield from _migration_counts(host, m.host.migration_counts)
+        yield from _queue(host, m.host.queue_counts)
         with m.lock:
             outgoing = list(m.outgoing.values())
             incoming = list(m.incoming.values())
@@ -181,6 +182,21 @@ def _migration_counts(host: str, counts: dict) -> Iterator[Metric]:
     for status in ENDED:
         ended.add_metric([host, status], counts.get(status, 0))
     yield ended
+
+
+def _queue(host: str, counts: dict) -> Iterator[Metric]:
+    """The cluster scheduler's queue as it concerns this host, as the scheduler last told it
+    (nothing until it has)."""
+    if not counts:
+        return
+    fam = GaugeMetricFamily("migbed_scheduler_migrations", "Migrations in the cluster "
+                            "scheduler's queue with this host as source (outgoing) or "
+                            "destination (incoming), waiting (queued) or running.",
+                            labels=["host", "direction", "state"])
+    for key, n in sorted(counts.items()):
+        state, _, direction = key.partition("_")
+        fam.add_metric([host, direction, state], n)
+    yield fam
 
 
 _RUNNING_GAUGES = {

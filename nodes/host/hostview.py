@@ -22,3 +22,4 @@ class HostView(Protocol):
     vcpus: dict[str, VCPU | ProcessVCPU]    # guest -> its vCPUs (an arriving guest has none)
     incoming: dict[str, Receiver]           # migration id -> its receiver here
     migration_counts: dict[str, int]        # started, and ended by status, as a source
+    queue_counts: dict[str, int]            # the scheduler's queue here (`pacedrates`)

@@ -5,7 +5,8 @@ crosses, `cluster.fairshare`), and the sender paces itself at it from then on.
 The rate may arrive before the sender's link is up (the scheduler sets it the moment the
 migration starts), or while it runs; either way it is kept and applied to the link as soon
 as there is one (`SourceFaults.on_attach`). Each sender paces on its own, so this holds
-between processes and machines, where one shared pacer could not.
+between processes and machines, where one shared pacer could not. The scheduler also tells
+each host its share of the queue (`set_queue_counts`), which its /metrics serves live.
 """
 
 import collections
@@ -40,6 +41,16 @@ class PacedRates:
                 faults.link.set_link_rate(bytes_per_second)
                 return True
             return False
+
+    def set_queue_counts(self, counts: dict) -> None:
+        """The scheduler's queue as it concerns this host: its migrations queued and
+        running, outgoing and incoming (`cluster.scheduler.QUEUE_COUNTS`), for its gauges."""
+        self.__dict__["_queue_counts"] = {str(k): int(v) for k, v in dict(counts).items()}
+
+    @property
+    def queue_counts(self) -> dict[str, int]:
+        """What `set_queue_counts` last said (empty: never told)."""
+        return dict(self.__dict__.get("_queue_counts", {}))
 
     def pace_sender(self, migration_id: str, faults) -> None:
         """A sender is made: its link takes the rate set for it, now or once it is up."""
