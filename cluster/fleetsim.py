@@ -270,8 +270,7 @@ class _SimRun:
         cal = self.cal
         if of_overhead:
             return cal.overhead_seconds * cal.factor(running, True, self.share)
-        return cal.resume_seconds * (cal.spread_at(self.draw[mid])
-                                     * cal.factor(running, share=self.share) - 1)
+        return cal.fixed_downtime(self.draw[mid], running, self.share) - cal.resume_seconds
 
     def step(self) -> None:
         """Newly started migrations predicted at their rate; those whose rate changed
