@@ -6,8 +6,8 @@ last dirty pages sent while the guest is paused. A real migration also pays fixe
 model leaves out: in its downtime the pause and resume, the hand-over's round trips, the
 stop-and-copy's own bookkeeping; in its total time setup, verification and cleanup. On a real
 cluster these are not one number. Measured on this 2-core machine (8 in-process hosts, one
-migration at a time, the same guest and rate): the fixed downtime ran 6-45 ms around a median
-of 18 ms, and with two migrations at once its median doubled, as the second migration's
+migration at a time, the same guest and rate): the fixed downtime ran 5-50 ms around a median
+of 19 ms, and with two migrations at once its median doubled, as the second migration's
 threads took the cores (and, in one process, the interpreter) the first one's hand-over
 waited for. So the calibration holds three things:
 
