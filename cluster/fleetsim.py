@@ -345,4 +345,12 @@ def summary(result: dict) -> str:
             + (f"racks, {f['guests_from_file']} guests from a file" if f.get("guests_from_file")
                else f"racks, {f['guests_per_host']} guests each")
             + f", seed {f['seed']})")
-    return "\n".join([head, *summary_lines(result["stats"])])
+    c = result.get("calibration") or {}
+    cal = []
+    if c.get("resume_seconds") or c.get("overhead_seconds"):
+        spread = c.get("downtime_spread") or [1.0]
+        cal = [f"  calibrated: +{c['resume_seconds'] * 1000:.1f} ms downtime alone "
+               f"({spread[0]:.2f}-{spread[-1]:.2f}x of it), +{c['overhead_seconds']:.2f} s a "
+               f"migration; +{c.get('contention', 0) * 100:.0f} % / "
+               f"+{c.get('overhead_contention', 0) * 100:.0f} % per further one at once"]
+    return "\n".join([head, *cal, *summary_lines(result["stats"])])
