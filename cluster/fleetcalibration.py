@@ -17,7 +17,8 @@ waited for. So the calibration holds three things:
   each further migration adds that fraction of the alone value, a line fitted through the
   median at each count seen; 0 when the real drains ran at one count only);
 - the spread of the fixed downtime about its median (`downtime_spread`: its quantiles, as
-  multiples of the alone value, measured on the migrations that ran alone), the tail of a
+  multiples of the alone value, measured on the migrations that ran alone all along: one
+  that ended alone after sharing the machine carries the sharing's cost), the tail of a
   loaded machine. The spread adds to the growth, it is not scaled by it: a migration's fixed
   downtime is alone x (growth factor + its spread - 1). Scaled (the tail doubling with the
   median at two at once), the simulated p99 at two at once came out 1.17-1.81x three real
@@ -104,6 +105,13 @@ def running_at_ends(schedules: Sequence[dict]) -> list[int]:
     return [sum(1 for a, b in spans if a < end <= b) or 1 for _, end in spans]
 
 
+def ran_alone(schedules: Sequence[dict]) -> list[bool]:
+    """For each schedule entry, whether no other of `schedules` ran at any time it ran."""
+    spans = [(s["started_at"], s["ended_at"]) for s in schedules]
+    return [not any(a < end and b > start for j, (a, b) in enumerate(spans) if j != i)
+            for i, (start, end) in enumerate(spans)]
+
+
 def _line(counts: Sequence[int], values: Sequence[float]) -> tuple[float, float]:
     """(value alone, growth per further migration as a fraction of it): a line through the
     median value at each count (weighted by how many had it), the alone value its intercept
@@ -122,10 +130,12 @@ def _line(counts: Sequence[int], values: Sequence[float]) -> tuple[float, float]
 
 
 def fit_calibration(downtime_residuals: Sequence[float], overhead_residuals: Sequence[float],
-                    running: Sequence[int], hosts: int = 0) -> Calibration:
+                    running: Sequence[int], hosts: int = 0,
+                    lone: Sequence[bool] | None = None) -> Calibration:
     """The calibration from real migrations: for each, what its downtime and its run time
-    had beyond the model's at its rate (never below zero), and how many ran when it ended;
-    `hosts`, how many hosts the real cluster had (on its one machine)."""
+    had beyond the model's at its rate (never below zero), how many ran when it ended, and
+    whether it ran alone all along (`lone`; None: when one ran at its end); `hosts`,
+    how many hosts the real cluster had (on its one machine)."""
     down = [max(0.0, float(d)) for d in downtime_residuals]
     over = [max(0.0, float(o)) for o in overhead_residuals]
     alone, growth = _line(running, down)
@@ -133,7 +143,9 @@ def fit_calibration(downtime_residuals: Sequence[float], overhead_residuals: Seq
     cal = Calibration(alone, over_alone, growth, over_growth, hosts=hosts)
     if alone <= 0:
         return cal
-    alone_ones = [d for d, n in zip(down, running, strict=True) if n == 1]
+    if lone is None:
+        lone = [n == 1 for n in running]
+    alone_ones = [d for d, a in zip(down, lone, strict=True) if a]
     if len(alone_ones) >= MIN_ALONE:
         shape = [d / alone for d in alone_ones]
     else:                  # none ran alone: each less its growth, as if it had

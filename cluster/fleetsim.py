@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from cluster.fairshare import UNLIMITED, Topology
-from cluster.fleetcalibration import Calibration, fit_calibration, running_at_ends, spread_draws
+from cluster.fleetcalibration import (
+    Calibration,
+    fit_calibration,
+    ran_alone,
+    running_at_ends,
+    spread_draws,
+)
 from cluster.fleetstats import fleet_stats, summary_lines
 from cluster.model import predict
 from cluster.scheduler import Limits, MigrationScheduler
@@ -188,8 +194,9 @@ def _calibrate_moves(fleet: "SimFleet", which: list[str], settings: MigrationSet
         down.append(d)
         over.append(m["schedule"]["run_seconds"] - p.total_time_seconds - max(0.0, d))
     running = [n for moves in drains for n in running_at_ends([m["schedule"] for m in moves])]
+    alone = [a for moves in drains for a in ran_alone([m["schedule"] for m in moves])]
     hosts = {h for m in done for h in (m.get("source"), m.get("destination")) if h}
-    return fit_calibration(down, over, running, len(hosts))
+    return fit_calibration(down, over, running, len(hosts), alone)
 
 
 def _ran(m: dict) -> bool:
