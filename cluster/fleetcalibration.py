@@ -22,7 +22,7 @@ waited for. So the calibration holds three things:
   loaded machine. The spread adds to the growth, it is not scaled by it: a migration's fixed
   downtime is alone x (growth factor + its spread - 1). Scaled (the tail doubling with the
   median at two at once), the simulated p99 at two at once came out 1.17-1.81x three real
-  sweeps'; added, 0.75-1.31x, while the median grows as fitted: the tail is the machine's
+  sweeps'; added, 0.67-1.32x over four, while the median grows as fitted: the tail is the machine's
   hiccups (a thread waiting out another's time slice), which do not grow with the work.
 
 The count is every migration of the calibrated cluster running when a migration ends (its
