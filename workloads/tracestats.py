@@ -1,0 +1,94 @@
+"""What a trace says about its program: the dirty rate over time, the writable working set
+curve, and the content figures (`migbed trace info`, and the replay's fidelity check).
+
+Why here, beside the format: the same figures are computed on a recording and on a replay's
+kernel log, so both sides must use one definition. The writable working set curve is the
+simple one of Clark et al.: for a window of w seconds, the mean number of distinct pages
+written in the trace's windows of that length (non-overlapping, aligned to its intervals).
+(The `measure` helper's WSS module may replace this; the definition is the same.)
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from workloads.tracefile import Trace
+
+# The content figures: the trace's sampled pages, as zero-page detection, compression and
+# XBZRLE see them.
+
+
+@dataclass(frozen=True)
+class ContentFigures:
+    sampled_pages: int
+    zero_fraction: float                 # sampled pages that were all zero
+    compression_ratio: float             # page bytes / zstd-compressed bytes, non-zero pages
+    xbzrle_samples: int                  # samples with an earlier sample of the same page
+    xbzrle_delta_bytes: float            # mean XBZRLE encoding of the change, those samples
+    xbzrle_overflow_fraction: float      # of those, changes too big to encode (sent whole)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def content_figures(trace: Trace) -> ContentFigures:
+    s, page = trace.samples, trace.page_size
+    if not len(s):
+        return ContentFigures(0, 0.0, 1.0, 0, 0.0, 0.0)
+    zero = s["zero"].astype(bool)
+    nz = s[~zero]
+    ratio = (len(nz) * page / max(int(nz["compressed_bytes"].sum()), 1)) if len(nz) else 1.0
+    d = s["delta_bytes"][s["delta_bytes"] >= 0].astype(np.int64)
+    over = int((d > page).sum())
+    return ContentFigures(len(s), float(zero.mean()), float(ratio), len(d),
+                          float(np.minimum(d, page).mean()) if len(d) else 0.0,
+                          over / len(d) if len(d) else 0.0)
+
+
+def rate_series(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """(interval end times in seconds, pages written per second in each interval)."""
+    t = trace.times_seconds
+    widths = np.diff(t, prepend=0.0)
+    widths[widths <= 0] = trace.interval_seconds
+    return t, trace.counts / widths
+
+
+def window_intervals(trace: Trace) -> list[int]:
+    """Window lengths (in intervals) of the WSS curve: 1, 2, 4, ... up to the trace."""
+    n = len(trace.counts)
+    return [1 << k for k in range(max(int(math.log2(n)) + 1, 1))] if n else []
+
+
+def wss_curve(trace: Trace, windows: list[int] | None = None) -> list[tuple[float, float]]:
+    """[(window seconds, mean distinct pages written in such a window)]."""
+    windows = window_intervals(trace) if windows is None else windows
+    o, pages, n = trace.offsets, trace.pages, len(trace.counts)
+    out = []
+    for w in windows:
+        sizes = [len(np.unique(pages[o[a]:o[min(a + w, n)]])) for a in range(0, n - w + 1, w)]
+        out.append((w * trace.interval_seconds, float(np.mean(sizes)) if sizes else 0.0))
+    return out
+
+
+def distinct_pages(trace: Trace) -> int:
+    return len(np.unique(trace.pages))
+
+
+def summary(trace: Trace) -> dict:
+    """Everything `trace info` prints, as plain values."""
+    h = trace.header
+    t, rate = rate_series(trace)
+    return {
+        "program": h["program"], "argv": h["argv"], "machine": h["machine"],
+        "recorded_at": h["recorded_at"], "ended": h["ended"], "children": h["children"],
+        "interval_seconds": trace.interval_seconds,
+        "duration_seconds": trace.duration_seconds, "intervals": len(trace.counts),
+        "page_size": trace.page_size, "page_writes": int(trace.counts.sum()),
+        "pages_touched": distinct_pages(trace),
+        "dirty_rate_pages_per_second": {
+            "mean": float(trace.counts.sum() / max(trace.duration_seconds, 1e-9)),
+            "peak": float(rate.max()) if len(rate) else 0.0},
+        "wss_curve": [{"window_seconds": w, "pages": p} for w, p in wss_curve(trace)],
+        "content": content_figures(trace).to_dict(),
+    }
