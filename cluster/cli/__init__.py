@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from cluster.cli import experiments, faults, guests, lifecycle, migrate, reports
 from cluster.cli import postcopy_commands as postcopy
 from cluster.cli import top_command as top
+from cluster.cli import trace_commands as trace
 from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, UsageError
 from nodes.errors import MigbedError
 
 COMMAND_MODULES = (lifecycle, guests, top, migrate, postcopy, reports, experiments,
-                   faults)                                       # in `--help`'s order
+                   faults, trace)                                       # in `--help`'s order
 
 
 def build_parser() -> Parser:
