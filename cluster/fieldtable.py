@@ -31,7 +31,7 @@ from nodes.migration.guestinfo import MAX_VCPUS, VCPU_KINDS
 from nodes.units import parse_count, parse_fraction, parse_positive_size
 from nodes.xen.profiles import Mode
 from workloads.content import FILLS
-from workloads.spec import PATTERNS, parse_rate
+from workloads.spec import WORKLOAD_KINDS, parse_rate
 
 
 def read_dirty_rate(v: Any, what: str) -> float:
@@ -50,6 +50,23 @@ def read_mode(v: Any, what: str) -> str:
 
 def read_seed(v: Any, what: str) -> int:
     return parse_count(v, what)
+
+
+def read_speed(v: Any, what: str) -> float:
+    try:
+        speed = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: give a speed factor such as 2 (twice as fast), got "
+                          f"{v!r}") from None
+    if not 0 < speed < 1e6:
+        raise ConfigError(f"{what} must be > 0 (1: as recorded), got {v!r}")
+    return speed
+
+
+def read_bytes(v: Any, what: str) -> bytes:
+    if not isinstance(v, bytes):
+        raise ConfigError(f"{what} must be bytes, got {type(v).__name__}")
+    return v
 
 
 def read_vcpu_kind(v: Any, what: str) -> str:
@@ -86,7 +103,7 @@ GUEST_FIELDS: tuple[Field, ...] = (
 # The workload (`WorkloadSpec`, and a scenario's [workload]).
 WORKLOAD_FIELDS: tuple[Field, ...] = (
     Field("pattern", "workload", "idle", read_string, "memory workload: {choices}",
-          flag="--workload", toml="pattern", metavar="PATTERN", choices=PATTERNS,
+          flag="--workload", toml="pattern", metavar="PATTERN", choices=WORKLOAD_KINDS,
           label="workload", aliases=("--pattern",)),
     Field("rate_pages_per_second", "workload", "max", read_dirty_rate,
           "page writes per second, or max (as fast as it can; idle writes nothing, scan "
@@ -114,6 +131,19 @@ WORKLOAD_FIELDS: tuple[Field, ...] = (
           "what the guest's memory holds before the workload starts: {choices} (zero: as a "
           "fresh guest)", flag="--fill", toml="fill", metavar="CONTENT", choices=FILLS,
           label="memory content"),
+    Field("trace", "workload", "", read_string,
+          "trace: the recorded trace to replay, a file or a shipped trace's name (`migbed "
+          "trace list`); the guest's memory is sized from it unless given",
+          flag="--trace", toml="trace", metavar="FILE|NAME", label="trace"),
+    Field("trace_speed", "workload", 1.0, read_speed,
+          "trace: replay this many times as fast as recorded", flag="--trace-speed",
+          toml="trace_speed", metavar="X", label="trace speed (x)"),
+    Field("trace_loop", "workload", False, read_flag,
+          "trace: start the trace again when it ends (else the guest idles)",
+          flag="--trace-loop", toml="trace_loop"),
+    Field("trace_bytes", "workload", b"", read_bytes,
+          "trace: the trace's bytes, read from --trace when the spec is made (so they "
+          "travel with the guest)"),
 )
 
 # The CLI's own: where a command's results go.

@@ -30,7 +30,8 @@ import math
 import numpy as np
 
 from workloads.guest import Guest
-from workloads.spec import PATTERNS, WorkloadSpec
+from workloads.spec import WORKLOAD_KINDS, WorkloadSpec
+from workloads.tracereplay import TraceWorkload
 from workloads.workload import Workload
 
 
@@ -169,9 +170,10 @@ class ScanWorkload(SequentialWorkload):
 
 WORKLOAD_CLASSES: dict[str, type[Workload]] = {
     cls.pattern: cls for cls in (IdleWorkload, UniformWorkload, HotsetWorkload,
-                                 SequentialWorkload, PhasedWorkload, ScanWorkload)
+                                 SequentialWorkload, PhasedWorkload, ScanWorkload,
+                                 TraceWorkload)
 }
-assert set(WORKLOAD_CLASSES) == set(PATTERNS)
+assert set(WORKLOAD_CLASSES) == set(WORKLOAD_KINDS)
 
 
 def hot_pages(spec: WorkloadSpec, data_pages: int) -> int:

@@ -33,6 +33,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -273,9 +274,16 @@ def trace_path(name_or_path: str) -> Path:
 
 
 def read_trace_bytes(name_or_path: str, max_bytes: int = 64 << 20) -> bytes:
-    """The bytes of a trace file (by shipped name or path), bounded and checked to decode."""
+    """The bytes of a trace file (by shipped name or path), bounded and checked to decode
+    (once per file version: a sweep makes many specs of one trace)."""
     path = trace_path(name_or_path)
-    size = path.stat().st_size
+    st = path.stat()
+    return _read_checked(str(path), st.st_mtime_ns, st.st_size, max_bytes)
+
+
+@lru_cache(maxsize=16)
+def _read_checked(path_text: str, _mtime_ns: int, size: int, max_bytes: int) -> bytes:
+    path = Path(path_text)
     if size > max_bytes:
         raise TraceFormatError(f"{path} is {size} bytes; a trace file may be at most "
                                f"{max_bytes}")

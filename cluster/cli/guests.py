@@ -2,7 +2,14 @@
 
 import argparse
 
-from cluster.cli.options import Commands, add_field, add_workload_options, arg, workload_from
+from cluster.cli.options import (
+    Commands,
+    UsageError,
+    add_field,
+    add_workload_options,
+    arg,
+    workload_from,
+)
 from cluster.fieldtable import field_named
 from nodes.units import format_bytes
 
@@ -11,8 +18,12 @@ def cmd_create(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
     from nodes.host.vcpus import check_process_guest
-    spec = GuestSpec(name=args.name, memory_bytes=args.memory, mode=args.mode, dma=args.dma,
-                     workload=workload_from(args), vcpu=args.vcpu, vcpus=args.vcpus)
+    workload = workload_from(args)
+    if args.memory is None and workload.pattern != "trace":
+        raise UsageError("the following arguments are required: --memory (see `migbed create "
+                         "--help`)")
+    spec = GuestSpec(name=args.name, memory_bytes=args.memory or 0, mode=args.mode,
+                     dma=args.dma, workload=workload, vcpu=args.vcpu, vcpus=args.vcpus)
     check_process_guest(spec.vcpu)
     d = Testbed.attach().create(args.host, spec)
     print(f"created {d['name']} on {args.host}: {format_bytes(d['memory_bytes'])}, mode "
@@ -42,9 +53,10 @@ def register(sub: Commands) -> None:
     s.add_argument("host")
     s.add_argument("name")
     memory = field_named("guest_memory_bytes")
-    s.add_argument("--memory", memory.flag, dest="memory", required=True,
+    s.add_argument("--memory", memory.flag, dest="memory", default=None,
                    type=arg(memory.read, "--memory"), metavar=memory.metavar,
-                   help=f"{memory.help}, e.g. 64MiB")
+                   help=f"{memory.help}, e.g. 64MiB (required, but for --workload trace: "
+                        "sized from the trace)")
     add_field(s, field_named("mode"))
     add_field(s, field_named("dma"))
     add_field(s, field_named("vcpu"))

@@ -71,8 +71,12 @@ def _migrate_one_shot(args: argparse.Namespace, settings) -> int:
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
     from nodes.host.vcpus import check_process_guest
-    spec = GuestSpec(name=ONE_SHOT_GUEST, memory_bytes=args.guest_memory, mode=args.mode,
-                     workload=workload_from(args), vcpu=args.vcpu, vcpus=args.vcpus)
+    workload = workload_from(args)
+    memory = args.guest_memory                      # None: the row's default, or the trace's
+    if memory is None:
+        memory = 0 if workload.pattern == "trace" else field_named("guest_memory_bytes").value
+    spec = GuestSpec(name=ONE_SHOT_GUEST, memory_bytes=memory, mode=args.mode,
+                     workload=workload, vcpu=args.vcpu, vcpus=args.vcpus)
     check_process_guest(spec.vcpu, settings)
     cluster = cluster_spec_from(args)
     if cluster.hosts < 2:
@@ -130,7 +134,8 @@ def register(sub: Commands) -> None:
     add_workload_options(s)
     memory, mode, warmup, vcpu, vcpus = (field_named(n) for n in (
         "guest_memory_bytes", "mode", "warmup_seconds", "vcpu", "vcpus"))
-    add_field(s, memory, help=f"one-shot: {memory.help_text()}")
+    add_field(s, memory, default=None,
+              help=f"one-shot: {memory.help_text()} (--workload trace: sized from the trace)")
     add_field(s, mode, help=f"one-shot: {mode.help_text()}")
     add_field(s, vcpu, help=f"one-shot: {vcpu.help_text()}")
     add_field(s, vcpus, help=f"one-shot: {vcpus.help_text()}")
