@@ -17,6 +17,7 @@ and nothing is left on disk but the finished trace (written to a temporary name,
 import ctypes
 import os
 import platform
+import resource
 import select
 import shutil
 import signal
@@ -53,6 +54,8 @@ class RecordResult:
     exit_code: int              # the program's (128 + signal when a signal ended it)
     output: Path
     summary: str                # one line: what was recorded
+    program_seconds: float      # from its start to its exit (wall clock)
+    program_cpu_seconds: float  # its user + system time (its reaped children's too)
 
 
 def native_library() -> Path:
@@ -112,30 +115,33 @@ class Recording:
         self.pages: list[np.ndarray] = []
         self.children = 0
         self.outgrown = False
+        self.exiting = False            # the program said it exits: a last scan, then ack
         self.ended = "exited"
 
-    def start(self, library: Path) -> None:
+    def start(self, library: Path, stdout: int | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, LD_PRELOAD=str(library), MIGBED_TRACE_FD=str(theirs.fileno()),
                    MIGBED_TRACE_PARENT=str(os.getpid()),
                    MIGBED_TRACE_REGION=str(self.region_bytes), PYTHONMALLOC="malloc")
+        self.started = time.monotonic()
         try:
-            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(theirs.fileno(),),
+            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(theirs.fileno(),), stdout=stdout,
                                          preexec_fn=_die_with_parent)
         finally:
             theirs.close()
         self.sock = ours
         self.sock.setblocking(False)
 
-    def take_region(self) -> tuple[int, int, int, int]:
-        """(uffd, base, length, pid) from the allocator's hello; one line if none comes."""
+    def take_region(self) -> tuple[int, int, int, int, int]:
+        """(uffd, base, length, pid, address of its bump pointer) from the allocator's
+        hello; one line if none comes."""
         deadline = time.monotonic() + HELLO_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             msg = self._next_message(0.05)
             if msg is not None:
                 tag, words, fds = msg
                 if tag == b"H" and fds:
-                    return fds[0], words[0], words[1], words[2]
+                    return fds[0], words[0], words[1], words[2], words[4]
                 if tag == b"E":
                     raise RecorderUnavailable(
                         "the program's allocator could not register its region for write "
@@ -161,7 +167,7 @@ class Recording:
             if len(data) >= 16 else []
         return data[:1], words, fds
 
-    def _drain(self) -> tuple[int, int, int, int] | None:
+    def _drain(self) -> tuple[int, int, int, int, int] | None:
         """Read the allocator's messages: children, the region outgrown, and a new hello
         when the program exec'd (a new image, a new region): returned, to scan it next."""
         hello = None
@@ -169,6 +175,8 @@ class Recording:
             tag, words, fds = msg
             if tag == b"C":
                 self.children += 1
+            elif tag == b"X":
+                self.exiting = True
             elif tag == b"O" and not self.outgrown:
                 self.outgrown = True
                 self.say(f"the program outgrew the traced region ({self.region_bytes >> 20} "
@@ -176,20 +184,29 @@ class Recording:
             if tag == b"H" and fds:
                 if hello is not None:
                     os.close(hello[0])
-                hello = (fds.pop(0), words[0], words[1], words[2])
+                hello = (fds.pop(0), words[0], words[1], words[2], words[4])
             for fd in fds:
                 os.close(fd)
         return hello
+
+    def _ack(self) -> None:
+        self.exiting = False
+        try:
+            self.sock.send(b"A")
+        except OSError:
+            pass                            # it did not wait
 
     def scan_loop(self, target: "Target") -> None:
         """Scan every interval until the program ends or the duration is up."""
         start = time.monotonic()
         tick = 1
         while self.proc.poll() is None:
-            time.sleep(max(0.0, start + tick * self.interval - time.monotonic()))
-            tick += 1
+            last = self.exiting             # it said it exits: scan at once, then let it go
+            if not last:
+                time.sleep(max(0.0, start + tick * self.interval - time.monotonic()))
+                tick += 1
             try:
-                written = target.scanner.written(target.base, target.end, reset=True)
+                written = target.scanner.written(target.base, target.used_end(), reset=True)
             except OSError:
                 written = None          # the program is gone, or exec'd (a hello follows)
             hello = self._drain()
@@ -201,16 +218,19 @@ class Recording:
             self.times.append(now)
             self.pages.append(written)
             target.sampler.sample(len(self.times) - 1, written)
+            if last:
+                self._ack()
             if self.duration and now >= self.duration:
                 self.ended = "duration"
                 break
 
-    def header(self, length: int) -> dict:
+    def header(self, length: int, base: int) -> dict:
         return {"program": os.path.basename(self.argv[0]), "argv": list(self.argv),
                 "machine": {"system": platform.system(), "release": platform.release(),
                             "arch": platform.machine(), "cpus": os.cpu_count() or 1},
                 "interval_seconds": self.interval, "children": self.children,
                 "page_size": PAGE_BYTES, "region_pages": length // PAGE_BYTES,
+                "region_base": base,
                 "duration_seconds": round(self.times[-1] if self.times else 0.0, 6),
                 "ended": self.ended, "outgrew_region": self.outgrown,
                 "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -221,18 +241,30 @@ class Target:
     """What is scanned: the program's current image's region (a new one after an exec),
     its uffd held here (a closed uffd ends tracking), its pagemap and memory open."""
 
-    def __init__(self, uffd: int, base: int, length: int, pid: int):
+    def __init__(self, uffd: int, base: int, length: int, pid: int, bump_at: int):
         self.uffd = -1
         self.scanner: PageScanner | None = None
         self.sampler: ContentSampler | None = None
-        self.switch(uffd, base, length, pid)
+        self.switch(uffd, base, length, pid, bump_at)
 
-    def switch(self, uffd: int, base: int, length: int, pid: int) -> None:
+    def switch(self, uffd: int, base: int, length: int, pid: int, bump_at: int) -> None:
         self.close()
         self.uffd, self.base, self.end = uffd, base, base + length
-        self.length = length
+        self.length, self.bump_at = length, bump_at
         self.scanner = PageScanner(pid)
         self.sampler = ContentSampler(pid, base, PAGE_BYTES)
+
+    def used_end(self) -> int:
+        """The end of the region handed out so far (its bump pointer, read from the
+        program's memory, page-aligned up): scanning the untouched rest would cost the
+        program's page-table lock for nothing. The whole region if it cannot be read."""
+        raw = self.sampler.read(self.bump_at, 8)
+        if len(raw) != 8:
+            return self.end
+        bump = int.from_bytes(raw, "little")
+        if not self.base <= bump <= self.end:
+            return self.end
+        return min(self.end, -(-bump // PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES)
 
     def close(self) -> None:
         if self.scanner is not None:
@@ -247,9 +279,10 @@ class Target:
 def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
            duration_seconds: float = 0.0, region_bytes: int = 1 << 30,
            say: Callable[[str], None] = lambda line: print(f"migbed trace: {line}",
-                                                           file=sys.stderr)) -> RecordResult:
+                                                           file=sys.stderr),
+           quiet: bool = False) -> RecordResult:
     """Run `argv` under the recorder and write its trace to `output` (see the module
-    docstring); `duration_seconds` 0: until the program ends."""
+    docstring); `duration_seconds` 0: until the program ends; `quiet`: discard its output."""
     if not 0.001 <= interval_seconds <= 10:
         raise ConfigError(f"--interval must be 1ms to 10s, got {interval_seconds}s")
     library = native_library()
@@ -257,20 +290,24 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     rec = Recording(argv, interval_seconds, duration_seconds, region_bytes, say)
-    rec.start(library)
+    cpu_before = _children_cpu_seconds()
+    rec.start(library, subprocess.DEVNULL if quiet else None)
     try:
         target = Target(*rec.take_region())
         try:
             rec.scan_loop(target)
         finally:
             target.close()
+            rec.sock.close()                # its exit no longer waits for a last scan
         if rec.ended == "duration":
             say(f"recording stopped after {duration_seconds:g}s; the program runs on")
         code = rec.proc.wait()
+        program_seconds = time.monotonic() - rec.started
+        program_cpu = _children_cpu_seconds() - cpu_before
         if code < 0:
             rec.ended = f"killed by {signal.Signals(-code).name}"
             say(f"the program was {rec.ended}; the trace holds what it wrote until then")
-        trace = make_trace(rec.header(target.length), rec.times, rec.pages,
+        trace = make_trace(rec.header(target.length, target.base), rec.times, rec.pages,
                            target.samples)
         tmp.write_bytes(encode(trace))
         os.replace(tmp, output)
@@ -285,4 +322,18 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
     line = (f"{len(rec.times)} intervals of {interval_seconds * 1e3:g} ms, "
             f"{int(trace.counts.sum())} page writes, {len(np.unique(trace.pages))} pages "
             f"touched, {rec.children} children -> {output}")
-    return RecordResult(128 - code if code < 0 else code, output, line)
+    return RecordResult(128 - code if code < 0 else code, output, line, program_seconds,
+                        program_cpu)
+
+
+def _children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_plain(argv: list[str]) -> tuple[float, float]:
+    """The program's wall time and CPU time without the recorder (its output discarded),
+    the pair of a recorded run when the recorder's cost is measured."""
+    started, cpu = time.monotonic(), _children_cpu_seconds()
+    subprocess.run(argv, stdout=subprocess.DEVNULL, check=False)
+    return time.monotonic() - started, _children_cpu_seconds() - cpu

@@ -38,6 +38,13 @@ class ContentSampler:
         self.zstd = zstandard.ZstdCompressor(level=1)
         self.base = base
 
+    def read(self, address: int, n: int) -> bytes:
+        """`n` bytes of the program's memory at `address` (fewer if it cannot be read)."""
+        try:
+            return os.pread(self.fd, n, address)
+        except OSError:
+            return b""
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

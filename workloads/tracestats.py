@@ -54,21 +54,28 @@ def rate_series(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return t, trace.counts / widths
 
 
-def window_intervals(trace: Trace) -> list[int]:
-    """Window lengths (in intervals) of the WSS curve: 1, 2, 4, ... up to the trace."""
-    n = len(trace.counts)
-    return [1 << k for k in range(max(int(math.log2(n)) + 1, 1))] if n else []
+def window_seconds(trace: Trace) -> list[float]:
+    """The WSS curve's windows: the interval, doubled, up to the trace's length."""
+    n = max(int(math.log2(max(trace.duration_seconds / trace.interval_seconds, 1))) + 1, 1)
+    return [trace.interval_seconds * (1 << k) for k in range(n)]
 
 
-def wss_curve(trace: Trace, windows: list[int] | None = None) -> list[tuple[float, float]]:
+def distinct_per_window(trace: Trace, window: float) -> np.ndarray:
+    """Distinct pages written in each window [k w, (k+1) w) of the trace's time, an interval
+    counted in the window its end falls in (so a recorder or a replay that scanned late is
+    judged by the clock, not by its scan count)."""
+    n_bins = max(int(math.ceil(trace.duration_seconds / window - 1e-9)), 1)
+    bins = np.minimum((trace.times_seconds / window - 1e-9).astype(np.int64), n_bins - 1)
+    bins = np.maximum(bins, 0)
+    keys = np.repeat(bins, trace.counts) * (int(trace.header["region_pages"]) + 1) + trace.pages
+    per_bin = np.unique(keys) // (int(trace.header["region_pages"]) + 1)
+    return np.bincount(per_bin, minlength=n_bins)[:n_bins]
+
+
+def wss_curve(trace: Trace, windows: list[float] | None = None) -> list[tuple[float, float]]:
     """[(window seconds, mean distinct pages written in such a window)]."""
-    windows = window_intervals(trace) if windows is None else windows
-    o, pages, n = trace.offsets, trace.pages, len(trace.counts)
-    out = []
-    for w in windows:
-        sizes = [len(np.unique(pages[o[a]:o[min(a + w, n)]])) for a in range(0, n - w + 1, w)]
-        out.append((w * trace.interval_seconds, float(np.mean(sizes)) if sizes else 0.0))
-    return out
+    windows = window_seconds(trace) if windows is None else windows
+    return [(w, float(distinct_per_window(trace, w).mean())) for w in windows]
 
 
 def distinct_pages(trace: Trace) -> int:

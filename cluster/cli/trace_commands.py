@@ -7,17 +7,42 @@ import sys
 from pathlib import Path
 
 from cluster.cli.options import Commands, arg
-from nodes.units import parse_duration, parse_positive_size
+from nodes.units import parse_count, parse_duration, parse_positive_size
+
+
+def _program(args: argparse.Namespace) -> list[str]:
+    argv = list(args.program)
+    return argv[1:] if argv and argv[0] == "--" else argv
 
 
 def cmd_record(args: argparse.Namespace) -> int:
     from cluster.tracerecord import record
-    argv = list(args.program)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = _program(args)
     result = record(argv, Path(args.output), args.interval, args.duration, args.region)
     print(f"migbed trace: {result.summary}", file=sys.stderr)
     return result.exit_code
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    """Paired runs, plain then recorded, alternating; the medians and their ratio."""
+    import statistics
+    import tempfile
+
+    from cluster.tracerecord import record, run_plain
+    argv = _program(args)
+    plain, traced = [], []
+    with tempfile.TemporaryDirectory(prefix="migbed-trace-") as tmp:
+        for i in range(args.runs):
+            plain.append(run_plain(argv))
+            r = record(argv, Path(tmp) / f"run{i}.mbtrace", args.interval, 0.0, args.region,
+                       say=lambda _line: None, quiet=True)
+            traced.append((r.program_seconds, r.program_cpu_seconds))
+    med = [[statistics.median(x[k] for x in runs) for k in (0, 1)] for runs in (plain, traced)]
+    (pw, pc), (tw, tc) = med
+    print(f"{' '.join(argv)}: medians of {args.runs} pairs at {args.interval * 1e3:g} ms: "
+          f"wall {pw:.3f} -> {tw:.3f} s ({tw / pw - 1:+.1%}), CPU {pc:.3f} -> {tc:.3f} s "
+          f"({tc / max(pc, 1e-9) - 1:+.1%})")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -88,6 +113,18 @@ def register(sub: Commands) -> None:
     s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the program and its arguments, after --")
     s.set_defaults(func=cmd_record)
+
+    s = tsub.add_parser("overhead", help="what recording costs a program: paired runs "
+                        "with and without the recorder (its output is discarded)")
+    s.add_argument("--runs", type=arg(parse_count, "--runs", 1, 50), default=3,
+                   help="pairs of runs (default 3)")
+    s.add_argument("--interval", type=arg(parse_duration, "--interval"), default=0.01,
+                   metavar="DURATION", help="the recorder's interval (default 10ms)")
+    s.add_argument("--region", type=arg(parse_positive_size, "--region"), default=1 << 30,
+                   metavar="SIZE", help="the traced heap region (default 1GiB)")
+    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the program and its arguments, after --")
+    s.set_defaults(func=cmd_overhead)
 
     s = tsub.add_parser("info", help="a trace's duration, pages, dirty rate, WSS curve and "
                         "content figures")

@@ -29,6 +29,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
@@ -44,7 +45,8 @@
 
 struct hdr { uint32_t magic, cls; uint64_t offset; };
 
-static char *region, *bump, *region_end;
+static char *region, *region_end;
+static char *volatile bump;
 static size_t region_len;
 static void *free_lists[NCLASSES];
 static volatile int lock_word;
@@ -122,10 +124,12 @@ static void init(void) {
     ready = 1;
     if (parent > 0 && getppid() == parent && region) {
         int fd = track();
-        uint64_t w[4] = {(uint64_t)region, region_len, (uint64_t)getpid(),
-                         (uint64_t)(fd < 0 ? -fd : 0)};
+        /* The last word: where the bump pointer lives, so the recorder scans only the part
+           of the region handed out so far. */
+        uint64_t w[5] = {(uint64_t)region, region_len, (uint64_t)getpid(),
+                         (uint64_t)(fd < 0 ? -fd : 0), (uint64_t)&bump};
         tracked = fd >= 0;
-        say(tracked ? "H" : "E", tracked ? fd : -1, w, 4);
+        say(tracked ? "H" : "E", tracked ? fd : -1, w, 5);
         if (tracked) close(fd);     /* the recorder holds it now */
     } else {
         say("C", -1, NULL, 0);
@@ -259,3 +263,14 @@ void *pvalloc(size_t n) { return alloc((n + 4095) & ~(size_t)4095, 4096); }
 size_t malloc_usable_size(void *p) { return p ? usable(p) : 0; }
 
 __attribute__((constructor)) static void at_load(void) { if (!ready) init(); }
+
+/* At a normal exit, let the recorder take its last scan before the memory goes: say "X" and
+   wait (at most 2 s) for its answer. A process killed by a signal skips this. */
+__attribute__((destructor)) static void at_unload(void) {
+    struct timeval tv = {2, 0};
+    char ack;
+    if (!tracked || sock_fd < 0) return;
+    setsockopt(sock_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    say("X", -1, NULL, 0);
+    while (recv(sock_fd, &ack, 1, 0) < 0 && errno == EINTR) {}
+}
