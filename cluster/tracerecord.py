@@ -37,6 +37,7 @@ from cluster.tracesample import ContentSampler
 from nodes.errors import ConfigError
 from nodes.host.userfault import PAGE_BYTES, PageScanner
 from workloads.tracefile import encode, make_trace
+from workloads.tracestats import distinct_pages
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 LIBRARY = NATIVE_DIR / "libmigbedtrace.so"
@@ -320,7 +321,7 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
         tmp.unlink(missing_ok=True)
         rec.sock.close()
     line = (f"{len(rec.times)} intervals of {interval_seconds * 1e3:g} ms, "
-            f"{int(trace.counts.sum())} page writes, {len(np.unique(trace.pages))} pages "
+            f"{int(trace.counts.sum())} page writes, {distinct_pages(trace)} pages "
             f"touched, {rec.children} children -> {output}")
     return RecordResult(128 - code if code < 0 else code, output, line, program_seconds,
                         program_cpu)

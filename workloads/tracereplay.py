@@ -32,7 +32,7 @@ from workloads.guest import Guest
 from workloads.spec import WorkloadSpec
 from workloads.state import FILL_STREAM, generator
 from workloads.tracefile import Trace, decode
-from workloads.tracestats import content_figures
+from workloads.tracestats import content_figures, sorted_unique
 from workloads.workload import DEFAULT_MAX_BATCH_PAGES, Workload
 
 _HASH = np.uint64(0x9E3779B97F4A7C15)
@@ -43,8 +43,7 @@ def _replay_plan(data: bytes) -> tuple[Trace, np.ndarray, np.ndarray, float, flo
     """(trace, compacted pages, interval offsets, zero fraction, compression ratio, delta
     bytes), decoded once per process for each trace's bytes."""
     trace = decode(data, "the guest's trace")
-    distinct, compacted = np.unique(trace.pages, return_inverse=True)
-    del distinct
+    compacted = np.searchsorted(sorted_unique(trace.pages), trace.pages)
     c = content_figures(trace)
     delta = c.xbzrle_delta_bytes if c.xbzrle_samples else float(trace.page_size)
     return (trace, compacted.astype(np.int64), trace.offsets, c.zero_fraction,
