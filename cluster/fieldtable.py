@@ -140,7 +140,7 @@ WORKLOAD_FIELDS: tuple[Field, ...] = (
           toml="trace_speed", metavar="X", label="trace speed (x)"),
     Field("trace_loop", "workload", False, read_flag,
           "trace: start the trace again when it ends (else the guest idles)",
-          flag="--trace-loop", toml="trace_loop"),
+          flag="--trace-loop", toml="trace_loop", label="trace loops"),
     Field("trace_bytes", "workload", b"", read_bytes,
           "trace: the trace's bytes, read from --trace when the spec is made (so they "
           "travel with the guest)"),
