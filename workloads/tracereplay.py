@@ -17,7 +17,8 @@ Content, like the recording's (its samples' figures, `workloads.tracestats`): a 
 pages (the zero fraction, chosen by a hash of the page) are written with zeros and stay zero;
 the others hold random bytes in their first page/ratio bytes (so they compress by the
 recorded ratio; `fill` puts them there before the guest runs), and each write bumps the
-page's counter and rewrites a run of random bytes as long as the recorded XBZRLE delta. So
+page's counter and rewrites, in place (one of a few places per page), a run of random bytes
+as long as the recorded XBZRLE delta. So
 the sum of a trace guest's counters is not its write count (its zero pages count writes but
 hold no counter).
 """
@@ -36,6 +37,7 @@ from workloads.tracestats import content_figures, sorted_unique
 from workloads.workload import DEFAULT_MAX_BATCH_PAGES, Workload
 
 _HASH = np.uint64(0x9E3779B97F4A7C15)
+OFFSET_CLASSES = 8
 
 
 @cache
@@ -136,10 +138,19 @@ class TraceWorkload(Workload):
             return
         old = domain.read_words(pfns, 0)
         domain.write_words(pfns, 0, old + increments)
+        # Each page rewrites the same run at every write (as a program updating a record in
+        # place), so the change a migration sees between rounds is one run, however many
+        # writes fell between: the recorded XBZRLE delta. The run's place is one of
+        # OFFSET_CLASSES, by a hash of the page.
         room = self.prefix_bytes - COUNTER_BYTES - self.delta_bytes
-        offset = COUNTER_BYTES + (int(self.content_rng.integers(0, room + 1)) if room > 0 else 0)
-        data = np.frombuffer(self.content_rng.bytes(len(pfns) * self.delta_bytes), np.uint8)
-        domain.write_bytes(pfns, offset, data.reshape(len(pfns), self.delta_bytes))
+        classes = (((pfns - domain.pfn_base).astype(np.uint64) * _HASH) >> np.uint64(61)) \
+            .astype(np.int64) % OFFSET_CLASSES
+        for c in np.unique(classes).tolist():
+            these = pfns[classes == c]
+            offset = COUNTER_BYTES + (room * c // (OFFSET_CLASSES - 1) if room > 0 else 0)
+            data = np.frombuffer(self.content_rng.bytes(len(these) * self.delta_bytes),
+                                 np.uint8)
+            domain.write_bytes(these, offset, data.reshape(len(these), self.delta_bytes))
 
     def fill(self, domain: Guest) -> None:
         """The trace's non-zero pages hold random bytes in their first page/ratio bytes."""
