@@ -178,6 +178,9 @@ def postcopy_block(source: SourceResult,
         "guest_pages_per_second": {"before": s.get("guest_rate_before"),
                                    "during": d.get("guest_rate_during"),
                                    "after": d.get("guest_rate_after")},
+        "channel_bytes": s.get("channel_bytes") or {},
+        "preempt_channels": s.get("preempt_channels", 0),
+        "fault_latency_by_channel": d.get("fault_latency_by_channel") or {},
     })
 
 
@@ -214,6 +217,12 @@ def postcopy_lines(report: PostcopyReport) -> list[str]:
         f"mean fault latency {ms(b.fault_latency_mean_seconds)}; guest pages/s before "
         f"{_rate(rates['before'])}, during {_rate(rates['during'])}, after "
         f"{_rate(rates['after'])}"]
+    if b.channel_bytes.get("preempt"):
+        lat = b.fault_latency_by_channel
+        lines.append("  post-copy preempt: " + ", ".join(
+            f"{ch} {b.channel_bytes.get(ch, 0)} bytes, {lat.get(ch, {}).get('pages', 0)} "
+            f"faulted pages at {ms(lat.get(ch, {}).get('fault_latency_mean_seconds'))} mean"
+            for ch in ("main", "preempt")))
     if b.recoveries or b.paused_seconds:
         lines.append(f"  post-copy: paused {ms(b.paused_seconds)}, "
                      f"{b.recoveries} recover{'y' if b.recoveries == 1 else 'ies'}")

@@ -60,6 +60,8 @@ class MigrationReport:
     # for a migration an operator's timeout cancelled; None when the migration did not
     # complete otherwise (its status and error say why).
     stop_code: str | None = None
+    # The qemu policy's downtime limit when pre-copy stopped (--downtime-steps step it).
+    downtime_limit_in_force_seconds: float | None = None
     total_time_seconds: float = 0.0
     downtime_seconds: float | None = None          # source pause -> destination resume
     downtime_source_seconds: float | None = None   # pause -> RESULT seen at the source
@@ -161,6 +163,7 @@ class MigrationReport:
                    else info.mode_before},
             rounds=rounds, stop_reason=source.stop_reason,
             stop_code=source.stop_code if completed or status == Outcome.CANCELLED else None,
+            downtime_limit_in_force_seconds=source.downtime_limit_in_force_seconds,
             total_time_seconds=total, downtime_seconds=downtime,
             downtime_source_seconds=source.downtime_source_seconds,
             guest_observed_downtime_seconds=_guest_downtime(source, dest),

@@ -124,6 +124,12 @@ class PostcopyBlock(ReportBlock):
     recoveries: int = 0
     paused_seconds: float = 0.0
     guest_pages_per_second: dict[str, float | None] = field(default_factory=dict)
+    # By channel (post-copy preempt, QEMU 8.0+): the bytes each carried after the switch
+    # ({"main", "preempt"}) and each requested page's latency by the channel it landed from
+    # ({channel: {fault_latency_seconds, fault_latency_mean_seconds, pages}}).
+    channel_bytes: dict = field(default_factory=dict)
+    fault_latency_by_channel: dict = field(default_factory=dict)
+    preempt_channels: int = 0          # opened: at the switch, and after each recovery
 
 
 @dataclass

@@ -156,9 +156,12 @@ def migrations_row(d: Dashboard, p: Panels) -> Dashboard:
         .with_panel(p.ts(
             "Expected downtime of running migrations", "What the downtime would be if the "
             "migration stopped now: bytes still to send over the measured throughput "
-            "(QEMU's expected-downtime).", "s",
+            "(QEMU's expected-downtime), against the qemu policy's downtime limit in force "
+            "(it steps up with --downtime-steps).", "s",
             [query(top(f"max by (guest) (migbed_migration_expected_downtime_seconds{{{HG}}})"),
-                   "{{guest}}")]))
+                   "{{guest}}", "A"),
+             query(top(f"max by (guest) (migbed_migration_downtime_limit_seconds{{{HG}}})"),
+                   "{{guest}} limit in force", "B")]))
         .with_panel(p.ts(
             "Dirty pages in the last round", "Pages the guest dirtied during the last round, "
             "which the next round must send.", "short",
@@ -325,6 +328,19 @@ def postcopy_row(d: Dashboard, p: Panels) -> Dashboard:
             "Fault latency quantiles (5m)", "Request to landed of the pages post-copy guests "
             "asked for in the last five minutes (QEMU 10.1's postcopy-latency).",
             "migbed_migration_postcopy_fault_latency_seconds", selector=H))
+        .with_panel(p.ts(
+            "Fault latency by channel (5m)", "Mean request to landed of the pages post-copy "
+            "guests asked for in the last five minutes, by the channel each landed from: the "
+            "data channel behind the push (main) or post-copy preempt's own (preempt).", "s",
+            [query(f"sum by (channel) (rate(migbed_migration_postcopy_channel_fault_latency_"
+                   f"seconds_sum{{{H}}}[5m])) / sum by (channel) (rate(migbed_migration_"
+                   f"postcopy_channel_fault_latency_seconds_count{{{H}}}[5m]))", "{{channel}}")]))
+        .with_panel(p.ts(
+            "Post-copy bytes by channel (5m)", "Bytes the migrations that ended in the last "
+            "five minutes sent after their post-copy switch, by channel: the push on the data "
+            "channel (main), requested pages on post-copy preempt's own (preempt).", "bytes",
+            [query(f"sum by (channel) (increase(migbed_migration_postcopy_channel_sent_bytes_"
+                   f"total{{{H}}}[5m]))", "{{channel}}")], stacked=True))
         .with_panel(p.ts(
             "Bytes by stage (5m)", "Bytes of the migrations that ended in the last five "
             "minutes, by when they went: the guest running on its source, paused, or on its "

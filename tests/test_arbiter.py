@@ -96,12 +96,16 @@ def arbiter(policy=GO, switch=None, aids=None, rate=None, cancel=False):
 
 # -- the order, written once --------------------------------------------------------------------
 def test_the_rules_are_in_the_documented_order():
-    assert switchover.RULES == (switchover.cancelled, switchover.policy_end,
+    assert switchover.RULES == (switchover.cancelled, switchover.budget,
+                                switchover.policy_end,
                                 switchover.postcopy_due, switchover.policy_other,
+                                switchover.stall_minimum,
                                 switchover.timeouts, switchover.adaptive_rate)
     doc = switchover.__doc__
-    places = [doc.index(w) for w in ("**cancel**", "**the policy's own end**",
+    places = [doc.index(w) for w in ("**cancel**", "**the budget**",
+                                     "**the policy's own end**",
                                      "**the post-copy switch**", "**the policy's other answers**",
+                                     "**stall detection**",
                                      "**the aids' timeouts**", "**Xen's adaptive rate**")]
     assert places == sorted(places)
 

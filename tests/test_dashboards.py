@@ -298,11 +298,13 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
                           multifd_compression="zstd"))),
                       threading.Thread(target=move, args=("b", "host-2", MigrationSettings(
                           policy="qemu", link_bytes_per_second=16 * MiB,
-                          xbzrle_cache_bytes=4 * MiB))),
+                          xbzrle_cache_bytes=4 * MiB, downtime_steps="300ms..600ms/2"))),
                       # post-copy, its push slow, so its guest faults for several scrapes
+                      # (its requests on the preempt channel)
                       threading.Thread(target=move, args=("c", "host-0", MigrationSettings(
                           link_bytes_per_second=64 * MiB, postcopy_after_rounds=0,
-                          postcopy_bandwidth_bytes_per_second=2 * MiB)))]
+                          postcopy_bandwidth_bytes_per_second=2 * MiB,
+                          postcopy_preempt=True)))]
             if process:
                 movers.append(threading.Thread(target=move, args=("p", "host-1",
                               MigrationSettings(link_bytes_per_second=8 * MiB))))

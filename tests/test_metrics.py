@@ -279,7 +279,7 @@ def test_fault_latency_is_split_by_fault_path():
         latency.observe_one(seconds)
     faults = SimpleNamespace(fault_path=FaultReader.fault_path, latency=latency,
                              blocked_seconds=0.01, faults=3)
-    totals.destination_ended(SimpleNamespace(postcopy=SimpleNamespace(faults=faults)))
+    totals.destination_ended(SimpleNamespace(postcopy=SimpleNamespace(faults=faults, by_channel={})))
     after = fams()
     count = "migbed_migration_postcopy_fault_latency_seconds_count"
     assert after[(count, "uffd")] == 3 and after[(count, "emulated")] == 0

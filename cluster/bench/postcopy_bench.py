@@ -9,6 +9,8 @@ fault latency (a page request to the page landed) beside the raw round trip of o
   time (QEMU 10.1's postcopy-latency) and its median bucket, beside a raw round trip over
   migbed's own channel between the same two hosts: a REQ_PAGES record one way, a one-page
   PAGE_DATA record back (`_echo_pages`, `_ask_pages`, run inside the host actors).
+- post-copy preempt: the fault latency under a push that saturates the link, without and
+  with `--postcopy-preempt`, paired (`cluster.bench.preempt_bench`).
 """
 
 import statistics
@@ -22,6 +24,7 @@ import numpy as np
 from cluster.bench.baselines import on_host
 from cluster.bench.bench_options import BenchOptions, MiB
 from cluster.bench.figures import Results, unique_name
+from cluster.bench.preempt_bench import bench_preempt
 from nodes.migration.wire.channel import Ticket
 from nodes.phase import Outcome
 
@@ -37,6 +40,7 @@ def bench_postcopy(tb: "Testbed", opts: BenchOptions, res: Results,
     a, b = list(tb.hosts)[:2]
     _downtimes(tb, a, b, opts, res, say)
     _fault_latency(tb, a, b, opts, res, say)
+    bench_preempt(tb, a, b, opts, res, say)       # paired: without and with preempt
     for _ in range(opts.repeats):
         rtt = raw_round_trip_seconds(tb.host(a), tb.host(b), 20 if opts.quick else ROUND_TRIPS)
         res.add("page_round_trip_seconds", "seconds", rtt,

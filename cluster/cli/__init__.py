@@ -9,7 +9,7 @@ registers itself on the parser here; `options` holds what they share.
 import sys
 from collections.abc import Sequence
 
-from cluster.cli import experiments, faults, guests, lifecycle, migrate, reports
+from cluster.cli import experiments, faults, guests, lifecycle, measure_commands, migrate, reports
 from cluster.cli import postcopy_commands as postcopy
 from cluster.cli import top_command as top
 from cluster.cli import trace_commands as trace
@@ -17,7 +17,7 @@ from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, U
 from nodes.errors import MigbedError
 
 COMMAND_MODULES = (lifecycle, guests, top, migrate, postcopy, reports, experiments,
-                   faults, trace)                                       # in `--help`'s order
+                   faults, measure_commands, trace)                     # in `--help`'s order
 
 
 def build_parser() -> Parser:
@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv                     # the words as typed (`advise` repeats them)
         return args.func(args)
     except MigbedError as exc:
         if debug:

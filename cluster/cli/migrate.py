@@ -96,10 +96,34 @@ def _migrate_one_shot(args: argparse.Namespace, settings) -> int:
     return _report_out(report, args)
 
 
+def _measured_wss(args: argparse.Namespace):
+    """The writable working set the model is to use: a `wss --json` file, or measured now
+    on a running guest; None: the workload's set rate."""
+    from workloads.writableset import WssCurve
+    if args.wss and args.wss_guest:
+        raise UsageError("give --wss FILE or --wss-guest GUEST, not both")
+    if args.wss:
+        try:
+            with open(args.wss, encoding="utf-8") as f:
+                return WssCurve.from_json(f.read(2 << 20))
+        except OSError as exc:
+            raise ConfigError(f"cannot read --wss {args.wss}: {exc.strerror}") from None
+    if args.wss_guest:
+        from cluster.testbed import Testbed
+        tb = Testbed.attach()
+        return WssCurve.from_dict(tb.host(tb.where(args.wss_guest)).call(
+            "measure_wss", args.wss_guest, 2.0, 0.01, timeout=60))
+    return None
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     from cluster.model import predict
     wl = workload_from(args)
-    if wl.unlimited:
+    wss = _measured_wss(args)
+    typed = getattr(args, "argv", None) or []
+    if wss is not None and not any(w.startswith("--guest-memory") for w in typed):
+        args.guest_memory, args.page_size = wss.guest_pages * wss.page_size, wss.page_size
+    if wl.unlimited and wss is None:
         raise ConfigError("the model needs a dirty rate in page writes per second "
                           "(--dirty-rate N), not max")
     if args.bandwidth is None and args.rate_limit is None:
@@ -112,15 +136,21 @@ def cmd_model(args: argparse.Namespace) -> int:
     pred = predict(guest_memory_bytes=args.guest_memory, page_size=args.page_size,
                    workload=wl, link_bytes_per_second=args.bandwidth,
                    rate_limit_bytes_per_second=args.rate_limit, warmup_seconds=args.warmup,
-                   **settings_inputs(settings, args.guest_memory, fixed))
+                   wss=wss, **settings_inputs(settings, args.guest_memory, fixed))
     d = pred.to_dict()
+    d["dirtying"] = ({"source": "workload", "pattern": wl.pattern,
+                      "rate_pages_per_second": wl.rate_pages_per_second} if wss is None else
+                     {"source": "measured-wss", "guest": wss.guest, "wws_pages": wss.wws_pages,
+                      "rate_pages_per_second": wss.rate_pages_per_second})
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     from cluster.console import prediction_renderables, show
     show(*prediction_renderables(
-        d, f"model: policy {args.policy}, guest {format_bytes(args.guest_memory)}, workload "
-           f"{wl.pattern} at {wl.rate_pages_per_second:g} pages/s, lambda "
+        d, f"model: policy {args.policy}, guest {format_bytes(args.guest_memory)}, "
+           + (f"workload {wl.pattern} at {wl.rate_pages_per_second:g} pages/s" if wss is None
+              else f"measured WWS of {wss.guest} ({wss.wws_pages:.0f} pages, "
+                   f"{wss.rate_pages_per_second:.0f} writes/s)") + ", lambda "
            f"{d.get('lambda_ratio', float('nan')):.3f}"))
     return 0
 
@@ -166,4 +196,9 @@ def register(sub: Commands) -> None:
     add_field(s, field_named("warmup_seconds"), default=0.5,
               help="how long the workload ran before the migration: with --fill zero, what "
                    "it has written (default 500ms, as migrate's)")
+    s.add_argument("--wss", metavar="FILE", help="dirty as this measured writable working set "
+                   "(the JSON `migbed wss --json` prints) instead of the workload's set rate; "
+                   "the guest's memory is the measured guest's unless --guest-memory is given")
+    s.add_argument("--wss-guest", metavar="GUEST", help="measure this running guest's "
+                   "writable working set (2 s) and dirty as it does")
     s.set_defaults(func=cmd_model)

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 from cluster import model  # the public functions, looked up when called
 from cluster.reportparts import ModelBlock
+from nodes.migration.decide.downtimesteps import budget_of
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import Outcome
 
@@ -108,6 +109,8 @@ def settings_inputs(settings: MigrationSettings, guest_memory_bytes: int,
         dirty_limit=DirtyLimitSpec.from_settings(settings),
         completion_timeout=timeouts_from(settings, guest_memory_bytes),
         zero_page_detection=settings.zero_page_detection,
+        budget=budget_of(settings, guest_memory_bytes, 0.0),
+        switchover_on_stall_seconds=settings.switchover_on_stall_seconds,
         **postcopy_inputs(settings, measured_push))
 
 

@@ -101,7 +101,8 @@ class ContinuousRun:
                                      self.last_sync)
             if self.policy.wants_exact(self.marked * self.page_size) or forced:
                 self._sync()
-            decision = self.arbiter.decide(Moment(self._stats(), self.now))
+            decision = self.arbiter.decide(Moment(self._stats(), self.now,
+                                                  round(self.marked) * self.page_size))
             if decision.action is not Action.CONTINUE:
                 if self.current is not None and (self.current["pages_sent"] > 0
                                                  or decision.action is not Action.POSTCOPY):

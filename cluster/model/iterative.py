@@ -30,8 +30,9 @@ from cluster.model.throttle_model import (
     model_throttle,
     running_share,
 )
-from cluster.model.workload import Region, access_regions, rate_of, regions
+from cluster.model.workload import Region, access_regions, rate_of, regions, wss_regions
 from nodes.errors import ConfigError
+from nodes.migration.decide.downtimesteps import SwitchoverBudget
 from nodes.migration.decide.policy import (
     Action,
     Decision,
@@ -40,10 +41,12 @@ from nodes.migration.decide.policy import (
     StopCode,
     policy_for,
 )
+from nodes.migration.decide.stall import StallSwitch, Watermark
 from nodes.migration.decide.switchover import Arbiter, Moment
 from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.send.dirtysync import SyncLog
 from workloads.spec import WorkloadSpec
+from workloads.writableset import WssCurve
 
 _ROUND_GUARD = 100_000       # a policy that never stops would loop forever
 
@@ -222,7 +225,10 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
             page_bytes: float | None = None, postcopy_after_rounds: int | None = None,
             postcopy_after_seconds: float | None = None,
             postcopy_bandwidth_bytes_per_second: float | None = None,
-            switch_resume_seconds: float | None = None) -> ModelPrediction:
+            switch_resume_seconds: float | None = None,
+            wss: WssCurve | None = None,
+            budget: SwitchoverBudget | None = None,
+            switchover_on_stall_seconds: float | None = None) -> ModelPrediction:
     """Predict a pre-copy migration round by round, driving migbed's own policy object;
     with `postcopy_after_rounds` (0: pure post-copy) or `postcopy_after_seconds` a hybrid
     that switches to post-copy (`cluster.model.postcopy_model`), its push limited to
@@ -243,24 +249,30 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `warmup_seconds` of running before the migration, one with content none.
     `page_bytes` replaces what a normal page costs on the wire (its bytes and pfn word),
     for a run whose encoding (XBZRLE, compression) made it less.
+    `wss`, a measured writable working set (`workloads.writableset`), replaces the
+    workload's regions and rate: the model dirties what the guest was measured to dirty.
+    `budget` (stepped limits, switch-over bandwidth) and `switchover_on_stall_seconds` are
+    the qemu policy's arbiter inputs, as the engine's.
     """
     _check(guest_memory_bytes, page_size, latency_seconds=latency_seconds,
            resume_seconds=resume_seconds, bytes_per_page_overhead=bytes_per_page_overhead,
            record_overhead_bytes=record_overhead_bytes)
     link, rate = _bandwidths(link_bytes_per_second, rate_limit_bytes_per_second)
-    writes = rate_of(workload, dirty_rate_pages_per_second)
+    writes = (wss.rate_pages_per_second if wss is not None
+              else rate_of(workload, dirty_rate_pages_per_second))
     guest, spans = _guest(guest_memory_bytes, page_size, workload, writes, rate,
                           bytes_per_page_overhead, record_overhead_bytes, page_bytes,
-                          warmup_seconds, zero_page_detection)
+                          warmup_seconds, zero_page_detection, wss)
     pol: PrecopyPolicy = policy_for(policy, downtime_limit_seconds=downtime_limit_seconds,
                                     **(policy_settings or {}))
     throttle = model_throttle(auto_converge, dirty_limit, page_size,
                               sum(r.rate for r in guest.regions))
-    arb = model_arbiter(pol, completion_timeout, postcopy_after_rounds, postcopy_after_seconds)
+    arb = model_arbiter(pol, completion_timeout, postcopy_after_rounds, postcopy_after_seconds,
+                        budget, switchover_on_stall_seconds)
     run = _live(guest, arb, spans, rate, latency_seconds, throttle, postcopy_after_seconds)
     switch = None
     if run.stop_code is StopCode.POSTCOPY:     # the switch, then the push
-        switch = _switch(run, guest, workload, writes, page_size, link,
+        switch = _switch(run, guest, workload if wss is None else wss, writes, page_size, link,
                          postcopy_bandwidth_bytes_per_second, latency_seconds,
                          resume_seconds if switch_resume_seconds is None
                          else switch_resume_seconds)
@@ -281,14 +293,19 @@ def _bandwidths(link_bytes_per_second: float | None,
 
 
 def model_arbiter(pol: PrecopyPolicy, timeouts, after_rounds: int | None,
-                  after_seconds: float | None) -> Arbiter:
+                  after_seconds: float | None, budget: SwitchoverBudget | None = None,
+                  stall_seconds: float | None = None) -> Arbiter:
     """The sender's switch-over arbiter over the model's inputs: the policy, the completion
-    timeout (the engine's `Timeouts`, None: none) and, with post-copy asked for, the switch
-    rule. No cancel, no adaptive rate: the model has neither."""
+    timeout (the engine's `Timeouts`, None: none), with post-copy asked for the switch
+    rule, and the qemu policy's budget and stall detection. No cancel, no adaptive rate:
+    the model has neither."""
     switch = (SwitchRule(after_rounds, after_seconds)
               if after_rounds is not None or after_seconds is not None else None)
+    stall = (StallSwitch(timeouts.low if timeouts is not None else Watermark(0.0),
+                         stall_seconds) if stall_seconds is not None else None)
     return Arbiter(pol, switch=switch,
-                   aids=ModelTimeouts(timeouts) if timeouts is not None else None)
+                   aids=ModelTimeouts(timeouts) if timeouts is not None else None,
+                   budget=budget, stall=stall)
 
 
 def _live(guest: Guest, arb: Arbiter, spans: list, rate: float, latency: float,
@@ -301,7 +318,8 @@ def _live(guest: Guest, arb: Arbiter, spans: list, rate: float, latency: float,
     return run
 
 
-def _switch(run, guest: Guest, workload: WorkloadSpec, writes: float, page_size: int,
+def _switch(run, guest: Guest, workload: WorkloadSpec | WssCurve, writes: float,
+            page_size: int,
             link: float | None, push_rate: float | None, latency_seconds: float,
             resume_seconds: float):
     """The post-copy phase after the live rounds `run` ended in a switch."""
@@ -309,7 +327,8 @@ def _switch(run, guest: Guest, workload: WorkloadSpec, writes: float, page_size:
     return postcopy_phase(
         rounds=len(run.rounds), switched_at_seconds=run.elapsed,
         missing=run.missing or missing_at_switch(run, guest, data_pages),
-        access=access_regions(workload, data_pages, writes),
+        access=(wss_regions(workload, data_pages) if isinstance(workload, WssCurve)
+                else access_regions(workload, data_pages, writes)),
         data_pages=data_pages, guest_pages=guest.guest_pages, page_size=page_size,
         wire_per_page=guest.wire_per_page, link_bytes_per_second=link,
         postcopy_bytes_per_second=push_rate, latency_seconds=latency_seconds,
@@ -319,7 +338,7 @@ def _switch(run, guest: Guest, workload: WorkloadSpec, writes: float, page_size:
 def _guest(guest_memory_bytes: int, page_size: int, workload: WorkloadSpec, writes: float,
            rate: float, page_overhead: float, record_overhead: float,
            page_bytes: float | None, warmup_seconds: float,
-           zero_page_detection: str) -> tuple[Guest, list]:
+           zero_page_detection: str, wss: WssCurve | None = None) -> tuple[Guest, list]:
     """The guest as the model knows it before the first round, and its stretches of pages."""
     guest_pages = guest_memory_bytes // page_size
     data_pages = guest_pages - -(-guest_pages // (page_size // 8))
@@ -329,7 +348,8 @@ def _guest(guest_memory_bytes: int, page_size: int, workload: WorkloadSpec, writ
             raise ConfigError(f"page bytes must be positive, got {page_bytes!r}")
         wire_per_page = float(page_bytes)
     zero_wire = page_overhead + record_overhead / PAGES_PER_RECORD
-    written = regions(workload, data_pages, writes)
+    written = (regions(workload, data_pages, writes) if wss is None
+               else wss_regions(wss, data_pages))
     spans = layout(written, data_pages, guest_pages)
     zeros = pagetypes.zero_at_start(spans, workload, data_pages, warmup_seconds,
                                     zero_page_detection)

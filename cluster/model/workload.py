@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from nodes.errors import ConfigError
 from workloads.patterns import hot_pages
 from workloads.spec import WorkloadSpec
+from workloads.writableset import WssCurve, with_fit
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,12 @@ def access_regions(spec: WorkloadSpec, data_pages: int, rate: float) -> list[Reg
     if spec.pattern == "scan" and data_pages > 0 and rate > 0:
         return [Region(data_pages, rate, sequential=True)]
     return regions(spec, data_pages, rate)
+
+
+def wss_regions(curve: WssCurve, data_pages: int) -> list[Region]:
+    """The regions of a measured writable working set (`workloads.writableset`): its fit,
+    scaled to `data_pages` when the model's guest is not the one measured. Used in place of
+    the spec's regions (`predict(wss=...)`), so a program's dirtying is what it measured."""
+    scale = data_pages / curve.data_pages
+    fitted = curve.regions or with_fit(curve).regions
+    return [Region(r.pages * scale, r.rate_pages_per_second) for r in fitted if r.pages > 0]

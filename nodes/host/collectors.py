@@ -192,6 +192,9 @@ _RUNNING_GAUGES = {
                   "still has to send, as far as it knows."),
     "expected": ("migbed_migration_expected_downtime_seconds", "Downtime the running "
                  "migration would have if it stopped now (QEMU's expected-downtime)."),
+    "downtime_limit": ("migbed_migration_downtime_limit_seconds", "The qemu policy's "
+                       "downtime limit in force for the running migration (it steps up with "
+                       "--downtime-steps)."),
     "throughput": ("migbed_migration_throughput_bytes_per_second", "Throughput of the "
                    "running migration's last round on the link."),
     "limit": ("migbed_migration_link_limit_bytes_per_second", "Speed of the link the "
@@ -221,6 +224,8 @@ def _running(host: str, outgoing: list) -> Iterator[Metric]:
         fams["remaining"].add_metric([host, g], p.remaining_bytes)
         if p.expected_downtime_seconds is not None:
             fams["expected"].add_metric([host, g], p.expected_downtime_seconds)
+        if p.downtime_limit_seconds is not None:
+            fams["downtime_limit"].add_metric([host, g], p.downtime_limit_seconds)
         fams["throughput"].add_metric([host, g], p.throughput_bytes_per_second)
         if out.settings.link_bytes_per_second:
             fams["limit"].add_metric([host, g], out.settings.link_bytes_per_second)

@@ -8,7 +8,9 @@ migration is paused. As a destination: pages still missing, the vCPU time blocke
 the faults, and the request-to-landed latency of requested pages (a histogram in QEMU 10.1's
 log2 buckets from 1 us, labelled `fault_path`: "emulated" for a thread vCPU's `PageFaults`,
 "uffd" for a process guest's real faults, its `nodes.host.faultreader.FaultReader`; the
-"uffd" series appears once such a guest has faulted here).
+"uffd" series appears once such a guest has faulted here); and with post-copy preempt, the
+same latency by the channel each requested page landed from (`main`, `preempt`), and the
+bytes each channel carried after the switch.
 """
 
 import threading
@@ -25,6 +27,7 @@ from prometheus_client.metrics_core import (
 
 from nodes.host.collectors import host_metric
 from nodes.migration.postcopy.pagefault import LATENCY_BUCKETS, latency_bounds
+from nodes.migration.postcopy.preempt import CHANNELS
 from nodes.phase import Outcome
 
 if TYPE_CHECKING:
@@ -53,6 +56,9 @@ class PostcopyTotals:
         self.faults = 0
         self.latency_counts = {EMULATED: no_latency()}    # fault path -> bucket counts
         self.latency_sum = {EMULATED: 0.0}
+        self.channel_bytes = dict.fromkeys(CHANNELS, 0)   # post-copy bytes by channel
+        self.channel_counts = {ch: no_latency() for ch in CHANNELS}
+        self.channel_sum = dict.fromkeys(CHANNELS, 0.0)
 
     def source_ended(self, result: "SourceResult") -> None:
         with self.lock:
@@ -65,6 +71,8 @@ class PostcopyTotals:
             block = result.postcopy or {}
             self.sent["requested"] += block.get("pages_requested", 0)
             self.sent["pushed"] += block.get("pages_pushed", 0)
+            for ch, n in (block.get("channel_bytes") or {}).items():
+                self.channel_bytes[ch] = self.channel_bytes.get(ch, 0) + n
 
     def destination_ended(self, recv: "Receiver") -> None:
         pc = recv.postcopy
@@ -74,6 +82,7 @@ class PostcopyTotals:
             self.blocked_seconds += pc.faults.blocked_seconds
             self.faults += pc.faults.faults
             add_latency(self.latency_counts, self.latency_sum, pc.faults)
+            add_channels(self.channel_counts, self.channel_sum, pc)
 
 
 def add_latency(counts: dict[str, np.ndarray], sums: dict[str, float], faults) -> None:
@@ -81,6 +90,25 @@ def add_latency(counts: dict[str, np.ndarray], sums: dict[str, float], faults) -
     path = faults.fault_path
     counts[path] = counts.get(path, no_latency()) + faults.latency.counts
     sums[path] = sums.get(path, 0.0) + faults.latency.sum_seconds
+
+
+def add_channels(counts: dict[str, np.ndarray], sums: dict[str, float], pc) -> None:
+    """Fold a post-copy destination's latency by channel into the totals."""
+    for ch, lat in pc.by_channel.items():
+        counts[ch] = counts.get(ch, no_latency()) + lat.counts
+        sums[ch] = sums.get(ch, 0.0) + lat.sum_seconds
+
+
+def histogram(name: str, doc: str, host: str, label: str, counts: dict[str, np.ndarray],
+              sums: dict[str, float]) -> HistogramMetricFamily:
+    """A latency histogram in the log2 buckets, one series per value of `label`."""
+    fam = HistogramMetricFamily(name, doc, labels=["host", label])
+    for key, key_counts in sorted(counts.items()):
+        cumulative = np.cumsum(key_counts)
+        buckets = [("+Inf" if b == float("inf") else repr(b), float(c))
+                   for b, c in zip(latency_bounds(), cumulative, strict=True)]
+        fam.add_metric([host, key], buckets, sum_value=sums[key])
+    return fam
 
 
 class PostcopyCollector:
@@ -145,6 +173,31 @@ class PostcopyCollector:
             stages.add_metric([name, stage], n)
         yield stages
         yield from self._destination(name, receivers, blocked, faults, counts, latency_sum)
+        yield from self._channels(name, receivers)
+
+    def _channels(self, name: str, receivers: list) -> Iterator[Metric]:
+        """Post-copy preempt's split: the bytes of ended migrations by channel (source), the
+        fault latency by the channel each page landed from (destination, running ones too)."""
+        t = self.totals
+        with t.lock:
+            sent = dict(t.channel_bytes)
+            counts = {k: v.copy() for k, v in t.channel_counts.items()}
+            sums = dict(t.channel_sum)
+        for recv in receivers:
+            add_channels(counts, sums, recv.postcopy)
+        fam = CounterMetricFamily(
+            "migbed_migration_postcopy_channel_sent_bytes", "Bytes of ended migrations from "
+            "this host sent after their post-copy switch, by channel: the data channel (main, "
+            "the push) or post-copy preempt's own (preempt, requested pages).",
+            labels=["host", "channel"])
+        for ch, n in sent.items():
+            fam.add_metric([name, ch], n)
+        yield fam
+        yield histogram(
+            "migbed_migration_postcopy_channel_fault_latency_seconds", "Request-to-landed "
+            "time of each page a post-copy guest here asked for, by the channel it landed "
+            "from: main (behind the push) or preempt (its own connection).", name, "channel",
+            counts, sums)
 
     @staticmethod
     def _destination(name: str, receivers: list, blocked: float, faults: int,
@@ -165,14 +218,8 @@ class PostcopyCollector:
                           "postcopy-blocktime).", name, blocked, counter=True)
         yield host_metric("migbed_migration_postcopy_faults", "Times a vCPU of a guest arriving "
                           "here by post-copy blocked on missing pages.", name, faults, counter=True)
-        latency = HistogramMetricFamily(
+        yield histogram(
             "migbed_migration_postcopy_fault_latency_seconds", "Request-to-landed time of each "
             "page a post-copy guest here asked for (QEMU 10.1's postcopy-latency), in log2 "
             "buckets from 1 us, by fault path: the Xen model's (emulated) or a process "
-            "guest's userfaultfd (uffd).", labels=["host", "fault_path"])
-        for path, path_counts in sorted(counts.items()):
-            cumulative = np.cumsum(path_counts)
-            buckets = [("+Inf" if b == float("inf") else repr(b), float(c))
-                       for b, c in zip(latency_bounds(), cumulative, strict=True)]
-            latency.add_metric([name, path], buckets, sum_value=latency_sum[path])
-        yield latency
+            "guest's userfaultfd (uffd).", name, "fault_path", counts, latency_sum)

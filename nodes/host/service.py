@@ -16,6 +16,7 @@ import numpy as np
 from nodes.errors import MigrationError, MigrationStillRunning
 from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
+from nodes.host.dirtymeter import GuestMeasuring
 from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
@@ -50,7 +51,7 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService(GuestVCPUs, PostcopyControl, HostHealth):
+class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring):
     def __init__(self, config: HostConfig):
         self.config = config
         self.name = config.name
@@ -79,6 +80,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
         self._ended: collections.deque = collections.deque()   # ended outgoing, oldest first
         self._fixed_downtime: dict[str, float] = {}   # destination host -> its measured part
         self.recent = RecentMigrations()              # summaries for `migbed top`, both sides
+        self._measuring: set[str] = set()             # guests a measurement holds (dirtymeter)
         self.dead = False
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_address, config.metrics_port,
@@ -268,6 +270,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
 
     # -- migration: source side ------------------------------------------------------------------
     def check_migratable(self, name: str) -> dict:
+        self.refuse_while_measured(name)
         dom = check_migratable(self.hv, name)
         return {"name": dom.name, "pages": dom.npages, "mode": dom.mode.value,
                 "arch": self.hv.profile.arch, "profile": self.hv.profile.name}
@@ -286,6 +289,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth):
         info = self.guest_info(name, mid)
         algorithm, postcopy = plan(settings)
         with self.lock:
+            self.refuse_while_measured(name)
             sender = Sender(self.hv, name, ticket, settings, self, progress, cancel,
                             self._uplink(settings), self.fault_stats, algorithm, postcopy)
             self.outgoing[mid] = progress

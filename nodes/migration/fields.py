@@ -19,6 +19,7 @@ from typing import Any
 
 from nodes.errors import ConfigError
 from nodes.faults.spec import parse_fault
+from nodes.migration.decide.downtimesteps import parse_downtime_steps
 from nodes.migration.decide.policy import BUILTIN_POLICIES, POLICIES
 from nodes.phase import Phase
 from nodes.units import (
@@ -106,6 +107,12 @@ def settings_postcopy_after(s: Any) -> int | str:
 def read_fault(v: Any, what: str) -> Any:
     """A fault as text (`KIND@STAGE[:ARG]`), `nodes.faults.spec`'s own message if bad."""
     return parse_fault(read_string(v, what))
+
+
+def _step_delay_fields(value: tuple[float | None, float | None] | None) -> dict:
+    absolute, per_gib = value or (None, None)
+    return {"downtime_step_delay_seconds": absolute,
+            "downtime_step_delay_per_gib_seconds": per_gib}
 
 
 def _completion_fields(value: tuple[float | None, float | None] | None) -> dict:
@@ -221,6 +228,33 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           "qemu policy: budget = downtime limit - the hand-over measured for this host pair "
           "(QEMU subtracts nothing)", flag="--subtract-fixed-downtime",
           toml="subtract_fixed_downtime"),
+    # switchover, the qemu policy's only: downtime that adapts and stall detection
+    # (`nodes.migration.decide.downtimesteps`, `nodes.migration.decide.stall`)
+    Field("downtime_steps", "switchover", None, optional(parse_downtime_steps),
+          "qemu policy: step the downtime limit up while the migration runs, STEPS+1 limits "
+          "from START to END, e.g. 150ms..1050ms/5 (OpenStack's downtime steps); vep291 is "
+          "KubeVirt's 150ms..1050ms ramp", flag="--downtime-steps", toml="downtime_steps",
+          metavar="START..END/STEPS", off_when_absent=True),
+    Field("downtime_step_delay", "switchover", None, optional(parse_completion_timeout),
+          "how long each downtime step holds, e.g. 2s, or per GiB of guest memory, e.g. "
+          "75s/GiB (OpenStack's default, used when not given)",
+          flag="--downtime-step-delay", metavar="DURATION", into=_step_delay_fields),
+    Field("downtime_step_delay_seconds", "switchover", None, optional(seconds),
+          "how long each downtime step holds", toml="downtime_step_delay",
+          label="downtime step delay (s)"),
+    Field("downtime_step_delay_per_gib_seconds", "switchover", None, optional(seconds),
+          "how long each downtime step holds per GiB of guest memory"),
+    Field("switchover_on_stall_seconds", "switchover", None, optional(seconds),
+          "qemu policy: when the remaining bytes have not reached a new low for DURATION, "
+          "switch over at their next local minimum (KubeVirt's VEP 248; beats "
+          "--progress-timeout)", flag="--switchover-on-stall", toml="switchover_on_stall",
+          metavar="DURATION", label="switch-over on stall (s)"),
+    Field("switchover_bandwidth_bytes_per_second", "switchover", None,
+          parse_bandwidth_or_unlimited,
+          "qemu policy: the bandwidth the switch-over decision uses instead of the measured "
+          "one, e.g. 1GiB (QEMU's avail-switchover-bandwidth)",
+          flag="--switchover-bandwidth", toml="switchover_bandwidth", metavar="RATE",
+          label="switch-over bandwidth (MiB/s)", scale=MiB),
     # convergence: the aids that make pre-copy finish (`nodes.migration.decide.convergence`)
     Field("auto_converge", "convergence", False, read_flag,
           "throttle the guest's vCPU when it dirties faster than pages go (QEMU's "
@@ -311,6 +345,10 @@ MIGRATION_FIELDS: tuple[Field, ...] = (
           "max-postcopy-bandwidth; default unlimited); requested pages always go at once",
           flag="--postcopy-bandwidth", toml="postcopy_bandwidth", metavar="RATE",
           label="post-copy push (MiB/s)", scale=MiB),
+    Field("postcopy_preempt", "postcopy", False, read_flag,
+          "after the switch, send requested pages on a connection of their own, ahead of "
+          "the background push (QEMU 8.0+'s postcopy-preempt)", flag="--postcopy-preempt",
+          toml="postcopy_preempt", label="post-copy preempt"),
     # checks: what a run injects and checks
     Field("faults", "checks", (), read_fault,
           f"inject a fault, e.g. stall-link@round1:2s, kill-destination@{Phase.STOP_AND_COPY}"

@@ -59,6 +59,9 @@ class Progress:
     dirty_pages: int = 0
     remaining_bytes: int = 0
     expected_downtime_seconds: float | None = None
+    # The qemu policy's downtime limit in force (it steps with --downtime-steps); None for
+    # the policies without one.
+    downtime_limit_seconds: float | None = None
     throughput_bytes_per_second: float = 0.0
     rounds: list = field(default_factory=list)
     fault: dict | None = None      # a host-kill fault the sender waits at (`nodes.faults`)

@@ -18,6 +18,9 @@ class SourceResult:
     error: str | None = None
     stop_reason: str | None = None
     stop_code: str | None = None           # a policy StopCode value; None if not completed
+    # The qemu policy's downtime limit in force when the live rounds ended (stepped by
+    # --downtime-steps); None for the policies without one.
+    downtime_limit_in_force_seconds: float | None = None
     mode_before: str = ""
     mode_during: str = "vp"
     profile: str | None = None

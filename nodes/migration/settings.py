@@ -15,6 +15,7 @@ from typing import Any
 from nodes.errors import ConfigError
 from nodes.faults.spec import FaultKind, as_faults
 from nodes.migration.decide.convergence import ConvergenceSettings
+from nodes.migration.decide.downtimesteps import parse_downtime_steps
 from nodes.migration.decide.policy import POLICIES, PrecopyPolicy, policy_for
 from nodes.migration.fields import MIGRATION_FIELDS, settings_section
 from nodes.migration.wire.capabilities import WireSettings
@@ -51,6 +52,35 @@ class SwitchoverSettings:
             raise ConfigError(f"downtime limit must be positive, got {self.downtime_limit_seconds}")
         if self.max_iterations is not None and self.max_iterations < 0:
             raise ConfigError(f"max iterations must be >= 0, got {self.max_iterations}")
+        self._check_adapting()
+
+    def _check_adapting(self) -> None:
+        """Downtime steps, stall detection and the switch-over bandwidth are the qemu
+        policy's (the others decide on no downtime limit)."""
+        asked = [flag for flag, value in (
+            ("--downtime-steps", self.downtime_steps),
+            ("--downtime-step-delay", self.downtime_step_delay_seconds
+             if self.downtime_step_delay_per_gib_seconds is None
+             else self.downtime_step_delay_per_gib_seconds),
+            ("--switchover-on-stall", self.switchover_on_stall_seconds),
+            ("--switchover-bandwidth", self.switchover_bandwidth_bytes_per_second))
+            if value is not None]
+        if asked and self.policy != "qemu":
+            raise ConfigError(f"{', '.join(asked)}: the qemu policy's (it switches over on a "
+                              f"downtime limit); the {self.policy} policy has none: use "
+                              "--policy qemu")
+        for name in ("downtime_step_delay_seconds", "downtime_step_delay_per_gib_seconds",
+                     "switchover_on_stall_seconds", "switchover_bandwidth_bytes_per_second"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name.removesuffix('_seconds').replace('_', '-')} must be "
+                                  f"positive, got {value!r}")
+        if self.downtime_step_delay_seconds is not None and \
+                self.downtime_step_delay_per_gib_seconds is not None:
+            raise ConfigError("give the downtime step delay once: absolute (2s) or per GiB "
+                              "(75s/GiB), not both")
+        if self.downtime_steps is not None:
+            parse_downtime_steps(self.downtime_steps, "downtime steps")
 
 
 @settings_section("postcopy")
@@ -72,6 +102,10 @@ class PostcopySettings:
             raise ConfigError(f"post-copy after a time needs seconds >= 0, got {seconds!r}")
         if rounds is not None or seconds is not None:
             object.__setattr__(self, "postcopy_allowed", True)     # each implies it
+        if self.postcopy_preempt and not self.postcopy_allowed:
+            raise ConfigError("--postcopy-preempt sends requested pages on a channel of their "
+                              "own after a post-copy switch: add --postcopy, --postcopy-after "
+                              "N or --postcopy-allowed")
         bw = self.postcopy_bandwidth_bytes_per_second
         if bw is not None:
             if not bw > 0:

@@ -49,11 +49,13 @@ class ConvergenceSettings:
 
 
 class ConvergenceInputs(Protocol):
-    """What the aids read of a migration's settings: their section, and the rate limit
-    Xen's adaptive rate starts from."""
+    """What the aids read of a migration's settings: their section, the rate limit Xen's
+    adaptive rate starts from, and whether stall detection switches (the progress timeout
+    then gives way to it)."""
 
     convergence: ConvergenceSettings
     rate_limit_bytes_per_second: float | None
+    switchover_on_stall_seconds: float | None
 
 
 def check_settings(s: ConvergenceSettings) -> None:
@@ -109,7 +111,8 @@ class Convergence:
         self.timeouts = Timeouts(
             completion_seconds(s.completion_timeout_seconds,
                                s.completion_timeout_per_gib_seconds, guest_bytes),
-            s.on_timeout, s.progress_timeout_seconds, t0)
+            s.on_timeout, s.progress_timeout_seconds, t0,
+            stall_switches=settings.switchover_on_stall_seconds is not None)
         self.adaptive = (AdaptiveRate(settings.rate_limit_bytes_per_second)
                          if s.adaptive_rate else None)
         self._limit_sleep0 = 0.0

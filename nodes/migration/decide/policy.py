@@ -55,13 +55,17 @@ class StopCode(StrEnum):
     PAUSED = "paused"
     POSTCOPY = "postcopy"
     RATE_CAP = "rate-cap"
+    # Stall detection (`nodes.migration.decide.stall`): no new low of the remaining bytes for
+    # a while, so the switch came at a local minimum of them (KubeVirt's VEP 248).
+    STALL_MINIMUM = "stall-minimum"
 
     @property
     def converged(self) -> bool:
         """Stopped on the policy's own target, not on one of its caps or an operator's."""
         return self not in (StopCode.MAX_ITERATIONS, StopCode.MAX_FACTOR,
                             StopCode.COMPLETION_TIMEOUT, StopCode.NO_PROGRESS,
-                            StopCode.PAUSED, StopCode.POSTCOPY, StopCode.RATE_CAP)
+                            StopCode.PAUSED, StopCode.POSTCOPY, StopCode.RATE_CAP,
+                            StopCode.STALL_MINIMUM)
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,9 @@ class QemuPolicy(PrecopyPolicy):
         self.fixed_downtime_seconds = fixed_downtime_seconds
         self.threshold_bytes = 0.0
         self.bandwidth_bytes_per_second: float | None = None
+        # QEMU 8.2's avail-switchover-bandwidth: what the threshold and the expected downtime
+        # use instead of the measured bandwidth (None: the measured one).
+        self.switchover_bytes_per_second: float | None = None
         self.expected_downtime_seconds = downtime_limit_seconds
         self.window_start: float | None = None
         self.window_bytes = 0
@@ -229,13 +236,26 @@ class QemuPolicy(PrecopyPolicy):
         if spent < self.WINDOW_SECONDS:
             return False
         transferred = bytes_sent - self.window_bytes
-        bandwidth = transferred / spent
-        self.bandwidth_bytes_per_second = bandwidth
+        self.bandwidth_bytes_per_second = transferred / spent
+        bandwidth = self.switchover_bytes_per_second or self.bandwidth_bytes_per_second
         self.threshold_bytes = bandwidth * self.budget_seconds
         if dirty_rate_known and transferred > 10000 and bandwidth > 0:
             self.expected_downtime_seconds = dirty_bytes_last_sync / bandwidth
         self.window_start, self.window_bytes = now, bytes_sent
         return True
+
+    def set_budget(self, downtime_limit_seconds: float | None,
+                   switchover_bytes_per_second: float | None) -> None:
+        """The switch-over arbiter's budget input (`nodes.migration.decide.downtimesteps`):
+        the downtime limit in force (None: keep it) and the switch-over bandwidth (None: the
+        measured one). Once a window has closed the threshold follows at once, so a stop
+        reports the limit it was decided on."""
+        if downtime_limit_seconds is not None:
+            self.downtime_limit_seconds = downtime_limit_seconds
+        self.switchover_bytes_per_second = switchover_bytes_per_second
+        if self.bandwidth_bytes_per_second is not None:    # 0 until the first window
+            bandwidth = switchover_bytes_per_second or self.bandwidth_bytes_per_second
+            self.threshold_bytes = bandwidth * self.budget_seconds
 
     def wants_exact(self, estimate_bytes: int) -> bool:
         """Sync the bitmap now? Only when the estimate is already below the threshold."""

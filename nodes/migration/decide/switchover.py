@@ -10,6 +10,9 @@ convergence aids and their timeouts, Xen's adaptive rate), and it orders them. T
 that answers wins, and when none does the policy's own CONTINUE stands:
 
 0. **cancel**: the operator's cancel (`MigrationCancelled` raised) before anything is decided.
+   **the budget** (`nodes.migration.decide.downtimesteps`): the downtime limit in force (it
+   steps up with the time) and the switch-over bandwidth are set on the qemu policy, which
+   decides on them next; it never decides itself.
 1. **the policy's own end**: ABORT, its own POSTCOPY, or a stop-and-copy on its target (a
    converged `StopCode`: what is pending fits, so, as QEMU completes before start_postcopy,
    nothing is worth post-copying).
@@ -17,6 +20,10 @@ that answers wins, and when none does the policy's own CONTINUE stands:
    (migrate-postcopy), after N live rounds, or once a time has passed.
 3. **the policy's other answers**: a stop on one of its caps (rounds, volume), which gives way
    to a due switch above; a throttle.
+   **stall detection** (`nodes.migration.decide.stall`): no new low of the remaining bytes
+   for a while: a stop at their next local minimum (`stall-minimum`). It reads every
+   decision's remaining bytes while the policy goes on, before the timeouts, whose progress
+   timeout shares its detector and gives way to it.
 4. **the aids' timeouts** (`Convergence.tick`: dirty-limit's period, then the completion
    timeout, which pauses, switches or aborts, and the progress timeout, which aborts by
    raising `MigrationTimedOut`): only consulted while the policy says go on.
@@ -33,14 +40,15 @@ the batches of a per-pass policy: the timeouts alone, the remaining bytes unread
 `cuts_pass` (the switch by time or request ends the pass under way; the next decision makes
 it), `switch_after` (a switch after N rounds ends a mid-pass policy's chunk at the pass's end).
 
-A new reason to switch (adaptive downtime, stall detection, post-copy preempt) is an input
-(a keyword of `Arbiter`) and a rule put into `RULES` where it belongs.
+A new reason to switch is an input (a keyword of `Arbiter`) and a rule put into `RULES` where
+it belongs, as the budget and stall detection are.
 """
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from nodes.migration.decide.downtimesteps import BudgetedPolicy
 from nodes.migration.decide.policy import Action, Decision, PrecopyStats, StopCode
 
 
@@ -101,6 +109,19 @@ class RateInput(Protocol):
     def between_rounds(self, rounds: Sequence[Round], page_size: int) -> Decision | None: ...
 
 
+class BudgetInput(Protocol):
+    """The downtime limit in force and the switch-over bandwidth
+    (`nodes.migration.decide.downtimesteps.SwitchoverBudget`)."""
+
+    def apply(self, policy: BudgetedPolicy, now: float) -> None: ...
+
+
+class StallInput(Protocol):
+    """Stall detection (`nodes.migration.decide.stall.StallSwitch`)."""
+
+    def decide(self, now: float, remaining_bytes: int | None) -> Decision | None: ...
+
+
 Rule = Callable[["Arbiter", Moment], Decision | None]
 
 
@@ -109,13 +130,16 @@ class Arbiter:
 
     def __init__(self, policy: Policy, *, cancel: Callable[[], None] | None = None,
                  switch: SwitchTrigger | None = None, aids: Aids | None = None,
-                 adaptive: RateInput | None = None,
+                 adaptive: RateInput | None = None, budget: BudgetInput | None = None,
+                 stall: StallInput | None = None,
                  rules: "tuple[Rule, ...] | None" = None):
         self.policy = policy
         self.cancel = cancel          # raises MigrationCancelled when the operator cancelled
         self.switch = switch          # None: post-copy not allowed
         self.aids = aids
         self.adaptive = adaptive
+        self.budget = budget          # None: the policy's fixed limit, measured bandwidth
+        self.stall = stall            # None: no stall detection
         self.rules = RULES if rules is None else rules
         self._said: tuple[Moment, Decision] | None = None
 
@@ -158,6 +182,13 @@ def cancelled(arb: Arbiter, moment: Moment) -> Decision | None:
     return None
 
 
+def budget(arb: Arbiter, moment: Moment) -> Decision | None:
+    """0. The limit in force and the switch-over bandwidth, set for the policy to read."""
+    if arb.budget is not None:
+        arb.budget.apply(arb.policy, moment.now)
+    return None
+
+
 def policy_end(arb: Arbiter, moment: Moment) -> Decision | None:
     """1. The policy aborts, switches by itself, or stopped on its own target."""
     d = arb.policy_says(moment)
@@ -182,6 +213,11 @@ def policy_other(arb: Arbiter, moment: Moment) -> Decision | None:
     return None if d.action is Action.CONTINUE else d
 
 
+def stall_minimum(arb: Arbiter, moment: Moment) -> Decision | None:
+    """3. Stalled: a stop at the remaining bytes' next local minimum."""
+    return arb.stall.decide(moment.now, moment.remaining_bytes) if arb.stall else None
+
+
 def timeouts(arb: Arbiter, moment: Moment) -> Decision | None:
     """4. The aids' period and timeouts, on the exact remaining bytes when readable."""
     return arb.aids.tick(moment.now, moment.remaining_bytes) if arb.aids is not None else None
@@ -194,5 +230,5 @@ def adaptive_rate(arb: Arbiter, moment: Moment) -> Decision | None:
     return arb.adaptive.between_rounds(moment.rounds, moment.stats.page_size)
 
 
-RULES: tuple[Rule, ...] = (cancelled, policy_end, postcopy_due, policy_other, timeouts,
-                           adaptive_rate)
+RULES: tuple[Rule, ...] = (cancelled, budget, policy_end, postcopy_due, policy_other,
+                           stall_minimum, timeouts, adaptive_rate)

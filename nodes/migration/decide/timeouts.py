@@ -9,6 +9,7 @@ from enum import StrEnum
 
 from nodes.errors import ConfigError, MigrationTimedOut
 from nodes.migration.decide.policy import Action, Decision, StopCode
+from nodes.migration.decide.stall import Watermark
 
 GIB = 1 << 30
 
@@ -39,16 +40,25 @@ def completion_seconds(absolute: float | None, per_gib: float | None,
 
 class Timeouts:
     """Checked while pre-copy runs (`check`): a Decision to end it, or None to go on.
-    An abort raises MigrationTimedOut (status cancelled, with its stop code)."""
+    An abort raises MigrationTimedOut (status cancelled, with its stop code).
+
+    The progress timeout reads the one stall detector (`low`, a `Watermark`), which stall
+    detection shares (`nodes.migration.decide.stall`); `stall_switches`: it is set too, and
+    the switch wins, so no stall aborts."""
 
     def __init__(self, completion: float | None, on_timeout: OnTimeout | str,
-                 progress: float | None, t0: float):
+                 progress: float | None, t0: float, low: Watermark | None = None,
+                 stall_switches: bool = False):
         self.completion = completion
         self.on_timeout = OnTimeout(on_timeout)
-        self.progress = progress
+        self.progress = None if stall_switches else progress
         self.t0 = t0
-        self.watermark: int | None = None      # the lowest remaining bytes seen
-        self.watermark_at = t0
+        self.low = Watermark(t0) if low is None else low
+
+    @property
+    def watermark(self) -> int | None:
+        """The lowest remaining bytes seen."""
+        return self.low.low
 
     @property
     def armed(self) -> bool:
@@ -60,10 +70,9 @@ class Timeouts:
         if self.completion is not None and now - self.t0 >= self.completion:
             return self._completion_timeout()
         if self.progress is not None:
-            if remaining_bytes is not None and (self.watermark is None
-                                                or remaining_bytes < self.watermark):
-                self.watermark, self.watermark_at = remaining_bytes, now
-            elif now - self.watermark_at >= self.progress:
+            before = self.low.low
+            self.low.observe(now, remaining_bytes)
+            if self.low.low == before and self.low.stalled(now, self.progress):
                 raise MigrationTimedOut(
                     f"no progress: the remaining bytes have not dropped below "
                     f"{self.watermark} in {self.progress:g} s (--progress-timeout)",

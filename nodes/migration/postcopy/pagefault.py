@@ -91,6 +91,7 @@ class MissingPageFaults(Protocol):
 
     fault_path: str
     latency: FaultLatency
+    asked_at: np.ndarray          # per pfn: when it was asked for (0: not outstanding)
     blocked_seconds: float
     faults: int
     lost: str | None

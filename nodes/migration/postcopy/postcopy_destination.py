@@ -14,6 +14,11 @@ At POSTCOPY_RUN (`PostcopyDestination.run`):
 3. **finish**: every page is here, the page tables are valid: the guest leaves VP for its own
    mode (P2M), and RESULT (with the digest of the pages as they landed) goes back.
 
+With post-copy preempt (`preempt`) the requested pages come on a second connection, accepted
+at the resume and after each recovery, landed by a thread of its own; the data channel's END
+waits for its END. Each requested page is timed by the channel it landed from (`by_channel`:
+the report's split of the fault latency).
+
 If the post-copy cannot complete (the source died, it gave up, this host is going), the guest
 is lost: its vCPU stops, its frames are freed, and the source is told (ABORT).
 """
@@ -25,7 +30,13 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
-from nodes.migration.postcopy.pagefault import FaultsFactory, MissingPageFaults, PageFaults
+from nodes.migration.postcopy.pagefault import (
+    FaultLatency,
+    FaultsFactory,
+    MissingPageFaults,
+    PageFaults,
+)
+from nodes.migration.postcopy.preempt import CHANNELS, PreemptReceiver
 from nodes.migration.postcopy.recovery import accept_recovery
 from nodes.migration.postcopy.returnpath import ReturnPath
 from nodes.migration.receive.landing import Landing
@@ -98,6 +109,8 @@ class PostcopyDestination:
         self.resume_wall: float | None = None
         self.end_wall: float | None = None
         self.stale_pages = 0
+        self.preempt: PreemptReceiver | None = None
+        self.by_channel = {ch: FaultLatency() for ch in CHANNELS}
 
     def run(self, reader: RecordReader) -> None:
         self.resume()
@@ -113,6 +126,8 @@ class PostcopyDestination:
         self.faults = self.make_faults(rx.landing.received, self.path.request)
         dom.on_missing = self.faults.handle
         dom.present = rx.landing.received
+        if rx.settings.postcopy_preempt:
+            self.preempt = self._open_preempt()
         rx.make_vcpu()
         with dom.lock:
             dom.state = DomainState.PAUSED
@@ -125,18 +140,38 @@ class PostcopyDestination:
 
     def _landed(self, pfns: np.ndarray) -> None:
         """The landing's `on_present`, given before the fault handler is made."""
-        self.faults.landed(pfns)
+        self._landed_from(pfns, "main")
+
+    def _landed_preempt(self, pfns: np.ndarray) -> None:
+        self._landed_from(pfns, "preempt")
+
+    def _landed_from(self, pfns: np.ndarray, channel: str) -> None:
+        """The fault handler told, and each page asked for timed by its channel."""
+        faults = self.faults
+        asked = faults.asked_at[pfns]
+        hit = asked > 0
+        faults.landed(pfns)
+        if hit.any():
+            self.by_channel[channel].observe(time.monotonic() - asked[hit])
+
+    def _open_preempt(self) -> PreemptReceiver:
+        rx = self.rx
+        return PreemptReceiver(rx.listener, rx.info.migration_id, rx.landing,
+                               self._landed_preempt, rx.settings.timeout_seconds)
 
     # -- 2. receive -----------------------------------------------------------------------
     def receive(self, reader: RecordReader) -> None:
+        why: BaseException | None = None
         while True:
             try:
+                if why is not None:
+                    reader, why = self._recover(why), None
                 self._until_end(reader)
                 return
             except (PeerAborted, GuestLost):
                 raise
             except (ConnectionLost, StreamError) as exc:
-                reader = self._recover(exc)
+                why = exc
 
     def _until_end(self, reader: RecordReader) -> None:
         landing = self.rx.landing
@@ -145,6 +180,8 @@ class PostcopyDestination:
                 raise GuestLost(self.faults.lost)
             rec = reader.expect(RT.PAGE_DATA, RT.END)
             if rec.type == RT.END:
+                if self.preempt is not None:
+                    self.preempt.wait_end(self.rx.settings.timeout_seconds)
                 if landing.missing_pages:
                     raise StreamError(f"END with {landing.missing_pages} pages still missing")
                 return
@@ -157,6 +194,7 @@ class PostcopyDestination:
         rx.status = Outcome.PAUSED
         self.pauses += 1
         self.path.attach(None)
+        self._close_preempt()
         rx.drop_connection()
         got = accept_recovery(rx.listener, rx.info.migration_id, rx.settings.timeout_seconds,
                               lambda: not rx.killed and self.faults.lost is None)
@@ -167,6 +205,8 @@ class PostcopyDestination:
         reader = rx.attach_connection(conn)
         self.path.attach(conn)
         self.path.send(RT.RECV_BITMAP, {"bitmap": pagesets.encode_bitmap(rx.landing.received)})
+        if rx.settings.postcopy_preempt:      # the source opens it once it has the bitmap
+            self.preempt = self._open_preempt()
         self.path.send(RT.POSTCOPY_RESUMED, {"resume_wall": self.resume_wall})
         waiting = self.faults.outstanding()
         if len(waiting):
@@ -184,6 +224,7 @@ class PostcopyDestination:
         with dom.lock:
             dom.present = None
             dom.on_missing = None
+        self._close_preempt()
         self.faults.finish()
         hv.set_mode(rx.name, rx.mode_after)
         dom.migrating = False
@@ -201,12 +242,18 @@ class PostcopyDestination:
         self.faults.lose(f"the post-copy of {rx.name} cannot complete: {why}")
         rx.status, rx.error = Outcome.FAILED, why
         self.path.send(RT.ABORT, {"error": why[:1000]})
+        self._close_preempt()                 # nothing lands into frames about to go
         rx.runtime.discard_guest(rx.name)     # its process goes before its uffd closes
         self.faults.stop()
         try:
             rx.hv.destroy_domain(rx.name, force=True)
         except MigbedError:
             pass
+
+    def _close_preempt(self) -> None:
+        preempt, self.preempt = self.preempt, None
+        if preempt is not None:
+            preempt.close()
 
     def lose(self, why: str) -> None:
         """The control plane says the guest is lost (its source died after the switch)."""
@@ -223,7 +270,11 @@ class PostcopyDestination:
                 "duplicates_dropped": landing.duplicates,
                 "pauses": self.pauses, "paused_seconds": self.paused_seconds,
                 "resume_wall": self.resume_wall, "end_wall": self.end_wall,
-                "completed": self.done, "lost": self.lost}
+                "completed": self.done, "lost": self.lost,
+                "fault_latency_by_channel": {
+                    ch: {"fault_latency_seconds": lat.to_dict(), "pages": lat.count,
+                         "fault_latency_mean_seconds": lat.mean_seconds}
+                    for ch, lat in self.by_channel.items()}}
 
 
 __all__ = ["PostcopyDestination"]

@@ -11,7 +11,9 @@ pipeline as pre-copy's.
   link's speed; a requested page already sent is skipped; the push then continues after the
   last requested page, so its neighbours follow. The push itself is paced by the post-copy
   bandwidth (QEMU's max-postcopy-bandwidth), a wait that any request cuts short. END, then
-  the destination's RESULT once it has every page.
+  the destination's RESULT once it has every page. With `--postcopy-preempt` the requested
+  pages go instead on a connection of their own (`preempt`), opened at the switch, by a
+  thread of their own, ahead of the push; the push and it share the cursor under a lock.
 
 A broken link after the switch (an I/O error, or no progress for the timeout) pauses the
 migration: the source reconnects by itself for the timeout (`recovery`), else the phase
@@ -36,6 +38,7 @@ from nodes.errors import (
 from nodes.migration.decide.policy import Action
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
 from nodes.migration.postcopy import recovery
+from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.postcopy.state import PostcopySource
 from nodes.migration.progress import RoundStats
 from nodes.migration.results import SourceResult
@@ -117,6 +120,8 @@ class Switch:
         pc.round = RoundStats(index=len(pages.rounds), final=True, postcopy=True)
         pc.switched_at_seconds = paused - s.clock.t0
         try:
+            if s.settings.postcopy_preempt:            # accepted by the destination at RUN
+                pc.preempt = PreemptSender(ctx, pc)
             ctx.send_record(RT.POSTCOPY_RUN)
             link.flush(s.settings.timeout_seconds)
         except MigbedError as exc:                     # the push recovers the link
@@ -154,6 +159,9 @@ class PostcopyPush:
                     raise recovery.still_paused(ctx, pc, timeout) from None
         paused = ctx.handover.pause_mono
         rnd = pc.round
+        pc.close_preempt()                    # its pages and bytes are the round's too
+        rnd.pages_sent += pc.preempt_pages
+        rnd.bytes_sent += pc.preempt_bytes
         rnd.duration_seconds = time.monotonic() - paused
         ctx.round_done(rnd)
         r.destination_digest = pc.result["digest"]
@@ -175,9 +183,10 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
             break
         if pc.wait_push():
             continue                     # a request came first: it goes before the push
-        if cursor.at_end:
-            cursor.wrap()
-        pfns = cursor.take(batch)
+        with pc.cursor_lock:              # the preempt channel takes requested pages from it
+            if cursor.at_end:
+                cursor.wrap()
+            pfns = cursor.take(batch)
         if not len(pfns):
             continue
         start = time.monotonic()
@@ -189,6 +198,8 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
             s.faults.at(Phase.POSTCOPY)
     if not fired:
         s.faults.at(Phase.POSTCOPY)
+    if pc.preempt is not None:           # nothing of it still on its way before END
+        pc.preempt.finish(s.settings.timeout_seconds)
     ctx.send_record(RT.END)
     ctx.channel.link.flush(s.settings.timeout_seconds)
     result = pc.wait_result(s.settings.timeout_seconds)
@@ -203,12 +214,14 @@ def serve(ctx: SourceContext, pc: PostcopySource) -> None:
     are skipped; the push continues after the last page asked for."""
     pages = ctx.pages
     for pfns in pc.take_requests():
-        wanted = pages.cursor.take_these(pfns)
-        pc.requests_already_sent += len(pfns) - len(wanted)
+        with pc.cursor_lock:
+            wanted = pages.cursor.take_these(pfns)
+            pc.requests_already_sent += len(pfns) - len(wanted)
+            pc.pages_requested += len(wanted)
+            if len(wanted):
+                pages.cursor.seek(int(wanted[-1]) + 1)
         if len(wanted):
             pages.pipeline.send(wanted, pc.round)
-            pc.pages_requested += len(wanted)
-            pages.cursor.seek(int(wanted[-1]) + 1)
 
 
 def push_batch_pages(ctx: SourceContext) -> int:

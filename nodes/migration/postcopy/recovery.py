@@ -11,7 +11,8 @@ the destination, a vCPU touching a missing page waits.
   operator saying the link is back (a cut link stays down until then).
 - The destination (`accept_recovery`) waits for that connection as long as it takes (its
   guest depends on it), answers with the set of pages it has (RECV_BITMAP), asks again for
-  the pages its vCPU still waits for, and says again when its guest resumed.
+  the pages its vCPU still waits for, and says again when its guest resumed. With post-copy
+  preempt both open the preempt channel again once the bitmap has crossed.
 - The source then sends every page the destination does not have, once more from pfn 0:
   whatever was in flight when the link broke goes again; nothing is applied twice, since the
   landing takes only pages still missing.
@@ -22,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import GuestLost, MigbedError, MigrationError, PostcopyPaused
+from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.receive.reader import RecordReader
 from nodes.migration.send.source_context import Channel, SourceContext
 from nodes.migration.wire import pagesets, records
@@ -103,10 +105,18 @@ def _attempt(ctx: SourceContext, pc: "PostcopySource", wire, timeout: float) -> 
     except (MigbedError, OSError):
         sock.close()
         return False
-    ctx.pages.cursor.reset(~received)
+    with pc.cursor_lock:
+        ctx.pages.cursor.reset(~received)
     ctx.channel = Channel(sock, link, reader)
     ctx.pages.pipeline.link = link
     s.faults.attach(sock, link)
+    if s.settings.postcopy_preempt:        # its preempt channel again, before any request
+        try:
+            pc.preempt = PreemptSender(ctx, pc)
+        except (MigbedError, OSError):
+            pc.earlier_links_bytes += link.bytes_sent
+            ctx.channel.drop()
+            return False
     pc.start_reader(ctx.channel, dom.npages)
     return True
 

@@ -12,6 +12,7 @@ import numpy as np
 from nodes.errors import ConnectionLost, MigbedError
 from nodes.migration.clock import to_source_clock
 from nodes.migration.decide.policy import PrecopyStats
+from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.postcopy.returnpath import RequestReader
 from nodes.migration.postcopy.trigger import SwitchRule
 from nodes.migration.progress import RoundStats
@@ -38,6 +39,13 @@ class PostcopySource:
         self.resume_wall: float | None = None
         self.resume_seen: float | None = None     # monotonic: RESUMED reached this side
         self.reader: RequestReader | None = None
+        # The preempt channel (`preempt.PreemptSender`; None: requests go to the push), the
+        # cursor's lock the push shares with it, and what its channels carried so far.
+        self.preempt: PreemptSender | None = None
+        self.cursor_lock = threading.Lock()
+        self.preempt_pages = 0
+        self.preempt_bytes = 0
+        self.preempt_channels = 0                # opened: one at the switch, one a recovery
         self.switched = False                    # RUN went out: the guest is the destination's
         self.paused = False
         self.round: RoundStats | None = None
@@ -73,8 +81,10 @@ class PostcopySource:
     # -- the return path's news (from the RequestReader thread) ----------------------------
     def requested(self, pfns: np.ndarray) -> None:
         with self.cond:
-            self.queue.append(pfns)
             self.requests += len(pfns)
+            if self.preempt is not None and self.preempt.ask(pfns):
+                return                       # on the preempt channel, ahead of the push
+            self.queue.append(pfns)
             self.cond.notify_all()
 
     def resumed(self, wall: float) -> None:
@@ -115,6 +125,17 @@ class PostcopySource:
         if self.reader is not None:
             self.reader.stop()
             self.reader = None
+        self.close_preempt()
+
+    def close_preempt(self) -> None:
+        """Drop the preempt channel (the link broke, or the migration ended), its figures
+        kept."""
+        with self.cond:
+            preempt, self.preempt = self.preempt, None
+        if preempt is not None:
+            preempt.close()
+            self.preempt_pages += preempt.pages
+            self.preempt_bytes += preempt.bytes_sent
 
     # -- pacing and waiting -------------------------------------------------------------------
     def pushed(self, nbytes: int, start: float) -> None:
@@ -154,7 +175,8 @@ class PostcopySource:
         r.switched = self.switched
         if not self.switched:
             return                    # finished as pre-copy: `finish` split its bytes
-        total = self.earlier_links_bytes + link_bytes
+        self.close_preempt()
+        total = self.earlier_links_bytes + link_bytes + self.preempt_bytes
         r.bytes_sent_total = total
         r.precopy_bytes = self.precopy_bytes
         r.downtime_bytes = self.downtime_bytes
@@ -168,7 +190,10 @@ class PostcopySource:
             "pages_requested": self.pages_requested, "pages_pushed": self.pages_pushed,
             "requests_already_sent": self.requests_already_sent,
             "recoveries": self.recoveries, "paused_seconds": self.paused_seconds,
-            "guest_rate_before": self.guest_rate_before}
+            "guest_rate_before": self.guest_rate_before,
+            "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes,
+                              "preempt": self.preempt_bytes},
+            "preempt_pages": self.preempt_pages, "preempt_channels": self.preempt_channels}
 
     def fail(self, session: Session, r: SourceResult) -> None:
         """The migration failed after the switch. If the destination had confirmed the whole

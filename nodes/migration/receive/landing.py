@@ -79,9 +79,11 @@ class Landing:
         self.duplicates = 0                       # pages that arrived already present
         self._main = RecordSink(self)
 
-    def sink(self) -> "RecordSink":
-        """A sink of its own for another reader landing into this guest."""
-        return RecordSink(self)
+    def sink(self, on_present: Callable[[np.ndarray], None] | None = None) -> "RecordSink":
+        """A sink of its own for another reader landing into this guest; after the switch
+        its pages are told to `on_present` instead of the landing's own (post-copy's
+        preempt channel times its faults apart)."""
+        return RecordSink(self, on_present)
 
     # -- the main reader's records ------------------------------------------------------
     def land(self, pd: "records.PageData | IncomingPages") -> None:
@@ -112,13 +114,15 @@ class Landing:
             raise StreamError("a PAGE_DATA record names a page twice")
         return ~self.received[pfns]
 
-    def present(self, pfns: np.ndarray) -> None:
-        """After the switch: these pages have landed and the guest may touch them."""
+    def present(self, pfns: np.ndarray,
+                on_present: Callable[[np.ndarray], None] | None = None) -> None:
+        """After the switch: these pages have landed and the guest may touch them (told to
+        `on_present`, else the landing's own)."""
         if len(pfns):
             with self._lock:
                 self.received[pfns] = True
                 self.applied[pfns] += 1
-            self.on_present(pfns)
+            (on_present or self.on_present)(pfns)
 
     # -- what every sink does to the guest ---------------------------------------------------
     def arrived(self, pfns: np.ndarray) -> None:
@@ -132,7 +136,8 @@ class Landing:
             self.pages_received += pages
             self.duplicates += duplicates
 
-    def land_zero(self, pfns: np.ndarray) -> None:
+    def land_zero(self, pfns: np.ndarray,
+                  on_present: Callable[[np.ndarray], None] | None = None) -> None:
         """Zero pages: nothing written where no page has landed yet, zeros where one has.
         After the switch only the missing ones land (their frames may hold a stale copy)."""
         if self.after_switch:
@@ -142,7 +147,7 @@ class Landing:
             if self.verify:
                 self.hashes[pfns] = self.zero_hash
             self.counted(len(pfns) + stale, stale)
-            self.present(pfns)
+            self.present(pfns, on_present)
             return
         self._zero(pfns[self.received[pfns]])
         if self.verify:
@@ -199,8 +204,10 @@ class RecordSink:
     """One reader's landing of its records: the record under way, its chunks and a staging
     buffer of its own."""
 
-    def __init__(self, landing: Landing):
+    def __init__(self, landing: Landing,
+                 on_present: Callable[[np.ndarray], None] | None = None):
         self.landing = landing
+        self.on_present = on_present              # None: the landing's own
         self.memory = landing.memory
         self.dom = landing.dom
         self.staging = np.empty((RECV_CHUNK_PAGES, landing.memory.page_size), dtype=np.uint8)
@@ -273,7 +280,7 @@ class RecordSink:
             elif rows.any():
                 self.memory.write(self.mfns[start:stop][rows], pages[rows])
         if keep is not None:
-            landing.present(self.pfns[start:stop][keep & ~tables])
+            landing.present(self.pfns[start:stop][keep & ~tables], self.on_present)
 
     def done(self) -> None:
         """The whole record has arrived: page tables made this host's, pfns marked, zero
@@ -284,12 +291,12 @@ class RecordSink:
             self.memory.write(self.mfns[self.tables[kept]],
                               landing.tables_in(self.scratch[kept]).view(np.uint8))
         if self.after_switch:
-            landing.present(self.pfns[self.tables[kept]])
+            landing.present(self.pfns[self.tables[kept]], self.on_present)
             landing.counted(len(self.pfns), int(np.count_nonzero(~self.fresh)))
         else:
             landing.arrived(self.pfns)
         if len(self.zero_pfns):
-            landing.land_zero(self.zero_pfns)
+            landing.land_zero(self.zero_pfns, self.on_present)
 
     # -- one record, one way ----------------------------------------------------------------
     def land(self, pd: "records.PageData | IncomingPages") -> None:

@@ -34,7 +34,9 @@ import time
 from nodes.errors import MigrationCancelled, MigrationError
 from nodes.migration.decide import fixeddowntime, throttle
 from nodes.migration.decide.adaptive import PacedRate
+from nodes.migration.decide.downtimesteps import budget_of
 from nodes.migration.decide.policy import Action, Decision, PrecopyStats, QemuPolicy
+from nodes.migration.decide.stall import StallSwitch
 from nodes.migration.decide.switchover import Arbiter, Moment
 from nodes.migration.progress import RoundStats
 from nodes.migration.send.source_context import PassUnderWay, SourceContext
@@ -60,6 +62,7 @@ class LiveRounds:
         r = ctx.session.result
         r.stop_reason = decision.reason
         r.stop_code = decision.stop_code.value if decision.stop_code else None
+        r.downtime_limit_in_force_seconds = ctx.session.progress.downtime_limit_seconds
         drain(ctx)
 
 
@@ -80,14 +83,19 @@ def start_aids(ctx: SourceContext) -> None:
 
 def arbiter_for(ctx: SourceContext) -> Arbiter:
     """This migration's switch-over arbiter: the policy, the operator's cancel, the post-copy
-    trigger when post-copy is allowed, the aids, and (between passes) Xen's adaptive rate,
-    which paces the link."""
-    sw = ctx.switch
+    trigger when post-copy is allowed, the aids, (between passes) Xen's adaptive rate, which
+    paces the link, and the qemu policy's budget (stepped limit, switch-over bandwidth) and
+    stall detection, which shares the progress timeout's detector."""
+    sw, s = ctx.switch, ctx.session
     rate = sw.convergence.adaptive
     paced = (PacedRate(rate, ctx.channel.link.set_rate_limit)
              if rate is not None and not sw.policy.mid_pass else None)
-    return Arbiter(sw.policy, cancel=ctx.session.check_cancel, switch=sw.postcopy,
-                   aids=sw.convergence, adaptive=paced)
+    stall = s.settings.switchover_on_stall_seconds
+    return Arbiter(sw.policy, cancel=s.check_cancel, switch=sw.postcopy,
+                   aids=sw.convergence, adaptive=paced,
+                   budget=budget_of(s.settings, s.dom.npages * s.hv.page_size, s.clock.t0),
+                   stall=(StallSwitch(sw.convergence.timeouts.low, stall)
+                          if stall is not None else None))
 
 
 # -- deciding between passes -------------------------------------------------------------------
@@ -267,11 +275,16 @@ def decide(ctx: SourceContext, arb: Arbiter, pending_pages: int) -> Decision:
     stats = precopy_stats(ctx, pending_pages)
     p = ctx.session.progress
     p.remaining_bytes = stats.pending_bytes
-    p.expected_downtime_seconds = expected_downtime(ctx, stats)
     if not policy.mid_pass and stats.measured_bytes_per_second:
         p.throughput_bytes_per_second = stats.measured_bytes_per_second
     decision = arb.decide(Moment(stats, time.monotonic(), stats.pending_bytes,
                                  ctx.pages.rounds))
+    p.expected_downtime_seconds = expected_downtime(ctx, stats)
+    limit = getattr(policy, "downtime_limit_seconds", None)    # the qemu policy's only
+    stepped = p.downtime_limit_seconds is not None and limit != p.downtime_limit_seconds
+    p.downtime_limit_seconds = limit
+    if stepped:
+        ctx.sample("downtime-step")      # the timeline draws each step
     if decision.action is Action.POSTCOPY and ctx.switch.postcopy is None:
         raise MigrationError(f"policy {policy.name} would switch to post-copy "
                              f"({decision.reason}), which this migration does not allow: "

@@ -82,6 +82,7 @@ class RecordType(IntEnum):
     REQ_PAGES = 0x43           # back: the guest touched these missing pages
     POSTCOPY_RECOVER = 0x44    # a new connection that resumes a paused post-copy
     RECV_BITMAP = 0x45         # back: the pages the destination has
+    POSTCOPY_PREEMPT = 0x46    # the first record on the preempt channel (requested pages)
     ROUND_STATS = OPTIONAL | 0x01
     SOURCE_TIMING = OPTIONAL | 0x02
 
@@ -137,6 +138,7 @@ SCHEMAS: dict[RecordType, dict[str, tuple[type, ...]]] = {
     RecordType.REQ_PAGES: {"pfns": (bytes,)},
     RecordType.POSTCOPY_RECOVER: {"migration_id": (str,)},
     RecordType.RECV_BITMAP: {"bitmap": (bytes,)},
+    RecordType.POSTCOPY_PREEMPT: {"migration_id": (str,)},
     RecordType.ROUND_STATS: {"rounds": (list,)},
     RecordType.SOURCE_TIMING: {"pause_wall": _NUM, "final_round_pages": (int,),
                                "clock_offset_seconds": (float, type(None)),

@@ -1,0 +1,66 @@
+"""The writable working set's curve: folding ticks into windows, the fit, the file."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nodes.errors import ConfigError
+from workloads.writableset import FORMAT, WssCurve, curve_from_ticks, window_counts
+
+
+def test_window_counts_are_the_distinct_pages_of_every_run_of_ticks():
+    ticks = [np.array([0, 1]), np.array([1]), np.array([2, 3]), np.array([], dtype=np.int64)]
+    mean, maxes = window_counts(ticks, npages=8, max_ticks=3)
+    # k=1: {0,1},{1},{2,3},{} -> 2,1,2,0; k=2: {0,1},{1,2,3},{2,3} -> 2,3,2;
+    # k=3: {0,1,2,3},{1,2,3} -> 4,3
+    assert mean.tolist() == [5 / 4, 7 / 3, 3.5]
+    assert maxes.tolist() == [2, 3, 4]
+
+
+def _hotset_ticks(data_pages: int, hot: int, rate: float, share: float, n: int, tick: float,
+                  seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        writes = rng.poisson(rate * tick)
+        on_hot = rng.binomial(writes, share)
+        out.append(np.concatenate([rng.integers(0, hot, on_hot),
+                                   rng.integers(hot, data_pages, writes - on_hot)]))
+    return out
+
+
+def test_the_fit_recovers_a_hot_set_within_ten_percent():
+    ticks = _hotset_ticks(16000, 1600, 10000, 0.9, 300, 0.01)
+    curve = curve_from_ticks(ticks, 0.01, data_pages=16000, guest_pages=16384, page_size=4096)
+    assert abs(curve.wws_pages - 1600) / 1600 < 0.10
+    assert curve.windows_seconds[0] == pytest.approx(0.01)
+    assert list(curve.pages) == sorted(curve.pages)          # longer windows, more pages
+    assert abs(curve.rate_pages_per_second - 10000) / 10000 < 0.10
+
+
+def test_a_curve_round_trips_through_its_json():
+    ticks = _hotset_ticks(4000, 400, 4000, 0.9, 50, 0.01)
+    curve = curve_from_ticks(ticks, 0.01, data_pages=4000, guest_pages=4096, page_size=4096,
+                             guest="g", vcpu="thread", dirty_log="emulated")
+    again = WssCurve.from_json(curve.to_json())
+    assert again == curve
+    assert json.loads(curve.to_json())["format"] == FORMAT
+
+
+@pytest.mark.parametrize("text, match", [
+    ("not json", "must be JSON"),
+    ('{"format": "other"}', "not a WSS curve"),
+    (json.dumps({"format": FORMAT, "windows_seconds": [0.1], "pages": [1.0],
+                 "pages_max": [1.0], "data_pages": 10, "guest_pages": 5,
+                 "page_size": 4096}), "data_pages"),
+    (json.dumps({"format": FORMAT, "windows_seconds": [0.2, 0.1], "pages": [1.0, 2.0],
+                 "pages_max": [1.0, 2.0], "data_pages": 4, "guest_pages": 5,
+                 "page_size": 4096}), "increasing"),
+    (json.dumps({"format": FORMAT, "windows_seconds": list(range(1, 100)),
+                 "pages": [1.0], "pages_max": [1.0], "data_pages": 4, "guest_pages": 5,
+                 "page_size": 4096}), "at most"),
+])
+def test_a_bad_curve_file_is_one_clear_error(text, match):
+    with pytest.raises(ConfigError, match=match):
+        WssCurve.from_json(text)
