@@ -174,3 +174,18 @@ def test_trace_info_and_list_and_a_forged_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "truncated" in err
     assert main(["trace", "info", "no-such-trace"]) == 2
+
+
+def test_a_trace_gives_the_wss_curve_the_model_reads(tmp_path):
+    """`trace info --wss` writes the curve `migbed model --wss` reads: per tick, the mean
+    distinct pages of an interval; the whole trace at its longest window."""
+    from workloads.writableset import WssCurve
+    per = [[1, 2, 3], [3, 4], [1, 2, 3], [5]] * 5
+    trace = make_trace(header(duration_seconds=0.2), [0.01 * (i + 1) for i in range(20)], per)
+    path = tmp_path / "t.mbtrace"
+    path.write_bytes(encode(trace))
+    assert main(["trace", "info", str(path), "--wss", str(tmp_path / "w.json")]) == 0
+    curve = WssCurve.from_json((tmp_path / "w.json").read_text())
+    assert curve.windows_seconds[0] == pytest.approx(0.01)
+    assert curve.pages[0] == pytest.approx(np.mean([len(p) for p in per]))
+    assert curve.data_pages == 5 and max(curve.pages_max) == 5

@@ -5,7 +5,8 @@ Why here, beside the format: the same figures are computed on a recording and on
 kernel log, so both sides must use one definition. The writable working set curve is the
 simple one of Clark et al.: for a window of w seconds, the mean number of distinct pages
 written in the trace's windows of that length (non-overlapping, aligned to its intervals).
-(The `measure` helper's WSS module may replace this; the definition is the same.)
+`wss_of_trace` gives the same trace in `workloads.writableset`'s curve format (sliding
+windows, fitted), which `migbed model --wss` reads.
 """
 
 import math
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from workloads.tracefile import Trace
+from workloads.writableset import WssCurve, curve_from_ticks
 
 # The content figures: the trace's sampled pages, as zero-page detection, compression and
 # XBZRLE see them.
@@ -76,6 +78,29 @@ def wss_curve(trace: Trace, windows: list[float] | None = None) -> list[tuple[fl
     """[(window seconds, mean distinct pages written in such a window)]."""
     windows = window_seconds(trace) if windows is None else windows
     return [(w, float(distinct_per_window(trace, w).mean())) for w in windows]
+
+
+def ticks_by_clock(trace: Trace) -> list[np.ndarray]:
+    """The trace as ticks of one interval each, by the clock (an interval's pages in the tick
+    its end falls in; two late scans in one tick are merged), its pages compacted: what
+    `workloads.writableset.curve_from_ticks` reads."""
+    w = trace.interval_seconds
+    n_bins = max(int(math.ceil(trace.duration_seconds / w - 1e-9)), 1)
+    bins = np.clip((trace.times_seconds / w - 1e-9).astype(np.int64), 0, n_bins - 1)
+    compacted = np.searchsorted(sorted_unique(trace.pages), trace.pages)
+    per_page_bin = np.repeat(bins, trace.counts)
+    order = np.argsort(per_page_bin, kind="stable")
+    cuts = np.searchsorted(per_page_bin[order], np.arange(n_bins + 1))
+    return [sorted_unique(compacted[order[cuts[b]:cuts[b + 1]]]) for b in range(n_bins)]
+
+
+def wss_of_trace(trace: Trace) -> "WssCurve":
+    """The trace's writable working set in the curve format `migbed wss` writes and
+    `migbed model --wss` reads (sliding windows of whole ticks, with its two-region fit)."""
+    pages = max(distinct_pages(trace), 1)
+    return curve_from_ticks(ticks_by_clock(trace), trace.interval_seconds, data_pages=pages,
+                            guest_pages=pages, page_size=trace.page_size,
+                            guest=f"trace of {trace.header['program']}", dirty_log="kernel")
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cluster.cli.options import Commands, arg
+from nodes.errors import ConfigError
 from nodes.units import parse_count, parse_duration, parse_positive_size
 
 
@@ -55,6 +56,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.plot:
         from cluster.traceplot import draw_trace
         draw_trace(trace, args.plot, s["program"])
+    if args.wss:
+        from workloads.tracestats import wss_of_trace
+        try:
+            Path(args.wss).write_text(wss_of_trace(trace).to_json() + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write --wss {args.wss}: {exc.strerror}") from None
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
@@ -131,6 +138,9 @@ def register(sub: Commands) -> None:
     s.add_argument("trace", metavar="FILE|NAME", help="a trace file or a shipped trace's name")
     s.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also draw its dirty rate and WSS curve")
+    s.add_argument("--wss", metavar="FILE.json", default=None,
+                   help="also write its writable working set as the curve `migbed model "
+                        "--wss` reads")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
     s.set_defaults(func=cmd_info)
 
