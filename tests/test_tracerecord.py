@@ -156,3 +156,13 @@ def test_a_replay_continues_where_it_stopped_after_a_migration(in_process, reque
     time.sleep(0.1)
     assert dst.call("guest_status", "r")["pages_written_total"] == 120 * 40
     tb.destroy("r")
+
+
+@pytest.mark.uffd
+def test_a_program_that_outgrows_the_region_is_told_in_one_line(recorder, tmp_path, capfd):
+    lines = []
+    result = record([sys.executable, "-c", "b = bytearray(8 << 20); b[-1] = 1"],
+                    tmp_path / "o.mbtrace", region_bytes=2 << 20, say=lines.append)
+    assert result.exit_code == 0, "its allocations beyond the region still succeed"
+    assert len(lines) == 1 and "outgrew" in lines[0] and "--region" in lines[0]
+    assert load_trace(str(tmp_path / "o.mbtrace")).header["outgrew_region"] is True

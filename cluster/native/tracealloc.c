@@ -10,8 +10,9 @@
  * Anonymous mmap is not intercepted: Python is run with PYTHONMALLOC=malloc instead.
  *
  * Only the first process (whose parent is MIGBED_TRACE_PARENT) is tracked; exec'd and forked
- * children say "C" on the socket (counted) and allocate from an untracked region. A request
- * the region cannot serve is served by a plain mmap, once told ("O") to the recorder.
+ * children say "C" on the socket (counted) and allocate from an untracked region. Once the
+ * region is used up, blocks come from an untracked spill mapping (a plain mmap for what even
+ * that cannot hold), once told ("O") to the recorder.
  *
  * Sizes: power-of-two classes from 32 bytes, a free list per class, one spin lock; a 16-byte
  * header before every pointer (magic, class, offset back to the block's start).
@@ -51,6 +52,7 @@ static size_t region_len;
 static void *free_lists[NCLASSES];
 static volatile int lock_word;
 static int ready, tracked, sock_fd = -1, told_out;
+static void tell_outgrown(size_t n);
 
 static void lock(void) { while (__atomic_exchange_n(&lock_word, 1, __ATOMIC_ACQUIRE)) sched_yield(); }
 static void unlock(void) { __atomic_store_n(&lock_word, 0, __ATOMIC_RELEASE); }
@@ -152,20 +154,39 @@ static void *from_mmap(size_t n) {
     *(uint64_t *)b = len;
     h = (struct hdr *)(b + HDR);
     h->magic = MAGIC; h->cls = CLASS_MMAP; h->offset = 2 * HDR;
-    if (!told_out && tracked) {
-        uint64_t w[1] = {n};
-        told_out = 1;
-        say("O", -1, w, 1);
-    }
+    tell_outgrown(n);
     return b + 2 * HDR;
+}
+
+static char *spill, *spill_end;     /* past the region: untracked, same classes */
+
+static void tell_outgrown(size_t n) {
+    uint64_t w[1] = {n};
+    if (told_out || !tracked) return;
+    told_out = 1;
+    say("O", -1, w, 1);
 }
 
 static char *take_block(unsigned c) {
     char *b = free_lists[c];
+    size_t n = (size_t)1 << c;
     if (b) { free_lists[c] = *(void **)b; return b; }
-    if (!region || (size_t)(region_end - bump) < ((size_t)1 << c)) return NULL;
-    b = bump;
-    bump += (size_t)1 << c;
+    if (region && (size_t)(region_end - bump) >= n) {
+        b = bump;
+        bump += n;
+        return b;
+    }
+    if (!spill) {                       /* the region is used up: spill, once told */
+        size_t len = (size_t)1 << 40;
+        spill = mmap(NULL, len, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (spill == MAP_FAILED) { spill = NULL; return NULL; }
+        spill_end = spill + len;
+    }
+    tell_outgrown(n);
+    if ((size_t)(spill_end - spill) < n) return NULL;
+    b = spill;
+    spill += n;
     return b;
 }
 
