@@ -277,6 +277,16 @@ class Target:
             os.close(self.uffd)
             self.uffd = -1
 
+
+def _write(rec: Recording, target: Target, tmp: Path, output: Path):
+    """The trace, written to `tmp` and renamed to `output` (no half-written file)."""
+    trace = make_trace(rec.header(target.length, target.base), rec.times, rec.pages,
+                       target.samples)
+    tmp.write_bytes(encode(trace))
+    os.replace(tmp, output)
+    return trace
+
+
 def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
            duration_seconds: float = 0.0, region_bytes: int = 1 << 30,
            say: Callable[[str], None] = lambda line: print(f"migbed trace: {line}",
@@ -300,18 +310,18 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
         finally:
             target.close()
             rec.sock.close()                # its exit no longer waits for a last scan
-        if rec.ended == "duration":
-            say(f"recording stopped after {duration_seconds:g}s; the program runs on")
+        if rec.ended == "duration":       # the trace now; the program runs on
+            trace = _write(rec, target, tmp, output)
+            say(f"recording stopped after {duration_seconds:g}s ({output} written); the "
+                "program runs on")
         code = rec.proc.wait()
         program_seconds = time.monotonic() - rec.started
         program_cpu = _children_cpu_seconds() - cpu_before
-        if code < 0:
+        if code < 0 and rec.ended != "duration":
             rec.ended = f"killed by {signal.Signals(-code).name}"
             say(f"the program was {rec.ended}; the trace holds what it wrote until then")
-        trace = make_trace(rec.header(target.length, target.base), rec.times, rec.pages,
-                           target.samples)
-        tmp.write_bytes(encode(trace))
-        os.replace(tmp, output)
+        if rec.ended != "duration":
+            trace = _write(rec, target, tmp, output)
     except BaseException:
         if rec.proc.poll() is None:
             rec.proc.kill()
