@@ -56,6 +56,16 @@ def rate_series(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     return t, trace.counts / widths
 
 
+def rate_by_bins(trace: Trace, bins: int = 20) -> tuple[float, list[float]]:
+    """(bin seconds, page writes per second in each) over `bins` equal spans of the trace:
+    the dirty rate over time in a line of text."""
+    span = max(trace.duration_seconds, trace.interval_seconds)
+    width = span / bins
+    at = np.clip((trace.times_seconds / width - 1e-9).astype(np.int64), 0, bins - 1)
+    writes = np.bincount(at, weights=trace.counts.astype(np.float64), minlength=bins)
+    return width, (writes / width).tolist()
+
+
 def window_seconds(trace: Trace) -> list[float]:
     """The WSS curve's windows: the interval, doubled, up to the trace's length."""
     n = max(int(math.log2(max(trace.duration_seconds / trace.interval_seconds, 1))) + 1, 1)
@@ -127,6 +137,8 @@ def summary(trace: Trace) -> dict:
         "dirty_rate_pages_per_second": {
             "mean": float(trace.counts.sum() / max(trace.duration_seconds, 1e-9)),
             "peak": float(rate.max()) if len(rate) else 0.0},
+        "dirty_rate_over_time": dict(zip(("bin_seconds", "pages_per_second"),
+                                         rate_by_bins(trace), strict=True)),
         "wss_curve": [{"window_seconds": w, "pages": p} for w, p in wss_curve(trace)],
         "content": content_figures(trace).to_dict(),
     }

@@ -82,7 +82,10 @@ def _info_text(s: dict) -> str:
         f"{s['interval_seconds'] * 1e3:g} ms",
         f"pages        {s['pages_touched']} touched ({s['pages_touched'] * s['page_size'] / 2**20:.1f}"
         f" MiB), {s['page_writes']} page writes",
-        f"dirty rate   mean {r['mean']:.0f} pages/s, peak {r['peak']:.0f} pages/s",
+        f"dirty rate   mean {r['mean']:.0f} pages/s, peak {r['peak']:.0f} pages/s (one "
+        "interval)",
+        f"over time    pages/s per {s['dirty_rate_over_time']['bin_seconds']:.3g} s: "
+        + " ".join(_short(v) for v in s["dirty_rate_over_time"]["pages_per_second"]),
         "WSS curve    " + ", ".join(f"{w['window_seconds'] * 1e3:g} ms: {w['pages']:.0f}"
                                     for w in s["wss_curve"]),
         f"content      {c['sampled_pages']} sampled pages: zero {c['zero_fraction']:.1%}, "
@@ -90,6 +93,10 @@ def _info_text(s: dict) -> str:
         f"mean over {c['xbzrle_samples']} re-samples ({c['xbzrle_overflow_fraction']:.0%} "
         "overflow)"]
     return "\n".join(lines)
+
+
+def _short(v: float) -> str:
+    return f"{v / 1e3:.0f}k" if v >= 1e4 else f"{v:.0f}"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
