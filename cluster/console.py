@@ -314,12 +314,13 @@ def _top_hosts(frame: Any) -> Table:
 
 
 def _top_guests(frame: Any) -> Table:
-    t = _table("GUEST", "HOST", "MODE", "STATE", ">MEMORY", "WORKLOAD", ">WRITES/S",
-               title="GUESTS")
+    t = _table("GUEST", "HOST", "MODE", "STATE", ">MEMORY", "WORKLOAD", ">APP OPS/S",
+               ">WRITES/S", title="GUESTS")
     for g in frame.guests:
         state = g["state"] + (" (migrating)" if g["migrating"] else "")
         t.add_row(g["name"], g["host"], g["mode"], state, format_bytes(g["memory_bytes"]),
-                  g["workload"] or "-", _per_second(g["writes_per_second"]))
+                  g["workload"] or "-", _per_second(g.get("app_ops_per_second")),
+                  _per_second(g["writes_per_second"]))
     return t
 
 

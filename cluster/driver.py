@@ -7,10 +7,12 @@ poll progress; collect both sides; build the report. The data never passes throu
 A paused post-copy resumes the same way (`recover_migration`).
 """
 
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from cluster.appfeel import attach_application
 from cluster.model.block import model_block
 from cluster.postcopy_control import settle_switched
 from cluster.report import MigrationReport
@@ -19,6 +21,8 @@ from nodes.errors import MigbedError, MigrationError
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.progress import Progress
 from nodes.migration.settings import MigrationSettings
+from workloads.brownout import AFTER_SECONDS
+from workloads.spec import PROGRAMS
 
 POLL_SECONDS = 0.1
 FIRST_POLL_SECONDS = 0.005   # progress polls start fast and back off to POLL_SECONDS
@@ -31,9 +35,32 @@ def new_migration_id() -> str:
 def run_migration(src, dst, guest: str, settings: MigrationSettings,
                   on_progress: Callable[[Progress], None] | None = None,
                   migration_id: str | None = None,
-                  should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
+                  should_cancel: Callable[[], bool] | None = None,
+                  application_after_seconds: float | None = None) -> MigrationReport:
     """Migrate `guest` from host handle `src` to `dst`. Raises for errors before anything
-    moves (bad guest, no room, incompatible hosts); returns a report for everything after."""
+    moves (bad guest, no room, incompatible hosts); returns a report for everything after.
+    A program guest's report waits `application_after_seconds` past the end for its
+    application block (`cluster.appfeel`: the brownout's span)."""
+    ran = migrate_once(src, dst, guest, settings, on_progress, migration_id, should_cancel)
+    return with_application(ran, src, dst, application_after_seconds)
+
+
+@dataclass
+class Ran:
+    """A migration that has ended, and what its application block needs of it."""
+
+    report: MigrationReport
+    info: GuestInfo
+    start_wall: float
+    end_wall: float
+
+
+def migrate_once(src, dst, guest: str, settings: MigrationSettings,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 migration_id: str | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> Ran:
+    """The migration itself, to its end (the scheduler frees its slot here, before the
+    application's wait)."""
     if src.name == dst.name:
         raise MigrationError(f"{guest} is already on {src.name}; pick another destination")
     mid = migration_id or new_migration_id()
@@ -41,9 +68,26 @@ def run_migration(src, dst, guest: str, settings: MigrationSettings,
     info = src.call("guest_info", guest, mid, timeout=timeout)
     ticket = dst.call("prepare_incoming", info, settings, timeout=timeout)
     ticket = replace(ticket, host=dst.name)    # the pair's measured hand-over is per host
+    start_wall = time.time()
     pending = src.call_async("migrate_out", guest, ticket, settings)
     control = FaultControl(src, dst, mid, guest, settings)
-    return follow(pending, control, src, dst, guest, info, settings, on_progress, should_cancel)
+    report = follow(pending, control, src, dst, guest, info, settings, on_progress,
+                    should_cancel)
+    return Ran(report, info, start_wall, time.time())
+
+
+def with_application(ran: Ran, src, dst,
+                     application_after_seconds: float | None = None) -> MigrationReport:
+    """The report, with a program guest's application block read
+    `application_after_seconds` (default: the brownout's span) after the end."""
+    report = ran.report
+    if (ran.info.workload or {}).get("pattern") in PROGRAMS and report.guest_host in (
+            src.name, dst.name):
+        host = dst if report.guest_host == dst.name else src
+        attach_application(report, host, ran.start_wall, ran.end_wall, None,
+                           AFTER_SECONDS if application_after_seconds is None
+                           else application_after_seconds)
+    return report
 
 
 def recover_migration(src, dst, paused: dict,

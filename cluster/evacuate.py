@@ -7,23 +7,26 @@ most free memory once the plan's earlier choices are taken off (first-fit decrea
 frames, so concurrent migrations never ask one destination for more than it has). A guest
 that cannot move, or fits nowhere, stays and the report says why.
 
-The run: `concurrency` migrations at a time in all, shared by the evacuated hosts, each an
-ordinary verified `run_migration`. Those leaving one host all go through its one outgoing
+The run: every move queued at once in the cluster's scheduler (`cluster.scheduler`), as one
+group whose limits are the run's (`concurrency` is its `max_parallel`; the cluster's own
+limits apply too), each an ordinary verified `run_migration` once its turn comes. Those leaving one host all go through its one outgoing
 link: with `link_shared` set (always, here) its concurrent senders share it, taking turns
 batch by batch, so each gets an equal share of the link's speed (`nodes.link.Pacer`).
 """
 
 import concurrent.futures
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from cluster.driver import run_migration
+from cluster.scheduler import Limits
 from nodes.errors import ConfigError, MigbedError
 from nodes.migration.settings import MigrationSettings
 from nodes.phase import Outcome
 from nodes.units import format_bytes
 
 MAX_CONCURRENCY = 64
+MAX_WAITING = 256      # threads waiting in the queue at once (each holds one move)
 
 
 @dataclass
@@ -39,6 +42,20 @@ class Move:
     downtime_seconds: float | None = None
     total_time_seconds: float | None = None
     throughput_bytes_per_second: float | None = None
+    migration_id: str | None = None
+    bytes_sent: int | None = None
+    schedule: dict | None = None       # its scheduler entry: queued, started, ended, links
+
+    def record(self, r) -> None:
+        """What its migration's report `r` says of it."""
+        self.status, self.error = r.status, r.error
+        self.verified = r.integrity.verified
+        self.guest_host = r.guest_host
+        self.downtime_seconds = r.downtime_seconds
+        self.total_time_seconds = r.total_time_seconds
+        self.throughput_bytes_per_second = r.throughput_bytes_per_second
+        self.bytes_sent = r.bytes_sent_total
+        self.schedule = r.schedule
 
 
 @dataclass
@@ -121,36 +138,87 @@ def plan_evacuation(tb, host: str | list[str]) -> tuple[list[Move], list[dict]]:
     return moves, stayed
 
 
-def evacuate(tb, host: str | list[str], concurrency: int = 2,
-             settings: MigrationSettings | None = None) -> EvacuationReport:
+def evacuate(tb, host: str | list[str], concurrency: int | None = 2,
+             settings: MigrationSettings | None = None,
+             limits: Limits | None = None,
+             on_event: Callable[[str, Move], None] | None = None) -> EvacuationReport:
     """Move every guest off `host` (one, or a list evacuated together), `concurrency`
-    migrations at a time in all; see the module docstring."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not (
-            1 <= concurrency <= MAX_CONCURRENCY):
-        raise ConfigError(f"concurrency must be 1..{MAX_CONCURRENCY}, got {concurrency!r}")
+    migrations at a time in all (`limits.max_parallel`; the two are one setting); see the
+    module docstring."""
+    limits = group_limits(concurrency, limits)
     settings = replace(settings or MigrationSettings(), link_shared=True)
     hosts = [host] if isinstance(host, str) else list(host)
     moves, stayed = plan_evacuation(tb, hosts)
-    report = EvacuationReport(hosts, concurrency, moves, stayed)
+    report = EvacuationReport(hosts, limits.max_parallel or len(moves), moves, stayed)
     t0 = time.monotonic()
-
-    def one(move: Move) -> None:
-        try:
-            r = run_migration(tb.host(move.source), tb.host(move.destination), move.guest,
-                              settings)
-        except MigbedError as exc:     # refused before anything moved: the guest stays
-            move.status, move.error, move.guest_host = "refused", str(exc), move.source
-            return
-        move.status, move.error = r.status, r.error
-        move.verified = r.integrity.verified
-        move.guest_host = r.guest_host
-        move.downtime_seconds = r.downtime_seconds
-        move.total_time_seconds = r.total_time_seconds
-        move.throughput_bytes_per_second = r.throughput_bytes_per_second
-        report.reports.append(r.to_dict())
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency,
-                                               thread_name_prefix="evacuate") as pool:
-        list(pool.map(one, moves))
+    run_moves(tb, moves, limits, settings, report.reports, on_event)
     report.total_time_seconds = time.monotonic() - t0
     return report
+
+
+def group_limits(concurrency: int | None, limits: Limits | None) -> Limits:
+    """A run's own limits: `limits`, its `max_parallel` given by `concurrency` (the
+    evacuation's older name for it) when it sets none."""
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(
+            concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY):
+        raise ConfigError(f"concurrency must be 1..{MAX_CONCURRENCY}, got {concurrency!r}")
+    limits = limits or Limits()
+    if limits.max_parallel is None and concurrency is not None:
+        limits = replace(limits, max_parallel=concurrency)
+    return limits
+
+
+def run_moves(tb, moves: list[Move], limits: Limits, settings: MigrationSettings,
+              reports: list[dict],
+              on_event: Callable[[str, Move], None] | None = None) -> None:
+    """Every move through the cluster's scheduler, as one group under `limits`: all are
+    queued at once, each waits its turn on a thread of its own. `on_event(what, move)`:
+    "started" and "ended" as they happen. Ctrl-C cancels the moves not started yet, lets
+    those running end, then re-raises."""
+    from cluster.schedclient import QueuedMigrationCancelled, run_submitted, submit
+    sched = tb.scheduler
+    group = sched.call("open_group", limits)
+    for m in moves:
+        try:
+            m.migration_id = submit(sched, tb.host(m.source), tb.host(m.destination),
+                                    m.guest, settings, group)
+        except MigbedError as exc:
+            m.status, m.error, m.guest_host = "refused", str(exc), m.source
+
+    def one(move: Move) -> None:
+        if move.migration_id is None:
+            return
+        try:
+            src, dst = tb.host(move.source), tb.host(move.destination)
+            if on_event is not None:
+                on_event("queued", move)
+            r = run_submitted(sched, move.migration_id, src, dst, move.guest, settings,
+                              on_start=None if on_event is None
+                              else lambda _entry: on_event("started", move))
+        except QueuedMigrationCancelled as exc:
+            move.status, move.error, move.guest_host = "cancelled", str(exc), move.source
+        except MigbedError as exc:     # refused before anything moved: the guest stays
+            move.status, move.error, move.guest_host = "refused", str(exc), move.source
+        else:
+            move.record(r)
+            reports.append(r.to_dict())
+        if on_event is not None:
+            on_event("ended", move)
+
+    workers = max(1, min(len(moves), MAX_WAITING))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                               thread_name_prefix="evacuate") as pool:
+        try:
+            concurrent.futures.wait([pool.submit(one, m) for m in moves])
+        except KeyboardInterrupt:
+            sched.call("cancel_group", group)
+            _wait_idle(sched, group)          # the running ones end; the rest never start
+            raise
+
+
+def _wait_idle(sched, group: str) -> None:
+    """Until none of `group` is queued or running, as the scheduler (not the thread pool,
+    which a Ctrl-C may have caught starting a thread) knows."""
+    while any(e["state"] in ("queued", "running") for e in sched.call("entries", group)):
+        time.sleep(0.05)
+

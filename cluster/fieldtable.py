@@ -31,7 +31,7 @@ from nodes.migration.guestinfo import MAX_VCPUS, VCPU_KINDS
 from nodes.units import parse_count, parse_fraction, parse_positive_size
 from nodes.xen.profiles import Mode
 from workloads.content import FILLS
-from workloads.spec import WORKLOAD_KINDS, parse_rate
+from workloads.spec import WORKLOADS, parse_rate
 
 
 def read_dirty_rate(v: Any, what: str) -> float:
@@ -39,6 +39,34 @@ def read_dirty_rate(v: Any, what: str) -> float:
         return parse_rate(v)
     except ConfigError as exc:
         raise ConfigError(f"{what}: {exc}") from None
+
+
+def read_ops_rate(v: Any, what: str) -> float:
+    """A program's operations per second, or `max` (0: as fast as its vCPU runs)."""
+    if isinstance(v, str) and v.strip().lower() in ("max", "unlimited"):
+        return 0.0
+    try:
+        value = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: cannot read {v!r}: give operations per second, e.g. "
+                          f"20000, or 'max'") from None
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{what} must be a finite number >= 0, got {v!r}")
+    return value
+
+
+def read_skew(v: Any, what: str) -> float:
+    try:
+        value = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: cannot read {v!r}: give a skew, e.g. 0.99") from None
+    if not 0 <= value <= 10:
+        raise ConfigError(f"{what} must be in [0, 10] (0: uniform keys), got {v!r}")
+    return value
+
+
+def read_keys(v: Any, what: str) -> int:
+    return parse_count(v, what)
 
 
 def read_mode(v: Any, what: str) -> str:
@@ -103,7 +131,7 @@ GUEST_FIELDS: tuple[Field, ...] = (
 # The workload (`WorkloadSpec`, and a scenario's [workload]).
 WORKLOAD_FIELDS: tuple[Field, ...] = (
     Field("pattern", "workload", "idle", read_string, "memory workload: {choices}",
-          flag="--workload", toml="pattern", metavar="PATTERN", choices=WORKLOAD_KINDS,
+          flag="--workload", toml="pattern", metavar="PATTERN", choices=WORKLOADS,
           label="workload", aliases=("--pattern",)),
     Field("rate_pages_per_second", "workload", "max", read_dirty_rate,
           "page writes per second, or max (as fast as it can; idle writes nothing, scan "
@@ -131,6 +159,22 @@ WORKLOAD_FIELDS: tuple[Field, ...] = (
           "what the guest's memory holds before the workload starts: {choices} (zero: as a "
           "fresh guest)", flag="--fill", toml="fill", metavar="CONTENT", choices=FILLS,
           label="memory content"),
+    # The programs (`workloads.program`): kvstore, stream, sort, matmul.
+    Field("ops_per_second", "workload", "max", read_ops_rate,
+          "programs: operations per second, or max (as fast as the vCPU runs)",
+          flag="--ops-per-second", toml="ops_per_second", metavar="N",
+          label="program operations/s"),
+    Field("zipf", "workload", 0.99, read_skew,
+          "kvstore: Zipf skew of the keys its client asks for (0: uniform)", flag="--zipf",
+          toml="zipf", metavar="S", label="Zipf skew"),
+    Field("get_ratio", "workload", 0.9, parse_fraction,
+          "kvstore: share of its requests that are gets (the rest are sets)",
+          flag="--get-ratio", toml="get_ratio", metavar="FRACTION", label="get ratio"),
+    Field("value_size", "workload", 256, parse_positive_size, "kvstore: bytes per value",
+          flag="--value-size", toml="value_size", metavar="SIZE", label="value size (B)"),
+    Field("keys", "workload", 0, read_keys,
+          "kvstore: how many keys (0: as many as fill half the guest's memory)",
+          flag="--keys", toml="keys", metavar="N", label="keys"),
     Field("trace", "workload", "", read_string,
           "trace: the recorded trace to replay, a file or a shipped trace's name (`migbed "
           "trace list`); the guest's memory is sized from it unless given",
@@ -157,6 +201,10 @@ CLI_FIELDS: tuple[Field, ...] = (
           metavar="FILE.png"),
     Field("json", "cli", False, read_flag, "print the report alone, as JSON",
           flag="--json"),
+    Field("from_file", "cli", None, read_string,
+          "create: boot every guest of a file of [[guest]] tables (create's own keys: name, "
+          "host, memory, mode, workload, dirty_rate, ...) and [[template]] tables (a count "
+          "spread over hosts)", flag="--from", metavar="FILE.toml"),
 )
 
 FIELDS: tuple[Field, ...] = MIGRATION_FIELDS + GUEST_FIELDS + WORKLOAD_FIELDS + CLI_FIELDS

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.appfeel import application_lines
 from cluster.postcopy_control import apply_postcopy, postcopy_lines
 from cluster.reportparts import (
     BLOCKS,
+    ApplicationBlock,
     ConvergenceBlock,
     Integrity,
     ModelBlock,
@@ -24,6 +26,7 @@ from cluster.reportparts import (
     XbzrleBlock,
     plain,
 )
+from cluster.scheduler import schedule_lines
 from cluster.wireblocks import multifd_block, wire_lines
 from nodes.errors import ConfigError
 from nodes.migration.guestinfo import GuestInfo
@@ -131,6 +134,15 @@ class MigrationReport:
     vcpus: int = 1
     dirty_log: str = "emulated"
     shadow_faults: int = 0
+    # Its queue entry (`cluster.scheduler`): times, wait, links, rates; None: not queued.
+    schedule: dict | None = None
+    # A program guest's application (`cluster.appfeel`; None for a pattern workload): its
+    # ops and latencies before, during and after, brownout, blackout and its invariants.
+    application: ApplicationBlock | None = None
+    # guest_observed_downtime_seconds is the larger of these: the guest's gap across the
+    # hand-over, and its longest on the source while the migration ran (its own stalls).
+    guest_gap_across_handover_seconds: float | None = None
+    guest_gap_on_source_seconds: float | None = None
 
     @classmethod
     def build(cls, migration_id: str, guest: str, source_host: str, destination_host: str,
@@ -188,7 +200,10 @@ class MigrationReport:
             precopy_bytes=source.precopy_bytes, downtime_bytes=source.downtime_bytes,
             postcopy_bytes=source.postcopy_bytes, postcopy_requests=source.postcopy_requests,
             vcpu=source.vcpu, vcpus=source.vcpus, dirty_log=source.dirty_log,
-            shadow_faults=source.shadow_faults)
+            shadow_faults=source.shadow_faults,
+            guest_gap_across_handover_seconds=(
+                dest.guest_observed_downtime_seconds if dest is not None else None),
+            guest_gap_on_source_seconds=source.source_longest_gap_seconds)
         apply_postcopy(report, source, dest, settled)
         why = dest.error if dest is not None else None
         if not completed and why and why != report.error:
@@ -315,6 +330,7 @@ class MigrationReport:
             f"  integrity: {_verdict(self.integrity.verified)}",
         ]
         lines += postcopy_lines(self)
+        lines += application_lines(self)
         if self.phase_seconds:
             lines.append("  phases: " + ", ".join(f"{k.replace('_', '-')} {ms(v)}"
                                                   for k, v in self.phase_seconds.items()))
@@ -324,7 +340,7 @@ class MigrationReport:
         for f in self.faults:
             lines.append(f"  fault {f['fault']}: {'fired' if f['fired'] else 'never reached'}"
                          + (f", killed {f['killed_host']}" if f.get("killed_host") else ""))
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  note: {n}" for n in self.notes] + schedule_lines(self.schedule)
         if self.faults or self.guest_lost:
             lines.append(f"  guest: {'LOST' if self.guest_lost else 'on ' + str(self.guest_host)}")
         return "\n".join(lines)

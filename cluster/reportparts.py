@@ -1,7 +1,8 @@
 """The typed parts a migration report is composed of (as guestperf's Report of Hardware,
 Scenario, Progress and Timings): the `Integrity` of the guest, what crossed the wire (`XbzrleBlock`, `MultifdBlock`), the
-post-copy (`PostcopyBlock`), the convergence aids (`ConvergenceBlock`) and the model beside
-the measurement (`ModelBlock`).
+post-copy (`PostcopyBlock`), the convergence aids (`ConvergenceBlock`), the model beside
+the measurement (`ModelBlock`) and what a program guest's application felt
+(`ApplicationBlock`).
 
 Each writes itself as the JSON object the report has always carried under its key (the same
 keys in the same order) and reads itself back; keys it does not know (a newer version's) are
@@ -162,10 +163,37 @@ class ModelBlock(ReportBlock):
     error: str | None = None
 
 
+@dataclass
+class ApplicationBlock(ReportBlock):
+    """What a program guest's application felt (`cluster.appfeel`, issue 23): its operations
+    per second and per-operation latency p50 / p99 {before, during, after} the migration,
+    the brownout and blackout by the one definition (`workloads.brownout`), its 100 ms
+    `samples` through the migration, and whether its own invariants held after it."""
+
+    program: str = ""
+    vcpus: int = 1
+    start_wall: float | None = None
+    end_wall: float | None = None
+    after_seconds: float = 0.0
+    baseline_ops_per_second: float | None = None
+    before: dict = field(default_factory=dict)
+    during: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    brownout_seconds: float | None = None
+    brownout_depth: float | None = None
+    brownout_worst: float | None = None
+    blackout_seconds: float | None = None
+    invariants_ok: bool | None = None
+    invariants: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    error: str | None = None
+
+
 # The report's typed blocks, by their JSON key.
 BLOCKS: dict[str, type[ReportBlock]] = {
     "xbzrle": XbzrleBlock, "multifd": MultifdBlock, "model": ModelBlock,
-    "convergence": ConvergenceBlock, "postcopy": PostcopyBlock}
+    "convergence": ConvergenceBlock, "postcopy": PostcopyBlock,
+    "application": ApplicationBlock}
 
 
 def plain(value: Any) -> Any:

@@ -6,15 +6,18 @@ the same hosts as plain objects in this process, without Ray, for fast tests. Th
 the same for all three: `create`, `destroy`, `list`, `migrate`, `host(name)`.
 """
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.driver import recover_migration, run_migration
+from cluster.driver import recover_migration
+from cluster.fairshare import Topology
 from cluster.handles import LocalHost, RayHost
 from cluster.launch import launcher, persistent
 from cluster.launch.launcher import NAMESPACE, ClusterSpec, LocalRay
 from cluster.report import MigrationReport
+from cluster.schedclient import SchedulerHandle, cluster_scheduler, local_scheduler, scheduled
 from nodes.errors import (
     ClusterError,
     DomainExistsError,
@@ -43,11 +46,52 @@ def observing(observer) -> Iterator[None]:
         _local_observers.remove(observer)
 
 
+def _find_actors(names: list[str]) -> dict:
+    """name -> actor of every host that is there (one killed by `migbed fault kill` is not),
+    looked up at once: each lookup is a round trip to Ray's GCS, and a command against 32
+    hosts should not wait for 32 in a row."""
+    import concurrent.futures
+
+    import ray
+
+    def find(name: str):
+        try:
+            return name, ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return name, None
+    if not names:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+        return {n: a for n, a in pool.map(find, names) if a is not None}
+
+
 class Testbed:
-    def __init__(self, hosts: dict, owner: LocalRay | None = None):
+    def __init__(self, hosts: dict, owner: LocalRay | None = None,
+                 topology: Topology | None = None, scheduler: SchedulerHandle | None = None):
         self.hosts = hosts
         self._owner = owner
         self.lost_hosts: dict = {}     # hosts killed by a fault: name -> handle
+        self.topology = topology or Topology()
+        # The cluster's one migration scheduler (`cluster.scheduler`): every migration goes
+        # through it. A persistent cluster's is its actor; a testbed of this process, its own.
+        self._scheduler = scheduler
+        self._remote_scheduler = False       # attach: the cluster's actor, found on first use
+        self._scheduler_lock = threading.Lock()
+        # What the hosts were made from (a restart makes a host again from it), and whether
+        # they outlive this process (`migbed up`'s detached actors).
+        self.spec: ClusterSpec | None = None
+        self.spec_detached = False
+
+    @property
+    def scheduler(self) -> SchedulerHandle:
+        """The cluster's migration scheduler (made or found on first use: a command that
+        moves nothing never pays for it)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = (cluster_scheduler(self.topology, NAMESPACE)
+                                   if self._remote_scheduler
+                                   else local_scheduler(self.hosts, self.topology))
+            return self._scheduler
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -70,7 +114,8 @@ class Testbed:
             ray.shutdown()
             owner.shutdown()
             raise
-        tb = cls({n: RayHost(n, a) for n, a in actors.items()}, owner)
+        tb = cls({n: RayHost(n, a) for n, a in actors.items()}, owner, spec.topology())
+        tb.spec = spec
         for observer in list(_local_observers):
             observer.started(tb)
         return tb
@@ -78,32 +123,34 @@ class Testbed:
     @classmethod
     def attach(cls) -> "Testbed":
         """The persistent cluster started by `migbed up`."""
-        import ray
         state = persistent.read_state()
         if state is None:
             raise ClusterError("no migbed cluster is running; start one with `migbed up` "
                                "(e.g. `migbed up --hosts 3 --host-memory 1GiB`)")
         try:
             launcher.ray_init(state["address"])
-            hosts = {}
-            for n in state["hosts"]:
-                try:
-                    hosts[n] = RayHost(n, ray.get_actor(n, namespace=NAMESPACE))
-                except ValueError:
-                    continue      # a host killed by a fault (`migbed fault kill`) is gone
+            hosts = {n: RayHost(n, a) for n, a in _find_actors(state["hosts"]).items()}
             if not hosts:
                 raise ValueError("no host answers")
+            spec = ClusterSpec.from_dict(state["spec"]) if state.get("spec") else None
+            topology = spec.topology() if spec is not None else Topology()
         except (ValueError, ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"the migbed cluster at {state['address']} does not answer "
                                f"({exc}); `migbed down` cleans up, then `migbed up`") from None
-        return cls(hosts)
+        tb = cls(hosts, topology=topology)
+        tb._remote_scheduler = True
+        tb.spec, tb.spec_detached = spec, True
+        return tb
 
     @classmethod
     def in_process(cls, spec: ClusterSpec | None = None, **kwargs) -> "Testbed":
         """The same hosts as objects in this process (no Ray): for fast tests and benches."""
         from nodes.host.service import HostService
         spec = spec or ClusterSpec(**kwargs)
-        return cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()})
+        tb = cls({c.name: LocalHost(HostService(c)) for c in spec.host_configs()},
+                 topology=spec.topology())
+        tb.spec = spec
+        return tb
 
     def close(self) -> None:
         for h in list(self.hosts.values()) + list(self.lost_hosts.values()):
@@ -195,14 +242,22 @@ class Testbed:
     def migrate(self, guest: str, destination: str,
                 settings: MigrationSettings | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
-                should_cancel: Callable[[], bool] | None = None) -> MigrationReport:
+                should_cancel: Callable[[], bool] | None = None,
+                on_queued: Callable[[str], None] | None = None,
+                application_after_seconds: float | None = None) -> MigrationReport:
+        """Migrate `guest` to `destination` through the cluster's scheduler: it waits its
+        turn under the cluster's limits (`on_queued(id)` if it has to wait), then runs; a
+        program guest's report has its application block, read `application_after_seconds`
+        (default 5 s: the brownout's span) after."""
         settings = settings or MigrationSettings()
         dst = self.host(destination)
         src = self.host(self.where(guest))
         if src.name == dst.name:
             raise MigrationError(f"{guest} already runs on {destination}; pick another host")
-        report = run_migration(src, dst, guest, settings, on_progress=on_progress,
-                               should_cancel=should_cancel)
+        report = scheduled(self.scheduler, src, dst, guest, settings,
+                           on_progress=on_progress, should_cancel=should_cancel,
+                           on_queued=on_queued,
+                           application_after_seconds=application_after_seconds)
         self._forget_killed(report)
         return report
 
@@ -258,10 +313,24 @@ class Testbed:
         h.kill()
         self.lost_hosts[host] = self.hosts.pop(host)
 
-    def evacuate(self, host: "str | Sequence[str]", concurrency: int = 2,
-                 settings: MigrationSettings | None = None):
+    def evacuate(self, host: "str | Sequence[str]", concurrency: int | None = 2,
+                 settings: MigrationSettings | None = None, limits=None, on_event=None):
         """Move every guest off `host` (or off each of a list of hosts, together) to the
         others, by free memory, `concurrency` migrations at a time in all (see
         `cluster.evacuate`); returns an EvacuationReport."""
         from cluster.evacuate import evacuate
-        return evacuate(self, host, concurrency, settings or MigrationSettings())
+        return evacuate(self, host, concurrency, settings or MigrationSettings(), limits,
+                        on_event)
+
+    def drain(self, hosts: "Sequence[str]", **kwargs):
+        """Every guest off `hosts`, by room and load, under limits (`cluster.drain.drain`:
+        to, spread, limits, settings, on_event); returns a DrainReport with the fleet's
+        statistics."""
+        from cluster.drain import drain
+        return drain(self, hosts, **kwargs)
+
+    def maintenance(self, batch: int = 1, **kwargs):
+        """A rolling maintenance of every host, `batch` at a time
+        (`cluster.maintenance.maintenance`); returns a MaintenanceReport."""
+        from cluster.maintenance import maintenance
+        return maintenance(self, batch, **kwargs)

@@ -119,6 +119,7 @@ def timeline_figure(reports: Sequence["MigrationReport"], labels: Sequence[str] 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (report, label) in enumerate(zip(reports, labels, strict=True)):
         _draw_report(axes, report, label, colours[i % len(colours)])
+    _draw_applications(axes[0], reports, colours)
     axes[0].set_ylabel("guest page writes/s")
     axes[1].set_ylabel("throughput (MiB/s)")
     axes[2].set_ylabel("remaining (MiB)")
@@ -177,6 +178,23 @@ def _draw_report(axes, report: "MigrationReport", label: str, colour) -> None:
         axes[1].axhline(report.link_bytes_per_second / MiB, color=colour, ls=":", lw=1,
                         gid="link")
     _draw_events(axes, report, history, colour)
+
+
+def _draw_applications(ax, reports: Sequence["MigrationReport"], colours: list) -> None:
+    """A program guest's operations per second (its application block's 100 ms samples,
+    from 2 s before to 5 s after), on a right-hand axis of the first panel, dash-dotted."""
+    apps = [(r.application, colours[i % len(colours)]) for i, r in enumerate(reports)
+            if getattr(r, "application", None) is not None and r.application.samples]
+    if not apps:
+        return
+    twin = ax.twinx()
+    for app, colour in apps:
+        (line,) = twin.plot([s["t_seconds"] for s in app.samples],
+                            [s["ops_per_second"] for s in app.samples], color=colour,
+                            ls="-.", lw=1.0, alpha=0.8)
+        line.set_gid("app-ops")
+    twin.set_ylabel("application ops/s (-.)", fontsize=8)
+    twin.set_ylim(bottom=0)
 
 
 def _draw_events(axes, report: "MigrationReport", history: list[dict], colour) -> None:

@@ -118,8 +118,18 @@ def _guest_rows(prior: dict, up: dict) -> list[dict]:
                 if dt > 0:
                     rate = max(0.0, (g["pages_written_total"] - old[0]["pages_written_total"])
                                / dt)
-            rows.append({**g, "host": host, "writes_per_second": rate})
+            rows.append({**g, "host": host, "writes_per_second": rate,
+                         "app_ops_per_second": _ops_rate(old, g, snap["wall"])})
     return rows
+
+
+def _ops_rate(old: tuple | None, g: dict, wall: float) -> float | None:
+    """A program guest's operations per second since the last snapshot (None: no program,
+    or no earlier snapshot of it)."""
+    if not old or old[0].get("app_ops_total") is None or g.get("app_ops_total") is None:
+        return None
+    dt = wall - old[1]
+    return max(0.0, (g["app_ops_total"] - old[0]["app_ops_total"]) / dt) if dt > 0 else None
 
 
 def _running_rows(prior: dict, up: dict) -> list[dict]:

@@ -55,6 +55,16 @@ def test_bench_cli_in_process_json(tmp_path, capsys):
     assert printed == json.loads(out.read_text())
     assert printed["errors"] == {} and printed["bench"]["options"]["quick"] is True
     assert "ray_object_throughput_bytes_per_second" not in printed["figures"]  # no Ray here
+    from nodes.host.userfault import kernel_support
+    if kernel_support().dirty_log:          # process against thread vCPUs, paired
+        for kind in ("thread", "process"):
+            for name in (f"process_bench_{kind}_throughput_bytes_per_second",
+                         f"process_bench_{kind}_downtime_idle_seconds",
+                         f"density_{kind}_list_seconds", f"density_{kind}_cluster_cpu_share"):
+                fig = printed["figures"][name]
+                assert fig["min"] <= fig["median"] <= fig["max"], name
+        assert printed["ratios"]["process / thread vCPU: throughput"] is not None
+        assert printed["figures"]["density_process_guest_pss_own_bytes"]["median"] > 0
 
 
 @pytest.mark.parametrize("argv", [["bench", "--only", "nope"], ["bench", "--repeats", "0"]])

@@ -130,3 +130,21 @@ def test_a_cut_link_pauses_a_process_guest_and_recover_completes_it(pair):
     counters_hold(tb.host("host-1"), "g")
     frames_exact(tb)
 
+
+
+@pytest.mark.uffd
+def test_the_switch_arms_the_parked_process_instead_of_launching_one(pair, monkeypatch):
+    """The destination's process, launched parked when the stream opened, is the one that
+    runs after the switch: one launch for the migration, none inside the switch."""
+    from nodes.host.guestprocess import GuestProcess
+    tb = pair
+    process_guest(tb, "uniform")
+    launches = []
+    real = GuestProcess.launch.__func__
+
+    def counted(cls, *a, **kw):
+        launches.append(kw.get("missing") is not None)
+        return real(cls, *a, **kw)
+    monkeypatch.setattr(GuestProcess, "launch", classmethod(counted))
+    switched_and_verified(tb.migrate("g", "host-1", postcopy(0)), tb, "uniform")
+    assert launches == [False], "launched once, parked, at the stream's start"

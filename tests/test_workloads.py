@@ -387,6 +387,45 @@ def test_progress_log_thins_steady_runs_but_keeps_gaps():
     np.testing.assert_array_equal(ring.arrays()[1], [6, 7, 8, 9])
 
 
+
+def test_longest_gap_reads_thinned_stretches_as_the_interval_at_most():
+    """Steady 1 ms records thinned at 3 ms are stored ~4 ms apart: no gap of the guest, so
+    read as 3 ms at most; a real 20 ms stall stays exact."""
+    from workloads.progresslog import ProgressReadings
+
+    class Reader(ProgressReadings):
+        def __init__(self, log):
+            self.log = log
+    log = ProgressLog(capacity_entries=256, record_interval_seconds=0.003)
+    walls = [i * 0.001 for i in range(40)] + [0.059 + i * 0.001 for i in range(40)]
+    for i, w in enumerate(walls):
+        log.record(w, i)
+    stored, _ = log.arrays()
+    assert np.diff(stored).max() > 0.0035, "thinning stored records further apart"
+    r = Reader(log)
+    assert r.longest_gap(0.0, 0.039) <= 0.003 + 1e-9
+    assert r.longest_gap(0.0, 0.098) == pytest.approx(0.020)
+    assert r.longest_gap(0.060, 0.098) <= 0.003 + 1e-9
+
+
+def test_an_idle_wait_is_no_gap_and_no_throttle_sleep():
+    """A paced vCPU's chosen wait (IDLE) reads as no gap and is not a throttle sleep; its
+    late wake-up after the wait is a gap; a throttle sleep stays one."""
+    from workloads.progresslog import IDLE, ProgressReadings
+
+    class Reader(ProgressReadings):
+        def __init__(self, log):
+            self.log = log
+    log = ProgressLog(capacity_entries=64, record_interval_seconds=0.0005)
+    log.record(0.000, 0)
+    log.record_sleep(0.001, 0.051, 10, IDLE)       # waited 50 ms as planned
+    log.record(0.054, 20)                          # woke 3 ms late: a gap
+    log.record_sleep(0.055, 0.075, 20)             # a throttle sleep
+    log.record(0.076, 30)
+    r = Reader(log)
+    assert r.longest_gap(0.0, 0.076) == pytest.approx(0.003)
+    assert r.throttle_sleeps() == [(0.055, 0.075)]
+
 @pytest.mark.inprocess
 def test_measure_rate_positive(hv):
     dom = guest(hv)

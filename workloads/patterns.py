@@ -30,8 +30,12 @@ import math
 import numpy as np
 
 from workloads.guest import Guest
-from workloads.spec import WORKLOAD_KINDS, WorkloadSpec
+from workloads.kvstore import KVStore
+from workloads.matmul import MatMul
+from workloads.sortjob import Sort
+from workloads.spec import WORKLOADS, WorkloadSpec
 from workloads.tracereplay import TraceWorkload
+from workloads.triad import Stream
 from workloads.workload import Workload
 
 
@@ -171,9 +175,10 @@ class ScanWorkload(SequentialWorkload):
 WORKLOAD_CLASSES: dict[str, type[Workload]] = {
     cls.pattern: cls for cls in (IdleWorkload, UniformWorkload, HotsetWorkload,
                                  SequentialWorkload, PhasedWorkload, ScanWorkload,
+                                 KVStore, Stream, Sort, MatMul,
                                  TraceWorkload)
 }
-assert set(WORKLOAD_CLASSES) == set(WORKLOAD_KINDS)
+assert set(WORKLOAD_CLASSES) == set(WORKLOADS)
 
 
 def hot_pages(spec: WorkloadSpec, data_pages: int) -> int:

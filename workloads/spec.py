@@ -12,11 +12,12 @@ from nodes.errors import ConfigError
 from workloads.content import COUNTER_BYTES, check_fill
 from workloads.tracefile import read_trace_bytes
 
+PROGRAMS = ("kvstore", "stream", "sort", "matmul")    # programs: `workloads.program`
 PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased", "scan")
 # Workloads that replay a recording rather than follow a pattern (tests that run every
 # pattern over a bare spec leave them out: a replay needs its trace).
 REPLAYS = ("trace",)
-WORKLOAD_KINDS = PATTERNS + REPLAYS
+WORKLOADS = PATTERNS + PROGRAMS + REPLAYS
 MAX_WRITE_BYTES = 1 << 16        # the largest page size a host may have
 MAX_TRACE_BYTES = 6 << 20        # a trace's bytes cross in GUEST_INFO (bounded on the wire)
 
@@ -38,6 +39,14 @@ class WorkloadSpec:
     # starts (`workloads.content.FILLS`).
     write_bytes: int = 8
     fill: str = "zero"
+    # The programs (`PROGRAMS`, `workloads.program`): their operations per second (0: as
+    # fast as the vCPU runs); kvstore's client: Zipf skew of its keys, share of gets, bytes
+    # per value and how many keys (0: as many as fill half its memory).
+    ops_per_second: float = 0.0
+    zipf: float = 0.99
+    get_ratio: float = 0.9
+    value_size: int = 256
+    keys: int = 0
     # trace: replay a recorded program's writes (`workloads.tracereplay`): `trace` names the
     # file or shipped trace, `trace_bytes` are its bytes (read when the spec is made, so they
     # travel with it to hosts that lack the file), played at `trace_speed`, looping or not.
@@ -47,9 +56,9 @@ class WorkloadSpec:
     trace_bytes: bytes = b""
 
     def __post_init__(self) -> None:
-        if self.pattern not in WORKLOAD_KINDS:
+        if self.pattern not in WORKLOADS:
             raise ConfigError(
-                f"unknown workload {self.pattern!r}; use one of {', '.join(WORKLOAD_KINDS)}")
+                f"unknown workload {self.pattern!r}; use one of {', '.join(WORKLOADS)}")
         if not self.rate_pages_per_second >= 0:
             raise ConfigError(
                 f"dirty rate must be >= 0 page writes per second (0 or 'max': as fast as it "
@@ -70,7 +79,40 @@ class WorkloadSpec:
                               f"page's counter alone) to the page size, got "
                               f"{self.write_bytes!r}")
         check_fill(self.fill)
+        self._check_program()
         self._check_trace()
+
+    def _check_program(self) -> None:
+        """A program's dirtying comes from what it computes: the pattern knobs are refused."""
+        if not self.ops_per_second >= 0 or self.ops_per_second == float("inf"):
+            raise ConfigError(f"ops per second must be a finite number >= 0 (0 or 'max': as "
+                              f"fast as it runs), got {self.ops_per_second}")
+        if not 0 <= self.zipf <= 10:
+            raise ConfigError(f"zipf skew must be in [0, 10] (0: uniform keys), got {self.zipf}")
+        if not 0 <= self.get_ratio <= 1:
+            raise ConfigError(f"get ratio must be in [0, 1], got {self.get_ratio}")
+        if (isinstance(self.value_size, bool) or not isinstance(self.value_size, int)
+                or not 8 <= self.value_size <= MAX_WRITE_BYTES):
+            raise ConfigError(f"value size must be a whole number of bytes from 8 to "
+                              f"{MAX_WRITE_BYTES}, got {self.value_size!r}")
+        if isinstance(self.keys, bool) or not isinstance(self.keys, int) or self.keys < 0:
+            raise ConfigError(f"keys must be a whole number >= 0 (0: as many as fill half "
+                              f"the memory), got {self.keys!r}")
+        if self.pattern not in PROGRAMS:
+            return
+        given = [flag for flag, value, default in (
+            ("--dirty-rate", self.rate_pages_per_second, 0.0),
+            ("--hot-fraction", self.hot_fraction, 0.1), ("--hot-share", self.hot_share, 0.9),
+            ("--write-bytes", self.write_bytes, 8), ("--fill", self.fill, "zero"))
+            if value != default]
+        if given:
+            raise ConfigError(f"{self.pattern} is a program: its dirtying comes from what it "
+                              f"computes, so it takes no {', '.join(given)} (give "
+                              f"--ops-per-second and its own options)")
+
+    @property
+    def is_program(self) -> bool:
+        return self.pattern in PROGRAMS
 
     def _check_trace(self) -> None:
         """A trace workload's bytes: from its file where the file is (a sweep's `replace`
@@ -100,6 +142,8 @@ class WorkloadSpec:
 
     @property
     def unlimited(self) -> bool:
+        if self.pattern in PROGRAMS:
+            return self.ops_per_second == 0
         return self.rate_pages_per_second == 0 and self.pattern != "idle"
 
     def to_dict(self) -> dict:

@@ -25,6 +25,11 @@ Sections (each figure is the median of repeats, with min and max), one module ea
   at a time (total time, per-migration downtime), on an 8-host cluster of its own.
 - postcopy: the downtime of a post-copy switch beside pre-copy's floor, and the fault latency
   (a page request to the page landed) beside a raw one-page round trip (`postcopy`).
+- process: process vCPUs against thread vCPUs paired in each repeat: throughput, the idle
+  downtime floor, the guest-observed downtime and its parts, post-copy switch downtime and
+  fault latency against a raw page round trip (`process_bench`).
+- density: guests writing 1000 pages/s on every host, thread and then process vCPUs: the
+  listing's time, the cluster's and the guests' CPU, PSS beyond frames (`density`).
 
 `--quick` shrinks everything so the test suite can prove the code runs; its numbers mean
 nothing.

@@ -6,7 +6,7 @@ from nodes.errors import ConfigError
 
 MiB = 1024 * 1024
 SECTIONS = ("throughput", "downtime", "dirtying", "stages", "wire", "startup", "scale",
-            "postcopy")
+            "postcopy", "process", "density")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,11 @@ class BenchOptions:
     scale_dirty_rate_pages_per_second: float = 2000.0
     hosts_per_node: int | None = None   # None: the bench's layouts (see runner, startup)
     wire_guest_memory_bytes: int = 64 * MiB
+    process_guest_memory_bytes: int = 32 * MiB   # the process section's guests (each kind)
+    density_guests_per_host: int = 4            # on every host of the bench's cluster
+    density_repeats: int = 2
+    density_settle_seconds: float = 1.0         # guests running before the window opens
+    density_seconds: float = 3.0                # the window CPU is measured over
     hosts: int = 3
     host_memory_bytes: int = 640 * MiB
     sections: tuple[str, ...] = SECTIONS
@@ -44,6 +49,8 @@ class BenchOptions:
                               f"{', '.join(SECTIONS)}")
         if self.repeats < 1 or self.startup_repeats < 1:
             raise ConfigError("repeats must be >= 1")
+        if self.density_guests_per_host < 1 or self.density_repeats < 1:
+            raise ConfigError("density guests per host and repeats must be >= 1")
         if self.hosts < 2:
             raise ConfigError("the bench needs at least 2 hosts")
         if any(n < 1 for n in self.startup_hosts + self.startup_one_node_per_host_hosts):
@@ -61,7 +68,9 @@ class BenchOptions:
                     startup_repeats=1, scale_hosts=3, scale_host_memory_bytes=64 * MiB,
                     scale_racks=(1, 2), scale_guests_per_host=2,
                     scale_guest_memory_bytes=4 * MiB,
-                    wire_guest_memory_bytes=4 * MiB,
+                    wire_guest_memory_bytes=4 * MiB, process_guest_memory_bytes=4 * MiB,
+                    density_guests_per_host=1, density_settle_seconds=0.1,
+                    density_seconds=0.3,
                     host_memory_bytes=128 * MiB, quick=True)
         return cls(**{**tiny, **overrides})
 

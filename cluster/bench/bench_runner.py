@@ -6,10 +6,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cluster.bench.bench_options import BenchOptions
+from cluster.bench.density import bench_density
 from cluster.bench.dirtying import bench_dirtying, bench_stages
 from cluster.bench.downtime import bench_downtime
 from cluster.bench.figures import Results
 from cluster.bench.postcopy_bench import bench_postcopy
+from cluster.bench.process_bench import bench_process
 from cluster.bench.scale import bench_scale
 from cluster.bench.startup import bench_startup
 from cluster.bench.throughput import bench_throughput
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
 _SECTIONS: dict[str, Callable] = {
     "throughput": bench_throughput, "downtime": bench_downtime, "dirtying": bench_dirtying,
     "stages": bench_stages, "wire": bench_wire, "startup": bench_startup,
-    "scale": bench_scale, "postcopy": bench_postcopy}
-_ON_TESTBED = ("throughput", "downtime", "wire", "postcopy")
+    "scale": bench_scale, "postcopy": bench_postcopy, "process": bench_process,
+    "density": bench_density}
+_ON_TESTBED = ("throughput", "downtime", "wire", "postcopy", "process", "density")
 
 
 def run_bench(opts: BenchOptions, testbed: "Testbed | None" = None,

@@ -4,17 +4,14 @@
 import argparse
 import json
 
+from cluster.cli.fleet import add_limit_options, limits_from
 from cluster.cli.options import (
     EXIT_MIGRATION_FAILED,
     Commands,
     Parser,
     add_migration_options,
-    arg,
     settings_from,
 )
-from nodes.units import parse_count
-
-MAX_CONCURRENCY = 64
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
@@ -34,7 +31,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
 def cmd_evacuate(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
     tb = Testbed.attach()
-    report = tb.evacuate(args.hosts, args.concurrency, settings_from(args))
+    report = tb.evacuate(args.hosts, None, settings_from(args), limits=limits_from(args))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.ok else EXIT_MIGRATION_FAILED
 
@@ -51,8 +48,6 @@ def register(sub: Commands) -> None:
     s = sub.add_parser("evacuate", help="move every guest off one host or several (a rack) to "
                        "the others, by free memory, several at a time, each verified")
     s.add_argument("hosts", nargs="+", metavar="HOST")
-    s.add_argument("--concurrency", type=arg(parse_count, "--concurrency", 1, MAX_CONCURRENCY),
-                   default=2, help="migrations at a time in all (default 2); those leaving "
-                   "one host share its link")
+    add_limit_options(s, parallel_default=2, concurrency_alias=True)
     add_migration_options(s)
     s.set_defaults(func=cmd_evacuate)

@@ -15,6 +15,11 @@ from nodes.units import format_bytes
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    if args.from_file is not None:
+        return _create_from(args)
+    if args.host is None or args.name is None or args.memory is None:
+        raise UsageError("give HOST NAME --memory SIZE, or --from FILE.toml (see "
+                         "`migbed create --help`)")
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
     from nodes.host.vcpus import check_process_guest
@@ -29,6 +34,31 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"created {d['name']} on {args.host}: {format_bytes(d['memory_bytes'])}, mode "
           f"{d['mode']}, workload {spec.workload.pattern}, {spec.vcpus} {spec.vcpu} vCPU"
           + ("s" if spec.vcpus > 1 else ""))
+    return 0
+
+
+def _create_from(args: argparse.Namespace) -> int:
+    """`--from FILE.toml`: every guest of the file (`cluster.guestfile`), in one command."""
+    import sys
+    import time
+    if args.host is not None or args.name is not None or args.memory is not None:
+        raise UsageError("--from FILE.toml gives every guest's host, name and memory: "
+                         "give no HOST NAME --memory with it")
+    from pathlib import Path
+
+    from cluster.guestfile import create_many, read_guest_file
+    from cluster.testbed import Testbed
+    from nodes.errors import ConfigError
+    if not Path(args.from_file).is_file():
+        raise ConfigError(f"--from {args.from_file}: no such file")
+    t0 = time.monotonic()
+    tb = Testbed.attach()
+    guests = read_guest_file(args.from_file, tb.hosts)
+    print(f"booting {len(guests)} guests...", file=sys.stderr, flush=True)
+    done = create_many(tb, guests)
+    total = sum(d["memory_bytes"] for d in done)
+    print(f"created {len(done)} guests ({format_bytes(total)}) on "
+          f"{len({h for h, _ in guests})} hosts in {time.monotonic() - t0:.1f} s")
     return 0
 
 
@@ -50,13 +80,14 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def register(sub: Commands) -> None:
     s = sub.add_parser("create", help="boot a guest on a host")
-    s.add_argument("host")
-    s.add_argument("name")
+    s.add_argument("host", nargs="?")
+    s.add_argument("name", nargs="?")
+    add_field(s, field_named("from_file"), dest="from_file")
     memory = field_named("guest_memory_bytes")
     s.add_argument("--memory", memory.flag, dest="memory", default=None,
                    type=arg(memory.read, "--memory"), metavar=memory.metavar,
-                   help=f"{memory.help}, e.g. 64MiB (required, but for --workload trace: "
-                        "sized from the trace)")
+                   help=f"{memory.help}, e.g. 64MiB (required without --from; with "
+                        "--workload trace: sized from the trace)")
     add_field(s, field_named("mode"))
     add_field(s, field_named("dma"))
     add_field(s, field_named("vcpu"))

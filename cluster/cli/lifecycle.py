@@ -8,6 +8,7 @@ import sys
 import time
 from typing import IO
 
+from cluster.cli.fleet import add_rack_options
 from cluster.cli.options import (
     Commands,
     add_cluster_options,
@@ -88,6 +89,7 @@ def register(sub: Commands) -> None:
                    help="ports the hosts' migration listeners take, e.g. 47000-47999: the "
                         "range to open between machines (default: any free port)")
     add_prometheus_options(s)
+    add_rack_options(s)
     s.add_argument("--json", action="store_true", help="print the cluster's state as JSON")
     s.set_defaults(func=cmd_up)
 

@@ -62,7 +62,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     tb = Testbed.attach()
     progress = RoundPrinter(header=f"migrating {args.guest} to {args.destination} "
                                    f"(policy {settings.policy})")
-    return _report_out(tb.migrate(args.guest, args.destination, settings, progress), args)
+    return _report_out(tb.migrate(args.guest, args.destination, settings, progress,
+                                  on_queued=_say_queued), args)
+
+
+def _say_queued(mid: str) -> None:
+    """The id `migbed cancel` takes, while the migration may still wait its turn."""
+    print(f"migration {mid} queued (`migbed cancel {mid}` cancels it while it waits)",
+          file=sys.stderr)
 
 
 def _migrate_one_shot(args: argparse.Namespace, settings) -> int:

@@ -246,7 +246,10 @@ def cluster_spec_from(args: argparse.Namespace,
                        hosts_per_node=getattr(args, "hosts_per_node", None),
                        placement=parse_placement(getattr(args, "placement", None),
                                                  host_names(args.hosts)),
-                       data_ports=getattr(args, "data_ports", None))
+                       data_ports=getattr(args, "data_ports", None),
+                       racks=getattr(args, "racks", None),
+                       host_link_bytes_per_second=getattr(args, "host_link", None),
+                       uplink_bytes_per_second=getattr(args, "uplink", None))
 
 
 def check_guests_fit(cluster: "ClusterSpec", guest_bytes: int, count: int = 1) -> None:

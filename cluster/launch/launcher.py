@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from cluster.fairshare import Topology
 from cluster.launch import placement as place
 from nodes.errors import ClusterError, ConfigError
 from nodes.host.specs import HostConfig
@@ -58,6 +59,11 @@ class ClusterSpec:
     hosts_per_node: int | None = None   # None: local, all on one node; remote, round robin
     placement: dict[str, str] = field(default_factory=dict)  # host -> node (with address)
     data_ports: tuple[int, int] | None = None   # migrations listen in this range (None: any)
+    # Racks and their links (`cluster.fairshare`): hosts in `racks` racks (None: no racks),
+    # each host's own link and each rack's uplink in bytes/s (None: unlimited).
+    racks: int | None = None
+    host_link_bytes_per_second: float | None = None
+    uplink_bytes_per_second: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.hosts <= MAX_HOSTS:
@@ -85,6 +91,7 @@ class ClusterSpec:
             if len(set(self.names)) != len(self.names):
                 raise ConfigError("host names must be unique")
         get_profile(self.default_profile)
+        self.topology()           # racks and links checked here, before anything starts
         for host, prof in self.profiles.items():
             if host not in self.host_names:
                 raise ConfigError(f"--profile names {host!r}, which is not a host of this "
@@ -94,6 +101,14 @@ class ClusterSpec:
     @property
     def host_names(self) -> list[str]:
         return list(self.names) if self.names else host_names(self.hosts)
+
+    def topology(self) -> Topology:
+        """The racks and links the scheduler allocates rates over."""
+        if self.racks is None:
+            return Topology.striped(self.host_names, 1, self.host_link_bytes_per_second,
+                                    None) if self.host_link_bytes_per_second else Topology()
+        return Topology.striped(self.host_names, self.racks, self.host_link_bytes_per_second,
+                                self.uplink_bytes_per_second)
 
     def host_configs(self) -> list[HostConfig]:
         return [HostConfig(name=n, memory_bytes=self.host_memory_bytes,

@@ -224,7 +224,8 @@ def _kill_hosts(state: dict) -> None:
     try:
         import ray
         ray_init(state["address"])
-        for name in state["hosts"]:
+        # The hosts, and the cluster's migration scheduler (`cluster.schedclient`'s actor).
+        for name in [*state["hosts"], "migbed-scheduler"]:
             try:
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
             except ValueError:

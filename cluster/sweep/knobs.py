@@ -31,10 +31,11 @@ AIDS: dict[str, dict] = {
     "auto-converge": {"auto_converge": True},                       # QEMU's defaults
     "dirty-limit": {"dirty_limit_bytes_per_second": 20e6},          # 20 MB/s per vCPU
     "pause-after-5s": {"completion_timeout_seconds": 5.0, "on_timeout": "pause"},
-    # ... and the algorithms beside plain pre-copy ("none"), for a sweep of algorithms
+    # ... and post-copy, the other way to finish (issue 23's programs x algorithms sweep)
+    "hybrid": {"postcopy_after_rounds": 1},
+    "post-copy": {"postcopy_after_rounds": 0},
+    # ... and XBZRLE, for a sweep of algorithms (scenarios/traces-vs-algorithms.toml)
     "xbzrle": {"xbzrle_cache_bytes": 64 * 1024 * 1024},             # QEMU's default cache
-    "hybrid": {"postcopy_after_rounds": 1, "postcopy_after_seconds": None},
-    "postcopy": {"postcopy_after_rounds": 0, "postcopy_after_seconds": None},
 }
 
 

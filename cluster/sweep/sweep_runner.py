@@ -250,7 +250,11 @@ _MEASURED = ("measured_throughput_bytes_per_second", "pages_sent_total", "live_r
              "pages_skipped_total", "guest_slowdown", "guest_throttled_seconds",
              "cpu_throttle_percentage_max", "dirty_limit_throttle_seconds",
              "bytes_sent_total", "normal_pages", "zero_pages",
-             "xbzrle_pages", "xbzrle_bytes", "compression_ratio")
+             "xbzrle_pages", "xbzrle_bytes", "compression_ratio",
+             "measured_dirty_rate_pages_per_second", "app_ops_per_second_before",
+             "app_ops_per_second_during", "app_latency_p99_seconds_before",
+             "app_latency_p99_seconds_during", "brownout_seconds", "brownout_depth",
+             "blackout_seconds", "app_invariants_ok")
 
 
 def _measured(report, model: ModelBlock | None) -> dict:
@@ -282,7 +286,32 @@ def _measured(report, model: ModelBlock | None) -> dict:
         "zero_pages": report.zero_pages,
         "xbzrle_pages": report.xbzrle.pages if report.xbzrle else None,
         "xbzrle_bytes": report.xbzrle.bytes if report.xbzrle else None,
-        "compression_ratio": report.multifd.compression_ratio if report.multifd else None}
+        "compression_ratio": report.multifd.compression_ratio if report.multifd else None,
+        **_application(report)}
+
+
+def _application(report) -> dict:
+    """A program guest's columns: the dirty rate its live rounds measured, what its
+    application felt (`cluster.appfeel`); None for a pattern workload's."""
+    # Each round after the first sends what was dirtied while the one before it ran: the
+    # pages they sent over the live rounds' time (None: post-copy, no round after round 0).
+    rounds = [r for r in report.rounds if not r.get("postcopy")]
+    live = sum(r["duration_seconds"] for r in rounds if not r.get("final"))
+    resent = sum(r["pages_sent"] for r in rounds[1:])
+    out = {"measured_dirty_rate_pages_per_second": (
+        resent / live if live > 0 and len(rounds) > 1 else None)}
+    a = report.application
+    out.update({"app_ops_per_second_before": a.before.get("ops_per_second") if a else None,
+                "app_ops_per_second_during": a.during.get("ops_per_second") if a else None,
+                "app_latency_p99_seconds_before": (
+                    a.before.get("latency_p99_seconds") if a else None),
+                "app_latency_p99_seconds_during": (
+                    a.during.get("latency_p99_seconds") if a else None),
+                "brownout_seconds": a.brownout_seconds if a else None,
+                "brownout_depth": a.brownout_depth if a else None,
+                "blackout_seconds": a.blackout_seconds if a else None,
+                "app_invariants_ok": a.invariants_ok if a else None})
+    return out
 
 
 def _predicted(prefix: str, pred: dict) -> dict:

@@ -44,6 +44,8 @@ class SourceFaults:
         # A cut link is down for good: a post-copy migration's reconnects fail until
         # `repair` (the operator's `migrate-recover`) says it is back.
         self.link_down = False
+        # Told of the link once it is up (the host's paced rate, `nodes.host.pacedrates`).
+        self.on_attach: Callable[[object], None] | None = None
 
     @property
     def armed(self) -> bool:
@@ -61,6 +63,8 @@ class SourceFaults:
     def attach(self, sock: socket.socket, link) -> None:
         self.sock = sock
         self.link = link
+        if self.on_attach is not None:
+            self.on_attach(link)
 
     def at(self, stage: Phase, round_index: int = 0) -> None:
         if not self.pending:

@@ -99,6 +99,10 @@ class HostCollector:
         writes = CounterMetricFamily(
             "migbed_guest_page_writes", "Page writes made by the guest's vCPU, carried over "
             "migrations (its rate is the guest's dirty rate).", labels=["host", "guest"])
+        app_ops = CounterMetricFamily(
+            "migbed_guest_app_operations", "Operations a program guest's client completed "
+            "(kvstore requests, stream chunks, sort runs and merges, matmul blocks), carried "
+            "over migrations: its rate is what its application does.", labels=["host", "guest"])
         for dom in list(h.hv.domains.values()):
             # dom0 is the toolstack; a `<name>--migratedaway` copy is the hand-over's remains.
             if dom.is_dom0 or "--" in dom.name:
@@ -117,13 +121,15 @@ class HostCollector:
             vcpu = h.vcpus.get(g)
             if vcpu is not None:    # an arriving guest has no vCPU (and no writes) yet
                 writes.add_metric([host, g], vcpu.pages_written_total)
+                if spec is not None and spec.is_program:
+                    app_ops.add_metric([host, g], vcpu.progress_pages)
         guests = GaugeMetricFamily("migbed_host_guests", "Guests on the host by memory mode "
                                    "(arriving guests included, dom0 not).",
                                    labels=["host", "mode"])
         for mode_name, n in by_mode.items():
             guests.add_metric([host, mode_name], n)
         yield guests
-        yield from (info, mode, state, memory, migrating, dirty, writes)
+        yield from (info, mode, state, memory, migrating, dirty, writes, app_ops)
 
     # -- migrations ---------------------------------------------------------------------------
     @staticmethod

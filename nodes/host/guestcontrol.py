@@ -13,7 +13,7 @@ Layout of the memfd (`ControlPage`):
                  (`wait_context` says whether the one there is of the last park); or
                  given by the host to a parked guest (a migration's destination), which
                  its vCPUs take as they wake
-  then           the guest's progress log (`nodes.host.sharedlog`): walls, pages, slept
+  then           the guest's progress log (`nodes.host.sharedlog`): walls, pages, marks
   then, optionally, one byte per guest page: the pages the guest's workload wrote (for
                  tests that hold the kernel's dirty log against the truth)
 
@@ -37,7 +37,7 @@ from nodes.migration.guestinfo import MAX_VCPUS
 
 CONTROL_BYTES = 4096
 CONTEXT_BYTES = 64 * 1024
-LOG_ENTRIES = 8192                   # the progress ring, as a thread vCPU's
+LOG_ENTRIES = 16384                  # the progress ring: a thread vCPU's time span at 0.5 ms
 LOG_BYTES = LOG_ENTRIES * (8 + 8 + 1)
 # u64 word indices. Written by the guest:
 W_PAGES_WRITTEN, W_BATCHES, W_RESUMES, W_LAST_BATCH_NS, W_RUNNING_NS = 1, 2, 3, 4, 5
@@ -101,7 +101,7 @@ class ControlPage:
         at = CONTROL_BYTES + CONTEXT_BYTES
         self.log_walls = np.frombuffer(self._map, np.float64, LOG_ENTRIES, at)
         self.log_pages = np.frombuffer(self._map, np.int64, LOG_ENTRIES, at + 8 * LOG_ENTRIES)
-        self.log_slept = np.frombuffer(self._map, np.bool_, LOG_ENTRIES, at + 16 * LOG_ENTRIES)
+        self.log_slept = np.frombuffer(self._map, np.uint8, LOG_ENTRIES, at + 16 * LOG_ENTRIES)
         # The pages the workload wrote since the host last took them (1 a page), or None.
         self.written = (np.frombuffer(self._map, np.uint8, npages, at + LOG_BYTES)
                         if track_writes else None)

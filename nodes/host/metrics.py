@@ -95,6 +95,18 @@ class HostMetrics:
             "guest_observed_downtime_seconds is the larger of this and the longest stall on "
             "the source before the pause.",
             HISTOGRAM_LABELS, buckets=DOWNTIME_BUCKETS_SECONDS, registry=self.registry)
+        self.app_brownout = Histogram(
+            "migbed_migration_app_brownout_seconds",
+            "A program guest's brownout through a migration, by the one definition "
+            "(workloads.brownout: time in 10 ms bins below 90 % of its 2 s baseline, from the "
+            "start until 5 s after the end), set by the control plane on the host the guest "
+            "runs on after it (the report's application block).",
+            HISTOGRAM_LABELS, buckets=TOTAL_TIME_BUCKETS_SECONDS, registry=self.registry)
+        self.app_blackout = Histogram(
+            "migbed_migration_app_blackout_seconds",
+            "A program guest's blackout through a migration: its longest gap between two "
+            "completed operations (the report's application block).",
+            HISTOGRAM_LABELS, buckets=DOWNTIME_BUCKETS_SECONDS, registry=self.registry)
         self.registry.register(HostCollector(self))
         self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -156,6 +168,16 @@ class HostMetrics:
         if guest_observed_downtime_seconds is not None:
             self.guest_downtime.labels(**self._labels(recv.name, recv.settings.policy)).observe(
                 guest_observed_downtime_seconds)
+
+    def application_felt(self, guest: str, policy: str, brownout_seconds: float | None,
+                         blackout_seconds: float | None) -> None:
+        """What a program guest's application felt through a migration that brought it
+        here (or left it here), as the control plane computed it (`cluster.appfeel`)."""
+        labels = self._labels(guest, policy)
+        if brownout_seconds is not None:
+            self.app_brownout.labels(**labels).observe(brownout_seconds)
+        if blackout_seconds is not None:
+            self.app_blackout.labels(**labels).observe(blackout_seconds)
 
     # -- exposition -----------------------------------------------------------------------
     def render(self) -> bytes:

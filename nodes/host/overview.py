@@ -104,7 +104,10 @@ def snapshot(host: TopHost) -> dict:
         guests.append({"name": dom.name, "mode": dom.mode.value, "state": dom.state.value,
                        "memory_bytes": dom.memory_bytes, "migrating": dom.migrating,
                        "workload": spec.pattern if spec else None,
-                       "pages_written_total": vcpu.pages_written_total if vcpu else None})
+                       "pages_written_total": vcpu.pages_written_total if vcpu else None,
+                       # a program guest's completed operations (`workloads.program`)
+                       "app_ops_total": (vcpu.progress_pages if vcpu and spec
+                                         and spec.is_program else None)})
     return {"name": host.name, "wall": time.time(), "monotonic": time.monotonic(),
             "profile": hv.profile.name, "frames": hv.allocator.counts(),
             "guests": guests, "outgoing": _outgoing(host), "incoming": _incoming(host),

@@ -116,6 +116,14 @@ class ProcessVCPU(ProgressReadings):
         self.proc.start(states)
         self.started = True
 
+    def arm_postcopy(self, missing: np.ndarray) -> None:
+        """A parked guest (not yet given its context) at a post-copy switch: its process
+        faults where `missing` is set from now on (`GuestProcess.arm_postcopy`)."""
+        if self.started:
+            raise DomainStateError(f"{self.domain.name}: armed for post-copy after its "
+                                   "vCPUs were given their context")
+        self.proc.arm_postcopy(missing)
+
     def pause(self) -> None:
         """`Domain.vcpu_control`: park every vCPU (within a millisecond, measured)."""
         if self.started:

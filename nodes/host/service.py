@@ -16,10 +16,12 @@ import numpy as np
 from nodes.errors import MigrationError, MigrationStillRunning
 from nodes.faults.at_source import SourceFaults
 from nodes.faults.stats import FaultCollector, FaultStats
+from nodes.host.appview import application_view
 from nodes.host.dirtymeter import GuestMeasuring
 from nodes.host.health import HostHealth
 from nodes.host.metrics import HostMetrics
 from nodes.host.overview import RecentMigrations, snapshot
+from nodes.host.pacedrates import PacedRates
 from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.processvcpu import ProcessVCPU
@@ -51,7 +53,7 @@ GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
-class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring):
+class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, PacedRates):
     def __init__(self, config: HostConfig):
         self.config = config
         self.name = config.name
@@ -198,6 +200,16 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring):
     def page_table_problem(self, name: str) -> str | None:
         return self.hv.check_page_tables(name)
 
+    def guest_application(self, name: str, felt: dict | None = None) -> dict:
+        """A program guest's invariants and its client's log (`nodes.host.appview`); `felt`
+        (the control plane's brownout / blackout of a migration, with its policy) goes to
+        this host's metrics first."""
+        if felt is not None:
+            self.metrics.application_felt(name, **felt)
+            return {}
+        return application_view(self.hv, self.hv.domain(name), self.workloads.get(name),
+                                self.vcpu_config(name)["vcpus"])
+
     def guest_counters(self, name: str) -> np.ndarray:
         """Word 0 of every data page: the workloads' per-page write counters (for checks)."""
         dom = self.hv.domain(name)
@@ -258,14 +270,17 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring):
         last = result.last_progress_wall
         if not recv.resume_wall or vcpu is None or last is None:
             return None
+        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
+        # Its first progress after its last on the source (it ran here only once resumed): a
+        # guest quicker than the resume's stamp would be read from its next record.
+        since = min(recv.resume_wall, last + (offset or 0.0))
         deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
-        first = vcpu.first_progress_after(recv.resume_wall)
+        first = vcpu.first_progress_after(since)
         while first is None and time.monotonic() < deadline:
             time.sleep(0.002)
-            first = vcpu.first_progress_after(recv.resume_wall)
+            first = vcpu.first_progress_after(since)
         if first is None:
             return None
-        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
         return to_source_clock(first, offset) - last
 
     # -- migration: source side ------------------------------------------------------------------
@@ -295,6 +310,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring):
             self.outgoing[mid] = progress
             self._cancel[mid] = cancel
             self._faults[mid] = sender.faults
+            self.pace_sender(mid, sender.faults)
             self._senders[mid] = sender
             self.migration_counts["started"] += 1
             self.metrics.outgoing_started(mid, name, progress, settings)

@@ -17,18 +17,21 @@ import time
 import numpy as np
 
 from nodes.host.guestcontrol import LOG_ENTRIES, W_LOG, ControlPage
-from workloads.progresslog import ProgressLog
+from workloads.progresslog import SLEPT, ProgressLog
 
 _SEQ, _STORED, _WALL, _PAGES, _FLAGS = range(W_LOG, W_LOG + 5)
-_HAS_LATEST, _LATEST_STORED = 1, 2
+_HAS_LATEST, _LATEST_STORED, _DROPPED = 1, 2, 4
 _READ_TRIES = 1000
+# Finer than a thread vCPU's 2 ms: a guest's 1 ms ticks are then all stored, every gap exact
+# (its ring is twice a thread vCPU's, so it covers as long).
+RECORD_INTERVAL_SECONDS = 0.0005
 
 
 class SharedProgressLog(ProgressLog):
     """`ProgressLog` whose ring and counters are the control page's (see the module
     docstring); `record` and `record_sleep` in the guest, the readings on the host."""
 
-    def __init__(self, ctl: ControlPage, record_interval_seconds: float = 0.002):
+    def __init__(self, ctl: ControlPage, record_interval_seconds: float = RECORD_INTERVAL_SECONDS):
         self.capacity_entries = LOG_ENTRIES
         self.record_interval_seconds = record_interval_seconds
         self._walls, self._pages, self._slept = ctl.log_walls, ctl.log_pages, ctl.log_slept
@@ -52,7 +55,7 @@ class SharedProgressLog(ProgressLog):
 
     @_latest.setter
     def _latest(self, value: tuple[float, int] | None) -> None:
-        flags = int(self._u64[_FLAGS]) & _LATEST_STORED
+        flags = int(self._u64[_FLAGS]) & ~_HAS_LATEST
         if value is not None:
             self._f64[_WALL], self._i64[_PAGES] = value
             flags |= _HAS_LATEST
@@ -64,8 +67,19 @@ class SharedProgressLog(ProgressLog):
 
     @_latest_stored.setter
     def _latest_stored(self, value: bool) -> None:
-        flags = int(self._u64[_FLAGS]) & _HAS_LATEST
-        self._u64[_FLAGS] = flags | (_LATEST_STORED if value else 0)
+        self._set_flag(_LATEST_STORED, value)
+
+    @property
+    def _dropped(self) -> bool:
+        return bool(int(self._u64[_FLAGS]) & _DROPPED)
+
+    @_dropped.setter
+    def _dropped(self, value: bool) -> None:
+        self._set_flag(_DROPPED, value)
+
+    def _set_flag(self, bit: int, value: bool) -> None:
+        flags = int(self._u64[_FLAGS]) & ~bit
+        self._u64[_FLAGS] = flags | (bit if value else 0)
 
     # -- the writer: every change inside an odd sequence number -----------------------------
     def record(self, wall: float, pages: int) -> None:
@@ -76,17 +90,18 @@ class SharedProgressLog(ProgressLog):
             finally:
                 self._u64[_SEQ] += 1
 
-    def record_sleep(self, start_wall: float, end_wall: float, pages: int) -> None:
+    def record_sleep(self, start_wall: float, end_wall: float, pages: int,
+                     mark: int = SLEPT) -> None:
         with self._lock:
             self._u64[_SEQ] += 1
             try:
-                super().record_sleep(start_wall, end_wall, pages)
+                super().record_sleep(start_wall, end_wall, pages, mark)
             finally:
                 self._u64[_SEQ] += 1
 
     # -- the readers: a copy taken between two equal, even sequence numbers -------------------
-    def marked_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self._consistent(lambda: super(SharedProgressLog, self).marked_arrays())
+    def mark_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._consistent(lambda: super(SharedProgressLog, self).mark_arrays())
 
     @property
     def latest(self) -> tuple[float, int] | None:

@@ -70,6 +70,9 @@ class GuestSpec:
             raise ConfigError(f"guest memory must be a positive number of bytes, got "
                               f"{self.memory_bytes!r}")
         object.__setattr__(self, "mode", Mode.parse(self.mode).value)
+        if self.workload.is_program and self.vcpu != "process":
+            raise ConfigError(f"{self.workload.pattern} is a program workload: it runs on "
+                              f"process vCPUs only (give --vcpu process)")
 
     def to_dict(self) -> dict:
         return asdict(self)

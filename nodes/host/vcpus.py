@@ -2,8 +2,8 @@
 mixed into `nodes.host.service.HostService`, which holds `vcpus`, `workloads` and `_retired`):
 a leaving guest's context and its vCPU stopped, an arriving guest's vCPU made from the context
 its source sent (made early and parked, for a post-copy destination, then given it); a
-process guest resumed by a post-copy switch is relaunched with its missing pages registered
-for real faults (`postcopy_faults`).
+process guest resumed by a post-copy switch has its parked process armed for real faults on
+its missing pages (`postcopy_faults`).
 
 A guest's vCPUs are a thread (`workloads.vcpu.VCPU`) or a guest process
 (`nodes.host.processvcpu.ProcessVCPU`), as it was created (`GuestSpec.vcpu`); an arriving
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodes.errors import ConfigError
+from nodes.errors import ConfigError, DomainStateError
 from nodes.host.faultreader import FaultReader
+from nodes.host.guestprocess import GuestProcessError
 from nodes.host.processvcpu import ProcessVCPU
 from nodes.host.userfault import MODE_WP, kernel_support
 from nodes.migration.guestinfo import GuestInfo
@@ -152,16 +153,27 @@ class GuestVCPUs:
 
     def _resume_by_postcopy(self, dom: Domain, info: GuestInfo, received: np.ndarray,
                             request: RequestPages) -> "ProcessGuestFaults":
-        """At the switch: the guest's process is launched again, parked, with the pages not
-        `received` registered for faults (the one prepared with the migration had its range
-        write-protected for dirty logging, and a host cannot map a process's present pages
-        for it), and the prepared one goes. Its faults are read from here on."""
+        """At the switch: the guest's process, parked since the migration began, is armed
+        for faults on the pages not `received` (it leaves write-protect for MISSING and
+        MINOR faults, `ProcessVCPU.arm_postcopy`): a wake-up, where launching a process
+        inside the switch cost ~10 ms of downtime. A prepared process that cannot be armed
+        (gone, or not parked) is replaced by one launched armed. Its faults are read from
+        here on."""
         prepared = self.vcpus.get(dom.name)
-        vcpu = ProcessVCPU(self.hv.memory, dom, _spec(info), info.vcpus, parked=True,
-                           missing=~received)
-        self.vcpus[dom.name] = vcpu
-        if prepared is not None:
-            prepared.stop()
+        vcpu = None
+        if (isinstance(prepared, ProcessVCPU) and prepared.domain is dom
+                and not prepared.started and prepared.alive):
+            try:
+                prepared.arm_postcopy(~received)
+                vcpu = prepared
+            except (GuestProcessError, DomainStateError):
+                vcpu = None
+        if vcpu is None:
+            vcpu = ProcessVCPU(self.hv.memory, dom, _spec(info), info.vcpus, parked=True,
+                               missing=~received)
+            self.vcpus[dom.name] = vcpu
+            if prepared is not None:
+                prepared.stop()
         gp = vcpu.proc
         return ProcessGuestFaults(gp.uffd, gp.base, gp.page_size, received, request,
                                   pid=gp.pid, name=dom.name, map_starts=gp.map_starts).start()
