@@ -61,6 +61,7 @@ class WssCurve:
     tick_seconds: float = 0.01
     duration_seconds: float = 0.0
     writes_per_second: float | None = None  # the workload's own counters, same span
+    ops_per_second: float | None = None     # a program's operations (its journal), same span
     guest: str = ""
     vcpu: str = ""
     dirty_log: str = ""                    # "emulated" | "kernel"
@@ -133,6 +134,7 @@ class WssCurve:
             regions = tuple(FittedRegion(float(r["pages"]), float(r["rate_pages_per_second"]))
                             for r in (data.get("regions") or ())[:4])
             writes = data.get("writes_per_second")
+            ops = data.get("ops_per_second")
             return cls(
                 windows_seconds=_floats(data["windows_seconds"]), pages=_floats(data["pages"]),
                 pages_max=_floats(data["pages_max"]), data_pages=int(data["data_pages"]),
@@ -140,6 +142,7 @@ class WssCurve:
                 tick_seconds=float(data.get("tick_seconds", 0.01)),
                 duration_seconds=float(data.get("duration_seconds", 0.0)),
                 writes_per_second=None if writes is None else float(writes),
+                ops_per_second=None if ops is None else float(ops),
                 guest=str(data.get("guest", ""))[:256], vcpu=str(data.get("vcpu", ""))[:32],
                 dirty_log=str(data.get("dirty_log", ""))[:32], regions=regions)
         except (KeyError, TypeError, ValueError) as exc:

@@ -1,7 +1,8 @@
 """Measuring a running guest's dirtying without migrating it: its writable working set
 (`workloads.writableset`), its dirty rate in QEMU's three `calc-dirty-rate` modes, and what
 its pages hold (for XBZRLE and compression). Mixed into `nodes.host.service.HostService`,
-which holds `hv`, `vcpus`, `lock` and `_measuring`.
+which holds `hv`, `vcpus`, `workloads`, `lock`, `_measuring` and `metrics` (each dirty-rate
+measurement is set on its gauges as it ends).
 
 Why here: the dirty log is the host's. The window switches the guest to shadow (VP) mode with
 log-dirty on, exactly as a migration's setup does (`Hypervisor.set_mode`, `shadow_op`), so a
@@ -90,10 +91,21 @@ class GuestMeasuring:
         with dom.lock:
             return dom.memory.words[dom.p2m[rel], 0].copy()
 
+    def _is_program(self, name: str) -> bool:
+        spec = self.workloads.get(name)
+        return spec is not None and spec.is_program
+
     def _truth(self, dom: Domain, before: np.ndarray, seconds: float) -> dict:
+        if self._is_program(dom.name):
+            return {"true_pages_per_second": None, "true_writes_per_second": None}
         moved = self._counters(dom) - before
         return {"true_pages_per_second": float(np.count_nonzero(moved)) / seconds,
                 "true_writes_per_second": float(moved.sum()) / seconds}
+
+    def _ops(self, name: str) -> int | None:
+        """A program guest's completed operations so far (None for a pattern)."""
+        vcpu = self.vcpus.get(name)
+        return vcpu.progress_pages if vcpu is not None and self._is_program(name) else None
 
     def _about(self, name: str, dom: Domain) -> dict:
         kind = "process" if getattr(self.vcpus.get(name), "pid", None) else "thread"
@@ -112,7 +124,7 @@ class GuestMeasuring:
         ticks: list[np.ndarray] = []
         with self._logged(name) as dom:
             about = self._about(name, dom)
-            before = self._counters(dom)
+            before, ops_before = self._counters(dom), self._ops(name)
             self.hv.shadow_op(name, ShadowOp.CLEAN)
             start = time.monotonic()
             deadline = start + duration
@@ -124,10 +136,14 @@ class GuestMeasuring:
                 # A late tick is not made up for: the window ends on time, ticks stay even.
                 next_at = max(next_at + tick, time.monotonic() + tick / 2)
             elapsed = time.monotonic() - start
-            writes = float((self._counters(dom) - before).sum()) / elapsed
+            writes = (None if self._is_program(name)
+                      else float((self._counters(dom) - before).sum()) / elapsed)
+            ops = self._ops(name)
         curve = curve_from_ticks(ticks, elapsed / len(ticks), data_pages=dom.data_pages,
                                  guest_pages=dom.npages, page_size=self.hv.page_size,
-                                 writes_per_second=writes, **about)
+                                 writes_per_second=writes, **about,
+                                 ops_per_second=(None if ops is None or ops_before is None
+                                                 else (ops - ops_before) / elapsed))
         return curve.to_dict()
 
     # -- the dirty rate (QEMU's calc-dirty-rate) ------------------------------------------------
@@ -151,6 +167,7 @@ class GuestMeasuring:
         out["mode"] = mode
         out["bytes_per_second"] = out["pages_per_second"] * self.hv.page_size
         out["page_size"] = self.hv.page_size
+        self.metrics.dirty_rate_measured(name, out)
         return out
 
     def _by_bitmap(self, name: str, duration: float) -> dict:
