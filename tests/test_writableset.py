@@ -64,3 +64,31 @@ def test_a_curve_round_trips_through_its_json():
 def test_a_bad_curve_file_is_one_clear_error(text, match):
     with pytest.raises(ConfigError, match=match):
         WssCurve.from_json(text)
+
+
+def _sweep_ticks(data_pages: int, swept: int, rate: float, n: int, tick: float) -> list:
+    """A cursor writing `swept` pages in order at `rate` pages/s, over and over (STREAM's
+    output array, a merge's output)."""
+    out, at = [], 0.0
+    for _ in range(n):
+        ahead = at + rate * tick
+        out.append(np.arange(int(at), int(ahead)) % swept)
+        at = ahead
+    return out
+
+
+def test_a_sweep_is_fitted_as_a_sweep_and_a_hot_set_as_random_writes():
+    swept = curve_from_ticks(_sweep_ticks(16000, 6000, 20000, 300, 0.01), 0.01,
+                             data_pages=16000, guest_pages=16384, page_size=4096)
+    sweep = max(swept.regions, key=lambda r: r.rate_pages_per_second)
+    assert sweep.sequential
+    assert abs(sweep.pages - 6000) / 6000 < 0.10
+    assert abs(sweep.rate_pages_per_second - 20000) / 20000 < 0.10
+    # at a window of a third of a sweep the fit says what was measured (random writes
+    # would have said a fifth less)
+    assert swept.distinct(0.1) == pytest.approx(2000, rel=0.05)
+    hot = curve_from_ticks(_hotset_ticks(16000, 1600, 10000, 0.9, 300, 0.01), 0.01,
+                           data_pages=16000, guest_pages=16384, page_size=4096)
+    assert not any(r.sequential for r in hot.regions)
+    again = WssCurve.from_json(swept.to_json())
+    assert again == swept

@@ -139,12 +139,21 @@ class GuestMeasuring:
             writes = (None if self._is_program(name)
                       else float((self._counters(dom) - before).sum()) / elapsed)
             ops = self._ops(name)
+            zero = self._zero_fraction(dom)
         curve = curve_from_ticks(ticks, elapsed / len(ticks), data_pages=dom.data_pages,
                                  guest_pages=dom.npages, page_size=self.hv.page_size,
                                  writes_per_second=writes, **about,
                                  ops_per_second=(None if ops is None or ops_before is None
-                                                 else (ops - ops_before) / elapsed))
+                                                 else (ops - ops_before) / elapsed),
+                                 zero_fraction=zero)
         return curve.to_dict()
+
+    def _zero_fraction(self, dom: Domain, pages: int = 1024) -> float:
+        """The share of a random sample of data pages that is zero: what the model's first
+        pass sends as a pfn word (a program's loaded data is not in its steady writes)."""
+        n = min(pages, dom.data_pages)
+        pfns = np.sort(np.random.default_rng().choice(dom.data_pages, n, replace=False))
+        return float((~dom.foreign_read(pfns).view(np.uint64).any(axis=1)).mean())
 
     # -- the dirty rate (QEMU's calc-dirty-rate) ------------------------------------------------
     def measure_dirty_rate(self, name: str, mode: str = "page-sampling",
