@@ -12,6 +12,7 @@ slower than its setting on a loaded machine.
 """
 
 import time
+from dataclasses import replace
 
 from cluster import model
 from cluster.model.block import live_throughput, settings_inputs
@@ -38,18 +39,18 @@ def predict_on_curve(curve: WssCurve, spec, settings, link: float | None,
             "bandwidth_bytes_per_second": link}
 
 
-def check_point(tb, scenario: Scenario, index: int, point: dict) -> dict:
+def check_point(tb, scenario: Scenario, index: int, point: dict,
+                measure_seconds: float = MEASURE_SECONDS) -> dict:
     """One program: measured, predicted, migrated; the errors of both predictions."""
     spec, settings = scenario.specs(point)
     name = f"wss-{index}-{point.get('pattern', spec.workload.pattern)}"
-    from dataclasses import replace
     spec = replace(spec, name=name)
     tb.create(SOURCE, spec)
     try:
         started = time.monotonic()
         time.sleep(scenario.warmup_seconds)
-        curve = WssCurve.from_dict(tb.host(SOURCE).call("measure_wss", name, MEASURE_SECONDS,
-                                                        0.01, timeout=MEASURE_SECONDS + 60))
+        curve = WssCurve.from_dict(tb.host(SOURCE).call("measure_wss", name, measure_seconds,
+                                                        0.01, timeout=measure_seconds + 60))
         ran = time.monotonic() - started
         nominal = predict_on_curve(curve, spec, settings, settings.link_bytes_per_second, ran)
         report = tb.migrate(name, DESTINATION, settings)
@@ -81,11 +82,12 @@ def _error(pred: dict, took: float | None) -> float | None:
     return pred["total_time_seconds"] / took - 1 if took else None
 
 
-def run_check(scenario: Scenario, tb, say=print) -> dict:
+def run_check(scenario: Scenario, tb, say=print,
+              measure_seconds: float = MEASURE_SECONDS) -> dict:
     """Every point of `scenario`, and the tally within 25 %."""
     points = []
     for i, point in enumerate(scenario.points()):
-        p = check_point(tb, scenario, i, point)
+        p = check_point(tb, scenario, i, point, measure_seconds)
         at = p["at_measured_throughput"]
         say(f"{point}: measured {p['measured']['total_time_seconds']:.2f} s "
             f"({p['measured']['rounds']} rounds, {p['measured']['stop_code']}); model "
