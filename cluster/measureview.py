@@ -29,11 +29,13 @@ def wss_table(curve: WssCurve) -> Table:
 
 def wss_summary(curve: WssCurve) -> str:
     fit = ", ".join(f"{r.pages:.0f} pages at {r.rate_pages_per_second:.0f} writes/s"
-                    for r in curve.regions)
+                    + (" (sweeps)" if r.sequential else "") for r in curve.regions)
     writes = (f"; the guest's own counters: {curve.writes_per_second:.0f} writes/s"
               if curve.writes_per_second is not None else "")
     if curve.ops_per_second is not None:
         writes += f"; the program's operations: {curve.ops_per_second:.0f} ops/s"
+    if curve.zero_fraction is not None:
+        writes += f"; {curve.zero_fraction * 100:.0f} % of its data pages zero"
 
     return (f"WWS {curve.wws_pages:.0f} pages ({format_bytes(curve.wws_pages * curve.page_size)}"
             f") of {curve.data_pages} data pages; fit: {fit}{writes}")
