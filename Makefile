@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-quick setup system-deps lint clean
+.PHONY: demo test test-quick setup system-deps native lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,29 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-setup: $(BIN)/.installed system-deps
+setup: $(BIN)/.installed system-deps native
+
+# The trace recorder's LD_PRELOAD allocator (`migbed trace record`): built with gcc (or cc)
+# when there is one; else with zig's C compiler from PyPI (`ziglang`, into the venv: no root
+# needed); else, as root on Debian, with build-essential from apt. Without it, only
+# `trace record` is missing (it says how to get it).
+NATIVE_SO := cluster/native/libmigbedtrace.so
+NATIVE_SRC := cluster/native/tracealloc.c
+CFLAGS_NATIVE := -O2 -shared -fPIC -Wall
+
+native: $(NATIVE_SO)
+
+$(NATIVE_SO): $(NATIVE_SRC) | $(BIN)/.installed
+	@if command -v gcc >/dev/null || command -v cc >/dev/null; then \
+	  $$(command -v gcc || command -v cc) $(CFLAGS_NATIVE) -o $@ $<; \
+	elif $(BIN)/pip install -q ziglang && $(BIN)/python -m ziglang version >/dev/null; then \
+	  $(BIN)/python -m ziglang cc $(CFLAGS_NATIVE) -o $@ $<; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential \
+	  && gcc $(CFLAGS_NATIVE) -o $@ $<; \
+	else \
+	  echo "no C compiler: migbed trace record needs one (apt-get install gcc, or pip install ziglang)"; \
+	fi
 
 # Prometheus (and promtool) for the metrics and dashboard tests, tmux for the test that drives
 # `migbed top` in a real terminal: Debian's packages.

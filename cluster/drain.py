@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from cluster.evacuate import EvacuationReport, Move, run_moves
+from cluster.evacuate import EvacuationReport, Move, movable_guests, run_moves
 from cluster.fleetstats import fleet_stats, summary_lines
 from cluster.scheduler import Limits
-from nodes.errors import ConfigError, MigbedError
+from nodes.errors import ConfigError
 from nodes.migration.settings import MigrationSettings
 from nodes.units import format_bytes
 
@@ -60,14 +60,9 @@ def plan_drain(tb, hosts: Sequence[str], to: Sequence[str] | None = None,
         free[n], psize[n] = d["frames"]["free"], d["page_size"]
         load[n] = sum(not g["dom0"] for g in tb.host(n).call("list_guests"))
     rack_got: dict = {}
-    moves, stayed = [], []
-    guests = [(h, g) for h in hosts for g in tb.host(h).call("list_guests") if not g["dom0"]]
-    for h, g in sorted(guests, key=lambda hg: (-hg[1]["memory_bytes"], hg[1]["name"])):
-        try:
-            tb.host(h).call("check_migratable", g["name"])
-        except MigbedError as exc:
-            stayed.append({"guest": g["name"], "host": h, "reason": str(exc)})
-            continue
+    moves = []
+    movable, stayed = movable_guests(tb, hosts)
+    for h, g in movable:
         room = [n for n in cands if g["memory_bytes"] // psize[n] <= free[n]]
         if not room:
             most = max(cands, key=lambda n: free[n] * psize[n])

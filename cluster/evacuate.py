@@ -118,14 +118,9 @@ def plan_evacuation(tb, host: str | list[str]) -> tuple[list[Move], list[dict]]:
         d = tb.host(n).call("describe")
         free[n] = d["frames"]["free"]
         page_size[n] = d["page_size"]
-    moves, stayed = [], []
-    guests = [(h, g) for h in hosts for g in tb.host(h).call("list_guests") if not g["dom0"]]
-    for h, g in sorted(guests, key=lambda hg: (-hg[1]["memory_bytes"], hg[1]["name"])):
-        try:
-            tb.host(h).call("check_migratable", g["name"])
-        except MigbedError as exc:
-            stayed.append({"guest": g["name"], "host": h, "reason": str(exc)})
-            continue
+    moves: list[Move] = []
+    movable, stayed = movable_guests(tb, hosts)
+    for h, g in movable:
         best = max(others, key=lambda n: (free[n] * page_size[n], n))
         pages = g["memory_bytes"] // page_size[best]
         if pages > free[best]:
@@ -136,6 +131,22 @@ def plan_evacuation(tb, host: str | list[str]) -> tuple[list[Move], list[dict]]:
         free[best] -= pages
         moves.append(Move(g["name"], best, g["memory_bytes"], source=h))
     return moves, stayed
+
+
+def movable_guests(tb, hosts: list[str]) -> tuple[list[tuple[str, dict]], list[dict]]:
+    """The guests on `hosts` (host, guest) that can move, largest first (the hardest to
+    place), and those that cannot, each with its reason: what an evacuation and a drain
+    place."""
+    movable, stayed = [], []
+    guests = [(h, g) for h in hosts for g in tb.host(h).call("list_guests") if not g["dom0"]]
+    for h, g in sorted(guests, key=lambda hg: (-hg[1]["memory_bytes"], hg[1]["name"])):
+        try:
+            tb.host(h).call("check_migratable", g["name"])
+        except MigbedError as exc:
+            stayed.append({"guest": g["name"], "host": h, "reason": str(exc)})
+            continue
+        movable.append((h, g))
+    return movable, stayed
 
 
 def evacuate(tb, host: str | list[str], concurrency: int | None = 2,

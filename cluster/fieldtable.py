@@ -80,6 +80,23 @@ def read_seed(v: Any, what: str) -> int:
     return parse_count(v, what)
 
 
+def read_speed(v: Any, what: str) -> float:
+    try:
+        speed = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: give a speed factor such as 2 (twice as fast), got "
+                          f"{v!r}") from None
+    if not 0 < speed < 1e6:
+        raise ConfigError(f"{what} must be > 0 (1: as recorded), got {v!r}")
+    return speed
+
+
+def read_bytes(v: Any, what: str) -> bytes:
+    if not isinstance(v, bytes):
+        raise ConfigError(f"{what} must be bytes, got {type(v).__name__}")
+    return v
+
+
 def read_vcpu_kind(v: Any, what: str) -> str:
     v = read_string(v, what)
     if v not in VCPU_KINDS:
@@ -158,6 +175,19 @@ WORKLOAD_FIELDS: tuple[Field, ...] = (
     Field("keys", "workload", 0, read_keys,
           "kvstore: how many keys (0: as many as fill half the guest's memory)",
           flag="--keys", toml="keys", metavar="N", label="keys"),
+    Field("trace", "workload", "", read_string,
+          "trace: the recorded trace to replay, a file or a shipped trace's name (`migbed "
+          "trace list`); the guest's memory is sized from it unless given",
+          flag="--trace", toml="trace", metavar="FILE|NAME", label="trace"),
+    Field("trace_speed", "workload", 1.0, read_speed,
+          "trace: replay this many times as fast as recorded", flag="--trace-speed",
+          toml="trace_speed", metavar="X", label="trace speed (x)"),
+    Field("trace_loop", "workload", False, read_flag,
+          "trace: start the trace again when it ends (else the guest idles)",
+          flag="--trace-loop", toml="trace_loop", label="trace loops"),
+    Field("trace_bytes", "workload", b"", read_bytes,
+          "trace: the trace's bytes, read from --trace when the spec is made (so they "
+          "travel with the guest)"),
 )
 
 # The CLI's own: where a command's results go.

@@ -89,11 +89,18 @@ def test_destination_killed_mid_stream(ray_testbed, unique_name):
         tb.create("host-0", GuestSpec(name, 16 * MiB, workload=WorkloadSpec("uniform", 0,
                                                                             fill="random")))
         src = tb.host("host-0")
-        killer = threading.Timer(0.4, lambda: ray.kill(actor, no_restart=True))
-        killer.start()
+        killed = threading.Event()
+
+        def kill_once_pages_flow(progress) -> None:
+            # Killed once pages flow (not at a set time: on a loaded machine the set-up may
+            # outlast any fixed delay, and the kill would land before the stream opened).
+            if progress.pages_sent_total > 0 and not killed.is_set():
+                killed.set()
+                ray.kill(actor, no_restart=True)
         r = tb.migrate(name, cfg.name, MigrationSettings(
-            link_bytes_per_second=4 * MiB, timeout_seconds=10))
-        killer.join()
+            link_bytes_per_second=4 * MiB, timeout_seconds=10),
+            on_progress=kill_once_pages_flow)
+        assert killed.is_set(), "the destination was killed while pages flowed"
         assert r.status == "failed" and r.error
         status = src.call("guest_status", name)
         assert status["state"] == "running" and status["mode"] == "p2m"

@@ -34,6 +34,7 @@ from workloads.kvstore import KVStore
 from workloads.matmul import MatMul
 from workloads.sortjob import Sort
 from workloads.spec import WORKLOADS, WorkloadSpec
+from workloads.tracereplay import TraceWorkload
 from workloads.triad import Stream
 from workloads.workload import Workload
 
@@ -174,7 +175,8 @@ class ScanWorkload(SequentialWorkload):
 WORKLOAD_CLASSES: dict[str, type[Workload]] = {
     cls.pattern: cls for cls in (IdleWorkload, UniformWorkload, HotsetWorkload,
                                  SequentialWorkload, PhasedWorkload, ScanWorkload,
-                                 KVStore, Stream, Sort, MatMul)
+                                 KVStore, Stream, Sort, MatMul,
+                                 TraceWorkload)
 }
 assert set(WORKLOAD_CLASSES) == set(WORKLOADS)
 

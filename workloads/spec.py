@@ -4,16 +4,22 @@ Rates are page writes per second (page reads for `scan`, which writes nothing);
 `rate_pages_per_second == 0` means as fast as the vCPU can.
 """
 
+import base64
 import json
 from dataclasses import asdict, dataclass, fields
 
 from nodes.errors import ConfigError
 from workloads.content import COUNTER_BYTES, check_fill
+from workloads.tracefile import read_trace_bytes
 
 PROGRAMS = ("kvstore", "stream", "sort", "matmul")    # programs: `workloads.program`
 PATTERNS = ("idle", "uniform", "hotset", "sequential", "phased", "scan")
-WORKLOADS = PATTERNS + PROGRAMS
+# Workloads that replay a recording rather than follow a pattern (tests that run every
+# pattern over a bare spec leave them out: a replay needs its trace).
+REPLAYS = ("trace",)
+WORKLOADS = PATTERNS + PROGRAMS + REPLAYS
 MAX_WRITE_BYTES = 1 << 16        # the largest page size a host may have
+MAX_TRACE_BYTES = 6 << 20        # a trace's bytes cross in GUEST_INFO (bounded on the wire)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,13 @@ class WorkloadSpec:
     get_ratio: float = 0.9
     value_size: int = 256
     keys: int = 0
+    # trace: replay a recorded program's writes (`workloads.tracereplay`): `trace` names the
+    # file or shipped trace, `trace_bytes` are its bytes (read when the spec is made, so they
+    # travel with it to hosts that lack the file), played at `trace_speed`, looping or not.
+    trace: str = ""
+    trace_speed: float = 1.0
+    trace_loop: bool = False
+    trace_bytes: bytes = b""
 
     def __post_init__(self) -> None:
         if self.pattern not in WORKLOADS:
@@ -67,6 +80,7 @@ class WorkloadSpec:
                               f"{self.write_bytes!r}")
         check_fill(self.fill)
         self._check_program()
+        self._check_trace()
 
     def _check_program(self) -> None:
         """A program's dirtying comes from what it computes: the pattern knobs are refused."""
@@ -100,6 +114,32 @@ class WorkloadSpec:
     def is_program(self) -> bool:
         return self.pattern in PROGRAMS
 
+    def _check_trace(self) -> None:
+        """A trace workload's bytes: from its file where the file is (a sweep's `replace`
+        may have named another), else the ones it came with (a host on another node)."""
+        if isinstance(self.trace_bytes, str):          # from JSON: base64
+            object.__setattr__(self, "trace_bytes", base64.b64decode(self.trace_bytes))
+        if self.pattern != "trace":
+            if self.trace or self.trace_bytes:
+                raise ConfigError("--trace is for --workload trace")
+            return
+        if not (self.trace_speed > 0 and self.trace_speed < 1e6):
+            raise ConfigError(f"trace speed must be > 0 (1: as recorded), got "
+                              f"{self.trace_speed}")
+        if self.trace:
+            try:
+                object.__setattr__(self, "trace_bytes", read_trace_bytes(self.trace))
+            except ConfigError:
+                if not self.trace_bytes:
+                    raise
+        elif not self.trace_bytes:
+            raise ConfigError("--workload trace needs --trace FILE or NAME (`migbed trace "
+                              "list`)")
+        if len(self.trace_bytes) > MAX_TRACE_BYTES:
+            raise ConfigError(f"trace {self.trace!r} is {len(self.trace_bytes)} bytes; a "
+                              f"replayed trace may be at most {MAX_TRACE_BYTES} (it travels "
+                              "with the guest): record a shorter one (--duration)")
+
     @property
     def unlimited(self) -> bool:
         if self.pattern in PROGRAMS:
@@ -118,7 +158,9 @@ class WorkloadSpec:
         return cls(**data)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        d = self.to_dict()
+        d["trace_bytes"] = base64.b64encode(self.trace_bytes).decode()
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "WorkloadSpec":

@@ -22,11 +22,12 @@ from cluster.cli import (
 )
 from cluster.cli import postcopy_commands as postcopy
 from cluster.cli import top_command as top
+from cluster.cli import trace_commands as trace
 from cluster.cli.options import EXIT_BAD_INPUT, EXIT_MIGRATION_FAILED, Parser, UsageError
 from nodes.errors import MigbedError
 
 COMMAND_MODULES = (lifecycle, guests, top, migrate, postcopy, reports, experiments,
-                   faults, measure_commands, fleet, drain)         # in `--help`'s order
+                   faults, measure_commands, fleet, drain, trace)    # in `--help`'s order
 
 
 def build_parser() -> Parser:

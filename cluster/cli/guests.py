@@ -23,8 +23,12 @@ def cmd_create(args: argparse.Namespace) -> int:
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
     from nodes.host.vcpus import check_process_guest
-    spec = GuestSpec(name=args.name, memory_bytes=args.memory, mode=args.mode, dma=args.dma,
-                     workload=workload_from(args), vcpu=args.vcpu, vcpus=args.vcpus)
+    workload = workload_from(args)
+    if args.memory is None and workload.pattern != "trace":
+        raise UsageError("the following arguments are required: --memory (see `migbed create "
+                         "--help`)")
+    spec = GuestSpec(name=args.name, memory_bytes=args.memory or 0, mode=args.mode,
+                     dma=args.dma, workload=workload, vcpu=args.vcpu, vcpus=args.vcpus)
     check_process_guest(spec.vcpu)
     d = Testbed.attach().create(args.host, spec)
     print(f"created {d['name']} on {args.host}: {format_bytes(d['memory_bytes'])}, mode "
@@ -82,7 +86,8 @@ def register(sub: Commands) -> None:
     memory = field_named("guest_memory_bytes")
     s.add_argument("--memory", memory.flag, dest="memory", default=None,
                    type=arg(memory.read, "--memory"), metavar=memory.metavar,
-                   help=f"{memory.help}, e.g. 64MiB (required without --from)")
+                   help=f"{memory.help}, e.g. 64MiB (required without --from; with "
+                        "--workload trace: sized from the trace)")
     add_field(s, field_named("mode"))
     add_field(s, field_named("dma"))
     add_field(s, field_named("vcpu"))

@@ -78,8 +78,12 @@ def _migrate_one_shot(args: argparse.Namespace, settings) -> int:
     from cluster.testbed import Testbed
     from nodes.host.specs import GuestSpec
     from nodes.host.vcpus import check_process_guest
-    spec = GuestSpec(name=ONE_SHOT_GUEST, memory_bytes=args.guest_memory, mode=args.mode,
-                     workload=workload_from(args), vcpu=args.vcpu, vcpus=args.vcpus)
+    workload = workload_from(args)
+    memory = args.guest_memory                      # not given: a trace's guest is its size
+    if workload.pattern == "trace" and not getattr(args, "guest_memory_given", False):
+        memory = 0
+    spec = GuestSpec(name=ONE_SHOT_GUEST, memory_bytes=memory, mode=args.mode,
+                     workload=workload, vcpu=args.vcpu, vcpus=args.vcpus)
     check_process_guest(spec.vcpu, settings)
     cluster = cluster_spec_from(args)
     if cluster.hosts < 2:
@@ -158,6 +162,15 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+class _GivenMemory(argparse.Action):
+    """--guest-memory, noting that it was given (a trace's guest is sized from its trace
+    otherwise)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.guest_memory_given = True
+
+
 def register(sub: Commands) -> None:
     s = sub.add_parser("migrate", help="live-migrate a guest (one-shot on an embedded cluster "
                        "when GUEST and DEST_HOST are not given)")
@@ -167,7 +180,9 @@ def register(sub: Commands) -> None:
     add_workload_options(s)
     memory, mode, warmup, vcpu, vcpus = (field_named(n) for n in (
         "guest_memory_bytes", "mode", "warmup_seconds", "vcpu", "vcpus"))
-    add_field(s, memory, help=f"one-shot: {memory.help_text()}")
+    add_field(s, memory, action=_GivenMemory,
+              help=f"one-shot: {memory.help_text()} (--workload trace: sized from the trace "
+                   "unless given)")
     add_field(s, mode, help=f"one-shot: {mode.help_text()}")
     add_field(s, vcpu, help=f"one-shot: {vcpu.help_text()}")
     add_field(s, vcpus, help=f"one-shot: {vcpus.help_text()}")

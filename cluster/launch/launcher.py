@@ -207,6 +207,22 @@ def ray_init(address: str) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR",
              log_to_driver=False, configure_logging=False)
+    _cluster_messages_to_stderr()
+
+
+def _cluster_messages_to_stderr() -> None:
+    """Ray prints the cluster's own warnings (the raylet's "N worker processes have been
+    started", ...) to the driver's stdout, even without log_to_driver: where `--json` writes
+    its document. They go to stderr instead, beside migbed's own messages."""
+    from ray._private import worker as ray_worker
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "migbed_stderr", False):
+        return
+
+    def to_stderr(data: dict, ignore_prefix: bool) -> None:
+        printer({**data, "is_err": True}, ignore_prefix)
+    to_stderr.migbed_stderr = True
+    ray_worker.print_to_stdstream = to_stderr
 
 
 def start_hosts(spec: ClusterSpec, *, detached: bool, deadline: float,

@@ -34,6 +34,8 @@ AIDS: dict[str, dict] = {
     # ... and post-copy, the other way to finish (issue 23's programs x algorithms sweep)
     "hybrid": {"postcopy_after_rounds": 1},
     "post-copy": {"postcopy_after_rounds": 0},
+    # ... and XBZRLE, for a sweep of algorithms (scenarios/traces-vs-algorithms.toml)
+    "xbzrle": {"xbzrle_cache_bytes": 64 * 1024 * 1024},             # QEMU's default cache
 }
 
 

@@ -58,6 +58,9 @@ _TOP_KEYS = {"name", "description", "repeats", "seed", "cluster", "guest", "work
              "migration", "axes", "plot", "faults"}
 
 
+DEFAULT_GUEST_MEMORY = 64 * MiB
+
+
 # -- the scenario ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scenario:
@@ -71,7 +74,7 @@ class Scenario:
     hosts: int = 2
     host_memory_bytes: int = 512 * MiB
     hosts_per_node: int | None = None       # None: all on one Ray node (`cluster.launch.placement`)
-    guest_memory_bytes: int = 64 * MiB
+    guest_memory_bytes: int = 64 * MiB     # DEFAULT_GUEST_MEMORY (a trace's: from its trace)
     mode: str = "p2m"
     warmup_seconds: float = 0.3
     vcpu: str = "thread"                    # what runs the guest's vCPUs (GuestSpec.vcpu)
@@ -158,6 +161,8 @@ class Scenario:
             mig.update(postcopy_fields(mig.pop("postcopy_after")))
         workload = replace(self.workload, **wl)
         settings = replace(self.migration, **mig)
+        if workload.pattern == "trace" and guest["guest_memory_bytes"] == DEFAULT_GUEST_MEMORY:
+            guest["guest_memory_bytes"] = 0     # a trace's guest: sized from its trace
         spec = GuestSpec(name="sweep", memory_bytes=guest["guest_memory_bytes"],
                          mode=guest["mode"], workload=workload, vcpu=guest["vcpu"],
                          vcpus=guest["vcpus"])

@@ -12,6 +12,7 @@ from nodes.units import from_fields
 from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
 from nodes.xen.profiles import DEFAULT_PROFILE, Mode
 from workloads.spec import WorkloadSpec
+from workloads.tracereplay import trace_memory_bytes
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,14 @@ class GuestSpec:
     def __post_init__(self) -> None:
         check_guest_name(self.name)
         check_vcpus(self.vcpu, self.vcpus)
+        if isinstance(self.workload, dict):
+            object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))
+        if self.workload.pattern == "trace":
+            check_trace_guest(self)
         if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
             raise ConfigError(f"guest memory must be a positive number of bytes, got "
                               f"{self.memory_bytes!r}")
         object.__setattr__(self, "mode", Mode.parse(self.mode).value)
-        if isinstance(self.workload, dict):
-            object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))
         if self.workload.is_program and self.vcpu != "process":
             raise ConfigError(f"{self.workload.pattern} is a program workload: it runs on "
                               f"process vCPUs only (give --vcpu process)")
@@ -77,3 +80,12 @@ class GuestSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "GuestSpec":
         return from_fields(cls, data)
+
+
+def check_trace_guest(spec: GuestSpec) -> None:
+    """A trace replay runs on one vCPU; memory 0 (or None) means: sized from the trace."""
+    if spec.vcpus != 1:
+        raise ConfigError("--workload trace replays one program's writes on one vCPU; give "
+                          "--vcpus 1")
+    if spec.memory_bytes in (0, None):
+        object.__setattr__(spec, "memory_bytes", trace_memory_bytes(spec.workload.trace_bytes))

@@ -47,6 +47,7 @@ OPTION_LITTLE_ENDIAN = 0x0
 OPTIONAL = 0x8000_0000
 MAX_BATCH_PAGES = 1024               # Xen: at most 1024 pages (4 MiB) per PAGE_DATA record
 MAX_CONTROL_RECORD_BYTES = 1 << 20   # every record but PAGE_DATA and P2M_FRAMES
+MAX_GUEST_INFO_BYTES = 8 << 20       # a trace workload's bytes (at most 6 MiB) ride in it
 MAX_PAGE_SHIFT = 16
 PFN_TYPE_SHIFT = 60
 PFN_MASK = (1 << PFN_TYPE_SHIFT) - 1
@@ -399,4 +400,6 @@ def max_record_bytes(rtype: int, page_size: int, guest_pages: int) -> int:
         return MAX_BATCH_PAGES * (page_size + 8) + (MAX_BATCH_PAGES * page_size >> 6) + 1024
     if rtype in (RecordType.POSTCOPY_DISCARD, RecordType.RECV_BITMAP):
         return guest_pages // 8 + 64
+    if rtype == RecordType.GUEST_INFO:      # a trace workload's trace travels in it
+        return MAX_GUEST_INFO_BYTES
     return MAX_CONTROL_RECORD_BYTES

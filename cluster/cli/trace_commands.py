@@ -1,0 +1,155 @@
+"""`migbed trace record|info|list`: record how an unmodified program dirties its memory, look
+at a trace, list the shipped ones (`cluster.tracerecord`, `workloads.tracefile`). Replaying a
+trace is a workload: `--workload trace --trace FILE|NAME` of create, migrate and sweeps."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from cluster.cli.options import Commands, arg
+from nodes.errors import ConfigError
+from nodes.units import parse_count, parse_duration, parse_positive_size
+
+
+def _program(args: argparse.Namespace) -> list[str]:
+    argv = list(args.program)
+    return argv[1:] if argv and argv[0] == "--" else argv
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from cluster.tracerecord import record
+    argv = _program(args)
+    result = record(argv, Path(args.output), args.interval, args.duration, args.region)
+    print(f"migbed trace: {result.summary}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    """Paired runs, plain then recorded, alternating; the medians and their ratio."""
+    import statistics
+    import tempfile
+
+    from cluster.tracerecord import record, run_plain
+    argv = _program(args)
+    plain, traced = [], []
+    with tempfile.TemporaryDirectory(prefix="migbed-trace-") as tmp:
+        for i in range(args.runs):
+            plain.append(run_plain(argv))
+            r = record(argv, Path(tmp) / f"run{i}.mbtrace", args.interval, 0.0, args.region,
+                       say=lambda _line: None, quiet=True)
+            traced.append((r.program_seconds, r.program_cpu_seconds))
+    med = [[statistics.median(x[k] for x in runs) for k in (0, 1)] for runs in (plain, traced)]
+    (pw, pc), (tw, tc) = med
+    print(f"{' '.join(argv)}: medians of {args.runs} pairs at {args.interval * 1e3:g} ms: "
+          f"wall {pw:.3f} -> {tw:.3f} s ({tw / pw - 1:+.1%}), CPU {pc:.3f} -> {tc:.3f} s "
+          f"({tc / max(pc, 1e-9) - 1:+.1%})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from workloads.tracefile import load_trace
+    from workloads.tracestats import summary
+    trace = load_trace(args.trace)
+    s = summary(trace)
+    if args.plot:
+        from cluster.traceplot import draw_trace
+        draw_trace(trace, args.plot, s["program"])
+    if args.wss:
+        from workloads.tracestats import wss_of_trace
+        try:
+            Path(args.wss).write_text(wss_of_trace(trace).to_json() + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write --wss {args.wss}: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(_info_text(s))
+    if args.plot:
+        print(f"plot in {args.plot}")
+    return 0
+
+
+def _info_text(s: dict) -> str:
+    c, r = s["content"], s["dirty_rate_pages_per_second"]
+    lines = [
+        f"program      {' '.join(s['argv'])}",
+        f"recorded     {s['recorded_at']} on {s['machine'].get('system', '?')} "
+        f"{s['machine'].get('release', '?')} {s['machine'].get('arch', '?')}, ended: "
+        f"{s['ended']}, {s['children']} children",
+        f"duration     {s['duration_seconds']:.3f} s, {s['intervals']} intervals of "
+        f"{s['interval_seconds'] * 1e3:g} ms",
+        f"pages        {s['pages_touched']} touched ({s['pages_touched'] * s['page_size'] / 2**20:.1f}"
+        f" MiB), {s['page_writes']} page writes",
+        f"dirty rate   mean {r['mean']:.0f} pages/s, peak {r['peak']:.0f} pages/s (one "
+        "interval)",
+        f"over time    pages/s per {s['dirty_rate_over_time']['bin_seconds']:.3g} s: "
+        + " ".join(_short(v) for v in s["dirty_rate_over_time"]["pages_per_second"]),
+        "WSS curve    " + ", ".join(f"{w['window_seconds'] * 1e3:g} ms: {w['pages']:.0f}"
+                                    for w in s["wss_curve"]),
+        f"content      {c['sampled_pages']} sampled pages: zero {c['zero_fraction']:.1%}, "
+        f"zstd ratio {c['compression_ratio']:.2f}, XBZRLE delta {c['xbzrle_delta_bytes']:.0f} B "
+        f"mean over {c['xbzrle_samples']} re-samples ({c['xbzrle_overflow_fraction']:.0%} "
+        "overflow)"]
+    return "\n".join(lines)
+
+
+def _short(v: float) -> str:
+    return f"{v / 1e3:.0f}k" if v >= 1e4 else f"{v:.0f}"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from workloads.tracefile import decode, shipped_traces
+    from workloads.tracestats import distinct_pages
+    for name, path in shipped_traces().items():
+        t = decode(path.read_bytes(), name)
+        print(f"{name:<16} {' '.join(t.header['argv'])[:50]:<50} {t.duration_seconds:6.2f} s "
+              f"{distinct_pages(t):7d} pages {path.stat().st_size >> 10:5d} KiB")
+    return 0
+
+
+def register(sub: Commands) -> None:
+    t = sub.add_parser("trace", help="record how a real program dirties its memory, look at "
+                       "a trace, list the shipped ones (replay: --workload trace)")
+    tsub = t.add_subparsers(dest="trace_command", required=True, parser_class=type(t))
+    s = tsub.add_parser("record", help="run a program and record the pages of its heap it "
+                        "writes, every interval (needs the native allocator: make setup)")
+    s.add_argument("--output", "-o", required=True, metavar="FILE",
+                   help="the trace file to write")
+    s.add_argument("--interval", type=arg(parse_duration, "--interval"), default=0.01,
+                   metavar="DURATION", help="how often to scan its written pages (default 10ms)")
+    s.add_argument("--duration", type=arg(parse_duration, "--duration"), default=0.0,
+                   metavar="DURATION", help="stop recording after this long; the program runs"
+                   " on (default: until it ends)")
+    s.add_argument("--region", type=arg(parse_positive_size, "--region"), default=1 << 30,
+                   metavar="SIZE", help="the traced heap region (default 1GiB)")
+    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the program and its arguments, after --")
+    s.set_defaults(func=cmd_record)
+
+    s = tsub.add_parser("overhead", help="what recording costs a program: paired runs "
+                        "with and without the recorder (its output is discarded)")
+    s.add_argument("--runs", type=arg(parse_count, "--runs", 1, 50), default=3,
+                   help="pairs of runs (default 3)")
+    s.add_argument("--interval", type=arg(parse_duration, "--interval"), default=0.01,
+                   metavar="DURATION", help="the recorder's interval (default 10ms)")
+    s.add_argument("--region", type=arg(parse_positive_size, "--region"), default=1 << 30,
+                   metavar="SIZE", help="the traced heap region (default 1GiB)")
+    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the program and its arguments, after --")
+    s.set_defaults(func=cmd_overhead)
+
+    s = tsub.add_parser("info", help="a trace's duration, pages, dirty rate, WSS curve and "
+                        "content figures")
+    s.add_argument("trace", metavar="FILE|NAME", help="a trace file or a shipped trace's name")
+    s.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw its dirty rate and WSS curve")
+    s.add_argument("--wss", metavar="FILE.json", default=None,
+                   help="also write its writable working set as the curve `migbed model "
+                        "--wss` reads")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = tsub.add_parser("list", help="the traces shipped with migbed (--trace NAME)")
+    s.set_defaults(func=cmd_list)

@@ -1,0 +1,184 @@
+"""The `trace` workload: a guest's vCPU writes the pages a recorded program wrote
+(`workloads.tracefile`), at the recorded times scaled by `trace_speed`, looping if asked.
+
+Why: a real program's writes (a database, a sort, an interpreter) cannot be migrated as a
+process here, but how they dirty memory can be replayed into any guest, on any algorithm.
+
+Pages: the trace's distinct pages, compacted in order (the program's k-th lowest page is the
+guest's data page k), so the guest needs only as many data pages as the trace touched.
+
+Time: interval i of the trace is written once the workload's running time (which stops while
+the guest is paused, as every workload's does) times the speed reaches the interval's end;
+a batch is at most `max_batch` pages, the rest of a late interval follows in the next one.
+The position (interval, page within it, loops done) is the workload's state: it travels in
+the vCPU context and the destination continues where the source stopped.
+
+Content, like the recording's (its samples' figures, `workloads.tracestats`): a share of the
+pages (the zero fraction, chosen by a hash of the page) are written with zeros and stay zero;
+the others hold random bytes in their first page/ratio bytes (so they compress by the
+recorded ratio; `fill` puts them there before the guest runs), and each write bumps the
+page's counter and rewrites, in place (one of a few places per page), a run of random bytes
+as long as the recorded XBZRLE delta. So
+the sum of a trace guest's counters is not its write count (its zero pages count writes but
+hold no counter).
+"""
+
+from functools import cache
+
+import numpy as np
+
+from nodes.errors import ConfigError
+from workloads.content import COUNTER_BYTES
+from workloads.guest import Guest
+from workloads.spec import WorkloadSpec
+from workloads.state import FILL_STREAM, generator
+from workloads.tracefile import Trace, decode
+from workloads.tracestats import content_figures, sorted_unique
+from workloads.workload import DEFAULT_MAX_BATCH_PAGES, Workload
+
+_HASH = np.uint64(0x9E3779B97F4A7C15)
+OFFSET_CLASSES = 8
+
+
+@cache
+def _replay_plan(data: bytes) -> tuple[Trace, np.ndarray, np.ndarray, float, float, float]:
+    """(trace, compacted pages, interval offsets, zero fraction, compression ratio, delta
+    bytes), decoded once per process for each trace's bytes."""
+    trace = decode(data, "the guest's trace")
+    compacted = np.searchsorted(sorted_unique(trace.pages), trace.pages)
+    c = content_figures(trace)
+    delta = c.xbzrle_delta_bytes if c.xbzrle_samples else float(trace.page_size)
+    return (trace, compacted.astype(np.int64), trace.offsets, c.zero_fraction,
+            c.compression_ratio, delta)
+
+
+def trace_data_pages(data: bytes) -> int:
+    """The data pages a guest replaying this trace needs: its distinct pages."""
+    return int(_replay_plan(data)[1].max()) + 1 if len(_replay_plan(data)[1]) else 1
+
+
+def trace_memory_bytes(data: bytes, page_size: int = 4096,
+                       round_bytes: int = 2 << 20) -> int:
+    """A replaying guest's memory: its data pages (the trace's distinct pages, compacted),
+    its page tables (a generous bound), rounded up to 2 MiB."""
+    pages = trace_data_pages(data)
+    total = (pages + pages // 256 + 16) * page_size
+    return -(-total // round_bytes) * round_bytes
+
+
+class TraceWorkload(Workload):
+    """Replays `spec.trace_bytes` (see the module docstring)."""
+
+    pattern = "trace"
+
+    def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None,
+                 page_size: int = 4096):
+        (self.trace, self.compacted, self.offsets, zero_fraction, ratio,
+         delta) = _replay_plan(spec.trace_bytes)
+        need = trace_data_pages(spec.trace_bytes)
+        if data_pages < need:
+            raise ConfigError(f"the trace touches {need} pages; the guest has {data_pages} "
+                              "data pages: give more memory (or none: it is sized from the "
+                              "trace)")
+        self.interval = 0              # next interval to write
+        self.within = 0                # pages of it written already
+        self.loops = 0
+        super().__init__(spec, data_pages, state, page_size)
+        self.zero_fraction = zero_fraction
+        self.prefix_bytes = int(np.clip(page_size / max(ratio, 1.0), COUNTER_BYTES + 8,
+                                        page_size))
+        self.delta_bytes = int(np.clip(delta, 1, self.prefix_bytes - COUNTER_BYTES))
+
+    # -- which pages, when --------------------------------------------------------------
+    def _end_seconds(self, i: int) -> float:
+        t = self.trace
+        return float(t.times_seconds[i]) + self.loops * max(t.duration_seconds,
+                                                            t.interval_seconds)
+
+    def take_batch(self, now: float,
+                   max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> tuple[np.ndarray, np.ndarray]:
+        self._due_pages(now, max_batch)               # advances the running clock only
+        at = self.running_seconds * self.spec.trace_speed
+        n = len(self.trace.counts)
+        parts, taken = [], 0
+        while taken < max_batch and n:
+            if self.interval >= n:
+                if not self.spec.trace_loop:
+                    break
+                self.interval, self.within, self.loops = 0, 0, self.loops + 1
+            if self._end_seconds(self.interval) > at:
+                break
+            lo = self.offsets[self.interval] + self.within
+            hi = min(self.offsets[self.interval + 1], lo + max_batch - taken)
+            parts.append(self.compacted[lo:hi])
+            taken += hi - lo
+            self.within += hi - lo
+            if lo + (hi - lo) >= self.offsets[self.interval + 1]:
+                self.interval, self.within = self.interval + 1, 0
+        if not taken:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        pages, increments = self._tally(np.concatenate(parts))
+        self._advance(taken)
+        return pages, increments
+
+    # -- content ------------------------------------------------------------------------
+    def _zero_pages(self, pages: np.ndarray) -> np.ndarray:
+        """Which of `pages` (data page indices) the recording's zero share keeps zero."""
+        if self.zero_fraction <= 0:
+            return np.zeros(len(pages), bool)
+        h = (pages.astype(np.uint64) * _HASH) >> np.uint64(40)
+        return h.astype(np.float64) / float(1 << 24) < self.zero_fraction
+
+    def _touch(self, domain: Guest, pfns: np.ndarray, increments: np.ndarray) -> None:
+        zero = self._zero_pages(pfns - domain.pfn_base)
+        if zero.any():
+            domain.write_words(pfns[zero], 0, np.zeros(int(zero.sum()), np.uint64))
+        pfns, increments = pfns[~zero], increments[~zero]
+        if not len(pfns):
+            return
+        old = domain.read_words(pfns, 0)
+        domain.write_words(pfns, 0, old + increments)
+        # Each page rewrites the same run at every write (as a program updating a record in
+        # place), so the change a migration sees between rounds is one run, however many
+        # writes fell between: the recorded XBZRLE delta. The run's place is one of
+        # OFFSET_CLASSES, by a hash of the page.
+        room = self.prefix_bytes - COUNTER_BYTES - self.delta_bytes
+        classes = (((pfns - domain.pfn_base).astype(np.uint64) * _HASH) >> np.uint64(61)) \
+            .astype(np.int64) % OFFSET_CLASSES
+        for c in np.unique(classes).tolist():
+            these = pfns[classes == c]
+            offset = COUNTER_BYTES + (room * c // (OFFSET_CLASSES - 1) if room > 0 else 0)
+            data = np.frombuffer(self.content_rng.bytes(len(these) * self.delta_bytes),
+                                 np.uint8)
+            domain.write_bytes(these, offset, data.reshape(len(these), self.delta_bytes))
+
+    def fill(self, domain: Guest) -> None:
+        """The trace's non-zero pages hold random bytes in their first page/ratio bytes."""
+        rng = generator(self.spec.seed, FILL_STREAM)
+        pages = np.arange(trace_data_pages(self.spec.trace_bytes), dtype=np.int64)
+        pages = pages[~self._zero_pages(pages)]
+        width = self.prefix_bytes - COUNTER_BYTES
+        with domain.lock:
+            for start in range(0, len(pages), 1024):
+                part = pages[start:start + 1024] + domain.pfn_base
+                data = np.frombuffer(rng.bytes(len(part) * width), np.uint8)
+                domain.write_bytes(part, COUNTER_BYTES, data.reshape(len(part), width))
+
+    # -- state ---------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        return {**super().get_state(), "trace_interval": int(self.interval),
+                "trace_within": int(self.within), "trace_loops": int(self.loops)}
+
+    def _load_state(self, state: dict) -> None:
+        super()._load_state(state)
+        n = len(self.trace.counts)
+        i, w = int(state.get("trace_interval", 0)), int(state.get("trace_within", 0))
+        if not (0 <= i <= n and 0 <= w <= (int(self.trace.counts[i]) if i < n else 0)):
+            raise ConfigError(f"trace workload state: position {i}/{w} is outside the trace")
+        self.interval, self.within = i, w
+        self.loops = max(0, int(state.get("trace_loops", 0)))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "trace_interval": self.interval,
+                "trace_loops": self.loops}
+
