@@ -155,6 +155,13 @@ def test_wss_and_dirtyrate_of_a_program_guest(in_process, uffd_kernel):
                                      labels) == out["pages_per_second"]
     assert registry.get_sample_value("migbed_guest_dirty_rate_true_pages_per_second",
                                      labels) is None
+    # page-sampling's truth for a program: the kernel's log over the same window
+    sampled = host.call("measure_dirty_rate", "g", "page-sampling", 0.2, 4096)
+    assert sampled["true_pages_per_second"] > 0
+    assert registry.get_sample_value("migbed_guest_dirty_rate_true_pages_per_second", {
+        **labels, "mode": "page-sampling"}) == sampled["true_pages_per_second"]
+    status = host.call("guest_status", "g")
+    assert status["mode"] == "p2m" and not status["logdirty"]     # back as it was
 
 
 @pytest.mark.uffd

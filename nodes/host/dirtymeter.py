@@ -194,16 +194,28 @@ class GuestMeasuring:
         return {"pages_per_second": float(np.count_nonzero(bitmap)) / elapsed,
                 "window_seconds": elapsed, **truth, **about}
 
+    @contextlib.contextmanager
+    def _held(self, name: str) -> Iterator[Domain]:
+        """The guest held for a measurement that only reads it (no log, no mode switch)."""
+        dom = self._measurable(name)
+        try:
+            yield dom
+        finally:
+            self._measuring.discard(name)
+
     def _by_sampling(self, name: str, duration: float, per_gib: int) -> dict:
         """QEMU's page-sampling: hash a random sample of the guest's pages, hash them again
         after the window, scale the changed share to the guest's size. No log, no mode
-        switch: the guest is only read."""
-        dom = self._measurable(name)
-        try:
+        switch: the guest is only read. A program guest has no write counters: it is logged
+        beside the sample (the kernel's log, exact), and the pages the log saw are its truth."""
+        logged = self._is_program(name)
+        with (self._logged(name) if logged else self._held(name)) as dom:
             n = max(1, min(dom.npages, round(per_gib * dom.npages * self.hv.page_size / GIB)))
             sample = np.sort(np.random.default_rng().choice(dom.npages, n, replace=False))
             with dom.lock:
                 before = self._counters(dom)
+                if logged:
+                    self.hv.shadow_op(name, ShadowOp.CLEAN)
                 first = page_hashes(dom.foreign_read(sample))
                 start = time.monotonic()
             time.sleep(duration)
@@ -211,8 +223,9 @@ class GuestMeasuring:
                 changed = int(np.count_nonzero(page_hashes(dom.foreign_read(sample)) != first))
                 elapsed = time.monotonic() - start
                 truth = self._truth(dom, before, elapsed)
-        finally:
-            self._measuring.discard(name)
+                if logged:
+                    bitmap, _ = self.hv.shadow_op(name, ShadowOp.CLEAN)
+                    truth["true_pages_per_second"] = float(np.count_nonzero(bitmap)) / elapsed
         return {"pages_per_second": changed / n * dom.npages / elapsed,
                 "window_seconds": elapsed, "sample_pages": n, "sample_changed": changed,
                 **truth, **self._about(name, dom)}
