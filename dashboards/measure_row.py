@@ -16,7 +16,7 @@ def measurements_row(d: Dashboard, p: Panels) -> Dashboard:
             "Measured dirty rate beside the true rate", "The last dirty rate `migbed "
             "dirtyrate` measured of each guest, by mode, and the guest's true rate over the "
             "same window (its own counters: distinct pages written, for dirty-ring page "
-            "writes; a program guest has none). page-sampling undercounts a small hot set; "
+            "writes; a program guest's, page-sampling's only: the pages the kernel's log saw). page-sampling undercounts a small hot set; "
             "a longer window reports a lower rate.", "short",
             [query(top(f"max by (guest, mode) (migbed_guest_dirty_rate_measured_pages_per_"
                        f"second{{{HG}}})"), "{{guest}} {{mode}}", "A"),

@@ -13,7 +13,10 @@ is refused while a measurement holds it (`refuse_while_measured`).
 
 The guest's true rate over the same window comes from its own write counters (word 0 of
 every data page, bumped by each write): the distinct pages whose counter moved and the sum of
-the moves, read at the window's two ends.
+the moves, read at the window's two ends. A program guest (`kvstore`, `stream`, `sort`,
+`matmul`) has no such counters: its word 0 is its own data, so its WSS carries its operations
+per second (its journal's count) instead of writes, and its truth is None but in
+page-sampling, which logs it beside the sample (the kernel's log is exact).
 """
 
 import contextlib
