@@ -29,9 +29,14 @@ def wss_table(curve: WssCurve) -> Table:
 
 def wss_summary(curve: WssCurve) -> str:
     fit = ", ".join(f"{r.pages:.0f} pages at {r.rate_pages_per_second:.0f} writes/s"
-                    for r in curve.regions)
+                    + (" (sweeps)" if r.sequential else "") for r in curve.regions)
     writes = (f"; the guest's own counters: {curve.writes_per_second:.0f} writes/s"
               if curve.writes_per_second is not None else "")
+    if curve.ops_per_second is not None:
+        writes += f"; the program's operations: {curve.ops_per_second:.0f} ops/s"
+    if curve.zero_fraction is not None:
+        writes += f"; {curve.zero_fraction * 100:.0f} % of its data pages zero"
+
     return (f"WWS {curve.wws_pages:.0f} pages ({format_bytes(curve.wws_pages * curve.page_size)}"
             f") of {curve.data_pages} data pages; fit: {fit}{writes}")
 
@@ -67,22 +72,26 @@ def dirtyrate_table(runs: list[dict]) -> Table:
     for name in ("#", "MB/s", "pages/s", "true (counters)", "bias"):
         t.add_column(name, justify="right")
     for i, r in enumerate(runs):
+        true = r[truth_key]
         t.add_row(str(i + 1), f"{r['bytes_per_second'] / 1e6:.2f}",
-                  f"{r['pages_per_second']:.0f}", f"{r[truth_key]:.0f}", _bias(r, truth_key))
+                  f"{r['pages_per_second']:.0f}", "-" if true is None else f"{true:.0f}",
+                  _bias(r, truth_key))
         if r.get("vcpu_pages_per_second") and len(r["vcpu_pages_per_second"]) > 1:
             t.add_row("", "", " + ".join(f"{v:.0f}" for v in r["vcpu_pages_per_second"]),
                       "(per vCPU)", "")
     if len(runs) > 1:
         s = series_stats(runs)
+        true, bias = s["mean_true_pages_per_second"], s["bias"]
         t.add_row("mean", f"{s['mean_bytes_per_second'] / 1e6:.2f}",
                   f"{s['mean_pages_per_second']:.0f} ± {s['stdev_pages_per_second']:.0f}",
-                  f"{s['mean_true_pages_per_second']:.0f}", f"{s['bias'] * 100:+.1f} %")
+                  "-" if true is None else f"{true:.0f}",
+                  "-" if bias is None else f"{bias * 100:+.1f} %")
     return t
 
 
 def _bias(run: dict, truth_key: str) -> str:
     true = run[truth_key]
-    return f"{(run['pages_per_second'] / true - 1) * 100:+.1f} %" if true > 0 else "-"
+    return f"{(run['pages_per_second'] / true - 1) * 100:+.1f} %" if true else "-"
 
 
 def series_stats(runs: list[dict]) -> dict:
@@ -91,14 +100,16 @@ def series_stats(runs: list[dict]) -> dict:
                  else "true_pages_per_second")
     est = [r["pages_per_second"] for r in runs]
     true = [r[truth_key] for r in runs]
-    mean, mean_true = statistics.fmean(est), statistics.fmean(true)
+    mean = statistics.fmean(est)
+    # A program guest has no per-page counters: no truth, no bias.
+    mean_true = None if None in true else statistics.fmean(true)
     return {"mode": runs[0]["mode"], "window_count": len(runs),
             "mean_pages_per_second": mean,
             "median_pages_per_second": statistics.median(est),
             "mean_bytes_per_second": mean * runs[0]["page_size"],
             "stdev_pages_per_second": statistics.stdev(est) if len(est) > 1 else 0.0,
             "mean_true_pages_per_second": mean_true, "truth": truth_key,
-            "bias": mean / mean_true - 1 if mean_true > 0 else None}
+            "bias": mean / mean_true - 1 if mean_true else None}
 
 
 def advice_table(ranked: list) -> Table:

@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 # The rows' modules sit beside this script (which runs as a script, and loads in the tests
 # from its file): this folder is where they are found.
 sys.path.insert(0, str(HERE))
+from measure_row import measurements_row  # noqa: E402
 from panelkit import HG, PROMETHEUS, TOP_K, H, Panels, query, top, with_queries  # noqa: E402
 from vcpu_row import process_vcpus_row  # noqa: E402
 
@@ -79,6 +80,7 @@ def build_dashboard() -> Dashboard:
     d = guests_row(d, p)
     d = postcopy_row(d, p)
     d = process_vcpus_row(d, p)
+    d = measurements_row(d, p)
     return d
 
 

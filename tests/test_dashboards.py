@@ -287,6 +287,9 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
             t_up = time.time()        # every host scraped once
             baseline = scrape_all(tb)  # what the shared hosts counted before this test
             phases["prometheus up"] = time.monotonic() - t_start - sum(phases.values())
+            # One short dirty-rate measurement (0.2 s), for the measurements row's panel.
+            measured = tb.host("host-0").call("measure_dirty_rate", guests["a"],
+                                              "dirty-bitmap", 0.2, 512)
             # Slow links, so each migration is running for several scrapes.
             reports = {}
 
@@ -324,6 +327,7 @@ def test_every_panel_shows_data_from_a_real_cluster(ray_testbed, tmp_path, uniqu
             phases["migrations"] = time.monotonic() - t_start - sum(phases.values())
             evaluate_every_panel(prom, t0, t1, skip=() if process else KERNEL_LOG_PANELS)
             wire_counters_counted(prom, t_up, t1, reports, baseline)
+            dirty_rate_gauges_hold_the_measurement(prom, t1, guests["a"], measured)
             evaluate_every_recording_rule(prom, t0, t1)
             phases["queries"] = time.monotonic() - t_start - sum(phases.values())
             dead_host_leaves_prometheus(prom, sd, doomed, cluster)
@@ -400,6 +404,20 @@ def wire_counters_counted(prom: Prometheus, t0: float, t1: float, reports: dict,
         a.multifd["compression_ratio"])
     miss = moved("migbed_migration_xbzrle_cache_miss_total", "host-1")
     assert sum(miss.values()) == b.xbzrle["cache_miss"] > 0
+
+
+def dirty_rate_gauges_hold_the_measurement(prom: Prometheus, t1: float, guest: str,
+                                           measured: dict) -> None:
+    """The last measurement's estimate and true rate, as the host measured them."""
+    def last(name: str) -> float:
+        result = prom.query(f'{name}{{host="host-0", guest="{guest}", mode="dirty-bitmap"}}',
+                            at=t1)
+        assert len(result) == 1, f"{name}: {result}"
+        return float(result[0]["value"][1])
+    assert last("migbed_guest_dirty_rate_measured_pages_per_second") == pytest.approx(
+        measured["pages_per_second"])
+    assert last("migbed_guest_dirty_rate_true_pages_per_second") == pytest.approx(
+        measured["true_pages_per_second"])
 
 
 def evaluate_every_recording_rule(prom: Prometheus, t0: float, t1: float) -> None:

@@ -120,3 +120,63 @@ def test_advise_check_runs_every_candidate_of_a_small_point(in_process):
     assert point["predicted_winner"] and point["measured_winner"]
     assert point["winner_measured_total_seconds"] > 0 and len(said) == 1
     assert result["point_count"] == 1
+
+
+def test_a_dirty_rate_measurement_sets_its_gauges(in_process):
+    host = _guest(in_process, "uniform", 2000, 8 * MiB)
+    out = host.call("measure_dirty_rate", "g", "dirty-bitmap", 0.1, 512)
+    registry = host.service.metrics.registry
+    labels = {"host": "host-0", "guest": "g", "mode": "dirty-bitmap"}
+    assert registry.get_sample_value("migbed_guest_dirty_rate_measured_pages_per_second",
+                                     labels) == out["pages_per_second"] > 0
+    assert registry.get_sample_value("migbed_guest_dirty_rate_true_pages_per_second",
+                                     labels) == out["true_pages_per_second"]
+    assert registry.get_sample_value("migbed_guest_dirty_rate_window_seconds",
+                                     labels) == out["window_seconds"]
+
+
+@pytest.mark.uffd
+def test_wss_and_dirtyrate_of_a_program_guest(in_process, uffd_kernel):
+    """A program keeps its own data in word 0, so it has no write counters: no truth, its
+    operations per second instead; its pages' zero share comes with the curve."""
+    tb = in_process(hosts=1, host_memory_bytes=64 * MiB)
+    tb.create("host-0", GuestSpec("g", 8 * MiB, "p2m", vcpu="process",
+                                  workload=WorkloadSpec("kvstore")))
+    host = tb.host("host-0")
+    curve = WssCurve.from_dict(host.call("measure_wss", "g", 0.3, 0.01))
+    assert curve.writes_per_second is None and curve.ops_per_second > 0
+    assert 0.0 <= curve.zero_fraction <= 1.0 and curve.pages[-1] > 0
+    assert curve.vcpu == "process" and curve.dirty_log == "kernel"
+    out = host.call("measure_dirty_rate", "g", "dirty-bitmap", 0.1, 512)
+    assert out["true_pages_per_second"] is None and out["pages_per_second"] > 0
+    registry = host.service.metrics.registry
+    labels = {"host": "host-0", "guest": "g", "mode": "dirty-bitmap"}
+    assert registry.get_sample_value("migbed_guest_dirty_rate_measured_pages_per_second",
+                                     labels) == out["pages_per_second"]
+    assert registry.get_sample_value("migbed_guest_dirty_rate_true_pages_per_second",
+                                     labels) is None
+    # page-sampling's truth for a program: the kernel's log over the same window
+    sampled = host.call("measure_dirty_rate", "g", "page-sampling", 0.2, 4096)
+    assert sampled["true_pages_per_second"] > 0
+    assert registry.get_sample_value("migbed_guest_dirty_rate_true_pages_per_second", {
+        **labels, "mode": "page-sampling"}) == sampled["true_pages_per_second"]
+    status = host.call("guest_status", "g")
+    assert status["mode"] == "p2m" and not status["logdirty"]     # back as it was
+
+
+@pytest.mark.uffd
+def test_wss_check_measures_predicts_and_migrates_a_program(in_process, uffd_kernel):
+    from cluster.sweep.scenario import Scenario
+    from cluster.wsscheck import run_check
+    from nodes.migration.settings import MigrationSettings
+    tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
+    scenario = Scenario("tiny", guest_memory_bytes=8 * MiB, warmup_seconds=0.1,
+                        vcpu="process", workload=WorkloadSpec("stream"),
+                        migration=MigrationSettings(link_bytes_per_second=200e6))
+    said = []
+    result = run_check(scenario, tb, said.append, measure_seconds=0.2)
+    (point,) = result["points"]
+    assert point["status"] == "completed" and point["measured"]["total_time_seconds"] > 0
+    assert point["nominal"]["total_time_seconds"] > 0 and point["nominal"]["error"] is not None
+    assert point["curve"]["format"] == "migbed-wss/1" and len(said) == 1
+    assert result["point_count"] == 1

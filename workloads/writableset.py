@@ -10,9 +10,14 @@ same way (`nodes.host.dirtymeter`): log-dirty CLEANed every tick, one set of pfn
 folded here into the mean distinct pages over every window of k ticks.
 
 The model needs a curve at any length, and regions (pages written at a rate) to lay pages
-out: `fit_regions` fits the curve with two uniform regions, a hot one and the cold rest
-(D(t) = sum P (1 - exp(-r t / P))), by a coarse-to-fine grid search in numpy. The hot one's
-size is the WWS a `hotset` guest was given.
+out: `fit_regions` fits the curve with two regions, a hot one and the cold rest, by a
+coarse-to-fine grid search in numpy. A region is written at random (D(t) = P (1 - exp(-r t /
+P)), a hash table's or a hot set's writes) or by sweeps (D(t) = min(r t, P), STREAM's arrays,
+a merge writing its output in order): random writes revisit pages before they cover the
+region, a sweep covers it at its full rate, so at a window near P / r the two differ by a
+third and a sweeping program fitted as random is predicted to dirty too few pages a round.
+The random shape is taken unless a sweep fits clearly better (`_SWEEP_BETTER`). The hot
+one's size is the WWS a `hotset` guest was given.
 
 Pure numpy and plain values: no threads, no I/O besides the JSON text a caller reads.
 """
@@ -32,6 +37,7 @@ DEFAULT_WINDOWS_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 MAX_POINTS = 64                 # what a curve file may hold (a decoder bounds every length)
 MAX_TEXT_BYTES = 1 << 20
 _HOT_OVER_COLD = 2.0            # per-page rate ratio above which the fit's first region is hot
+_SWEEP_BETTER = 0.5             # a shape with sweeps must leave at most this share of the error
 
 
 @dataclass(frozen=True)
@@ -40,10 +46,13 @@ class FittedRegion:
 
     pages: float
     rate_pages_per_second: float
+    sequential: bool = False        # written by sweeps, not at random
 
     def distinct(self, seconds: float | np.ndarray) -> float | np.ndarray:
         if self.pages <= 0 or self.rate_pages_per_second <= 0:
             return 0.0 * np.asarray(seconds)
+        if self.sequential:
+            return np.minimum(self.rate_pages_per_second * np.asarray(seconds), self.pages)
         return -self.pages * np.expm1(-self.rate_pages_per_second * np.asarray(seconds)
                                       / self.pages)
 
@@ -61,6 +70,8 @@ class WssCurve:
     tick_seconds: float = 0.01
     duration_seconds: float = 0.0
     writes_per_second: float | None = None  # the workload's own counters, same span
+    ops_per_second: float | None = None     # a program's operations (its journal), same span
+    zero_fraction: float | None = None      # of a sample of data pages at the end, zero
     guest: str = ""
     vcpu: str = ""
     dirty_log: str = ""                    # "emulated" | "kernel"
@@ -130,9 +141,12 @@ class WssCurve:
             raise ConfigError(f"not a WSS curve (want \"format\": \"{FORMAT}\", as "
                               "`migbed wss --json` writes)")
         try:
-            regions = tuple(FittedRegion(float(r["pages"]), float(r["rate_pages_per_second"]))
+            regions = tuple(FittedRegion(float(r["pages"]), float(r["rate_pages_per_second"]),
+                                         bool(r.get("sequential", False)))
                             for r in (data.get("regions") or ())[:4])
             writes = data.get("writes_per_second")
+            ops = data.get("ops_per_second")
+            zero = data.get("zero_fraction")
             return cls(
                 windows_seconds=_floats(data["windows_seconds"]), pages=_floats(data["pages"]),
                 pages_max=_floats(data["pages_max"]), data_pages=int(data["data_pages"]),
@@ -140,6 +154,8 @@ class WssCurve:
                 tick_seconds=float(data.get("tick_seconds", 0.01)),
                 duration_seconds=float(data.get("duration_seconds", 0.0)),
                 writes_per_second=None if writes is None else float(writes),
+                ops_per_second=None if ops is None else float(ops),
+                zero_fraction=None if zero is None else float(zero),
                 guest=str(data.get("guest", ""))[:256], vcpu=str(data.get("vcpu", ""))[:32],
                 dirty_log=str(data.get("dirty_log", ""))[:32], regions=regions)
         except (KeyError, TypeError, ValueError) as exc:
@@ -217,39 +233,52 @@ def with_fit(curve: WssCurve) -> WssCurve:
                                               curve.data_pages))
 
 
-def _model(hot: np.ndarray, r_hot: np.ndarray, r_cold: np.ndarray, cold: np.ndarray,
-           t: np.ndarray) -> np.ndarray:
-    hot_d = -hot * np.expm1(-r_hot * t / hot)
-    cold_d = np.where(cold > 0, -cold * np.expm1(-r_cold * t / np.maximum(cold, 1e-9)), 0.0)
-    return hot_d + cold_d
+def _distinct(pages: np.ndarray, rate: np.ndarray, t: np.ndarray, sweep: bool) -> np.ndarray:
+    """Distinct pages of regions of `pages` written at `rate`, at random or by sweeps."""
+    if sweep:
+        return np.minimum(rate * t, pages)
+    return np.where(pages > 0, -pages * np.expm1(-rate * t / np.maximum(pages, 1e-9)), 0.0)
 
 
 def fit_regions(windows_seconds: Sequence[float], pages: Sequence[float],
                 data_pages: int) -> tuple[FittedRegion, ...]:
-    """Two uniform regions, a hot one of P pages and the cold rest of `data_pages`, whose
-    expected distinct pages best match the curve (least squares of the relative error), by
-    a grid over (P, hot rate, cold rate), refined four times around the best."""
+    """Two regions, a hot one of P pages and the cold rest of `data_pages`, whose expected
+    distinct pages best match the curve (least squares of the relative error): each shape
+    (random or sweeps, per region) by a grid over (P, hot rate, cold rate) refined four
+    times around its best; the all-random shape unless one with sweeps leaves at most
+    `_SWEEP_BETTER` of its error."""
     t = np.asarray(windows_seconds, dtype=float)
     d = np.asarray(pages, dtype=float)
     if not np.any(d > 0):
         return ()
+    fits = {shape: _fit_shape(t, d, data_pages, shape)
+            for shape in ((False, False), (True, False), (False, True), (True, True))}
+    best = min(fits, key=lambda shape: fits[shape][0])
+    if fits[best][0] > _SWEEP_BETTER * fits[(False, False)][0]:
+        best = (False, False)
+    hot_pages, hot_rate, cold_rate = fits[best][1]
+    return (FittedRegion(hot_pages, hot_rate, best[0]),
+            FittedRegion(float(data_pages) - hot_pages, cold_rate, best[1]))
+
+
+def _fit_shape(t: np.ndarray, d: np.ndarray, data_pages: int,
+               shape: tuple[bool, bool]) -> tuple[float, list[float]]:
+    """(error, [hot pages, hot rate, cold rate]) of the best fit of one shape."""
     weight = 1.0 / np.maximum(d, 1.0)
     top_rate = max(float(np.max(d / t)) * 4, 1.0)
     lo = np.log([1.0, top_rate / 1e6, top_rate / 1e6])
     hi = np.log([float(data_pages), top_rate, top_rate])
-    best = None
+    best, error = [1.0, 1.0, 1.0], float("inf")
     for _ in range(5):
         axes = [np.exp(np.linspace(a, b, 28)) for a, b in zip(lo, hi, strict=True)]
         hot, rh, rc = np.meshgrid(*axes, indexing="ij")
         hot, rh, rc = (a[..., None] for a in (hot, rh, rc))
-        cold = data_pages - hot
-        fit = _model(hot, rh, rc, cold, t)
+        fit = (_distinct(hot, rh, t, shape[0])
+               + _distinct(data_pages - hot, rc, t, shape[1]))
         err = np.sum(((fit - d) * weight) ** 2, axis=-1)
         i = np.unravel_index(int(np.argmin(err)), err.shape)
-        best = [float(axes[j][i[j]]) for j in range(3)]
+        best, error = [float(axes[j][i[j]]) for j in range(3)], float(err[i])
         span = (hi - lo) / 27 * 3
         lo = np.maximum(np.log(best) - span, np.log([1.0, 1e-9, 1e-9]))
         hi = np.minimum(np.log(best) + span, np.log([float(data_pages), 1e12, 1e12]))
-    hot_pages, hot_rate, cold_rate = best
-    return (FittedRegion(hot_pages, hot_rate),
-            FittedRegion(float(data_pages) - hot_pages, cold_rate))
+    return error, best

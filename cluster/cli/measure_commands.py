@@ -108,6 +108,26 @@ def cmd_advise_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wss_check(args: argparse.Namespace) -> int:
+    from cluster.launch.launcher import ClusterSpec
+    from cluster.sweep.scenario import load_scenario
+    from cluster.testbed import Testbed
+    from cluster.wsscheck import run_check
+    scenario = load_scenario(args.scenario)
+    spec = ClusterSpec(hosts=scenario.hosts, host_memory_bytes=scenario.host_memory_bytes)
+    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    with (Testbed.in_process(spec) if args.in_process else Testbed.local(spec)) as tb:
+        result = run_check(scenario, tb, say)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{scenario.name}: the model on the measured WWS within 25 % of the measured "
+              f"total time at {result['nominal_within_25_percent']} of "
+              f"{result['point_count']} points at the link's speed, at "
+              f"{result['measured_throughput_within_25_percent']} at the measured throughput")
+    return 0
+
+
 def _migrate_flags(args: argparse.Namespace) -> list[str]:
     """The migrate flags the operator typed after GUEST DEST_HOST (advise's own left out)."""
     words = list(getattr(args, "argv", None) or [])
@@ -170,3 +190,11 @@ def register(sub: Commands) -> None:
                    help="hosts as objects in this process instead of a local Ray cluster")
     s.add_argument("--json", action="store_true", help="print every point as JSON")
     s.set_defaults(func=cmd_advise_check)
+
+    s = sub.add_parser("wss-check", help="run a scenario's program guests: each measured "
+                       "(wss), predicted by the model on its curve, then migrated for real")
+    s.add_argument("scenario", metavar="SCENARIO.toml")
+    s.add_argument("--in-process", action="store_true",
+                   help="hosts as objects in this process instead of a local Ray cluster")
+    s.add_argument("--json", action="store_true", help="print every point as JSON")
+    s.set_defaults(func=cmd_wss_check)

@@ -250,7 +250,8 @@ def predict(*, guest_memory_bytes: int, page_size: int = 4096, workload: Workloa
     `page_bytes` replaces what a normal page costs on the wire (its bytes and pfn word),
     for a run whose encoding (XBZRLE, compression) made it less.
     `wss`, a measured writable working set (`workloads.writableset`), replaces the
-    workload's regions and rate: the model dirties what the guest was measured to dirty.
+    workload's regions and rate: the model dirties what the guest was measured to dirty,
+    and its zero pages are the share the curve's content sample found, when it has one.
     `budget` (stepped limits, switch-over bandwidth) and `switchover_on_stall_seconds` are
     the qemu policy's arbiter inputs, as the engine's.
     """
@@ -352,7 +353,7 @@ def _guest(guest_memory_bytes: int, page_size: int, workload: WorkloadSpec, writ
                else wss_regions(wss, data_pages))
     spans = layout(written, data_pages, guest_pages)
     zeros = pagetypes.zero_at_start(spans, workload, data_pages, warmup_seconds,
-                                    zero_page_detection)
+                                    zero_page_detection, wss)
     for span, zero in zip(spans, zeros, strict=True):
         span.zero = zero
     first_seconds, first_zero = pagetypes.first_pass(spans, zeros, wire_per_page / rate,

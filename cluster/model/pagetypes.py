@@ -16,6 +16,7 @@ import math
 
 from nodes.errors import ConfigError
 from workloads.spec import WorkloadSpec
+from workloads.writableset import WssCurve
 
 RECORD_SHARE_BYTES = 32.0 / 1024   # a PAGE_DATA record's header, over its 1024 pages
 PFN_WORD_BYTES = 8.0
@@ -27,8 +28,11 @@ def wire_bytes(page_size: int, zero: bool) -> float:
 
 
 def zero_at_start(spans: list, workload: WorkloadSpec, data_pages: int, warmup_seconds: float,
-                  detection: str) -> list[float]:
-    """Zero pages of each stretch (`continuous._Span`) when the migration starts."""
+                  detection: str, wss: WssCurve | None = None) -> list[float]:
+    """Zero pages of each stretch (`continuous._Span`) when the migration starts: the share a
+    measured curve's content sample found (`zero_measured`), else what the workload wrote."""
+    if wss is not None and wss.zero_fraction is not None:
+        return zero_measured(spans, data_pages, wss.zero_fraction, detection)
     if not warmup_seconds >= 0 or math.isinf(warmup_seconds):
         raise ConfigError(f"warm-up must be a finite number of seconds >= 0, got "
                           f"{warmup_seconds!r}")
@@ -40,6 +44,25 @@ def zero_at_start(spans: list, workload: WorkloadSpec, data_pages: int, warmup_s
             out.append(0.0)
         else:
             out.append(max(0.0, s.pages - s.dirtied(warmup_seconds)))
+    return out
+
+
+def zero_measured(spans: list, data_pages: int, zero_fraction: float,
+                  detection: str) -> list[float]:
+    """Zero pages of each stretch when the share of zero data pages was measured (a WSS
+    curve's content sample): a program loads its data once (STREAM's input arrays, a store's
+    keys), so which pages hold something is not what its steady writes say. The zeros are
+    laid in the stretches written least per page first: a page that is written often is not
+    zero."""
+    if detection == "none":
+        return [0.0] * len(spans)
+    left = min(1.0, max(0.0, zero_fraction)) * data_pages
+    out = [0.0] * len(spans)
+    data = [i for i, s in enumerate(spans) if s.lo < data_pages]
+    for i in sorted(data, key=lambda i: (spans[i].region.rate / spans[i].pages
+                                         if spans[i].region is not None else 0.0)):
+        out[i] = min(spans[i].pages, left)
+        left -= out[i]
     return out
 
 

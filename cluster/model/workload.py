@@ -120,4 +120,5 @@ def wss_regions(curve: WssCurve, data_pages: int) -> list[Region]:
     the spec's regions (`predict(wss=...)`), so a program's dirtying is what it measured."""
     scale = data_pages / curve.data_pages
     fitted = curve.regions or with_fit(curve).regions
-    return [Region(r.pages * scale, r.rate_pages_per_second) for r in fitted if r.pages > 0]
+    return [Region(r.pages * scale, r.rate_pages_per_second, r.sequential)
+            for r in fitted if r.pages > 0]

@@ -1,7 +1,8 @@
 """Measuring a running guest's dirtying without migrating it: its writable working set
 (`workloads.writableset`), its dirty rate in QEMU's three `calc-dirty-rate` modes, and what
 its pages hold (for XBZRLE and compression). Mixed into `nodes.host.service.HostService`,
-which holds `hv`, `vcpus`, `lock` and `_measuring`.
+which holds `hv`, `vcpus`, `workloads`, `lock`, `_measuring` and `metrics` (each dirty-rate
+measurement is set on its gauges as it ends).
 
 Why here: the dirty log is the host's. The window switches the guest to shadow (VP) mode with
 log-dirty on, exactly as a migration's setup does (`Hypervisor.set_mode`, `shadow_op`), so a
@@ -12,7 +13,10 @@ is refused while a measurement holds it (`refuse_while_measured`).
 
 The guest's true rate over the same window comes from its own write counters (word 0 of
 every data page, bumped by each write): the distinct pages whose counter moved and the sum of
-the moves, read at the window's two ends.
+the moves, read at the window's two ends. A program guest (`kvstore`, `stream`, `sort`,
+`matmul`) has no such counters: its word 0 is its own data, so its WSS carries its operations
+per second (its journal's count) instead of writes, and its truth is None but in
+page-sampling, which logs it beside the sample (the kernel's log is exact).
 """
 
 import contextlib
@@ -90,10 +94,21 @@ class GuestMeasuring:
         with dom.lock:
             return dom.memory.words[dom.p2m[rel], 0].copy()
 
+    def _is_program(self, name: str) -> bool:
+        spec = self.workloads.get(name)
+        return spec is not None and spec.is_program
+
     def _truth(self, dom: Domain, before: np.ndarray, seconds: float) -> dict:
+        if self._is_program(dom.name):
+            return {"true_pages_per_second": None, "true_writes_per_second": None}
         moved = self._counters(dom) - before
         return {"true_pages_per_second": float(np.count_nonzero(moved)) / seconds,
                 "true_writes_per_second": float(moved.sum()) / seconds}
+
+    def _ops(self, name: str) -> int | None:
+        """A program guest's completed operations so far (None for a pattern)."""
+        vcpu = self.vcpus.get(name)
+        return vcpu.progress_pages if vcpu is not None and self._is_program(name) else None
 
     def _about(self, name: str, dom: Domain) -> dict:
         kind = "process" if getattr(self.vcpus.get(name), "pid", None) else "thread"
@@ -112,7 +127,7 @@ class GuestMeasuring:
         ticks: list[np.ndarray] = []
         with self._logged(name) as dom:
             about = self._about(name, dom)
-            before = self._counters(dom)
+            before, ops_before = self._counters(dom), self._ops(name)
             self.hv.shadow_op(name, ShadowOp.CLEAN)
             start = time.monotonic()
             deadline = start + duration
@@ -124,11 +139,24 @@ class GuestMeasuring:
                 # A late tick is not made up for: the window ends on time, ticks stay even.
                 next_at = max(next_at + tick, time.monotonic() + tick / 2)
             elapsed = time.monotonic() - start
-            writes = float((self._counters(dom) - before).sum()) / elapsed
+            writes = (None if self._is_program(name)
+                      else float((self._counters(dom) - before).sum()) / elapsed)
+            ops = self._ops(name)
+            zero = self._zero_fraction(dom)
         curve = curve_from_ticks(ticks, elapsed / len(ticks), data_pages=dom.data_pages,
                                  guest_pages=dom.npages, page_size=self.hv.page_size,
-                                 writes_per_second=writes, **about)
+                                 writes_per_second=writes, **about,
+                                 ops_per_second=(None if ops is None or ops_before is None
+                                                 else (ops - ops_before) / elapsed),
+                                 zero_fraction=zero)
         return curve.to_dict()
+
+    def _zero_fraction(self, dom: Domain, pages: int = 1024) -> float:
+        """The share of a random sample of data pages that is zero: what the model's first
+        pass sends as a pfn word (a program's loaded data is not in its steady writes)."""
+        n = min(pages, dom.data_pages)
+        pfns = np.sort(np.random.default_rng().choice(dom.data_pages, n, replace=False))
+        return float((~dom.foreign_read(pfns).view(np.uint64).any(axis=1)).mean())
 
     # -- the dirty rate (QEMU's calc-dirty-rate) ------------------------------------------------
     def measure_dirty_rate(self, name: str, mode: str = "page-sampling",
@@ -151,6 +179,7 @@ class GuestMeasuring:
         out["mode"] = mode
         out["bytes_per_second"] = out["pages_per_second"] * self.hv.page_size
         out["page_size"] = self.hv.page_size
+        self.metrics.dirty_rate_measured(name, out)
         return out
 
     def _by_bitmap(self, name: str, duration: float) -> dict:
@@ -168,16 +197,28 @@ class GuestMeasuring:
         return {"pages_per_second": float(np.count_nonzero(bitmap)) / elapsed,
                 "window_seconds": elapsed, **truth, **about}
 
+    @contextlib.contextmanager
+    def _held(self, name: str) -> Iterator[Domain]:
+        """The guest held for a measurement that only reads it (no log, no mode switch)."""
+        dom = self._measurable(name)
+        try:
+            yield dom
+        finally:
+            self._measuring.discard(name)
+
     def _by_sampling(self, name: str, duration: float, per_gib: int) -> dict:
         """QEMU's page-sampling: hash a random sample of the guest's pages, hash them again
         after the window, scale the changed share to the guest's size. No log, no mode
-        switch: the guest is only read."""
-        dom = self._measurable(name)
-        try:
+        switch: the guest is only read. A program guest has no write counters: it is logged
+        beside the sample (the kernel's log, exact), and the pages the log saw are its truth."""
+        logged = self._is_program(name)
+        with (self._logged(name) if logged else self._held(name)) as dom:
             n = max(1, min(dom.npages, round(per_gib * dom.npages * self.hv.page_size / GIB)))
             sample = np.sort(np.random.default_rng().choice(dom.npages, n, replace=False))
             with dom.lock:
                 before = self._counters(dom)
+                if logged:
+                    self.hv.shadow_op(name, ShadowOp.CLEAN)
                 first = page_hashes(dom.foreign_read(sample))
                 start = time.monotonic()
             time.sleep(duration)
@@ -185,8 +226,9 @@ class GuestMeasuring:
                 changed = int(np.count_nonzero(page_hashes(dom.foreign_read(sample)) != first))
                 elapsed = time.monotonic() - start
                 truth = self._truth(dom, before, elapsed)
-        finally:
-            self._measuring.discard(name)
+                if logged:
+                    bitmap, _ = self.hv.shadow_op(name, ShadowOp.CLEAN)
+                    truth["true_pages_per_second"] = float(np.count_nonzero(bitmap)) / elapsed
         return {"pages_per_second": changed / n * dom.npages / elapsed,
                 "window_seconds": elapsed, "sample_pages": n, "sample_changed": changed,
                 **truth, **self._about(name, dom)}

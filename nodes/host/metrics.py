@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from nodes.errors import ConfigError
@@ -107,6 +107,21 @@ class HostMetrics:
             "A program guest's blackout through a migration: its longest gap between two "
             "completed operations (the report's application block).",
             HISTOGRAM_LABELS, buckets=DOWNTIME_BUCKETS_SECONDS, registry=self.registry)
+        self.dirty_rate = Gauge(
+            "migbed_guest_dirty_rate_measured_pages_per_second",
+            "The last dirty rate `migbed dirtyrate` measured of a guest on this host, by mode "
+            "(QEMU's calc-dirty-rate: page-sampling, dirty-bitmap, dirty-ring), set when the "
+            "measurement ends.", ("host", "guest", "mode"), registry=self.registry)
+        self.dirty_rate_true = Gauge(
+            "migbed_guest_dirty_rate_true_pages_per_second",
+            "The guest's true rate over the same window, from its own counters: distinct "
+            "pages written (for dirty-ring, page writes, which it counts). Beside the "
+            "measured one, the bias of each mode.", ("host", "guest", "mode"),
+            registry=self.registry)
+        self.dirty_rate_window = Gauge(
+            "migbed_guest_dirty_rate_window_seconds",
+            "The window of that measurement (QEMU documents a longer window reporting a "
+            "lower rate).", ("host", "guest", "mode"), registry=self.registry)
         self.registry.register(HostCollector(self))
         self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -178,6 +193,17 @@ class HostMetrics:
             self.app_brownout.labels(**labels).observe(brownout_seconds)
         if blackout_seconds is not None:
             self.app_blackout.labels(**labels).observe(blackout_seconds)
+
+    def dirty_rate_measured(self, guest: str, result: dict) -> None:
+        """A dirty-rate measurement has ended (`nodes.host.dirtymeter`): its estimate, the
+        guest's true rate beside it (when its counters give one) and its window."""
+        labels = {"host": self.host.name, "guest": guest, "mode": result["mode"]}
+        self.dirty_rate.labels(**labels).set(result["pages_per_second"])
+        self.dirty_rate_window.labels(**labels).set(result["window_seconds"])
+        true = result.get("true_writes_per_second" if result["mode"] == "dirty-ring"
+                          else "true_pages_per_second")
+        if true is not None:
+            self.dirty_rate_true.labels(**labels).set(true)
 
     # -- exposition -----------------------------------------------------------------------
     def render(self) -> bytes:
