@@ -82,8 +82,12 @@ class PostcopySource:
     def requested(self, pfns: np.ndarray) -> None:
         with self.cond:
             self.requests += len(pfns)
-            if self.preempt is not None and self.preempt.ask(pfns):
-                return                       # on the preempt channel, ahead of the push
+            preempt = self.preempt
+        # Asked outside the lock: the preempt channel may send them from this thread, and
+        # the push must not wait for that to look at its queue.
+        if preempt is not None and preempt.ask(pfns):
+            return                           # on the preempt channel, ahead of the push
+        with self.cond:
             self.queue.append(pfns)
             self.cond.notify_all()
 
