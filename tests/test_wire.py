@@ -199,6 +199,8 @@ def test_zero_detection_is_exactly_all_zero(writes, scattered):
         mem.frames[frame, at] = value
     mfns = np.random.default_rng(1).permutation(64) if scattered else np.arange(64)
     assert np.array_equal(zero_frames(mem, mfns), ~mem.frames[mfns].any(axis=1))
+    for m in mfns[:8]:               # a frame alone (a post-copy request's page): its own path
+        assert zero_frames(mem, np.array([m])).tolist() == [not mem.frames[m].any()]
 
 
 def test_a_zero_page_writes_nothing_into_a_frame_that_never_received_a_page():

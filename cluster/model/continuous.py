@@ -107,6 +107,9 @@ class ContinuousRun:
                 if self.current is not None and (self.current["pages_sent"] > 0
                                                  or decision.action is not Action.POSTCOPY):
                     self._close_pass()
+                elif self.current is not None:       # not a round: its syncs' to the last
+                    unsent, self.current = self.current, None
+                    self._dirtied(unsent["pages_dirtied"])
                 return decision
             self._chunk()
             if self.throttle is not None:
@@ -115,6 +118,18 @@ class ContinuousRun:
                                       self.sync.dirty_bytes_last_sync,
                                       self.sync.dirty_pages_per_second is not None)
         raise RuntimeError("the model's chunk guard was reached")
+
+    def pause_sync(self) -> None:
+        """The sync at the pause, as the sender counts it: what was dirtied since the last
+        sync is the last round's (`SourceContext.dirtied`)."""
+        self._dirtied(sum(sum(self._fresh(s)) for s in self.spans))
+
+    def _dirtied(self, fresh: float) -> None:
+        """A sync's fresh pages, counted in the pass under way, else the last round."""
+        if self.current is not None:
+            self.current["pages_dirtied"] += fresh
+        elif self.rounds:
+            self.rounds[-1]["pages_dirtied"] += fresh
 
     def final_pages(self) -> float:
         """What the stop-and-copy sends: the marked pages and those dirtied since the sync."""
@@ -161,8 +176,7 @@ class ContinuousRun:
                                   round(self.sent_bytes))
         if self.throttle is not None:
             self.throttle.period_closed(period, self.now)
-        if self.current is not None:
-            self.current["pages_dirtied"] += fresh_total
+        self._dirtied(fresh_total)
 
     def _chunk(self) -> None:
         budget = self.policy.CHUNK_SECONDS                      # seconds of sending

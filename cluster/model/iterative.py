@@ -194,6 +194,7 @@ def _continuous(guest: Guest, arb: Arbiter, spans: list,
     model = ContinuousRun(spans, arb, guest.seconds_per_page, guest.wire_per_page,
                           guest.page_size, guest.guest_pages, throttle, guest.zero_wire)
     decision = model.run()
+    model.pause_sync()
     run = PreCopy(dirty=model.final_pages(), elapsed=model.now,
                    total_written=model.sent_pages, syncs=model.sync.count, throttle=throttle,
                    missing=[MissingRange(sp.lo, sp.hi,

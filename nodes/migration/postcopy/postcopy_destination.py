@@ -150,9 +150,10 @@ class PostcopyDestination:
         faults = self.faults
         asked = faults.asked_at[pfns]
         hit = asked > 0
+        now = time.monotonic()          # landed: as the fault handler times it
         faults.landed(pfns)
         if hit.any():
-            self.by_channel[channel].observe(time.monotonic() - asked[hit])
+            self.by_channel[channel].observe(now - asked[hit])
 
     def _open_preempt(self) -> PreemptReceiver:
         rx = self.rx

@@ -172,32 +172,12 @@ class PostcopyPush:
 
 
 def push(ctx: SourceContext, pc: PostcopySource) -> None:
-    s, pages = ctx.session, ctx.pages
-    cursor, rnd = pages.cursor, pc.round
-    batch = push_batch_pages(ctx)
-    fired = False
-    while True:
-        pc.raise_if_broken()
-        serve(ctx, pc)
-        if not cursor.pending_pages:
-            break
-        if pc.wait_push():
-            continue                     # a request came first: it goes before the push
-        with pc.cursor_lock:              # the preempt channel takes requested pages from it
-            if cursor.at_end:
-                cursor.wrap()
-            pfns = cursor.take(batch)
-        if not len(pfns):
-            continue
-        start = time.monotonic()
-        nbytes = pages.pipeline.send_batch(pfns, rnd, left_pages=cursor.pending_pages)
-        pc.pages_pushed += len(pfns)
-        pc.pushed(nbytes, start)
-        if not fired:
-            fired = True
-            s.faults.at(Phase.POSTCOPY)
-    if not fired:
-        s.faults.at(Phase.POSTCOPY)
+    s = ctx.session
+    pc.serve_from(lambda: serve(ctx, pc))     # the reader serves requests while we wait
+    try:
+        push_all(ctx, pc)
+    finally:
+        pc.serve_from(None)                   # from here on, this thread alone sends
     if pc.preempt is not None:           # nothing of it still on its way before END
         pc.preempt.finish(s.settings.timeout_seconds)
     ctx.send_record(RT.END)
@@ -207,6 +187,39 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
     if not result["ok"]:
         raise GuestLost(f"the destination could not complete the post-copy: "
                         f"{result['error']}")
+
+
+def push_all(ctx: SourceContext, pc: PostcopySource) -> None:
+    """Requests first, then push records at the push's pace, until every page has gone;
+    each send under the data channel's lock (the reader may be serving a request)."""
+    s, pages = ctx.session, ctx.pages
+    cursor, rnd = pages.cursor, pc.round
+    batch = push_batch_pages(ctx)
+    fired = False
+    while True:
+        pc.raise_if_broken()
+        with pc.send_lock:
+            serve(ctx, pc)
+        if not cursor.pending_pages:
+            break
+        if pc.wait_push():
+            continue                     # a request came first: it goes before the push
+        with pc.send_lock:
+            with pc.cursor_lock:          # the preempt channel takes requested pages from it
+                if cursor.at_end:
+                    cursor.wrap()
+                pfns = cursor.take(batch)
+            if not len(pfns):
+                continue
+            start = time.monotonic()
+            nbytes = pages.pipeline.send_batch(pfns, rnd, left_pages=cursor.pending_pages)
+        pc.pages_pushed += len(pfns)
+        pc.pushed(nbytes, start)
+        if not fired:
+            fired = True
+            s.faults.at(Phase.POSTCOPY)
+    if not fired:
+        s.faults.at(Phase.POSTCOPY)
 
 
 def serve(ctx: SourceContext, pc: PostcopySource) -> None:

@@ -43,6 +43,7 @@ from nodes.migration.wire.records import RecordType as RT
 from nodes.migration.wire.zeropage import zero_frames
 
 CHANNELS = ("main", "preempt")      # where a post-copy page lands from (the report's split)
+INLINE_PAGES = 64                   # a request up to this many pages may go from the asker
 
 
 class PreemptOwner(Protocol):
@@ -88,19 +89,33 @@ class PreemptSender:
 
     def ask(self, pfns: np.ndarray) -> bool:
         """Send these pages now; False once the channel is closed (the caller's push then
-        serves them)."""
+        serves them). A small request with nothing in flight is sent by the asking thread
+        itself (the return path's reader): a fault's page then waits for no thread's
+        wake-up here (measured, ~0.1 ms of a fault on this loaded machine); others queue for
+        this channel's thread. One sender at a time either way (`busy`)."""
         with self.cond:
             if self.closed:
                 return False
-            self.queue.append(pfns)
-            self.cond.notify_all()
-            return True
+            if self.busy or self.queue or len(pfns) > INLINE_PAGES:
+                self.queue.append(pfns)
+                self.cond.notify_all()
+                return True
+            self.busy = True
+        try:
+            self._serve(pfns)
+        except BaseException as exc:  # noqa: BLE001 - a broken channel is the push's news
+            self._broken(exc)
+        finally:
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+        return True
 
     def _run(self) -> None:
         try:
             while True:
                 with self.cond:
-                    while not self.queue and not self.closed:
+                    while self.busy or (not self.queue and not self.closed):
                         self.cond.wait()
                     if not self.queue:
                         return
@@ -115,12 +130,15 @@ class PreemptSender:
                         self.busy = False
                         self.cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - a broken channel is the push's news
-            with self.cond:
-                self.closed = True               # later requests: the push serves them
-                self.queue.clear()               # (the recovery asks for these again)
-                self.cond.notify_all()
-            if not self.stopping:
-                self.owner.broke(exc)
+            self._broken(exc)
+
+    def _broken(self, exc: BaseException) -> None:
+        with self.cond:
+            self.closed = True               # later requests: the push serves them
+            self.queue.clear()               # (the recovery asks for these again)
+            self.cond.notify_all()
+        if not self.stopping:
+            self.owner.broke(exc)
 
     def _serve(self, pfns: np.ndarray) -> None:
         """The pages of one request still unsent, taken from the push's cursor and sent;

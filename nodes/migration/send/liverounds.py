@@ -137,7 +137,7 @@ def live_pass(ctx: SourceContext, arb: Arbiter,
         s.faults.at(Phase.PRECOPY, index)     # a round that sent nothing
     rnd.duration_seconds = time.monotonic() - start
     if aid is None:
-        rnd.pages_dirtied = ctx.clean(time.monotonic())
+        ctx.clean(time.monotonic(), into=rnd)
     ctx.round_done(rnd)
     return rnd, aid
 
@@ -153,16 +153,18 @@ def continuous(ctx: SourceContext, arb: Arbiter) -> Decision:
     while True:
         estimate = cursor.pending_pages
         if policy.wants_exact(estimate * ctx.session.hv.page_size) or forced_sync_due(ctx):
-            fresh = ctx.clean(time.monotonic())
-            if pages.current is not None:
-                pages.current.stats.pages_dirtied += fresh
+            ctx.clean(time.monotonic())      # counted in the pass under way, or the last
         decision = decide(ctx, arb, cursor.pending_pages)
         if decision.action is not Action.CONTINUE:
             # A pass cut short is a round too, but not one a switch to post-copy ended before
-            # it sent a page (as QEMU's, none was sent then).
-            if pages.current is not None and (pages.current.stats.pages_sent
-                                              or decision.action is not Action.POSTCOPY):
-                end_pass(ctx)
+            # it sent a page (as QEMU's, none was sent then): what its syncs found goes to
+            # the round before it.
+            if pages.current is not None:
+                if pages.current.stats.pages_sent or decision.action is not Action.POSTCOPY:
+                    end_pass(ctx)
+                else:
+                    unsent, pages.current = pages.current, None
+                    ctx.dirtied(unsent.stats.pages_dirtied)
             return decision
         chunk(ctx, arb, batch)
         rate_limit(ctx)

@@ -268,13 +268,15 @@ class SourceContext:
             return None
         return last.pages_dirtied / last.duration_seconds
 
-    def clean(self, now: float) -> int:
+    def clean(self, now: float, into: RoundStats | None = None) -> int:
         """A bitmap sync: CLEAN log-dirty, mark what it shows; returns the pages newly
-        marked. Counted in `sync` (QEMU's dirty-sync-count and its rate periods)."""
+        marked. Counted in `sync` (QEMU's dirty-sync-count and its rate periods), and as
+        dirtied in a round (`dirtied`): `into`, the round this CLEAN ends, if given."""
         s, pages = self.session, self.pages
         bitmap, stats = s.hv.shadow_op(s.dom.name, ShadowOp.CLEAN)
         s.result.shadow_faults += stats.fault_count
         fresh = pages.cursor.mark(bitmap)
+        self.dirtied(fresh, into)
         period = pages.sync.synced(now, fresh, pages.cursor.pending_pages,
                                    self.channel.link.bytes_sent)
         if period is not None:
@@ -282,6 +284,25 @@ class SourceContext:
         s.progress.dirty_pages = int(fresh)
         s.progress.remaining_bytes = pages.cursor.pending_pages * s.hv.page_size
         return fresh
+
+
+    def dirtied(self, fresh: int, into: RoundStats | None = None) -> None:
+        """Count a sync's newly marked pages in the round they were dirtied in: `into`, else
+        the pass under way (a mid-pass policy's), else the last round (a sync between two
+        passes, or the one at the pause: the guest wrote them after that round's last sync,
+        before the next round began). So every page a round sends after the first is in
+        some earlier round's `pages_dirtied`, whatever the policy or the vCPU kind."""
+        pages = self.pages
+        if into is None and pages.current is not None:
+            into = pages.current.stats
+        if into is not None:
+            into.pages_dirtied += fresh
+        elif pages.rounds and fresh:
+            last = pages.rounds[-1]
+            last.pages_dirtied += fresh
+            rounds = self.session.progress.rounds       # what an operator polls, too
+            if rounds and rounds[-1].get("index") == last.index:
+                rounds[-1] = last.to_dict()
 
 
 def new_link(session: Session, sock: socket.socket, rate_limit: float | None) -> LinkSender:

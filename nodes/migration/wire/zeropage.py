@@ -22,6 +22,11 @@ def zero_frames(memory: MachineMemory, mfns: np.ndarray) -> np.ndarray:
     """One bool per frame of `mfns`: True where the frame is all zeros."""
     if not len(mfns):
         return np.zeros(0, bool)
+    if len(mfns) == 1:                    # a requested page alone (post-copy): one look
+        hole = memory.holes(mfns)
+        if not hole[0]:
+            hole[0] = not memory.frames[int(mfns[0])].view(np.uint64).any()
+        return hole
     hole = memory.holes(mfns)             # zero without a look (a look would allocate them)
     held = np.flatnonzero(~hole)
     if not len(held):
