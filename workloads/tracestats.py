@@ -2,11 +2,11 @@
 curve, and the content figures (`migbed trace info`, and the replay's fidelity check).
 
 Why here, beside the format: the same figures are computed on a recording and on a replay's
-kernel log, so both sides must use one definition. The writable working set curve is the
-simple one of Clark et al.: for a window of w seconds, the mean number of distinct pages
-written in the trace's windows of that length (non-overlapping, aligned to its intervals).
-`wss_of_trace` gives the same trace in `workloads.writableset`'s curve format (sliding
-windows, fitted), which `migbed model --wss` reads.
+kernel log, so both sides must use one definition. The writable working set curve is
+`workloads.writableset`'s, the project's one (Clark et al.'s: for a window of w seconds, the
+mean number of distinct pages written in every window of that length, sliding by whole
+intervals, with its two-region fit), as `migbed wss` measures it and `model --wss` reads it.
+The fidelity check's pages per interval (`distinct_per_window`) are by the clock.
 """
 
 import math
@@ -85,9 +85,13 @@ def distinct_per_window(trace: Trace, window: float) -> np.ndarray:
 
 
 def wss_curve(trace: Trace, windows: list[float] | None = None) -> list[tuple[float, float]]:
-    """[(window seconds, mean distinct pages written in such a window)]."""
+    """[(window seconds, mean distinct pages written in such a window)]: the writable
+    working set of `workloads.writableset`, the one curve `migbed wss` and `advise` use
+    (sliding windows of whole intervals by the clock), at `windows` (default: the interval,
+    doubled, up to the trace's length)."""
     windows = window_seconds(trace) if windows is None else windows
-    return [(w, float(distinct_per_window(trace, w).mean())) for w in windows]
+    curve = wss_of_trace(trace, windows)
+    return list(zip(curve.windows_seconds, curve.pages, strict=True))
 
 
 def ticks_by_clock(trace: Trace) -> list[np.ndarray]:
@@ -104,13 +108,15 @@ def ticks_by_clock(trace: Trace) -> list[np.ndarray]:
     return [sorted_unique(compacted[order[cuts[b]:cuts[b + 1]]]) for b in range(n_bins)]
 
 
-def wss_of_trace(trace: Trace) -> "WssCurve":
+def wss_of_trace(trace: Trace, windows: list[float] | None = None) -> "WssCurve":
     """The trace's writable working set in the curve format `migbed wss` writes and
     `migbed model --wss` reads (sliding windows of whole ticks, with its two-region fit)."""
     pages = max(distinct_pages(trace), 1)
+    given = {} if windows is None else {"windows_seconds": windows}
     return curve_from_ticks(ticks_by_clock(trace), trace.interval_seconds, data_pages=pages,
                             guest_pages=pages, page_size=trace.page_size,
-                            guest=f"trace of {trace.header['program']}", dirty_log="kernel")
+                            guest=f"trace of {trace.header['program']}", dirty_log="kernel",
+                            **given)
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:
