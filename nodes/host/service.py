@@ -28,7 +28,6 @@ from nodes.host.processvcpu import ProcessVCPU
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.host.userfault import kernel_support
 from nodes.host.vcpus import GuestBefore, GuestVCPUs, check_vcpus_here, vcpu_description
-from nodes.migration.clock import to_source_clock
 from nodes.migration.decide.fixeddowntime import handover_fixed_seconds
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.postcopy.postcopy_source import plan
@@ -47,9 +46,6 @@ from workloads.patterns import make_workload
 from workloads.spec import WorkloadSpec
 from workloads.vcpu import VCPU
 
-# How long the destination waits for a resumed guest's first sign of life when measuring the
-# downtime the guest saw; a guest that shows none in that time reports None.
-GUEST_PROGRESS_WAIT_SECONDS = 2.0
 KEEP_ENDED_PROGRESS = 64
 
 
@@ -252,7 +248,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, Paced
             raise MigrationStillRunning(f"incoming migration {migration_id} still running "
                                         f"after {timeout:g} s")
         result = recv.result()
-        result.guest_observed_downtime_seconds = self._guest_gap(recv, result)
+        result.guest_observed_downtime_seconds = self.guest_gap(recv, result)
         self.postcopy_rates(recv, result)
         del self.incoming[migration_id]
         if recv.connection_lost:
@@ -261,27 +257,6 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, Paced
         self.metrics.incoming_finished(migration_id, result.guest_observed_downtime_seconds)
         self.recent.destination_ended(self.name, migration_id, recv, result)
         return result
-
-    def _guest_gap(self, recv: Receiver, result: DestinationResult) -> float | None:
-        """The guest's own gap across the hand-over: its last progress on the source to its
-        first here (waiting, bounded, for a resumed guest's first sign of life), on the
-        source's clock."""
-        vcpu = self.vcpus.get(recv.name)
-        last = result.last_progress_wall
-        if not recv.resume_wall or vcpu is None or last is None:
-            return None
-        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
-        # Its first progress after its last on the source (it ran here only once resumed): a
-        # guest quicker than the resume's stamp would be read from its next record.
-        since = min(recv.resume_wall, last + (offset or 0.0))
-        deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
-        first = vcpu.first_progress_after(since)
-        while first is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-            first = vcpu.first_progress_after(since)
-        if first is None:
-            return None
-        return to_source_clock(first, offset) - last
 
     # -- migration: source side ------------------------------------------------------------------
     def check_migratable(self, name: str) -> dict:

@@ -10,6 +10,7 @@ A guest's vCPUs are a thread (`workloads.vcpu.VCPU`) or a guest process
 guest gets the kind it had on its source (GUEST_INFO's `vcpu`, `vcpus`)."""
 
 import errno
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,11 @@ from nodes.host.faultreader import FaultReader
 from nodes.host.guestprocess import GuestProcessError
 from nodes.host.processvcpu import ProcessVCPU
 from nodes.host.userfault import MODE_WP, kernel_support
+from nodes.migration.clock import to_source_clock
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.postcopy.pagefault import FaultsFactory, RequestPages
+from nodes.migration.receive.receiver import Receiver
+from nodes.migration.results import DestinationResult
 from nodes.migration.settings import MigrationSettings
 from nodes.xen.domain import Domain
 from workloads.spec import WorkloadSpec
@@ -92,6 +96,11 @@ class GuestBefore:
         slept = now["throttle_sleep_seconds"] - self.throttle["throttle_sleep_seconds"]
         ran = now["throttled_run_seconds"] - self.throttle["throttled_run_seconds"]
         return 100 * slept / (slept + ran) if slept + ran > 0 else None
+
+
+# How long the destination waits for a resumed guest's first sign of life when measuring the
+# downtime the guest saw; a guest that shows none in that time reports None.
+GUEST_PROGRESS_WAIT_SECONDS = 2.0
 
 
 class GuestVCPUs:
@@ -190,6 +199,27 @@ class GuestVCPUs:
 
     def measured_fixed_downtime(self, destination: str) -> float | None:
         return self._fixed_downtime.get(destination)
+
+    def guest_gap(self, recv: Receiver, result: DestinationResult) -> float | None:
+        """The guest's own gap across the hand-over: its last progress on the source to its
+        first here (waiting, bounded, for a resumed guest's first sign of life), on the
+        source's clock."""
+        vcpu = self.vcpus.get(recv.name)
+        last = result.last_progress_wall
+        if not recv.resume_wall or vcpu is None or last is None:
+            return None
+        offset = (recv.timing or {}).get("clock_offset_seconds")   # last is the source's
+        # Its first progress after its last on the source (it ran here only once resumed): a
+        # guest quicker than the resume's stamp would be read from its next record.
+        since = min(recv.resume_wall, last + (offset or 0.0))
+        deadline = time.monotonic() + GUEST_PROGRESS_WAIT_SECONDS
+        first = vcpu.first_progress_after(since)
+        while first is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+            first = vcpu.first_progress_after(since)
+        if first is None:
+            return None
+        return to_source_clock(first, offset) - last
 
 
 def _spec(info: GuestInfo) -> WorkloadSpec:
