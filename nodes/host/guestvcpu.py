@@ -171,7 +171,8 @@ class VCPUSet:
         for t in self.threads:
             t.join()
 
-    def batch_done(self, vcpu: "GuestVCPU", written: int, progressed: int) -> None:
+    def batch_done(self, vcpu: "GuestVCPU", written: int, progressed: int,
+                   record: bool = True) -> None:
         u64 = self.ctl.u64
         with self.lock:
             self.written += written
@@ -182,7 +183,8 @@ class VCPUSet:
             u64[W_LAST_BATCH_NS] = time.monotonic_ns()
             if vcpu.index == 0:
                 self.ctl.f64[W_WORKLOAD_SECONDS] = vcpu.wl.running_seconds
-            self.log.record(time.time(), self.progress)
+            if record:
+                self.log.record(time.time(), self.progress)
 
     def add(self, word: int, seconds: float) -> None:
         with self.lock:
@@ -261,9 +263,12 @@ class GuestVCPU:
             written, progress = wl.pages_written_total, wl.progress_pages
             n = wl.write(self.part, time.monotonic(), owner.max_batch_pages)
             written = wl.pages_written_total - written
-            owner.batch_done(self, written, wl.progress_pages - progress)
+            idles = paced or n == 0
+            # A wait logged as idle stores the batch's end as its start: no record of its own.
+            owner.batch_done(self, written, wl.progress_pages - progress,
+                             not idles or self.wait < IDLE_LOG_SECONDS)
             self._throttle(written)
-            if paced or n == 0:
+            if idles:
                 self._idle(self.wait)
                 self.wait = min(self.tick, 2 * self.wait)
 
