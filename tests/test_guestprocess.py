@@ -264,3 +264,34 @@ def test_without_capabilities_the_probe_goes_through_dev_userfaultfd(uffd_kernel
         unprivileged = f.read().strip() == "1"
     want = "userfaultfd(2)" if unprivileged else "/dev/userfaultfd"
     assert out.stdout.strip().split(maxsplit=1) == ["True", want]
+
+
+def test_the_shared_progress_log_stores_what_a_progress_log_stores():
+    """The guest's log writes the control page's words itself (its cheap path); a reader in
+    another mapping reads the very records, marks and latest a `ProgressLog` keeps."""
+    from nodes.host.guestcontrol import LOG_ENTRIES, ControlPage
+    from nodes.host.sharedlog import RECORD_INTERVAL_SECONDS, SharedProgressLog
+    from workloads.progresslog import IDLE, SLEPT, ProgressLog
+
+    rng = np.random.default_rng(5)
+    ctl = ControlPage.create(16)
+    try:
+        shared, plain = SharedProgressLog(ctl), ProgressLog(LOG_ENTRIES, RECORD_INTERVAL_SECONDS)
+        reader = SharedProgressLog(ControlPage(ctl.fd, 16, False))
+        wall, pages = 100.0, 0
+        for _ in range(LOG_ENTRIES + 3000):              # it wraps
+            wall += float(rng.choice([0.0001, 0.0003, 0.0006, 0.002, 0.05]))
+            pages += int(rng.integers(0, 70))
+            if rng.random() < 0.3:
+                end, mark = wall + float(rng.choice([0.0005, 0.064])), int(rng.choice([SLEPT, IDLE]))
+                shared.record_sleep(wall, end, pages, mark)
+                plain.record_sleep(wall, end, pages, mark)
+                wall = end
+            else:
+                shared.record(wall, pages)
+                plain.record(wall, pages)
+        for got, want in zip(reader.mark_arrays(), plain.mark_arrays(), strict=True):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+        assert reader.latest == plain.latest and reader.wrapped and plain.wrapped
+    finally:
+        ctl.close()

@@ -54,7 +54,8 @@ class UniformWorkload(Workload):
     pattern = "uniform"
 
     def _select(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._tally(self.rng.integers(0, self.data_pages, n, dtype=np.int64))
+        return self._tally(self.rng.integers(0, self.data_pages, n, dtype=np.int64),
+                           self.data_pages)
 
 
 class HotsetWorkload(Workload):
@@ -71,13 +72,14 @@ class HotsetWorkload(Workload):
 
     def _select(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self.cold_pages == 0:
-            return self._tally(self.rng.integers(0, self.hot_pages, n, dtype=np.int64))
+            return self._tally(self.rng.integers(0, self.hot_pages, n, dtype=np.int64),
+                               self.hot_pages)
         n_hot = int(self.rng.binomial(n, self.spec.hot_share))
         draws = np.empty(n, dtype=np.int64)
         draws[:n_hot] = self.rng.integers(0, self.hot_pages, n_hot, dtype=np.int64)
         draws[n_hot:] = self.rng.integers(self.hot_pages, self.data_pages, n - n_hot,
                                           dtype=np.int64)
-        return self._tally(draws)
+        return self._tally(draws, self.data_pages)
 
 
 class SequentialWorkload(Workload):

@@ -23,6 +23,7 @@ from workloads.state import (
 )
 
 DEFAULT_MAX_BATCH_PAGES = 4096
+TALLY_BINCOUNT_PAGES = 1 << 13     # `_tally` counts draws below this in an array of counts (64 KiB)
 
 
 class Workload:
@@ -124,7 +125,15 @@ class Workload:
         raise NotImplementedError
 
     @staticmethod
-    def _tally(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _tally(draws: np.ndarray, bound: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Draws as (distinct pages, ascending; how often each was drawn). `bound` (draws
+        all below it, or 0: unknown): up to TALLY_BINCOUNT_PAGES it is counted in one pass,
+        three numpy calls where `np.unique` makes a dozen (a process vCPU's batch is mostly
+        such calls: measured ~15 us of its ~35 us warm), the same result."""
+        if 0 < bound <= TALLY_BINCOUNT_PAGES:
+            counts = np.bincount(draws)
+            pages = counts.nonzero()[0]
+            return pages.astype(np.int64, copy=False), counts[pages].astype(np.uint64)
         pages, counts = np.unique(draws, return_counts=True)
         return pages.astype(np.int64, copy=False), counts.astype(np.uint64)
 

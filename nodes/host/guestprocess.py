@@ -58,7 +58,10 @@ class Zygote:
             # machine, 0.14 ms on one thread).
             OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nodes.host.guestmain", "--zygote", str(theirs.fileno())],
+            # -OO: no docstrings (measured: the zygote's heap 1.9 MiB smaller, and every
+            # guest shares it); a guest runs no assert and reads no docstring.
+            [sys.executable, "-OO", "-m", "nodes.host.guestmain", "--zygote",
+             str(theirs.fileno())],
             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         ours.settimeout(ZYGOTE_TIMEOUT_SECONDS)     # its start imports numpy: seconds at worst

@@ -171,18 +171,20 @@ class VCPUSet:
         for t in self.threads:
             t.join()
 
-    def batch_done(self, vcpu: "GuestVCPU", written: int, progressed: int) -> None:
-        ctl = self.ctl
+    def batch_done(self, vcpu: "GuestVCPU", written: int, progressed: int,
+                   record: bool = True) -> None:
+        u64 = self.ctl.u64
         with self.lock:
             self.written += written
             self.progress += progressed
-            ctl.u64[W_VCPU_WRITES + vcpu.index] = vcpu.wl.pages_written_total
-            ctl.u64[W_PAGES_WRITTEN], ctl.u64[W_PROGRESS_PAGES] = self.written, self.progress
-            ctl.u64[W_BATCHES] += 1
-            ctl.u64[W_LAST_BATCH_NS] = time.monotonic_ns()
+            u64[W_VCPU_WRITES + vcpu.index] = vcpu.wl.pages_written_total
+            u64[W_PAGES_WRITTEN], u64[W_PROGRESS_PAGES] = self.written, self.progress
+            u64[W_BATCHES] += 1
+            u64[W_LAST_BATCH_NS] = time.monotonic_ns()
             if vcpu.index == 0:
-                ctl.f64[W_WORKLOAD_SECONDS] = vcpu.wl.running_seconds
-            self.log.record(time.time(), self.progress)
+                self.ctl.f64[W_WORKLOAD_SECONDS] = vcpu.wl.running_seconds
+            if record:
+                self.log.record(time.time(), self.progress)
 
     def add(self, word: int, seconds: float) -> None:
         with self.lock:
@@ -260,10 +262,13 @@ class GuestVCPU:
                 self._resumed()
             written, progress = wl.pages_written_total, wl.progress_pages
             n = wl.write(self.part, time.monotonic(), owner.max_batch_pages)
-            owner.batch_done(self, wl.pages_written_total - written,
-                             wl.progress_pages - progress)
-            self._throttle(wl.pages_written_total - written)
-            if paced or n == 0:
+            written = wl.pages_written_total - written
+            idles = paced or n == 0
+            # A wait logged as idle stores the batch's end as its start: no record of its own.
+            owner.batch_done(self, written, wl.progress_pages - progress,
+                             not idles or self.wait < IDLE_LOG_SECONDS)
+            self._throttle(written)
+            if idles:
                 self._idle(self.wait)
                 self.wait = min(self.tick, 2 * self.wait)
 
@@ -288,20 +293,20 @@ class GuestVCPU:
     def _throttle(self, written: int) -> None:
         """After a batch: the slice's sleep once 10 ms have run at a throttle; the dirty
         ring's sleep once a ring's worth of pages has been written."""
-        ctl, owner = self.owner.ctl, self.owner
-        pct = int(ctl.u64[W_CPU_PERCENTAGE])
-        ran = time.monotonic() - self.slice_start
+        owner = self.owner
+        u64 = owner.ctl.u64
+        pct = u64[W_CPU_PERCENTAGE]
         if not pct:
             self.slice_start = time.monotonic()
-        elif ran >= THROTTLE_SLICE_SECONDS:
+        elif (ran := time.monotonic() - self.slice_start) >= THROTTLE_SLICE_SECONDS:
             owner.add(W_THROTTLED_RUN_NS, ran)
             owner.add(W_THROTTLE_SLEEP_NS, self._sleep(throttle_sleep_seconds(pct)))
-        ring = int(ctl.u64[W_RING_PAGES])
+        ring = u64[W_RING_PAGES]
         if ring and written:
             self.ring_written += written
             if self.ring_written >= ring:
                 self.ring_written %= ring
-                sleep_ns = int(ctl.u64[W_RING_SLEEP_NS])
+                sleep_ns = u64[W_RING_SLEEP_NS]
                 if sleep_ns:
                     owner.add(W_LIMIT_SLEEP_NS, self._sleep(sleep_ns / 1e9))
 
