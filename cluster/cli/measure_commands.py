@@ -90,18 +90,9 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 def cmd_advise_check(args: argparse.Namespace) -> int:
     from cluster.advisecheck import run_check
-    from cluster.launch.launcher import ClusterSpec
-    from cluster.sweep.scenario import load_scenario
-    from cluster.testbed import Testbed
-    scenario = load_scenario(args.scenario)
-    spec = ClusterSpec(hosts=scenario.hosts, host_memory_bytes=scenario.host_memory_bytes)
-    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
-    with (Testbed.in_process(spec) if args.in_process else Testbed.local(spec)) as tb:
-        result = run_check(scenario, tb, say)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{scenario.name}: predicted winner = measured winner at {result['winners_agree']}"
+    name, result = _run_scenario_check(args, run_check)
+    if not args.json:
+        print(f"{name}: predicted winner = measured winner at {result['winners_agree']}"
               f" of {result['point_count']} points; the winner's total time within 25 % at "
               f"{result['total_within_25_percent']}; among pre-copy alone the winners agree at "
               f"{result['precopy_winners_agree']}")
@@ -109,10 +100,23 @@ def cmd_advise_check(args: argparse.Namespace) -> int:
 
 
 def cmd_wss_check(args: argparse.Namespace) -> int:
+    from cluster.wsscheck import run_check
+    name, result = _run_scenario_check(args, run_check)
+    if not args.json:
+        print(f"{name}: the model on the measured WWS within 25 % of the measured "
+              f"total time at {result['nominal_within_25_percent']} of "
+              f"{result['point_count']} points at the link's speed, at "
+              f"{result['measured_throughput_within_25_percent']} at the measured throughput")
+    return 0
+
+
+def _run_scenario_check(args: argparse.Namespace, run_check) -> tuple[str, dict]:
+    """A check over a scenario's points on a fresh cluster of its size (in this process with
+    `--in-process`): its name and result, the result printed as JSON with `--json` (progress
+    then goes to stderr)."""
     from cluster.launch.launcher import ClusterSpec
     from cluster.sweep.scenario import load_scenario
     from cluster.testbed import Testbed
-    from cluster.wsscheck import run_check
     scenario = load_scenario(args.scenario)
     spec = ClusterSpec(hosts=scenario.hosts, host_memory_bytes=scenario.host_memory_bytes)
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
@@ -120,12 +124,7 @@ def cmd_wss_check(args: argparse.Namespace) -> int:
         result = run_check(scenario, tb, say)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"{scenario.name}: the model on the measured WWS within 25 % of the measured "
-              f"total time at {result['nominal_within_25_percent']} of "
-              f"{result['point_count']} points at the link's speed, at "
-              f"{result['measured_throughput_within_25_percent']} at the measured throughput")
-    return 0
+    return scenario.name, result
 
 
 def _migrate_flags(args: argparse.Namespace) -> list[str]:

@@ -109,6 +109,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorder_options(s: argparse.ArgumentParser, interval_help: str) -> None:
+    """What `record` and `overhead` share: the recorder's interval and region, and the
+    program after --."""
+    s.add_argument("--interval", type=arg(parse_duration, "--interval"), default=0.01,
+                   metavar="DURATION", help=interval_help)
+    s.add_argument("--region", type=arg(parse_positive_size, "--region"), default=1 << 30,
+                   metavar="SIZE", help="the traced heap region (default 1GiB)")
+    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the program and its arguments, after --")
+
+
 def register(sub: Commands) -> None:
     t = sub.add_parser("trace", help="record how a real program dirties its memory, look at "
                        "a trace, list the shipped ones (replay: --workload trace)")
@@ -117,27 +128,17 @@ def register(sub: Commands) -> None:
                         "writes, every interval (needs the native allocator: make setup)")
     s.add_argument("--output", "-o", required=True, metavar="FILE",
                    help="the trace file to write")
-    s.add_argument("--interval", type=arg(parse_duration, "--interval"), default=0.01,
-                   metavar="DURATION", help="how often to scan its written pages (default 10ms)")
     s.add_argument("--duration", type=arg(parse_duration, "--duration"), default=0.0,
                    metavar="DURATION", help="stop recording after this long; the program runs"
                    " on (default: until it ends)")
-    s.add_argument("--region", type=arg(parse_positive_size, "--region"), default=1 << 30,
-                   metavar="SIZE", help="the traced heap region (default 1GiB)")
-    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
-                   help="the program and its arguments, after --")
+    _recorder_options(s, "how often to scan its written pages (default 10ms)")
     s.set_defaults(func=cmd_record)
 
     s = tsub.add_parser("overhead", help="what recording costs a program: paired runs "
                         "with and without the recorder (its output is discarded)")
     s.add_argument("--runs", type=arg(parse_count, "--runs", 1, 50), default=3,
                    help="pairs of runs (default 3)")
-    s.add_argument("--interval", type=arg(parse_duration, "--interval"), default=0.01,
-                   metavar="DURATION", help="the recorder's interval (default 10ms)")
-    s.add_argument("--region", type=arg(parse_positive_size, "--region"), default=1 << 30,
-                   metavar="SIZE", help="the traced heap region (default 1GiB)")
-    s.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
-                   help="the program and its arguments, after --")
+    _recorder_options(s, "the recorder's interval (default 10ms)")
     s.set_defaults(func=cmd_overhead)
 
     s = tsub.add_parser("info", help="a trace's duration, pages, dirty rate, WSS curve and "
