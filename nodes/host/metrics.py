@@ -71,6 +71,16 @@ class HostMetrics:
         self.wire_totals: dict = wire_totals()
         self.outgoing: dict[str, _Outgoing] = {}
         self.incoming: dict[str, Receiver] = {}
+        self._migration_histograms()
+        self._measurement_gauges()
+        self.registry.register(HostCollector(self))
+        self._server: ThreadingWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.endpoint: str | None = None
+
+    def _migration_histograms(self) -> None:
+        """Ended migrations' downtimes and times, and a program guest's brownout and
+        blackout, by guest and policy."""
         self.downtime = Histogram(
             "migbed_migration_downtime_seconds",
             "Downtime of completed migrations, measured on the source host: from the pause "
@@ -107,6 +117,9 @@ class HostMetrics:
             "A program guest's blackout through a migration: its longest gap between two "
             "completed operations (the report's application block).",
             HISTOGRAM_LABELS, buckets=DOWNTIME_BUCKETS_SECONDS, registry=self.registry)
+
+    def _measurement_gauges(self) -> None:
+        """`migbed dirtyrate`'s last measurement of each guest here, beside its true rate."""
         self.dirty_rate = Gauge(
             "migbed_guest_dirty_rate_measured_pages_per_second",
             "The last dirty rate `migbed dirtyrate` measured of a guest on this host, by mode "
@@ -122,10 +135,6 @@ class HostMetrics:
             "migbed_guest_dirty_rate_window_seconds",
             "The window of that measurement (QEMU documents a longer window reporting a "
             "lower rate).", ("host", "guest", "mode"), registry=self.registry)
-        self.registry.register(HostCollector(self))
-        self._server: ThreadingWSGIServer | None = None
-        self._thread: threading.Thread | None = None
-        self.endpoint: str | None = None
 
     # -- events, from the host ---------------------------------------------------------------
     def _labels(self, guest: str, policy: str) -> dict[str, str]:
