@@ -149,15 +149,10 @@ class MigrationReport:
         """The report, built once from both sides' results as the control plane settled
         them (`cluster.settle`); `info` is the guest's GUEST_INFO."""
         source, dest = settled.source, settled.destination
-        status, error = source.status, source.error
-        if status == Outcome.COMPLETED and dest is not None and not dest.completed:
-            status, error = Outcome.FAILED, dest.error
+        status, error, verified = _outcome(source, dest, settings.verify)
         completed = status == Outcome.COMPLETED
         downtime = (source.resume_wall - source.pause_wall
                     if source.pause_wall and source.resume_wall else None)
-        checked = settings.verify and completed and not source.source_lost
-        verified = (source.source_digest is not None and source.source_digest
-                    == source.destination_digest) if checked else None
         rounds = [r.to_dict() for r in source.rounds]
         total = source.total_time_seconds
         report = cls(
@@ -298,6 +293,19 @@ class MigrationReport:
 # What every report of every version has; anything else may be missing from an old one.
 REQUIRED_KEYS = ("migration_id", "guest", "source", "destination", "policy", "status")
 OUTCOMES = {o.value for o in Outcome}
+
+
+def _outcome(source, dest, verify: bool) -> tuple[Outcome, str | None, bool | None]:
+    """The migration's status and error as both sides ended it (a source that completed
+    against a destination that did not is a failure), and whether the digests agree (None:
+    not checked)."""
+    status, error = source.status, source.error
+    if status == Outcome.COMPLETED and dest is not None and not dest.completed:
+        status, error = Outcome.FAILED, dest.error
+    checked = verify and status == Outcome.COMPLETED and not source.source_lost
+    verified = (source.source_digest is not None and source.source_digest
+                == source.destination_digest) if checked else None
+    return status, error, verified
 
 
 def _convergence(rounds: list[dict], settings: "MigrationSettings",
