@@ -15,27 +15,16 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed system-deps native
 
-# The trace recorder's LD_PRELOAD allocator (`migbed trace record`): built with gcc (or cc)
-# when there is one; else with zig's C compiler from PyPI (`ziglang`, into the venv: no root
-# needed); else, as root on Debian, with build-essential from apt. Without it, only
-# `trace record` is missing (it says how to get it).
-NATIVE_SO := cluster/native/libmigbedtrace.so
-NATIVE_SRC := cluster/native/tracealloc.c
-CFLAGS_NATIVE := -O2 -shared -fPIC -Wall
+# migbed's native libraries, each built by `cluster/native/cc` (gcc or cc when there is one;
+# else zig's C compiler from PyPI, `ziglang`, into the venv: no root needed; else, as root on
+# Debian, build-essential from apt). Without a compiler only what needs a library is missing,
+# and it says how to get it. The trace recorder's LD_PRELOAD allocator (`migbed trace record`):
+NATIVE_LIBS := cluster/native/libmigbedtrace.so
 
-native: $(NATIVE_SO)
+native: $(NATIVE_LIBS)
 
-$(NATIVE_SO): $(NATIVE_SRC) | $(BIN)/.installed
-	@if command -v gcc >/dev/null || command -v cc >/dev/null; then \
-	  $$(command -v gcc || command -v cc) $(CFLAGS_NATIVE) -o $@ $<; \
-	elif $(BIN)/pip install -q ziglang && $(BIN)/python -m ziglang version >/dev/null; then \
-	  $(BIN)/python -m ziglang cc $(CFLAGS_NATIVE) -o $@ $<; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential \
-	  && gcc $(CFLAGS_NATIVE) -o $@ $<; \
-	else \
-	  echo "no C compiler: migbed trace record needs one (apt-get install gcc, or pip install ziglang)"; \
-	fi
+cluster/native/libmigbedtrace.so: cluster/native/tracealloc.c | $(BIN)/.installed
+	@sh cluster/native/cc $@ $< $(BIN)
 
 # Prometheus (and promtool) for the metrics and dashboard tests, tmux for the test that drives
 # `migbed top` in a real terminal: Debian's packages.
