@@ -47,7 +47,8 @@ from nodes.host.guestcontrol import (
     ControlPage,
     State,
 )
-from nodes.host.sharedlog import SharedProgressLog
+from nodes.host.nativepacing import NativePacer, load_library, runs_natively
+from nodes.host.sharedlog import RECORD_INTERVAL_SECONDS, SharedProgressLog
 from workloads.guest import Guest
 from workloads.patterns import make_workload
 from workloads.progresslog import IDLE
@@ -133,6 +134,12 @@ class VCPUSet:
             for i, (part, state) in enumerate(zip(parts, states, strict=True))]
         ctl.u64[W_VCPUS] = n
         self._count()
+        lib = load_library()
+        for v in self.vcpus:
+            if lib is not None and runs_natively(v.wl, n):
+                v.pacer = NativePacer(lib, ctl, v.part.frames, v.part.written, v.wl, v.tick,
+                                      max_batch_pages, IDLE_LOG_SECONDS,
+                                      RECORD_INTERVAL_SECONDS)
         self.threads = [threading.Thread(target=v.run, name=f"vcpu{v.index}", daemon=True)
                         for v in self.vcpus]
 
@@ -237,6 +244,7 @@ class GuestVCPU:
         # each batch up to `tick`, so a vCPU resumed for a few ms still writes at its rate
         self.slice_start = time.monotonic()
         self.ring_written = 0
+        self.pacer: NativePacer | None = None     # its steady batches run natively, if set
 
     def run(self) -> None:
         latency_hint(VCPU_SLICE_NS)
@@ -269,8 +277,24 @@ class GuestVCPU:
                              not idles or self.wait < IDLE_LOG_SECONDS)
             self._throttle(written)
             if idles:
-                self._idle(self.wait)
-                self.wait = min(self.tick, 2 * self.wait)
+                if self.pacer is not None and self.wait >= self.tick and not self._throttled():
+                    self._run_native()
+                else:
+                    self._idle(self.wait)
+                    self.wait = min(self.tick, 2 * self.wait)
+
+    def _throttled(self) -> bool:
+        u64 = self.owner.ctl.u64
+        return bool(u64[W_CPU_PERCENTAGE] or u64[W_RING_PAGES])
+
+    def _run_native(self) -> None:
+        """Idle waits and batches in native code (`nodes.host.nativepacing`), up to the next
+        wake-up that needs Python: the loop then carries on (a pause parks, a throttle runs
+        the Python path, a late wake-up writes its batch now)."""
+        owner = self.owner
+        owner.written, owner.progress, last = self.pacer.run(owner.written, owner.progress)
+        if last is not None:
+            self.slice_start = last         # unthrottled, a slice starts at each batch
 
     def _idle(self, seconds: float) -> None:
         """Wait between batches (ended at once by a pause or an exit): the wait is logged as

@@ -21,6 +21,9 @@ from workloads.progresslog import SLEPT, THINNED, ProgressLog
 
 _SEQ, _STORED, _WALL, _PAGES, _FLAGS = range(W_LOG, W_LOG + 5)
 _HAS_LATEST, _LATEST_STORED, _DROPPED = 1, 2, 4
+# The log's words, in that order, for its native writer (`nodes.host.nativepacing`), whose
+# flag bits are these too (a test holds its records to a `ProgressLog`'s).
+LOG_WORDS = (_SEQ, _STORED, _FLAGS, _WALL, _PAGES)
 _READ_TRIES = 1000
 # Finer than a thread vCPU's 2 ms: a guest's 1 ms ticks are then all stored, every gap exact
 # (its ring is twice a thread vCPU's, so it covers as long).
