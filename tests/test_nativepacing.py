@@ -57,7 +57,7 @@ def test_the_native_log_stores_what_a_progress_log_stores(lib):
         ctl.close()
 
 
-def _pacer(lib, spec: WorkloadSpec, tick: float):
+def _pacer(lib, spec: WorkloadSpec, tick: float, plan_batches: int | None = None):
     ctl = ControlPage.create(PAGES, track_writes=True)
     buf = mmap.mmap(-1, PAGES * PAGE)
     frames = np.frombuffer(buf, np.uint8).reshape(PAGES, PAGE)
@@ -65,7 +65,7 @@ def _pacer(lib, spec: WorkloadSpec, tick: float):
     start = time.monotonic()
     wl.resume(start)
     pacer = NativePacer(lib, ctl, frames, ctl.written, wl, tick, 256, 0.002,
-                        RECORD_INTERVAL_SECONDS)
+                        RECORD_INTERVAL_SECONDS, plan_batches)
     return ctl, frames, wl, pacer, start
 
 
@@ -78,9 +78,8 @@ def _pacer(lib, spec: WorkloadSpec, tick: float):
 def test_the_native_loop_writes_the_workloads_own_batches(lib, spec):
     """Plans run whole write the pages and increments the workload chooses at each batch's
     time; a pause mid-plan leaves the workload at the batches written, none more."""
-    assert runs_natively(make_workload(spec, PAGES), 1)
-    ctl, frames, wl, pacer, start = _pacer(lib, spec, tick=0.004)
-    pacer.batches = 4                                # plans of 16 ms: several in the run
+    assert runs_natively(lib, make_workload(spec, PAGES), 1)
+    ctl, frames, wl, pacer, start = _pacer(lib, spec, 0.004, 4)   # plans of 16 ms
     ref = make_workload(spec, PAGES, None, PAGE)
     ref.resume(start)
     want = np.zeros(PAGES, np.uint64)

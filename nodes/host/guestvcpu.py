@@ -136,7 +136,7 @@ class VCPUSet:
         self._count()
         lib = load_library()
         for v in self.vcpus:
-            if lib is not None and runs_natively(v.wl, n):
+            if lib is not None and runs_natively(lib, v.wl, n):
                 v.pacer = NativePacer(lib, ctl, v.part.frames, v.part.written, v.wl, v.tick,
                                       max_batch_pages, IDLE_LOG_SECONDS,
                                       RECORD_INTERVAL_SECONDS)

@@ -56,6 +56,7 @@ LIBRARY = Path(__file__).resolve().parent / "native" / "libmigbedpaced.so"
 SWITCH_ENV = "MIGBED_PACED_NATIVE"          # "0": the Python loop (paired measurements)
 PLAN_SECONDS = 1.0                          # a plan's span: one Python wake-up per second
 MAX_PLAN_BATCHES = 64
+BATCH_GUESS_PAGES = 64                      # a paced batch's pages (guestvcpu's BATCH_PAGES)
 NATIVE_WORKLOADS = (IdleWorkload, UniformWorkload, HotsetWorkload, SequentialWorkload,
                     PhasedWorkload)
 _P = ctypes.c_void_p
@@ -96,6 +97,7 @@ def load_library() -> ctypes.CDLL | None:
     lib.migbed_log_record.argtypes = [ctypes.POINTER(_Log), ctypes.c_double, ctypes.c_int64]
     lib.migbed_log_record_sleep.argtypes = [ctypes.POINTER(_Log), ctypes.c_double,
                                             ctypes.c_double, ctypes.c_int64, ctypes.c_uint8]
+    lib.migbed_pcg64_save.argtypes = lib.migbed_pcg64_load.argtypes = [_P, _P]
     return lib
 
 
@@ -108,20 +110,27 @@ def native_log(ctl: ControlPage, record_interval_seconds: float) -> _Log:
                 record_interval_seconds, THINNED)
 
 
-def runs_natively(wl: Workload, vcpus: int) -> bool:
+def runs_natively(lib: ctypes.CDLL, wl: Workload, vcpus: int) -> bool:
     """Whether this vCPU's batches can be run by the native loop (see the module docstring)."""
     return (vcpus == 1 and type(wl) in NATIVE_WORKLOADS and not wl.unlimited
-            and wl.spec.write_bytes <= COUNTER_BYTES)
+            and wl.spec.write_bytes <= COUNTER_BYTES
+            and type(wl.rng.bit_generator) is np.random.PCG64 and _raw_state_works(lib))
 
 
-def _snapshot(wl: Workload) -> tuple:
-    return (wl.rng.bit_generator.state, wl.pages_written_total, wl.budget_pages,
-            wl.running_seconds, wl.position, wl._clock_seconds)
+_STATE_BYTES = 40                   # a PCG64 state as `migbed_pcg64_save` copies it
 
 
-def _restore(wl: Workload, snap: tuple) -> None:
-    (wl.rng.bit_generator.state, wl.pages_written_total, wl.budget_pages,
-     wl.running_seconds, wl.position, wl._clock_seconds) = snap
+@functools.cache
+def _raw_state_works(lib: ctypes.CDLL) -> bool:
+    """Whether the library's copy of a PCG64 state round-trips (it reads numpy's struct)."""
+    rng = np.random.Generator(np.random.PCG64(11))
+    rng.integers(0, 7, 3)
+    want, saved = rng.bit_generator.state, np.zeros(_STATE_BYTES, np.uint8)
+    address = rng.bit_generator.ctypes.state_address
+    lib.migbed_pcg64_save(address, saved.ctypes.data)
+    rng.integers(0, 1000, 5)
+    lib.migbed_pcg64_load(address, saved.ctypes.data)
+    return rng.bit_generator.state == want
 
 
 class NativePacer:
@@ -129,9 +138,10 @@ class NativePacer:
 
     def __init__(self, lib: ctypes.CDLL, ctl: ControlPage, frames: np.ndarray,
                  written: np.ndarray | None, wl: Workload, tick: float, max_batch: int,
-                 idle_log_seconds: float, record_interval_seconds: float):
+                 idle_log_seconds: float, record_interval_seconds: float,
+                 plan_batches: int | None = None):
         self.lib, self.wl, self.tick, self.max_batch = lib, wl, tick, max_batch
-        self.batches = max(1, min(MAX_PLAN_BATCHES, round(PLAN_SECONDS / tick)))
+        self.batches = plan_batches or max(1, min(MAX_PLAN_BATCHES, round(PLAN_SECONDS / tick)))
         base = np.frombuffer(ctl.u64, np.uint64).ctypes.data
         v = self.v = _VCPU()
         v.command = base                            # u32[0] shares u64[0]'s first bytes
@@ -146,43 +156,78 @@ class NativePacer:
         v.page_size, v.tick, v.idle_log_seconds = frames.shape[1], tick, idle_log_seconds
         v.idle_mark = IDLE
         v.log = native_log(ctl, record_interval_seconds)
-        self._plan: tuple = ()
-
-    def _make_plan(self) -> list[tuple]:
-        """The next batches, each asked of the workload at its deadline; the workload's
-        state after each (the first: before any)."""
-        wl, n, tick = self.wl, self.batches, self.tick
-        start = wl._clock_seconds
-        snaps, pages, increments, running = [_snapshot(wl)], [], [], []
-        deadlines = start + tick * np.arange(1, n + 1)
-        for t in deadlines.tolist():
-            p, i = wl.take_batch(t, self.max_batch)
-            pages.append(p)
-            increments.append(i)
-            running.append(wl.running_seconds)
-            snaps.append(_snapshot(wl))
-        offsets = np.zeros(n + 1, np.int64)
-        np.cumsum([len(p) for p in pages], out=offsets[1:])
-        self._plan = (np.concatenate(pages), np.concatenate(increments), offsets, deadlines,
-                      np.array(running))
-        v = self.v
-        v.pages, v.increments, v.offsets, v.deadlines, v.running = (
-            a.ctypes.data for a in self._plan)
+        n = self.batches
+        self.steps = tick * np.arange(1, n + 1)
+        self.deadlines, self.running = np.zeros(n), np.zeros(n)
+        self.offsets = np.zeros(n + 1, np.int64)
+        # The workload after each planned batch (the first: before any): its generator's
+        # bytes, (budget, phase clock, clock) and (pages written, position). No Python
+        # object per batch: the guest's memory is the pages it writes (see `plan`).
+        self.saved_rng = np.zeros((n + 1, _STATE_BYTES), np.uint8)
+        self.saved_f64 = np.zeros((n + 1, 3))
+        self.saved_i64 = np.zeros((n + 1, 2), np.int64)
+        self._size(n * (BATCH_GUESS_PAGES + 1))
+        v.deadlines, v.running, v.offsets = (a.ctypes.data for a in (
+            self.deadlines, self.running, self.offsets))
         v.batches_planned = n
-        return snaps
 
-    def run(self, written: int, progress: int) -> tuple[int, int, float]:
+    def _size(self, entries: int) -> None:
+        self.pages = np.zeros(entries, np.int64)
+        self.increments = np.zeros(entries, np.uint64)
+        self.v.pages, self.v.increments = self.pages.ctypes.data, self.increments.ctypes.data
+
+    def _save(self, k: int, state_address: int) -> None:
+        wl = self.wl
+        self.lib.migbed_pcg64_save(state_address, self.saved_rng[k].ctypes.data)
+        self.saved_f64[k] = wl.budget_pages, wl.running_seconds, wl._clock_seconds
+        self.saved_i64[k] = wl.pages_written_total, wl.position
+
+    def restore(self, k: int) -> None:
+        """The workload as it was after planned batch k (0: before the plan)."""
+        wl = self.wl
+        self.lib.migbed_pcg64_load(wl.rng.bit_generator.ctypes.state_address,
+                                   self.saved_rng[k].ctypes.data)
+        wl.budget_pages, wl.running_seconds, wl._clock_seconds = self.saved_f64[k].tolist()
+        wl.pages_written_total, wl.position = self.saved_i64[k].tolist()
+
+    def plan(self) -> None:
+        """The next batches, each asked of the workload at its deadline, into the plan's
+        buffers (made once: a plan a second allocates no memory that stays, so a guest's
+        private pages are few); the workload's state after each is saved."""
+        wl = self.wl
+        address = wl.rng.bit_generator.ctypes.state_address
+        np.add(self.steps, wl._clock_seconds, out=self.deadlines)
+        self._save(0, address)
+        at, offsets, running = 0, self.offsets, self.running
+        for k, t in enumerate(self.deadlines.tolist()):
+            pages, increments = wl.take_batch(t, self.max_batch)
+            end = at + len(pages)
+            if end > len(self.pages):                # a batch far above the rate's 64
+                self._grow(end)
+            self.pages[at:end] = pages
+            self.increments[at:end] = increments
+            at = offsets[k + 1] = end
+            running[k] = wl.running_seconds
+            self._save(k + 1, address)
+
+    def _grow(self, entries: int) -> None:
+        pages, increments = self.pages, self.increments
+        self._size(2 * entries)
+        self.pages[:len(pages)] = pages
+        self.increments[:len(increments)] = increments
+
+    def run(self, written: int, progress: int) -> tuple[int, int, float | None]:
         """Idle and write plan after plan until a pause, an exit, a throttle or a late
         wake-up; (the guest's page writes, its progress, when the last batch was written:
         monotonic seconds, or None if none was)."""
-        v, wl, last = self.v, self.wl, None
+        v, last = self.v, None
         v.owner_written, v.owner_progress = written, progress
         while True:
-            snaps = self._make_plan()
-            v.vcpu_written = snaps[0][1]
+            v.vcpu_written = self.wl.pages_written_total
+            self.plan()
             done = self.lib.migbed_paced_run(ctypes.byref(v))
             if done:
                 last = v.last_batch
             if done < v.batches_planned:
-                _restore(wl, snaps[done])
+                self.restore(done)
                 return v.owner_written, v.owner_progress, last
