@@ -85,7 +85,7 @@ def test_the_native_loop_writes_the_workloads_own_batches(lib, spec):
     want = np.zeros(PAGES, np.uint64)
     pauser = threading.Timer(0.045, ctl.set_command, (Command.PAUSE,))
     pauser.start()
-    written, progress, last = pacer.run(0, 0)
+    written, progress, last, _ = pacer.run(0, 0, pacer.tick)
     pauser.join()
     assert last is not None and 0 < written == wl.pages_written_total == progress
     # the reference asked for the same batches at the same times, up to those written
@@ -111,7 +111,7 @@ def test_a_throttle_hands_the_loop_back_to_python(lib):
     ctl, frames, wl, pacer, _ = _pacer(lib, WorkloadSpec("uniform", 20_000, seed=1), 0.004)
     setter = threading.Timer(0.02, ctl.set_throttle, (30, 0, 0.0))
     setter.start()
-    written, _, _ = pacer.run(0, 0)
+    written, _, _, _ = pacer.run(0, 0, pacer.tick)
     setter.join()
     assert ctl.command is Command.RUN and written == wl.pages_written_total
     assert int(frames.view(np.uint64)[:, 0].sum()) == written

@@ -260,8 +260,8 @@ def warm_up(batches: int = 100, pages: int = 64, page_size: int = 4096) -> None:
             vcpu._throttle(written)
             vcpus.log.record_sleep(now, now, vcpus.progress, IDLE)
         if vcpu.pacer is not None:              # the native loop's planning, warmed too
-            for _ in range(3):
-                vcpu.pacer.plan()
+            for wait in (0.001, vcpu.tick, vcpu.tick):
+                vcpu.pacer.plan(wait)
     finally:
         ctl.close()
 

@@ -244,7 +244,8 @@ class GuestVCPU:
         # each batch up to `tick`, so a vCPU resumed for a few ms still writes at its rate
         self.slice_start = time.monotonic()
         self.ring_written = 0
-        self.pacer: NativePacer | None = None     # its steady batches run natively, if set
+        self.pacer: NativePacer | None = None     # its batches run natively, if set
+        self.native_next = False
 
     def run(self) -> None:
         latency_hint(VCPU_SLICE_NS)
@@ -268,6 +269,9 @@ class GuestVCPU:
                 continue
             if not self.ran:
                 self._resumed()
+            if self.native_next and not self._throttled():
+                self._run_native()          # back at a pause, an exit, a throttle, lateness
+                continue
             written, progress = wl.pages_written_total, wl.progress_pages
             n = wl.write(self.part, time.monotonic(), owner.max_batch_pages)
             written = wl.pages_written_total - written
@@ -277,8 +281,8 @@ class GuestVCPU:
                              not idles or self.wait < IDLE_LOG_SECONDS)
             self._throttle(written)
             if idles:
-                if self.pacer is not None and self.wait >= self.tick and not self._throttled():
-                    self._run_native()
+                if self.pacer is not None and not self._throttled():
+                    self.native_next = True     # the native loop waits before its batch
                 else:
                     self._idle(self.wait)
                     self.wait = min(self.tick, 2 * self.wait)
@@ -292,7 +296,9 @@ class GuestVCPU:
         wake-up that needs Python: the loop then carries on (a pause parks, a throttle runs
         the Python path, a late wake-up writes its batch now)."""
         owner = self.owner
-        owner.written, owner.progress, last = self.pacer.run(owner.written, owner.progress)
+        owner.written, owner.progress, last, self.wait = self.pacer.run(
+            owner.written, owner.progress, self.wait)
+        self.native_next = False
         if last is not None:
             self.slice_start = last         # unthrottled, a slice starts at each batch
 
@@ -309,6 +315,7 @@ class GuestVCPU:
 
     def _resumed(self) -> None:
         self.wait = self.owner.tick_seconds
+        self.native_next = self.pacer is not None
         now = time.monotonic()
         self.wl.resume(now)
         self.slice_start = now

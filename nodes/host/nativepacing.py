@@ -164,6 +164,9 @@ class NativePacer:
         # bytes, (budget, phase clock, clock) and (pages written, position). No Python
         # object per batch: the guest's memory is the pages it writes (see `plan`).
         self.saved_rng = np.zeros((n + 1, _STATE_BYTES), np.uint8)
+        self.saved_at = self.saved_rng.ctypes.data
+        self._rng: np.random.Generator | None = None
+        self._rng_address = 0
         self.saved_f64 = np.zeros((n + 1, 3))
         self.saved_i64 = np.zeros((n + 1, 2), np.int64)
         self._size(n * (BATCH_GUESS_PAGES + 1))
@@ -178,25 +181,46 @@ class NativePacer:
 
     def _save(self, k: int, state_address: int) -> None:
         wl = self.wl
-        self.lib.migbed_pcg64_save(state_address, self.saved_rng[k].ctypes.data)
+        self.lib.migbed_pcg64_save(state_address, self.saved_at + _STATE_BYTES * k)
         self.saved_f64[k] = wl.budget_pages, wl.running_seconds, wl._clock_seconds
         self.saved_i64[k] = wl.pages_written_total, wl.position
+
+    def _state_address(self) -> int:
+        """Where the workload's generator keeps its state (the generator is replaced when
+        the vCPU is given a context; numpy's `ctypes` makes objects: asked once per one)."""
+        rng = self.wl.rng
+        if rng is not self._rng:
+            self._rng, self._rng_address = rng, rng.bit_generator.ctypes.state_address
+        return self._rng_address
 
     def restore(self, k: int) -> None:
         """The workload as it was after planned batch k (0: before the plan)."""
         wl = self.wl
-        self.lib.migbed_pcg64_load(wl.rng.bit_generator.ctypes.state_address,
-                                   self.saved_rng[k].ctypes.data)
+        self.lib.migbed_pcg64_load(self._state_address(), self.saved_at + _STATE_BYTES * k)
         wl.budget_pages, wl.running_seconds, wl._clock_seconds = self.saved_f64[k].tolist()
         wl.pages_written_total, wl.position = self.saved_i64[k].tolist()
 
-    def plan(self) -> None:
-        """The next batches, each asked of the workload at its deadline, into the plan's
-        buffers (made once: a plan a second allocates no memory that stays, so a guest's
-        private pages are few); the workload's state after each is saved."""
+    def waits(self, wait: float) -> list[float]:
+        """The waits before each planned batch: from `wait`, doubled up to the tick (as the
+        Python loop waits after a resume)."""
+        waits = []
+        for _ in range(self.batches):
+            waits.append(wait)
+            wait = min(self.tick, 2 * wait)
+        return waits
+
+    def plan(self, wait: float) -> None:
+        """The next batches, each asked of the workload at its deadline (the first `wait`
+        after the workload's clock), into the plan's buffers (made once: a plan a second
+        allocates no memory that stays, so a guest's private pages are few); the workload's
+        state after each is saved."""
         wl = self.wl
-        address = wl.rng.bit_generator.ctypes.state_address
-        np.add(self.steps, wl._clock_seconds, out=self.deadlines)
+        address = self._state_address()
+        if wait >= self.tick:
+            np.add(self.steps, wl._clock_seconds, out=self.deadlines)
+        else:
+            np.cumsum(self.waits(wait), out=self.deadlines)
+            self.deadlines += wl._clock_seconds
         self._save(0, address)
         at, offsets, running = 0, self.offsets, self.running
         for k, t in enumerate(self.deadlines.tolist()):
@@ -216,18 +240,20 @@ class NativePacer:
         self.pages[:len(pages)] = pages
         self.increments[:len(increments)] = increments
 
-    def run(self, written: int, progress: int) -> tuple[int, int, float | None]:
-        """Idle and write plan after plan until a pause, an exit, a throttle or a late
-        wake-up; (the guest's page writes, its progress, when the last batch was written:
-        monotonic seconds, or None if none was)."""
+    def run(self, written: int, progress: int, wait: float
+            ) -> tuple[int, int, float | None, float]:
+        """Idle and write plan after plan, the first wait `wait`, until a pause, an exit, a
+        throttle or a late wake-up: (the guest's page writes, its progress, when the last
+        batch was written (monotonic seconds, None if none was), the next wait)."""
         v, last = self.v, None
         v.owner_written, v.owner_progress = written, progress
         while True:
             v.vcpu_written = self.wl.pages_written_total
-            self.plan()
+            self.plan(wait)
             done = self.lib.migbed_paced_run(ctypes.byref(v))
             if done:
                 last = v.last_batch
+            wait = self.waits(wait)[done] if done < v.batches_planned else self.tick
             if done < v.batches_planned:
                 self.restore(done)
-                return v.owner_written, v.owner_progress, last
+                return v.owner_written, v.owner_progress, last, wait
