@@ -10,7 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from nodes.host.guestcontrol import LOG_ENTRIES, W_VCPU_WRITES, Command, ControlPage
+from nodes.host.guestcontrol import (
+    LOG_ENTRIES,
+    W_CPU_PERCENTAGE,
+    W_VCPU_WRITES,
+    Command,
+    ControlPage,
+)
 from nodes.host.nativepacing import NativePacer, load_library, native_log, runs_natively
 from nodes.host.sharedlog import RECORD_INTERVAL_SECONDS, SharedProgressLog
 from workloads.patterns import make_workload
@@ -69,27 +75,53 @@ def _pacer(lib, spec: WorkloadSpec, tick: float, plan_batches: int | None = None
     return ctl, frames, wl, pacer, start
 
 
+def _after_batches(ctl: ControlPage, batches: int, then) -> threading.Thread:
+    """A thread that does `then()` once the guest has written `batches` batches."""
+    def watch():
+        deadline = time.monotonic() + 10
+        while ctl.batches_total < batches and time.monotonic() < deadline:
+            time.sleep(0.001)
+        then()
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
+def _run(pacer: NativePacer, ctl: ControlPage, until) -> tuple[int, int, float | None]:
+    """Run as the vCPU does until `until()` (a late wake-up returns early too)."""
+    written = progress = 0
+    wait, last = pacer.tick, None
+    while True:
+        written, progress, ran, wait = pacer.run(written, progress, wait)
+        last = ran if ran is not None else last
+        if until():
+            return written, progress, last
+
+
 @pytest.mark.inprocess
-@pytest.mark.parametrize("spec", [WorkloadSpec("uniform", 20_000, seed=3),
-                                  WorkloadSpec("hotset", 20_000, seed=4),
-                                  WorkloadSpec("sequential", 20_000, seed=5),
-                                  WorkloadSpec("phased", 20_000, seed=6, busy_seconds=0.01,
-                                               quiet_seconds=0.01)])
+@pytest.mark.parametrize("spec", [WorkloadSpec("uniform", 5_000, seed=3),
+                                  WorkloadSpec("hotset", 5_000, seed=4),
+                                  WorkloadSpec("sequential", 5_000, seed=5),
+                                  WorkloadSpec("phased", 5_000, seed=6, busy_seconds=0.05,
+                                               quiet_seconds=0.05)])
 def test_the_native_loop_writes_the_workloads_own_batches(lib, spec):
     """Plans run whole write the pages and increments the workload chooses at each batch's
     time; a pause mid-plan leaves the workload at the batches written, none more."""
     assert runs_natively(lib, make_workload(spec, PAGES), 1)
-    ctl, frames, wl, pacer, start = _pacer(lib, spec, 0.004, 4)   # plans of 16 ms
+    # Plans of 4 batches 20 ms apart (a wake-up 20 ms late hands back to Python, which the
+    # vCPU would write a batch of: here the next plan waits, so the batches stay planned).
+    ctl, frames, wl, pacer, start = _pacer(lib, spec, 0.02, 4)
     ref = make_workload(spec, PAGES, None, PAGE)
     ref.resume(start)
     want = np.zeros(PAGES, np.uint64)
-    pauser = threading.Timer(0.045, ctl.set_command, (Command.PAUSE,))
-    pauser.start()
-    written, progress, last, _ = pacer.run(0, 0, pacer.tick)
+    pauser = _after_batches(ctl, 3 * pacer.batches + 2, lambda: ctl.set_command(Command.PAUSE))
+    written, progress, last = _run(pacer, ctl, lambda: ctl.command is not Command.RUN)
     pauser.join()
     assert last is not None and 0 < written == wl.pages_written_total == progress
-    # the reference asked for the same batches at the same times, up to those written
+    # the reference asked for the same batches at the same times (a late wake-up re-plans
+    # from the last batch written, as the reference goes on from it), up to those written
     t, batches = start, ctl.batches_total
+    assert batches > 3 * pacer.batches, "several plans ran"
     while batches > 0:
         for deadline in (t + pacer.tick * np.arange(1, 5)).tolist()[:batches]:
             pages, inc = ref.take_batch(deadline, 256)
@@ -100,7 +132,6 @@ def test_the_native_loop_writes_the_workloads_own_batches(lib, spec):
     assert np.array_equal(frames.view(np.uint64)[:, 0], want)
     assert np.array_equal(np.flatnonzero(ctl.written), np.flatnonzero(want))
     assert ctl.pages_written_total == written == int(ctl.u64[W_VCPU_WRITES])
-    assert ctl.batches_total > pacer.batches, "more than one plan ran"
     _, _, marks = SharedProgressLog(ctl).mark_arrays()
     assert (marks & IDLE).sum() >= ctl.batches_total - 1, "every wait logged as idle"
     ctl.close()
@@ -108,10 +139,9 @@ def test_the_native_loop_writes_the_workloads_own_batches(lib, spec):
 
 @pytest.mark.inprocess
 def test_a_throttle_hands_the_loop_back_to_python(lib):
-    ctl, frames, wl, pacer, _ = _pacer(lib, WorkloadSpec("uniform", 20_000, seed=1), 0.004)
-    setter = threading.Timer(0.02, ctl.set_throttle, (30, 0, 0.0))
-    setter.start()
-    written, _, _, _ = pacer.run(0, 0, pacer.tick)
+    ctl, frames, wl, pacer, _ = _pacer(lib, WorkloadSpec("uniform", 5_000, seed=1), 0.02)
+    setter = _after_batches(ctl, 3, lambda: ctl.set_throttle(30, 0, 0.0))
+    written, _, _ = _run(pacer, ctl, lambda: ctl.u64[W_CPU_PERCENTAGE] != 0)
     setter.join()
     assert ctl.command is Command.RUN and written == wl.pages_written_total
     assert int(frames.view(np.uint64)[:, 0].sum()) == written

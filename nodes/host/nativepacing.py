@@ -103,10 +103,10 @@ def load_library() -> ctypes.CDLL | None:
 
 def native_log(ctl: ControlPage, record_interval_seconds: float) -> _Log:
     """The control page's progress log as the native writer sees it."""
-    words = np.frombuffer(ctl.u64, np.uint64).ctypes.data
+    words = _address(np.frombuffer(ctl.u64, np.uint64))
     seq, stored, flags, wall, pages = (words + 8 * w for w in LOG_WORDS)
-    return _Log(seq, stored, flags, wall, pages, ctl.log_walls.ctypes.data,
-                ctl.log_pages.ctypes.data, ctl.log_slept.ctypes.data, len(ctl.log_walls),
+    return _Log(seq, stored, flags, wall, pages, _address(ctl.log_walls),
+                _address(ctl.log_pages), _address(ctl.log_slept), len(ctl.log_walls),
                 record_interval_seconds, THINNED)
 
 
@@ -118,6 +118,21 @@ def runs_natively(lib: ctypes.CDLL, wl: Workload, vcpus: int) -> bool:
 
 
 _STATE_BYTES = 40                   # a PCG64 state as `migbed_pcg64_save` copies it
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
+
+
+def _address(a: np.ndarray) -> int:
+    """An array's data address. Not `a.ctypes`: in a guest forked from the zygote, numpy's
+    ctypes helper writes to ~30 KiB of the zygote's pages the first time (measured), which
+    then become the guest's own."""
+    return a.__array_interface__["data"][0]
+
+
+def _bitgen(rng: np.random.Generator) -> int:
+    """The generator's `bitgen_t` (its capsule's pointer; `bit_generator.ctypes` makes a
+    dozen objects), whose first word points to its state."""
+    return _capsule_pointer(rng.bit_generator.capsule, b"BitGenerator")
 
 
 @functools.cache
@@ -126,10 +141,10 @@ def _raw_state_works(lib: ctypes.CDLL) -> bool:
     rng = np.random.Generator(np.random.PCG64(11))
     rng.integers(0, 7, 3)
     want, saved = rng.bit_generator.state, np.zeros(_STATE_BYTES, np.uint8)
-    address = rng.bit_generator.ctypes.state_address
-    lib.migbed_pcg64_save(address, saved.ctypes.data)
+    address = _bitgen(rng)
+    lib.migbed_pcg64_save(address, _address(saved))
     rng.integers(0, 1000, 5)
-    lib.migbed_pcg64_load(address, saved.ctypes.data)
+    lib.migbed_pcg64_load(address, _address(saved))
     return rng.bit_generator.state == want
 
 
@@ -142,7 +157,7 @@ class NativePacer:
                  plan_batches: int | None = None):
         self.lib, self.wl, self.tick, self.max_batch = lib, wl, tick, max_batch
         self.batches = plan_batches or max(1, min(MAX_PLAN_BATCHES, round(PLAN_SECONDS / tick)))
-        base = np.frombuffer(ctl.u64, np.uint64).ctypes.data
+        base = _address(np.frombuffer(ctl.u64, np.uint64))
         v = self.v = _VCPU()
         v.command = base                            # u32[0] shares u64[0]'s first bytes
         for field, word in (("cpu_percentage", W_CPU_PERCENTAGE), ("ring_pages", W_RING_PAGES),
@@ -151,33 +166,36 @@ class NativePacer:
                             ("last_batch_ns", W_LAST_BATCH_NS), ("vcpu_writes", W_VCPU_WRITES),
                             ("workload_seconds", W_WORKLOAD_SECONDS)):
             setattr(v, field, base + 8 * word)
-        v.frames = frames.ctypes.data
-        v.written = None if written is None else written.ctypes.data
+        v.frames = _address(frames)
+        v.written = None if written is None else _address(written)
         v.page_size, v.tick, v.idle_log_seconds = frames.shape[1], tick, idle_log_seconds
         v.idle_mark = IDLE
         v.log = native_log(ctl, record_interval_seconds)
         n = self.batches
-        self.steps = tick * np.arange(1, n + 1)
-        self.deadlines, self.running = np.zeros(n), np.zeros(n)
-        self.offsets = np.zeros(n + 1, np.int64)
-        # The workload after each planned batch (the first: before any): its generator's
-        # bytes, (budget, phase clock, clock) and (pages written, position). No Python
-        # object per batch: the guest's memory is the pages it writes (see `plan`).
-        self.saved_rng = np.zeros((n + 1, _STATE_BYTES), np.uint8)
-        self.saved_at = self.saved_rng.ctypes.data
+        # Three buffers, made once (a plan a second allocates nothing that stays, and each
+        # allocation a guest makes writes to the zygote's heap pages). Floats: the steady
+        # steps, the deadlines, the phase clock after each batch; then the workload after
+        # each planned batch (the first: before any): (budget, phase clock, clock), then
+        # (pages written, position) and its generator's 40 bytes.
+        f64 = np.zeros(3 * n + 3 * (n + 1))
+        self.steps, self.deadlines, self.running = f64[:n], f64[n:2 * n], f64[2 * n:3 * n]
+        self.steps[:] = tick * np.arange(1, n + 1)
+        self.saved_f64 = f64[3 * n:].reshape(n + 1, 3)
+        i64 = np.zeros((n + 1) * (1 + 2 + _STATE_BYTES // 8), np.int64)
+        self.offsets = i64[:n + 1]
+        self.saved_i64 = i64[n + 1:3 * (n + 1)].reshape(n + 1, 2)
+        self.saved_at = _address(i64) + 8 * 3 * (n + 1)
         self._rng: np.random.Generator | None = None
         self._rng_address = 0
-        self.saved_f64 = np.zeros((n + 1, 3))
-        self.saved_i64 = np.zeros((n + 1, 2), np.int64)
         self._size(n * (BATCH_GUESS_PAGES + 1))
-        v.deadlines, v.running, v.offsets = (a.ctypes.data for a in (
+        v.deadlines, v.running, v.offsets = (_address(a) for a in (
             self.deadlines, self.running, self.offsets))
         v.batches_planned = n
 
     def _size(self, entries: int) -> None:
-        self.pages = np.zeros(entries, np.int64)
-        self.increments = np.zeros(entries, np.uint64)
-        self.v.pages, self.v.increments = self.pages.ctypes.data, self.increments.ctypes.data
+        both = np.zeros(2 * entries, np.int64)
+        self.pages, self.increments = both[:entries], both[entries:].view(np.uint64)
+        self.v.pages, self.v.increments = _address(self.pages), _address(self.increments)
 
     def _save(self, k: int, state_address: int) -> None:
         wl = self.wl
@@ -186,11 +204,11 @@ class NativePacer:
         self.saved_i64[k] = wl.pages_written_total, wl.position
 
     def _state_address(self) -> int:
-        """Where the workload's generator keeps its state (the generator is replaced when
-        the vCPU is given a context; numpy's `ctypes` makes objects: asked once per one)."""
+        """The workload's generator's `bitgen_t` (the generator is replaced when the vCPU is
+        given a context: asked once per generator)."""
         rng = self.wl.rng
         if rng is not self._rng:
-            self._rng, self._rng_address = rng, rng.bit_generator.ctypes.state_address
+            self._rng, self._rng_address = rng, _bitgen(rng)
         return self._rng_address
 
     def restore(self, k: int) -> None:

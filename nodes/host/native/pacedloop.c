@@ -223,25 +223,28 @@ int64_t migbed_paced_run(struct paced_vcpu *v)
 }
 
 /* -- the workload's generator, saved and restored per planned batch ------------------------ */
-/* numpy's PCG64 state (`bit_generator.ctypes.state_address`): a pointer to the 32 bytes of
- * its state and increment, then its buffered half-draw (has_uint32, uinteger). 40 bytes, with
- * no Python object made: nativepacing.py checks the round trip once before trusting it. */
+/* numpy's PCG64 state, reached from its `bitgen_t` (the bit generator's capsule), whose
+ * first word points to it: a pointer to the 32 bytes of its state and increment, then its
+ * buffered half-draw (has_uint32, uinteger). 40 bytes, with no Python object made:
+ * nativepacing.py checks the round trip once before trusting it. */
 struct pcg64_state {
     uint8_t *pcg;
     int has_uint32;
     uint32_t uinteger;
 };
 
-void migbed_pcg64_save(const struct pcg64_state *s, uint8_t *out)
+void migbed_pcg64_save(struct pcg64_state *const *bitgen, uint8_t *out)
 {
+    const struct pcg64_state *s = *bitgen;
     for (int i = 0; i < 32; i++)
         out[i] = s->pcg[i];
     *(int32_t *)(out + 32) = s->has_uint32;
     *(uint32_t *)(out + 36) = s->uinteger;
 }
 
-void migbed_pcg64_load(struct pcg64_state *s, const uint8_t *in)
+void migbed_pcg64_load(struct pcg64_state *const *bitgen, const uint8_t *in)
 {
+    struct pcg64_state *s = *bitgen;
     for (int i = 0; i < 32; i++)
         s->pcg[i] = in[i];
     s->has_uint32 = *(const int32_t *)(in + 32);
