@@ -17,7 +17,7 @@ from nodes.host.guestcontrol import (
     Command,
     ControlPage,
 )
-from nodes.host.nativepacing import NativePacer, load_library, native_log, runs_natively
+from nodes.host.nativepacing import NativePacer, _Log, load_library, native_log, runs_natively
 from nodes.host.sharedlog import RECORD_INTERVAL_SECONDS, SharedProgressLog
 from workloads.patterns import make_workload
 from workloads.progresslog import IDLE, SLEPT, ProgressLog
@@ -41,7 +41,8 @@ def test_the_native_log_stores_what_a_progress_log_stores(lib):
     rng = np.random.default_rng(7)
     ctl = ControlPage.create(16)
     try:
-        log = native_log(ctl, RECORD_INTERVAL_SECONDS)
+        log = _Log()
+        native_log(log, ctl, RECORD_INTERVAL_SECONDS)
         plain = ProgressLog(LOG_ENTRIES, RECORD_INTERVAL_SECONDS)
         reader = SharedProgressLog(ControlPage(ctl.fd, 16, False))
         wall, pages = 50.0, 0
@@ -70,8 +71,9 @@ def _pacer(lib, spec: WorkloadSpec, tick: float, plan_batches: int | None = None
     wl = make_workload(spec, PAGES, None, PAGE)
     start = time.monotonic()
     wl.resume(start)
-    pacer = NativePacer(lib, ctl, frames, ctl.written, wl, tick, 256, 0.002,
-                        RECORD_INTERVAL_SECONDS, plan_batches)
+    address = frames.__array_interface__["data"][0]
+    pacer = NativePacer(lib, ctl, address, PAGE, ctl.written.__array_interface__["data"][0],
+                        wl, tick, 256, 0.002, RECORD_INTERVAL_SECONDS, plan_batches)
     return ctl, frames, wl, pacer, start
 
 
@@ -107,7 +109,7 @@ def _run(pacer: NativePacer, ctl: ControlPage, until) -> tuple[int, int, float |
 def test_the_native_loop_writes_the_workloads_own_batches(lib, spec):
     """Plans run whole write the pages and increments the workload chooses at each batch's
     time; a pause mid-plan leaves the workload at the batches written, none more."""
-    assert runs_natively(lib, make_workload(spec, PAGES), 1)
+    assert runs_natively(lib, make_workload(spec, PAGES), 1, 256)
     # Plans of 4 batches 20 ms apart (a wake-up 20 ms late hands back to Python, which the
     # vCPU would write a batch of: here the next plan waits, so the batches stay planned).
     ctl, frames, wl, pacer, start = _pacer(lib, spec, 0.02, 4)

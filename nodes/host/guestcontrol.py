@@ -102,6 +102,7 @@ class ControlPage:
         words = memoryview(self._map)[:CONTROL_BYTES]
         self.u32, self.u64, self.i64, self.f64 = (words.cast(c) for c in "IQqd")
         self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.address = self._addr            # the words' address, for native code
         self.context = np.frombuffer(self._map, np.uint8, CONTEXT_BYTES, CONTROL_BYTES)
         at = CONTROL_BYTES + CONTEXT_BYTES
         self.log_walls = np.frombuffer(self._map, np.float64, LOG_ENTRIES, at)

@@ -119,8 +119,9 @@ class MappedGuest:
     vCPU's slice of them, `part`)."""
 
     def __init__(self, name: str, frames: np.ndarray, data_pages: int, pfn_base: int,
-                 written: np.ndarray | None):
+                 written: np.ndarray | None, address: int):
         self.frames = frames
+        self.address = address       # of frames[0] (the native paced loop writes there)
         self.words = frames.view(np.uint64)
         self.name, self.data_pages, self.pfn_base = name, data_pages, pfn_base
         self.lock = threading.RLock()
@@ -134,12 +135,13 @@ class MappedGuest:
         """The guest's whole mapping, pfn 0 at address `base`."""
         buf = (ctypes.c_uint8 * (npages * page_size)).from_address(base)
         frames = np.frombuffer(buf, np.uint8).reshape(npages, page_size)
-        return cls(name, frames, data_pages, pfn_base, written)
+        return cls(name, frames, data_pages, pfn_base, written, base)
 
     def part(self, lo: int, hi: int) -> "MappedGuest":
         """Data pages lo..hi-1 alone, as a guest of their own (one vCPU's share)."""
         return MappedGuest(self.name, self.frames[lo:hi], hi - lo, self.pfn_base + lo,
-                           None if self.written is None else self.written[lo:hi])
+                           None if self.written is None else self.written[lo:hi],
+                           self.address + lo * self.frames.shape[1])
 
     @property
     def is_running(self) -> bool:
@@ -248,7 +250,7 @@ def warm_up(batches: int = 100, pages: int = 64, page_size: int = 4096) -> None:
     ctl = ControlPage.create(pages, False)
     try:
         guest = MappedGuest("warm-up", np.frombuffer(buf, np.uint8).reshape(pages, page_size),
-                            pages, 0, None)
+                            pages, 0, None, ctypes.addressof(ctypes.c_char.from_buffer(buf)))
         vcpus = VCPUSet(ctl, [guest], WorkloadSpec("uniform", 1000.0, seed=1), [None],
                         page_size, 256, 0.001)
         vcpu, now = vcpus.vcpus[0], 0.0
@@ -259,9 +261,13 @@ def warm_up(batches: int = 100, pages: int = 64, page_size: int = 4096) -> None:
             vcpus.batch_done(vcpu, written, written, False)
             vcpu._throttle(written)
             vcpus.log.record_sleep(now, now, vcpus.progress, IDLE)
-        if vcpu.pacer is not None:              # the native loop's planning, warmed too
-            for wait in (0.001, vcpu.tick, vcpu.tick):
-                vcpu.pacer.plan(wait)
+        if vcpu.pacer is not None:
+            # The native loop's Python side too: its plan, its call, its return. A throttle
+            # hands back at the first wake-up (1 ms), so each run is one plan.
+            ctl.set_throttle(1, 0, 0.0)
+            for _ in range(10):
+                vcpu._run_native()
+            ctl.set_throttle(0, 0, 0.0)
     finally:
         ctl.close()
 

@@ -136,10 +136,12 @@ class VCPUSet:
         self._count()
         lib = load_library()
         for v in self.vcpus:
-            if lib is not None and runs_natively(lib, v.wl, n):
-                v.pacer = NativePacer(lib, ctl, v.part.frames, v.part.written, v.wl, v.tick,
-                                      max_batch_pages, IDLE_LOG_SECONDS,
-                                      RECORD_INTERVAL_SECONDS)
+            if lib is not None and runs_natively(lib, v.wl, n, max_batch_pages):
+                written = v.part.written
+                v.pacer = NativePacer(
+                    lib, ctl, v.part.address, v.part.frames.shape[1],
+                    None if written is None else written.__array_interface__["data"][0],
+                    v.wl, v.tick, max_batch_pages, IDLE_LOG_SECONDS, RECORD_INTERVAL_SECONDS)
         self.threads = [threading.Thread(target=v.run, name=f"vcpu{v.index}", daemon=True)
                         for v in self.vcpus]
 

@@ -16,6 +16,12 @@ The workload's state after each planned batch is kept (its generator's state and
 budget's few numbers), so a plan cut short leaves the workload exactly at the batches
 written: the vCPU context published at a pause is theirs.
 
+Memory: the loop's struct and its plan live in the library's static memory (one vCPU a
+process), viewed by arrays made once in the zygote, and every address is the control page's
+or the mapping's plus an offset: a guest allocates nearly nothing for it. Each allocation a
+forked guest makes, and each first use of a numpy helper, writes to pages it shares with
+the zygote, which then become its own (measured: ~120 KiB a guest when it made its own).
+
 Where it runs: a guest of one vCPU (its thread alone writes the counters and the log), a
 paced workload of the patterns whose batches are counter bumps (`idle`, `uniform`,
 `hotset`, `sequential`, `phased`; content writes, `scan`, programs and traces stay Python).
@@ -30,6 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from nodes.host.guestcontrol import (
+    CONTEXT_BYTES,
+    CONTROL_BYTES,
+    LOG_ENTRIES,
     W_BATCHES,
     W_CPU_PERCENTAGE,
     W_LAST_BATCH_NS,
@@ -55,8 +64,6 @@ from workloads.workload import Workload
 LIBRARY = Path(__file__).resolve().parent / "native" / "libmigbedpaced.so"
 SWITCH_ENV = "MIGBED_PACED_NATIVE"          # "0": the Python loop (paired measurements)
 PLAN_SECONDS = 1.0                          # a plan's span: one Python wake-up per second
-MAX_PLAN_BATCHES = 64
-BATCH_GUESS_PAGES = 64                      # a paced batch's pages (guestvcpu's BATCH_PAGES)
 NATIVE_WORKLOADS = (IdleWorkload, UniformWorkload, HotsetWorkload, SequentialWorkload,
                     PhasedWorkload)
 _P = ctypes.c_void_p
@@ -98,23 +105,57 @@ def load_library() -> ctypes.CDLL | None:
     lib.migbed_log_record_sleep.argtypes = [ctypes.POINTER(_Log), ctypes.c_double,
                                             ctypes.c_double, ctypes.c_int64, ctypes.c_uint8]
     lib.migbed_pcg64_save.argtypes = lib.migbed_pcg64_load.argtypes = [_P, _P]
+    lib.migbed_paced_vcpu.restype = lib.migbed_paced_scratch.restype = _P
+    lib.migbed_paced_limits.restype = ctypes.c_int64
+    lib.migbed_paced_limits.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     return lib
 
 
-def native_log(ctl: ControlPage, record_interval_seconds: float) -> _Log:
-    """The control page's progress log as the native writer sees it."""
-    words = _address(np.frombuffer(ctl.u64, np.uint64))
-    seq, stored, flags, wall, pages = (words + 8 * w for w in LOG_WORDS)
-    return _Log(seq, stored, flags, wall, pages, _address(ctl.log_walls),
-                _address(ctl.log_pages), _address(ctl.log_slept), len(ctl.log_walls),
-                record_interval_seconds, THINNED)
+def native_log(log: _Log, ctl: ControlPage, record_interval_seconds: float) -> None:
+    """Point `log` at the control page's progress log (its layout: `guestcontrol`)."""
+    log.seq, log.stored, log.flags, log.latest_wall, log.latest_pages = (
+        ctl.address + 8 * w for w in LOG_WORDS)
+    at = ctl.address + CONTROL_BYTES + CONTEXT_BYTES
+    log.walls, log.pages, log.marks = at, at + 8 * LOG_ENTRIES, at + 16 * LOG_ENTRIES
+    log.entries, log.interval, log.thinned = LOG_ENTRIES, record_interval_seconds, THINNED
 
 
-def runs_natively(lib: ctypes.CDLL, wl: Workload, vcpus: int) -> bool:
+def runs_natively(lib: ctypes.CDLL, wl: Workload, vcpus: int, max_batch: int) -> bool:
     """Whether this vCPU's batches can be run by the native loop (see the module docstring)."""
     return (vcpus == 1 and type(wl) in NATIVE_WORKLOADS and not wl.unlimited
-            and wl.spec.write_bytes <= COUNTER_BYTES
+            and wl.spec.write_bytes <= COUNTER_BYTES and max_batch <= _memory(lib).max_batch
             and type(wl.rng.bit_generator) is np.random.PCG64 and _raw_state_works(lib))
+
+
+class _Memory:
+    """The library's static memory as arrays (see the module docstring), made once."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.v = _VCPU.from_address(lib.migbed_paced_vcpu())
+        limit = ctypes.c_int64()
+        n = self.batches = lib.migbed_paced_limits(ctypes.byref(limit))
+        self.max_batch = limit.value
+        self.pages = _view(self.v.pages, np.int64, n * self.max_batch)
+        self.increments = _view(self.v.increments, np.uint64, n * self.max_batch)
+        self.offsets = _view(self.v.offsets, np.int64, n + 1)
+        self.deadlines = _view(self.v.deadlines, np.float64, n)
+        self.running = _view(self.v.running, np.float64, n)
+        scratch = lib.migbed_paced_scratch()
+        self.steps = _view(scratch, np.float64, n)
+        self.saved_f64 = _view(scratch + 8 * n, np.float64, 3 * (n + 1)).reshape(n + 1, 3)
+        at = scratch + 8 * (n + 3 * (n + 1))
+        self.saved_i64 = _view(at, np.int64, 2 * (n + 1)).reshape(n + 1, 2)
+        self.saved_rng = at + 8 * 2 * (n + 1)           # _STATE_BYTES a batch
+
+
+def _view(address: int, dtype: type, count: int) -> np.ndarray:
+    size = count * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * size).from_address(address), dtype)
+
+
+@functools.cache
+def _memory(lib: ctypes.CDLL) -> _Memory:
+    return _Memory(lib)
 
 
 _STATE_BYTES = 40                   # a PCG64 state as `migbed_pcg64_save` copies it
@@ -151,57 +192,39 @@ def _raw_state_works(lib: ctypes.CDLL) -> bool:
 class NativePacer:
     """One vCPU's native loop: `run` plans and runs its batches until Python work is due."""
 
-    def __init__(self, lib: ctypes.CDLL, ctl: ControlPage, frames: np.ndarray,
-                 written: np.ndarray | None, wl: Workload, tick: float, max_batch: int,
+    def __init__(self, lib: ctypes.CDLL, ctl: ControlPage, frames: int, page_size: int,
+                 written: int | None, wl: Workload, tick: float, max_batch: int,
                  idle_log_seconds: float, record_interval_seconds: float,
                  plan_batches: int | None = None):
+        """`frames`: the address of the vCPU's first data page; `written`: of its byte per
+        page, or None. The library's memory is this pacer's until another is made."""
         self.lib, self.wl, self.tick, self.max_batch = lib, wl, tick, max_batch
-        self.batches = plan_batches or max(1, min(MAX_PLAN_BATCHES, round(PLAN_SECONDS / tick)))
-        base = _address(np.frombuffer(ctl.u64, np.uint64))
-        v = self.v = _VCPU()
-        v.command = base                            # u32[0] shares u64[0]'s first bytes
+        mem = self.mem = _memory(lib)
+        n = self.batches = plan_batches or max(1, min(mem.batches, round(PLAN_SECONDS / tick)))
+        v = self.v = mem.v
+        base = ctl.address
+        v.command = base                            # u32[0]: the first bytes of u64[0]
         for field, word in (("cpu_percentage", W_CPU_PERCENTAGE), ("ring_pages", W_RING_PAGES),
                             ("pages_written", W_PAGES_WRITTEN),
                             ("progress_pages", W_PROGRESS_PAGES), ("batches", W_BATCHES),
                             ("last_batch_ns", W_LAST_BATCH_NS), ("vcpu_writes", W_VCPU_WRITES),
                             ("workload_seconds", W_WORKLOAD_SECONDS)):
             setattr(v, field, base + 8 * word)
-        v.frames = _address(frames)
-        v.written = None if written is None else _address(written)
-        v.page_size, v.tick, v.idle_log_seconds = frames.shape[1], tick, idle_log_seconds
-        v.idle_mark = IDLE
-        v.log = native_log(ctl, record_interval_seconds)
-        n = self.batches
-        # Three buffers, made once (a plan a second allocates nothing that stays, and each
-        # allocation a guest makes writes to the zygote's heap pages). Floats: the steady
-        # steps, the deadlines, the phase clock after each batch; then the workload after
-        # each planned batch (the first: before any): (budget, phase clock, clock), then
-        # (pages written, position) and its generator's 40 bytes.
-        f64 = np.zeros(3 * n + 3 * (n + 1))
-        self.steps, self.deadlines, self.running = f64[:n], f64[n:2 * n], f64[2 * n:3 * n]
+        v.frames, v.written, v.page_size = frames, written, page_size
+        v.tick, v.idle_log_seconds, v.idle_mark = tick, idle_log_seconds, IDLE
+        native_log(v.log, ctl, record_interval_seconds)
+        v.batches_planned = n
+        self.steps, self.deadlines = mem.steps[:n], mem.deadlines[:n]
         self.steps[:] = tick * np.arange(1, n + 1)
-        self.saved_f64 = f64[3 * n:].reshape(n + 1, 3)
-        i64 = np.zeros((n + 1) * (1 + 2 + _STATE_BYTES // 8), np.int64)
-        self.offsets = i64[:n + 1]
-        self.saved_i64 = i64[n + 1:3 * (n + 1)].reshape(n + 1, 2)
-        self.saved_at = _address(i64) + 8 * 3 * (n + 1)
         self._rng: np.random.Generator | None = None
         self._rng_address = 0
-        self._size(n * (BATCH_GUESS_PAGES + 1))
-        v.deadlines, v.running, v.offsets = (_address(a) for a in (
-            self.deadlines, self.running, self.offsets))
-        v.batches_planned = n
-
-    def _size(self, entries: int) -> None:
-        both = np.zeros(2 * entries, np.int64)
-        self.pages, self.increments = both[:entries], both[entries:].view(np.uint64)
-        self.v.pages, self.v.increments = _address(self.pages), _address(self.increments)
 
     def _save(self, k: int, state_address: int) -> None:
         wl = self.wl
-        self.lib.migbed_pcg64_save(state_address, self.saved_at + _STATE_BYTES * k)
-        self.saved_f64[k] = wl.budget_pages, wl.running_seconds, wl._clock_seconds
-        self.saved_i64[k] = wl.pages_written_total, wl.position
+        mem = self.mem
+        self.lib.migbed_pcg64_save(state_address, mem.saved_rng + _STATE_BYTES * k)
+        mem.saved_f64[k] = wl.budget_pages, wl.running_seconds, wl._clock_seconds
+        mem.saved_i64[k] = wl.pages_written_total, wl.position
 
     def _state_address(self) -> int:
         """The workload's generator's `bitgen_t` (the generator is replaced when the vCPU is
@@ -213,10 +236,10 @@ class NativePacer:
 
     def restore(self, k: int) -> None:
         """The workload as it was after planned batch k (0: before the plan)."""
-        wl = self.wl
-        self.lib.migbed_pcg64_load(self._state_address(), self.saved_at + _STATE_BYTES * k)
-        wl.budget_pages, wl.running_seconds, wl._clock_seconds = self.saved_f64[k].tolist()
-        wl.pages_written_total, wl.position = self.saved_i64[k].tolist()
+        wl, mem = self.wl, self.mem
+        self.lib.migbed_pcg64_load(self._state_address(), mem.saved_rng + _STATE_BYTES * k)
+        wl.budget_pages, wl.running_seconds, wl._clock_seconds = mem.saved_f64[k].tolist()
+        wl.pages_written_total, wl.position = mem.saved_i64[k].tolist()
 
     def waits(self, wait: float) -> list[float]:
         """The waits before each planned batch: from `wait`, doubled up to the tick (as the
@@ -229,9 +252,8 @@ class NativePacer:
 
     def plan(self, wait: float) -> None:
         """The next batches, each asked of the workload at its deadline (the first `wait`
-        after the workload's clock), into the plan's buffers (made once: a plan a second
-        allocates no memory that stays, so a guest's private pages are few); the workload's
-        state after each is saved."""
+        after the workload's clock), into the library's plan; the workload's state after
+        each is saved."""
         wl = self.wl
         address = self._state_address()
         if wait >= self.tick:
@@ -240,23 +262,18 @@ class NativePacer:
             np.cumsum(self.waits(wait), out=self.deadlines)
             self.deadlines += wl._clock_seconds
         self._save(0, address)
-        at, offsets, running = 0, self.offsets, self.running
+        mem = self.mem
+        at, offsets, running, all_pages, all_increments = (
+            0, mem.offsets, mem.running, mem.pages, mem.increments)
+        offsets[0] = 0
         for k, t in enumerate(self.deadlines.tolist()):
-            pages, increments = wl.take_batch(t, self.max_batch)
+            pages, increments = wl.take_batch(t, self.max_batch)    # <= max_batch pages
             end = at + len(pages)
-            if end > len(self.pages):                # a batch far above the rate's 64
-                self._grow(end)
-            self.pages[at:end] = pages
-            self.increments[at:end] = increments
+            all_pages[at:end] = pages
+            all_increments[at:end] = increments
             at = offsets[k + 1] = end
             running[k] = wl.running_seconds
             self._save(k + 1, address)
-
-    def _grow(self, entries: int) -> None:
-        pages, increments = self.pages, self.increments
-        self._size(2 * entries)
-        self.pages[:len(pages)] = pages
-        self.increments[:len(increments)] = increments
 
     def run(self, written: int, progress: int, wait: float
             ) -> tuple[int, int, float | None, float]:
@@ -265,6 +282,7 @@ class NativePacer:
         batch was written (monotonic seconds, None if none was), the next wait)."""
         v, last = self.v, None
         v.owner_written, v.owner_progress = written, progress
+        v.batches_planned = self.batches
         while True:
             v.vcpu_written = self.wl.pages_written_total
             self.plan(wait)

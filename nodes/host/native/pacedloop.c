@@ -207,6 +207,32 @@ static void batch(struct paced_vcpu *v, int64_t k)
         migbed_log_record(&v->log, clock_seconds(CLOCK_REALTIME), (int64_t)v->owner_progress);
 }
 
+/* The loop's memory: one vCPU a process (a guest's one vCPU), static, so a guest forked from
+ * the zygote allocates nothing for it (each allocation would write to the zygote's heap
+ * pages, which then become the guest's own): only the pages it writes are its own. The plan
+ * holds at most MAX_BATCHES batches of at most MAX_BATCH_PAGES pages. */
+#define MAX_BATCHES 64
+#define MAX_BATCH_PAGES 256
+static int64_t plan_pages[MAX_BATCHES * MAX_BATCH_PAGES];
+static uint64_t plan_increments[MAX_BATCHES * MAX_BATCH_PAGES];
+static int64_t plan_offsets[MAX_BATCHES + 1];
+static double plan_deadlines[MAX_BATCHES], plan_running[MAX_BATCHES];
+/* Python's own: the steady steps, then the workload saved after each planned batch:
+ * (budget, phase clock, clock), (pages written, position), its generator's 40 bytes. */
+static double plan_scratch[MAX_BATCHES + (MAX_BATCHES + 1) * (3 + 2 + 5)];
+static struct paced_vcpu the_vcpu = {
+    .pages = plan_pages, .increments = plan_increments, .offsets = plan_offsets,
+    .deadlines = plan_deadlines, .running = plan_running,
+};
+
+struct paced_vcpu *migbed_paced_vcpu(void) { return &the_vcpu; }
+double *migbed_paced_scratch(void) { return plan_scratch; }
+int64_t migbed_paced_limits(int64_t *max_batch_pages)
+{
+    *max_batch_pages = MAX_BATCH_PAGES;
+    return MAX_BATCHES;
+}
+
 /* Run the plan: for each batch, its idle wait, then the batch. Returns the batches done. */
 int64_t migbed_paced_run(struct paced_vcpu *v)
 {
