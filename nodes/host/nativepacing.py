@@ -99,13 +99,18 @@ def load_library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(LIBRARY))
     except OSError:
         return None
-    lib.migbed_paced_run.argtypes = [ctypes.POINTER(_VCPU)]
+    lib.migbed_paced_run.argtypes = [ctypes.c_int64] * 3
     lib.migbed_paced_run.restype = ctypes.c_int64
+    lib.migbed_paced_setup.argtypes = [_P, ctypes.c_int64, ctypes.c_double, ctypes.c_uint8,
+                                       ctypes.c_uint8, _P, _P, ctypes.c_int64, ctypes.c_double,
+                                       ctypes.c_double, ctypes.c_int64]
+    lib.migbed_paced_deadlines.argtypes = [ctypes.c_double, ctypes.c_double]
     lib.migbed_log_record.argtypes = [ctypes.POINTER(_Log), ctypes.c_double, ctypes.c_int64]
     lib.migbed_log_record_sleep.argtypes = [ctypes.POINTER(_Log), ctypes.c_double,
                                             ctypes.c_double, ctypes.c_int64, ctypes.c_uint8]
     lib.migbed_pcg64_save.argtypes = lib.migbed_pcg64_load.argtypes = [_P, _P]
     lib.migbed_paced_vcpu.restype = lib.migbed_paced_scratch.restype = _P
+    lib.migbed_paced_out.restype = _P
     lib.migbed_paced_limits.restype = ctypes.c_int64
     lib.migbed_paced_limits.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     return lib
@@ -140,8 +145,8 @@ class _Memory:
         self.offsets = _view(self.v.offsets, np.int64, n + 1)
         self.deadlines = _view(self.v.deadlines, np.float64, n)
         self.running = _view(self.v.running, np.float64, n)
+        self.out = _view(lib.migbed_paced_out(), np.float64, 5)
         scratch = lib.migbed_paced_scratch()
-        self.steps = _view(scratch, np.float64, n)
         self.saved_f64 = _view(scratch + 8 * n, np.float64, 3 * (n + 1)).reshape(n + 1, 3)
         at = scratch + 8 * (n + 3 * (n + 1))
         self.saved_i64 = _view(at, np.int64, 2 * (n + 1)).reshape(n + 1, 2)
@@ -201,21 +206,14 @@ class NativePacer:
         self.lib, self.wl, self.tick, self.max_batch = lib, wl, tick, max_batch
         mem = self.mem = _memory(lib)
         n = self.batches = plan_batches or max(1, min(mem.batches, round(PLAN_SECONDS / tick)))
-        v = self.v = mem.v
-        base = ctl.address
-        v.command = base                            # u32[0]: the first bytes of u64[0]
-        for field, word in (("cpu_percentage", W_CPU_PERCENTAGE), ("ring_pages", W_RING_PAGES),
-                            ("pages_written", W_PAGES_WRITTEN),
-                            ("progress_pages", W_PROGRESS_PAGES), ("batches", W_BATCHES),
-                            ("last_batch_ns", W_LAST_BATCH_NS), ("vcpu_writes", W_VCPU_WRITES),
-                            ("workload_seconds", W_WORKLOAD_SECONDS)):
-            setattr(v, field, base + 8 * word)
-        v.frames, v.written, v.page_size = frames, written, page_size
-        v.tick, v.idle_log_seconds, v.idle_mark = tick, idle_log_seconds, IDLE
-        native_log(v.log, ctl, record_interval_seconds)
-        v.batches_planned = n
-        self.steps, self.deadlines = mem.steps[:n], mem.deadlines[:n]
-        self.steps[:] = tick * np.arange(1, n + 1)
+        base, log = ctl.address, ctl.address + CONTROL_BYTES + CONTEXT_BYTES
+        words = (0, W_CPU_PERCENTAGE, W_RING_PAGES, W_PAGES_WRITTEN, W_PROGRESS_PAGES,
+                 W_BATCHES, W_LAST_BATCH_NS, W_VCPU_WRITES, W_WORKLOAD_SECONDS, *LOG_WORDS)
+        at = (ctypes.c_int64 * 17)(*(base + 8 * w for w in words), log,
+                                   log + 8 * LOG_ENTRIES, log + 16 * LOG_ENTRIES)
+        lib.migbed_paced_setup(at, LOG_ENTRIES, record_interval_seconds, THINNED, IDLE, frames,
+                               written, page_size, tick, idle_log_seconds, n)
+        self.deadlines = mem.deadlines[:n]
         self._rng: np.random.Generator | None = None
         self._rng_address = 0
 
@@ -241,26 +239,13 @@ class NativePacer:
         wl.budget_pages, wl.running_seconds, wl._clock_seconds = mem.saved_f64[k].tolist()
         wl.pages_written_total, wl.position = mem.saved_i64[k].tolist()
 
-    def waits(self, wait: float) -> list[float]:
-        """The waits before each planned batch: from `wait`, doubled up to the tick (as the
-        Python loop waits after a resume)."""
-        waits = []
-        for _ in range(self.batches):
-            waits.append(wait)
-            wait = min(self.tick, 2 * wait)
-        return waits
-
     def plan(self, wait: float) -> None:
         """The next batches, each asked of the workload at its deadline (the first `wait`
         after the workload's clock), into the library's plan; the workload's state after
         each is saved."""
         wl = self.wl
         address = self._state_address()
-        if wait >= self.tick:
-            np.add(self.steps, wl._clock_seconds, out=self.deadlines)
-        else:
-            np.cumsum(self.waits(wait), out=self.deadlines)
-            self.deadlines += wl._clock_seconds
+        self.lib.migbed_paced_deadlines(wl._clock_seconds, wait)
         self._save(0, address)
         mem = self.mem
         at, offsets, running, all_pages, all_increments = (
@@ -280,16 +265,15 @@ class NativePacer:
         """Idle and write plan after plan, the first wait `wait`, until a pause, an exit, a
         throttle or a late wake-up: (the guest's page writes, its progress, when the last
         batch was written (monotonic seconds, None if none was), the next wait)."""
-        v, last = self.v, None
-        v.owner_written, v.owner_progress = written, progress
-        v.batches_planned = self.batches
+        last, run, out = None, self.lib.migbed_paced_run, self.mem.out
         while True:
-            v.vcpu_written = self.wl.pages_written_total
+            before = self.wl.pages_written_total            # the plan advances it
             self.plan(wait)
-            done = self.lib.migbed_paced_run(ctypes.byref(v))
+            run(written, progress, before)
+            done, written, progress, ran, wait = out.tolist()
+            done, written, progress = int(done), int(written), int(progress)
             if done:
-                last = v.last_batch
-            wait = self.waits(wait)[done] if done < v.batches_planned else self.tick
-            if done < v.batches_planned:
+                last = ran
+            if done < self.batches:
                 self.restore(done)
-                return v.owner_written, v.owner_progress, last, wait
+                return written, progress, last, wait

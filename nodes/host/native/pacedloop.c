@@ -20,6 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
+/* A plan holds at most MAX_BATCHES batches of at most MAX_BATCH_PAGES pages. */
+#define MAX_BATCHES 64
+#define MAX_BATCH_PAGES 256
 enum { CMD_RUN = 0, CMD_EXIT = 2 };
 enum { DONE = 0, COMMAND = 1, THROTTLE = 2, LATE = 3 };
 /* The shared log's flag bits (nodes/host/sharedlog.py). */
@@ -61,6 +64,7 @@ struct paced_vcpu {
     /* out */
     int64_t done, reason;
     double last_batch;           /* monotonic seconds of the last batch written */
+    double waits[MAX_BATCHES];   /* the wait before each planned batch */
 };
 
 static double clock_seconds(clockid_t id)
@@ -209,10 +213,7 @@ static void batch(struct paced_vcpu *v, int64_t k)
 
 /* The loop's memory: one vCPU a process (a guest's one vCPU), static, so a guest forked from
  * the zygote allocates nothing for it (each allocation would write to the zygote's heap
- * pages, which then become the guest's own): only the pages it writes are its own. The plan
- * holds at most MAX_BATCHES batches of at most MAX_BATCH_PAGES pages. */
-#define MAX_BATCHES 64
-#define MAX_BATCH_PAGES 256
+ * pages, which then become the guest's own): only the pages it writes are its own. */
 static int64_t plan_pages[MAX_BATCHES * MAX_BATCH_PAGES];
 static uint64_t plan_increments[MAX_BATCHES * MAX_BATCH_PAGES];
 static int64_t plan_offsets[MAX_BATCHES + 1];
@@ -225,7 +226,68 @@ static struct paced_vcpu the_vcpu = {
     .deadlines = plan_deadlines, .running = plan_running,
 };
 
+/* What Python reads after a run, in one array: batches done, the guest's page writes, its
+ * progress, the last batch's monotonic seconds, the wait before the next batch. */
+static double run_out[5];
+
 struct paced_vcpu *migbed_paced_vcpu(void) { return &the_vcpu; }
+double *migbed_paced_out(void) { return run_out; }
+
+/* The vCPU's words, all at once: `at` holds the addresses of the command word, the
+ * throttle's two words, the counters' six, the log's five words and its three arrays. */
+void migbed_paced_setup(const int64_t *at, int64_t log_entries, double interval,
+                        uint8_t thinned, uint8_t idle_mark, uint8_t *frames, uint8_t *written,
+                        int64_t page_size, double tick, double idle_log_seconds,
+                        int64_t batches)
+{
+    struct paced_vcpu *v = &the_vcpu;
+    v->command = (volatile uint32_t *)at[0];
+    v->cpu_percentage = (volatile uint64_t *)at[1];
+    v->ring_pages = (volatile uint64_t *)at[2];
+    v->pages_written = (volatile uint64_t *)at[3];
+    v->progress_pages = (volatile uint64_t *)at[4];
+    v->batches = (volatile uint64_t *)at[5];
+    v->last_batch_ns = (volatile uint64_t *)at[6];
+    v->vcpu_writes = (volatile uint64_t *)at[7];
+    v->workload_seconds = (volatile double *)at[8];
+    v->log.seq = (volatile uint64_t *)at[9];
+    v->log.stored = (volatile uint64_t *)at[10];
+    v->log.flags = (volatile uint64_t *)at[11];
+    v->log.latest_wall = (volatile double *)at[12];
+    v->log.latest_pages = (volatile int64_t *)at[13];
+    v->log.walls = (double *)at[14];
+    v->log.pages = (int64_t *)at[15];
+    v->log.marks = (uint8_t *)at[16];
+    v->log.entries = log_entries;
+    v->log.interval = interval;
+    v->log.thinned = thinned;
+    v->idle_mark = idle_mark;
+    v->frames = frames;
+    v->written = written;
+    v->page_size = page_size;
+    v->tick = tick;
+    v->idle_log_seconds = idle_log_seconds;
+    v->batches_planned = batches;
+}
+
+/* The plan's deadlines from the workload's clock: the first `wait` after it, each wait
+ * doubled up to the tick (as the Python loop waits after a resume); steady, clock + k ticks. */
+void migbed_paced_deadlines(double clock, double wait)
+{
+    struct paced_vcpu *v = &the_vcpu;
+    double t = clock;
+    for (int64_t k = 0; k < v->batches_planned; k++) {
+        v->waits[k] = wait;
+        if (wait >= v->tick) {
+            plan_deadlines[k] = clock + v->tick * (double)(k + 1);
+        } else {
+            t += wait;
+            plan_deadlines[k] = t;
+            clock = t - v->tick * (double)(k + 1);  /* the steady part goes on from t */
+        }
+        wait = wait * 2 < v->tick ? wait * 2 : v->tick;
+    }
+}
 double *migbed_paced_scratch(void) { return plan_scratch; }
 int64_t migbed_paced_limits(int64_t *max_batch_pages)
 {
@@ -233,10 +295,16 @@ int64_t migbed_paced_limits(int64_t *max_batch_pages)
     return MAX_BATCHES;
 }
 
-/* Run the plan: for each batch, its idle wait, then the batch. Returns the batches done. */
-int64_t migbed_paced_run(struct paced_vcpu *v)
+/* Run the plan: for each batch, its idle wait, then the batch. Returns the batches done;
+ * `run_out` says the rest. */
+int64_t migbed_paced_run(int64_t owner_written, int64_t owner_progress, int64_t vcpu_written)
 {
+    struct paced_vcpu *v = &the_vcpu;
+    v->owner_written = owner_written;
+    v->owner_progress = owner_progress;
+    v->vcpu_written = vcpu_written;
     v->reason = DONE;
+    v->last_batch = -1.0;
     for (v->done = 0; v->done < v->batches_planned; v->done++) {
         int reason = idle(v, v->done);
         if (reason) {
@@ -245,6 +313,11 @@ int64_t migbed_paced_run(struct paced_vcpu *v)
         }
         batch(v, v->done);
     }
+    run_out[0] = (double)v->done;
+    run_out[1] = (double)v->owner_written;
+    run_out[2] = (double)v->owner_progress;
+    run_out[3] = v->last_batch;
+    run_out[4] = v->done < v->batches_planned ? v->waits[v->done] : v->tick;
     return v->done;
 }
 
