@@ -17,8 +17,9 @@ budget's few numbers), so a plan cut short leaves the workload exactly at the ba
 written: the vCPU context published at a pause is theirs.
 
 Memory: the loop's struct and its plan live in the library's static memory (one vCPU a
-process), viewed by arrays made once in the zygote, and every address is the control page's
-or the mapping's plus an offset: a guest allocates nearly nothing for it. Each allocation a
+process), viewed by arrays made once in the zygote; a guest sets the struct up in one call
+from the control page's and the mapping's addresses, and each plan is two calls and a
+read of one array: a guest allocates nearly nothing for it. Each allocation a
 forked guest makes, and each first use of a numpy helper, writes to pages it shares with
 the zygote, which then become its own (measured: ~120 KiB a guest when it made its own).
 
@@ -77,6 +78,8 @@ class _Log(ctypes.Structure):
 
 
 class _VCPU(ctypes.Structure):
+    """`struct paced_vcpu`'s head (the zygote reads its plan's buffers from it once)."""
+
     _fields_ = [(name, _P) for name in (
         "command", "cpu_percentage", "ring_pages", "pages_written", "progress_pages",
         "batches", "last_batch_ns", "vcpu_writes", "workload_seconds", "frames", "written")] + [
@@ -147,8 +150,8 @@ class _Memory:
         self.running = _view(self.v.running, np.float64, n)
         self.out = _view(lib.migbed_paced_out(), np.float64, 5)
         scratch = lib.migbed_paced_scratch()
-        self.saved_f64 = _view(scratch + 8 * n, np.float64, 3 * (n + 1)).reshape(n + 1, 3)
-        at = scratch + 8 * (n + 3 * (n + 1))
+        self.saved_f64 = _view(scratch, np.float64, 3 * (n + 1)).reshape(n + 1, 3)
+        at = scratch + 8 * 3 * (n + 1)
         self.saved_i64 = _view(at, np.int64, 2 * (n + 1)).reshape(n + 1, 2)
         self.saved_rng = at + 8 * 2 * (n + 1)           # _STATE_BYTES a batch
 

@@ -218,9 +218,10 @@ static int64_t plan_pages[MAX_BATCHES * MAX_BATCH_PAGES];
 static uint64_t plan_increments[MAX_BATCHES * MAX_BATCH_PAGES];
 static int64_t plan_offsets[MAX_BATCHES + 1];
 static double plan_deadlines[MAX_BATCHES], plan_running[MAX_BATCHES];
-/* Python's own: the steady steps, then the workload saved after each planned batch:
- * (budget, phase clock, clock), (pages written, position), its generator's 40 bytes. */
-static double plan_scratch[MAX_BATCHES + (MAX_BATCHES + 1) * (3 + 2 + 5)];
+/* Python's own: the workload saved after each planned batch (the first: before any):
+ * (budget, phase clock, clock), then (pages written, position), then its generator's 40
+ * bytes. */
+static double plan_scratch[(MAX_BATCHES + 1) * (3 + 2 + 5)];
 static struct paced_vcpu the_vcpu = {
     .pages = plan_pages, .increments = plan_increments, .offsets = plan_offsets,
     .deadlines = plan_deadlines, .running = plan_running,
