@@ -148,3 +148,18 @@ def test_a_throttle_hands_the_loop_back_to_python(lib):
     assert ctl.command is Command.RUN and written == wl.pages_written_total
     assert int(frames.view(np.uint64)[:, 0].sum()) == written
     ctl.close()
+
+
+def test_a_plan_after_a_resume_waits_as_the_python_loop_does(lib):
+    """From a resume the waits double from the launch's tick up to the vCPU's tick (the
+    Python loop's `wait = min(tick, 2 * wait)`); then a batch every tick."""
+    ctl, _, wl, pacer, start = _pacer(lib, WorkloadSpec("uniform", 1000, seed=2), 0.064, 10)
+    pacer.plan(0.001)
+    gaps = np.diff(np.concatenate(([start], pacer.deadlines)))
+    assert np.allclose(gaps, [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.064, 0.064,
+                              0.064])
+    pacer.restore(0)
+    assert wl.pages_written_total == 0 and wl._clock_seconds == start, "restored as before"
+    pacer.plan(pacer.tick)
+    assert np.allclose(pacer.deadlines, start + 0.064 * np.arange(1, 11))
+    ctl.close()

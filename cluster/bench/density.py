@@ -9,8 +9,9 @@ each, then destroyed), one kind after the other:
   guests run;
 - the CPU every process of the cluster used over a window (from /proc: this driver's
   descendants, Ray's and the hosts' and the guests'), as a share of the machine's CPUs, and
-  for process guests the guests' own share (their processes alone), and the page writes the
-  guests achieved against the rate asked;
+  for process guests the guests' own share (their processes alone, from `schedstat`: a
+  guest's ~1 ms of CPU a second is a tenth of a clock tick), and the page writes the guests
+  achieved against the rate asked;
 - for process guests, the memory each costs beyond its frames: its PSS less its shared
   memory (its frames and control page), plus its zygote's, shared among the guests forked
   from it (`nodes.host.guestprocess`).
