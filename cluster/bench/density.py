@@ -63,7 +63,8 @@ def bench_density(tb: "Testbed", opts: BenchOptions, res: Results,
             f"listed in {res.median('density_process_list_seconds') * 1000:.0f} ms (thread "
             f"guests {res.median('density_thread_list_seconds') * 1000:.0f} ms), guests' own "
             f"CPU {per_guest * n:.1%} of this machine ({per_guest * TARGET_GUESTS:.1%} "
-            f"projected for {TARGET_GUESTS}), {pss / MiB:.1f} MiB PSS each beyond frames")
+            f"projected for {TARGET_GUESTS}), {pss / MiB:.1f} MiB PSS each beyond frames; "
+            f"{_paced_loop()}")
 
 
 def _measure_kind(tb: "Testbed", opts: BenchOptions, kind: str,
@@ -118,6 +119,16 @@ def _measure_kind(tb: "Testbed", opts: BenchOptions, kind: str,
     say(f"  density {kind}: listed in {statistics.median(listings) * 1000:.0f} ms, cluster CPU "
         f"{rows[1][2]:.1%} of the machine")
     return rows
+
+
+def _paced_loop() -> str:
+    """Which loop ran the process guests' paced vCPUs (the hosts share this machine's build
+    and environment): the native one, or the Python one and why."""
+    from nodes.host.nativepacing import SWITCH_ENV, load_library
+    if load_library() is not None:
+        return "paced vCPUs by the native loop"
+    return (f"paced vCPUs by the Python loop (libmigbedpaced.so not built: `make setup`; or "
+            f"{SWITCH_ENV}=0)")
 
 
 def _cluster_pids() -> list[int]:
