@@ -20,10 +20,14 @@ setup: $(BIN)/.installed system-deps native
 # Debian, build-essential from apt). Without a compiler only what needs a library is missing,
 # and it says how to get it. The trace recorder's LD_PRELOAD allocator (`migbed trace record`):
 NATIVE_LIBS := cluster/native/libmigbedtrace.so
+NATIVE_LIBS += nodes/host/native/libmigbedfault.so
 
 native: $(NATIVE_LIBS)
 
 cluster/native/libmigbedtrace.so: cluster/native/tracealloc.c | $(BIN)/.installed
+	@sh cluster/native/cc $@ $< $(BIN)
+
+nodes/host/native/libmigbedfault.so: nodes/host/native/faultpath.c | $(BIN)/.installed
 	@sh cluster/native/cc $@ $< $(BIN)
 
 # Prometheus (and promtool) for the metrics and dashboard tests, tmux for the test that drives

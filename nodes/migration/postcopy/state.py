@@ -13,6 +13,7 @@ import numpy as np
 from nodes.errors import ConnectionLost, MigbedError
 from nodes.migration.clock import to_source_clock
 from nodes.migration.decide.policy import PrecopyStats
+from nodes.migration.postcopy.nativefault import NativeServer
 from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.postcopy.returnpath import RequestReader
 from nodes.migration.postcopy.trigger import SwitchRule
@@ -51,6 +52,10 @@ class PostcopySource:
         self.preempt_pages = 0
         self.preempt_bytes = 0
         self.preempt_channels = 0                # opened: one at the switch, one a recovery
+        # The native fault channel (`nativefault.NativeServer`; None: not open), opened at
+        # the switch only: a recovery goes on without it. Its figures are kept at its close.
+        self.native: NativeServer | None = None
+        self.native_counts: dict | None = None
         self.switched = False                    # RUN went out: the guest is the destination's
         self.paused = False
         self.round: RoundStats | None = None
@@ -165,6 +170,22 @@ class PostcopySource:
             preempt.close()
             self.preempt_pages += preempt.pages
             self.preempt_bytes += preempt.bytes_sent
+        self.close_native()
+
+    def close_native(self) -> None:
+        """Stop the native fault channel's thread (the link broke, or the migration
+        ended); its counts go into the post-copy's (its mutex stays the cursor's lock)."""
+        native = self.native
+        if native is None or native.stopped:
+            return
+        native.stop()
+        with self.cursor_lock:               # what it took, folded into the cursor
+            pass
+        c = self.native_counts = native.counts()
+        with self.cond:
+            self.requests += c["requests"]
+        self.pages_requested += c["served"]
+        self.requests_already_sent += c["already_sent"]
 
     # -- pacing and waiting -------------------------------------------------------------------
     def pushed(self, nbytes: int, start: float) -> None:
@@ -205,7 +226,8 @@ class PostcopySource:
         if not self.switched:
             return                    # finished as pre-copy: `finish` split its bytes
         self.close_preempt()
-        total = self.earlier_links_bytes + link_bytes + self.preempt_bytes
+        native = self.native_counts or {"bytes": 0, "served": 0}
+        total = self.earlier_links_bytes + link_bytes + self.preempt_bytes + native["bytes"]
         r.bytes_sent_total = total
         r.precopy_bytes = self.precopy_bytes
         r.downtime_bytes = self.downtime_bytes
@@ -220,8 +242,10 @@ class PostcopySource:
             "requests_already_sent": self.requests_already_sent,
             "recoveries": self.recoveries, "paused_seconds": self.paused_seconds,
             "guest_rate_before": self.guest_rate_before,
-            "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes,
-                              "preempt": self.preempt_bytes},
+            "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes - native["bytes"],
+                              "preempt": self.preempt_bytes,
+                              **({"native": native["bytes"]} if self.native_counts else {})},
+            "native_fault_pages": native["served"],
             "preempt_pages": self.preempt_pages, "preempt_channels": self.preempt_channels}
 
     def fail(self, session: Session, r: SourceResult) -> None:
