@@ -201,6 +201,18 @@ class FaultReader:
         native = self._native
         return native.stats() if native is not None else self._native_final
 
+    def native_final(self) -> bool:
+        """The native thread ran and has stopped."""
+        return self._native is None and self._native_final is not None
+
+    def reattach_native(self, fd: int) -> None:
+        """A recovered link's fault channel, to the native thread (the descriptor its)."""
+        native = self._native
+        if native is None:
+            os.close(fd)
+            return
+        native.reattach(fd)
+
     def detach_native(self) -> None:
         """The link broke: the fault channel goes, its requests go the Python way."""
         native = self._native

@@ -210,6 +210,17 @@ void fs_stop(fsrv *s) {
     if (s->sock >= 0) { close(s->sock); s->sock = -1; }
 }
 
+/* A recovered link: the same server (its mutex is the cursor's lock) on a new connection. */
+int fs_reattach(fsrv *s, int sock) {
+    fs_stop(s);
+    close(s->stopfd);
+    s->stopfd = eventfd(0, EFD_CLOEXEC);
+    s->sock = sock;
+    s->closing = 0;
+    __atomic_store_n(&s->ended, 0, __ATOMIC_RELEASE);
+    return fs_start(s);
+}
+
 void fs_free(fsrv *s) {
     fs_stop(s);
     close(s->stopfd);
@@ -230,7 +241,8 @@ typedef struct {
     double *asked_at, *waited_since; int64_t *waiters;
     pthread_mutex_t lock;
     pthread_t thread;
-    int started, sock_ok, ended, gone, error, detach;
+    int started, sock_ok, ended, gone, error, new_sock;
+    int detach;                      /* 1: drop the channel, 2: take new_sock; 0 once done */
     /* counters (under lock) */
     int64_t faults, pages_requested, local_faults, continues, landed, dups, bytes_in;
     double blocked, lat_sum, native_lat_sum;
@@ -385,11 +397,22 @@ static void *fd_run(void *arg) {
                               {d->sock_ok && !d->ended ? d->sock : -1, POLLIN, 0}};
         if (poll(p, 3, -1) < 0) { if (errno == EINTR) continue; break; }
         if (p[1].revents) {
-            if (!d->detach) break;
+            int what = __atomic_load_n(&d->detach, __ATOMIC_ACQUIRE);
+            if (!what) break;
             uint64_t v;
             if (read(d->stopfd, &v, 8) < 0) { /* drained */ }
-            d->detach = 0;
-            channel_lost(d);
+            if (what == 1) {
+                channel_lost(d);
+                if (d->sock >= 0) close(d->sock);
+                d->sock = -1;
+            } else {
+                d->sock = d->new_sock;
+                d->ended = 0;
+                pthread_mutex_lock(&d->lock);
+                d->sock_ok = 1;
+                pthread_mutex_unlock(&d->lock);
+            }
+            __atomic_store_n(&d->detach, 0, __ATOMIC_RELEASE);
             continue;
         }
         if (p[0].revents) {
@@ -516,19 +539,34 @@ void fd_stats(fdst *d, int64_t *ints, double *dbl) {
     pthread_mutex_unlock(&d->lock);
 }
 
+/* Tell the thread (1: drop the channel, 2: take new_sock) and wait until it has (bounded:
+ * a thread that has ended already answers nothing). */
+static void tell(fdst *d, int what) {
+    uint64_t one = 1;
+    __atomic_store_n(&d->detach, what, __ATOMIC_RELEASE);
+    if (write(d->stopfd, &one, 8) < 0) { /* the counter is full: it is awake */ }
+    for (int i = 0; i < 20000 && __atomic_load_n(&d->detach, __ATOMIC_ACQUIRE); i++)
+        usleep(50);
+}
+
 /* The channel dropped (the link broke): its requests go to the Python path from now on. */
 void fd_detach(fdst *d) {
     if (!d->started) { channel_lost(d); return; }
-    d->detach = 1;
-    uint64_t one = 1;
     if (d->sock >= 0) shutdown(d->sock, SHUT_RDWR);
-    if (write(d->stopfd, &one, 8) < 0) { /* the shutdown wakes it anyway */ }
+    tell(d, 1);
+}
+
+/* A recovered link's new channel (after fd_detach). */
+void fd_reattach(fdst *d, int sock) {
+    if (!d->started) { close(sock); return; }
+    d->new_sock = sock;
+    tell(d, 2);
 }
 
 void fd_stop(fdst *d) {
     if (d->started) {
         uint64_t one = 1;
-        d->detach = 0;
+        __atomic_store_n(&d->detach, 0, __ATOMIC_RELEASE);
         if (write(d->stopfd, &one, 8) < 0) { /* nothing to do */ }
         pthread_join(d->thread, NULL);
         d->started = 0;

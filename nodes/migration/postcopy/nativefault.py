@@ -29,7 +29,9 @@ import numpy as np
 
 from nodes.errors import ConnectionLost, MigbedError, StreamError
 from nodes.migration.receive.reader import RecordReader
+from nodes.migration.wire.channel import connect
 from nodes.migration.wire.records import RecordType as RT
+from nodes.migration.wire.records import encode_record
 from nodes.xen.digest import _multipliers
 
 LIBRARY = Path(__file__).resolve().parents[2] / "host" / "native" / "libmigbedfault.so"
@@ -41,13 +43,14 @@ _SIGNATURES = {
     "fs_new": (_P, [_INT, _P, _I64, _P, _P, _P, _I64, _INT]),
     "fs_start": (_INT, [_P]), "fs_lock": (None, [_P]), "fs_unlock": (None, [_P]),
     "fs_fold": (None, [_P, _P]), "fs_counts": (None, [_P, _P]), "fs_finish": (_INT, [_P]),
-    "fs_stop": (None, [_P]), "fs_free": (None, [_P]),
+    "fs_stop": (None, [_P]), "fs_free": (None, [_P]), "fs_reattach": (_INT, [_P, _INT]),
     "fd_new": (_P, [_INT, _U64, _INT, _I64, _P, _P, _P, _P, _P, _P, _P, _INT]),
     "fd_channel": (None, [_P, _INT, _P, _I64, _P, _P, _P, _P]),
     "fd_start": (_INT, [_P]), "fd_claim": (None, [_P, _P, _I64, _P]),
     "fd_unclaim": (None, [_P, _P, _I64]), "fd_landed": (_INT, [_P, _P, _I64]),
     "fd_ask": (_I64, [_P, _P, _I64, _P]), "fd_drain": (_I64, [_P, _P, _I64]),
     "fd_stats": (None, [_P, _P, _P]), "fd_detach": (None, [_P]), "fd_stop": (None, [_P]),
+    "fd_reattach": (None, [_P, _INT]),
     "fd_free": (None, [_P]),
 }
 
@@ -118,6 +121,14 @@ class NativeServer:
         if not self.stopped:
             self.stopped = True
             self.lib.fs_stop(self.h)
+
+    def reattach(self, fd: int) -> None:
+        """A recovered link: serve again on a new connection (its descriptor taken)."""
+        self.stop()
+        self.stopped = False
+        if self.lib.fs_reattach(self.h, fd):
+            self.stopped = True
+            raise OSError("the native fault server's thread did not start again")
 
 
 class NativeCursorLock:
@@ -228,6 +239,10 @@ class NativeFaults:
         """The link broke: the channel goes; its requests go by the Python path."""
         self.lib.fd_detach(self.h)
 
+    def reattach(self, fd: int) -> None:
+        """A recovered link's new channel (its descriptor taken)."""
+        self.lib.fd_reattach(self.h, fd)
+
     def stop_thread(self) -> None:
         """The thread ends and the channel closes (its counts stay readable)."""
         self.lib.fd_stop(self.h)
@@ -241,12 +256,54 @@ __all__ = ["CHANNEL", "LIBRARY", "NativeCursorLock", "NativeFaults", "NativeServ
            "library"]
 
 
+# -- the source's channel, as the switch and a recovery open it -------------------------------------
+def _connect(ctx) -> int:
+    """A connection to the destination with the fault channel's hello sent: its descriptor
+    (the native thread's from here on)."""
+    s = ctx.session
+    sock = connect(s.ticket, s.settings.timeout_seconds)
+    try:
+        sock.sendall(encode_record(RT.POSTCOPY_PREEMPT, {
+            "migration_id": s.ticket.migration_id, "channel": CHANNEL}))
+    except OSError as exc:
+        sock.close()
+        raise ConnectionLost(f"the fault channel did not open: {exc}") from None
+    return sock.detach()
+
+
+def open_source(ctx, pc) -> bool:
+    """At the switch (before RUN): the fault channel for a process guest, when this host has
+    the library and the link emulates no latency (the channel would not pay it); its server
+    thread; the push's cursor lock made its mutex. With `--postcopy-preempt` it is the
+    preempt channel (counted as it). False when it does not apply (RUN then says nothing)."""
+    s = ctx.session
+    lib = library()
+    if (lib is None or s.settings.latency_seconds or s.settings.multifd_channels
+            or s.runtime.vcpu_config(s.guest).get("vcpu") != "process"):
+        return False
+    fd = _connect(ctx)
+    pages = ctx.pages
+    pc.native = NativeServer(lib, fd, s.hv.memory.frames, s.dom.p2m, pages.cursor.unsent,
+                             pages.pipeline.encoder.is_pt, s.hv.page_size)
+    pc.native_label = "preempt" if s.settings.postcopy_preempt else CHANNEL
+    pc.preempt_channels += pc.native_label == "preempt"
+    pc.cursor_lock = NativeCursorLock(pc.native, pages.cursor, ctx.channel.link.link)
+    return True
+
+
+def reopen_source(ctx, pc) -> None:
+    """After a recovery's bitmap: the fault channel again, on the same server."""
+    fd = _connect(ctx)
+    try:
+        pc.native.reattach(fd)
+    except OSError as exc:
+        raise ConnectionLost(str(exc)) from None
+    pc.cursor_lock.wire = ctx.channel.link.link
+    pc.preempt_channels += pc.native_label == "preempt"
+
+
 # -- the destination's channel, as the post-copy destination opens it ----------------------------
-def open_native(rx, faults) -> bool:
-    """RUN said a fault channel follows: accept it (after the preempt channel, as the source
-    opened them) and hand it to the guest's fault reader's native thread. A host without the
-    library, or a guest whose faults are not real (`go_native`), closes it: the source's
-    thread then ends, and every request goes by the return path as before."""
+def _accept(rx):
     try:
         conn = rx.listener.accept(rx.settings.timeout_seconds)
     except (MigbedError, OSError) as exc:
@@ -255,6 +312,32 @@ def open_native(rx, faults) -> bool:
         hello = RecordReader(conn.recv_into).expect(RT.POSTCOPY_PREEMPT).fields
         if hello["migration_id"] != rx.info.migration_id or hello.get("channel") != CHANNEL:
             raise StreamError("a fault channel for another migration")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def reopen_native(rx, faults) -> bool:
+    """A recovery: the source opens its fault channel again; accepted and handed to the
+    same native thread (closed if this host has none running: the Python path serves)."""
+    conn = _accept(rx)
+    running = getattr(faults, "native_stats", lambda: None)() is not None
+    if not running or faults.native_final():
+        conn.close()
+        return False
+    faults.reattach_native(conn.detach())
+    return True
+
+
+def open_native(rx, faults) -> bool:
+    """RUN said a fault channel follows: accept it (it is the only extra connection of the
+    switch: with `--postcopy-preempt` it is the preempt channel) and hand it to the guest's
+    fault reader's native thread. A host without the library, or a guest whose faults are
+    not real (`go_native`), closes it: the source's thread then ends, and every request goes
+    by the return path."""
+    conn = _accept(rx)
+    try:
         lib = library()
         if lib is None or not hasattr(faults, "go_native"):
             conn.close()

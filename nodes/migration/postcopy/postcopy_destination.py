@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
-from nodes.migration.postcopy.nativefault import open_native, wait_native_end
+from nodes.migration.postcopy.nativefault import open_native, reopen_native, wait_native_end
 from nodes.migration.postcopy.pagefault import (
     FaultLatency,
     FaultsFactory,
@@ -113,6 +113,7 @@ class PostcopyDestination:
         self.stale_pages = 0
         self.preempt: PreemptReceiver | None = None
         self.native = False               # the native fault channel runs (`nativefault`)
+        self.native_asked = False         # RUN said the source opens one
         self.native_counted = False
         self.by_channel = {ch: FaultLatency() for ch in CHANNELS}
 
@@ -130,10 +131,13 @@ class PostcopyDestination:
         self.faults = self.make_faults(rx.landing.received, self.path.request)
         dom.on_missing = self.faults.handle
         dom.present = rx.landing.received
-        if rx.settings.postcopy_preempt:
-            self.preempt = self._open_preempt()
-        if rx.postcopy_run.get("native_faults"):
+        # The source's one extra channel: its native fault channel (which is the preempt
+        # channel when that is asked for), or the preempt channel.
+        self.native_asked = bool(rx.postcopy_run.get("native_faults"))
+        if self.native_asked:
             self.native = open_native(rx, self.faults)
+        elif rx.settings.postcopy_preempt:
+            self.preempt = self._open_preempt()
         rx.make_vcpu()
         with dom.lock:
             dom.state = DomainState.PAUSED
@@ -217,7 +221,9 @@ class PostcopyDestination:
         reader = rx.attach_connection(conn)
         self.path.attach(conn)
         self.path.send(RT.RECV_BITMAP, {"bitmap": pagesets.encode_bitmap(rx.landing.received)})
-        if rx.settings.postcopy_preempt:      # the source opens it once it has the bitmap
+        if self.native_asked:                 # the source opens it once it has the bitmap
+            self.native = reopen_native(rx, self.faults)
+        elif rx.settings.postcopy_preempt:
             self.preempt = self._open_preempt()
         self.path.send(RT.POSTCOPY_RESUMED, {"resume_wall": self.resume_wall})
         waiting = self.faults.outstanding()
@@ -274,9 +280,11 @@ class PostcopyDestination:
         if st is not None and not self.native_counted:
             self.native_counted = True
             self.rx.landing.counted(st["landed"], st["duplicates"])
-            lat = self.by_channel["native"] = FaultLatency()
-            lat.counts[:] = st["native_counts"]
-            lat.count, lat.sum_seconds = st["native_latency_count"], st["native_latency_sum"]
+            label = "preempt" if self.rx.settings.postcopy_preempt else "native"
+            lat = self.by_channel.setdefault(label, FaultLatency())
+            lat.counts += st["native_counts"]
+            lat.count += st["native_latency_count"]
+            lat.sum_seconds += st["native_latency_sum"]
 
     def _close_preempt(self) -> None:
         preempt, self.preempt = self.preempt, None

@@ -54,7 +54,6 @@ from nodes.migration.send.sender import (
 from nodes.migration.send.source_context import SourceContext, SourcePhase
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.wire import pagesets, records
-from nodes.migration.wire.channel import connect
 from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome, PausedEnd, Phase
 
@@ -121,9 +120,11 @@ class Switch:
         pc.round = RoundStats(index=len(pages.rounds), final=True, postcopy=True)
         pc.switched_at_seconds = paused - s.clock.t0
         try:
-            if s.settings.postcopy_preempt:            # accepted by the destination at RUN
+            # The native fault channel where it applies (with preempt, it is that channel),
+            # else the preempt channel if asked for: accepted by the destination at RUN.
+            native = nativefault.open_source(ctx, pc)
+            if s.settings.postcopy_preempt and not native:
                 pc.preempt = PreemptSender(ctx, pc)
-            native = open_native(ctx, pc)              # accepted after the preempt channel
             ctx.send_record(RT.POSTCOPY_RUN, {"native_faults": True} if native else None)
             link.flush(s.settings.timeout_seconds)
         except MigbedError as exc:                     # the push recovers the link
@@ -164,9 +165,8 @@ class PostcopyPush:
         pc.close_preempt()                    # its pages and bytes are the round's too
         rnd.pages_sent += pc.preempt_pages
         rnd.bytes_sent += pc.preempt_bytes
-        if pc.native_counts is not None:      # the native fault channel's, likewise
-            rnd.pages_sent += pc.native_counts["served"]
-            rnd.bytes_sent += pc.native_counts["bytes"]
+        rnd.pages_sent += pc.native_pages     # the native fault channel's, likewise
+        rnd.bytes_sent += pc.native_bytes
         rnd.duration_seconds = time.monotonic() - paused
         ctx.round_done(rnd)
         r.destination_digest = pc.result["digest"]
@@ -242,33 +242,6 @@ def serve(ctx: SourceContext, pc: PostcopySource) -> None:
                 pages.cursor.seek(int(wanted[-1]) + 1)
         if len(wanted):
             pages.pipeline.send(wanted, pc.round)
-
-
-def open_native(ctx: SourceContext, pc: PostcopySource) -> bool:
-    """The native fault channel (`nativefault`), for a process guest when this host has
-    the library and the link emulates no latency (the channel would not pay it): its
-    connection, its hello, its server thread, and the push's cursor lock made its mutex.
-    False when it does not apply (the destination then hears nothing of it)."""
-    s = ctx.session
-    lib = nativefault.library()
-    if (lib is None or s.settings.latency_seconds or s.settings.multifd_channels
-            or s.runtime.vcpu_config(s.guest).get("vcpu") != "process"):
-        return False
-    sock = connect(s.ticket, s.settings.timeout_seconds)
-    try:
-        sock.sendall(records.encode_record(RT.POSTCOPY_PREEMPT, {
-            "migration_id": s.ticket.migration_id, "channel": nativefault.CHANNEL}))
-        pages = ctx.pages
-        server = nativefault.NativeServer(lib, sock.detach(), s.hv.memory.frames, s.dom.p2m,
-                                          pages.cursor.unsent, pages.pipeline.encoder.is_pt,
-                                          s.hv.page_size)
-    except BaseException:
-        sock.close()
-        raise
-    pc.native = server
-    pc.cursor_lock = nativefault.NativeCursorLock(server, pages.cursor,  # type: ignore[assignment]
-                                                  ctx.channel.link.link)
-    return True
 
 
 def push_batch_pages(ctx: SourceContext) -> int:

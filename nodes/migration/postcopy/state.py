@@ -55,7 +55,10 @@ class PostcopySource:
         # The native fault channel (`nativefault.NativeServer`; None: not open), opened at
         # the switch only: a recovery goes on without it. Its figures are kept at its close.
         self.native: NativeServer | None = None
-        self.native_counts: dict | None = None
+        self.native_label = "native"             # "preempt" when it is the preempt channel
+        self.native_seen = dict.fromkeys(("requests", "served", "already_sent", "bytes"), 0)
+        self.native_pages = 0                    # its pages and bytes (in the preempt
+        self.native_bytes = 0                    # channel's too when it is that channel)
         self.switched = False                    # RUN went out: the guest is the destination's
         self.paused = False
         self.round: RoundStats | None = None
@@ -181,11 +184,18 @@ class PostcopySource:
         native.stop()
         with self.cursor_lock:               # what it took, folded into the cursor
             pass
-        c = self.native_counts = native.counts()
+        c = native.counts()                  # cumulative: what is new since the last close
+        new = {k: c[k] - seen for k, seen in self.native_seen.items()}
+        self.native_seen = {k: c[k] for k in self.native_seen}
         with self.cond:
-            self.requests += c["requests"]
-        self.pages_requested += c["served"]
-        self.requests_already_sent += c["already_sent"]
+            self.requests += new["requests"]
+        self.pages_requested += new["served"]
+        self.requests_already_sent += new["already_sent"]
+        self.native_pages += new["served"]
+        self.native_bytes += new["bytes"]
+        if self.native_label == "preempt":
+            self.preempt_pages += new["served"]
+            self.preempt_bytes += new["bytes"]
 
     # -- pacing and waiting -------------------------------------------------------------------
     def pushed(self, nbytes: int, start: float) -> None:
@@ -226,8 +236,8 @@ class PostcopySource:
         if not self.switched:
             return                    # finished as pre-copy: `finish` split its bytes
         self.close_preempt()
-        native = self.native_counts or {"bytes": 0, "served": 0}
-        total = self.earlier_links_bytes + link_bytes + self.preempt_bytes + native["bytes"]
+        own = self.native_bytes if self.native_label != "preempt" else 0   # not preempt's
+        total = self.earlier_links_bytes + link_bytes + self.preempt_bytes + own
         r.bytes_sent_total = total
         r.precopy_bytes = self.precopy_bytes
         r.downtime_bytes = self.downtime_bytes
@@ -242,10 +252,10 @@ class PostcopySource:
             "requests_already_sent": self.requests_already_sent,
             "recoveries": self.recoveries, "paused_seconds": self.paused_seconds,
             "guest_rate_before": self.guest_rate_before,
-            "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes - native["bytes"],
+            "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes - own,
                               "preempt": self.preempt_bytes,
-                              **({"native": native["bytes"]} if self.native_counts else {})},
-            "native_fault_pages": native["served"],
+                              **({"native": own} if own else {})},
+            "native_fault_pages": self.native_pages,
             "preempt_pages": self.preempt_pages, "preempt_channels": self.preempt_channels}
 
     def fail(self, session: Session, r: SourceResult) -> None:
