@@ -103,7 +103,15 @@ static void fs_serve_one(fsrv *s, uint64_t pfn) {
     pthread_mutex_unlock(&s->lock);
     if (!took) { s->already++; pthread_mutex_unlock(&s->wlock); return; }
     int64_t mfn = s->p2m[pfn];
-    if (mfn < 0 || mfn >= s->nframes) { s->bad++; pthread_mutex_unlock(&s->wlock); return; }
+    if (mfn < 0 || mfn >= s->nframes) {       /* not ours to send: back to the push */
+        pthread_mutex_lock(&s->lock);
+        s->unsent[pfn] = 1;
+        s->taken_unfolded--;
+        pthread_mutex_unlock(&s->lock);
+        s->bad++;
+        pthread_mutex_unlock(&s->wlock);
+        return;
+    }
     struct hdr h = {MAGIC, KIND_PAGE, pfn};
     struct iovec iov[2] = {{&h, sizeof h},
                            {(void *)(s->frames + (size_t)mfn * s->page_size), (size_t)s->page_size}};
