@@ -211,6 +211,9 @@ class FaultReader(NativeFaultPath):
             rc = native.landed(pfns)
             if rc == -1:
                 self.lose(f"the process of {self.name} exited")
+            elif rc:
+                err = native.stats()["error"]
+                raise OSError(err, f"UFFDIO_CONTINUE: {os.strerror(err)}")
             with self.cond:
                 self.cond.notify_all()
             return

@@ -574,6 +574,7 @@ void fd_reattach(fdst *d, int sock) {
 void fd_stop(fdst *d) {
     if (d->started) {
         uint64_t one = 1;
+        if (d->sock >= 0) shutdown(d->sock, SHUT_RDWR);   /* no wait on a page half here */
         __atomic_store_n(&d->detach, 0, __ATOMIC_RELEASE);
         if (write(d->stopfd, &one, 8) < 0) { /* nothing to do */ }
         pthread_join(d->thread, NULL);
