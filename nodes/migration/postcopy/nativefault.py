@@ -5,7 +5,8 @@ Why: through the Python path a fault's page crosses four interpreted threads in 
 processes, each waiting for its GIL behind the push's (measured 0.54-0.80 ms a fault against
 a 0.12 ms raw page round trip). With the library one thread per side does it with no GIL: on
 the destination a thread reads the guest's userfaultfd and writes the pfn on a connection of
-its own (the fault channel, opened at the switch as the preempt channel is); on the source a
+its own (the fault channel, opened at the switch and after a recovery as the preempt channel
+is, and which is that channel under `--postcopy-preempt`); on the source a
 thread reads it and sends the page straight from its frame, taking it from the push's cursor
 under a mutex the push takes too (`NativeCursorLock`); the destination's thread claims it,
 receives it into its frame, hashes it, marks it received, times it, and maps it
@@ -15,7 +16,8 @@ requests while it is down) goes by the Python path (the return path's REQ_PAGES)
 
 It runs only where both hosts have the library, the guest is a process guest, and the link
 has no emulated latency (the fault channel would not pay it); the push's pacer is charged the
-bytes it carried, as the preempt channel's are. Without the library everything is as before.
+bytes it carried, as the preempt channel's are. Without the library (or with
+`MIGBED_NO_NATIVE_FAULTS=1`) everything is as before.
 """
 
 import ctypes

@@ -53,7 +53,8 @@ class PostcopySource:
         self.preempt_bytes = 0
         self.preempt_channels = 0                # opened: one at the switch, one a recovery
         # The native fault channel (`nativefault.NativeServer`; None: not open), opened at
-        # the switch only: a recovery goes on without it. Its figures are kept at its close.
+        # the switch and again by a recovery, on the same server; its figures are added at
+        # each close.
         self.native: NativeServer | None = None
         self.native_label = "native"             # "preempt" when it is the preempt channel
         self.native_seen = dict.fromkeys(("requests", "served", "already_sent", "bytes"), 0)
