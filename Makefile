@@ -27,7 +27,7 @@ native: $(NATIVE_LIBS)
 cluster/native/libmigbedtrace.so: cluster/native/tracealloc.c | $(BIN)/.installed
 	@sh cluster/native/cc $@ $< $(BIN)
 
-nodes/host/native/libmigbedfault.so: nodes/host/native/faultpath.c | $(BIN)/.installed
+nodes/host/native/libmigbedfault.so: nodes/host/native/faultpath.c nodes/host/native/faultserve.h nodes/host/native/faultwire.h | $(BIN)/.installed
 	@sh cluster/native/cc $@ $< $(BIN)
 
 # Prometheus (and promtool) for the metrics and dashboard tests, tmux for the test that drives
