@@ -6,9 +6,10 @@ tracealloc.c`), which serves its heap from one region and hands this process the
 userfaultfd registered for write-protect async over a unix socket (SCM_RIGHTS). Every interval
 this process scans the program's pagemap with PAGEMAP_SCAN (`nodes.host.userfault.
 PageScanner`): the pages written since the last scan, protected again. A few written pages of
-each scan are read through /proc/PID/mem (`ContentSampler`) for the content figures. Python
-programs run with PYTHONMALLOC=malloc, so their objects live in the region (anonymous mmap is
-not intercepted).
+each scan are read through /proc/PID/mem (`ContentSampler`) for the content figures. The
+allocator also serves the program's anonymous private mmaps from the region, so Python keeps
+its own allocator (pymalloc's arenas are such mmaps) and its objects are traced as laid out
+without the recorder.
 
 The program's own output and exit code pass through; it dies with this process (PDEATHSIG),
 and nothing is left on disk but the finished trace (written to a temporary name, renamed).
@@ -33,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.tracesample import ContentSampler
+from cluster.tracetarget import Target
 from nodes.errors import ConfigError
-from nodes.host.userfault import PAGE_BYTES, PageScanner
+from nodes.host.userfault import PAGE_BYTES
 from workloads.tracefile import encode, make_trace
 from workloads.tracestats import distinct_pages
 
@@ -118,12 +119,13 @@ class Recording:
         self.outgrown = False
         self.exiting = False            # the program said it exits: a last scan, then ack
         self.ended = "exited"
+        self.hello: tuple[int, int, int, int, int] | None = None   # an exec'd image's
 
     def start(self, library: Path, stdout: int | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, LD_PRELOAD=str(library), MIGBED_TRACE_FD=str(theirs.fileno()),
                    MIGBED_TRACE_PARENT=str(os.getpid()),
-                   MIGBED_TRACE_REGION=str(self.region_bytes), PYTHONMALLOC="malloc")
+                   MIGBED_TRACE_REGION=str(self.region_bytes))
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(theirs.fileno(),), stdout=stdout,
@@ -168,11 +170,13 @@ class Recording:
             if len(data) >= 16 else []
         return data[:1], words, fds
 
-    def _drain(self) -> tuple[int, int, int, int, int] | None:
-        """Read the allocator's messages: children, the region outgrown, and a new hello
-        when the program exec'd (a new image, a new region): returned, to scan it next."""
-        hello = None
+    def _drain(self) -> int:
+        """Read the allocator's messages (how many): children, the region outgrown, the
+        program exiting, and a new hello when the program exec'd (a new image, a new region:
+        kept in `hello`, to scan it next)."""
+        n = 0
         while (msg := self._next_message(0)) is not None:
+            n += 1
             tag, words, fds = msg
             if tag == b"C":
                 self.children += 1
@@ -183,36 +187,52 @@ class Recording:
                 self.say(f"the program outgrew the traced region ({self.region_bytes >> 20} "
                          "MiB): its allocations beyond it are not recorded; give --region")
             if tag == b"H" and fds:
-                if hello is not None:
-                    os.close(hello[0])
-                hello = (fds.pop(0), words[0], words[1], words[2], words[4])
+                if self.hello is not None:
+                    os.close(self.hello[0])
+                self.hello = (fds.pop(0), words[0], words[1], words[2], words[4])
             for fd in fds:
                 os.close(fd)
-        return hello
+        return n
+
+    def _sleep_until(self, deadline: float) -> None:
+        """Sleep until `deadline`, reading the allocator's messages meanwhile; at once when
+        the program says it exits (its last scan is due now: it waits for it)."""
+        while (left := deadline - time.monotonic()) > 0 and not self.exiting:
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if ready and not self._drain():
+                time.sleep(max(0.0, deadline - time.monotonic()))  # its end closed: no more
+                return
 
     def _ack(self) -> None:
+        """Let the exiting program go, and see it end (its run time is measured to there)."""
         self.exiting = False
         try:
             self.sock.send(b"A")
         except OSError:
-            pass                            # it did not wait
+            return                          # it did not wait
+        try:
+            self.proc.wait(timeout=max(self.interval, 0.05))
+        except subprocess.TimeoutExpired:
+            pass                            # it runs on (other exit work): scanned on
 
-    def scan_loop(self, target: "Target") -> None:
+    def scan_loop(self, target: Target) -> None:
         """Scan every interval until the program ends or the duration is up."""
         start = time.monotonic()
         tick = 1
         while self.proc.poll() is None:
             last = self.exiting             # it said it exits: scan at once, then let it go
             if not last:
-                time.sleep(max(0.0, start + tick * self.interval - time.monotonic()))
+                self._sleep_until(start + tick * self.interval)
                 tick += 1
+                last = self.exiting
             try:
-                written = target.scanner.written(target.base, target.used_end(), reset=True)
+                written = target.written()
             except OSError:
                 written = None          # the program is gone, or exec'd (a hello follows)
-            hello = self._drain()
-            if hello is not None:
-                target.switch(*hello)
+            self._drain()
+            if self.hello is not None:
+                target.switch(*self.hello)
+                self.hello = None
             if written is None:
                 continue
             now = time.monotonic() - start
@@ -235,47 +255,7 @@ class Recording:
                 "duration_seconds": round(self.times[-1] if self.times else 0.0, 6),
                 "ended": self.ended, "outgrew_region": self.outgrown,
                 "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "recorder": "LD_PRELOAD libmigbedtrace (heap), PYTHONMALLOC=malloc"}
-
-
-class Target:
-    """What is scanned: the program's current image's region (a new one after an exec),
-    its uffd held here (a closed uffd ends tracking), its pagemap and memory open."""
-
-    def __init__(self, uffd: int, base: int, length: int, pid: int, bump_at: int):
-        self.uffd = -1
-        self.scanner: PageScanner | None = None
-        self.sampler: ContentSampler | None = None
-        self.switch(uffd, base, length, pid, bump_at)
-
-    def switch(self, uffd: int, base: int, length: int, pid: int, bump_at: int) -> None:
-        self.close()
-        self.uffd, self.base, self.end = uffd, base, base + length
-        self.length, self.bump_at = length, bump_at
-        self.scanner = PageScanner(pid)
-        self.sampler = ContentSampler(pid, base, PAGE_BYTES)
-
-    def used_end(self) -> int:
-        """The end of the region handed out so far (its bump pointer, read from the
-        program's memory, page-aligned up): scanning the untouched rest would cost the
-        program's page-table lock for nothing. The whole region if it cannot be read."""
-        raw = self.sampler.read(self.bump_at, 8)
-        if len(raw) != 8:
-            return self.end
-        bump = int.from_bytes(raw, "little")
-        if not self.base <= bump <= self.end:
-            return self.end
-        return min(self.end, -(-bump // PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES)
-
-    def close(self) -> None:
-        if self.scanner is not None:
-            self.scanner.close()
-            self.sampler.close()
-            self.samples = self.sampler.table() if not hasattr(self, "samples") else \
-                np.concatenate((self.samples, self.sampler.table()))
-        if self.uffd >= 0:
-            os.close(self.uffd)
-            self.uffd = -1
+                "recorder": "LD_PRELOAD libmigbedtrace (heap and anonymous mmaps)"}
 
 
 def _write(rec: Recording, target: Target, tmp: Path, output: Path):
@@ -344,7 +324,8 @@ def _children_cpu_seconds() -> float:
 
 def run_plain(argv: list[str]) -> tuple[float, float]:
     """The program's wall time and CPU time without the recorder (its output discarded),
-    the pair of a recorded run when the recorder's cost is measured."""
+    the pair of a recorded run when the recorder's cost is measured: started the same way
+    (a fork that sets PDEATHSIG), so the pair differs only by the recording."""
     started, cpu = time.monotonic(), _children_cpu_seconds()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, check=False)
+    subprocess.run(argv, stdout=subprocess.DEVNULL, check=False, preexec_fn=_die_with_parent)
     return time.monotonic() - started, _children_cpu_seconds() - cpu
