@@ -88,6 +88,8 @@ class TraceWorkload(Workload):
         self.prefix_bytes = int(np.clip(page_size / max(ratio, 1.0), COUNTER_BYTES + 8,
                                         page_size))
         self.delta_bytes = int(np.clip(delta, 1, self.prefix_bytes - COUNTER_BYTES))
+        # Woken at least twice a recorded interval, so each is written on time.
+        self.max_wait_seconds = self.trace.interval_seconds / spec.trace_speed / 2
 
     # -- which pages, when --------------------------------------------------------------
     def _end_seconds(self, i: int) -> float:

@@ -58,7 +58,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     kernel_support().require()
     data = read_trace_bytes(args.trace)
     recorded = decode(data, args.trace)
-    f = replay_fidelity(data, recorded, args.speed)
+    f = replay_fidelity(data, recorded, args.speed, warmup_loops=args.warmup_loops)
     a, b = f.pages_per_interval()
     wss = [(w, x, y, y / max(x, 1e-9) - 1) for w, x, y in f.wss()]
     w, x, y, worst = max(wss, key=lambda row: abs(row[3]))
@@ -195,6 +195,9 @@ def register(sub: Commands) -> None:
     s.add_argument("trace", metavar="FILE|NAME", help="a trace file or a shipped trace's name")
     s.add_argument("--speed", type=arg(read_speed, "--speed"), default=1.0, metavar="X",
                    help="the replay's --trace-speed (default 1)")
+    s.add_argument("--warmup-loops", type=arg(parse_count, "--warmup-loops", 0, 100),
+                   default=0, metavar="N", help="compare the replay's pass after N whole "
+                   "passes of the trace (default 0: its first)")
     s.add_argument("--replay-only", action="store_true",
                    help="only the pages per interval and the WSS curve (no migrations)")
     s.set_defaults(func=cmd_fidelity)

@@ -233,6 +233,8 @@ class GuestVCPU:
         self.ran = False
         self.tick = paced_tick(0.0 if wl.unlimited else wl.rate_pages_per_second,
                                owner.tick_seconds)
+        if wl.max_wait_seconds is not None:     # a trace: no recorded interval waited past
+            self.tick = min(self.tick, max(wl.max_wait_seconds, owner.tick_seconds))
         self.wait = owner.tick_seconds     # the next wait: from the launch's tick, doubled
         # each batch up to `tick`, so a vCPU resumed for a few ms still writes at its rate
         self.slice_start = time.monotonic()
