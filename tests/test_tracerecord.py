@@ -172,10 +172,14 @@ def test_a_static_program_and_a_missing_build_are_refused_in_one_line(tmp_path, 
     assert "\n" not in err and "make setup" in err
 
 
-@pytest.mark.parametrize("vcpu", ["thread", pytest.param("process", marks=pytest.mark.uffd)])
-def test_a_replay_continues_where_it_stopped_after_a_migration(in_process, request, vcpu):
+@pytest.mark.parametrize("vcpu,vcpus", [
+    ("thread", 1), pytest.param("process", 1, marks=pytest.mark.uffd),
+    pytest.param("process", 2, marks=pytest.mark.uffd)])
+def test_a_replay_continues_where_it_stopped_after_a_migration(in_process, request, vcpu,
+                                                                vcpus):
     """A trace of 120 intervals of 40 distinct pages (1.2 s): migrated part way, the guest
-    has written exactly the trace's page writes once it is over, no interval twice."""
+    has written exactly the trace's page writes once it is over, no interval twice (with
+    two vCPUs, each its own share, its position in its own context)."""
     if vcpu == "process":
         request.getfixturevalue("uffd_kernel")
     rng = np.random.default_rng(3)
@@ -186,7 +190,7 @@ def test_a_replay_continues_where_it_stopped_after_a_migration(in_process, reque
     data = encode(make_trace(head, [0.01 * (i + 1) for i in range(120)], per))
     tb = in_process(hosts=2, host_memory_bytes=64 * MiB)
     tb.create("host-0", GuestSpec("r", 0, workload=WorkloadSpec(
-        "trace", trace_bytes=data), vcpu=vcpu))
+        "trace", trace_bytes=data), vcpu=vcpu, vcpus=vcpus))
     time.sleep(0.15)
     report = tb.migrate("r", "host-1", MigrationSettings(link_bytes_per_second=64 * MiB))
     assert report.status.value == "completed"

@@ -66,16 +66,35 @@ def trace_memory_bytes(data: bytes, page_size: int = 4096,
     return -(-total // round_bytes) * round_bytes
 
 
+def _share(compacted: np.ndarray, offsets: np.ndarray, first: int,
+           count: int) -> tuple[np.ndarray, np.ndarray]:
+    """One vCPU's share of a replay plan: per interval, the pages in [first, first + count),
+    from 0 (pages, offsets)."""
+    mine = (compacted >= first) & (compacted < first + count)
+    interval = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    counts = np.bincount(interval[mine], minlength=len(offsets) - 1)
+    return compacted[mine] - first, np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+
+
 class TraceWorkload(Workload):
     """Replays `spec.trace_bytes` (see the module docstring)."""
 
     pattern = "trace"
 
     def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None,
-                 page_size: int = 4096):
-        (self.trace, self.compacted, self.offsets, zero_fraction, ratio,
+                 page_size: int = 4096, first_page: int | None = None):
+        (self.trace, compacted, offsets, zero_fraction, ratio,
          delta) = _replay_plan(spec.trace_bytes)
-        need = trace_data_pages(spec.trace_bytes)
+        # One vCPU of several: its own pages, the guest's data pages [first, first + its
+        # count), as its pages from 0; each interval's share of them at the interval's time.
+        self.first = first_page or 0
+        if first_page is None:
+            self.compacted, self.offsets = compacted, offsets
+            need = trace_data_pages(spec.trace_bytes)
+        else:
+            self.compacted, self.offsets = _share(compacted, offsets, first_page, data_pages)
+            need = int(self.compacted.max()) + 1 if len(self.compacted) else 0
+        self.counts = np.diff(self.offsets)
         if data_pages < need:
             raise ConfigError(f"the trace touches {need} pages; the guest has {data_pages} "
                               "data pages: give more memory (or none: it is sized from the "
@@ -128,7 +147,7 @@ class TraceWorkload(Workload):
         """Which of `pages` (data page indices) the recording's zero share keeps zero."""
         if self.zero_fraction <= 0:
             return np.zeros(len(pages), bool)
-        h = (pages.astype(np.uint64) * _HASH) >> np.uint64(40)
+        h = ((pages + self.first).astype(np.uint64) * _HASH) >> np.uint64(40)
         return h.astype(np.float64) / float(1 << 24) < self.zero_fraction
 
     def _touch(self, domain: Guest, pfns: np.ndarray, increments: np.ndarray) -> None:
@@ -145,7 +164,8 @@ class TraceWorkload(Workload):
         # writes fell between: the recorded XBZRLE delta. The run's place is one of
         # OFFSET_CLASSES, by a hash of the page.
         room = self.prefix_bytes - COUNTER_BYTES - self.delta_bytes
-        classes = (((pfns - domain.pfn_base).astype(np.uint64) * _HASH) >> np.uint64(61)) \
+        classes = (((pfns - domain.pfn_base + self.first).astype(np.uint64) * _HASH)
+                   >> np.uint64(61)) \
             .astype(np.int64) % OFFSET_CLASSES
         for c in np.unique(classes).tolist():
             these = pfns[classes == c]
@@ -175,7 +195,7 @@ class TraceWorkload(Workload):
         super()._load_state(state)
         n = len(self.trace.counts)
         i, w = int(state.get("trace_interval", 0)), int(state.get("trace_within", 0))
-        if not (0 <= i <= n and 0 <= w <= (int(self.trace.counts[i]) if i < n else 0)):
+        if not (0 <= i <= n and 0 <= w <= (int(self.counts[i]) if i < n else 0)):
             raise ConfigError(f"trace workload state: position {i}/{w} is outside the trace")
         self.interval, self.within = i, w
         self.loops = max(0, int(state.get("trace_loops", 0)))

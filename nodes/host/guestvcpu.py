@@ -129,7 +129,8 @@ class VCPUSet:
         self.context_given = 0
         self.run_started = time.monotonic_ns()
         self.vcpus = [GuestVCPU(self, i, part, make_workload(
-            vcpu_spec(spec, n, i), part.data_pages, state, page_size))
+            vcpu_spec(spec, n, i), part.data_pages, state, page_size,
+            part.pfn_base - parts[0].pfn_base if n > 1 else None))
             for i, (part, state) in enumerate(zip(parts, states, strict=True))]
         ctl.u64[W_VCPUS] = n
         self._count()
