@@ -55,8 +55,10 @@ class Fidelity:
 
 
 def replay_fidelity(trace_bytes: bytes, recorded: Trace, speed: float = 1.0,
-                    host_bytes: int | None = None, warmup_loops: int = 0) -> Fidelity:
-    """Replay `trace_bytes` (decoded: `recorded`) on a process guest, looping, scanning the
+                    host_bytes: int | None = None, warmup_loops: int = 0,
+                    vcpus: int = 1) -> Fidelity:
+    """Replay `trace_bytes` (decoded: `recorded`) on a process guest of `vcpus`, looping,
+    scanning the
     kernel's log at the recording's interval (scaled by `speed`); the replay is the pass
     after `warmup_loops` whole passes of the trace, shifted to start at 0. (A new guest
     process's first batches pay one-time costs, the copy-on-write of the heap it shares with
@@ -70,7 +72,7 @@ def replay_fidelity(trace_bytes: bytes, recorded: Trace, speed: float = 1.0,
     period = max(recorded.duration_seconds, recorded.interval_seconds) / speed
     first, end = warmup_loops * period, (warmup_loops + 1) * period + interval
     times, pages = [], []
-    with GuestProcess.launch(hv.memory, dom, spec, parked=True) as gp:
+    with GuestProcess.launch(hv.memory, dom, spec, vcpus=vcpus, parked=True) as gp:
         log = KernelDirtyLog(gp.pid, gp.uffd, gp.base, dom.npages, hv.page_size)
         log.enable()
         gp.resume()
@@ -113,7 +115,7 @@ class ContentComparison:
 
 def content_fidelity(trace_bytes: bytes, recorded: Trace, speed: float = 1.0,
                      bandwidth: int = 128 * MiB, warmup_seconds: float = 0.5,
-                     rounds: int = 5) -> ContentComparison:
+                     rounds: int = 5, vcpus: int = 1) -> ContentComparison:
     """Migrate a process guest replaying `trace_bytes` (looping) twice between in-process
     hosts, at most `rounds` live rounds each: with multifd zstd (2 channels; zero pages and
     the compression ratio) and with XBZRLE (a 64 MiB cache; its deltas)."""
@@ -122,11 +124,11 @@ def content_fidelity(trace_bytes: bytes, recorded: Trace, speed: float = 1.0,
     memory = trace_memory_bytes(trace_bytes)
     base = {"link_bytes_per_second": bandwidth, "max_iterations": rounds}
     with Testbed.in_process(ClusterSpec(hosts=2, host_memory_bytes=2 * memory + 64 * MiB)) as tb:
-        z = _migrate(tb, spec, warmup_seconds, MigrationSettings(
+        z = _migrate(tb, spec, vcpus, warmup_seconds, MigrationSettings(
             **base, multifd_channels=2, multifd_compression="zstd"))
-        x = _migrate(tb, spec, warmup_seconds, MigrationSettings(
+        x = _migrate(tb, spec, vcpus, warmup_seconds, MigrationSettings(
             **base, xbzrle_cache_bytes=64 * MiB))
-    later = [r for r in z.rounds[1:]]
+    later = z.rounds[1:]
     zeros = sum(r["zero_pages"] for r in later)
     sent = sum(r["pages_sent"] for r in later)
     xb = x.xbzrle
@@ -136,10 +138,10 @@ def content_fidelity(trace_bytes: bytes, recorded: Trace, speed: float = 1.0,
         xb.bytes / xb.pages if xb and xb.pages else None)
 
 
-def _migrate(tb: Testbed, spec: WorkloadSpec, warmup_seconds: float,
+def _migrate(tb: Testbed, spec: WorkloadSpec, vcpus: int, warmup_seconds: float,
              settings: MigrationSettings):
     """One migration of a fresh replaying guest from host-0 to host-1: its report."""
-    tb.create("host-0", GuestSpec("replay", 0, workload=spec, vcpu="process"))
+    tb.create("host-0", GuestSpec("replay", 0, workload=spec, vcpu="process", vcpus=vcpus))
     try:
         time.sleep(warmup_seconds)
         return tb.migrate("replay", "host-1", settings)

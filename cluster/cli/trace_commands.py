@@ -58,7 +58,8 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     kernel_support().require()
     data = read_trace_bytes(args.trace)
     recorded = decode(data, args.trace)
-    f = replay_fidelity(data, recorded, args.speed, warmup_loops=args.warmup_loops)
+    f = replay_fidelity(data, recorded, args.speed, warmup_loops=args.warmup_loops,
+                        vcpus=args.vcpus)
     a, b = f.pages_per_interval()
     wss = [(w, x, y, y / max(x, 1e-9) - 1) for w, x, y in f.wss()]
     w, x, y, worst = max(wss, key=lambda row: abs(row[3]))
@@ -68,7 +69,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
           f"{len(wss)} windows")
     if args.replay_only:
         return 0
-    c = content_fidelity(data, recorded, args.speed)
+    c = content_fidelity(data, recorded, args.speed, vcpus=args.vcpus)
     print(f"zero pages      {c.trace_zero:.2%} of the trace's sampled written pages; "
           f"{c.migration_zero:.2%} of the {c.migration_later_pages} pages the migration sent "
           f"after its first round ({c.migration_zero_pages} zero)")
@@ -195,6 +196,9 @@ def register(sub: Commands) -> None:
     s.add_argument("trace", metavar="FILE|NAME", help="a trace file or a shipped trace's name")
     s.add_argument("--speed", type=arg(read_speed, "--speed"), default=1.0, metavar="X",
                    help="the replay's --trace-speed (default 1)")
+    s.add_argument("--vcpus", type=arg(parse_count, "--vcpus", 1, 64), default=1,
+                   metavar="N", help="the replaying guest's process vCPUs, each replaying "
+                   "its share of the trace's pages (default 1)")
     s.add_argument("--warmup-loops", type=arg(parse_count, "--warmup-loops", 0, 100),
                    default=0, metavar="N", help="compare the replay's pass after N whole "
                    "passes of the trace (default 0: its first)")
