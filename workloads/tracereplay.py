@@ -8,7 +8,8 @@ Pages: the trace's distinct pages, compacted in order (the program's k-th lowest
 guest's data page k), so the guest needs only as many data pages as the trace touched.
 
 Time: interval i of the trace is written once the workload's running time (which stops while
-the guest is paused, as every workload's does) times the speed reaches the interval's end;
+the guest is paused, as every workload's does) times the speed reaches the previous
+interval's end, its start (the recording's scan at its end saw its pages written during it);
 a batch is at most `max_batch` pages, the rest of a late interval follows in the next one.
 The position (interval, page within it, loops done) is the workload's state: it travels in
 the vCPU context and the destination continues where the source stopped.
@@ -127,6 +128,14 @@ class TraceWorkload(Workload):
         return float(t.times_seconds[i]) + self.loops * max(t.duration_seconds,
                                                             t.interval_seconds)
 
+    def _due_in(self, i: int, at: float) -> int:
+        """How many of interval i's pages are due at trace time `at`: all of them once the
+        previous interval has ended (the recording's scan at its end saw them written
+        during it, not at its end)."""
+        start = self._end_seconds(i - 1) if i else max(
+            0.0, self._end_seconds(0) - self.trace.interval_seconds)
+        return int(self.offsets[i + 1] - self.offsets[i]) if at >= start else 0
+
     def take_batch(self, now: float,
                    max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> tuple[np.ndarray, np.ndarray]:
         self._due_pages(now, max_batch)               # advances the running clock only
@@ -138,15 +147,16 @@ class TraceWorkload(Workload):
                 if not self.spec.trace_loop:
                     break
                 self.interval, self.within, self.loops = 0, 0, self.loops + 1
-            if self._end_seconds(self.interval) > at:
-                break
-            lo = self.offsets[self.interval] + self.within
-            hi = min(self.offsets[self.interval + 1], lo + max_batch - taken)
-            parts.append(self.compacted[lo:hi])
-            taken += hi - lo
-            self.within += hi - lo
-            if lo + (hi - lo) >= self.offsets[self.interval + 1]:
-                self.interval, self.within = self.interval + 1, 0
+            first = self.offsets[self.interval]
+            lo = first + self.within
+            hi = min(first + self._due_in(self.interval, at), lo + max_batch - taken)
+            if hi > lo:
+                parts.append(self.compacted[lo:hi])
+                taken += hi - lo
+                self.within += hi - lo
+            if first + self.within < self.offsets[self.interval + 1]:
+                break                                   # the rest of it is not due yet
+            self.interval, self.within = self.interval + 1, 0
         if not taken:
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
         pages, increments = _tally_sorted(np.concatenate(parts))
