@@ -58,6 +58,7 @@ class RecordResult:
     summary: str                # one line: what was recorded
     program_seconds: float      # from its start to its exit (wall clock)
     program_cpu_seconds: float  # its user + system time (its reaped children's too)
+    page_writes: int = 0        # pages written, summed over the intervals
 
 
 def native_library() -> Path:
@@ -314,7 +315,7 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
             f"{int(trace.counts.sum())} page writes, {distinct_pages(trace)} pages "
             f"touched, {rec.children} children -> {output}")
     return RecordResult(128 - code if code < 0 else code, output, line, program_seconds,
-                        program_cpu)
+                        program_cpu, int(trace.counts.sum()))
 
 
 def _children_cpu_seconds() -> float:

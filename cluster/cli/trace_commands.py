@@ -31,14 +31,16 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     import tempfile
 
     from cluster.tracerecord import record, run_plain
+    from cluster.tracetarget import write_fault_seconds
     argv = _program(args)
-    plain, traced = [], []
+    plain, traced, writes = [], [], []
     with tempfile.TemporaryDirectory(prefix="migbed-trace-") as tmp:
         for i in range(args.runs):
             plain.append(run_plain(argv))
             r = record(argv, Path(tmp) / f"run{i}.mbtrace", args.interval, 0.0, args.region,
                        say=lambda _line: None, quiet=True)
             traced.append((r.program_seconds, r.program_cpu_seconds))
+            writes.append(r.page_writes)
     med = [[statistics.median(x[k] for x in runs) for k in (0, 1)] for runs in (plain, traced)]
     (pw, pc), (tw, tc) = med
     cost = [[t[k] / max(p[k], 1e-9) - 1 for p, t in zip(plain, traced, strict=True)]
@@ -47,6 +49,10 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     print(f"{' '.join(argv)}: medians of {args.runs} pairs at {args.interval * 1e3:g} ms: "
           f"wall {pw:.3f} -> {tw:.3f} s ({tw / pw - 1:+.1%}; {span[0]}), CPU {pc:.3f} -> "
           f"{tc:.3f} s ({tc / max(pc, 1e-9) - 1:+.1%}; {span[1]})")
+    fault, n = write_fault_seconds(), statistics.median(writes)
+    print(f"  its floor: {n:.0f} page writes (median) x {fault * 1e6:.2f} us, one write-protect "
+          f"fault each (measured here) = {n * fault:.3f} s ({n * fault / max(pc, 1e-9):+.1%} "
+          "of its plain CPU)")
     return 0
 
 
