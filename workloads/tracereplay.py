@@ -5,7 +5,10 @@ Why: a real program's writes (a database, a sort, an interpreter) cannot be migr
 process here, but how they dirty memory can be replayed into any guest, on any algorithm.
 
 Pages: the trace's distinct pages, compacted in order (the program's k-th lowest page is the
-guest's data page k), so the guest needs only as many data pages as the trace touched.
+guest's data page k), so the guest needs only as many data pages as the trace touched. A
+guest of several process vCPUs gives each its slice of the data pages, as it splits every
+workload; vCPU i replays the trace's pages in its slice (`first_page`), on the same clock,
+so together they write, interval by interval, what one vCPU would.
 
 Time: interval i of the trace is written once the workload's running time (which stops while
 the guest is paused, as every workload's does) times the speed reaches the previous
