@@ -59,6 +59,7 @@ class RecordResult:
     program_seconds: float      # from its start to its exit (wall clock)
     program_cpu_seconds: float  # its user + system time (its reaped children's too)
     page_writes: int = 0        # pages written, summed over the intervals
+    recorder_cpu_seconds: float = 0.0   # this process's own, while it recorded
 
 
 def native_library() -> Path:
@@ -282,7 +283,7 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     rec = Recording(argv, interval_seconds, duration_seconds, region_bytes, say)
-    cpu_before = _children_cpu_seconds()
+    cpu_before, own_before = _children_cpu_seconds(), _own_cpu_seconds()
     rec.start(library, subprocess.DEVNULL if quiet else None)
     try:
         target = Target(*rec.take_region())
@@ -298,6 +299,7 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
         code = rec.proc.wait()
         program_seconds = time.monotonic() - rec.started
         program_cpu = _children_cpu_seconds() - cpu_before
+        own_cpu = _own_cpu_seconds() - own_before
         if code < 0 and rec.ended != "duration":
             rec.ended = f"killed by {signal.Signals(-code).name}"
             say(f"the program was {rec.ended}; the trace holds what it wrote until then")
@@ -315,7 +317,12 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
             f"{int(trace.counts.sum())} page writes, {distinct_pages(trace)} pages "
             f"touched, {rec.children} children -> {output}")
     return RecordResult(128 - code if code < 0 else code, output, line, program_seconds,
-                        program_cpu, int(trace.counts.sum()))
+                        program_cpu, int(trace.counts.sum()), own_cpu)
+
+
+def _own_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _children_cpu_seconds() -> float:

@@ -33,7 +33,7 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     from cluster.tracerecord import record, run_plain
     from cluster.tracetarget import write_fault_seconds
     argv = _program(args)
-    plain, traced, writes = [], [], []
+    plain, traced, writes, own = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="migbed-trace-") as tmp:
         for i in range(args.runs):
             plain.append(run_plain(argv))
@@ -41,6 +41,7 @@ def cmd_overhead(args: argparse.Namespace) -> int:
                        say=lambda _line: None, quiet=True)
             traced.append((r.program_seconds, r.program_cpu_seconds))
             writes.append(r.page_writes)
+            own.append(r.recorder_cpu_seconds)
     med = [[statistics.median(x[k] for x in runs) for k in (0, 1)] for runs in (plain, traced)]
     (pw, pc), (tw, tc) = med
     cost = [[t[k] / max(p[k], 1e-9) - 1 for p, t in zip(plain, traced, strict=True)]
@@ -53,6 +54,8 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     print(f"  its floor: {n:.0f} page writes (median) x {fault * 1e6:.2f} us, one write-protect "
           f"fault each (measured here) = {n * fault:.3f} s ({n * fault / max(pc, 1e-9):+.1%} "
           "of its plain CPU)")
+    print(f"  the recorder's own CPU (scans, samples): {statistics.median(own):.3f} s (median), "
+          "on the same cores as the program")
     return 0
 
 
