@@ -4,9 +4,9 @@ writes, every interval, into a trace file (`workloads.tracefile`).
 How: the program runs with `LD_PRELOAD` = the native allocator (`cluster/native/
 tracealloc.c`), which serves its heap from one region and hands this process the region and a
 userfaultfd registered for write-protect async over a unix socket (SCM_RIGHTS). Every interval
-this process scans the program's pagemap with PAGEMAP_SCAN (`nodes.host.userfault.
-PageScanner`): the pages written since the last scan, protected again. A few written pages of
-each scan are read through /proc/PID/mem (`ContentSampler`) for the content figures. The
+this process scans the program's pagemap with PAGEMAP_SCAN (`cluster.tracetarget`): the
+pages written since the last scan, protected again. A few written pages of a scan are read
+through /proc/PID/mem (`ContentSampler`) for the content figures, within a CPU budget. The
 allocator also serves the program's anonymous private mmaps from the region, so Python keeps
 its own allocator (pymalloc's arenas are such mmaps) and its objects are traced as laid out
 without the recorder.
@@ -44,6 +44,11 @@ NATIVE_DIR = Path(__file__).resolve().parent / "native"
 LIBRARY = NATIVE_DIR / "libmigbedtrace.so"
 LIBRARY_ENV = "MIGBED_TRACE_LIB"
 HELLO_TIMEOUT_SECONDS = 10.0
+# The content sampler's CPU, at most this share of the recording's time: it samples a scan
+# only while within it (so every scan of a light program, one in a few of a heavy one), since
+# its CPU is taken from the cores the program runs on ...
+SAMPLE_BUDGET = 0.05
+MAX_UNSAMPLED = 3           # ... but never more scans in a row: every phase of it is sampled
 _PR_SET_PDEATHSIG = 1
 
 
@@ -122,6 +127,8 @@ class Recording:
         self.exiting = False            # the program said it exits: a last scan, then ack
         self.ended = "exited"
         self.hello: tuple[int, int, int, int, int] | None = None   # an exec'd image's
+        self.sampling_seconds = 0.0     # the content sampler's CPU so far
+        self.unsampled = 0              # scans in a row left unsampled
 
     def start(self, library: Path, stdout: int | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -240,7 +247,13 @@ class Recording:
             now = time.monotonic() - start
             self.times.append(now)
             self.pages.append(written)
-            target.sampler.sample(len(self.times) - 1, written)
+            if self.sampling_seconds <= SAMPLE_BUDGET * now or self.unsampled >= MAX_UNSAMPLED:
+                began = time.thread_time()
+                target.sampler.sample(len(self.times) - 1, written)
+                self.sampling_seconds += time.thread_time() - began
+                self.unsampled = 0
+            else:
+                self.unsampled += 1
             if last:
                 self._ack()
             if self.duration and now >= self.duration:

@@ -64,7 +64,7 @@ class ContentSampler:
             else np.zeros(0, np.int64)
         want = self.per_interval - len(again)
         fresh = written[self.rng.integers(0, len(written), want)] if want else again[:0]
-        pages = np.unique(np.concatenate((again, fresh))).tolist()
+        pages = sorted(set(again.tolist()) | set(fresh.tolist()))
         raws = [(page, self.read(self.base + page * self.page, self.page)) for page in pages]
         raws = [(page, raw) for page, raw in raws if len(raw) == self.page]
         if raws:
