@@ -132,6 +132,7 @@ static int track(void) {
 
 static void child_after_fork(void) {
     say("C", -1, NULL, 0);          /* counted; a forked child's writes are not tracked */
+    tracked = 0;                    /* ... nor does its exit wait for a last scan */
 }
 
 static void init(void) {
