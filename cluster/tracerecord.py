@@ -64,6 +64,7 @@ class RecordResult:
     program_seconds: float      # from its start to its exit (wall clock)
     program_cpu_seconds: float  # its user + system time (its reaped children's too)
     page_writes: int = 0        # pages written, summed over the intervals
+    pages_touched: int = 0      # distinct pages written
     recorder_cpu_seconds: float = 0.0   # this process's own, while it recorded
 
 
@@ -330,7 +331,8 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
             f"{int(trace.counts.sum())} page writes, {distinct_pages(trace)} pages "
             f"touched, {rec.children} children -> {output}")
     return RecordResult(128 - code if code < 0 else code, output, line, program_seconds,
-                        program_cpu, int(trace.counts.sum()), own_cpu)
+                        program_cpu, page_writes=int(trace.counts.sum()),
+                        pages_touched=distinct_pages(trace), recorder_cpu_seconds=own_cpu)
 
 
 def _own_cpu_seconds() -> float:
