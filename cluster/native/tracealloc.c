@@ -130,7 +130,13 @@ static int track(void) {
     return fd;
 }
 
+/* fork() holds the allocator's lock across the fork (as glibc's malloc does), so a child of
+   a threaded program never inherits it held by a thread it does not have. */
+static void before_fork(void) { lock(); }
+static void parent_after_fork(void) { unlock(); }
+
 static void child_after_fork(void) {
+    unlock();
     say("C", -1, NULL, 0);          /* counted; a forked child's writes are not tracked */
     tracked = 0;                    /* ... nor does its exit wait for a last scan */
 }
@@ -157,7 +163,7 @@ static void init(void) {
     } else {
         say("C", -1, NULL, 0);
     }
-    pthread_atfork(NULL, NULL, child_after_fork);
+    pthread_atfork(before_fork, parent_after_fork, child_after_fork);
 }
 
 /* -- size classes ----------------------------------------------------------------------- */
