@@ -85,9 +85,7 @@ class GuestSpec:
 
 
 def check_trace_guest(spec: GuestSpec) -> None:
-    """A trace replay runs on one vCPU; memory 0 (or None) means: sized from the trace."""
-    if spec.vcpus != 1:
-        raise ConfigError("--workload trace replays one program's writes on one vCPU; give "
-                          "--vcpus 1")
+    """Memory 0 (or None) means: sized from the trace. (Several vCPUs, process ones, each
+    replay their own share of its pages: `workloads.tracereplay`.)"""
     if spec.memory_bytes in (0, None):
         object.__setattr__(spec, "memory_bytes", trace_memory_bytes(spec.workload.trace_bytes))
