@@ -21,12 +21,16 @@ setup: $(BIN)/.installed system-deps native
 # and it says how to get it. The trace recorder's LD_PRELOAD allocator (`migbed trace record`):
 NATIVE_LIBS := cluster/native/libmigbedtrace.so
 NATIVE_LIBS += nodes/host/native/libmigbedpaced.so
+NATIVE_LIBS += nodes/host/native/libmigbedfault.so
 
 native: $(NATIVE_LIBS)
 
 cluster/native/libmigbedtrace.so: cluster/native/tracealloc.c | $(BIN)/.installed
 	@sh cluster/native/cc $@ $< $(BIN)
 nodes/host/native/libmigbedpaced.so: nodes/host/native/pacedloop.c | $(BIN)/.installed
+	@sh cluster/native/cc $@ $< $(BIN)
+
+nodes/host/native/libmigbedfault.so: nodes/host/native/faultpath.c nodes/host/native/faultserve.h nodes/host/native/faultwire.h | $(BIN)/.installed
 	@sh cluster/native/cc $@ $< $(BIN)
 
 # Prometheus (and promtool) for the metrics and dashboard tests, tmux for the test that drives

@@ -27,7 +27,7 @@ from nodes.migration.fields import (
     seconds_or_zero,
     whole,
 )
-from nodes.migration.guestinfo import MAX_VCPUS, VCPU_KINDS
+from nodes.migration.guestinfo import MAX_VCPUS, SPEC_VCPU_KINDS
 from nodes.units import parse_count, parse_fraction, parse_positive_size
 from nodes.xen.profiles import Mode
 from workloads.content import FILLS
@@ -99,8 +99,8 @@ def read_bytes(v: Any, what: str) -> bytes:
 
 def read_vcpu_kind(v: Any, what: str) -> str:
     v = read_string(v, what)
-    if v not in VCPU_KINDS:
-        raise ConfigError(f"{what}: {v!r} is no vCPU kind; use process or thread")
+    if v not in SPEC_VCPU_KINDS:
+        raise ConfigError(f"{what}: {v!r} is no vCPU kind; use auto, process or thread")
     return v
 
 
@@ -114,10 +114,12 @@ GUEST_FIELDS: tuple[Field, ...] = (
           flag="--mode", toml="mode", label="guest mode"),
     Field("dma", "guest", False, read_flag, "give the guest a DMA device",
           flag="--dma"),
-    Field("vcpu", "guest", "thread", read_vcpu_kind,
+    Field("vcpu", "guest", "auto", read_vcpu_kind,
           "what runs the guest's vCPUs: {choices} (process: a guest process whose writes "
           "the kernel logs, Linux 6.7+; thread: a thread of its host, logged by the Xen "
-          "model)", flag="--vcpu", toml="vcpu", metavar="KIND", choices=VCPU_KINDS,
+          "model; auto: process where the host's kernel runs one, else thread, or "
+          "$MIGBED_VCPU)", flag="--vcpu", toml="vcpu", metavar="KIND",
+          choices=SPEC_VCPU_KINDS,
           label="vCPU kind"),
     Field("vcpus", "guest", 1, whole(1, MAX_VCPUS),
           f"how many vCPUs, 1-{MAX_VCPUS} (process guests; the dirty rate is their total, "

@@ -4,11 +4,12 @@ writes, every interval, into a trace file (`workloads.tracefile`).
 How: the program runs with `LD_PRELOAD` = the native allocator (`cluster/native/
 tracealloc.c`), which serves its heap from one region and hands this process the region and a
 userfaultfd registered for write-protect async over a unix socket (SCM_RIGHTS). Every interval
-this process scans the program's pagemap with PAGEMAP_SCAN (`nodes.host.userfault.
-PageScanner`): the pages written since the last scan, protected again. A few written pages of
-each scan are read through /proc/PID/mem (`ContentSampler`) for the content figures. Python
-programs run with PYTHONMALLOC=malloc, so their objects live in the region (anonymous mmap is
-not intercepted).
+this process scans the program's pagemap with PAGEMAP_SCAN (`cluster.tracetarget`): the
+pages written since the last scan, protected again. A few written pages of a scan are read
+through /proc/PID/mem (`ContentSampler`) for the content figures, within a CPU budget. The
+allocator also serves the program's anonymous private mmaps from the region, so Python keeps
+its own allocator (pymalloc's arenas are such mmaps) and its objects are traced as laid out
+without the recorder.
 
 The program's own output and exit code pass through; it dies with this process (PDEATHSIG),
 and nothing is left on disk but the finished trace (written to a temporary name, renamed).
@@ -33,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.tracesample import ContentSampler
+from cluster.tracetarget import Target
 from nodes.errors import ConfigError
-from nodes.host.userfault import PAGE_BYTES, PageScanner
+from nodes.host.userfault import PAGE_BYTES
 from workloads.tracefile import encode, make_trace
 from workloads.tracestats import distinct_pages
 
@@ -43,6 +44,11 @@ NATIVE_DIR = Path(__file__).resolve().parent / "native"
 LIBRARY = NATIVE_DIR / "libmigbedtrace.so"
 LIBRARY_ENV = "MIGBED_TRACE_LIB"
 HELLO_TIMEOUT_SECONDS = 10.0
+# The content sampler's CPU, at most this share of the recording's time: it samples a scan
+# only while within it (so every scan of a light program, one in a few of a heavy one), since
+# its CPU is taken from the cores the program runs on ...
+SAMPLE_BUDGET = 0.05
+MAX_UNSAMPLED = 3           # ... but never more scans in a row: every phase of it is sampled
 _PR_SET_PDEATHSIG = 1
 
 
@@ -57,6 +63,9 @@ class RecordResult:
     summary: str                # one line: what was recorded
     program_seconds: float      # from its start to its exit (wall clock)
     program_cpu_seconds: float  # its user + system time (its reaped children's too)
+    page_writes: int = 0        # pages written, summed over the intervals
+    pages_touched: int = 0      # distinct pages written
+    recorder_cpu_seconds: float = 0.0   # this process's own, while it recorded
 
 
 def native_library() -> Path:
@@ -118,12 +127,15 @@ class Recording:
         self.outgrown = False
         self.exiting = False            # the program said it exits: a last scan, then ack
         self.ended = "exited"
+        self.hello: tuple[int, int, int, int, int] | None = None   # an exec'd image's
+        self.sampling_seconds = 0.0     # the content sampler's CPU so far
+        self.unsampled = 0              # scans in a row left unsampled
 
     def start(self, library: Path, stdout: int | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, LD_PRELOAD=str(library), MIGBED_TRACE_FD=str(theirs.fileno()),
                    MIGBED_TRACE_PARENT=str(os.getpid()),
-                   MIGBED_TRACE_REGION=str(self.region_bytes), PYTHONMALLOC="malloc")
+                   MIGBED_TRACE_REGION=str(self.region_bytes))
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(self.argv, env=env, pass_fds=(theirs.fileno(),), stdout=stdout,
@@ -168,11 +180,13 @@ class Recording:
             if len(data) >= 16 else []
         return data[:1], words, fds
 
-    def _drain(self) -> tuple[int, int, int, int, int] | None:
-        """Read the allocator's messages: children, the region outgrown, and a new hello
-        when the program exec'd (a new image, a new region): returned, to scan it next."""
-        hello = None
+    def _drain(self) -> int:
+        """Read the allocator's messages (how many): children, the region outgrown, the
+        program exiting, and a new hello when the program exec'd (a new image, a new region:
+        kept in `hello`, to scan it next)."""
+        n = 0
         while (msg := self._next_message(0)) is not None:
+            n += 1
             tag, words, fds = msg
             if tag == b"C":
                 self.children += 1
@@ -183,42 +197,64 @@ class Recording:
                 self.say(f"the program outgrew the traced region ({self.region_bytes >> 20} "
                          "MiB): its allocations beyond it are not recorded; give --region")
             if tag == b"H" and fds:
-                if hello is not None:
-                    os.close(hello[0])
-                hello = (fds.pop(0), words[0], words[1], words[2], words[4])
+                if self.hello is not None:
+                    os.close(self.hello[0])
+                self.hello = (fds.pop(0), words[0], words[1], words[2], words[4])
             for fd in fds:
                 os.close(fd)
-        return hello
+        return n
+
+    def _sleep_until(self, deadline: float) -> None:
+        """Sleep until `deadline`, reading the allocator's messages meanwhile; at once when
+        the program says it exits (its last scan is due now: it waits for it)."""
+        while (left := deadline - time.monotonic()) > 0 and not self.exiting:
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if ready and not self._drain():
+                time.sleep(max(0.0, deadline - time.monotonic()))  # its end closed: no more
+                return
 
     def _ack(self) -> None:
+        """Let the exiting program go, and see it end (its run time is measured to there)."""
         self.exiting = False
         try:
             self.sock.send(b"A")
         except OSError:
-            pass                            # it did not wait
+            return                          # it did not wait
+        try:
+            self.proc.wait(timeout=max(self.interval, 0.05))
+        except subprocess.TimeoutExpired:
+            pass                            # it runs on (other exit work): scanned on
 
-    def scan_loop(self, target: "Target") -> None:
+    def scan_loop(self, target: Target) -> None:
         """Scan every interval until the program ends or the duration is up."""
         start = time.monotonic()
         tick = 1
         while self.proc.poll() is None:
             last = self.exiting             # it said it exits: scan at once, then let it go
             if not last:
-                time.sleep(max(0.0, start + tick * self.interval - time.monotonic()))
+                self._sleep_until(start + tick * self.interval)
                 tick += 1
+                last = self.exiting
             try:
-                written = target.scanner.written(target.base, target.used_end(), reset=True)
+                written = target.written()
             except OSError:
                 written = None          # the program is gone, or exec'd (a hello follows)
-            hello = self._drain()
-            if hello is not None:
-                target.switch(*hello)
+            self._drain()
+            if self.hello is not None:
+                target.switch(*self.hello)
+                self.hello = None
             if written is None:
                 continue
             now = time.monotonic() - start
             self.times.append(now)
             self.pages.append(written)
-            target.sampler.sample(len(self.times) - 1, written)
+            if self.sampling_seconds <= SAMPLE_BUDGET * now or self.unsampled >= MAX_UNSAMPLED:
+                began = time.thread_time()
+                target.sampler.sample(len(self.times) - 1, written)
+                self.sampling_seconds += time.thread_time() - began
+                self.unsampled = 0
+            else:
+                self.unsampled += 1
             if last:
                 self._ack()
             if self.duration and now >= self.duration:
@@ -235,47 +271,7 @@ class Recording:
                 "duration_seconds": round(self.times[-1] if self.times else 0.0, 6),
                 "ended": self.ended, "outgrew_region": self.outgrown,
                 "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "recorder": "LD_PRELOAD libmigbedtrace (heap), PYTHONMALLOC=malloc"}
-
-
-class Target:
-    """What is scanned: the program's current image's region (a new one after an exec),
-    its uffd held here (a closed uffd ends tracking), its pagemap and memory open."""
-
-    def __init__(self, uffd: int, base: int, length: int, pid: int, bump_at: int):
-        self.uffd = -1
-        self.scanner: PageScanner | None = None
-        self.sampler: ContentSampler | None = None
-        self.switch(uffd, base, length, pid, bump_at)
-
-    def switch(self, uffd: int, base: int, length: int, pid: int, bump_at: int) -> None:
-        self.close()
-        self.uffd, self.base, self.end = uffd, base, base + length
-        self.length, self.bump_at = length, bump_at
-        self.scanner = PageScanner(pid)
-        self.sampler = ContentSampler(pid, base, PAGE_BYTES)
-
-    def used_end(self) -> int:
-        """The end of the region handed out so far (its bump pointer, read from the
-        program's memory, page-aligned up): scanning the untouched rest would cost the
-        program's page-table lock for nothing. The whole region if it cannot be read."""
-        raw = self.sampler.read(self.bump_at, 8)
-        if len(raw) != 8:
-            return self.end
-        bump = int.from_bytes(raw, "little")
-        if not self.base <= bump <= self.end:
-            return self.end
-        return min(self.end, -(-bump // PAGE_BYTES) * PAGE_BYTES + PAGE_BYTES)
-
-    def close(self) -> None:
-        if self.scanner is not None:
-            self.scanner.close()
-            self.sampler.close()
-            self.samples = self.sampler.table() if not hasattr(self, "samples") else \
-                np.concatenate((self.samples, self.sampler.table()))
-        if self.uffd >= 0:
-            os.close(self.uffd)
-            self.uffd = -1
+                "recorder": "LD_PRELOAD libmigbedtrace (heap and anonymous mmaps)"}
 
 
 def _write(rec: Recording, target: Target, tmp: Path, output: Path):
@@ -301,7 +297,7 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     rec = Recording(argv, interval_seconds, duration_seconds, region_bytes, say)
-    cpu_before = _children_cpu_seconds()
+    cpu_before, own_before = _children_cpu_seconds(), _own_cpu_seconds()
     rec.start(library, subprocess.DEVNULL if quiet else None)
     try:
         target = Target(*rec.take_region())
@@ -317,6 +313,7 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
         code = rec.proc.wait()
         program_seconds = time.monotonic() - rec.started
         program_cpu = _children_cpu_seconds() - cpu_before
+        own_cpu = _own_cpu_seconds() - own_before
         if code < 0 and rec.ended != "duration":
             rec.ended = f"killed by {signal.Signals(-code).name}"
             say(f"the program was {rec.ended}; the trace holds what it wrote until then")
@@ -334,7 +331,13 @@ def record(argv: list[str], output: Path, interval_seconds: float = 0.01,
             f"{int(trace.counts.sum())} page writes, {distinct_pages(trace)} pages "
             f"touched, {rec.children} children -> {output}")
     return RecordResult(128 - code if code < 0 else code, output, line, program_seconds,
-                        program_cpu)
+                        program_cpu, page_writes=int(trace.counts.sum()),
+                        pages_touched=distinct_pages(trace), recorder_cpu_seconds=own_cpu)
+
+
+def _own_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _children_cpu_seconds() -> float:
@@ -344,7 +347,8 @@ def _children_cpu_seconds() -> float:
 
 def run_plain(argv: list[str]) -> tuple[float, float]:
     """The program's wall time and CPU time without the recorder (its output discarded),
-    the pair of a recorded run when the recorder's cost is measured."""
+    the pair of a recorded run when the recorder's cost is measured: started the same way
+    (a fork that sets PDEATHSIG), so the pair differs only by the recording."""
     started, cpu = time.monotonic(), _children_cpu_seconds()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, check=False)
+    subprocess.run(argv, stdout=subprocess.DEVNULL, check=False, preexec_fn=_die_with_parent)
     return time.monotonic() - started, _children_cpu_seconds() - cpu

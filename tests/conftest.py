@@ -26,6 +26,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.pop("COLUMNS", None)
     os.environ.pop("LINES", None)
 
+# A guest that names no vCPU kind runs, by default, as a process where the kernel allows
+# (`nodes.host.vcpus.default_vcpu_kind`). The suite's tests were written against the Xen
+# model's emulation and pin `thread` through the operator's default (issue 22's decision:
+# "tests of the emulation pin thread"); the tests of process guests name `process`, and
+# tests/test_vcpudefault.py takes the setting away to test the default itself. Every host and
+# command a test starts inherits it.
+os.environ.setdefault("MIGBED_VCPU", "thread")
+
 
 @pytest.fixture(scope="session")
 def ray_testbed():

@@ -44,7 +44,7 @@ BAD_WITHOUT_CLUSTER = [
     (["migrate", "--downtime-limit", "0"], "must be positive"),
     (["migrate", "--latency", "-5ms"], "latency"),
     (["migrate", "--policy", "vmware"], "invalid choice"),
-    (["migrate", "--workload", "kvstore"], "runs on process vCPUs only"),
+    (["migrate", "--vcpu", "thread", "--workload", "kvstore"], "runs on process vCPUs only"),
     (["migrate", "--workload", "stream", "--vcpu", "process", "--fill", "text"],
      "is a program"),
     (["migrate", "--workload", "chaos"], "invalid choice"),

@@ -253,7 +253,10 @@ def test_a_process_guest_is_refused_in_one_line_where_it_cannot_run(monkeypatch,
         tb.host("host-0").call("frame_counts")["dom0"]
     tb.create("host-0", GuestSpec("t", 4 * MiB, vcpu="thread"))
     with pytest.raises(ConfigError, match="--vcpu process"):
-        GuestSpec("x", 4 * MiB, vcpus=2)
+        GuestSpec("x", 4 * MiB, vcpu="thread", vcpus=2)
+    # two vCPUs need a process whatever the default, which this kernel cannot run
+    with pytest.raises(KernelSupportError, match="--vcpu thread works"):
+        tb.create("host-0", GuestSpec("y", 4 * MiB, vcpus=2))
 
 
 @pytest.mark.parametrize("argv", [
@@ -272,7 +275,7 @@ def test_the_cli_refuses_in_one_line(argv, tmp_path):
 def test_vcpu_rows_reach_the_api_and_scenarios():
     from cluster.fieldtable import field_named
     from cluster.sweep.scenario import Scenario
-    assert field_named("vcpu").value == GuestSpec("g", 4096).vcpu == "thread"
+    assert field_named("vcpu").value == GuestSpec("g", 4096).vcpu == Scenario("s").vcpu == "auto"
     assert field_named("vcpus").value == GuestSpec("g", 4096).vcpus == 1
     sc = Scenario.from_toml('name = "x"\n[guest]\nvcpu = "process"\n'
                             '[axes]\nvcpus = [1, 2]\n')
@@ -282,7 +285,9 @@ def test_vcpu_rows_reach_the_api_and_scenarios():
     with pytest.raises(ConfigError, match="vCPU kind"):
         Scenario.from_toml('name = "x"\n[guest]\nvcpu = "fiber"\n')
     with pytest.raises(ConfigError, match="--vcpu process"):
-        Scenario.from_toml('name = "x"\n[axes]\nvcpus = [1, 2]\n')
+        Scenario.from_toml('name = "x"\n[guest]\nvcpu = "thread"\n[axes]\nvcpus = [1, 2]\n')
+    auto = Scenario.from_toml('name = "x"\n[axes]\nvcpus = [1, 2]\n')
+    assert {auto.specs(p)[0].vcpu for p in auto.points()} == {"auto"}
 
 
 @pytest.mark.ray

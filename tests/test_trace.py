@@ -6,6 +6,7 @@ import pytest
 
 from cluster.cli import main
 from nodes.errors import ConfigError
+from nodes.host.guestvcpu import split_pages, vcpu_spec
 from nodes.host.specs import GuestSpec
 from nodes.xen.hypervisor import Hypervisor
 from workloads.patterns import make_workload
@@ -147,11 +148,45 @@ def test_a_replay_guest_is_sized_from_its_trace_and_needs_its_pages():
     assert wl.pages_written_total == int(decode(data).counts.sum())
     with pytest.raises(ConfigError, match="touches"):
         make_workload(spec.workload, trace_data_pages(data) - 1)
-    with pytest.raises(ConfigError, match="one vCPU"):
-        GuestSpec("g", 0, workload=spec.workload, vcpu="process", vcpus=2)
+    assert GuestSpec("g", 0, workload=spec.workload, vcpu="process", vcpus=2).vcpus == 2
+    with pytest.raises(ConfigError, match="needs --vcpu process"):
+        GuestSpec("g", 0, workload=spec.workload, vcpu="thread", vcpus=2)
     with pytest.raises(ConfigError, match="needs --trace"):
         WorkloadSpec("trace")
     assert WorkloadSpec.from_json(spec.workload.to_json()).trace_bytes == data
+
+
+def test_two_vcpus_replay_between_them_what_one_replays_interval_by_interval():
+    """Each vCPU of a guest of two replays its own share of the trace's pages (its slice of
+    the guest's data pages); driven by one clock they write, interval by interval, the pages
+    one vCPU writes, and each one's position is its own state."""
+    data = encode(small_trace(30, seed=4)[0])
+    spec = WorkloadSpec("trace", trace_bytes=data)
+    data_pages = trace_data_pages(data) + 5       # a guest's pages are rounded up: split those
+    slices = split_pages(data_pages, 2)
+
+    def vcpus(states=(None, None)):
+        return [make_workload(vcpu_spec(spec, 2, i), hi - lo, state, 4096, lo)
+                for i, ((lo, hi), state) in enumerate(zip(slices, states, strict=True))]
+
+    one, two = make_workload(spec, data_pages), vcpus()
+    per_interval = []
+    for step in range(100):
+        now = 0.004 * step
+        if step == 40:                            # migrated: each continues from its state
+            two = vcpus([wl.get_state() for wl in two])
+            for wl in two:
+                wl.resume(now)
+            one.resume(now)
+        pages = one.take_batch(now, 10_000)[0]
+        shares = [wl.take_batch(now, 10_000)[0] for wl in two]
+        assert all(((0 <= p) & (p < hi - lo)).all() for p, (lo, hi) in zip(shares, slices,
+                                                                             strict=True))
+        both = np.concatenate([p + lo for p, (lo, _) in zip(shares, slices, strict=True)])
+        assert sorted(both.tolist()) == sorted(pages.tolist())
+        per_interval.append(len(pages))
+    assert sum(per_interval) == int(decode(data).counts.sum())
+    assert all(len(wl.compacted) for wl in two), "both vCPUs had pages to write"
 
 
 @pytest.mark.parametrize("name", ["sqlite-updates", "sort", "python-dict"])

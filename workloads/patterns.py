@@ -190,7 +190,11 @@ def hot_pages(spec: WorkloadSpec, data_pages: int) -> int:
 
 
 def make_workload(spec: WorkloadSpec, data_pages: int, state: dict | None = None,
-                  page_size: int = 4096) -> Workload:
+                  page_size: int = 4096, first_page: int | None = None) -> Workload:
     """The workload `spec` describes over `data_pages` pages of `page_size` bytes, fresh or
-    restored from `state`."""
+    restored from `state`. `first_page`: these are one vCPU's pages of a guest of several,
+    from the guest's data page `first_page`; a trace replays its own share of the trace's
+    pages (every other workload is split by its spec, `nodes.host.guestvcpu.vcpu_spec`)."""
+    if first_page is not None and spec.pattern == TraceWorkload.pattern:
+        return TraceWorkload(spec, data_pages, state, page_size, first_page=first_page)
     return WORKLOAD_CLASSES[spec.pattern](spec, data_pages, state, page_size)

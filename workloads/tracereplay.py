@@ -5,10 +5,14 @@ Why: a real program's writes (a database, a sort, an interpreter) cannot be migr
 process here, but how they dirty memory can be replayed into any guest, on any algorithm.
 
 Pages: the trace's distinct pages, compacted in order (the program's k-th lowest page is the
-guest's data page k), so the guest needs only as many data pages as the trace touched.
+guest's data page k), so the guest needs only as many data pages as the trace touched. A
+guest of several process vCPUs gives each its slice of the data pages, as it splits every
+workload; vCPU i replays the trace's pages in its slice (`first_page`), on the same clock,
+so together they write, interval by interval, what one vCPU would.
 
 Time: interval i of the trace is written once the workload's running time (which stops while
-the guest is paused, as every workload's does) times the speed reaches the interval's end;
+the guest is paused, as every workload's does) times the speed reaches the previous
+interval's end, its start (the recording's scan at its end saw its pages written during it);
 a batch is at most `max_batch` pages, the rest of a late interval follows in the next one.
 The position (interval, page within it, loops done) is the workload's state: it travels in
 the vCPU context and the destination continues where the source stopped.
@@ -66,16 +70,46 @@ def trace_memory_bytes(data: bytes, page_size: int = 4096,
     return -(-total // round_bytes) * round_bytes
 
 
+def _tally_sorted(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Draws as (distinct pages, ascending; how often each was drawn), by one sort: not
+    `np.unique`, whose first call imports numpy.ma (17 ms here, more in a guest process
+    forked from its zygote: a stall of the replay's first intervals)."""
+    draws = np.sort(draws)
+    first = np.ones(len(draws), bool)
+    first[1:] = draws[1:] != draws[:-1]
+    at = np.flatnonzero(first)
+    return draws[at], np.diff(np.append(at, len(draws))).astype(np.uint64)
+
+
+def _share(compacted: np.ndarray, offsets: np.ndarray, first: int,
+           count: int) -> tuple[np.ndarray, np.ndarray]:
+    """One vCPU's share of a replay plan: per interval, the pages in [first, first + count),
+    from 0 (pages, offsets)."""
+    mine = (compacted >= first) & (compacted < first + count)
+    interval = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    counts = np.bincount(interval[mine], minlength=len(offsets) - 1)
+    return compacted[mine] - first, np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+
+
 class TraceWorkload(Workload):
     """Replays `spec.trace_bytes` (see the module docstring)."""
 
     pattern = "trace"
 
     def __init__(self, spec: WorkloadSpec, data_pages: int, state: dict | None = None,
-                 page_size: int = 4096):
-        (self.trace, self.compacted, self.offsets, zero_fraction, ratio,
+                 page_size: int = 4096, first_page: int | None = None):
+        (self.trace, compacted, offsets, zero_fraction, ratio,
          delta) = _replay_plan(spec.trace_bytes)
-        need = trace_data_pages(spec.trace_bytes)
+        # One vCPU of several: its own pages, the guest's data pages [first, first + its
+        # count), as its pages from 0; each interval's share of them at the interval's time.
+        self.first = first_page or 0
+        if first_page is None:
+            self.compacted, self.offsets = compacted, offsets
+            need = trace_data_pages(spec.trace_bytes)
+        else:
+            self.compacted, self.offsets = _share(compacted, offsets, first_page, data_pages)
+            need = int(self.compacted.max()) + 1 if len(self.compacted) else 0
+        self.counts = np.diff(self.offsets)
         if data_pages < need:
             raise ConfigError(f"the trace touches {need} pages; the guest has {data_pages} "
                               "data pages: give more memory (or none: it is sized from the "
@@ -88,12 +122,22 @@ class TraceWorkload(Workload):
         self.prefix_bytes = int(np.clip(page_size / max(ratio, 1.0), COUNTER_BYTES + 8,
                                         page_size))
         self.delta_bytes = int(np.clip(delta, 1, self.prefix_bytes - COUNTER_BYTES))
+        # Woken at least twice a recorded interval, so each is written on time.
+        self.max_wait_seconds = self.trace.interval_seconds / spec.trace_speed / 2
 
     # -- which pages, when --------------------------------------------------------------
     def _end_seconds(self, i: int) -> float:
         t = self.trace
         return float(t.times_seconds[i]) + self.loops * max(t.duration_seconds,
                                                             t.interval_seconds)
+
+    def _due_in(self, i: int, at: float) -> int:
+        """How many of interval i's pages are due at trace time `at`: all of them once the
+        previous interval has ended (the recording's scan at its end saw them written
+        during it, not at its end)."""
+        start = self._end_seconds(i - 1) if i else max(
+            0.0, self._end_seconds(0) - self.trace.interval_seconds)
+        return int(self.offsets[i + 1] - self.offsets[i]) if at >= start else 0
 
     def take_batch(self, now: float,
                    max_batch: int = DEFAULT_MAX_BATCH_PAGES) -> tuple[np.ndarray, np.ndarray]:
@@ -106,18 +150,19 @@ class TraceWorkload(Workload):
                 if not self.spec.trace_loop:
                     break
                 self.interval, self.within, self.loops = 0, 0, self.loops + 1
-            if self._end_seconds(self.interval) > at:
-                break
-            lo = self.offsets[self.interval] + self.within
-            hi = min(self.offsets[self.interval + 1], lo + max_batch - taken)
-            parts.append(self.compacted[lo:hi])
-            taken += hi - lo
-            self.within += hi - lo
-            if lo + (hi - lo) >= self.offsets[self.interval + 1]:
-                self.interval, self.within = self.interval + 1, 0
+            first = self.offsets[self.interval]
+            lo = first + self.within
+            hi = min(first + self._due_in(self.interval, at), lo + max_batch - taken)
+            if hi > lo:
+                parts.append(self.compacted[lo:hi])
+                taken += hi - lo
+                self.within += hi - lo
+            if first + self.within < self.offsets[self.interval + 1]:
+                break                                   # the rest of it is not due yet
+            self.interval, self.within = self.interval + 1, 0
         if not taken:
             return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-        pages, increments = self._tally(np.concatenate(parts))
+        pages, increments = _tally_sorted(np.concatenate(parts))
         self._advance(taken)
         return pages, increments
 
@@ -126,7 +171,7 @@ class TraceWorkload(Workload):
         """Which of `pages` (data page indices) the recording's zero share keeps zero."""
         if self.zero_fraction <= 0:
             return np.zeros(len(pages), bool)
-        h = (pages.astype(np.uint64) * _HASH) >> np.uint64(40)
+        h = ((pages + self.first).astype(np.uint64) * _HASH) >> np.uint64(40)
         return h.astype(np.float64) / float(1 << 24) < self.zero_fraction
 
     def _touch(self, domain: Guest, pfns: np.ndarray, increments: np.ndarray) -> None:
@@ -143,9 +188,10 @@ class TraceWorkload(Workload):
         # writes fell between: the recorded XBZRLE delta. The run's place is one of
         # OFFSET_CLASSES, by a hash of the page.
         room = self.prefix_bytes - COUNTER_BYTES - self.delta_bytes
-        classes = (((pfns - domain.pfn_base).astype(np.uint64) * _HASH) >> np.uint64(61)) \
+        classes = (((pfns - domain.pfn_base + self.first).astype(np.uint64) * _HASH)
+                   >> np.uint64(61)) \
             .astype(np.int64) % OFFSET_CLASSES
-        for c in np.unique(classes).tolist():
+        for c in np.bincount(classes, minlength=OFFSET_CLASSES).nonzero()[0].tolist():
             these = pfns[classes == c]
             offset = COUNTER_BYTES + (room * c // (OFFSET_CLASSES - 1) if room > 0 else 0)
             data = np.frombuffer(self.content_rng.bytes(len(these) * self.delta_bytes),
@@ -173,7 +219,7 @@ class TraceWorkload(Workload):
         super()._load_state(state)
         n = len(self.trace.counts)
         i, w = int(state.get("trace_interval", 0)), int(state.get("trace_within", 0))
-        if not (0 <= i <= n and 0 <= w <= (int(self.trace.counts[i]) if i < n else 0)):
+        if not (0 <= i <= n and 0 <= w <= (int(self.counts[i]) if i < n else 0)):
             raise ConfigError(f"trace workload state: position {i}/{w} is outside the trace")
         self.interval, self.within = i, w
         self.loops = max(0, int(state.get("trace_loops", 0)))

@@ -64,6 +64,10 @@ class Workload:
         if state is not None:
             self._load_state(state)
 
+    # The longest a vCPU may wait for its next batch when none is due (None: as its pacing
+    # says, up to 100 ms): a trace replay's next interval must not be waited past.
+    max_wait_seconds: float | None = None
+
     # -- rate ----------------------------------------------------------------------------
     @property
     def rate_pages_per_second(self) -> float:

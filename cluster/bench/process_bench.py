@@ -14,7 +14,8 @@ process over thread.
 - post-copy: a guest writing uniformly migrated by pure post-copy with its push slowed, so
   its vCPU faults; the report's mean fault latency (request to landed) beside a raw one-page
   round trip between the same two hosts measured in the same repeat, and the switch's
-  downtime (pause to resume, the guest's own gap).
+  downtime (pause to resume, the guest's own gap); then each kind again with
+  `--postcopy-preempt` (its fault latency beside the same round trip).
 
 Where this kernel cannot run a process vCPU (`nodes.host.userfault.kernel_support`), the
 section says so in its conclusions and measures nothing.
@@ -139,6 +140,8 @@ def _postcopy_pairs(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Resu
     guests = _Guests(tb, a, b, "vk-pc", size, WorkloadSpec("uniform", POSTCOPY_RATE, seed=5))
     settings = MigrationSettings(postcopy_after_rounds=0,
                                  postcopy_bandwidth_bytes_per_second=PUSH_BYTES_PER_SECOND)
+    preempt = MigrationSettings(postcopy_after_rounds=0, postcopy_preempt=True,
+                                postcopy_bandwidth_bytes_per_second=PUSH_BYTES_PER_SECOND)
     what = (f"{format_bytes(size)} guest writing uniformly at {POSTCOPY_RATE:g} pages/s, pure "
             f"post-copy, push at {format_bytes(PUSH_BYTES_PER_SECOND)}/s")
     try:
@@ -158,6 +161,12 @@ def _postcopy_pairs(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Resu
                     res.add(f"process_bench_{kind}_fault_latency_mean_seconds", "seconds",
                             pc.fault_latency_mean_seconds, f"{kind} vCPU: a page request to "
                             f"the page landed, mean, {what}")
+            for kind in KINDS:             # the same with the preempt channel, paired
+                r = guests.migrate(kind, preempt)
+                if r.postcopy is not None and r.postcopy.fault_latency_mean_seconds is not None:
+                    res.add(f"process_bench_{kind}_preempt_fault_latency_mean_seconds",
+                            "seconds", r.postcopy.fault_latency_mean_seconds,
+                            f"{kind} vCPU: the same with --postcopy-preempt")
             rtt = raw_round_trip_seconds(tb.host(a), tb.host(b),
                                          20 if opts.quick else ROUND_TRIPS)
             res.add("process_bench_page_round_trip_seconds", "seconds", rtt,
@@ -165,7 +174,10 @@ def _postcopy_pairs(tb: "Testbed", a: str, b: str, opts: BenchOptions, res: Resu
                     "same two hosts, right after the repeat's migrations (median)")
             say(f"  post-copy {i + 1}/{opts.repeats}: fault latency thread "
                 f"{_ms(res, 'thread_fault_latency_mean')}, process "
-                f"{_ms(res, 'process_fault_latency_mean')}, raw round trip {rtt * 1000:.3f} ms")
+                f"{_ms(res, 'process_fault_latency_mean')} (with preempt "
+                f"{_ms(res, 'thread_preempt_fault_latency_mean')}, "
+                f"{_ms(res, 'process_preempt_fault_latency_mean')}), raw round trip "
+                f"{rtt * 1000:.3f} ms")
     finally:
         guests.destroy()
 
@@ -187,6 +199,8 @@ def _ratios_and_conclusions(res: Results, opts: BenchOptions) -> None:
     for kind in KINDS:
         res.ratio(f"{kind} vCPU fault latency / raw page round trip",
                   f"process_bench_{kind}_fault_latency_mean_seconds", rtt)
+        res.ratio(f"{kind} vCPU fault latency with --postcopy-preempt / raw page round trip",
+                  f"process_bench_{kind}_preempt_fault_latency_mean_seconds", rtt)
     for kind in KINDS:
         down = res.median(f"process_bench_{kind}_downtime_idle_seconds")
         seen = res.median(f"process_bench_{kind}_guest_observed_idle_seconds")

@@ -32,8 +32,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     check_process_guest(spec.vcpu)
     d = Testbed.attach().create(args.host, spec)
     print(f"created {d['name']} on {args.host}: {format_bytes(d['memory_bytes'])}, mode "
-          f"{d['mode']}, workload {spec.workload.pattern}, {spec.vcpus} {spec.vcpu} vCPU"
-          + ("s" if spec.vcpus > 1 else ""))
+          f"{d['mode']}, workload {spec.workload.pattern}, {spec.vcpus} {d['vcpu']} vCPU"
+          + ("s" if spec.vcpus > 1 else "")
+          + (f" (process {d['pid']})" if d.get("pid") else ""))
     return 0
 
 

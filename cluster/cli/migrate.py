@@ -92,11 +92,11 @@ def _migrate_one_shot(args: argparse.Namespace, settings) -> int:
     src, dst = ONE_SHOT_ROUTE
     print(f"starting an embedded cluster of {cluster.hosts} hosts...", file=sys.stderr)
     with Testbed.local(cluster) as tb:
-        tb.create(src, spec)
+        created = tb.create(src, spec)
         time.sleep(args.warmup)
         progress = RoundPrinter(header=f"migrating {spec.name} "
                                        f"({format_bytes(spec.memory_bytes)}, "
-                                       f"{spec.workload.pattern}, {spec.vcpu} vCPUs) "
+                                       f"{spec.workload.pattern}, {created['vcpu']} vCPUs) "
                                        f"{src} -> {dst} "
                                        f"(policy {settings.policy})")
         report = tb.migrate(spec.name, dst, settings, progress)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cluster.cli.options import Commands, arg
+from cluster.fieldtable import read_speed
 from nodes.errors import ConfigError
 from nodes.units import parse_count, parse_duration, parse_positive_size
 
@@ -30,20 +31,68 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     import tempfile
 
     from cluster.tracerecord import record, run_plain
+    from cluster.tracetarget import write_fault_seconds
     argv = _program(args)
-    plain, traced = [], []
+    plain, traced, writes, own = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="migbed-trace-") as tmp:
         for i in range(args.runs):
             plain.append(run_plain(argv))
             r = record(argv, Path(tmp) / f"run{i}.mbtrace", args.interval, 0.0, args.region,
                        say=lambda _line: None, quiet=True)
             traced.append((r.program_seconds, r.program_cpu_seconds))
+            writes.append(r.page_writes - r.pages_touched)
+            own.append(r.recorder_cpu_seconds)
     med = [[statistics.median(x[k] for x in runs) for k in (0, 1)] for runs in (plain, traced)]
     (pw, pc), (tw, tc) = med
+    cost = [[t[k] / max(p[k], 1e-9) - 1 for p, t in zip(plain, traced, strict=True)]
+            for k in (0, 1)]
+    span = [f"pairs {min(c):+.1%}..{max(c):+.1%}" for c in cost]
     print(f"{' '.join(argv)}: medians of {args.runs} pairs at {args.interval * 1e3:g} ms: "
-          f"wall {pw:.3f} -> {tw:.3f} s ({tw / pw - 1:+.1%}), CPU {pc:.3f} -> {tc:.3f} s "
-          f"({tc / max(pc, 1e-9) - 1:+.1%})")
+          f"wall {pw:.3f} -> {tw:.3f} s ({tw / pw - 1:+.1%}; {span[0]}), CPU {pc:.3f} -> "
+          f"{tc:.3f} s ({tc / max(pc, 1e-9) - 1:+.1%}; {span[1]})")
+    # A page's first write faults with or without the recorder; each later interval's costs
+    # one write-protect fault more.
+    fault, n = write_fault_seconds(), statistics.median(writes)
+    print(f"  its floor: {n:.0f} page rewrites (page writes after each page's first, median) "
+          f"x {fault * 1e6:.2f} us, one write-protect fault each (measured here) = "
+          f"{n * fault:.3f} s ({n * fault / max(pc, 1e-9):+.1%} of its plain CPU)")
+    print(f"  the recorder's own CPU (scans, samples): {statistics.median(own):.3f} s (median), "
+          "on the same cores as the program")
     return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """Replay a trace on a process guest and compare (`cluster.tracefidelity`)."""
+    from cluster.tracefidelity import content_fidelity, replay_fidelity
+    from nodes.host.userfault import kernel_support
+    from workloads.tracefile import decode, read_trace_bytes
+    kernel_support().require()
+    data = read_trace_bytes(args.trace)
+    recorded = decode(data, args.trace)
+    f = replay_fidelity(data, recorded, args.speed, warmup_loops=args.warmup_loops,
+                        vcpus=args.vcpus)
+    a, b = f.pages_per_interval()
+    wss = [(w, x, y, y / max(x, 1e-9) - 1) for w, x, y in f.wss()]
+    w, x, y, worst = max(wss, key=lambda row: abs(row[3]))
+    print(f"pages per {recorded.interval_seconds * 1e3:g} ms  {a:.0f} recorded -> {b:.0f} "
+          f"replayed ({b / max(a, 1e-9) - 1:+.1%})")
+    print(f"WSS curve       worst window {w * 1e3:g} ms: {x:.0f} -> {y:.0f} ({worst:+.1%}) of "
+          f"{len(wss)} windows")
+    if args.replay_only:
+        return 0
+    c = content_fidelity(data, recorded, args.speed, vcpus=args.vcpus)
+    print(f"zero pages      {c.trace_zero:.2%} of the trace's sampled written pages; "
+          f"{c.migration_zero:.2%} of the {c.migration_later_pages} pages the migration sent "
+          f"after its first round ({c.migration_zero_pages} zero)")
+    print(f"zstd ratio      {c.trace_ratio:.2f} trace, {_opt(c.migration_ratio)} migration "
+          "(multifd zstd)")
+    print(f"XBZRLE delta    {c.trace_delta:.0f} B trace, {_opt(c.migration_delta, '.0f')} B "
+          "per cache hit in migration")
+    return 0
+
+
+def _opt(v: float | None, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -151,6 +200,22 @@ def register(sub: Commands) -> None:
                         "--wss` reads")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
     s.set_defaults(func=cmd_info)
+
+    s = tsub.add_parser("fidelity", help="replay a trace on a process guest: its pages per "
+                        "interval and WSS curve against the recording's, and its content "
+                        "figures against two migrations of a replaying guest")
+    s.add_argument("trace", metavar="FILE|NAME", help="a trace file or a shipped trace's name")
+    s.add_argument("--speed", type=arg(read_speed, "--speed"), default=1.0, metavar="X",
+                   help="the replay's --trace-speed (default 1)")
+    s.add_argument("--vcpus", type=arg(parse_count, "--vcpus", 1, 64), default=1,
+                   metavar="N", help="the replaying guest's process vCPUs, each replaying "
+                   "its share of the trace's pages (default 1)")
+    s.add_argument("--warmup-loops", type=arg(parse_count, "--warmup-loops", 0, 100),
+                   default=0, metavar="N", help="compare the replay's pass after N whole "
+                   "passes of the trace (default 0: its first)")
+    s.add_argument("--replay-only", action="store_true",
+                   help="only the pages per interval and the WSS curve (no migrations)")
+    s.set_defaults(func=cmd_fidelity)
 
     s = tsub.add_parser("list", help="the traces shipped with migbed (--trace NAME)")
     s.set_defaults(func=cmd_list)

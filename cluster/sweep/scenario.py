@@ -9,8 +9,8 @@ Scenario file layout (sizes and durations as in the CLI: "64MiB", "300ms"):
     seed = 1                      # workload seed of repeat r is seed + r
     faults = ["stall-link@round1:2s"]   # optional, injected into every run
     [cluster]   hosts = 2, host_memory = "512MiB", hosts_per_node = 1 (default: all on one)
-    [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms", vcpu = "thread" (or
-                "process"), vcpus = 1
+    [guest]     memory = "64MiB", mode = "p2m", warmup = "300ms", vcpu = "auto" (or
+                "process", "thread"), vcpus = 1
     [workload]  pattern, dirty_rate (page writes/s or "max"), hot_fraction, hot_share,
                 write_bytes, fill ("zero", "random" or "text"), ...
     [migration] policy, bandwidth ("128MiB" per second or "unlimited"), rate_limit, latency,
@@ -77,7 +77,7 @@ class Scenario:
     guest_memory_bytes: int = 64 * MiB     # DEFAULT_GUEST_MEMORY (a trace's: from its trace)
     mode: str = "p2m"
     warmup_seconds: float = 0.3
-    vcpu: str = "thread"                    # what runs the guest's vCPUs (GuestSpec.vcpu)
+    vcpu: str = "auto"                      # what runs the guest's vCPUs (GuestSpec.vcpu)
     vcpus: int = 1
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     migration: MigrationSettings = field(default_factory=MigrationSettings)
@@ -182,7 +182,7 @@ class Scenario:
                    "guest": {"memory": self.guest_memory_bytes, "mode": self.mode,
                              "warmup": self.warmup_seconds,
                              **({"vcpu": self.vcpu, "vcpus": self.vcpus}
-                                if (self.vcpu, self.vcpus) != ("thread", 1) else {})}}
+                                if (self.vcpu, self.vcpus) != ("auto", 1) else {})}}
         d["workload"] = {k: getattr(wl, KNOBS[k].field) for k in SECTION_KEYS["workload"]}
         d["migration"] = {}
         for k in SECTION_KEYS["migration"]:

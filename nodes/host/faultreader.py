@@ -38,8 +38,10 @@ import time
 import numpy as np
 
 from nodes.errors import GuestLost
+from nodes.host.faultnative import NativeFaultPath
 from nodes.host.guestmain import pfn_runs
 from nodes.host.userfault import Uffd
+from nodes.migration.postcopy.nativefault import NativeFaults
 from nodes.migration.postcopy.pagefault import WAIT_POLL_SECONDS, FaultLatency, RequestPages
 
 READ_BATCH = 64                 # fault messages read per read(2)
@@ -61,7 +63,7 @@ def continue_pages(uffd: Uffd, base: int, page_size: int, pfns: np.ndarray,
     return len(runs)
 
 
-class FaultReader:
+class FaultReader(NativeFaultPath):
     """The faults of one process guest resumed by a post-copy switch; see the module
     docstring. `received` is the landing's (True where a page has landed); `request` asks
     the source (the return path's `request`). `start` starts its thread."""
@@ -96,6 +98,15 @@ class FaultReader:
         self.error: BaseException | None = None
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._pidfd = self._open_pidfd(pid)
+        self._ep = select.epoll()
+        for fd in (self.uffd.fd, self._stop_fd, self._pidfd):
+            if fd >= 0:
+                self._ep.register(fd, select.EPOLLIN)
+        # The native fault path (`go_native`): its thread reads the faults instead, this one
+        # the requests it leaves to the Python path (`_fwd_fd` says when).
+        self._native: NativeFaults | None = None
+        self._native_final: dict | None = None       # its counts once it has stopped
+        self._fwd_fd = -1
         self.thread = threading.Thread(target=self._run, name=f"uffd-faults-{name}",
                                        daemon=True)
 
@@ -114,11 +125,8 @@ class FaultReader:
 
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
-        ep = select.epoll()
+        ep = self._ep
         try:
-            for fd in (self.uffd.fd, self._stop_fd, self._pidfd):
-                if fd >= 0:
-                    ep.register(fd, select.EPOLLIN)
             while True:
                 ready = {fd for fd, _ in ep.poll()}
                 if self._stop_fd in ready:
@@ -126,6 +134,10 @@ class FaultReader:
                 if self._pidfd in ready:
                     self.lose(f"the process of {self.name} exited")
                     return
+                if self._fwd_fd in ready:
+                    if not self._forwarded():
+                        return
+                    continue
                 faults = self.uffd.read_faults(READ_BATCH)
                 if len(faults) == 1:
                     self._faulted_one((faults[0].address - self.base) // self.page_size)
@@ -194,6 +206,17 @@ class FaultReader:
         map them into the guest, wake its threads, time their faults."""
         if not len(pfns):
             return
+        native = self._native
+        if native is not None:           # timed, mapped and woken by the native thread
+            rc = native.landed(pfns)
+            if rc == -1:
+                self.lose(f"the process of {self.name} exited")
+            elif rc:
+                err = native.stats()["error"]
+                raise OSError(err, f"UFFDIO_CONTINUE: {os.strerror(err)}")
+            with self.cond:
+                self.cond.notify_all()
+            return
         # Timed as landed, before the CONTINUE (as a thread vCPU's fault is: `PageFaults`):
         # the ioctl wakes the guest within microseconds, but its return waits for the GIL
         # behind this host's other threads (the reader handling the guest's next fault),
@@ -229,17 +252,23 @@ class FaultReader:
     def handle(self, pfns: np.ndarray) -> None:
         """The host itself needs `pfns` of the guest (its own access path found them
         missing): ask for those not asked for, and wait until all have landed."""
+        native = self._native
         with self.cond:
             self._check_lost()
-            fresh = pfns[(self.asked_at[pfns] == 0) & ~self.received[pfns]]
-            self.asked_at[fresh] = time.monotonic()
-            self.pages_requested += len(fresh)
+            if native is not None:
+                fresh = native.ask(pfns)
+            else:
+                fresh = pfns[(self.asked_at[pfns] == 0) & ~self.received[pfns]]
+                self.asked_at[fresh] = time.monotonic()
+                self.pages_requested += len(fresh)
         if len(fresh):
             self._request(fresh)
+        # A page the native thread lands wakes no condition here: looked at more often.
+        wait = WAIT_POLL_SECONDS if native is None else 0.001
         with self.cond:
             while not self.received[pfns].all():
                 self._check_lost()
-                self.cond.wait(WAIT_POLL_SECONDS)
+                self.cond.wait(wait)
 
     def outstanding(self) -> np.ndarray:
         """Pages asked for that have not landed: asked for again after a reconnect."""
@@ -265,8 +294,19 @@ class FaultReader:
         os.eventfd_write(self._stop_fd, 1)
         if self.thread.is_alive():
             self.thread.join(timeout_seconds)
+        if self._native is not None:
+            native = self._native
+            native.stop_thread()
+            self._native_final = native.stats()
+            with self.cond:
+                self._native = None
+                self._fold_native()
+            native.stop()
         os.close(self._stop_fd)
         self._stop_fd = -1
+        if self._fwd_fd >= 0:
+            os.close(self._fwd_fd)
+            self._fwd_fd = -1
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
@@ -285,7 +325,14 @@ class FaultReader:
     def stats(self) -> dict:
         """PageFaults' keys, and what only real faults have."""
         with self.cond:
-            return {"blocktime_seconds": self.blocked_seconds, "faults": self.faults,
+            st = self._fold_native()
+            native = {} if st is None else {"native_fault_path": {
+                "pages_landed": st["landed"], "duplicates_dropped": st["duplicates"],
+                "bytes": st["bytes"], "channel_ended": bool(st["ended"]),
+                "fault_latency_mean_seconds": (st["native_latency_sum"]
+                                               / st["native_latency_count"]
+                                               if st["native_latency_count"] else None)}}
+            return {**native, "blocktime_seconds": self.blocked_seconds, "faults": self.faults,
                     "pages_faulted": self.pages_requested,
                     "fault_latency_seconds": self.latency.to_dict(),
                     "fault_latency_mean_seconds": self.latency.mean_seconds,

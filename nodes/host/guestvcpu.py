@@ -130,7 +130,8 @@ class VCPUSet:
         self.context_given = 0
         self.run_started = time.monotonic_ns()
         self.vcpus = [GuestVCPU(self, i, part, make_workload(
-            vcpu_spec(spec, n, i), part.data_pages, state, page_size))
+            vcpu_spec(spec, n, i), part.data_pages, state, page_size,
+            part.pfn_base - parts[0].pfn_base if n > 1 else None))
             for i, (part, state) in enumerate(zip(parts, states, strict=True))]
         ctl.u64[W_VCPUS] = n
         self._count()
@@ -242,6 +243,8 @@ class GuestVCPU:
         self.ran = False
         self.tick = paced_tick(0.0 if wl.unlimited else wl.rate_pages_per_second,
                                owner.tick_seconds)
+        if wl.max_wait_seconds is not None:     # a trace: no recorded interval waited past
+            self.tick = min(self.tick, max(wl.max_wait_seconds, owner.tick_seconds))
         self.wait = owner.tick_seconds     # the next wait: from the launch's tick, doubled
         # each batch up to `tick`, so a vCPU resumed for a few ms still writes at its rate
         self.slice_start = time.monotonic()

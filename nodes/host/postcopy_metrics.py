@@ -188,7 +188,8 @@ class PostcopyCollector:
         fam = CounterMetricFamily(
             "migbed_migration_postcopy_channel_sent_bytes", "Bytes of ended migrations from "
             "this host sent after their post-copy switch, by channel: the data channel (main, "
-            "the push) or post-copy preempt's own (preempt, requested pages).",
+            "the push), post-copy preempt's own (preempt, requested pages) or a process guest's "
+            "native fault channel (native).",
             labels=["host", "channel"])
         for ch, n in sent.items():
             fam.add_metric([name, ch], n)
@@ -196,7 +197,8 @@ class PostcopyCollector:
         yield histogram(
             "migbed_migration_postcopy_channel_fault_latency_seconds", "Request-to-landed "
             "time of each page a post-copy guest here asked for, by the channel it landed "
-            "from: main (behind the push) or preempt (its own connection).", name, "channel",
+            "from: main (behind the push), preempt (its own connection) or native (a process "
+            "guest's native fault channel, counted when its post-copy ends).", name, "channel",
             counts, sums)
 
     @staticmethod

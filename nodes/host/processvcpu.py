@@ -19,6 +19,7 @@ import numpy as np
 
 from nodes.errors import DomainStateError
 from nodes.host.guestcontrol import (
+    W_CPU_PERCENTAGE,
     W_LIMIT_SLEEP_NS,
     W_THROTTLE_SLEEP_NS,
     W_THROTTLED_RUN_NS,
@@ -176,6 +177,12 @@ class ProcessVCPU(ProgressReadings):
         if ring_pages < 0 or ring_full_sleep_seconds < 0:
             raise ValueError("ring_pages and ring_full_sleep_seconds must be >= 0")
         self.proc.ctl.set_throttle(cpu_percentage, ring_pages, ring_full_sleep_seconds)
+
+    @property
+    def cpu_percentage(self) -> int:
+        """The throttle its vCPUs are given now (`VCPU.cpu_percentage`), from the control
+        page's word the host writes."""
+        return int(self.proc.ctl.u64[W_CPU_PERCENTAGE])
 
     def throttle_stats(self) -> dict:
         ctl = self.proc.ctl

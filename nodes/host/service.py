@@ -27,7 +27,13 @@ from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.processvcpu import ProcessVCPU
 from nodes.host.specs import GuestSpec, HostConfig
 from nodes.host.userfault import kernel_support
-from nodes.host.vcpus import GuestBefore, GuestVCPUs, check_vcpus_here, vcpu_description
+from nodes.host.vcpus import (
+    GuestBefore,
+    GuestVCPUs,
+    check_vcpus_here,
+    resolved_spec,
+    vcpu_description,
+)
 from nodes.migration.decide.fixeddowntime import handover_fixed_seconds
 from nodes.migration.guestinfo import GuestInfo
 from nodes.migration.postcopy.postcopy_source import plan
@@ -121,6 +127,9 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, Paced
 
     # -- guests -------------------------------------------------------------------------------
     def create_guest(self, spec: GuestSpec) -> dict:
+        """Boot a guest as `spec` says; its description says what runs its vCPUs (an `auto`
+        spec's kind as this host chose it)."""
+        spec = resolved_spec(spec)
         if spec.vcpu == "process":
             kernel_support().require()            # one line, before anything is made
         with self.lock:
@@ -132,7 +141,7 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, Paced
                 self._drop_vcpu(spec.name)
                 self.hv.destroy_domain(spec.name, force=True)
                 raise
-            return dom.describe()
+            return dom.describe() | vcpu_description(self.vcpus[spec.name])
 
     def _start_vcpu(self, dom: Domain, spec: WorkloadSpec, state: dict | None, *,
                     fill: bool = False, kind: str = "thread", vcpus: int = 1,

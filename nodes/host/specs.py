@@ -7,7 +7,7 @@ objects (the hypervisor, its domains, their vCPUs) are built from them by `nodes
 from dataclasses import asdict, dataclass, field
 
 from nodes.errors import ConfigError
-from nodes.migration.guestinfo import check_vcpus
+from nodes.migration.guestinfo import SPEC_VCPU_KINDS, VCPU_AUTO, check_vcpus
 from nodes.units import from_fields
 from nodes.xen.hypervisor import DEFAULT_RESERVED_BYTES, check_guest_name
 from nodes.xen.profiles import DEFAULT_PROFILE, Mode
@@ -54,14 +54,16 @@ class GuestSpec:
     dma: bool = False
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     # What runs its vCPUs: "thread" (a thread of its host writing through the Xen model's
-    # access path) or "process" (a guest process writing its mapped frames, logged by the
-    # kernel: `nodes.host.processvcpu`), and how many (a process guest's threads).
-    vcpu: str = "thread"
+    # access path), "process" (a guest process writing its mapped frames, logged by the
+    # kernel: `nodes.host.processvcpu`) or "auto" (the host's default, resolved when it
+    # creates the guest: `nodes.host.vcpus.default_vcpu_kind`), and how many (a process
+    # guest's threads).
+    vcpu: str = VCPU_AUTO
     vcpus: int = 1
 
     def __post_init__(self) -> None:
         check_guest_name(self.name)
-        check_vcpus(self.vcpu, self.vcpus)
+        check_vcpus(self.vcpu, self.vcpus, SPEC_VCPU_KINDS)
         if isinstance(self.workload, dict):
             object.__setattr__(self, "workload", WorkloadSpec.from_dict(self.workload))
         if self.workload.pattern == "trace":
@@ -70,7 +72,7 @@ class GuestSpec:
             raise ConfigError(f"guest memory must be a positive number of bytes, got "
                               f"{self.memory_bytes!r}")
         object.__setattr__(self, "mode", Mode.parse(self.mode).value)
-        if self.workload.is_program and self.vcpu != "process":
+        if self.workload.is_program and self.vcpu == "thread":
             raise ConfigError(f"{self.workload.pattern} is a program workload: it runs on "
                               f"process vCPUs only (give --vcpu process)")
 
@@ -83,9 +85,7 @@ class GuestSpec:
 
 
 def check_trace_guest(spec: GuestSpec) -> None:
-    """A trace replay runs on one vCPU; memory 0 (or None) means: sized from the trace."""
-    if spec.vcpus != 1:
-        raise ConfigError("--workload trace replays one program's writes on one vCPU; give "
-                          "--vcpus 1")
+    """Memory 0 (or None) means: sized from the trace. (Several vCPUs, process ones, each
+    replay their own share of its pages: `workloads.tracereplay`.)"""
     if spec.memory_bytes in (0, None):
         object.__setattr__(spec, "memory_bytes", trace_memory_bytes(spec.workload.trace_bytes))

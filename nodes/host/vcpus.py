@@ -10,8 +10,9 @@ A guest's vCPUs are a thread (`workloads.vcpu.VCPU`) or a guest process
 guest gets the kind it had on its source (GUEST_INFO's `vcpu`, `vcpus`)."""
 
 import errno
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,9 +20,10 @@ from nodes.errors import ConfigError, DomainStateError
 from nodes.host.faultreader import FaultReader
 from nodes.host.guestprocess import GuestProcessError
 from nodes.host.processvcpu import ProcessVCPU
+from nodes.host.specs import GuestSpec
 from nodes.host.userfault import MODE_WP, kernel_support
 from nodes.migration.clock import to_source_clock
-from nodes.migration.guestinfo import GuestInfo
+from nodes.migration.guestinfo import VCPU_AUTO, VCPU_KINDS, GuestInfo
 from nodes.migration.postcopy.pagefault import FaultsFactory, RequestPages
 from nodes.migration.receive.receiver import Receiver
 from nodes.migration.results import DestinationResult
@@ -33,6 +35,37 @@ from workloads.vcpu import VCPU
 POSTCOPY_REFUSED = ("post-copy of a process vCPU guest is not available here: this kernel's "
                     "userfaultfd lacks MISSING/MINOR faults on shared memory; migrate it by "
                     "pre-copy, or create it with --vcpu thread")
+
+
+# The operator's default kind for guests that do not name one (`thread` or `process`), in the
+# environment of the hosts' processes; unset, the default is a process wherever the kernel
+# runs one whole (dirty logging and post-copy faults), a thread elsewhere.
+DEFAULT_VCPU_ENV = "MIGBED_VCPU"
+
+
+def default_vcpu_kind(spec: GuestSpec) -> str:
+    """What `--vcpu auto` (the default) runs on this host. A program, or more than one vCPU,
+    needs a process whatever the default (refused in one line where the kernel cannot);
+    otherwise $MIGBED_VCPU if set, else `process` where this kernel's probe finds
+    write-protect dirty logging and MISSING/MINOR faults on shared memory (so any
+    migration of the guest can run), else `thread`."""
+    if spec.workload.is_program or spec.vcpus > 1:
+        return "process"
+    chosen = os.environ.get(DEFAULT_VCPU_ENV, "")
+    if chosen:
+        if chosen not in VCPU_KINDS:
+            raise ConfigError(f"${DEFAULT_VCPU_ENV}={chosen!r} is no vCPU kind; set it to "
+                              "process or thread, or unset it")
+        return chosen
+    s = kernel_support()
+    return "process" if s.dirty_log and s.missing_shmem and s.minor_shmem else "thread"
+
+
+def resolved_spec(spec: GuestSpec) -> GuestSpec:
+    """The spec with its vCPU kind as this host runs it (`auto` resolved)."""
+    if spec.vcpu != VCPU_AUTO:
+        return spec
+    return replace(spec, vcpu=default_vcpu_kind(spec))
 
 
 def vcpu_description(vcpu: VCPU | ProcessVCPU) -> dict:

@@ -11,13 +11,18 @@ from nodes.errors import ConfigError
 
 OPTIONAL = ("workload", "vcpu", "vcpus")       # an older source's GUEST_INFO lacks them
 VCPU_KINDS = ("process", "thread")
+# What a guest's spec may ask for: a kind, or `auto` (the host's default: a process where its
+# kernel runs one, `nodes.host.vcpus.default_vcpu_kind`), which a host resolves on creation.
+VCPU_AUTO = "auto"
+SPEC_VCPU_KINDS = (VCPU_AUTO, *VCPU_KINDS)
 MAX_VCPUS = 64                                  # a process guest's vCPU threads
 
 
-def check_vcpus(vcpu: str, vcpus: int) -> None:
-    """A guest's vCPUs: their kind and how many (one ConfigError line otherwise)."""
-    if vcpu not in VCPU_KINDS:
-        raise ConfigError(f"unknown vCPU kind {vcpu!r}; use process or thread")
+def check_vcpus(vcpu: str, vcpus: int, kinds: tuple[str, ...] = VCPU_KINDS) -> None:
+    """A guest's vCPUs: their kind (one of `kinds`) and how many (one ConfigError line
+    otherwise)."""
+    if vcpu not in kinds:
+        raise ConfigError(f"unknown vCPU kind {vcpu!r}; use {', '.join(kinds)}")
     if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
         raise ConfigError(f"a guest has 1 to {MAX_VCPUS} vCPUs, got {vcpus!r}")
     if vcpu == "thread" and vcpus != 1:

@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from nodes.errors import ConnectionLost, GuestLost, MigbedError, PeerAborted, StreamError
+from nodes.migration.postcopy.nativefault import open_native, reopen_native, wait_native_end
 from nodes.migration.postcopy.pagefault import (
     FaultLatency,
     FaultsFactory,
@@ -77,6 +78,7 @@ class PostcopyReceiver(Protocol):
     # the connection, which a recovery replaces
     conn: socket.socket | None
     listener: Listener
+    postcopy_run: dict
 
     @property
     def killed(self) -> bool: ...
@@ -110,6 +112,9 @@ class PostcopyDestination:
         self.end_wall: float | None = None
         self.stale_pages = 0
         self.preempt: PreemptReceiver | None = None
+        self.native = False               # the native fault channel runs (`nativefault`)
+        self.native_asked = False         # RUN said the source opens one
+        self.native_counted = False
         self.by_channel = {ch: FaultLatency() for ch in CHANNELS}
 
     def run(self, reader: RecordReader) -> None:
@@ -126,7 +131,12 @@ class PostcopyDestination:
         self.faults = self.make_faults(rx.landing.received, self.path.request)
         dom.on_missing = self.faults.handle
         dom.present = rx.landing.received
-        if rx.settings.postcopy_preempt:
+        # The source's one extra channel: its native fault channel (which is the preempt
+        # channel when that is asked for), or the preempt channel.
+        self.native_asked = bool(rx.postcopy_run.get("native_faults"))
+        if self.native_asked:
+            self.native = open_native(rx, self.faults)
+        elif rx.settings.postcopy_preempt:
             self.preempt = self._open_preempt()
         rx.make_vcpu()
         with dom.lock:
@@ -183,6 +193,8 @@ class PostcopyDestination:
             if rec.type == RT.END:
                 if self.preempt is not None:
                     self.preempt.wait_end(self.rx.settings.timeout_seconds)
+                if self.native:
+                    wait_native_end(self.faults, self.rx.settings.timeout_seconds)
                 if landing.missing_pages:
                     raise StreamError(f"END with {landing.missing_pages} pages still missing")
                 return
@@ -196,6 +208,9 @@ class PostcopyDestination:
         self.pauses += 1
         self.path.attach(None)
         self._close_preempt()
+        if self.native:                       # not opened again: the Python path serves
+            self.faults.detach_native()
+            self.native = False
         rx.drop_connection()
         got = accept_recovery(rx.listener, rx.info.migration_id, rx.settings.timeout_seconds,
                               lambda: not rx.killed and self.faults.lost is None)
@@ -206,7 +221,9 @@ class PostcopyDestination:
         reader = rx.attach_connection(conn)
         self.path.attach(conn)
         self.path.send(RT.RECV_BITMAP, {"bitmap": pagesets.encode_bitmap(rx.landing.received)})
-        if rx.settings.postcopy_preempt:      # the source opens it once it has the bitmap
+        if self.native_asked:                 # the source opens it once it has the bitmap
+            self.native = reopen_native(rx, self.faults)
+        elif rx.settings.postcopy_preempt:
             self.preempt = self._open_preempt()
         self.path.send(RT.POSTCOPY_RESUMED, {"resume_wall": self.resume_wall})
         waiting = self.faults.outstanding()
@@ -226,6 +243,7 @@ class PostcopyDestination:
             dom.present = None
             dom.on_missing = None
         self._close_preempt()
+        self._count_native()
         self.faults.finish()
         hv.set_mode(rx.name, rx.mode_after)
         dom.migrating = False
@@ -250,6 +268,23 @@ class PostcopyDestination:
             rx.hv.destroy_domain(rx.name, force=True)
         except MigbedError:
             pass
+
+    def _native_stats(self) -> dict | None:
+        native_stats = getattr(self.faults, "native_stats", None)
+        return native_stats() if native_stats is not None else None
+
+    def _count_native(self) -> None:
+        """The pages the native thread landed, counted as the landing's own, and timed
+        as a channel of their own (`native`)."""
+        st = self._native_stats()
+        if st is not None and not self.native_counted:
+            self.native_counted = True
+            self.rx.landing.counted(st["landed"], st["duplicates"])
+            label = "preempt" if self.rx.settings.postcopy_preempt else "native"
+            lat = self.by_channel.setdefault(label, FaultLatency())
+            lat.counts += st["native_counts"]
+            lat.count += st["native_latency_count"]
+            lat.sum_seconds += st["native_latency_sum"]
 
     def _close_preempt(self) -> None:
         preempt, self.preempt = self.preempt, None

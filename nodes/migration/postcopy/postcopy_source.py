@@ -37,7 +37,7 @@ from nodes.errors import (
 )
 from nodes.migration.decide.policy import Action
 from nodes.migration.handover import MIGRATED_AWAY, SourceHandover
-from nodes.migration.postcopy import recovery
+from nodes.migration.postcopy import nativefault, recovery
 from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.postcopy.state import PostcopySource
 from nodes.migration.progress import RoundStats
@@ -120,9 +120,12 @@ class Switch:
         pc.round = RoundStats(index=len(pages.rounds), final=True, postcopy=True)
         pc.switched_at_seconds = paused - s.clock.t0
         try:
-            if s.settings.postcopy_preempt:            # accepted by the destination at RUN
+            # The native fault channel where it applies (with preempt, it is that channel),
+            # else the preempt channel if asked for: accepted by the destination at RUN.
+            native = nativefault.open_source(ctx, pc)
+            if s.settings.postcopy_preempt and not native:
                 pc.preempt = PreemptSender(ctx, pc)
-            ctx.send_record(RT.POSTCOPY_RUN)
+            ctx.send_record(RT.POSTCOPY_RUN, {"native_faults": True} if native else None)
             link.flush(s.settings.timeout_seconds)
         except MigbedError as exc:                     # the push recovers the link
             pc.broke(exc)
@@ -162,6 +165,8 @@ class PostcopyPush:
         pc.close_preempt()                    # its pages and bytes are the round's too
         rnd.pages_sent += pc.preempt_pages
         rnd.bytes_sent += pc.preempt_bytes
+        rnd.pages_sent += pc.native_pages     # the native fault channel's, likewise
+        rnd.bytes_sent += pc.native_bytes
         rnd.duration_seconds = time.monotonic() - paused
         ctx.round_done(rnd)
         r.destination_digest = pc.result["digest"]
@@ -180,6 +185,8 @@ def push(ctx: SourceContext, pc: PostcopySource) -> None:
         pc.serve_from(None)                   # from here on, this thread alone sends
     if pc.preempt is not None:           # nothing of it still on its way before END
         pc.preempt.finish(s.settings.timeout_seconds)
+    if pc.native is not None:            # END on the fault channel too (no page after it)
+        pc.native.finish()
     ctx.send_record(RT.END)
     ctx.channel.link.flush(s.settings.timeout_seconds)
     result = pc.wait_result(s.settings.timeout_seconds)

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nodes.errors import GuestLost, MigbedError, MigrationError, PostcopyPaused
+from nodes.migration.postcopy import nativefault
 from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.receive.reader import RecordReader
 from nodes.migration.send.source_context import Channel, SourceContext
@@ -110,13 +111,15 @@ def _attempt(ctx: SourceContext, pc: "PostcopySource", wire, timeout: float) -> 
     ctx.channel = Channel(sock, link, reader)
     ctx.pages.pipeline.link = link
     s.faults.attach(sock, link)
-    if s.settings.postcopy_preempt:        # its preempt channel again, before any request
-        try:
+    try:                                   # its extra channel again, before any request
+        if pc.native is not None:          # the native fault channel (preempt's, if asked)
+            nativefault.reopen_source(ctx, pc)
+        elif s.settings.postcopy_preempt:
             pc.preempt = PreemptSender(ctx, pc)
-        except (MigbedError, OSError):
-            pc.earlier_links_bytes += link.bytes_sent
-            ctx.channel.drop()
-            return False
+    except (MigbedError, OSError):
+        pc.earlier_links_bytes += link.bytes_sent
+        ctx.channel.drop()
+        return False
     pc.start_reader(ctx.channel, dom.npages)
     return True
 

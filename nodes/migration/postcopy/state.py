@@ -13,6 +13,7 @@ import numpy as np
 from nodes.errors import ConnectionLost, MigbedError
 from nodes.migration.clock import to_source_clock
 from nodes.migration.decide.policy import PrecopyStats
+from nodes.migration.postcopy.nativefault import NativeServer
 from nodes.migration.postcopy.preempt import PreemptSender
 from nodes.migration.postcopy.returnpath import RequestReader
 from nodes.migration.postcopy.trigger import SwitchRule
@@ -51,6 +52,14 @@ class PostcopySource:
         self.preempt_pages = 0
         self.preempt_bytes = 0
         self.preempt_channels = 0                # opened: one at the switch, one a recovery
+        # The native fault channel (`nativefault.NativeServer`; None: not open), opened at
+        # the switch and again by a recovery, on the same server; its figures are added at
+        # each close.
+        self.native: NativeServer | None = None
+        self.native_label = "native"             # "preempt" when it is the preempt channel
+        self.native_seen = dict.fromkeys(("requests", "served", "already_sent", "bytes"), 0)
+        self.native_pages = 0                    # its pages and bytes (in the preempt
+        self.native_bytes = 0                    # channel's too when it is that channel)
         self.switched = False                    # RUN went out: the guest is the destination's
         self.paused = False
         self.round: RoundStats | None = None
@@ -165,6 +174,29 @@ class PostcopySource:
             preempt.close()
             self.preempt_pages += preempt.pages
             self.preempt_bytes += preempt.bytes_sent
+        self.close_native()
+
+    def close_native(self) -> None:
+        """Stop the native fault channel's thread (the link broke, or the migration
+        ended); its counts go into the post-copy's (its mutex stays the cursor's lock)."""
+        native = self.native
+        if native is None or native.stopped:
+            return
+        native.stop()
+        with self.cursor_lock:               # what it took, folded into the cursor
+            pass
+        c = native.counts()                  # cumulative: what is new since the last close
+        new = {k: c[k] - seen for k, seen in self.native_seen.items()}
+        self.native_seen = {k: c[k] for k in self.native_seen}
+        with self.cond:
+            self.requests += new["requests"]
+        self.pages_requested += new["served"]
+        self.requests_already_sent += new["already_sent"]
+        self.native_pages += new["served"]
+        self.native_bytes += new["bytes"]
+        if self.native_label == "preempt":
+            self.preempt_pages += new["served"]
+            self.preempt_bytes += new["bytes"]
 
     # -- pacing and waiting -------------------------------------------------------------------
     def pushed(self, nbytes: int, start: float) -> None:
@@ -205,7 +237,8 @@ class PostcopySource:
         if not self.switched:
             return                    # finished as pre-copy: `finish` split its bytes
         self.close_preempt()
-        total = self.earlier_links_bytes + link_bytes + self.preempt_bytes
+        own = self.native_bytes if self.native_label != "preempt" else 0   # not preempt's
+        total = self.earlier_links_bytes + link_bytes + self.preempt_bytes + own
         r.bytes_sent_total = total
         r.precopy_bytes = self.precopy_bytes
         r.downtime_bytes = self.downtime_bytes
@@ -220,8 +253,10 @@ class PostcopySource:
             "requests_already_sent": self.requests_already_sent,
             "recoveries": self.recoveries, "paused_seconds": self.paused_seconds,
             "guest_rate_before": self.guest_rate_before,
-            "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes,
-                              "preempt": self.preempt_bytes},
+            "channel_bytes": {"main": r.postcopy_bytes - self.preempt_bytes - own,
+                              "preempt": self.preempt_bytes,
+                              **({"native": own} if own else {})},
+            "native_fault_pages": self.native_pages,
             "preempt_pages": self.preempt_pages, "preempt_channels": self.preempt_channels}
 
     def fail(self, session: Session, r: SourceResult) -> None:

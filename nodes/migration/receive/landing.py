@@ -77,6 +77,10 @@ class Landing:
         self.on_present: Callable[[np.ndarray], None] | None = None
         self.applied: np.ndarray | None = None    # times each page landed after the switch
         self.duplicates = 0                       # pages that arrived already present
+        # Post-copy's native fault path lands pages too (`nodes.migration.postcopy.
+        # nativefault`): then a page is claimed before it is written, by either, once.
+        self.claimer: Callable[[np.ndarray], np.ndarray] | None = None
+        self.unclaimer: Callable[[np.ndarray], None] | None = None
         self._main = RecordSink(self)
 
     def sink(self, on_present: Callable[[np.ndarray], None] | None = None) -> "RecordSink":
@@ -112,7 +116,14 @@ class Landing:
         ordered = np.sort(pfns)
         if (ordered[1:] == ordered[:-1]).any():
             raise StreamError("a PAGE_DATA record names a page twice")
+        if self.claimer is not None:
+            return self.claimer(pfns)
         return ~self.received[pfns]
+
+    def release(self, pfns: np.ndarray) -> None:
+        """Claimed pages of a record that broke off before they landed: free again."""
+        if self.unclaimer is not None and len(pfns):
+            self.unclaimer(pfns[~self.received[pfns]])
 
     def present(self, pfns: np.ndarray,
                 on_present: Callable[[np.ndarray], None] | None = None) -> None:
@@ -304,15 +315,20 @@ class RecordSink:
         they are still on the socket (`IncomingPages`), else (decoded whole by the reader, or
         a multifd packet decompressed) poured into the same chunks."""
         chunks = self.buffers(pd.pfns, pd.types)
-        if isinstance(pd, IncomingPages):
-            for index, chunk in enumerate(chunks):
-                pd.read_into(chunk)     # the kernel copies the pages there from the socket
-                self.landed(index)
-            pd.end()
-        else:
-            flat, at = pd.pages.reshape(-1), 0
-            for index, (buffer,) in enumerate(chunks):
-                buffer[:] = flat[at:at + len(buffer)]
-                at += len(buffer)
-                self.landed(index)
-        self.done()
+        try:
+            if isinstance(pd, IncomingPages):
+                for index, chunk in enumerate(chunks):
+                    pd.read_into(chunk)   # the kernel copies the pages there from the socket
+                    self.landed(index)
+                pd.end()
+            else:
+                flat, at = pd.pages.reshape(-1), 0
+                for index, (buffer,) in enumerate(chunks):
+                    buffer[:] = flat[at:at + len(buffer)]
+                    at += len(buffer)
+                    self.landed(index)
+            self.done()
+        except BaseException:
+            if self.after_switch:
+                self.landing.release(self.pfns[self.fresh])
+            raise

@@ -136,6 +136,7 @@ class Receiver:
         self.source_rounds: list = []
         self.vcpu: dict = {}
         self.discard: np.ndarray | None = None        # post-copy: the switch's discard set
+        self.postcopy_run: dict = {}                   # post-copy: RUN's fields
         self.postcopy: PostcopyDestination | None = None   # once the guest resumed in post-copy
         self.bytes_earlier = 0                          # of connections that broke (post-copy)
         self.done = threading.Event()
@@ -240,6 +241,7 @@ class Receiver:
             elif rec.type == RT.POSTCOPY_RUN:
                 if self.discard is None:
                     raise StreamError("POSTCOPY_RUN without the discard set before it")
+                self.postcopy_run = rec.fields
                 return True
             else:
                 return False
