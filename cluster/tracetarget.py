@@ -23,13 +23,11 @@ from nodes.host.userfault import (
     MODE_WP,
     PAGE_BYTES,
     PAGE_IS_WRITTEN,
-    PAGEMAP_SCAN,
     PM_SCAN_CHECK_WPASYNC,
     PM_SCAN_WP_MATCHING,
     PageScanner,
     Uffd,
     expand_regions,
-    ioctl,
 )
 
 # linux/fs.h's page categories that nodes.host.userfault does not name
@@ -43,21 +41,10 @@ class WrittenScanner(PageScanner):
     the module docstring for why not holes or the zero page)."""
 
     def written_pages(self, start: int, end: int) -> np.ndarray:
-        a = self.arg
-        a.size, a.flags = ctypes.sizeof(a), PM_SCAN_CHECK_WPASYNC | PM_SCAN_WP_MATCHING
-        a.vec, a.vec_len, a.end = self.vec.ctypes.data, len(self.vec), end
-        a.max_pages, a.category_inverted = 0, PAGE_IS_PFNZERO
-        a.category_mask = a.return_mask = PAGE_IS_WRITTEN | PAGE_IS_PFNZERO
-        a.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
-        parts, at = [], start
-        while at < end:
-            a.start, a.walk_end = at, 0
-            n = ioctl(self.fd, PAGEMAP_SCAN, a, "PAGEMAP_SCAN")
-            parts.append(self.vec[:n, :2].copy())
-            if n < len(self.vec) or a.walk_end <= at:
-                break
-            at = a.walk_end
-        return expand_regions(np.concatenate(parts), start) if parts else np.zeros(0, np.int64)
+        regions = self.scan(start, end, PM_SCAN_CHECK_WPASYNC | PM_SCAN_WP_MATCHING,
+                            PAGE_IS_WRITTEN | PAGE_IS_PFNZERO, PAGE_IS_WRITTEN | PAGE_IS_PFNZERO,
+                            inverted=PAGE_IS_PFNZERO, anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+        return expand_regions(regions, start)
 
 
 class Target:

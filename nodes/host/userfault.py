@@ -279,13 +279,15 @@ class PageScanner:
         return expand_regions(regions, start)
 
     def scan(self, start: int, end: int, flags: int, category_mask: int,
-             return_mask: int) -> np.ndarray:
+             return_mask: int, inverted: int = 0, anyof: int = 0) -> np.ndarray:
         """The matching regions as (n, 2) [start, end) addresses, walking the whole range
-        (a call stops when the vector fills; the next goes on from where it stopped)."""
+        (a call stops when the vector fills; the next goes on from where it stopped).
+        `inverted` and `anyof` are the ioctl's `category_inverted` and
+        `category_anyof_mask`."""
         a = self.arg
         a.size, a.flags, a.vec, a.vec_len = ctypes.sizeof(a), flags, self.vec.ctypes.data, len(
             self.vec)
-        a.max_pages = a.category_inverted = a.category_anyof_mask = 0
+        a.max_pages, a.category_inverted, a.category_anyof_mask = 0, inverted, anyof
         a.category_mask, a.return_mask, a.end = category_mask, return_mask, end
         parts, at = [], start
         while at < end:
