@@ -134,13 +134,8 @@ class TraceWorkload(Workload):
         self._zero = self._zero_pages(pages)
         self._class = (((pages + self.first).astype(np.uint64) * _HASH) >> np.uint64(61)) \
             .astype(np.int8) % OFFSET_CLASSES
-        # Woken at least 8 times a recorded interval, so each is written on time: an
-        # interval's pages written up to a wait late are written as a burst that the kernel's
-        # scans, on their own clock, may count with the next interval's (a page of both, once),
-        # and its writes spread over two scans; measured (`trace fidelity python-dict`, one
-        # process vCPU): pages per 10 ms -5.1..-9.5 % at half an interval, -1.1..-1.4 % at an
-        # eighth; the wake-ups cost nothing measurable (sqlite-updates replayed: 8.2 % CPU).
-        self.max_wait_seconds = self.trace.interval_seconds / spec.trace_speed / 8
+        # Woken at least twice a recorded interval, so each is written on time.
+        self.max_wait_seconds = self.trace.interval_seconds / spec.trace_speed / 2
 
     # -- which pages, when --------------------------------------------------------------
     def _end_seconds(self, i: int) -> float:
