@@ -26,7 +26,6 @@ from nodes.host.postcopy import PostcopyControl
 from nodes.host.postcopy_metrics import PostcopyCollector, PostcopyTotals
 from nodes.host.processvcpu import ProcessVCPU
 from nodes.host.specs import GuestSpec, HostConfig
-from nodes.host.userfault import kernel_support
 from nodes.host.vcpus import (
     GuestBefore,
     GuestVCPUs,
@@ -130,8 +129,6 @@ class HostService(GuestVCPUs, PostcopyControl, HostHealth, GuestMeasuring, Paced
         """Boot a guest as `spec` says; its description says what runs its vCPUs (an `auto`
         spec's kind as this host chose it)."""
         spec = resolved_spec(spec)
-        if spec.vcpu == "process":
-            kernel_support().require()            # one line, before anything is made
         with self.lock:
             dom = self.hv.create_domain(spec.name, spec.memory_bytes, spec.mode, spec.dma)
             try:

@@ -62,10 +62,13 @@ def default_vcpu_kind(spec: GuestSpec) -> str:
 
 
 def resolved_spec(spec: GuestSpec) -> GuestSpec:
-    """The spec with its vCPU kind as this host runs it (`auto` resolved)."""
-    if spec.vcpu != VCPU_AUTO:
-        return spec
-    return replace(spec, vcpu=default_vcpu_kind(spec))
+    """The spec with its vCPU kind as this host runs it (`auto` resolved); a process this
+    kernel cannot run is refused here, in one line, before anything is made."""
+    if spec.vcpu == VCPU_AUTO:
+        spec = replace(spec, vcpu=default_vcpu_kind(spec))
+    if spec.vcpu == "process":
+        kernel_support().require()
+    return spec
 
 
 def vcpu_description(vcpu: VCPU | ProcessVCPU) -> dict:
