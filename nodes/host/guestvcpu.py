@@ -320,7 +320,10 @@ class GuestVCPU:
 
     def _resumed(self) -> None:
         self.wait = self.owner.tick_seconds
-        self.native_next = self.pacer is not None
+        # The first batch after a resume is the Python loop's, at once: the native loop's
+        # plan (~30 us a batch, a second of them) would stand between the resume and the
+        # guest's first progress, which is where the guest sees its downtime end.
+        self.native_next = False
         now = time.monotonic()
         self.wl.resume(now)
         self.slice_start = now
