@@ -24,7 +24,6 @@ own the moment it is asked for, it waits for nothing but its own bytes.
 """
 
 import collections
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from nodes.migration.receive.reader import RecordReader
 from nodes.migration.send.link import LinkSender
 from nodes.migration.send.source_context import SourceContext
 from nodes.migration.wire import records
-from nodes.migration.wire.channel import Listener, connect
+from nodes.migration.wire.channel import Listener, connect, shut_down
 from nodes.migration.wire.records import RecordType as RT
 from nodes.migration.wire.zeropage import zero_frames
 
@@ -188,10 +187,7 @@ class PreemptSender:
             self.queue.clear()
             self.cond.notify_all()
         self.link.close()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_down(self.sock)
         self.sock.close()
         self.thread.join(5.0)
 
@@ -254,9 +250,6 @@ class PreemptReceiver:
     def close(self) -> None:
         """Stop landing (before the frames may go, or when the link broke)."""
         self.closing = True
-        try:
-            self.conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_down(self.conn)
         self.thread.join(5.0)
         self.conn.close()

@@ -39,7 +39,7 @@ from nodes.migration.runtime import GuestRuntime
 from nodes.migration.send.multifd import DestinationChannels
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.wire import pagesets, records
-from nodes.migration.wire.channel import Listener
+from nodes.migration.wire.channel import Listener, shut_down
 from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Outcome
 from nodes.xen.domain import DomainState
@@ -319,10 +319,7 @@ class Receiver:
             self.bytes_earlier += self.reader.bytes_read
             self.reader = None
         if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(conn)
             conn.close()
 
     def attach_connection(self, conn: socket.socket) -> RecordReader:
@@ -350,10 +347,7 @@ class Receiver:
             conn = self.conn
         self.cancel()
         if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(conn)
 
     def lose(self, why: str) -> None:
         """After a post-copy switch the source died: the guest cannot complete here."""

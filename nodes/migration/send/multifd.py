@@ -34,7 +34,7 @@ from nodes.errors import ConnectionLost, MigrationError, StreamError
 from nodes.migration.receive.reader import RecordReader
 from nodes.migration.send.link import LinkSender, Pacer
 from nodes.migration.wire import compression, encoded, records
-from nodes.migration.wire.channel import Listener, Ticket, connect
+from nodes.migration.wire.channel import Listener, Ticket, connect, shut_down
 from nodes.migration.wire.records import RecordType as RT
 from nodes.migration.wire.zeropage import zero_frames
 
@@ -134,10 +134,7 @@ class SourceChannels:
 
     def cut(self, index: int) -> None:
         """A cut-channel fault: channel `index`'s connection goes down."""
-        try:
-            self.channels[index].sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_down(self.channels[index].sock)
 
     # -- packets and syncs -----------------------------------------------------------------
     def dispatch(self, pfns: np.ndarray, mfns: np.ndarray, types: np.ndarray, rnd) -> None:
@@ -260,10 +257,7 @@ class SourceChannels:
             self._cond.notify_all()
         for ch in self.channels:
             ch.link.close()
-            try:
-                ch.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(ch.sock)
             if ch.thread is not None:
                 ch.thread.join(self.timeout)
             ch.sock.close()
@@ -379,10 +373,7 @@ class DestinationChannels:
             self._closing = True
             self._cond.notify_all()
         for sock in self.socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(sock)
         for t in getattr(self, "threads", []):
             t.join(self.timeout)
         for sock in self.socks:

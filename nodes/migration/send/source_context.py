@@ -41,7 +41,7 @@ from nodes.migration.send.link import LinkSender, Pacer
 from nodes.migration.send.pipeline import PagePipeline, PassCursor
 from nodes.migration.settings import MigrationSettings
 from nodes.migration.wire import records
-from nodes.migration.wire.channel import Ticket
+from nodes.migration.wire.channel import Ticket, shut_down
 from nodes.migration.wire.records import RecordType as RT
 from nodes.phase import Phase
 from nodes.xen.domain import Domain
@@ -151,10 +151,7 @@ class Channel:
         """A broken link after the post-copy switch: closed at once (its return-path reader
         ends with the socket), replaced by a reconnect."""
         self.link.close()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_down(self.sock)
         self.sock.close()
         self.dropped = True
 

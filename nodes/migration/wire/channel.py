@@ -99,11 +99,17 @@ class Listener:
         return None
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)    # wakes a thread blocked in accept()
-        except OSError:
-            pass
+        shut_down(self.sock)    # wakes a thread blocked in accept()
         self.sock.close()
+
+
+def shut_down(sock: socket.socket) -> None:
+    """Shut both ways, which wakes a thread blocked on the socket; one already gone (closed,
+    or never connected) is no error."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def connect(ticket: Ticket, timeout: float) -> socket.socket:
