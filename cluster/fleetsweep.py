@@ -17,7 +17,6 @@ The scenario (`scenarios/fleet/drain-parallelism.toml`):
 """
 
 import time
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cluster.drain import drain, move_dict
 from cluster.fairshare import parse_link_rate
 from cluster.fleetsim import SimFleet, calibrate, drained_hosts, simulate_drain
 from cluster.guestfile import guest_spec
+from cluster.inputfile import read_toml
 from cluster.scheduler import Limits, preset
 from nodes.errors import ConfigError
 from nodes.units import parse_count, parse_duration, parse_size
@@ -39,12 +39,7 @@ CALIBRATE_POINTS = 2
 def load_fleet_scenario(path: str | Path) -> dict:
     """The scenario, checked (one-line ConfigError otherwise)."""
     path = Path(path)
-    try:
-        sc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not TOML: {exc}") from None
+    sc = read_toml(path, "a fleet scenario")
     for table in ("cluster", "guests", "drain", "axes"):
         if not isinstance(sc.get(table), dict):
             raise ConfigError(f"{path}: a fleet scenario needs a [{table}] table")

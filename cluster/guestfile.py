@@ -12,12 +12,12 @@ known, values read by the field table's readers); then they boot a host's guests
 another and the hosts all at once, so 128 guests on 32 hosts take four rounds, not 128 calls.
 """
 
-import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from cluster.fieldtable import GUEST_FIELDS, WORKLOAD_FIELDS
+from cluster.inputfile import read_toml
 from nodes.errors import ConfigError, DomainExistsError
 from nodes.host.specs import GuestSpec
 from nodes.migration.fields import Field
@@ -75,14 +75,7 @@ def read_guest_file(path: str | Path, hosts: Iterable[str]) -> list[tuple[str, G
     """(host, spec) for every guest of the file, checked; one-line ConfigError otherwise."""
     hosts = list(hosts)
     path = Path(path)
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ConfigError(f"{path} is over {MAX_FILE_BYTES} bytes; is it a guest file?")
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not TOML: {exc}") from None
+    data = read_toml(path, "a guest file", MAX_FILE_BYTES)
     unknown = set(data) - {"guest", "template"}
     if unknown:
         raise ConfigError(f"{path}: unknown table {sorted(unknown)[0]!r}; a guest file has "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.inputfile import read_json
 from cluster.postcopy_control import apply_postcopy
 from cluster.reportparts import (
     BLOCKS,
@@ -257,13 +258,7 @@ class MigrationReport:
     def load(cls, path: str | Path) -> "MigrationReport":
         """A saved report: what `migbed migrate --json` (or `--output`) wrote, or one run
         of a sweep (`runs/*.json`, the report inside it). One-line ConfigError otherwise."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not JSON: {exc}") from None
+        data = read_json(path, "a migration's report")
         if isinstance(data, dict) and isinstance(data.get("report"), dict):
             data = data["report"]                   # a sweep's run file
         elif isinstance(data, dict) and "report" in data and data["report"] is None:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.inputfile import read_json
 from nodes.errors import ConfigError
 
 # What differing between two runs is worth saying: machine keys, then option keys.
@@ -88,12 +89,7 @@ def _summarised(fig: dict | None) -> bool:
 def load_saved(path: str | Path) -> dict:
     """A run saved by `migbed bench --output/--save`; a one-line ConfigError otherwise."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read --compare {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--compare {path} is not JSON: {exc}") from None
+    data = read_json(path, "a saved bench run", label=f"--compare {path}")
     figures = data.get("figures") if isinstance(data, dict) else None
     if not isinstance(figures, dict) or not all(isinstance(f, dict) for f in figures.values()):
         raise ConfigError(f"--compare {path} is not a saved bench run (no figures); write "

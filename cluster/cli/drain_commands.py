@@ -32,18 +32,9 @@ class SimReport:
 
 def _real_drain(path: str) -> dict:
     """A real drain's JSON (`drain --output`): its fleet statistics and its moves."""
-    from pathlib import Path
-
+    from cluster.inputfile import read_json
     from nodes.errors import ConfigError
-    p = Path(path)
-    try:
-        if p.stat().st_size > 64 * 1024 * 1024:
-            raise ConfigError(f"{path} is over 64 MiB; is it a drain's JSON?")
-        data = json.loads(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not JSON: {exc}") from None
+    data = read_json(path, "a drain's JSON")
     if not isinstance(data, dict) or not isinstance(data.get("stats"), dict):
         raise ConfigError(f"{path} is not a drain's JSON (`migbed drain --output`): no stats")
     if not isinstance(data.get("moves", []), list):
