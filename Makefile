@@ -49,7 +49,7 @@ system-deps:
 	  fi; \
 	fi
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed native
 	$(BIN)/migbed demo
 
 # The whole suite, in parallel (pyproject.toml's addopts); the Python of every host process and
